@@ -1,0 +1,112 @@
+"""Artifacts: what flows between passes.
+
+An artifact is a directory of files plus metadata. Its digest is a SHA-256 over
+its content (file names and bytes, or for torch models the state tensors and the
+recipe for rebuilding the module), so two runs that make the same model agree
+on its digest and the cache can key on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ArtifactKind = Literal["torch", "onnx", "compiled"]
+KINDS: tuple[str, ...] = ("torch", "onnx", "compiled")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, shape (first dim is the batch) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> InputSpec:
+        return cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]), dtype=str(d.get("dtype", "float32")))
+
+
+@dataclass
+class Artifact:
+    """A model at one point of the pipeline.
+
+    ``path`` is a directory owned by the artifact (inside the cache once
+    finished). ``metadata`` is JSON-serialisable; passes add to it under their
+    own key. ``obj`` optionally holds the live in-memory object (an
+    ``nn.Module`` for torch artifacts) so chained passes avoid a reload; it is
+    never part of the digest.
+    """
+
+    kind: ArtifactKind
+    path: Path
+    digest: str
+    inputs: tuple[InputSpec, ...]
+    parent: str | None = None
+    producer: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    obj: Any = field(default=None, repr=False, compare=False)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the artifact's model files (metadata excluded)."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != META_FILE)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "digest": self.digest,
+            "inputs": [s.to_json() for s in self.inputs],
+            "parent": self.parent,
+            "producer": self.producer,
+            "metadata": self.metadata,
+        }
+
+    def save_meta(self) -> None:
+        (self.path / META_FILE).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True, default=str))
+
+    @classmethod
+    def load(cls, path: Path) -> Artifact:
+        d = json.loads((path / META_FILE).read_text())
+        return cls(
+            kind=d["kind"],
+            path=path,
+            digest=d["digest"],
+            inputs=tuple(InputSpec.from_json(s) for s in d["inputs"]),
+            parent=d.get("parent"),
+            producer=d.get("producer"),
+            metadata=d.get("metadata", {}),
+        )
+
+
+META_FILE = "artifact.json"
+
+
+def sha256_files(path: Path, exclude: tuple[str, ...] = (META_FILE,)) -> str:
+    """SHA-256 over relative file names and bytes, in sorted order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in exclude)
+    for p in files:
+        h.update(str(p.relative_to(path)).encode())
+        h.update(b"\0")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,161 @@
+"""Data sources and the train / calibration / validation splits.
+
+Splits are drawn once with a fixed seed and never overlap. Samples are stored
+at their natural size and adapted to the model's input shape per batch
+(resized, channels repeated), so a 224x224 model can be measured on 8x8 digits
+without holding the whole upsampled set in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError, RecipeError
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # float32, (N, C, H, W) or (N, ...)
+    y: np.ndarray | None  # int64 labels, or None when unlabelled
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Split
+    calib: Split
+    val: Split
+    labelled: bool
+    digest: str
+    sample_shape: tuple[int, ...]  # as stored, without batch
+    input_shape: tuple[int, ...]  # as the model wants it, without batch
+    note: str = ""
+
+    def adapt(self, x: np.ndarray) -> torch.Tensor:
+        """Bring stored samples to the model's input shape (resize, repeat channels)."""
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        want = self.input_shape
+        if tuple(t.shape[1:]) == tuple(want):
+            return t
+        if t.dim() == 4 and len(want) == 3:
+            if t.shape[1] != want[0]:
+                if t.shape[1] == 1:
+                    t = t.expand(-1, want[0], -1, -1)
+                else:
+                    raise InputError(f"data has {t.shape[1]} channels, the model wants {want[0]}")
+            if tuple(t.shape[2:]) != tuple(want[1:]):
+                t = F.interpolate(t, size=tuple(want[1:]), mode="bilinear", align_corners=False)
+            return t.contiguous()
+        raise InputError(f"data samples of shape {tuple(t.shape[1:])} do not fit the model input {tuple(want)}")
+
+    def batches(self, split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray | None]]:
+        for i in range(0, len(split), batch_size):
+            y = None if split.y is None else split.y[i:i + batch_size]
+            yield self.adapt(split.x[i:i + batch_size]), y
+
+
+def _digest(x: np.ndarray, y: np.ndarray | None) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    if y is not None:
+        h.update(np.ascontiguousarray(y).tobytes())
+    return h.hexdigest()
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5  # 0..16 -> [-1, 1]
+    return x[:, None, :, :], d.target.astype(np.int64)
+
+
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if not path.exists():
+        raise InputError(f"{path}: .npz data file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z:
+                raise InputError(f"{path}: .npz must hold an array 'x' (and optionally labels 'y'); found {list(z.keys())}")
+            x = z["x"].astype(np.float32)
+            y = z["y"].astype(np.int64) if "y" in z else None
+    except ValueError as e:
+        raise InputError(f"{path}: cannot read .npz without pickle ({e})") from e
+    if y is not None and len(y) != len(x):
+        raise InputError(f"{path}: 'x' has {len(x)} samples but 'y' has {len(y)}")
+    return x, y
+
+
+def _folder(path: Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    if not path.is_dir():
+        raise InputError(f"{path}: image folder not found")
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise InputError(f"{path}: expected one subfolder per class (e.g. {path}/cat/1.png)")
+    c, h, w = input_shape
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((path / cls).iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp"):
+                continue
+            try:
+                img = Image.open(f).convert("L" if c == 1 else "RGB").resize((w, h))
+            except OSError as e:
+                raise InputError(f"{f}: not a readable image ({e})") from e
+            a = np.asarray(img, dtype=np.float32) / 255.0
+            a = a[None] if c == 1 else a.transpose(2, 0, 1)
+            xs.append((a - 0.5) / 0.5)
+            ys.append(label)
+    if not xs:
+        raise InputError(f"{path}: no images found in its class subfolders")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def load_data(spec: object, input_shape: tuple[int, ...]) -> DataBundle | None:
+    """Load the recipe's ``data`` table. ``random`` returns None: accuracy is then not measured."""
+    src: str = spec.source  # type: ignore[attr-defined]
+    want = tuple(input_shape[1:])
+    if src == "random":
+        return None
+    if src == "builtin:digits":
+        x, y = _digits()
+    elif src.startswith("npz:") or src.endswith(".npz"):
+        x, y = _npz(Path(src[4:] if src.startswith("npz:") else src))
+    elif src.startswith("folder:"):
+        if len(want) != 3:
+            raise RecipeError(f"data source {src!r}: image folders need a model input of shape (N, C, H, W)")
+        x, y = _folder(Path(src[7:]), want)
+    else:
+        raise RecipeError(f"data source {src!r} not understood; use builtin:digits, folder:PATH, npz:PATH or random")
+    if not np.isfinite(x).all():
+        bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0][0])
+        raise InputError(f"data source {src!r}: sample {bad} contains NaN or Inf")
+    n = len(x)
+    n_val = max(1, int(round(n * spec.val_fraction)))  # type: ignore[attr-defined]
+    n_cal = max(1, int(round(n * spec.calib_fraction)))  # type: ignore[attr-defined]
+    if n - n_val - n_cal < 1:
+        raise InputError(f"data source {src!r}: {n} samples are too few to split into train, calibration and validation")
+    perm = np.random.default_rng(spec.seed).permutation(n)  # type: ignore[attr-defined]
+    iv, ic, it = perm[:n_val], perm[n_val:n_val + n_cal], perm[n_val + n_cal:]
+    if spec.max_val_samples:  # type: ignore[attr-defined]
+        iv = iv[: spec.max_val_samples]  # type: ignore[attr-defined]
+
+    def take(idx: np.ndarray) -> Split:
+        return Split(x[idx], None if y is None else y[idx])
+
+    bundle = DataBundle(src, take(it), take(ic), take(iv), y is not None, _digest(x, y), tuple(x.shape[1:]), want)
+    if bundle.sample_shape != want:
+        bundle.note = f"samples {bundle.sample_shape} adapted to model input {want} (resize / channel repeat)"
+        bundle.adapt(x[:1])  # fail now, not mid-run, if they cannot be adapted
+    return bundle

@@ -1,0 +1,170 @@
+"""Model sources: the built-in zoo, a user factory, an exported program, an ONNX file."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import zoo
+from .artifact import Artifact, InputSpec, sha256_files, sha256_json
+from .cache import Cache
+from .errors import InputError, RecipeError
+from .torch_io import safe_torch_load, write_torch
+
+
+def classify_source(src: str) -> str:
+    """One of ``zoo``, ``factory``, ``pt2``, ``onnx``."""
+    if src.startswith("zoo:"):
+        return "zoo"
+    if src.startswith("onnx:") or src.endswith(".onnx"):
+        return "onnx"
+    if src.startswith("pt2:") or src.endswith(".pt2"):
+        return "pt2"
+    if ":" in src and not src.startswith(("/", ".")):
+        return "factory"
+    raise RecipeError(
+        f"model source {src!r} not understood; use zoo:NAME ({', '.join(zoo.ZOO)}), "
+        "package.module:factory, a .pt2 exported program or an .onnx file"
+    )
+
+
+def _path_of(src: str) -> Path:
+    return Path(src.split(":", 1)[1] if src.startswith(("onnx:", "pt2:")) else src)
+
+
+def build_from_source(source: dict[str, Any]) -> nn.Module:
+    """Build the base module described by a source record (see :func:`load_model`)."""
+    kind = source["kind"]
+    if kind == "zoo":
+        return zoo.build(source["name"], tuple(source["input_shape"]), **source.get("kwargs", {}))
+    if kind == "factory":
+        mod_name, _, fn_name = source["factory"].partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise InputError(f"model factory {source['factory']!r}: cannot import {mod_name!r} ({e}); "
+                             "is the package on PYTHONPATH?") from e
+        fn = getattr(mod, fn_name, None)
+        if fn is None or not callable(fn):
+            raise InputError(f"model factory {source['factory']!r}: {mod_name} has no callable {fn_name!r}")
+        model = fn(**source.get("kwargs", {}))
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model factory {source['factory']!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+    if kind == "pt2":
+        path = Path(source["path"])
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as e:  # torch raises several types for a bad archive
+            raise InputError(f"{path}: not a loadable exported program ({e})") from e
+        return ep.module()
+    raise InputError(f"cannot build a torch module from a {kind} source")
+
+
+def _load_weights(model: nn.Module, weights: str) -> None:
+    path = Path(weights)
+    if not path.exists():
+        raise InputError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        obj = safe_torch_load(path)
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise InputError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0:2]
+        raise InputError(f"{path}: weights do not fit the model: {' '.join(first)}") from e
+
+
+def load_model(spec: Any, cache: Cache) -> Artifact:
+    """Turn a recipe's ``model`` table into the root artifact (torch, or onnx for .onnx files)."""
+    src: str = spec.source
+    kind = classify_source(src)
+    if kind == "onnx":
+        return _load_onnx(_path_of(src), cache)
+    if kind == "zoo":
+        name = src[4:]
+        if name not in zoo.ZOO:
+            raise RecipeError(f"model source {src!r}: unknown zoo model; choose from {', '.join(zoo.ZOO)}")
+        shape = tuple(spec.input_shape or zoo.ZOO[name].input_shape)
+        kwargs = {"num_classes": spec.num_classes} if spec.num_classes else {}
+        source = {"kind": "zoo", "name": name, "input_shape": list(shape), "kwargs": kwargs}
+    elif kind == "factory":
+        if not spec.input_shape:
+            raise RecipeError(f"model {src!r}: a factory model needs input_shape, e.g. input_shape = [1, 3, 224, 224]")
+        shape = tuple(spec.input_shape)
+        kwargs = {"num_classes": spec.num_classes} if spec.num_classes else {}
+        source = {"kind": "factory", "factory": src, "kwargs": kwargs}
+    else:
+        path = _path_of(src)
+        if not path.exists():
+            raise InputError(f"{path}: exported program not found")
+        source = {"kind": "pt2", "path": str(path.resolve())}
+        shape = tuple(spec.input_shape) if spec.input_shape else _pt2_shape(path)
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise RecipeError(f"model input_shape {list(shape)} must be positive with a batch dimension first")
+    torch.manual_seed(0)  # random-init zoo models are the same in every run
+    model = build_from_source(source)
+    if spec.weights:
+        _load_weights(model, spec.weights)
+    model.eval()
+    dst = cache.new_dir("model")
+    digest = write_torch(dst, model, source, [])
+    # The source is referenced by digest so a changed weights file is a different model.
+    art = Artifact("torch", dst, digest, (InputSpec("input", shape),), producer=f"load {src}",
+                   metadata={"source": src})
+    key = Cache.key(digest, "load", 1, {"source": source})
+    hit = cache.get(key)
+    if hit is not None:
+        shutil.rmtree(dst, ignore_errors=True)
+        hit.obj = model
+        return hit
+    art.obj = model
+    return cache.put(key, art)
+
+
+def _pt2_shape(path: Path) -> tuple[int, ...]:
+    ep = torch.export.load(str(path))
+    args = ep.example_inputs[0] if ep.example_inputs else ()
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise RecipeError(f"{path}: the exported program carries no example input; set model.input_shape")
+    return tuple(int(s) for s in args[0].shape)
+
+
+def _load_onnx(path: Path, cache: Cache) -> Artifact:
+    import onnx
+
+    from passes.export_onnx import check_external_data, onnx_input_specs
+
+    if not path.exists():
+        raise InputError(f"{path}: ONNX file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and others
+        raise InputError(f"{path}: not a readable ONNX model ({e})") from e
+    check_external_data(model, path.parent)
+    dst = cache.new_dir("onnx")
+    shutil.copy2(path, dst / "model.onnx")
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                shutil.copy2(path.parent / e.value, dst / e.value)
+    digest = sha256_files(dst)
+    art = Artifact("onnx", dst, digest, onnx_input_specs(model), producer=f"load {path}",
+                   metadata={"source": str(path)})
+    key = Cache.key(digest, "load", 1, {"onnx": sha256_json(str(path.name))})
+    hit = cache.get(key)
+    if hit is not None:
+        shutil.rmtree(dst, ignore_errors=True)
+        return hit
+    return cache.put(key, art)

@@ -1,0 +1,285 @@
+"""Recipes: one TOML file read top to bottom, validated into typed configs.
+
+A one-line text form round-trips with the TOML form::
+
+    prune.channels{ratio=0.5},distill{epochs=3},quantize.int8 -> onnxruntime,tvm{tuning_trials=512}
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import PassConfig, TargetConfig
+from .errors import RecipeError
+from .registry import get_pass, get_target_config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Where the model comes from. ``source``: ``zoo:NAME``, ``package.module:factory``,
+    a ``.pt2`` exported program or an ``.onnx`` file."""
+
+    source: str
+    input_shape: list[int] | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    train_epochs: int = Field(0, ge=0, le=1000)
+
+
+class DataSpec(_Strict):
+    """Where the data comes from: ``builtin:digits``, an image folder, an ``.npz`` or ``random``."""
+
+    source: str = "random"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    calib_fraction: float = Field(0.1, gt=0, lt=1)
+    max_val_samples: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class MeasureSpec(_Strict):
+    """How latency is measured."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    warmup: int = Field(5, ge=0)
+    min_runs: int = Field(20, ge=1)
+    min_time_s: float = Field(1.0, ge=0)
+    max_time_s: float = Field(30.0, gt=0)
+    threads: int = Field(0, ge=0, description="0 = all cores")
+    accuracy: bool = True
+
+
+class Recipe(_Strict):
+    name: str = "pipeline"
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    passes: list[PassConfig] = Field(default_factory=list)
+    targets: list[TargetConfig] = Field(default_factory=list)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    seed: int = 0
+
+    def pipeline_text(self) -> str:
+        return format_pipeline(self.passes, self.targets)
+
+
+_TOP_KEYS = ("name", "model", "data", "passes", "targets", "measure", "seed")
+
+
+def _fmt_validation(where: str, e: ValidationError, cls: type[BaseModel]) -> str:
+    parts = []
+    allowed = [k for k in cls.model_fields if k != "kind"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(table)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'; allowed keys: {', '.join(allowed) or 'none'}")
+        elif err["type"] == "missing":
+            parts.append(f"missing required key '{loc}'")
+        else:
+            got = err.get("input")
+            parts.append(f"key '{loc}': {err['msg']} (got {got!r})")
+    return f"{where}: " + "; ".join(parts)
+
+
+def _validate_step(where: str, table: Any, target: bool) -> PassConfig:
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: expected a table with a 'kind' key, got {table!r}")
+    kind = table.get("kind")
+    if not isinstance(kind, str):
+        raise RecipeError(f"{where}: missing 'kind'")
+    cls: type[PassConfig] = get_target_config(kind) if target else get_pass(kind).config_cls
+    try:
+        return cls.model_validate(table)
+    except ValidationError as e:
+        raise RecipeError(_fmt_validation(f"{where} ({kind})", e, cls)) from None
+
+
+def _sub(where: str, cls: type[_Strict], value: Any) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a table, got {value!r}")
+    try:
+        return cls.model_validate(value)
+    except ValidationError as e:
+        raise RecipeError(_fmt_validation(where, e, cls)) from None
+
+
+def recipe_from_dict(d: dict[str, Any], where: str = "recipe") -> Recipe:
+    unknown = sorted(set(d) - set(_TOP_KEYS))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key '{unknown[0]}'; allowed top-level keys: {', '.join(_TOP_KEYS)}")
+    if "model" not in d:
+        raise RecipeError(f"{where}: missing required key 'model' (e.g. model = {{ source = \"zoo:digits-cnn\" }})")
+    for key in ("passes", "targets"):
+        if key in d and not isinstance(d[key], list):
+            raise RecipeError(f"{where}: '{key}' must be an array of tables ([[{key}]])")
+    passes = [_validate_step(f"{where}: passes[{i + 1}]", t, target=False) for i, t in enumerate(d.get("passes", []))]
+    targets = [_validate_step(f"{where}: targets[{i + 1}]", t, target=True) for i, t in enumerate(d.get("targets", []))]
+    try:
+        name = str(d.get("name", "pipeline"))
+        seed = int(d.get("seed", 0))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: {e}") from None
+    return Recipe(
+        name=name,
+        model=_sub(f"{where}: model", ModelSpec, d.get("model")),
+        data=_sub(f"{where}: data", DataSpec, d.get("data")),
+        measure=_sub(f"{where}: measure", MeasureSpec, d.get("measure")),
+        passes=passes,
+        targets=targets,
+        seed=seed,
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        d = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{p}: not valid TOML: {e}") from None
+    rec = recipe_from_dict(d, where=str(p))
+    # Relative file paths in a recipe are relative to the recipe's folder.
+    return _resolve_paths(rec, p.parent)
+
+
+def _resolve_paths(rec: Recipe, base: Path) -> Recipe:
+    def fix(s: str | None) -> str | None:
+        return s if s is None or Path(s).is_absolute() else str(base / s)
+
+    model = rec.model.model_copy(update={"weights": fix(rec.model.weights),
+                                         "source": _fix_source(rec.model.source, base)})
+    data = rec.data.model_copy(update={"source": _fix_source(rec.data.source, base)})
+    return rec.model_copy(update={"model": model, "data": data})
+
+
+def _fix_source(src: str, base: Path) -> str:
+    """Make file-like sources (``x.onnx``, ``folder:imgs``, ``npz:a.npz``) relative to the recipe."""
+    for prefix in ("folder:", "npz:", "pt2:", "onnx:"):
+        if src.startswith(prefix):
+            rest = src[len(prefix):]
+            return prefix + (rest if Path(rest).is_absolute() else str(base / rest))
+    if src.endswith((".onnx", ".pt2", ".npz")) and not Path(src).is_absolute():
+        return str(base / src)
+    return src
+
+
+# ---------------------------------------------------------------- text form
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
+    if v is None:
+        raise RecipeError("None cannot be written in the text form")
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}={_fmt_value(x)}" for k, x in v.items()) + "}"
+    raise RecipeError(f"cannot write {v!r} in the text form")
+
+
+def format_step(cfg: PassConfig) -> str:
+    opts = {k: v for k, v in cfg.options().items() if v is not None}
+    if not opts:
+        return cfg.kind
+    return cfg.kind + "{" + ",".join(f"{k}={_fmt_value(v)}" for k, v in opts.items()) + "}"
+
+
+def format_pipeline(passes: list[PassConfig], targets: list[TargetConfig]) -> str:
+    left = ",".join(format_step(p) for p in passes)
+    right = ",".join(format_step(t) for t in targets)
+    return f"{left} -> {right}" if right else left
+
+
+def _split_top(s: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets, braces and quotes."""
+    out, depth, cur, quote = [], 0, [], False
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if quote:
+            cur.append(c)
+            if c == "\\" and i + 1 < len(s):
+                cur.append(s[i + 1])
+                i += 1
+            elif c == '"':
+                quote = False
+        elif c == '"':
+            quote = True
+            cur.append(c)
+        elif c in "[{":
+            depth += 1
+            cur.append(c)
+        elif c in "]}":
+            depth -= 1
+            cur.append(c)
+        elif c == sep and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    if depth != 0 or quote:
+        raise RecipeError(f"pipeline text: unbalanced brackets or quotes in {s!r}")
+    out.append("".join(cur))
+    return [x.strip() for x in out if x.strip()]
+
+
+def _parse_step_text(text: str) -> dict[str, Any]:
+    text = text.strip()
+    if "{" not in text:
+        return {"kind": text}
+    if not text.endswith("}"):
+        raise RecipeError(f"pipeline text: step {text!r} must look like kind{{key=value,...}}")
+    kind, body = text.split("{", 1)
+    table: dict[str, Any] = {"kind": kind.strip()}
+    for item in _split_top(body[:-1], ","):
+        if "=" not in item:
+            raise RecipeError(f"pipeline text: in {text!r}, {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        try:
+            table[k.strip()] = tomllib.loads(f"v = {v.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise RecipeError(f"pipeline text: in {text!r}, value {v.strip()!r} is not a TOML literal "
+                              "(strings need double quotes)") from None
+    return table
+
+
+def parse_pipeline(text: str) -> tuple[list[PassConfig], list[TargetConfig]]:
+    """Parse ``passes -> targets`` into validated configs."""
+    parts = text.split("->")
+    if len(parts) > 2:
+        raise RecipeError(f"pipeline text: more than one '->' in {text!r}")
+    pass_tables = [_parse_step_text(t) for t in _split_top(parts[0], ",")]
+    target_tables = [_parse_step_text(t) for t in _split_top(parts[1], ",")] if len(parts) == 2 else []
+    passes = [_validate_step(f"pipeline text: pass {i + 1}", t, target=False) for i, t in enumerate(pass_tables)]
+    targets = [_validate_step(f"pipeline text: target {i + 1}", t, target=True) for i, t in enumerate(target_tables)]
+    return passes, targets
+
+
+def recipe_to_toml(rec: Recipe) -> str:
+    """Write a recipe back as TOML (one level of nesting, as users write it)."""
+    lines = [f"name = {_fmt_value(rec.name)}", f"seed = {rec.seed}"]
+
+    def inline(m: BaseModel) -> str:
+        d = {k: v for k, v in m.model_dump(mode="json").items() if v is not None}
+        return "{ " + ", ".join(f"{k} = {_fmt_value(v)}" for k, v in d.items()) + " }"
+
+    lines += [f"model = {inline(rec.model)}", f"data = {inline(rec.data)}", f"measure = {inline(rec.measure)}"]
+    for section, items in (("passes", rec.passes), ("targets", rec.targets)):
+        for cfg in items:
+            lines += ["", f"[[{section}]]", f"kind = {_fmt_value(cfg.kind)}"]
+            lines += [f"{k} = {_fmt_value(v)}" for k, v in cfg.options().items() if v is not None]
+    return "\n".join(lines) + "\n"

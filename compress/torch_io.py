@@ -1,0 +1,173 @@
+"""Saving and loading torch-model artifacts without pickle.
+
+A torch artifact on disk is ``source.json`` (how to build the base module: a zoo
+name, a ``package.module:factory`` or a ``.pt2`` exported program) plus
+``model.pt``, a plain container of tensors loaded with ``weights_only=True``:
+
+* ``state_dict`` - the weights;
+* ``structure``  - an ordered list of ``{"hook": name, "data": ...}`` steps that
+  re-create structural edits (pruned widths, inserted fake-quant modules) on
+  the freshly built base module before the weights are loaded.
+
+Passes that change a module's structure register a restore hook with
+:func:`register_structure_hook`. Nothing here unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifact import Artifact, InputSpec, canonical_json
+from .errors import InputError
+
+StructureHook = Callable[[nn.Module, Any], nn.Module]
+_STRUCTURE_HOOKS: dict[str, StructureHook] = {}
+
+
+def register_structure_hook(name: str) -> Callable[[StructureHook], StructureHook]:
+    """Register ``fn(module, data) -> module`` that replays a structural edit."""
+
+    def deco(fn: StructureHook) -> StructureHook:
+        _STRUCTURE_HOOKS[name] = fn
+        return fn
+
+    return deco
+
+
+def _hash_obj(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode() + b":")
+            _hash_obj(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _hash_obj(h, v)
+        h.update(b"]")
+    else:
+        h.update(canonical_json(obj).encode())
+
+
+def torch_digest(source: dict[str, Any], structure: list[dict[str, Any]], state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    _hash_obj(h, {"source": source, "structure": structure, "state": state_dict})
+    return h.hexdigest()
+
+
+def write_torch(
+    dst: Path,
+    module: nn.Module,
+    source: dict[str, Any],
+    structure: list[dict[str, Any]],
+) -> str:
+    """Write a torch artifact's files into ``dst``; return its digest."""
+    dst.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    (dst / "source.json").write_text(json.dumps(source, indent=2, sort_keys=True))
+    torch.save({"state_dict": sd, "structure": structure}, dst / "model.pt")
+    return torch_digest(source, structure, sd)
+
+
+def build_base(source: dict[str, Any]) -> nn.Module:
+    """Instantiate the base module named by a source spec (no weights loaded)."""
+    from . import models
+
+    return models.build_from_source(source)
+
+
+def load_torch(art: Artifact) -> nn.Module:
+    """Return the artifact's module: the live one if present, else rebuilt from disk."""
+    if art.obj is not None:
+        return art.obj
+    source = json.loads((art.path / "source.json").read_text())
+    payload = safe_torch_load(art.path / "model.pt")
+    module = build_base(source)
+    for step in payload.get("structure", []):
+        hook = _STRUCTURE_HOOKS.get(step["hook"])
+        if hook is None:
+            raise InputError(
+                f"{art.path}: structure step '{step['hook']}' has no restore hook; "
+                "the pass that made it is not installed (check extras)"
+            )
+        module = hook(module, step.get("data"))
+    module.load_state_dict(payload["state_dict"])
+    module.eval()
+    art.obj = module
+    return module
+
+
+def torch_meta(art: Artifact) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The (source, structure) of a torch artifact, for passes that derive a new one."""
+    source = json.loads((art.path / "source.json").read_text())
+    structure = safe_torch_load(art.path / "model.pt").get("structure", [])
+    return source, list(structure)
+
+
+def clone_module(art: Artifact) -> nn.Module:
+    """A private deep copy of the artifact's module, safe for a pass to mutate."""
+    return copy.deepcopy(load_torch(art))
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` and a clear error when it refuses."""
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError here
+        raise InputError(
+            f"{path}: refused to load: the checkpoint needs pickle to load arbitrary objects, "
+            "which can run code. Re-save only the weights (torch.save(model.state_dict(), path)) "
+            "or convert it to .safetensors"
+        ) from e
+
+
+def sample_inputs(inputs: tuple[InputSpec, ...], batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in inputs:
+        shape = list(spec.shape)
+        if batch is not None:
+            shape[0] = batch
+        out.append(torch.randn(*shape, generator=g, dtype=getattr(torch, spec.dtype)))
+    return tuple(out)
+
+
+def torch_artifact(
+    module: nn.Module,
+    parent: Artifact,
+    ctx: Any,
+    structure_step: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Artifact:
+    """Package a pass's output module as a torch artifact derived from ``parent``.
+
+    ``structure_step`` (``{"hook": name, "data": ...}``) is appended to the parent's
+    structure list when the pass changed the module's shape; its hook must be
+    registered with :func:`register_structure_hook` so the artifact can be rebuilt.
+    """
+    source, structure = torch_meta(parent)
+    if structure_step is not None:
+        if structure_step.get("hook") not in _STRUCTURE_HOOKS:
+            raise ValueError(f"structure hook {structure_step.get('hook')!r} is not registered")
+        structure.append(structure_step)
+    module.eval()
+    dst = ctx.new_dir("torch")
+    digest = write_torch(dst, module, source, structure)
+    art = Artifact("torch", dst, digest, parent.inputs, metadata=metadata or {})
+    art.obj = module
+    return art

@@ -1,0 +1,1 @@
+"""Compression techniques. Each module registers its passes on import."""

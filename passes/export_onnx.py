@@ -1,0 +1,155 @@
+"""Lowering: torch -> ONNX, checked structurally and numerically against PyTorch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from compress.artifact import Artifact, InputSpec, sha256_files
+from compress.config import PassConfig
+from compress.errors import ExportError, InputError
+from compress.manager import PassContext
+from compress.registry import register_pass
+from compress.torch_io import load_torch, sample_inputs
+
+
+class ExportOnnx(PassConfig):
+    """Export with torch's ONNX exporter, then check the graph and its numerical parity."""
+
+    kind: Literal["export.onnx"] = "export.onnx"
+    opset: int = Field(20, ge=13, le=23)
+    dynamic_batch: bool = True
+    dynamo: bool = True
+    atol: float = Field(1e-4, gt=0)
+    min_cosine: float = Field(0.9999, gt=0, le=1)
+    parity_samples: int = Field(4, ge=1, le=256)
+
+
+def onnx_input_specs(model: Any) -> tuple[InputSpec, ...]:
+    """Input specs of an ONNX graph (symbolic dims become 1), initializers excluded."""
+    import onnx
+
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        specs.append(InputSpec(inp.name, shape, dtype))
+    return tuple(specs)
+
+
+def check_external_data(model: Any, folder: Path) -> None:
+    """Refuse external-data references that point outside the model's folder."""
+    root = folder.resolve()
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key != "location":
+                continue
+            target = (folder / e.value).resolve()
+            if root not in target.parents and target != root:
+                raise InputError(
+                    f"{folder}: tensor {t.name!r} points to external data {e.value!r} outside the model's folder; refused"
+                )
+            if not target.exists():
+                raise InputError(f"{folder}: external data file {e.value!r} for tensor {t.name!r} is missing")
+
+
+def parity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
+    """Max/mean abs diff and cosine between two lists of outputs."""
+    a = np.concatenate([r.astype(np.float64).ravel() for r in ref])
+    b = np.concatenate([g.astype(np.float64).ravel() for g in got])
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+    diff = np.abs(a - b)
+    return {"max_abs_diff": float(diff.max(initial=0.0)), "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+            "cosine": cos}
+
+
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, cfg: ExportOnnx,
+            names: list[str]) -> None:
+    dyn: Any = None
+    if cfg.dynamic_batch:
+        if cfg.dynamo:
+            dyn = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in args)
+        else:
+            dyn = {n: {0: "batch"} for n in names} | {"output": {0: "batch"}}
+    buf = io.StringIO()
+    # The exporter is chatty on stdout and through warnings; keep what it says for the error.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        if cfg.dynamo:
+            prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
+                                     output_names=["output"], dynamic_shapes=dyn, verbose=False)
+            prog.save(str(path))
+        else:
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,
+                              output_names=["output"], dynamic_axes=dyn)
+
+
+@register_pass(ExportOnnx, consumes="torch", produces="onnx")
+def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
+    """Export to ONNX; check the graph; compare outputs with PyTorch."""
+    import onnx
+    import onnxruntime as ort
+
+    module = load_torch(art).eval()
+    names = [s.name for s in art.inputs]
+    args = sample_inputs(art.inputs, seed=ctx.seed)
+    out_dir = ctx.new_dir("onnx")
+    path = out_dir / "model.onnx"
+    try:
+        _export(module, args, path, cfg, names)
+    except Exception as e:  # the exporter raises many types; name the op/module it reports
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"torch.onnx.export failed for {type(module).__name__}: {first[:400]}. "
+            "Try export.onnx{dynamo=false}, or make the failing module traceable"
+        ) from e
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as e:  # onnx raises ValidationError / InferenceError
+        raise ExportError(f"exported graph failed onnx.checker: {e}") from e
+    # External data files are merged so the artifact is one self-contained file.
+    for f in out_dir.iterdir():
+        if f != path:
+            f.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+    # Parity on random inputs at batch 1 and, when dynamic, at a larger batch.
+    batches = [1, cfg.parity_samples] if cfg.dynamic_batch and cfg.parity_samples > 1 else [1]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    worst: dict[str, float] = {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "cosine": 1.0}
+    for b in batches:
+        xs = sample_inputs(art.inputs, batch=b, seed=ctx.seed + b)
+        with torch.inference_mode():
+            ref = module(*xs)
+        ref_l = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+        got = sess.run(None, {n: x.numpy() for n, x in zip(names, xs, strict=True)})
+        p = parity(ref_l, got)
+        worst = {"max_abs_diff": max(worst["max_abs_diff"], p["max_abs_diff"]),
+                 "mean_abs_diff": max(worst["mean_abs_diff"], p["mean_abs_diff"]),
+                 "cosine": min(worst["cosine"], p["cosine"])}
+    if worst["max_abs_diff"] > cfg.atol or worst["cosine"] < cfg.min_cosine:
+        raise ExportError(
+            f"ONNX output differs from PyTorch: max abs diff {worst['max_abs_diff']:.3g} (allowed {cfg.atol}), "
+            f"cosine {worst['cosine']:.6f} (min {cfg.min_cosine}); raise atol if this is expected"
+        )
+    meta = {"export.onnx": {**worst, "opset": cfg.opset, "nodes": len(model.graph.node),
+                            "dynamic_batch": cfg.dynamic_batch}}
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta)

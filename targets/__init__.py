@@ -1,0 +1,1 @@
+"""Backends. Each module registers one target; heavy libraries are imported lazily."""

@@ -1,0 +1,47 @@
+"""The Target and Runner protocols (Polygraphy's lesson).
+
+A target compiles an artifact (ONNX, or torch for the eager reference) into a
+compiled artifact and hands back a runner. Heavy libraries are imported lazily
+inside each target, so the package imports on a machine without them and the
+target reports itself unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from compress.artifact import Artifact
+from compress.config import TargetConfig
+
+
+class Runner(Protocol):
+    input_names: list[str]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class Target(Protocol):
+    name: str
+    consumes: str  # "onnx" for compilers, "torch" for the eager reference
+    config: TargetConfig
+
+    def unavailable_reason(self) -> str | None: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def compile(self, art: Artifact, ctx: Any) -> Artifact: ...
+
+    def runner(self, compiled: Artifact, threads: int = 0) -> Runner: ...
+
+
+def module_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"

@@ -1,0 +1,93 @@
+"""ONNX Runtime on the CPU."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress.artifact import Artifact, sha256_files
+from compress.config import TargetConfig
+from compress.errors import BuildError
+from compress.fingerprint import cpu_info
+from compress.registry import register_target
+
+from .base import module_version
+
+
+class OnnxRuntimeConfig(TargetConfig):
+    """ONNX Runtime, CPU execution provider. The compiled artifact is the graph after ORT's optimizations."""
+
+    kind: Literal["onnxruntime"] = "onnxruntime"
+    threads: int = Field(0, ge=0, description="intra-op threads; 0 = the measurement setting")
+    optimization: Literal["basic", "extended", "all"] = "all"
+    # Spinning threads steal the CPU from the next session when several are timed side by side
+    # (PLATFORM.md measured 3x); off by default, and the report says so.
+    allow_spinning: bool = False
+
+
+_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+class OrtRunner:
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+    def close(self) -> None:
+        self.session = None
+
+
+@register_target(OnnxRuntimeConfig)
+class OnnxRuntimeTarget:
+    name = "onnxruntime"
+    consumes = "onnx"
+
+    def __init__(self, config: OnnxRuntimeConfig) -> None:
+        self.config = config
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return f"onnxruntime is not installed ({e}); pip install onnxruntime"
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"onnxruntime": module_version("onnxruntime"), "cpu": cpu_info()["model"], "isa": cpu_info()["isa"]}
+
+    def _options(self, threads: int, level: str) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.config.threads or threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.allow_spinning else "0")
+        so.log_severity_level = 3
+        return so
+
+    def compile(self, art: Artifact, ctx: Any) -> Artifact:
+        import onnxruntime as ort
+
+        out = ctx.new_dir("ort")
+        so = self._options(1, _LEVELS[self.config.optimization])
+        so.optimized_model_filepath = str(out / "model.onnx")
+        try:
+            ort.InferenceSession(str(art.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise BuildError(f"onnxruntime could not load the model: {str(e).splitlines()[0][:300]}") from e
+        return Artifact("compiled", out, sha256_files(out), art.inputs,
+                        metadata={"target": "onnxruntime", "optimization": self.config.optimization,
+                                  "allow_spinning": self.config.allow_spinning})
+
+    def runner(self, compiled: Artifact, threads: int = 0) -> OrtRunner:
+        import onnxruntime as ort
+
+        # Already optimized at compile time; re-running the passes at load is cheap and idempotent.
+        so = self._options(threads, _LEVELS[self.config.optimization])
+        return OrtRunner(ort.InferenceSession(str(compiled.path / "model.onnx"), so, providers=["CPUExecutionProvider"]))
