@@ -63,6 +63,11 @@ def build_from_source(source: dict[str, Any]) -> nn.Module:
         except Exception as e:  # torch raises several types for a bad archive
             raise InputError(f"{path}: not a loadable exported program ({e})") from e
         return ep.module()
+    if kind == "live":
+        raise InputError(
+            f"this model was given as a live {source.get('class')} object and cannot be rebuilt from disk; "
+            "give it as package.module:factory to cache it across runs"
+        )
     raise InputError(f"cannot build a torch module from a {kind} source")
 
 

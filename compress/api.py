@@ -1,0 +1,51 @@
+"""The short Python API: ``compress.run(recipe)`` and ``compress.apply(module, config)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .artifact import Artifact, InputSpec
+from .cache import Cache
+from .config import PassConfig
+from .data import DataBundle, load_data
+from .manager import PassContext, PassManager
+from .recipe import DataSpec
+from .torch_io import load_torch, write_torch
+
+
+def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cache) -> Artifact:
+    """Wrap a live module as a root torch artifact (rebuilt from itself, never from disk)."""
+    dst = cache.new_dir("module")
+    source = {"kind": "live", "class": f"{type(module).__module__}.{type(module).__qualname__}"}
+    digest = write_torch(dst, module, source, [])
+    art = Artifact("torch", dst, digest, (InputSpec("input", tuple(input_shape)),), metadata={"source": "live module"})
+    art.obj = module
+    return art
+
+
+def apply(
+    module: nn.Module,
+    config: PassConfig | list[PassConfig],
+    input_shape: tuple[int, ...],
+    data: DataBundle | str | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> Any:
+    """Apply one pass (or a chain) to an ``nn.Module`` in one call.
+
+    Returns the new ``nn.Module`` when the chain ends on a torch model, else the
+    output :class:`Artifact` (e.g. an ONNX file under ``artifact.path``). ``data``
+    is a :class:`DataBundle` or a data source string such as ``"builtin:digits"``.
+    The input module is never modified.
+    """
+    cache = Cache(Path(cache_dir) if cache_dir else None)
+    if isinstance(data, str):
+        data = load_data(DataSpec(source=data), tuple(input_shape))
+    steps = config if isinstance(config, list) else [config]
+    root = module_artifact(module, input_shape, cache)
+    ctx = PassContext(cache=cache, data=data, seed=seed, progress=False, original=root)
+    out, _ = PassManager(steps).run(root, ctx)
+    return load_torch(out) if out.kind == "torch" else out
