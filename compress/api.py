@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,21 @@ from .config import PassConfig
 from .data import DataBundle, load_data
 from .manager import PassContext, PassManager
 from .recipe import DataSpec
-from .torch_io import load_torch, write_torch
+from .torch_io import LIVE_MODULES, load_torch, torch_digest, write_torch
 
 
 def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cache) -> Artifact:
-    """Wrap a live module as a root torch artifact (rebuilt from itself, never from disk)."""
+    """Wrap a live module as a root torch artifact.
+
+    A live module has no recipe for rebuilding it from disk, so a private copy is
+    kept in this process and cache hits derived from it are rebuilt from that
+    copy; another process gets a clear error instead.
+    """
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"
+    key = torch_digest({"kind": "live", "class": cls}, [], module.state_dict())
+    source = {"kind": "live", "class": cls, "key": key}
+    LIVE_MODULES[key] = copy.deepcopy(module).eval()
     dst = cache.new_dir("module")
-    source = {"kind": "live", "class": f"{type(module).__module__}.{type(module).__qualname__}"}
     digest = write_torch(dst, module, source, [])
     art = Artifact("torch", dst, digest, (InputSpec("input", tuple(input_shape)),), metadata={"source": "live module"})
     art.obj = module

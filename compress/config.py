@@ -14,9 +14,17 @@ class PassConfig(BaseModel):
     kind: str
 
     def options(self) -> dict[str, Any]:
-        """Settings that differ from the defaults (for the text form and reports)."""
-        return {k: v for k, v in self.model_dump(exclude={"kind"}, mode="json").items()
-                if k in self.model_fields_set}
+        """Settings that differ from their defaults (for the text form and reports)."""
+        defaults = {k: f.get_default(call_default_factory=True) for k, f in type(self).model_fields.items()
+                    if not f.is_required()}
+        out = {}
+        for k, v in self.model_dump(exclude={"kind"}, mode="json").items():
+            d = defaults.get(k, object())
+            if isinstance(d, BaseModel):
+                d = d.model_dump(mode="json")
+            if k not in defaults or v != d:
+                out[k] = v
+        return out
 
     def canonical(self) -> dict[str, Any]:
         """Every setting, defaults included (what the cache key hashes)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .artifact import Artifact, InputSpec
+from .artifact import Artifact
 from .cache import Cache
 from .config import PassConfig
 from .errors import CompressError, PassError, RecipeError
@@ -50,6 +50,11 @@ class StepRecord:
     digest: str
     key: str
     info: dict[str, Any] = field(default_factory=dict)
+    artifact: Artifact | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "pass": self.kind, "text": self.text, "cache_hit": self.cache_hit,
+                "seconds": round(self.seconds, 4), "digest": self.digest, "key": self.key}
 
 
 class Instrument(Protocol):
@@ -146,7 +151,8 @@ class PassManager:
                 except Exception as e:
                     raise _chain_error(i, cfg, self.steps[:i], e) from e
             rec = StepRecord(i, cfg.kind, text, hit is not None, time.perf_counter() - t0, out.digest, key,
-                             out.metadata.get(cfg.kind, {}) if isinstance(out.metadata.get(cfg.kind), dict) else {})
+                             out.metadata.get(cfg.kind, {}) if isinstance(out.metadata.get(cfg.kind), dict) else {},
+                             artifact=out)
             try:
                 for ins in self.instruments:
                     ins.after(i, cfg, out, rec, ctx)
@@ -166,7 +172,3 @@ def _chain_error(i: int, cfg: PassConfig, before: Sequence[PassConfig], e: BaseE
         return cls(msg)
     except TypeError:
         return PassError(msg)
-
-
-def root_artifact_inputs(art: Artifact) -> tuple[InputSpec, ...]:
-    return art.inputs

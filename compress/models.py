@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import shutil
 from pathlib import Path
@@ -64,6 +65,10 @@ def build_from_source(source: dict[str, Any]) -> nn.Module:
             raise InputError(f"{path}: not a loadable exported program ({e})") from e
         return ep.module()
     if kind == "live":
+        from .torch_io import LIVE_MODULES
+
+        if source.get("key") in LIVE_MODULES:
+            return copy.deepcopy(LIVE_MODULES[source["key"]])
         raise InputError(
             f"this model was given as a live {source.get('class')} object and cannot be rebuilt from disk; "
             "give it as package.module:factory to cache it across runs"

@@ -92,7 +92,10 @@ def _validate_step(where: str, table: Any, target: bool) -> PassConfig:
     kind = table.get("kind")
     if not isinstance(kind, str):
         raise RecipeError(f"{where}: missing 'kind'")
-    cls: type[PassConfig] = get_target_config(kind) if target else get_pass(kind).config_cls
+    try:
+        cls: type[PassConfig] = get_target_config(kind) if target else get_pass(kind).config_cls
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
     try:
         return cls.model_validate(table)
     except ValidationError as e:

@@ -28,6 +28,9 @@ from torch import nn
 from .artifact import Artifact, InputSpec, canonical_json
 from .errors import InputError
 
+# Live modules given through the Python API, by content key (see compress.api.module_artifact).
+LIVE_MODULES: dict[str, nn.Module] = {}
+
 StructureHook = Callable[[nn.Module, Any], nn.Module]
 _STRUCTURE_HOOKS: dict[str, StructureHook] = {}
 

@@ -1,0 +1,178 @@
+"""The ``compress`` command line.
+
+Exit codes: 0 success; 1 a failure while running (export, build, pass error);
+2 a usage error (bad recipe, unknown pass/target, missing or unsafe input file);
+130 interrupted (finished steps are cached; run again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import CompressError, RecipeError
+
+EPILOG = """examples:
+  compress run examples/digits.toml
+  compress run --model zoo:digits-cnn --data builtin:digits --train-epochs 15 \\
+      --pipeline "prune.channels{ratio=0.5} -> torch,onnxruntime"
+  compress passes            list passes and their settings
+  compress targets           list targets and whether they run here
+
+exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun to resume)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description="Compress PyTorch models, lower to ONNX, compile per "
+                                "target and measure accuracy against latency.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a recipe (or a one-line pipeline) and write a report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    r.add_argument("recipe", nargs="?", help="recipe TOML file")
+    r.add_argument("--pipeline", help='one-line pipeline, e.g. "prune.channels{ratio=0.5} -> onnxruntime"; '
+                   "replaces the recipe's passes and targets")
+    r.add_argument("--model", help="model source when no recipe is given (zoo:NAME, pkg.mod:factory, .pt2, .onnx)")
+    r.add_argument("--weights", help="state dict for the model (.pt loaded with weights_only=True, or .safetensors)")
+    r.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
+    r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, random)")
+    r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
+    r.add_argument("--out", help="output folder for report.json/report.md/pareto.png (default runs/NAME)")
+    r.add_argument("--cache", help="cache folder (default $COMPRESS_CACHE or .compress-cache)")
+    r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
+
+    sub.add_parser("passes", help="list passes and their settings")
+    sub.add_parser("targets", help="list targets and whether they can run here")
+    return p
+
+
+def _shape(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.replace("x", ",").split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError(f"--input-shape {s!r}: expected integers like 1,3,224,224") from None
+
+
+def _build_recipe(a: argparse.Namespace) -> Any:
+    from .recipe import load_recipe, parse_pipeline, recipe_from_dict
+
+    if a.recipe:
+        rec = load_recipe(a.recipe)
+    elif a.model:
+        rec = recipe_from_dict({"name": Path(a.model.split(":")[-1]).stem or "model", "model": {"source": a.model}},
+                               where="command line")
+    else:
+        raise RecipeError("give a recipe file or --model (see compress run --help)")
+    model_upd: dict[str, Any] = {}
+    if a.model and a.recipe:
+        model_upd["source"] = a.model
+    if a.weights:
+        model_upd["weights"] = a.weights
+    if a.input_shape:
+        model_upd["input_shape"] = _shape(a.input_shape)
+    if a.train_epochs is not None:
+        if a.train_epochs < 0:
+            raise RecipeError("--train-epochs must be >= 0")
+        model_upd["train_epochs"] = a.train_epochs
+    upd: dict[str, Any] = {}
+    if model_upd:
+        upd["model"] = rec.model.model_copy(update=model_upd)
+    if a.data:
+        upd["data"] = rec.data.model_copy(update={"source": a.data})
+    if a.pipeline:
+        passes, targets = parse_pipeline(a.pipeline)
+        upd["passes"], upd["targets"] = passes, targets or list(rec.targets)
+    return rec.model_copy(update=upd) if upd else rec
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .pipeline import run
+    from .recipe import recipe_to_toml
+    from .report import render_text
+
+    rec = _build_recipe(a)
+    if a.print_recipe:
+        print(recipe_to_toml(rec), end="")
+        return 0
+    quiet = a.quiet or a.json
+    log = (lambda m: None) if quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    out = Path(a.out) if a.out else Path("runs") / rec.name
+    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log)
+    if a.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(render_text(report))
+        print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
+    return 0
+
+
+def _cmd_passes() -> int:
+    from .registry import passes
+
+    for kind, info in passes().items():
+        print(f"{kind}  ({info.consumes} -> {info.produces})  {info.config_cls.__doc__.strip().splitlines()[0] if info.config_cls.__doc__ else ''}")
+        for name, f in info.config_cls.model_fields.items():
+            if name == "kind":
+                continue
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            desc = f"  {f.description}" if f.description else ""
+            print(f"    {name}: {ann}, {default}{desc}")
+    return 0
+
+
+def _cmd_targets() -> int:
+    from .registry import make_target, targets
+
+    for kind, (cfg_cls, _) in targets().items():
+        t = make_target(cfg_cls())
+        reason = t.unavailable_reason()
+        state = "available" if reason is None else f"unavailable: {reason}"
+        print(f"{kind:12s} {state}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+        return int(e.code or 0)
+    if not a.cmd:
+        p.print_help()
+        return 2
+    try:
+        if a.cmd == "run":
+            return _cmd_run(a)
+        if a.cmd == "passes":
+            return _cmd_passes()
+        return _cmd_targets()
+    except CompressError as e:
+        if a.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished steps are cached; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected bug: still one line unless --debug
+        if a.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

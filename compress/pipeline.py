@@ -1,0 +1,309 @@
+"""One run: model -> passes -> ONNX -> each target -> measure -> report.
+
+Both the original model (the baseline) and the compressed one go through every
+target in the same process, and their latencies are measured interleaved, so
+the ratios in the report compare like with like.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .artifact import Artifact
+from .cache import Cache
+from .config import PassConfig, TargetConfig
+from .data import DataBundle, load_data
+from .errors import CompressError, RecipeError, TargetUnavailable
+from .evaluate import fidelity, predict, predict_arrays, top1
+from .fingerprint import machine_fingerprint
+from .manager import PassContext, PassManager, StepRecord, TimingInstrument, VerifyInstrument
+from .measure import measure_interleaved, summarize
+from .models import load_model
+from .recipe import Recipe, format_pipeline, load_recipe
+from .registry import get_pass, make_target
+from .torch_io import load_torch, torch_artifact
+
+REPORT_SCHEMA = "compress.report/v1"
+DEFAULT_TARGETS = ("torch", "onnxruntime")
+
+
+@dataclass
+class Variant:
+    """One model to measure: the baseline or the compressed pipeline's output."""
+
+    name: str
+    torch_art: Artifact | None
+    onnx_art: Artifact | None
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    """One (variant, target) pair and everything measured on it."""
+
+    variant: str
+    target: str
+    status: str = "ok"  # ok | unavailable | failed
+    reason: str | None = None
+    compiled: Artifact | None = None
+    runner: Any = None
+    build_s: float | None = None
+    cache_hit: bool = False
+    latency: dict[str, Any] = field(default_factory=dict)
+    accuracy: float | None = None
+    fidelity: dict[str, float] | None = None
+    size_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def _with_export(passes: list[PassConfig], need_onnx: bool) -> tuple[list[PassConfig], bool]:
+    """Insert export.onnx where the chain switches from torch to onnx (or at the end)."""
+    from passes.export_onnx import ExportOnnx
+
+    if any(p.kind == "export.onnx" for p in passes):
+        return passes, False
+    for i, p in enumerate(passes):
+        if get_pass(p.kind).consumes == "onnx":
+            return [*passes[:i], ExportOnnx(), *passes[i:]], True
+    return ([*passes, ExportOnnx()], True) if need_onnx else (passes, False)
+
+
+def _train_root(root: Artifact, data: DataBundle, epochs: int, seed: int, ctx: PassContext) -> Artifact:
+    """Train the model once on the train split; cached so later runs reuse it."""
+    from .training import fit
+
+    key = Cache.key(root.digest, "train", 1, {"epochs": epochs, "seed": seed, "data": data.digest})
+    hit = ctx.cache.get(key)
+    if hit is not None:
+        ctx.log(f"train {epochs} epochs: cache hit")
+        return hit
+    ctx.log(f"train {epochs} epochs on {data.name} (once; cached afterwards)")
+    model = load_torch(root)
+    import copy
+
+    model = copy.deepcopy(model)
+    curve = fit(model, data, epochs, lr=3e-3, seed=seed, progress=ctx.progress, desc="train")
+    art = torch_artifact(model, root, ctx, metadata={"train": {"epochs": epochs, "val_top1_curve": curve}})
+    art.parent, art.producer = root.digest, f"train{{epochs={epochs}}}"
+    return ctx.cache.put(key, art)
+
+
+def _compile(target: Any, art: Artifact, ctx: PassContext) -> tuple[Artifact, bool, float]:
+    key = Cache.key(art.digest, f"target:{target.name}", 1, target.config.canonical(), extra=target.fingerprint())
+    hit = ctx.cache.get(key)
+    if hit is not None:
+        return hit, True, 0.0
+    t0 = time.perf_counter()
+    out = target.compile(art, ctx)
+    secs = time.perf_counter() - t0
+    out.parent = art.digest
+    out.producer = f"compile {target.name}"
+    out.metadata = {**art.metadata, **out.metadata, "build_s": secs}
+    return ctx.cache.put(key, out), False, secs
+
+
+def _dynamic_batch(art: Artifact | None) -> bool:
+    if art is None:
+        return True
+    return bool(art.metadata.get("dynamic_batch", art.metadata.get("export.onnx", {}).get("dynamic_batch", False)))
+
+
+def run(
+    recipe: Recipe | str | Path,
+    out_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a recipe end to end; write report.json, report.md and pareto.png; return the report."""
+    rec = _resolve_recipe(recipe)
+    say = log or (lambda m: None)
+    out = Path(out_dir) if out_dir else Path("runs") / rec.name
+    cache = Cache(Path(cache_dir) if cache_dir else None)
+    threads = rec.measure.threads or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    torch.manual_seed(rec.seed)
+    t_start = time.perf_counter()
+
+    # Validate everything that can be validated before any work is done.
+    target_cfgs: list[TargetConfig] = list(rec.targets) or _default_targets()
+    targets = [make_target(c) for c in target_cfgs]
+    need_onnx = any(t.consumes == "onnx" for t in targets)
+    passes, auto_export = _with_export(list(rec.passes), need_onnx)
+    export_cfg = next((p for p in passes if p.kind == "export.onnx"), None)
+
+    root = load_model(rec.model, cache)
+    cand_pm = PassManager(passes, [TimingInstrument(), VerifyInstrument()])
+    cand_pm.validate(root.kind)
+    base_pm = PassManager([export_cfg] if (export_cfg and root.kind == "torch") else [])
+    base_pm.validate(root.kind)
+
+    data = load_data(rec.data, root.inputs[0].shape)
+    if data is not None and data.note:
+        say(f"data: {data.note}")
+    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say)
+    if rec.model.train_epochs:
+        if root.kind != "torch":
+            raise RecipeError("model.train_epochs needs a PyTorch model, not an ONNX file")
+        if data is None or not data.labelled:
+            raise RecipeError("model.train_epochs needs labelled data (e.g. data = { source = \"builtin:digits\" })")
+        root = _train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
+    ctx.original = root
+
+    say(f"pipeline: {format_pipeline(passes, target_cfgs)}")
+    base_art, base_steps = base_pm.run(root, ctx)
+    base = Variant("baseline", root if root.kind == "torch" else None,
+                   base_art if base_art.kind == "onnx" else None, base_steps)
+    variants = [base]
+    if rec.passes:
+        ctx.history = []
+        cand_art, cand_steps = cand_pm.run(root, ctx)
+        torch_art = root if root.kind == "torch" else None
+        for r in cand_steps:
+            if r.artifact is not None and r.artifact.kind == "torch":
+                torch_art = r.artifact
+        onnx_art = cand_art if cand_art.kind == "onnx" else None
+        variants.append(Variant(rec.name, torch_art, onnx_art, cand_steps))
+
+    cells = _build_cells(variants, targets, ctx, say)
+    _measure_latency(cells, root, rec, threads, progress, say)
+    _measure_accuracy(cells, variants, data, root, say)
+    for c in cells:
+        if c.runner is not None:
+            c.runner.close()
+
+    from .report import build_report, write_report
+
+    report = build_report(rec, variants, cells, data, threads, auto_export, machine_fingerprint(),
+                          time.perf_counter() - t_start, cache)
+    write_report(report, out)
+    return report
+
+
+def _default_targets() -> list[TargetConfig]:
+    from .registry import get_target_config
+
+    return [get_target_config(k)() for k in DEFAULT_TARGETS]
+
+
+def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
+                 say: Callable[[str], None]) -> list[Cell]:
+    cells = []
+    for t in targets:
+        reason = t.unavailable_reason()
+        for v in variants:
+            cell = Cell(v.name, t.name)
+            cells.append(cell)
+            src = v.torch_art if t.consumes == "torch" else v.onnx_art
+            if reason is not None:
+                cell.status, cell.reason = "unavailable", reason
+                continue
+            if src is None:
+                cell.status = "unavailable"
+                cell.reason = ("no PyTorch model (the run started from an ONNX file)" if t.consumes == "torch"
+                               else "the pipeline produced no ONNX model")
+                continue
+            if t.consumes == "torch" and v.onnx_art is not None and v.steps:
+                onnx_after = [r.kind for r in v.steps if get_pass(r.kind).consumes == "onnx"]
+                if onnx_after:
+                    cell.notes.append(f"measures the PyTorch model before the ONNX passes ({', '.join(onnx_after)})")
+            try:
+                compiled, hit, secs = _compile(t, src, ctx)
+                cell.compiled, cell.cache_hit = compiled, hit
+                cell.build_s = compiled.metadata.get("build_s", secs)
+                cell.size_bytes = src.size_bytes() if t.consumes == "torch" else compiled.size_bytes()
+                cell.runner = t.runner(compiled, threads=torch.get_num_threads())
+                cell.notes += list(compiled.metadata.get("target_notes", []))
+                say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
+            except TargetUnavailable as e:
+                cell.status, cell.reason = "unavailable", str(e)
+            except CompressError as e:
+                # One target failing must not stop the others: the report shows why.
+                cell.status, cell.reason = "failed", str(e)
+                say(f"compile {v.name} for {t.name}: failed: {e}")
+    return cells
+
+
+def _feeds(root: Artifact, batch: int, seed: int) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    feeds = {}
+    for s in root.inputs:
+        shape = (batch, *s.shape[1:])
+        feeds[s.name] = g.standard_normal(shape).astype(s.dtype)
+    return feeds
+
+
+def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: int, progress: bool,
+                     say: Callable[[str], None]) -> None:
+    live = [c for c in cells if c.status == "ok"]
+    for batch in rec.measure.batch_sizes:
+        fns = {}
+        for c in live:
+            if batch > 1 and c.target != "torch" and not _dynamic_batch(c.compiled):
+                c.notes.append(f"batch {batch} skipped: the model has a fixed batch size of 1")
+                continue
+            feeds = _feeds(root, batch, rec.seed)
+            renamed = dict(zip(c.runner.input_names, feeds.values(), strict=False))
+            fns[(c.variant, c.target)] = (lambda r=c.runner, f=renamed: r.infer(f))
+        if not fns:
+            continue
+        say(f"latency at batch {batch}: {len(fns)} candidates interleaved, {threads} threads")
+        try:
+            samples = measure_interleaved(
+                {f"{v}/{t}": fn for (v, t), fn in fns.items()}, rec.measure.warmup, rec.measure.min_runs,
+                rec.measure.min_time_s, rec.measure.max_time_s, progress=progress, desc=f"latency b{batch}")
+        except Exception as e:  # a runtime failure mid-measurement is reported per cell below
+            raise CompressError(f"latency measurement at batch {batch} failed: {e}") from e
+        for c in live:
+            key = f"{c.variant}/{c.target}"
+            if key in samples:
+                c.latency[str(batch)] = summarize(samples[key], batch).to_json()
+
+
+def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
+                      say: Callable[[str], None]) -> None:
+    """Top-1 on the validation split and fidelity to the original model on the reference target."""
+    ref: np.ndarray | None = None
+    xs: np.ndarray | None = None
+    if data is None:
+        # No data: fidelity on seeded random inputs only; accuracy stays "not measured".
+        xs = _feeds(root, 64, 1234)[root.inputs[0].name]
+    ref_cell = next((c for c in cells if c.variant == "baseline" and c.status == "ok"
+                     and c.target == "torch"), None) or next(
+        (c for c in cells if c.variant == "baseline" and c.status == "ok"), None)
+    ordered = ([ref_cell] if ref_cell else []) + [c for c in cells if c is not ref_cell]
+    for c in ordered:
+        if c.status != "ok":
+            continue
+        bs = 64 if (c.target == "torch" or _dynamic_batch(c.compiled)) else 1
+        try:
+            logits = predict(c.runner, data, data.val, bs) if data is not None else predict_arrays(c.runner, xs, bs)
+        except Exception as e:  # report the failing target instead of aborting the run
+            c.status, c.reason = "failed", f"inference on the validation data failed: {str(e).splitlines()[0]}"
+            continue
+        if c is ref_cell:
+            ref = logits
+        if data is not None and data.labelled:
+            c.accuracy = top1(logits, data.val.y)  # type: ignore[arg-type]
+        if ref is not None:
+            c.fidelity = fidelity(ref, logits)
+    if ref_cell is not None:
+        say(f"fidelity reference: baseline on {ref_cell.target}")
+
+
+def clean_output(out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)

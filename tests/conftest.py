@@ -1,0 +1,64 @@
+"""Shared fixtures: small models and a private cache per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+from torch import nn
+
+from compress.cache import Cache
+from compress.config import PassConfig
+from compress.manager import PassContext
+from compress.registry import register_pass
+from compress.torch_io import clone_module, torch_artifact
+
+
+class ScaleWeights(PassConfig):
+    """Test-only pass: multiplies every weight by a factor (a torch -> torch pass with no library)."""
+
+    kind: Literal["test.scale"] = "test.scale"
+    factor: float = 1.0
+    fail: bool = False
+
+
+@register_pass(ScaleWeights, consumes="torch", produces="torch")
+def _scale(art, cfg: ScaleWeights, ctx):  # type: ignore[no-untyped-def]
+    if cfg.fail:
+        raise RuntimeError("boom on purpose")
+    m = clone_module(art)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(cfg.factor)
+    return torch_artifact(m, art, ctx, metadata={"test.scale": {"factor": cfg.factor, "notes": ["scaled"]}})
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Cache:
+    return Cache(tmp_path / "cache")
+
+
+@pytest.fixture
+def ctx(cache: Cache) -> PassContext:
+    return PassContext(cache=cache, progress=False)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+FAST_MEASURE = {"batch_sizes": [1], "warmup": 1, "min_runs": 3, "min_time_s": 0.0, "max_time_s": 5.0}

@@ -1,0 +1,155 @@
+"""The pass manager: chain validation, error history, instruments, cache keys and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.api import module_artifact
+from compress.cache import Cache
+from compress.config import PassConfig
+from compress.errors import ExportError, PassError, RecipeError
+from compress.manager import PassContext, PassManager, TimingInstrument, VerifyInstrument
+from compress.registry import get_pass
+from compress.torch_io import load_torch
+from passes.export_onnx import ExportOnnx
+
+
+def scale(factor: float = 1.0, fail: bool = False) -> PassConfig:
+    return get_pass("test.scale").config_cls(factor=factor, fail=fail)  # type: ignore[call-arg]
+
+
+def test_chain_validation_rejects_torch_pass_after_export_before_running(tiny, cache) -> None:
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    pm = PassManager([scale(2.0), ExportOnnx(), scale(3.0)])
+    with pytest.raises(RecipeError) as e:
+        pm.run(root, PassContext(cache=cache, progress=False))
+    msg = str(e.value)
+    assert "pass #3 'test.scale' consumes a torch model but gets a onnx model" in msg
+    assert "put it before export.onnx" in msg
+    assert not list(cache.objects.iterdir()), "validation must fail before any pass runs"
+
+
+def test_failure_names_the_pass_and_those_before_it(tiny, cache) -> None:
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    pm = PassManager([scale(2.0), scale(3.0, fail=True), ExportOnnx()])
+    with pytest.raises(PassError) as e:
+        pm.run(root, PassContext(cache=cache, progress=False))
+    assert "pass #2 'test.scale' failed: boom on purpose (passes that ran before it: test.scale)" in str(e.value)
+    assert isinstance(e.value.__cause__, RuntimeError)
+
+
+def test_instruments_time_and_verify_each_pass(tiny, cache) -> None:
+    timing = TimingInstrument()
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    out, recs = PassManager([scale(2.0), ExportOnnx()], [timing, VerifyInstrument()]).run(
+        root, PassContext(cache=cache, progress=False))
+    assert [t[0] for t in timing.times] == ["test.scale{factor=2.0}", "export.onnx"]
+    assert out.kind == "onnx" and (out.path / "model.onnx").exists()
+    assert out.metadata["history"] == ["test.scale{factor=2.0}", "export.onnx"]
+    assert out.metadata["test.scale"]["factor"] == 2.0  # pass metadata flows down the chain
+
+
+def test_verify_instrument_catches_a_broken_model(tiny, cache) -> None:
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    with pytest.raises(PassError, match="NaN or Inf"):
+        PassManager([scale(float("inf"))], [VerifyInstrument()]).run(root, PassContext(cache=cache, progress=False))
+
+
+def test_cache_keys_are_full_sha256_and_change_with_each_ingredient() -> None:
+    base = Cache.key("a" * 64, "p", 1, {"x": 1})
+    assert len(base) == 64 and int(base, 16) >= 0
+    assert Cache.key("b" * 64, "p", 1, {"x": 1}) != base  # parent digest
+    assert Cache.key("a" * 64, "q", 1, {"x": 1}) != base  # pass
+    assert Cache.key("a" * 64, "p", 2, {"x": 1}) != base  # pass version
+    assert Cache.key("a" * 64, "p", 1, {"x": 2}) != base  # config
+    assert Cache.key("a" * 64, "p", 1, {"x": 1}, extra={"isa": "avx2"}) != base  # target fingerprint
+    assert Cache.key("a" * 64, "p", 1, {"x": 1}) == base  # deterministic
+
+
+def test_library_versions_are_in_the_key(monkeypatch) -> None:
+    from compress import cache as cache_mod
+
+    before = Cache.key("a" * 64, "p", 1, {})
+    monkeypatch.setattr(cache_mod, "library_versions", lambda: {"torch": "0.0.1"})
+    assert Cache.key("a" * 64, "p", 1, {}) != before
+
+
+def test_second_run_is_all_cache_hits_with_same_artifacts(tiny, cache) -> None:
+    chain = [scale(2.0), ExportOnnx()]
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    out1, r1 = PassManager(chain).run(root, PassContext(cache=cache, progress=False))
+    out2, r2 = PassManager(chain).run(root, PassContext(cache=cache, progress=False))
+    assert [r.cache_hit for r in r1] == [False, False]
+    assert [r.cache_hit for r in r2] == [True, True]
+    assert out1.digest == out2.digest and out1.path == out2.path
+
+
+def test_changed_early_pass_invalidates_only_what_follows(tiny, cache) -> None:
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    PassManager([scale(1.0), scale(2.0)]).run(root, PassContext(cache=cache, progress=False))
+    _, recs = PassManager([scale(1.0), scale(3.0)]).run(root, PassContext(cache=cache, progress=False))
+    assert [r.cache_hit for r in recs] == [True, False]
+
+
+def test_interrupted_run_resumes_from_last_finished_pass(tiny, cache, monkeypatch) -> None:
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    chain = [scale(2.0), scale(0.5), ExportOnnx()]
+    from compress import registry
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    real = registry._PASSES["export.onnx"]
+    monkeypatch.setitem(registry._PASSES, "export.onnx", real.__class__(**{**real.__dict__, "fn": killed}))
+    with pytest.raises(KeyboardInterrupt):
+        PassManager(chain).run(root, PassContext(cache=cache, progress=False))
+    entries = list(cache.objects.iterdir())
+    assert len(entries) == 2 and all((e / "COMPLETE").exists() for e in entries)
+    monkeypatch.setitem(registry._PASSES, "export.onnx", real)
+    out, recs = PassManager(chain).run(root, PassContext(cache=cache, progress=False))
+    assert [r.cache_hit for r in recs] == [True, True, False]
+    fresh_cache = Cache(cache.root.parent / "fresh")
+    ref, _ = PassManager(chain).run(module_artifact(tiny, (1, 1, 8, 8), fresh_cache),
+                                    PassContext(cache=fresh_cache, progress=False))
+    assert out.digest == ref.digest  # the resumed run ends with the same artifact
+
+
+def test_entry_without_completion_marker_does_not_exist(tiny, cache) -> None:
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    out, recs = PassManager([scale(2.0)]).run(root, PassContext(cache=cache, progress=False))
+    (out.path / "COMPLETE").unlink()  # as if killed between writing files and the marker
+    assert cache.get(recs[0].key) is None
+    out2, recs2 = PassManager([scale(2.0)]).run(root, PassContext(cache=cache, progress=False))
+    assert recs2[0].cache_hit is False and (out2.path / "COMPLETE").exists()
+
+
+def test_cached_torch_artifact_reloads_from_disk_without_pickle(tiny, cache) -> None:
+    from compress.artifact import Artifact
+
+    # A model from a zoo/factory source can be rebuilt from disk; weights load with weights_only=True.
+    from compress.models import load_model
+    from compress.recipe import ModelSpec
+
+    root = load_model(ModelSpec(source="zoo:digits-cnn"), cache)
+    out, _ = PassManager([scale(2.0)]).run(root, PassContext(cache=cache, progress=False))
+    again = load_torch(Artifact.load(out.path))
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(again(x), load_torch(out)(x))
+
+
+def test_export_parity_check_fails_beyond_tolerance(tiny, cache) -> None:
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    with pytest.raises(ExportError, match="ONNX output differs from PyTorch"):
+        PassManager([ExportOnnx(atol=1e-30)]).run(root, PassContext(cache=cache, progress=False))
+    out, _ = PassManager([ExportOnnx()]).run(root, PassContext(cache=cache, progress=False))
+    meta = out.metadata["export.onnx"]
+    assert meta["max_abs_diff"] < 1e-4 and meta["cosine"] > 0.9999
+
+
+def test_model_that_does_not_export_gives_export_error(cache) -> None:
+    from user_models import not_exportable
+
+    root = module_artifact(not_exportable(), (1, 1, 8, 8), cache)
+    with pytest.raises(ExportError, match="torch.onnx.export failed for NotExportable"):
+        PassManager([ExportOnnx()]).run(root, PassContext(cache=cache, progress=False))

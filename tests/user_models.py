@@ -1,0 +1,39 @@
+"""A user's own model package, as `compress` sees it through `package.module:factory`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class UserNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.b(x)], dim=1).relu()
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def make(num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return UserNet(num_classes)
+
+
+class NotExportable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Data-dependent Python control flow on a tensor value: the exporter cannot follow it.
+        if float(x.sum()) > 0:
+            return self.fc(x.flatten(1))
+        return self.fc(x.flatten(1)).neg()
+
+
+def not_exportable() -> nn.Module:
+    return NotExportable()
