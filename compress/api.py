@@ -14,7 +14,7 @@ from .config import PassConfig
 from .data import DataBundle, load_data
 from .manager import PassContext, PassManager
 from .recipe import DataSpec
-from .torch_io import LIVE_MODULES, load_torch, torch_digest, write_torch
+from .torch_io import LIVE_MODULES, load_torch, set_eval, torch_digest, write_torch
 
 
 def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cache) -> Artifact:
@@ -27,7 +27,7 @@ def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cach
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     key = torch_digest({"kind": "live", "class": cls}, [], module.state_dict())
     source = {"kind": "live", "class": cls, "key": key}
-    LIVE_MODULES[key] = copy.deepcopy(module).eval()
+    LIVE_MODULES[key] = set_eval(copy.deepcopy(module))
     dst = cache.new_dir("module")
     digest = write_torch(dst, module, source, [])
     art = Artifact("torch", dst, digest, (InputSpec("input", tuple(input_shape)),), metadata={"source": "live module"})

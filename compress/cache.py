@@ -59,7 +59,8 @@ class Cache:
             raise CacheError(f"cannot create cache at {self.root}: {e}; set COMPRESS_CACHE or --cache") from e
 
     @staticmethod
-    def key(parent_digest: str, step: str, version: int, config: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    def key(parent_digest: str, step: str, version: int, config: dict[str, Any],
+            extra: dict[str, Any] | None = None) -> str:
         return sha256_json({
             "parent": parent_digest,
             "step": step,

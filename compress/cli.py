@@ -120,7 +120,8 @@ def _cmd_passes() -> int:
     from .registry import passes
 
     for kind, info in passes().items():
-        print(f"{kind}  ({info.consumes} -> {info.produces})  {info.config_cls.__doc__.strip().splitlines()[0] if info.config_cls.__doc__ else ''}")
+        doc = (info.config_cls.__doc__ or "").strip().splitlines()
+        print(f"{kind}  ({info.consumes} -> {info.produces})  {doc[0] if doc else ''}")
         for name, f in info.config_cls.model_fields.items():
             if name == "kind":
                 continue

@@ -85,7 +85,8 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z:
-                raise InputError(f"{path}: .npz must hold an array 'x' (and optionally labels 'y'); found {list(z.keys())}")
+                raise InputError(f"{path}: .npz must hold an array 'x' (and optionally labels 'y'); "
+                                 f"found {list(z.keys())}")
             x = z["x"].astype(np.float32)
             y = z["y"].astype(np.int64) if "y" in z else None
     except ValueError as e:
@@ -142,10 +143,11 @@ def load_data(spec: object, input_shape: tuple[int, ...]) -> DataBundle | None:
         bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0][0])
         raise InputError(f"data source {src!r}: sample {bad} contains NaN or Inf")
     n = len(x)
-    n_val = max(1, int(round(n * spec.val_fraction)))  # type: ignore[attr-defined]
-    n_cal = max(1, int(round(n * spec.calib_fraction)))  # type: ignore[attr-defined]
+    n_val = max(1, round(n * spec.val_fraction))  # type: ignore[attr-defined]
+    n_cal = max(1, round(n * spec.calib_fraction))  # type: ignore[attr-defined]
     if n - n_val - n_cal < 1:
-        raise InputError(f"data source {src!r}: {n} samples are too few to split into train, calibration and validation")
+        raise InputError(f"data source {src!r}: {n} samples are too few to split into train, "
+                         "calibration and validation")
     perm = np.random.default_rng(spec.seed).permutation(n)  # type: ignore[attr-defined]
     iv, ic, it = perm[:n_val], perm[n_val:n_val + n_cal], perm[n_val + n_cal:]
     if spec.max_val_samples:  # type: ignore[attr-defined]

@@ -110,7 +110,8 @@ class PassManager:
                 before = ", ".join(s.kind for s in self.steps[:i]) or "nothing"
                 hint = ""
                 if info.consumes == "torch" and kind == "onnx":
-                    hint = f"; '{cfg.kind}' runs on PyTorch models, so put it before export.onnx (or start from a PyTorch model, not an .onnx file)"
+                    hint = (f"; '{cfg.kind}' runs on PyTorch models, so put it before export.onnx "
+                            "(or start from a PyTorch model, not an .onnx file)")
                 elif info.consumes == "onnx" and kind == "torch":
                     hint = "; add export.onnx before it"
                 raise RecipeError(

@@ -15,7 +15,7 @@ from . import zoo
 from .artifact import Artifact, InputSpec, sha256_files, sha256_json
 from .cache import Cache
 from .errors import InputError, RecipeError
-from .torch_io import safe_torch_load, write_torch
+from .torch_io import safe_torch_load, set_eval, write_torch
 
 
 def classify_source(src: str) -> str:
@@ -127,7 +127,7 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
     model = build_from_source(source)
     if spec.weights:
         _load_weights(model, spec.weights)
-    model.eval()
+    set_eval(model)
     dst = cache.new_dir("model")
     digest = write_torch(dst, model, source, [])
     # The source is referenced by digest so a changed weights file is a different model.

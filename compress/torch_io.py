@@ -108,7 +108,7 @@ def load_torch(art: Artifact) -> nn.Module:
             )
         module = hook(module, step.get("data"))
     module.load_state_dict(payload["state_dict"])
-    module.eval()
+    set_eval(module)
     art.obj = module
     return module
 
@@ -168,9 +168,18 @@ def torch_artifact(
         if structure_step.get("hook") not in _STRUCTURE_HOOKS:
             raise ValueError(f"structure hook {structure_step.get('hook')!r} is not registered")
         structure.append(structure_step)
-    module.eval()
+    set_eval(module)
     dst = ctx.new_dir("torch")
     digest = write_torch(dst, module, source, structure)
     art = Artifact("torch", dst, digest, parent.inputs, metadata=metadata or {})
     art.obj = module
     return art
+
+
+def set_eval(module: nn.Module) -> nn.Module:
+    """``module.eval()``, tolerating exported-program modules, which are fixed in the mode they were exported in."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+    return module

@@ -13,6 +13,7 @@ from torch import nn
 
 from .data import DataBundle, Split
 from .errors import PassError
+from .torch_io import set_eval
 
 
 def fit(
@@ -57,13 +58,13 @@ def fit(
         acc = top1(model, data, data.val)
         curve.append(acc)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_top1=f"{acc:.3f}")
-    model.eval()
+    set_eval(model)
     return curve
 
 
 @torch.inference_mode()
 def predict(model: nn.Module, data: DataBundle, split: Split, batch_size: int = 256) -> np.ndarray:
-    model.eval()
+    set_eval(model)
     outs = [model(x).float().numpy() for x, _ in data.batches(split, batch_size)]
     return np.concatenate(outs)
 

@@ -18,7 +18,7 @@ from compress.config import PassConfig
 from compress.errors import ExportError, InputError
 from compress.manager import PassContext
 from compress.registry import register_pass
-from compress.torch_io import load_torch, sample_inputs
+from compress.torch_io import load_torch, sample_inputs, set_eval
 
 
 class ExportOnnx(PassConfig):
@@ -59,7 +59,8 @@ def check_external_data(model: Any, folder: Path) -> None:
             target = (folder / e.value).resolve()
             if root not in target.parents and target != root:
                 raise InputError(
-                    f"{folder}: tensor {t.name!r} points to external data {e.value!r} outside the model's folder; refused"
+                    f"{folder}: tensor {t.name!r} points to external data {e.value!r} outside the model's folder; "
+                    "refused"
                 )
             if not target.exists():
                 raise InputError(f"{folder}: external data file {e.value!r} for tensor {t.name!r} is missing")
@@ -104,7 +105,7 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     import onnx
     import onnxruntime as ort
 
-    module = load_torch(art).eval()
+    module = set_eval(load_torch(art))
     names = [s.name for s in art.inputs]
     args = sample_inputs(art.inputs, seed=ctx.seed)
     out_dir = ctx.new_dir("onnx")

@@ -90,4 +90,5 @@ class OnnxRuntimeTarget:
 
         # Already optimized at compile time; re-running the passes at load is cheap and idempotent.
         so = self._options(threads, _LEVELS[self.config.optimization])
-        return OrtRunner(ort.InferenceSession(str(compiled.path / "model.onnx"), so, providers=["CPUExecutionProvider"]))
+        sess = ort.InferenceSession(str(compiled.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        return OrtRunner(sess)

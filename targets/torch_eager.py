@@ -13,7 +13,7 @@ from compress.artifact import Artifact
 from compress.config import TargetConfig
 from compress.fingerprint import cpu_info
 from compress.registry import register_target
-from compress.torch_io import load_torch
+from compress.torch_io import load_torch, set_eval
 
 from .base import module_version
 
@@ -27,7 +27,7 @@ class TorchConfig(TargetConfig):
 
 class TorchRunner:
     def __init__(self, module: torch.nn.Module, input_names: list[str], threads: int) -> None:
-        self.module = module.eval()
+        self.module = set_eval(module)
         self.input_names = input_names
         self.threads = threads
 

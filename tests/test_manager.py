@@ -42,7 +42,7 @@ def test_failure_names_the_pass_and_those_before_it(tiny, cache) -> None:
 def test_instruments_time_and_verify_each_pass(tiny, cache) -> None:
     timing = TimingInstrument()
     root = module_artifact(tiny, (1, 1, 8, 8), cache)
-    out, recs = PassManager([scale(2.0), ExportOnnx()], [timing, VerifyInstrument()]).run(
+    out, _recs = PassManager([scale(2.0), ExportOnnx()], [timing, VerifyInstrument()]).run(
         root, PassContext(cache=cache, progress=False))
     assert [t[0] for t in timing.times] == ["test.scale{factor=2.0}", "export.onnx"]
     assert out.kind == "onnx" and (out.path / "model.onnx").exists()

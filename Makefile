@@ -1,0 +1,29 @@
+# Two entry points, both self-contained on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck bench clean
+
+# torch==2.13.0 (a pin in pyproject.toml) resolves to the CPU build on these machines.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[prune,quant,tvm,dev]'
+	# Type stubs for TensorRT; --no-deps because their metadata pulls the multi-GB runtime.
+	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/compress run examples/digits.toml
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .compress-cache runs

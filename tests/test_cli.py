@@ -1,0 +1,151 @@
+"""The CLI end to end: reports written, exit codes, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.cli import main
+
+FAST = 'measure = { batch_sizes = [1, 4], warmup = 1, min_runs = 3, min_time_s = 0.0 }\n'
+
+
+def recipe(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "r.toml"
+    p.write_text(body)
+    return p
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_writes_reports_and_prints_table(tmp_path: Path, capsys) -> None:
+    r = recipe(tmp_path, 'name = "t"\nmodel = { source = "zoo:digits-cnn", train_epochs = 2 }\n'
+                         'data = { source = "builtin:digits" }\n' + FAST +
+               '[[passes]]\nkind = "test.scale"\nfactor = 1.0\n')
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"))
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["schema"] == "compress.report/v1"
+    assert (out / "report.md").read_text().startswith("# t")
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    cells = {(c["variant"], c["target"]): c for c in rep["results"]}
+    assert set(cells) == {("baseline", "torch"), ("baseline", "onnxruntime"), ("t", "torch"), ("t", "onnxruntime")}
+    for c in cells.values():
+        assert c["status"] == "ok"
+        assert 0.5 < c["accuracy_top1"] <= 1.0  # two epochs on digits is far above chance (0.1)
+        assert c["fidelity"]["agreement"] > 0.95  # factor=1.0 changes nothing
+        for b in ("1", "4"):
+            lat = c["latency"][b]
+            assert lat["runs"] >= 3 and lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+    assert "top-1" in stdout and "onnxruntime" in stdout and "p50 ms (b1)" in stdout
+    # second run: every pass and compile is a cache hit, and the step records say so
+    code, _, err = run_cli(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"))
+    rep2 = json.loads((out / "report.json").read_text())
+    assert code == 0 and all(s["cache_hit"] for v in rep2["variants"].values() for s in v["steps"])
+    assert "cache hit" in err
+    assert rep2["variants"]["t"]["onnx_digest"] == rep["variants"]["t"]["onnx_digest"]
+
+
+def test_no_data_means_accuracy_not_measured(tmp_path: Path, capsys) -> None:
+    r = recipe(tmp_path, 'model = { source = "zoo:digits-cnn" }\n' + FAST)
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert all(c["accuracy_top1"] is None for c in rep["results"])
+    assert all(c["fidelity"]["agreement"] == 1.0 for c in rep["results"])  # on random inputs
+    assert "not measured" in stdout
+    assert any("accuracy not measured" in n for n in rep["notes"])
+
+
+def test_pipeline_option_and_print_recipe(tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "run", "--model", "zoo:digits-cnn", "--pipeline",
+                             "test.scale{factor=0.5} -> onnxruntime{threads=1}", "--print-recipe")
+    assert code == 0, err
+    assert 'kind = "test.scale"' in out and "factor = 0.5" in out and "threads = 1" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["run", "--model", "zoo:digits-cnn", "--pipeline", "nope.pass"], 2, "unknown pass 'nope.pass'"),
+        (["run", "--model", "zoo:digits-cnn", "--pipeline", "export.onnx -> quantum"], 2, "unknown target 'quantum'"),
+        (["run", "--model", "zoo:digits-cnn", "--pipeline", "export.onnx{opset=1}"], 2, "key 'opset'"),
+        (["run", "missing.toml"], 2, "missing.toml: recipe file not found"),
+        (["run", "--model", "zoo:nosuch"], 2, "unknown zoo model"),
+        (["run", "--model", "zoo:digits-cnn", "--data", "folder:/no/such/dir"], 2, "image folder not found"),
+        (["run", "--model", "zoo:digits-cnn", "--weights", "/no/such.pt"], 2, "weights file not found"),
+        (["run", "--model", "zoo:digits-cnn", "--pipeline", "export.onnx,test.scale"], 2, "put it before export.onnx"),
+        (["run"], 2, "give a recipe file or --model"),
+        (["run", "--bogus-flag"], 2, ""),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path: Path, capsys, monkeypatch, args, code, needle) -> None:
+    monkeypatch.chdir(tmp_path)
+    got, _out, err = run_cli(capsys, *args)
+    assert got == code
+    assert needle in err
+    assert "Traceback" not in err
+    if needle:
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_export_failure_exits_1(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "run", "--model", "user_models:not_exportable", "--input-shape", "1,1,8,8",
+                           "--cache", str(tmp_path / "c"))
+    assert code == 1
+    assert "pass #1 'export.onnx' failed: torch.onnx.export failed for NotExportable" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("report.json"))
+
+
+def test_debug_shows_traceback(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "--debug", "run", str(tmp_path / "missing.toml"))
+    assert code == 2 and "Traceback" in err
+
+
+def test_pickled_checkpoint_is_refused_with_how_to_proceed(tmp_path: Path, capsys) -> None:
+    from compress.zoo import DigitsCNN
+
+    bad = tmp_path / "whole_model.pt"
+    torch.save(DigitsCNN(), bad)  # a pickled module, not a state dict
+    code, _, err = run_cli(capsys, "run", "--model", "zoo:digits-cnn", "--weights", str(bad),
+                           "--cache", str(tmp_path / "c"))
+    assert code == 2
+    assert "refused to load" in err and "state_dict" in err and ".safetensors" in err
+
+
+def test_interrupt_exits_130_and_says_how_to_resume(tmp_path: Path, capsys, monkeypatch) -> None:
+    import compress.pipeline as pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", interrupted)
+    code, _, err = run_cli(capsys, "run", "--model", "zoo:digits-cnn")
+    assert code == 130 and "run the same command again to resume" in err
+
+
+def test_targets_and_passes_listing(capsys) -> None:
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0
+    assert "onnxruntime  available" in out and "torch        available" in out
+    code, out, _ = run_cli(capsys, "passes")
+    assert code == 0 and "export.onnx  (torch -> onnx)" in out and "opset: int, default 20" in out
+
+
+def test_python_m_compress_works() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "exit codes" in r.stdout
