@@ -27,6 +27,14 @@ EPILOG = """examples:
 exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun to resume)
 """
 
+CHECK_EPILOG = """exit codes of compress check:
+  0  every budget passed (skipped ones allowed unless --fail-on-unavailable)
+  1  at least one budget failed (its whole confidence interval is beyond the limit)
+  2  usage error (bad budgets file, unknown model/target/metric, unit missing, corrupt baseline)
+  3  inconclusive: no failure, but at least one interval straddles its limit (too noisy to decide)
+  4  a budget was skipped (target unavailable here) and --fail-on-unavailable was given
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compress", description="Compress PyTorch models, lower to ONNX, compile per "
@@ -50,6 +58,31 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
+
+    c = sub.add_parser("check", help="check latency/accuracy/size budgets (a CI gate)", epilog=CHECK_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("budgets", help="budgets TOML file")
+    c.add_argument("--baseline", help="baseline file (default BUDGETS.baseline.json beside the budgets file)")
+    c.add_argument("--update-baseline", action="store_true", help="record this run's measurements as the baseline "
+                   "for this machine fingerprint")
+    c.add_argument("--junit", help="also write JUnit XML here")
+    c.add_argument("--json", help="also write the verdicts as JSON here")
+    c.add_argument("--out", help="folder for the per-model reports (default runs/check)")
+    c.add_argument("--cache", help="cache folder")
+    c.add_argument("--fail-on-unavailable", action="store_true", default=None,
+                   help="a budget skipped because its target cannot run here fails the check (exit 4)")
+
+    m = sub.add_parser("compare", help="every available target on one model, in one run")
+    m.add_argument("model", help="zoo name (resnet18 or zoo:resnet18), a recipe .toml, or an .onnx file")
+    m.add_argument("--targets", help='targets to compare, text form (default: all), e.g. "onnxruntime,tvm{tuning_trials=64}"')
+    m.add_argument("--precision", default="fp32", help="comma list of fp32, int8, int8-dynamic, fp16 (default fp32)")
+    m.add_argument("--data", help="data source (default builtin:digits for zoo models, none for .onnx)")
+    m.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
+    m.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
+    m.add_argument("--train-epochs", type=int, default=0, help="train a zoo model on the data first (cached)")
+    m.add_argument("--out", help="output folder (default runs/compare-NAME)")
+    m.add_argument("--cache", help="cache folder")
+    m.add_argument("-q", "--quiet", action="store_true")
 
     sub.add_parser("passes", help="list passes and their settings")
     sub.add_parser("targets", help="list targets and whether they can run here")
@@ -116,6 +149,63 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(a: argparse.Namespace) -> int:
+    from .budget import check, junit_xml
+
+    log = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731
+    res = check(a.budgets, baseline=a.baseline, update_baseline=a.update_baseline, out_dir=a.out,
+                cache_dir=a.cache, fail_on_unavailable=a.fail_on_unavailable, log=log,
+                progress=sys.stderr.isatty())
+    print(res.summary())
+    if a.junit:
+        Path(a.junit).write_text(junit_xml(res.verdicts, 0.0))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res.to_json(), indent=2))
+    return res.exit_code
+
+
+PRECISIONS = {"fp32": [], "int8": ["quantize.int8"], "int8-dynamic": ["quantize.dynamic"], "fp16": ["quantize.fp16"]}
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from .pipeline import run
+    from .recipe import load_recipe, parse_pipeline, recipe_from_dict
+    from .registry import get_pass, get_target_config, targets
+    from .report import render_text
+
+    src = a.model
+    if src.endswith(".toml"):
+        rec = load_recipe(src)
+    else:
+        if not (src.endswith(".onnx") or ":" in src):
+            src = f"zoo:{src}"
+        data = a.data or ("random" if src.endswith(".onnx") else "builtin:digits")
+        model: dict[str, Any] = {"source": src, "train_epochs": a.train_epochs}
+        if a.input_shape:
+            model["input_shape"] = _shape(a.input_shape)
+        rec = recipe_from_dict({"name": f"compare-{Path(src.split(':')[-1]).stem}", "model": model,
+                                "data": {"source": data}}, where="command line")
+    if a.targets:
+        _, tcfgs = parse_pipeline("-> " + a.targets)
+    else:
+        tcfgs = [get_target_config(k)() for k in targets()]
+    variants: dict[str, list[Any]] = {}
+    for prec in [p.strip() for p in a.precision.split(",") if p.strip()]:
+        if prec not in PRECISIONS:
+            raise RecipeError(f"--precision {prec!r}: choose from {', '.join(PRECISIONS)}")
+        if prec != "fp32":
+            variants[prec] = [get_pass(k).config_cls() for k in PRECISIONS[prec]]
+    batches = [int(b) for b in a.batch.split(",") if b.strip()]
+    rec = rec.model_copy(update={"targets": tcfgs, "measure": rec.measure.model_copy(update={"batch_sizes": batches})})
+    out = Path(a.out) if a.out else Path("runs") / rec.name
+    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,
+                 variants=variants)
+    print(render_text(report, compare=True))
+    print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
+    return 0
+
+
 def _cmd_passes() -> int:
     from .registry import passes
 
@@ -157,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(a)
         if a.cmd == "passes":
             return _cmd_passes()
+        if a.cmd == "check":
+            return _cmd_check(a)
+        if a.cmd == "compare":
+            return _cmd_compare(a)
         return _cmd_targets()
     except CompressError as e:
         if a.debug:

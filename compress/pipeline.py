@@ -63,6 +63,7 @@ class Cell:
     fidelity: dict[str, float] | None = None
     size_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def _resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -127,8 +128,14 @@ def run(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    variants: dict[str, list[PassConfig]] | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Run a recipe end to end; write report.json, report.md and pareto.png; return the report."""
+    """Run a recipe end to end; write report.json, report.md and pareto.png; return the report.
+
+    ``variants`` replaces the recipe's single pass chain with several named chains
+    (``compress compare`` uses it for precisions); all are measured in one session.
+    """
     rec = _resolve_recipe(recipe)
     say = log or (lambda m: None)
     out = Path(out_dir) if out_dir else Path("runs") / rec.name
@@ -142,12 +149,23 @@ def run(
     target_cfgs: list[TargetConfig] = list(rec.targets) or _default_targets()
     targets = [make_target(c) for c in target_cfgs]
     need_onnx = any(t.consumes == "onnx" for t in targets)
-    passes, auto_export = _with_export(list(rec.passes), need_onnx)
-    export_cfg = next((p for p in passes if p.kind == "export.onnx"), None)
-
+    chains_in = variants if variants is not None else ({rec.name: list(rec.passes)} if rec.passes else {})
+    if "baseline" in chains_in:
+        raise RecipeError("'baseline' is reserved for the original model; name the variant otherwise")
     root = load_model(rec.model, cache)
-    cand_pm = PassManager(passes, [TimingInstrument(), VerifyInstrument()])
-    cand_pm.validate(root.kind)
+    chains: dict[str, PassManager] = {}
+    auto_export = False
+    export_cfg: PassConfig | None = None
+    for name, chain in chains_in.items():
+        passes, auto = _with_export(list(chain), need_onnx)
+        auto_export |= auto
+        export_cfg = export_cfg or next((p for p in passes if p.kind == "export.onnx"), None)
+        chains[name] = PassManager(passes, [TimingInstrument(), VerifyInstrument()])
+        chains[name].validate(root.kind)
+    if export_cfg is None and need_onnx:
+        from passes.export_onnx import ExportOnnx
+
+        export_cfg, auto_export = ExportOnnx(), True
     base_pm = PassManager([export_cfg] if (export_cfg and root.kind == "torch") else [])
     base_pm.validate(root.kind)
 
@@ -163,33 +181,36 @@ def run(
         root = _train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
     ctx.original = root
 
-    say(f"pipeline: {format_pipeline(passes, target_cfgs)}")
+    for name, pm in chains.items():
+        say(f"pipeline {name}: {format_pipeline(pm.steps, target_cfgs)}")
     base_art, base_steps = base_pm.run(root, ctx)
-    base = Variant("baseline", root if root.kind == "torch" else None,
-                   base_art if base_art.kind == "onnx" else None, base_steps)
-    variants = [base]
-    if rec.passes:
+    measured = [Variant("baseline", root if root.kind == "torch" else None,
+                        base_art if base_art.kind == "onnx" else None, base_steps)]
+    for name, pm in chains.items():
         ctx.history = []
-        cand_art, cand_steps = cand_pm.run(root, ctx)
+        cand_art, cand_steps = pm.run(root, ctx)
         torch_art = root if root.kind == "torch" else None
         for r in cand_steps:
             if r.artifact is not None and r.artifact.kind == "torch":
                 torch_art = r.artifact
         onnx_art = cand_art if cand_art.kind == "onnx" else None
-        variants.append(Variant(rec.name, torch_art, onnx_art, cand_steps))
+        measured.append(Variant(name, torch_art, onnx_art, cand_steps))
 
-    cells = _build_cells(variants, targets, ctx, say)
-    _measure_latency(cells, root, rec, threads, progress, say)
-    _measure_accuracy(cells, variants, data, root, say)
-    for c in cells:
-        if c.runner is not None:
-            c.runner.close()
+    cells = _build_cells(measured, targets, ctx, say)
+    try:
+        _measure_latency(cells, root, rec, threads, progress, say)
+        _measure_accuracy(cells, measured, data, root, say)
+    finally:
+        for c in cells:
+            if c.runner is not None:
+                c.runner.close()
 
     from .report import build_report, write_report
 
-    report = build_report(rec, variants, cells, data, threads, auto_export, machine_fingerprint(),
+    report = build_report(rec, measured, cells, data, threads, auto_export, machine_fingerprint(),
                           time.perf_counter() - t_start, cache)
-    write_report(report, out)
+    if write:
+        write_report(report, out)
     return report
 
 
@@ -205,7 +226,7 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
     for t in targets:
         reason = t.unavailable_reason()
         for v in variants:
-            cell = Cell(v.name, t.name)
+            cell = Cell(v.name, t.name, config=t.config.canonical())
             cells.append(cell)
             src = v.torch_art if t.consumes == "torch" else v.onnx_art
             if reason is not None:
@@ -270,7 +291,9 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
         for c in live:
             key = f"{c.variant}/{c.target}"
             if key in samples:
-                c.latency[str(batch)] = summarize(samples[key], batch).to_json()
+                # Raw samples stay in the report: the budget gate bootstraps intervals from them.
+                c.latency[str(batch)] = {**summarize(samples[key], batch).to_json(),
+                                         "samples_ms": [round(x, 5) for x in samples[key]]}
 
 
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,

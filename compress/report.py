@@ -59,6 +59,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
         results.append({
             "variant": c.variant, "target": c.target, "status": c.status, "reason": c.reason,
             "compiled_digest": c.compiled.digest if c.compiled else None,
+            "compiled_path": str(c.compiled.path) if c.compiled else None, "target_config": c.config,
             "build_s": c.build_s, "build_cache_hit": c.cache_hit, "size_bytes": c.size_bytes,
             "accuracy_top1": c.accuracy, "fidelity": c.fidelity, "latency": c.latency, "notes": c.notes,
         })
@@ -84,43 +85,57 @@ def _lat(r: dict[str, Any], batch: str, key: str) -> float | None:
     return float(v) if v is not None else None
 
 
-def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32."""
     batches = [str(b) for b in report["measurement"]["batch_sizes"]]
     b0 = batches[0]
     base_p50 = {r["target"]: _lat(r, b0, "p50_ms") for r in report["results"] if r["variant"] == "baseline"}
-    head = ["variant", "target", "top-1", "agree", f"p50 ms (b{b0})", "p90", "p99", "cv", "vs base", "size",
-            "status"]
+    head = ["variant", "target", "top-1", "agree", f"p50 ms (b{b0})", "p90", "p99", "cv", "vs base", "size"]
     if len(batches) > 1:
-        head.insert(9, f"p50 ms (b{batches[-1]})")
+        head.append(f"p50 ms (b{batches[-1]})")
+    if compare:
+        head += [f"items/s (b{batches[-1]})", "build s"]
+    head.append("status")
     rows = []
     for r in report["results"]:
         p50 = _lat(r, b0, "p50_ms")
         base = base_p50.get(r["target"])
         ratio = f"{base / p50:.2f}x" if p50 and base and r["variant"] != "baseline" else "-"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        cv = _lat(r, b0, "cv")
         row = [
-            r["variant"], r["target"],
+            "fp32" if compare and r["variant"] == "baseline" else r["variant"], r["target"],
             f"{100 * r['accuracy_top1']:.2f}%" if r["accuracy_top1"] is not None else "not measured",
             f"{100 * r['fidelity']['agreement']:.1f}%" if r["fidelity"] else "-",
             f"{p50:.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p90_ms'):.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p99_ms'):.3f}" if p50 is not None else "-",
-            f"{100 * _lat(r, b0, 'cv'):.1f}%" if p50 is not None else "-",  # type: ignore[operator]
-            ratio, _fmt_size(r["size_bytes"]), status,
+            f"{100 * cv:.1f}%" if cv is not None else "-",
+            ratio, _fmt_size(r["size_bytes"]),
         ]
         if len(batches) > 1:
             pl = _lat(r, batches[-1], "p50_ms")
-            row.insert(9, f"{pl:.3f}" if pl is not None else "-")
+            row.append(f"{pl:.3f}" if pl is not None else "-")
+        if compare:
+            tp = _lat(r, batches[-1], "throughput")
+            row += [f"{tp:.1f}" if tp is not None else "-",
+                    f"{r['build_s']:.2f}" if r["build_s"] is not None else "-"]
+        row.append(status)
         rows.append(row)
     return head, rows
 
 
-def render_text(report: dict[str, Any]) -> str:
-    head, rows = table_rows(report)
+def render_text(report: dict[str, Any], compare: bool = False) -> str:
+    head, rows = table_rows(report, compare)
+    if compare:  # unavailable targets go below the table, once each, with the reason
+        gone = {r[1]: r[-1] for r in rows if r[-1].startswith("unavailable")}
+        rows = [r for r in rows if not r[-1].startswith("unavailable")]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if compare and gone:
+        out += ["", *[f"{t}: {why}" for t, why in gone.items()]]
     if report["notes"]:
         out += ["", *[f"note: {n}" for n in report["notes"]]]
     return "\n".join(out)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from compress.cache import Cache
-from compress.config import PassConfig
+from compress.config import PassConfig, TargetConfig
 from compress.manager import PassContext
-from compress.registry import register_pass
+from compress.registry import register_pass, register_target
 from compress.torch_io import clone_module, torch_artifact
 
 
@@ -62,3 +62,24 @@ def tiny() -> nn.Module:
 
 
 FAST_MEASURE = {"batch_sizes": [1], "warmup": 1, "min_runs": 3, "min_time_s": 0.0, "max_time_s": 5.0}
+
+
+class MissingConfig(TargetConfig):
+    """Test-only target that is never installed."""
+
+    kind: Literal["test.missing"] = "test.missing"
+
+
+@register_target(MissingConfig)
+class MissingTarget:
+    name = "test.missing"
+    consumes = "onnx"
+
+    def __init__(self, config: MissingConfig) -> None:
+        self.config = config
+
+    def unavailable_reason(self) -> str | None:
+        return "test.missing is not installed (pip install nothing-real)"
+
+    def fingerprint(self) -> dict:
+        return {}

@@ -149,3 +149,27 @@ def test_python_m_compress_works() -> None:
 
     r = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "exit codes" in r.stdout
+
+
+def test_compare_lists_available_and_unavailable_targets(tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "compare", "digits-cnn", "--targets", "torch,onnxruntime,test.missing",
+                             "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q")
+    assert code == 0, err
+    assert "test.missing: unavailable: test.missing is not installed" in out
+    assert "items/s (b1)" in out and "build s" in out
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert {r["target"] for r in rep["results"] if r["status"] == "ok"} == {"torch", "onnxruntime"}
+    assert (tmp_path / "o" / "pareto.png").exists()
+
+
+def test_compare_from_an_onnx_file(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "run", "--model", "zoo:digits-cnn", "--cache", str(tmp_path / "c"),
+                           "--out", str(tmp_path / "o1"), "-q")
+    assert code == 0, err
+    onnx_path = json.loads((tmp_path / "o1" / "report.json").read_text())["variants"]["baseline"]["onnx_digest"]
+    src = next((tmp_path / "c" / "objects").rglob("model.onnx"))
+    assert onnx_path
+    code, out, err = run_cli(capsys, "compare", str(src), "--targets", "torch,onnxruntime",
+                             "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o2"), "-q")
+    assert code == 0, err
+    assert "torch: unavailable: no PyTorch model (the run started from an ONNX file)" in out

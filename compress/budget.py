@@ -1,0 +1,428 @@
+"""The budget gate: ``compress check BUDGETS.toml``.
+
+A budgets file names models (recipes) and the limits each must meet per target::
+
+    models = { digits = "examples/digits.toml" }
+    confidence = 0.95
+
+    [[budget]]
+    model = "digits"
+    target = "onnxruntime"
+    metric = "p50"            # p50 | p90 | p99 | mean | accuracy_drop | size | peak_memory
+    max = "0.5x torch"        # "2 ms", "0.5x torch" (same run), "1.1x original", "1.05x recorded"
+
+Verdicts are noise-aware: latency limits are decided on a bootstrap confidence
+interval, so a budget passes only when the whole interval is within the limit,
+fails only when all of it is beyond, and is *inconclusive* otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import tomllib
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .artifact import sha256_json
+from .errors import InputError, RecipeError
+from .stats import bootstrap_ratio, bootstrap_stat, verdict
+
+# Exit codes of `compress check`, documented in the CLI help and README.
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INCONCLUSIVE, EXIT_SKIPPED = 0, 1, 2, 3, 4
+
+LATENCY = ("p50", "p90", "p99", "mean")
+METRICS = (*LATENCY, "accuracy_drop", "size", "peak_memory")
+_UNITS: dict[str, dict[str, float]] = {
+    "latency": {"us": 1e-3, "ms": 1.0, "s": 1000.0},
+    "bytes": {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3},
+    "points": {"points": 1.0, "point": 1.0, "pt": 1.0, "%": 1.0},
+}
+_KIND = {**dict.fromkeys(LATENCY, "latency"), "size": "bytes", "peak_memory": "bytes", "accuracy_drop": "points"}
+_SHOW = {"latency": "ms", "bytes": "B", "points": "points"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BudgetSpec(_Strict):
+    model: str
+    target: str = "onnxruntime"
+    metric: Literal["p50", "p90", "p99", "mean", "accuracy_drop", "size", "peak_memory"]
+    max: str
+    batch: int = Field(1, ge=1)
+    variant: str | None = None  # default: the recipe's compressed model, or the original when it has no passes
+    name: str | None = None
+
+    def title(self) -> str:
+        return self.name or f"{self.model}/{self.variant or 'model'}/{self.target}/{self.metric}@b{self.batch}"
+
+
+class BudgetsFile(_Strict):
+    models: dict[str, str]
+    budget: list[BudgetSpec]
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    resamples: int = Field(2000, ge=100, le=100000)
+    rounds: int | None = Field(None, ge=5, description="interleaved timing rounds (overrides the recipes)")
+    fail_on_unavailable: bool = False
+
+
+@dataclass(frozen=True)
+class Limit:
+    value: float  # in the metric's base unit (ms, bytes, points) or a ratio
+    ratio_to: str | None  # None (absolute), a target name, "original" or "recorded"
+    text: str
+
+
+def parse_limit(text: str, metric: str, where: str) -> Limit:
+    s = text.strip()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[x×]\s*([A-Za-z0-9_.\-]+)", s)
+    if m:
+        if metric not in LATENCY and m.group(2) != "original":
+            raise RecipeError(f"{where}: ratio limits ({s!r}) apply to latency metrics; use an absolute value "
+                              f"for {metric}")
+        return Limit(float(m.group(1)), m.group(2), s)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z%]*)", s)
+    if not m:
+        raise RecipeError(f"{where}: max = {s!r} is not a number with a unit (e.g. \"2 ms\", \"0.5x torch\")")
+    units = _UNITS[_KIND[metric]]
+    if not m.group(2):
+        raise RecipeError(f"{where}: max = {s!r} has no unit; for {metric} use one of {', '.join(units)}")
+    if m.group(2) not in units:
+        raise RecipeError(f"{where}: unit {m.group(2)!r} does not fit {metric}; use one of {', '.join(units)}")
+    return Limit(float(m.group(1)) * units[m.group(2)], None, s)
+
+
+def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
+    """Read and validate a budgets file; return it and the resolved recipe path of each model."""
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"{p}: budgets file not found")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{p}: not valid TOML: {e}") from None
+    try:
+        bf = BudgetsFile.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise RecipeError(f"{p}: unknown key '{loc}'") from None
+        if err["type"] == "literal_error":
+            raise RecipeError(f"{p}: {loc}: unknown metric {err.get('input')!r}; allowed: {', '.join(METRICS)}") from None
+        raise RecipeError(f"{p}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
+    from .registry import targets
+
+    known_targets = targets()
+    recipes = {}
+    for name, rp in bf.models.items():
+        q = Path(rp) if Path(rp).is_absolute() else p.parent / rp
+        if not q.exists():
+            raise RecipeError(f"{p}: models.{name}: recipe {q} not found")
+        recipes[name] = q
+    for i, b in enumerate(bf.budget):
+        where = f"{p}: budget[{i + 1}]"
+        if b.model not in bf.models:
+            raise RecipeError(f"{where}: unknown model {b.model!r}; models in this file: {', '.join(bf.models)}")
+        if b.target not in known_targets:
+            raise RecipeError(f"{where}: unknown target {b.target!r}; known targets: {', '.join(known_targets)}")
+        lim = parse_limit(b.max, b.metric, where)
+        if lim.ratio_to not in (None, "original", "recorded") and lim.ratio_to not in known_targets:
+            raise RecipeError(f"{where}: {b.max!r} refers to {lim.ratio_to!r}, which is neither a target "
+                              f"({', '.join(known_targets)}) nor 'original' or 'recorded'")
+    return bf, recipes
+
+
+# ----------------------------------------------------------------- baselines
+
+
+def fingerprint_key(machine: dict[str, Any], threads: int) -> str:
+    cpu = machine["cpu"]
+    return sha256_json({"cpu": cpu["model"], "isa": cpu["isa"], "cores": cpu["affinity_cores"], "threads": threads,
+                        "libs": machine["libraries"], "gpu": machine.get("gpu")})
+
+
+class BaselineStore:
+    """Recorded measurements keyed by model, variant, target, batch and machine fingerprint."""
+
+    SCHEMA = "compress.baseline/v1"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, Any] = {}
+        if path.exists():
+            try:
+                d = json.loads(path.read_text())
+                if d.get("schema") != self.SCHEMA or not isinstance(d.get("entries"), dict):
+                    raise ValueError(f"schema is {d.get('schema')!r}, expected {self.SCHEMA!r}")
+                self.entries = d["entries"]
+            except (ValueError, AttributeError) as e:
+                raise InputError(f"{path}: baseline file is corrupt ({e}); refusing to use or overwrite it. "
+                                 "Fix it, or move it away and run with --update-baseline") from e
+
+    @staticmethod
+    def key(model: str, variant: str, target: str, batch: int, fp: str) -> str:
+        return f"{model}|{variant}|{target}|b{batch}|{fp}"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.entries[key] = entry
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"schema": self.SCHEMA, "entries": self.entries}, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+@dataclass
+class Verdict:
+    budget: str
+    model: str
+    variant: str
+    target: str
+    metric: str
+    limit: str
+    status: str  # pass | fail | inconclusive | skipped
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
+    unit: str = ""
+    detail: str = ""
+
+    def line(self) -> str:
+        if self.value is None:
+            got = "-"
+        elif self.low is not None and self.high is not None:
+            got = f"{self.value:.4g} {self.unit} [{self.low:.4g}, {self.high:.4g}]"
+        else:
+            got = f"{self.value:.4g} {self.unit}"
+        return f"{self.status.upper():12s} {self.budget}: {got} (limit {self.limit}){' - ' + self.detail if self.detail else ''}"
+
+
+def _cell(report: dict[str, Any], variant: str, target: str) -> dict[str, Any] | None:
+    return next((r for r in report["results"] if r["variant"] == variant and r["target"] == target), None)
+
+
+def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, store: BaselineStore | None,
+                    fp: str, memory: Callable[[dict[str, Any], int], int] | None = None) -> Verdict:
+    """Decide one budget from a run's report (raw latency samples included)."""
+    variants = [v for v in report["variants"] if v != "baseline"]
+    variant = b.variant or (variants[0] if variants else "baseline")
+    lim = parse_limit(b.max, b.metric, b.title())
+    kind = _KIND[b.metric]
+    v = Verdict(b.title(), b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
+    cell = _cell(report, variant, b.target)
+    if cell is None:
+        v.detail = f"variant {variant!r} on {b.target!r} was not measured (variants: {', '.join(report['variants'])})"
+        return v
+    if cell["status"] != "ok":
+        v.detail = f"{b.target} {cell['status']}: {cell['reason']}"
+        return v
+    conf, n = bf.confidence, bf.resamples
+    if kind == "latency":
+        lat = cell["latency"].get(str(b.batch))
+        if not lat:
+            v.detail = f"batch {b.batch} was not measured (add it to the recipe's measure.batch_sizes)"
+            return v
+        samples = lat["samples_ms"]
+        if lim.ratio_to is None:
+            v.value, v.low, v.high = bootstrap_stat(samples, b.metric, conf, n)
+        elif lim.ratio_to == "recorded":
+            if store is None:
+                v.detail = "no baseline file given"
+                return v
+            rec = store.get(BaselineStore.key(b.model, variant, b.target, b.batch, fp))
+            if rec is None:
+                v.detail = (f"no recorded baseline for this machine fingerprint ({fp[:12]}); "
+                            "run compress check --update-baseline on this machine first")
+                return v
+            v.value, v.low, v.high = bootstrap_ratio(samples, rec["samples_ms"], b.metric, conf, n, paired=False)
+            v.unit = "x recorded"
+            if rec.get("digest") != cell["compiled_digest"]:
+                v.detail = "baseline was recorded for a different build of this model"
+        else:
+            other = _cell(report, variant if lim.ratio_to != "original" else "baseline",
+                          b.target if lim.ratio_to == "original" else lim.ratio_to)
+            if other is None or other["status"] != "ok" or str(b.batch) not in other["latency"]:
+                why = other["reason"] if other else "not measured"
+                v.detail = f"reference {lim.ratio_to} unavailable: {why}"
+                return v
+            v.value, v.low, v.high = bootstrap_ratio(samples, other["latency"][str(b.batch)]["samples_ms"], b.metric,
+                                                     conf, n, paired=True)
+            v.unit = f"x {lim.ratio_to}"
+        v.status = verdict(v.low, v.high, lim.value)
+        if v.status == "inconclusive":
+            v.detail = (f"the {int(conf * 100)}% interval straddles the limit; measurement too noisy to decide "
+                        "(raise rounds, quiet the machine)")
+        return v
+    if b.metric == "accuracy_drop":
+        base = _cell(report, "baseline", b.target)
+        if cell["accuracy_top1"] is None or base is None or base["accuracy_top1"] is None:
+            v.detail = "accuracy not measured (the recipe has no labelled data)"
+            return v
+        v.value = 100 * (base["accuracy_top1"] - cell["accuracy_top1"])
+    elif b.metric == "size":
+        v.value = float(cell["size_bytes"])
+    else:
+        if memory is None:
+            v.detail = "peak memory not measured"
+            return v
+        v.value = float(memory(cell, b.batch))
+    v.status = "pass" if v.value <= lim.value else "fail"
+    return v
+
+
+def overall_exit(verdicts: list[Verdict], fail_on_unavailable: bool) -> int:
+    st = {v.status for v in verdicts}
+    if "fail" in st:
+        return EXIT_FAIL
+    if "skipped" in st and fail_on_unavailable:
+        return EXIT_SKIPPED
+    if "inconclusive" in st:
+        return EXIT_INCONCLUSIVE
+    return EXIT_PASS
+
+
+def junit_xml(verdicts: list[Verdict], seconds: float) -> str:
+    suite = ET.Element("testsuite", name="compress.check", tests=str(len(verdicts)),
+                       failures=str(sum(v.status == "fail" for v in verdicts)),
+                       errors=str(sum(v.status == "inconclusive" for v in verdicts)),
+                       skipped=str(sum(v.status == "skipped" for v in verdicts)), time=f"{seconds:.3f}",
+                       timestamp=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    for v in verdicts:
+        tc = ET.SubElement(suite, "testcase", classname=f"compress.{v.model}.{v.target}", name=v.budget)
+        msg = v.line()
+        if v.status == "fail":
+            ET.SubElement(tc, "failure", message=msg, type="BudgetExceeded").text = msg
+        elif v.status == "inconclusive":
+            ET.SubElement(tc, "error", message=msg, type="Inconclusive").text = msg
+        elif v.status == "skipped":
+            ET.SubElement(tc, "skipped", message=v.detail or "skipped")
+        ET.SubElement(tc, "system-out").text = json.dumps(asdict(v))
+    root = ET.Element("testsuites")
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+@dataclass
+class CheckResult:
+    verdicts: list[Verdict]
+    exit_code: int
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == EXIT_PASS
+
+    def summary(self) -> str:
+        counts = {s: sum(v.status == s for v in self.verdicts) for s in ("pass", "fail", "inconclusive", "skipped")}
+        lines = [v.line() for v in self.verdicts]
+        lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": "compress.check/v1", "exit_code": self.exit_code,
+                "verdicts": [asdict(v) for v in self.verdicts]}
+
+
+def _recipe_for(rec: Any, budgets: list[BudgetSpec], rounds: int | None) -> Any:
+    """The model's recipe with every target and batch size the budgets need."""
+    from .registry import get_target_config
+
+    have = {t.kind for t in rec.targets} or {"torch", "onnxruntime"}
+    targets = list(rec.targets) or [get_target_config(k)() for k in ("torch", "onnxruntime")]
+    for b in budgets:
+        lim = parse_limit(b.max, b.metric, b.title())
+        for k in (b.target, lim.ratio_to):
+            if k and k not in ("original", "recorded") and k not in have:
+                targets.append(get_target_config(k)())
+                have.add(k)
+    batches = sorted({*rec.measure.batch_sizes, *(b.batch for b in budgets)})
+    measure = rec.measure.model_copy(update={"batch_sizes": batches, **({"min_runs": rounds} if rounds else {})})
+    return rec.model_copy(update={"targets": targets, "measure": measure})
+
+
+def check(
+    path: str | Path,
+    baseline: str | Path | None = None,
+    update_baseline: bool = False,
+    out_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    fail_on_unavailable: bool | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> CheckResult:
+    """Measure every model named in a budgets file and decide each budget."""
+    import time
+
+    from .memprobe import measure_peak_memory
+    from .pipeline import run
+    from .recipe import load_recipe
+    from .registry import get_target_config
+
+    t0 = time.perf_counter()
+    bf, recipes = load_budgets(path)
+    base_path = Path(baseline) if baseline else Path(path).with_suffix(".baseline.json")
+    store = BaselineStore(base_path)  # refuses a corrupt file before anything runs
+    out = Path(out_dir) if out_dir else Path("runs") / "check"
+    verdicts: list[Verdict] = []
+    reports: dict[str, dict[str, Any]] = {}
+    for model, rpath in recipes.items():
+        mine = [b for b in bf.budget if b.model == model]
+        if not mine:
+            continue
+        rec = _recipe_for(load_recipe(rpath), mine, bf.rounds)
+        (log or (lambda m: None))(f"measuring {model} ({rpath})")
+        report = run(rec, out_dir=out / model, cache_dir=cache_dir, progress=progress, log=log)
+        reports[model] = report
+        fp = fingerprint_key(report["machine"], report["measurement"]["threads"])
+
+        def memory(cell: dict[str, Any], batch: int) -> int:
+            cfg = get_target_config(cell["target"]).model_validate(cell["target_config"])
+            from .artifact import Artifact
+
+            probe = measure_peak_memory(cfg, Artifact.load(Path(cell["compiled_path"])), batch,
+                                        report["measurement"]["threads"])
+            return probe["model_peak_bytes"]
+
+        for b in mine:
+            verdicts.append(evaluate_budget(b, report, bf, store, fp, memory))
+        if update_baseline:
+            for r in report["results"]:
+                for batch, lat in r["latency"].items():
+                    store.put(BaselineStore.key(model, r["variant"], r["target"], int(batch), fp), {
+                        "digest": r["compiled_digest"], "samples_ms": lat["samples_ms"], "p50_ms": lat["p50_ms"],
+                        "recorded": report["created"], "machine": report["machine"]["cpu"]["model"]})
+    if update_baseline:
+        store.save()
+    foa = bf.fail_on_unavailable if fail_on_unavailable is None else fail_on_unavailable
+    res = CheckResult(verdicts, overall_exit(verdicts, foa), reports)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "check.json").write_text(json.dumps(res.to_json(), indent=2))
+    (out / "junit.xml").write_text(junit_xml(verdicts, time.perf_counter() - t0))
+    return res
+
+
+def assert_budgets(path: str | Path, **kwargs: Any) -> CheckResult:
+    """pytest-friendly: raise :class:`BudgetExceeded` naming every budget that did not pass."""
+    from .errors import BudgetExceeded
+
+    res = check(path, **kwargs)
+    if not res.passed:
+        bad = [v.line() for v in res.verdicts if v.status != "pass"]
+        raise BudgetExceeded("budgets not met:\n" + "\n".join(bad))
+    return res

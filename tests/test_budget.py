@@ -1,0 +1,246 @@
+"""The budget gate: limits, noise-aware verdicts, baselines, JUnit, and the CLI's exit codes.
+
+Timings are controlled (synthetic samples or a patched measurement), never the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compress.budget import (
+    EXIT_FAIL,
+    EXIT_INCONCLUSIVE,
+    EXIT_PASS,
+    EXIT_SKIPPED,
+    BaselineStore,
+    BudgetsFile,
+    BudgetSpec,
+    evaluate_budget,
+    junit_xml,
+    load_budgets,
+    overall_exit,
+    parse_limit,
+)
+from compress.cli import main
+from compress.errors import InputError, RecipeError
+
+
+def samples(center: float, spread: float, n: int = 60, seed: int = 0) -> list[float]:
+    return list(np.random.default_rng(seed).normal(center, spread, n).clip(min=1e-3))
+
+
+def report(cells: dict[tuple[str, str], dict]) -> dict:
+    results = []
+    for (variant, target), c in cells.items():
+        results.append({"variant": variant, "target": target, "status": c.get("status", "ok"),
+                        "reason": c.get("reason"), "compiled_digest": "d", "size_bytes": c.get("size", 1000),
+                        "accuracy_top1": c.get("acc"),
+                        "latency": {"1": {"samples_ms": c["s"]}} if "s" in c else {}})
+    return {"variants": {v: {} for v, _ in cells}, "results": results}
+
+
+BF = BudgetsFile(models={"m": "r.toml"}, budget=[], confidence=0.95, resamples=500)
+
+
+def budget(**kw) -> BudgetSpec:
+    return BudgetSpec(model="m", **{"target": "onnxruntime", "metric": "p50", **kw})
+
+
+def test_limits_parse_units_and_ratios() -> None:
+    assert parse_limit("2 ms", "p50", "b").value == 2.0
+    assert parse_limit("500us", "p99", "b").value == pytest.approx(0.5)
+    assert parse_limit("1.5 MB", "size", "b").value == 1.5e6
+    assert parse_limit("1 point", "accuracy_drop", "b").value == 1.0
+    lim = parse_limit("0.5x torch", "p50", "b")
+    assert (lim.value, lim.ratio_to) == (0.5, "torch")
+
+
+@pytest.mark.parametrize(("text", "metric", "msg"), [
+    ("2", "p50", "has no unit"),
+    ("2 parsecs", "p50", "does not fit p50"),
+    ("fast", "p50", "not a number with a unit"),
+    ("0.5x torch", "size", "ratio limits"),
+])
+def test_bad_limits(text: str, metric: str, msg: str) -> None:
+    with pytest.raises(RecipeError, match=msg):
+        parse_limit(text, metric, "budget[1]")
+
+
+def test_pass_fail_and_inconclusive_absolute() -> None:
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.02)}})
+    assert evaluate_budget(budget(max="1.2 ms"), rep, BF, None, "fp").status == "pass"
+    assert evaluate_budget(budget(max="0.8 ms"), rep, BF, None, "fp").status == "fail"
+    noisy = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.8, n=8)}})
+    v = evaluate_budget(budget(max="1.0 ms"), noisy, BF, None, "fp")
+    assert v.status == "inconclusive" and v.low < 1.0 < v.high and "too noisy" in v.detail
+
+
+def test_ratio_to_another_target_uses_paired_rounds() -> None:
+    # A shared slowdown hits both candidates in the same rounds; the paired ratio stays tight.
+    drift = np.linspace(1, 3, 40)
+    rep = report({("baseline", "onnxruntime"): {"s": list(0.4 * drift)}, ("baseline", "torch"): {"s": list(drift)}})
+    v = evaluate_budget(budget(max="0.5x torch"), rep, BF, None, "fp")
+    assert v.status == "pass" and v.value == pytest.approx(0.4) and v.high < 0.45
+    assert evaluate_budget(budget(max="0.3x torch"), rep, BF, None, "fp").status == "fail"
+
+
+def test_accuracy_drop_and_size() -> None:
+    rep = report({("baseline", "onnxruntime"): {"acc": 0.99, "size": 4000},
+                  ("small", "onnxruntime"): {"acc": 0.975, "size": 1000}})
+    v = evaluate_budget(budget(metric="accuracy_drop", max="1 point"), rep, BF, None, "fp")
+    assert v.variant == "small" and v.status == "fail" and v.value == pytest.approx(1.5)
+    assert evaluate_budget(budget(metric="accuracy_drop", max="2 points"), rep, BF, None, "fp").status == "pass"
+    assert evaluate_budget(budget(metric="size", max="1 KB"), rep, BF, None, "fp").status == "pass"
+    assert evaluate_budget(budget(metric="size", max="0.5 KB"), rep, BF, None, "fp").status == "fail"
+
+
+def test_unavailable_target_is_skipped_with_reason_and_can_be_made_a_failure() -> None:
+    rep = report({("baseline", "tensorrt"): {"status": "unavailable", "reason": "no CUDA device"}})
+    v = evaluate_budget(budget(target="tensorrt", max="1 ms"), rep, BF, None, "fp")
+    assert v.status == "skipped" and "no CUDA device" in v.detail
+    assert overall_exit([v], fail_on_unavailable=False) == EXIT_PASS
+    assert overall_exit([v], fail_on_unavailable=True) == EXIT_SKIPPED
+
+
+def test_exit_code_precedence() -> None:
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.02)}})
+    ok = evaluate_budget(budget(max="2 ms"), rep, BF, None, "fp")
+    bad = evaluate_budget(budget(max="0.5 ms"), rep, BF, None, "fp")
+    assert overall_exit([ok], False) == EXIT_PASS
+    assert overall_exit([ok, bad], False) == EXIT_FAIL
+    ok.status = "inconclusive"
+    assert overall_exit([ok], False) == EXIT_INCONCLUSIVE
+
+
+def test_recorded_baseline_match_and_mismatch(tmp_path: Path) -> None:
+    store = BaselineStore(tmp_path / "b.json")
+    store.put(BaselineStore.key("m", "baseline", "onnxruntime", 1, "fpA"), {"digest": "d",
+                                                                            "samples_ms": samples(1.0, 0.02)})
+    store.save()
+    store = BaselineStore(tmp_path / "b.json")
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.5, 0.02, seed=1)}})
+    v = evaluate_budget(budget(max="1.1x recorded"), rep, BF, store, "fpA")
+    assert v.status == "fail" and v.value == pytest.approx(1.5, rel=0.05)
+    v = evaluate_budget(budget(max="1.1x recorded"), rep, BF, store, "fpB")
+    assert v.status == "skipped" and "no recorded baseline for this machine fingerprint" in v.detail
+
+
+def test_corrupt_baseline_is_refused_and_left_alone(tmp_path: Path) -> None:
+    p = tmp_path / "b.json"
+    p.write_text("{not json")
+    with pytest.raises(InputError, match="corrupt"):
+        BaselineStore(p)
+    assert p.read_text() == "{not json"
+
+
+def test_junit_has_one_case_per_budget_with_failures(tmp_path: Path) -> None:
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.02)},
+                  ("baseline", "tensorrt"): {"status": "unavailable", "reason": "no GPU"}})
+    vs = [evaluate_budget(budget(max="2 ms"), rep, BF, None, "fp"),
+          evaluate_budget(budget(max="0.5 ms"), rep, BF, None, "fp"),
+          evaluate_budget(budget(target="tensorrt", max="1 ms"), rep, BF, None, "fp")]
+    root = ET.fromstring(junit_xml(vs, 1.0))
+    suite = root.find("testsuite")
+    assert suite is not None and suite.get("tests") == "3" and suite.get("failures") == "1"
+    cases = suite.findall("testcase")
+    assert [c.find("failure") is not None for c in cases] == [False, True, False]
+    assert cases[2].find("skipped") is not None
+    fail = cases[1].find("failure")
+    assert fail is not None and "limit 0.5 ms" in (fail.get("message") or "")
+
+
+def write_budgets(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "r.toml").write_text('name = "m"\nmodel = { source = "zoo:digits-cnn" }\n'
+                                     'measure = { warmup = 0, min_runs = 10, min_time_s = 0.0 }\n')
+    p = tmp_path / "budgets.toml"
+    p.write_text('models = { m = "r.toml" }\nresamples = 300\n' + body)
+    return p
+
+
+@pytest.mark.parametrize(("body", "msg"), [
+    ('[[budget]]\nmodel = "x"\nmetric = "p50"\nmax = "1 ms"\n', "unknown model 'x'"),
+    ('[[budget]]\nmodel = "m"\ntarget = "warp"\nmetric = "p50"\nmax = "1 ms"\n', "unknown target 'warp'"),
+    ('[[budget]]\nmodel = "m"\nmetric = "speed"\nmax = "1 ms"\n', "unknown metric 'speed'"),
+    ('[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1"\n', "has no unit"),
+    ('[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1 ms"\ncolor = 1\n', "unknown key"),
+])
+def test_bad_budget_files(tmp_path: Path, body: str, msg: str) -> None:
+    with pytest.raises(RecipeError, match=msg):
+        load_budgets(write_budgets(tmp_path, body))
+
+
+def _fake_measure(centers: dict[str, float]):
+    def fake(fns, warmup=0, min_runs=10, *a, **k):
+        out = {}
+        for i, name in enumerate(fns):
+            fns[name]()  # the runner really runs; only the clock is replaced
+            target = name.split("/")[1]
+            out[name] = samples(centers[target], 0.01 * centers[target], n=min_runs, seed=i)
+        return out
+    return fake
+
+
+@pytest.mark.parametrize(("limit", "code"), [("0.5x torch", EXIT_PASS), ("0.1x torch", EXIT_FAIL)])
+def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatch, capsys, limit, code) -> None:
+    import compress.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
+    b = write_budgets(tmp_path, f'[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "{limit}"\n'
+                                '[[budget]]\nmodel = "m"\ntarget = "test.missing"\nmetric = "p50"\nmax = "1 ms"\n')
+    junit = tmp_path / "j.xml"
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--junit", str(junit)])
+    out = capsys.readouterr().out
+    assert got == code
+    assert "SKIPPED" in out and "test.missing is not installed" in out
+    assert ET.parse(junit).getroot().find("testsuite").get("tests") == "2"  # type: ignore[union-attr]
+    verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
+    assert verdicts[0]["status"] == ("pass" if code == EXIT_PASS else "fail")
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+                "--fail-on-unavailable"])
+    assert got == (EXIT_SKIPPED if code == EXIT_PASS else EXIT_FAIL)
+
+
+def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    import compress.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
+    b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1.1x recorded"\n')
+    args = ["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    assert main(args) == EXIT_PASS  # no baseline yet: skipped, which passes by default
+    assert "no recorded baseline" in capsys.readouterr().out
+    assert main([*args, "--update-baseline"]) == EXIT_PASS
+    assert (tmp_path / "budgets.baseline.json").exists()
+    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.5}))
+    assert main(args) == EXIT_FAIL  # twice as slow as recorded on this machine
+    (tmp_path / "budgets.baseline.json").write_text("[]")
+    assert main(args) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_pytest_friendly_api(tmp_path: Path, monkeypatch) -> None:
+    import compress.pipeline as pipeline
+    from compress.budget import assert_budgets
+    from compress.errors import BudgetExceeded
+
+    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
+    b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "0.1x torch"\n')
+    with pytest.raises(BudgetExceeded, match="limit 0.1x torch"):
+        assert_budgets(b, cache_dir=tmp_path / "c", out_dir=tmp_path / "o")
+
+
+def test_peak_memory_is_measured_in_a_fresh_process(tmp_path: Path, monkeypatch, capsys) -> None:
+    import compress.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
+    b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "peak_memory"\nmax = "2 GB"\n'
+                                '[[budget]]\nmodel = "m"\nmetric = "peak_memory"\nmax = "1 B"\n')
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
+    assert got == EXIT_FAIL
+    assert [v["status"] for v in verdicts] == ["pass", "fail"]
+    assert 0 < verdicts[0]["value"] < 2e9  # a real resident-set figure, in bytes
