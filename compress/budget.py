@@ -117,7 +117,8 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
         if err["type"] == "extra_forbidden":
             raise RecipeError(f"{p}: unknown key '{loc}'") from None
         if err["type"] == "literal_error":
-            raise RecipeError(f"{p}: {loc}: unknown metric {err.get('input')!r}; allowed: {', '.join(METRICS)}") from None
+            raise RecipeError(f"{p}: {loc}: unknown metric {err.get('input')!r}; "
+                              f"allowed: {', '.join(METRICS)}") from None
         raise RecipeError(f"{p}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
     from .registry import targets
 
@@ -209,7 +210,8 @@ class Verdict:
             got = f"{self.value:.4g} {self.unit} [{self.low:.4g}, {self.high:.4g}]"
         else:
             got = f"{self.value:.4g} {self.unit}"
-        return f"{self.status.upper():12s} {self.budget}: {got} (limit {self.limit}){' - ' + self.detail if self.detail else ''}"
+        detail = f" - {self.detail}" if self.detail else ""
+        return f"{self.status.upper():12s} {self.budget}: {got} (limit {self.limit}){detail}"
 
 
 def _cell(report: dict[str, Any], variant: str, target: str) -> dict[str, Any] | None:
@@ -391,7 +393,7 @@ def check(
         reports[model] = report
         fp = fingerprint_key(report["machine"], report["measurement"]["threads"])
 
-        def memory(cell: dict[str, Any], batch: int) -> int:
+        def memory(cell: dict[str, Any], batch: int, report: dict[str, Any] = report) -> int:
             cfg = get_target_config(cell["target"]).model_validate(cell["target_config"])
             from .artifact import Artifact
 

@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("compare", help="every available target on one model, in one run")
     m.add_argument("model", help="zoo name (resnet18 or zoo:resnet18), a recipe .toml, or an .onnx file")
-    m.add_argument("--targets", help='targets to compare, text form (default: all), e.g. "onnxruntime,tvm{tuning_trials=64}"')
+    m.add_argument("--targets", help="targets to compare, text form (default: all), "
+                   'e.g. "onnxruntime,tvm{tuning_trials=64}"')
     m.add_argument("--precision", default="fp32", help="comma list of fp32, int8, int8-dynamic, fp16 (default fp32)")
     m.add_argument("--data", help="data source (default builtin:digits for zoo models, none for .onnx)")
     m.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
