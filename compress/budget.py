@@ -225,7 +225,8 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
     variant = b.variant or (variants[0] if variants else "baseline")
     lim = parse_limit(b.max, b.metric, b.title())
     kind = _KIND[b.metric]
-    v = Verdict(b.title(), b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
+    title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}"
+    v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
     cell = _cell(report, variant, b.target)
     if cell is None:
         v.detail = f"variant {variant!r} on {b.target!r} was not measured (variants: {', '.join(report['variants'])})"

@@ -203,7 +203,9 @@ def format_step(cfg: PassConfig) -> str:
 def format_pipeline(passes: list[PassConfig], targets: list[TargetConfig]) -> str:
     left = ",".join(format_step(p) for p in passes)
     right = ",".join(format_step(t) for t in targets)
-    return f"{left} -> {right}" if right else left
+    if not right:
+        return left
+    return f"{left} -> {right}" if left else f"-> {right}"
 
 
 def _split_top(s: str, sep: str) -> list[str]:
