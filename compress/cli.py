@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", default="fp32", help="comma list of fp32, int8, int8-dynamic, fp16 (default fp32)")
     m.add_argument("--data", help="data source (default builtin:digits for zoo models, none for .onnx)")
     m.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
+    m.add_argument("--rounds", type=int, default=20, help="minimum interleaved timing rounds (default 20)")
+    m.add_argument("--min-time", type=float, default=1.0, help="minimum seconds of timed runs per candidate")
     m.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
     m.add_argument("--train-epochs", type=int, default=0, help="train a zoo model on the data first (cached)")
     m.add_argument("--out", help="output folder (default runs/compare-NAME)")
@@ -197,7 +199,10 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         if prec != "fp32":
             variants[prec] = [get_pass(k).config_cls() for k in PRECISIONS[prec]]
     batches = [int(b) for b in a.batch.split(",") if b.strip()]
-    rec = rec.model_copy(update={"targets": tcfgs, "measure": rec.measure.model_copy(update={"batch_sizes": batches})})
+    if a.rounds < 1 or a.min_time < 0:
+        raise RecipeError("--rounds must be >= 1 and --min-time >= 0")
+    measure = rec.measure.model_copy(update={"batch_sizes": batches, "min_runs": a.rounds, "min_time_s": a.min_time})
+    rec = rec.model_copy(update={"targets": tcfgs, "measure": measure})
     out = Path(a.out) if a.out else Path("runs") / rec.name
     log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,

@@ -153,6 +153,7 @@ def test_python_m_compress_works() -> None:
 
 def test_compare_lists_available_and_unavailable_targets(tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(capsys, "compare", "digits-cnn", "--targets", "torch,onnxruntime,test.missing",
+                             "--rounds", "3", "--min-time", "0",
                              "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q")
     assert code == 0, err
     assert "test.missing: unavailable: test.missing is not installed" in out
@@ -163,13 +164,14 @@ def test_compare_lists_available_and_unavailable_targets(tmp_path: Path, capsys)
 
 
 def test_compare_from_an_onnx_file(tmp_path: Path, capsys) -> None:
-    code, _, err = run_cli(capsys, "run", "--model", "zoo:digits-cnn", "--cache", str(tmp_path / "c"),
-                           "--out", str(tmp_path / "o1"), "-q")
+    r = recipe(tmp_path, 'model = { source = "zoo:digits-cnn" }\n' + FAST)
+    code, _, err = run_cli(capsys, "run", str(r), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o1"), "-q")
     assert code == 0, err
     onnx_path = json.loads((tmp_path / "o1" / "report.json").read_text())["variants"]["baseline"]["onnx_digest"]
     src = next((tmp_path / "c" / "objects").rglob("model.onnx"))
     assert onnx_path
-    code, out, err = run_cli(capsys, "compare", str(src), "--targets", "torch,onnxruntime",
+    code, out, err = run_cli(capsys, "compare", str(src), "--targets", "torch,onnxruntime", "--rounds", "3",
+                             "--min-time", "0",
                              "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o2"), "-q")
     assert code == 0, err
     assert "torch: unavailable: no PyTorch model (the run started from an ONNX file)" in out
