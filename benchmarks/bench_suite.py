@@ -125,7 +125,7 @@ def run_model(name: str, spec: dict[str, Any], cache: Cache, quick: bool, thread
 
     # --- accuracy at the training input size
     t0 = time.perf_counter()
-    small, recs = PassManager(torch_chain).run(root, ctx)
+    small, _ = PassManager(torch_chain).run(root, ctx)
     res["compress_s"] = time.perf_counter() - t0
     res["macs"] = small.metadata.get("prune.channels", {}).get("macs_after"), small.metadata.get(
         "prune.channels", {}).get("macs_before")

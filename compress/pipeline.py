@@ -211,6 +211,9 @@ def run(
                           time.perf_counter() - t_start, cache)
     if write:
         write_report(report, out)
+    if not any(c.status == "ok" for c in cells):
+        why = "; ".join(f"{c.variant}/{c.target}: {c.reason}" for c in cells)
+        raise TargetUnavailable(f"nothing could be measured ({why}); the report in {out} lists the reasons")
     return report
 
 

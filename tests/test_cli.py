@@ -175,3 +175,11 @@ def test_compare_from_an_onnx_file(tmp_path: Path, capsys) -> None:
                              "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o2"), "-q")
     assert code == 0, err
     assert "torch: unavailable: no PyTorch model (the run started from an ONNX file)" in out
+
+
+def test_only_unavailable_targets_fails_with_the_reason(tmp_path: Path, capsys) -> None:
+    r = recipe(tmp_path, 'model = { source = "zoo:digits-cnn" }\n' + FAST)
+    code, _, err = run_cli(capsys, "run", str(r), "--pipeline", "-> test.missing", "--cache", str(tmp_path / "c"),
+                           "--out", str(tmp_path / "o"), "-q")
+    assert code == 1
+    assert "nothing could be measured" in err and "test.missing is not installed" in err
