@@ -31,8 +31,10 @@ def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cach
     dst = cache.new_dir("module")
     digest = write_torch(dst, module, source, [])
     art = Artifact("torch", dst, digest, (InputSpec("input", tuple(input_shape)),), metadata={"source": "live module"})
-    art.obj = module
-    return art
+    art.obj = LIVE_MODULES[key]
+    out = cache.put(Cache.key(digest, "live", 1, {"shape": list(input_shape)}), art)
+    out.obj = LIVE_MODULES[key]
+    return out
 
 
 def apply(

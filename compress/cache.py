@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -57,6 +58,17 @@ class Cache:
             self.tmp.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CacheError(f"cannot create cache at {self.root}: {e}; set COMPRESS_CACHE or --cache") from e
+        self._sweep_tmp()
+
+    def _sweep_tmp(self, older_than_s: float = 24 * 3600) -> None:
+        """Remove work dirs left by runs killed more than a day ago (never a live run's)."""
+        now = time.time()
+        for d in self.tmp.iterdir():
+            try:
+                if now - d.stat().st_mtime > older_than_s:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                continue
 
     @staticmethod
     def key(parent_digest: str, step: str, version: int, config: dict[str, Any],

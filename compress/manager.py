@@ -9,6 +9,7 @@ not code inside passes.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +36,18 @@ class PassContext:
     log: Callable[[str], None] = field(default=lambda msg: None)
     original: Artifact | None = None  # the model as it entered the pipeline (teacher, fidelity)
     history: list[str] = field(default_factory=list)  # text of the passes run so far
+    _dirs: list[Path] = field(default_factory=list, repr=False)
 
     def new_dir(self, prefix: str = "work") -> Path:
-        return self.cache.new_dir(prefix)
+        d = self.cache.new_dir(prefix)
+        self._dirs.append(d)  # removed by the manager if the pass fails
+        return d
+
+    def discard_dirs(self) -> None:
+        for d in self._dirs:
+            if d.parent == self.cache.tmp:
+                shutil.rmtree(d, ignore_errors=True)
+        self._dirs.clear()
 
 
 @dataclass
@@ -136,6 +146,7 @@ class PassManager:
                 ctx.log(f"[{i + 1}/{len(self.steps)}] {text}: cache hit")
             else:
                 ctx.log(f"[{i + 1}/{len(self.steps)}] {text}: running")
+                ctx._dirs.clear()
                 try:
                     out = info.fn(art, cfg, ctx)
                     if out.kind != info.produces:
@@ -148,9 +159,12 @@ class PassManager:
                     out.metadata = merged
                     out = ctx.cache.put(key, out)
                 except KeyboardInterrupt:
+                    ctx.discard_dirs()
                     raise
                 except Exception as e:
+                    ctx.discard_dirs()
                     raise _chain_error(i, cfg, self.steps[:i], e) from e
+                ctx._dirs.clear()
             rec = StepRecord(i, cfg.kind, text, hit is not None, time.perf_counter() - t0, out.digest, key,
                              out.metadata.get(cfg.kind, {}) if isinstance(out.metadata.get(cfg.kind), dict) else {},
                              artifact=out)

@@ -27,7 +27,7 @@ def test_chain_validation_rejects_torch_pass_after_export_before_running(tiny, c
     msg = str(e.value)
     assert "pass #3 'test.scale' consumes a torch model but gets a onnx model" in msg
     assert "put it before export.onnx" in msg
-    assert not list(cache.objects.iterdir()), "validation must fail before any pass runs"
+    assert len(list(cache.objects.iterdir())) == 1, "validation must fail before any pass runs (only the root)"
 
 
 def test_failure_names_the_pass_and_those_before_it(tiny, cache) -> None:
@@ -37,6 +37,7 @@ def test_failure_names_the_pass_and_those_before_it(tiny, cache) -> None:
         pm.run(root, PassContext(cache=cache, progress=False))
     assert "pass #2 'test.scale' failed: boom on purpose (passes that ran before it: test.scale)" in str(e.value)
     assert isinstance(e.value.__cause__, RuntimeError)
+    assert list(cache.tmp.iterdir()) == []  # no half-written output left behind
 
 
 def test_instruments_time_and_verify_each_pass(tiny, cache) -> None:
@@ -105,7 +106,8 @@ def test_interrupted_run_resumes_from_last_finished_pass(tiny, cache, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         PassManager(chain).run(root, PassContext(cache=cache, progress=False))
     entries = list(cache.objects.iterdir())
-    assert len(entries) == 2 and all((e / "COMPLETE").exists() for e in entries)
+    assert len(entries) == 3 and all((e / "COMPLETE").exists() for e in entries)  # root + two finished passes
+    assert list(cache.tmp.iterdir()) == []
     monkeypatch.setitem(registry._PASSES, "export.onnx", real)
     out, recs = PassManager(chain).run(root, PassContext(cache=cache, progress=False))
     assert [r.cache_hit for r in recs] == [True, True, False]
