@@ -183,12 +183,14 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
         if p50 is None or y is None:
             continue
         pts.append((p50, 100 * y, r["variant"], r["target"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(p[3] for p in pts))}  # type: ignore[attr-defined]
     for p50, y, v, t in pts:
         base = v == "baseline"
-        ax.scatter(p50, y, marker="s" if base else "o", s=70, edgecolors="black",
-                   c="lightgray" if base else "tab:blue", zorder=3)
+        ax.scatter(p50, y, marker="s" if base else "o", s=80, edgecolors="black", color=colors[t], zorder=3,
+                   alpha=0.6 if base else 1.0)
         ax.annotate(f"{v} / {t}", (p50, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(x=0.3, y=0.12)
     front = []
     for p in sorted(pts):
         if not front or p[1] > front[-1][1]:
