@@ -20,7 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	VENV=$(VENV) .ci/typecheck-tensorrt
 	$(BIN)/pytest -q
+
+typecheck: $(STAMP)
+	VENV=$(VENV) .ci/typecheck-tensorrt
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

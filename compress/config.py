@@ -20,8 +20,10 @@ class PassConfig(BaseModel):
         out = {}
         for k, v in self.model_dump(exclude={"kind"}, mode="json").items():
             d = defaults.get(k, object())
-            if isinstance(d, BaseModel):
-                d = d.model_dump(mode="json")
+            if k in defaults:
+                # Compare in JSON form: a tuple default and the list it dumps to are the same.
+                d = type(self).__pydantic_serializer__.to_python(self.model_copy(update={k: d}),
+                                                                 mode="json")[k]
             if k not in defaults or v != d:
                 out[k] = v
         return out
@@ -29,6 +31,11 @@ class PassConfig(BaseModel):
     def canonical(self) -> dict[str, Any]:
         """Every setting, defaults included (what the cache key hashes)."""
         return self.model_dump(mode="json")
+
+    def cache_env(self) -> dict[str, Any]:
+        """Facts outside the config that change this pass's output (e.g. the CPU's ISA for a
+        quantization scheme); hashed into the cache key. None by default."""
+        return {}
 
 
 class TargetConfig(PassConfig):

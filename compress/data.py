@@ -64,10 +64,13 @@ class DataBundle:
             yield self.adapt(split.x[i:i + batch_size]), y
 
 
-def _digest(x: np.ndarray, y: np.ndarray | None) -> str:
+def _digest(x: np.ndarray, y: np.ndarray | None, split: str = "") -> str:
+    # The split spec is hashed too: the same samples split differently train and calibrate
+    # differently, so cached pass outputs must not be shared between the two.
     h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
     if y is not None:
         h.update(np.ascontiguousarray(y).tobytes())
+    h.update(split.encode())
     return h.hexdigest()
 
 
@@ -156,7 +159,10 @@ def load_data(spec: object, input_shape: tuple[int, ...]) -> DataBundle | None:
     def take(idx: np.ndarray) -> Split:
         return Split(x[idx], None if y is None else y[idx])
 
-    bundle = DataBundle(src, take(it), take(ic), take(iv), y is not None, _digest(x, y), tuple(x.shape[1:]), want)
+    split = (f"val={spec.val_fraction};calib={spec.calib_fraction};seed={spec.seed};"  # type: ignore[attr-defined]
+             f"max_val={spec.max_val_samples};input={want}")  # type: ignore[attr-defined]
+    bundle = DataBundle(src, take(it), take(ic), take(iv), y is not None, _digest(x, y, split),
+                        tuple(x.shape[1:]), want)
     if bundle.sample_shape != want:
         bundle.note = f"samples {bundle.sample_shape} adapted to model input {want} (resize / channel repeat)"
         bundle.adapt(x[:1])  # fail now, not mid-run, if they cannot be adapted

@@ -136,7 +136,12 @@ class PassManager:
         records: list[StepRecord] = []
         for i, (cfg, info) in enumerate(zip(self.steps, self.infos, strict=True)):
             text = pass_text(cfg)
-            key = Cache.key(art.digest, cfg.kind, info.version, cfg.canonical())
+            # Seed, data and the original model change what training/calibrating passes produce.
+            extra = {"seed": ctx.seed,
+                     "data": getattr(ctx.data, "digest", None),
+                     "original": ctx.original.digest if ctx.original is not None else None,
+                     "env": cfg.cache_env()}
+            key = Cache.key(art.digest, cfg.kind, info.version, cfg.canonical(), extra)
             for ins in self.instruments:
                 ins.before(i, cfg, art, ctx)
             t0 = time.perf_counter()

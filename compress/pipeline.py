@@ -62,6 +62,7 @@ class Cell:
     accuracy: float | None = None
     fidelity: dict[str, float] | None = None
     size_bytes: int | None = None
+    parity: dict[str, Any] | None = None  # deployed vs simulated (fake-quantized) model, for QDQ models
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -200,6 +201,7 @@ def run(
     try:
         _measure_latency(cells, root, rec, threads, progress, say)
         _measure_accuracy(cells, measured, data, root, say)
+        _measure_quant_parity(cells, measured, data, say)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -328,6 +330,36 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             c.fidelity = fidelity(ref, logits)
     if ref_cell is not None:
         say(f"fidelity reference: baseline on {ref_cell.target}")
+
+
+QDQ_PASSES = ("quantize.int8", "quantize.qat")
+
+
+def _measure_quant_parity(cells: list[Cell], variants: list[Variant], data: DataBundle | None,
+                          say: Callable[[str], None]) -> None:
+    """Per ONNX target, agreement of the deployed INT8 model with its simulation (the QDQ graph run
+    with reference kernels), so a backend whose integer kernels drift is flagged, not hidden."""
+    by_name = {v.name: v for v in variants}
+    for c in cells:
+        v = by_name.get(c.variant)
+        if c.status != "ok" or v is None or v.onnx_art is None or c.target == "torch":
+            continue
+        if not any(k in v.onnx_art.metadata for k in QDQ_PASSES):
+            continue
+        from passes.quantize_int8 import simulated_agreement
+
+        bs = 64 if _dynamic_batch(c.compiled) else 1
+        try:
+            c.parity = simulated_agreement(v.onnx_art, c.runner.infer, data, split="val", max_samples=256, batch=bs)
+        except Exception as e:  # parity is a check on top; its failure is reported, the run goes on
+            c.notes.append(f"deployed-vs-simulated parity not measured: {str(e).splitlines()[0]}")
+            continue
+        if c.parity["flagged"]:
+            msg = (f"deployed INT8 on {c.target} disagrees with the simulated model: agreement "
+                   f"{100 * c.parity['agreement']:.1f}%, cosine {c.parity['cosine']:.4f} "
+                   f"(tolerance {c.parity['tolerance']})")
+            c.notes.append(msg)
+            say(f"WARNING {c.variant}/{c.target}: {msg}")
 
 
 def clean_output(out: Path) -> None:

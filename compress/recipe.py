@@ -160,7 +160,16 @@ def _resolve_paths(rec: Recipe, base: Path) -> Recipe:
     model = rec.model.model_copy(update={"weights": fix(rec.model.weights),
                                          "source": _fix_source(rec.model.source, base)})
     data = rec.data.model_copy(update={"source": _fix_source(rec.data.source, base)})
-    return rec.model_copy(update={"model": model, "data": data})
+    passes = []
+    for p in rec.passes:
+        # Pass options that name files (a distillation teacher's weights) are relative to the recipe too.
+        update: dict[str, Any] = {}
+        if isinstance(getattr(p, "teacher_weights", None), str):
+            update["teacher_weights"] = fix(p.teacher_weights)  # type: ignore[attr-defined]
+        if isinstance(getattr(p, "teacher", None), str):
+            update["teacher"] = _fix_source(p.teacher, base)  # type: ignore[attr-defined]
+        passes.append(p.model_copy(update=update) if update else p)
+    return rec.model_copy(update={"model": model, "data": data, "passes": passes})
 
 
 def _fix_source(src: str, base: Path) -> str:

@@ -32,6 +32,22 @@ def _pass_notes(metadata: dict[str, Any]) -> list[str]:
     return notes
 
 
+def model_summary(passes: dict[str, Any]) -> dict[str, Any]:
+    """Params, MACs and sparsity of a variant, from what its pruning passes recorded (latest wins)."""
+    out: dict[str, Any] = {}
+    for meta in passes.values():
+        if not isinstance(meta, dict):
+            continue
+        for src, dst in (("params_after", "params"), ("params", "params"), ("macs_after", "macs"),
+                         ("macs_dense", "macs"), ("params_nonzero", "params_nonzero"),
+                         ("sparsity", "weight_sparsity")):
+            if isinstance(meta.get(src), (int, float)):
+                out[dst] = meta[src]
+        if "macs_before" in meta and "macs_before" not in out:
+            out["macs_before"] = meta["macs_before"]
+    return out
+
+
 def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, threads: int, auto_export: bool,
                  fingerprint: dict[str, Any], seconds: float, cache: Any) -> dict[str, Any]:
     notes: list[str] = []
@@ -53,6 +69,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "steps": [s.to_json() for s in v.steps],
             "passes": {k: val for k, val in meta.items() if isinstance(val, dict)},
         }
+        vjson[v.name]["model"] = model_summary(vjson[v.name]["passes"])
         notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
     results = []
     for c in cells:
@@ -61,7 +78,8 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "compiled_digest": c.compiled.digest if c.compiled else None,
             "compiled_path": str(c.compiled.path) if c.compiled else None, "target_config": c.config,
             "build_s": c.build_s, "build_cache_hit": c.cache_hit, "size_bytes": c.size_bytes,
-            "accuracy_top1": c.accuracy, "fidelity": c.fidelity, "latency": c.latency, "notes": c.notes,
+            "accuracy_top1": c.accuracy, "fidelity": c.fidelity, "quant_parity": c.parity,
+            "latency": c.latency, "notes": c.notes,
         })
     return {
         "schema": SCHEMA,
@@ -138,6 +156,9 @@ def render_text(report: dict[str, Any], compare: bool = False) -> str:
         out += ["", *[f"{t}: {why}" for t, why in gone.items()]]
     if report["notes"]:
         out += ["", *[f"note: {n}" for n in report["notes"]]]
+    cell_notes = [f"note: {r['variant']}/{r['target']}: {n}" for r in report["results"] for n in r.get("notes", [])]
+    if cell_notes:
+        out += ([] if report["notes"] else [""]) + cell_notes
     return "\n".join(out)
 
 
@@ -157,6 +178,40 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sub]
         lines.append("")
+    models = {name: v.get("model") for name, v in report["variants"].items() if v.get("model")}
+    if models:
+        # What the passes did to the model, beside what it bought on each target (p50 vs baseline).
+        b0 = str(report["measurement"]["batch_sizes"][0])
+        base = {r["target"]: _lat(r, b0, "p50_ms") for r in report["results"] if r["variant"] == "baseline"}
+        lines += ["## Model changes vs latency", "",
+                  "| variant | params | MACs | weight sparsity | speed-up vs baseline (p50) |", "|---|---|---|---|---|"]
+        for name, s in models.items():
+            ups = []
+            for r in report["results"]:
+                p50, b = _lat(r, b0, "p50_ms"), base.get(r["target"])
+                if r["variant"] == name and p50 and b:
+                    ups.append(f"{r['target']} {b / p50:.2f}x")
+            macs = (f"{s['macs']:,}" + (f" ({s['macs'] / s['macs_before']:.2f}x)" if s.get("macs_before") else "")
+                    if "macs" in s else "-")
+            sp = f"{100 * s['weight_sparsity']:.1f}%" if "weight_sparsity" in s else "-"
+            params = f"{s['params']:,}" if isinstance(s.get("params"), int) else "-"
+            lines.append(f"| {name} | {params} | {macs} | {sp} | {', '.join(ups) or '-'} |")
+        lines.append("")
+    cell_notes = [(r, n) for r in report["results"] for n in r.get("notes", [])]
+    parity = [r for r in report["results"] if r.get("quant_parity")]
+    if parity:
+        lines += ["## Quantized: deployed vs simulated", "",
+                  "| variant | target | agreement | cosine | top-1 simulated | top-1 deployed | flagged |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in parity:
+            q = r["quant_parity"]
+            t1s, t1d = q.get("top1_simulated"), q.get("top1_deployed")
+            lines.append(f"| {r['variant']} | {r['target']} | {100 * q['agreement']:.1f}% | {q['cosine']:.4f} | "
+                         f"{'-' if t1s is None else f'{100 * t1s:.2f}%'} | "
+                         f"{'-' if t1d is None else f'{100 * t1d:.2f}%'} | {'**yes**' if q['flagged'] else 'no'} |")
+        lines.append("")
+    if cell_notes:
+        lines += ["## Per-target notes", "", *[f"- {r['variant']} / {r['target']}: {n}" for r, n in cell_notes], ""]
     lines += ["## Passes", ""]
     for name, v in report["variants"].items():
         for s in v["steps"]:

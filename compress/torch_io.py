@@ -102,6 +102,13 @@ def load_torch(art: Artifact) -> nn.Module:
     for step in payload.get("structure", []):
         hook = _STRUCTURE_HOOKS.get(step["hook"])
         if hook is None:
+            # Hooks register when their pass module is imported; a fresh process that only
+            # reads an artifact from the cache has not imported it yet.
+            from compress import registry
+
+            registry.passes()
+            hook = _STRUCTURE_HOOKS.get(step["hook"])
+        if hook is None:
             raise InputError(
                 f"{art.path}: structure step '{step['hook']}' has no restore hook; "
                 "the pass that made it is not installed (check extras)"

@@ -146,11 +146,16 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
         worst = {"max_abs_diff": max(worst["max_abs_diff"], p["max_abs_diff"]),
                  "mean_abs_diff": max(worst["mean_abs_diff"], p["mean_abs_diff"]),
                  "cosine": min(worst["cosine"], p["cosine"])}
-    if worst["max_abs_diff"] > cfg.atol or worst["cosine"] < cfg.min_cosine:
+    atol = cfg.atol
+    qat = art.metadata.get("quantize.qat")
+    if "atol" not in cfg.model_fields_set and isinstance(qat, dict) and "export_atol" in qat:
+        # A fake-quantized model: ONNX may round a tie the other way, one quantization step off.
+        atol = max(atol, float(qat["export_atol"]))
+    if worst["max_abs_diff"] > atol or worst["cosine"] < cfg.min_cosine:
         raise ExportError(
-            f"ONNX output differs from PyTorch: max abs diff {worst['max_abs_diff']:.3g} (allowed {cfg.atol}), "
+            f"ONNX output differs from PyTorch: max abs diff {worst['max_abs_diff']:.3g} (allowed {atol:.3g}), "
             f"cosine {worst['cosine']:.6f} (min {cfg.min_cosine}); raise atol if this is expected"
         )
-    meta = {"export.onnx": {**worst, "opset": cfg.opset, "nodes": len(model.graph.node),
+    meta = {"export.onnx": {**worst, "atol": atol, "opset": cfg.opset, "nodes": len(model.graph.node),
                             "dynamic_batch": cfg.dynamic_batch}}
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta)

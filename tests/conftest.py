@@ -15,6 +15,10 @@ from compress.manager import PassContext
 from compress.registry import register_pass, register_target
 from compress.torch_io import clone_module, torch_artifact
 
+# One intra-op thread: the suite's models are tiny, and on a shared 2-core runner torch's
+# thread pool spends more time spinning against other processes than computing.
+torch.set_num_threads(1)
+
 
 class ScaleWeights(PassConfig):
     """Test-only pass: multiplies every weight by a factor (a torch -> torch pass with no library)."""

@@ -1,0 +1,268 @@
+"""Helpers shared by the pruning passes: counting, widths, sparsity, keep lists, shape replay.
+
+Private to ``passes/`` (the leading underscore keeps the registry from importing it as a pass).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import PassError
+
+_CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WeightLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, WeightLayer]]:
+    """Conv and Linear layers (the ones pruning acts on), in definition order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _CONV_LINEAR)]
+
+
+def count_macs_params(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(MACs, parameters) of one forward pass, counted by torch-pruning's op counter.
+
+    The counter covers convolutions, linear layers, norms and pooling; the
+    matrix products inside attention (q @ k^T, att @ v) are not counted.
+    """
+    import torch_pruning as tp
+
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, tuple(inputs))
+    return int(macs), int(params)
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def layer_widths(model: nn.Module) -> dict[str, list[int]]:
+    """``{layer: [in, out]}`` for every Conv / Linear layer (channels or features)."""
+    out: dict[str, list[int]] = {}
+    for name, m in weight_layers(model):
+        if isinstance(m, nn.Linear):
+            out[name] = [int(m.in_features), int(m.out_features)]
+        else:
+            out[name] = [int(m.in_channels), int(m.out_channels)]
+    return out
+
+
+def layer_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, float]:
+    """Fraction of exact zeros in each Conv / Linear weight."""
+    wanted = set(names) if names is not None else None
+    return {n: round(float((m.weight == 0).float().mean()), 6) for n, m in weight_layers(model)
+            if wanted is None or n in wanted}
+
+
+def overall_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> float:
+    """Zeros over all Conv / Linear weights (or just ``names``), weighted by size."""
+    wanted = set(names) if names is not None else None
+    zeros = total = 0
+    for n, m in weight_layers(model):
+        if wanted is None or n in wanted:
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return round(zeros / total, 6) if total else 0.0
+
+
+def find_classifier(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | None:
+    """Name of the layer that produces the model's output (the classifier head), if one does.
+
+    Runs the model once with hooks: the Conv/Linear whose output tensor *is* the
+    model output wins; otherwise the last Linear to run.
+    """
+    produced: dict[int, str] = {}
+    order: list[str] = []
+    names = {id(m): n for n, m in weight_layers(model)}
+
+    def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = names[id(mod)]
+            if isinstance(mod, nn.Linear):
+                order.append(names[id(mod)])
+
+    handles = [m.register_forward_hook(hook) for _, m in weight_layers(model)]
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    if isinstance(first, torch.Tensor) and id(first) in produced:
+        return produced[id(first)]
+    return order[-1] if order else None
+
+
+def resolve_names(model: nn.Module, names: Iterable[str], option: str, pass_name: str) -> list[nn.Module]:
+    """Modules for user-given names, with a clear error (and close matches) for unknown names."""
+    table = dict(model.named_modules())
+    out = []
+    for name in names:
+        if name not in table:
+            close = difflib.get_close_matches(name, [n for n in table if n], n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise PassError(f"{pass_name}: {option} names module {name!r}, which {type(model).__name__} does not have"
+                            f"{hint} (names as in model.named_modules())")
+        out.append(table[name])
+    return out
+
+
+# --- structural replay ------------------------------------------------------------------------
+# A pruned module differs from its freshly built base only in tensor shapes and a few integer
+# attributes (in_channels, groups, heads, ...). Recording just those differences lets the
+# artifact be rebuilt on load from ints and lists, with no pickled modules.
+
+_SIMPLE = (int, float, bool, str)
+
+
+def _attr_value(v: Any) -> Any:
+    if isinstance(v, _SIMPLE):
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(x, _SIMPLE) for x in v):
+        return list(v)
+    return None
+
+
+def shape_snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per module: own parameter / buffer shapes and simple public attributes."""
+    snap: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        attrs = {}
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training":
+                continue
+            val = _attr_value(v)
+            if val is not None:
+                attrs[k] = val
+        snap[name] = {
+            "params": {k: list(p.shape) for k, p in m._parameters.items() if p is not None},
+            "buffers": {k: list(b.shape) for k, b in m._buffers.items() if b is not None},
+            "attrs": attrs,
+        }
+    return snap
+
+
+def shape_diff(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What changed between two snapshots (only the changed entries)."""
+    diff: dict[str, dict[str, Any]] = {}
+    for name, a in after.items():
+        b = before.get(name)
+        if b is None:
+            raise PassError(f"module {name!r} appeared during pruning; structural replay cannot rebuild it")
+        entry: dict[str, Any] = {}
+        for sect in ("params", "buffers", "attrs"):
+            changed = {k: v for k, v in a[sect].items() if b[sect].get(k) != v}
+            if changed:
+                entry[sect] = changed
+        if entry:
+            diff[name] = entry
+    return diff
+
+
+def apply_shape_diff(model: nn.Module, diff: dict[str, dict[str, Any]]) -> nn.Module:
+    """Resize parameters/buffers and set attributes so ``load_state_dict`` fits the pruned weights."""
+    table = dict(model.named_modules())
+    for name, entry in diff.items():
+        m = table.get(name)
+        if m is None:
+            raise PassError(f"pruned structure names module {name!r}, which the rebuilt model lacks; "
+                            "the model definition changed since the artifact was made")
+        for k, shape in entry.get("params", {}).items():
+            old = m._parameters.get(k)
+            dtype = old.dtype if old is not None else torch.float32
+            req = old.requires_grad if old is not None else True
+            m._parameters[k] = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=req)
+        for k, shape in entry.get("buffers", {}).items():
+            old_b = m._buffers.get(k)
+            dtype = old_b.dtype if old_b is not None else torch.float32
+            m._buffers[k] = torch.zeros(shape, dtype=dtype)
+        for k, v in entry.get("attrs", {}).items():
+            cur = getattr(m, k, None)
+            setattr(m, k, tuple(v) if isinstance(cur, tuple) and isinstance(v, list) else v)
+    return model
+
+
+# --- masked fine-tuning -------------------------------------------------------------------------
+
+def freeze_zeros(model: nn.Module, names: Iterable[str]) -> list[Any]:
+    """Mask the gradients of zero weights so a fine-tune keeps them exactly zero.
+
+    With a zero gradient AdamW's moments stay zero and weight decay of a zero is
+    zero, so masked weights do not move. Returns the hook handles to remove.
+    """
+    table = dict(model.named_modules())
+    handles = []
+    for n in names:
+        w = table[n].weight  # type: ignore[union-attr]
+        mask = (w != 0).to(w.dtype).detach()
+        handles.append(w.register_hook(lambda g, m=mask: g * m))
+    return handles
+
+
+def require_labels(ctx: Any, what: str, pass_name: str, alternative: str = "") -> None:
+    """Raise a clear error unless the pipeline carries labelled data."""
+    data = ctx.data
+    if data is None or not getattr(data, "labelled", False):
+        has = "no data" if data is None else f"unlabelled data ({data.name})"
+        alt = f", {alternative}" if alternative else ""
+        raise PassError(f"{pass_name}: {what} needs labelled data, but the pipeline has {has}; set "
+                        f"data = {{ source = \"builtin:digits\" }} (or a labelled folder/.npz){alt}")
+
+
+def finetune(model: nn.Module, ctx: Any, epochs: int, lr: float, pass_name: str) -> list[float]:
+    """Short supervised fine-tune on the pipeline's labelled data."""
+    from compress.training import fit
+
+    require_labels(ctx, f"finetune_epochs={epochs}", pass_name)
+    curve = fit(model, ctx.data, epochs, lr=lr, seed=ctx.seed, progress=ctx.progress, desc=f"{pass_name} fine-tune")
+    return [round(a, 4) for a in curve]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Any, max_samples: int = 512, batch_size: int = 64) -> int:
+    """Re-estimate BatchNorm running statistics on unlabelled samples; returns how many were used.
+
+    Removing channels changes what every later layer sees, so the stored means
+    and variances no longer fit; re-estimating them (no labels, no gradients)
+    recovers much of the accuracy lost to pruning.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or data is None:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over every batch seen
+    was_training = model.training
+    model.train()
+    seen = 0
+    try:
+        for split in (data.calib, data.train):
+            for x, _ in data.batches(split, batch_size):
+                if seen >= max_samples:
+                    break
+                x = x[: max_samples - seen]
+                if len(x) < 2:  # training-mode BatchNorm needs more than one value per channel
+                    break
+                model(x)
+                seen += len(x)
+    finally:
+        for bn, mom in zip(bns, momenta, strict=True):
+            bn.momentum = mom
+        model.train(was_training)
+    return seen
+
+
+def nonzero_per_group_of_4(w: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Count of non-zeros in each consecutive group of 4 along ``axis`` (which must divide by 4)."""
+    moved = np.moveaxis(np.asarray(w), axis, -1)
+    if moved.shape[-1] % 4:
+        raise ValueError(f"axis {axis} has length {moved.shape[-1]}, not a multiple of 4")
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // 4, 4)
+    return (groups != 0).sum(axis=-1)

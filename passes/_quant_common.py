@@ -1,0 +1,229 @@
+"""Shared pieces of the quantization passes: data checks, ORT sessions, schemes, parity.
+
+The "simulated" model of a QDQ graph is the same graph run by ONNX Runtime with
+every graph optimization disabled: QuantizeLinear/DequantizeLinear then execute
+as separate reference kernels around float Conv/MatMul, i.e. exact fake
+quantization. The "deployed" model is the graph after ORT fuses the QDQ pairs
+into integer kernels (QLinearConv, MatMulInteger, ...). Comparing the two is
+what catches integer-kernel problems such as u8 x s8 saturation on CPUs
+without VNNI.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import Artifact
+from compress.errors import InputError, PassError
+
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Integer dot-product instructions that accumulate u8 x s8 in 32 bits (no 16-bit saturation).
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+
+# Agreement of deployed vs simulated below these is flagged.
+PARITY_MIN_AGREEMENT = 0.98
+PARITY_MIN_COSINE = 0.995
+
+
+def require_data(ctx: Any, kind: str, labelled: bool = False) -> Any:
+    """The run's DataBundle, or a clear error saying to set ``data``."""
+    data = getattr(ctx, "data", None)
+    if data is None:
+        raise PassError(
+            f"{kind} needs calibration data but the run has none; set `data` in the recipe "
+            "(e.g. data = { source = \"builtin:digits\" }) or pass data= to compress.apply"
+        )
+    if labelled and not data.labelled:
+        raise PassError(f"{kind}: this option needs labelled data; {data.name} has no labels")
+    return data
+
+
+def check_finite(x: np.ndarray, where: str, kind: str, offset: int = 0) -> None:
+    """Refuse NaN/Inf samples, naming the first bad sample index."""
+    flat = np.asarray(x).reshape(len(x), -1)
+    ok = np.isfinite(flat).all(axis=1)
+    if not ok.all():
+        bad = int(np.argwhere(~ok)[0][0]) + offset
+        raise InputError(f"{kind}: {where} sample {bad} contains NaN or Inf; remove or fix it before calibrating")
+
+
+def calibration_batches(data: Any, samples: int, kind: str, minimum: int, batch: int = 16) -> list[np.ndarray]:
+    """``samples`` calibration samples from ``data.calib``, adapted to the model input, in batches."""
+    n = len(data.calib)
+    if n < minimum:
+        raise InputError(f"{kind}: the calibration split has {n} samples, fewer than the minimum {minimum}; "
+                         "raise data.calib_fraction or supply more data")
+    if n < samples:
+        raise InputError(f"{kind}: samples={samples} but the calibration split has only {n}; "
+                         f"set samples<={n} or raise data.calib_fraction")
+    x = data.calib.x[:samples]
+    check_finite(x, "calibration", kind)
+    out = []
+    for i in range(0, samples, batch):
+        a = data.adapt(x[i:i + batch]).numpy()
+        check_finite(a, "calibration (after adapting to the input shape)", kind, offset=i)
+        out.append(np.ascontiguousarray(a, dtype=np.float32))
+    return out
+
+
+def weighted_nodes(model: Any, ops: Iterable[str] = QUANTIZABLE_OPS) -> list[str]:
+    """Names of Conv/MatMul/Gemm nodes whose weight (input 1) is a constant, in graph order."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    ops = tuple(ops)
+    return [n.name for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in consts]
+
+
+def refuse_quantized(model: Any, kind: str) -> None:
+    """A graph that already holds Q/DQ or integer ops (from quantize.qat or another pass) is not re-quantized."""
+    q = sorted({n.op_type for n in model.graph.node if n.op_type in (
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
+        "QLinearMatMul", "MatMulNBits")})
+    if q:
+        raise PassError(f"{kind}: the model is already quantized (it holds {', '.join(q)}); quantize it once "
+                        "(after quantize.qat, export.onnx alone gives the INT8 QDQ model)")
+
+
+def auto_scheme_env(scheme: str) -> dict[str, str]:
+    """Cache-key facts for scheme='auto': the resolved scheme depends on this CPU's ISA."""
+    return {"auto_scheme": choose_scheme("auto")[0]} if scheme == "auto" else {}
+
+
+def name_nodes(model: Any) -> Any:
+    """Give every unnamed node a stable name (ORT's exclusion lists and our reports key on names)."""
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}"
+        seen.add(n.name)
+    return model
+
+
+def ort_session(path: Path | str, optimize: bool = True, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        raise PassError(f"onnxruntime could not load {path}: {str(e).splitlines()[0][:300]}") from e
+
+
+def split_inputs(data: Any, split_name: str, max_samples: int | None, batch: int) -> tuple[list[np.ndarray], Any]:
+    split = getattr(data, split_name)
+    n = len(split) if max_samples is None else min(len(split), max_samples)
+    xs = [data.adapt(split.x[i:min(n, i + batch)]).numpy() for i in range(0, n, batch)]
+    y = None if split.y is None else split.y[:n]
+    return xs, y
+
+
+def run_batches(infer: Callable[[dict[str, np.ndarray]], list[np.ndarray]], input_name: str,
+                xs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(infer({input_name: x})[0], dtype=np.float32) for x in xs])
+
+
+def session_infer(sess: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    return lambda feeds: sess.run(None, feeds)
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Prediction agreement, cosine and max abs diff of two logit arrays."""
+    a, b = ref.astype(np.float64), got.astype(np.float64)
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cos = float(a.ravel() @ b.ravel() / denom) if denom > 0 else float(np.array_equal(a, b))
+    agree = float((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).mean()) if a.ndim > 1 else 1.0
+    return {"agreement": agree, "cosine": cos, "max_abs_diff": float(np.abs(a - b).max(initial=0.0))}
+
+
+def simulated_agreement(
+    onnx_art: Artifact,
+    infer: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    data: Any = None,
+    split: str = "val",
+    max_samples: int = 128,
+    batch: int = 1,
+    min_agreement: float = PARITY_MIN_AGREEMENT,
+    min_cosine: float = PARITY_MIN_COSINE,
+) -> dict[str, Any]:
+    """Agreement of a deployed model (``infer``, e.g. a target runner's ``infer``) with the simulated QDQ model.
+
+    ``onnx_art`` is the quantized ONNX artifact the target compiled. The simulation is that graph run
+    by ONNX Runtime with optimizations off (reference Q/DQ kernels, float compute). Inputs are the
+    ``split`` of ``data`` (first ``max_samples``), or random inputs when ``data`` is None. Returns
+    agreement of argmax predictions, output cosine, max abs diff, the top-1 of both against labels
+    when present, and ``flagged`` (True when below ``min_agreement`` or ``min_cosine``).
+    """
+    spec = onnx_art.inputs[0]
+    if data is not None:
+        xs, y = split_inputs(data, split, max_samples, batch)
+    else:
+        from compress.torch_io import sample_inputs
+
+        n_batches = max(1, max_samples // batch)
+        xs = [sample_inputs(onnx_art.inputs, batch=batch, seed=i)[0].numpy() for i in range(n_batches)]
+        y = None
+    sim = ort_session(onnx_art.path / "model.onnx", optimize=False)
+    ref = run_batches(session_infer(sim), spec.name, xs)
+    got = run_batches(infer, spec.name, xs)
+    out: dict[str, Any] = {**compare(ref, got), "samples": int(sum(len(x) for x in xs)), "split": split if data else
+                           "random"}
+    if y is not None and ref.ndim == 2:
+        out["top1_simulated"] = float((ref.argmax(1) == y).mean())
+        out["top1_deployed"] = float((got.argmax(1) == y).mean())
+    out["flagged"] = bool(out["agreement"] < min_agreement or out["cosine"] < min_cosine)
+    out["tolerance"] = {"min_agreement": min_agreement, "min_cosine": min_cosine}
+    return out
+
+
+def choose_scheme(requested: str) -> tuple[str, str]:
+    """Resolve ``scheme="auto"`` from this CPU's ISA; return (scheme, why)."""
+    from compress.fingerprint import cpu_info
+
+    isa = cpu_info()["isa"]
+    if requested != "auto":
+        return requested, f"scheme {requested} set by the user (CPU ISA: {', '.join(isa) or 'unknown'})"
+    vnni = [f for f in VNNI_FLAGS if f in isa]
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "u8s8", f"u8s8: {platform.machine()} CPU; ONNX Runtime's integer kernels there do not use VPMADDUBSW"
+    if vnni:
+        return "u8s8", (f"u8s8: this CPU has {', '.join(vnni)}, whose u8 x s8 dot products accumulate in 32 bits "
+                        "(no saturation), and U8S8 is ONNX Runtime's fast x86 path")
+    return "u8s8_reduce_range", (
+        "u8s8 with 7-bit weights (reduce_range): this CPU has no VNNI, so ONNX Runtime's u8 x s8 kernels use "
+        "VPMADDUBSW, whose 16-bit pair sums saturate with full 8-bit weights (255*127*2 > 32767); 7-bit weights "
+        "keep them in range (255*64*2 < 32767) at U8S8 speed. S8S8 was slower than FP32 on such a CPU")
+
+
+def scheme_types(scheme: str) -> tuple[Any, Any, bool]:
+    """(activation QuantType, weight QuantType, reduce_range) for a scheme name."""
+    from onnxruntime.quantization import QuantType
+
+    return {
+        "u8s8": (QuantType.QUInt8, QuantType.QInt8, False),
+        "u8s8_reduce_range": (QuantType.QUInt8, QuantType.QInt8, True),
+        "u8u8": (QuantType.QUInt8, QuantType.QUInt8, False),
+        "s8s8": (QuantType.QInt8, QuantType.QInt8, False),
+    }[scheme]
+
+
+def onnx_top1(path: Path | str, data: Any, split: str = "val", batch: int = 64,
+              max_samples: int | None = None) -> tuple[float, np.ndarray]:
+    """Top-1 of an ONNX model on a labelled split with ONNX Runtime (optimized), and its logits."""
+    sess = ort_session(path)
+    name = sess.get_inputs()[0].name
+    xs, y = split_inputs(data, split, max_samples, batch)
+    logits = run_batches(session_infer(sess), name, xs)
+    if y is None:
+        raise PassError("top-1 needs labelled data")
+    return float((logits.argmax(1) == y).mean()), logits

@@ -1,0 +1,480 @@
+"""Knowledge distillation: the model as it entered the pipeline teaches the compressed one.
+
+The student is the input artifact (a channel-pruned model with other widths, a
+fake-quantized QAT model, or anything else ``nn.Module``); the teacher is, by
+default, ``ctx.original``. The loss is the temperature-scaled KL divergence of
+the logits, plus cross-entropy when the data has labels, plus optional feature
+matching at named layers through a learned projection when widths differ.
+
+Training is resumable: after every epoch a checkpoint (weights, optimizer,
+progress) is written under ``<cache>/resume/<key>``, keyed by the input digest,
+the config, the teacher, the data and the seed. A run killed mid-way and started
+again continues from the last finished epoch and ends with the same weights as
+an uninterrupted run. The directory is removed when the pass finishes.
+
+The student's structure is not changed (projections live outside it), so the
+output inherits the parent's structure steps and needs no new hook.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.artifact import Artifact, sha256_json
+from compress.config import PassConfig
+from compress.data import DataBundle, Split
+from compress.errors import InputError, PassError
+from compress.manager import PassContext
+from compress.registry import register_pass
+from compress.torch_io import clone_module, safe_torch_load, torch_artifact, torch_meta, write_torch
+
+VERSION = 1
+CKPT = "checkpoint.pt"
+LAST_GOOD = "last_good"
+
+
+class Distill(PassConfig):
+    """Train the model to match a teacher's outputs (the original model by default)."""
+
+    kind: Literal["distill"] = "distill"
+    teacher: str | None = Field(None, description="None = the model as it entered the pipeline; else zoo:NAME, "
+                                                   "a zoo name, package.module:factory or a .pt2 file")
+    teacher_weights: str | None = Field(None, description="state dict (.pt / .safetensors) for a named teacher")
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs cross-entropy")
+    labels: Literal["auto", "ignore"] = "auto"
+    features: list[str] = Field(default_factory=list, description="module names matched between teacher and student")
+    feature_weight: float = Field(1.0, ge=0)
+    epochs: int = Field(10, ge=1, le=100_000)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; replaces epochs when set")
+    lr: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0, lt=1)
+    batch_size: int = Field(64, ge=2, le=1 << 16)
+    patience: int = Field(5, ge=0, description="stop after this many epochs without improvement; 0 = never")
+    min_val_samples: int = Field(20, ge=1, description="refuse to run with a smaller validation split")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Distill:
+        if self.steps is not None and "epochs" in self.model_fields_set:
+            raise ValueError("set either epochs or steps, not both")
+        if self.teacher_weights is not None and self.teacher is None:
+            raise ValueError("teacher_weights needs teacher (the default teacher is the pipeline's original model)")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError("features lists a module twice")
+        return self
+
+
+def _epoch_end_hook(epoch: int, info: dict[str, Any]) -> None:
+    """Called after each epoch's checkpoint is written (tests replace it to simulate a kill)."""
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def _load_teacher(art: Artifact, cfg: Distill, ctx: PassContext) -> tuple[nn.Module, str, str]:
+    """(teacher module in eval mode, its digest, a description)."""
+    if cfg.teacher is None:
+        orig = ctx.original
+        if orig is None:
+            raise PassError("distill: no teacher: the pipeline's original model is unknown (ctx.original is None); "
+                            "name one with teacher = \"zoo:NAME\" and teacher_weights = PATH")
+        if orig.kind != "torch":
+            raise PassError(f"distill: the original model is a {orig.kind} model; the teacher must be a PyTorch model "
+                            "(name one with teacher = ... and teacher_weights = ...)")
+        # A copy, so switching to eval mode never touches a module the caller still holds.
+        return clone_module(orig).eval(), orig.digest, "original"
+
+    from compress import zoo
+    from compress.models import classify_source, load_model
+    from compress.recipe import ModelSpec
+
+    src = f"zoo:{cfg.teacher}" if cfg.teacher in zoo.ZOO else cfg.teacher
+    kind = classify_source(src)
+    if kind == "onnx":
+        raise PassError(f"distill: teacher {cfg.teacher!r} is an ONNX file; the teacher must be a PyTorch model "
+                        "(zoo:NAME, package.module:factory or .pt2)")
+    if kind == "zoo" and cfg.teacher_weights is None:
+        raise PassError(f"distill: teacher {src!r} has random weights; give its trained weights with "
+                        "teacher_weights = PATH (a state dict)")
+    spec = ModelSpec(source=src, input_shape=list(art.inputs[0].shape), weights=cfg.teacher_weights)
+    t_art = load_model(spec, ctx.cache)
+    return clone_module(t_art).eval(), t_art.digest, src
+
+
+# ---------------------------------------------------------------- features
+
+
+class _Tap:
+    """Records the outputs of named submodules on each forward."""
+
+    def __init__(self, model: nn.Module, names: list[str], who: str) -> None:
+        mods = dict(model.named_modules())
+        for n in names:
+            if n not in mods or n == "":
+                some = [k for k in mods if k][:12]
+                raise PassError(f"distill: features: the {who} has no module named {n!r}; "
+                                f"its modules include: {', '.join(some)}")
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [mods[n].register_forward_hook(self._hook(n, who)) for n in names]
+
+    def _hook(self, name: str, who: str) -> Any:
+        def fn(_m: nn.Module, _inp: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                raise PassError(f"distill: features: the {who}'s module {name!r} returns {type(out).__name__}, "
+                                "not a tensor; choose a layer that outputs one tensor")
+            self.out[name] = out
+
+        return fn
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _projection(name: str, t: torch.Tensor, s: torch.Tensor) -> nn.Module:
+    """Maps the student's feature to the teacher's width (1x1 conv or linear); identity when equal."""
+    ts, ss = tuple(t.shape), tuple(s.shape)
+    if ts == ss:
+        return nn.Identity()
+    if t.dim() == s.dim() and t.dim() >= 2:
+        if t.dim() in (3, 4) and ts[2:] == ss[2:]:  # channels first: (N, C, L) or (N, C, H, W)
+            conv = nn.Conv2d if t.dim() == 4 else nn.Conv1d
+            return conv(ss[1], ts[1], 1, bias=False)
+        if ts[:-1] == ss[:-1]:  # channels last: (N, C) or (N, T, C)
+            return nn.Linear(ss[-1], ts[-1], bias=False)
+    raise PassError(f"distill: features: layer {name!r} has shape {list(ts[1:])} in the teacher but "
+                    f"{list(ss[1:])} in the student; only the channel width may differ (a 1x1 projection is "
+                    "learned for it), so choose layers whose spatial / token sizes agree")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _logits(out: Any, who: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise PassError(f"distill: the {who} returns {type(out).__name__}; distillation needs a model returning "
+                        "one logits tensor")
+    return out
+
+
+def _kd(s: torch.Tensor, t: torch.Tensor, temp: float) -> torch.Tensor:
+    # T^2 keeps the gradient scale independent of the temperature (Hinton et al.).
+    kl = F.kl_div(F.log_softmax(s / temp, dim=1), F.log_softmax(t / temp, dim=1), log_target=True,
+                  reduction="none")
+    return kl.sum(1).mean() * temp * temp
+
+
+def _split_digest(split: Split) -> str:
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(split.x).tobytes())
+    if split.y is not None:
+        h.update(np.ascontiguousarray(split.y).tobytes())
+    return h.hexdigest()
+
+
+def _batches(n: int, bs: int) -> list[tuple[int, int]]:
+    # A final batch of one sample is dropped: BatchNorm cannot train on it.
+    return [(i, min(i + bs, n)) for i in range(0, n, bs) if min(i + bs, n) - i >= 2]
+
+
+def _clone_state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@torch.inference_mode()
+def _val_logits(model: nn.Module, data: DataBundle, split: Split, bs: int = 256) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = torch.cat([_logits(model(x), "model").float() for x, _ in data.batches(split, bs)])
+    model.train(was)
+    return out
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def _top1(a: torch.Tensor, y: np.ndarray) -> float:
+    return float((a.argmax(1).numpy() == y).mean())
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # last finished epoch
+    step: int = 0
+    curve: list[float] = field(default_factory=list)  # val metric per epoch
+    val_kd: list[float] = field(default_factory=list)
+    train: dict[str, list[float]] = field(default_factory=dict)  # mean loss term per epoch
+    best_epoch: int = 0
+    best_score: tuple[float, float] = (-1.0, 0.0)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    bad_epochs: int = 0
+
+
+# ---------------------------------------------------------------- the pass
+
+
+@register_pass(Distill, consumes="torch", produces="torch", version=VERSION)
+def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
+    """Knowledge distillation from the original (or a named) teacher into the current model."""
+    data: DataBundle | None = ctx.data
+    if data is None:
+        raise PassError("distill: no data: training needs samples; set data = { source = \"builtin:digits\" }, "
+                        "an image folder or an .npz (labels are optional: x alone works)")
+    if len(data.val) < cfg.min_val_samples:
+        raise PassError(f"distill: the validation split has {len(data.val)} samples, fewer than min_val_samples="
+                        f"{cfg.min_val_samples}; the best epoch cannot be chosen reliably. Use more data or a "
+                        "larger data.val_fraction (or lower min_val_samples)")
+    batches = _batches(len(data.train), cfg.batch_size)
+    if not batches:
+        raise PassError(f"distill: the training split has {len(data.train)} samples; at least 2 are needed")
+
+    teacher, t_digest, t_desc = _load_teacher(art, cfg, ctx)
+    student = clone_module(art)
+    use_labels = cfg.labels == "auto" and data.train.y is not None and data.val.y is not None
+    notes: list[str] = []
+    if not use_labels:
+        why = "labels='ignore'" if cfg.labels == "ignore" else "the data has no labels"
+        notes.append(f"label-free ({why}): trained on the teacher's outputs only; the validation metric is "
+                     "top-1 agreement with the teacher")
+    if t_digest == art.digest:
+        notes.append("the teacher is the input model itself (distill ran before any compression): self-distillation")
+
+    # One probe batch checks shapes before any training and sizes the projections.
+    x0 = data.adapt(data.train.x[:2])
+    t_tap = _Tap(teacher, cfg.features, "teacher")
+    s_tap = _Tap(student, cfg.features, "student")
+    try:
+        student.eval()
+        with torch.no_grad():
+            t_out = _logits(teacher(x0), "teacher")
+            s_out = _logits(student(x0), "student")
+        if t_out.shape != s_out.shape:
+            raise PassError(f"distill: the teacher ({t_desc}) outputs shape {list(t_out.shape[1:])} per sample but the "
+                            f"student outputs {list(s_out.shape[1:])}; logits are matched one to one, so use a "
+                            "teacher with the same classes")
+        if use_labels and t_out.dim() != 2:
+            raise PassError(f"distill: cross-entropy needs (batch, classes) logits, got shape {list(t_out.shape)}; "
+                            "set labels = \"ignore\" to distil without labels")
+        torch.manual_seed(ctx.seed)
+        projs = nn.ModuleList([_projection(n, t_tap.out[n], s_tap.out[n]) for n in cfg.features])
+        return _run(art, cfg, ctx, data, teacher, student, projs, t_tap, s_tap, batches, use_labels,
+                    t_digest, t_desc, notes)
+    finally:
+        t_tap.close()
+        s_tap.close()
+
+
+def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teacher: nn.Module, student: nn.Module,
+         projs: nn.ModuleList, t_tap: _Tap, s_tap: _Tap, batches: list[tuple[int, int]], use_labels: bool,
+         t_digest: str, t_desc: str, notes: list[str]) -> Artifact:
+    from tqdm import tqdm
+
+    resume_dir = ctx.cache.root / "resume" / sha256_json({
+        "input": art.digest, "config": cfg.canonical(), "teacher": t_digest, "seed": ctx.seed, "version": VERSION,
+        "train": _split_digest(data.train), "val": _split_digest(data.val),
+    })
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume_dir / CKPT
+
+    params = list(student.parameters()) + list(projs.parameters())
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    spe = len(batches)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
+    n_epochs = math.ceil(total / spe)
+
+    # Frozen teacher: its validation logits are computed once.
+    t_val = _val_logits(teacher, data, data.val)
+    y_val = data.val.y if use_labels else None
+    metric = "top1" if use_labels else "teacher_agreement"
+
+    def evaluate() -> tuple[float, float, torch.Tensor]:
+        s_val = _val_logits(student, data, data.val)
+        score = _top1(s_val, y_val) if y_val is not None else _agreement(s_val, t_val)
+        return score, float(_kd(s_val, t_val, cfg.temperature)), s_val
+
+    st = _State()
+    before, before_kd, s_val0 = evaluate()
+    resumed_from: int | None = None
+    if ckpt_path.exists():
+        try:
+            ck = safe_torch_load(ckpt_path)
+        except InputError as e:
+            ctx.log(f"distill: ignoring unreadable checkpoint {ckpt_path} ({e}); starting over")
+            ck = None
+        if ck is not None:
+            student.load_state_dict(ck["student"])
+            projs.load_state_dict(ck["projections"])
+            opt.load_state_dict(ck["optimizer"])
+            st = _State(epoch=ck["epoch"], step=ck["step"], curve=list(ck["curve"]), val_kd=list(ck["val_kd"]),
+                        train={k: list(v) for k, v in ck["train"].items()}, best_epoch=ck["best_epoch"],
+                        best_score=(float(ck["best_score"][0]), float(ck["best_score"][1])),
+                        best_state=ck["best_state"], bad_epochs=ck["bad_epochs"])
+            resumed_from = st.epoch
+            ctx.log(f"distill: resuming after epoch {st.epoch} from {ckpt_path}")
+    if resumed_from is None:
+        # The input itself is a candidate: distillation never returns something worse on validation.
+        st.best_score, st.best_state = (before, -before_kd), _clone_state(student)
+
+    last_good = _clone_state(student)
+    last_good_epoch = st.epoch
+    bar = tqdm(total=total, initial=st.step, desc="distill", disable=not ctx.progress, leave=False)
+    try:
+        for epoch in range(st.epoch + 1, n_epochs + 1):
+            if st.step >= total or (cfg.patience and st.bad_epochs >= cfg.patience):
+                break
+            # Seeds derive from (seed, epoch), not from a running generator, so a resumed run shuffles identically.
+            torch.manual_seed(ctx.seed * 1_000_003 + epoch)
+            perm = np.random.default_rng([ctx.seed, epoch]).permutation(len(data.train))
+            student.train()
+            projs.train()
+            sums: dict[str, float] = {}
+            n_b = 0
+            for lo, hi in batches:
+                if st.step >= total:
+                    break
+                idx = perm[lo:hi]
+                x = data.adapt(data.train.x[idx])
+                lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * st.step / total))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with torch.no_grad():
+                    t_log = _logits(teacher(x), "teacher")
+                s_log = _logits(student(x), "student")
+                terms: dict[str, torch.Tensor] = {"kd": _kd(s_log, t_log, cfg.temperature)}
+                if use_labels:
+                    y = torch.from_numpy(data.train.y[idx])  # type: ignore[index]
+                    terms["ce"] = F.cross_entropy(s_log, y)
+                    loss = cfg.alpha * terms["kd"] + (1 - cfg.alpha) * terms["ce"]
+                else:
+                    loss = terms["kd"]
+                if cfg.features:
+                    feat = sum((F.mse_loss(p(s_tap.out[n]), t_tap.out[n].detach())
+                                for n, p in zip(cfg.features, projs, strict=True)), torch.zeros(()))
+                    terms["feature"] = feat
+                    loss = loss + cfg.feature_weight * feat
+                if not torch.isfinite(loss):
+                    _fail_nan(art, cfg, ctx, student, last_good, last_good_epoch, epoch, st, resume_dir,
+                              float(loss.detach()))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                st.step += 1
+                n_b += 1
+                for k, v in {**terms, "total": loss}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
+                                val=f"{st.curve[-1]:.3f}" if st.curve else "-")
+            if any(not torch.isfinite(p).all() for p in student.parameters()):
+                _fail_nan(art, cfg, ctx, student, last_good, last_good_epoch, epoch, st, resume_dir, float("nan"))
+            score, vkd, _ = evaluate()
+            st.epoch = epoch
+            st.curve.append(score)
+            st.val_kd.append(vkd)
+            for k, total_k in sums.items():
+                st.train.setdefault(k, []).append(total_k / max(1, n_b))
+            if (score, -vkd) > st.best_score:
+                st.best_score, st.best_epoch, st.best_state = (score, -vkd), epoch, _clone_state(student)
+                st.bad_epochs = 0
+            else:
+                st.bad_epochs += 1
+            last_good, last_good_epoch = _clone_state(student), epoch
+            _save_atomic({
+                "epoch": st.epoch, "step": st.step, "student": last_good, "projections": projs.state_dict(),
+                "optimizer": opt.state_dict(), "curve": st.curve, "val_kd": st.val_kd, "train": st.train,
+                "best_epoch": st.best_epoch, "best_score": list(st.best_score), "best_state": st.best_state,
+                "bad_epochs": st.bad_epochs,
+            }, ckpt_path)
+            bar.set_postfix(loss=f"{st.train['total'][-1]:.3f}" if "total" in st.train else "-", val=f"{score:.3f}")
+            ctx.log(f"distill epoch {epoch}/{n_epochs}: loss {st.train.get('total', [float('nan')])[-1]:.4f}, "
+                    f"val {metric} {score:.4f}")
+            _epoch_end_hook(epoch, {"checkpoint": ckpt_path, "score": score, "student": student})
+        stopped_early = bool(cfg.patience) and st.bad_epochs >= cfg.patience and st.epoch < n_epochs
+    finally:
+        bar.close()
+
+    student.load_state_dict(st.best_state)
+    student.eval()
+    after, _, s_val = evaluate()
+    if st.best_epoch == 0:
+        notes.append("no epoch improved on the input model's validation score; the input weights are returned")
+    if stopped_early:
+        notes.append(f"stopped early after epoch {st.epoch}: no improvement for {cfg.patience} epochs")
+    info: dict[str, Any] = {
+        "teacher": t_desc,
+        "teacher_digest": t_digest,
+        "labels_used": use_labels,
+        "metric": metric,
+        "loss_terms": {"kd": {"weight": cfg.alpha if use_labels else 1.0, "temperature": cfg.temperature},
+                       **({"ce": {"weight": 1 - cfg.alpha}} if use_labels else {}),
+                       **({"feature": {"weight": cfg.feature_weight, "layers": list(cfg.features),
+                                       "projections": [type(p).__name__ for p in projs]}} if cfg.features else {})},
+        "train_loss_curve": st.train,
+        "epochs_run": st.epoch,
+        "steps_run": st.step,
+        "best_epoch": st.best_epoch,
+        "stopped_early": stopped_early,
+        "resumed_from_epoch": resumed_from,
+        "val_curve": st.curve,
+        "val_kd_curve": st.val_kd,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "notes": notes,
+    }
+    if data.val.y is not None:
+        info["teacher_top1"] = _top1(t_val, data.val.y)
+        info["top1_before"] = _top1(s_val0, data.val.y)
+        info["top1_after"] = _top1(s_val, data.val.y)
+    info["teacher_agreement_before"] = _agreement(s_val0, t_val)
+    info["teacher_agreement_after"] = _agreement(s_val, t_val)
+    ctx.log(f"distill: val {metric} {before:.4f} -> {after:.4f} (best epoch {st.best_epoch} of {st.epoch})")
+    out = torch_artifact(student, art, ctx, metadata={"distill": info})
+    # Finished: the output is in the cache now, so the resume state is no longer needed.
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    return out
+
+
+def _fail_nan(art: Artifact, cfg: Distill, ctx: PassContext, student: nn.Module, last_good: dict[str, torch.Tensor],
+              last_good_epoch: int, epoch: int, st: _State, resume_dir: Path, value: float) -> None:
+    """Stop on a non-finite loss, keeping the last student that finished an epoch with finite weights."""
+    student.load_state_dict(last_good)
+    student.eval()
+    source, structure = torch_meta(art)
+    dst = resume_dir / LAST_GOOD
+    shutil.rmtree(dst, ignore_errors=True)
+    digest = write_torch(dst, student, source, structure)
+    kept = Artifact("torch", dst, digest, art.inputs, parent=art.digest, producer="distill (last good, NaN stop)",
+                    metadata={**art.metadata, "distill": {"last_good_epoch": last_good_epoch, "failed_epoch": epoch}})
+    kept.save_meta()
+    when = f"the student after epoch {last_good_epoch}" if last_good_epoch else "the input model (no epoch finished)"
+    raise PassError(
+        f"distill: the loss became {value} at epoch {epoch}, step {st.step + 1} with lr={cfg.lr:g}; training stopped. "
+        f"The last good student, {when}, is kept at {dst} (load it with "
+        "compress.torch_io.load_torch(compress.artifact.Artifact.load(path))). "
+        f"Lower the learning rate (e.g. lr={cfg.lr / 10:g}) and run again"
+    )

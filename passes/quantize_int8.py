@@ -1,0 +1,350 @@
+"""Post-training static INT8 (QDQ) with ONNX Runtime's quantizer, plus accuracy control.
+
+The output is standard QuantizeLinear/DequantizeLinear around float ops, which
+ONNX Runtime fuses into integer kernels and TVM/TensorRT import as QDQ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress.artifact import Artifact, sha256_files
+from compress.config import PassConfig
+from compress.errors import AccuracyError, PassError, RecipeError
+from compress.manager import PassContext
+from compress.registry import register_pass
+
+from ._quant_common import (
+    auto_scheme_env,
+    choose_scheme,
+    compare,
+    name_nodes,
+    onnx_top1,
+    ort_session,
+    refuse_quantized,
+    run_batches,
+    scheme_types,
+    session_infer,
+    split_inputs,
+    weighted_nodes,
+)
+from ._quant_common import calibration_batches as _calib
+from ._quant_common import require_data as _require_data
+from ._quant_common import simulated_agreement as simulated_agreement  # re-exported for the report
+
+MIN_CALIB_SAMPLES = 8
+
+
+class QuantizeInt8(PassConfig):
+    """Static INT8 post-training quantization to QDQ ONNX, calibrated on the calibration split."""
+
+    kind: Literal["quantize.int8"] = "quantize.int8"
+    per_channel: bool = True
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
+    samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
+    keep_float: tuple[str, ...] = Field((), description="node names, or 'first' / 'last' quantizable node")
+    activations: Literal["asymmetric", "symmetric"] = "asymmetric"
+    smoothquant: bool = False
+    smoothquant_alpha: float = Field(0.5, ge=0, le=1)
+    scheme: Literal["auto", "u8s8", "u8s8_reduce_range", "u8u8", "s8s8"] = "auto"
+    max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="top-1 drop allowed, a fraction (0.005)")
+    accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
+
+    def cache_env(self) -> dict[str, str]:
+        """Facts outside the config that change the output (for the cache key)."""
+        return auto_scheme_env(self.scheme)
+
+
+class _Reader:
+    """ORT CalibrationDataReader over prepared batches."""
+
+    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+        self.name, self.batches, self.i = name, batches, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {self.name: self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """ORT's quantizer logs and prints per tensor; keep the run's output readable."""
+    buf = io.StringIO()
+    lg = logging.getLogger()
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lg.setLevel(old)
+
+
+def preprocess(src: Path, dst: Path) -> None:
+    """ORT's quant_pre_process (shape inference + folding BatchNorm into Conv), then stable node names."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with _quiet():
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception as e:  # ORT raises many types from its optimizer / shape inference
+        raise PassError(f"onnxruntime quant_pre_process failed on {src}: {str(e).splitlines()[0][:300]}") from e
+    m = onnx.load(str(dst))
+    onnx.save_model(name_nodes(m), str(dst))
+
+
+def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray], alpha: float) -> dict[str, Any]:
+    """SmoothQuant folded into LayerNormalization: divide LN's scale/bias per channel, multiply the weights.
+
+    Only MatMul/Gemm fed directly (and only) by a LayerNormalization with constant scale and bias are
+    smoothed, so no op is added; others are left as they are and counted.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(src))
+    inits = {i.name: i for i in m.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in m.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    groups = []
+    for ln in m.graph.node:
+        if ln.op_type != "LayerNormalization" or len(ln.input) < 3:
+            continue
+        if ln.input[1] not in inits or ln.input[2] not in inits:
+            continue
+        users = consumers.get(ln.output[0], [])
+        if not users or not all(u.op_type in ("MatMul", "Gemm") and u.input[0] == ln.output[0] and u.input[1] in inits
+                                for u in users):
+            continue
+        if any(u.op_type == "Gemm" and any(a.name == "transB" and a.i for a in u.attribute) for u in users):
+            continue  # weight laid out (N, K); kept simple by skipping
+        groups.append((ln, users))
+    if not groups:
+        shutil.copy(src, dst)
+        return {"smoothed_layernorms": 0, "smoothed_matmuls": 0}
+    # Per-channel max |activation| of each LN output over the calibration batches.
+    mm = onnx.load(str(src))
+    for ln, _ in groups:
+        mm.graph.output.append(onnx.helper.make_tensor_value_info(ln.output[0], onnx.TensorProto.FLOAT, None))
+    tmp = dst.with_suffix(".probe.onnx")
+    onnx.save_model(mm, str(tmp))
+    sess = ort_session(tmp, optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    amax: dict[str, np.ndarray] = {}
+    for b in calib:
+        outs = dict(zip(names, sess.run(None, {input_name: b}), strict=True))
+        for ln, _ in groups:
+            a = np.abs(outs[ln.output[0]]).reshape(-1, outs[ln.output[0]].shape[-1]).max(0)
+            amax[ln.name] = np.maximum(amax.get(ln.name, 0), a)
+    tmp.unlink()
+    uses: dict[str, int] = {}
+    for n in m.graph.node:
+        for t in n.input:
+            uses[t] = uses.get(t, 0) + 1
+
+    def private(node: Any, idx: int) -> Any:
+        """The node's own copy of an initializer (optimizers deduplicate equal tensors, e.g. LN ones/zeros)."""
+        name = node.input[idx]
+        if uses.get(name, 0) <= 1:
+            return inits[name]
+        uses[name] -= 1
+        t = numpy_helper.from_array(numpy_helper.to_array(inits[name]).copy(), f"{name}__sq_{node.name}_{idx}")
+        m.graph.initializer.append(t)
+        inits[t.name] = m.graph.initializer[-1]
+        uses[t.name] = 1
+        node.input[idx] = t.name
+        return inits[t.name]
+
+    n_mm = 0
+    for ln, users in groups:
+        ws = [numpy_helper.to_array(inits[u.input[1]]) for u in users]  # (K, N)
+        wmax = np.max(np.stack([np.abs(w).max(1) for w in ws]), axis=0)
+        s = (np.maximum(amax[ln.name], 1e-5) ** alpha) / (np.maximum(wmax, 1e-5) ** (1 - alpha))
+        s = np.clip(s, 1e-2, 1e2).astype(np.float32)
+        for idx, scale_s in ((1, s), (2, s)):
+            t = private(ln, idx)
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / scale_s, t.name))
+        for u, w in zip(users, ws, strict=True):
+            t = private(u, 1)
+            t.CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(w.dtype), t.name))
+            n_mm += 1
+    onnx.save_model(m, str(dst))
+    return {"smoothed_layernorms": len(groups), "smoothed_matmuls": n_mm, "alpha": alpha}
+
+
+def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, exclude: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    act, wt, reduce_range = scheme_types(scheme)
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[cfg.calibration]
+    extra: dict[str, Any] = {"ActivationSymmetric": cfg.activations == "symmetric"}
+    if cfg.calibration == "percentile":
+        extra["CalibPercentile"] = cfg.percentile
+    reader.rewind()
+    try:
+        with _quiet():
+            quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                            reduce_range=reduce_range, activation_type=act, weight_type=wt,
+                            nodes_to_exclude=list(exclude), calibrate_method=method, extra_options=extra)
+    except Exception as e:  # ORT raises ValueError/RuntimeError/its own Fail types
+        raise PassError(f"onnxruntime quantize_static failed: {str(e).splitlines()[0][:300]}") from e
+
+
+def _resolve_keep(keep: tuple[str, ...], nodes: list[str]) -> list[str]:
+    out = []
+    for k in keep:
+        if k == "first":
+            out.append(nodes[0])
+        elif k == "last":
+            out.append(nodes[-1])
+        elif k in nodes:
+            out.append(k)
+        else:
+            raise RecipeError(f"quantize.int8: keep_float names {k!r}, which is not a quantizable node; "
+                              f"use 'first', 'last' or one of: {', '.join(nodes[:40])}")
+    return list(dict.fromkeys(out))
+
+
+def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, keep: list[str],
+                      nodes: list[str], data: Any, limit: float) -> tuple[Path, list[str], dict[str, Any]]:
+    """Keep the most sensitive nodes in float until the top-1 drop is within ``limit``."""
+    n_val = cfg.accuracy_samples
+    fp_top1, fp_logits = onnx_top1(pre, data, max_samples=n_val)
+
+    def attempt(exclude: list[str], tag: str) -> tuple[Path, float, np.ndarray]:
+        p = work / f"q_{tag}.onnx"
+        _quantize(pre, p, cfg, scheme, reader, exclude)
+        acc, logits = onnx_top1(p, data, max_samples=n_val)
+        return p, acc, logits
+
+    path, acc, _ = attempt(keep, "base")
+    info: dict[str, Any] = {"float_top1": fp_top1, "int8_top1_before": acc, "limit": limit, "trials": 1}
+    if fp_top1 - acc <= limit:
+        info.update(int8_top1=acc, kept_by_control=[])
+        return path, keep, info
+    # Sensitivity: the error each node causes when it alone is quantized. (Keeping one node in float
+    # at a time misses pairs: an activation is quantized as the output of its producer *and* as the
+    # input of its consumer, so both must stay float to remove that error.)
+    cand = [n for n in nodes if n not in keep]
+    scores = []
+    for i, node in enumerate(cand):
+        p, a, logits = attempt([*keep, *(c for c in cand if c != node)], f"s{i}")
+        scores.append((-float(np.mean((logits - fp_logits) ** 2)), a, node))
+        p.unlink()
+    info["trials"] += len(scores)
+    scores.sort()
+    info["sensitivity"] = [{"node": n, "logit_mse_alone": -s, "top1_alone": a} for s, a, n in scores]
+    kept: list[str] = []
+    for j, (_, _, node) in enumerate(scores):
+        kept.append(node)
+        path, acc, _ = attempt([*keep, *kept], f"g{j}")
+        info["trials"] += 1
+        if fp_top1 - acc <= limit:
+            info.update(int8_top1=acc, kept_by_control=kept)
+            return path, [*keep, *kept], info
+    raise AccuracyError(
+        f"quantize.int8: even with every quantizable node kept in float the top-1 drop is "
+        f"{(fp_top1 - acc) * 100:.2f} points (limit {limit * 100:.2f}); raise max_accuracy_drop or use quantize.qat")
+
+
+@register_pass(QuantizeInt8, consumes="onnx", produces="onnx")
+def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifact:
+    """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
+    import onnx
+
+    src = art.path / "model.onnx"
+    model = onnx.load(str(src))
+    refuse_quantized(model, "quantize.int8")
+    if not weighted_nodes(model):
+        ops = sorted({n.op_type for n in model.graph.node})
+        raise PassError(f"quantize.int8: the model has no quantizable layers (Conv/MatMul/Gemm with constant "
+                        f"weights); its ops are {', '.join(ops)}. Remove quantize.int8 from the recipe")
+    data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
+    if len(art.inputs) != 1:
+        raise PassError(f"quantize.int8: calibration supports single-input models; this one has {len(art.inputs)}")
+    name = art.inputs[0].name
+    batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES)
+    reader = _Reader(name, batches)
+    scheme, why = choose_scheme(cfg.scheme)
+    notes = [f"INT8 scheme: {why}"]
+
+    work = ctx.new_dir("q8work")
+    pre = work / "pre.onnx"
+    preprocess(src, pre)
+    info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "per_channel": cfg.per_channel,
+                            "calibration": cfg.calibration, "samples": cfg.samples, "activations": cfg.activations}
+    if cfg.smoothquant:
+        sq = work / "sq.onnx"
+        info["smoothquant"] = smooth_quant(pre, sq, name, batches, cfg.smoothquant_alpha)
+        if info["smoothquant"]["smoothed_matmuls"] == 0:
+            notes.append("smoothquant: no MatMul fed only by a LayerNormalization was found; nothing smoothed")
+        pre = sq
+    nodes = weighted_nodes(onnx.load(str(pre)))
+    keep = _resolve_keep(cfg.keep_float, nodes)
+
+    out_dir = ctx.new_dir("onnx")
+    out = out_dir / "model.onnx"
+    if cfg.max_accuracy_drop is not None:
+        qpath, keep, ac = _accuracy_control(pre, work, cfg, scheme, reader, keep, nodes, data, cfg.max_accuracy_drop)
+        shutil.move(str(qpath), out)
+        info["accuracy_control"] = ac
+        if ac["kept_by_control"]:
+            notes.append(f"accuracy control kept {len(ac['kept_by_control'])} node(s) in float to hold the top-1 "
+                         f"drop within {cfg.max_accuracy_drop * 100:.2f} points: {', '.join(ac['kept_by_control'])}")
+    else:
+        _quantize(pre, out, cfg, scheme, reader, keep)
+    qmodel = onnx.load(str(out))
+    try:
+        onnx.checker.check_model(qmodel)
+    except Exception as e:  # onnx.checker.ValidationError
+        raise PassError(f"quantize.int8 produced an invalid ONNX graph: {e}") from e
+    n_q = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
+    if n_q == 0:
+        raise PassError("quantize.int8: ONNX Runtime quantized nothing (every quantizable node was excluded?)")
+    info.update(kept_float=keep, quantized_nodes=len(nodes) - len(keep), quantizable_nodes=len(nodes),
+                quantize_linear_nodes=n_q)
+    shutil.rmtree(work, ignore_errors=True)
+
+    # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split.
+    info["parity"] = _self_parity(out, src, name, data)
+    if info["parity"]["flagged"]:
+        notes.append(f"deployed INT8 (ONNX Runtime) disagrees with the simulated QDQ model: agreement "
+                     f"{info['parity']['agreement']:.3f}, cosine {info['parity']['cosine']:.4f}")
+    info["notes"] = notes
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info})
+
+
+def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: int = 256) -> dict[str, Any]:
+    from ._quant_common import PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE
+
+    xs, y = split_inputs(data, "val", max_samples, 64)
+    sim = run_batches(session_infer(ort_session(qpath, optimize=False)), name, xs)
+    dep = run_batches(session_infer(ort_session(qpath, optimize=True)), name, xs)
+    fp = run_batches(session_infer(ort_session(fpath, optimize=True)), name, xs)
+    out: dict[str, Any] = {"target": "onnxruntime", **compare(sim, dep), "samples": len(sim)}
+    out["vs_float"] = compare(fp, dep)
+    if y is not None and dep.ndim == 2:
+        out.update(top1_float=float((fp.argmax(1) == y).mean()), top1_simulated=float((sim.argmax(1) == y).mean()),
+                   top1_deployed=float((dep.argmax(1) == y).mean()))
+    out["flagged"] = bool(out["agreement"] < PARITY_MIN_AGREEMENT or out["cosine"] < PARITY_MIN_COSINE)
+    return out

@@ -1,0 +1,112 @@
+"""Weight-only INT8/INT4 compression of linear (MatMul) layers, block-wise, with ONNX Runtime's quantizer.
+
+Done on ONNX, not torch: the result must run on ONNX Runtime, whose MatMulNBits
+kernel reads the packed blocks directly; a torch-side weight-only model has no
+standard ONNX export form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from compress.artifact import Artifact, sha256_files
+from compress.config import PassConfig
+from compress.errors import PassError
+from compress.manager import PassContext
+from compress.registry import register_pass
+from compress.torch_io import sample_inputs
+
+from ._quant_common import compare, name_nodes, ort_session, refuse_quantized, weighted_nodes
+from .quantize_int8 import _quiet
+
+
+class QuantizeWeightOnly(PassConfig):
+    """Block-wise INT8/INT4 weights for MatMul layers; activations stay float."""
+
+    kind: Literal["quantize.weight_only"] = "quantize.weight_only"
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(32, ge=16, le=4096, description="weights per quantization block (power of two)")
+    symmetric: bool = True
+    format: Literal["matmulnbits", "qdq"] = "matmulnbits"
+    keep_float: tuple[str, ...] = ()
+    min_cosine: float = Field(0.95, gt=0, le=1, description="output cosine vs float below which the pass fails")
+
+    @model_validator(mode="after")
+    def _fmt(self) -> QuantizeWeightOnly:
+        if self.bits == 8 and self.format == "qdq":
+            raise ValueError("bits=8 needs format='matmulnbits' (ONNX Runtime's quantizer writes 8-bit blocks only "
+                             "as MatMulNBits); use bits=4 for format='qdq'")
+        return self
+
+    @field_validator("group_size")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"group_size must be a power of two (16, 32, 64, 128, ...), got {v}")
+        return v
+
+
+@register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx")
+def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContext) -> Artifact:
+    """INT8/INT4 block-wise weight compression of MatMul layers (ONNX Runtime MatMulNBits or blocked QDQ)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    src = art.path / "model.onnx"
+    model = name_nodes(onnx.load(str(src)))
+    refuse_quantized(model, "quantize.weight_only")
+    nodes = weighted_nodes(model, ("MatMul",))
+    if not nodes:
+        gemms = weighted_nodes(model, ("Gemm",))
+        hint = (f" (its {len(gemms)} Gemm layer(s) are not handled by weight-only quantization; use quantize.dynamic)"
+                if gemms else "")
+        raise PassError(f"quantize.weight_only: the model has no MatMul layers with constant weights{hint}")
+    fmt = QuantFormat.QOperator if cfg.format == "matmulnbits" else QuantFormat.QDQ
+    algo = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits,
+                                        quant_format=fmt, op_types_to_quantize=("MatMul",))
+    try:
+        with _quiet():
+            q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
+                                     nodes_to_exclude=list(cfg.keep_float), algo_config=algo)
+            q.process()
+    except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
+        raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed: "
+                        f"{str(e).splitlines()[0][:300]}") from e
+    out_dir = ctx.new_dir("onnx")
+    out = out_dir / "model.onnx"
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    qm = onnx.load(str(out))
+    ops = [n.op_type for n in qm.graph.node]
+    packed = ops.count("MatMulNBits") if cfg.format == "matmulnbits" else ops.count("DequantizeLinear")
+    if packed == 0:
+        raise PassError(f"quantize.weight_only: no MatMul was compressed (group_size={cfg.group_size} may exceed "
+                        "the layers' input width, which must be at least one group)")
+    if ctx.data is not None and len(art.inputs) == 1:
+        feeds = {art.inputs[0].name: ctx.data.adapt(ctx.data.val.x[:16]).numpy()}
+    else:  # random inputs are a weaker check than real samples (noted in the metadata)
+        feeds = {s.name: x.numpy() for s, x in zip(art.inputs, sample_inputs(art.inputs, batch=4, seed=ctx.seed),
+                                                  strict=True)}
+    ref = ort_session(src).run(None, feeds)[0]
+    got = ort_session(out).run(None, feeds)[0]
+    p = compare(np.asarray(ref), np.asarray(got))
+    if p["cosine"] < cfg.min_cosine:
+        raise PassError(f"quantize.weight_only: output cosine vs float is {p['cosine']:.4f} (< {cfg.min_cosine}) "
+                        f"with bits={cfg.bits}, group_size={cfg.group_size}; use bits=8 or a smaller group_size")
+    notes = [f"weight-only INT{cfg.bits} (group {cfg.group_size}) on {packed} of {len(nodes)} MatMul layer(s); "
+             "activations and compute stay float32"]
+    if cfg.format == "matmulnbits":
+        notes.append("format matmulnbits uses ONNX Runtime's com.microsoft MatMulNBits op: runs on ONNX Runtime only "
+                     "(use format='qdq' for blocked DequantizeLinear in standard ONNX)")
+    info: dict[str, Any] = {"bits": cfg.bits, "group_size": cfg.group_size, "format": cfg.format,
+                            "compressed_layers": packed, "matmul_layers": len(nodes), "vs_float": p,
+                            "checked_on": "validation split" if ctx.data is not None else "random inputs",
+                            "notes": notes}
+    meta: dict[str, Any] = {"quantize.weight_only": info}
+    if cfg.format == "matmulnbits":
+        # Targets that do not implement ONNX Runtime's contrib ops can refuse on this key.
+        meta["requires_ops"] = ["com.microsoft:MatMulNBits"]
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta)

@@ -1,0 +1,527 @@
+"""Apache TVM (Relax) on the CPU, tuned with MetaSchedule.
+
+ONNX goes through the Relax ONNX frontend, is compiled with ``tvm.compile`` (untuned) or with
+MetaSchedule's ``compile_relax`` over a tuning database (tuned), exported as a shared library and
+run with the Relax VM. Untuned CPU code is far from usable (PLATFORM.md: ~1,700 ms against ~24 ms
+for ONNX Runtime on ResNet-18), so an untuned build says so in its metadata notes.
+
+The tuning database lives on disk (default ``<cache>/tvm-db``), one directory per (TVM version,
+target), so a second run of the same model, from any recipe, spends no tuning time, and records
+tuned by another TVM version or for another target are never applied (see ``_tvm_tuning``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from compress.artifact import Artifact, InputSpec, sha256_files
+from compress.config import TargetConfig
+from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
+from compress.fingerprint import cpu_info
+from compress.registry import register_target
+
+from .base import module_version
+
+LIBRARY = "model.so"
+MANIFEST = "tvm.json"
+# apache-tvm-ffi 0.1.15.x segfaults in tvm.ir.save_json, which every tuning record goes through.
+_BAD_FFI_PREFIX = "0.1.15"
+# Cross toolchains from Debian's packages (g++-aarch64-linux-gnu etc.), by target triple prefix.
+_CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++", "arm": "arm-linux-gnueabihf-g++", "riscv64": "riscv64-linux-gnu-g++"}
+_EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 20, "enable_cpu_cache_flush": False}
+
+
+class TvmConfig(TargetConfig):
+    """Apache TVM (Relax + MetaSchedule). Tuned builds compete with ONNX Runtime; untuned ones do not."""
+
+    kind: Literal["tvm"] = "tvm"
+    target: dict[str, Any] | None = Field(
+        None, description="TVM target JSON, e.g. {kind='llvm', mcpu='znver3', num-cores=2}; "
+        "None = this host (CPU model -> mcpu, cores)")
+    tuning_trials: int = Field(
+        256, ge=0, description="MetaSchedule trials in total over all tasks; 0 = untuned (not representative)")
+    tuning_time_s: float | None = Field(None, gt=0, description="wall-clock budget for tuning; None = trials only")
+    database: str | None = Field(None, description="tuning database root; None = <cache>/tvm-db")
+    threads: int = Field(0, ge=0, description="TVM runtime threads; 0 = the measurement setting")
+    cc: str | None = Field(None, description="C++ compiler for export_library; None = host g++, or the Debian "
+                           "cross compiler (e.g. aarch64-linux-gnu-g++) when the target triple is foreign")
+
+    @field_validator("target")
+    @classmethod
+    def _target_has_kind(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and not isinstance(v.get("kind"), str):
+            raise ValueError("a TVM target JSON needs a 'kind' string, e.g. {kind = 'llvm', mcpu = 'znver3'}")
+        return v
+
+
+def host_target_json() -> dict[str, Any]:
+    """The target for this CPU: LLVM's name for the host CPU as mcpu, and the cores we may use."""
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    out: dict[str, Any] = {"kind": "llvm", "num-cores": cores}
+    if cpu and cpu != "generic":
+        out["mcpu"] = cpu
+    return out
+
+
+def make_target(spec: dict[str, Any]) -> Any:
+    """Build a ``tvm.target.Target``, turning TVM's refusal into a RecipeError naming the key."""
+    import tvm
+
+    try:
+        target = tvm.target.Target(spec)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # TVM maps its errors onto these
+        raise RecipeError(f"target 'tvm': TVM rejected target = {json.dumps(spec)}: {str(e).strip().splitlines()[-1]}; "
+                          "give a valid TVM target JSON (e.g. {kind = 'llvm', mcpu = 'znver3'}) or drop "
+                          "'target' to use this host") from e
+    if target.kind.name == "llvm":
+        from tvm.target import codegen
+
+        mcpu = spec.get("mcpu")
+        triple = str(spec.get("mtriple") or codegen.llvm_get_system_triple())
+        if mcpu and not codegen.llvm_is_valid_cpu(mcpu, triple):
+            raise RecipeError(f"target 'tvm': LLVM does not know mcpu = '{mcpu}' for triple {triple}; see "
+                              "`llc -mcpu=help`, or drop 'mcpu' (the host's CPU is used when 'target' is unset)")
+    return target
+
+
+def is_foreign(target: Any) -> bool:
+    """True when the target's code cannot run on this machine (another CPU architecture or a GPU)."""
+    if target.kind.name != "llvm":
+        return True
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return bool(triple) and not triple.startswith(platform.machine())
+
+
+def unsupported_ops(model: Any) -> list[str]:
+    """Every ONNX op (with its domain, count and first node) the Relax frontend has no converter for.
+
+    The frontend's own check stops at the first graph and ignores domains (a custom-domain op with a
+    standard name would be converted as if it were standard), so walk all subgraphs too.
+    """
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    known = set(onnx_frontend._get_convert_map()) | {"Constant", "If"}
+    missing: Counter[tuple[str, str]] = Counter()
+    first: dict[tuple[str, str], str] = {}
+
+    def walk(graph: Any) -> None:
+        for node in graph.node:
+            domain = node.domain or "ai.onnx"
+            if node.op_type not in known or domain not in ("ai.onnx", "ai.onnx.ml"):
+                missing[(domain, node.op_type)] += 1
+                first.setdefault((domain, node.op_type), node.name or "<unnamed>")
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return [f"{op} (domain {dom}, {n}x, first node '{first[(dom, op)]}')" for (dom, op), n in sorted(missing.items())]
+
+
+class TvmRunner:
+    """Runs an exported TVM library with the Relax VM; NumPy in, NumPy out."""
+
+    def __init__(self, lib_path: Path, inputs: tuple[InputSpec, ...], threads: int = 0) -> None:
+        import tvm
+        from tvm import relax
+
+        if threads:
+            # TVM thread pool: (affinity mode 1 = "big" cores, which on a homogeneous CPU is all of them, threads).
+            tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        self.inputs = inputs
+        self.input_names = [s.name for s in inputs]
+        self._lib = tvm.runtime.load_module(str(lib_path))
+        self._dev = tvm.cpu(0)
+        self._vm = relax.VirtualMachine(self._lib, self._dev)
+        self._tensor = tvm.runtime.tensor
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = []
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise InputError(f"tvm runner: missing input '{spec.name}' (expects {self.input_names})")
+            x = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+            if tuple(x.shape) != tuple(spec.shape):
+                raise InputError(f"tvm runner: input '{spec.name}' has shape {tuple(x.shape)}, but the library was "
+                                 f"compiled for {tuple(spec.shape)} (TVM builds static shapes); recompile for it")
+            args.append(self._tensor(x, self._dev))
+        out = self._vm["main"](*args)
+        return [np.asarray(o.numpy()) for o in _flatten(out)]
+
+    def close(self) -> None:
+        self._vm = None
+        self._lib = None
+
+
+def _flatten(out: Any) -> list[Any]:
+    if hasattr(out, "numpy"):
+        return [out]
+    flat: list[Any] = []
+    for o in out:
+        flat.extend(_flatten(o))
+    return flat
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
+    """Load a library this target exported (``folder`` holds ``model.so`` and ``tvm.json``).
+
+    The library's SHA-256 must match the one recorded when it was built: loading a shared library
+    runs its code, so a swapped or foreign ``.so`` is refused rather than executed.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise InputError(f"{folder} holds no {MANIFEST}: not a library exported by the tvm target; refusing to load "
+                         "a shared library this tool did not build")
+    manifest = json.loads(manifest_path.read_text())
+    lib = folder / manifest["library"]
+    if not lib.exists() or file_sha256(lib) != manifest["library_sha256"]:
+        raise InputError(f"{lib} does not match the SHA-256 recorded in {manifest_path} when it was built; "
+                         "refusing to load it (rebuild with the tvm target)")
+    if manifest.get("foreign"):
+        raise TargetUnavailable(f"{lib} was built for {manifest['target']} and cannot run on this "
+                                f"{platform.machine()} machine (no TVM runtime for that target here)")
+    return TvmRunner(lib, tuple(InputSpec.from_json(s) for s in manifest["inputs"]), threads)
+
+
+@register_target(TvmConfig)
+class TvmTarget:
+    name = "tvm"
+    consumes = "onnx"
+
+    def __init__(self, config: TvmConfig) -> None:
+        self.config = config
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import tvm  # noqa: F401
+        except ImportError as e:
+            return f"apache-tvm is not installed ({e}); pip install 'compress-pipeline[tvm]'"
+        ffi = module_version("apache-tvm-ffi")
+        if ffi.startswith(_BAD_FFI_PREFIX):
+            return (f"apache-tvm-ffi {ffi} segfaults in tvm.ir.save_json, which tuning needs; "
+                    "pip install apache-tvm-ffi==0.1.14.post1")
+        if self.config.tuning_trials > 0:
+            try:
+                import xgboost  # noqa: F401
+            except ImportError:
+                return "MetaSchedule's cost model needs xgboost; pip install xgboost-cpu (or set tuning_trials = 0)"
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        info = cpu_info()
+        return {"apache-tvm": module_version("apache-tvm"), "apache-tvm-ffi": module_version("apache-tvm-ffi"),
+                "xgboost": module_version("xgboost-cpu") if module_version("xgboost") == "absent"
+                else module_version("xgboost"),
+                "target": self.config.target or "host", "cpu": info["model"], "isa": info["isa"],
+                "cores": info["affinity_cores"]}
+
+    # -- compile ---------------------------------------------------------------------------------
+
+    def compile(self, art: Artifact, ctx: Any) -> Artifact:
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        cfg = self.config
+        log = ctx.log if getattr(ctx, "progress", True) else (lambda _msg: None)
+        reason = self.unavailable_reason()
+        if reason:
+            raise TargetUnavailable(f"target 'tvm': {reason}")
+        t_all = time.perf_counter()
+        try:
+            model = onnx.load(str(art.path / "model.onnx"))
+        except (OSError, ValueError, DecodeError) as e:
+            raise InputError(f"target 'tvm': cannot read {art.path / 'model.onnx'}: {e}") from e
+        missing = unsupported_ops(model)
+        if missing:
+            raise BuildError(f"target 'tvm': the TVM {module_version('apache-tvm')} Relax ONNX frontend has no "
+                             f"converter for {len(missing)} op(s) in this model: {'; '.join(missing)}. Remove or "
+                             "replace them before export, or use another target (onnxruntime)")
+
+        spec = cfg.target or host_target_json()
+        target = make_target(spec)
+        foreign = is_foreign(target)
+        if foreign and cfg.tuning_trials > 0:
+            raise RecipeError(f"target 'tvm': cannot tune for {json.dumps(spec)} on this {platform.machine()} machine "
+                              "(candidates must run where they are measured); set tuning_trials = 0 for a cross "
+                              "build, or build on the device")
+        notes: list[str] = []
+        quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
+                        for n in model.graph.node)
+
+        mod, params = self._import(model, art)
+        tuning: dict[str, Any] = {"trials_requested": cfg.tuning_trials, "time_budget_s": cfg.tuning_time_s}
+        try:
+            if cfg.tuning_trials == 0:
+                notes.append("UNTUNED: compiled without MetaSchedule tuning; TVM's untuned CPU code is far "
+                             "slower than a tuned build (ResNet-18: ~1,700 ms vs ~24 ms ONNX Runtime) and its "
+                             "latency is not representative of TVM. Set tuning_trials > 0")
+                log("tvm: tuning_trials = 0: untuned build (not representative)")
+                ex = self._compile_untuned(mod, params, target)
+                tuning["status"] = "untuned"
+            else:
+                ex, tuning = self._compile_tuned(mod, params, target, ctx, log, notes, tuning)
+        except (RecipeError, BuildError, TargetUnavailable):
+            raise
+        except Exception as e:  # TVM surfaces C++ failures as RuntimeError, ValueError, InternalError, ...
+            what = "quantized (QDQ) model" if quantized else "model"
+            hint = ("; TVM could not lower its quantize/dequantize ops for this target: use the onnxruntime target "
+                    "for the quantized model" if quantized else "")
+            raise BuildError(f"target 'tvm': TVM failed to compile this {what} for {json.dumps(spec)}: "
+                             f"{type(e).__name__}: {_first_line(e)}{hint}") from e
+
+        out = ctx.new_dir("tvm")
+        t0 = time.perf_counter()
+        self._export(ex, out / LIBRARY, target, foreign)
+        export_s = time.perf_counter() - t0
+        manifest = {
+            "producer": "compress targets/tvm_compiler.py",
+            "library": LIBRARY,
+            "library_sha256": file_sha256(out / LIBRARY),
+            "inputs": [s.to_json() for s in art.inputs],
+            "target": json.loads(str(target)),
+            "foreign": foreign,
+            "tvm": module_version("apache-tvm"),
+        }
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        # TVM builds the static shapes of art.inputs (tuning needs them), so the ONNX model's dynamic
+        # batch does not carry over; the pipeline reads these two top-level keys.
+        meta: dict[str, Any] = {"target": "tvm", "dynamic_batch": False, "target_notes": list(notes), "tvm": {
+            "target": manifest["target"], "tuned": tuning.get("status") != "untuned",
+            "label": "untuned" if tuning.get("status") == "untuned" else "tuned",
+            "tuning": tuning, "library_sha256": manifest["library_sha256"],
+            "quantized": quantized, "cross_compiled": foreign, "export_s": round(export_s, 3),
+            "compile_s": round(time.perf_counter() - t_all, 3),
+            "static_input_shapes": [list(s.shape) for s in art.inputs],
+            "notes": notes,
+        }}
+        return Artifact("compiled", out, sha256_files(out), art.inputs, metadata=meta)
+
+    def _import(self, model: Any, art: Artifact) -> tuple[Any, dict[Any, Any]]:
+        from tvm.relax.frontend import detach_params
+        from tvm.relax.frontend.onnx import from_onnx
+
+        shapes = {s.name: list(s.shape) for s in art.inputs}
+        dtypes = {s.name: s.dtype for s in art.inputs}
+        try:
+            mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
+        except Exception as e:  # the frontend raises whatever its converters raise
+            raise BuildError(f"target 'tvm': the Relax ONNX frontend failed on this model: "
+                             f"{type(e).__name__}: {_first_line(e)}") from e
+        mod, detached = detach_params(mod)
+        # Weights come back as a list in parameter order, after the graph inputs.
+        n_in = len(art.inputs)
+        weights = dict(zip(mod["main"].params[n_in:], detached.get("main", []), strict=True))
+        return mod, weights
+
+    def _bound(self, mod: Any, params: dict[Any, Any]) -> Any:
+        from tvm import relax
+
+        return relax.transform.BindParams("main", params)(mod) if params else mod
+
+    def _compile_untuned(self, mod: Any, params: dict[Any, Any], target: Any) -> Any:
+        import tvm
+
+        return tvm.compile(self._bound(mod, params), target=target)
+
+    def _compile_tuned(self, mod: Any, params: dict[Any, Any], target: Any, ctx: Any, log: Any,
+                       notes: list[str], tuning: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        import tvm
+        from tvm.s_tir import meta_schedule as ms
+
+        from ._tvm_tuning import (
+            TuneStats,
+            TuningDatabase,
+            import_cpu_tensor_intrinsics,
+            make_tuner_parts,
+            model_key,
+            prepare_passes,
+            quiet_metaschedule_logging,
+            remove_tree,
+        )
+
+        cfg = self.config
+        if target.kind.name == "llvm":
+            import_cpu_tensor_intrinsics()
+        root = Path(cfg.database) if cfg.database else Path(ctx.cache.root) / "tvm-db"
+        t0 = time.perf_counter()
+        with target:
+            prepared = tvm.transform.Sequential(prepare_passes(target))(self._bound(mod, params))
+        tasks = ms.relax_integration.extract_tasks(prepared, target)
+        if not tasks:
+            raise BuildError("target 'tvm': MetaSchedule found no tunable task in this model")
+        db = TuningDatabase.open(root, target, log)
+        notes.extend(db.notes)
+        key = model_key(tasks)
+        with db.locked():
+            db.verify_records(target, log)
+            notes.extend(n for n in db.notes if n not in notes)
+            spent = db.spent(key)
+            left_trials = cfg.tuning_trials - int(spent["trials"])
+            left_time = None if cfg.tuning_time_s is None else cfg.tuning_time_s - float(spent["seconds"])
+            stats = TuneStats()
+            tune_s = 0.0
+            if left_trials <= 0 or (left_time is not None and left_time <= 0):
+                log(f"tvm: {len(tasks)} tasks; the tuning database already holds {spent['trials']} trials "
+                    f"({spent['seconds']:.0f} s) for this model and target: no tuning needed")
+                status = "reused"
+            else:
+                log(f"tvm: tuning {len(tasks)} tasks for {left_trials} trials"
+                    + (f" or {left_time:.0f} s" if left_time is not None else "")
+                    + (f" (continuing: {spent['trials']} trials already in the database)" if spent["trials"] else ""))
+                deadline = None if left_time is None else time.perf_counter() + left_time
+                builder, runner, callback, scheduler = make_tuner_parts(stats, tasks, deadline, log, _EVALUATOR,
+                                                                       left_trials)
+                work = ctx.new_dir("tvm-tune")
+                # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
+                # worker process per task (import tvm each time), which cost ~5 s per task here.
+                t_tune = time.perf_counter()
+                with quiet_metaschedule_logging():
+                    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                        tasks, str(work), strategy=_strategy(left_trials, len(tasks)), seed=getattr(ctx, "seed", 0),
+                        num_threads=_search_threads(target))
+                    ms.tune_tasks(
+                        tasks=contexts, task_weights=weights, work_dir=str(work),
+                        max_trials_global=left_trials, num_trials_per_iter=_per_iter(left_trials, len(tasks)),
+                        builder=builder, runner=runner, database=db.ms_database(),
+                        measure_callbacks=[ms.measure_callback.AddToDatabase(),
+                                           ms.measure_callback.UpdateCostModel(), callback],
+                        task_scheduler=scheduler,
+                    )
+                tune_s = time.perf_counter() - t_tune
+                remove_tree(work)
+                db.record_spent(key, stats.trials, tune_s, len(tasks))
+                status = "tuned"
+                if stats.trials and stats.build_errors + stats.run_errors >= stats.trials:
+                    raise BuildError(f"target 'tvm': every one of {stats.trials} tuning candidates failed to build "
+                                     "or run; see the MetaSchedule logs or set tuning_trials = 0")
+            covered = sum(1 for t in tasks if _has_record(db.ms_database(), t.dispatched[0]))
+            ex = ms.relax_integration.compile_relax(db.ms_database(), mod, target, params)
+        total = db.spent(key)
+        if covered < len(tasks):
+            notes.append(f"{len(tasks) - covered} of {len(tasks)} TVM tasks have no tuning record (budget too small "
+                         "to reach them) and run untuned code; raise tuning_trials")
+        tuning.update({
+            "status": status, "database": str(db.path), "tasks": len(tasks), "tasks_with_records": covered,
+            "trials_this_run": stats.trials, "trials_in_database": int(total["trials"]),
+            "tuning_s_this_run": round(tune_s, 2), "build_errors": stats.build_errors, "run_errors": stats.run_errors,
+            "builder_s": round(stats.build_s, 2), "runner_s": round(stats.run_s, 2),
+            "search_s": round(max(0.0, tune_s - stats.build_s - stats.run_s), 2),
+            "stopped_by_time": stats.stopped_by_time, "model_key": key,
+            "best_kernels_ms": round(sum(tasks[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
+            "prepare_s": round(time.perf_counter() - t0 - tune_s, 2),
+        })
+        return ex, tuning
+
+    def _export(self, ex: Any, path: Path, target: Any, foreign: bool) -> None:
+        cc = self.config.cc
+        if cc is None and foreign:
+            triple = str(target.attrs.get("mtriple", ""))
+            cc = next((v for k, v in _CROSS_CXX.items() if triple.startswith(k)), None)
+            if cc is None:
+                raise BuildError(f"target 'tvm': no known cross compiler for triple '{triple}'; set cc = '<compiler>'")
+        if cc is not None and shutil.which(cc) is None:
+            raise BuildError(f"target 'tvm': C++ compiler '{cc}' not found on PATH; on Debian: apt-get install "
+                             f"{'g++-' + cc.removesuffix('-g++') if cc.endswith('-g++') else cc}")
+        try:
+            if cc is None:
+                ex.export_library(str(path))
+            else:
+                from tvm.support import cc as tvm_cc
+
+                ex.export_library(str(path), fcompile=tvm_cc.cross_compiler(cc))
+        except Exception as e:  # the compiler driver raises RuntimeError with its stderr
+            raise BuildError(f"target 'tvm': export_library to {path} failed: {_first_line(e)}") from e
+
+    # -- run ---------------------------------------------------------------------------------------
+
+    def runner(self, compiled: Artifact, threads: int = 0) -> TvmRunner:
+        if compiled.metadata.get("target") != "tvm":
+            raise InputError(f"artifact {compiled.path} was not compiled by the tvm target "
+                             f"(target={compiled.metadata.get('target')!r}); the tvm runner only loads its own builds")
+        return load_exported(compiled.path, self.config.threads or threads)
+
+
+def _search_threads(target: Any) -> int:
+    cores = target.attrs.get("num-cores")
+    return int(cores) if cores else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+def _per_iter(trials: int, n_tasks: int) -> int:
+    """Candidates per batch: small enough that the first round reaches every task within the budget."""
+    return max(4, min(64, trials // max(1, n_tasks)))
+
+
+def _strategy(trials: int, n_tasks: int) -> Any:
+    """Evolutionary search sized to the batch: the default population of 512 costs ~10 s of search per
+    batch on two cores, which is wasted when a small budget measures a handful of candidates per task."""
+    from tvm.s_tir import meta_schedule as ms
+
+    population = min(512, max(128, 16 * _per_iter(trials, n_tasks)))
+    return ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                 init_min_unmeasured=min(50, population // 2))
+
+
+def _has_record(database: Any, mod: Any) -> bool:
+    return bool(database.has_workload(mod) and database.get_top_k(database.commit_workload(mod), 1))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    # TVM errors put the message last, after a C++ traceback.
+    msg = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else repr(e))
+    return msg[:400]
+
+
+def check_library_elf(path: Path) -> dict[str, str]:
+    """Architecture of an ELF shared library (for cross builds we cannot run here), via ``file``-free parsing."""
+    data = Path(path).read_bytes()[:20]
+    if data[:4] != b"\x7fELF":
+        raise BuildError(f"{path} is not an ELF file")
+    machine = int.from_bytes(data[18:20], "little")
+    names = {0x3E: "x86-64", 0xB7: "aarch64", 0x28: "arm", 0xF3: "riscv"}
+    return {"class": "64-bit" if data[4] == 2 else "32-bit", "machine": names.get(machine, hex(machine))}
+
+
+def run_in_fresh_process(folder: Path, inputs: dict[str, np.ndarray], python: str | None = None) -> list[np.ndarray]:
+    """Load an exported library in a new Python process and run it once (the deployment check)."""
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "in.npz", **inputs)  # type: ignore[arg-type]  # numpy stubs type **kwds as bool
+        code = ("import sys, numpy as np; from targets.tvm_compiler import load_exported; "
+                "r = load_exported(sys.argv[1]); x = dict(np.load(sys.argv[2])); "
+                "np.savez(sys.argv[3], *r.infer(x))")
+        proc = subprocess.run([python or sys.executable, "-c", code, str(folder), str(Path(tmp) / "in.npz"),
+                               str(Path(tmp) / "out.npz")], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parent.parent)
+        if proc.returncode != 0:
+            raise BuildError(f"exported library {folder} failed in a fresh process: {proc.stderr.strip()[-800:]}")
+        with np.load(Path(tmp) / "out.npz") as z:
+            return [z[f"arr_{i}"] for i in range(len(z.files))]

@@ -1,0 +1,291 @@
+"""The tvm target: parity, the tuning database (reuse, foreign records), bad input, the deployed library."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+pytest.importorskip("onnxruntime")
+
+from pydantic import ValidationError
+
+from compress.artifact import Artifact, InputSpec, sha256_files
+from compress.cache import Cache
+from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
+from compress.manager import PassContext
+from targets._tvm_tuning import TuningDatabase, TvmDatabaseWarning
+from targets.tvm_compiler import (
+    TvmConfig,
+    TvmTarget,
+    check_library_elf,
+    host_target_json,
+    make_target,
+    run_in_fresh_process,
+)
+
+SHAPE = (1, 1, 8, 8)
+
+
+def _onnx_artifact(cache: Cache, model_path: Path) -> Artifact:
+    d = cache.new_dir("onnx")
+    shutil.copy(model_path, d / "model.onnx")
+    return Artifact("onnx", d, sha256_files(d), (InputSpec("input", SHAPE),))
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo digits CNN (random weights, fixed seed) exported to ONNX once for the module."""
+    import torch
+
+    from compress import zoo
+    from compress.api import apply
+    from passes.export_onnx import ExportOnnx
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("digits")
+    art = apply(zoo.build("digits-cnn", SHAPE).eval(), ExportOnnx(), input_shape=SHAPE, data=None,
+                cache_dir=root / "cache")
+    out = root / "digits.onnx"
+    shutil.copy(art.path / "model.onnx", out)
+    return out
+
+
+def _ctx(tmp_path: Path) -> PassContext:
+    return PassContext(cache=Cache(tmp_path / "cache"), progress=True, seed=0)
+
+
+def _x(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+
+
+def _ort(model_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def tuned(digits_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One small tuned build (8 trials), then the same compile again against the same database."""
+    root = tmp_path_factory.mktemp("tuned")
+    db = root / "tvm-db"
+    cfg = TvmConfig(tuning_trials=8, database=str(db))
+    ctx = PassContext(cache=Cache(root / "cache"), seed=0)
+    art = _onnx_artifact(ctx.cache, digits_onnx)
+    first = TvmTarget(cfg).compile(art, ctx)
+    # A second run: new target object and context, another cache, same database (as a second recipe would).
+    ctx2 = PassContext(cache=Cache(root / "cache2"), seed=0)
+    second = TvmTarget(cfg).compile(_onnx_artifact(ctx2.cache, digits_onnx), ctx2)
+    return {"db": db, "first": first, "second": second, "art": art, "ctx": ctx, "cfg": cfg}
+
+
+def test_untuned_matches_onnxruntime_and_is_labelled_untuned(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0))
+    comp = target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    info = comp.metadata["tvm"]
+    assert info["label"] == "untuned" and info["tuned"] is False
+    assert any("not representative" in n for n in info["notes"])
+    # What the pipeline reads: the caveat for the report, and that the build has a fixed batch.
+    assert comp.metadata["target_notes"] == info["notes"] and comp.metadata["dynamic_batch"] is False
+    x = _x()
+    got = target.runner(comp).infer({"input": x})
+    np.testing.assert_allclose(got[0], _ort(digits_onnx, x), rtol=1e-4, atol=1e-5)
+
+
+def test_tuned_build_matches_onnxruntime_and_records_its_trials(tuned: dict, digits_onnx: Path) -> None:
+    t = tuned["first"].metadata["tvm"]["tuning"]
+    assert tuned["first"].metadata["tvm"]["label"] == "tuned"
+    assert t["status"] == "tuned" and t["trials_this_run"] >= 8 and t["tasks_with_records"] >= 1
+    assert t["build_errors"] == 0 and t["run_errors"] == 0
+    x = _x(1)
+    got = TvmTarget(tuned["cfg"]).runner(tuned["first"]).infer({"input": x})
+    np.testing.assert_allclose(got[0], _ort(digits_onnx, x), rtol=1e-4, atol=1e-5)
+
+
+def test_second_compile_reuses_the_database_without_tuning(tuned: dict) -> None:
+    first, second = tuned["first"].metadata["tvm"], tuned["second"].metadata["tvm"]
+    assert second["tuning"]["status"] == "reused"
+    assert second["tuning"]["trials_this_run"] == 0
+    assert second["tuning"]["trials_in_database"] == first["tuning"]["trials_this_run"]
+    assert second["tuning"]["tasks_with_records"] == first["tuning"]["tasks_with_records"]
+    # Same records applied, same code: the library is byte-identical.
+    assert second["library_sha256"] == first["library_sha256"]
+
+
+def test_database_from_another_tvm_version_is_ignored_with_a_warning(tuned: dict, digits_onnx: Path,
+                                                                     tmp_path: Path) -> None:
+    db = tmp_path / "copied-db"
+    shutil.copytree(tuned["db"], db)
+    [entry] = [d for d in db.iterdir() if d.is_dir()]
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["tvm"] = "0.26.0"
+    (entry / "meta.json").write_text(json.dumps(meta))
+    ctx = _ctx(tmp_path)
+    with pytest.warns(TvmDatabaseWarning, match="ignored, never used"):
+        comp = TvmTarget(TvmConfig(tuning_trials=4, database=str(db))).compile(
+            _onnx_artifact(ctx.cache, digits_onnx), ctx)
+    t = comp.metadata["tvm"]["tuning"]
+    assert t["status"] == "tuned" and t["trials_this_run"] >= 4  # tuned from scratch, not reused
+    assert t["trials_in_database"] == t["trials_this_run"]
+    assert any("0.26.0" in n for n in comp.metadata["tvm"]["notes"])
+    assert any(".foreign-" in d.name for d in db.iterdir())  # kept aside for inspection, not deleted
+
+
+def test_database_identity_checks_without_tuning(tmp_path: Path) -> None:
+    target = make_target(host_target_json())
+    other = make_target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 1})
+    logs: list[str] = []
+    # Records for another target sit beside ours: never opened, reported.
+    TuningDatabase.open(tmp_path, other, logs.append)
+    with pytest.warns(TvmDatabaseWarning, match="another TVM version or target"):
+        db = TuningDatabase.open(tmp_path, target, logs.append)
+    assert db.path.name.startswith("llvm-") and json.loads((db.path / "meta.json").read_text())["target"]["kind"]
+    # A bare MetaSchedule work_dir says nothing about where it came from.
+    (tmp_path / "database_workload.json").write_text("")
+    with pytest.warns(TvmDatabaseWarning, match="unknown TVM version"):
+        TuningDatabase.open(tmp_path, target, logs.append)
+    # Our own entry opens silently.
+    (tmp_path / "database_workload.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TuningDatabase.open(tmp_path, target, logs.append)
+
+
+def test_bad_budgets_are_rejected() -> None:
+    with pytest.raises(ValidationError, match="tuning_trials"):
+        TvmConfig(tuning_trials=-1)
+    with pytest.raises(ValidationError, match="tuning_time_s"):
+        TvmConfig(tuning_time_s=0)
+    with pytest.raises(ValidationError, match="kind"):
+        TvmConfig(target={"mcpu": "znver3"})
+    assert TvmConfig(tuning_trials=0).tuning_trials == 0  # zero is the explicit untuned build
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"kind": "no-such-kind"}, "TVM rejected target"),
+    ({"kind": "llvm", "mcpu": "not-a-cpu"}, "does not know mcpu"),
+    ({"kind": "llvm", "no-such-attr": 3}, "TVM rejected target"),
+])
+def test_target_json_tvm_rejects_is_a_recipe_error(digits_onnx: Path, tmp_path: Path, spec: dict,
+                                                   match: str) -> None:
+    ctx = _ctx(tmp_path)
+    with pytest.raises(RecipeError, match=match):
+        TvmTarget(TvmConfig(tuning_trials=0, target=spec)).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+
+
+def test_every_unsupported_op_is_listed_before_compiling(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Relu", ["input"], ["a"], name="relu"),
+        helper.make_node("Det", ["a"], ["b"], name="det0"),
+        helper.make_node("Det", ["a"], ["c"], name="det1"),
+        helper.make_node("Foo", ["a"], ["d"], name="custom", domain="com.example"),
+        helper.make_node("Relu", ["a"], ["e"], name="relu_custom", domain="com.example"),
+        helper.make_node("Sum", ["b", "c", "d", "e"], ["y"], name="sum"),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    ctx = _ctx(tmp_path)
+    with pytest.raises(BuildError) as e:
+        TvmTarget(TvmConfig(tuning_trials=0)).compile(_onnx_artifact(ctx.cache, path), ctx)
+    msg = str(e.value)
+    assert "3 op(s)" in msg
+    assert "Det (domain ai.onnx, 2x, first node 'det0')" in msg
+    assert "Foo (domain com.example" in msg and "Relu (domain com.example" in msg
+
+
+def test_exported_library_runs_in_a_fresh_process(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0))
+    comp = target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    assert check_library_elf(comp.path / "model.so")["class"] == "64-bit"
+    x = _x(2)
+    fresh = run_in_fresh_process(comp.path, {"input": x})
+    np.testing.assert_array_equal(fresh[0], target.runner(comp).infer({"input": x})[0])
+    assert comp.metadata["tvm"]["library_sha256"] == json.loads((comp.path / "tvm.json").read_text())["library_sha256"]
+
+
+def test_runner_refuses_a_swapped_library_and_foreign_artifacts(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0))
+    comp = target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    lib = comp.path / "model.so"
+    lib.write_bytes(lib.read_bytes() + b"\0")  # any change to the library
+    with pytest.raises(InputError, match="does not match the SHA-256"):
+        target.runner(comp)
+    other = Artifact("compiled", tmp_path, "x", comp.inputs, metadata={"target": "onnxruntime"})
+    with pytest.raises(InputError, match="not compiled by the tvm target"):
+        target.runner(other)
+
+
+def test_runner_rejects_a_shape_the_library_was_not_built_for(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0))
+    runner = target.runner(target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx))
+    with pytest.raises(InputError, match="compiled for"):
+        runner.infer({"input": np.zeros((2, 1, 8, 8), np.float32)})
+
+
+def test_quantized_qdq_model_compiles_and_matches_onnxruntime(digits_onnx: Path, tmp_path: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Calib(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": _x(10 + i)} for i in range(8)])
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    qpath = tmp_path / "qdq.onnx"
+    quantize_static(str(digits_onnx), str(qpath), Calib(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0))
+    comp = target.compile(_onnx_artifact(ctx.cache, qpath), ctx)
+    assert comp.metadata["tvm"]["quantized"] is True
+    x = _x(3)
+    ref = _ort(qpath, x)
+    got = target.runner(comp).infer({"input": x})[0]
+    # Rounding of requantized activations may differ by one step between the two runtimes.
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max() + 1e-6
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="needs Debian's g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)")
+def test_cross_compiles_an_aarch64_library(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    target = TvmTarget(TvmConfig(tuning_trials=0, target=spec))
+    comp = target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    assert comp.metadata["tvm"]["cross_compiled"] is True
+    assert check_library_elf(comp.path / "model.so") == {"class": "64-bit", "machine": "aarch64"}
+    # No TVM runtime for aarch64 here, so it is not run; the runner says so instead of crashing.
+    with pytest.raises(TargetUnavailable, match="cannot run on this"):
+        target.runner(comp)
+    with pytest.raises(RecipeError, match="cannot tune"):
+        TvmTarget(TvmConfig(tuning_trials=8, target=spec)).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+
+
+def test_time_budget_stops_tuning_early(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    cfg = TvmConfig(tuning_trials=64, tuning_time_s=0.01, database=str(tmp_path / "db"))
+    comp = TvmTarget(cfg).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    t = comp.metadata["tvm"]["tuning"]
+    assert t["stopped_by_time"] is True
+    assert 0 < t["trials_this_run"] < 64
+    # The ledger holds the spent time, so the same budget again does no more tuning.
+    again = TvmTarget(cfg).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx).metadata["tvm"]["tuning"]
+    assert again["status"] == "reused" and again["trials_this_run"] == 0
