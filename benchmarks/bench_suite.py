@@ -49,7 +49,7 @@ from compress.torch_io import load_torch  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "resnet18": {"acc_shape": (1, 3, 32, 32), "lat_shape": (1, 3, 224, 224), "epochs": 8,
-                 "recipe": "prune.channels{macs_target=0.2,round_to=8},distill{epochs=8,patience=0},"
+                 "recipe": "prune.channels{macs_target=0.2,round_to=16},distill{epochs=8,patience=0},"
                            "quantize.int8"},
     "mobilenetv2": {"acc_shape": (1, 3, 32, 32), "lat_shape": (1, 3, 224, 224), "epochs": 10,
                     "recipe": "prune.channels{macs_target=0.35,round_to=8},distill{epochs=8,patience=0},"

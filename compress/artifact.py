@@ -91,6 +91,19 @@ class Artifact:
 META_FILE = "artifact.json"
 
 
+def _update_from_file(h: Any, path: Path) -> None:
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of one file's bytes (e.g. a native library or engine, checked before loading)."""
+    h = hashlib.sha256()
+    _update_from_file(h, path)
+    return h.hexdigest()
+
+
 def sha256_files(path: Path, exclude: tuple[str, ...] = (META_FILE,)) -> str:
     """SHA-256 over relative file names and bytes, in sorted order."""
     h = hashlib.sha256()
@@ -98,9 +111,7 @@ def sha256_files(path: Path, exclude: tuple[str, ...] = (META_FILE,)) -> str:
     for p in files:
         h.update(str(p.relative_to(path)).encode())
         h.update(b"\0")
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        _update_from_file(h, p)
     return h.hexdigest()
 
 

@@ -224,6 +224,17 @@ def finetune(model: nn.Module, ctx: Any, epochs: int, lr: float, pass_name: str)
     return [round(a, 4) for a in curve]
 
 
+def finetune_masked(model: nn.Module, ctx: Any, names: Iterable[str], epochs: int, lr: float,
+                    pass_name: str) -> dict[str, Any]:
+    """Fine-tune with the zero weights of ``names`` held at zero; the record for the pass metadata."""
+    handles = freeze_zeros(model, names)
+    try:
+        return {"epochs": epochs, "lr": lr, "val_top1": finetune(model, ctx, epochs, lr, pass_name)}
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: Any, max_samples: int = 512, batch_size: int = 64) -> int:
     """Re-estimate BatchNorm running statistics on unlabelled samples; returns how many were used.

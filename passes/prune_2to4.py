@@ -25,8 +25,7 @@ from compress.torch_io import clone_module, torch_artifact
 
 from ._prune_common import (
     WeightLayer,
-    finetune,
-    freeze_zeros,
+    finetune_masked,
     layer_sparsity,
     nonzero_per_group_of_4,
     overall_sparsity,
@@ -113,13 +112,7 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
             w.mul_(mask_2to4(w).to(w.dtype))
     meta: dict[str, Any] = {"kept": list(cfg.keep)}
     if cfg.finetune_epochs:
-        handles = freeze_zeros(model, eligible)
-        try:
-            meta["finetune"] = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
-                                "val_top1": finetune(model, ctx, cfg.finetune_epochs, cfg.finetune_lr, PASS)}
-        finally:
-            for h in handles:
-                h.remove()
+        meta["finetune"] = finetune_masked(model, ctx, eligible, cfg.finetune_epochs, cfg.finetune_lr, PASS)
     model.eval()
     bad = violations_2to4(model, eligible)
     if bad:

@@ -482,6 +482,11 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
                      f"channel groups torch-pruning cannot map: {', '.join(info.unmappable)}")
     if info.untraced:
         notes.append(f"not reached by the tracer, left unpruned: {', '.join(info.untraced)}")
+    if cfg.macs_target is not None and macs1 / macs0 < 0.8 * cfg.macs_target:
+        # The widest model that meets the target can be much smaller than asked: widths move in steps.
+        notes.append(f"macs_target {cfg.macs_target} met at {macs1 / macs0:.2f} of the MACs: channel counts move in "
+                     f"steps{f' of {cfg.round_to}' if cfg.round_to else ''}, and the next wider model was above the "
+                     "target" + ("; a smaller round_to lands closer" if cfg.round_to else ""))
     meta: dict[str, Any] = {
         "mode": "ratio" if cfg.ratio is not None else "macs_target",
         "ratio": cfg.ratio, "macs_target": cfg.macs_target, "ratio_used": round(ratio_used, 4), "trials": trials,

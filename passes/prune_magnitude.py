@@ -25,8 +25,7 @@ from ._prune_common import (
     WeightLayer,
     count_macs_params,
     count_params,
-    finetune,
-    freeze_zeros,
+    finetune_masked,
     layer_sparsity,
     overall_sparsity,
     require_labels,
@@ -106,13 +105,7 @@ def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Art
             m.weight.mul_(masks[n].to(m.weight.dtype))
     meta: dict[str, Any] = {"sparsity_target": cfg.sparsity, "scope": cfg.scope, "kept": list(cfg.keep)}
     if cfg.finetune_epochs:
-        handles = freeze_zeros(model, names)
-        try:
-            meta["finetune"] = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
-                                "val_top1": finetune(model, ctx, cfg.finetune_epochs, cfg.finetune_lr, PASS)}
-        finally:
-            for h in handles:
-                h.remove()
+        meta["finetune"] = finetune_masked(model, ctx, names, cfg.finetune_epochs, cfg.finetune_lr, PASS)
     model.eval()
     total = count_params(model)
     zeros = sum(int((p == 0).sum()) for p in model.parameters())

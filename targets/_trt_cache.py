@@ -12,7 +12,6 @@ of being handed to TensorRT.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.artifact import InputSpec, sha256_json
+from compress.artifact import InputSpec, sha256_file, sha256_json
 from compress.errors import BuildError, InputError
 
 ENGINE = "model.engine"
@@ -244,18 +243,10 @@ def engine_key(onnx_digest: str, settings: Mapping[str, Any], trt_version: str, 
 # -- sidecar and trust -------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_sidecar(folder: Path, **fields: Any) -> dict[str, Any]:
     """Record the engine's SHA-256 and provenance next to it (``folder/engine.json``)."""
     engine = folder / ENGINE
-    data = {"format": SIDECAR_FORMAT, "engine": ENGINE, "engine_sha256": file_sha256(engine), **fields}
+    data = {"format": SIDECAR_FORMAT, "engine": ENGINE, "engine_sha256": sha256_file(engine), **fields}
     (folder / SIDECAR).write_text(json.dumps(data, indent=2, sort_keys=True))
     return data
 
@@ -284,7 +275,7 @@ def check_engine(folder: Path, trt_version: str, compute_capability: str) -> dic
     engine = folder / str(data.get("engine", ENGINE))
     if engine.parent.resolve() != folder.resolve() or not engine.exists():
         raise InputError(f"{folder}: engine file {data.get('engine')!r} is missing; rebuild the engine")
-    if file_sha256(engine) != data.get("engine_sha256"):
+    if sha256_file(engine) != data.get("engine_sha256"):
         raise InputError(f"{engine} does not match the SHA-256 recorded in {folder / SIDECAR} when it was built; "
                          "refusing to load it (rebuild the engine)")
     problems = []

@@ -12,7 +12,6 @@ tuned by another TVM version or for another target are never applied (see ``_tvm
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from compress.artifact import Artifact, InputSpec, sha256_files
+from compress.artifact import Artifact, InputSpec, sha256_file, sha256_files
 from compress.config import TargetConfig
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
 from compress.fingerprint import cpu_info
@@ -179,14 +178,6 @@ def _flatten(out: Any) -> list[Any]:
     return flat
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
     """Load a library this target exported (``folder`` holds ``model.so`` and ``tvm.json``).
 
@@ -200,7 +191,7 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
                          "a shared library this tool did not build")
     manifest = json.loads(manifest_path.read_text())
     lib = folder / manifest["library"]
-    if not lib.exists() or file_sha256(lib) != manifest["library_sha256"]:
+    if not lib.exists() or sha256_file(lib) != manifest["library_sha256"]:
         raise InputError(f"{lib} does not match the SHA-256 recorded in {manifest_path} when it was built; "
                          "refusing to load it (rebuild with the tvm target)")
     if manifest.get("foreign"):
@@ -302,7 +293,7 @@ class TvmTarget:
         manifest = {
             "producer": "compress targets/tvm_compiler.py",
             "library": LIBRARY,
-            "library_sha256": file_sha256(out / LIBRARY),
+            "library_sha256": sha256_file(out / LIBRARY),
             "inputs": [s.to_json() for s in art.inputs],
             "target": json.loads(str(target)),
             "foreign": foreign,

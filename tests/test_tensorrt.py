@@ -435,7 +435,7 @@ def test_compiled_artifact_in_cache_passes_trust_check(tmp_path: Path, fake_gpu:
     monkeypatch.setattr(te, "_TRUSTED_ROOTS", set())
     assert tc.is_cache_entry(stored.path)
     side = t.check_trusted(stored)
-    assert side["engine_sha256"] == tc.file_sha256(stored.path / tc.ENGINE) and "external" not in side
+    assert side["engine_sha256"] == tc.sha256_file(stored.path / tc.ENGINE) and "external" not in side
 
 
 def test_external_engine_import(tmp_path: Path, fake_gpu: dict[str, Any]) -> None:
