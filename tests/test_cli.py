@@ -183,3 +183,26 @@ def test_only_unavailable_targets_fails_with_the_reason(tmp_path: Path, capsys) 
                            "--out", str(tmp_path / "o"), "-q")
     assert code == 1
     assert "nothing could be measured" in err and "test.missing is not installed" in err
+
+
+def test_quantized_run_reports_parity_with_simulation_and_model_changes(tmp_path: Path, capsys) -> None:
+    r = recipe(tmp_path, 'name = "q"\nmodel = { source = "zoo:digits-cnn", train_epochs = 2 }\n'
+                         'data = { source = "builtin:digits" }\n' + FAST +
+               '[[passes]]\nkind = "prune.channels"\nratio = 0.5\n'
+               '[[passes]]\nkind = "export.onnx"\n[[passes]]\nkind = "quantize.int8"\n'
+               '[[targets]]\nkind = "onnxruntime"\n')
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    cell = next(c for c in rep["results"] if c["variant"] == "q")
+    par = cell["quant_parity"]
+    # Deployed INT8 on ONNX Runtime vs the same QDQ graph with reference kernels: they must agree.
+    assert par["agreement"] >= 0.98 and par["cosine"] > 0.99 and par["flagged"] is False
+    assert par["samples"] > 0 and "top1_deployed" in par
+    base = next(c for c in rep["results"] if c["variant"] == "baseline")
+    assert base["quant_parity"] is None  # the FP32 baseline has no simulation to compare with
+    model = rep["variants"]["q"]["model"]
+    assert model["macs"] < model["macs_before"] and model["params"] > 0
+    md = (out / "report.md").read_text()
+    assert "## Quantized: deployed vs simulated" in md and "## Model changes vs latency" in md

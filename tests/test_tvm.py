@@ -289,3 +289,22 @@ def test_time_budget_stops_tuning_early(digits_onnx: Path, tmp_path: Path) -> No
     # The ledger holds the spent time, so the same budget again does no more tuning.
     again = TvmTarget(cfg).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx).metadata["tvm"]["tuning"]
     assert again["status"] == "reused" and again["trials_this_run"] == 0
+
+
+def test_a_scheme_tvm_cannot_run_fails_that_cell_and_the_run_goes_on(tmp_path: Path) -> None:
+    import tomllib
+
+    from compress.pipeline import run
+    from compress.recipe import recipe_from_dict
+
+    rec = recipe_from_dict(tomllib.loads(
+        'name = "wo"\nmodel = { source = "zoo:transformer" }\ndata = { source = "random" }\n'
+        'measure = { batch_sizes = [1], warmup = 1, min_runs = 2, min_time_s = 0.0 }\n'
+        '[[passes]]\nkind = "quantize.weight_only"\nbits = 4\n'
+        '[[targets]]\nkind = "onnxruntime"\n[[targets]]\nkind = "tvm"\ntuning_trials = 0\n'))
+    rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    cells = {(c["variant"], c["target"]): c for c in rep["results"]}
+    assert cells[("wo", "onnxruntime")]["status"] == "ok"
+    assert cells[("baseline", "tvm")]["status"] == "ok"
+    bad = cells[("wo", "tvm")]
+    assert bad["status"] == "failed" and "MatMulNBits" in bad["reason"] and "onnxruntime" in bad["reason"]
