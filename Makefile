@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# aarch64 TVM runtime, so the cross-compilation test runs the library under qemu (skips without it).
+CROSS_RT := $(VENV)/tvm-runtime/aarch64
 
 .PHONY: demo test lint typecheck bench clean
 
@@ -18,10 +20,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/compress run examples/digits.toml
 
-test: $(STAMP)
+$(CROSS_RT)/runtime.json: $(STAMP)
+	-$(BIN)/compress tvm-runtime aarch64 --dest $(CROSS_RT)
+
+test: $(STAMP) $(CROSS_RT)/runtime.json
 	$(BIN)/ruff check .
 	VENV=$(VENV) .ci/typecheck-tensorrt
-	$(BIN)/pytest -q
+	COMPRESS_TVM_CROSS_RUNTIME=$(abspath $(CROSS_RT)) $(BIN)/pytest -q
 
 typecheck: $(STAMP)
 	VENV=$(VENV) .ci/typecheck-tensorrt

@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("passes", help="list passes and their settings")
     sub.add_parser("targets", help="list targets and whether they can run here")
+    t = sub.add_parser("tvm-runtime", help="fetch another CPU's TVM runtime, so cross-compiled libraries are "
+                       "checked under qemu")
+    t.add_argument("arch", help="target CPU architecture, e.g. aarch64")
+    t.add_argument("--dest", help="folder to write (default: $COMPRESS_TVM_CROSS_RUNTIME or "
+                   "<cache>/tvm-runtime/ARCH-tvmVERSION)")
+    t.add_argument("--cache", help="cache folder")
     return p
 
 
@@ -257,6 +263,17 @@ def _cmd_targets() -> int:
     return 0
 
 
+def _cmd_tvm_runtime(a: argparse.Namespace) -> int:
+    from targets._tvm_emulate import default_runtime_dir, fetch_runtime
+
+    from .cache import Cache
+
+    dest = Path(a.dest) if a.dest else default_runtime_dir(a.arch, Cache(Path(a.cache) if a.cache else None).root)
+    fetch_runtime(a.arch, dest, log=lambda m: print(m, file=sys.stderr))
+    print(dest)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     try:
@@ -275,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check(a)
         if a.cmd == "compare":
             return _cmd_compare(a)
+        if a.cmd == "tvm-runtime":
+            return _cmd_tvm_runtime(a)
         return _cmd_targets()
     except CompressError as e:
         if a.debug:

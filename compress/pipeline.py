@@ -251,8 +251,8 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                 cell.compiled, cell.cache_hit = compiled, hit
                 cell.build_s = compiled.metadata.get("build_s", secs)
                 cell.size_bytes = src.size_bytes() if t.consumes == "torch" else compiled.size_bytes()
+                cell.notes += list(compiled.metadata.get("target_notes", []))  # kept if it cannot run here
                 cell.runner = t.runner(compiled, threads=torch.get_num_threads())
-                cell.notes += list(compiled.metadata.get("target_notes", []))
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
             except TargetUnavailable as e:
                 cell.status, cell.reason = "unavailable", str(e)

@@ -56,6 +56,12 @@ class TvmConfig(TargetConfig):
     threads: int = Field(0, ge=0, description="TVM runtime threads; 0 = the measurement setting")
     cc: str | None = Field(None, description="C++ compiler for export_library; None = host g++, or the Debian "
                            "cross compiler (e.g. aarch64-linux-gnu-g++) when the target triple is foreign")
+    emulate: Literal["auto", "off", "required"] = Field(
+        "auto", description="cross builds: run the library under qemu and compare with ONNX Runtime; auto = when "
+        "qemu and the target's TVM runtime are present (else a note says why not), required = fail otherwise")
+    cross_runtime: str | None = Field(
+        None, description="folder with the target architecture's TVM runtime (compress tvm-runtime ARCH); "
+        "None = $COMPRESS_TVM_CROSS_RUNTIME or <cache>/tvm-runtime/ARCH-tvmVERSION")
 
     @field_validator("target")
     @classmethod
@@ -195,8 +201,11 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
         raise InputError(f"{lib} does not match the SHA-256 recorded in {manifest_path} when it was built; "
                          "refusing to load it (rebuild with the tvm target)")
     if manifest.get("foreign"):
-        raise TargetUnavailable(f"{lib} was built for {manifest['target']} and cannot run on this "
-                                f"{platform.machine()} machine (no TVM runtime for that target here)")
+        # Its outputs may have been checked under qemu at build time; latency under emulation means nothing.
+        built_for = manifest["target"].get("mtriple") or manifest["target"].get("kind")
+        raise TargetUnavailable(f"cross-compiled for {built_for}: cannot run on this "
+                                f"{platform.machine()} machine; measure it on the device (its outputs are checked "
+                                "under emulation at build time when qemu is present)")
     return TvmRunner(lib, tuple(InputSpec.from_json(s) for s in manifest["inputs"]), threads)
 
 
@@ -290,6 +299,7 @@ class TvmTarget:
         t0 = time.perf_counter()
         self._export(ex, out / LIBRARY, target, foreign)
         export_s = time.perf_counter() - t0
+        emulated = self._emulated_check(out / LIBRARY, art, target, quantized, ctx, log, notes) if foreign else None
         manifest = {
             "producer": "compress targets/tvm_compiler.py",
             "library": LIBRARY,
@@ -309,6 +319,7 @@ class TvmTarget:
             "quantized": quantized, "cross_compiled": foreign, "export_s": round(export_s, 3),
             "compile_s": round(time.perf_counter() - t_all, 3),
             "static_input_shapes": [list(s.shape) for s in art.inputs],
+            "emulated_check": emulated,
             "notes": notes,
         }}
         return Artifact("compiled", out, sha256_files(out), art.inputs, metadata=meta)
@@ -429,13 +440,43 @@ class TvmTarget:
         })
         return ex, tuning
 
+    def _cross_cc(self, target: Any) -> str:
+        if self.config.cc is not None:
+            return self.config.cc
+        triple = str(target.attrs.get("mtriple", ""))
+        cc = next((v for k, v in _CROSS_CXX.items() if triple.startswith(k)), None)
+        if cc is None:
+            raise BuildError(f"target 'tvm': no known cross compiler for triple '{triple}'; set cc = '<compiler>'")
+        return cc
+
+    def _emulated_check(self, lib: Path, art: Artifact, target: Any, quantized: bool, ctx: Any, log: Any,
+                        notes: list[str]) -> dict[str, Any] | None:
+        """Run a cross-compiled library under qemu and compare it with ONNX Runtime (see _tvm_emulate)."""
+        from ._tvm_emulate import arch_of, default_runtime_dir, emulated_check
+
+        cfg = self.config
+        if cfg.emulate == "off" or target.kind.name != "llvm":
+            return None
+        triple = str(target.attrs.get("mtriple", ""))
+        arch = arch_of(triple) or triple.split("-")[0]
+        runtime = Path(cfg.cross_runtime) if cfg.cross_runtime else default_runtime_dir(arch, Path(ctx.cache.root))
+        log(f"tvm: checking the {arch} library under emulation")
+        res = emulated_check(lib, art.path / "model.onnx", list(art.inputs), triple, self._cross_cc(target),
+                             runtime, seed=getattr(ctx, "seed", 0), min_cosine=0.999 if quantized else 0.9999)
+        if res["status"] == "mismatch":
+            raise BuildError(f"target 'tvm': the cross-compiled {arch} library is wrong: {res['reason']}")
+        if res["status"] == "not run":
+            if cfg.emulate == "required":
+                raise BuildError(f"target 'tvm': emulate = 'required' but the {arch} library could not be run: "
+                                 f"{res['reason']}")
+            notes.append(f"cross-compiled for {arch}; outputs not checked under emulation: {res['reason']}")
+        else:
+            notes.append(f"cross-compiled for {arch}; checked under {res['emulator']} against ONNX Runtime: max abs "
+                         f"diff {res['max_abs_diff']:.3g}, cosine {res['cosine']:.6f}")
+        return res
+
     def _export(self, ex: Any, path: Path, target: Any, foreign: bool) -> None:
-        cc = self.config.cc
-        if cc is None and foreign:
-            triple = str(target.attrs.get("mtriple", ""))
-            cc = next((v for k, v in _CROSS_CXX.items() if triple.startswith(k)), None)
-            if cc is None:
-                raise BuildError(f"target 'tvm': no known cross compiler for triple '{triple}'; set cc = '<compiler>'")
+        cc = self._cross_cc(target) if foreign else self.config.cc
         if cc is not None and shutil.which(cc) is None:
             raise BuildError(f"target 'tvm': C++ compiler '{cc}' not found on PATH; on Debian: apt-get install "
                              f"{'g++-' + cc.removesuffix('-g++') if cc.endswith('-g++') else cc}")

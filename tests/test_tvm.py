@@ -263,20 +263,77 @@ def test_quantized_qdq_model_compiles_and_matches_onnxruntime(digits_onnx: Path,
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max() + 1e-6
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
-                    reason="needs Debian's g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)")
+AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+needs_cross_cc = pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-g++") is None,
+    reason="needs Debian's g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu)")
+
+
+def _aarch64_runtime() -> Path | None:
+    """The aarch64 TVM runtime fetched by `compress tvm-runtime aarch64` (make test does it), if any."""
+    import os
+
+    from targets._tvm_emulate import check_runtime
+
+    p = os.environ.get("COMPRESS_TVM_CROSS_RUNTIME")
+    return Path(p) if p and check_runtime(Path(p), "aarch64") is None else None
+
+
+@needs_cross_cc
 def test_cross_compiles_an_aarch64_library(digits_onnx: Path, tmp_path: Path) -> None:
     ctx = _ctx(tmp_path)
-    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
-    target = TvmTarget(TvmConfig(tuning_trials=0, target=spec))
+    # emulate=off: this test is about the build; the emulated run has its own test below.
+    target = TvmTarget(TvmConfig(tuning_trials=0, target=AARCH64, emulate="off"))
     comp = target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
     assert comp.metadata["tvm"]["cross_compiled"] is True
     assert check_library_elf(comp.path / "model.so") == {"class": "64-bit", "machine": "aarch64"}
-    # No TVM runtime for aarch64 here, so it is not run; the runner says so instead of crashing.
+    # This machine's TVM cannot load it; the runner says so instead of crashing.
     with pytest.raises(TargetUnavailable, match="cannot run on this"):
         target.runner(comp)
     with pytest.raises(RecipeError, match="cannot tune"):
-        TvmTarget(TvmConfig(tuning_trials=8, target=spec)).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+        TvmTarget(TvmConfig(tuning_trials=8, target=AARCH64)).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+
+
+@needs_cross_cc
+@pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="needs qemu-user (apt-get install qemu-user)")
+def test_cross_compiled_library_runs_under_qemu_and_matches_onnxruntime(digits_onnx: Path, tmp_path: Path) -> None:
+    runtime = _aarch64_runtime()
+    if runtime is None:
+        pytest.skip("no aarch64 TVM runtime: set COMPRESS_TVM_CROSS_RUNTIME to a folder fetched with "
+                    "`compress tvm-runtime aarch64` (make test does this)")
+    ctx = _ctx(tmp_path)
+    cfg = TvmConfig(tuning_trials=0, target=AARCH64, emulate="required", cross_runtime=str(runtime))
+    comp = TvmTarget(cfg).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    check = comp.metadata["tvm"]["emulated_check"]
+    assert check["status"] == "ok" and check["emulator"] == "qemu-aarch64"
+    assert check["max_abs_diff"] < 1e-4 and check["cosine"] > 0.9999
+    assert any("checked under qemu-aarch64" in n for n in comp.metadata["target_notes"])
+
+
+@needs_cross_cc
+def test_emulated_check_refuses_a_missing_or_tampered_runtime(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    empty = tmp_path / "no-runtime"
+    empty.mkdir()
+    # auto: the build stands, and the report says why its outputs were not checked
+    comp = TvmTarget(TvmConfig(tuning_trials=0, target=AARCH64, cross_runtime=str(empty))).compile(
+        _onnx_artifact(ctx.cache, digits_onnx), ctx)
+    assert comp.metadata["tvm"]["emulated_check"]["status"] == "not run"
+    assert any("not checked under emulation" in n and "tvm-runtime aarch64" in n
+               for n in comp.metadata["target_notes"])
+    # required: no check means no build
+    with pytest.raises(BuildError, match="could not be run"):
+        TvmTarget(TvmConfig(tuning_trials=0, target=AARCH64, emulate="required", cross_runtime=str(empty))).compile(
+            _onnx_artifact(ctx.cache, digits_onnx), ctx)
+    runtime = _aarch64_runtime()
+    if runtime is not None:  # a library changed after it was fetched is refused, never run
+        from targets._tvm_emulate import check_runtime
+
+        copy = tmp_path / "rt"
+        shutil.copytree(runtime, copy)
+        with (copy / "libtvm_runtime.so").open("ab") as f:
+            f.write(b"\0")
+        assert "changed since it was fetched" in (check_runtime(copy, "aarch64") or "")
 
 
 def test_time_budget_stops_tuning_early(digits_onnx: Path, tmp_path: Path) -> None:
