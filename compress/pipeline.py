@@ -287,6 +287,9 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
         if not fns:
             continue
         say(f"latency at batch {batch}: {len(fns)} candidates interleaved, {threads} threads")
+        for c in live:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
+            if isinstance(getattr(c.runner, "gpu_ms", None), list):
+                c.runner.gpu_ms.clear()
         try:
             samples = measure_interleaved(
                 {f"{v}/{t}": fn for (v, t), fn in fns.items()}, rec.measure.warmup, rec.measure.min_runs,
@@ -299,6 +302,10 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
                 # Raw samples stay in the report: the budget gate bootstraps intervals from them.
                 c.latency[str(batch)] = {**summarize(samples[key], batch).to_json(),
                                          "samples_ms": [round(x, 5) for x in samples[key]]}
+                gpu = getattr(c.runner, "gpu_ms", None)
+                if isinstance(gpu, list) and gpu:
+                    # Device time from CUDA events, beside the host wall time above (warm-up calls included).
+                    c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
 
 
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,

@@ -87,3 +87,48 @@ class MissingTarget:
 
     def fingerprint(self) -> dict:
         return {}
+
+
+class DeviceClockConfig(TargetConfig):
+    """Test-only target: ONNX Runtime, plus a fake device clock like TensorRT's CUDA-event timings."""
+
+    kind: Literal["test.devclock"] = "test.devclock"
+
+
+@register_target(DeviceClockConfig)
+class DeviceClockTarget:
+    name = "test.devclock"
+    consumes = "onnx"
+    DEVICE_MS = 0.25  # every call "takes" this long on the device
+
+    def __init__(self, config: DeviceClockConfig) -> None:
+        from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+
+        self.config = config
+        self._ort = OnnxRuntimeTarget(OnnxRuntimeConfig())
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def fingerprint(self) -> dict:
+        return {}
+
+    def compile(self, art, ctx):  # type: ignore[no-untyped-def]
+        return self._ort.compile(art, ctx)
+
+    def runner(self, compiled, threads: int = 0):  # type: ignore[no-untyped-def]
+        inner = self._ort.runner(compiled, threads)
+
+        class Clocked:
+            def __init__(self) -> None:
+                self.input_names = inner.input_names
+                self.gpu_ms: list[float] = []
+
+            def infer(self, feeds):  # type: ignore[no-untyped-def]
+                self.gpu_ms.append(DeviceClockTarget.DEVICE_MS)
+                return inner.infer(feeds)
+
+            def close(self) -> None:
+                inner.close()
+
+        return Clocked()

@@ -206,3 +206,15 @@ def test_quantized_run_reports_parity_with_simulation_and_model_changes(tmp_path
     assert model["macs"] < model["macs_before"] and model["params"] > 0
     md = (out / "report.md").read_text()
     assert "## Quantized: deployed vs simulated" in md and "## Model changes vs latency" in md
+
+
+def test_device_timings_are_reported_beside_host_latency(tmp_path: Path, capsys) -> None:
+    # A runner that times on the device (TensorRT: CUDA events) gets its own summary per batch.
+    r = recipe(tmp_path, 'model = { source = "zoo:digits-cnn" }\n' + FAST + '[[targets]]\nkind = "test.devclock"\n')
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
+    assert code == 0, err
+    cell = json.loads((out / "report.json").read_text())["results"][0]
+    for b in ("1", "4"):
+        dev = cell["latency"][b]["device"]
+        assert dev["p50_ms"] == pytest.approx(0.25) and dev["runs"] >= cell["latency"][b]["runs"]
