@@ -52,10 +52,10 @@ MODELS: dict[str, dict[str, Any]] = {
                  "recipe": "prune.channels{macs_target=0.2,round_to=16},distill{epochs=8,patience=0},"
                            "quantize.int8"},
     "mobilenetv2": {"acc_shape": (1, 3, 32, 32), "lat_shape": (1, 3, 224, 224), "epochs": 10,
-                    "recipe": "prune.channels{macs_target=0.35,round_to=8},distill{epochs=8,patience=0},"
+                    "recipe": "prune.channels{macs_target=0.5,round_to=8},distill{epochs=10,patience=0},"
                               "quantize.int8"},
     "transformer": {"acc_shape": (1, 1, 8, 8), "lat_shape": (1, 1, 8, 8), "epochs": 25,
-                    "recipe": "prune.channels{ratio=0.5},distill{epochs=10,patience=0},quantize.int8"},
+                    "recipe": "prune.channels{macs_target=0.5},distill{epochs=10,patience=0},quantize.int8"},
 }
 
 

@@ -52,7 +52,7 @@ class Cell:
 
     variant: str
     target: str
-    status: str = "ok"  # ok | unavailable | failed
+    status: str = "ok"  # ok | unavailable | failed | skipped (nothing new to measure)
     reason: str | None = None
     compiled: Artifact | None = None
     runner: Any = None
@@ -244,6 +244,13 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                 continue
             if t.consumes == "torch" and v.onnx_art is not None and v.steps:
                 onnx_after = [r.kind for r in v.steps if get_pass(r.kind).consumes == "onnx"]
+                base_torch = variants[0].torch_art
+                if onnx_after and v is not variants[0] and base_torch is not None and src.digest == base_torch.digest:
+                    # Measuring the baseline's own model again would only show noise as a "speed-up".
+                    cell.status = "skipped"
+                    cell.reason = (f"same PyTorch model as the baseline ({', '.join(onnx_after)} acts on the ONNX "
+                                   "model only)")
+                    continue
                 if onnx_after:
                     cell.notes.append(f"measures the PyTorch model before the ONNX passes ({', '.join(onnx_after)})")
             try:

@@ -147,7 +147,8 @@ def render_text(report: dict[str, Any], compare: bool = False) -> str:
     head, rows = table_rows(report, compare)
     if compare:  # unavailable targets go below the table, once each, with the reason
         gone = {r[1]: r[-1] for r in rows if r[-1].startswith("unavailable")}
-        rows = [r for r in rows if not r[-1].startswith("unavailable")]
+        gone.update({f"{r[0]}/{r[1]}": r[-1] for r in rows if r[-1].startswith("skipped")})
+        rows = [r for r in rows if not r[-1].startswith(("unavailable", "skipped"))]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
     out = [line, "-" * len(line)]

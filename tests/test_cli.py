@@ -190,12 +190,14 @@ def test_quantized_run_reports_parity_with_simulation_and_model_changes(tmp_path
                          'data = { source = "builtin:digits" }\n' + FAST +
                '[[passes]]\nkind = "prune.channels"\nratio = 0.5\n'
                '[[passes]]\nkind = "export.onnx"\n[[passes]]\nkind = "quantize.int8"\n'
-               '[[targets]]\nkind = "onnxruntime"\n')
+               '[[targets]]\nkind = "onnxruntime"\n[[targets]]\nkind = "torch"\n')
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
-    cell = next(c for c in rep["results"] if c["variant"] == "q")
+    cell = next(c for c in rep["results"] if c["variant"] == "q" and c["target"] == "onnxruntime")
+    # torch measures the pruned model (before quantization), which differs from the baseline's
+    assert next(c for c in rep["results"] if c["variant"] == "q" and c["target"] == "torch")["status"] == "ok"
     par = cell["quant_parity"]
     # Deployed INT8 on ONNX Runtime vs the same QDQ graph with reference kernels: they must agree.
     assert par["agreement"] >= 0.98 and par["cosine"] > 0.99 and par["flagged"] is False
@@ -218,3 +220,17 @@ def test_device_timings_are_reported_beside_host_latency(tmp_path: Path, capsys)
     for b in ("1", "4"):
         dev = cell["latency"][b]["device"]
         assert dev["p50_ms"] == pytest.approx(0.25) and dev["runs"] >= cell["latency"][b]["runs"]
+
+
+def test_torch_cell_of_an_onnx_only_variant_is_skipped_not_measured_twice(tmp_path: Path, capsys) -> None:
+    r = recipe(tmp_path, 'name = "i8"\nmodel = { source = "zoo:digits-cnn" }\ndata = { source = "builtin:digits" }\n'
+               + FAST + '[[passes]]\nkind = "quantize.int8"\n[[targets]]\nkind = "torch"\n'
+               '[[targets]]\nkind = "onnxruntime"\n')
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
+    assert code == 0, err
+    cells = {(c["variant"], c["target"]): c for c in json.loads((out / "report.json").read_text())["results"]}
+    same = cells[("i8", "torch")]
+    # Its PyTorch model is the baseline's: a "speed-up" there could only be noise.
+    assert same["status"] == "skipped" and "same PyTorch model" in same["reason"] and not same["latency"]
+    assert cells[("i8", "onnxruntime")]["status"] == "ok" and cells[("baseline", "torch")]["status"] == "ok"
