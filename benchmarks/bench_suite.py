@@ -200,8 +200,8 @@ def write_md(results: list[dict[str, Any]], cmd: str, seconds: float) -> str:
                          " | ".join(f"{bp / p:.2f}x" for bp, p in zip(best_plain, p50, strict=True)) + " |")
         b1 = lat["1"]
         plain1 = min(b1["plain_int8_default"]["p50_ms"], b1["plain_int8_u8s8_per_channel"]["p50_ms"])
-        lines += ["", f"Headline: product {plain1 / b1['product']['p50_ms']:.2f}x faster than the faster plain "
-                  f"quantize_static INT8 at batch 1; top-1 {100 * t['product']:.2f}% vs original "
+        lines += ["", f"Headline ({r['model']}): product {plain1 / b1['product']['p50_ms']:.2f}x faster than the "
+                  f"faster plain quantize_static INT8 at batch 1; top-1 {100 * t['product']:.2f}% vs original "
                   f"{100 * t['fp32']:.2f}% ({100 * (t['product'] - t['fp32']):+.2f} points).", ""]
     lines += ["## Machine", "", "```json", json.dumps(machine_fingerprint(), indent=2), "```", ""]
     return "\n".join(lines)

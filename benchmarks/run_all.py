@@ -70,6 +70,13 @@ def collect() -> None:
         "```",
         "",
     ]
+    lines += ["## Against the goals", "",
+              "Quoted from the sections below (each written by its benchmark run):", ""]
+    for p in parts:
+        found = headline_lines(p.read_text())
+        if found:
+            lines += [f"- **{p.stem}**:", *[f"  - {h}" for h in found]]
+    lines.append("")
     for p in parts:
         text = p.read_text().strip()
         # Demote headings by one level so every section nests under this page's title.
@@ -77,6 +84,36 @@ def collect() -> None:
         lines.append("")
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'RESULTS.md'} from {len(parts)} result files")
+
+
+def headline_lines(text: str) -> list[str]:
+    """The paragraphs of a result file that state a headline or a goal verdict, with the bullets under them."""
+    out: list[str] = []
+    current: list[str] | None = None
+    bullet = False
+    for ln in [*text.splitlines(), ""]:
+        s = ln.strip()
+        starts = s.startswith(("Headline", "Goal", "**Goal")) or "within the 1-point goal" in s
+        if starts:
+            if current:
+                out.append(" ".join(current))
+            current, bullet = [s.replace("**", "")], False
+        elif current is not None and s.startswith("- "):
+            out.append(" ".join(current))
+            current, bullet = [s[2:]], True
+        elif current is not None and not s and bullet:
+            out.append(" ".join(current))  # a list ends at a blank line
+            current, bullet = None, False
+        elif current is not None and s and not s.startswith(("#", "|")):
+            current.append(s.replace("**", ""))
+        elif current is not None and not s:
+            continue  # a blank line may separate a goal from its bullets
+        elif current is not None:
+            out.append(" ".join(current))
+            current = None
+    if current:
+        out.append(" ".join(current))
+    return out
 
 
 if __name__ == "__main__":
