@@ -166,9 +166,9 @@ def _load_onnx(path: Path, cache: Cache) -> Artifact:
     dst = cache.new_dir("onnx")
     shutil.copy2(path, dst / "model.onnx")
     for t in model.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                shutil.copy2(path.parent / e.value, dst / e.value)
+        for entry in t.external_data:
+            if entry.key == "location":
+                shutil.copy2(path.parent / entry.value, dst / entry.value)
     digest = sha256_files(dst)
     art = Artifact("onnx", dst, digest, onnx_input_specs(model), producer=f"load {path}",
                    metadata={"source": str(path)})
