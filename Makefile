@@ -25,10 +25,12 @@ $(CROSS_RT)/runtime.json: $(STAMP)
 
 test: $(STAMP) $(CROSS_RT)/runtime.json
 	$(BIN)/ruff check .
+	$(BIN)/mypy compress passes targets
 	VENV=$(VENV) .ci/typecheck-tensorrt
 	COMPRESS_TVM_CROSS_RUNTIME=$(abspath $(CROSS_RT)) $(BIN)/pytest -q
 
 typecheck: $(STAMP)
+	$(BIN)/mypy compress passes targets
 	VENV=$(VENV) .ci/typecheck-tensorrt
 
 bench: $(STAMP)

@@ -11,7 +11,9 @@ class PassConfig(BaseModel):
     """Base of every pass config. Subclasses set ``kind`` as a ``Literal``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: str
+    # Every registered subclass narrows this to a Literal with its own name as the default (the
+    # registry refuses one that does not), so ``cls()`` is always a complete config.
+    kind: str = ""
 
     def options(self) -> dict[str, Any]:
         """Settings that differ from their defaults (for the text form and reports)."""

@@ -132,6 +132,7 @@ def load_data(spec: object, input_shape: tuple[int, ...]) -> DataBundle | None:
     want = tuple(input_shape[1:])
     if src == "random":
         return None
+    y: np.ndarray | None
     if src == "builtin:digits":
         x, y = _digits()
     elif src.startswith("npz:") or src.endswith(".npz"):

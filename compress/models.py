@@ -80,6 +80,7 @@ def _load_weights(model: nn.Module, weights: str) -> None:
     path = Path(weights)
     if not path.exists():
         raise InputError(f"{path}: weights file not found")
+    sd: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

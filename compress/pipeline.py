@@ -332,7 +332,11 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             continue
         bs = 64 if (c.target == "torch" or _dynamic_batch(c.compiled)) else 1
         try:
-            logits = predict(c.runner, data, data.val, bs) if data is not None else predict_arrays(c.runner, xs, bs)
+            if data is not None:
+                logits = predict(c.runner, data, data.val, bs)
+            else:
+                assert xs is not None  # set above whenever there is no data
+                logits = predict_arrays(c.runner, xs, bs)
         except Exception as e:  # report the failing target instead of aborting the run
             c.status, c.reason = "failed", f"inference on the validation data failed: {str(e).splitlines()[0]}"
             continue

@@ -86,6 +86,12 @@ def _fmt_validation(where: str, e: ValidationError, cls: type[BaseModel]) -> str
     return f"{where}: " + "; ".join(parts)
 
 
+def _target_step(where: str, table: Any) -> TargetConfig:
+    cfg = _validate_step(where, table, target=True)
+    assert isinstance(cfg, TargetConfig)  # get_target_config only returns TargetConfig subclasses
+    return cfg
+
+
 def _validate_step(where: str, table: Any, target: bool) -> PassConfig:
     if not isinstance(table, dict):
         raise RecipeError(f"{where}: expected a table with a 'kind' key, got {table!r}")
@@ -279,7 +285,7 @@ def parse_pipeline(text: str) -> tuple[list[PassConfig], list[TargetConfig]]:
     pass_tables = [_parse_step_text(t) for t in _split_top(parts[0], ",")]
     target_tables = [_parse_step_text(t) for t in _split_top(parts[1], ",")] if len(parts) == 2 else []
     passes = [_validate_step(f"pipeline text: pass {i + 1}", t, target=False) for i, t in enumerate(pass_tables)]
-    targets = [_validate_step(f"pipeline text: target {i + 1}", t, target=True) for i, t in enumerate(target_tables)]
+    targets = [_target_step(f"pipeline text: target {i + 1}", t) for i, t in enumerate(target_tables)]
     return passes, targets
 
 

@@ -29,15 +29,22 @@ class PassInfo:
 
 
 _PASSES: dict[str, PassInfo] = {}
-_TARGETS: dict[str, tuple[type[TargetConfig], Callable[[], Any]]] = {}
+_TARGETS: dict[str, tuple[type[TargetConfig], Callable[[TargetConfig], Any]]] = {}
 _loaded = False
+
+
+def _kind_of(config_cls: type[PassConfig]) -> str:
+    kind = config_cls.model_fields["kind"].default
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{config_cls.__name__} must set kind as a Literal with its name as default")
+    return kind
 
 
 def register_pass(
     config_cls: type[PassConfig], *, consumes: str, produces: str, version: int = 1
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a pass function. Bump ``version`` when its output changes: it is in the cache key."""
-    kind = config_cls.model_fields["kind"].default
+    kind = _kind_of(config_cls)
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -49,7 +56,7 @@ def register_pass(
 
 def register_target(config_cls: type[TargetConfig]) -> Callable[[Any], Any]:
     """Register a target class (constructed with its config)."""
-    kind = config_cls.model_fields["kind"].default
+    kind = _kind_of(config_cls)
 
     def deco(cls: Any) -> Any:
         _TARGETS[kind] = (config_cls, cls)
@@ -76,7 +83,7 @@ def passes() -> dict[str, PassInfo]:
     return dict(sorted(_PASSES.items()))
 
 
-def targets() -> dict[str, tuple[type[TargetConfig], Callable[[], Any]]]:
+def targets() -> dict[str, tuple[type[TargetConfig], Callable[[TargetConfig], Any]]]:
     _load_plugins()
     return dict(sorted(_TARGETS.items()))
 

@@ -69,7 +69,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "steps": [s.to_json() for s in v.steps],
             "passes": {k: val for k, val in meta.items() if isinstance(val, dict)},
         }
-        vjson[v.name]["model"] = model_summary(vjson[v.name]["passes"])
+        vjson[v.name]["model"] = model_summary({k: val for k, val in meta.items() if isinstance(val, dict)})
         notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
     results = []
     for c in cells:
@@ -247,7 +247,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
                    alpha=0.6 if base else 1.0)
         ax.annotate(f"{v} / {t}", (p50, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.margins(x=0.3, y=0.12)
-    front = []
+    front: list[tuple[Any, ...]] = []
     for p in sorted(pts):
         if not front or p[1] > front[-1][1]:
             front.append(p)

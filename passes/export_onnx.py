@@ -93,6 +93,8 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
         if cfg.dynamo:
             prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
                                      output_names=["output"], dynamic_shapes=dyn, verbose=False)
+            if prog is None:  # only None when given a path to write to, which is not done here
+                raise ExportError(f"{cfg.kind}: the dynamo exporter returned no program")
             prog.save(str(path))
         else:
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,

@@ -155,3 +155,13 @@ def test_model_that_does_not_export_gives_export_error(cache) -> None:
     root = module_artifact(not_exportable(), (1, 1, 8, 8), cache)
     with pytest.raises(ExportError, match="torch.onnx.export failed for NotExportable"):
         PassManager([ExportOnnx()]).run(root, PassContext(cache=cache, progress=False))
+
+
+def test_registering_a_config_without_its_kind_is_refused() -> None:
+    from compress.registry import register_pass
+
+    class NoKind(PassConfig):  # forgot `kind: Literal["..."] = "..."`
+        factor: float = 1.0
+
+    with pytest.raises(TypeError, match="NoKind must set kind"):
+        register_pass(NoKind, consumes="torch", produces="torch")
