@@ -50,7 +50,8 @@ def timed(runner, feeds) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_model(name: str, budgets: list[int], caps: list[float | None], rounds: int, work: Path) -> dict:
+def bench_model(name: str, budgets: list[int], caps: list[float | None], rounds: int, work: Path,
+                prepack: str = "on") -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -68,11 +69,16 @@ def bench_model(name: str, budgets: list[int], caps: list[float | None], rounds:
     builds: dict[str, dict] = {}
     runners = {}
     db = work / name / "tvm-db-bench"  # fresh per run: the benchmark measures tuning, not a warm database
-    plan = [("untuned", 0, None)] + [(f"tuned-{b}", b, c) for b, c in zip(budgets, caps, strict=True)]
-    for label, trials, cap in plan:
+    # "both" builds every budget twice, with and without weight prepacking, timed in the same rounds.
+    arms = {"on": [True], "off": [False], "both": [True, False]}[prepack]
+    plan = [("untuned", 0, None, True)] + [
+        (f"tuned-{b}" + ("" if pp else " no-prepack"), b, c, pp)
+        for b, c in zip(budgets, caps, strict=True) for pp in arms]
+    for label, trials, cap, pp in plan:
         log(f"{name}: compiling TVM {label}")
         t0 = time.perf_counter()
-        tgt = TvmTarget(TvmConfig(tuning_trials=trials, tuning_time_s=cap, database=str(db), threads=THREADS))
+        tgt = TvmTarget(TvmConfig(tuning_trials=trials, tuning_time_s=cap, database=str(db), threads=THREADS,
+                                  weight_prepack=pp))
         comp = tgt.compile(onnx_art, ctx)
         wall = time.perf_counter() - t0
         r = tgt.runner(comp, threads=THREADS)
@@ -143,9 +149,13 @@ def write_md(results: list[dict], cmd: str, total_s: float, out: Path) -> None:
 
 
 def _cum_seconds(builds: dict, label: str) -> str:
-    """Tuning seconds up to and including ``label`` (later budgets continue from earlier ones)."""
+    """Tuning seconds up to and including ``label`` (later budgets continue from earlier ones of the
+    same arm: prepacked and plain builds tune different workloads, so each has its own ledger)."""
     total = 0.0
+    arm = label.endswith("no-prepack")
     for name, b in builds.items():
+        if name.endswith("no-prepack") != arm:
+            continue
         total += float(b["tuning"].get("tuning_s_this_run", 0.0))
         if name == label:
             return f"{total:.1f}"
@@ -158,6 +168,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="96,256")
     ap.add_argument("--time-caps", default="none,none", help="seconds per budget (cumulative); 'none' for no cap")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--prepack", choices=["on", "off", "both"], default="on",
+                    help="weight prepacking of tuned builds; both = an A/B of each budget in the same run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tvm.md"))
     a = ap.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
@@ -167,7 +179,7 @@ def main() -> None:
     results = []
     try:
         for m in a.models.split(","):
-            results.append(bench_model(m, budgets, caps, a.rounds, work))
+            results.append(bench_model(m, budgets, caps, a.rounds, work, a.prepack))
             log(json.dumps(results[-1]["median_ms"]) + " " + json.dumps(results[-1]["ratio_vs_ort_median"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)

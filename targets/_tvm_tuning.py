@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -222,6 +223,52 @@ class TuneStats:
     best_s: dict[int, float] = field(default_factory=dict)
 
 
+class StallWatch:
+    """Tells the user when one in-process candidate takes far longer than candidates do.
+
+    The in-process builder and runner cannot interrupt TVM's C++ code: LLVM compiling a badly
+    unrolled candidate (the JIT runs when the runner first looks the kernel up) once ran for over
+    ten minutes here. TVM's FFI releases the GIL during such calls, so a thread can at least say
+    what is going on instead of leaving the console silent.
+    """
+
+    def __init__(self, say: Callable[[str], None], after_s: float = 120.0, poll_s: float = 5.0) -> None:
+        self._say, self._after, self._poll = say, after_s, poll_s
+        self._current: tuple[str, float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def phase(self, what: str) -> Iterator[None]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tvm-stall-watch", daemon=True)
+            self._thread.start()
+        self._current = (what, time.perf_counter())
+        try:
+            yield
+        finally:
+            self._current = None
+
+    def _loop(self) -> None:
+        warned: tuple[str, float] | None = None
+        while not self._stop.wait(self._poll):
+            cur = self._current
+            if cur is None or cur is warned:
+                continue
+            waited = time.perf_counter() - cur[1]
+            if waited >= self._after:
+                warned = cur
+                self._say(f"tvm tuning: {cur[0]} has taken {waited:.0f} s so far (candidates usually take seconds); "
+                          "TVM cannot interrupt it in-process, so tuning waits for it. If it never ends, stop the "
+                          "run: the tuning database keeps every record measured so far, and a rerun starts its "
+                          "search from them")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 _GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
 
 
@@ -277,7 +324,7 @@ def quiet_metaschedule_logging() -> Iterator[None]:
 
 
 def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None, progress: Callable[[str], None],
-                     evaluator: dict[str, Any], budget: int) -> tuple[Any, Any, Any, Any]:
+                     evaluator: dict[str, Any], budget: int, watch: StallWatch) -> tuple[Any, Any, Any, Any]:
     """An in-process builder and runner, a measure callback and a task scheduler sharing ``stats``.
 
     With a time budget the scheduler is round-robin, not MetaSchedule's default gradient one: the
@@ -318,7 +365,8 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
             for bi in build_inputs:
                 t0 = time.perf_counter()
                 try:
-                    rt_mod = default_build(bi.mod, bi.target, None)
+                    with watch.phase("building one candidate"):
+                        rt_mod = default_build(bi.mod, bi.target, None)
                 except (RuntimeError, ValueError, TypeError) as e:  # how TVM FFI surfaces C++ errors
                     # A failed candidate is a measured outcome, counted in the stats and the report.
                     stats.build_errors += 1
@@ -346,8 +394,9 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
                 t0 = time.perf_counter()
                 rt_mod = built.pop(ri.artifact_path)
                 try:
-                    args = alloc_argument_common(self.fill, dev, [a.as_json() for a in ri.args_info], 1)
-                    costs = run_evaluator_common(rt_mod, dev, self.config, args)
+                    with watch.phase("compiling and timing one candidate"):
+                        args = alloc_argument_common(self.fill, dev, [a.as_json() for a in ri.args_info], 1)
+                        costs = run_evaluator_common(rt_mod, dev, self.config, args)
                     out.append(LocalRunnerFuture(costs, None))
                     mean = sum(costs) / len(costs)
                     batch_best = mean if batch_best is None else min(batch_best, mean)
@@ -385,11 +434,13 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
     return InProcessBuilder(), InProcessRunner(), Progress(), scheduler
 
 
-def prepare_passes(target: Any) -> list[Any]:
-    """The passes MetaSchedule's ``compile_relax`` runs before applying a database.
+def prepare_passes(target: Any, prepack: bool) -> list[Any]:
+    """The passes run before tasks are extracted and, identically, before the database is applied.
 
     Tasks must be extracted from the same lowered form, or their workloads (structural hashes)
-    would not match what ``compile_relax`` looks up.
+    would not match what ``compile_tuned`` looks up. With ``prepack`` the weights (bound constants)
+    are marked layout-free, so MetaSchedule's RewriteLayout may choose a blocked weight layout per
+    kernel instead of reading OIHW in place.
     """
     from tvm import relax
     from tvm.relax import pipeline as relax_pipeline
@@ -401,7 +452,48 @@ def prepare_passes(target: Any) -> list[Any]:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
     ]
+
+
+def compile_tuned(database: Any, mod: Any, target: Any, prepack: bool) -> tuple[Any, int]:
+    """``meta_schedule.relax_integration.compile_relax`` for CPU targets, plus weight prepacking.
+
+    ``mod`` has its weights bound as constants. With ``prepack`` the layout rewrites chosen while
+    tuning are split out of each kernel (SplitLayoutRewritePreproc) and folded into the constants
+    at compile time, so the deployed library takes the same inputs and does no repacking per call.
+    Returns the executable and how many kernels run on prepacked weights.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline as relax_pipeline
+
+    # DeadCodeElimination drops the repacking functions once their calls are folded away.
+    after = ([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+              relax.transform.DeadCodeElimination()] if prepack else [])
+    try:
+        lower = [*relax_pipeline.dataflow_lower_passes(target), *relax_pipeline.finalize_passes(target)]
+    except (ValueError, AttributeError):
+        # TVM 0.27's cpu_generic backend has no such lists; these are compile_relax's own fallback.
+        lower = [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
+                 relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
+                 relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor(),
+                 relax.transform.KillAfterLastUse(), relax.transform.LowerRuntimeBuiltin(),
+                 relax.transform.ComputePrimValue(), relax.transform.VMShapeLower(),
+                 relax.transform.AttachGlobalSymbol()]
+
+    prepacked = [0]
+
+    @tvm.transform.module_pass(opt_level=3)
+    def _pipeline(m: Any, _ctx: Any) -> Any:
+        m = tvm.transform.Sequential(prepare_passes(target, prepack))(m)
+        m = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(m)
+        m = tvm.transform.Sequential(after)(m)
+        prepacked[0] = sum(1 for g in m.functions if g.name_hint.endswith("_prepacked"))
+        return tvm.transform.Sequential(lower)(m)
+
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        return relax.build(mod, target=target, relax_pipeline=_pipeline), prepacked[0]
 
 
 def remove_tree(path: Path) -> None:

@@ -1,9 +1,10 @@
 """Apache TVM (Relax) on the CPU, tuned with MetaSchedule.
 
-ONNX goes through the Relax ONNX frontend, is compiled with ``tvm.compile`` (untuned) or with
-MetaSchedule's ``compile_relax`` over a tuning database (tuned), exported as a shared library and
-run with the Relax VM. Untuned CPU code is far from usable (PLATFORM.md: ~1,700 ms against ~24 ms
-for ONNX Runtime on ResNet-18), so an untuned build says so in its metadata notes.
+ONNX goes through the Relax ONNX frontend, is compiled with ``tvm.compile`` (untuned) or over a
+MetaSchedule tuning database (tuned; ``_tvm_tuning.compile_tuned``, with weights prepacked into
+the layouts tuning chose), exported as a shared library and run with the Relax VM. Untuned CPU
+code is far from usable (PLATFORM.md: ~1,700 ms against ~24 ms for ONNX Runtime on ResNet-18), so
+an untuned build says so in its metadata notes.
 
 The tuning database lives on disk (default ``<cache>/tvm-db``), one directory per (TVM version,
 target), so a second run of the same model, from any recipe, spends no tuning time, and records
@@ -12,6 +13,7 @@ tuned by another TVM version or for another target are never applied (see ``_tvm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -53,6 +55,8 @@ class TvmConfig(TargetConfig):
         256, ge=0, description="MetaSchedule trials in total over all tasks; 0 = untuned (not representative)")
     tuning_time_s: float | None = Field(None, gt=0, description="wall-clock budget for tuning; None = trials only")
     database: str | None = Field(None, description="tuning database root; None = <cache>/tvm-db")
+    weight_prepack: bool = Field(
+        True, description="CPU: let tuning choose a blocked weight layout per kernel, repacked once at build time")
     threads: int = Field(0, ge=0, description="TVM runtime threads; 0 = the measurement setting")
     cc: str | None = Field(None, description="C++ compiler for export_library; None = host g++, or the Debian "
                            "cross compiler (e.g. aarch64-linux-gnu-g++) when the target triple is foreign")
@@ -357,8 +361,10 @@ class TvmTarget:
         from tvm.s_tir import meta_schedule as ms
 
         from ._tvm_tuning import (
+            StallWatch,
             TuneStats,
             TuningDatabase,
+            compile_tuned,
             import_cpu_tensor_intrinsics,
             make_tuner_parts,
             model_key,
@@ -368,12 +374,13 @@ class TvmTarget:
         )
 
         cfg = self.config
+        prepack = cfg.weight_prepack and target.kind.name == "llvm"
         if target.kind.name == "llvm":
             import_cpu_tensor_intrinsics()
         root = Path(cfg.database) if cfg.database else Path(ctx.cache.root) / "tvm-db"
         t0 = time.perf_counter()
         with target:
-            prepared = tvm.transform.Sequential(prepare_passes(target))(self._bound(mod, params))
+            prepared = tvm.transform.Sequential(prepare_passes(target, prepack))(self._bound(mod, params))
         tasks = ms.relax_integration.extract_tasks(prepared, target)
         if not tasks:
             raise BuildError("target 'tvm': MetaSchedule found no tunable task in this model")
@@ -397,13 +404,14 @@ class TvmTarget:
                     + (f" or {left_time:.0f} s" if left_time is not None else "")
                     + (f" (continuing: {spent['trials']} trials already in the database)" if spent["trials"] else ""))
                 deadline = None if left_time is None else time.perf_counter() + left_time
+                watch = StallWatch(log)
                 builder, runner, callback, scheduler = make_tuner_parts(stats, tasks, deadline, log, _EVALUATOR,
-                                                                       left_trials)
+                                                                       left_trials, watch)
                 work = ctx.new_dir("tvm-tune")
                 # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
                 # worker process per task (import tvm each time), which cost ~5 s per task here.
                 t_tune = time.perf_counter()
-                with quiet_metaschedule_logging():
+                with quiet_metaschedule_logging(), contextlib.closing(watch):
                     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                         tasks, str(work), strategy=_strategy(left_trials, len(tasks)), seed=getattr(ctx, "seed", 0),
                         num_threads=_search_threads(target))
@@ -423,7 +431,7 @@ class TvmTarget:
                     raise BuildError(f"target 'tvm': every one of {stats.trials} tuning candidates failed to build "
                                      "or run; see the MetaSchedule logs or set tuning_trials = 0")
             covered = sum(1 for t in tasks if _has_record(db.ms_database(), t.dispatched[0]))
-            ex = ms.relax_integration.compile_relax(db.ms_database(), mod, target, params)
+            ex, prepacked = compile_tuned(db.ms_database(), self._bound(mod, params), target, prepack)
         total = db.spent(key)
         if covered < len(tasks):
             notes.append(f"{len(tasks) - covered} of {len(tasks)} TVM tasks have no tuning record (budget too small "
@@ -435,6 +443,7 @@ class TvmTarget:
             "builder_s": round(stats.build_s, 2), "runner_s": round(stats.run_s, 2),
             "search_s": round(max(0.0, tune_s - stats.build_s - stats.run_s), 2),
             "stopped_by_time": stats.stopped_by_time, "model_key": key,
+            "weight_prepack": prepack, "prepacked_kernels": prepacked,
             "best_kernels_ms": round(sum(tasks[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
             "prepare_s": round(time.perf_counter() - t0 - tune_s, 2),
         })

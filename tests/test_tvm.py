@@ -104,8 +104,21 @@ def test_tuned_build_matches_onnxruntime_and_records_its_trials(tuned: dict, dig
     assert tuned["first"].metadata["tvm"]["label"] == "tuned"
     assert t["status"] == "tuned" and t["trials_this_run"] >= 8 and t["tasks_with_records"] >= 1
     assert t["build_errors"] == 0 and t["run_errors"] == 0
+    # Prepacking on by default: tuned conv/matmul kernels read weights repacked at build time.
+    assert t["weight_prepack"] is True and t["prepacked_kernels"] >= 1
     x = _x(1)
     got = TvmTarget(tuned["cfg"]).runner(tuned["first"]).infer({"input": x})
+    np.testing.assert_allclose(got[0], _ort(digits_onnx, x), rtol=1e-4, atol=1e-5)
+
+
+def test_weight_prepack_can_be_switched_off(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    cfg = TvmConfig(tuning_trials=4, database=str(tmp_path / "db"), weight_prepack=False)
+    comp = TvmTarget(cfg).compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    t = comp.metadata["tvm"]["tuning"]
+    assert t["weight_prepack"] is False and t["prepacked_kernels"] == 0
+    x = _x(2)
+    got = TvmTarget(cfg).runner(comp).infer({"input": x})
     np.testing.assert_allclose(got[0], _ort(digits_onnx, x), rtol=1e-4, atol=1e-5)
 
 
@@ -365,3 +378,32 @@ def test_a_scheme_tvm_cannot_run_fails_that_cell_and_the_run_goes_on(tmp_path: P
     assert cells[("baseline", "tvm")]["status"] == "ok"
     bad = cells[("wo", "tvm")]
     assert bad["status"] == "failed" and "MatMulNBits" in bad["reason"] and "onnxruntime" in bad["reason"]
+
+
+def test_stall_watch_says_once_when_one_candidate_hangs_and_nothing_otherwise() -> None:
+    import threading
+
+    from targets._tvm_tuning import StallWatch
+
+    said: list[str] = []
+    heard = threading.Event()
+
+    def say(msg: str) -> None:
+        said.append(msg)
+        heard.set()
+
+    watch = StallWatch(say, after_s=0.05, poll_s=0.01)
+    with watch.phase("building one candidate"):
+        # Stand-in for a candidate stuck in C++: the phase stays open until the watch has spoken.
+        assert heard.wait(timeout=30), "the watch never reported the stalled candidate"
+        heard.clear()
+        assert not heard.wait(timeout=0.1)  # once per candidate, not every poll
+    watch.close()
+    assert len(said) == 1 and "building one candidate" in said[0] and "cannot interrupt" in said[0]
+
+    quiet: list[str] = []
+    watch = StallWatch(quiet.append, after_s=3600, poll_s=0.01)
+    with watch.phase("timing one candidate"):
+        pass
+    watch.close()
+    assert quiet == []
