@@ -63,13 +63,14 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
     for v in variants:
         last = v.onnx_art or v.torch_art
         meta = last.metadata if last is not None else {}
+        passes_meta = {k: val for k, val in meta.items() if isinstance(val, dict)}
         vjson[v.name] = {
             "torch_digest": v.torch_art.digest if v.torch_art else None,
             "onnx_digest": v.onnx_art.digest if v.onnx_art else None,
             "steps": [s.to_json() for s in v.steps],
-            "passes": {k: val for k, val in meta.items() if isinstance(val, dict)},
+            "passes": passes_meta,
+            "model": model_summary(passes_meta),
         }
-        vjson[v.name]["model"] = model_summary({k: val for k, val in meta.items() if isinstance(val, dict)})
         notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
     results = []
     for c in cells:
