@@ -252,8 +252,18 @@ def _print_fields(cfg_cls: type) -> None:
 
 
 def _cmd_targets() -> int:
+    from passes._quant_common import choose_scheme
+
+    from .fingerprint import ARCH_ENV, ISA_ENV, cpu_info
     from .registry import make_target, targets
 
+    cpu = cpu_info()
+    forced = (f" (forced by {ISA_ENV}/{ARCH_ENV}; detected: {', '.join(cpu['isa_detected']) or 'none'})"
+              if cpu["isa_forced"] else "")
+    print(f"host: {cpu['model']} ({cpu['arch']}, {cpu['affinity_cores']} cores usable)")
+    print(f"ISA:  {', '.join(cpu['isa']) or 'no optional extensions'}{forced}")
+    print(f"INT8: {choose_scheme('auto')[1]}")
+    print()
     for kind, (cfg_cls, _) in targets().items():
         t = make_target(cfg_cls())
         reason = t.unavailable_reason()

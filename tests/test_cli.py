@@ -143,6 +143,23 @@ def test_targets_and_passes_listing(capsys) -> None:
     assert code == 0 and "export.onnx  (torch -> onnx)" in out and "opset: int, default 20" in out
 
 
+def test_targets_shows_the_isa_and_its_int8_scheme_per_isa(forced_isa: str, capsys,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0
+    isa_line = next(line for line in out.splitlines() if line.startswith("ISA:"))
+    assert ("avx512_vnni" in isa_line.split("(")[0]) == (forced_isa == "vnni")
+    assert "forced by COMPRESS_ISA" in isa_line
+    assert ("7-bit weights" in out) == (forced_isa == "novnni")
+    monkeypatch.delenv("COMPRESS_ISA")
+    monkeypatch.delenv("COMPRESS_ARCH")
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0 and "forced" not in out.split("onnxruntime")[0]
+    monkeypatch.setenv("COMPRESS_ISA", "avx2,sse9")
+    code, _, err = run_cli(capsys, "targets")
+    assert code == 2 and "unknown ISA flag(s) sse9" in err and len(err.strip().splitlines()) == 1
+
+
 def test_python_m_compress_works() -> None:
     import subprocess
     import sys
