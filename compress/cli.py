@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import CompressError, RecipeError
 
@@ -37,8 +37,15 @@ CHECK_EPILOG = """exit codes of compress check:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage block stays in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compress", description="Compress PyTorch models, lower to ONNX, compile per "
+    p = _Parser(prog="compress", description="Compress PyTorch models, lower to ONNX, compile per "
                                 "target and measure accuracy against latency.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -176,7 +183,20 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _writable_file(path: str, flag: str) -> None:
+    """A file the command writes at the end: its folder must be writable now, not after measuring."""
+    from .preflight import check_out_dir
+
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"{flag} {p}: is a folder; give a file name")
+    check_out_dir(p.parent if str(p.parent) else Path("."), flag=f"{flag} {p}: folder")
+
+
 def _cmd_check(a: argparse.Namespace) -> int:
+    for path, flag in ((a.junit, "--junit"), (a.json, "--json")):
+        if path:
+            _writable_file(path, flag)
     from .budget import check, junit_xml
 
     log = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731

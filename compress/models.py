@@ -130,8 +130,8 @@ def _load_weights(model: nn.Module, weights: str) -> None:
         try:
             sd = load_file(str(path))
         except Exception as e:  # SafetensorError, or OSError for a truncated header
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise InputError(f"{path}: not a readable .safetensors file ({first[:200]}); is it truncated?") from e
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"{path}: not a readable .safetensors file ({why[:200]}); is it truncated?") from e
     else:
         obj = safe_torch_load(path)
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -170,7 +170,7 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
         # torch.export.load unpickles weights with weights_only=False: a crafted archive runs code.
         if not spec.allow_unsafe_pt2:
             raise InputError(unsafe_pt2_message(path))
-        source = {"kind": "pt2", "path": str(path.resolve()), "allow_unsafe": True}
+        source = {"kind": "pt2", "path": str(path.resolve()), "allow_unsafe": True}  # type: ignore[dict-item]
         shape = tuple(spec.input_shape) if spec.input_shape else _pt2_shape(path)
     if len(shape) < 2 or any(s <= 0 for s in shape):
         raise RecipeError(f"model input_shape {list(shape)} must be positive with a batch dimension first")
@@ -180,12 +180,16 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
         _load_weights(model, spec.weights)
     set_eval(model)
     dst = cache.new_dir("model")
-    digest = write_torch(dst, model, source, [])
-    # The source is referenced by digest so a changed weights file is a different model.
-    art = Artifact("torch", dst, digest, (InputSpec("input", shape),), producer=f"load {src}",
-                   metadata={"source": src})
-    key = Cache.key(digest, "load", 1, {"source": source})
-    hit = cache.get(key)
+    try:
+        digest = write_torch(dst, model, source, [])
+        # The source is referenced by digest so a changed weights file is a different model.
+        art = Artifact("torch", dst, digest, (InputSpec("input", shape),), producer=f"load {src}",
+                       metadata={"source": src})
+        key = Cache.key(digest, "load", 1, {"source": source})
+        hit = cache.get(key)
+    except BaseException:  # no half-written work folder left behind (a damaged entry, a full disk, Ctrl-C)
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
     if hit is not None:
         shutil.rmtree(dst, ignore_errors=True)
         hit.obj = model
@@ -215,22 +219,31 @@ def _load_onnx(path: Path, cache: Cache) -> Artifact:
         raise InputError(f"{path}: not a readable ONNX model ({e})") from e
     check_external_data(model, path.parent)
     dst = cache.new_dir("onnx")
+    external = any(e.key == "location" for t in model.graph.initializer for e in t.external_data)
     try:
-        shutil.copy2(path, dst / "model.onnx")
-        for t in model.graph.initializer:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    # Locations may name a subfolder (sub/w.bin); check_external_data kept them inside.
-                    (dst / entry.value).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path.parent / entry.value, dst / entry.value)
+        if not external:
+            shutil.copy2(path, dst / "model.onnx")
+        else:
+            # Gather the external data (any layout, sub/w.bin included; check_external_data kept it inside
+            # the model's folder) beside the model as one file, the layout every target expects.
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, str(path.parent))
+            big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit for a single file
+            onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=big,
+                            all_tensors_to_one_file=True, location="model.onnx.data")
     except OSError as e:
         shutil.rmtree(dst, ignore_errors=True)
         raise InputError(f"{path}: cannot copy the model and its external data into the cache ({e})") from e
-    digest = sha256_files(dst)
-    art = Artifact("onnx", dst, digest, onnx_input_specs(model), producer=f"load {path}",
-                   metadata={"source": str(path)})
-    key = Cache.key(digest, "load", 1, {"onnx": sha256_json(str(path.name))})
-    hit = cache.get(key)
+    try:
+        digest = sha256_files(dst)
+        art = Artifact("onnx", dst, digest, onnx_input_specs(model), producer=f"load {path}",
+                       metadata={"source": str(path)})
+        key = Cache.key(digest, "load", 1, {"onnx": sha256_json(str(path.name))})
+        hit = cache.get(key)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
     if hit is not None:
         shutil.rmtree(dst, ignore_errors=True)
         return hit

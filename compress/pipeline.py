@@ -154,7 +154,7 @@ def run(
     targets = [make_target(c) for c in target_cfgs]
     for t in targets:
         check = getattr(t, "check_config", None)
-        if check is not None and t.unavailable_reason() is None:
+        if check is not None:
             check()  # settings the target's library would reject only at build time
     need_onnx = any(t.consumes == "onnx" for t in targets)
     chains_in = variants if variants is not None else ({rec.name: list(rec.passes)} if rec.passes else {})

@@ -171,10 +171,16 @@ def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     if not p.exists():
         raise RecipeError(f"{p}: recipe file not found")
+    if not p.is_file():
+        raise RecipeError(f"{p}: is not a file; give a recipe .toml file")
     try:
-        d = tomllib.loads(p.read_text())
+        d = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{p}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not a text file (byte {e.start} is not UTF-8); a recipe is TOML text") from None
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror or e})") from None
     rec = recipe_from_dict(d, where=str(p))
     # Relative file paths in a recipe are relative to the recipe's folder.
     return _resolve_paths(rec, p.parent)
