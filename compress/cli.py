@@ -256,48 +256,30 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _type_text(ann: object) -> str:
-    """A field's type as a user reads it; Literal types list their allowed values."""
-    import typing
-
-    if typing.get_origin(ann) is typing.Literal:
-        return "one of " + "|".join(str(a) for a in typing.get_args(ann))
-    args = typing.get_args(ann)
-    if args and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return " | ".join(_type_text(a) for a in rest) + " | None"
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-
-
 def _cmd_passes() -> int:
-    from .registry import passes
+    from .registry import manifest
 
-    for kind, info in passes().items():
-        doc = (info.config_cls.__doc__ or "").strip().splitlines()
-        print(f"{kind}  ({info.consumes} -> {info.produces})  {doc[0] if doc else ''}")
-        _print_fields(info.config_cls)
+    # From the plugin manifest when it is current: listing needs no torch import (see registry).
+    for kind, info in manifest()["passes"].items():
+        print(f"{kind}  ({info['consumes']} -> {info['produces']})  {info['doc']}")
+        _print_fields(info["fields"])
     return 0
 
 
-def _print_fields(cfg_cls: type) -> None:
-    for name, f in cfg_cls.model_fields.items():  # type: ignore[attr-defined]
-        if name == "kind":
-            continue
-        ann = _type_text(f.annotation)
-        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-        desc = f"  {f.description}" if f.description else ""
-        print(f"    {name}: {ann}, {default}{desc}")
+def _print_fields(fields: list[list[str]]) -> None:
+    for name, ann, default, desc in fields:
+        print(f"    {name}: {ann}, {default}{'  ' + desc if desc else ''}")
 
 
 def _cmd_targets() -> int:
-    from .registry import make_target, targets
+    from .registry import describe_fields, make_target, targets
 
     for kind, (cfg_cls, _) in targets().items():
         t = make_target(cfg_cls())
         reason = t.unavailable_reason()
         state = "available" if reason is None else f"unavailable: {reason}"
         print(f"{kind:12s} {state}")
-        _print_fields(cfg_cls)
+        _print_fields(describe_fields(cfg_cls))
     return 0
 
 

@@ -149,22 +149,18 @@ def recipe_from_dict(d: dict[str, Any], where: str = "recipe") -> Recipe:
     for key in ("passes", "targets"):
         if key in d and not isinstance(d[key], list):
             raise RecipeError(f"{where}: '{key}' must be an array of tables ([[{key}]])")
-    passes = [_validate_step(f"{where}: passes[{i + 1}]", t, target=False) for i, t in enumerate(d.get("passes", []))]
-    targets = [_validate_step(f"{where}: targets[{i + 1}]", t, target=True) for i, t in enumerate(d.get("targets", []))]
     try:
         name = str(d.get("name", "pipeline"))
         seed = int(d.get("seed", 0))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: {e}") from None
-    return Recipe(
-        name=name,
-        model=_sub(f"{where}: model", ModelSpec, d.get("model")),
-        data=_sub(f"{where}: data", DataSpec, d.get("data")),
-        measure=_sub(f"{where}: measure", MeasureSpec, d.get("measure")),
-        passes=passes,
-        targets=targets,
-        seed=seed,
-    )
+    # The plain tables first: checking them needs no plugin (nor torch) imported.
+    model = _sub(f"{where}: model", ModelSpec, d.get("model"))
+    data = _sub(f"{where}: data", DataSpec, d.get("data"))
+    measure = _sub(f"{where}: measure", MeasureSpec, d.get("measure"))
+    passes = [_validate_step(f"{where}: passes[{i + 1}]", t, target=False) for i, t in enumerate(d.get("passes", []))]
+    targets = [_validate_step(f"{where}: targets[{i + 1}]", t, target=True) for i, t in enumerate(d.get("targets", []))]
+    return Recipe(name=name, model=model, data=data, measure=measure, passes=passes, targets=targets, seed=seed)
 
 
 def load_recipe(path: str | Path) -> Recipe:
