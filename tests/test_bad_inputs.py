@@ -712,3 +712,23 @@ def test_out_folder_on_read_only_mount(tmp_path: Path, monkeypatch: pytest.Monke
     err = capfd.readouterr().err
     assert "Read-only file system" in err and err.count("\n") == 1
     assert loaded == [] and not (ro / "o").exists()
+
+
+def test_full_disk_during_export_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC while writing the ONNX file names the disk, not the exporter (no "try dynamo=false")."""
+    import errno
+
+    import passes.export_onnx as export_onnx
+
+    def full(*a: Any, **k: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export_onnx, "_export_quiet", full)
+    env = Env(tmp_path, monkeypatch)
+    code = main(env.run(*DIGITS_RUN, "--pipeline", "-> onnxruntime"))
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert "No space left on device" in lines[0] and "free disk space" in lines[0] and "dynamo" not in lines[0]
+    _assert_clean(env)
