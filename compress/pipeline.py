@@ -182,6 +182,8 @@ def run(
         say(f"data: {data.note}")
     n_classes = preflight.model_classes(root, data)
     preflight.check_labels(data, n_classes)
+    for pm in chains.values():
+        preflight.check_data_needed(pm.steps, data)
     ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say)
     if rec.model.train_epochs:
         if root.kind != "torch":

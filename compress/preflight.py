@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, RecipeError
 
 
 def check_out_dir(out: Path, flag: str = "--out") -> None:
@@ -47,22 +47,26 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
 def model_classes(root: Any, data: Any) -> int | None:
     """The number of classes the model outputs (the last dim of 2-D logits), found with one forward
     pass on one data sample; None when the output is not (batch, classes) or cannot be known cheaply."""
-    if data is None or len(data.val) == 0:
+    if data is not None and len(data.val) == 0:
         return None
     if root.kind == "torch":
         import torch
 
-        from .torch_io import load_torch
+        from .torch_io import load_torch, sample_inputs
 
         model = load_torch(root)
-        x = data.adapt(data.val.x[:1])
+        # One sample of the data (or of the declared input shape): a shape the model cannot take
+        # fails here, in a second, rather than in the exporter or mid-measurement.
+        x = data.adapt(data.val.x[:1]) if data is not None else sample_inputs(root.inputs[:1], batch=1)[0]
+        what = f"data {data.name!r}: the model fails on a sample adapted to" if data is not None else \
+            "model: it fails on an input of the given"
         try:
             with torch.inference_mode():
                 out = model(x)
-        except Exception as e:  # a model that cannot run on the data is a usage error, named here
+        except Exception as e:  # a model that cannot run on its input is a usage error, named here
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise InputError(f"data {data.name!r}: the model fails on a sample adapted to shape "
-                             f"{tuple(x.shape)}: {type(e).__name__}: {first[:200]}") from None
+            raise InputError(f"{what} shape {tuple(x.shape)}: {type(e).__name__}: {first[:200]}; check "
+                             "model.input_shape (--input-shape)") from None
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
         shape = tuple(getattr(out, "shape", ()))
@@ -100,6 +104,20 @@ def check_labels(data: Any, n_classes: int | None) -> None:
     if lo == hi:
         raise InputError(f"data {data.name!r}: every sample has label {lo} (one class); accuracy on one class "
                          "says nothing: give at least two classes")
+
+
+def check_data_needed(steps: list[Any], data: Any) -> None:
+    """Passes that cannot run without (labelled) data are refused before the run starts."""
+    for cfg in steps:
+        need = cfg.data_needed()
+        if need is None:
+            continue
+        if data is None:
+            raise RecipeError(f"pass '{cfg.kind}' needs data but the run has none (data.source = \"random\"); set "
+                              "data = { source = \"builtin:digits\" }, folder:PATH or npz:PATH (--data)")
+        if need == "labelled" and not data.labelled:
+            raise RecipeError(f"pass '{cfg.kind}' with these settings needs labelled data; {data.name} has no labels "
+                              "(add 'y' to the .npz, or use an image folder)")
 
 
 CHANCE_FACTOR = 1.5  # top-1 below 1.5x chance (1/classes) is "at chance level"

@@ -77,6 +77,9 @@ class Distill(PassConfig):
             raise ValueError("features lists a module twice")
         return self
 
+    def data_needed(self) -> str | None:
+        return "any"  # labels are optional
+
 
 def _epoch_end_hook(epoch: int, info: dict[str, Any]) -> None:
     """Called after each epoch's checkpoint is written (tests replace it to simulate a kill)."""
