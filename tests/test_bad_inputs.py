@@ -741,3 +741,23 @@ def test_full_disk_during_export_says_so(tmp_path: Path, monkeypatch: pytest.Mon
     assert code == 1 and len(lines) == 1, err
     assert "No space left on device" in lines[0] and "free disk space" in lines[0] and "dynamo" not in lines[0]
     _assert_clean(env)
+
+
+def test_truncated_cached_model_is_a_cache_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """A trained model's cache entry cut short (a full disk, a hand edit) is named, with what to do."""
+    env = Env(tmp_path, monkeypatch)
+    body = ('model = { source = "zoo:digits-cnn", train_epochs = 1 }\ndata = { source = "builtin:digits" }\n' +
+            FAST + '[[targets]]\nkind = "torch"\n')
+    r = env.recipe(body)
+    assert main(env.run(r)) == 0
+    trained = [p for p in (env.cache / "objects").glob("*/artifact.json")
+               if str(json.loads(p.read_text()).get("producer")).startswith("train{")]
+    assert len(trained) == 1
+    model_pt = trained[0].parent / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[:1000])
+    capfd.readouterr()
+    code = main(env.run(r, "--pipeline", "-> onnxruntime"))  # export reads the trained model from the cache
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert f"cache entry {trained[0].parent} is damaged" in lines[0] and "delete that folder" in lines[0]
