@@ -80,7 +80,7 @@ def model_classes(root: Any, data: Any) -> int | None:
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
     else:
         return None
-    if len(shape) != 2 or shape[1] <= 0:
+    if len(shape) != 2 or shape[1] < 2:  # one output column is a score, not classes: nothing to check
         return None
     return int(shape[1])
 
