@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -86,19 +87,55 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
         else:
             dyn = {n: {0: "batch"} for n in names} | {"output": {0: "batch"}}
     buf = io.StringIO()
-    # The exporter is chatty on stdout and through warnings; keep what it says for the error.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        if cfg.dynamo:
-            prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
-                                     output_names=["output"], dynamic_shapes=dyn, verbose=False)
-            if prog is None:  # only None when given a path to write to, which is not done here
-                raise ExportError(f"{cfg.kind}: the dynamo exporter returned no program")
-            prog.save(str(path))
-        else:
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,
-                              output_names=["output"], dynamic_axes=dyn)
+    # The exporter is chatty on stdout, stderr, torch's loggers and warnings; keep what it says for
+    # --debug (ExportError.detail) instead of spilling it before the one-line error.
+    prev_disable = logging.root.manager.disable
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            _export_quiet(module, args, path, cfg, names, dyn)
+    except Exception as e:
+        e.add_note(buf.getvalue())  # the exporter's output, shown with the traceback under --debug
+        raise
+    finally:
+        logging.disable(prev_disable)
+
+
+def _export_quiet(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, cfg: ExportOnnx,
+                  names: list[str], dyn: Any) -> None:
+    if cfg.dynamo:
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
+                                 output_names=["output"], dynamic_shapes=dyn, verbose=False)
+        if prog is None:  # only None when given a path to write to, which is not done here
+            raise ExportError(f"{cfg.kind}: the dynamo exporter returned no program")
+        prog.save(str(path))
+    else:
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,
+                          output_names=["output"], dynamic_axes=dyn)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)')
+
+
+def export_cause(e: BaseException) -> str:
+    """One line naming why the exporter failed: the innermost exception's first line and, when the
+    exporter reports it, the user's line of code that triggered it (torch wraps the real cause in
+    several layers of advice with terminal colour codes)."""
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    root = chain[-1]
+    text = _ANSI.sub("", str(root)).strip()
+    first = (text.splitlines() or [type(root).__name__])[0].strip()
+    where = ""
+    frames = [m for c in chain for m in _USER_FRAME.finditer(_ANSI.sub("", str(c)))
+              if "site-packages" not in m.group(1)]
+    if frames:
+        f = frames[-1]
+        where = f" at {f.group(1)}:{f.group(2)} in {f.group(3)} ({f.group(4).strip()[:120]})"
+    return f"{type(root).__name__}: {first[:300]}{where}"
 
 
 @register_pass(ExportOnnx, consumes="torch", produces="onnx")
@@ -114,11 +151,13 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     path = out_dir / "model.onnx"
     try:
         _export(module, args, path, cfg, names)
-    except Exception as e:  # the exporter raises many types; name the op/module it reports
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except OSError as e:  # a full disk or a vanished cache folder is not the model's fault
+        raise ExportError(f"export.onnx: cannot write {path}: {e.strerror or e}; free disk space or set "
+                          "--cache / COMPRESS_CACHE to another folder") from e
+    except Exception as e:  # the exporter raises many types; name the cause and the user's line it reports
         raise ExportError(
-            f"torch.onnx.export failed for {type(module).__name__}: {first[:400]}. "
-            "Try export.onnx{dynamo=false}, or make the failing module traceable"
+            f"{type(module).__name__} cannot be exported to ONNX: {export_cause(e)}. Make that "
+            "code traceable (no Python branching on tensor values), or try export.onnx{dynamo=false}"
         ) from e
     model = onnx.load(str(path))
     try:

@@ -51,6 +51,9 @@ class QuantizeQat(PassConfig):
         """Facts outside the config that change the output (for the cache key)."""
         return auto_scheme_env(self.scheme)
 
+    def data_needed(self) -> str | None:
+        return "labelled"  # fine-tunes with cross-entropy
+
 
 class FakeQuantAct(nn.Module):
     """Per-tensor affine u8 fake quantization with a moving min/max observer."""

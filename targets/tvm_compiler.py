@@ -265,6 +265,16 @@ class TvmTarget:
                 return "MetaSchedule's cost model needs xgboost; pip install xgboost-cpu (or set tuning_trials = 0)"
         return None
 
+    def check_config(self) -> None:
+        """Let TVM judge a given target JSON before any pass runs (raises RecipeError naming it)."""
+        if self.config.target is None:
+            return
+        try:
+            import tvm  # noqa: F401
+        except ImportError:  # unavailable_reason says why; nothing to check the JSON against
+            return
+        make_target(dict(self.config.target))
+
     def fingerprint(self) -> dict[str, Any]:
         info = cpu_info()
         return {"apache-tvm": module_version("apache-tvm"), "apache-tvm-ffi": module_version("apache-tvm-ffi"),

@@ -103,7 +103,7 @@ def test_export_failure_exits_1(tmp_path: Path, capsys, monkeypatch) -> None:
     code, _, err = run_cli(capsys, "run", "--model", "user_models:not_exportable", "--input-shape", "1,1,8,8",
                            "--cache", str(tmp_path / "c"))
     assert code == 1
-    assert "pass #1 'export.onnx' failed: torch.onnx.export failed for NotExportable" in err
+    assert "pass #1 'export.onnx' failed: NotExportable cannot be exported to ONNX" in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("report.json"))
 
