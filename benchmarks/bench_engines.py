@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compress.cli import main as cli  # noqa: E402
 from compress.fingerprint import cpu_info  # noqa: E402
+from compress.stats import bootstrap_ratio  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "digits-cnn": {"shape": "1,1,8,8", "epochs": 15},
@@ -37,18 +36,6 @@ MODELS: dict[str, dict[str, Any]] = {
     "mobilenetv2": {"shape": "1,3,32,32", "epochs": 10},
     "transformer": {"shape": "1,1,8,8", "epochs": 25},
 }
-
-
-def paired_ratio(a: list[float], b: list[float], seed: int = 0, block: int = 5, n: int = 2000) -> tuple[float, ...]:
-    """Median of per-round a/b (a slower => > 1) with a 95% moving-block bootstrap interval over rounds."""
-    r = np.log(np.asarray(a) / np.asarray(b))
-    rng = np.random.default_rng(seed)
-    k = len(r)
-    starts = rng.integers(0, max(1, k - block + 1), size=(n, -(-k // block)))
-    idx = (starts[:, :, None] + np.arange(block)).reshape(n, -1)[:, :k]
-    meds = np.median(r[idx], axis=1)
-    lo, hi = np.exp(np.percentile(meds, [2.5, 97.5]))
-    return float(np.exp(np.median(r))), float(lo), float(hi)
 
 
 def fmt_ratio(t: tuple[float, ...]) -> str:
@@ -65,8 +52,8 @@ def main() -> None:
     a = ap.parse_args()
     lines = [f"# INT8 engines x runtimes ({dt.date.today()})", "",
              f"Machine: {cpu_info()['model']}, ISA {', '.join(cpu_info()['isa'])}. Models trained on the digits "
-             "task at the input size given; latency at that size. Ratios: time of the first over the second, "
-             "median of per-round ratios (paired, interleaved), 95% moving-block bootstrap interval.",
+             "task at the input size given; latency at that size. Ratios: p50 of the first over p50 of the second, "
+             "from interleaved rounds, with a 95% paired bootstrap interval (compress.stats).",
              f"Command: `.venv/bin/python benchmarks/bench_engines.py --rounds {a.rounds} --batch {a.batch}`", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
@@ -96,11 +83,11 @@ def main() -> None:
                 for t in ("onnxruntime", "openvino"):
                     if ("int8", t) in cells and ("int8-nncf", t) in cells:
                         lines.append(f"- b{b}, {t}: NNCF INT8 / ORT-engine INT8 = "
-                                     f"{fmt_ratio(paired_ratio(s('int8-nncf', t), s('int8', t)))}")
+                                     f"{fmt_ratio(bootstrap_ratio(s('int8-nncf', t), s('int8', t), 'p50'))}")
                 for v in ("baseline", "int8", "int8-nncf"):
                     if (v, "openvino") in cells and (v, "onnxruntime") in cells:
                         lines.append(f"- b{b}, {'fp32' if v == 'baseline' else v}: OpenVINO / ONNX Runtime = "
-                                     f"{fmt_ratio(paired_ratio(s(v, 'openvino'), s(v, 'onnxruntime')))}")
+                                     f"{fmt_ratio(bootstrap_ratio(s(v, 'openvino'), s(v, 'onnxruntime'), 'p50'))}")
             lines.append("")
             print("\n".join(lines[-12:]), flush=True)
     text = "\n".join(lines) + "\n"
