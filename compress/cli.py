@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="zoo name (resnet18 or zoo:resnet18), a recipe .toml, or an .onnx file")
     m.add_argument("--targets", help="targets to compare, text form (default: all), "
                    'e.g. "onnxruntime,tvm{tuning_trials=64}"')
-    m.add_argument("--precision", default="fp32", help="comma list of fp32, int8, int8-dynamic, fp16 (default fp32)")
+    m.add_argument("--precision", default="fp32",
+                   help="comma list of fp32, int8, int8-nncf, int8-dynamic, int8-weights-nncf, "
+                   "fp16 (default fp32)")
     m.add_argument("--data", help="data source (default builtin:digits for zoo models, none for .onnx)")
     m.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
     m.add_argument("--rounds", type=int, default=20, help="minimum interleaved timing rounds (default 20)")
@@ -211,7 +213,9 @@ def _cmd_check(a: argparse.Namespace) -> int:
     return res.exit_code
 
 
-PRECISIONS = {"fp32": [], "int8": ["quantize.int8"], "int8-dynamic": ["quantize.dynamic"], "fp16": ["quantize.fp16"]}
+PRECISIONS = {"fp32": [], "int8": ["quantize.int8"], "int8-nncf": ["quantize.nncf"],
+              "int8-dynamic": ["quantize.dynamic"], "int8-weights-nncf": ["quantize.nncf_weights"],
+              "fp16": ["quantize.fp16"]}
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:

@@ -367,7 +367,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
         say(f"fidelity reference: baseline on {ref_cell.target}")
 
 
-QDQ_PASSES = ("quantize.int8", "quantize.qat")
+QDQ_PASSES = ("quantize.int8", "quantize.nncf", "quantize.qat")
 
 
 def _measure_quant_parity(cells: list[Cell], variants: list[Variant], data: DataBundle | None,

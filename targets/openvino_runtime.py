@@ -1,0 +1,151 @@
+"""OpenVINO runtime: compiles ONNX (FP32, FP16 weights, QDQ INT8) for the CPU (or an Intel GPU).
+
+The compiled artifact is the device blob ``compiled_model.export_model()`` writes, stored in the
+content-addressed cache (verified on every read) beside a manifest naming the OpenVINO version
+and device it was built for. Blobs are only ever loaded from that cache entry: a blob from
+elsewhere is never imported.
+
+Inference precision defaults to ``f32``: on CPUs with BF16 or AMX the device's own default is
+bf16, which changes numerics; ``inference_precision = "auto"`` opts into the device default, and
+the report says which precision ran.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress.artifact import Artifact, sha256_files
+from compress.config import TargetConfig
+from compress.errors import BuildError, InputError, RecipeError
+from compress.fingerprint import cpu_info
+from compress.registry import register_target
+
+from .base import module_version
+
+# The device capability each inference precision needs (OPTIMIZATION_CAPABILITIES).
+_PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+
+
+class OpenVinoConfig(TargetConfig):
+    """OpenVINO runtime on the CPU (or an Intel GPU): latency/throughput hint, threads, streams, precision."""
+
+    kind: Literal["openvino"] = "openvino"
+    device: Literal["CPU", "GPU"] = "CPU"
+    performance_hint: Literal["latency", "throughput"] = "latency"
+    threads: int = Field(0, ge=0, description="inference threads; 0 = the measurement setting")
+    streams: int = Field(0, ge=0, description="parallel inference streams; 0 = what the performance hint picks")
+    inference_precision: Literal["f32", "bf16", "f16", "auto"] = Field(
+        "f32", description="precision of compute; auto = the device default (bf16 on CPUs with AMX/BF16)")
+
+
+class OvRunner:
+    def __init__(self, compiled: Any, input_names: list[str]) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.input_names = input_names
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer(feeds)
+        return [np.array(self.request.get_output_tensor(i).data, copy=True)
+                for i in range(len(self.compiled.outputs))]
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
+
+
+def _core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+@register_target(OpenVinoConfig)
+class OpenVinoTarget:
+    name = "openvino"
+    consumes = "onnx"
+
+    def __init__(self, config: OpenVinoConfig) -> None:
+        self.config = config
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as e:
+            return f"openvino is not installed ({e}); pip install 'compress-pipeline[openvino]'"
+        devices = _core().available_devices
+        if not any(d.split(".")[0] == self.config.device for d in devices):
+            return f"OpenVINO sees no {self.config.device} device here (devices: {', '.join(devices) or 'none'})"
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        info = cpu_info()
+        return {"openvino": module_version("openvino"), "device": self._device_name(), "cpu": info["model"],
+                "isa": info["isa"]}
+
+    def _device_name(self) -> str:
+        try:
+            return str(_core().get_property(self.config.device, "FULL_DEVICE_NAME"))
+        except Exception:  # OpenVINO raises RuntimeError subclasses; the fingerprint stays usable
+            return self.config.device
+
+    def check_config(self) -> None:
+        """Refuse a precision the device cannot run, before any model is read."""
+        p = self.config.inference_precision
+        if p == "auto":
+            return
+        caps = [str(c) for c in _core().get_property(self.config.device, "OPTIMIZATION_CAPABILITIES")]
+        if _PRECISION_CAPABILITY[p] not in caps:
+            raise RecipeError(f"target 'openvino': inference_precision = '{p}' is not supported by "
+                              f"{self.config.device} here (it offers {', '.join(caps)}); use 'f32' or 'auto'")
+
+    def _properties(self, threads: int) -> dict[str, Any]:
+        props: dict[str, Any] = {"PERFORMANCE_HINT": self.config.performance_hint.upper()}
+        n = self.config.threads or threads
+        if n and self.config.device == "CPU":
+            props["INFERENCE_NUM_THREADS"] = n
+        if self.config.streams:
+            props["NUM_STREAMS"] = self.config.streams
+        if self.config.inference_precision != "auto":
+            props["INFERENCE_PRECISION_HINT"] = self.config.inference_precision
+        return props
+
+    def compile(self, art: Artifact, ctx: Any) -> Artifact:
+        self.check_config()
+        core = _core()
+        try:
+            model = core.read_model(str(art.path / "model.onnx"))
+            compiled = core.compile_model(model, self.config.device, self._properties(1))
+            blob = compiled.export_model()
+            blob = blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob)  # BytesIO in 2026.x, bytes before
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line messages
+            raise BuildError(f"openvino could not compile the model for {self.config.device}: "
+                             f"{str(e).strip().splitlines()[0][:300]}") from e
+        out = ctx.new_dir("openvino")
+        (out / "model.blob").write_bytes(blob)
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        ran = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        manifest = {"openvino": module_version("openvino"), "device": self.config.device,
+                    "device_name": self._device_name(), "inputs": [i.get_any_name() for i in compiled.inputs],
+                    "inference_precision": ran, "performance_hint": self.config.performance_hint}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        notes = [f"OpenVINO {manifest['openvino']} on {manifest['device_name']}, inference precision {ran}, "
+                 f"{self.config.performance_hint} hint"]
+        return Artifact("compiled", out, sha256_files(out), art.inputs,
+                        metadata={"target": "openvino", "openvino": manifest, "target_notes": notes})
+
+    def runner(self, compiled: Artifact, threads: int = 0) -> OvRunner:
+        manifest = json.loads((compiled.path / "manifest.json").read_text())
+        if manifest.get("openvino") != module_version("openvino") or manifest.get("device") != self.config.device:
+            raise InputError(f"{compiled.path}: built with OpenVINO {manifest.get('openvino')} for "
+                             f"{manifest.get('device')}; this is OpenVINO {module_version('openvino')} on "
+                             f"{self.config.device}; rebuild it (delete the cache entry)")
+        core = _core()
+        props = self._properties(threads)
+        with open(compiled.path / "model.blob", "rb") as f:
+            comp = core.import_model(f.read(), self.config.device, props)
+        return OvRunner(comp, list(manifest["inputs"]))
