@@ -99,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--cache", help="cache folder")
     m.add_argument("-q", "--quiet", action="store_true")
 
+    s = sub.add_parser("search", help="search a space of recipes for the fastest model that keeps its accuracy "
+                       "(Optuna; resumable)")
+    s.add_argument("space", help="search space TOML: a recipe with ranges/choices and a [search] table")
+    s.add_argument("--trials", type=int, help="number of trials (default [search] trials); counts finished ones "
+                   "when resuming")
+    s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    s.add_argument("--out", help="output folder: search.db (Optuna study), search.json, front.md, front.png, "
+                   "best.toml (default runs/search-NAME)")
+    s.add_argument("--cache", help="cache folder (shared by every trial)")
+    s.add_argument("--dry-run", action="store_true", help="validate the space and print its open values, then exit")
+    s.add_argument("-q", "--quiet", action="store_true")
+
     sub.add_parser("passes", help="list passes and their settings")
     sub.add_parser("targets", help="list targets and whether they can run here")
     t = sub.add_parser("tvm-runtime", help="fetch another CPU's TVM runtime, so cross-compiled libraries are "
@@ -297,6 +309,33 @@ def _cmd_targets() -> int:
     return 0
 
 
+def _cmd_search(a: argparse.Namespace) -> int:
+    from .search import load_space, run_search
+
+    space = load_space(a.space)
+    if a.trials is not None and a.trials < 1:
+        raise RecipeError(f"--trials {a.trials}: give at least 1")
+    if a.timeout is not None and a.timeout <= 0:
+        raise RecipeError(f"--timeout {a.timeout}: give a positive number of seconds")
+    if a.dry_run:
+        print(f"{a.space}: {len(space.params)} open value(s); objectives {', '.join(space.search.objectives)}")
+        for p in space.params:
+            what = {"optional": "on/off", "choice": f"one of {list(p.choices)}",
+                    "int": f"int in [{p.low}, {p.high}]",
+                    "float": f"float in [{p.low}, {p.high}]" + (" (log)" if p.log else "")}[p.kind]
+            print(f"  {p.name}: {what}")
+        return 0
+    out = Path(a.out) if a.out else Path("runs") / f"search-{Path(a.space).stem}"
+    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    res = run_search(space, out, cache_dir=a.cache, trials=a.trials, timeout_s=a.timeout, log=log)
+    print((out / "front.md").read_text())
+    if res["best"] is None:
+        print("no trial met every constraint; see search.json for each trial's figures", file=sys.stderr)
+        return 1
+    print(f"best: trial {res['best']}, written as a recipe to {res['best_recipe']} (compress run reproduces it)")
+    return 0
+
+
 def _cmd_tvm_runtime(a: argparse.Namespace) -> int:
     from targets._tvm_emulate import default_runtime_dir, fetch_runtime
 
@@ -342,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compare(a)
         if a.cmd == "tvm-runtime":
             return _cmd_tvm_runtime(a)
+        if a.cmd == "search":
+            return _cmd_search(a)
         return _cmd_targets()
     except CompressError as e:
         if a.debug:

@@ -1,0 +1,473 @@
+"""``compress search``: find the fastest model that keeps its accuracy, by measuring.
+
+A search space is a recipe whose pass and target settings may be open:
+
+* ``macs_target = [0.15, 0.6]``: a range (float when either end is a float, else int), only for
+  numeric settings; ``{ low = 1e-5, high = 1e-2, log = true }`` for a log scale;
+* ``calibration = { choices = ["minmax", "percentile"] }``: a choice among values;
+* ``optional = true`` on a pass: the search decides whether it runs.
+
+Every value a range or choice can take is validated up front with the pass's own typed config,
+so a space that a trial could not run is refused before any trial. Each trial is an ordinary
+recipe run through :func:`compress.pipeline.run`: its artifacts go through the content-addressed
+cache (the same pruning before different quantizations is computed once), and its latency is
+measured interleaved with the original model in the same run, so the objective
+``latency_ratio`` (trial / original, p50, paired rounds) does not drift with the machine's load
+between trials the way an absolute time does.
+
+Optuna drives the search (TPE, NSGA-II or random sampling; constraints as Optuna constraints),
+with its SQLite storage in the output folder: a killed search resumes without redoing finished
+trials, and the study can be inspected with Optuna's own tools.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import CompressError, InputError, RecipeError
+from .recipe import Recipe, _resolve_paths, recipe_from_dict, recipe_to_toml
+
+# Metrics a trial yields; all are minimized (accuracy as a drop, fidelity as a loss).
+METRICS: dict[str, str] = {
+    "latency_ratio": "p50 latency of the trial / the original model on the search target (paired rounds)",
+    "p50_ms": "p50 latency in ms on the search target at the search batch size",
+    "accuracy_drop": "top-1 of the original minus the trial's, in points (needs labelled data)",
+    "fidelity_loss": "1 - agreement of the trial's predictions with the original model's",
+    "size_mb": "size of the compiled model in MB",
+}
+_CONSTRAINT = re.compile(r"^\s*(<=|<)\s*([-+0-9.eE]+)\s*$")
+
+
+class SearchSpec(BaseModel):
+    """The ``[search]`` table of a space."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trials: int = Field(20, ge=1, le=100_000)
+    timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this long")
+    objectives: list[str] = Field(default_factory=lambda: ["latency_ratio", "accuracy_drop"], min_length=1)
+    constraints: dict[str, str] = Field(default_factory=dict, description='e.g. { accuracy_drop = "<= 1.0" }')
+    target: str | None = Field(None, description="target whose latency counts; default the first target")
+    batch: int = Field(1, ge=1)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, v: list[str]) -> list[str]:
+        bad = [o for o in v if o not in METRICS]
+        if bad:
+            raise ValueError(f"unknown objective(s) {', '.join(bad)}; choose from {', '.join(METRICS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("an objective is listed twice")
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _known_constraints(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, expr in v.items():
+            if k not in METRICS:
+                raise ValueError(f"constraint on unknown metric {k!r}; choose from {', '.join(METRICS)}")
+            if not isinstance(expr, str) or not _CONSTRAINT.match(expr):
+                raise ValueError(f"constraint {k} = {expr!r}: write it as \"<= NUMBER\"")
+        return v
+
+    def limits(self) -> dict[str, float]:
+        out = {}
+        for k, expr in self.constraints.items():
+            m = _CONSTRAINT.match(expr)
+            assert m is not None  # checked by the validator
+            out[k] = float(m.group(2))
+        return out
+
+
+@dataclass(frozen=True)
+class Param:
+    """One open value: ``pass_index`` -1 for the target table; ``key`` None for a pass's on/off switch."""
+
+    name: str
+    section: str  # "passes" | "targets"
+    index: int
+    key: str | None
+    kind: Literal["float", "int", "choice", "optional"]
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass
+class Space:
+    base: dict[str, Any]  # the recipe dict with every open value removed
+    params: list[Param]
+    search: SearchSpec
+    source: str
+    optional: set[tuple[str, int]] = field(default_factory=set)
+    folder: Path = Path(".")  # file paths in the space are relative to it, as in a recipe
+
+    def first_point(self) -> dict[str, Any]:
+        """Every open value at its first value (passes on): a point to validate the space's fixed part with."""
+        return {p.name: True if p.kind == "optional" else (p.choices[0] if p.kind == "choice" else p.low)
+                for p in self.params}
+
+    def recipe(self, values: dict[str, Any]) -> Recipe:
+        """The plain recipe of one point of the space."""
+        d = json.loads(json.dumps(self.base))
+        for p in self.params:
+            if p.key is not None and p.name in values:
+                d[p.section][p.index][p.key] = values[p.name]
+        keep = [i for i in range(len(d.get("passes", [])))
+                if ("passes", i) not in self.optional or values.get(f"passes[{i + 1}].enabled", True)]
+        d["passes"] = [d["passes"][i] for i in keep]
+        return _resolve_paths(recipe_from_dict(d, where=self.source), self.folder)
+
+
+def _numeric(cls: type[BaseModel], key: str) -> bool:
+    f = cls.model_fields.get(key)
+    ann = str(f.annotation) if f is not None else ""
+    return any(t in ann for t in ("int", "float")) and "tuple" not in ann and "list" not in ann
+
+
+def _open_value(where: str, cls: type[BaseModel], key: str, v: Any) -> dict[str, Any] | None:
+    """The range/choice a value declares, or None for a fixed value."""
+    if isinstance(v, dict) and "choices" in v:
+        if set(v) != {"choices"} or not isinstance(v["choices"], list) or not v["choices"]:
+            raise RecipeError(f"{where}: {key} = {{ choices = [...] }} needs a non-empty list and nothing else")
+        return {"kind": "choice", "choices": tuple(v["choices"])}
+    if isinstance(v, dict) and {"low", "high"} <= set(v):
+        extra = set(v) - {"low", "high", "log"}
+        if extra:
+            raise RecipeError(f"{where}: {key}: unknown range key(s) {', '.join(sorted(extra))}; use low, high, log")
+        lo, hi = v["low"], v["high"]
+        return _range(where, key, lo, hi, bool(v.get("log", False)))
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                   for x in v) and _numeric(cls, key):
+        return _range(where, key, v[0], v[1], False)
+    return None
+
+
+def _range(where: str, key: str, lo: Any, hi: Any, log: bool) -> dict[str, Any]:
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)):
+        raise RecipeError(f"{where}: {key}: a range needs two numbers, got {lo!r} and {hi!r}")
+    if not lo < hi:
+        raise RecipeError(f"{where}: {key} = [{lo}, {hi}] is an empty range; the first value must be below the "
+                          "second (write a single value to fix it)")
+    if log and lo <= 0:
+        raise RecipeError(f"{where}: {key}: a log range needs a positive low end, got {lo}")
+    kind = "int" if isinstance(lo, int) and isinstance(hi, int) and not log else "float"
+    return {"kind": kind, "low": lo, "high": hi, "log": log}
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search space; every value it can produce is checked before any trial."""
+    from .registry import get_pass, get_target_config
+
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"{p}: search space file not found")
+    try:
+        d = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{p}: not valid TOML: {e}") from None
+    raw_search = d.pop("search", {})
+    try:
+        search = SearchSpec.model_validate(raw_search)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'search'}: {x['msg']}" for x in e.errors())
+        raise RecipeError(f"{p}: [search]: {msgs}") from None
+    params: list[Param] = []
+    optional: set[tuple[str, int]] = set()
+    for section in ("passes", "targets"):
+        tables = d.get(section, [])
+        if not isinstance(tables, list):
+            raise RecipeError(f"{p}: '{section}' must be an array of tables ([[{section}]])")
+        for i, t in enumerate(tables):
+            where = f"{p}: {section}[{i + 1}]"
+            if not isinstance(t, dict) or not isinstance(t.get("kind"), str):
+                raise RecipeError(f"{where}: expected a table with a 'kind' key")
+            try:
+                cls: type[BaseModel] = get_target_config(t["kind"]) if section == "targets" \
+                    else get_pass(t["kind"]).config_cls
+            except RecipeError as e:
+                raise RecipeError(f"{where}: {e}") from None
+            if t.pop("optional", False) is True:
+                if section == "targets":
+                    raise RecipeError(f"{where}: 'optional' applies to passes; list the targets to measure")
+                optional.add((section, i))
+                params.append(Param(f"{section}[{i + 1}].enabled", section, i, None, "optional"))
+            for key, v in list(t.items()):
+                spec = _open_value(f"{where} ({t['kind']})", cls, key, v)
+                if spec is None:
+                    continue
+                del t[key]
+                params.append(Param(f"{section}[{i + 1}].{key}", section, i, key, spec["kind"],
+                                    spec.get("low", 0.0), spec.get("high", 0.0), spec.get("log", False),
+                                    spec.get("choices", ())))
+            _check_values(where, cls, t, [q for q in params if q.section == section and q.index == i])
+    space = Space(d, params, search, str(p), optional, p.parent)
+    rec = space.recipe(space.first_point())  # the fixed part of the recipe, validated as a recipe
+    _check_search_against_recipe(p, search, rec)
+    if not params:
+        raise RecipeError(f"{p}: nothing to search: give a range ([low, high]), choices ({{ choices = [...] }}) or "
+                          "optional = true on a pass")
+    return space
+
+
+def _check_values(where: str, cls: type[BaseModel], fixed: dict[str, Any], params: list[Param]) -> None:
+    """Validate the table with every open value at its first value, then each other value in turn."""
+    rep = {q.key: (q.choices[0] if q.kind == "choice" else q.low) for q in params if q.key is not None}
+
+    def probe(table: dict[str, Any], label: str) -> None:
+        try:
+            cls.model_validate(table)
+        except ValidationError as e:
+            err = e.errors()[0]
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(k for k in cls.model_fields if k != "kind")
+                raise RecipeError(f"{where} ({fixed['kind']}): unknown key '{err['loc'][0]}'; allowed keys: "
+                                  f"{allowed}") from None
+            loc = ".".join(map(str, err["loc"]))
+            raise RecipeError(f"{where} ({fixed['kind']}): {label}{loc + ': ' if loc else ''}{err['msg']}") from None
+
+    probe({**fixed, **rep}, "with each open value at its first value, " if rep else "")
+    for q in params:
+        if q.key is None:
+            continue
+        for v in (q.choices if q.kind == "choice" else (q.low, q.high)):
+            probe({**fixed, **rep, q.key: v}, f"{q.key} = {v!r} (a value of the search space): ")
+
+
+def _check_search_against_recipe(p: Path, search: SearchSpec, rec: Recipe) -> None:
+    kinds = [t.kind for t in rec.targets]
+    if not kinds:
+        raise RecipeError(f"{p}: list the target to measure on ([[targets]] kind = \"onnxruntime\")")
+    if search.target is not None and search.target not in kinds:
+        raise RecipeError(f"{p}: [search] target = {search.target!r} is not among the space's targets "
+                          f"({', '.join(kinds)})")
+    needs_labels = {"accuracy_drop"} & (set(search.objectives) | set(search.constraints))
+    if needs_labels and rec.data.source == "random":
+        raise RecipeError(f"{p}: accuracy_drop needs labelled data, and the space has none (data.source = "
+                          "\"random\"); set data, or use fidelity_loss instead")
+    if search.batch not in rec.measure.batch_sizes:
+        raise RecipeError(f"{p}: [search] batch = {search.batch} is not among measure.batch_sizes "
+                          f"{rec.measure.batch_sizes}")
+
+
+# ------------------------------------------------------------------------------------------- trials
+
+
+def trial_metrics(report: dict[str, Any], variant: str, target: str, batch: int) -> dict[str, Any]:
+    """Objectives of one trial from its run report (the trial's variant against the baseline)."""
+    from .stats import bootstrap_ratio
+
+    cells = {(r["variant"], r["target"]): r for r in report["results"]}
+    base, cell = cells.get(("baseline", target)), cells.get((variant, target))
+    if cell is None and variant not in report.get("variants", {}) and base is not None:
+        cell = base  # a point with every optional pass off is the original model itself
+    if cell is None or cell["status"] != "ok":
+        reason = "not measured" if cell is None else f"{cell['status']}: {cell.get('reason')}"
+        raise CompressError(f"the trial's model on {target}: {reason}")
+    b = str(batch)
+    out: dict[str, Any] = {"p50_ms": cell["latency"][b]["p50_ms"], "size_mb": (cell["size_bytes"] or 0) / 1e6}
+    if base is not None and base["status"] == "ok":
+        ratio, lo, hi = bootstrap_ratio(cell["latency"][b]["samples_ms"], base["latency"][b]["samples_ms"], "p50")
+        out.update(latency_ratio=ratio, latency_ratio_ci=[lo, hi])
+        if base.get("accuracy_top1") is not None and cell.get("accuracy_top1") is not None:
+            out["accuracy_drop"] = (base["accuracy_top1"] - cell["accuracy_top1"]) * 100
+            out["top1"] = cell["accuracy_top1"]
+    fid = cell.get("fidelity") or {}
+    if "agreement" in fid:
+        out["fidelity_loss"] = 1.0 - float(fid["agreement"])
+    return out
+
+
+def _suggest(trial: Any, p: Param) -> Any:
+    if p.kind == "optional":
+        return trial.suggest_categorical(p.name, [True, False])
+    if p.kind == "choice":
+        # Optuna stores categorical choices as JSON-able scalars; lists are passed by index.
+        if all(isinstance(c, (str, int, float, bool)) or c is None for c in p.choices):
+            return trial.suggest_categorical(p.name, list(p.choices))
+        return p.choices[trial.suggest_categorical(p.name + "#", list(range(len(p.choices))))]
+    if p.kind == "int":
+        return trial.suggest_int(p.name, int(p.low), int(p.high))
+    return trial.suggest_float(p.name, float(p.low), float(p.high), log=p.log)
+
+
+def _sampler(spec: SearchSpec, constraints: Callable[[Any], list[float]] | None) -> Any:
+    import optuna
+
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=spec.seed, constraints_func=constraints)
+    return optuna.samplers.TPESampler(seed=spec.seed, constraints_func=constraints,
+                                      multivariate=True, n_startup_trials=min(10, max(2, spec.trials // 3)))
+
+
+def _constraint_values(frozen: Any) -> list[float]:
+    return list(frozen.user_attrs.get("constraint", []))
+
+
+def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | Path | None = None,
+               trials: int | None = None, timeout_s: float | None = None,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a search; write ``search.db``, ``search.json``, ``front.md``, ``front.png``, ``best.toml``."""
+    import optuna
+
+    from .pipeline import run as run_recipe
+
+    sp = space if isinstance(space, Space) else load_space(space)
+    say = log or (lambda m: None)
+    out = Path(out_dir)
+    try:  # before any trial: a search whose results cannot be written must not run for an hour first
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+    spec = sp.search
+    limits = spec.limits()
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(spec.objectives)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{(out / 'search.db').resolve()}"
+    study_name = Path(sp.source).stem
+    study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
+                                sampler=_sampler(spec, _constraint_values if limits else None),
+                                load_if_exists=True)
+    done = [t for t in study.trials if t.state.is_finished()]
+    budget = (trials or spec.trials) - len(done)
+    deadline = time.monotonic() + (timeout_s or spec.timeout_s or math.inf)
+    if done:
+        say(f"resuming {study_name}: {len(done)} trial(s) already finished in {out / 'search.db'}")
+    target = spec.target or sp.recipe(sp.first_point()).targets[0].kind
+    t_start = time.monotonic()
+    for k in range(max(0, budget)):
+        if time.monotonic() > deadline:
+            say(f"time budget reached after {k} new trial(s)")
+            break
+        trial = study.ask()
+        values = {p.name: _suggest(trial, p) for p in sp.params}
+        rec = sp.recipe(values).model_copy(update={"name": f"trial{trial.number}"})
+        trial.set_user_attr("recipe", rec.pipeline_text())
+        t0 = time.monotonic()
+        try:
+            report = run_recipe(rec, out_dir=out / "trials" / f"trial{trial.number}", cache_dir=cache_dir,
+                                progress=False, write=True)
+            m = trial_metrics(report, rec.name, target, spec.batch)
+            missing = [o for o in (*spec.objectives, *limits) if o not in m]
+            if missing:
+                raise CompressError(f"metric(s) {', '.join(missing)} could not be measured for this trial")
+        except CompressError as e:
+            trial.set_user_attr("error", str(e).splitlines()[0][:500])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            say(f"trial {trial.number}: failed: {str(e).splitlines()[0][:200]}")
+            continue
+        for key, v in m.items():
+            trial.set_user_attr(key, v)
+        trial.set_user_attr("seconds", time.monotonic() - t0)
+        if limits:
+            trial.set_user_attr("constraint", [m[c] - lim for c, lim in limits.items()])
+        study.tell(trial, [float(m[o]) for o in spec.objectives])
+        feasible = all(m[c] <= lim for c, lim in limits.items())
+        best = _best(study, spec, limits)
+        left = (deadline - time.monotonic()) if math.isfinite(deadline) else None
+        say(f"trial {trial.number} ({k + 1}/{budget}): "
+            + ", ".join(f"{o}={m[o]:.4g}" for o in spec.objectives)
+            + ("" if feasible else " (violates a constraint)")
+            + (f"; best so far trial {best.number}" if best is not None else "")
+            + (f"; {left:.0f} s left" if left is not None else "")
+            + f"; {time.monotonic() - t_start:.0f} s elapsed")
+    return write_results(study, sp, out, target)
+
+
+def _best(study: Any, spec: SearchSpec, limits: dict[str, float]) -> Any:
+    """The feasible trial best on the first objective (ties broken by the others)."""
+    ok = [t for t in study.trials if t.state.name == "COMPLETE"
+          and all(v <= 0 for v in t.user_attrs.get("constraint", []))]
+    return min(ok, key=lambda t: tuple(t.values), default=None)
+
+
+def _front(study: Any) -> list[Any]:
+    """Pareto-optimal feasible trials."""
+    ok = [t for t in study.trials if t.state.name == "COMPLETE"
+          and all(v <= 0 for v in t.user_attrs.get("constraint", []))]
+    return [t for t in ok if not any(all(a <= b for a, b in zip(o.values, t.values, strict=True))
+                                     and o.values != t.values for o in ok)]
+
+
+def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, Any]:
+    spec = sp.search
+    limits = spec.limits()
+    trials = []
+    for t in study.trials:
+        trials.append({"number": t.number, "state": t.state.name, "params": t.params,
+                       "recipe": t.user_attrs.get("recipe"), "error": t.user_attrs.get("error"),
+                       "metrics": {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error")},
+                       "values": t.values})
+    front = sorted(_front(study), key=lambda t: tuple(t.values))
+    best = _best(study, spec, limits)
+    result = {"schema": "compress.search/v1", "space": sp.source, "target": target, "batch": spec.batch,
+              "objectives": spec.objectives, "constraints": spec.constraints, "sampler": spec.sampler,
+              "trials": trials, "front": [t.number for t in front],
+              "best": None if best is None else best.number, "storage": str(out / "search.db")}
+    if best is not None:
+        values = {p.name: best.params[p.name] if p.kind != "choice" or p.name in best.params
+                  else p.choices[best.params[p.name + "#"]] for p in sp.params
+                  if p.name in best.params or p.name + "#" in best.params}
+        rec = sp.recipe(values).model_copy(update={"name": f"{Path(sp.source).stem}-best"})
+        (out / "best.toml").write_text(f"# best feasible trial ({best.number}) of {sp.source}; "
+                                       f"objectives {', '.join(spec.objectives)}\n" + recipe_to_toml(rec))
+        result["best_recipe"] = str(out / "best.toml")
+    (out / "search.json").write_text(json.dumps(result, indent=1, default=str))
+    lines = [f"# Search: {sp.source}", "", f"Target {target}, batch {spec.batch}; objectives "
+             f"{', '.join(spec.objectives)} (minimized); constraints "
+             f"{', '.join(f'{k} {v}' for k, v in spec.constraints.items()) or 'none'}.", "",
+             "| trial | " + " | ".join(spec.objectives) + " | latency ratio 95% CI | recipe |",
+             "|---|" + "---|" * len(spec.objectives) + "---|---|"]
+    for t in front:
+        ci = t.user_attrs.get("latency_ratio_ci")
+        lines.append(f"| {t.number}{' (best)' if best is not None and t.number == best.number else ''} | "
+                     + " | ".join(f"{v:.4g}" for v in t.values)
+                     + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | `{t.user_attrs.get('recipe')}` |")
+    failed = [t for t in trials if t["state"] == "FAIL"]
+    if failed:
+        lines += ["", "Failed trials:"] + [f"- trial {t['number']}: {t['error']}" for t in failed]
+    (out / "front.md").write_text("\n".join(lines) + "\n")
+    _plot(study, spec, front, out / "front.png")
+    return result
+
+
+def _plot(study: Any, spec: SearchSpec, front: list[Any], path: Path) -> None:
+    if len(spec.objectives) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [t.values[0] for t in done]
+    ys = [t.values[1] for t in done]
+    ax.scatter(xs, ys, c="#bbbbbb", label="trials")
+    f = sorted(front, key=lambda t: t.values[0])
+    ax.plot([t.values[0] for t in f], [t.values[1] for t in f], "o-", c="#d62728", label="Pareto front")
+    for t in f:
+        ax.annotate(str(t.number), (t.values[0], t.values[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(spec.objectives[0])
+    ax.set_ylabel(spec.objectives[1])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""compress search: the space is validated up front, trials run through the cache, a search resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from compress.cli import main
+from compress.errors import RecipeError
+from compress.recipe import load_recipe
+from compress.search import load_space, run_search
+
+HEAD = ('name = "s"\nmodel = { source = "zoo:digits-cnn", train_epochs = 1 }\ndata = { source = "builtin:digits" }\n'
+        'measure = { batch_sizes = [1], warmup = 1, min_runs = 5, min_time_s = 0.0 }\n')
+PRUNE = '[[passes]]\nkind = "prune.channels"\noptional = true\nratio = [0.2, 0.5]\nround_to = { choices = [2, 4] }\n'
+TARGET = '[[targets]]\nkind = "onnxruntime"\n'
+
+
+def space(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "space.toml"
+    p.write_text(body)
+    return p
+
+
+def test_space_lists_its_open_values(tmp_path: Path) -> None:
+    sp = load_space(space(tmp_path, HEAD + '[search]\ntrials = 3\n' + PRUNE + TARGET))
+    kinds = {p.name: p.kind for p in sp.params}
+    assert kinds == {"passes[1].enabled": "optional", "passes[1].ratio": "float", "passes[1].round_to": "choice"}
+    off = sp.recipe({"passes[1].enabled": False})
+    assert off.passes == []
+    on = sp.recipe({"passes[1].enabled": True, "passes[1].ratio": 0.3, "passes[1].round_to": 4})
+    assert on.passes[0].ratio == 0.3 and on.passes[0].round_to == 4  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("body, match", [
+    (HEAD + PRUNE.replace("[0.2, 0.5]", "[0.5, 0.2]") + TARGET, "empty range"),
+    (HEAD + PRUNE.replace("round_to", "round_too") + TARGET, "unknown key 'round_too'"),
+    (HEAD + PRUNE.replace("[2, 4]", "[2, 1000]") + TARGET, "round_to = 1000"),
+    (HEAD + PRUNE.replace("[2, 4]", "[]") + TARGET, "non-empty list"),
+    (HEAD + '[search]\nobjectives = ["speed"]\n' + PRUNE + TARGET, "unknown objective"),
+    (HEAD + '[search]\nconstraints = { accuracy_drop = "about 1" }\n' + PRUNE + TARGET, "<= NUMBER"),
+    (HEAD.replace("builtin:digits", "random").replace(", train_epochs = 1", "") + PRUNE + TARGET,
+     "accuracy_drop needs labelled data"),
+    (HEAD + '[search]\ntarget = "tvm"\n' + PRUNE + TARGET, "not among the space's targets"),
+    (HEAD + '[search]\nbatch = 8\n' + PRUNE + TARGET, "not among measure.batch_sizes"),
+    (HEAD + '[[passes]]\nkind = "quantize.int8"\n' + TARGET, "nothing to search"),
+    (HEAD + PRUNE, "list the target"),
+    (HEAD + '[[passes]]\nkind = "distill"\nlr = { low = 0, high = 0.1, log = true }\n' + TARGET, "positive low"),
+    (HEAD + '[[passes]]\nkind = "no.such"\n' + TARGET, "unknown pass"),
+])
+def test_bad_spaces_are_refused_before_any_trial(tmp_path: Path, body: str, match: str) -> None:
+    with pytest.raises(RecipeError, match=match):
+        load_space(space(tmp_path, body))
+
+
+def test_search_finds_a_front_writes_a_runnable_recipe_and_resumes(tmp_path: Path) -> None:
+    body = (HEAD + '[search]\ntrials = 3\nsampler = "random"\nobjectives = ["latency_ratio", "accuracy_drop"]\n'
+            'constraints = { accuracy_drop = "<= 50" }\n' + PRUNE + TARGET)
+    path = space(tmp_path, body)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    res = run_search(path, out, cache_dir=cache)
+    assert len(res["trials"]) == 3 and all(t["state"] == "COMPLETE" for t in res["trials"])
+    assert res["best"] is not None and res["front"]
+    for t in res["trials"]:
+        m = t["metrics"]
+        assert m["latency_ratio"] > 0 and len(m["latency_ratio_ci"]) == 2 and "accuracy_drop" in m
+    best = load_recipe(res["best_recipe"])  # a plain recipe that `compress run` takes
+    assert best.targets[0].kind == "onnxruntime"
+    assert (out / "front.md").read_text().startswith("# Search")
+    assert (out / "front.png").exists() and (out / "search.db").exists()
+    # Resume: the finished trials are not run again; only the missing one is.
+    lines: list[str] = []
+    res2 = run_search(path, out, cache_dir=cache, trials=4, log=lines.append)
+    assert len(res2["trials"]) == 4
+    assert any("resuming" in m and "3 trial(s) already finished" in m for m in lines)
+    assert sum(m.startswith("trial ") for m in lines) == 1
+
+
+def test_cli_dry_run_and_bad_space_exit_codes(tmp_path: Path, capsys) -> None:
+    path = space(tmp_path, HEAD + PRUNE + TARGET)
+    assert main(["search", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "passes[1].ratio: float in [0.2, 0.5]" in out and "passes[1].enabled: on/off" in out
+    bad = space(tmp_path, HEAD + PRUNE.replace("[0.2, 0.5]", "[0.5, 0.5]") + TARGET)
+    assert main(["search", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "empty range" in err and len(err.strip().splitlines()) == 1
+    assert main(["search", str(path), "--trials", "0"]) == 2
