@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import CompressError, InputError, RecipeError
+from .errors import CompressError, RecipeError
 from .recipe import Recipe, _resolve_paths, recipe_from_dict, recipe_to_toml
 
 # Metrics a trial yields; all are minimized (accuracy as a drop, fidelity as a loss).
@@ -330,12 +330,11 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     sp = space if isinstance(space, Space) else load_space(space)
     say = log or (lambda m: None)
     out = Path(out_dir)
-    try:  # before any trial: a search whose results cannot be written must not run for an hour first
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("")
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+    # Before any trial: a search whose results cannot be written must not run for an hour first.
+    from .preflight import check_out_dir
+
+    check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
     spec = sp.search
     limits = spec.limits()
     directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(spec.objectives)

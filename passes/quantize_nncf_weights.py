@@ -41,6 +41,9 @@ class QuantizeNncfWeights(PassConfig):
     keep_float: tuple[str, ...] = ()
     min_cosine: float = Field(0.95, gt=0, le=1, description="output cosine vs float below which the pass fails")
 
+    def data_needed(self) -> str | None:
+        return "any" if self.awq or self.scale_estimation else None
+
     @model_validator(mode="after")
     def _int4_only(self) -> QuantizeNncfWeights:
         if not self.mode.startswith("int4"):
