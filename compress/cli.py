@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
                    "best.toml (default runs/search-NAME)")
     s.add_argument("--cache", help="cache folder (shared by every trial)")
     s.add_argument("--dry-run", action="store_true", help="validate the space and print its open values, then exit")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: trials one after another here; ray: builds spread over a Ray cluster, latency "
+                   "measured one trial at a time on nodes of this machine's kind")
+    s.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    s.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     s.add_argument("-q", "--quiet", action="store_true")
 
     sub.add_parser("passes", help="list passes and their settings")
@@ -327,7 +332,12 @@ def _cmd_search(a: argparse.Namespace) -> int:
         return 0
     out = Path(a.out) if a.out else Path("runs") / f"search-{Path(a.space).stem}"
     log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
-    res = run_search(space, out, cache_dir=a.cache, trials=a.trials, timeout_s=a.timeout, log=log)
+    if a.workers < 1:
+        raise RecipeError(f"--workers {a.workers}: give at least 1")
+    if a.address and a.executor != "ray":
+        raise RecipeError("--address needs --executor ray")
+    res = run_search(space, out, cache_dir=a.cache, trials=a.trials, timeout_s=a.timeout, log=log,
+                     executor=a.executor, address=a.address, workers=a.workers)
     print((out / "front.md").read_text())
     if res["best"] is None:
         print("no trial met every constraint; see search.json for each trial's figures", file=sys.stderr)

@@ -23,6 +23,7 @@ trials, and the study can be inspected with Optuna's own tools.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -321,11 +322,16 @@ def _constraint_values(frozen: Any) -> list[float]:
 
 def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | Path | None = None,
                trials: int | None = None, timeout_s: float | None = None,
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) a search; write ``search.db``, ``search.json``, ``front.md``, ``front.png``, ``best.toml``."""
-    import optuna
+               log: Callable[[str], None] | None = None, executor: Literal["local", "ray"] = "local",
+               address: str | None = None, workers: int = 2) -> dict[str, Any]:
+    """Run (or resume) a search; write ``search.db``, ``search.json``, ``front.md``, ``front.png``, ``best.toml``.
 
-    from .pipeline import run as run_recipe
+    ``executor="ray"`` runs trials on a Ray cluster (``address``; None starts a local one with
+    ``workers`` CPUs): each trial's passes are built by any worker into the shared cache, then its
+    latency is measured by a task that holds the measuring node's one ``measure-<fingerprint>``
+    resource, so timings never overlap on a node and never come from another kind of machine.
+    """
+    import optuna
 
     sp = space if isinstance(space, Space) else load_space(space)
     say = log or (lambda m: None)
@@ -334,8 +340,10 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     from .preflight import check_out_dir
 
     check_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
     spec = sp.search
+    target = spec.target or sp.recipe(sp.first_point()).targets[0].kind
+    pool = _RayPool(sp, target, address, workers, cache_dir, say) if executor == "ray" else None
+    out.mkdir(parents=True, exist_ok=True)
     limits = spec.limits()
     directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(spec.objectives)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -345,49 +353,227 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
                                 sampler=_sampler(spec, _constraint_values if limits else None),
                                 load_if_exists=True)
     done = [t for t in study.trials if t.state.is_finished()]
-    budget = (trials or spec.trials) - len(done)
+    budget = max(0, (trials or spec.trials) - len(done))
     deadline = time.monotonic() + (timeout_s or spec.timeout_s or math.inf)
     if done:
         say(f"resuming {study_name}: {len(done)} trial(s) already finished in {out / 'search.db'}")
-    target = spec.target or sp.recipe(sp.first_point()).targets[0].kind
-    t_start = time.monotonic()
-    for k in range(max(0, budget)):
+    needed = [*spec.objectives, *limits]
+    clock = {"start": time.monotonic(), "told": 0, "budget": budget, "deadline": deadline}
+
+    def ask() -> tuple[Any, Recipe] | None:
         if time.monotonic() > deadline:
-            say(f"time budget reached after {k} new trial(s)")
-            break
+            return None
         trial = study.ask()
         values = {p.name: _suggest(trial, p) for p in sp.params}
         rec = sp.recipe(values).model_copy(update={"name": f"trial{trial.number}"})
         trial.set_user_attr("recipe", rec.pipeline_text())
-        t0 = time.monotonic()
-        try:
-            report = run_recipe(rec, out_dir=out / "trials" / f"trial{trial.number}", cache_dir=cache_dir,
-                                progress=False, write=True)
-            m = trial_metrics(report, rec.name, target, spec.batch)
-            missing = [o for o in (*spec.objectives, *limits) if o not in m]
-            if missing:
-                raise CompressError(f"metric(s) {', '.join(missing)} could not be measured for this trial")
-        except CompressError as e:
-            trial.set_user_attr("error", str(e).splitlines()[0][:500])
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            say(f"trial {trial.number}: failed: {str(e).splitlines()[0][:200]}")
-            continue
-        for key, v in m.items():
-            trial.set_user_attr(key, v)
-        trial.set_user_attr("seconds", time.monotonic() - t0)
-        if limits:
-            trial.set_user_attr("constraint", [m[c] - lim for c, lim in limits.items()])
-        study.tell(trial, [float(m[o]) for o in spec.objectives])
-        feasible = all(m[c] <= lim for c, lim in limits.items())
-        best = _best(study, spec, limits)
-        left = (deadline - time.monotonic()) if math.isfinite(deadline) else None
-        say(f"trial {trial.number} ({k + 1}/{budget}): "
-            + ", ".join(f"{o}={m[o]:.4g}" for o in spec.objectives)
-            + ("" if feasible else " (violates a constraint)")
-            + (f"; best so far trial {best.number}" if best is not None else "")
-            + (f"; {left:.0f} s left" if left is not None else "")
-            + f"; {time.monotonic() - t_start:.0f} s elapsed")
+        return trial, rec
+
+    started = 0
+    try:
+        if pool is None:
+            while started < budget and (nxt := ask()) is not None:
+                started += 1
+                trial, rec = nxt
+                t0 = time.monotonic()
+                res = evaluate_trial(rec, out / "trials" / rec.name, cache_dir, target, spec.batch, needed)
+                _tell(study, trial, res, time.monotonic() - t0, spec, limits, say, clock)
+        else:
+            started = pool.run(ask, budget, out, spec, needed,
+                               lambda trial, res, secs: _tell(study, trial, res, secs, spec, limits, say, clock))
+    finally:
+        if pool is not None:
+            pool.close()
+    if started < budget:
+        say(f"time budget reached after {started} new trial(s)")
     return write_results(study, sp, out, target)
+
+
+def evaluate_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: str, batch: int,
+                   needed: list[str]) -> dict[str, Any]:
+    """Run one trial's recipe (cached steps are reused) and return its metrics, or why it failed."""
+    from .pipeline import run as run_recipe
+
+    try:
+        report = run_recipe(rec, out_dir=out, cache_dir=cache_dir, progress=False, write=True)
+        m = trial_metrics(report, rec.name, target, batch)
+        missing = [o for o in needed if o not in m]
+        if missing:
+            raise CompressError(f"metric(s) {', '.join(missing)} could not be measured for this trial")
+    except CompressError as e:
+        return {"ok": False, "error": str(e).splitlines()[0][:500]}
+    return {"ok": True, "metrics": m, "host": _host()}
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _tell(study: Any, trial: Any, res: dict[str, Any], secs: float, spec: SearchSpec, limits: dict[str, float],
+          say: Callable[[str], None], clock: dict[str, Any]) -> None:
+    import optuna
+
+    clock["told"] += 1
+    if not res["ok"]:
+        trial.set_user_attr("error", res["error"])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        say(f"trial {trial.number}: failed: {res['error'][:200]}")
+        return
+    m = res["metrics"]
+    for key, v in m.items():
+        trial.set_user_attr(key, v)
+    trial.set_user_attr("seconds", secs)
+    if res.get("host"):
+        trial.set_user_attr("measured_on", res["host"])
+    if limits:
+        trial.set_user_attr("constraint", [m[c] - lim for c, lim in limits.items()])
+    study.tell(trial, [float(m[o]) for o in spec.objectives])
+    feasible = all(m[c] <= lim for c, lim in limits.items())
+    best = _best(study, spec, limits)
+    left = clock["deadline"] - time.monotonic()
+    say(f"trial {trial.number} ({clock['told']}/{clock['budget']}): "
+        + ", ".join(f"{o}={m[o]:.4g}" for o in spec.objectives)
+        + ("" if feasible else " (violates a constraint)")
+        + (f"; best so far trial {best.number}" if best is not None else "")
+        + (f"; {left:.0f} s left" if math.isfinite(left) else "")
+        + f"; {time.monotonic() - clock['start']:.0f} s elapsed")
+
+
+def measure_resource() -> str:
+    """The Ray resource that stands for "may time latency on a machine like this one" (one per node)."""
+    from .artifact import sha256_json
+    from .fingerprint import cpu_info
+
+    c = cpu_info()
+    return "measure-" + sha256_json({"cpu": c["model"], "isa": c["isa"], "cores": c["affinity_cores"]})[:16]
+
+
+def build_trial(rec: Recipe, cache_dir: str | Path | None) -> str | None:
+    """Run a trial's passes into the (shared) cache without measuring; the error line when one fails."""
+    from .cache import Cache
+    from .data import load_data
+    from .manager import PassContext, PassManager
+    from .models import load_model
+    from .pipeline import _train_root, _with_export
+    from .registry import make_target
+
+    try:
+        cache = Cache(Path(cache_dir) if cache_dir else None)
+        root = load_model(rec.model, cache)
+        data = load_data(rec.data, root.inputs[0].shape)
+        ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False)
+        if rec.model.train_epochs and data is not None:
+            root = _train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
+        ctx.original = root
+        need_onnx = any(make_target(t).consumes == "onnx" for t in rec.targets)
+        passes, _ = _with_export(list(rec.passes), need_onnx)
+        PassManager(passes).run(root, ctx)
+    except CompressError as e:
+        return str(e).splitlines()[0][:500]
+    return None
+
+
+def _probe_targets(kinds: list[str]) -> dict[str, str | None]:
+    from .registry import get_target_config, make_target
+
+    return {k: make_target(get_target_config(k)()).unavailable_reason() for k in kinds}
+
+
+def _check_answers(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a Ray address whose port does not accept a connection (ray.init would retry for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RecipeError(f"--address {address}: write it as HOST:PORT (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RecipeError(f"--address {address}: the Ray cluster does not answer ({e.strerror or e}); start it "
+                          "with `ray start --head` or drop --address for a local cluster") from None
+
+
+class _RayPool:
+    """Trials on a Ray cluster: builds anywhere, measurements one at a time on matching nodes."""
+
+    def __init__(self, sp: Space, target: str, address: str | None, workers: int,
+                 cache_dir: str | Path | None, say: Callable[[str], None]) -> None:
+        try:
+            import ray
+        except ImportError as e:
+            raise RecipeError(f"--executor ray needs Ray ({e}); pip install 'compress-pipeline[ray]'") from None
+        self.ray, self.say, self.cache_dir, self.target = ray, say, cache_dir, target
+        self.key = measure_resource()
+        if address:
+            _check_answers(address)
+        try:
+            if address:
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+            else:
+                # A local cluster: `workers` CPUs, and this machine declared as one measuring node.
+                ray.init(num_cpus=workers, resources={self.key: 1}, include_dashboard=False,
+                         logging_level=logging.ERROR, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise RecipeError(f"--address {address}: the Ray cluster does not answer ({str(e).splitlines()[0]}); "
+                              "start it with `ray start --head` or drop --address for a local cluster") from None
+        if ray.cluster_resources().get(self.key, 0) < 1:
+            self.close()
+            raise RecipeError(f"no node of the Ray cluster at {address} can measure for this machine kind "
+                              f"(resource {self.key}); start the measuring node with "
+                              f"ray start --resources='{{\"{self.key}\": 1}}'")
+        self.build = ray.remote(num_cpus=1)(build_trial)
+        self.measure = ray.remote(num_cpus=1, resources={self.key: 1})(evaluate_trial)
+        kinds = sorted({t.kind for t in sp.recipe(sp.first_point()).targets})
+        reasons = ray.get(ray.remote(num_cpus=0, resources={self.key: 1})(_probe_targets).remote(kinds))
+        if reasons.get(target):
+            self.close()
+            raise RecipeError(f"target {target!r} cannot run on the measuring node: {reasons[target]}")
+        self.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        say(f"ray: {self.parallel} CPU(s), measuring on resource {self.key}")
+
+    def run(self, ask: Callable[[], tuple[Any, Recipe] | None], budget: int, out: Path, spec: SearchSpec,
+            needed: list[str], tell: Callable[[Any, dict[str, Any], float], None]) -> int:
+        ray = self.ray
+        pending: dict[Any, tuple[str, Any, Recipe, float]] = {}
+        started = 0
+        while True:
+            while started < budget and len(pending) < self.parallel:
+                nxt = ask()
+                if nxt is None:
+                    budget = started  # the time budget is spent: finish what runs
+                    break
+                trial, rec = nxt
+                started += 1
+                pending[self.build.remote(rec, self.cache_dir)] = ("build", trial, rec, time.monotonic())
+            if not pending:
+                return started
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            stage, trial, rec, t0 = pending.pop(ref)
+            try:
+                res = ray.get(ref)
+            except ray.exceptions.RayError as e:  # a worker died or a task raised an unexpected error
+                tell(trial, {"ok": False, "error": f"ray task failed: {str(e).splitlines()[0][:300]}"},
+                     time.monotonic() - t0)
+                continue
+            if stage == "build":
+                if res is not None:
+                    tell(trial, {"ok": False, "error": res}, time.monotonic() - t0)
+                    continue
+                ref2 = self.measure.remote(rec, out / "trials" / rec.name, self.cache_dir, self.target, spec.batch,
+                                           needed)
+                pending[ref2] = ("measure", trial, rec, t0)
+            else:
+                tell(trial, res, time.monotonic() - t0)
+
+    def close(self) -> None:
+        if self.ray.is_initialized():
+            self.ray.shutdown()
 
 
 def _best(study: Any, spec: SearchSpec, limits: dict[str, float]) -> Any:

@@ -89,3 +89,22 @@ def test_cli_dry_run_and_bad_space_exit_codes(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "empty range" in err and len(err.strip().splitlines()) == 1
     assert main(["search", str(path), "--trials", "0"]) == 2
+
+
+def test_ray_executor_builds_in_parallel_and_measures_on_the_measuring_node(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    body = (HEAD + '[search]\ntrials = 2\nsampler = "random"\nobjectives = ["latency_ratio", "accuracy_drop"]\n'
+            + PRUNE + TARGET)
+    lines: list[str] = []
+    res = run_search(space(tmp_path, body), tmp_path / "out", cache_dir=tmp_path / "cache", executor="ray",
+                     workers=2, log=lines.append)
+    assert [t["state"] for t in res["trials"]] == ["COMPLETE", "COMPLETE"], res["trials"]
+    assert all(t["metrics"].get("measured_on") for t in res["trials"])
+    assert any(m.startswith("ray: 2 CPU(s), measuring on resource measure-") for m in lines)
+
+
+def test_ray_address_that_does_not_answer_is_a_usage_error(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    with pytest.raises(RecipeError, match="does not answer"):
+        run_search(space(tmp_path, HEAD + PRUNE + TARGET), tmp_path / "out", executor="ray",
+                   address="127.0.0.1:1")
