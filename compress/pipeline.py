@@ -140,7 +140,7 @@ def run(
     rec = _resolve_recipe(recipe)
     say = log or (lambda m: None)
     out = Path(out_dir) if out_dir else Path("runs") / rec.name
-    cache = Cache(Path(cache_dir) if cache_dir else None)
+    cache = Cache(Path(cache_dir) if cache_dir else None, log=say)
     threads = rec.measure.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     torch.manual_seed(rec.seed)

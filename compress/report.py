@@ -72,6 +72,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "model": model_summary(passes_meta),
         }
         notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
+    notes += list(getattr(cache, "notes", []))  # entries that failed verification and were rebuilt
     results = []
     for c in cells:
         results.append({
