@@ -21,10 +21,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from .artifact import Artifact, sha256_files, sha256_json

@@ -20,7 +20,7 @@ from compress.registry import get_pass
 from compress.torch_io import load_torch
 
 
-def ScaleWeights(factor: float) -> PassConfig:  # noqa: N802  (the conftest's test.scale pass)
+def ScaleWeights(factor: float) -> PassConfig:
     return get_pass("test.scale").config_cls(factor=factor)  # type: ignore[call-arg]
 
 
