@@ -207,8 +207,8 @@ def parity_inputs(art: Artifact, data: Any, samples: int, batch: int, seed: int 
 
     feeds = []
     for i in range(max(1, -(-samples // batch))):
-        xs = sample_inputs(art.inputs, batch=batch, seed=seed + 7919 * i)
-        feeds.append({s.name: x.numpy() for s, x in zip(art.inputs, xs, strict=True)})
+        ts = sample_inputs(art.inputs, batch=batch, seed=seed + 7919 * i)
+        feeds.append({s.name: t.numpy() for s, t in zip(art.inputs, ts, strict=True)})
     return feeds, "random inputs", None
 
 
