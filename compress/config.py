@@ -50,7 +50,8 @@ class TargetConfig(PassConfig):
 
     parity_atol: float | None = Field(None, ge=0, description="parity: max abs diff allowed (plus rtol x max|ref|)")
     parity_rtol: float | None = Field(None, ge=0, description="parity: share of the largest reference output")
-    parity_min_cosine: float | None = Field(None, ge=0, le=1, description="parity: output cosine vs the input model")
+    parity_min_cosine: float | None = Field(None, ge=-1, le=1,
+                                            description="parity: output cosine vs the input model (-1 = off)")
     parity_min_agreement: float | None = Field(None, ge=0, le=1,
                                                description="parity: top-1 agreement (real data only)")
     parity_samples: int = Field(128, ge=1, le=100_000, description="parity: validation (or random) samples compared")

@@ -59,7 +59,7 @@ class QuantizeInt8(ParityOptions):
     max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="top-1 drop allowed, a fraction (0.005)")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
     deployed_min_cosine: float | None = Field(
-        None, ge=0, le=1, description="deployed (ONNX Runtime integer kernels) vs simulated Q/DQ: output cosine; "
+        None, ge=-1, le=1, description="deployed (ONNX Runtime integer kernels) vs simulated Q/DQ: output cosine; "
         "None = compress.parity.LOWERING['int8']")
     deployed_min_agreement: float | None = Field(
         None, ge=0, le=1, description="deployed vs simulated: top-1 agreement; None = the INT8 default")
