@@ -144,6 +144,25 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     return compare_outputs(ref, got)
 
 
+def pass_parity(kind: str, art: Artifact, out_path: Path, ctx: Any, tol: Any, precision: str, samples: int,
+                hint: str) -> dict[str, Any]:
+    """A quantizing pass's output (``out_path``) against its input model ``art``, both on ONNX Runtime, on the
+    validation split (or seeded random inputs without data). Returns the parity record for the metadata;
+    raises PassError with one line naming the figure and its bound on a breach (``hint`` says what to do)."""
+    from compress.parity import check, parity_batch, parity_inputs, run_feeds
+
+    feeds, inputs, y = parity_inputs(art, getattr(ctx, "data", None), samples, parity_batch(art),
+                                     getattr(ctx, "seed", 0))
+    ref = run_feeds(session_infer(ort_session(art.path / "model.onnx")), feeds)
+    got = run_feeds(session_infer(ort_session(out_path)), feeds)
+    rec = check(ref, got, tol, precision=precision, reference="its input model (ONNX Runtime)", inputs=inputs,
+                real_data=y is not None)
+    if not rec["ok"]:
+        raise PassError(f"{kind}: the output differs from its input model beyond the tolerance: {rec['reason']}; "
+                        f"{hint}")
+    return rec
+
+
 def simulated_agreement(
     onnx_art: Artifact,
     infer: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
@@ -182,25 +201,6 @@ def simulated_agreement(
     out["flagged"] = bool(out["agreement"] < min_agreement or out["cosine"] < min_cosine)
     out["tolerance"] = {"min_agreement": min_agreement, "min_cosine": min_cosine}
     return out
-
-
-def pass_parity(kind: str, art: Artifact, out_path: Path, ctx: Any, tol: Any, precision: str, samples: int,
-                hint: str) -> dict[str, Any]:
-    """A quantizing pass's output (``out_path``) against its input model ``art``, both on ONNX Runtime, on the
-    validation split (or seeded random inputs without data). Returns the parity record for the metadata;
-    raises PassError with one line naming the figure and its bound on a breach (``hint`` says what to do)."""
-    from compress.parity import check, parity_batch, parity_inputs, run_feeds
-
-    feeds, inputs, y = parity_inputs(art, getattr(ctx, "data", None), samples, parity_batch(art),
-                                     getattr(ctx, "seed", 0))
-    ref = run_feeds(session_infer(ort_session(art.path / "model.onnx")), feeds)
-    got = run_feeds(session_infer(ort_session(out_path)), feeds)
-    rec = check(ref, got, tol, precision=precision, reference="its input model (ONNX Runtime)", inputs=inputs,
-                real_data=y is not None)
-    if not rec["ok"]:
-        raise PassError(f"{kind}: the output differs from its input model beyond the tolerance: {rec['reason']}; "
-                        f"{hint}")
-    return rec
 
 
 def choose_scheme(requested: str) -> tuple[str, str]:
