@@ -18,11 +18,11 @@ Two tables, because the questions differ:
   itself. These catch a broken result (saturated integer kernels, overflowing FP16), not a small
   accuracy loss: accuracy control (``max_accuracy_drop``) is the tool for that.
 
-Figures measured while choosing the defaults (``/tmp`` script, digits CNN trained 5 epochs and
-the zoo transformer, 256 validation samples, Xeon with VNNI): FP32 ONNX Runtime and untuned TVM
-against the reference <= 7e-7 of the largest output; FP16 TVM 0.4%; INT8 deployed ONNX Runtime
-against the simulation cosine >= 0.9991 and agreement 100%; INT8 against float cosine >= 0.9989,
-weight-only INT4 0.9962.
+Figures measured while choosing the defaults (``benchmarks/bench_parity.py``: digits CNN trained 5
+epochs and the zoo transformer, 256 validation samples, a Xeon with VNNI): FP32 on ONNX Runtime and
+untuned TVM within 7e-7 of the largest output of the reference; FP16 on TVM 0.4%; INT8 deployed on
+ONNX Runtime against the simulation cosine >= 0.9991, agreement 100%; INT8 against float cosine
+>= 0.9988, weight-only INT4 0.9962. TensorRT's figures are not measured here (no GPU).
 """
 
 from __future__ import annotations
