@@ -51,9 +51,13 @@ def line(name: str, what: str, m: dict[str, float], verdict: str) -> None:
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-parity-") as tmp:
+        measure(Cache(Path(tmp)))
+
+
+def measure(cache: Cache) -> None:
     torch.set_num_threads(1)
     digits = load_data(DataSpec(source="builtin:digits"), SHAPE)
-    cache = Cache(Path(tempfile.mkdtemp(prefix="bench-parity-")))
 
     def run(art: Artifact, cfg: Any, data: Any = None) -> Artifact:
         # Parity bounds off inside the passes: here we want the raw figures even where a default would fail.
