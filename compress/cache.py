@@ -7,23 +7,31 @@ key after it and nothing else. Entries are built in ``tmp/`` and renamed into
 ``objects/<key>`` only once complete (with a ``COMPLETE`` marker written
 before the rename), so a run killed at any point leaves either a whole entry or
 none, and the next run resumes from the last finished step.
+
+Every entry is verified before it is served: the ``COMPLETE`` marker records a
+SHA-256 over the entry's files (metadata included), and ``get`` recomputes it
+(one streaming pass). An entry whose bytes changed on disk is never used: it is
+discarded, a note says so, and the caller rebuilds it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from .artifact import Artifact, sha256_json
+from .artifact import Artifact, sha256_files, sha256_json
 from .errors import CacheError
 
 MARKER = "COMPLETE"
+MARKER_FORMAT = 2  # the marker is JSON with the content digest (format 1 held only the artifact digest)
 # Libraries whose version can change what a pass produces; all are part of every key.
 _KEY_LIBS = (
     "compress-pipeline", "torch", "onnx", "onnxruntime", "onnxscript", "numpy",
@@ -46,11 +54,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE", ".compress-cache"))
 
 
+def content_digest(entry: Path) -> str:
+    """SHA-256 over an entry's file names and bytes, the marker excluded (metadata included: an edited
+    ``artifact.json`` changes what a hit would report, so it counts as corruption too)."""
+    return sha256_files(entry, exclude=(MARKER,))
+
+
 class Cache:
     """A directory of finished artifacts keyed by SHA-256."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, log: Callable[[str], None] | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
+        # What verification found this session (discarded entries); runs copy them into their report.
+        self.notes: list[str] = []
+        self.log = log
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
         try:
@@ -86,9 +103,48 @@ class Cache:
         """A fresh private directory for a step to write into."""
         return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.tmp))
 
+    def verify_entry(self, entry: Path) -> str | None:
+        """Why a finished entry cannot be trusted, or None when its content matches its recorded digest."""
+        try:
+            marker = json.loads((entry / MARKER).read_text())
+        except (OSError, ValueError):
+            marker = None
+        if not isinstance(marker, dict) or not isinstance(marker.get("content_sha256"), str):
+            return "it records no content digest (written by an older version of this tool)"
+        got = content_digest(entry)
+        if got != marker["content_sha256"]:
+            return (f"its content (sha256 {got[:16]}...) no longer matches the digest recorded when it was written "
+                    f"({marker['content_sha256'][:16]}...)")
+        return None
+
+    def _discard(self, entry: Path, problem: str) -> None:
+        """Remove an entry that failed verification, with a note; refuse (CacheError) if it cannot be removed."""
+        producer = "?"
+        try:
+            producer = str(json.loads((entry / "artifact.json").read_text()).get("producer") or "?")
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            # Renamed out of objects/ first, so no other reader can pick it up half-deleted.
+            grave = Path(tempfile.mkdtemp(prefix="corrupt-", dir=self.tmp))
+            os.replace(entry, grave / entry.name)
+            shutil.rmtree(grave, ignore_errors=True)
+        except OSError as e:
+            raise CacheError(f"cache entry {entry} failed verification ({problem}) and could not be removed ({e}); "
+                             "delete it and run again") from e
+        note = (f"cache entry {entry.name[:16]} ({producer}) was not used: {problem}; it was discarded and rebuilt")
+        self.notes.append(note)
+        if self.log is not None:
+            self.log(f"WARNING {note}")
+
     def get(self, key: str) -> Artifact | None:
+        """The finished entry for ``key``, verified against its recorded content digest; None to (re)build."""
         entry = self.objects / key
         if not (entry / MARKER).exists():
+            return None
+        problem = self.verify_entry(entry)
+        if problem is not None:
+            self._discard(entry, problem)
             return None
         try:
             return Artifact.load(entry)
@@ -103,10 +159,11 @@ class Cache:
             shutil.copytree(art.path, staged, dirs_exist_ok=True)
             art.path = staged
         art.save_meta()
-        (art.path / MARKER).write_text(art.digest)
+        marker = {"format": MARKER_FORMAT, "digest": art.digest, "content_sha256": content_digest(art.path)}
+        (art.path / MARKER).write_text(json.dumps(marker, sort_keys=True))
         dest = self.objects / key
         if dest.exists():  # a previous crashed or concurrent run left one; ours is equivalent
-            if (dest / MARKER).exists():
+            if (dest / MARKER).exists() and self.verify_entry(dest) is None:
                 shutil.rmtree(art.path, ignore_errors=True)
                 out = Artifact.load(dest)
                 out.obj = art.obj

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class PassConfig(BaseModel):
@@ -46,4 +46,21 @@ class PassConfig(BaseModel):
 
 
 class TargetConfig(PassConfig):
-    """Base of every target config."""
+    """Base of every target config.
+
+    The ``parity_*`` settings bound how far the compiled model's outputs may be from its input
+    model's (``compress.parity``; ``None`` = the default for the precision it runs in). They judge
+    a build but do not change it, so they stay out of the cache key.
+    """
+
+    parity_atol: float | None = Field(None, ge=0, description="parity: max abs diff allowed (plus rtol x max|ref|)")
+    parity_rtol: float | None = Field(None, ge=0, description="parity: share of the largest reference output")
+    parity_min_cosine: float | None = Field(None, ge=-1, le=1,
+                                            description="parity: output cosine vs the input model (-1 = off)")
+    parity_min_agreement: float | None = Field(None, ge=0, le=1,
+                                               description="parity: top-1 agreement (real data only)")
+    parity_samples: int = Field(128, ge=1, le=100_000, description="parity: validation (or random) samples compared")
+
+    def canonical(self) -> dict[str, Any]:
+        """Every setting that changes the build (the parity bounds do not)."""
+        return {k: v for k, v in super().canonical().items() if not k.startswith("parity_")}

@@ -63,7 +63,7 @@ class Cell:
     accuracy: float | None = None
     fidelity: dict[str, float] | None = None
     size_bytes: int | None = None
-    parity: dict[str, Any] | None = None  # deployed vs simulated (fake-quantized) model, for QDQ models
+    parity: dict[str, Any] | None = None  # compiled model vs its input model (for Q/DQ: vs the simulated model)
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -141,7 +141,7 @@ def run(
     rec = _resolve_recipe(recipe)
     say = log or (lambda m: None)
     out = Path(out_dir) if out_dir else Path("runs") / rec.name
-    cache = Cache(Path(cache_dir) if cache_dir else None)
+    cache = Cache(Path(cache_dir) if cache_dir else None, log=say)
     threads = rec.measure.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     torch.manual_seed(rec.seed)
@@ -212,7 +212,6 @@ def run(
     try:
         _measure_latency(cells, root, rec, threads, progress, say)
         _measure_accuracy(cells, measured, data, root, say)
-        _measure_quant_parity(cells, measured, data, say)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -278,6 +277,7 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                 cell.notes += list(compiled.metadata.get("target_notes", []))  # kept if it cannot run here
                 cell.runner = t.runner(compiled, threads=torch.get_num_threads())
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
+                _check_target_parity(cell, t, src, compiled, ctx, say)
             except TargetUnavailable as e:
                 cell.status, cell.reason = "unavailable", str(e)
             except CompressError as e:
@@ -367,34 +367,34 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
         say(f"fidelity reference: baseline on {ref_cell.target}")
 
 
-QDQ_PASSES = ("quantize.int8", "quantize.nncf", "quantize.qat")
+def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artifact, ctx: PassContext,
+                         say: Callable[[str], None]) -> None:
+    """The compiled model against its input ONNX model on the same inputs (``compress.parity``); a breach, or
+    an inference that fails while checking, fails the cell with one line. The eager PyTorch target is
+    itself the reference, so it has nothing to check."""
+    if target.consumes != "onnx":
+        return
+    from .parity import model_precision, target_parity
 
-
-def _measure_quant_parity(cells: list[Cell], variants: list[Variant], data: DataBundle | None,
-                          say: Callable[[str], None]) -> None:
-    """Per ONNX target, agreement of the deployed INT8 model with its simulation (the QDQ graph run
-    with reference kernels), so a backend whose integer kernels drift is flagged, not hidden."""
-    by_name = {v.name: v for v in variants}
-    for c in cells:
-        v = by_name.get(c.variant)
-        if c.status != "ok" or v is None or v.onnx_art is None or c.target == "torch":
-            continue
-        if not any(k in v.onnx_art.metadata for k in QDQ_PASSES):
-            continue
-        from passes.quantize_int8 import simulated_agreement
-
-        bs = 64 if _dynamic_batch(c.compiled) else 1
-        try:
-            c.parity = simulated_agreement(v.onnx_art, c.runner.infer, data, split="val", max_samples=256, batch=bs)
-        except Exception as e:  # parity is a check on top; its failure is reported, the run goes on
-            c.notes.append(f"deployed-vs-simulated parity not measured: {str(e).splitlines()[0]}")
-            continue
-        if c.parity["flagged"]:
-            msg = (f"deployed INT8 on {c.target} disagrees with the simulated model: agreement "
-                   f"{100 * c.parity['agreement']:.1f}%, cosine {c.parity['cosine']:.4f} "
-                   f"(tolerance {c.parity['tolerance']})")
-            c.notes.append(msg)
-            say(f"WARNING {c.variant}/{c.target}: {msg}")
+    precision = model_precision(src)
+    coarsen = getattr(target, "parity_precision", None)  # e.g. TensorRT building FP32 with TF32 or FP16 kernels
+    if callable(coarsen):
+        precision = coarsen(src, precision)
+    batch = (min(16, int(getattr(target.config, "max_batch", 16))) if _dynamic_batch(compiled)
+             else src.inputs[0].shape[0])
+    try:
+        cell.parity = target_parity(src, cell.runner.infer, ctx.data, target.config, precision, batch, ctx.seed)
+    except Exception as e:  # the runner raising is a failed inference of this cell, not of the run
+        cell.status, cell.reason = "failed", f"inference failed during the parity check: {str(e).splitlines()[0]}"
+    else:
+        if cell.parity["ok"] is None:
+            cell.notes.append(f"parity NOT checked: {cell.parity['reason']}")
+        elif not cell.parity["ok"]:
+            cell.status, cell.reason = "failed", f"parity: {cell.parity['reason']}"
+    if cell.status == "failed":
+        say(f"compile {cell.variant} for {cell.target}: failed: {cell.reason}")
+        cell.runner.close()
+        cell.runner = None
 
 
 def clean_output(out: Path) -> None:

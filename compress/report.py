@@ -72,6 +72,11 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "model": model_summary(passes_meta),
         }
         notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
+    notes += list(getattr(cache, "notes", []))  # entries that failed verification and were rebuilt
+    if any(c.parity for c in cells):
+        from .parity import tolerance_note
+
+        notes.append(tolerance_note())
     results = []
     for c in cells:
         results.append({
@@ -79,7 +84,10 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "compiled_digest": c.compiled.digest if c.compiled else None,
             "compiled_path": str(c.compiled.path) if c.compiled else None, "target_config": c.config,
             "build_s": c.build_s, "build_cache_hit": c.cache_hit, "size_bytes": c.size_bytes,
-            "accuracy_top1": c.accuracy, "fidelity": c.fidelity, "quant_parity": c.parity,
+            "accuracy_top1": c.accuracy, "fidelity": c.fidelity, "parity": c.parity,
+            # INT8 cells: the same record, under the name older reports used (deployed vs simulated).
+            "quant_parity": c.parity if c.parity and c.parity.get("precision") == "int8" and "cosine" in c.parity
+            else None,
             "latency": c.latency, "notes": c.notes,
         })
     return {
@@ -215,6 +223,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['variant']} | {r['target']} | {100 * q['agreement']:.1f}% | {q['cosine']:.4f} | "
                          f"{'-' if t1s is None else f'{100 * t1s:.2f}%'} | "
                          f"{'-' if t1d is None else f'{100 * t1d:.2f}%'} | {'**yes**' if q['flagged'] else 'no'} |")
+        lines.append("")
+    checked = [r for r in report["results"] if r.get("parity")]
+    if checked:
+        # Every compiled target against its input model, with the bound it was held to.
+        lines += ["## Parity (each target vs its input model)", "",
+                  "| variant | target | precision | max abs diff | cosine | top-1 agreement | inputs | result |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in checked:
+            q = r["parity"]
+            ok = q.get("ok")
+            res = "ok" if ok else ("not checked" if ok is None else "**FAILED**")
+            fig = (f"{q['max_abs_diff']:.3g} | {q['cosine']:.6f} | {100 * q['agreement']:.1f}%"
+                   if "cosine" in q else "- | - | -")
+            lines.append(f"| {r['variant']} | {r['target']} | {q.get('precision', '-')} | {fig} | "
+                         f"{q.get('samples', '-')} {q.get('inputs', '')} | {res} |")
         lines.append("")
     if cell_notes:
         lines += ["## Per-target notes", "", *[f"- {r['variant']} / {r['target']}: {n}" for r, n in cell_notes], ""]

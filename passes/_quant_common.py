@@ -24,7 +24,7 @@ QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Integer dot-product instructions that accumulate u8 x s8 in 32 bits (no 16-bit saturation).
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
 
-# Agreement of deployed vs simulated below these is flagged.
+# Agreement of deployed vs simulated below these fails (compress.parity.LOWERING["int8"]; settable per pass/target).
 PARITY_MIN_AGREEMENT = 0.98
 PARITY_MIN_COSINE = 0.995
 
@@ -137,12 +137,29 @@ def session_infer(sess: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarra
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Prediction agreement, cosine and max abs diff of two logit arrays."""
-    a, b = ref.astype(np.float64), got.astype(np.float64)
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    cos = float(a.ravel() @ b.ravel() / denom) if denom > 0 else float(np.array_equal(a, b))
-    agree = float((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).mean()) if a.ndim > 1 else 1.0
-    return {"agreement": agree, "cosine": cos, "max_abs_diff": float(np.abs(a - b).max(initial=0.0))}
+    """Prediction agreement, cosine and max/mean abs diff of two logit arrays (``compress.parity``)."""
+    from compress.parity import compare_outputs
+
+    return compare_outputs(ref, got)
+
+
+def pass_parity(kind: str, art: Artifact, out_path: Path, ctx: Any, tol: Any, precision: str, samples: int,
+                hint: str) -> dict[str, Any]:
+    """A quantizing pass's output (``out_path``) against its input model ``art``, both on ONNX Runtime, on the
+    validation split (or seeded random inputs without data). Returns the parity record for the metadata;
+    raises PassError with one line naming the figure and its bound on a breach (``hint`` says what to do)."""
+    from compress.parity import check, parity_batch, parity_inputs, run_feeds
+
+    feeds, inputs, y = parity_inputs(art, getattr(ctx, "data", None), samples, parity_batch(art),
+                                     getattr(ctx, "seed", 0))
+    ref = run_feeds(session_infer(ort_session(art.path / "model.onnx")), feeds)
+    got = run_feeds(session_infer(ort_session(out_path)), feeds)
+    rec = check(ref, got, tol, precision=precision, reference="its input model (ONNX Runtime)", inputs=inputs,
+                real_data=y is not None)
+    if not rec["ok"]:
+        raise PassError(f"{kind}: the output differs from its input model beyond the tolerance: {rec['reason']}; "
+                        f"{hint}")
+    return rec
 
 
 def simulated_agreement(

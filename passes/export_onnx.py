@@ -18,6 +18,7 @@ from compress.artifact import Artifact, InputSpec, sha256_files
 from compress.config import PassConfig
 from compress.errors import ExportError, InputError
 from compress.manager import PassContext
+from compress.parity import Tolerance, check, compare_outputs
 from compress.registry import register_pass
 from compress.torch_io import load_torch, sample_inputs, set_eval
 
@@ -68,14 +69,8 @@ def check_external_data(model: Any, folder: Path) -> None:
 
 
 def parity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
-    """Max/mean abs diff and cosine between two lists of outputs."""
-    a = np.concatenate([r.astype(np.float64).ravel() for r in ref])
-    b = np.concatenate([g.astype(np.float64).ravel() for g in got])
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
-    diff = np.abs(a - b)
-    return {"max_abs_diff": float(diff.max(initial=0.0)), "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-            "cosine": cos}
+    """Max/mean abs diff and cosine between two lists of outputs (``compress.parity.compare_outputs``)."""
+    return compare_outputs(ref, got)
 
 
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, cfg: ExportOnnx,
@@ -176,27 +171,28 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    worst: dict[str, float] = {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "cosine": 1.0}
+    atol = cfg.atol
+    qat = art.metadata.get("quantize.qat")
+    if "atol" not in cfg.model_fields_set and isinstance(qat, dict) and "export_atol" in qat:
+        # A fake-quantized model: ONNX may round a tie the other way, one quantization step off.
+        atol = max(atol, float(qat["export_atol"]))
+    tol = Tolerance(atol=atol, min_cosine=cfg.min_cosine)
+    worst: dict[str, Any] = {}
     for b in batches:
         xs = sample_inputs(art.inputs, batch=b, seed=ctx.seed + b)
         with torch.inference_mode():
             ref = module(*xs)
         ref_l = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
         got = sess.run(None, {n: x.numpy() for n, x in zip(names, xs, strict=True)})
-        p = parity(ref_l, got)
-        worst = {"max_abs_diff": max(worst["max_abs_diff"], p["max_abs_diff"]),
-                 "mean_abs_diff": max(worst["mean_abs_diff"], p["mean_abs_diff"]),
-                 "cosine": min(worst["cosine"], p["cosine"])}
-    atol = cfg.atol
-    qat = art.metadata.get("quantize.qat")
-    if "atol" not in cfg.model_fields_set and isinstance(qat, dict) and "export_atol" in qat:
-        # A fake-quantized model: ONNX may round a tie the other way, one quantization step off.
-        atol = max(atol, float(qat["export_atol"]))
-    if worst["max_abs_diff"] > atol or worst["cosine"] < cfg.min_cosine:
-        raise ExportError(
-            f"ONNX output differs from PyTorch: max abs diff {worst['max_abs_diff']:.3g} (allowed {atol:.3g}), "
-            f"cosine {worst['cosine']:.6f} (min {cfg.min_cosine}); raise atol if this is expected"
-        )
+        rec = check(ref_l, got, tol, precision="fp32", reference="PyTorch (eager)", inputs=f"random inputs, batch {b}",
+                    real_data=False)
+        if not rec["ok"]:
+            raise ExportError(f"ONNX output differs from PyTorch: {rec['reason']}; raise atol if this is expected")
+        worst = {"max_abs_diff": max(worst.get("max_abs_diff", 0.0), rec["max_abs_diff"]),
+                 "mean_abs_diff": max(worst.get("mean_abs_diff", 0.0), rec["mean_abs_diff"]),
+                 "cosine": min(worst.get("cosine", 1.0), rec["cosine"])}
+    worst["parity"] = {**rec, **{k: worst[k] for k in ("max_abs_diff", "mean_abs_diff", "cosine")},
+                       "inputs": f"random inputs, batches {batches}", "samples": sum(batches)}
     meta = {"export.onnx": {**worst, "atol": atol, "opset": cfg.opset, "nodes": len(model.graph.node),
                             "dynamic_batch": cfg.dynamic_batch}}
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta)

@@ -6,16 +6,16 @@ import shutil
 from typing import Any, Literal
 
 from compress.artifact import Artifact, sha256_files
-from compress.config import PassConfig
 from compress.errors import PassError
 from compress.manager import PassContext
+from compress.parity import ParityOptions
 from compress.registry import register_pass
 
-from ._quant_common import auto_scheme_env, choose_scheme, name_nodes, refuse_quantized, weighted_nodes
+from ._quant_common import auto_scheme_env, choose_scheme, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_int8 import _quiet, preprocess
 
 
-class QuantizeDynamic(PassConfig):
+class QuantizeDynamic(ParityOptions):
     """ONNX Runtime dynamic quantization (MatMulInteger / DynamicQuantizeLinear); needs no calibration data."""
 
     kind: Literal["quantize.dynamic"] = "quantize.dynamic"
@@ -65,8 +65,11 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     n_int = ops.get("MatMulInteger", 0) + ops.get("ConvInteger", 0) + ops.get("DynamicQuantizeMatMul", 0)
     if n_int == 0:
         raise PassError("quantize.dynamic: ONNX Runtime quantized no layer")
+    p = pass_parity("quantize.dynamic", art, out, ctx, cfg.tolerance("int8"), "int8", cfg.parity_samples,
+                    "keep the sensitive layers in float with keep_float (or scheme='u8s8_reduce_range' on a CPU "
+                    "without VNNI)")
     info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "quantizable_nodes": len(nodes),
-                            "integer_nodes": n_int, "per_channel": cfg.per_channel,
+                            "integer_nodes": n_int, "per_channel": cfg.per_channel, "parity": p,
                             "notes": [f"dynamic INT8 of {n_int} layer(s); scheme: {why}",
                                       "dynamic INT8 uses MatMulInteger/DynamicQuantizeLinear (standard ONNX ops); "
                                       "other runtimes may import them less efficiently than QDQ"]}

@@ -8,27 +8,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
-from compress.config import PassConfig
 from compress.errors import PassError
 from compress.manager import PassContext
+from compress.parity import ParityOptions
 from compress.registry import register_pass
-from compress.torch_io import sample_inputs
 
-from ._quant_common import compare, ort_session
+from ._quant_common import pass_parity
 from .quantize_int8 import _quiet
 
 
-class QuantizeFp16(PassConfig):
+class QuantizeFp16(ParityOptions):
     """Convert weights and compute to float16; graph inputs/outputs stay float32."""
 
     kind: Literal["quantize.fp16"] = "quantize.fp16"
     keep_io_types: bool = True
     keep_ops: tuple[str, ...] = Field((), description="op types kept in float32 (e.g. LayerNormalization)")
-    min_cosine: float = Field(0.999, gt=0, le=1, description="output cosine vs FP32 below which the pass fails")
 
 
 @register_pass(QuantizeFp16, consumes="onnx", produces="onnx")
@@ -82,14 +79,8 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
     # the float16 initializers left after its optimizations show how much really runs in float16.
     n16_ort = sum(1 for t in og.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
 
-    feeds = {s.name: x.numpy() for s, x in zip(art.inputs, sample_inputs(art.inputs, batch=2, seed=ctx.seed),
-                                              strict=True)}
-    ref = ort_session(src).run(None, feeds)
-    got = ort_session(out).run(None, feeds)
-    p = compare(np.asarray(ref[0]), np.asarray(got[0], dtype=np.float32))
-    if p["cosine"] < cfg.min_cosine:
-        raise PassError(f"quantize.fp16: output cosine vs FP32 is {p['cosine']:.5f} (< {cfg.min_cosine}); "
-                        "keep the overflowing ops in float32 with keep_ops")
+    p = pass_parity("quantize.fp16", art, out, ctx, cfg.tolerance("fp16"), "fp16", cfg.parity_samples,
+                    "keep the overflowing ops in float32 with keep_ops, or loosen min_cosine/atol")
     notes = [
         "precision fp16: float16 weights and compute, float32 inputs/outputs; targets without float16 "
         "support must refuse this artifact (metadata precision=fp16)",
@@ -99,6 +90,6 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
         "half-size weights on disk",
     ]
     info: dict[str, Any] = {"precision": "fp16", "fp16_initializers": n16, "keep_io_types": cfg.keep_io_types,
-                            "ort_cpu_fp16_initializers": n16_ort, "vs_fp32": p, "notes": notes}
+                            "ort_cpu_fp16_initializers": n16_ort, "parity": p, "notes": notes}
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs,
                     metadata={"quantize.fp16": info, "precision": "fp16"})

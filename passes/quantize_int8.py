@@ -18,15 +18,14 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
-from compress.config import PassConfig
 from compress.errors import AccuracyError, PassError, RecipeError
 from compress.manager import PassContext
+from compress.parity import LOWERING, ParityOptions, check, parity_batch
 from compress.registry import register_pass
 
 from ._quant_common import (
     auto_scheme_env,
     choose_scheme,
-    compare,
     name_nodes,
     onnx_top1,
     ort_session,
@@ -44,7 +43,17 @@ from ._quant_common import simulated_agreement as simulated_agreement  # re-expo
 MIN_CALIB_SAMPLES = 8
 
 
-class QuantizeInt8(PassConfig):
+class QdqParityOptions(ParityOptions):
+    """Parity settings of a pass that writes Q/DQ: deployed integer kernels vs the simulated graph."""
+
+    deployed_min_cosine: float | None = Field(
+        None, ge=-1, le=1, description="deployed (ONNX Runtime integer kernels) vs simulated Q/DQ: output cosine; "
+        "None = compress.parity.LOWERING['int8']")
+    deployed_min_agreement: float | None = Field(
+        None, ge=0, le=1, description="deployed vs simulated: top-1 agreement; None = the INT8 default")
+
+
+class QuantizeInt8(QdqParityOptions):
     """Static INT8 post-training quantization to QDQ ONNX, calibrated on the calibration split."""
 
     kind: Literal["quantize.int8"] = "quantize.int8"
@@ -328,26 +337,38 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
                 quantize_linear_nodes=n_q)
     shutil.rmtree(work, ignore_errors=True)
 
-    # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split.
-    info["parity"] = _self_parity(out, src, name, data)
-    if info["parity"]["flagged"]:
-        notes.append(f"deployed INT8 (ONNX Runtime) disagrees with the simulated QDQ model: agreement "
-                     f"{info['parity']['agreement']:.3f}, cosine {info['parity']['cosine']:.4f}")
+    # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split,
+    # and deployed vs the float input model: either out of tolerance fails the pass.
+    info["parity"] = _self_parity(out, art, data, cfg)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info})
 
 
-def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: int = 256) -> dict[str, Any]:
-    from ._quant_common import PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE
-
-    xs, y = split_inputs(data, "val", max_samples, 64)
+def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -> dict[str, Any]:
+    """Deployed (ONNX Runtime's fused integer kernels) vs simulated, and deployed vs the float input; a breach fails
+    the pass (``cfg.kind`` names it)."""
+    name = art.inputs[0].name
+    xs, y = split_inputs(data, "val", cfg.parity_samples, parity_batch(art, 64))
     sim = run_batches(session_infer(ort_session(qpath, optimize=False)), name, xs)
     dep = run_batches(session_infer(ort_session(qpath, optimize=True)), name, xs)
-    fp = run_batches(session_infer(ort_session(fpath, optimize=True)), name, xs)
-    out: dict[str, Any] = {"target": "onnxruntime", **compare(sim, dep), "samples": len(sim)}
-    out["vs_float"] = compare(fp, dep)
+    fp = run_batches(session_infer(ort_session(art.path / "model.onnx", optimize=True)), name, xs)
+    tol = LOWERING["int8"].override(min_cosine=cfg.deployed_min_cosine, min_agreement=cfg.deployed_min_agreement)
+    out = check(sim, dep, tol, precision="int8", reference="the simulated Q/DQ model (ONNX Runtime reference kernels)",
+                inputs="validation split", real_data=y is not None)
+    out["target"] = "onnxruntime"
+    out["flagged"] = not out["ok"]
+    if not out["ok"]:
+        raise PassError(f"{cfg.kind}: deployed INT8 on ONNX Runtime (this CPU) disagrees with the simulated model: "
+                        f"{out['reason']}. On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); lower "
+                        "deployed_min_agreement/deployed_min_cosine only if this backend is not your deployment")
+    vs = check(fp, dep, cfg.tolerance("int8"), precision="int8", reference="its float input model (ONNX Runtime)",
+               inputs="validation split", real_data=y is not None)
+    if not vs["ok"]:
+        raise PassError(f"{cfg.kind}: the output differs from its input model beyond the tolerance: {vs['reason']}; "
+                        "keep sensitive layers in float (keep_float, max_accuracy_drop), or loosen min_cosine/"
+                        "min_agreement")
+    out["vs_float"] = vs
     if y is not None and dep.ndim == 2:
         out.update(top1_float=float((fp.argmax(1) == y).mean()), top1_simulated=float((sim.argmax(1) == y).mean()),
                    top1_deployed=float((dep.argmax(1) == y).mean()))
-    out["flagged"] = bool(out["agreement"] < PARITY_MIN_AGREEMENT or out["cosine"] < PARITY_MIN_COSINE)
     return out

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
-from compress.config import PassConfig
 from compress.errors import PassError
 from compress.manager import PassContext
+from compress.parity import ParityOptions
 from compress.registry import register_pass
-from compress.torch_io import sample_inputs
 
-from ._quant_common import calibration_batches, compare, name_nodes, ort_session, refuse_quantized, weighted_nodes
+from ._quant_common import calibration_batches, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_nncf import quiet_nncf
 
 
-class QuantizeNncfWeights(PassConfig):
+class QuantizeNncfWeights(ParityOptions):
     """INT8/INT4 weights of MatMul/Gemm layers with NNCF (ratio, group size, AWQ, scale estimation)."""
 
     kind: Literal["quantize.nncf_weights"] = "quantize.nncf_weights"
@@ -39,7 +37,6 @@ class QuantizeNncfWeights(PassConfig):
     scale_estimation: bool = Field(False, description="INT4: data-aware scale search (needs data)")
     samples: int = Field(64, ge=8, le=10_000, description="calibration samples for awq / scale_estimation")
     keep_float: tuple[str, ...] = ()
-    min_cosine: float = Field(0.95, gt=0, le=1, description="output cosine vs float below which the pass fails")
 
     def data_needed(self) -> str | None:
         return "any" if self.awq or self.scale_estimation else None
@@ -108,23 +105,17 @@ def quantize_nncf_weights(art: Artifact, cfg: QuantizeNncfWeights, ctx: PassCont
     compressed = ops.get("MatMulNBits", 0) + ops.get("DequantizeLinear", 0)
     if compressed == 0:
         raise PassError("quantize.nncf_weights: NNCF compressed no layer")
-    # Fidelity on random inputs (weight compression takes no calibration data by default).
-    xs = sample_inputs(art.inputs, batch=4, seed=ctx.seed)
-    feeds = {s.name: x.numpy() for s, x in zip(art.inputs, xs, strict=True)}
-    ref = np.asarray(ort_session(src).run(None, feeds)[0])
-    got = np.asarray(ort_session(out).run(None, feeds)[0])
-    fid = compare(ref, got)
-    if fid["cosine"] < cfg.min_cosine:
-        raise PassError(f"quantize.nncf_weights: output cosine vs float {fid['cosine']:.4f} is below min_cosine "
-                        f"{cfg.min_cosine}; use int8, a smaller group_size, a lower ratio, or keep_float")
+    precision = "int4" if int4 else "int8"
+    parity = pass_parity(cfg.kind, art, out, ctx, cfg.tolerance(precision), precision, cfg.parity_samples,
+                         "use int8, a smaller group_size, a lower ratio, or keep_float")
     info: dict[str, Any] = {
         "engine": "nncf", "mode": cfg.mode, "group_size": cfg.group_size if int4 else None,
         "ratio": cfg.ratio if int4 else None, "awq": cfg.awq, "scale_estimation": cfg.scale_estimation,
         "linear_nodes": len(nodes), "compressed_tensors": compressed, "matmulnbits": ops.get("MatMulNBits", 0),
-        "kept_float": list(cfg.keep_float), "fidelity_random_inputs": fid,
+        "kept_float": list(cfg.keep_float), "parity": parity,
         "notes": [f"NNCF {cfg.mode} weights on {compressed} tensor(s) of {len(nodes)} MatMul/Gemm layer(s)"
                   + (f", group {cfg.group_size}, INT4 ratio {cfg.ratio}" if int4 else "")
                   + (f"; Conv layers left float ({', '.join(convs)}: NNCF's ONNX weight compression of "
                      "convolutions does not run on ONNX Runtime)" if convs else ""),
-                  f"output cosine vs float on random inputs: {fid['cosine']:.4f}"]}
+                  f"output cosine vs its input model: {parity['cosine']:.4f}"]}
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf_weights": info})

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from compress.artifact import Artifact, sha256_files
-from compress.config import PassConfig
 from compress.errors import PassError
 from compress.manager import PassContext
+from compress.parity import ParityOptions
 from compress.registry import register_pass
-from compress.torch_io import sample_inputs
 
-from ._quant_common import compare, name_nodes, ort_session, refuse_quantized, weighted_nodes
+from ._quant_common import name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_int8 import _quiet
 
 
-class QuantizeWeightOnly(PassConfig):
+class QuantizeWeightOnly(ParityOptions):
     """Block-wise INT8/INT4 weights for MatMul layers; activations stay float."""
 
     kind: Literal["quantize.weight_only"] = "quantize.weight_only"
@@ -32,7 +30,6 @@ class QuantizeWeightOnly(PassConfig):
     symmetric: bool = True
     format: Literal["matmulnbits", "qdq"] = "matmulnbits"
     keep_float: tuple[str, ...] = ()
-    min_cosine: float = Field(0.95, gt=0, le=1, description="output cosine vs float below which the pass fails")
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:
@@ -85,25 +82,16 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
     if packed == 0:
         raise PassError(f"quantize.weight_only: no MatMul was compressed (group_size={cfg.group_size} may exceed "
                         "the layers' input width, which must be at least one group)")
-    if ctx.data is not None and len(art.inputs) == 1:
-        feeds = {art.inputs[0].name: ctx.data.adapt(ctx.data.val.x[:16]).numpy()}
-    else:  # random inputs are a weaker check than real samples (noted in the metadata)
-        feeds = {s.name: x.numpy() for s, x in zip(art.inputs, sample_inputs(art.inputs, batch=4, seed=ctx.seed),
-                                                  strict=True)}
-    ref = ort_session(src).run(None, feeds)[0]
-    got = ort_session(out).run(None, feeds)[0]
-    p = compare(np.asarray(ref), np.asarray(got))
-    if p["cosine"] < cfg.min_cosine:
-        raise PassError(f"quantize.weight_only: output cosine vs float is {p['cosine']:.4f} (< {cfg.min_cosine}) "
-                        f"with bits={cfg.bits}, group_size={cfg.group_size}; use bits=8 or a smaller group_size")
+    precision = "int4" if cfg.bits == 4 else "int8"
+    p = pass_parity("quantize.weight_only", art, out, ctx, cfg.tolerance(precision), precision, cfg.parity_samples,
+                    f"with bits={cfg.bits}, group_size={cfg.group_size}: use bits=8 or a smaller group_size")
     notes = [f"weight-only INT{cfg.bits} (group {cfg.group_size}) on {packed} of {len(nodes)} MatMul layer(s); "
              "activations and compute stay float32"]
     if cfg.format == "matmulnbits":
         notes.append("format matmulnbits uses ONNX Runtime's com.microsoft MatMulNBits op: runs on ONNX Runtime only "
                      "(use format='qdq' for blocked DequantizeLinear in standard ONNX)")
     info: dict[str, Any] = {"bits": cfg.bits, "group_size": cfg.group_size, "format": cfg.format,
-                            "compressed_layers": packed, "matmul_layers": len(nodes), "vs_float": p,
-                            "checked_on": "validation split" if ctx.data is not None else "random inputs",
+                            "compressed_layers": packed, "matmul_layers": len(nodes), "parity": p,
                             "notes": notes}
     meta: dict[str, Any] = {"quantize.weight_only": info}
     if cfg.format == "matmulnbits":

@@ -321,6 +321,7 @@ class EngineCache:
         self.root = Path(root)
         self.engines = self.root / "engines"
         self.timing = self.root / "timing"
+        self.discarded: list[Path] = []  # entries that failed verification in this session (rebuilt)
         try:
             self.engines.mkdir(parents=True, exist_ok=True)
             self.timing.mkdir(parents=True, exist_ok=True)
@@ -332,8 +333,20 @@ class EngineCache:
         return self.engines / key
 
     def get(self, key: str, trt_version: str, compute_capability: str) -> Path | None:
+        """The verified engine folder for ``key``, or None to build. An engine whose bytes no longer match
+        the SHA-256 in its sidecar is removed (and listed in ``discarded``) so it is rebuilt, never loaded."""
         folder = self.entry(key)
         if not (folder / SIDECAR).exists():
+            return None
+        data = read_sidecar(folder)
+        engine = folder / str(data.get("engine", ENGINE))
+        if engine.parent.resolve() == folder.resolve() and (
+                not engine.exists() or sha256_file(engine) != data.get("engine_sha256")):
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists():
+                raise BuildError(f"TensorRT engine cache entry {folder} does not match its recorded SHA-256 and "
+                                 "could not be removed; delete it and run again")
+            self.discarded.append(folder)
             return None
         check_engine(folder, trt_version, compute_capability)
         return folder

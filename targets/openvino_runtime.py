@@ -103,6 +103,13 @@ class OpenVinoTarget:
             raise RecipeError(f"target 'openvino': inference_precision = '{p}' is not supported by "
                               f"{self.config.device} here (it offers {', '.join(caps)}); use 'f32' or 'auto'")
 
+    def parity_precision(self, art: Artifact, model_precision: str) -> str:
+        """The tolerance class a build is judged at (``compress.parity``): bf16/f16 compute (or the device default,
+        which is bf16 on CPUs with AMX/BF16) is judged at FP16 tolerance."""
+        if model_precision == "fp32" and self.config.inference_precision != "f32":
+            return "fp16"
+        return model_precision
+
     def _properties(self, threads: int) -> dict[str, Any]:
         props: dict[str, Any] = {"PERFORMANCE_HINT": self.config.performance_hint.upper()}
         n = self.config.threads or threads

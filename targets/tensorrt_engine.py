@@ -580,6 +580,16 @@ class TensorRTTarget:
             qdq_nodes=qdq, pruned_2to4="prune.2to4" in art.metadata, dynamic=dynamic)
         return settings, notes
 
+    def parity_precision(self, art: Artifact, model_precision: str) -> str:
+        """The tolerance class the build is judged at (``compress.parity``): INT8 for Q/DQ builds; FP16 when FP16
+        kernels are allowed or TF32 is on (TF32 keeps FP16's 10-bit mantissa in matmul/conv inputs); else FP32."""
+        settings, _ = self.settings_for(art)
+        if model_precision == "int8" or settings["precision"] == "int8":
+            return "int8"
+        if model_precision == "fp16" or settings["precision"] == "fp16" or settings["tf32"]:
+            return "fp16"
+        return "fp32"
+
     def cache_root(self, ctx: Any) -> Path:
         if self.config.engine_cache:
             return Path(self.config.engine_cache).expanduser()
@@ -600,6 +610,11 @@ class TensorRTTarget:
         else:
             key = engine_key(art.digest, settings, trt_version, cc)
             folder = cache.get(key, trt_version, cc)
+            for bad in cache.discarded:
+                note = (f"TensorRT engine cache entry {bad.name[:16]} did not match its recorded SHA-256; it was "
+                        "discarded and rebuilt")
+                ctx.log(f"WARNING {note}")
+                getattr(ctx.cache, "notes", []).append(note)
             hit = folder is not None
             if folder is None:
                 staged = cache.staging_dir()

@@ -455,6 +455,73 @@ def test_external_engine_import(tmp_path: Path, fake_gpu: dict[str, Any]) -> Non
         t2.compile(art, ctx_for(cache))
 
 
+# -- parity and a verified engine cache (TensorRT faked) ----------------------------------------------------
+
+
+def test_parity_precision_follows_the_build_settings(tmp_path: Path) -> None:
+    fp32 = onnx_artifact(tmp_path / "f")
+    assert TensorRTTarget(TensorRTConfig()).parity_precision(fp32, "fp32") == "fp16"  # TF32 on by default
+    assert TensorRTTarget(TensorRTConfig(tf32=False)).parity_precision(fp32, "fp32") == "fp32"
+    assert TensorRTTarget(TensorRTConfig(tf32=False, precision="fp16")).parity_precision(fp32, "fp32") == "fp16"
+    assert TensorRTTarget(TensorRTConfig(tf32=False)).parity_precision(fp32, "fp16") == "fp16"
+    qdq = onnx_artifact(tmp_path / "q", qdq=True)
+    assert TensorRTTarget(TensorRTConfig()).parity_precision(qdq, "int8") == "int8"
+
+
+def test_corrupted_engine_in_the_engine_cache_is_rebuilt_with_a_note(tmp_path: Path,
+                                                                     fake_gpu: dict[str, Any]) -> None:
+    cache = Cache(tmp_path / "cache")
+    art = onnx_artifact(tmp_path / "m")
+    t = TensorRTTarget(TensorRTConfig())
+    t.compile(art, ctx_for(cache))
+    (entry,) = (cache.root / "tensorrt" / "engines").iterdir()
+    good = (entry / tc.ENGINE).read_bytes()
+    (entry / tc.ENGINE).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    again = t.compile(art, ctx_for(cache))
+    assert len(fake_gpu["builds"]) == 2 and not again.metadata["tensorrt"]["engine_cache_hit"]
+    assert (again.path / tc.ENGINE).read_bytes() == good
+    assert any(entry.name[:16] in n and "rebuilt" in n for n in cache.notes)
+
+
+class _NumpyEngine:
+    """Stands in for TrtRunner: y = x @ W with W read from the ONNX model, optionally built wrong."""
+
+    def __init__(self, onnx_path: Path, error: float) -> None:
+        w = next(numpy_helper.to_array(t) for t in onnx.load(str(onnx_path)).graph.initializer if t.name == "W")
+        self.w = w.copy()
+        self.w[0, 0] += error
+        self.input_names = ["x"]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feeds["x"] @ self.w]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("error", [0.0, 0.5])
+def test_pipeline_checks_tensorrt_parity(tmp_path: Path, fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                         error: float) -> None:
+    """The tensorrt cell goes through the same parity check as every target (TF32: FP16 tolerance)."""
+    from compress.pipeline import run
+
+    art = onnx_artifact(tmp_path / "m")
+    monkeypatch.setattr(TensorRTTarget, "unavailable_reason", lambda self: None)
+    monkeypatch.setattr(TensorRTTarget, "runner",
+                        lambda self, compiled, threads=0: _NumpyEngine(art.path / "model.onnx", error))
+    rec = recipe_from_dict({"name": "t", "model": {"source": str(art.path / "model.onnx")},
+                            "measure": {"batch_sizes": [1], "warmup": 0, "min_runs": 2, "min_time_s": 0.0},
+                            "targets": [{"kind": "tensorrt"}, {"kind": "onnxruntime"}]})
+    rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    cell = next(c for c in rep["results"] if c["target"] == "tensorrt")
+    assert cell["parity"]["precision"] == "fp16" and cell["parity"]["inputs"] == "random inputs"
+    if error == 0.0:
+        assert cell["status"] == "ok" and cell["parity"]["ok"] and cell["parity"]["max_abs_diff"] < 1e-5
+    else:
+        assert cell["status"] == "failed" and cell["reason"].startswith("parity: max abs diff")
+        assert "fp16 tolerance" in cell["reason"]
+
+
 # -- parser rejections -----------------------------------------------------------------------------------
 
 
