@@ -30,9 +30,11 @@ from .measure import measure_interleaved, summarize
 from .models import load_model
 from .recipe import Recipe, format_pipeline, load_recipe
 from .registry import get_pass, make_target
+from .stats import bootstrap_stat, describe_ratio, ratio_ci, ratio_verdict, split_half_aa
 from .torch_io import load_torch, torch_artifact
 
 REPORT_SCHEMA = "compress.report/v1"
+REFERENCE = "recorded"  # the variant name of a stored baseline artifact re-timed in this run
 DEFAULT_TARGETS = ("torch", "onnxruntime")
 
 
@@ -65,6 +67,9 @@ class Cell:
     parity: dict[str, Any] | None = None  # deployed vs simulated (fake-quantized) model, for QDQ models
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    identical_to: str | None = None  # "variant/target" whose compiled artifact has the same digest
+    ratios: dict[str, Any] = field(default_factory=dict)  # batch -> latency ratio to the baseline, with interval
+    reference: bool = False  # a stored baseline artifact, timed only (no accuracy)
 
 
 def _resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -131,11 +136,18 @@ def run(
     log: Callable[[str], None] | None = None,
     variants: dict[str, list[PassConfig]] | None = None,
     write: bool = True,
+    references: dict[str, Artifact] | None = None,
+    extra_models: dict[str, Artifact] | None = None,
+    baseline_label: str | None = None,
 ) -> dict[str, Any]:
     """Run a recipe end to end; write report.json, report.md and pareto.png; return the report.
 
     ``variants`` replaces the recipe's single pass chain with several named chains
     (``compress compare`` uses it for precisions); all are measured in one session.
+    ``references`` maps a target name to a stored compiled baseline artifact (``compress check``'s
+    recorded baseline): it is timed interleaved with the rest as variant "recorded".
+    ``extra_models`` adds ready ONNX models as variants, measured as they are (``compress compare
+    a.onnx b.onnx``).
     """
     rec = _resolve_recipe(recipe)
     say = log or (lambda m: None)
@@ -151,8 +163,9 @@ def run(
     targets = [make_target(c) for c in target_cfgs]
     need_onnx = any(t.consumes == "onnx" for t in targets)
     chains_in = variants if variants is not None else ({rec.name: list(rec.passes)} if rec.passes else {})
-    if "baseline" in chains_in:
-        raise RecipeError("'baseline' is reserved for the original model; name the variant otherwise")
+    for reserved in ("baseline", REFERENCE):
+        if reserved in chains_in or reserved in (extra_models or {}):
+            raise RecipeError(f"{reserved!r} is a reserved variant name; name the variant otherwise")
     root = load_model(rec.model, cache)
     chains: dict[str, PassManager] = {}
     auto_export = False
@@ -196,10 +209,17 @@ def run(
                 torch_art = r.artifact
         onnx_art = cand_art if cand_art.kind == "onnx" else None
         measured.append(Variant(name, torch_art, onnx_art, cand_steps))
+    for name, art in (extra_models or {}).items():
+        measured.append(Variant(name, None, art))
 
     cells = _build_cells(measured, targets, ctx, say)
+    cells += _reference_cells(references or {}, targets, say)
+    from .contention import ContentionProbe
+
+    probe = ContentionProbe(threads)
     try:
-        _measure_latency(cells, root, rec, threads, progress, say)
+        probe.before()
+        _measure_latency(cells, root, rec, threads, progress, say, probe)
         _measure_accuracy(cells, measured, data, root, say)
         _measure_quant_parity(cells, measured, data, say)
     finally:
@@ -209,8 +229,13 @@ def run(
 
     from .report import build_report, write_report
 
+    contention = probe.report()
+    for w in contention["warnings"]:
+        say(f"WARNING {w}")
     report = build_report(rec, measured, cells, data, threads, auto_export, machine_fingerprint(),
-                          time.perf_counter() - t_start, cache)
+                          time.perf_counter() - t_start, cache, contention)
+    if baseline_label:
+        report["baseline_label"] = baseline_label
     if write:
         write_report(report, out)
     if not any(c.status == "ok" for c in cells):
@@ -279,12 +304,50 @@ def _feeds(root: Artifact, batch: int, seed: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+def _reference_cells(references: dict[str, Artifact], targets: list[Any],
+                     say: Callable[[str], None]) -> list[Cell]:
+    """Cells for stored baseline artifacts (already compiled): timed beside the candidates."""
+    cells = []
+    by_name = {t.name: t for t in targets}
+    for tname, art in references.items():
+        t = by_name.get(tname)
+        if t is None:
+            continue
+        cell = Cell(REFERENCE, tname, config=t.config.canonical(), compiled=art, reference=True, cache_hit=True)
+        cells.append(cell)
+        reason = t.unavailable_reason()
+        if reason is not None:
+            cell.status, cell.reason = "unavailable", reason
+            continue
+        try:
+            cell.size_bytes = art.size_bytes()
+            cell.runner = t.runner(art, threads=torch.get_num_threads())
+            say(f"recorded baseline for {tname}: artifact {art.digest[:12]} loaded, timed in this run")
+        except TargetUnavailable as e:
+            cell.status, cell.reason = "unavailable", str(e)
+        except CompressError as e:
+            cell.status, cell.reason = "failed", f"the stored baseline artifact could not be loaded: {e}"
+    return cells
+
+
 def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: int, progress: bool,
-                     say: Callable[[str], None]) -> None:
+                     say: Callable[[str], None], probe: Any = None) -> None:
     live = [c for c in cells if c.status == "ok"]
+    # Byte-identical builds on one target are timed once: racing a build against itself only
+    # measures noise (and order), which once read as a "124x" speed-up.
+    first: dict[tuple[str, str], Cell] = {}
+    for c in live:
+        dkey = (c.target, c.compiled.digest if c.compiled is not None else "")
+        if dkey in first and dkey[1]:
+            c.identical_to = f"{first[dkey].variant}/{c.target}"
+            c.notes.append(f"identical build to {c.identical_to} (same compiled digest {dkey[1][:12]}): "
+                           "timed once, not raced against itself")
+        else:
+            first[dkey] = c
+    timed = [c for c in live if c.identical_to is None]
     for batch in rec.measure.batch_sizes:
         fns = {}
-        for c in live:
+        for c in timed:
             if batch > 1 and c.target != "torch" and not _dynamic_batch(c.compiled):
                 c.notes.append(f"batch {batch} skipped: the model has a fixed batch size of 1")
                 continue
@@ -293,26 +356,81 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
             fns[(c.variant, c.target)] = (lambda r=c.runner, f=renamed: r.infer(f))
         if not fns:
             continue
-        say(f"latency at batch {batch}: {len(fns)} candidates interleaved, {threads} threads")
-        for c in live:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
+        say(f"latency at batch {batch}: {len(fns)} candidates interleaved (order shuffled per round, "
+            f"seed {rec.seed + batch}), {threads} threads")
+        for c in timed:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
             if isinstance(getattr(c.runner, "gpu_ms", None), list):
                 c.runner.gpu_ms.clear()
+        if probe is not None:
+            probe.start()
         try:
-            samples = measure_interleaved(
+            timing = measure_interleaved(
                 {f"{v}/{t}": fn for (v, t), fn in fns.items()}, rec.measure.warmup, rec.measure.min_runs,
-                rec.measure.min_time_s, rec.measure.max_time_s, progress=progress, desc=f"latency b{batch}")
+                rec.measure.min_time_s, rec.measure.max_time_s, progress=progress, desc=f"latency b{batch}",
+                seed=rec.seed + batch)
         except Exception as e:  # a runtime failure mid-measurement is reported per cell below
             raise CompressError(f"latency measurement at batch {batch} failed: {e}") from e
-        for c in live:
+        finally:
+            if probe is not None:
+                probe.stop(f"batch {batch}")
+        samples = timing.samples
+        meta = timing.meta()
+        for c in timed:
             key = f"{c.variant}/{c.target}"
-            if key in samples:
+            if samples.get(key):
                 # Raw samples stay in the report: the budget gate bootstraps intervals from them.
-                c.latency[str(batch)] = {**summarize(samples[key], batch).to_json(),
-                                         "samples_ms": [round(x, 5) for x in samples[key]]}
+                s = samples[key]
+                lat: dict[str, Any] = {**summarize(s, batch).to_json(), "samples_ms": [round(x, 5) for x in s],
+                                       "timing": meta}
+                if len(s) >= 2:
+                    _, lo, hi = bootstrap_stat(s, "p50", 0.95, 1000, seed=rec.seed)
+                    lat["p50_ci"] = [round(lo, 5), round(hi, 5)]
+                if key in timing.capped:
+                    lat["capped"] = timing.capped[key]
+                    c.notes.append(f"batch {batch}: fewer rounds: {timing.capped[key]}")
+                c.latency[str(batch)] = lat
                 gpu = getattr(c.runner, "gpu_ms", None)
                 if isinstance(gpu, list) and gpu:
                     # Device time from CUDA events, beside the host wall time above (warm-up calls included).
                     c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
+    by_key = {f"{c.variant}/{c.target}": c for c in live}
+    for c in live:
+        if c.identical_to is not None:
+            rep = by_key[c.identical_to].latency
+            c.latency = {b: {**lat, "identical_to": c.identical_to} for b, lat in rep.items()}
+    _ratios(live, rec.seed, say)
+
+
+def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
+    """Per target and batch: each variant's p50 latency ratio to the baseline, paired over rounds,
+    with its interval; the baseline's split-half A/A (the noise floor). Slower anywhere is flagged."""
+    base = {c.target: c for c in live if c.variant == "baseline"}
+    for c in live:
+        b = base.get(c.target)
+        for batch, lat in c.latency.items():
+            if c is b:
+                aa = split_half_aa(lat["samples_ms"], seed=seed)
+                if aa is not None:
+                    lat["aa"] = aa.to_json()
+                continue
+            if b is None or batch not in b.latency:
+                continue
+            if c.identical_to == f"baseline/{c.target}":
+                c.ratios[batch] = {"ratio": 1.0, "low": 1.0, "high": 1.0, "identical": True,
+                                   "verdict": "identical", "text": describe_ratio(None, identical=True)}
+                continue
+            try:
+                r = ratio_ci(lat["samples_ms"], b.latency[batch]["samples_ms"], "p50", seed=seed)
+            except ValueError as e:
+                c.ratios[batch] = {"verdict": "not enough rounds", "text": f"no ratio: {e}"}
+                continue
+            c.ratios[batch] = {**r.to_json(), "identical": False, "verdict": ratio_verdict(r),
+                               "text": describe_ratio(r)}
+            if r.low > 1.0 and c.variant != REFERENCE:
+                msg = (f"SLOWER than the baseline at batch {batch}: latency x{r.ratio:.2f} "
+                       f"[{r.low:.2f}, {r.high:.2f}] (p50, 95% interval)")
+                c.notes.append(msg)
+                say(f"WARNING {c.variant}/{c.target}: {msg}")
 
 
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
@@ -328,7 +446,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
         (c for c in cells if c.variant == "baseline" and c.status == "ok"), None)
     ordered = ([ref_cell] if ref_cell else []) + [c for c in cells if c is not ref_cell]
     for c in ordered:
-        if c.status != "ok":
+        if c.status != "ok" or c.reference:
             continue
         bs = 64 if (c.target == "torch" or _dynamic_batch(c.compiled)) else 1
         try:

@@ -1,13 +1,22 @@
 """Bootstrap confidence intervals for latency statistics and ratios.
 
-Samples from interleaved rounds are paired (round i of every candidate ran back
-to back), so a ratio between two candidates resamples whole rounds: the noise
-they share cancels instead of widening the interval.
+Samples from interleaved rounds are paired (round i of every candidate ran close together), and
+rounds depend on their neighbours (a busy minute slows several rounds in a row). Ratios therefore
+use a *circular block bootstrap over rounds*: blocks of consecutive rounds are resampled jointly
+for both candidates, so the noise they share cancels and the autocorrelation of rounds widens the
+interval as it should, instead of being treated as independent draws (which made two sessions of
+one file look different). The block length is ``ceil(n ** (1/3))`` rounds (the usual rate for the
+block bootstrap of a smooth statistic); ``block=1`` gives the plain paired bootstrap.
+
+A candidate that was capped has fewer rounds; two candidates are paired on the rounds both ran
+(the shorter prefix, see :mod:`compress.measure`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -17,36 +26,123 @@ STATS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "p99": lambda a: np.percentile(a, 99, axis=-1),
     "mean": lambda a: a.mean(axis=-1),
 }
+# z for 80% power, used for the smallest detectable difference.
+_Z_POWER = 0.8416
 
 
 def _idx(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
+def block_length(n: int) -> int:
+    return max(1, math.ceil(n ** (1 / 3)))
+
+
+def _block_idx(n: int, resamples: int, seed: int, block: int) -> np.ndarray:
+    """Circular block bootstrap indices: ceil(n/block) blocks of consecutive rounds, wrapped."""
+    if block <= 1:
+        return _idx(n, resamples, seed)
+    k = math.ceil(n / block)
+    starts = np.random.default_rng(seed).integers(0, n, size=(resamples, k))
+    idx = (starts[:, :, None] + np.arange(block)[None, None, :]) % n
+    return idx.reshape(resamples, k * block)[:, :n]
+
+
+def _z(confidence: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+
+
 def bootstrap_stat(samples: list[float], stat: str, confidence: float = 0.95, resamples: int = 2000,
-                   seed: int = 0) -> tuple[float, float, float]:
-    """(point estimate, low, high) of a statistic of one sample set."""
+                   seed: int = 0, block: int | None = None) -> tuple[float, float, float]:
+    """(point estimate, low, high) of a statistic of one sample set (block bootstrap over rounds)."""
     a = np.asarray(samples, dtype=np.float64)
     f = STATS[stat]
-    boot = f(a[_idx(len(a), resamples, seed)])
+    boot = f(a[_block_idx(len(a), resamples, seed, block_length(len(a)) if block is None else block)])
     lo, hi = np.quantile(boot, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
     return float(f(a)), float(lo), float(hi)
 
 
-def bootstrap_ratio(num: list[float], den: list[float], stat: str, confidence: float = 0.95,
-                    resamples: int = 2000, seed: int = 0, paired: bool = True) -> tuple[float, float, float]:
-    """(point, low, high) of stat(num) / stat(den); rounds resampled jointly when paired."""
+@dataclass(frozen=True)
+class RatioCI:
+    """stat(num) / stat(den) with its interval, and what the measurement could have resolved."""
+
+    ratio: float
+    low: float
+    high: float
+    rounds: int  # paired rounds used
+    block: int  # block length of the bootstrap (rounds)
+    mde: float  # smallest difference detectable with 80% power at this confidence, as a fraction
+    paired: bool = True
+
+    def to_json(self) -> dict[str, float | int | bool]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def ratio_ci(num: list[float], den: list[float], stat: str = "p50", confidence: float = 0.95,
+             resamples: int = 2000, seed: int = 0, paired: bool = True, block: int | None = None) -> RatioCI:
+    """Interval of stat(num) / stat(den). Paired: rounds resampled jointly, in blocks of consecutive
+    rounds, over the rounds both ran. Unpaired (numbers from another run): each side on its own."""
     a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     f = STATS[stat]
     if paired:
-        if len(a) != len(b):
-            raise ValueError("paired samples must have the same length")
-        idx = _idx(len(a), resamples, seed)
+        n = min(len(a), len(b))
+        if n < 2:
+            raise ValueError(f"a paired ratio needs at least 2 common rounds, got {n}")
+        a, b = a[:n], b[:n]
+        blk = block_length(n) if block is None else block
+        idx = _block_idx(n, resamples, seed, blk)
         boot = f(a[idx]) / f(b[idx])
     else:
-        boot = f(a[_idx(len(a), resamples, seed)]) / f(b[_idx(len(b), resamples, seed + 1)])
+        if min(len(a), len(b)) < 2:
+            raise ValueError("a ratio needs at least 2 samples on each side")
+        n = min(len(a), len(b))
+        blk = block_length(n) if block is None else block
+        boot = (f(a[_block_idx(len(a), resamples, seed, blk)])
+                / f(b[_block_idx(len(b), resamples, seed + 1, blk)]))
     lo, hi = np.quantile(boot, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
-    return float(f(a) / f(b)), float(lo), float(hi)
+    logs = np.log(boot[np.isfinite(boot) & (boot > 0)])
+    sd = float(logs.std(ddof=1)) if logs.size > 1 else math.inf
+    mde = math.expm1((_z(confidence) + _Z_POWER) * sd) if math.isfinite(sd) else math.inf
+    return RatioCI(float(f(a) / f(b)), float(lo), float(hi), n, blk, mde, paired)
+
+
+def bootstrap_ratio(num: list[float], den: list[float], stat: str, confidence: float = 0.95,
+                    resamples: int = 2000, seed: int = 0, paired: bool = True) -> tuple[float, float, float]:
+    """(point, low, high) of stat(num) / stat(den); see :func:`ratio_ci`."""
+    r = ratio_ci(num, den, stat, confidence, resamples, seed, paired)
+    return r.ratio, r.low, r.high
+
+
+def split_half_aa(samples: list[float], stat: str = "p50", confidence: float = 0.95, resamples: int = 2000,
+                  seed: int = 0) -> RatioCI | None:
+    """The machine's noise as an A/A comparison: a candidate's odd rounds against its even rounds
+    (pairs of neighbouring rounds). Its interval should hold 1; its width is the noise floor.
+    Same session on both sides, so it misses between-session differences (memory placement)."""
+    a = np.asarray(samples, dtype=np.float64)
+    n = len(a) // 2
+    if n < 4:
+        return None
+    return ratio_ci(list(a[1:2 * n:2]), list(a[0:2 * n:2]), stat, confidence, resamples, seed)
+
+
+def describe_ratio(r: RatioCI | None, identical: bool = False) -> str:
+    """How a latency ratio (candidate / reference) reads to a user, as a speed-up with its interval."""
+    if identical or r is None:
+        return "identical build (same digest)"
+    up, lo, hi = 1 / r.ratio, 1 / r.high, 1 / r.low
+    if r.low <= 1.0 <= r.high:
+        return f"no measurable difference [{lo:.2f}x, {hi:.2f}x]"
+    if r.low > 1.0:
+        return f"{up:.2f}x SLOWER [{lo:.2f}x, {hi:.2f}x]"
+    return f"{up:.2f}x faster [{lo:.2f}x, {hi:.2f}x]"
+
+
+def ratio_verdict(r: RatioCI) -> str:
+    if r.low <= 1.0 <= r.high:
+        return "no measurable difference"
+    return "slower" if r.low > 1.0 else "faster"
 
 
 def verdict(lo: float, hi: float, limit: float) -> str:

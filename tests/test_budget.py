@@ -6,6 +6,7 @@ Timings are controlled (synthetic samples or a patched measurement), never the w
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def report(cells: dict[tuple[str, str], dict]) -> dict:
     results = []
     for (variant, target), c in cells.items():
         results.append({"variant": variant, "target": target, "status": c.get("status", "ok"),
-                        "reason": c.get("reason"), "compiled_digest": "d", "size_bytes": c.get("size", 1000),
+                        "reason": c.get("reason"), "compiled_digest": c.get("digest", f"{variant}/{target}"), "size_bytes": c.get("size", 1000),
                         "accuracy_top1": c.get("acc"),
                         "latency": {"1": {"samples_ms": c["s"]}} if "s" in c else {}})
     return {"variants": {v: {} for v, _ in cells}, "results": results}
@@ -175,13 +176,16 @@ def test_bad_budget_files(tmp_path: Path, body: str, msg: str) -> None:
 
 
 def _fake_measure(centers: dict[str, float]):
+    from compress.measure import Timing
+
     def fake(fns, warmup=0, min_runs=10, *a, **k):
         out = {}
         for i, name in enumerate(fns):
             fns[name]()  # the runner really runs; only the clock is replaced
-            target = name.split("/")[1]
-            out[name] = samples(centers[target], 0.01 * centers[target], n=min_runs, seed=i)
-        return out
+            c = centers.get(name, centers.get(name.split("/")[1]))  # "variant/target" wins over "target"
+            assert c is not None
+            out[name] = samples(c, 0.01 * c, n=min_runs, seed=i)
+        return Timing(out, {"method": "fake"}, dict.fromkeys(fns, 0))
     return fake
 
 
@@ -215,8 +219,35 @@ def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, caps
     assert "no recorded baseline" in capsys.readouterr().out
     assert main([*args, "--update-baseline"]) == EXIT_PASS
     assert (tmp_path / "budgets.baseline.json").exists()
-    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.5}))
-    assert main(args) == EXIT_FAIL  # twice as slow as recorded on this machine
+    kept = list((tmp_path / "budgets.baseline.artifacts").iterdir())
+    assert kept, "the baseline's compiled artifact is kept beside the baseline file"
+    capsys.readouterr()
+    assert main(args) == EXIT_PASS  # the unchanged model is the same build: identical, not raced
+    assert "identical build to the recorded baseline" in capsys.readouterr().out
+    # A changed model (another build): the stored artifact is re-timed in this run, and the
+    # candidate, twice as slow, is compared with it round by round.
+    (tmp_path / "r.toml").write_text((tmp_path / "r.toml").read_text().replace(
+        'source = "zoo:digits-cnn"', 'source = "zoo:digits-cnn", num_classes = 9'))
+    monkeypatch.setattr(pipeline, "measure_interleaved",
+                        _fake_measure({"torch": 1.0, "onnxruntime": 0.5, "recorded/onnxruntime": 0.25}))
+    assert main(args) == EXIT_FAIL
+    v = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"][0]
+    assert "re-timed in this run, paired" in v["detail"] and v["value"] == pytest.approx(2.0, rel=0.05)
+    # Same candidate and a re-timed baseline as fast as it: passes, still paired.
+    monkeypatch.setattr(pipeline, "measure_interleaved",
+                        _fake_measure({"torch": 1.0, "onnxruntime": 0.5, "recorded/onnxruntime": 0.5}))
+    assert main(args) == EXIT_PASS
+    # A stored artifact whose bytes changed is not used: the weaker recorded-numbers comparison
+    # takes over and says so.
+    victim = next(p for p in kept[0].rglob("*.onnx"))
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\x00" * 8)
+    assert main(args) == EXIT_FAIL  # 0.5 ms now against the recorded 0.25 ms numbers
+    v = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"][0]
+    assert "WEAKER" in v["detail"] and "changed on disk" in v["detail"] and v["unit"] == "x recorded (numbers only)"
+    shutil.rmtree(tmp_path / "budgets.baseline.artifacts")
+    assert main(args) == EXIT_FAIL
+    v = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"][0]
+    assert "WEAKER" in v["detail"] and "is gone" in v["detail"]
     (tmp_path / "budgets.baseline.json").write_text("[]")
     assert main(args) == 2
     assert "corrupt" in capsys.readouterr().err
