@@ -353,7 +353,14 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
                 continue
             feeds = _feeds(root, batch, rec.seed)
             renamed = dict(zip(c.runner.input_names, feeds.values(), strict=False))
+            try:  # one untimed call first: a candidate that cannot infer fails alone, with its reason
+                c.runner.infer(renamed)
+            except Exception as e:
+                c.status, c.reason = "failed", f"inference failed at batch {batch}: {str(e).splitlines()[0]}"
+                say(f"{c.variant}/{c.target}: {c.reason}")
+                continue
             fns[(c.variant, c.target)] = (lambda r=c.runner, f=renamed: r.infer(f))
+        timed = [c for c in timed if c.status == "ok"]
         if not fns:
             continue
         say(f"latency at batch {batch}: {len(fns)} candidates interleaved (order shuffled per round, "
@@ -393,6 +400,12 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
                 if isinstance(gpu, list) and gpu:
                     # Device time from CUDA events, beside the host wall time above (warm-up calls included).
                     c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
+    for c in live:
+        rep_cell = next((o for o in live if c.identical_to == f"{o.variant}/{o.target}"), None)
+        if rep_cell is not None and rep_cell.status != "ok":
+            c.status = rep_cell.status
+            c.reason = f"identical build to {c.identical_to} ({rep_cell.status}: {rep_cell.reason})"
+    live = [c for c in live if c.status == "ok"]
     by_key = {f"{c.variant}/{c.target}": c for c in live}
     for c in live:
         if c.identical_to is not None:

@@ -5,8 +5,9 @@ rounds depend on their neighbours (a busy minute slows several rounds in a row).
 use a *circular block bootstrap over rounds*: blocks of consecutive rounds are resampled jointly
 for both candidates, so the noise they share cancels and the autocorrelation of rounds widens the
 interval as it should, instead of being treated as independent draws (which made two sessions of
-one file look different). The block length is ``ceil(n ** (1/3))`` rounds (the usual rate for the
-block bootstrap of a smooth statistic); ``block=1`` gives the plain paired bootstrap.
+one file look different). The block length is chosen from the data (Politis & White's automatic
+rule on the per-round log-ratio, at least ``ceil(n ** (1/3))`` rounds); ``block=1`` gives the
+plain paired bootstrap.
 
 A candidate that was capped has fewer rounds; two candidates are paired on the rounds both ran
 (the shorter prefix, see :mod:`compress.measure`).
@@ -35,7 +36,44 @@ def _idx(n: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def block_length(n: int) -> int:
+    """The floor of the block length: the usual n^(1/3) rate."""
     return max(1, math.ceil(n ** (1 / 3)))
+
+
+def auto_block_length(series: np.ndarray) -> int:
+    """Politis & White (2004, with Patton et al.'s 2009 correction) block length for the circular
+    bootstrap, from the autocorrelation of the per-round series (here the per-round log-ratio):
+    strongly dependent rounds get long blocks. Never below the n^(1/3) rule, never above n/3."""
+    x = np.asarray(series, dtype=np.float64)
+    n = len(x)
+    floor = block_length(n)
+    if n < 8 or not np.isfinite(x).all():
+        return floor
+    x = x - x.mean()
+    var = float(x @ x) / n
+    if var <= 0:
+        return floor
+    max_lag = min(n - 1, max(2 * int(math.sqrt(n)), 10))
+    acov = np.array([float(x[: n - k] @ x[k:]) / n for k in range(max_lag + 1)])
+    rho = acov / acov[0]
+    kn = max(5, int(math.sqrt(math.log10(n))))
+    crit = 2.0 * math.sqrt(math.log10(n) / n)
+    m = max_lag // 2
+    for lag in range(1, max_lag - kn + 1):
+        if np.all(np.abs(rho[lag:lag + kn]) < crit):
+            m = lag - 1
+            break
+    big_m = min(2 * max(m, 1), max_lag)
+    k = np.arange(-big_m, big_m + 1)
+    t = np.abs(k) / big_m
+    lam = np.where(t <= 0.5, 1.0, np.where(t <= 1.0, 2 * (1 - t), 0.0))
+    r = acov[np.abs(k)]
+    g = float(np.sum(lam * np.abs(k) * r))
+    d = (4 / 3) * float(np.sum(lam * r)) ** 2
+    if d <= 0:
+        return floor
+    b = (2 * g * g / d) ** (1 / 3) * n ** (1 / 3)
+    return int(min(max(floor, math.ceil(b)), max(floor, n // 3)))
 
 
 def _block_idx(n: int, resamples: int, seed: int, block: int) -> np.ndarray:
@@ -59,7 +97,9 @@ def bootstrap_stat(samples: list[float], stat: str, confidence: float = 0.95, re
     """(point estimate, low, high) of a statistic of one sample set (block bootstrap over rounds)."""
     a = np.asarray(samples, dtype=np.float64)
     f = STATS[stat]
-    boot = f(a[_block_idx(len(a), resamples, seed, block_length(len(a)) if block is None else block)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        blk = auto_block_length(np.log(a)) if block is None else block
+    boot = f(a[_block_idx(len(a), resamples, seed, blk)])
     lo, hi = np.quantile(boot, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
     return float(f(a)), float(lo), float(hi)
 
@@ -91,14 +131,17 @@ def ratio_ci(num: list[float], den: list[float], stat: str = "p50", confidence: 
         if n < 2:
             raise ValueError(f"a paired ratio needs at least 2 common rounds, got {n}")
         a, b = a[:n], b[:n]
-        blk = block_length(n) if block is None else block
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.log(a) - np.log(b)
+        blk = auto_block_length(d) if block is None else block
         idx = _block_idx(n, resamples, seed, blk)
         boot = f(a[idx]) / f(b[idx])
     else:
         if min(len(a), len(b)) < 2:
             raise ValueError("a ratio needs at least 2 samples on each side")
         n = min(len(a), len(b))
-        blk = block_length(n) if block is None else block
+        with np.errstate(divide="ignore", invalid="ignore"):
+            blk = max(auto_block_length(np.log(a)), auto_block_length(np.log(b))) if block is None else block
         boot = (f(a[_block_idx(len(a), resamples, seed, blk)])
                 / f(b[_block_idx(len(b), resamples, seed + 1, blk)]))
     lo, hi = np.quantile(boot, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
