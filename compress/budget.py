@@ -146,7 +146,9 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
 # ----------------------------------------------------------------- baselines
 
 
-def fingerprint_key(machine: dict[str, Any], threads: int) -> str:
+def fingerprint_key(machine: dict[str, Any], threads: int | str) -> str:
+    """Baselines match on the CPU, libraries and the *thread setting* ("auto" for 0: the count a
+    run picks under load may differ, and both sides of a re-timed comparison use the same)."""
     cpu = machine["cpu"]
     return sha256_json({"cpu": cpu["model"], "isa": cpu["isa"], "cores": cpu["affinity_cores"], "threads": threads,
                         "libs": machine["libraries"], "gpu": machine.get("gpu")})
@@ -482,7 +484,6 @@ def check(
     progress: bool = False,
 ) -> CheckResult:
     """Measure every model named in a budgets file and decide each budget."""
-    import os
     import time
 
     from .fingerprint import machine_fingerprint
@@ -505,13 +506,12 @@ def check(
         if not mine:
             continue
         rec = _recipe_for(load_recipe(rpath), mine, bf.rounds)
-        threads = rec.measure.threads or (os.cpu_count() or 1)
-        fp0 = fingerprint_key(machine_fingerprint(), threads)
+        fp0 = fingerprint_key(machine_fingerprint(), rec.measure.threads or "auto")
         refs = store.references(model, rec, mine, fp0, say)
         say(f"measuring {model} ({rpath})")
         report = run(rec, out_dir=out / model, cache_dir=cache_dir, progress=progress, log=log, references=refs)
         reports[model] = report
-        fp = fingerprint_key(report["machine"], report["measurement"]["threads"])
+        fp = fingerprint_key(report["machine"], report["measurement"].get("threads_setting") or "auto")
 
         def memory(cell: dict[str, Any], batch: int, report: dict[str, Any] = report) -> int:
             cfg = get_target_config(cell["target"]).model_validate(cell["target_config"])

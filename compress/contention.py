@@ -105,3 +105,18 @@ class ContentionProbe:
         for label, r in self.readings.get("during", {}).items():
             warn += warnings(r, f"while measuring {label}")
         return {**self.readings, "cpus_online": os.cpu_count(), "warnings": warn}
+
+
+def pick_threads(setting: int, cpus: int, before: dict[str, Any] | None) -> tuple[int, str | None]:
+    """The thread count to measure with: the setting when given; for 0 (auto) the cores other
+    processes left free (at least 1), with a note saying why when that is fewer than all."""
+    if setting:
+        return setting, None
+    if before is None:
+        return cpus, None
+    free = cpus - before["others_cores"]
+    n = max(1, min(cpus, int(free + 0.5)))
+    if n < cpus:
+        return n, (f"threads: {n} of {cpus} cores (auto): other processes held {before['others_cores']:.1f} "
+                   "cores before measuring, and a thread pool larger than the free cores waits on them")
+    return cpus, None

@@ -153,7 +153,15 @@ def run(
     say = log or (lambda m: None)
     out = Path(out_dir) if out_dir else Path("runs") / rec.name
     cache = Cache(Path(cache_dir) if cache_dir else None)
-    threads = rec.measure.threads or (os.cpu_count() or 1)
+    from .contention import ContentionProbe, pick_threads
+
+    # Look at the machine's load first: with threads = 0 (auto) the thread count leaves the cores
+    # other processes hold alone, so a thread pool does not wait on a core it cannot get.
+    probe = ContentionProbe(rec.measure.threads or (os.cpu_count() or 1))
+    threads, threads_note = pick_threads(rec.measure.threads, os.cpu_count() or 1, probe.before())
+    probe.threads = threads
+    if threads_note:
+        say(threads_note)
     torch.set_num_threads(threads)
     torch.manual_seed(rec.seed)
     t_start = time.perf_counter()
@@ -214,11 +222,7 @@ def run(
 
     cells = _build_cells(measured, targets, ctx, say)
     cells += _reference_cells(references or {}, targets, say)
-    from .contention import ContentionProbe
-
-    probe = ContentionProbe(threads)
     try:
-        probe.before()
         _measure_latency(cells, root, rec, threads, progress, say, probe)
         _measure_accuracy(cells, measured, data, root, say)
         _measure_quant_parity(cells, measured, data, say)
@@ -236,6 +240,9 @@ def run(
                           time.perf_counter() - t_start, cache, contention)
     if baseline_label:
         report["baseline_label"] = baseline_label
+    report["measurement"]["threads_setting"] = rec.measure.threads
+    if threads_note:
+        report["notes"].append(threads_note)
     if write:
         write_report(report, out)
     if not any(c.status == "ok" for c in cells):
