@@ -9,6 +9,7 @@ import json
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -28,7 +29,9 @@ from compress.budget import (
     parse_limit,
 )
 from compress.cli import main
+from compress.config import TargetConfig
 from compress.errors import InputError, RecipeError
+from compress.registry import register_target
 
 
 def samples(center: float, spread: float, n: int = 60, seed: int = 0) -> list[float]:
@@ -39,7 +42,8 @@ def report(cells: dict[tuple[str, str], dict]) -> dict:
     results = []
     for (variant, target), c in cells.items():
         results.append({"variant": variant, "target": target, "status": c.get("status", "ok"),
-                        "reason": c.get("reason"), "compiled_digest": c.get("digest", f"{variant}/{target}"), "size_bytes": c.get("size", 1000),
+                        "reason": c.get("reason"), "compiled_digest": c.get("digest", f"{variant}/{target}"),
+                        "size_bytes": c.get("size", 1000),
                         "accuracy_top1": c.get("acc"),
                         "latency": {"1": {"samples_ms": c["s"]}} if "s" in c else {}})
     return {"variants": {v: {} for v, _ in cells}, "results": results}
@@ -275,3 +279,96 @@ def test_peak_memory_is_measured_in_a_fresh_process(tmp_path: Path, monkeypatch,
     assert got == EXIT_FAIL
     assert [v["status"] for v in verdicts] == ["pass", "fail"]
     assert 0 < verdicts[0]["value"] < 2e9  # a real resident-set figure, in bytes
+
+
+# ------------------------------------------------------------ the gate's verdicts are honest
+
+
+@pytest.mark.parametrize(("cell", "status", "needle"), [
+    ({"status": "failed", "reason": "build failed: tvm crashed"}, "fail", "build failed"),
+    ({"status": "failed", "reason": "inference on the validation data failed: bad shape"}, "fail", "inference"),
+    ({"status": "ok", "s": samples(1.0, 0.01), "parity": {"flagged": True, "agreement": 0.7, "tolerance": 0.98}},
+     "fail", "disagrees with its simulation"),
+    ({"status": "unavailable", "reason": "no CUDA device"}, "skipped", "unavailable here"),
+])
+def test_broken_model_under_budget_fails_only_unavailable_skips(cell: dict, status: str, needle: str) -> None:
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01)}, ("v", "onnxruntime"): cell})
+    if "parity" in cell:
+        rep["results"][1]["quant_parity"] = cell["parity"]
+    v = evaluate_budget(budget(max="2 ms"), rep, BF, None, "fp")
+    assert v.variant == "v" and v.status == status and needle in v.detail
+    assert overall_exit([v], fail_on_unavailable=False) == (EXIT_FAIL if status == "fail" else EXIT_PASS)
+
+
+def test_unmeasured_batch_or_variant_and_a_failed_reference_fail() -> None:
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01)},
+                  ("baseline", "torch"): {"status": "failed", "reason": "inference failed at batch 1: boom"}})
+    assert evaluate_budget(budget(max="2 ms", batch=8), rep, BF, None, "fp").status == "fail"
+    assert evaluate_budget(budget(max="2 ms", variant="nope"), rep, BF, None, "fp").status == "fail"
+    v = evaluate_budget(budget(max="0.5x torch"), rep, BF, None, "fp")
+    assert v.status == "fail" and "boom" in v.detail
+
+
+class BrokenBuild(TargetConfig):
+    """Test-only target whose compiler fails."""
+
+    kind: Literal["test.broken"] = "test.broken"
+    mode: Literal["build", "infer"] = "build"
+
+
+@register_target(BrokenBuild)
+class BrokenTarget:
+    name = "test.broken"
+    consumes = "onnx"
+
+    def __init__(self, config: BrokenBuild) -> None:
+        from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+
+        self.config = config
+        self._ort = OnnxRuntimeTarget(OnnxRuntimeConfig())
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def fingerprint(self) -> dict:
+        return {}
+
+    def compile(self, art, ctx):  # type: ignore[no-untyped-def]
+        from compress.errors import BuildError
+
+        if self.config.mode == "build":
+            raise BuildError("the compiler crashed on purpose")
+        return self._ort.compile(art, ctx)
+
+    def runner(self, compiled, threads: int = 0):  # type: ignore[no-untyped-def]
+        inner = self._ort.runner(compiled, threads)
+
+        class Failing:
+            input_names = inner.input_names
+
+            def infer(self, feeds):  # type: ignore[no-untyped-def]
+                raise RuntimeError("kernel not implemented on purpose")
+
+            def close(self) -> None:
+                inner.close()
+
+        return Failing()
+
+
+@pytest.mark.parametrize(("mode", "needle"), [("build", "compiler crashed"), ("infer", "inference failed")])
+def test_check_fails_when_the_model_under_budget_does_not_build_or_run(tmp_path: Path, capsys, mode: str,
+                                                                         needle: str) -> None:
+    (tmp_path / "r.toml").write_text(
+        'name = "m"\nmodel = { source = "zoo:digits-cnn" }\n'
+        'measure = { warmup = 0, min_runs = 5, min_time_s = 0.0 }\n'
+        f'[[targets]]\nkind = "onnxruntime"\n[[targets]]\nkind = "test.broken"\nmode = "{mode}"\n')
+    b = tmp_path / "budgets.toml"
+    b.write_text('models = { m = "r.toml" }\nresamples = 300\n'
+                 '[[budget]]\nmodel = "m"\ntarget = "test.broken"\nmetric = "p50"\nmax = "100 ms"\n'
+                 '[[budget]]\nmodel = "m"\ntarget = "onnxruntime"\nmetric = "p50"\nmax = "100 ms"\n')
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert got == EXIT_FAIL, out
+    verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
+    assert verdicts[0]["status"] == "fail" and needle in verdicts[0]["detail"]
+    assert verdicts[1]["status"] == "pass"  # the other target was still measured
