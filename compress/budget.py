@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .artifact import sha256_json
 from .errors import InputError, RecipeError
-from .stats import bootstrap_stat, ratio_ci, verdict
+from .stats import bootstrap_stat, ratio_ci, verdict, widen
 
 # Exit codes of `compress check`, documented in the CLI help and README.
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INCONCLUSIVE, EXIT_SKIPPED = 0, 1, 2, 3, 4
@@ -314,13 +314,24 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
     conf, n = bf.confidence, bf.resamples
     if kind == "latency":
         lat = cell["latency"].get(str(b.batch))
+        notes: list[str] = []
+        base_cell = _cell(report, "baseline", b.target)
+        aa = ((base_cell or {}).get("latency", {}).get(str(b.batch)) or {}).get("aa_session")
+
+        def paired(num: list[float], den: list[float]) -> Any:
+            r = widen(ratio_ci(num, den, b.metric, conf, n), aa, conf)
+            if r.session:
+                notes.append(f"interval widened by the between-session A/A offset ({100 * r.session:.1f}%)")
+            return r
+
         if not lat:
             v.status = "fail"
             v.detail = (f"batch {b.batch} was not measured on {b.target}; the budget cannot be verified "
                         "(add it to the recipe's measure.batch_sizes, or export with a dynamic batch)")
             return v
         samples = lat["samples_ms"]
-        notes = [f"fewer rounds: {lat['capped']}"] if lat.get("capped") else []
+        if lat.get("capped"):
+            notes.append(f"fewer rounds: {lat['capped']}")
         if lim.ratio_to is None:
             v.value, v.low, v.high = bootstrap_stat(samples, b.metric, conf, n)
         elif lim.ratio_to == "recorded":
@@ -334,7 +345,7 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
                     v.status = "pass" if lim.value >= 1.0 else "fail"
                     v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
                     return v
-                r = ratio_ci(samples, ref["latency"][str(b.batch)]["samples_ms"], b.metric, conf, n)
+                r = paired(samples, ref["latency"][str(b.batch)]["samples_ms"])
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded"
                 notes.append(f"baseline artifact {str(ref['compiled_digest'])[:12]} re-timed in this run, "
@@ -371,7 +382,7 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
                 v.status = "pass" if lim.value >= 1.0 else "fail"
                 v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
                 return v
-            r = ratio_ci(samples, other["latency"][str(b.batch)]["samples_ms"], b.metric, conf, n)
+            r = paired(samples, other["latency"][str(b.batch)]["samples_ms"])
             v.value, v.low, v.high = r.ratio, r.low, r.high
             v.unit = f"x {lim.ratio_to}"
             notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")

@@ -30,11 +30,12 @@ from .measure import measure_interleaved, summarize
 from .models import load_model
 from .recipe import Recipe, format_pipeline, load_recipe
 from .registry import get_pass, make_target
-from .stats import bootstrap_stat, describe_ratio, ratio_ci, ratio_verdict, split_half_aa
+from .stats import bootstrap_stat, describe_ratio, ratio_ci, ratio_verdict, split_half_aa, widen
 from .torch_io import load_torch, torch_artifact
 
 REPORT_SCHEMA = "compress.report/v1"
 REFERENCE = "recorded"  # the variant name of a stored baseline artifact re-timed in this run
+AA = "baseline~aa"  # a second session of the baseline, timed beside it: the between-session noise
 DEFAULT_TARGETS = ("torch", "onnxruntime")
 
 
@@ -70,6 +71,7 @@ class Cell:
     identical_to: str | None = None  # "variant/target" whose compiled artifact has the same digest
     ratios: dict[str, Any] = field(default_factory=dict)  # batch -> latency ratio to the baseline, with interval
     reference: bool = False  # a stored baseline artifact, timed only (no accuracy)
+    spawn: Any = None  # makes a second runner of the same build (the A/A session)
 
 
 def _resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -139,6 +141,7 @@ def run(
     references: dict[str, Artifact] | None = None,
     extra_models: dict[str, Artifact] | None = None,
     baseline_label: str | None = None,
+    aa_session: bool = True,
 ) -> dict[str, Any]:
     """Run a recipe end to end; write report.json, report.md and pareto.png; return the report.
 
@@ -147,7 +150,8 @@ def run(
     ``references`` maps a target name to a stored compiled baseline artifact (``compress check``'s
     recorded baseline): it is timed interleaved with the rest as variant "recorded".
     ``extra_models`` adds ready ONNX models as variants, measured as they are (``compress compare
-    a.onnx b.onnx``).
+    a.onnx b.onnx``). ``aa_session`` times a second session of each baseline beside it: the
+    between-session noise, added to every ratio's interval.
     """
     rec = _resolve_recipe(recipe)
     say = log or (lambda m: None)
@@ -223,7 +227,7 @@ def run(
     cells = _build_cells(measured, targets, ctx, say)
     cells += _reference_cells(references or {}, targets, say)
     try:
-        _measure_latency(cells, root, rec, threads, progress, say, probe)
+        _measure_latency(cells, root, rec, threads, progress, say, probe, aa_session)
         _measure_accuracy(cells, measured, data, root, say)
         _measure_quant_parity(cells, measured, data, say)
     finally:
@@ -292,6 +296,8 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                 cell.size_bytes = src.size_bytes() if t.consumes == "torch" else compiled.size_bytes()
                 cell.notes += list(compiled.metadata.get("target_notes", []))  # kept if it cannot run here
                 cell.runner = t.runner(compiled, threads=torch.get_num_threads())
+                if v is variants[0]:
+                    cell.spawn = (lambda t=t, comp=compiled: t.runner(comp, threads=torch.get_num_threads()))
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
             except TargetUnavailable as e:
                 cell.status, cell.reason = "unavailable", str(e)
@@ -338,7 +344,7 @@ def _reference_cells(references: dict[str, Artifact], targets: list[Any],
 
 
 def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: int, progress: bool,
-                     say: Callable[[str], None], probe: Any = None) -> None:
+                     say: Callable[[str], None], probe: Any = None, aa_session: bool = True) -> None:
     live = [c for c in cells if c.status == "ok"]
     # Byte-identical builds on one target are timed once: racing a build against itself only
     # measures noise (and order), which once read as a "124x" speed-up.
@@ -352,6 +358,37 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
         else:
             first[dkey] = c
     timed = [c for c in live if c.identical_to is None]
+    shadows: dict[str, Any] = {}
+    if aa_session:
+        for c in timed:
+            if c.spawn is None:
+                continue
+            try:
+                shadows[c.target] = c.spawn()
+            except Exception as e:  # the noise estimate is extra; its absence is noted
+                c.notes.append(f"A/A session not measured: {str(e).splitlines()[0]}")
+    try:
+        _time_batches(timed, shadows, root, rec, threads, progress, say, probe)
+    finally:
+        for r in shadows.values():
+            r.close()
+    for c in live:
+        rep_cell = next((o for o in live if c.identical_to == f"{o.variant}/{o.target}"), None)
+        if rep_cell is not None and rep_cell.status != "ok":
+            c.status = rep_cell.status
+            c.reason = f"identical build to {c.identical_to} ({rep_cell.status}: {rep_cell.reason})"
+    live = [c for c in live if c.status == "ok"]
+    by_key = {f"{c.variant}/{c.target}": c for c in live}
+    for c in live:
+        if c.identical_to is not None:
+            rep = by_key[c.identical_to].latency
+            c.latency = {b: {**lat, "identical_to": c.identical_to} for b, lat in rep.items()}
+    _ratios(live, rec.seed, say)
+
+
+def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, rec: Recipe, threads: int,
+                  progress: bool, say: Callable[[str], None], probe: Any) -> None:
+    """Time every candidate at every batch size, interleaved (with the baselines' A/A sessions)."""
     for batch in rec.measure.batch_sizes:
         fns = {}
         for c in timed:
@@ -367,6 +404,8 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
                 say(f"{c.variant}/{c.target}: {c.reason}")
                 continue
             fns[(c.variant, c.target)] = (lambda r=c.runner, f=renamed: r.infer(f))
+            if c.target in shadows and c.variant == "baseline":
+                fns[(AA, c.target)] = (lambda r=shadows[c.target], f=renamed: r.infer(f))
         timed = [c for c in timed if c.status == "ok"]
         if not fns:
             continue
@@ -399,6 +438,9 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
                 if len(s) >= 2:
                     _, lo, hi = bootstrap_stat(s, "p50", 0.95, 1000, seed=rec.seed)
                     lat["p50_ci"] = [round(lo, 5), round(hi, 5)]
+                twin = samples.get(f"{AA}/{c.target}") if c.variant == "baseline" else None
+                if twin and len(twin) >= 2 and len(s) >= 2:
+                    lat["aa_session"] = ratio_ci(twin, s, "p50", seed=rec.seed).to_json()
                 if key in timing.capped:
                     lat["capped"] = timing.capped[key]
                     c.notes.append(f"batch {batch}: fewer rounds: {timing.capped[key]}")
@@ -407,18 +449,6 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
                 if isinstance(gpu, list) and gpu:
                     # Device time from CUDA events, beside the host wall time above (warm-up calls included).
                     c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
-    for c in live:
-        rep_cell = next((o for o in live if c.identical_to == f"{o.variant}/{o.target}"), None)
-        if rep_cell is not None and rep_cell.status != "ok":
-            c.status = rep_cell.status
-            c.reason = f"identical build to {c.identical_to} ({rep_cell.status}: {rep_cell.reason})"
-    live = [c for c in live if c.status == "ok"]
-    by_key = {f"{c.variant}/{c.target}": c for c in live}
-    for c in live:
-        if c.identical_to is not None:
-            rep = by_key[c.identical_to].latency
-            c.latency = {b: {**lat, "identical_to": c.identical_to} for b, lat in rep.items()}
-    _ratios(live, rec.seed, say)
 
 
 def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
@@ -440,7 +470,8 @@ def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
                                    "verdict": "identical", "text": describe_ratio(None, identical=True)}
                 continue
             try:
-                r = ratio_ci(lat["samples_ms"], b.latency[batch]["samples_ms"], "p50", seed=seed)
+                r = widen(ratio_ci(lat["samples_ms"], b.latency[batch]["samples_ms"], "p50", seed=seed),
+                          b.latency[batch].get("aa_session"))
             except ValueError as e:
                 c.ratios[batch] = {"verdict": "not enough rounds", "text": f"no ratio: {e}"}
                 continue

@@ -49,8 +49,9 @@ def model_summary(passes: dict[str, Any]) -> dict[str, Any]:
 
 
 def noise_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per target and batch: the baseline's A/A spread (odd vs even rounds) and the smallest latency
-    difference the run's paired ratios could have detected (80% power, 95% interval)."""
+    """Per target and batch: the baseline's A/A spread (a second session of it timed alongside, or
+    else its odd vs even rounds) and the smallest latency difference the run's paired ratios could
+    have detected (80% power, 95% interval)."""
     out = []
     for r in results:
         if r["variant"] != "baseline":
@@ -58,10 +59,11 @@ def noise_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for batch, lat in r["latency"].items():
             mdes = [x["mde"] for o in results if o["target"] == r["target"] and o["variant"] != "baseline"
                     for b, x in o.get("ratio_to_baseline", {}).items() if b == batch and "mde" in x]
-            aa = lat.get("aa")
+            aa = lat.get("aa_session") or lat.get("aa")
             if aa is None and not mdes:
                 continue
             out.append({"target": r["target"], "batch": int(batch), "aa": aa,
+                        "aa_kind": "second session" if lat.get("aa_session") else "odd vs even rounds",
                         "detectable": max(mdes) if mdes else (aa or {}).get("mde")})
     return out
 
@@ -70,8 +72,8 @@ def noise_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for n in report.get("noise", []):
         aa = n["aa"]
-        aa_txt = (f"A/A (baseline odd vs even rounds) x{aa['ratio']:.3f} [{aa['low']:.3f}, {aa['high']:.3f}]"
-                  if aa else "A/A not measured (too few rounds)")
+        aa_txt = (f"A/A (baseline, {n.get('aa_kind', 'odd vs even rounds')}) x{aa['ratio']:.3f} "
+                  f"[{aa['low']:.3f}, {aa['high']:.3f}]" if aa else "A/A not measured (too few rounds)")
         det = n["detectable"]
         det_txt = f"; smallest detectable difference ~{100 * det:.0f}%" if det is not None else ""
         lines.append(f"noise {n['target']} b{n['batch']}: {aa_txt}{det_txt}")

@@ -115,6 +115,7 @@ class RatioCI:
     block: int  # block length of the bootstrap (rounds)
     mde: float  # smallest difference detectable with 80% power at this confidence, as a fraction
     paired: bool = True
+    session: float = 0.0  # between-session spread added to the interval (log scale), see widen()
 
     def to_json(self) -> dict[str, float | int | bool]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -149,6 +150,28 @@ def ratio_ci(num: list[float], den: list[float], stat: str = "p50", confidence: 
     sd = float(logs.std(ddof=1)) if logs.size > 1 else math.inf
     mde = math.expm1((_z(confidence) + _Z_POWER) * sd) if math.isfinite(sd) else math.inf
     return RatioCI(float(f(a) / f(b)), float(lo), float(hi), n, blk, mde, paired)
+
+
+def widen(r: RatioCI, aa_session: dict[str, float] | None, confidence: float = 0.95) -> RatioCI:
+    """Add the between-session spread to a ratio's interval.
+
+    Two sessions of one model can differ by a percent or so for the whole run (memory placement,
+    thread placement): no resampling of rounds within the run can see that, so intervals of two
+    sessions were overconfident. ``aa_session`` is the baseline timed in a second session
+    alongside the first; its log offset d is one draw of that between-session difference. The
+    interval's log half-widths are combined in quadrature with z * |d| (a one-draw estimate:
+    rough, and conservative only on average)."""
+    if not aa_session or not aa_session.get("ratio"):
+        return r
+    d = abs(math.log(aa_session["ratio"]))
+    if d == 0:
+        return r
+    zd = _z(confidence) * d
+    lo = r.ratio * math.exp(-math.hypot(math.log(r.ratio / r.low), zd))
+    hi = r.ratio * math.exp(math.hypot(math.log(r.high / r.ratio), zd))
+    from dataclasses import replace
+
+    return replace(r, low=lo, high=hi, session=d)
 
 
 def bootstrap_ratio(num: list[float], den: list[float], stat: str, confidence: float = 0.95,

@@ -132,6 +132,21 @@ def test_block_bootstrap_is_less_overconfident_than_iid_on_dependent_rounds() ->
     assert block_x / trials <= 0.15
 
 
+def test_between_session_offset_widens_the_interval() -> None:
+    from compress.stats import widen
+
+    # Two sessions of one model, one 1% slower for the whole run (memory placement): rounds alone
+    # cannot see that; the baseline's own second session, off by a similar amount, does.
+    rng = np.random.default_rng(3)
+    a = list(1.01 * rng.normal(1.0, 0.003, 400))
+    b = list(rng.normal(1.0, 0.003, 400))
+    r = ratio_ci(a, b)
+    assert r.low > 1.0  # overconfident on its own
+    w = widen(r, {"ratio": 0.99, "low": 0.985, "high": 0.995})
+    assert w.low <= 1.0 <= w.high and w.ratio == r.ratio and w.session == pytest.approx(0.01005, rel=1e-3)
+    assert widen(r, None) == r
+
+
 def test_split_half_aa_holds_one_for_a_steady_candidate() -> None:
     s = list(np.random.default_rng(1).normal(1.0, 0.02, 60))
     aa = split_half_aa(s)
@@ -219,6 +234,8 @@ def test_same_model_as_two_variants_is_labelled_identical_never_a_speed_up(tmp_p
     assert "identical build (same digest)" in text
     b1 = cells[("baseline", "onnxruntime")]["latency"]["1"]
     assert b1["timing"]["order"]["method"] == "balanced-shuffle" and "p50_ci" in b1
+    assert "baseline~aa/onnxruntime" in b1["timing"]["order"]["candidates"]  # a second session, timed alongside
+    assert {"ratio", "low", "high"} <= set(b1["aa_session"])
     assert rep["contention"] is not None and rep["noise"]
 
 
