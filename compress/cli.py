@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("budgets", help="budgets TOML file")
     c.add_argument("--baseline", help="baseline file (default BUDGETS.baseline.json beside the budgets file)")
-    c.add_argument("--update-baseline", action="store_true", help="record this run's measurements as the baseline "
-                   "for this machine fingerprint")
+    c.add_argument("--update-baseline", action="store_true", help="record this run as the baseline for this "
+                   "machine fingerprint: its numbers and its compiled artifacts (BUDGETS.baseline.artifacts/, "
+                   "commit it), which later checks re-time beside the candidate")
     c.add_argument("--junit", help="also write JUnit XML here")
     c.add_argument("--json", help="also write the verdicts as JSON here")
     c.add_argument("--out", help="folder for the per-model reports (default runs/check)")
@@ -241,7 +242,7 @@ def _extra_onnx(first: str, files: list[str], cache_dir: str | None) -> dict[str
             raise RecipeError(f"{f}: inputs {[list(s.shape) for s in art.inputs]} differ from {first}'s "
                               f"{[list(s.shape) for s in root.inputs]}; compare models that take the same input")
         name, i = Path(f).stem, 2
-        while name in out or name == Path(first).stem or name in ("baseline", "recorded"):
+        while name in out or name == Path(first).stem or name in ("baseline", "recorded", "baseline~aa"):
             name, i = f"{Path(f).stem}-{i}", i + 1
         out[name] = art
     return out
