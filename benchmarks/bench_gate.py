@@ -278,8 +278,9 @@ def render(res: dict[str, Any], args: str, started: dt.datetime) -> str:
         "",
         "| min_time_s per candidate | check s (mean / max, in-process) | whole CLI process s | rounds (median) | "
         "A/A false alarms | A/A pass | A/A inconclusive | A/B detected | A/B missed (pass) | A/B inconclusive | "
-        "interval width A/A, A/B (median) | A/A interval excludes 1 | busy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "interval width A/A, A/B (median) | A/A interval excludes 1 | A/B ratio (median) | "
+        "detectable ratio (est.) | busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mt, r in res["by_time"].items():
         aa, ab = r["aa"], r["ab"]
@@ -290,7 +291,8 @@ def render(res: dict[str, Any], args: str, started: dt.datetime) -> str:
             f"{round(ab['fail'] * ab['n'])}/{ab['n']} | {round(ab['pass'] * ab['n'])}/{ab['n']} | "
             f"{round(ab['inconclusive'] * ab['n'])}/{ab['n']} | "
             f"{100 * (aa['median_interval_width'] or 0):.1f}%, {100 * (ab['median_interval_width'] or 0):.1f}% | "
-            f"{round(aa['excludes_1'] * aa['n'])}/{aa['n']} | "
+            f"{round(aa['excludes_1'] * aa['n'])}/{aa['n']} | x{ab['median_ratio']:.3f} | "
+            f"x{res['limit'] * (1 + (aa['median_interval_width'] or 0)) ** 0.92:.3f} | "
             f"{100 * (aa['busy_share'] + ab['busy_share']) / 2:.0f}% |")
     lines.append("")
     best = None
@@ -306,7 +308,10 @@ def render(res: dict[str, Any], args: str, started: dt.datetime) -> str:
         "Notes: a false alarm needs the whole interval above the limit; with 30 A/A checks a 1% rate cannot be "
         "confirmed (0/30 bounds it at about 10% with 95% confidence), only refuted. Inconclusive is the gate "
         "saying the machine was too noisy to decide, which is the honest answer under load. Interval width is "
-        "high/low - 1.",
+        "high/low - 1. 'Detectable ratio (est.)' is the true latency ratio a check of that length would fail "
+        "about 95% of the time, estimated from the A/A interval width (limit x (1 + width)^0.92: the interval's "
+        "lower end must clear the limit with 95% probability) - the trade-off of check time against the "
+        "effect it can see.",
         "",
     ]
     return "\n".join(lines)

@@ -14,6 +14,12 @@ A budgets file names models (recipes) and the limits each must meet per target::
 Verdicts are noise-aware: latency limits are decided on a bootstrap confidence
 interval, so a budget passes only when the whole interval is within the limit,
 fails only when all of it is beyond, and is *inconclusive* otherwise.
+
+Verdicts are honest about what happened: a model under budget that failed to build,
+failed to run, or whose deployed kernels disagree with its simulation *fails*; only a
+target that cannot run on this machine is *skipped*. ``x recorded`` re-times the
+baseline's kept artifact in the same run (paired); numbers recorded on another day are
+the fallback when the artifact is gone, and the verdict says it is the weaker one.
 """
 
 from __future__ import annotations

@@ -205,6 +205,7 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
     out = capsys.readouterr().out
     assert got == code
     assert "SKIPPED" in out and "test.missing is not installed" in out
+    assert "noise onnxruntime b1: A/A (baseline, second session)" in out  # the noise the check saw
     assert ET.parse(junit).getroot().find("testsuite").get("tests") == "2"  # type: ignore[union-attr]
     verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
     assert verdicts[0]["status"] == ("pass" if code == EXIT_PASS else "fail")

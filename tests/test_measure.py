@@ -237,6 +237,8 @@ def test_same_model_as_two_variants_is_labelled_identical_never_a_speed_up(tmp_p
     assert "baseline~aa/onnxruntime" in b1["timing"]["order"]["candidates"]  # a second session, timed alongside
     assert {"ratio", "low", "high"} <= set(b1["aa_session"])
     assert rep["contention"] is not None and rep["noise"]
+    md = (out / "report.md").read_text()
+    assert "## Measurement noise and machine load" in md and "identical build (same digest)" in md
 
 
 def _onnx_copy(src: Path, dst: Path, extra_add: bool = False) -> None:
