@@ -287,7 +287,7 @@ def _cell(report: dict[str, Any], variant: str, target: str) -> dict[str, Any] |
 def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, store: BaselineStore | None,
                     fp: str, memory: Callable[[dict[str, Any], int], int] | None = None) -> Verdict:
     """Decide one budget from a run's report (raw latency samples included)."""
-    variants = [v for v in report["variants"] if v != "baseline"]
+    variants = [v for v in report["variants"] if v not in ("baseline", "recorded")]
     variant = b.variant or (variants[0] if variants else "baseline")
     lim = parse_limit(b.max, b.metric, b.title())
     kind = _KIND[b.metric]
@@ -343,6 +343,12 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
         elif lim.ratio_to == "recorded":
             ref = _cell(report, "recorded", b.target)
             rec = store.get(BaselineStore.key(b.model, variant, b.target, b.batch, fp)) if store else None
+            if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref["compiled_digest"]):
+                # One stored artifact is re-timed per target; this one is another budget's baseline.
+                if rec is not None:
+                    rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
+                                                       "another variant's budget")
+                ref = None
             if ref is not None and ref["status"] == "ok" and str(b.batch) in ref["latency"]:
                 if ref.get("compiled_digest") == cell["compiled_digest"] or cell.get("identical_to") == \
                         f"recorded/{b.target}" or ref.get("identical_to") == f"{variant}/{b.target}":

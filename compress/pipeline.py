@@ -157,15 +157,7 @@ def run(
     say = log or (lambda m: None)
     out = Path(out_dir) if out_dir else Path("runs") / rec.name
     cache = Cache(Path(cache_dir) if cache_dir else None)
-    from .contention import ContentionProbe, pick_threads
-
-    # Look at the machine's load first: with threads = 0 (auto) the thread count leaves the cores
-    # other processes hold alone, so a thread pool does not wait on a core it cannot get.
-    probe = ContentionProbe(rec.measure.threads or (os.cpu_count() or 1))
-    threads, threads_note = pick_threads(rec.measure.threads, os.cpu_count() or 1, probe.before())
-    probe.threads = threads
-    if threads_note:
-        say(threads_note)
+    threads = rec.measure.threads or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     torch.manual_seed(rec.seed)
     t_start = time.perf_counter()
@@ -224,6 +216,17 @@ def run(
     for name, art in (extra_models or {}).items():
         measured.append(Variant(name, None, art))
 
+    from .contention import ContentionProbe, pick_threads
+
+    # Look at the machine's load before building runners: with threads = 0 (auto) the thread count
+    # leaves the cores other processes hold alone, so a thread pool does not wait on a core it
+    # cannot get.
+    probe = ContentionProbe(threads)
+    threads, threads_note = pick_threads(rec.measure.threads, os.cpu_count() or 1, probe.before())
+    probe.threads = threads
+    if threads_note:
+        say(threads_note)
+    torch.set_num_threads(threads)
     cells = _build_cells(measured, targets, ctx, say)
     cells += _reference_cells(references or {}, targets, say)
     try:

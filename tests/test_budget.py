@@ -373,3 +373,16 @@ def test_check_fails_when_the_model_under_budget_does_not_build_or_run(tmp_path:
     verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
     assert verdicts[0]["status"] == "fail" and needle in verdicts[0]["detail"]
     assert verdicts[1]["status"] == "pass"  # the other target was still measured
+
+
+def test_recorded_artifact_is_used_only_for_the_budget_it_belongs_to(tmp_path: Path) -> None:
+    store = BaselineStore(tmp_path / "b.json")
+    key = BaselineStore.key("m", "baseline", "onnxruntime", 1, "fp")
+    store.put(key, {"digest": "old", "samples_ms": samples(1.0, 0.01), "artifact": {"dir": "other-build"}})
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01, seed=1)},
+                  ("recorded", "onnxruntime"): {"s": samples(1.0, 0.01, seed=2), "digest": "mine"}})
+    v = evaluate_budget(budget(max="1.1x recorded"), rep, BF, store, "fp")
+    assert v.unit == "x recorded (numbers only)" and "another variant's budget" in v.detail
+    store.put(key, {"digest": "old", "samples_ms": samples(1.0, 0.01), "artifact": {"dir": "mine"}})
+    v = evaluate_budget(budget(max="1.1x recorded"), rep, BF, store, "fp")
+    assert v.unit == "x recorded" and "re-timed in this run, paired" in v.detail and v.status == "pass"
