@@ -57,10 +57,12 @@ def warnings(sample: dict[str, Any], when: str) -> list[str]:
     out = []
     free = sample["cpus"] - sample["others_cores"]
     if sample["others_cores"] >= 0.3 and sample["threads"] > free - 0.2:
+        fewer = max(1, int(free))
+        hint = (f"quiet the machine or set measure.threads = {fewer}" if fewer < sample["threads"]
+                else "quiet the machine")
         out.append(f"busy machine {when}: other processes used {sample['others_cores']:.1f} of {sample['cpus']} "
-                   f"cores while timing with {sample['threads']} threads; timings are inflated and noisier, "
-                   f"verdicts may be inconclusive (quiet the machine or set measure.threads = "
-                   f"{max(1, int(free))})")
+                   f"cores while timing with {sample['threads']} thread(s); timings are inflated and noisier, "
+                   f"verdicts may be inconclusive ({hint})")
     if sample["steal_pct"] >= 5:
         out.append(f"steal time {sample['steal_pct']:.0f}% {when}: the hypervisor gave this VM's CPUs to "
                    "others; timings are unreliable")

@@ -224,6 +224,8 @@ def run(
     probe = ContentionProbe(threads)
     threads, threads_note = pick_threads(rec.measure.threads, os.cpu_count() or 1, probe.before())
     probe.threads = threads
+    if "before" in probe.readings:
+        probe.readings["before"]["threads"] = threads  # judged against the count actually used
     if threads_note:
         say(threads_note)
     torch.set_num_threads(threads)
@@ -413,7 +415,7 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
         if not fns:
             continue
         say(f"latency at batch {batch}: {len(fns)} candidates interleaved (order shuffled per round, "
-            f"seed {rec.seed + batch}), {threads} threads")
+            f"seed {rec.seed + batch}), {threads} thread(s)")
         for c in timed:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
             if isinstance(getattr(c.runner, "gpu_ms", None), list):
                 c.runner.gpu_ms.clear()
