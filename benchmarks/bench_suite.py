@@ -168,7 +168,7 @@ def run_model(name: str, spec: dict[str, Any], cache: Cache, quick: bool, thread
             fns[k] = (lambda s=s, x=x: s.run(None, {s.get_inputs()[0].name: x}))
         with torch.inference_mode():
             samples = measure_interleaved(fns, warmup=3, min_runs=5 if quick else 30,
-                                          min_time_s=0.2 if quick else 2.0, max_time_s=60 if quick else 240)
+                                          min_time_s=0.2 if quick else 2.0, max_time_s=60 if quick else 240).samples
         res["latency"][str(batch)] = {k: summarize(v, batch).to_json() for k, v in samples.items()}
     shutil.rmtree(tmp, ignore_errors=True)
     return res

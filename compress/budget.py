@@ -14,6 +14,12 @@ A budgets file names models (recipes) and the limits each must meet per target::
 Verdicts are noise-aware: latency limits are decided on a bootstrap confidence
 interval, so a budget passes only when the whole interval is within the limit,
 fails only when all of it is beyond, and is *inconclusive* otherwise.
+
+Verdicts are honest about what happened: a model under budget that failed to build,
+failed to run, or whose deployed kernels disagree with its simulation *fails*; only a
+target that cannot run on this machine is *skipped*. ``x recorded`` re-times the
+baseline's kept artifact in the same run (paired); numbers recorded on another day are
+the fallback when the artifact is gone, and the verdict says it is the weaker one.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import shutil
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -32,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .artifact import sha256_json
 from .errors import InputError, RecipeError
-from .stats import bootstrap_ratio, bootstrap_stat, verdict
+from .stats import bootstrap_stat, ratio_ci, verdict, widen
 
 # Exit codes of `compress check`, documented in the CLI help and README.
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INCONCLUSIVE, EXIT_SKIPPED = 0, 1, 2, 3, 4
@@ -145,7 +152,9 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
 # ----------------------------------------------------------------- baselines
 
 
-def fingerprint_key(machine: dict[str, Any], threads: int) -> str:
+def fingerprint_key(machine: dict[str, Any], threads: int | str) -> str:
+    """Baselines match on the CPU, libraries and the *thread setting* ("auto" for 0: the count a
+    run picks under load may differ, and both sides of a re-timed comparison use the same)."""
     cpu = machine["cpu"]
     return sha256_json({"cpu": cpu["model"], "isa": cpu["isa"], "cores": cpu["affinity_cores"], "threads": threads,
                         "libs": machine["libraries"], "gpu": machine.get("gpu")})
@@ -178,6 +187,63 @@ class BaselineStore:
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         self.entries[key] = entry
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Baseline artifacts live beside the baseline file (commit both), one folder per digest."""
+        return self.path.with_name(self.path.name.removesuffix(".json") + ".artifacts")
+
+    def keep_artifact(self, compiled: Path) -> dict[str, str] | None:
+        """Copy a compiled artifact into the baseline folder; return where and its content hash."""
+        from .artifact import Artifact, sha256_files
+
+        try:
+            art = Artifact.load(compiled)
+        except (OSError, ValueError, KeyError):
+            return None
+        dest = self.artifact_dir / art.digest
+        if not dest.exists():
+            tmp = self.artifact_dir / f".tmp-{art.digest}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(compiled, tmp)
+            tmp.replace(dest)
+        return {"dir": art.digest, "files_sha256": sha256_files(dest)}
+
+    def load_artifact(self, entry: dict[str, Any]) -> tuple[Any, str | None]:
+        """The stored artifact of an entry, verified against its recorded content hash, or why not."""
+        from .artifact import Artifact, sha256_files
+
+        info = entry.get("artifact")
+        if not info:
+            return None, "the baseline was recorded before artifacts were kept (numbers only)"
+        d = self.artifact_dir / info["dir"]
+        if not d.is_dir():
+            return None, f"the baseline artifact {d} is gone"
+        if sha256_files(d) != info["files_sha256"]:
+            return None, f"the baseline artifact {d} changed on disk (content hash differs); not used"
+        try:
+            return Artifact.load(d), None
+        except (OSError, ValueError, KeyError) as e:
+            return None, f"the baseline artifact {d} is unreadable ({e})"
+
+    def references(self, model: str, rec: Any, budgets: list[BudgetSpec], fp: str,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+        """Stored baseline artifacts that 'x recorded' budgets need, by target, to re-time in this run."""
+        out: dict[str, Any] = {}
+        for b in budgets:
+            if parse_limit(b.max, b.metric, b.title()).ratio_to != "recorded" or b.target in out:
+                continue
+            variant = b.variant or (rec.name if rec.passes else "baseline")
+            entry = self.get(self.key(model, variant, b.target, b.batch, fp))
+            if entry is None:
+                continue
+            art, why = self.load_artifact(entry)
+            if art is None:
+                entry["artifact_missing"] = why
+                say(f"recorded baseline for {model}/{variant}/{b.target}: {why}; falling back to recorded numbers")
+            else:
+                out[b.target] = art
+        return out
 
     def save(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -221,7 +287,7 @@ def _cell(report: dict[str, Any], variant: str, target: str) -> dict[str, Any] |
 def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, store: BaselineStore | None,
                     fp: str, memory: Callable[[dict[str, Any], int], int] | None = None) -> Verdict:
     """Decide one budget from a run's report (raw latency samples included)."""
-    variants = [v for v in report["variants"] if v != "baseline"]
+    variants = [v for v in report["variants"] if v not in ("baseline", "recorded")]
     variant = b.variant or (variants[0] if variants else "baseline")
     lim = parse_limit(b.max, b.metric, b.title())
     kind = _KIND[b.metric]
@@ -229,47 +295,114 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
     v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
     cell = _cell(report, variant, b.target)
     if cell is None:
+        v.status = "fail"
         v.detail = f"variant {variant!r} on {b.target!r} was not measured (variants: {', '.join(report['variants'])})"
         return v
+    if cell["status"] == "unavailable":
+        # The only honest skip: this machine cannot run the target (library missing, no device).
+        v.detail = f"{b.target} unavailable here: {cell['reason']}"
+        return v
+    if cell["status"] == "skipped":
+        v.detail = f"{b.target} not measured: {cell['reason']}"
+        return v
     if cell["status"] != "ok":
+        # A failed build, a failed inference or a parity breach of the model under budget is a
+        # failure: a gate that skips it goes green on a model that does not even compile.
+        v.status = "fail"
         v.detail = f"{b.target} {cell['status']}: {cell['reason']}"
+        return v
+    qp = cell.get("quant_parity")
+    if isinstance(qp, dict) and qp.get("flagged"):
+        v.status = "fail"
+        v.detail = (f"deployed model on {b.target} disagrees with its simulation (agreement "
+                    f"{100 * qp.get('agreement', 0):.1f}%, tolerance {qp.get('tolerance')})")
         return v
     conf, n = bf.confidence, bf.resamples
     if kind == "latency":
         lat = cell["latency"].get(str(b.batch))
+        notes: list[str] = []
+        base_cell = _cell(report, "baseline", b.target)
+        aa = ((base_cell or {}).get("latency", {}).get(str(b.batch)) or {}).get("aa_session")
+
+        def paired(num: list[float], den: list[float]) -> Any:
+            r = widen(ratio_ci(num, den, b.metric, conf, n), aa, conf)
+            if r.session:
+                notes.append(f"interval widened by the between-session A/A offset ({100 * r.session:.1f}%)")
+            return r
+
         if not lat:
-            v.detail = f"batch {b.batch} was not measured (add it to the recipe's measure.batch_sizes)"
+            v.status = "fail"
+            v.detail = (f"batch {b.batch} was not measured on {b.target}; the budget cannot be verified "
+                        "(add it to the recipe's measure.batch_sizes, or export with a dynamic batch)")
             return v
         samples = lat["samples_ms"]
+        if lat.get("capped"):
+            notes.append(f"fewer rounds: {lat['capped']}")
         if lim.ratio_to is None:
             v.value, v.low, v.high = bootstrap_stat(samples, b.metric, conf, n)
         elif lim.ratio_to == "recorded":
-            if store is None:
-                v.detail = "no baseline file given"
-                return v
-            rec = store.get(BaselineStore.key(b.model, variant, b.target, b.batch, fp))
-            if rec is None:
-                v.detail = (f"no recorded baseline for this machine fingerprint ({fp[:12]}); "
-                            "run compress check --update-baseline on this machine first")
-                return v
-            v.value, v.low, v.high = bootstrap_ratio(samples, rec["samples_ms"], b.metric, conf, n, paired=False)
-            v.unit = "x recorded"
-            if rec.get("digest") != cell["compiled_digest"]:
-                v.detail = "baseline was recorded for a different build of this model"
+            ref = _cell(report, "recorded", b.target)
+            rec = store.get(BaselineStore.key(b.model, variant, b.target, b.batch, fp)) if store else None
+            if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref["compiled_digest"]):
+                # One stored artifact is re-timed per target; this one is another budget's baseline.
+                if rec is not None:
+                    rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
+                                                       "another variant's budget")
+                ref = None
+            if ref is not None and ref["status"] == "ok" and str(b.batch) in ref["latency"]:
+                if ref.get("compiled_digest") == cell["compiled_digest"] or cell.get("identical_to") == \
+                        f"recorded/{b.target}" or ref.get("identical_to") == f"{variant}/{b.target}":
+                    v.value = v.low = v.high = 1.0
+                    v.unit = "x recorded"
+                    v.status = "pass" if lim.value >= 1.0 else "fail"
+                    v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
+                    return v
+                r = paired(samples, ref["latency"][str(b.batch)]["samples_ms"])
+                v.value, v.low, v.high = r.ratio, r.low, r.high
+                v.unit = "x recorded"
+                notes.append(f"baseline artifact {str(ref['compiled_digest'])[:12]} re-timed in this run, "
+                             f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
+            else:
+                if store is None:
+                    v.detail = "no baseline file given"
+                    return v
+                if rec is None:
+                    v.detail = (f"no recorded baseline for this machine fingerprint ({fp[:12]}); "
+                                "run compress check --update-baseline on this machine first")
+                    return v
+                r = ratio_ci(samples, rec["samples_ms"], b.metric, conf, n, paired=False)
+                v.value, v.low, v.high = r.ratio, r.low, r.high
+                v.unit = "x recorded (numbers only)"
+                why = (ref["reason"] if ref is not None and ref["status"] != "ok"
+                       else rec.get("artifact_missing") or "the baseline artifact is gone")
+                notes.append(f"WEAKER comparison: against numbers recorded {rec.get('recorded', '?')}, unpaired, "
+                             f"because {why}; run --update-baseline to store the artifact")
+                if rec.get("digest") != cell["compiled_digest"]:
+                    notes.append("baseline was recorded for a different build of this model")
         else:
             other = _cell(report, variant if lim.ratio_to != "original" else "baseline",
                           b.target if lim.ratio_to == "original" else lim.ratio_to)
             if other is None or other["status"] != "ok" or str(b.batch) not in other["latency"]:
                 why = other["reason"] if other else "not measured"
                 v.detail = f"reference {lim.ratio_to} unavailable: {why}"
+                if other is not None and other["status"] == "failed":
+                    v.status = "fail"  # the reference failing to build/run is a broken build, not a skip
                 return v
-            v.value, v.low, v.high = bootstrap_ratio(samples, other["latency"][str(b.batch)]["samples_ms"], b.metric,
-                                                     conf, n, paired=True)
+            if other.get("compiled_digest") == cell["compiled_digest"] and other is not cell:
+                v.value = v.low = v.high = 1.0
+                v.unit = f"x {lim.ratio_to}"
+                v.status = "pass" if lim.value >= 1.0 else "fail"
+                v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
+                return v
+            r = paired(samples, other["latency"][str(b.batch)]["samples_ms"])
+            v.value, v.low, v.high = r.ratio, r.low, r.high
             v.unit = f"x {lim.ratio_to}"
+            notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
         v.status = verdict(v.low, v.high, lim.value)
         if v.status == "inconclusive":
-            v.detail = (f"the {int(conf * 100)}% interval straddles the limit; measurement too noisy to decide "
-                        "(raise rounds, quiet the machine)")
+            notes.insert(0, f"the {int(conf * 100)}% interval straddles the limit; measurement too noisy to "
+                         "decide (raise rounds, quiet the machine)")
+        v.detail = "; ".join(notes)
         return v
     if b.metric == "accuracy_drop":
         base = _cell(report, "baseline", b.target)
@@ -326,6 +459,8 @@ class CheckResult:
     verdicts: list[Verdict]
     exit_code: int
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    noise: list[str] = field(default_factory=list)  # per target/batch: A/A spread, smallest detectable difference
+    warnings: list[str] = field(default_factory=list)  # machine load seen while measuring
 
     @property
     def passed(self) -> bool:
@@ -334,12 +469,14 @@ class CheckResult:
     def summary(self) -> str:
         counts = {s: sum(v.status == s for v in self.verdicts) for s in ("pass", "fail", "inconclusive", "skipped")}
         lines = [v.line() for v in self.verdicts]
+        lines += [f"WARNING {w}" for w in self.warnings]
+        lines += self.noise
         lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": "compress.check/v1", "exit_code": self.exit_code,
-                "verdicts": [asdict(v) for v in self.verdicts]}
+                "verdicts": [asdict(v) for v in self.verdicts], "noise": self.noise, "warnings": self.warnings}
 
 
 def _recipe_for(rec: Any, budgets: list[BudgetSpec], rounds: int | None) -> Any:
@@ -372,16 +509,19 @@ def check(
     """Measure every model named in a budgets file and decide each budget."""
     import time
 
+    from .fingerprint import machine_fingerprint
     from .memprobe import measure_peak_memory
     from .pipeline import run
     from .recipe import load_recipe
     from .registry import get_target_config
+    from .report import noise_lines
 
     t0 = time.perf_counter()
     bf, recipes = load_budgets(path)
     base_path = Path(baseline) if baseline else Path(path).with_suffix(".baseline.json")
     store = BaselineStore(base_path)  # refuses a corrupt file before anything runs
     out = Path(out_dir) if out_dir else Path("runs") / "check"
+    say = log or (lambda m: None)
     verdicts: list[Verdict] = []
     reports: dict[str, dict[str, Any]] = {}
     for model, rpath in recipes.items():
@@ -389,10 +529,12 @@ def check(
         if not mine:
             continue
         rec = _recipe_for(load_recipe(rpath), mine, bf.rounds)
-        (log or (lambda m: None))(f"measuring {model} ({rpath})")
-        report = run(rec, out_dir=out / model, cache_dir=cache_dir, progress=progress, log=log)
+        fp0 = fingerprint_key(machine_fingerprint(), rec.measure.threads or "auto")
+        refs = store.references(model, rec, mine, fp0, say)
+        say(f"measuring {model} ({rpath})")
+        report = run(rec, out_dir=out / model, cache_dir=cache_dir, progress=progress, log=log, references=refs)
         reports[model] = report
-        fp = fingerprint_key(report["machine"], report["measurement"]["threads"])
+        fp = fingerprint_key(report["machine"], report["measurement"].get("threads_setting") or "auto")
 
         def memory(cell: dict[str, Any], batch: int, report: dict[str, Any] = report) -> int:
             cfg = get_target_config(cell["target"]).model_validate(cell["target_config"])
@@ -406,14 +548,20 @@ def check(
             verdicts.append(evaluate_budget(b, report, bf, store, fp, memory))
         if update_baseline:
             for r in report["results"]:
+                if r.get("reference") or r["status"] != "ok":
+                    continue
+                art = store.keep_artifact(Path(r["compiled_path"])) if r.get("compiled_path") else None
                 for batch, lat in r["latency"].items():
                     store.put(BaselineStore.key(model, r["variant"], r["target"], int(batch), fp), {
                         "digest": r["compiled_digest"], "samples_ms": lat["samples_ms"], "p50_ms": lat["p50_ms"],
-                        "recorded": report["created"], "machine": report["machine"]["cpu"]["model"]})
+                        "recorded": report["created"], "machine": report["machine"]["cpu"]["model"],
+                        "artifact": art})
     if update_baseline:
         store.save()
     foa = bf.fail_on_unavailable if fail_on_unavailable is None else fail_on_unavailable
     res = CheckResult(verdicts, overall_exit(verdicts, foa), reports)
+    res.noise = [line for rep in reports.values() for line in noise_lines(rep)]
+    res.warnings = [w for rep in reports.values() for w in (rep.get("contention") or {}).get("warnings", [])]
     out.mkdir(parents=True, exist_ok=True)
     (out / "check.json").write_text(json.dumps(res.to_json(), indent=2))
     (out / "junit.xml").write_text(junit_xml(verdicts, time.perf_counter() - t0))

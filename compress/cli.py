@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("budgets", help="budgets TOML file")
     c.add_argument("--baseline", help="baseline file (default BUDGETS.baseline.json beside the budgets file)")
-    c.add_argument("--update-baseline", action="store_true", help="record this run's measurements as the baseline "
-                   "for this machine fingerprint")
+    c.add_argument("--update-baseline", action="store_true", help="record this run as the baseline for this "
+                   "machine fingerprint: its numbers and its compiled artifacts (BUDGETS.baseline.artifacts/, "
+                   "commit it), which later checks re-time beside the candidate")
     c.add_argument("--junit", help="also write JUnit XML here")
     c.add_argument("--json", help="also write the verdicts as JSON here")
     c.add_argument("--out", help="folder for the per-model reports (default runs/check)")
@@ -82,8 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--fail-on-unavailable", action="store_true", default=None,
                    help="a budget skipped because its target cannot run here fails the check (exit 4)")
 
-    m = sub.add_parser("compare", help="every available target on one model, in one run")
-    m.add_argument("model", help="zoo name (resnet18 or zoo:resnet18), a recipe .toml, or an .onnx file")
+    m = sub.add_parser("compare", help="every available target on one model, or several ONNX files on one "
+                       "target, in one interleaved run")
+    m.add_argument("model", nargs="+", help="zoo name (resnet18 or zoo:resnet18), a recipe .toml, or .onnx "
+                   "file(s); several .onnx files are timed interleaved against the first, with accuracy on "
+                   "the same --data")
     m.add_argument("--targets", help="targets to compare, text form (default: all), "
                    'e.g. "onnxruntime,tvm{tuning_trials=64}"')
     m.add_argument("--precision", default="fp32",
@@ -239,7 +243,11 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from .recipe import load_recipe, parse_pipeline, recipe_from_dict, revalidate
     from .registry import get_pass, get_target_config, targets
 
-    src = a.model
+    src, more = a.model[0], a.model[1:]
+    if more and not all(x.endswith(".onnx") for x in a.model):
+        raise RecipeError("compare with several models takes .onnx files only, e.g. compress compare a.onnx b.onnx")
+    if more and a.precision.strip() != "fp32":
+        raise RecipeError("--precision applies to one model; with several .onnx files each is measured as it is")
     if src.endswith(".toml"):
         rec = load_recipe(src)
     else:
@@ -270,11 +278,33 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
     out = Path(a.out) if a.out else Path("runs") / rec.name
     log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    extra = _extra_onnx(src, more, a.cache) if more else None
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,
-                 variants=variants)
+                 variants=variants, extra_models=extra, baseline_label=Path(src).stem if more else None)
     print(render_text(report, compare=True))
     print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
     return 0
+
+
+def _extra_onnx(first: str, files: list[str], cache_dir: str | None) -> dict[str, Any]:
+    """The 2nd.. ONNX files of ``compress compare a.onnx b.onnx ...`` as artifacts, named by file stem."""
+    from .cache import Cache
+    from .models import load_model
+    from .recipe import ModelSpec
+
+    cache = Cache(Path(cache_dir) if cache_dir else None)
+    root = load_model(ModelSpec(source=first), cache)
+    out: dict[str, Any] = {}
+    for f in files:
+        art = load_model(ModelSpec(source=f), cache)
+        if [s.shape[1:] for s in art.inputs] != [s.shape[1:] for s in root.inputs]:
+            raise RecipeError(f"{f}: inputs {[list(s.shape) for s in art.inputs]} differ from {first}'s "
+                              f"{[list(s.shape) for s in root.inputs]}; compare models that take the same input")
+        name, i = Path(f).stem, 2
+        while name in out or name == Path(first).stem or name in ("baseline", "recorded", "baseline~aa"):
+            name, i = f"{Path(f).stem}-{i}", i + 1
+        out[name] = art
+    return out
 
 
 def _cmd_passes() -> int:

@@ -31,9 +31,12 @@ from .measure import measure_interleaved, summarize
 from .models import load_model
 from .recipe import Recipe, format_pipeline, load_recipe
 from .registry import get_pass, make_target
+from .stats import bootstrap_stat, describe_ratio, ratio_ci, ratio_verdict, split_half_aa, widen
 from .torch_io import load_torch, torch_artifact
 
 REPORT_SCHEMA = "compress.report/v1"
+REFERENCE = "recorded"  # the variant name of a stored baseline artifact re-timed in this run
+AA = "baseline~aa"  # a second session of the baseline, timed beside it: the between-session noise
 DEFAULT_TARGETS = ("torch", "onnxruntime")
 
 
@@ -66,6 +69,10 @@ class Cell:
     parity: dict[str, Any] | None = None  # compiled model vs its input model (for Q/DQ: vs the simulated model)
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    identical_to: str | None = None  # "variant/target" whose compiled artifact has the same digest
+    ratios: dict[str, Any] = field(default_factory=dict)  # batch -> latency ratio to the baseline, with interval
+    reference: bool = False  # a stored baseline artifact, timed only (no accuracy)
+    spawn: Any = None  # makes a second runner of the same build (the A/A session)
 
 
 def _resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -132,11 +139,20 @@ def run(
     log: Callable[[str], None] | None = None,
     variants: dict[str, list[PassConfig]] | None = None,
     write: bool = True,
+    references: dict[str, Artifact] | None = None,
+    extra_models: dict[str, Artifact] | None = None,
+    baseline_label: str | None = None,
+    aa_session: bool = True,
 ) -> dict[str, Any]:
     """Run a recipe end to end; write report.json, report.md and pareto.png; return the report.
 
     ``variants`` replaces the recipe's single pass chain with several named chains
     (``compress compare`` uses it for precisions); all are measured in one session.
+    ``references`` maps a target name to a stored compiled baseline artifact (``compress check``'s
+    recorded baseline): it is timed interleaved with the rest as variant "recorded".
+    ``extra_models`` adds ready ONNX models as variants, measured as they are (``compress compare
+    a.onnx b.onnx``). ``aa_session`` times a second session of each baseline beside it: the
+    between-session noise, added to every ratio's interval.
     """
     rec = _resolve_recipe(recipe)
     say = log or (lambda m: None)
@@ -158,8 +174,9 @@ def run(
             check()  # settings the target's library would reject only at build time
     need_onnx = any(t.consumes == "onnx" for t in targets)
     chains_in = variants if variants is not None else ({rec.name: list(rec.passes)} if rec.passes else {})
-    if "baseline" in chains_in:
-        raise RecipeError("'baseline' is reserved for the original model; name the variant otherwise")
+    for reserved in ("baseline", REFERENCE):
+        if reserved in chains_in or reserved in (extra_models or {}):
+            raise RecipeError(f"{reserved!r} is a reserved variant name; name the variant otherwise")
     root = load_model(rec.model, cache)
     chains: dict[str, PassManager] = {}
     auto_export = False
@@ -207,10 +224,26 @@ def run(
                 torch_art = r.artifact
         onnx_art = cand_art if cand_art.kind == "onnx" else None
         measured.append(Variant(name, torch_art, onnx_art, cand_steps))
+    for name, art in (extra_models or {}).items():
+        measured.append(Variant(name, None, art))
 
+    from .contention import ContentionProbe, pick_threads
+
+    # Look at the machine's load before building runners: with threads = 0 (auto) the thread count
+    # leaves the cores other processes hold alone, so a thread pool does not wait on a core it
+    # cannot get.
+    probe = ContentionProbe(threads)
+    threads, threads_note = pick_threads(rec.measure.threads, os.cpu_count() or 1, probe.before())
+    probe.threads = threads
+    if "before" in probe.readings:
+        probe.readings["before"]["threads"] = threads  # judged against the count actually used
+    if threads_note:
+        say(threads_note)
+    torch.set_num_threads(threads)
     cells = _build_cells(measured, targets, ctx, say)
+    cells += _reference_cells(references or {}, targets, say)
     try:
-        _measure_latency(cells, root, rec, threads, progress, say)
+        _measure_latency(cells, root, rec, threads, progress, say, probe, aa_session)
         _measure_accuracy(cells, measured, data, root, say)
     finally:
         for c in cells:
@@ -219,14 +252,22 @@ def run(
 
     from .report import build_report, write_report
 
+    contention = probe.report()
+    for w in contention["warnings"]:
+        say(f"WARNING {w}")
     report = build_report(rec, measured, cells, data, threads, auto_export, machine_fingerprint(),
-                          time.perf_counter() - t_start, cache)
+                          time.perf_counter() - t_start, cache, contention)
     base_acc = next((c.accuracy for c in cells if c.variant == "baseline" and c.accuracy is not None), None)
     trained = bool(rec.model.train_epochs or rec.model.weights)
     note = preflight.chance_note(base_acc, n_classes, rec.model.source, trained)
     if note:
         report["notes"].append(note)
         say(f"note: {note}")
+    if baseline_label:
+        report["baseline_label"] = baseline_label
+    report["measurement"]["threads_setting"] = rec.measure.threads
+    if threads_note:
+        report["notes"].append(threads_note)
     if write:
         write_report(report, out)
     if not any(c.status == "ok" for c in cells):
@@ -276,6 +317,8 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                 cell.size_bytes = src.size_bytes() if t.consumes == "torch" else compiled.size_bytes()
                 cell.notes += list(compiled.metadata.get("target_notes", []))  # kept if it cannot run here
                 cell.runner = t.runner(compiled, threads=torch.get_num_threads())
+                if v is variants[0]:
+                    cell.spawn = (lambda t=t, comp=compiled: t.runner(comp, threads=torch.get_num_threads()))
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
                 _check_target_parity(cell, t, src, compiled, ctx, say)
             except TargetUnavailable as e:
@@ -296,40 +339,171 @@ def _feeds(root: Artifact, batch: int, seed: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+def _reference_cells(references: dict[str, Artifact], targets: list[Any],
+                     say: Callable[[str], None]) -> list[Cell]:
+    """Cells for stored baseline artifacts (already compiled): timed beside the candidates."""
+    cells = []
+    by_name = {t.name: t for t in targets}
+    for tname, art in references.items():
+        t = by_name.get(tname)
+        if t is None:
+            continue
+        cell = Cell(REFERENCE, tname, config=t.config.canonical(), compiled=art, reference=True, cache_hit=True)
+        cells.append(cell)
+        reason = t.unavailable_reason()
+        if reason is not None:
+            cell.status, cell.reason = "unavailable", reason
+            continue
+        try:
+            cell.size_bytes = art.size_bytes()
+            cell.runner = t.runner(art, threads=torch.get_num_threads())
+            say(f"recorded baseline for {tname}: artifact {art.digest[:12]} loaded, timed in this run")
+        except TargetUnavailable as e:
+            cell.status, cell.reason = "unavailable", str(e)
+        except CompressError as e:
+            cell.status, cell.reason = "failed", f"the stored baseline artifact could not be loaded: {e}"
+    return cells
+
+
 def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: int, progress: bool,
-                     say: Callable[[str], None]) -> None:
+                     say: Callable[[str], None], probe: Any = None, aa_session: bool = True) -> None:
     live = [c for c in cells if c.status == "ok"]
+    # Byte-identical builds on one target are timed once: racing a build against itself only
+    # measures noise (and order), which once read as a "124x" speed-up.
+    first: dict[tuple[str, str], Cell] = {}
+    for c in live:
+        dkey = (c.target, c.compiled.digest if c.compiled is not None else "")
+        if dkey in first and dkey[1]:
+            c.identical_to = f"{first[dkey].variant}/{c.target}"
+            c.notes.append(f"identical build to {c.identical_to} (same compiled digest {dkey[1][:12]}): "
+                           "timed once, not raced against itself")
+        else:
+            first[dkey] = c
+    timed = [c for c in live if c.identical_to is None]
+    shadows: dict[str, Any] = {}
+    if aa_session:
+        for c in timed:
+            if c.spawn is None:
+                continue
+            try:
+                shadows[c.target] = c.spawn()
+            except Exception as e:  # the noise estimate is extra; its absence is noted
+                c.notes.append(f"A/A session not measured: {str(e).splitlines()[0]}")
+    try:
+        _time_batches(timed, shadows, root, rec, threads, progress, say, probe)
+    finally:
+        for r in shadows.values():
+            r.close()
+    for c in live:
+        rep_cell = next((o for o in live if c.identical_to == f"{o.variant}/{o.target}"), None)
+        if rep_cell is not None and rep_cell.status != "ok":
+            c.status = rep_cell.status
+            c.reason = f"identical build to {c.identical_to} ({rep_cell.status}: {rep_cell.reason})"
+    live = [c for c in live if c.status == "ok"]
+    by_key = {f"{c.variant}/{c.target}": c for c in live}
+    for c in live:
+        if c.identical_to is not None:
+            rep = by_key[c.identical_to].latency
+            c.latency = {b: {**lat, "identical_to": c.identical_to} for b, lat in rep.items()}
+    _ratios(live, rec.seed, say)
+
+
+def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, rec: Recipe, threads: int,
+                  progress: bool, say: Callable[[str], None], probe: Any) -> None:
+    """Time every candidate at every batch size, interleaved (with the baselines' A/A sessions)."""
     for batch in rec.measure.batch_sizes:
         fns = {}
-        for c in live:
+        for c in timed:
             if batch > 1 and c.target != "torch" and not _dynamic_batch(c.compiled):
                 c.notes.append(f"batch {batch} skipped: the model has a fixed batch size of 1")
                 continue
             feeds = _feeds(root, batch, rec.seed)
             renamed = dict(zip(c.runner.input_names, feeds.values(), strict=False))
+            try:  # one untimed call first: a candidate that cannot infer fails alone, with its reason
+                c.runner.infer(renamed)
+            except Exception as e:
+                c.status, c.reason = "failed", f"inference failed at batch {batch}: {str(e).splitlines()[0]}"
+                say(f"{c.variant}/{c.target}: {c.reason}")
+                continue
             fns[(c.variant, c.target)] = (lambda r=c.runner, f=renamed: r.infer(f))
+            if c.target in shadows and c.variant == "baseline":
+                fns[(AA, c.target)] = (lambda r=shadows[c.target], f=renamed: r.infer(f))
+        timed = [c for c in timed if c.status == "ok"]
         if not fns:
             continue
-        say(f"latency at batch {batch}: {len(fns)} candidates interleaved, {threads} threads")
-        for c in live:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
+        say(f"latency at batch {batch}: {len(fns)} candidates interleaved (order shuffled per round, "
+            f"seed {rec.seed + batch}), {threads} thread(s)")
+        for c in timed:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
             if isinstance(getattr(c.runner, "gpu_ms", None), list):
                 c.runner.gpu_ms.clear()
+        if probe is not None:
+            probe.start()
         try:
-            samples = measure_interleaved(
+            timing = measure_interleaved(
                 {f"{v}/{t}": fn for (v, t), fn in fns.items()}, rec.measure.warmup, rec.measure.min_runs,
-                rec.measure.min_time_s, rec.measure.max_time_s, progress=progress, desc=f"latency b{batch}")
+                rec.measure.min_time_s, rec.measure.max_time_s, progress=progress, desc=f"latency b{batch}",
+                seed=rec.seed + batch)
         except Exception as e:  # a runtime failure mid-measurement is reported per cell below
             raise CompressError(f"latency measurement at batch {batch} failed: {e}") from e
-        for c in live:
+        finally:
+            if probe is not None:
+                probe.stop(f"batch {batch}")
+        samples = timing.samples
+        meta = timing.meta()
+        for c in timed:
             key = f"{c.variant}/{c.target}"
-            if key in samples:
+            if samples.get(key):
                 # Raw samples stay in the report: the budget gate bootstraps intervals from them.
-                c.latency[str(batch)] = {**summarize(samples[key], batch).to_json(),
-                                         "samples_ms": [round(x, 5) for x in samples[key]]}
+                s = samples[key]
+                lat: dict[str, Any] = {**summarize(s, batch).to_json(), "samples_ms": [round(x, 5) for x in s],
+                                       "timing": meta}
+                if len(s) >= 2:
+                    _, lo, hi = bootstrap_stat(s, "p50", 0.95, 1000, seed=rec.seed)
+                    lat["p50_ci"] = [round(lo, 5), round(hi, 5)]
+                twin = samples.get(f"{AA}/{c.target}") if c.variant == "baseline" else None
+                if twin and len(twin) >= 2 and len(s) >= 2:
+                    lat["aa_session"] = ratio_ci(twin, s, "p50", seed=rec.seed).to_json()
+                if key in timing.capped:
+                    lat["capped"] = timing.capped[key]
+                    c.notes.append(f"batch {batch}: fewer rounds: {timing.capped[key]}")
+                c.latency[str(batch)] = lat
                 gpu = getattr(c.runner, "gpu_ms", None)
                 if isinstance(gpu, list) and gpu:
                     # Device time from CUDA events, beside the host wall time above (warm-up calls included).
                     c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
+
+
+def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
+    """Per target and batch: each variant's p50 latency ratio to the baseline, paired over rounds,
+    with its interval; the baseline's split-half A/A (the noise floor). Slower anywhere is flagged."""
+    base = {c.target: c for c in live if c.variant == "baseline"}
+    for c in live:
+        b = base.get(c.target)
+        for batch, lat in c.latency.items():
+            if c is b:
+                aa = split_half_aa(lat["samples_ms"], seed=seed)
+                if aa is not None:
+                    lat["aa"] = aa.to_json()
+                continue
+            if b is None or batch not in b.latency:
+                continue
+            if c.identical_to == f"baseline/{c.target}":
+                c.ratios[batch] = {"ratio": 1.0, "low": 1.0, "high": 1.0, "identical": True,
+                                   "verdict": "identical", "text": describe_ratio(None, identical=True)}
+                continue
+            try:
+                r = widen(ratio_ci(lat["samples_ms"], b.latency[batch]["samples_ms"], "p50", seed=seed),
+                          b.latency[batch].get("aa_session"))
+            except ValueError as e:
+                c.ratios[batch] = {"verdict": "not enough rounds", "text": f"no ratio: {e}"}
+                continue
+            c.ratios[batch] = {**r.to_json(), "identical": False, "verdict": ratio_verdict(r),
+                               "text": describe_ratio(r)}
+            if r.low > 1.0 and c.variant != REFERENCE:
+                msg = (f"SLOWER than the baseline at batch {batch}: latency x{r.ratio:.2f} "
+                       f"[{r.low:.2f}, {r.high:.2f}] (p50, 95% interval)")
+                c.notes.append(msg)
+                say(f"WARNING {c.variant}/{c.target}: {msg}")
 
 
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
@@ -345,7 +519,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
         (c for c in cells if c.variant == "baseline" and c.status == "ok"), None)
     ordered = ([ref_cell] if ref_cell else []) + [c for c in cells if c is not ref_cell]
     for c in ordered:
-        if c.status != "ok":
+        if c.status != "ok" or c.reference:
             continue
         bs = 64 if (c.target == "torch" or _dynamic_batch(c.compiled)) else 1
         try:

@@ -48,9 +48,44 @@ def model_summary(passes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def noise_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target and batch: the baseline's A/A spread (a second session of it timed alongside, or
+    else its odd vs even rounds) and the smallest latency difference the run's paired ratios could
+    have detected (80% power, 95% interval)."""
+    out = []
+    for r in results:
+        if r["variant"] != "baseline":
+            continue
+        for batch, lat in r["latency"].items():
+            mdes = [x["mde"] for o in results if o["target"] == r["target"] and o["variant"] != "baseline"
+                    for b, x in o.get("ratio_to_baseline", {}).items() if b == batch and "mde" in x]
+            aa = lat.get("aa_session") or lat.get("aa")
+            if aa is None and not mdes:
+                continue
+            out.append({"target": r["target"], "batch": int(batch), "aa": aa,
+                        "aa_kind": "second session" if lat.get("aa_session") else "odd vs even rounds",
+                        "detectable": max(mdes) if mdes else (aa or {}).get("mde")})
+    return out
+
+
+def noise_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for n in report.get("noise", []):
+        aa = n["aa"]
+        aa_txt = (f"A/A (baseline, {n.get('aa_kind', 'odd vs even rounds')}) x{aa['ratio']:.3f} "
+                  f"[{aa['low']:.3f}, {aa['high']:.3f}]" if aa else "A/A not measured (too few rounds)")
+        det = n["detectable"]
+        det_txt = f"; smallest detectable difference ~{100 * det:.0f}%" if det is not None else ""
+        lines.append(f"noise {n['target']} b{n['batch']}: {aa_txt}{det_txt}")
+    return lines
+
+
 def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, threads: int, auto_export: bool,
-                 fingerprint: dict[str, Any], seconds: float, cache: Any) -> dict[str, Any]:
+                 fingerprint: dict[str, Any], seconds: float, cache: Any,
+                 contention: dict[str, Any] | None = None) -> dict[str, Any]:
     notes: list[str] = []
+    if contention:
+        notes += [f"WARNING {w}" for w in contention.get("warnings", [])]
     if data is None:
         notes.append("accuracy not measured: no data given (data.source = \"random\"); fidelity is on random inputs")
     elif not data.labelled:
@@ -88,7 +123,8 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             # INT8 cells: the same record, under the name older reports used (deployed vs simulated).
             "quant_parity": c.parity if c.parity and c.parity.get("precision") == "int8" and "cosine" in c.parity
             else None,
-            "latency": c.latency, "notes": c.notes,
+            "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
+            "ratio_to_baseline": c.ratios, "reference": c.reference,
         })
     return {
         "schema": SCHEMA,
@@ -102,6 +138,8 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
         "variants": vjson,
         "results": results,
         "notes": notes,
+        "contention": contention,
+        "noise": noise_summary(results),
         "seconds": round(seconds, 2),
         "cache": str(cache.root),
     }
@@ -116,8 +154,8 @@ def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str]
     """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32."""
     batches = [str(b) for b in report["measurement"]["batch_sizes"]]
     b0 = batches[0]
-    base_p50 = {r["target"]: _lat(r, b0, "p50_ms") for r in report["results"] if r["variant"] == "baseline"}
-    head = ["variant", "target", "top-1", "agree", f"p50 ms (b{b0})", "p90", "p99", "cv", "vs base", "size"]
+    head = ["variant", "target", "top-1", "agree", f"p50 ms (b{b0})", "p90", "p99", "cv",
+            *[f"vs base (b{b})" for b in batches], "size"]
     if len(batches) > 1:
         head.append(f"p50 ms (b{batches[-1]})")
     if compare:
@@ -126,19 +164,19 @@ def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str]
     rows = []
     for r in report["results"]:
         p50 = _lat(r, b0, "p50_ms")
-        base = base_p50.get(r["target"])
-        ratio = f"{base / p50:.2f}x" if p50 and base and r["variant"] != "baseline" else "-"
+        ratios = [(r.get("ratio_to_baseline") or {}).get(b, {}).get("text", "-") for b in batches]
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         cv = _lat(r, b0, "cv")
         row = [
-            "fp32" if compare and r["variant"] == "baseline" else r["variant"], r["target"],
+            (report.get("baseline_label") or ("fp32" if compare else "baseline")) if r["variant"] == "baseline"
+            else r["variant"], r["target"],
             f"{100 * r['accuracy_top1']:.2f}%" if r["accuracy_top1"] is not None else "not measured",
             f"{100 * r['fidelity']['agreement']:.1f}%" if r["fidelity"] else "-",
             f"{p50:.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p90_ms'):.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p99_ms'):.3f}" if p50 is not None else "-",
             f"{100 * cv:.1f}%" if cv is not None else "-",
-            ratio, _fmt_size(r["size_bytes"]),
+            *ratios, _fmt_size(r["size_bytes"]),
         ]
         if len(batches) > 1:
             pl = _lat(r, batches[-1], "p50_ms")
@@ -169,6 +207,9 @@ def render_text(report: dict[str, Any], compare: bool = False) -> str:
     cell_notes = [f"note: {r['variant']}/{r['target']}: {n}" for r in report["results"] for n in r.get("notes", [])]
     if cell_notes:
         out += ([] if report["notes"] else [""]) + cell_notes
+    noise = noise_lines(report)
+    if noise:
+        out += ["", *noise]
     return "\n".join(out)
 
 
@@ -195,16 +236,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     models = {name: v.get("model") for name, v in report["variants"].items() if v.get("model")}
     if models:
         # What the passes did to the model, beside what it bought on each target (p50 vs baseline).
-        b0 = str(report["measurement"]["batch_sizes"][0])
-        base = {r["target"]: _lat(r, b0, "p50_ms") for r in report["results"] if r["variant"] == "baseline"}
         lines += ["## Model changes vs latency", "",
-                  "| variant | params | MACs | weight sparsity | speed-up vs baseline (p50) |", "|---|---|---|---|---|"]
+                  "| variant | params | MACs | weight sparsity | vs baseline (p50, 95% interval, every batch) |",
+                  "|---|---|---|---|---|"]
         for name, s in models.items():
             ups = []
             for r in report["results"]:
-                p50, b = _lat(r, b0, "p50_ms"), base.get(r["target"])
-                if r["variant"] == name and p50 and b:
-                    ups.append(f"{r['target']} {b / p50:.2f}x")
+                if r["variant"] == name:
+                    ups += [f"{r['target']} b{b}: {x['text']}" for b, x in (r.get("ratio_to_baseline") or {}).items()]
             macs = (f"{s['macs']:,}" + (f" ({s['macs'] / s['macs_before']:.2f}x)" if s.get("macs_before") else "")
                     if "macs" in s else "-")
             sp = f"{100 * s['weight_sparsity']:.1f}%" if "weight_sparsity" in s else "-"
@@ -241,6 +280,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if cell_notes:
         lines += ["## Per-target notes", "", *[f"- {r['variant']} / {r['target']}: {n}" for r, n in cell_notes], ""]
+    noise = noise_lines(report)
+    cont = report.get("contention") or {}
+    if noise or cont:
+        lines += ["## Measurement noise and machine load", ""]
+        lines += [f"- {n}" for n in noise]
+        if "before" in cont:
+            b = cont["before"]
+            lines.append(f"- before measuring: other processes used {b['others_cores']} of {b['cpus']} cores, "
+                         f"steal {b['steal_pct']}%")
+        for label, d in cont.get("during", {}).items():
+            lines.append(f"- while measuring {label}: others {d['others_cores']} cores, this process "
+                         f"{d['own_cores']}, steal {d['steal_pct']}%")
+        lines += [f"- **{w}**" for w in cont.get("warnings", [])]
+        lines.append("")
     lines += ["## Passes", ""]
     for name, v in report["variants"].items():
         for s in v["steps"]:
@@ -252,7 +305,48 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_pareto(report: dict[str, Any], path: Path) -> None:
+def _place_labels(fig: Any, ax: Any, pts: list[tuple[float, float, str]]) -> list[tuple[float, float, float, float]]:
+    """Annotate each point where its label overlaps no other label (nor marker), trying offsets in
+    turn; returns the labels' boxes in display pixels (x0, y0, x1, y1)."""
+    renderer = fig.canvas.get_renderer()
+    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (7, 17), (-7, 17), (7, -25), (-7, -25), (0, 29), (0, -37),
+               (7, 41), (-7, -49), (7, -61), (-7, 53)]
+    placed: list[Any] = []
+    markers = [ax.transData.transform((x, y)) for x, y, _ in pts]
+    boxes = []
+
+    def hits(bb: Any) -> float:
+        over = sum(max(0.0, min(bb.x1, o.x1) - max(bb.x0, o.x0)) * max(0.0, min(bb.y1, o.y1) - max(bb.y0, o.y0))
+                   for o in placed)
+        over += sum(1.0 for mx, my in markers if bb.x0 - 3 <= mx <= bb.x1 + 3 and bb.y0 - 3 <= my <= bb.y1 + 3)
+        return over
+
+    for x, y, text in pts:
+        best: tuple[float, Any] | None = None
+        for dx, dy in offsets:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                              ha="left" if dx >= 0 else "right",
+                              arrowprops=None if abs(dy) < 20 else {"arrowstyle": "-", "lw": 0.5, "color": "gray"})
+            bb = ann.get_window_extent(renderer)
+            cost = hits(bb)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        bb = best[1].get_window_extent(renderer)
+        placed.append(bb)
+        boxes.append((float(bb.x0), float(bb.y0), float(bb.x1), float(bb.y1)))
+    return boxes
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> list[tuple[float, float, float, float]]:
+    """Accuracy against p50 latency (first batch size) with the p50's 95% interval as error bars;
+    returns the label boxes (tests check that none overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,32 +360,36 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
         y = r["accuracy_top1"] if use_acc else (r["fidelity"] or {}).get("agreement")
         if p50 is None or y is None:
             continue
-        pts.append((p50, 100 * y, r["variant"], r["target"]))
+        ci = r["latency"].get(b0, {}).get("p50_ci") or [p50, p50]
+        pts.append((p50, 100 * y, r["variant"], r["target"], ci[0], ci[1]))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(p[3] for p in pts))}  # type: ignore[attr-defined]
-    for p50, y, v, t in pts:
+    for p50, y, v, t, lo, hi in pts:
         base = v == "baseline"
+        ax.errorbar(p50, y, xerr=[[max(0.0, p50 - lo)], [max(0.0, hi - p50)]], fmt="none", ecolor=colors[t],
+                    elinewidth=1.2, capsize=3, zorder=2)
         ax.scatter(p50, y, marker="s" if base else "o", s=80, edgecolors="black", color=colors[t], zorder=3,
                    alpha=0.6 if base else 1.0)
-        ax.annotate(f"{v} / {t}", (p50, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.margins(x=0.3, y=0.12)
+    ax.margins(x=0.3, y=0.2)
     front: list[tuple[Any, ...]] = []
     for p in sorted(pts):
         if not front or p[1] > front[-1][1]:
             front.append(p)
     if len(front) > 1:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:orange", zorder=2,
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:orange", zorder=1,
                 label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel(f"p50 latency, batch {b0} (ms)")
+    ax.set_xlabel(f"p50 latency, batch {b0} (ms; bars: 95% interval)")
     ax.set_ylabel("top-1 accuracy (%)" if use_acc else "agreement with original (%)")
     ax.set_title(f"{report['recipe']['name']}: accuracy vs latency (squares: baseline)")
     ax.grid(alpha=0.3)
     if not pts:
         ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
+    boxes = _place_labels(fig, ax, [(p[0], p[1], f"{p[2]} / {p[3]}") for p in pts])
     fig.savefig(path, format="png")
     plt.close(fig)
+    return boxes
 
 
 def _atomic_write(path: Path, write: Any) -> None:

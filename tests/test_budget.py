@@ -6,8 +6,10 @@ Timings are controlled (synthetic samples or a patched measurement), never the w
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -27,7 +29,9 @@ from compress.budget import (
     parse_limit,
 )
 from compress.cli import main
+from compress.config import TargetConfig
 from compress.errors import InputError, RecipeError
+from compress.registry import register_target
 
 
 def samples(center: float, spread: float, n: int = 60, seed: int = 0) -> list[float]:
@@ -38,7 +42,8 @@ def report(cells: dict[tuple[str, str], dict]) -> dict:
     results = []
     for (variant, target), c in cells.items():
         results.append({"variant": variant, "target": target, "status": c.get("status", "ok"),
-                        "reason": c.get("reason"), "compiled_digest": "d", "size_bytes": c.get("size", 1000),
+                        "reason": c.get("reason"), "compiled_digest": c.get("digest", f"{variant}/{target}"),
+                        "size_bytes": c.get("size", 1000),
                         "accuracy_top1": c.get("acc"),
                         "latency": {"1": {"samples_ms": c["s"]}} if "s" in c else {}})
     return {"variants": {v: {} for v, _ in cells}, "results": results}
@@ -175,13 +180,16 @@ def test_bad_budget_files(tmp_path: Path, body: str, msg: str) -> None:
 
 
 def _fake_measure(centers: dict[str, float]):
+    from compress.measure import Timing
+
     def fake(fns, warmup=0, min_runs=10, *a, **k):
         out = {}
         for i, name in enumerate(fns):
             fns[name]()  # the runner really runs; only the clock is replaced
-            target = name.split("/")[1]
-            out[name] = samples(centers[target], 0.01 * centers[target], n=min_runs, seed=i)
-        return out
+            c = centers.get(name, centers.get(name.split("/")[1]))  # "variant/target" wins over "target"
+            assert c is not None
+            out[name] = samples(c, 0.01 * c, n=min_runs, seed=i)
+        return Timing(out, {"method": "fake"}, dict.fromkeys(fns, 0))
     return fake
 
 
@@ -197,6 +205,7 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
     out = capsys.readouterr().out
     assert got == code
     assert "SKIPPED" in out and "test.missing is not installed" in out
+    assert "noise onnxruntime b1: A/A (baseline, second session)" in out  # the noise the check saw
     assert ET.parse(junit).getroot().find("testsuite").get("tests") == "2"  # type: ignore[union-attr]
     verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
     assert verdicts[0]["status"] == ("pass" if code == EXIT_PASS else "fail")
@@ -215,8 +224,35 @@ def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, caps
     assert "no recorded baseline" in capsys.readouterr().out
     assert main([*args, "--update-baseline"]) == EXIT_PASS
     assert (tmp_path / "budgets.baseline.json").exists()
-    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.5}))
-    assert main(args) == EXIT_FAIL  # twice as slow as recorded on this machine
+    kept = list((tmp_path / "budgets.baseline.artifacts").iterdir())
+    assert kept, "the baseline's compiled artifact is kept beside the baseline file"
+    capsys.readouterr()
+    assert main(args) == EXIT_PASS  # the unchanged model is the same build: identical, not raced
+    assert "identical build to the recorded baseline" in capsys.readouterr().out
+    # A changed model (another build): the stored artifact is re-timed in this run, and the
+    # candidate, twice as slow, is compared with it round by round.
+    (tmp_path / "r.toml").write_text((tmp_path / "r.toml").read_text().replace(
+        'source = "zoo:digits-cnn"', 'source = "zoo:digits-cnn", num_classes = 9'))
+    monkeypatch.setattr(pipeline, "measure_interleaved",
+                        _fake_measure({"torch": 1.0, "onnxruntime": 0.5, "recorded/onnxruntime": 0.25}))
+    assert main(args) == EXIT_FAIL
+    v = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"][0]
+    assert "re-timed in this run, paired" in v["detail"] and v["value"] == pytest.approx(2.0, rel=0.05)
+    # Same candidate and a re-timed baseline as fast as it: passes, still paired.
+    monkeypatch.setattr(pipeline, "measure_interleaved",
+                        _fake_measure({"torch": 1.0, "onnxruntime": 0.5, "recorded/onnxruntime": 0.5}))
+    assert main(args) == EXIT_PASS
+    # A stored artifact whose bytes changed is not used: the weaker recorded-numbers comparison
+    # takes over and says so.
+    victim = next(p for p in kept[0].rglob("*.onnx"))
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\x00" * 8)
+    assert main(args) == EXIT_FAIL  # 0.5 ms now against the recorded 0.25 ms numbers
+    v = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"][0]
+    assert "WEAKER" in v["detail"] and "changed on disk" in v["detail"] and v["unit"] == "x recorded (numbers only)"
+    shutil.rmtree(tmp_path / "budgets.baseline.artifacts")
+    assert main(args) == EXIT_FAIL
+    v = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"][0]
+    assert "WEAKER" in v["detail"] and "is gone" in v["detail"]
     (tmp_path / "budgets.baseline.json").write_text("[]")
     assert main(args) == 2
     assert "corrupt" in capsys.readouterr().err
@@ -244,3 +280,109 @@ def test_peak_memory_is_measured_in_a_fresh_process(tmp_path: Path, monkeypatch,
     assert got == EXIT_FAIL
     assert [v["status"] for v in verdicts] == ["pass", "fail"]
     assert 0 < verdicts[0]["value"] < 2e9  # a real resident-set figure, in bytes
+
+
+# ------------------------------------------------------------ the gate's verdicts are honest
+
+
+@pytest.mark.parametrize(("cell", "status", "needle"), [
+    ({"status": "failed", "reason": "build failed: tvm crashed"}, "fail", "build failed"),
+    ({"status": "failed", "reason": "inference on the validation data failed: bad shape"}, "fail", "inference"),
+    ({"status": "ok", "s": samples(1.0, 0.01), "parity": {"flagged": True, "agreement": 0.7, "tolerance": 0.98}},
+     "fail", "disagrees with its simulation"),
+    ({"status": "unavailable", "reason": "no CUDA device"}, "skipped", "unavailable here"),
+])
+def test_broken_model_under_budget_fails_only_unavailable_skips(cell: dict, status: str, needle: str) -> None:
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01)}, ("v", "onnxruntime"): cell})
+    if "parity" in cell:
+        rep["results"][1]["quant_parity"] = cell["parity"]
+    v = evaluate_budget(budget(max="2 ms"), rep, BF, None, "fp")
+    assert v.variant == "v" and v.status == status and needle in v.detail
+    assert overall_exit([v], fail_on_unavailable=False) == (EXIT_FAIL if status == "fail" else EXIT_PASS)
+
+
+def test_unmeasured_batch_or_variant_and_a_failed_reference_fail() -> None:
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01)},
+                  ("baseline", "torch"): {"status": "failed", "reason": "inference failed at batch 1: boom"}})
+    assert evaluate_budget(budget(max="2 ms", batch=8), rep, BF, None, "fp").status == "fail"
+    assert evaluate_budget(budget(max="2 ms", variant="nope"), rep, BF, None, "fp").status == "fail"
+    v = evaluate_budget(budget(max="0.5x torch"), rep, BF, None, "fp")
+    assert v.status == "fail" and "boom" in v.detail
+
+
+class BrokenBuild(TargetConfig):
+    """Test-only target whose compiler fails."""
+
+    kind: Literal["test.broken"] = "test.broken"
+    mode: Literal["build", "infer"] = "build"
+
+
+@register_target(BrokenBuild)
+class BrokenTarget:
+    name = "test.broken"
+    consumes = "onnx"
+
+    def __init__(self, config: BrokenBuild) -> None:
+        from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+
+        self.config = config
+        self._ort = OnnxRuntimeTarget(OnnxRuntimeConfig())
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def fingerprint(self) -> dict:
+        return {}
+
+    def compile(self, art, ctx):  # type: ignore[no-untyped-def]
+        from compress.errors import BuildError
+
+        if self.config.mode == "build":
+            raise BuildError("the compiler crashed on purpose")
+        return self._ort.compile(art, ctx)
+
+    def runner(self, compiled, threads: int = 0):  # type: ignore[no-untyped-def]
+        inner = self._ort.runner(compiled, threads)
+
+        class Failing:
+            input_names = inner.input_names
+
+            def infer(self, feeds):  # type: ignore[no-untyped-def]
+                raise RuntimeError("kernel not implemented on purpose")
+
+            def close(self) -> None:
+                inner.close()
+
+        return Failing()
+
+
+@pytest.mark.parametrize(("mode", "needle"), [("build", "compiler crashed"), ("infer", "inference failed")])
+def test_check_fails_when_the_model_under_budget_does_not_build_or_run(tmp_path: Path, capsys, mode: str,
+                                                                         needle: str) -> None:
+    (tmp_path / "r.toml").write_text(
+        'name = "m"\nmodel = { source = "zoo:digits-cnn" }\n'
+        'measure = { warmup = 0, min_runs = 5, min_time_s = 0.0 }\n'
+        f'[[targets]]\nkind = "onnxruntime"\n[[targets]]\nkind = "test.broken"\nmode = "{mode}"\n')
+    b = tmp_path / "budgets.toml"
+    b.write_text('models = { m = "r.toml" }\nresamples = 300\n'
+                 '[[budget]]\nmodel = "m"\ntarget = "test.broken"\nmetric = "p50"\nmax = "100 ms"\n'
+                 '[[budget]]\nmodel = "m"\ntarget = "onnxruntime"\nmetric = "p50"\nmax = "100 ms"\n')
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert got == EXIT_FAIL, out
+    verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
+    assert verdicts[0]["status"] == "fail" and needle in verdicts[0]["detail"]
+    assert verdicts[1]["status"] == "pass"  # the other target was still measured
+
+
+def test_recorded_artifact_is_used_only_for_the_budget_it_belongs_to(tmp_path: Path) -> None:
+    store = BaselineStore(tmp_path / "b.json")
+    key = BaselineStore.key("m", "baseline", "onnxruntime", 1, "fp")
+    store.put(key, {"digest": "old", "samples_ms": samples(1.0, 0.01), "artifact": {"dir": "other-build"}})
+    rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01, seed=1)},
+                  ("recorded", "onnxruntime"): {"s": samples(1.0, 0.01, seed=2), "digest": "mine"}})
+    v = evaluate_budget(budget(max="1.1x recorded"), rep, BF, store, "fp")
+    assert v.unit == "x recorded (numbers only)" and "another variant's budget" in v.detail
+    store.put(key, {"digest": "old", "samples_ms": samples(1.0, 0.01), "artifact": {"dir": "mine"}})
+    v = evaluate_budget(budget(max="1.1x recorded"), rep, BF, store, "fp")
+    assert v.unit == "x recorded" and "re-timed in this run, paired" in v.detail and v.status == "pass"
