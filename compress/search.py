@@ -281,8 +281,16 @@ def trial_metrics(report: dict[str, Any], variant: str, target: str, batch: int)
     b = str(batch)
     out: dict[str, Any] = {"p50_ms": cell["latency"][b]["p50_ms"], "size_mb": (cell["size_bytes"] or 0) / 1e6}
     if base is not None and base["status"] == "ok":
-        ratio, lo, hi = bootstrap_ratio(cell["latency"][b]["samples_ms"], base["latency"][b]["samples_ms"], "p50")
-        out.update(latency_ratio=ratio, latency_ratio_ci=[lo, hi])
+        # The run's own paired ratio (block bootstrap, widened by the baseline's A/A spread); a plain paired
+        # bootstrap only when the run gave none (the trial is the original model itself).
+        r = (cell.get("ratio_to_baseline") or {})
+        r = r.get(b, r.get(batch)) if cell is not base else None
+        if r and "ratio" in r:
+            out.update(latency_ratio=r["ratio"], latency_ratio_ci=[r["low"], r["high"]])
+        else:
+            ratio, lo, hi = bootstrap_ratio(cell["latency"][b]["samples_ms"], base["latency"][b]["samples_ms"],
+                                            "p50")
+            out.update(latency_ratio=ratio, latency_ratio_ci=[lo, hi])
         if base.get("accuracy_top1") is not None and cell.get("accuracy_top1") is not None:
             out["accuracy_drop"] = (base["accuracy_top1"] - cell["accuracy_top1"]) * 100
             out["top1"] = cell["accuracy_top1"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -170,3 +170,15 @@ def host_int8_kernels_exact(scheme: str) -> bool:
     if scheme != "u8s8" or platform.machine().lower() not in ("x86_64", "amd64"):
         return True
     return any(f in detected_cpu()["isa"] for f in VNNI_FLAGS)
+
+
+def weight_ints(art: Any) -> list[Any]:
+    """The INT8 weight initializers feeding DequantizeLinear in an exported QDQ model (as numpy arrays)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(art.path / "model.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[0]]) for n in m.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type == onnx.TensorProto.INT8]

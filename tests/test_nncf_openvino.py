@@ -61,19 +61,9 @@ def _apply(art: Artifact, cfg: Any, data: DataBundle | None, cache: Cache) -> Ar
     return PassManager([cfg], [VerifyInstrument()]).run(art, PassContext(cache=cache, data=data, progress=False))[0]
 
 
-def _weight_ints(art: Artifact) -> list[np.ndarray]:
-    from onnx import numpy_helper
-
-    m = onnx.load(str(art.path / "model.onnx"))
-    inits = {i.name: i for i in m.graph.initializer}
-    return [numpy_helper.to_array(inits[n.input[0]]) for n in m.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits
-            and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
-
-
 def test_nncf_int8_is_standard_qdq_and_keeps_accuracy_per_isa(forced_isa: str, cnn_onnx: Artifact,
                                                                digits: DataBundle, cache: Cache) -> None:
-    from conftest import SCHEME_FOR_ISA, host_int8_kernels_exact
+    from conftest import SCHEME_FOR_ISA, host_int8_kernels_exact, weight_ints
 
     q = _apply(cnn_onnx, QuantizeNncf(samples=64), digits, cache)
     m = onnx.load(str(q.path / "model.onnx"))
@@ -83,7 +73,7 @@ def test_nncf_int8_is_standard_qdq_and_keeps_accuracy_per_isa(forced_isa: str, c
     scheme = SCHEME_FOR_ISA[forced_isa]
     assert meta["scheme"] == scheme and meta["engine"] == "nncf" and meta["quantized_nodes"] == 4
     # overflow_fix: 7-bit weights where the CPU lacks VNNI (NNCF's range is [-64, 64]).
-    amax = max(int(np.abs(w).max()) for w in _weight_ints(q))
+    amax = max(int(np.abs(w).max()) for w in weight_ints(q))
     assert amax <= 64 if scheme == "u8s8_reduce_range" else amax > 64
     if host_int8_kernels_exact(scheme):
         fp, i8 = onnx_top1(cnn_onnx.path / "model.onnx", digits)[0], onnx_top1(q.path / "model.onnx", digits)[0]

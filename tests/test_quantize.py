@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import SCHEME_FOR_ISA, host_int8_kernels_exact
+from conftest import SCHEME_FOR_ISA, host_int8_kernels_exact, weight_ints
 from pydantic import ValidationError
 from torch import nn
 
@@ -96,7 +96,7 @@ def test_int8_ptq_is_qdq_runs_on_ort_and_keeps_accuracy_per_isa(forced_isa: str,
     assert ("no VNNI" in meta["scheme_reason"]) == (forced_isa == "novnni")
     assert any(n.startswith("INT8 scheme:") for n in meta["notes"])
     hi = 63 if scheme == "u8s8_reduce_range" else 127
-    assert max(int(np.abs(w).max()) for w in _weight_ints(q)) <= hi + 1  # ORT's 7-bit range is [-64, 63]
+    assert max(int(np.abs(w).max()) for w in weight_ints(q)) <= hi + 1  # ORT's 7-bit range is [-64, 63]
     p = meta["parity"]
     assert p["samples"] > 0
     if host_int8_kernels_exact(scheme):
@@ -330,17 +330,6 @@ def test_weight_only_int4_and_int8(transformer_onnx: Artifact, digits: DataBundl
         QuantizeWeightOnly(bits=8, format="qdq")
 
 
-def _weight_ints(art: Artifact) -> list[np.ndarray]:
-    """The INT8 weight initializers feeding DequantizeLinear in an exported QDQ model."""
-    from onnx import numpy_helper
-
-    m = onnx.load(str(art.path / "model.onnx"))
-    inits = {i.name: i for i in m.graph.initializer}
-    return [numpy_helper.to_array(inits[n.input[0]]) for n in m.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits
-            and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
-
-
 def test_qat_exports_qdq_and_rebuilds_from_disk_per_isa(forced_isa: str, cnn: nn.Module, digits: DataBundle,
                                                          cache: Cache) -> None:
     out, recs = _run(cnn, [QuantizeQat(epochs=1, lr=1e-4), QAT_EXPORT], digits, cache)
@@ -355,7 +344,7 @@ def test_qat_exports_qdq_and_rebuilds_from_disk_per_isa(forced_isa: str, cnn: nn
     ops = _ops(out)
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "BatchNormalization" not in ops
     # Weights are quantized offline and stored as INT8 initializers: 7 bits under reduce-range, 8 otherwise.
-    weights = _weight_ints(out)
+    weights = weight_ints(out)
     assert len(weights) == 4
     lo, hi = (-64, 63) if scheme == "u8s8_reduce_range" else (-128, 127)
     assert all(w.min() >= lo and w.max() <= hi for w in weights)
