@@ -383,6 +383,9 @@ def plot_pareto(report: dict[str, Any], path: Path) -> list[tuple[float, float, 
     ax.set_ylabel("top-1 accuracy (%)" if use_acc else "agreement with original (%)")
     ax.set_title(f"{report['recipe']['name']}: accuracy vs latency (squares: baseline)")
     ax.grid(alpha=0.3)
+    lo, hi = ax.get_ylim()
+    if hi > 100.5:  # a percentage: no ticks above 100 %
+        ax.set_ylim(lo - (hi - 100.5), 100.5)
     if not pts:
         ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
