@@ -29,14 +29,11 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == labels).mean())
 
 
-def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Agreement of top-1 predictions, max/mean abs diff and cosine of the logits."""
-    a, b = ref.astype(np.float64), got.astype(np.float64)
-    diff = np.abs(a - b)
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return {
-        "agreement": float((a.argmax(axis=1) == b.argmax(axis=1)).mean()),
-        "max_abs_diff": float(diff.max(initial=0.0)),
-        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "cosine": float((a.ravel() @ b.ravel()) / denom) if denom > 0 else float(np.array_equal(a, b)),
-    }
+def fidelity(ref: np.ndarray, got: np.ndarray, kind: str = "logits") -> dict[str, Any]:
+    """Fidelity of ``got`` to ``ref`` by the comparison that fits the output ``kind`` (see compress.fidelity).
+
+    Logits keep their agreement of top-1 predictions; every kind has max/mean abs diff and cosine.
+    """
+    from .fidelity import compare_outputs
+
+    return compare_outputs(ref, got, kind)

@@ -150,6 +150,10 @@ def run(
     target_cfgs: list[TargetConfig] = list(rec.targets) or _default_targets()
     targets = [make_target(c) for c in target_cfgs]
     need_onnx = any(t.consumes == "onnx" for t in targets)
+    if rec.measure.metric:
+        from .fidelity import load_metric
+
+        load_metric(rec.measure.metric)  # a typo in the metric fails now, not after the passes ran
     chains_in = variants if variants is not None else ({rec.name: list(rec.passes)} if rec.passes else {})
     if "baseline" in chains_in:
         raise RecipeError("'baseline' is reserved for the original model; name the variant otherwise")
@@ -200,7 +204,7 @@ def run(
     cells = _build_cells(measured, targets, ctx, say)
     try:
         _measure_latency(cells, root, rec, threads, progress, say)
-        _measure_accuracy(cells, measured, data, root, say)
+        _measure_accuracy(cells, measured, data, root, say, rec.measure.output_kind, rec.measure.metric)
         _measure_quant_parity(cells, measured, data, say)
     finally:
         for c in cells:
@@ -315,9 +319,30 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
                     c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
 
 
+def _output_name(variants: list[Variant]) -> str | None:
+    """The first output's name in the baseline's ONNX graph (a hint to what the output is), if there is one."""
+    art = variants[0].onnx_art if variants else None
+    if art is None:
+        return None
+    try:
+        import onnx
+
+        return str(onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph.output[0].name)
+    except Exception:  # only a hint: an unreadable graph is reported by the targets that load it
+        return None
+
+
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
-                      say: Callable[[str], None]) -> None:
-    """Top-1 on the validation split and fidelity to the original model on the reference target."""
+                      say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None) -> None:
+    """Top-1 on the validation split and fidelity to the original model on the reference target.
+
+    Fidelity is measured the way the output calls for (compress.fidelity): argmax agreement for
+    logits, per-sample cosine for embeddings, SNR for regression, plus the user's metric if named.
+    """
+    from .fidelity import infer_kind, load_metric, run_metric
+
+    metric_fn = load_metric(metric) if metric else None
+    kind: str | None = None
     ref: np.ndarray | None = None
     xs: np.ndarray | None = None
     if data is None:
@@ -342,10 +367,17 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             continue
         if c is ref_cell:
             ref = logits
-        if data is not None and data.labelled:
+            kind, why = infer_kind(ref, _output_name(variants), output_kind)
+            say(f"fidelity as {kind} ({why})")
+        if data is not None and data.labelled and (kind or "logits") == "logits":
             c.accuracy = top1(logits, data.val.y)  # type: ignore[arg-type]
         if ref is not None:
-            c.fidelity = fidelity(ref, logits)
+            c.fidelity = fidelity(ref, logits, kind or "logits")
+            if metric_fn is not None and metric is not None:
+                labels = data.val.y if data is not None else None
+                c.fidelity["metric"] = run_metric(metric_fn, metric, ref, logits, labels)
+            if c is ref_cell and c.fidelity.get("degenerate"):
+                say(f"WARNING fidelity: {c.fidelity['degenerate']}")
     if ref_cell is not None:
         say(f"fidelity reference: baseline on {ref_cell.target}")
 
@@ -373,8 +405,9 @@ def _measure_quant_parity(cells: list[Cell], variants: list[Variant], data: Data
             c.notes.append(f"deployed-vs-simulated parity not measured: {str(e).splitlines()[0]}")
             continue
         if c.parity["flagged"]:
-            msg = (f"deployed INT8 on {c.target} disagrees with the simulated model: agreement "
-                   f"{100 * c.parity['agreement']:.1f}%, cosine {c.parity['cosine']:.4f} "
+            agr = c.parity.get("agreement")
+            msg = (f"deployed INT8 on {c.target} disagrees with the simulated model: "
+                   f"{'' if agr is None else f'agreement {100 * agr:.1f}%, '}cosine {c.parity['cosine']:.4f} "
                    f"(tolerance {c.parity['tolerance']})")
             c.notes.append(msg)
             say(f"WARNING {c.variant}/{c.target}: {msg}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -53,6 +53,10 @@ class MeasureSpec(_Strict):
     max_time_s: float = Field(30.0, gt=0)
     threads: int = Field(0, ge=0, description="0 = all cores")
     accuracy: bool = True
+    # Fidelity to the original model: what the output is (auto: from its name and shape) and an
+    # optional task metric ``package.module:function`` called as fn(ref, got, labels).
+    output_kind: Literal["auto", "logits", "embedding", "regression"] = "auto"
+    metric: str | None = None
 
 
 class Recipe(_Strict):

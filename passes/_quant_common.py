@@ -137,13 +137,23 @@ def session_infer(sess: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarra
     return lambda feeds: sess.run(None, feeds)
 
 
-def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Prediction agreement, cosine and max abs diff of two logit arrays."""
-    a, b = ref.astype(np.float64), got.astype(np.float64)
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    cos = float(a.ravel() @ b.ravel() / denom) if denom > 0 else float(np.array_equal(a, b))
-    agree = float((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).mean()) if a.ndim > 1 else 1.0
-    return {"agreement": agree, "cosine": cos, "max_abs_diff": float(np.abs(a - b).max(initial=0.0))}
+def compare(ref: np.ndarray, got: np.ndarray, kind: str | None = None) -> dict[str, Any]:
+    """Cosine and max abs diff of two outputs, plus the comparison that fits the output (compress.fidelity).
+
+    ``kind`` None infers it from the shape: argmax agreement only for class logits, per-sample
+    cosine (mean and worst) for embeddings / hidden states, SNR for regression.
+    """
+    from compress.fidelity import compare_outputs, infer_kind
+
+    k = kind or infer_kind(np.asarray(ref))[0]
+    out = compare_outputs(ref, got, k)
+    return out
+
+
+def below(out: dict[str, Any], min_agreement: float, min_cosine: float) -> bool:
+    """Whether a :func:`compare` record falls under the tolerances (agreement counts only for logits)."""
+    cos = out.get("cosine_worst", out["cosine"]) if out.get("kind") == "embedding" else out["cosine"]
+    return bool(out.get("agreement", 1.0) < min_agreement or cos < min_cosine)
 
 
 def simulated_agreement(
@@ -181,7 +191,7 @@ def simulated_agreement(
     if y is not None and ref.ndim == 2:
         out["top1_simulated"] = float((ref.argmax(1) == y).mean())
         out["top1_deployed"] = float((got.argmax(1) == y).mean())
-    out["flagged"] = bool(out["agreement"] < min_agreement or out["cosine"] < min_cosine)
+    out["flagged"] = below(out, min_agreement, min_cosine)
     out["tolerance"] = {"min_agreement": min_agreement, "min_cosine": min_cosine}
     return out
 

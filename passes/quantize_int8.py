@@ -329,13 +329,13 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     info["parity"] = _self_parity(out, src, name, data)
     if info["parity"]["flagged"]:
         notes.append(f"deployed INT8 (ONNX Runtime) disagrees with the simulated QDQ model: agreement "
-                     f"{info['parity']['agreement']:.3f}, cosine {info['parity']['cosine']:.4f}")
+                     f"{info['parity'].get('agreement', float('nan')):.3f}, cosine {info['parity']['cosine']:.4f}")
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info})
 
 
 def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: int = 256) -> dict[str, Any]:
-    from ._quant_common import PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE
+    from ._quant_common import PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE, below
 
     xs, y = split_inputs(data, "val", max_samples, 64)
     sim = run_batches(session_infer(ort_session(qpath, optimize=False)), name, xs)
@@ -346,5 +346,5 @@ def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: in
     if y is not None and dep.ndim == 2:
         out.update(top1_float=float((fp.argmax(1) == y).mean()), top1_simulated=float((sim.argmax(1) == y).mean()),
                    top1_deployed=float((dep.argmax(1) == y).mean()))
-    out["flagged"] = bool(out["agreement"] < PARITY_MIN_AGREEMENT or out["cosine"] < PARITY_MIN_COSINE)
+    out["flagged"] = below(out, PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE)
     return out

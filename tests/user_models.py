@@ -37,3 +37,46 @@ class NotExportable(nn.Module):
 
 def not_exportable() -> nn.Module:
     return NotExportable()
+
+
+class Embedder(nn.Module):
+    """A sentence-embedding-like model: a 32-wide, L2-normalised vector per sample (not class scores)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 48)
+        self.fc2 = nn.Linear(48, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.fc2(self.fc1(x.flatten(1)).relu()), dim=1)
+
+
+def embedder() -> nn.Module:
+    torch.manual_seed(0)
+    return Embedder()
+
+
+class Constant(nn.Module):
+    """A model whose output ignores its input (as a zero-initialised head does): fidelity would pass vacuously."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def constant() -> nn.Module:
+    torch.manual_seed(0)
+    return Constant()
+
+
+def recall_at_1(ref, got, labels):  # type: ignore[no-untyped-def]
+    """A task metric as a user writes it: retrieval recall@1 of `got` embeddings against `ref` ones."""
+    import numpy as np
+
+    sims = got @ ref.T
+    return {"recall@1": float((sims.argmax(1) == np.arange(len(ref))).mean())}
