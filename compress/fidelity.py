@@ -77,11 +77,11 @@ def _per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         den = np.linalg.norm(a2, axis=-1) * np.linalg.norm(b2, axis=-1)
         cos = np.where(den > 0, num / np.where(den > 0, den, 1), (np.abs(a2 - b2).max(-1) == 0).astype(np.float64))
         return np.asarray(cos.mean(1))
-    a2, b2 = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    num = (a2 * b2).sum(1)
-    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    return np.asarray(np.where(den > 0, num / np.where(den > 0, den, 1),
-                               (np.abs(a2 - b2).max(1) == 0).astype(np.float64)))
+    f2, g2 = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    num2 = (f2 * g2).sum(1)
+    den2 = np.linalg.norm(f2, axis=1) * np.linalg.norm(g2, axis=1)
+    return np.asarray(np.where(den2 > 0, num2 / np.where(den2 > 0, den2, 1),
+                               (np.abs(f2 - g2).max(1) == 0).astype(np.float64)))
 
 
 def compare_outputs(ref: np.ndarray, got: np.ndarray, kind: str = "logits", top_k: int = 5) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class Cell:
     cache_hit: bool = False
     latency: dict[str, Any] = field(default_factory=dict)
     accuracy: float | None = None
-    fidelity: dict[str, float] | None = None
+    fidelity: dict[str, Any] | None = None
     size_bytes: int | None = None
     parity: dict[str, Any] | None = None  # deployed vs simulated (fake-quantized) model, for QDQ models
     notes: list[str] = field(default_factory=list)
