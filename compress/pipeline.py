@@ -279,7 +279,12 @@ def _feeds(root: Artifact, batch: int, seed: int) -> dict[str, np.ndarray]:
     feeds = {}
     for s in root.inputs:
         shape = (batch, *s.shape[1:])
-        feeds[s.name] = g.standard_normal(shape).astype(s.dtype)
+        if np.issubdtype(np.dtype(s.dtype), np.floating):
+            feeds[s.name] = g.standard_normal(shape).astype(s.dtype)
+        else:  # token ids within the vocabulary, masks of ones (see torch_io.sample_inputs)
+            from .torch_io import sample_inputs
+
+            feeds[s.name] = sample_inputs((s,), batch=batch, seed=seed)[0].numpy()
     return feeds
 
 

@@ -99,6 +99,26 @@ def find_classifier(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | N
     return order[-1] if order else None
 
 
+def output_module(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | None:
+    """Name of the leaf module whose output tensor is the model's (first) output, of any type (e.g. LayerNorm)."""
+    leaves = {id(m): n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
+    produced: dict[int, str] = {}
+
+    def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = leaves[id(mod)]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in leaves]
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    return produced.get(id(first)) if isinstance(first, torch.Tensor) else None
+
+
 def resolve_names(model: nn.Module, names: Iterable[str], option: str, pass_name: str) -> list[nn.Module]:
     """Modules for user-given names, with a clear error (and close matches) for unknown names."""
     table = dict(model.named_modules())

@@ -37,6 +37,7 @@ from ._prune_common import (
     find_classifier,
     finetune,
     layer_widths,
+    output_module,
     recalibrate_bn,
     require_labels,
     resolve_names,
@@ -68,7 +69,9 @@ class ChannelPrune(PassConfig):
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     round_to: int | None = Field(None, ge=2, le=256)
     keep: list[str] = Field(default_factory=list)
-    prune_heads: bool = False  # attention: remove whole heads (True) or shrink every head's width (False)
+    # Attention: remove whole heads (True) or shrink every head's width (False). None (auto): whole heads
+    # when a block reshapes with a stored head width (Hugging Face attention_head_size), else widths.
+    prune_heads: bool | None = None
     bn_recalibrate: bool = True  # re-estimate BatchNorm statistics on the pipeline's data (no labels needed)
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
@@ -103,8 +106,23 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-_HEAD_ATTRS = ("heads", "num_heads", "n_heads")
-_QKV_NAMES = (("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+# Hugging Face calls it num_attention_heads (BERT, ViT, ...); DistilBERT n_heads with q_lin/k_lin/v_lin.
+_HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads")
+_QKV_NAMES = (("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
+# A block that stores its head width reshapes with it (view(..., -1, head_size)): shrinking every head's
+# width breaks that reshape, so such blocks lose whole heads instead.
+_HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
+# Derived widths some blocks keep beside the head count (Hugging Face: all_head_size = heads * head_size).
+_WIDTH_ATTRS = ("all_head_size",)
+
+
+def fixed_head_size(block: nn.Module) -> int | None:
+    """The head width a block reshapes with, when it stores one."""
+    for a in _HEAD_SIZE_ATTRS:
+        v = getattr(block, a, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
 
 
 def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str, list[nn.Linear]]]:
@@ -127,6 +145,13 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str, list[n
                 found.append((name, m, attr, linears))
                 break
     return found
+
+
+def heads_mode(cfg: ChannelPrune, attn: list[tuple[str, nn.Module, str, list[nn.Linear]]]) -> bool:
+    """Whether whole heads are removed: the user's prune_heads, or auto (blocks with a stored head width)."""
+    if cfg.prune_heads is not None:
+        return cfg.prune_heads
+    return any(fixed_head_size(blk) is not None for _, blk, _, _ in attn)
 
 
 def _importance(cfg: ChannelPrune, model: nn.Module) -> Any:
@@ -273,6 +298,9 @@ def _prune_heads(pruner: Any, blocks: list[tuple[str, nn.Module, str, list[nn.Li
         with _quiet():
             dg.get_pruning_group(q, dg.get_pruner_of_module(q).prune_out_channels, idxs).prune()
         setattr(blk, attr, heads - len(heads_drop))
+        for wa in _WIDTH_ATTRS:
+            if isinstance(getattr(blk, wa, None), int):
+                setattr(blk, wa, (heads - len(heads_drop)) * hd)
         for layer in layers:
             pruner.num_heads[layer] = heads - len(heads_drop)
             pruner.out_channel_groups[layer] = heads - len(heads_drop)
@@ -330,8 +358,25 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
     if head is not None and head not in kept_names:
         kept.append(dict(model.named_modules())[head])
         kept_names.append(head)
+    last = output_module(model, inputs)
+    if last is not None and last != head and last not in kept_names:
+        # The output is made by a norm (an encoder's last_hidden_state): its width is the model's contract
+        # (embedding size), so the residual stream keeps its width; heads and MLP widths are pruned.
+        kept.append(dict(model.named_modules())[last])
+        kept_names.append(last)
     attn = attention_blocks(model)
     num_heads = {layer: int(getattr(blk, attr)) for _, blk, attr, layers in attn for layer in layers}
+    whole_heads = heads_mode(cfg, attn)
+    if not whole_heads:
+        kept_set = {id(sub) for m in kept for sub in m.modules()}
+        fixed = [(n, blk) for n, blk, _, layers in attn
+                 if fixed_head_size(blk) is not None and not any(id(x) in kept_set for x in layers)]
+        if fixed:
+            n, blk = fixed[0]
+            # Narrower heads under a reshape with the old head size would silently regroup (mix) the heads.
+            raise PassError(f"{PASS}: attention block {n!r} ({type(blk).__name__}) reshapes with a fixed head size "
+                            f"({fixed_head_size(blk)}), so its head widths cannot shrink; set prune_heads = true "
+                            f"(remove whole heads) or list {n!r} in keep")
     if cfg.importance == "taylor":
         _taylor_grads(model, ctx)
     try:
@@ -341,7 +386,7 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
                 pruning_ratio=ratio, iterative_steps=1, ignored_layers=kept, round_to=cfg.round_to,
                 # Whole heads are removed by _prune_heads below: torch-pruning 1.6.1's own head pruning
                 # removes at least one head per step and can empty a block.
-                num_heads=dict(num_heads), prune_num_heads=False, prune_head_dims=not cfg.prune_heads,
+                num_heads=dict(num_heads), prune_num_heads=False, prune_head_dims=not whole_heads,
             )
     except PassError:
         raise
@@ -354,10 +399,10 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         pruner.ignored_layers.extend(m.modules())
         info.unmappable.append(names[id(m)])
     if precheck and not cfg.global_pruning:
-        _check_ratio_leaves_channels(pruner, ratio, cfg.round_to, names, cfg.prune_heads)
+        _check_ratio_leaves_channels(pruner, ratio, cfg.round_to, names, whole_heads)
 
     kept_ids = {id(m) for m in pruner.ignored_layers}
-    head_blocks = [a for a in attn if not any(id(layer) in kept_ids for layer in a[3])] if cfg.prune_heads else []
+    head_blocks = [a for a in attn if not any(id(layer) in kept_ids for layer in a[3])] if whole_heads else []
     heads_init = {id(blk): int(getattr(blk, attr)) for _, blk, attr, _ in head_blocks}
     if head_blocks and _prune_heads(pruner, head_blocks, heads_init, ratio, cfg.global_pruning):
         if cfg.importance == "taylor":
@@ -390,6 +435,11 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
                           f"{' or round_to' if cfg.round_to else ''}, or list them in keep")
 
     where, cls, feeder, err = _locate_failure(model, inputs)
+    fixed = [n for n, blk, _, _ in attn if fixed_head_size(blk) is not None]
+    if (where or cls) and not whole_heads and any(where == n or where.startswith(f"{n}.") for n in fixed):
+        raise PassError(f"{PASS}: after pruning head widths, attention block {where!r} ({cls}) fails: {err[:200]}; "
+                        "it reshapes with a fixed head size, so set prune_heads = true (remove whole heads) "
+                        f"or list it in keep")
     if where or cls:
         label = repr(where) if where else f"the model's own forward ({cls})"
         # Keeping a module without Conv/Linear weights changes nothing; keeping the layer that feeds it does.

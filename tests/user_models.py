@@ -80,3 +80,55 @@ def recall_at_1(ref, got, labels):  # type: ignore[no-untyped-def]
 
     sims = got @ ref.T
     return {"recall@1": float((sims.argmax(1) == np.arange(len(ref))).mean())}
+
+
+class HFSelfAttention(nn.Module):
+    """Attention written the Hugging Face way: num_attention_heads, and a reshape with a fixed head size."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.num_attention_heads = heads
+        self.attention_head_size = d // heads
+        self.all_head_size = d
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], -1, self.attention_head_size)
+        q, k, v = (m(x).view(shape).transpose(1, 2) for m in (self.query, self.key, self.value))
+        att = (q @ k.transpose(-1, -2) * self.attention_head_size ** -0.5).softmax(-1)
+        return (att @ v).transpose(1, 2).reshape(*x.shape[:-1], -1)
+
+
+class HFLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.attention = HFSelfAttention(d, heads)
+        self.attention_out = nn.Linear(d, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.intermediate = nn.Linear(d, ff)
+        self.output = nn.Linear(ff, d)
+        self.norm2 = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attention_out(self.attention(x)))
+        return self.norm2(x + self.output(torch.nn.functional.gelu(self.intermediate(x))))
+
+
+class HFStyleEncoder(nn.Module):
+    """An encoder whose output is its hidden states (batch, tokens, 32), as BERT's last_hidden_state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        self.layers = nn.ModuleList([HFLayer(32, 4, 64) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def hf_style_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return HFStyleEncoder()
