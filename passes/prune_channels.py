@@ -435,11 +435,6 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
                           f"{' or round_to' if cfg.round_to else ''}, or list them in keep")
 
     where, cls, feeder, err = _locate_failure(model, inputs)
-    fixed = [n for n, blk, _, _ in attn if fixed_head_size(blk) is not None]
-    if (where or cls) and not whole_heads and any(where == n or where.startswith(f"{n}.") for n in fixed):
-        raise PassError(f"{PASS}: after pruning head widths, attention block {where!r} ({cls}) fails: {err[:200]}; "
-                        "it reshapes with a fixed head size, so set prune_heads = true (remove whole heads) "
-                        f"or list it in keep")
     if where or cls:
         label = repr(where) if where else f"the model's own forward ({cls})"
         # Keeping a module without Conv/Linear weights changes nothing; keeping the layer that feeds it does.
