@@ -237,3 +237,110 @@ def onnx_top1(path: Path | str, data: Any, split: str = "val", batch: int = 64,
     if y is None:
         raise PassError("top-1 needs labelled data")
     return float((logits.argmax(1) == y).mean()), logits
+
+
+# --- transformer presets and the fidelity guard -------------------------------------------------
+
+# Ops that stay float in a transformer (as NNCF's transformer preset and ORT's transformer tooling do):
+# softmax probabilities and normalised activations lose too much at 8 bits.
+TRANSFORMER_FLOAT_OPS = ("Softmax", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization")
+_MASK_OPS = ("Add", "Sub", "Mul", "Where", "Div")
+# Below this mean per-sample cosine to the input model a quantization pass fails (no labels needed).
+GUARD_MIN_COSINE = 0.95
+
+
+def _const_names(model: Any) -> set[str]:
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return consts
+
+
+def transformer_float_nodes(model: Any) -> dict[str, list[str]] | None:
+    """Nodes of a transformer graph to keep in float, by category; None when the graph has no attention.
+
+    Attention is recognised by a Softmax together with LayerNormalization or a MatMul of two
+    activations (q @ k^T). Mask arithmetic is the Add/Sub/Mul/Where/Div that combines a tensor computed
+    only from integer inputs (an attention mask) with activations; quantizing it turns the large
+    negative mask bias into noise that leaks into every attention row.
+    """
+    import onnx
+
+    nodes = list(model.graph.node)
+    ops = {n.op_type for n in nodes}
+    consts = _const_names(model)
+    attn_mm = [n.name for n in nodes if n.op_type == "MatMul" and not any(i in consts for i in n.input[:2])]
+    if "Softmax" not in ops or not (attn_mm or ops & set(TRANSFORMER_FLOAT_OPS)):
+        return None
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.BFLOAT16}
+    derived = {i.name for i in model.graph.input if i.type.tensor_type.elem_type not in float_types}
+    mask: list[str] = []
+    for n in nodes:  # ONNX nodes are topologically sorted
+        live = [i for i in n.input if i and i not in consts]
+        hit = [i for i in live if i in derived]
+        if not hit:
+            continue
+        if n.op_type in ("Gather", "GatherElements") and n.input[0] in consts:
+            continue  # an embedding lookup: its output is hidden states, not a mask
+        if len(hit) == len(live):
+            derived.update(o for o in n.output if o)  # still pure mask (or shape) arithmetic
+        elif n.op_type in _MASK_OPS:
+            mask.append(n.name)
+    return {
+        "mask": mask,
+        "softmax": [n.name for n in nodes if n.op_type == "Softmax"],
+        "layernorm": [n.name for n in nodes if n.op_type in TRANSFORMER_FLOAT_OPS and n.op_type != "Softmax"],
+        "attention_matmul": attn_mm,
+    }
+
+
+def float_nodes_note(groups: dict[str, list[str]]) -> str:
+    """One note listing every node kept in float, by the names keep_float takes."""
+    parts = [f"{k.replace('_', ' ')} ({len(v)}): {', '.join(v)}" for k, v in groups.items() if v]
+    return "kept in float (names as keep_float takes them): " + "; ".join(parts) if parts else ""
+
+
+def guard_feeds(art: Artifact, data: Any, n: int = 64, batch: int = 16) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Inputs for the fidelity guard: the validation split when the run has data, else valid synthetic inputs."""
+    if data is not None and len(art.inputs) == 1:
+        xs, _ = split_inputs(data, "val", n, batch)
+        return [{art.inputs[0].name: x} for x in xs], f"{sum(len(x) for x in xs)} validation samples"
+    from compress.torch_io import sample_inputs
+
+    shapes_fixed = any(s.shape[0] == 1 for s in art.inputs) and not art.metadata.get(
+        "export.onnx", {}).get("dynamic_batch", True)
+    b = 1 if shapes_fixed else batch
+    feeds = []
+    for i in range(max(1, n // b)):
+        ts = sample_inputs(art.inputs, batch=b, seed=1000 + i)
+        feeds.append({s.name: t.numpy() for s, t in zip(art.inputs, ts, strict=True)})
+    return feeds, f"{b * len(feeds)} synthetic inputs (no data in the run)"
+
+
+def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosine: float | None,
+                   kind: str) -> dict[str, Any]:
+    """Per-sample cosine of the quantized model's first output to the input model's; refuse a broken model.
+
+    Needs no labels, so a quantization that wrecks the model (e.g. quantized attention masks) is a
+    failed step rather than an ``ok`` row.
+    """
+    from compress.errors import AccuracyError
+    from compress.fidelity import compare_outputs, degenerate
+
+    feeds, where = guard_feeds(art, data)
+    fs, qs = ort_session(fpath), ort_session(qpath)
+    ref = np.concatenate([np.asarray(fs.run(None, f)[0], dtype=np.float32) for f in feeds])
+    got = np.concatenate([np.asarray(qs.run(None, f)[0], dtype=np.float32) for f in feeds])
+    c = compare_outputs(ref, got, "embedding")  # per-sample cosine fits logits and embeddings alike
+    out: dict[str, Any] = {"cosine_mean": c["cosine_mean"], "cosine_worst": c["cosine_worst"],
+                           "min_cosine": min_cosine, "on": where}
+    why = degenerate(ref)
+    if why is not None:
+        out["unchecked"] = why
+        return out
+    if min_cosine is not None and c["cosine_mean"] < min_cosine:
+        raise AccuracyError(
+            f"{kind}: the quantized model's output is far from the input model's: per-sample cosine "
+            f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_cosine {min_cosine}) on {where}; "
+            "keep more nodes in float (keep_float), use per_channel = true, or lower min_cosine")
+    return out

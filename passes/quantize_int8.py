@@ -24,9 +24,12 @@ from compress.manager import PassContext
 from compress.registry import register_pass
 
 from ._quant_common import (
+    GUARD_MIN_COSINE,
     auto_scheme_env,
     choose_scheme,
     compare,
+    fidelity_guard,
+    float_nodes_note,
     name_nodes,
     onnx_top1,
     ort_session,
@@ -35,6 +38,7 @@ from ._quant_common import (
     scheme_types,
     session_infer,
     split_inputs,
+    transformer_float_nodes,
     weighted_nodes,
 )
 from ._quant_common import calibration_batches as _calib
@@ -59,6 +63,11 @@ class QuantizeInt8(PassConfig):
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range", "u8u8", "s8s8"] = "auto"
     max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="top-1 drop allowed, a fraction (0.005)")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
+    # None (auto): a graph with attention keeps Softmax, LayerNorm, mask arithmetic and q@k^T / att@v in float
+    # and quantizes the weighted MatMul/Gemm/Conv only. False quantizes whatever ORT would.
+    transformer_preset: bool | None = None
+    min_cosine: float | None = Field(GUARD_MIN_COSINE, gt=0, le=1,
+                                     description="fail below this mean per-sample cosine to the input model")
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -191,7 +200,8 @@ def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray],
     return {"smoothed_layernorms": len(groups), "smoothed_matmuls": n_mm, "alpha": alpha}
 
 
-def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, exclude: list[str]) -> None:
+def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, exclude: list[str],
+              only: list[str] | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     act, wt, reduce_range = scheme_types(scheme)
@@ -205,35 +215,39 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Rea
         with _quiet():
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                             reduce_range=reduce_range, activation_type=act, weight_type=wt,
-                            nodes_to_exclude=list(exclude), calibrate_method=method, extra_options=extra)
+                            nodes_to_exclude=list(exclude), calibrate_method=method, extra_options=extra,
+                            nodes_to_quantize=None if only is None else [n for n in only if n not in exclude])
     except Exception as e:  # ORT raises ValueError/RuntimeError/its own Fail types
         raise PassError(f"onnxruntime quantize_static failed: {str(e).splitlines()[0][:300]}") from e
 
 
-def _resolve_keep(keep: tuple[str, ...], nodes: list[str]) -> list[str]:
+def _resolve_keep(keep: tuple[str, ...], nodes: list[str], all_nodes: list[str] | None = None) -> list[str]:
+    """keep_float entries as node names: 'first'/'last' quantizable node, or any node of the graph."""
     out = []
     for k in keep:
         if k == "first":
             out.append(nodes[0])
         elif k == "last":
             out.append(nodes[-1])
-        elif k in nodes:
+        elif k in nodes or (all_nodes is not None and k in all_nodes):
             out.append(k)
         else:
-            raise RecipeError(f"quantize.int8: keep_float names {k!r}, which is not a quantizable node; "
+            raise RecipeError(f"quantize.int8: keep_float names {k!r}, which is not a quantizable node "
+                              "(nor any node of the model); "
                               f"use 'first', 'last' or one of: {', '.join(nodes[:40])}")
     return list(dict.fromkeys(out))
 
 
 def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, keep: list[str],
-                      nodes: list[str], data: Any, limit: float) -> tuple[Path, list[str], dict[str, Any]]:
+                      nodes: list[str], data: Any, limit: float,
+                      only: list[str] | None = None) -> tuple[Path, list[str], dict[str, Any]]:
     """Keep the most sensitive nodes in float until the top-1 drop is within ``limit``."""
     n_val = cfg.accuracy_samples
     fp_top1, fp_logits = onnx_top1(pre, data, max_samples=n_val)
 
     def attempt(exclude: list[str], tag: str) -> tuple[Path, float, np.ndarray]:
         p = work / f"q_{tag}.onnx"
-        _quantize(pre, p, cfg, scheme, reader, exclude)
+        _quantize(pre, p, cfg, scheme, reader, exclude, only)
         acc, logits = onnx_top1(p, data, max_samples=n_val)
         return p, acc, logits
 
@@ -299,20 +313,33 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         if info["smoothquant"]["smoothed_matmuls"] == 0:
             notes.append("smoothquant: no MatMul fed only by a LayerNormalization was found; nothing smoothed")
         pre = sq
-    nodes = weighted_nodes(onnx.load(str(pre)))
-    keep = _resolve_keep(cfg.keep_float, nodes)
+    pre_model = onnx.load(str(pre))
+    nodes = weighted_nodes(pre_model)
+    keep = _resolve_keep(cfg.keep_float, nodes, [n.name for n in pre_model.graph.node])
+    groups = transformer_float_nodes(pre_model) if cfg.transformer_preset is not False else None
+    only: list[str] | None = None
+    if groups is not None:
+        # Weighted layers only: what must stay float (groups) stays float, and so does whatever ORT would
+        # otherwise quantize between them (Add, Where, Gather ...).
+        only = [n for n in nodes if n not in groups["attention_matmul"]]
+        info["transformer_preset"] = {k: len(v) for k, v in groups.items()}
+        notes.append("transformer blocks recognised: only weighted MatMul/Gemm/Conv are quantized; Softmax, "
+                     "LayerNorm, attention-mask arithmetic and attention MatMuls stay float")
+    elif cfg.transformer_preset:
+        notes.append("transformer_preset = true but no attention (Softmax with LayerNorm or q @ k^T) was found")
 
     out_dir = ctx.new_dir("onnx")
     out = out_dir / "model.onnx"
     if cfg.max_accuracy_drop is not None:
-        qpath, keep, ac = _accuracy_control(pre, work, cfg, scheme, reader, keep, nodes, data, cfg.max_accuracy_drop)
+        qpath, keep, ac = _accuracy_control(pre, work, cfg, scheme, reader, keep, nodes, data, cfg.max_accuracy_drop,
+                                            only)
         shutil.move(str(qpath), out)
         info["accuracy_control"] = ac
         if ac["kept_by_control"]:
             notes.append(f"accuracy control kept {len(ac['kept_by_control'])} node(s) in float to hold the top-1 "
                          f"drop within {cfg.max_accuracy_drop * 100:.2f} points: {', '.join(ac['kept_by_control'])}")
     else:
-        _quantize(pre, out, cfg, scheme, reader, keep)
+        _quantize(pre, out, cfg, scheme, reader, keep, only)
     qmodel = onnx.load(str(out))
     try:
         onnx.checker.check_model(qmodel)
@@ -321,8 +348,19 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     n_q = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
         raise PassError("quantize.int8: ONNX Runtime quantized nothing (every quantizable node was excluded?)")
-    info.update(kept_float=keep, quantized_nodes=len(nodes) - len(keep), quantizable_nodes=len(nodes),
-                quantize_linear_nodes=n_q)
+    float_groups = {"keep_float": [k for k in keep]}
+    if groups is not None:
+        float_groups.update(groups)
+    float_groups = {k: [n for n in v if n] for k, v in float_groups.items()}
+    n_float_weighted = len([n for n in nodes if n in keep or (only is not None and n not in only)])
+    info.update(kept_float=keep, float_nodes=float_groups, quantized_nodes=len(nodes) - n_float_weighted,
+                quantizable_nodes=len(nodes), quantize_linear_nodes=n_q)
+    if float_nodes_note(float_groups):
+        notes.append(float_nodes_note(float_groups))
+    # Without labels nothing else would notice a wrecked model: compare to the input model, per sample.
+    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_cosine, "quantize.int8")
+    if info["fidelity_guard"].get("unchecked"):
+        notes.append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
     shutil.rmtree(work, ignore_errors=True)
 
     # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split.

@@ -18,7 +18,7 @@ from compress.api import module_artifact
 from compress.artifact import Artifact
 from compress.cache import Cache
 from compress.data import DataBundle, Split, load_data
-from compress.errors import CompressError, InputError, PassError, RecipeError
+from compress.errors import AccuracyError, CompressError, InputError, PassError, RecipeError
 from compress.manager import PassContext, PassManager, VerifyInstrument
 from compress.recipe import DataSpec
 from compress.torch_io import load_torch
@@ -151,7 +151,10 @@ def test_accuracy_control_keeps_sensitive_layers_in_float(cnn: nn.Module, digits
     model = _Outlier(copy.deepcopy(cnn)).eval()
     assert top1(model, digits, digits.val) == pytest.approx(top1(cnn, digits, digits.val), abs=0.01)
     onnx_art = _run(model, [ExportOnnx()], None, cache)[0]
-    plain = _quantize(onnx_art, QuantizeInt8(samples=32), digits, cache)
+    # Without labels the fidelity guard already refuses the broken model (per-sample cosine to the float one)...
+    with pytest.raises(AccuracyError, match=r"per-sample cosine .* mean"):
+        _quantize(onnx_art, QuantizeInt8(samples=32), digits, cache)
+    plain = _quantize(onnx_art, QuantizeInt8(samples=32, min_cosine=None), digits, cache)  # ...unless told not to
     fp = _ort_top1(onnx_art, digits)
     assert fp - _ort_top1(plain, digits) > 0.05, "the outlier should break plain PTQ"
     ctl = _quantize(onnx_art, QuantizeInt8(samples=32, max_accuracy_drop=0.01), digits, cache)
