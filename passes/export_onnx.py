@@ -78,13 +78,25 @@ def parity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
 
 
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, cfg: ExportOnnx,
-            names: list[str]) -> None:
+            names: list[str], specs: tuple[InputSpec, ...] = ()) -> None:
     dyn: Any = None
-    if cfg.dynamic_batch:
+    # Named dynamic axes beyond the batch (e.g. {1: "seq"}); one Dim per name, shared by every input using it.
+    extra = [dict(s.dynamic_axes) for s in specs] if specs else [{} for _ in args]
+    if cfg.dynamic_batch or any(extra):
         if cfg.dynamo:
-            dyn = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in args)
+            dims: dict[str, Any] = {}
+
+            def dim(name: str) -> Any:
+                if name not in dims:
+                    dims[name] = torch.export.Dim(name, min=1, max=4096) if name == "batch" else torch.export.Dim(
+                        name, min=2, max=8192)
+                return dims[name]
+
+            dyn = tuple({**({0: dim("batch")} if cfg.dynamic_batch else {}), **{a: dim(n) for a, n in e.items()}}
+                        for e in extra)
         else:
-            dyn = {n: {0: "batch"} for n in names} | {"output": {0: "batch"}}
+            dyn = ({n: {**({0: "batch"} if cfg.dynamic_batch else {}), **e} for n, e in zip(names, extra, strict=True)}
+                   | ({"output": {0: "batch"}} if cfg.dynamic_batch else {}))
     buf = io.StringIO()
     # The exporter is chatty on stdout and through warnings; keep what it says for the error.
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
@@ -101,6 +113,49 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                               output_names=["output"], dynamic_axes=dyn)
 
 
+# Lines of exporter output that name the cause, most specific first (the rest is banner and advice).
+_CAUSE_MARKERS = ("Constraints violated", "constraint violation", "Cannot view", "not supported", "Unsupported",
+                  "unsupported", "index out of range", "Could not guard", "data-dependent", "Error:", "error:")
+
+
+def export_cause(e: BaseException) -> str:
+    """One line that names the operator or construct an export failed on, from the exporter's many lines."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 6:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    lines = [ln.strip() for x in chain for ln in str(x).splitlines() if ln.strip()]
+    for marker in _CAUSE_MARKERS:
+        for ln in lines:
+            if marker in ln and not ln.startswith(("[torch.onnx]", "Traceback", "File ")):
+                return " ".join(ln.split())
+    return lines[0] if lines else type(e).__name__
+
+
+def _working_fallback(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out_dir: Path, cfg: ExportOnnx,
+                      names: list[str], specs: tuple[InputSpec, ...]) -> str | None:
+    """The first setting under which this module does export (so the message names one that works)."""
+    tries = []
+    if cfg.dynamic_batch:
+        tries.append(({"dynamic_batch": False}, "export.onnx{dynamic_batch=false}"))
+    if cfg.dynamo:
+        tries.append(({"dynamo": False}, "export.onnx{dynamo=false} (the legacy TorchScript exporter)"))
+        if cfg.dynamic_batch:
+            tries.append(({"dynamo": False, "dynamic_batch": False}, "export.onnx{dynamo=false, dynamic_batch=false}"))
+    for change, text in tries:
+        probe = out_dir / "probe.onnx"
+        try:
+            _export(module, args, probe, cfg.model_copy(update=change), names, specs)
+            return text
+        except Exception:  # this fallback does not work either; try the next
+            continue
+        finally:
+            for f in out_dir.iterdir():
+                f.unlink()
+    return None
+
+
 @register_pass(ExportOnnx, consumes="torch", produces="onnx")
 def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     """Export to ONNX; check the graph; compare outputs with PyTorch."""
@@ -113,12 +168,14 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     out_dir = ctx.new_dir("onnx")
     path = out_dir / "model.onnx"
     try:
-        _export(module, args, path, cfg, names)
+        _export(module, args, path, cfg, names, art.inputs)
     except Exception as e:  # the exporter raises many types; name the op/module it reports
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fallback = _working_fallback(module, args, out_dir, cfg, names, art.inputs)
         raise ExportError(
-            f"torch.onnx.export failed for {type(module).__name__}: {first[:400]}. "
-            "Try export.onnx{dynamo=false}, or make the failing module traceable"
+            f"torch.onnx.export failed for {type(module).__name__}: {export_cause(e)[:400]}. "
+            + (f"{fallback} exports it" if fallback else
+               "No fallback exported it either (tried export.onnx{dynamo=false} and dynamic_batch=false); "
+               "make the failing module traceable or list it in keep of the pass that changed it")
         ) from e
     model = onnx.load(str(path))
     try:

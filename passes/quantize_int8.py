@@ -30,6 +30,7 @@ from ._quant_common import (
     compare,
     fidelity_guard,
     float_nodes_note,
+    guard_feeds,
     name_nodes,
     onnx_top1,
     ort_session,
@@ -77,13 +78,17 @@ class QuantizeInt8(PassConfig):
 class _Reader:
     """ORT CalibrationDataReader over prepared batches."""
 
-    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+    def __init__(self, name: str, batches: list[np.ndarray], feeds: list[dict[str, np.ndarray]] | None = None) -> None:
         self.name, self.batches, self.i = name, batches, 0
+        self.feeds = feeds  # several named inputs per batch (multi-input models), instead of ``batches``
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.batches):
+        n = len(self.feeds) if self.feeds is not None else len(self.batches)
+        if self.i >= n:
             return None
         self.i += 1
+        if self.feeds is not None:
+            return self.feeds[self.i - 1]
         return {self.name: self.batches[self.i - 1]}
 
     def rewind(self) -> None:
@@ -293,14 +298,27 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         ops = sorted({n.op_type for n in model.graph.node})
         raise PassError(f"quantize.int8: the model has no quantizable layers (Conv/MatMul/Gemm with constant "
                         f"weights); its ops are {', '.join(ops)}. Remove quantize.int8 from the recipe")
-    data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
-    if len(art.inputs) != 1:
-        raise PassError(f"quantize.int8: calibration supports single-input models; this one has {len(art.inputs)}")
+    integer_inputs = [s.name for s in art.inputs if not np.issubdtype(np.dtype(s.dtype), np.floating)]
+    notes: list[str] = []
     name = art.inputs[0].name
-    batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES)
-    reader = _Reader(name, batches)
+    batches: list[np.ndarray] = []
+    if ctx.data is None and integer_inputs and cfg.max_accuracy_drop is None and not cfg.smoothquant:
+        # Token ids and masks have a known valid range: calibrate on synthetic ones rather than refuse.
+        data = None
+        feeds, where = guard_feeds(art, None, n=cfg.samples, batch=8)
+        reader = _Reader(name, [], feeds)
+        notes.append(f"calibrated on {where}: valid token ids and all-ones masks; give data for a calibration "
+                     "that matches real inputs")
+    else:
+        data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
+        if len(art.inputs) != 1:
+            raise PassError(f"quantize.int8: calibration from data supports single-input models; this one has "
+                            f"{len(art.inputs)} inputs ({', '.join(s.name for s in art.inputs)}); run without data "
+                            "to calibrate on synthetic token ids, or use quantize.dynamic")
+        batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES)
+        reader = _Reader(name, batches)
     scheme, why = choose_scheme(cfg.scheme)
-    notes = [f"INT8 scheme: {why}"]
+    notes.insert(0, f"INT8 scheme: {why}")
 
     work = ctx.new_dir("q8work")
     pre = work / "pre.onnx"
@@ -364,7 +382,7 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     shutil.rmtree(work, ignore_errors=True)
 
     # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split.
-    info["parity"] = _self_parity(out, src, name, data)
+    info["parity"] = _self_parity(out, src, name, data, art=art)
     if info["parity"]["flagged"]:
         notes.append(f"deployed INT8 (ONNX Runtime) disagrees with the simulated QDQ model: agreement "
                      f"{info['parity'].get('agreement', float('nan')):.3f}, cosine {info['parity']['cosine']:.4f}")
@@ -372,13 +390,24 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info})
 
 
-def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: int = 256) -> dict[str, Any]:
+def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: int = 256,
+                 art: Artifact | None = None) -> dict[str, Any]:
     from ._quant_common import PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE, below
 
-    xs, y = split_inputs(data, "val", max_samples, 64)
-    sim = run_batches(session_infer(ort_session(qpath, optimize=False)), name, xs)
-    dep = run_batches(session_infer(ort_session(qpath, optimize=True)), name, xs)
-    fp = run_batches(session_infer(ort_session(fpath, optimize=True)), name, xs)
+    if data is None and art is not None:  # synthetic inputs (a model with token-id inputs and no data)
+        feeds, _ = guard_feeds(art, None, n=64)
+        y = None
+
+        def run_all(sess: Any) -> np.ndarray:
+            return np.concatenate([np.asarray(sess.run(None, f)[0], dtype=np.float32) for f in feeds])
+
+        sim, dep = run_all(ort_session(qpath, optimize=False)), run_all(ort_session(qpath, optimize=True))
+        fp = run_all(ort_session(fpath, optimize=True))
+    else:
+        xs, y = split_inputs(data, "val", max_samples, 64)
+        sim = run_batches(session_infer(ort_session(qpath, optimize=False)), name, xs)
+        dep = run_batches(session_infer(ort_session(qpath, optimize=True)), name, xs)
+        fp = run_batches(session_infer(ort_session(fpath, optimize=True)), name, xs)
     out: dict[str, Any] = {"target": "onnxruntime", **compare(sim, dep), "samples": len(sim)}
     out["vs_float"] = compare(fp, dep)
     if y is not None and dep.ndim == 2:

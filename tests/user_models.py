@@ -132,3 +132,32 @@ class HFStyleEncoder(nn.Module):
 def hf_style_encoder() -> nn.Module:
     torch.manual_seed(0)
     return HFStyleEncoder()
+
+
+class MaskedEncoder(nn.Module):
+    """A BERT-shaped sentence encoder: token ids and a 0/1 attention mask in, a mean-pooled embedding out."""
+
+    def __init__(self, vocab: int = 100) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, 32)
+        self.layers = nn.ModuleList([HFLayer(32, 4, 64) for _ in range(2)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(input_ids)
+        # The Hugging Face extended mask: 0 where attended, a large negative bias where padded.
+        bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        for layer in self.layers:
+            a = layer.attention
+            shape = (*h.shape[:-1], -1, a.attention_head_size)
+            q, k, v = (m(h).view(shape).transpose(1, 2) for m in (a.query, a.key, a.value))
+            att = (q @ k.transpose(-1, -2) * a.attention_head_size ** -0.5 + bias).softmax(-1)
+            ctx = (att @ v).transpose(1, 2).reshape(*h.shape[:-1], -1)
+            h = layer.norm1(h + layer.attention_out(ctx))
+            h = layer.norm2(h + layer.output(torch.nn.functional.gelu(layer.intermediate(h))))
+        m = attention_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def masked_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return MaskedEncoder()
