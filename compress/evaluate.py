@@ -25,6 +25,17 @@ def predict_arrays(runner: Any, xs: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def predict_feeds(runner: Any, feeds: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """First output of ``runner`` over several named inputs (matched to the runner's inputs by position)."""
+    arrays = list(feeds.values())
+    n = len(arrays[0])
+    outs = []
+    for i in range(0, n, batch_size):
+        chunk = {name: a[i:i + batch_size] for name, a in zip(runner.input_names, arrays, strict=False)}
+        outs.append(np.asarray(runner.infer(chunk)[0], dtype=np.float32))
+    return np.concatenate(outs)
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == labels).mean())
 

@@ -23,7 +23,7 @@ from .cache import Cache
 from .config import PassConfig, TargetConfig
 from .data import DataBundle, load_data
 from .errors import CompressError, RecipeError, TargetUnavailable
-from .evaluate import fidelity, predict, predict_arrays, top1
+from .evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
 from .fingerprint import machine_fingerprint
 from .manager import PassContext, PassManager, StepRecord, TimingInstrument, VerifyInstrument
 from .measure import measure_interleaved, summarize
@@ -204,7 +204,12 @@ def run(
     cells = _build_cells(measured, targets, ctx, say)
     try:
         _measure_latency(cells, root, rec, threads, progress, say)
-        _measure_accuracy(cells, measured, data, root, say, rec.measure.output_kind, rec.measure.metric)
+        kind = rec.measure.output_kind
+        if kind == "auto" and root.metadata.get("task"):  # a Hugging Face task head says what its output is
+            from .hf import task_output_kind
+
+            kind = task_output_kind(str(root.metadata["task"]))
+        _measure_accuracy(cells, measured, data, root, say, kind, rec.measure.metric)
         _measure_quant_parity(cells, measured, data, say)
     finally:
         for c in cells:
@@ -352,7 +357,8 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
     xs: np.ndarray | None = None
     if data is None:
         # No data: fidelity on seeded random inputs only; accuracy stays "not measured".
-        xs = _feeds(root, 64, 1234)[root.inputs[0].name]
+        all_feeds = _feeds(root, 64, 1234)
+        xs = all_feeds[root.inputs[0].name]
     ref_cell = next((c for c in cells if c.variant == "baseline" and c.status == "ok"
                      and c.target == "torch"), None) or next(
         (c for c in cells if c.variant == "baseline" and c.status == "ok"), None)
@@ -364,6 +370,8 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
         try:
             if data is not None:
                 logits = predict(c.runner, data, data.val, bs)
+            elif len(root.inputs) > 1:  # several named inputs (token ids and a mask): synthetic, valid values
+                logits = predict_feeds(c.runner, all_feeds, bs)
             else:
                 assert xs is not None  # set above whenever there is no data
                 logits = predict_arrays(c.runner, xs, bs)

@@ -31,6 +31,8 @@ class ModelSpec(_Strict):
     weights: str | None = None
     num_classes: int | None = None
     train_epochs: int = Field(0, ge=0, le=1000)
+    # Hugging Face model directories (hf:PATH): the head to use, e.g. "embedding" (see compress.hf.TASKS).
+    task: str | None = None
 
 
 class DataSpec(_Strict):

@@ -100,23 +100,42 @@ def find_classifier(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | N
 
 
 def output_module(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | None:
-    """Name of the leaf module whose output tensor is the model's (first) output, of any type (e.g. LayerNorm)."""
-    leaves = {id(m): n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
-    produced: dict[int, str] = {}
+    """Name of the module nearest the model's (first) output, of any type (e.g. a LayerNorm), or None.
+
+    Found through the autograd graph, so an output computed after the last module (a mean-pooled
+    embedding) still names the module whose width it carries, and modules off the output's path
+    (an unused pooler) are never named.
+    """
+    names = {id(m): n for n, m in model.named_modules() if n and m._parameters}
+    by_fn: dict[int, str] = {}
 
     def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            produced[id(out)] = leaves[id(mod)]
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            by_fn[id(out.grad_fn)] = names[id(mod)]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in leaves]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             out = model(*inputs)
+            first = out[0] if isinstance(out, (tuple, list)) and out else out
+            if not isinstance(first, torch.Tensor) or first.grad_fn is None:
+                return None
+            seen: set[int] = set()
+            frontier = [first.grad_fn]
+            while frontier:  # breadth first: the nearest module to the output wins
+                nxt = []
+                for fn in frontier:
+                    if fn is None or id(fn) in seen:
+                        continue
+                    seen.add(id(fn))
+                    if id(fn) in by_fn:
+                        return by_fn[id(fn)]
+                    nxt += [f for f, _ in fn.next_functions]
+                frontier = nxt
+            return None
     finally:
         for h in handles:
             h.remove()
-    first = out[0] if isinstance(out, (tuple, list)) and out else out
-    return produced.get(id(first)) if isinstance(first, torch.Tensor) else None
 
 
 def resolve_names(model: nn.Module, names: Iterable[str], option: str, pass_name: str) -> list[nn.Module]:

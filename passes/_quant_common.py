@@ -175,17 +175,24 @@ def simulated_agreement(
     when present, and ``flagged`` (True when below ``min_agreement`` or ``min_cosine``).
     """
     spec = onnx_art.inputs[0]
-    if data is not None:
-        xs, y = split_inputs(data, split, max_samples, batch)
-    else:
-        from compress.torch_io import sample_inputs
-
-        n_batches = max(1, max_samples // batch)
-        xs = [sample_inputs(onnx_art.inputs, batch=batch, seed=i)[0].numpy() for i in range(n_batches)]
-        y = None
     sim = ort_session(onnx_art.path / "model.onnx", optimize=False)
-    ref = run_batches(session_infer(sim), spec.name, xs)
-    got = run_batches(infer, spec.name, xs)
+    if data is None and len(onnx_art.inputs) > 1:  # several named inputs: valid synthetic feeds
+        feeds, _ = guard_feeds(onnx_art, None, n=max_samples, batch=batch)
+        ref = np.concatenate([np.asarray(sim.run(None, f)[0], dtype=np.float32) for f in feeds])
+        got = np.concatenate([np.asarray(infer(f)[0], dtype=np.float32) for f in feeds])
+        xs: list[np.ndarray] = [next(iter(f.values())) for f in feeds]
+        y = None
+    else:
+        if data is not None:
+            xs, y = split_inputs(data, split, max_samples, batch)
+        else:
+            from compress.torch_io import sample_inputs
+
+            n_batches = max(1, max_samples // batch)
+            xs = [sample_inputs(onnx_art.inputs, batch=batch, seed=i)[0].numpy() for i in range(n_batches)]
+            y = None
+        ref = run_batches(session_infer(sim), spec.name, xs)
+        got = run_batches(infer, spec.name, xs)
     out: dict[str, Any] = {**compare(ref, got), "samples": int(sum(len(x) for x in xs)), "split": split if data else
                            "random"}
     if y is not None and ref.ndim == 2:

@@ -364,6 +364,10 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         # (embedding size), so the residual stream keeps its width; heads and MLP widths are pruned.
         kept.append(dict(model.named_modules())[last])
         kept_names.append(last)
+    with torch.no_grad():
+        out0 = model(*inputs)
+    first0 = out0[0] if isinstance(out0, (tuple, list)) else out0
+    out_shape = tuple(first0.shape) if isinstance(first0, torch.Tensor) else None
     attn = attention_blocks(model)
     num_heads = {layer: int(getattr(blk, attr)) for _, blk, attr, layers in attn for layer in layers}
     whole_heads = heads_mode(cfg, attn)
@@ -444,6 +448,12 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
             f"module (it holds channel-sized state or hard-coded shapes), so its channels went out of step; "
             f"list the layer that feeds it as kept, e.g. keep = {keep_hint!r}"
         )
+    with torch.no_grad():
+        out_now = model(*inputs)
+    first_now = out_now[0] if isinstance(out_now, (tuple, list)) else out_now
+    if out_shape is not None and isinstance(first_now, torch.Tensor) and tuple(first_now.shape) != out_shape:
+        raise PassError(f"{PASS}: pruning changed the model's output shape from {list(out_shape)} to "
+                        f"{list(first_now.shape)}; list the module that produces the output in keep")
     empty = [n for n, (i, o) in layer_widths(model).items() if i == 0 or o == 0]
     if empty:
         raise PassError(f"{PASS}: pruning left no channels in {', '.join(empty)}; lower the ratio or keep them")
