@@ -204,7 +204,7 @@ def run(
     cells = _build_cells(measured, targets, ctx, say)
     try:
         _measure_latency(cells, root, rec, threads, progress, say)
-        kind = rec.measure.output_kind
+        kind: str = rec.measure.output_kind
         if kind == "auto" and root.metadata.get("task"):  # a Hugging Face task head says what its output is
             from .hf import task_output_kind
 

@@ -121,9 +121,9 @@ def output_module(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | Non
             if not isinstance(first, torch.Tensor) or first.grad_fn is None:
                 return None
             seen: set[int] = set()
-            frontier = [first.grad_fn]
+            frontier: list[Any] = [first.grad_fn]
             while frontier:  # breadth first: the nearest module to the output wins
-                nxt = []
+                nxt: list[Any] = []
                 for fn in frontier:
                     if fn is None or id(fn) in seen:
                         continue
