@@ -102,15 +102,25 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        if cfg.dynamo:
-            prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
-                                     output_names=["output"], dynamic_shapes=dyn, verbose=False)
-            if prog is None:  # only None when given a path to write to, which is not done here
-                raise ExportError(f"{cfg.kind}: the dynamo exporter returned no program")
-            prog.save(str(path))
-        else:
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,
-                              output_names=["output"], dynamic_axes=dyn)
+        # A failing torch.export logs its whole trace through these; the error raised says it in one line.
+        noisy = [logging.getLogger(n) for n in ("torch.export", "torch._dynamo", "torch._guards",
+                                                 "torch.fx.experimental.symbolic_shapes", "torch._export")]
+        levels = [lg.level for lg in noisy]
+        for lg in noisy:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            if cfg.dynamo:
+                prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
+                                         output_names=["output"], dynamic_shapes=dyn, verbose=False)
+                if prog is None:  # only None when given a path to write to, which is not done here
+                    raise ExportError(f"{cfg.kind}: the dynamo exporter returned no program")
+                prog.save(str(path))
+            else:
+                torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,
+                                  output_names=["output"], dynamic_axes=dyn)
+        finally:
+            for lg, lv in zip(noisy, levels, strict=True):
+                lg.setLevel(lv)
 
 
 # Lines of exporter output that name the cause, most specific first (the rest is banner and advice).
