@@ -21,7 +21,9 @@ Needs the ``hf`` extra (transformers).
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
+import re
 import sys
 import tempfile
 import time
@@ -64,8 +66,10 @@ def _configs() -> dict[str, tuple[Callable[[], Any], str, tuple[int, ...]]]:
                                           layer_type="basic", num_labels=10), "image-classification", (1, 3, img, img)),
         "MobileNetV2": (lambda: T.MobileNetV2Config(image_size=img, depth_multiplier=0.35, num_labels=10),
                         "image-classification", (1, 3, img, img)),
+        # hidden_dim is the top BatchNorm's width: round_filters(1280) at this width_coefficient.
         "EfficientNet": (lambda: T.EfficientNetConfig(image_size=img, width_coefficient=0.25, depth_coefficient=0.25,
-                                                      num_labels=10), "image-classification", (1, 3, img, img)),
+                                                      hidden_dim=320, num_labels=10), "image-classification",
+                         (1, 3, img, img)),
         "ConvNeXt": (lambda: T.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], image_size=img,
                                               num_labels=10), "image-classification", (1, 3, img, img)),
         "RegNet": (lambda: T.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
@@ -80,6 +84,13 @@ def _configs() -> dict[str, tuple[Callable[[], Any], str, tuple[int, ...]]]:
 
 MODELS = ("BERT", "DistilBERT", "ViT", "ResNet", "MobileNetV2", "EfficientNet", "ConvNeXt", "RegNet", "Swin",
           "MobileViT")
+
+
+_FALLBACKS: list[tuple[str, dict[str, Any]]] = [
+    ("export.onnx{dynamic_batch=false} exports it", {"dynamic_batch": False}),
+    ("export.onnx{dynamo=false} (the legacy", {"dynamo": False}),
+    ("export.onnx{dynamo=false, dynamic_batch=false} exports it", {"dynamo": False, "dynamic_batch": False}),
+]
 
 
 def _one_line(e: BaseException) -> str:
@@ -138,7 +149,15 @@ def run_model(name: str, cache_dir: Path) -> dict[str, Any]:
     src = root
     t0 = time.perf_counter()
     try:
-        pruned = _step(root, ChannelPrune(ratio=PRUNE_RATIO), ctx)
+        try:
+            pruned = _step(root, ChannelPrune(ratio=PRUNE_RATIO), ctx)
+        except CompressError as e:
+            # The refusal names a keep list that avoids it: follow it so the rest of the model is still tested.
+            m = re.search(r"keep = (\[[^\]]*\])\s*(\(|$)", _one_line(e))
+            if m is None:
+                raise
+            rec["prune_default"] = _one_line(e)
+            pruned = _step(root, ChannelPrune(ratio=PRUNE_RATIO, keep=ast.literal_eval(m.group(1))), ctx)
         meta = pruned.metadata["prune.channels"]
         heads = meta.get("heads_after")
         rec["prune"] = {"ok": True, "macs_ratio": meta["macs_ratio"], "params_ratio": meta["params_ratio"],
@@ -148,13 +167,23 @@ def run_model(name: str, cache_dir: Path) -> dict[str, Any]:
         rec["prune"] = {"ok": False, "why": _one_line(e)}
     rec["prune"]["s"] = round(time.perf_counter() - t0, 1)
 
+    of = "pruned" if src is not root else "original"
     try:
         onnx_art = _step(src, ExportOnnx(), ctx)
-        rec["export"] = {"ok": True, "of": "pruned" if src is not root else "original",
-                         "cosine": onnx_art.metadata["export.onnx"]["cosine"]}
+        rec["export"] = {"ok": True, "of": of, "cosine": onnx_art.metadata["export.onnx"]["cosine"]}
     except CompressError as e:
         rec["export"] = {"ok": False, "why": _one_line(e)}
-        return rec
+        # The message names a setting that exports; the matrix follows it so the later steps are tested too.
+        fb = next((opts for text, opts in _FALLBACKS if text in rec["export"]["why"]), None)
+        if fb is None:
+            return rec
+        try:
+            onnx_art = _step(src, ExportOnnx(**fb), ctx)
+        except CompressError as e2:
+            rec["export"]["fallback_failed"] = _one_line(e2)
+            return rec
+        rec["export"].update(fallback=", ".join(f"{k}={str(v).lower()}" for k, v in fb.items()), of=of,
+                             cosine=onnx_art.metadata["export.onnx"]["cosine"])
 
     feeds = _feeds(onnx_art, data)
     ref, ms = _ort(onnx_art.path / "model.onnx", feeds)
@@ -265,7 +294,14 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         prune = _cell(r.get("prune"), lambda p: f"ok: MACs x{p['macs_ratio']:.2f}"
                       + (f", heads {p['heads']}" if p.get("heads") else ""))
-        export = _cell(r.get("export"), lambda p: f"ok ({p['of']}), cos {p['cosine']:.5f}")
+        if r.get("prune_default") and r.get("prune", {}).get("ok"):
+            prune = f"**default refused**: {r['prune_default']} -> followed: {prune}".replace("|", "/")
+        ex = r.get("export")
+        if ex is not None and not ex["ok"] and ex.get("fallback"):
+            export = (f"**default refused**: {ex['why']} -> followed: ok with {ex['fallback']} ({ex['of']}), "
+                      f"cos {ex['cosine']:.5f}").replace("|", "/")
+        else:
+            export = _cell(ex, lambda p: f"ok ({p['of']}), cos {p['cosine']:.5f}")
         q8 = _cell(r.get("int8"), lambda p: f"ok: {p['cos_mean']:.4f} / {p['cos_worst']:.4f}")
         qd = _cell(r.get("dynamic"), lambda p: f"ok: {p['cos_mean']:.4f} / {p['cos_worst']:.4f}")
         ms = [r.get(k, {}).get("ms") for k in ("ort_fp32", "int8", "dynamic")]
@@ -326,7 +362,8 @@ def main() -> int:
     from compress.fingerprint import machine_fingerprint
 
     m = machine_fingerprint()
-    through = [r["model"] for r in rows if all(r.get(k, {}).get("ok") for k in ("prune", "export", "int8"))]
+    through = [r["model"] for r in rows if all(r.get(k, {}).get("ok") for k in ("prune", "int8"))
+               and (r.get("export", {}).get("ok") or r.get("export", {}).get("fallback"))]
     refused = [r["model"] for r in rows if r["model"] not in through]
     doc = [
         "# Compatibility matrix: models nobody here wrote",
@@ -341,7 +378,8 @@ def main() -> int:
         "for images, synthetic token ids for text); latency is a 1-thread median of 15 calls, indicative only "
         "(shared machine).",
         "",
-        f"Headline: {len(through)} of {len(rows)} architectures go through prune -> export -> INT8 -> ONNX Runtime "
+        f"Headline: {len(through)} of {len(rows)} architectures go through prune -> export (default, or the fallback "
+        f"its error names) -> INT8 -> ONNX Runtime "
         f"({', '.join(through) or 'none'}); "
         + (f"the matrix says which step refuses the others and why ({', '.join(refused)})." if refused else
            "none refuses."),

@@ -307,16 +307,33 @@ def float_nodes_note(groups: dict[str, list[str]]) -> str:
     return "kept in float (names as keep_float takes them): " + "; ".join(parts) if parts else ""
 
 
+def fixed_batch(path: Path | str) -> bool:
+    """Whether an ONNX model's first input has a fixed batch dimension (exported with dynamic_batch=false)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    for inp in m.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+    return False
+
+
 def guard_feeds(art: Artifact, data: Any, n: int = 64, batch: int = 16) -> tuple[list[dict[str, np.ndarray]], str]:
-    """Inputs for the fidelity guard: the validation split when the run has data, else valid synthetic inputs."""
+    """Inputs for the fidelity guard: the validation split when the run has data, else valid synthetic inputs.
+
+    A model exported with a fixed batch gets batches of 1."""
+    onnx_file = art.path / "model.onnx"
+    if art.kind == "onnx" and onnx_file.exists() and fixed_batch(onnx_file):
+        batch = 1
     if data is not None and len(art.inputs) == 1:
         xs, _ = split_inputs(data, "val", n, batch)
         return [{art.inputs[0].name: x} for x in xs], f"{sum(len(x) for x in xs)} validation samples"
     from compress.torch_io import sample_inputs
 
-    shapes_fixed = any(s.shape[0] == 1 for s in art.inputs) and not art.metadata.get(
-        "export.onnx", {}).get("dynamic_batch", True)
-    b = 1 if shapes_fixed else batch
+    b = batch
     feeds = []
     for i in range(max(1, n // b)):
         ts = sample_inputs(art.inputs, batch=b, seed=1000 + i)

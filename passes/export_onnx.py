@@ -126,21 +126,28 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
 # Lines of exporter output that name the cause, most specific first (the rest is banner and advice).
 _CAUSE_MARKERS = ("Constraints violated", "constraint violation", "Cannot view", "not supported", "Unsupported",
                   "unsupported", "index out of range", "Could not guard", "data-dependent", "Error:", "error:")
+_BANNER = ("Failed to export the model with torch.export", "- Modify the model code", "- Debug `torch.export",
+           "- Create an issue", "## ", "The error above occurred", "(Refer to the full stack", "Suggested fixes",
+           "[torch.onnx]", "Traceback", "File ")
 
 
 def export_cause(e: BaseException) -> str:
     """One line that names the operator or construct an export failed on, from the exporter's many lines."""
     chain: list[BaseException] = []
     cur: BaseException | None = e
-    while cur is not None and len(chain) < 6:
+    while cur is not None and len(chain) < 8:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
-    lines = [ln.strip() for x in chain for ln in str(x).splitlines() if ln.strip()]
+    per_exc = [[ln.strip() for ln in str(x).splitlines() if ln.strip() and not ln.strip().startswith(_BANNER)]
+               for x in chain]
+    lines = [ln for ls in per_exc for ln in ls]
     for marker in _CAUSE_MARKERS:
-        for ln in lines:
-            if marker in ln and not ln.startswith(("[torch.onnx]", "Traceback", "File ")):
-                return " ".join(ln.split())
-    return lines[0] if lines else type(e).__name__
+        for i, ln in enumerate(lines):
+            if marker in ln:
+                detail = lines[i + 1] if i + 1 < len(lines) and lines[i + 1].startswith("- ") else ""
+                return " ".join(f"{ln} {detail[2:]}".split())
+    deepest = next((ls for ls in reversed(per_exc) if ls), [])
+    return " ".join(deepest[0].split()) if deepest else type(e).__name__
 
 
 def _working_fallback(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out_dir: Path, cfg: ExportOnnx,

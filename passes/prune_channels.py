@@ -147,6 +147,20 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str, list[n
     return found
 
 
+def per_head_state(block: nn.Module, heads: int, layers: list[nn.Linear]) -> str | None:
+    """A parameter or buffer of an attention block indexed by head (e.g. Swin's relative position bias table)."""
+    # Weights of ordinary layers are handled by the dependency graph; only loose tensors can be per head.
+    plain = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+    skip = {id(t) for m in block.modules() if isinstance(m, plain) for t in m.parameters()}
+    skip |= {id(t) for layer in layers for t in layer.parameters()}
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        if id(t) in skip or t.dim() == 0 or heads <= 1:
+            continue
+        if heads in t.shape and "index" not in name:
+            return f"{name} {list(t.shape)}"
+    return None
+
+
 def heads_mode(cfg: ChannelPrune, attn: list[tuple[str, nn.Module, str, list[nn.Linear]]]) -> bool:
     """Whether whole heads are removed: the user's prune_heads, or auto (blocks with a stored head width)."""
     if cfg.prune_heads is not None:
@@ -371,6 +385,16 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
     attn = attention_blocks(model)
     num_heads = {layer: int(getattr(blk, attr)) for _, blk, attr, layers in attn for layer in layers}
     whole_heads = heads_mode(cfg, attn)
+    kept_set0 = {id(sub) for m in kept for sub in m.modules()}
+    per_head = [(n, st) for n, blk, attr, layers in attn if not any(id(x) in kept_set0 for x in layers)
+                for st in [per_head_state(blk, int(getattr(blk, attr)), layers)] if st]
+    if per_head:
+        # torch-pruning does not know that these tensors are indexed by head: removing heads (or head widths)
+        # would leave them out of step. Keeping the blocks still prunes the MLP widths around them.
+        blocks = [n for n, _ in per_head]
+        raise PassError(f"{PASS}: attention block {blocks[0]!r} holds per-head state ({per_head[0][1]}), which "
+                        f"heads cannot be removed from consistently; keep the attention blocks to prune the rest: "
+                        f"keep = {blocks!r}")
     if not whole_heads:
         kept_set = {id(sub) for m in kept for sub in m.modules()}
         fixed = [(n, blk) for n, blk, _, layers in attn

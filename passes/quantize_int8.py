@@ -29,6 +29,7 @@ from ._quant_common import (
     choose_scheme,
     compare,
     fidelity_guard,
+    fixed_batch,
     float_nodes_note,
     guard_feeds,
     name_nodes,
@@ -299,13 +300,14 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         raise PassError(f"quantize.int8: the model has no quantizable layers (Conv/MatMul/Gemm with constant "
                         f"weights); its ops are {', '.join(ops)}. Remove quantize.int8 from the recipe")
     integer_inputs = [s.name for s in art.inputs if not np.issubdtype(np.dtype(s.dtype), np.floating)]
+    static_batch = fixed_batch(src)
     notes: list[str] = []
     name = art.inputs[0].name
     batches: list[np.ndarray] = []
     if ctx.data is None and integer_inputs and cfg.max_accuracy_drop is None and not cfg.smoothquant:
         # Token ids and masks have a known valid range: calibrate on synthetic ones rather than refuse.
         data = None
-        feeds, where = guard_feeds(art, None, n=cfg.samples, batch=8)
+        feeds, where = guard_feeds(art, None, n=cfg.samples, batch=1 if static_batch else 8)
         reader = _Reader(name, [], feeds)
         notes.append(f"calibrated on {where}: valid token ids and all-ones masks; give data for a calibration "
                      "that matches real inputs")
@@ -315,7 +317,8 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
             raise PassError(f"quantize.int8: calibration from data supports single-input models; this one has "
                             f"{len(art.inputs)} inputs ({', '.join(s.name for s in art.inputs)}); run without data "
                             "to calibrate on synthetic token ids, or use quantize.dynamic")
-        batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES)
+        # A model exported with a fixed batch (dynamic_batch=false) takes one sample per call.
+        batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES, batch=1 if static_batch else 16)
         reader = _Reader(name, batches)
     scheme, why = choose_scheme(cfg.scheme)
     notes.insert(0, f"INT8 scheme: {why}")
@@ -382,7 +385,7 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     shutil.rmtree(work, ignore_errors=True)
 
     # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split.
-    info["parity"] = _self_parity(out, src, name, data, art=art)
+    info["parity"] = _self_parity(out, src, name, data, art=art, batch=1 if static_batch else 64)
     if info["parity"]["flagged"]:
         notes.append(f"deployed INT8 (ONNX Runtime) disagrees with the simulated QDQ model: agreement "
                      f"{info['parity'].get('agreement', float('nan')):.3f}, cosine {info['parity']['cosine']:.4f}")
@@ -391,7 +394,7 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
 
 
 def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: int = 256,
-                 art: Artifact | None = None) -> dict[str, Any]:
+                 art: Artifact | None = None, batch: int = 64) -> dict[str, Any]:
     from ._quant_common import PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE, below
 
     if data is None and art is not None:  # synthetic inputs (a model with token-id inputs and no data)
@@ -404,7 +407,7 @@ def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: in
         sim, dep = run_all(ort_session(qpath, optimize=False)), run_all(ort_session(qpath, optimize=True))
         fp = run_all(ort_session(fpath, optimize=True))
     else:
-        xs, y = split_inputs(data, "val", max_samples, 64)
+        xs, y = split_inputs(data, "val", max_samples if batch > 1 else min(max_samples, 64), batch)
         sim = run_batches(session_infer(ort_session(qpath, optimize=False)), name, xs)
         dep = run_batches(session_infer(ort_session(qpath, optimize=True)), name, xs)
         fp = run_batches(session_infer(ort_session(fpath, optimize=True)), name, xs)
