@@ -14,14 +14,20 @@ from bench_compat import run_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["BERT", "ViT", "ResNet"])
+@pytest.mark.parametrize("name", ["BERT", "ViT", "ConvNeXt"])
 def test_architecture_goes_through_prune_export_int8_ort(name: str, tmp_path: Path) -> None:
     r = run_model(name, tmp_path / "cache")
     assert r["prune"]["ok"], r["prune"]
     assert r["prune"]["macs_ratio"] < 0.95
-    assert r["export"]["ok"] and r["export"]["of"] == "pruned" and r["export"]["cosine"] > 0.9999, r["export"]
     if name in ("BERT", "ViT"):
         assert r["prune"]["heads"] is not None  # attention recognised: whole heads removed
+    ex = r["export"]
+    if name == "ConvNeXt":
+        # Its dynamic batch is refused with one line naming the setting that works, which is then followed.
+        assert not ex["ok"] and "Constraints violated (batch)" in ex["why"] and ex["fallback"] == "dynamic_batch=false"
+    else:
+        assert ex["ok"], ex
+    assert ex["of"] == "pruned" and ex["cosine"] > 0.9999
     for q in ("int8", "dynamic"):
         assert r[q]["ok"], r[q]
-        assert r[q]["cos_mean"] >= 0.95 or (q == "int8" and name == "ResNet")  # the guard's own threshold
+        assert r[q]["cos_mean"] >= 0.95  # the guard's threshold, checked again on held-out inputs

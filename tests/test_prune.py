@@ -511,3 +511,17 @@ def test_channels_head_widths_on_fixed_head_size_say_what_to_set(cache: Cache) -
         _run(root, [ChannelPrune(ratio=0.5, prune_heads=False)], cache)
     msg = str(e.value)
     assert "\n" not in msg and "'layers.0.attention'" in msg and "prune_heads = true" in msg
+
+
+def test_channels_per_head_state_is_refused_with_a_keep_list_that_works(cache: Cache) -> None:
+    from tests.user_models import biased_encoder
+
+    root = _live(biased_encoder(), (1, 6, 16), cache)
+    with pytest.raises(PassError) as e:
+        _run(root, [ChannelPrune(ratio=0.5)], cache)
+    msg = str(e.value)
+    assert "\n" not in msg and "per-head state (head_bias [4])" in msg
+    keep = ["layers.0.attention", "layers.1.attention"]
+    assert f"keep = {keep!r}" in msg
+    _, _, meta = _prune_export_run(root, ChannelPrune(ratio=0.5, keep=keep), cache)
+    assert meta["widths_after"]["layers.0.intermediate"][1] == 32  # the MLP around the kept blocks is pruned

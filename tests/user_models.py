@@ -161,3 +161,25 @@ class MaskedEncoder(nn.Module):
 def masked_encoder() -> nn.Module:
     torch.manual_seed(0)
     return MaskedEncoder()
+
+
+class BiasedAttention(HFSelfAttention):
+    """Attention with a learned bias per head (as Swin's relative position bias): heads cannot simply go."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__(d, heads)
+        self.head_bias = nn.Parameter(torch.zeros(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], -1, self.attention_head_size)
+        q, k, v = (m(x).view(shape).transpose(1, 2) for m in (self.query, self.key, self.value))
+        att = (q @ k.transpose(-1, -2) + self.head_bias[:, None, None]).softmax(-1)
+        return (att @ v).transpose(1, 2).reshape(*x.shape[:-1], -1)
+
+
+def biased_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    m = HFStyleEncoder()
+    for layer in m.layers:
+        layer.attention = BiasedAttention(32, 4)
+    return m
