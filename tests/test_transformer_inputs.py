@@ -29,14 +29,22 @@ def _run(art: Artifact, steps: list, cache: Cache) -> tuple[Artifact, list]:  # 
     return PassManager(steps).run(art, PassContext(cache=cache, progress=False, original=art))
 
 
-@pytest.fixture
-def root(cache: Cache) -> Artifact:
-    return module_artifact(masked_encoder().eval(), (1, 12), cache, inputs=SPECS)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Artifact, Artifact, Cache]:
+    """One export for the module's tests (the tests only read it)."""
+    cache = Cache(tmp_path_factory.mktemp("tcache"))
+    root = module_artifact(masked_encoder().eval(), (1, 12), cache, inputs=SPECS)
+    return root, _run(root, [ExportOnnx()], cache)[0], cache
 
 
 @pytest.fixture
-def onnx_art(root: Artifact, cache: Cache) -> Artifact:
-    return _run(root, [ExportOnnx()], cache)[0]
+def root(shared: tuple[Artifact, Artifact, Cache]) -> Artifact:
+    return shared[0]
+
+
+@pytest.fixture
+def onnx_art(shared: tuple[Artifact, Artifact, Cache]) -> Artifact:
+    return shared[1]
 
 
 def _feeds(batch: int, seq: int, pad: int = 0) -> dict[str, np.ndarray]:
