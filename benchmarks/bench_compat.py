@@ -260,6 +260,7 @@ def bert_latency(seq: int = 128, n_sent: int = 32) -> list[str]:
         with torch.inference_mode():
             samples = measure_interleaved(fns, warmup=3, min_runs=30, min_time_s=5.0, max_time_s=60.0)
         base = float(np.median(samples["PyTorch FP32"]))
+        ratios = {k: float(np.median(samples[k])) / base for k in fns if k != "PyTorch FP32"}
         for k in fns:
             med = float(np.median(samples[k]))
             if k == "PyTorch FP32":
@@ -269,7 +270,13 @@ def bert_latency(seq: int = 128, n_sent: int = 32) -> list[str]:
                 c = compare_outputs(ref, got, "embedding")
                 cos = f"{c['cosine_mean']:.4f} / {c['cosine_worst']:.4f}"
             rows.append(f"| {k} | {med:.2f} | {med / base:.2f} | {cos} |")
-    return [f"## BERT-base-shaped encoder, seq {seq}, batch 1, {threads} threads", "",
+    best = min(ratios, key=lambda k: ratios[k])
+    goal = (f"Goal (best artifact <= 0.5x PyTorch FP32 latency, BERT at seq {seq}, batch 1): "
+            f"{'met' if ratios[best] <= 0.5 else 'not met'} for latency by {best} at {ratios[best]:.2f}x. "
+            "The fidelity half (pooled-embedding cosine >= 0.99 mean, >= 0.97 worst on real sentences) is not "
+            "measured: it needs a pretrained sentence encoder and real sentences, and none is available offline "
+            "here; the cosines below are on random weights.")
+    return [f"## BERT-base-shaped encoder, seq {seq}, batch 1, {threads} threads", "", goal, "",
             "Random weights (no pretrained encoder is available offline), mean-pooled embedding; latency is the "
             "median of interleaved calls; cosine is per sample against PyTorch FP32 on "
             f"{n_sent} synthetic padded sequences (token ids within the vocabulary), mean / worst.", "",
