@@ -174,7 +174,7 @@ def run(
     base_pm = PassManager([export_cfg] if (export_cfg and root.kind == "torch") else [])
     base_pm.validate(root.kind)
 
-    data = load_data(rec.data, root.inputs[0].shape)
+    data = load_data(rec.data, root.inputs[0].shape, root.inputs)
     if data is not None and data.note:
         say(f"data: {data.note}")
     ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say)
@@ -368,7 +368,9 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             continue
         bs = 64 if (c.target == "torch" or _dynamic_batch(c.compiled)) else 1
         try:
-            if data is not None:
+            if data is not None and data.input_names:  # one named array per model input
+                logits = predict_feeds(c.runner, data.feeds(data.val), bs)
+            elif data is not None:
                 logits = predict(c.runner, data, data.val, bs)
             elif len(root.inputs) > 1:  # several named inputs (token ids and a mask): synthetic, valid values
                 logits = predict_feeds(c.runner, all_feeds, bs)

@@ -176,8 +176,8 @@ def simulated_agreement(
     """
     spec = onnx_art.inputs[0]
     sim = ort_session(onnx_art.path / "model.onnx", optimize=False)
-    if data is None and len(onnx_art.inputs) > 1:  # several named inputs: valid synthetic feeds
-        feeds, _ = guard_feeds(onnx_art, None, n=max_samples, batch=batch)
+    if len(onnx_art.inputs) > 1:  # several named inputs: the data's named arrays, or valid synthetic feeds
+        feeds, _ = guard_feeds(onnx_art, data, n=max_samples, batch=batch)
         ref = np.concatenate([np.asarray(sim.run(None, f)[0], dtype=np.float32) for f in feeds])
         got = np.concatenate([np.asarray(infer(f)[0], dtype=np.float32) for f in feeds])
         xs: list[np.ndarray] = [next(iter(f.values())) for f in feeds]
@@ -328,6 +328,9 @@ def guard_feeds(art: Artifact, data: Any, n: int = 64, batch: int = 16) -> tuple
     onnx_file = art.path / "model.onnx"
     if art.kind == "onnx" and onnx_file.exists() and fixed_batch(onnx_file):
         batch = 1
+    if data is not None and bool(getattr(data, "input_names", None)):
+        feeds = data.feed_batches(data.val, batch, n)
+        return feeds, f"{sum(len(next(iter(f.values()))) for f in feeds)} validation samples"
     if data is not None and len(art.inputs) == 1:
         xs, _ = split_inputs(data, "val", n, batch)
         return [{art.inputs[0].name: x} for x in xs], f"{sum(len(x) for x in xs)} validation samples"

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
 from compress.config import PassConfig
-from compress.errors import AccuracyError, PassError, RecipeError
+from compress.errors import AccuracyError, InputError, PassError, RecipeError
 from compress.manager import PassContext
 from compress.registry import register_pass
 
@@ -311,6 +311,14 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         reader = _Reader(name, [], feeds)
         notes.append(f"calibrated on {where}: valid token ids and all-ones masks; give data for a calibration "
                      "that matches real inputs")
+    elif ctx.data is not None and ctx.data.input_names and cfg.max_accuracy_drop is None and not cfg.smoothquant:
+        data = ctx.data  # one named array per input (token ids, masks): calibrate on them as they are
+        if len(data.calib) < MIN_CALIB_SAMPLES:
+            raise InputError(f"quantize.int8: the calibration split has {len(data.calib)} samples, fewer than the "
+                             f"minimum {MIN_CALIB_SAMPLES}; raise data.calib_fraction or supply more data")
+        reader = _Reader(name, [], data.feed_batches(data.calib, 1 if static_batch else 16, cfg.samples))
+        notes.append(f"calibrated on {min(cfg.samples, len(data.calib))} samples of {data.name} "
+                     f"({', '.join(data.input_names)})")
     else:
         data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
         if len(art.inputs) != 1:
@@ -397,8 +405,8 @@ def _self_parity(qpath: Path, fpath: Path, name: str, data: Any, max_samples: in
                  art: Artifact | None = None, batch: int = 64) -> dict[str, Any]:
     from ._quant_common import PARITY_MIN_AGREEMENT, PARITY_MIN_COSINE, below
 
-    if data is None and art is not None:  # synthetic inputs (a model with token-id inputs and no data)
-        feeds, _ = guard_feeds(art, None, n=64)
+    if art is not None and (data is None or bool(getattr(data, "input_names", None))):  # several named inputs
+        feeds, _ = guard_feeds(art, data, n=64, batch=batch)
         y = None
 
         def run_all(sess: Any) -> np.ndarray:

@@ -3,6 +3,8 @@ attention arithmetic under quantization, and the label-free fidelity guard."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -126,3 +128,30 @@ def test_default_prune_removes_whole_heads_on_a_two_input_model(root: Artifact, 
     assert set(meta["heads_after"].values()) == {2}
     sess = ort_session(out.path / "model.onnx")
     assert sess.run(None, _feeds(2, 7))[0].shape == (2, 32)  # embedding width kept
+
+
+def test_npz_with_named_arrays_calibrates_and_guards_on_them(onnx_art: Artifact, cache: Cache,
+                                                             tmp_path: Path) -> None:
+    from compress.data import load_data
+    from compress.errors import InputError
+    from compress.recipe import DataSpec
+
+    g = np.random.default_rng(0)
+    n, seq = 120, 12
+    ids = g.integers(0, 100, (n, seq))
+    mask = np.ones((n, seq), dtype=np.int64)
+    mask[::3, 8:] = 0  # a third of the sentences padded
+    p = tmp_path / "tok.npz"
+    np.savez(p, input_ids=ids, attention_mask=mask)
+    data = load_data(DataSpec(source=f"npz:{p}"), (1, seq), SPECS)
+    assert data is not None and data.input_names == ("input_ids", "attention_mask")
+    f = data.feeds(data.val, 0, 4)
+    assert f["input_ids"].dtype == np.int64 and f["attention_mask"].shape == (4, seq)
+    out, _ = PassManager([QuantizeInt8(samples=16)]).run(
+        onnx_art, PassContext(cache=cache, data=data, progress=False, original=onnx_art))
+    info = out.metadata["quantize.int8"]
+    assert any("calibrated on 12 samples of npz:" in x for x in info["notes"]), info["notes"]
+    assert "validation samples" in info["fidelity_guard"]["on"] and info["fidelity_guard"]["cosine_mean"] >= 0.95
+    np.savez(tmp_path / "bad.npz", input_ids=ids)
+    with pytest.raises(InputError, match="lacks attention_mask"):
+        load_data(DataSpec(source=f"npz:{tmp_path / 'bad.npz'}"), (1, seq), SPECS)
