@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import CompressError, RecipeError
 
@@ -36,8 +37,15 @@ CHECK_EPILOG = """exit codes of compress check:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage block stays in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compress", description="Compress PyTorch models, lower to ONNX, compile per "
+    p = _Parser(prog="compress", description="Compress PyTorch models, lower to ONNX, compile per "
                                 "target and measure accuracy against latency.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -53,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
     r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, random)")
     r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
+    r.add_argument("--allow-unsafe-pt2", action="store_true", default=None,
+                   help="load a .pt2 exported program (torch unpickles it: can run code; only files you trust)")
     r.add_argument("--out", help="output folder for report.json/report.md/pareto.png (default runs/NAME)")
     r.add_argument("--cache", help="cache folder (default $COMPRESS_CACHE or .compress-cache)")
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
@@ -105,8 +115,23 @@ def _shape(s: str) -> list[int]:
         raise RecipeError(f"--input-shape {s!r}: expected integers like 1,3,224,224") from None
 
 
+# Which command-line option sets which recipe key, so a refused value is reported as typed.
+_MODEL_FLAGS = {"source": "--model", "weights": "--weights", "input_shape": "--input-shape",
+                "train_epochs": "--train-epochs", "allow_unsafe_pt2": "--allow-unsafe-pt2"}
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        out = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise RecipeError(f"--batch {text!r}: expected positive integers like 1,8") from None
+    if not out:
+        raise RecipeError(f"--batch {text!r}: expected positive integers like 1,8")
+    return out
+
+
 def _build_recipe(a: argparse.Namespace) -> Any:
-    from .recipe import load_recipe, parse_pipeline, recipe_from_dict
+    from .recipe import load_recipe, parse_pipeline, recipe_from_dict, revalidate
 
     if a.recipe:
         rec = load_recipe(a.recipe)
@@ -123,14 +148,14 @@ def _build_recipe(a: argparse.Namespace) -> Any:
     if a.input_shape:
         model_upd["input_shape"] = _shape(a.input_shape)
     if a.train_epochs is not None:
-        if a.train_epochs < 0:
-            raise RecipeError("--train-epochs must be >= 0")
         model_upd["train_epochs"] = a.train_epochs
+    if a.allow_unsafe_pt2:
+        model_upd["allow_unsafe_pt2"] = True
     upd: dict[str, Any] = {}
-    if model_upd:
-        upd["model"] = rec.model.model_copy(update=model_upd)
+    if model_upd:  # the same validation as a recipe's [model] table
+        upd["model"] = revalidate(rec.model, model_upd, "command line", _MODEL_FLAGS)
     if a.data:
-        upd["data"] = rec.data.model_copy(update={"source": a.data})
+        upd["data"] = revalidate(rec.data, {"source": a.data}, "command line", {"source": "--data"})
     if a.pipeline:
         passes, targets = parse_pipeline(a.pipeline)
         upd["passes"], upd["targets"] = passes, targets or list(rec.targets)
@@ -138,14 +163,14 @@ def _build_recipe(a: argparse.Namespace) -> Any:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .pipeline import run
-    from .recipe import recipe_to_toml
-    from .report import render_text
-
-    rec = _build_recipe(a)
+    rec = _build_recipe(a)  # before the heavy imports: a bad recipe is reported in a fraction of a second
     if a.print_recipe:
+        from .recipe import recipe_to_toml
+
         print(recipe_to_toml(rec), end="")
         return 0
+    from .pipeline import run
+    from .report import render_text
     quiet = a.quiet or a.json
     log = (lambda m: None) if quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     out = Path(a.out) if a.out else Path("runs") / rec.name
@@ -158,7 +183,20 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _writable_file(path: str, flag: str) -> None:
+    """A file the command writes at the end: its folder must be writable now, not after measuring."""
+    from .preflight import check_out_dir
+
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"{flag} {p}: is a folder; give a file name")
+    check_out_dir(p.parent if str(p.parent) else Path("."), flag=f"{flag} {p}: folder")
+
+
 def _cmd_check(a: argparse.Namespace) -> int:
+    for path, flag in ((a.junit, "--junit"), (a.json, "--json")):
+        if path:
+            _writable_file(path, flag)
     from .budget import check, junit_xml
 
     log = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731
@@ -177,10 +215,8 @@ PRECISIONS = {"fp32": [], "int8": ["quantize.int8"], "int8-dynamic": ["quantize.
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
-    from .pipeline import run
-    from .recipe import load_recipe, parse_pipeline, recipe_from_dict
+    from .recipe import load_recipe, parse_pipeline, recipe_from_dict, revalidate
     from .registry import get_pass, get_target_config, targets
-    from .report import render_text
 
     src = a.model
     if src.endswith(".toml"):
@@ -204,11 +240,13 @@ def _cmd_compare(a: argparse.Namespace) -> int:
             raise RecipeError(f"--precision {prec!r}: choose from {', '.join(PRECISIONS)}")
         if prec != "fp32":
             variants[prec] = [get_pass(k).config_cls() for k in PRECISIONS[prec]]
-    batches = [int(b) for b in a.batch.split(",") if b.strip()]
-    if a.rounds < 1 or a.min_time < 0:
-        raise RecipeError("--rounds must be >= 1 and --min-time >= 0")
-    measure = rec.measure.model_copy(update={"batch_sizes": batches, "min_runs": a.rounds, "min_time_s": a.min_time})
+    measure = revalidate(rec.measure, {"batch_sizes": _batches(a.batch), "min_runs": a.rounds,
+                                       "min_time_s": a.min_time}, "command line",
+                         {"batch_sizes": "--batch", "min_runs": "--rounds", "min_time_s": "--min-time"})
     rec = rec.model_copy(update={"targets": tcfgs, "measure": measure})
+    from .pipeline import run
+    from .report import render_text
+
     out = Path(a.out) if a.out else Path("runs") / rec.name
     log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,
@@ -218,48 +256,40 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _type_text(ann: object) -> str:
-    """A field's type as a user reads it; Literal types list their allowed values."""
-    import typing
-
-    if typing.get_origin(ann) is typing.Literal:
-        return "one of " + "|".join(str(a) for a in typing.get_args(ann))
-    args = typing.get_args(ann)
-    if args and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return " | ".join(_type_text(a) for a in rest) + " | None"
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-
-
 def _cmd_passes() -> int:
-    from .registry import passes
+    from .registry import manifest
 
-    for kind, info in passes().items():
-        doc = (info.config_cls.__doc__ or "").strip().splitlines()
-        print(f"{kind}  ({info.consumes} -> {info.produces})  {doc[0] if doc else ''}")
-        _print_fields(info.config_cls)
+    # From the plugin manifest when it is current: listing needs no torch import (see registry).
+    for kind, info in manifest()["passes"].items():
+        print(f"{kind}  ({info['consumes']} -> {info['produces']})  {info['doc']}")
+        _print_fields(info["fields"])
     return 0
 
 
-def _print_fields(cfg_cls: type) -> None:
-    for name, f in cfg_cls.model_fields.items():  # type: ignore[attr-defined]
-        if name == "kind":
-            continue
-        ann = _type_text(f.annotation)
-        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-        desc = f"  {f.description}" if f.description else ""
-        print(f"    {name}: {ann}, {default}{desc}")
+def _print_fields(fields: list[list[str]]) -> None:
+    for name, ann, default, desc in fields:
+        print(f"    {name}: {ann}, {default}{'  ' + desc if desc else ''}")
 
 
 def _cmd_targets() -> int:
-    from .registry import make_target, targets
+    from passes._quant_common import choose_scheme
 
+    from .fingerprint import ARCH_ENV, ISA_ENV, cpu_info
+    from .registry import describe_fields, make_target, targets
+
+    cpu = cpu_info()
+    forced = (f" (forced by {ISA_ENV}/{ARCH_ENV}; detected: {', '.join(cpu['isa_detected']) or 'none'})"
+              if cpu["isa_forced"] else "")
+    print(f"host: {cpu['model']} ({cpu['arch']}, {cpu['affinity_cores']} cores usable)")
+    print(f"ISA:  {', '.join(cpu['isa']) or 'no optional extensions'}{forced}")
+    print(f"INT8: {choose_scheme('auto')[1]}")
+    print()
     for kind, (cfg_cls, _) in targets().items():
         t = make_target(cfg_cls())
         reason = t.unavailable_reason()
         state = "available" if reason is None else f"unavailable: {reason}"
         print(f"{kind:12s} {state}")
-        _print_fields(cfg_cls)
+        _print_fields(describe_fields(cfg_cls))
     return 0
 
 
@@ -272,6 +302,20 @@ def _cmd_tvm_runtime(a: argparse.Namespace) -> int:
     fetch_runtime(a.arch, dest, log=lambda m: print(m, file=sys.stderr))
     print(dest)
     return 0
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _one_line(msg: str, debug: bool) -> str:
+    """An error as one line without terminal colour codes; --debug keeps every line."""
+    msg = _ANSI.sub("", msg).strip()
+    if debug:
+        return msg
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else "(no message)"
+    return f"{lines[0]} (more with --debug)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressError as e:
         if a.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e), a.debug)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished steps are cached; run the same command again to resume", file=sys.stderr)
@@ -307,8 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.debug:
             traceback.print_exc()
         else:
-            print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                  file=sys.stderr)
+            print(f"error: unexpected {type(e).__name__}: {_one_line(str(e), False)} (rerun with --debug for the "
+                  "traceback)", file=sys.stderr)
         return 1
 
 

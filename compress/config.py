@@ -34,6 +34,11 @@ class PassConfig(BaseModel):
         """Every setting, defaults included (what the cache key hashes)."""
         return self.model_dump(mode="json")
 
+    def data_needed(self) -> str | None:
+        """What data this pass cannot run without: None, "any" or "labelled" (checked before the run
+        starts, so a missing ``data`` is a usage error in a second, not after the passes before it)."""
+        return None
+
     def cache_env(self) -> dict[str, Any]:
         """Facts outside the config that change this pass's output (e.g. the CPU's ISA for a
         quantization scheme); hashed into the cache key. None by default."""

@@ -9,6 +9,7 @@ without holding the whole upsampled set in memory.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,17 +103,27 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"{path}: .npz data file not found")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    # np.load blames pickle for anything that is not a zip or .npy (a text file, say): say what it is.
+    if magic != b"PK\x03\x04":
+        raise InputError(f"{path}: not an .npz archive (it starts with {magic!r}); save it with "
+                         "numpy.savez(path, x=..., y=...)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z:
                 raise InputError(f"{path}: .npz must hold an array 'x' (and optionally labels 'y'); "
                                  f"found {list(z.keys())}")
-            x = z["x"].astype(np.float32)
-            y = z["y"].astype(np.int64) if "y" in z else None
-    except ValueError as e:
-        raise InputError(f"{path}: cannot read .npz without pickle ({e})") from e
+            x = _numeric(path, "x", z, np.float32)
+            y = _numeric(path, "y", z, np.int64) if "y" in z else None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: the .npz archive is damaged or truncated ({e})") from e
+    if x.ndim < 2 or len(x) == 0:
+        raise InputError(f"{path}: 'x' has shape {x.shape}; expected samples along the first axis, e.g. (N, C, H, W)")
+    if y is not None and y.ndim != 1:
+        raise InputError(f"{path}: 'y' has shape {y.shape}; expected one integer class label per sample")
     if y is not None and len(y) != len(x):
         raise InputError(f"{path}: 'x' has {len(x)} samples but 'y' has {len(y)}")
     return x, y
@@ -141,6 +152,21 @@ def _npz_named(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], np.
     return arrays, y
 
 
+def _numeric(path: Path, key: str, z: Any, dtype: type) -> np.ndarray:
+    """Array ``key`` of an open .npz as ``dtype``, with a message naming the array when it is not numbers."""
+    try:
+        a = z[key]
+    except ValueError as e:  # only object arrays need pickle inside an .npz
+        raise InputError(f"{path}: array {key!r} holds Python objects, which only pickle can read (refused); "
+                         "save plain numeric arrays") from e
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"{path}: array {key!r} holds {a.dtype} values, expected numbers")
+    if dtype is np.int64 and a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
+            raise InputError(f"{path}: labels {key!r} are not whole numbers; expected integer class indices")
+    return a.astype(dtype)
+
+
 def _folder(path: Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
@@ -149,6 +175,9 @@ def _folder(path: Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.nd
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise InputError(f"{path}: expected one subfolder per class (e.g. {path}/cat/1.png)")
+    if len(classes) == 1:
+        raise InputError(f"{path}: only one class subfolder ({classes[0]!r}); a classifier needs one subfolder "
+                         "per class, at least two")
     c, h, w = input_shape
     xs, ys = [], []
     for label, cls in enumerate(classes):

@@ -44,7 +44,9 @@ class BudgetExceeded(CompressError):
 
 
 class CacheError(CompressError):
-    """The cache is unreadable or inconsistent."""
+    """The cache is unreadable or inconsistent (the user deletes the entry named, or picks another cache)."""
+
+    exit_code = 2
 
 
 class InputError(CompressError):

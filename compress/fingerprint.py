@@ -1,4 +1,13 @@
-"""Machine fingerprint: CPU model, ISA flags, cores, library versions, GPU where present."""
+"""Machine fingerprint: CPU model, ISA flags, cores, library versions, GPU where present.
+
+Every ISA-dependent choice in the product (the INT8 scheme of quantize.int8 / quantize.dynamic /
+quantize.qat, TVM's host ``mcpu``) reads the CPU through :func:`cpu_info`, so setting
+``COMPRESS_ISA`` (a comma-separated flag list such as ``avx2,fma`` or ``avx2,fma,avx512f,avx512_vnni``)
+and optionally ``COMPRESS_ARCH`` (``x86_64``, ``aarch64``) makes the whole product behave as on
+that CPU. The test suite uses this to run each branch on any machine; users use it to prepare a
+model for a CPU other than the build machine's. The override is recorded (``isa_forced``) and the
+detected flags are kept beside it (``isa_detected``), so a report never hides it.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +19,51 @@ from typing import Any
 
 from .cache import library_versions
 
-_ISA = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "neon", "asimd", "sve", "f16c")
+_ISA = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "neon", "asimd", "sve",
+        "f16c")
+ISA_ENV = "COMPRESS_ISA"
+ARCH_ENV = "COMPRESS_ARCH"
+KNOWN_ISA_FLAGS = frozenset(_ISA)
+KNOWN_ARCHS = ("x86_64", "aarch64")
+
+
+def isa_override() -> tuple[list[str] | None, str | None]:
+    """The ISA flags and architecture forced through the environment (None where not set).
+
+    Unknown flags are refused (a typo such as ``avx512vnni`` would otherwise silently select the
+    no-VNNI branch), naming the variable and the accepted flags.
+    """
+    from .errors import InputError
+
+    raw, arch = os.environ.get(ISA_ENV), os.environ.get(ARCH_ENV)
+    flags: list[str] | None = None
+    if raw is not None:
+        flags = sorted({f.strip().lower() for f in raw.split(",") if f.strip()})
+        bad = [f for f in flags if f not in KNOWN_ISA_FLAGS]
+        if bad:
+            raise InputError(f"{ISA_ENV}={raw!r}: unknown ISA flag(s) {', '.join(bad)}; use a comma-separated "
+                             f"list of {', '.join(sorted(KNOWN_ISA_FLAGS))} (empty = no optional ISA extension)")
+    if arch is not None and arch not in KNOWN_ARCHS:
+        raise InputError(f"{ARCH_ENV}={arch!r}: use one of {', '.join(KNOWN_ARCHS)}")
+    return flags, arch
+
+
+def cpu_info() -> dict[str, Any]:
+    """This CPU as the product sees it: the detected CPU, with ``COMPRESS_ISA``/``COMPRESS_ARCH`` applied."""
+    info = dict(detected_cpu())
+    flags, arch = isa_override()
+    info["isa_detected"] = info["isa"]
+    info["isa_forced"] = flags is not None or arch is not None
+    if flags is not None:
+        info["isa"] = flags
+    if arch is not None:
+        info["arch"] = arch
+    return info
 
 
 @lru_cache(maxsize=1)
-def cpu_info() -> dict[str, Any]:
+def detected_cpu() -> dict[str, Any]:
+    """The CPU read from /proc/cpuinfo (cached: it does not change while the process runs)."""
     model, flags = platform.processor() or "unknown", set[str]()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():

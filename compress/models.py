@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import inspect
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,14 @@ def build_from_source(source: dict[str, Any]) -> nn.Module:
         fn = getattr(mod, fn_name, None)
         if fn is None or not callable(fn):
             raise InputError(f"model factory {source['factory']!r}: {mod_name} has no callable {fn_name!r}")
-        model = fn(**source.get("kwargs", {}))
+        kwargs = source.get("kwargs", {})
+        _check_factory(source["factory"], fn, kwargs)
+        try:
+            model = fn(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"model factory {source['factory']!r} failed when called with {kwargs or 'no arguments'}:"
+                             f" {type(e).__name__}: {e}; a factory takes keyword arguments and returns an "
+                             "nn.Module") from e
         if not isinstance(model, nn.Module):
             raise InputError(f"model factory {source['factory']!r} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -65,11 +74,9 @@ def build_from_source(source: dict[str, Any]) -> nn.Module:
         return load_dir(Path(source["path"]), source["task"])
     if kind == "pt2":
         path = Path(source["path"])
-        try:
-            ep = torch.export.load(str(path))
-        except Exception as e:  # torch raises several types for a bad archive
-            raise InputError(f"{path}: not a loadable exported program ({e})") from e
-        return ep.module()
+        if not source.get("allow_unsafe"):
+            raise InputError(unsafe_pt2_message(path))
+        return _load_pt2(path).module()
     if kind == "live":
         from .torch_io import LIVE_MODULES
 
@@ -82,6 +89,42 @@ def build_from_source(source: dict[str, Any]) -> nn.Module:
     raise InputError(f"cannot build a torch module from a {kind} source")
 
 
+def _check_factory(name: str, fn: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse, before calling it, a callable that cannot be a model factory: a class that is not an
+    nn.Module, a built-in, or a function whose signature does not take the arguments given."""
+    if isinstance(fn, type):
+        if not issubclass(fn, nn.Module):
+            raise InputError(f"model factory {name!r} is the class {fn.__name__}, not an nn.Module subclass; "
+                             "name a function or class that builds the model")
+    elif not (inspect.isfunction(fn) or inspect.ismethod(fn) or isinstance(fn, functools.partial)):
+        raise InputError(f"model factory {name!r} is a {type(fn).__name__}, not a Python function or nn.Module "
+                         "class; name the function that builds the model")
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        raise InputError(f"model factory {name!r} cannot be called with {kwargs or 'no arguments'} ({e}); a "
+                         "factory takes keyword arguments (num_classes when set) and returns an nn.Module") from None
+    except ValueError:  # no signature to inspect: let the call decide
+        pass
+
+
+PT2_OPT_IN = "model.allow_unsafe_pt2 = true (--allow-unsafe-pt2)"
+
+
+def unsafe_pt2_message(path: Path, opt_in: str = PT2_OPT_IN) -> str:
+    return (f"{path}: refused: a .pt2 exported program is loaded with pickle, which can run code; set {opt_in} "
+            "only for a file you trust, or give the model as .onnx or package.module:factory with weights")
+
+
+def _load_pt2(path: Path) -> Any:
+    """``torch.export.load``: only ever called once the user opted in (it unpickles with weights_only=False)."""
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # torch raises several types for a bad archive
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: not a loadable exported program ({first[:200]})") from e
+
+
 def _load_weights(model: nn.Module, weights: str) -> None:
     path = Path(weights)
     if not path.exists():
@@ -90,7 +133,11 @@ def _load_weights(model: nn.Module, weights: str) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # SafetensorError, or OSError for a truncated header
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"{path}: not a readable .safetensors file ({why[:200]}); is it truncated?") from e
     else:
         obj = safe_torch_load(path)
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -128,7 +175,10 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
         path = _path_of(src)
         if not path.exists():
             raise InputError(f"{path}: exported program not found")
-        source = {"kind": "pt2", "path": str(path.resolve())}
+        # torch.export.load unpickles weights with weights_only=False: a crafted archive runs code.
+        if not spec.allow_unsafe_pt2:
+            raise InputError(unsafe_pt2_message(path))
+        source = {"kind": "pt2", "path": str(path.resolve()), "allow_unsafe": True}  # type: ignore[dict-item]
         shape = tuple(spec.input_shape) if spec.input_shape else _pt2_shape(path)
     if len(shape) < 2 or any(s <= 0 for s in shape):
         raise RecipeError(f"model input_shape {list(shape)} must be positive with a batch dimension first")
@@ -138,12 +188,16 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
         _load_weights(model, spec.weights)
     set_eval(model)
     dst = cache.new_dir("model")
-    digest = write_torch(dst, model, source, [])
-    # The source is referenced by digest so a changed weights file is a different model.
-    art = Artifact("torch", dst, digest, (InputSpec("input", shape),), producer=f"load {src}",
-                   metadata={"source": src})
-    key = Cache.key(digest, "load", 1, {"source": source})
-    hit = cache.get(key)
+    try:
+        digest = write_torch(dst, model, source, [])
+        # The source is referenced by digest so a changed weights file is a different model.
+        art = Artifact("torch", dst, digest, (InputSpec("input", shape),), producer=f"load {src}",
+                       metadata={"source": src})
+        key = Cache.key(digest, "load", 1, {"source": source})
+        hit = cache.get(key)
+    except BaseException:  # no half-written work folder left behind (a damaged entry, a full disk, Ctrl-C)
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
     if hit is not None:
         shutil.rmtree(dst, ignore_errors=True)
         hit.obj = model
@@ -181,7 +235,7 @@ def _load_hf(spec: Any, cache: Cache) -> Artifact:
 
 
 def _pt2_shape(path: Path) -> tuple[int, ...]:
-    ep = torch.export.load(str(path))
+    ep = _load_pt2(path)
     args = ep.example_inputs[0] if ep.example_inputs else ()
     if not args or not isinstance(args[0], torch.Tensor):
         raise RecipeError(f"{path}: the exported program carries no example input; set model.input_shape")
@@ -201,16 +255,31 @@ def _load_onnx(path: Path, cache: Cache) -> Artifact:
         raise InputError(f"{path}: not a readable ONNX model ({e})") from e
     check_external_data(model, path.parent)
     dst = cache.new_dir("onnx")
-    shutil.copy2(path, dst / "model.onnx")
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                shutil.copy2(path.parent / entry.value, dst / entry.value)
-    digest = sha256_files(dst)
-    art = Artifact("onnx", dst, digest, onnx_input_specs(model), producer=f"load {path}",
-                   metadata={"source": str(path)})
-    key = Cache.key(digest, "load", 1, {"onnx": sha256_json(str(path.name))})
-    hit = cache.get(key)
+    external = any(e.key == "location" for t in model.graph.initializer for e in t.external_data)
+    try:
+        if not external:
+            shutil.copy2(path, dst / "model.onnx")
+        else:
+            # Gather the external data (any layout, sub/w.bin included; check_external_data kept it inside
+            # the model's folder) beside the model as one file, the layout every target expects.
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, str(path.parent))
+            big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit for a single file
+            onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=big,
+                            all_tensors_to_one_file=True, location="model.onnx.data")
+    except OSError as e:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise InputError(f"{path}: cannot copy the model and its external data into the cache ({e})") from e
+    try:
+        digest = sha256_files(dst)
+        art = Artifact("onnx", dst, digest, onnx_input_specs(model), producer=f"load {path}",
+                       metadata={"source": str(path)})
+        key = Cache.key(digest, "load", 1, {"onnx": sha256_json(str(path.name))})
+        hit = cache.get(key)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
     if hit is not None:
         shutil.rmtree(dst, ignore_errors=True)
         return hit

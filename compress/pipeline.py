@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import preflight
 from .artifact import Artifact
 from .cache import Cache
 from .config import PassConfig, TargetConfig
@@ -147,8 +148,14 @@ def run(
     t_start = time.perf_counter()
 
     # Validate everything that can be validated before any work is done.
+    if write:
+        preflight.check_out_dir(out)
     target_cfgs: list[TargetConfig] = list(rec.targets) or _default_targets()
     targets = [make_target(c) for c in target_cfgs]
+    for t in targets:
+        check = getattr(t, "check_config", None)
+        if check is not None:
+            check()  # settings the target's library would reject only at build time
     need_onnx = any(t.consumes == "onnx" for t in targets)
     if rec.measure.metric:
         from .fidelity import load_metric
@@ -177,6 +184,11 @@ def run(
     data = load_data(rec.data, root.inputs[0].shape, root.inputs)
     if data is not None and data.note:
         say(f"data: {data.note}")
+    n_classes = preflight.model_classes(root, data)
+    preflight.check_labels(data, n_classes)
+    for pm in chains.values():
+        preflight.check_data_needed(pm.steps, data, synthetic_ok=any(
+            not np.issubdtype(np.dtype(s.dtype), np.floating) for s in root.inputs))
     ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say)
     if rec.model.train_epochs:
         if root.kind != "torch":
@@ -220,6 +232,12 @@ def run(
 
     report = build_report(rec, measured, cells, data, threads, auto_export, machine_fingerprint(),
                           time.perf_counter() - t_start, cache)
+    base_acc = next((c.accuracy for c in cells if c.variant == "baseline" and c.accuracy is not None), None)
+    trained = bool(rec.model.train_epochs or rec.model.weights)
+    note = preflight.chance_note(base_acc, n_classes, rec.model.source, trained)
+    if note:
+        report["notes"].append(note)
+        say(f"note: {note}")
     if write:
         write_report(report, out)
     if not any(c.status == "ok" for c in cells):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +31,8 @@ class ModelSpec(_Strict):
     weights: str | None = None
     num_classes: int | None = None
     train_epochs: int = Field(0, ge=0, le=1000)
+    # torch.export.load unpickles .pt2 weights with weights_only=False, so a crafted file runs code.
+    allow_unsafe_pt2: bool = Field(False, description="load a .pt2 exported program (pickle: only files you trust)")
     # Hugging Face model directories (hf:PATH): the head to use, e.g. "embedding" (see compress.hf.TASKS).
     task: str | None = None
 
@@ -48,7 +50,7 @@ class DataSpec(_Strict):
 class MeasureSpec(_Strict):
     """How latency is measured."""
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    batch_sizes: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(default_factory=lambda: [1], min_length=1)
     warmup: int = Field(5, ge=0)
     min_runs: int = Field(20, ge=1)
     min_time_s: float = Field(1.0, ge=0)
@@ -125,6 +127,25 @@ def _sub(where: str, cls: type[_Strict], value: Any) -> Any:
         raise RecipeError(_fmt_validation(where, e, cls)) from None
 
 
+def revalidate(spec: _Strict, update: dict[str, Any], where: str, flags: dict[str, str] | None = None) -> Any:
+    """``spec`` with ``update`` applied, validated as a recipe's table is (``model_copy`` would skip that).
+
+    ``flags`` names the command-line option each key came from, so the message names what the user typed.
+    """
+    cls = type(spec)
+    try:
+        return cls.model_validate({**spec.model_dump(), **update})
+    except ValidationError as e:
+        flags = flags or {}
+        parts = []
+        for err in e.errors():
+            key = str(err["loc"][0]) if err["loc"] else ""
+            rest = ".".join(str(x) for x in err["loc"][1:])
+            name = flags.get(key, f"{where}: key '{key}'")
+            parts.append(f"{name}{'[' + rest + ']' if rest else ''}: {err['msg']} (got {err.get('input')!r})")
+        raise RecipeError("; ".join(parts)) from None
+
+
 def recipe_from_dict(d: dict[str, Any], where: str = "recipe") -> Recipe:
     unknown = sorted(set(d) - set(_TOP_KEYS))
     if unknown:
@@ -134,32 +155,34 @@ def recipe_from_dict(d: dict[str, Any], where: str = "recipe") -> Recipe:
     for key in ("passes", "targets"):
         if key in d and not isinstance(d[key], list):
             raise RecipeError(f"{where}: '{key}' must be an array of tables ([[{key}]])")
-    passes = [_validate_step(f"{where}: passes[{i + 1}]", t, target=False) for i, t in enumerate(d.get("passes", []))]
-    targets = [_validate_step(f"{where}: targets[{i + 1}]", t, target=True) for i, t in enumerate(d.get("targets", []))]
     try:
         name = str(d.get("name", "pipeline"))
         seed = int(d.get("seed", 0))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: {e}") from None
-    return Recipe(
-        name=name,
-        model=_sub(f"{where}: model", ModelSpec, d.get("model")),
-        data=_sub(f"{where}: data", DataSpec, d.get("data")),
-        measure=_sub(f"{where}: measure", MeasureSpec, d.get("measure")),
-        passes=passes,
-        targets=targets,
-        seed=seed,
-    )
+    # The plain tables first: checking them needs no plugin (nor torch) imported.
+    model = _sub(f"{where}: model", ModelSpec, d.get("model"))
+    data = _sub(f"{where}: data", DataSpec, d.get("data"))
+    measure = _sub(f"{where}: measure", MeasureSpec, d.get("measure"))
+    passes = [_validate_step(f"{where}: passes[{i + 1}]", t, target=False) for i, t in enumerate(d.get("passes", []))]
+    targets = [_validate_step(f"{where}: targets[{i + 1}]", t, target=True) for i, t in enumerate(d.get("targets", []))]
+    return Recipe(name=name, model=model, data=data, measure=measure, passes=passes, targets=targets, seed=seed)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     if not p.exists():
         raise RecipeError(f"{p}: recipe file not found")
+    if not p.is_file():
+        raise RecipeError(f"{p}: is not a file; give a recipe .toml file")
     try:
-        d = tomllib.loads(p.read_text())
+        d = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{p}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not a text file (byte {e.start} is not UTF-8); a recipe is TOML text") from None
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror or e})") from None
     rec = recipe_from_dict(d, where=str(p))
     # Relative file paths in a recipe are relative to the recipe's folder.
     return _resolve_paths(rec, p.parent)

@@ -8,9 +8,12 @@ is no base class to inherit (LLVM's lesson).
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import PassConfig, TargetConfig
@@ -88,7 +91,21 @@ def targets() -> dict[str, tuple[type[TargetConfig], Callable[[TargetConfig], An
     return dict(sorted(_TARGETS.items()))
 
 
+def _known_without_loading(section: str, kind: str, registered: dict[str, Any]) -> list[str] | None:
+    """The known kinds from a fresh manifest when ``kind`` is not among them (so an unknown name is
+    reported without importing every plugin, and torch with them); None when loading is needed."""
+    if _loaded or kind in registered:
+        return None
+    m = cached_manifest()
+    if m is None or kind in m[section]:
+        return None
+    return sorted(set(m[section]) | set(registered))
+
+
 def get_pass(kind: str) -> PassInfo:
+    known = _known_without_loading("passes", kind, _PASSES)
+    if known is not None:
+        raise RecipeError(f"unknown pass '{kind}'; known passes: {', '.join(known)}")
     all_p = passes()
     if kind not in all_p:
         raise RecipeError(f"unknown pass '{kind}'; known passes: {', '.join(all_p)}")
@@ -96,10 +113,120 @@ def get_pass(kind: str) -> PassInfo:
 
 
 def get_target_config(kind: str) -> type[TargetConfig]:
+    known = _known_without_loading("targets", kind, _TARGETS)
+    if known is not None:
+        raise RecipeError(f"unknown target '{kind}'; known targets: {', '.join(known)}")
     all_t = targets()
     if kind not in all_t:
         raise RecipeError(f"unknown target '{kind}'; known targets: {', '.join(all_t)}")
     return all_t[kind][0]
+
+
+# ---------------------------------------------------------------- manifest
+#
+# Listing the passes needs only their config classes, but importing the plugin modules imports
+# torch (seconds). The listing is therefore kept as a manifest beside the package's bytecode, in
+# __pycache__, keyed by a hash of the plugin sources, and rebuilt whenever one of them changes.
+
+_MANIFEST_FORMAT = 1
+_PLUGIN_PACKAGES = ("passes", "targets")
+
+
+def type_text(ann: object) -> str:
+    """A field's type as a user reads it; Literal types list their allowed values."""
+    import typing
+
+    if typing.get_origin(ann) is typing.Literal:
+        return "one of " + "|".join(str(a) for a in typing.get_args(ann))
+    args = typing.get_args(ann)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return " | ".join(type_text(a) for a in rest) + " | None"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def describe_fields(cfg_cls: type[PassConfig]) -> list[list[str]]:
+    """[name, type, default, description] of every setting but ``kind``."""
+    out = []
+    for name, f in cfg_cls.model_fields.items():
+        if name == "kind":
+            continue
+        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+        out.append([name, type_text(f.annotation), default, f.description or ""])
+    return out
+
+
+def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], Any]]) -> dict[str, Any]:
+    return {
+        "format": _MANIFEST_FORMAT,
+        "passes": {k: {"consumes": i.consumes, "produces": i.produces,
+                       "doc": ((i.config_cls.__doc__ or "").strip().splitlines() or [""])[0],
+                       "fields": describe_fields(i.config_cls)} for k, i in sorted(ps.items())},
+        "targets": {k: {"fields": describe_fields(cfg)} for k, (cfg, _) in sorted(ts.items())},
+    }
+
+
+def _is_plugin(module: str) -> bool:
+    return module.split(".")[0] in _PLUGIN_PACKAGES
+
+
+def _manifest_path() -> Path | None:
+    import hashlib
+    import importlib.util
+    import platform
+    import sys
+
+    import pydantic
+
+    h = hashlib.sha256(f"{_MANIFEST_FORMAT}|{sys.version}|{platform.machine()}|{pydantic.VERSION}".encode())
+    here = Path(__file__).resolve().parent
+    files = [here / "config.py", here / "registry.py"]
+    for pkg in _PLUGIN_PACKAGES:
+        spec = importlib.util.find_spec(pkg)  # finds the package without importing its modules
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            files += sorted(Path(loc).glob("*.py"))
+    try:
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    except OSError:
+        return None
+    return here / "__pycache__" / f"plugins-manifest.{h.hexdigest()[:24]}.json"
+
+
+def cached_manifest() -> dict[str, Any] | None:
+    """The manifest for the plugin sources as they are now, or None when there is none yet."""
+    path = _manifest_path()
+    if path is None or not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == _MANIFEST_FORMAT else None
+
+
+def manifest() -> dict[str, Any]:
+    """Passes and targets with their settings: from the manifest when it is current, else by importing
+    every plugin (and then writing the manifest for next time). Plugins registered in this process
+    outside the ``passes``/``targets`` packages are listed too, but never written to the manifest."""
+    m = None if _loaded else cached_manifest()
+    if m is None:
+        m = _describe({k: i for k, i in passes().items() if _is_plugin(i.fn.__module__)},
+                      {k: t for k, t in targets().items() if _is_plugin(t[1].__module__)})
+        path = _manifest_path()
+        if path is not None:
+            try:  # best effort, atomically: a read-only install simply lists slowly
+                path.parent.mkdir(exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(m, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+            except OSError:
+                pass
+    # Registered in this process outside the plugin packages (already imported, so cheap to describe).
+    extra = _describe({k: i for k, i in _PASSES.items() if k not in m["passes"]},
+                      {k: t for k, t in _TARGETS.items() if k not in m["targets"]})
+    return {**m, "passes": dict(sorted({**m["passes"], **extra["passes"]}.items())),
+            "targets": dict(sorted({**m["targets"], **extra["targets"]}.items()))}
 
 
 def make_target(cfg: TargetConfig) -> Any:

@@ -183,6 +183,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({m['cpu']['cores']} cores, {', '.join(m['cpu']['isa'])}), {report['measurement']['threads']} threads.",
         "",
     ]
+    if m["cpu"].get("isa_forced"):
+        lines[-1:-1] = [f"ISA forced by COMPRESS_ISA/COMPRESS_ARCH (this CPU has: "
+                        f"{', '.join(m['cpu'].get('isa_detected', [])) or 'none'}); ISA-dependent choices follow the "
+                        "forced ISA.  "]
     for target in dict.fromkeys(r["target"] for r in report["results"]):
         sub = [row for row in rows if row[1] == target]
         lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

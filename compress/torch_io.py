@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from .artifact import Artifact, InputSpec, canonical_json
-from .errors import InputError
+from .errors import CacheError, InputError
 
 # Live modules given through the Python API, by content key (see compress.api.module_artifact).
 LIVE_MODULES: dict[str, nn.Module] = {}
@@ -96,8 +98,13 @@ def load_torch(art: Artifact) -> nn.Module:
     """Return the artifact's module: the live one if present, else rebuilt from disk."""
     if art.obj is not None:
         return art.obj
-    source = json.loads((art.path / "source.json").read_text())
-    payload = safe_torch_load(art.path / "model.pt")
+    try:
+        source = json.loads((art.path / "source.json").read_text())
+        payload = safe_torch_load(art.path / "model.pt")
+    except (OSError, ValueError, InputError) as e:
+        # A cached model truncated by a full disk or a hand edit: a damaged cache, not a bug.
+        raise CacheError(f"cache entry {art.path} is damaged ({_first_line(e)}); delete that folder and run "
+                         "again") from e
     module = build_base(source)
     for step in payload.get("structure", []):
         hook = _STRUCTURE_HOOKS.get(step["hook"])
@@ -120,6 +127,10 @@ def load_torch(art: Artifact) -> nn.Module:
     return module
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 def torch_meta(art: Artifact) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The (source, structure) of a torch artifact, for passes that derive a new one."""
     source = json.loads((art.path / "source.json").read_text())
@@ -136,14 +147,23 @@ def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` and a clear error when it refuses."""
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError here
+        # torch warns (UserWarning) on some refused legacy files before raising: the refusal below says it all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: the real danger
         raise InputError(
             f"{path}: refused to load: the checkpoint needs pickle to load arbitrary objects, "
             "which can run code. Re-save only the weights (torch.save(model.state_dict(), path)) "
             "or convert it to .safetensors"
         ) from e
+    except Exception as e:  # RuntimeError / EOFError / zip errors: a damaged file, not a hostile one
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({first[:200]}); is it truncated or "
+                         "another format?") from e
 
 
 def sample_inputs(inputs: tuple[InputSpec, ...], batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,6 @@ without VNNI.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -204,22 +203,29 @@ def simulated_agreement(
 
 
 def choose_scheme(requested: str) -> tuple[str, str]:
-    """Resolve ``scheme="auto"`` from this CPU's ISA; return (scheme, why)."""
+    """Resolve ``scheme="auto"`` from this CPU's ISA; return (scheme, why).
+
+    The ISA is :func:`compress.fingerprint.cpu_info`'s, so ``COMPRESS_ISA`` / ``COMPRESS_ARCH`` force
+    either branch on any machine (the tests run both).
+    """
     from compress.fingerprint import cpu_info
 
-    isa = cpu_info()["isa"]
+    info = cpu_info()
+    isa, arch = info["isa"], str(info["arch"]).lower()
+    forced = f" (forced by COMPRESS_ISA/COMPRESS_ARCH; detected: {', '.join(info['isa_detected']) or 'none'})" \
+        if info["isa_forced"] else ""
     if requested != "auto":
-        return requested, f"scheme {requested} set by the user (CPU ISA: {', '.join(isa) or 'unknown'})"
+        return requested, f"scheme {requested} set by the user (CPU ISA: {', '.join(isa) or 'unknown'}{forced})"
     vnni = [f for f in VNNI_FLAGS if f in isa]
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "u8s8", f"u8s8: {platform.machine()} CPU; ONNX Runtime's integer kernels there do not use VPMADDUBSW"
+    if arch not in ("x86_64", "amd64"):
+        return "u8s8", f"u8s8: {arch} CPU; ONNX Runtime's integer kernels there do not use VPMADDUBSW{forced}"
     if vnni:
         return "u8s8", (f"u8s8: this CPU has {', '.join(vnni)}, whose u8 x s8 dot products accumulate in 32 bits "
-                        "(no saturation), and U8S8 is ONNX Runtime's fast x86 path")
+                        f"(no saturation), and U8S8 is ONNX Runtime's fast x86 path{forced}")
     return "u8s8_reduce_range", (
         "u8s8 with 7-bit weights (reduce_range): this CPU has no VNNI, so ONNX Runtime's u8 x s8 kernels use "
         "VPMADDUBSW, whose 16-bit pair sums saturate with full 8-bit weights (255*127*2 > 32767); 7-bit weights "
-        "keep them in range (255*64*2 < 32767) at U8S8 speed. S8S8 was slower than FP32 on such a CPU")
+        f"keep them in range (255*64*2 < 32767) at U8S8 speed. S8S8 was slower than FP32 on such a CPU{forced}")
 
 
 def scheme_types(scheme: str) -> tuple[Any, Any, bool]:

@@ -51,6 +51,7 @@ class Distill(PassConfig):
     teacher: str | None = Field(None, description="None = the model as it entered the pipeline; else zoo:NAME, "
                                                    "a zoo name, package.module:factory or a .pt2 file")
     teacher_weights: str | None = Field(None, description="state dict (.pt / .safetensors) for a named teacher")
+    allow_unsafe_pt2: bool = Field(False, description="allow a .pt2 teacher (loaded with pickle: only files you trust)")
     temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs cross-entropy")
     labels: Literal["auto", "ignore"] = "auto"
@@ -76,6 +77,9 @@ class Distill(PassConfig):
             raise ValueError("features lists a module twice")
         return self
 
+    def data_needed(self) -> str | None:
+        return "any"  # labels are optional
+
 
 def _epoch_end_hook(epoch: int, info: dict[str, Any]) -> None:
     """Called after each epoch's checkpoint is written (tests replace it to simulate a kill)."""
@@ -98,7 +102,7 @@ def _load_teacher(art: Artifact, cfg: Distill, ctx: PassContext) -> tuple[nn.Mod
         return clone_module(orig).eval(), orig.digest, "original"
 
     from compress import zoo
-    from compress.models import classify_source, load_model
+    from compress.models import classify_source, load_model, unsafe_pt2_message
     from compress.recipe import ModelSpec
 
     src = f"zoo:{cfg.teacher}" if cfg.teacher in zoo.ZOO else cfg.teacher
@@ -106,10 +110,13 @@ def _load_teacher(art: Artifact, cfg: Distill, ctx: PassContext) -> tuple[nn.Mod
     if kind == "onnx":
         raise PassError(f"distill: teacher {cfg.teacher!r} is an ONNX file; the teacher must be a PyTorch model "
                         "(zoo:NAME, package.module:factory or .pt2)")
+    if kind == "pt2" and not cfg.allow_unsafe_pt2:
+        raise InputError(unsafe_pt2_message(Path(src.removeprefix("pt2:")), "distill{allow_unsafe_pt2=true}"))
     if kind == "zoo" and cfg.teacher_weights is None:
         raise PassError(f"distill: teacher {src!r} has random weights; give its trained weights with "
                         "teacher_weights = PATH (a state dict)")
-    spec = ModelSpec(source=src, input_shape=list(art.inputs[0].shape), weights=cfg.teacher_weights)
+    spec = ModelSpec(source=src, input_shape=list(art.inputs[0].shape), weights=cfg.teacher_weights,
+                     allow_unsafe_pt2=cfg.allow_unsafe_pt2)
     t_art = load_model(spec, ctx.cache)
     return clone_module(t_art).eval(), t_art.digest, src
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -98,56 +99,60 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
             dyn = ({n: {**({0: "batch"} if cfg.dynamic_batch else {}), **e} for n, e in zip(names, extra, strict=True)}
                    | ({"output": {0: "batch"}} if cfg.dynamic_batch else {}))
     buf = io.StringIO()
-    # The exporter is chatty on stdout and through warnings; keep what it says for the error.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        # A failing torch.export logs its whole trace through these; the error raised says it in one line.
-        noisy = [logging.getLogger(n) for n in ("torch.export", "torch._dynamo", "torch._guards",
-                                                 "torch.fx.experimental.symbolic_shapes", "torch._export")]
-        levels = [lg.level for lg in noisy]
-        for lg in noisy:
-            lg.setLevel(logging.CRITICAL)
-        try:
-            if cfg.dynamo:
-                prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
-                                         output_names=["output"], dynamic_shapes=dyn, verbose=False)
-                if prog is None:  # only None when given a path to write to, which is not done here
-                    raise ExportError(f"{cfg.kind}: the dynamo exporter returned no program")
-                prog.save(str(path))
-            else:
-                torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,
-                                  output_names=["output"], dynamic_axes=dyn)
-        finally:
-            for lg, lv in zip(noisy, levels, strict=True):
-                lg.setLevel(lv)
+    # The exporter is chatty on stdout, stderr, torch's loggers and warnings; keep what it says for
+    # --debug (ExportError.detail) instead of spilling it before the one-line error.
+    prev_disable = logging.root.manager.disable
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            _export_quiet(module, args, path, cfg, names, dyn)
+    except Exception as e:
+        e.add_note(buf.getvalue())  # the exporter's output, shown with the traceback under --debug
+        raise
+    finally:
+        logging.disable(prev_disable)
 
 
-# Lines of exporter output that name the cause, most specific first (the rest is banner and advice).
-_CAUSE_MARKERS = ("Constraints violated", "constraint violation", "Cannot view", "not supported", "Unsupported",
-                  "unsupported", "index out of range", "Could not guard", "data-dependent", "Error:", "error:")
-_BANNER = ("Failed to export the model with torch.export", "- Modify the model code", "- Debug `torch.export",
-           "- Create an issue", "## ", "The error above occurred", "(Refer to the full stack", "Suggested fixes",
-           "[torch.onnx]", "Traceback", "File ")
+def _export_quiet(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, cfg: ExportOnnx,
+                  names: list[str], dyn: Any) -> None:
+    if cfg.dynamo:
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=cfg.opset, input_names=names,
+                                 output_names=["output"], dynamic_shapes=dyn, verbose=False)
+        if prog is None:  # only None when given a path to write to, which is not done here
+            raise ExportError(f"{cfg.kind}: the dynamo exporter returned no program")
+        prog.save(str(path))
+    else:
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=cfg.opset, input_names=names,
+                          output_names=["output"], dynamic_axes=dyn)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)')
 
 
 def export_cause(e: BaseException) -> str:
-    """One line that names the operator or construct an export failed on, from the exporter's many lines."""
-    chain: list[BaseException] = []
-    cur: BaseException | None = e
-    while cur is not None and len(chain) < 8:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    per_exc = [[ln.strip() for ln in str(x).splitlines() if ln.strip() and not ln.strip().startswith(_BANNER)]
-               for x in chain]
-    lines = [ln for ls in per_exc for ln in ls]
-    for marker in _CAUSE_MARKERS:
-        for i, ln in enumerate(lines):
-            if marker in ln:
-                detail = lines[i + 1] if i + 1 < len(lines) and lines[i + 1].startswith("- ") else ""
-                return " ".join(f"{ln} {detail[2:]}".split())
-    deepest = next((ls for ls in reversed(per_exc) if ls), [])
-    return " ".join(deepest[0].split()) if deepest else type(e).__name__
+    """One line naming why the exporter failed: the innermost exception's first line and, when the
+    exporter reports it, the user's line of code that triggered it (torch wraps the real cause in
+    several layers of advice with terminal colour codes)."""
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    root = chain[-1]
+    text = _ANSI.sub("", str(root)).strip()
+    first = (text.splitlines() or [type(root).__name__])[0].strip()
+    where = ""
+    frames = [m for c in chain for m in _USER_FRAME.finditer(_ANSI.sub("", str(c)))
+              if "site-packages" not in m.group(1)]
+    if frames:
+        f = frames[-1]
+        where = f" at {f.group(1)}:{f.group(2)} in {f.group(3)} ({f.group(4).strip()[:120]})"
+    # A constraint violation's reason is on its next line ("- Not all values of batch ... satisfy ... <= 2").
+    lines = [ln.strip() for ln in text.splitlines()]
+    detail = next((ln[2:] for ln in lines[1:4] if ln.startswith("- ")), "")
+    if detail:
+        first = f"{first} {detail[:200]}"
+    return f"{type(root).__name__}: {first[:500]}{where}"
 
 
 def _working_fallback(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out_dir: Path, cfg: ExportOnnx,
@@ -186,13 +191,16 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     path = out_dir / "model.onnx"
     try:
         _export(module, args, path, cfg, names, art.inputs)
-    except Exception as e:  # the exporter raises many types; name the op/module it reports
+    except OSError as e:  # a full disk or a vanished cache folder is not the model's fault
+        raise ExportError(f"export.onnx: cannot write {path}: {e.strerror or e}; free disk space or set "
+                          "--cache / COMPRESS_CACHE to another folder") from e
+    except Exception as e:  # the exporter raises many types; name the cause and the user's line it reports
         fallback = _working_fallback(module, args, out_dir, cfg, names, art.inputs)
         raise ExportError(
-            f"torch.onnx.export failed for {type(module).__name__}: {export_cause(e)[:400]}. "
+            f"{type(module).__name__} cannot be exported to ONNX: {export_cause(e)}. "
             + (f"{fallback} exports it" if fallback else
-               "No fallback exported it either (tried export.onnx{dynamo=false} and dynamic_batch=false); "
-               "make the failing module traceable or list it in keep of the pass that changed it")
+               "Make that code traceable (no Python branching on tensor values); no fallback exported it either "
+               "(tried export.onnx{dynamo=false} and dynamic_batch=false)")
         ) from e
     model = onnx.load(str(path))
     try:

@@ -47,6 +47,9 @@ class TwoFourPrune(PassConfig):
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 
+    def data_needed(self) -> str | None:
+        return "labelled" if self.finetune_epochs else None
+
 
 def reduction_width(m: WeightLayer) -> int:
     """Length of the axis 2:4 groups run along: input features, or input channels per conv group."""

@@ -83,6 +83,9 @@ class ChannelPrune(PassConfig):
                              "or macs_target (fraction of the original MACs to keep, e.g. 0.5)")
         return self
 
+    def data_needed(self) -> str | None:
+        return "labelled" if self.finetune_epochs or self.importance == "taylor" else None
+
 
 @register_structure_hook(PASS)
 def _replay(module: nn.Module, data: Any) -> nn.Module:

@@ -49,6 +49,9 @@ class MagnitudePrune(PassConfig):
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 
+    def data_needed(self) -> str | None:
+        return "labelled" if self.finetune_epochs else None
+
 
 def _targets(model: nn.Module, keep: list[str]) -> list[tuple[str, WeightLayer]]:
     kept = {id(m) for m in resolve_names(model, keep, "keep", PASS)}

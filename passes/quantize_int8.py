@@ -75,6 +75,9 @@ class QuantizeInt8(PassConfig):
         """Facts outside the config that change the output (for the cache key)."""
         return auto_scheme_env(self.scheme)
 
+    def data_needed(self) -> str | None:
+        return "labelled" if self.max_accuracy_drop is not None else "any"  # calibration samples
+
 
 class _Reader:
     """ORT CalibrationDataReader over prepared batches."""

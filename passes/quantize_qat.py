@@ -51,6 +51,9 @@ class QuantizeQat(PassConfig):
         """Facts outside the config that change the output (for the cache key)."""
         return auto_scheme_env(self.scheme)
 
+    def data_needed(self) -> str | None:
+        return "labelled"  # fine-tunes with cross-entropy
+
 
 class FakeQuantAct(nn.Module):
     """Per-tensor affine u8 fake quantization with a moving min/max observer."""
@@ -111,37 +114,68 @@ class FakeQuantAct(nn.Module):
 
 
 class QuantWrap(nn.Module):
-    """A Conv2d or Linear with fake-quantized input and per-channel fake-quantized weight."""
+    """A Conv2d or Linear with fake-quantized input and per-channel fake-quantized weight.
+
+    Training fake-quantizes the float weight into ``[wq_min, wq_max]`` (straight-through gradients).
+    In eval mode the weight is the integer tensor ``w_int`` (quantized offline, stored as INT8)
+    dequantized per channel: the exporters emit that as an INT8 initializer feeding
+    DequantizeLinear, the standard QDQ form every backend reads. The ONNX fake-quant range rule
+    (only (-128,127), (0,127), (0,255)) then never sees the 7-bit range of the reduce-range scheme:
+    7-bit weights are INT8 values that happen to lie in [-64, 63].
+    """
 
     w_scale: torch.Tensor
     w_zero: torch.Tensor
+    w_int: torch.Tensor
     module: nn.Conv2d | nn.Linear
 
     def __init__(self, module: nn.Module, wq_min: int = -128, wq_max: int = 127, momentum: float = 0.01) -> None:
         super().__init__()
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"QuantWrap takes Conv2d or Linear, got {type(module).__name__}")
+        if not -128 <= wq_min < 0 < wq_max <= 127:
+            raise ValueError(f"QuantWrap: weight range [{wq_min}, {wq_max}] must lie within INT8 and hold 0")
         self.module = module
         self.act = FakeQuantAct(momentum)
         self.wq_min, self.wq_max = wq_min, wq_max
         out = module.weight.shape[0]
         self.register_buffer("w_scale", torch.ones(out))
         self.register_buffer("w_zero", torch.zeros(out, dtype=torch.int32))
+        self.register_buffer("w_int", torch.zeros(module.weight.shape, dtype=torch.int8))
         self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Weight scales from the current weights (symmetric, zero point 0)."""
+        """Weight scales (symmetric, zero point 0) and the offline-quantized weight from the current weights."""
         w = self.module.weight.detach()
         amax = w.abs().reshape(w.shape[0], -1).amax(1)
         self.w_scale.copy_((amax / float(self.wq_max)).clamp(min=1e-12))
+        scale = self.w_scale.reshape(-1, *([1] * (w.dim() - 1)))
+        self.w_int.copy_(torch.round(w / scale).clamp(self.wq_min, self.wq_max).to(torch.int8))
+
+    def train(self, mode: bool = True) -> QuantWrap:
+        # Entering eval freezes the weight the deployed graph will hold: the last optimizer step came
+        # after the last training forward, so the integer weight is re-derived here.
+        super().train(mode)
+        if not mode:
+            self.refresh()
+        return self
+
+    def _eval_weight(self) -> torch.Tensor:
+        if torch.jit.is_tracing():  # the legacy exporter: Q/DQ of on-grid values, which are exact in INT8
+            w = self.w_int.to(self.w_scale.dtype) * self.w_scale.reshape(-1, *([1] * (self.w_int.dim() - 1)))
+            return torch.fake_quantize_per_channel_affine(w, self.w_scale, self.w_zero, 0, -128, 127)
+        qd = torch.ops.quantized_decomposed
+        return qd.dequantize_per_channel(self.w_int, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.refresh()
+            w = torch.fake_quantize_per_channel_affine(self.module.weight, self.w_scale, self.w_zero, 0, self.wq_min,
+                                                       self.wq_max)
+        else:
+            w = self._eval_weight()
         x = self.act(x)
-        w = torch.fake_quantize_per_channel_affine(self.module.weight, self.w_scale, self.w_zero, 0, self.wq_min,
-                                                   self.wq_max)
         if isinstance(self.module, nn.Conv2d):
             return self.module._conv_forward(x, w, self.module.bias)
         return F.linear(x, w, self.module.bias)
@@ -205,7 +239,8 @@ def quant_wraps(model: nn.Module) -> list[QuantWrap]:
     return [m for m in model.modules() if isinstance(m, QuantWrap)]
 
 
-@register_pass(QuantizeQat, consumes="torch", produces="torch")
+# version 2: weights stored as offline-quantized INT8 (w_int) so every scheme exports as standard QDQ.
+@register_pass(QuantizeQat, consumes="torch", produces="torch", version=2)
 def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
     """Fold BN, insert fake quantization (QDQ on export), calibrate, then fine-tune on labelled data."""
     from compress.training import fit, top1
@@ -237,6 +272,7 @@ def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
     model.eval()
     _fold_bn(model, pairs, numeric=True)
     _wrap(model, names, wq_min, wq_max, cfg.momentum)
+    model.eval()  # new wrappers start in training mode; calibration must observe min/max, not a moving average
     wraps = quant_wraps(model)
     for w in wraps:
         w.act.observe = True

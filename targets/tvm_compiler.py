@@ -75,11 +75,39 @@ class TvmConfig(TargetConfig):
         return v
 
 
+# LLVM CPU names that carry exactly an ISA level, for a host whose ISA is forced (COMPRESS_ISA): the
+# detected CPU's own name would let LLVM emit instructions the forced CPU lacks. Most capable first.
+_MCPU_BY_ISA: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("amx_tile", "amx_int8"), "sapphirerapids"),
+    (("avx512_vnni",), "cascadelake"),
+    (("avx512f",), "skylake-avx512"),
+    (("avx_vnni",), "alderlake"),
+    (("avx2", "fma"), "haswell"),
+    (("avx",), "sandybridge"),
+)
+
+
+def mcpu_for_isa(isa: list[str], arch: str) -> str | None:
+    """An LLVM ``mcpu`` whose features are within ``isa`` (None: leave LLVM's generic CPU)."""
+    if arch not in ("x86_64", "amd64"):
+        return None
+    for needs, mcpu in _MCPU_BY_ISA:
+        if all(f in isa for f in needs):
+            return mcpu
+    return "x86-64"
+
+
 def host_target_json() -> dict[str, Any]:
-    """The target for this CPU: LLVM's name for the host CPU as mcpu, and the cores we may use."""
+    """The target for this CPU: LLVM's name for the host CPU as mcpu, and the cores we may use.
+
+    With the ISA forced (``COMPRESS_ISA``), mcpu comes from the forced flags instead, so the code
+    runs on the CPU the user named and not only on this one.
+    """
     from tvm.target import codegen
 
-    cpu = codegen.llvm_get_system_cpu()
+    info = cpu_info()
+    cpu = mcpu_for_isa(info["isa"], str(info["arch"]).lower()) if info["isa_forced"] else \
+        codegen.llvm_get_system_cpu()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     out: dict[str, Any] = {"kind": "llvm", "num-cores": cores}
     if cpu and cpu != "generic":
@@ -236,6 +264,16 @@ class TvmTarget:
             except ImportError:
                 return "MetaSchedule's cost model needs xgboost; pip install xgboost-cpu (or set tuning_trials = 0)"
         return None
+
+    def check_config(self) -> None:
+        """Let TVM judge a given target JSON before any pass runs (raises RecipeError naming it)."""
+        if self.config.target is None:
+            return
+        try:
+            import tvm  # noqa: F401
+        except ImportError:  # unavailable_reason says why; nothing to check the JSON against
+            return
+        make_target(dict(self.config.target))
 
     def fingerprint(self) -> dict[str, Any]:
         info = cpu_info()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 from typing import Literal
 
@@ -132,3 +134,39 @@ class DeviceClockTarget:
                 inner.close()
 
         return Clocked()
+
+
+# The two x86 INT8 branches of PLATFORM.md, forced through COMPRESS_ISA so that a test depending on
+# the host's ISA runs both on any CPU (the suite once passed on a VNNI Xeon and failed on a Zen 3).
+ISA_CHOICES = {"novnni": "avx,avx2,f16c,fma", "vnni": "avx,avx2,avx512_vnni,avx512f,f16c,fma"}
+SCHEME_FOR_ISA = {"novnni": "u8s8_reduce_range", "vnni": "u8s8"}
+
+# Every other test sees the same CPU on every x86 machine: the AVX2-only one, whose scheme (7-bit
+# weights) is exact on both kinds of hardware. Tests that are about the ISA force each choice
+# (``forced_isa``); the detection itself is tested with the variables removed.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ["COMPRESS_ISA"] = ISA_CHOICES["novnni"]
+    os.environ["COMPRESS_ARCH"] = "x86_64"
+
+
+@pytest.fixture(params=sorted(ISA_CHOICES))
+def forced_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test as on an x86 CPU without VNNI, then as on one with it."""
+    monkeypatch.setenv("COMPRESS_ISA", ISA_CHOICES[request.param])
+    monkeypatch.setenv("COMPRESS_ARCH", "x86_64")
+    return str(request.param)
+
+
+def host_int8_kernels_exact(scheme: str) -> bool:
+    """Whether this machine's real integer kernels compute ``scheme`` without u8 x s8 saturation.
+
+    Full 8-bit weights (u8s8) are exact only where the detected CPU has VNNI (or is not x86): a test
+    forcing u8s8 on an AVX2-only CPU checks the simulated model, and the deployed kernels only where
+    they can be right. 7-bit weights (reduce-range) are exact everywhere.
+    """
+    from compress.fingerprint import detected_cpu
+    from passes._quant_common import VNNI_FLAGS
+
+    if scheme != "u8s8" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return any(f in detected_cpu()["isa"] for f in VNNI_FLAGS)

@@ -103,7 +103,7 @@ def test_export_failure_exits_1(tmp_path: Path, capsys, monkeypatch) -> None:
     code, _, err = run_cli(capsys, "run", "--model", "user_models:not_exportable", "--input-shape", "1,1,8,8",
                            "--cache", str(tmp_path / "c"))
     assert code == 1
-    assert "pass #1 'export.onnx' failed: torch.onnx.export failed for NotExportable" in err
+    assert "pass #1 'export.onnx' failed: NotExportable cannot be exported to ONNX" in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("report.json"))
 
@@ -141,6 +141,23 @@ def test_targets_and_passes_listing(capsys) -> None:
     assert "onnxruntime  available" in out and "torch        available" in out
     code, out, _ = run_cli(capsys, "passes")
     assert code == 0 and "export.onnx  (torch -> onnx)" in out and "opset: int, default 20" in out
+
+
+def test_targets_shows_the_isa_and_its_int8_scheme_per_isa(forced_isa: str, capsys,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0
+    isa_line = next(line for line in out.splitlines() if line.startswith("ISA:"))
+    assert ("avx512_vnni" in isa_line.split("(")[0]) == (forced_isa == "vnni")
+    assert "forced by COMPRESS_ISA" in isa_line
+    assert ("7-bit weights" in out) == (forced_isa == "novnni")
+    monkeypatch.delenv("COMPRESS_ISA")
+    monkeypatch.delenv("COMPRESS_ARCH")
+    code, out, _ = run_cli(capsys, "targets")
+    assert code == 0 and "forced" not in out.split("onnxruntime")[0]
+    monkeypatch.setenv("COMPRESS_ISA", "avx2,sse9")
+    code, _, err = run_cli(capsys, "targets")
+    assert code == 2 and "unknown ISA flag(s) sse9" in err and len(err.strip().splitlines()) == 1
 
 
 def test_python_m_compress_works() -> None:

@@ -153,7 +153,7 @@ def test_model_that_does_not_export_gives_export_error(cache) -> None:
     from user_models import not_exportable
 
     root = module_artifact(not_exportable(), (1, 1, 8, 8), cache)
-    with pytest.raises(ExportError, match="torch.onnx.export failed for NotExportable"):
+    with pytest.raises(ExportError, match="NotExportable cannot be exported to ONNX: .*data-dependent"):
         PassManager([ExportOnnx()]).run(root, PassContext(cache=cache, progress=False))
 
 
@@ -181,11 +181,12 @@ def test_export_cause_picks_the_construct_not_the_banner() -> None:
                              "- Modify the model code for `torch.export.export` to succeed.") from e
     except ValueError as outer:
         cause = export_cause(outer)
-    assert cause.startswith("Constraints violated (batch)!") and "size()[0] <= 2" in cause and "\n" not in cause
+    assert "Constraints violated (batch)!" in cause and "size()[0] <= 2" in cause and "\n" not in cause
+    assert "Failed to export" not in cause
     try:
         try:
             raise RuntimeError("running_mean should contain 320 elements not 2560")
         except RuntimeError as e:
             raise ValueError("Failed to export the model with torch.export. banner") from e
     except ValueError as outer:
-        assert export_cause(outer) == "running_mean should contain 320 elements not 2560"
+        assert export_cause(outer) == "RuntimeError: running_mean should contain 320 elements not 2560"

@@ -65,7 +65,9 @@ def test_exported_program_source(tmp_path: Path, cache) -> None:
     x = torch.randn(1, 1, 8, 8)
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(m, (x,)), str(path))
-    art = load_model(ModelSpec(source=str(path)), cache)
+    with pytest.raises(InputError, match="allow_unsafe_pt2"):  # torch.export.load unpickles: opt-in only
+        load_model(ModelSpec(source=str(path)), cache)
+    art = load_model(ModelSpec(source=str(path), allow_unsafe_pt2=True), cache)
     assert art.inputs[0].shape == (1, 1, 8, 8)
     assert torch.allclose(load_torch(art)(x), m(x), atol=1e-6)
 

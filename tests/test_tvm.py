@@ -99,6 +99,40 @@ def test_untuned_matches_onnxruntime_and_is_labelled_untuned(digits_onnx: Path, 
     np.testing.assert_allclose(got[0], _ort(digits_onnx, x), rtol=1e-4, atol=1e-5)
 
 
+def test_host_target_follows_the_forced_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    from targets.tvm_compiler import mcpu_for_isa
+
+    assert mcpu_for_isa(["avx", "avx2", "fma"], "x86_64") == "haswell"
+    assert mcpu_for_isa(["avx2", "avx512_vnni", "avx512f", "fma"], "x86_64") == "cascadelake"
+    assert mcpu_for_isa(["amx_int8", "amx_tile", "avx512f"], "x86_64") == "sapphirerapids"
+    assert mcpu_for_isa([], "x86_64") == "x86-64"
+    assert mcpu_for_isa(["neon"], "aarch64") is None
+    monkeypatch.setenv("COMPRESS_ISA", "avx,avx2,fma")
+    monkeypatch.setenv("COMPRESS_ARCH", "x86_64")
+    assert host_target_json()["mcpu"] == "haswell"
+    monkeypatch.delenv("COMPRESS_ISA")
+    monkeypatch.delenv("COMPRESS_ARCH")
+    from tvm.target import codegen
+
+    assert host_target_json().get("mcpu", "generic") == codegen.llvm_get_system_cpu()
+
+
+def test_untuned_build_per_isa_matches_onnxruntime(forced_isa: str, digits_onnx: Path, tmp_path: Path) -> None:
+    """The code built for the forced CPU (AVX2-only or AVX-512 VNNI) computes the model's outputs."""
+    from compress.fingerprint import detected_cpu
+
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0))
+    comp = target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    want = {"novnni": "haswell", "vnni": "cascadelake"}[forced_isa]
+    assert comp.metadata["tvm"]["target"]["mcpu"] == want
+    if forced_isa == "vnni" and "avx512_vnni" not in detected_cpu()["isa"]:
+        pytest.skip("built for AVX-512 VNNI; this CPU cannot run that code (the build itself was checked)")
+    x = _x()
+    np.testing.assert_allclose(target.runner(comp).infer({"input": x})[0], _ort(digits_onnx, x), rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_tuned_build_matches_onnxruntime_and_records_its_trials(tuned: dict, digits_onnx: Path) -> None:
     t = tuned["first"].metadata["tvm"]["tuning"]
     assert tuned["first"].metadata["tvm"]["label"] == "tuned"
