@@ -203,7 +203,7 @@ def run_model(name: str, cache_dir: Path) -> dict[str, Any]:
     return rec
 
 
-def bert_latency(seq: int = 128, n_sent: int = 32) -> list[str]:
+def bert_latency(seq: int = 128, n_sent: int = 32, threads: int = 0, cache_dir: Path | None = None) -> list[str]:
     """A BERT-base-shaped encoder (random weights) at sequence ``seq``, batch 1: PyTorch FP32 vs the artifacts.
 
     Latency does not depend on the weights; the cosines do, so they are on random weights and synthetic
@@ -221,13 +221,14 @@ def bert_latency(seq: int = 128, n_sent: int = 32) -> list[str]:
     from passes.prune_channels import ChannelPrune
     from passes.quantize_dynamic import QuantizeDynamic
 
-    threads = os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    load0 = os.getloadavg()
     cfg = T.BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522
     module = from_config(cfg, "embedding")
     specs = input_specs(cfg, "embedding", (1, seq))
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Cache(Path(tmp) / "c")
+        cache = Cache(cache_dir or Path(tmp) / "c")
         root = module_artifact(module, (1, seq), cache, inputs=specs)
         ctx = PassContext(cache=cache, seed=0, progress=False, original=root)
         arts: dict[str, Artifact] = {}
@@ -261,6 +262,7 @@ def bert_latency(seq: int = 128, n_sent: int = 32) -> list[str]:
             samples = measure_interleaved(fns, warmup=3, min_runs=30, min_time_s=5.0, max_time_s=60.0)
         base = float(np.median(samples["PyTorch FP32"]))
         ratios = {k: float(np.median(samples[k])) / base for k in fns if k != "PyTorch FP32"}
+        cosines: dict[str, dict[str, Any]] = {}
         for k in fns:
             med = float(np.median(samples[k]))
             if k == "PyTorch FP32":
@@ -268,15 +270,24 @@ def bert_latency(seq: int = 128, n_sent: int = 32) -> list[str]:
             else:
                 got = np.concatenate([sessions[k].run(None, f)[0] for f in sents])
                 c = compare_outputs(ref, got, "embedding")
+                cosines[k] = c
                 cos = f"{c['cosine_mean']:.4f} / {c['cosine_worst']:.4f}"
             rows.append(f"| {k} | {med:.2f} | {med / base:.2f} | {cos} |")
-    best = min(ratios, key=lambda k: ratios[k])
+    # The best artifact is the fastest that keeps the function (on these weights): cosine >= 0.99 / 0.97.
+    faithful = [k for k in ratios if cosines[k]["cosine_mean"] >= 0.99 and cosines[k]["cosine_worst"] >= 0.97]
+    best = min(faithful or ratios, key=lambda k: ratios[k])
     goal = (f"Goal (best artifact <= 0.5x PyTorch FP32 latency, BERT at seq {seq}, batch 1): "
-            f"{'met' if ratios[best] <= 0.5 else 'not met'} for latency by {best} at {ratios[best]:.2f}x. "
+            f"{'met' if ratios[best] <= 0.5 else 'not met'} for latency by {best} at {ratios[best]:.2f}x "
+            "(the fastest artifact with cosine >= 0.99 mean and >= 0.97 worst to PyTorch FP32 on these weights; "
+            "pruning heads without distillation does not keep the function). "
             "The fidelity half (pooled-embedding cosine >= 0.99 mean, >= 0.97 worst on real sentences) is not "
             "measured: it needs a pretrained sentence encoder and real sentences, and none is available offline "
             "here; the cosines below are on random weights.")
-    return [f"## BERT-base-shaped encoder, seq {seq}, batch 1, {threads} threads", "", goal, "",
+    load1 = os.getloadavg()
+    return [f"## BERT-base-shaped encoder, seq {seq}, batch 1, {threads} thread(s)", "", goal, "",
+            f"Load average (1 min) {load0[0]:.1f} at the start and {load1[0]:.1f} at the end, on "
+            f"{os.cpu_count()} cores: the machine was shared, and PyTorch's thread pool suffers more from that than "
+            "ONNX Runtime with spinning off, so the ratios are not what a quiet machine gives.", "",
             "Random weights (no pretrained encoder is available offline), mean-pooled embedding; latency is the "
             "median of interleaved calls; cosine is per sample against PyTorch FP32 on "
             f"{n_sent} synthetic padded sequences (token ids within the vocabulary), mean / worst.", "",
@@ -321,7 +332,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--bert-latency", action="store_true",
-                    help="only the BERT-base latency/cosine comparison; writes benchmarks/results/compat-bert.md")
+                    help="only the BERT-base latency/cosine comparison; writes benchmarks/results/compat-bert-tN.md")
+    ap.add_argument("--threads", type=int, default=0, help="threads for --bert-latency (0: all cores)")
+    ap.add_argument("--cache", type=Path, help="cache folder for --bert-latency (reruns reuse its artifacts)")
     a = ap.parse_args()
     try:
         import transformers  # noqa: F401
@@ -330,18 +343,23 @@ def main() -> int:
         return 2
     if a.bert_latency:
         t0 = time.perf_counter()
-        lines = bert_latency()
+        lines = bert_latency(threads=a.threads, cache_dir=a.cache)
         print("\n".join(lines))
         from compress.fingerprint import machine_fingerprint
 
         m = machine_fingerprint()
-        doc = ["# BERT-base latency and fidelity", "", "- Command: `python benchmarks/bench_compat.py --bert-latency`",
+        import os
+
+        nt = a.threads or os.cpu_count() or 1
+        doc = [f"# BERT-base latency and fidelity, {nt} thread(s)", "",
+               "- Command: `python benchmarks/bench_compat.py --bert-latency"
+               f"{f' --threads {a.threads}' if a.threads else ''}`",
                f"- Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; total wall time "
                f"{time.perf_counter() - t0:.0f} s",
                f"- Machine: {m['cpu']['model']}, {m['cpu']['cores']} cores, ISA {', '.join(m['cpu']['isa'])} "
                "(shared with other jobs while it ran)", "", *lines]
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "compat-bert.md").write_text("\n".join(doc))
+        (HERE / "results" / f"compat-bert-t{nt}.md").write_text("\n".join(doc))
         return 0
     names = [n.strip() for n in a.only.split(",")] if a.only else list(MODELS)
     unknown = [n for n in names if n not in MODELS]
