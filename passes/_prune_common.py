@@ -37,6 +37,20 @@ def count_macs_params(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple
     return int(macs), int(params)
 
 
+# Batched matrix products between activations: attention's q @ k^T and att @ v (Linear layers run as mm/addmm).
+_ATTENTION_OPS = ("aten.bmm", "aten.baddbmm", "aten._scaled_dot_product")
+
+
+def attention_macs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
+    """MACs of the attention matrix products in one forward pass (torch's FLOP counter, flops / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(*inputs)
+    counts = fc.get_flop_counts().get("Global", {})
+    return int(sum(v for k, v in counts.items() if str(k).startswith(_ATTENTION_OPS)) // 2)
+
+
 def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 

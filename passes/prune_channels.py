@@ -33,6 +33,7 @@ from compress.torch_io import clone_module, register_structure_hook, sample_inpu
 
 from ._prune_common import (
     apply_shape_diff,
+    attention_macs,
     count_macs_params,
     find_classifier,
     finetune,
@@ -539,6 +540,12 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
     widths0 = layer_widths(model)
     attn0 = {n: int(getattr(blk, attr)) for n, blk, attr, _ in attention_blocks(model)}
     before = shape_snapshot(model)
+    attention_counts: dict[str, int] = {}
+    att_err = ""
+    try:
+        att0 = attention_macs(model, inputs) if attn0 else 0
+    except Exception as e:  # the FLOP counter is an extra figure; its failure must not fail the pass
+        att0, att_err = -1, (str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
 
     if cfg.ratio is not None:
         info = _prune_at(model, inputs, cfg, ctx, cfg.ratio, precheck=True)
@@ -558,7 +565,17 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
     out1 = sum(widths1[n][1] for n in pruned_layers)
     notes = ["channels are physically removed: the exported model is a smaller dense model, faster on every target"]
     if attn:
-        notes.append("MACs do not count the attention matrix products (q @ k^T, att @ v)")
+        try:
+            att1 = attention_macs(model, inputs) if att0 >= 0 else -1
+        except Exception as e:  # the FLOP counter is an extra figure; its failure must not fail the pass
+            att1, att_err = -1, (str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+        if att1 < 0:
+            notes.append(f"MACs do not count the attention matrix products (q @ k^T, att @ v); counting them "
+                         f"failed: {att_err}")
+        else:
+            notes.append(f"MACs above exclude the attention matrix products (q @ k^T, att @ v), counted separately: "
+                         f"{att0:,} -> {att1:,} at this input shape (they grow with the sequence length squared)")
+            attention_counts = {"attention_macs_before": att0, "attention_macs_after": att1}
     if info.unmappable:
         notes.append("kept unpruned, because their outputs are concatenated (or split) into a grouped conv, whose "
                      f"channel groups torch-pruning cannot map: {', '.join(info.unmappable)}")
@@ -583,6 +600,7 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
     if attn:
         meta["heads_before"] = attn0
         meta["heads_after"] = heads1
+        meta.update(attention_counts)
     meta["_diff"] = diff
     return model, meta
 

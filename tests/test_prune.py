@@ -500,6 +500,10 @@ def test_channels_hf_style_attention_prunes_whole_heads_by_default(cache: Cache)
         assert layer.intermediate.out_features == 32  # MLP width pruned with the heads
     # the output is hidden states made by a LayerNorm: their width (the embedding size) is kept
     assert module(torch.randn(2, 6, 16)).shape == (2, 6, 32)
+    # attention products counted apart: 2 layers x (q @ k^T + att @ v) x heads x 6 x 6 x head size 8
+    assert meta["attention_macs_before"] == 2 * 2 * 4 * 6 * 6 * 8
+    assert meta["attention_macs_after"] == 2 * 2 * 2 * 6 * 6 * 8
+    assert any("counted separately" in n for n in meta["notes"])
     assert out.metadata["export.onnx"]["cosine"] > 0.9999
 
 
