@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["suite", "prune", "quantize", "distill", "tvm"]
+ORDER = ["suite", "prune", "quantize", "distill", "tvm", "compat"]
 
 
 def main() -> int:

@@ -17,8 +17,12 @@ from .recipe import DataSpec
 from .torch_io import LIVE_MODULES, load_torch, set_eval, torch_digest, write_torch
 
 
-def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cache) -> Artifact:
+def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cache,
+                    inputs: tuple[InputSpec, ...] | None = None) -> Artifact:
     """Wrap a live module as a root torch artifact.
+
+    ``inputs`` (names, dtypes, value ranges, dynamic axes) replaces the single float input of
+    ``input_shape`` for models with several or integer inputs (token ids, masks).
 
     A live module has no recipe for rebuilding it from disk, so a private copy is
     kept in this process and cache hits derived from it are rebuilt from that
@@ -30,9 +34,13 @@ def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cach
     LIVE_MODULES[key] = set_eval(copy.deepcopy(module))
     dst = cache.new_dir("module")
     digest = write_torch(dst, module, source, [])
-    art = Artifact("torch", dst, digest, (InputSpec("input", tuple(input_shape)),), metadata={"source": "live module"})
+    specs = inputs or (InputSpec("input", tuple(input_shape)),)
+    art = Artifact("torch", dst, digest, specs, metadata={"source": "live module"})
     art.obj = LIVE_MODULES[key]
-    out = cache.put(Cache.key(digest, "live", 1, {"shape": list(input_shape)}), art)
+    facts: dict[str, Any] = {"shape": list(input_shape)}
+    if inputs:
+        facts["inputs"] = [s.to_json() for s in inputs]
+    out = cache.put(Cache.key(digest, "live", 1, facts), art)
     out.obj = LIVE_MODULES[key]
     return out
 

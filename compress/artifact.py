@@ -25,13 +25,25 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    # Integer inputs: valid values are 0 .. high-1 (the vocabulary size for token ids, 2 for masks),
+    # so synthetic inputs (parity, calibration without data) stay in range.
+    high: int | None = None
+    # Axes (besides the batch) whose length may change between calls, e.g. {1: "seq"}.
+    dynamic_axes: tuple[tuple[int, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.high is not None:
+            d["high"] = self.high
+        if self.dynamic_axes:
+            d["dynamic_axes"] = {str(k): v for k, v in self.dynamic_axes}
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> InputSpec:
-        return cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]), dtype=str(d.get("dtype", "float32")))
+        return cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]), dtype=str(d.get("dtype", "float32")),
+                   high=int(d["high"]) if d.get("high") is not None else None,
+                   dynamic_axes=tuple((int(k), str(v)) for k, v in (d.get("dynamic_axes") or {}).items()))
 
 
 @dataclass

@@ -26,6 +26,8 @@ from .errors import InputError, RecipeError
 class Split:
     x: np.ndarray  # float32, (N, C, H, W) or (N, ...)
     y: np.ndarray | None  # int64 labels, or None when unlabelled
+    # The other named inputs of a multi-input model (e.g. attention_mask beside input_ids), same N.
+    extra: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -42,6 +44,22 @@ class DataBundle:
     sample_shape: tuple[int, ...]  # as stored, without batch
     input_shape: tuple[int, ...]  # as the model wants it, without batch
     note: str = ""
+    # Set when the data holds one named array per model input (an .npz of input_ids, attention_mask, ...).
+    input_names: tuple[str, ...] = ()
+
+    def feeds(self, split: Split, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Samples ``start:stop`` of a split as named model inputs (integer arrays keep their dtype)."""
+        first = split.x[start:stop]
+        if not self.input_names:
+            return {"input": self.adapt(first).numpy()}
+        out = {self.input_names[0]: np.ascontiguousarray(first)}
+        for name in self.input_names[1:]:
+            out[name] = np.ascontiguousarray((split.extra or {})[name][start:stop])
+        return out
+
+    def feed_batches(self, split: Split, batch_size: int, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+        n = len(split) if limit is None else min(limit, len(split))
+        return [self.feeds(split, i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
 
     def adapt(self, x: np.ndarray) -> torch.Tensor:
         """Bring stored samples to the model's input shape (resize, repeat channels)."""
@@ -111,6 +129,29 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
+def _npz_named(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None] | None:
+    """One array per named model input (integer arrays as int64, others float32), or None if the names are absent."""
+    if not path.exists():
+        raise InputError(f"{path}: .npz data file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" in z or not all(n in z for n in names):
+                missing = [n for n in names if n not in z]
+                if "x" not in z and missing:
+                    raise InputError(f"{path}: the model's inputs are {', '.join(names)}; the .npz lacks "
+                                     f"{', '.join(missing)} (found {', '.join(z.keys())})")
+                return None
+            arrays = {n: (z[n].astype(np.int64) if np.issubdtype(z[n].dtype, np.integer) else z[n].astype(np.float32))
+                      for n in names}
+            y = z["y"].astype(np.int64) if "y" in z else None
+    except ValueError as e:
+        raise InputError(f"{path}: cannot read .npz without pickle ({e})") from e
+    lens = {n: len(a) for n, a in arrays.items()}
+    if len(set(lens.values())) != 1 or (y is not None and len(y) != len(arrays[names[0]])):
+        raise InputError(f"{path}: the arrays differ in sample count ({lens}{'' if y is None else f', y: {len(y)}'})")
+    return arrays, y
+
+
 def _numeric(path: Path, key: str, z: Any, dtype: type) -> np.ndarray:
     """Array ``key`` of an open .npz as ``dtype``, with a message naming the array when it is not numbers."""
     try:
@@ -156,14 +197,32 @@ def _folder(path: Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.nd
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
-def load_data(spec: object, input_shape: tuple[int, ...]) -> DataBundle | None:
-    """Load the recipe's ``data`` table. ``random`` returns None: accuracy is then not measured."""
+def load_data(spec: object, input_shape: tuple[int, ...], inputs: tuple[Any, ...] | None = None) -> DataBundle | None:
+    """Load the recipe's ``data`` table. ``random`` returns None: accuracy is then not measured.
+
+    ``inputs`` (the model's input specs): a model with several named inputs reads an .npz holding one
+    array per input name (and optionally ``y``).
+    """
     src: str = spec.source  # type: ignore[attr-defined]
     want = tuple(input_shape[1:])
     if src == "random":
         return None
     y: np.ndarray | None
-    if src == "builtin:digits":
+    extra: dict[str, np.ndarray] = {}
+    names: tuple[str, ...] = ()
+    named = None
+    if inputs and len(inputs) > 1 and (src.startswith("npz:") or src.endswith(".npz")):
+        named = _npz_named(Path(src[4:] if src.startswith("npz:") else src), [s.name for s in inputs])
+        if named is None:
+            raise InputError(f"data source {src!r}: the model has inputs {', '.join(s.name for s in inputs)}; "
+                             "give the .npz one array per input name (not 'x')")
+    if named is not None:
+        arrays, y = named
+        names = tuple(arrays)
+        x = arrays[names[0]]
+        extra = {n: arrays[n] for n in names[1:]}
+        want = tuple(x.shape[1:])
+    elif src == "builtin:digits":
         x, y = _digits()
     elif src.startswith("npz:") or src.endswith(".npz"):
         x, y = _npz(Path(src[4:] if src.startswith("npz:") else src))
@@ -173,7 +232,7 @@ def load_data(spec: object, input_shape: tuple[int, ...]) -> DataBundle | None:
         x, y = _folder(Path(src[7:]), want)
     else:
         raise RecipeError(f"data source {src!r} not understood; use builtin:digits, folder:PATH, npz:PATH or random")
-    if not np.isfinite(x).all():
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0][0])
         raise InputError(f"data source {src!r}: sample {bad} contains NaN or Inf")
     n = len(x)
@@ -188,12 +247,13 @@ def load_data(spec: object, input_shape: tuple[int, ...]) -> DataBundle | None:
         iv = iv[: spec.max_val_samples]  # type: ignore[attr-defined]
 
     def take(idx: np.ndarray) -> Split:
-        return Split(x[idx], None if y is None else y[idx])
+        return Split(x[idx], None if y is None else y[idx], {n: a[idx] for n, a in extra.items()} or None)
 
     split = (f"val={spec.val_fraction};calib={spec.calib_fraction};seed={spec.seed};"  # type: ignore[attr-defined]
              f"max_val={spec.max_val_samples};input={want}")  # type: ignore[attr-defined]
-    bundle = DataBundle(src, take(it), take(ic), take(iv), y is not None, _digest(x, y, split),
-                        tuple(x.shape[1:]), want)
+    digest = _digest(x, y, split + "".join(f";{n}={hashlib.sha256(a.tobytes()).hexdigest()}" for n, a in extra.items()))
+    bundle = DataBundle(src, take(it), take(ic), take(iv), y is not None, digest,
+                        tuple(x.shape[1:]), want, input_names=names)
     if bundle.sample_shape != want:
         bundle.note = f"samples {bundle.sample_shape} adapted to model input {want} (resize / channel repeat)"
         bundle.adapt(x[:1])  # fail now, not mid-run, if they cannot be adapted

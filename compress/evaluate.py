@@ -25,18 +25,26 @@ def predict_arrays(runner: Any, xs: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def predict_feeds(runner: Any, feeds: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """First output of ``runner`` over several named inputs (matched to the runner's inputs by position)."""
+    arrays = list(feeds.values())
+    n = len(arrays[0])
+    outs = []
+    for i in range(0, n, batch_size):
+        chunk = {name: a[i:i + batch_size] for name, a in zip(runner.input_names, arrays, strict=False)}
+        outs.append(np.asarray(runner.infer(chunk)[0], dtype=np.float32))
+    return np.concatenate(outs)
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == labels).mean())
 
 
-def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Agreement of top-1 predictions, max/mean abs diff and cosine of the logits."""
-    a, b = ref.astype(np.float64), got.astype(np.float64)
-    diff = np.abs(a - b)
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return {
-        "agreement": float((a.argmax(axis=1) == b.argmax(axis=1)).mean()),
-        "max_abs_diff": float(diff.max(initial=0.0)),
-        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "cosine": float((a.ravel() @ b.ravel()) / denom) if denom > 0 else float(np.array_equal(a, b)),
-    }
+def fidelity(ref: np.ndarray, got: np.ndarray, kind: str = "logits") -> dict[str, Any]:
+    """Fidelity of ``got`` to ``ref`` by the comparison that fits the output ``kind`` (see compress.fidelity).
+
+    Logits keep their agreement of top-1 predictions; every kind has max/mean abs diff and cosine.
+    """
+    from .fidelity import compare_outputs
+
+    return compare_outputs(ref, got, kind)

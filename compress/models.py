@@ -21,9 +21,11 @@ from .torch_io import safe_torch_load, set_eval, write_torch
 
 
 def classify_source(src: str) -> str:
-    """One of ``zoo``, ``factory``, ``pt2``, ``onnx``."""
+    """One of ``zoo``, ``factory``, ``pt2``, ``onnx``, ``hf``."""
     if src.startswith("zoo:"):
         return "zoo"
+    if src.startswith("hf:"):
+        return "hf"
     if src.startswith("onnx:") or src.endswith(".onnx"):
         return "onnx"
     if src.startswith("pt2:") or src.endswith(".pt2"):
@@ -32,7 +34,7 @@ def classify_source(src: str) -> str:
         return "factory"
     raise RecipeError(
         f"model source {src!r} not understood; use zoo:NAME ({', '.join(zoo.ZOO)}), "
-        "package.module:factory, a .pt2 exported program or an .onnx file"
+        "package.module:factory, a .pt2 exported program, an .onnx file or hf:DIR (a Hugging Face model directory)"
     )
 
 
@@ -66,6 +68,10 @@ def build_from_source(source: dict[str, Any]) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise InputError(f"model factory {source['factory']!r} returned {type(model).__name__}, not an nn.Module")
         return model
+    if kind == "hf":
+        from .hf import load_dir
+
+        return load_dir(Path(source["path"]), source["task"])
     if kind == "pt2":
         path = Path(source["path"])
         if not source.get("allow_unsafe"):
@@ -150,6 +156,8 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
     kind = classify_source(src)
     if kind == "onnx":
         return _load_onnx(_path_of(src), cache)
+    if kind == "hf":
+        return _load_hf(spec, cache)
     if kind == "zoo":
         name = src[4:]
         if name not in zoo.ZOO:
@@ -190,6 +198,34 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
     except BaseException:  # no half-written work folder left behind (a damaged entry, a full disk, Ctrl-C)
         shutil.rmtree(dst, ignore_errors=True)
         raise
+    if hit is not None:
+        shutil.rmtree(dst, ignore_errors=True)
+        hit.obj = model
+        return hit
+    art.obj = model
+    return cache.put(key, art)
+
+
+def _load_hf(spec: Any, cache: Cache) -> Artifact:
+    """A Hugging Face model directory with the user's task head; inputs named and typed from its config."""
+    from .hf import check_task, input_specs, read_config
+
+    path = Path(spec.source[3:]).expanduser()
+    if not path.is_dir():
+        raise InputError(f"{path}: Hugging Face model directory not found")
+    task = check_task(spec.task, f"model {spec.source!r}")
+    inputs = input_specs(read_config(path), task, tuple(spec.input_shape) if spec.input_shape else None)
+    source = {"kind": "hf", "path": str(path.resolve()), "task": task}
+    model = build_from_source(source)
+    if spec.weights:
+        _load_weights(model, spec.weights)
+    set_eval(model)
+    dst = cache.new_dir("model")
+    digest = write_torch(dst, model, source, [])
+    art = Artifact("torch", dst, digest, inputs, producer=f"load {spec.source}",
+                   metadata={"source": spec.source, "task": task})
+    key = Cache.key(digest, "load", 1, {"source": source, "inputs": [s.to_json() for s in inputs]})
+    hit = cache.get(key)
     if hit is not None:
         shutil.rmtree(dst, ignore_errors=True)
         hit.obj = model

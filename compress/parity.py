@@ -112,7 +112,7 @@ def _flat(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(a) for a in x]
 
 
-def compare_outputs(ref: np.ndarray | Sequence[np.ndarray], got: np.ndarray | Sequence[np.ndarray]) -> dict[str, float]:
+def compare_outputs(ref: np.ndarray | Sequence[np.ndarray], got: np.ndarray | Sequence[np.ndarray]) -> dict[str, Any]:
     """Max/mean abs diff, the largest reference magnitude, cosine and top-1 agreement of two outputs.
 
     Lists are compared output by output (flattened and concatenated); agreement is that of the first
@@ -130,13 +130,21 @@ def compare_outputs(ref: np.ndarray | Sequence[np.ndarray], got: np.ndarray | Se
     cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
     diff = np.abs(a - b)
     first_r, first_g = refs[0] if refs else a, gots[0] if gots else b
-    if first_r.ndim >= 2 and len(first_r):
+    # Argmax agreement only means something for class scores; embeddings get their worst per-sample cosine.
+    from .fidelity import _per_sample_cosine, infer_kind
+
+    kind = infer_kind(first_r)[0] if first_r.ndim >= 1 and len(first_r) else "logits"
+    extra: dict[str, float | str] = {"kind": kind}
+    if kind == "logits" and first_r.ndim >= 2 and len(first_r):
         agree = float((first_r.reshape(len(first_r), -1).argmax(1) == first_g.reshape(len(first_g), -1).argmax(1))
                       .mean())
     else:
-        agree = 1.0
+        agree = 1.0  # not applicable: never judged
+        if kind == "embedding" and len(first_r):
+            extra["cosine_worst"] = float(_per_sample_cosine(first_r.astype(np.float64),
+                                                              first_g.astype(np.float64)).min())
     return {"max_abs_diff": float(diff.max(initial=0.0)), "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-            "max_abs_ref": float(np.abs(a).max(initial=0.0)), "cosine": cos, "agreement": agree}
+            "max_abs_ref": float(np.abs(a).max(initial=0.0)), "cosine": cos, "agreement": agree, **extra}
 
 
 def breach(measured: dict[str, float], tol: Tolerance, real_data: bool) -> str | None:
@@ -150,7 +158,8 @@ def breach(measured: dict[str, float], tol: Tolerance, real_data: bool) -> str |
             return f"max abs diff {measured['max_abs_diff']:.3g} > allowed {allowed:.3g}"
     if tol.min_cosine is not None and cos < tol.min_cosine:
         return f"cosine {cos:.6f} < {tol.min_cosine:g}"
-    if real_data and tol.min_agreement is not None and measured["agreement"] < tol.min_agreement:
+    if (real_data and tol.min_agreement is not None and measured.get("kind", "logits") == "logits"
+            and measured["agreement"] < tol.min_agreement):
         return f"top-1 agreement {measured['agreement']:.4f} < {tol.min_agreement:g}"
     return None
 

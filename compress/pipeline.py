@@ -24,7 +24,7 @@ from .cache import Cache
 from .config import PassConfig, TargetConfig
 from .data import DataBundle, load_data
 from .errors import CompressError, RecipeError, TargetUnavailable
-from .evaluate import fidelity, predict, predict_arrays, top1
+from .evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
 from .fingerprint import machine_fingerprint
 from .manager import PassContext, PassManager, StepRecord, TimingInstrument, VerifyInstrument
 from .measure import measure_interleaved, summarize
@@ -64,7 +64,7 @@ class Cell:
     cache_hit: bool = False
     latency: dict[str, Any] = field(default_factory=dict)
     accuracy: float | None = None
-    fidelity: dict[str, float] | None = None
+    fidelity: dict[str, Any] | None = None
     size_bytes: int | None = None
     parity: dict[str, Any] | None = None  # compiled model vs its input model (for Q/DQ: vs the simulated model)
     notes: list[str] = field(default_factory=list)
@@ -173,6 +173,10 @@ def run(
         if check is not None:
             check()  # settings the target's library would reject only at build time
     need_onnx = any(t.consumes == "onnx" for t in targets)
+    if rec.measure.metric:
+        from .fidelity import load_metric
+
+        load_metric(rec.measure.metric)  # a typo in the metric fails now, not after the passes ran
     chains_in = variants if variants is not None else ({rec.name: list(rec.passes)} if rec.passes else {})
     for reserved in ("baseline", REFERENCE):
         if reserved in chains_in or reserved in (extra_models or {}):
@@ -194,13 +198,14 @@ def run(
     base_pm = PassManager([export_cfg] if (export_cfg and root.kind == "torch") else [])
     base_pm.validate(root.kind)
 
-    data = load_data(rec.data, root.inputs[0].shape)
+    data = load_data(rec.data, root.inputs[0].shape, root.inputs)
     if data is not None and data.note:
         say(f"data: {data.note}")
     n_classes = preflight.model_classes(root, data)
     preflight.check_labels(data, n_classes)
     for pm in chains.values():
-        preflight.check_data_needed(pm.steps, data)
+        preflight.check_data_needed(pm.steps, data, synthetic_ok=any(
+            not np.issubdtype(np.dtype(s.dtype), np.floating) for s in root.inputs))
     ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say)
     if rec.model.train_epochs:
         if root.kind != "torch":
@@ -244,7 +249,12 @@ def run(
     cells += _reference_cells(references or {}, targets, say)
     try:
         _measure_latency(cells, root, rec, threads, progress, say, probe, aa_session)
-        _measure_accuracy(cells, measured, data, root, say)
+        kind: str = rec.measure.output_kind
+        if kind == "auto" and root.metadata.get("task"):  # a Hugging Face task head says what its output is
+            from .hf import task_output_kind
+
+            kind = task_output_kind(str(root.metadata["task"]))
+        _measure_accuracy(cells, measured, data, root, say, kind, rec.measure.metric)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -335,7 +345,12 @@ def _feeds(root: Artifact, batch: int, seed: int) -> dict[str, np.ndarray]:
     feeds = {}
     for s in root.inputs:
         shape = (batch, *s.shape[1:])
-        feeds[s.name] = g.standard_normal(shape).astype(s.dtype)
+        if np.issubdtype(np.dtype(s.dtype), np.floating):
+            feeds[s.name] = g.standard_normal(shape).astype(s.dtype)
+        else:  # token ids within the vocabulary, masks of ones (see torch_io.sample_inputs)
+            from .torch_io import sample_inputs
+
+            feeds[s.name] = sample_inputs((s,), batch=batch, seed=seed)[0].numpy()
     return feeds
 
 
@@ -506,14 +521,36 @@ def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
                 say(f"WARNING {c.variant}/{c.target}: {msg}")
 
 
+def _output_name(variants: list[Variant]) -> str | None:
+    """The first output's name in the baseline's ONNX graph (a hint to what the output is), if there is one."""
+    art = variants[0].onnx_art if variants else None
+    if art is None:
+        return None
+    try:
+        import onnx
+
+        return str(onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph.output[0].name)
+    except Exception:  # only a hint: an unreadable graph is reported by the targets that load it
+        return None
+
+
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
-                      say: Callable[[str], None]) -> None:
-    """Top-1 on the validation split and fidelity to the original model on the reference target."""
+                      say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None) -> None:
+    """Top-1 on the validation split and fidelity to the original model on the reference target.
+
+    Fidelity is measured the way the output calls for (compress.fidelity): argmax agreement for
+    logits, per-sample cosine for embeddings, SNR for regression, plus the user's metric if named.
+    """
+    from .fidelity import infer_kind, load_metric, run_metric
+
+    metric_fn = load_metric(metric) if metric else None
+    kind: str | None = None
     ref: np.ndarray | None = None
     xs: np.ndarray | None = None
     if data is None:
         # No data: fidelity on seeded random inputs only; accuracy stays "not measured".
-        xs = _feeds(root, 64, 1234)[root.inputs[0].name]
+        all_feeds = _feeds(root, 64, 1234)
+        xs = all_feeds[root.inputs[0].name]
     ref_cell = next((c for c in cells if c.variant == "baseline" and c.status == "ok"
                      and c.target == "torch"), None) or next(
         (c for c in cells if c.variant == "baseline" and c.status == "ok"), None)
@@ -523,8 +560,12 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             continue
         bs = 64 if (c.target == "torch" or _dynamic_batch(c.compiled)) else 1
         try:
-            if data is not None:
+            if data is not None and data.input_names:  # one named array per model input
+                logits = predict_feeds(c.runner, data.feeds(data.val), bs)
+            elif data is not None:
                 logits = predict(c.runner, data, data.val, bs)
+            elif len(root.inputs) > 1:  # several named inputs (token ids and a mask): synthetic, valid values
+                logits = predict_feeds(c.runner, all_feeds, bs)
             else:
                 assert xs is not None  # set above whenever there is no data
                 logits = predict_arrays(c.runner, xs, bs)
@@ -533,10 +574,17 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             continue
         if c is ref_cell:
             ref = logits
-        if data is not None and data.labelled:
+            kind, why = infer_kind(ref, _output_name(variants), output_kind)
+            say(f"fidelity as {kind} ({why})")
+        if data is not None and data.labelled and (kind or "logits") == "logits":
             c.accuracy = top1(logits, data.val.y)  # type: ignore[arg-type]
         if ref is not None:
-            c.fidelity = fidelity(ref, logits)
+            c.fidelity = fidelity(ref, logits, kind or "logits")
+            if metric_fn is not None and metric is not None:
+                labels = data.val.y if data is not None else None
+                c.fidelity["metric"] = run_metric(metric_fn, metric, ref, logits, labels)
+            if c is ref_cell and c.fidelity.get("degenerate"):
+                say(f"WARNING fidelity: {c.fidelity['degenerate']}")
     if ref_cell is not None:
         say(f"fidelity reference: baseline on {ref_cell.target}")
 

@@ -57,12 +57,18 @@ def model_classes(root: Any, data: Any) -> int | None:
         model = load_torch(root)
         # One sample of the data (or of the declared input shape): a shape the model cannot take
         # fails here, in a second, rather than in the exporter or mid-measurement.
-        x = data.adapt(data.val.x[:1]) if data is not None else sample_inputs(root.inputs[:1], batch=1)[0]
+        if data is not None and bool(getattr(data, "input_names", None)):  # one named array per input
+            xs = tuple(torch.from_numpy(a) for a in data.feeds(data.val, 0, 1).values())
+        elif data is not None:
+            xs = (data.adapt(data.val.x[:1]),)
+        else:  # every declared input (token ids within the vocabulary, masks), not just the first
+            xs = sample_inputs(root.inputs, batch=1)
+        x = xs[0]
         what = f"data {data.name!r}: the model fails on a sample adapted to" if data is not None else \
             "model: it fails on an input of the given"
         try:
             with torch.inference_mode():
-                out = model(x)
+                out = model(*xs)
         except Exception as e:  # a model that cannot run on its input is a usage error, named here
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise InputError(f"{what} shape {tuple(x.shape)}: {type(e).__name__}: {first[:200]}; check "
@@ -106,11 +112,14 @@ def check_labels(data: Any, n_classes: int | None) -> None:
                          "says nothing: give at least two classes")
 
 
-def check_data_needed(steps: list[Any], data: Any) -> None:
-    """Passes that cannot run without (labelled) data are refused before the run starts."""
+def check_data_needed(steps: list[Any], data: Any, synthetic_ok: bool = False) -> None:
+    """Passes that cannot run without (labelled) data are refused before the run starts.
+
+    ``synthetic_ok``: the model's inputs are token ids / masks, for which valid synthetic samples
+    exist, so a pass that needs "any" data (INT8 calibration) runs on those and says so."""
     for cfg in steps:
         need = cfg.data_needed()
-        if need is None:
+        if need is None or (need == "any" and data is None and synthetic_ok):
             continue
         if data is None:
             raise RecipeError(f"pass '{cfg.kind}' needs data but the run has none (data.source = \"random\"); set "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,6 +33,8 @@ class ModelSpec(_Strict):
     train_epochs: int = Field(0, ge=0, le=1000)
     # torch.export.load unpickles .pt2 weights with weights_only=False, so a crafted file runs code.
     allow_unsafe_pt2: bool = Field(False, description="load a .pt2 exported program (pickle: only files you trust)")
+    # Hugging Face model directories (hf:PATH): the head to use, e.g. "embedding" (see compress.hf.TASKS).
+    task: str | None = None
 
 
 class DataSpec(_Strict):
@@ -55,6 +57,10 @@ class MeasureSpec(_Strict):
     max_time_s: float = Field(30.0, gt=0)
     threads: int = Field(0, ge=0, description="0 = all cores")
     accuracy: bool = True
+    # Fidelity to the original model: what the output is (auto: from its name and shape) and an
+    # optional task metric ``package.module:function`` called as fn(ref, got, labels).
+    output_kind: Literal["auto", "logits", "embedding", "regression"] = "auto"
+    metric: str | None = None
 
 
 class Recipe(_Strict):

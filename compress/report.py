@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .fidelity import headline as fidelity_headline
 from .recipe import Recipe, recipe_to_toml
 
 SCHEMA = "compress.report/v1"
@@ -90,6 +91,13 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
         notes.append("accuracy not measured: no data given (data.source = \"random\"); fidelity is on random inputs")
     elif not data.labelled:
         notes.append("accuracy not measured: the data has no labels; fidelity to the original model is reported")
+    degen = next((c.fidelity["degenerate"] for c in cells if c.fidelity and c.fidelity.get("degenerate")), None)
+    if degen:
+        notes.append(f"fidelity is not meaningful: {degen}")
+    kinds = {c.fidelity.get("kind") for c in cells if c.fidelity}
+    if kinds - {"logits", None}:
+        notes.append(f"fidelity compared as {', '.join(sorted(k for k in kinds if k))} (no argmax agreement: the "
+                     "output is not class scores; set measure.output_kind to override)")
     if auto_export:
         notes.append("export.onnx was inserted automatically where the pipeline needed an ONNX model")
     if any(c.target == "onnxruntime" for c in cells):
@@ -154,7 +162,7 @@ def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str]
     """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32."""
     batches = [str(b) for b in report["measurement"]["batch_sizes"]]
     b0 = batches[0]
-    head = ["variant", "target", "top-1", "agree", f"p50 ms (b{b0})", "p90", "p99", "cv",
+    head = ["variant", "target", "top-1", "fidelity", f"p50 ms (b{b0})", "p90", "p99", "cv",
             *[f"vs base (b{b})" for b in batches], "size"]
     if len(batches) > 1:
         head.append(f"p50 ms (b{batches[-1]})")
@@ -171,7 +179,7 @@ def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str]
             (report.get("baseline_label") or ("fp32" if compare else "baseline")) if r["variant"] == "baseline"
             else r["variant"], r["target"],
             f"{100 * r['accuracy_top1']:.2f}%" if r["accuracy_top1"] is not None else "not measured",
-            f"{100 * r['fidelity']['agreement']:.1f}%" if r["fidelity"] else "-",
+            fidelity_headline(r["fidelity"]),
             f"{p50:.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p90_ms'):.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p99_ms'):.3f}" if p50 is not None else "-",
@@ -259,7 +267,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for r in parity:
             q = r["quant_parity"]
             t1s, t1d = q.get("top1_simulated"), q.get("top1_deployed")
-            lines.append(f"| {r['variant']} | {r['target']} | {100 * q['agreement']:.1f}% | {q['cosine']:.4f} | "
+            agr = "-" if q.get("agreement") is None else f"{100 * q['agreement']:.1f}%"
+            lines.append(f"| {r['variant']} | {r['target']} | {agr} | {q['cosine']:.4f} | "
                          f"{'-' if t1s is None else f'{100 * t1s:.2f}%'} | "
                          f"{'-' if t1d is None else f'{100 * t1d:.2f}%'} | {'**yes**' if q['flagged'] else 'no'} |")
         lines.append("")
@@ -357,7 +366,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> list[tuple[float, float, 
     pts = []
     for r in report["results"]:
         p50 = _lat(r, b0, "p50_ms")
-        y = r["accuracy_top1"] if use_acc else (r["fidelity"] or {}).get("agreement")
+        fid = r["fidelity"] or {}
+        y = r["accuracy_top1"] if use_acc else fid.get("agreement", fid.get("cosine_mean"))
         if p50 is None or y is None:
             continue
         ci = r["latency"].get(b0, {}).get("p50_ci") or [p50, p50]
@@ -380,7 +390,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> list[tuple[float, float, 
                 label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel(f"p50 latency, batch {b0} (ms; bars: 95% interval)")
-    ax.set_ylabel("top-1 accuracy (%)" if use_acc else "agreement with original (%)")
+    ax.set_ylabel("top-1 accuracy (%)" if use_acc else "fidelity to original (%: agreement, or 100 x cosine)")
     ax.set_title(f"{report['recipe']['name']}: accuracy vs latency (squares: baseline)")
     ax.grid(alpha=0.3)
     lo, hi = ax.get_ylim()

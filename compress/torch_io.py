@@ -173,7 +173,17 @@ def sample_inputs(inputs: tuple[InputSpec, ...], batch: int | None = None, seed:
         shape = list(spec.shape)
         if batch is not None:
             shape[0] = batch
-        out.append(torch.randn(*shape, generator=g, dtype=getattr(torch, spec.dtype)))
+        dtype = getattr(torch, spec.dtype)
+        if dtype.is_floating_point:
+            out.append(torch.randn(*shape, generator=g, dtype=dtype))
+        elif dtype == torch.bool:
+            out.append(torch.ones(*shape, dtype=torch.bool))
+        elif spec.high == 2:
+            # A 0/1 mask: attend to every position (a random mask can hide a whole sequence).
+            out.append(torch.ones(*shape, dtype=dtype))
+        else:
+            # Token ids / type ids: valid values only (an out-of-range id fails inside nn.Embedding).
+            out.append(torch.randint(0, spec.high or 2, shape, generator=g, dtype=dtype))
     return tuple(out)
 
 

@@ -37,6 +37,20 @@ def count_macs_params(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple
     return int(macs), int(params)
 
 
+# Batched matrix products between activations: attention's q @ k^T and att @ v (Linear layers run as mm/addmm).
+_ATTENTION_OPS = ("aten.bmm", "aten.baddbmm", "aten._scaled_dot_product")
+
+
+def attention_macs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
+    """MACs of the attention matrix products in one forward pass (torch's FLOP counter, flops / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(*inputs)
+    counts = fc.get_flop_counts().get("Global", {})
+    return int(sum(v for k, v in counts.items() if str(k).startswith(_ATTENTION_OPS)) // 2)
+
+
 def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
@@ -97,6 +111,45 @@ def find_classifier(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | N
     if isinstance(first, torch.Tensor) and id(first) in produced:
         return produced[id(first)]
     return order[-1] if order else None
+
+
+def output_module(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | None:
+    """Name of the module nearest the model's (first) output, of any type (e.g. a LayerNorm), or None.
+
+    Found through the autograd graph, so an output computed after the last module (a mean-pooled
+    embedding) still names the module whose width it carries, and modules off the output's path
+    (an unused pooler) are never named.
+    """
+    names = {id(m): n for n, m in model.named_modules() if n and m._parameters}
+    by_fn: dict[int, str] = {}
+
+    def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            by_fn[id(out.grad_fn)] = names[id(mod)]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in names]
+    try:
+        with torch.enable_grad():
+            out = model(*inputs)
+            first = out[0] if isinstance(out, (tuple, list)) and out else out
+            if not isinstance(first, torch.Tensor) or first.grad_fn is None:
+                return None
+            seen: set[int] = set()
+            frontier: list[Any] = [first.grad_fn]
+            while frontier:  # breadth first: the nearest module to the output wins
+                nxt: list[Any] = []
+                for fn in frontier:
+                    if fn is None or id(fn) in seen:
+                        continue
+                    seen.add(id(fn))
+                    if id(fn) in by_fn:
+                        return by_fn[id(fn)]
+                    nxt += [f for f, _ in fn.next_functions]
+                frontier = nxt
+            return None
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def resolve_names(model: nn.Module, names: Iterable[str], option: str, pass_name: str) -> list[nn.Module]:

@@ -136,11 +136,23 @@ def session_infer(sess: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarra
     return lambda feeds: sess.run(None, feeds)
 
 
-def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Prediction agreement, cosine and max/mean abs diff of two logit arrays (``compress.parity``)."""
-    from compress.parity import compare_outputs
+def compare(ref: np.ndarray, got: np.ndarray, kind: str | None = None) -> dict[str, Any]:
+    """Cosine and max abs diff of two outputs, plus the comparison that fits the output (compress.fidelity).
 
-    return compare_outputs(ref, got)
+    ``kind`` None infers it from the shape: argmax agreement only for class logits, per-sample
+    cosine (mean and worst) for embeddings / hidden states, SNR for regression.
+    """
+    from compress.fidelity import compare_outputs, infer_kind
+
+    k = kind or infer_kind(np.asarray(ref))[0]
+    out = compare_outputs(ref, got, k)
+    return out
+
+
+def below(out: dict[str, Any], min_agreement: float, min_cosine: float) -> bool:
+    """Whether a :func:`compare` record falls under the tolerances (agreement counts only for logits)."""
+    cos = out.get("cosine_worst", out["cosine"]) if out.get("kind") == "embedding" else out["cosine"]
+    return bool(out.get("agreement", 1.0) < min_agreement or cos < min_cosine)
 
 
 def pass_parity(kind: str, art: Artifact, out_path: Path, ctx: Any, tol: Any, precision: str, samples: int,
@@ -181,23 +193,30 @@ def simulated_agreement(
     when present, and ``flagged`` (True when below ``min_agreement`` or ``min_cosine``).
     """
     spec = onnx_art.inputs[0]
-    if data is not None:
-        xs, y = split_inputs(data, split, max_samples, batch)
-    else:
-        from compress.torch_io import sample_inputs
-
-        n_batches = max(1, max_samples // batch)
-        xs = [sample_inputs(onnx_art.inputs, batch=batch, seed=i)[0].numpy() for i in range(n_batches)]
-        y = None
     sim = ort_session(onnx_art.path / "model.onnx", optimize=False)
-    ref = run_batches(session_infer(sim), spec.name, xs)
-    got = run_batches(infer, spec.name, xs)
+    if len(onnx_art.inputs) > 1:  # several named inputs: the data's named arrays, or valid synthetic feeds
+        feeds, _ = guard_feeds(onnx_art, data, n=max_samples, batch=batch)
+        ref = np.concatenate([np.asarray(sim.run(None, f)[0], dtype=np.float32) for f in feeds])
+        got = np.concatenate([np.asarray(infer(f)[0], dtype=np.float32) for f in feeds])
+        xs: list[np.ndarray] = [next(iter(f.values())) for f in feeds]
+        y = None
+    else:
+        if data is not None:
+            xs, y = split_inputs(data, split, max_samples, batch)
+        else:
+            from compress.torch_io import sample_inputs
+
+            n_batches = max(1, max_samples // batch)
+            xs = [sample_inputs(onnx_art.inputs, batch=batch, seed=i)[0].numpy() for i in range(n_batches)]
+            y = None
+        ref = run_batches(session_infer(sim), spec.name, xs)
+        got = run_batches(infer, spec.name, xs)
     out: dict[str, Any] = {**compare(ref, got), "samples": int(sum(len(x) for x in xs)), "split": split if data else
                            "random"}
     if y is not None and ref.ndim == 2:
         out["top1_simulated"] = float((ref.argmax(1) == y).mean())
         out["top1_deployed"] = float((got.argmax(1) == y).mean())
-    out["flagged"] = bool(out["agreement"] < min_agreement or out["cosine"] < min_cosine)
+    out["flagged"] = below(out, min_agreement, min_cosine)
     out["tolerance"] = {"min_agreement": min_agreement, "min_cosine": min_cosine}
     return out
 
@@ -250,3 +269,130 @@ def onnx_top1(path: Path | str, data: Any, split: str = "val", batch: int = 64,
     if y is None:
         raise PassError("top-1 needs labelled data")
     return float((logits.argmax(1) == y).mean()), logits
+
+
+# --- transformer presets and the fidelity guard -------------------------------------------------
+
+# Ops that stay float in a transformer (as NNCF's transformer preset and ORT's transformer tooling do):
+# softmax probabilities and normalised activations lose too much at 8 bits.
+TRANSFORMER_FLOAT_OPS = ("Softmax", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization")
+_MASK_OPS = ("Add", "Sub", "Mul", "Where", "Div")
+# Below this mean per-sample cosine to the input model a quantization pass fails (no labels needed).
+GUARD_MIN_COSINE = 0.95
+
+
+def _const_names(model: Any) -> set[str]:
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return consts
+
+
+def transformer_float_nodes(model: Any) -> dict[str, list[str]] | None:
+    """Nodes of a transformer graph to keep in float, by category; None when the graph has no attention.
+
+    Attention is recognised by a Softmax together with LayerNormalization or a MatMul of two
+    activations (q @ k^T). Mask arithmetic is the Add/Sub/Mul/Where/Div that combines a tensor computed
+    only from integer inputs (an attention mask) with activations; quantizing it turns the large
+    negative mask bias into noise that leaks into every attention row.
+    """
+    import onnx
+
+    nodes = list(model.graph.node)
+    ops = {n.op_type for n in nodes}
+    consts = _const_names(model)
+    attn_mm = [n.name for n in nodes if n.op_type == "MatMul" and not any(i in consts for i in n.input[:2])]
+    if "Softmax" not in ops or not (attn_mm or ops & set(TRANSFORMER_FLOAT_OPS)):
+        return None
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.BFLOAT16}
+    derived = {i.name for i in model.graph.input if i.type.tensor_type.elem_type not in float_types}
+    mask: list[str] = []
+    for n in nodes:  # ONNX nodes are topologically sorted
+        live = [i for i in n.input if i and i not in consts]
+        hit = [i for i in live if i in derived]
+        if not hit:
+            continue
+        if n.op_type in ("Gather", "GatherElements") and n.input[0] in consts:
+            continue  # an embedding lookup: its output is hidden states, not a mask
+        if len(hit) == len(live):
+            derived.update(o for o in n.output if o)  # still pure mask (or shape) arithmetic
+        elif n.op_type in _MASK_OPS:
+            mask.append(n.name)
+    return {
+        "mask": mask,
+        "softmax": [n.name for n in nodes if n.op_type == "Softmax"],
+        "layernorm": [n.name for n in nodes if n.op_type in TRANSFORMER_FLOAT_OPS and n.op_type != "Softmax"],
+        "attention_matmul": attn_mm,
+    }
+
+
+def float_nodes_note(groups: dict[str, list[str]]) -> str:
+    """One note listing every node kept in float, by the names keep_float takes."""
+    parts = [f"{k.replace('_', ' ')} ({len(v)}): {', '.join(v)}" for k, v in groups.items() if v]
+    return "kept in float (names as keep_float takes them): " + "; ".join(parts) if parts else ""
+
+
+def fixed_batch(path: Path | str) -> bool:
+    """Whether an ONNX model's first input has a fixed batch dimension (exported with dynamic_batch=false)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    for inp in m.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+    return False
+
+
+def guard_feeds(art: Artifact, data: Any, n: int = 64, batch: int = 16) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Inputs for the fidelity guard: the validation split when the run has data, else valid synthetic inputs.
+
+    A model exported with a fixed batch gets batches of 1."""
+    onnx_file = art.path / "model.onnx"
+    if art.kind == "onnx" and onnx_file.exists() and fixed_batch(onnx_file):
+        batch = 1
+    if data is not None and bool(getattr(data, "input_names", None)):
+        feeds = data.feed_batches(data.val, batch, n)
+        return feeds, f"{sum(len(next(iter(f.values()))) for f in feeds)} validation samples"
+    if data is not None and len(art.inputs) == 1:
+        xs, _ = split_inputs(data, "val", n, batch)
+        return [{art.inputs[0].name: x} for x in xs], f"{sum(len(x) for x in xs)} validation samples"
+    from compress.torch_io import sample_inputs
+
+    b = batch
+    feeds = []
+    for i in range(max(1, n // b)):
+        ts = sample_inputs(art.inputs, batch=b, seed=1000 + i)
+        feeds.append({s.name: t.numpy() for s, t in zip(art.inputs, ts, strict=True)})
+    return feeds, f"{b * len(feeds)} synthetic inputs (no data in the run)"
+
+
+def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosine: float | None,
+                   kind: str) -> dict[str, Any]:
+    """Per-sample cosine of the quantized model's first output to the input model's; refuse a broken model.
+
+    Needs no labels, so a quantization that wrecks the model (e.g. quantized attention masks) is a
+    failed step rather than an ``ok`` row.
+    """
+    from compress.errors import AccuracyError
+    from compress.fidelity import compare_outputs, degenerate
+
+    feeds, where = guard_feeds(art, data)
+    fs, qs = ort_session(fpath), ort_session(qpath)
+    ref = np.concatenate([np.asarray(fs.run(None, f)[0], dtype=np.float32) for f in feeds])
+    got = np.concatenate([np.asarray(qs.run(None, f)[0], dtype=np.float32) for f in feeds])
+    c = compare_outputs(ref, got, "embedding")  # per-sample cosine fits logits and embeddings alike
+    out: dict[str, Any] = {"cosine_mean": c["cosine_mean"], "cosine_worst": c["cosine_worst"],
+                           "min_cosine": min_cosine, "on": where}
+    why = degenerate(ref)
+    if why is not None:
+        out["unchecked"] = why
+        return out
+    if min_cosine is not None and c["cosine_mean"] < min_cosine:
+        raise AccuracyError(
+            f"{kind}: the quantized model's output is far from the input model's: per-sample cosine "
+            f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_cosine {min_cosine}) on {where}; "
+            "keep more nodes in float (keep_float), use per_channel = true, or lower min_cosine")
+    return out

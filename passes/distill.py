@@ -57,6 +57,10 @@ class Distill(PassConfig):
     labels: Literal["auto", "ignore"] = "auto"
     features: list[str] = Field(default_factory=list, description="module names matched between teacher and student")
     feature_weight: float = Field(1.0, ge=0)
+    # What the output is matched by: KD on class logits, or cosine / MSE for embeddings and hidden states
+    # (softmax over embedding dimensions means nothing). auto: KD unless the teacher's output is not
+    # one score vector per sample (compress.fidelity.infer_kind); set "cosine" for 2-D sentence embeddings.
+    output_loss: Literal["auto", "kd", "cosine", "mse"] = "auto"
     epochs: int = Field(10, ge=1, le=100_000)
     steps: int | None = Field(None, ge=1, description="optimizer steps; replaces epochs when set")
     lr: float = Field(1e-3, gt=0)
@@ -212,6 +216,21 @@ def _val_logits(model: nn.Module, data: DataBundle, split: Split, bs: int = 256)
     return out
 
 
+def _cosine_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1 - cosine per sample (per token for hidden states), averaged."""
+    if s.dim() >= 3:
+        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+    return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean()
+
+
+def _out_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temp: float) -> torch.Tensor:
+    if kind == "kd":
+        return _kd(s, t, temp)
+    if kind == "cosine":
+        return _cosine_loss(s, t)
+    return F.mse_loss(s, t)
+
+
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(1) == b.argmax(1)).float().mean())
 
@@ -281,13 +300,25 @@ def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
             raise PassError(f"distill: the teacher ({t_desc}) outputs shape {list(t_out.shape[1:])} per sample but the "
                             f"student outputs {list(s_out.shape[1:])}; logits are matched one to one, so use a "
                             "teacher with the same classes")
+        out_loss = cfg.output_loss
+        if out_loss == "auto":
+            from compress.fidelity import infer_kind
+
+            out_loss = "kd" if infer_kind(t_out.numpy())[0] == "logits" else "cosine"
+        if out_loss != "kd":
+            notes[:] = [n for n in notes if "top-1 agreement with the teacher" not in n]
+            if use_labels:
+                use_labels = False
+                notes.append(f"labels not used: the output is matched by {out_loss}, not class logits")
+            notes.append(f"output matched by {out_loss} (not softmax KD); the validation metric is the mean "
+                         "per-sample cosine to the teacher")
         if use_labels and t_out.dim() != 2:
             raise PassError(f"distill: cross-entropy needs (batch, classes) logits, got shape {list(t_out.shape)}; "
                             "set labels = \"ignore\" to distil without labels")
         torch.manual_seed(ctx.seed)
         projs = nn.ModuleList([_projection(n, t_tap.out[n], s_tap.out[n]) for n in cfg.features])
         return _run(art, cfg, ctx, data, teacher, student, projs, t_tap, s_tap, batches, use_labels,
-                    t_digest, t_desc, notes)
+                    t_digest, t_desc, notes, out_loss)
     finally:
         t_tap.close()
         s_tap.close()
@@ -295,7 +326,7 @@ def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
 
 def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teacher: nn.Module, student: nn.Module,
          projs: nn.ModuleList, t_tap: _Tap, s_tap: _Tap, batches: list[tuple[int, int]], use_labels: bool,
-         t_digest: str, t_desc: str, notes: list[str]) -> Artifact:
+         t_digest: str, t_desc: str, notes: list[str], out_loss: str = "kd") -> Artifact:
     from tqdm import tqdm
 
     resume_dir = ctx.cache.root / "resume" / sha256_json({
@@ -317,12 +348,17 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
     # Frozen teacher: its validation logits are computed once.
     t_val = _val_logits(teacher, data, data.val)
     y_val = data.val.y if use_labels else None
-    metric = "top1" if use_labels else "teacher_agreement"
+    metric = "top1" if use_labels else "teacher_agreement" if out_loss == "kd" else "teacher_cosine"
 
     def evaluate() -> tuple[float, float, torch.Tensor]:
         s_val = _val_logits(student, data, data.val)
-        score = _top1(s_val, y_val) if y_val is not None else _agreement(s_val, t_val)
-        return score, float(_kd(s_val, t_val, cfg.temperature)), s_val
+        if y_val is not None:
+            score = _top1(s_val, y_val)
+        elif out_loss == "kd":
+            score = _agreement(s_val, t_val)
+        else:
+            score = 1 - float(_cosine_loss(s_val, t_val))
+        return score, float(_out_loss(out_loss, s_val, t_val, cfg.temperature)), s_val
 
     st = _State()
     before, before_kd, s_val0 = evaluate()
@@ -372,13 +408,13 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
                 with torch.no_grad():
                     t_log = _logits(teacher(x), "teacher")
                 s_log = _logits(student(x), "student")
-                terms: dict[str, torch.Tensor] = {"kd": _kd(s_log, t_log, cfg.temperature)}
+                terms: dict[str, torch.Tensor] = {out_loss: _out_loss(out_loss, s_log, t_log, cfg.temperature)}
                 if use_labels:
                     y = torch.from_numpy(data.train.y[idx])  # type: ignore[index]
                     terms["ce"] = F.cross_entropy(s_log, y)
-                    loss = cfg.alpha * terms["kd"] + (1 - cfg.alpha) * terms["ce"]
+                    loss = cfg.alpha * terms[out_loss] + (1 - cfg.alpha) * terms["ce"]
                 else:
-                    loss = terms["kd"]
+                    loss = terms[out_loss]
                 if cfg.features:
                     feat = sum((F.mse_loss(p(s_tap.out[n]), t_tap.out[n].detach())
                                 for n, p in zip(cfg.features, projs, strict=True)), torch.zeros(()))
@@ -437,7 +473,9 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
         "teacher_digest": t_digest,
         "labels_used": use_labels,
         "metric": metric,
-        "loss_terms": {"kd": {"weight": cfg.alpha if use_labels else 1.0, "temperature": cfg.temperature},
+        "output_loss": out_loss,
+        "loss_terms": {out_loss: {"weight": cfg.alpha if use_labels else 1.0,
+                                  **({"temperature": cfg.temperature} if out_loss == "kd" else {})},
                        **({"ce": {"weight": 1 - cfg.alpha}} if use_labels else {}),
                        **({"feature": {"weight": cfg.feature_weight, "layers": list(cfg.features),
                                        "projections": [type(p).__name__ for p in projs]}} if cfg.features else {})},
@@ -457,8 +495,12 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
         info["teacher_top1"] = _top1(t_val, data.val.y)
         info["top1_before"] = _top1(s_val0, data.val.y)
         info["top1_after"] = _top1(s_val, data.val.y)
-    info["teacher_agreement_before"] = _agreement(s_val0, t_val)
-    info["teacher_agreement_after"] = _agreement(s_val, t_val)
+    if out_loss == "kd":
+        info["teacher_agreement_before"] = _agreement(s_val0, t_val)
+        info["teacher_agreement_after"] = _agreement(s_val, t_val)
+    else:  # argmax agreement over embedding dimensions means nothing
+        info["teacher_cosine_before"] = 1 - float(_cosine_loss(s_val0, t_val))
+        info["teacher_cosine_after"] = 1 - float(_cosine_loss(s_val, t_val))
     ctx.log(f"distill: val {metric} {before:.4f} -> {after:.4f} (best epoch {st.best_epoch} of {st.epoch})")
     out = torch_artifact(student, art, ctx, metadata={"distill": info})
     # Finished: the output is in the cache now, so the resume state is no longer needed.

@@ -74,13 +74,25 @@ def parity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
 
 
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, cfg: ExportOnnx,
-            names: list[str]) -> None:
+            names: list[str], specs: tuple[InputSpec, ...] = ()) -> None:
     dyn: Any = None
-    if cfg.dynamic_batch:
+    # Named dynamic axes beyond the batch (e.g. {1: "seq"}); one Dim per name, shared by every input using it.
+    extra = [dict(s.dynamic_axes) for s in specs] if specs else [{} for _ in args]
+    if cfg.dynamic_batch or any(extra):
         if cfg.dynamo:
-            dyn = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in args)
+            dims: dict[str, Any] = {}
+
+            def dim(name: str) -> Any:
+                if name not in dims:
+                    dims[name] = torch.export.Dim(name, min=1, max=4096) if name == "batch" else torch.export.Dim(
+                        name, min=2, max=8192)
+                return dims[name]
+
+            dyn = tuple({**({0: dim("batch")} if cfg.dynamic_batch else {}), **{a: dim(n) for a, n in e.items()}}
+                        for e in extra)
         else:
-            dyn = {n: {0: "batch"} for n in names} | {"output": {0: "batch"}}
+            dyn = ({n: {**({0: "batch"} if cfg.dynamic_batch else {}), **e} for n, e in zip(names, extra, strict=True)}
+                   | ({"output": {0: "batch"}} if cfg.dynamic_batch else {}))
     buf = io.StringIO()
     # The exporter is chatty on stdout, stderr, torch's loggers and warnings; keep what it says for
     # --debug (ExportError.detail) instead of spilling it before the one-line error.
@@ -130,7 +142,35 @@ def export_cause(e: BaseException) -> str:
     if frames:
         f = frames[-1]
         where = f" at {f.group(1)}:{f.group(2)} in {f.group(3)} ({f.group(4).strip()[:120]})"
-    return f"{type(root).__name__}: {first[:300]}{where}"
+    # A constraint violation's reason is on its next line ("- Not all values of batch ... satisfy ... <= 2").
+    lines = [ln.strip() for ln in text.splitlines()]
+    detail = next((ln[2:] for ln in lines[1:4] if ln.startswith("- ")), "")
+    if detail:
+        first = f"{first} {detail[:200]}"
+    return f"{type(root).__name__}: {first[:500]}{where}"
+
+
+def _working_fallback(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out_dir: Path, cfg: ExportOnnx,
+                      names: list[str], specs: tuple[InputSpec, ...]) -> str | None:
+    """The first setting under which this module does export (so the message names one that works)."""
+    tries = []
+    if cfg.dynamic_batch:
+        tries.append(({"dynamic_batch": False}, "export.onnx{dynamic_batch=false}"))
+    if cfg.dynamo:
+        tries.append(({"dynamo": False}, "export.onnx{dynamo=false} (the legacy TorchScript exporter)"))
+        if cfg.dynamic_batch:
+            tries.append(({"dynamo": False, "dynamic_batch": False}, "export.onnx{dynamo=false, dynamic_batch=false}"))
+    for change, text in tries:
+        probe = out_dir / "probe.onnx"
+        try:
+            _export(module, args, probe, cfg.model_copy(update=change), names, specs)
+            return text
+        except Exception:  # this fallback does not work either; try the next
+            continue
+        finally:
+            for f in out_dir.iterdir():
+                f.unlink()
+    return None
 
 
 @register_pass(ExportOnnx, consumes="torch", produces="onnx")
@@ -145,14 +185,17 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     out_dir = ctx.new_dir("onnx")
     path = out_dir / "model.onnx"
     try:
-        _export(module, args, path, cfg, names)
+        _export(module, args, path, cfg, names, art.inputs)
     except OSError as e:  # a full disk or a vanished cache folder is not the model's fault
         raise ExportError(f"export.onnx: cannot write {path}: {e.strerror or e}; free disk space or set "
                           "--cache / COMPRESS_CACHE to another folder") from e
     except Exception as e:  # the exporter raises many types; name the cause and the user's line it reports
+        fallback = _working_fallback(module, args, out_dir, cfg, names, art.inputs)
         raise ExportError(
-            f"{type(module).__name__} cannot be exported to ONNX: {export_cause(e)}. Make that "
-            "code traceable (no Python branching on tensor values), or try export.onnx{dynamo=false}"
+            f"{type(module).__name__} cannot be exported to ONNX: {export_cause(e)}. "
+            + (f"{fallback} exports it" if fallback else
+               "Make that code traceable (no Python branching on tensor values); no fallback exported it either "
+               "(tried export.onnx{dynamo=false} and dynamic_batch=false)")
         ) from e
     model = onnx.load(str(path))
     try:

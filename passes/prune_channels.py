@@ -33,10 +33,12 @@ from compress.torch_io import clone_module, register_structure_hook, sample_inpu
 
 from ._prune_common import (
     apply_shape_diff,
+    attention_macs,
     count_macs_params,
     find_classifier,
     finetune,
     layer_widths,
+    output_module,
     recalibrate_bn,
     require_labels,
     resolve_names,
@@ -68,7 +70,9 @@ class ChannelPrune(PassConfig):
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     round_to: int | None = Field(None, ge=2, le=256)
     keep: list[str] = Field(default_factory=list)
-    prune_heads: bool = False  # attention: remove whole heads (True) or shrink every head's width (False)
+    # Attention: remove whole heads (True) or shrink every head's width (False). None (auto): whole heads
+    # when a block reshapes with a stored head width (Hugging Face attention_head_size), else widths.
+    prune_heads: bool | None = None
     bn_recalibrate: bool = True  # re-estimate BatchNorm statistics on the pipeline's data (no labels needed)
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
@@ -106,8 +110,23 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-_HEAD_ATTRS = ("heads", "num_heads", "n_heads")
-_QKV_NAMES = (("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+# Hugging Face calls it num_attention_heads (BERT, ViT, ...); DistilBERT n_heads with q_lin/k_lin/v_lin.
+_HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads")
+_QKV_NAMES = (("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
+# A block that stores its head width reshapes with it (view(..., -1, head_size)): shrinking every head's
+# width breaks that reshape, so such blocks lose whole heads instead.
+_HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
+# Derived widths some blocks keep beside the head count (Hugging Face: all_head_size = heads * head_size).
+_WIDTH_ATTRS = ("all_head_size",)
+
+
+def fixed_head_size(block: nn.Module) -> int | None:
+    """The head width a block reshapes with, when it stores one."""
+    for a in _HEAD_SIZE_ATTRS:
+        v = getattr(block, a, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
 
 
 def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str, list[nn.Linear]]]:
@@ -130,6 +149,27 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str, list[n
                 found.append((name, m, attr, linears))
                 break
     return found
+
+
+def per_head_state(block: nn.Module, heads: int, layers: list[nn.Linear]) -> str | None:
+    """A parameter or buffer of an attention block indexed by head (e.g. Swin's relative position bias table)."""
+    # Weights of ordinary layers are handled by the dependency graph; only loose tensors can be per head.
+    plain = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+    skip = {id(t) for m in block.modules() if isinstance(m, plain) for t in m.parameters()}
+    skip |= {id(t) for layer in layers for t in layer.parameters()}
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        if id(t) in skip or t.dim() == 0 or heads <= 1:
+            continue
+        if heads in t.shape and "index" not in name:
+            return f"{name} {list(t.shape)}"
+    return None
+
+
+def heads_mode(cfg: ChannelPrune, attn: list[tuple[str, nn.Module, str, list[nn.Linear]]]) -> bool:
+    """Whether whole heads are removed: the user's prune_heads, or auto (blocks with a stored head width)."""
+    if cfg.prune_heads is not None:
+        return cfg.prune_heads
+    return any(fixed_head_size(blk) is not None for _, blk, _, _ in attn)
 
 
 def _importance(cfg: ChannelPrune, model: nn.Module) -> Any:
@@ -276,6 +316,9 @@ def _prune_heads(pruner: Any, blocks: list[tuple[str, nn.Module, str, list[nn.Li
         with _quiet():
             dg.get_pruning_group(q, dg.get_pruner_of_module(q).prune_out_channels, idxs).prune()
         setattr(blk, attr, heads - len(heads_drop))
+        for wa in _WIDTH_ATTRS:
+            if isinstance(getattr(blk, wa, None), int):
+                setattr(blk, wa, (heads - len(heads_drop)) * hd)
         for layer in layers:
             pruner.num_heads[layer] = heads - len(heads_drop)
             pruner.out_channel_groups[layer] = heads - len(heads_drop)
@@ -333,8 +376,39 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
     if head is not None and head not in kept_names:
         kept.append(dict(model.named_modules())[head])
         kept_names.append(head)
+    last = output_module(model, inputs)
+    if last is not None and last != head and last not in kept_names:
+        # The output is made by a norm (an encoder's last_hidden_state): its width is the model's contract
+        # (embedding size), so the residual stream keeps its width; heads and MLP widths are pruned.
+        kept.append(dict(model.named_modules())[last])
+        kept_names.append(last)
+    with torch.no_grad():
+        out0 = model(*inputs)
+    first0 = out0[0] if isinstance(out0, (tuple, list)) else out0
+    out_shape = tuple(first0.shape) if isinstance(first0, torch.Tensor) else None
     attn = attention_blocks(model)
     num_heads = {layer: int(getattr(blk, attr)) for _, blk, attr, layers in attn for layer in layers}
+    whole_heads = heads_mode(cfg, attn)
+    kept_set0 = {id(sub) for m in kept for sub in m.modules()}
+    per_head = [(n, st) for n, blk, attr, layers in attn if not any(id(x) in kept_set0 for x in layers)
+                for st in [per_head_state(blk, int(getattr(blk, attr)), layers)] if st]
+    if per_head:
+        # torch-pruning does not know that these tensors are indexed by head: removing heads (or head widths)
+        # would leave them out of step. Keeping the blocks still prunes the MLP widths around them.
+        blocks = [n for n, _ in per_head]
+        raise PassError(f"{PASS}: attention block {blocks[0]!r} holds per-head state ({per_head[0][1]}), which "
+                        f"heads cannot be removed from consistently; keep the attention blocks to prune the rest: "
+                        f"keep = {blocks!r}")
+    if not whole_heads:
+        kept_set = {id(sub) for m in kept for sub in m.modules()}
+        fixed = [(n, blk) for n, blk, _, layers in attn
+                 if fixed_head_size(blk) is not None and not any(id(x) in kept_set for x in layers)]
+        if fixed:
+            n, blk = fixed[0]
+            # Narrower heads under a reshape with the old head size would silently regroup (mix) the heads.
+            raise PassError(f"{PASS}: attention block {n!r} ({type(blk).__name__}) reshapes with a fixed head size "
+                            f"({fixed_head_size(blk)}), so its head widths cannot shrink; set prune_heads = true "
+                            f"(remove whole heads) or list {n!r} in keep")
     if cfg.importance == "taylor":
         _taylor_grads(model, ctx)
     try:
@@ -344,7 +418,7 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
                 pruning_ratio=ratio, iterative_steps=1, ignored_layers=kept, round_to=cfg.round_to,
                 # Whole heads are removed by _prune_heads below: torch-pruning 1.6.1's own head pruning
                 # removes at least one head per step and can empty a block.
-                num_heads=dict(num_heads), prune_num_heads=False, prune_head_dims=not cfg.prune_heads,
+                num_heads=dict(num_heads), prune_num_heads=False, prune_head_dims=not whole_heads,
             )
     except PassError:
         raise
@@ -357,10 +431,10 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         pruner.ignored_layers.extend(m.modules())
         info.unmappable.append(names[id(m)])
     if precheck and not cfg.global_pruning:
-        _check_ratio_leaves_channels(pruner, ratio, cfg.round_to, names, cfg.prune_heads)
+        _check_ratio_leaves_channels(pruner, ratio, cfg.round_to, names, whole_heads)
 
     kept_ids = {id(m) for m in pruner.ignored_layers}
-    head_blocks = [a for a in attn if not any(id(layer) in kept_ids for layer in a[3])] if cfg.prune_heads else []
+    head_blocks = [a for a in attn if not any(id(layer) in kept_ids for layer in a[3])] if whole_heads else []
     heads_init = {id(blk): int(getattr(blk, attr)) for _, blk, attr, _ in head_blocks}
     if head_blocks and _prune_heads(pruner, head_blocks, heads_init, ratio, cfg.global_pruning):
         if cfg.importance == "taylor":
@@ -402,6 +476,12 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
             f"module (it holds channel-sized state or hard-coded shapes), so its channels went out of step; "
             f"list the layer that feeds it as kept, e.g. keep = {keep_hint!r}"
         )
+    with torch.no_grad():
+        out_now = model(*inputs)
+    first_now = out_now[0] if isinstance(out_now, (tuple, list)) else out_now
+    if out_shape is not None and isinstance(first_now, torch.Tensor) and tuple(first_now.shape) != out_shape:
+        raise PassError(f"{PASS}: pruning changed the model's output shape from {list(out_shape)} to "
+                        f"{list(first_now.shape)}; list the module that produces the output in keep")
     empty = [n for n, (i, o) in layer_widths(model).items() if i == 0 or o == 0]
     if empty:
         raise PassError(f"{PASS}: pruning left no channels in {', '.join(empty)}; lower the ratio or keep them")
@@ -460,6 +540,12 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
     widths0 = layer_widths(model)
     attn0 = {n: int(getattr(blk, attr)) for n, blk, attr, _ in attention_blocks(model)}
     before = shape_snapshot(model)
+    attention_counts: dict[str, int] = {}
+    att_err = ""
+    try:
+        att0 = attention_macs(model, inputs) if attn0 else 0
+    except Exception as e:  # the FLOP counter is an extra figure; its failure must not fail the pass
+        att0, att_err = -1, (str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
 
     if cfg.ratio is not None:
         info = _prune_at(model, inputs, cfg, ctx, cfg.ratio, precheck=True)
@@ -479,7 +565,17 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
     out1 = sum(widths1[n][1] for n in pruned_layers)
     notes = ["channels are physically removed: the exported model is a smaller dense model, faster on every target"]
     if attn:
-        notes.append("MACs do not count the attention matrix products (q @ k^T, att @ v)")
+        try:
+            att1 = attention_macs(model, inputs) if att0 >= 0 else -1
+        except Exception as e:  # the FLOP counter is an extra figure; its failure must not fail the pass
+            att1, att_err = -1, (str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+        if att1 < 0:
+            notes.append(f"MACs do not count the attention matrix products (q @ k^T, att @ v); counting them "
+                         f"failed: {att_err}")
+        else:
+            notes.append(f"MACs above exclude the attention matrix products (q @ k^T, att @ v), counted separately: "
+                         f"{att0:,} -> {att1:,} at this input shape (they grow with the sequence length squared)")
+            attention_counts = {"attention_macs_before": att0, "attention_macs_after": att1}
     if info.unmappable:
         notes.append("kept unpruned, because their outputs are concatenated (or split) into a grouped conv, whose "
                      f"channel groups torch-pruning cannot map: {', '.join(info.unmappable)}")
@@ -504,6 +600,7 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
     if attn:
         meta["heads_before"] = attn0
         meta["heads_after"] = heads1
+        meta.update(attention_counts)
     meta["_diff"] = diff
     return model, meta
 

@@ -5,13 +5,26 @@ from __future__ import annotations
 import shutil
 from typing import Any, Literal
 
+from pydantic import Field
+
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
 from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
 
-from ._quant_common import auto_scheme_env, choose_scheme, name_nodes, pass_parity, refuse_quantized, weighted_nodes
+from ._quant_common import (
+    GUARD_MIN_COSINE,
+    auto_scheme_env,
+    choose_scheme,
+    fidelity_guard,
+    float_nodes_note,
+    name_nodes,
+    pass_parity,
+    refuse_quantized,
+    transformer_float_nodes,
+    weighted_nodes,
+)
 from .quantize_int8 import _quiet, preprocess
 
 
@@ -20,9 +33,14 @@ class QuantizeDynamic(ParityOptions):
 
     kind: Literal["quantize.dynamic"] = "quantize.dynamic"
     ops: tuple[Literal["MatMul", "Gemm", "Conv"], ...] = ("MatMul", "Gemm")
-    per_channel: bool = False
+    # None (auto): per-channel weights for transformer graphs (per-tensor 7-bit weights lose too much on
+    # their wide MatMuls), per-tensor otherwise.
+    per_channel: bool | None = None
     keep_float: tuple[str, ...] = ()
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
+    min_sample_cosine: float | None = Field(
+        GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
+        "input model (needs no labels); None = off")
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -43,6 +61,12 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     if not nodes:
         raise PassError(f"quantize.dynamic: the model has no {'/'.join(cfg.ops)} layers with constant weights; "
                         "dynamic quantization has nothing to do (use quantize.int8 for conv nets)")
+    unknown = [k for k in cfg.keep_float if k not in {n.name for n in model.graph.node}]
+    if unknown:
+        raise PassError(f"quantize.dynamic: keep_float names {unknown[0]!r}, which is not a node of the model; "
+                        f"quantizable nodes: {', '.join(nodes[:40])}")
+    groups = transformer_float_nodes(model)
+    per_channel = cfg.per_channel if cfg.per_channel is not None else groups is not None
     # Dynamic activations are always u8, so the u8 x s8 saturation question is the same as for static.
     scheme, why = choose_scheme(cfg.scheme)
     work = ctx.new_dir("qdwork")
@@ -52,12 +76,11 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     out = out_dir / "model.onnx"
     try:
         with _quiet():
-            ort_quantize_dynamic(str(pre), str(out), op_types_to_quantize=list(cfg.ops), per_channel=cfg.per_channel,
+            ort_quantize_dynamic(str(pre), str(out), op_types_to_quantize=list(cfg.ops), per_channel=per_channel,
                                  reduce_range=scheme == "u8s8_reduce_range", weight_type=QuantType.QInt8,
                                  nodes_to_exclude=list(cfg.keep_float))
     except Exception as e:  # ORT raises ValueError/RuntimeError/its own Fail types
         raise PassError(f"onnxruntime quantize_dynamic failed: {str(e).splitlines()[0][:300]}") from e
-    shutil.rmtree(work, ignore_errors=True)
     q = onnx.load(str(out))
     ops: dict[str, int] = {}
     for n in q.graph.node:
@@ -68,9 +91,24 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     p = pass_parity("quantize.dynamic", art, out, ctx, cfg.tolerance("int8"), "int8", cfg.parity_samples,
                     "keep the sensitive layers in float with keep_float (or scheme='u8s8_reduce_range' on a CPU "
                     "without VNNI)")
+    float_groups: dict[str, list[str]] = {"keep_float": list(cfg.keep_float)}
+    if groups is not None:  # float anyway (dynamic INT8 only touches weighted layers); listed so users see them
+        float_groups.update(groups)
+    pc_why = ("set by the user" if cfg.per_channel is not None else
+              "auto: transformer graph" if groups is not None else "auto: no attention in the graph")
     info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "quantizable_nodes": len(nodes),
-                            "integer_nodes": n_int, "per_channel": cfg.per_channel, "parity": p,
-                            "notes": [f"dynamic INT8 of {n_int} layer(s); scheme: {why}",
+                            "integer_nodes": n_int, "parity": p, "per_channel": per_channel,
+                            "per_channel_reason": pc_why,
+                            "quantized": [n for n in nodes if n not in cfg.keep_float], "float_nodes": float_groups,
+                            "notes": [f"dynamic INT8 of {n_int} layer(s), "
+                                      f"{'per-channel' if per_channel else 'per-tensor'} weights ({pc_why}); "
+                                      f"scheme: {why}",
                                       "dynamic INT8 uses MatMulInteger/DynamicQuantizeLinear (standard ONNX ops); "
                                       "other runtimes may import them less efficiently than QDQ"]}
+    if float_nodes_note(float_groups):
+        info["notes"].append(float_nodes_note(float_groups))
+    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.dynamic")
+    if info["fidelity_guard"].get("unchecked"):
+        info["notes"].append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
+    shutil.rmtree(work, ignore_errors=True)
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.dynamic": info})

@@ -18,14 +18,19 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
-from compress.errors import AccuracyError, PassError, RecipeError
+from compress.errors import AccuracyError, InputError, PassError, RecipeError
 from compress.manager import PassContext
 from compress.parity import LOWERING, ParityOptions, check, parity_batch
 from compress.registry import register_pass
 
 from ._quant_common import (
+    GUARD_MIN_COSINE,
     auto_scheme_env,
     choose_scheme,
+    fidelity_guard,
+    fixed_batch,
+    float_nodes_note,
+    guard_feeds,
     name_nodes,
     onnx_top1,
     ort_session,
@@ -34,6 +39,7 @@ from ._quant_common import (
     scheme_types,
     session_infer,
     split_inputs,
+    transformer_float_nodes,
     weighted_nodes,
 )
 from ._quant_common import calibration_batches as _calib
@@ -68,6 +74,12 @@ class QuantizeInt8(QdqParityOptions):
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range", "u8u8", "s8s8"] = "auto"
     max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="top-1 drop allowed, a fraction (0.005)")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
+    # None (auto): a graph with attention keeps Softmax, LayerNorm, mask arithmetic and q@k^T / att@v in float
+    # and quantizes the weighted MatMul/Gemm/Conv only. False quantizes whatever ORT would.
+    transformer_preset: bool | None = None
+    min_sample_cosine: float | None = Field(
+        GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
+        "input model (needs no labels); None = off")
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -80,13 +92,17 @@ class QuantizeInt8(QdqParityOptions):
 class _Reader:
     """ORT CalibrationDataReader over prepared batches."""
 
-    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+    def __init__(self, name: str, batches: list[np.ndarray], feeds: list[dict[str, np.ndarray]] | None = None) -> None:
         self.name, self.batches, self.i = name, batches, 0
+        self.feeds = feeds  # several named inputs per batch (multi-input models), instead of ``batches``
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.batches):
+        n = len(self.feeds) if self.feeds is not None else len(self.batches)
+        if self.i >= n:
             return None
         self.i += 1
+        if self.feeds is not None:
+            return self.feeds[self.i - 1]
         return {self.name: self.batches[self.i - 1]}
 
     def rewind(self) -> None:
@@ -203,7 +219,8 @@ def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray],
     return {"smoothed_layernorms": len(groups), "smoothed_matmuls": n_mm, "alpha": alpha}
 
 
-def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, exclude: list[str]) -> None:
+def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, exclude: list[str],
+              only: list[str] | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     act, wt, reduce_range = scheme_types(scheme)
@@ -217,35 +234,39 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Rea
         with _quiet():
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                             reduce_range=reduce_range, activation_type=act, weight_type=wt,
-                            nodes_to_exclude=list(exclude), calibrate_method=method, extra_options=extra)
+                            nodes_to_exclude=list(exclude), calibrate_method=method, extra_options=extra,
+                            nodes_to_quantize=None if only is None else [n for n in only if n not in exclude])
     except Exception as e:  # ORT raises ValueError/RuntimeError/its own Fail types
         raise PassError(f"onnxruntime quantize_static failed: {str(e).splitlines()[0][:300]}") from e
 
 
-def _resolve_keep(keep: tuple[str, ...], nodes: list[str]) -> list[str]:
+def _resolve_keep(keep: tuple[str, ...], nodes: list[str], all_nodes: list[str] | None = None) -> list[str]:
+    """keep_float entries as node names: 'first'/'last' quantizable node, or any node of the graph."""
     out = []
     for k in keep:
         if k == "first":
             out.append(nodes[0])
         elif k == "last":
             out.append(nodes[-1])
-        elif k in nodes:
+        elif k in nodes or (all_nodes is not None and k in all_nodes):
             out.append(k)
         else:
-            raise RecipeError(f"quantize.int8: keep_float names {k!r}, which is not a quantizable node; "
+            raise RecipeError(f"quantize.int8: keep_float names {k!r}, which is not a quantizable node "
+                              "(nor any node of the model); "
                               f"use 'first', 'last' or one of: {', '.join(nodes[:40])}")
     return list(dict.fromkeys(out))
 
 
 def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, keep: list[str],
-                      nodes: list[str], data: Any, limit: float) -> tuple[Path, list[str], dict[str, Any]]:
+                      nodes: list[str], data: Any, limit: float,
+                      only: list[str] | None = None) -> tuple[Path, list[str], dict[str, Any]]:
     """Keep the most sensitive nodes in float until the top-1 drop is within ``limit``."""
     n_val = cfg.accuracy_samples
     fp_top1, fp_logits = onnx_top1(pre, data, max_samples=n_val)
 
     def attempt(exclude: list[str], tag: str) -> tuple[Path, float, np.ndarray]:
         p = work / f"q_{tag}.onnx"
-        _quantize(pre, p, cfg, scheme, reader, exclude)
+        _quantize(pre, p, cfg, scheme, reader, exclude, only)
         acc, logits = onnx_top1(p, data, max_samples=n_val)
         return p, acc, logits
 
@@ -291,14 +312,37 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         ops = sorted({n.op_type for n in model.graph.node})
         raise PassError(f"quantize.int8: the model has no quantizable layers (Conv/MatMul/Gemm with constant "
                         f"weights); its ops are {', '.join(ops)}. Remove quantize.int8 from the recipe")
-    data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
-    if len(art.inputs) != 1:
-        raise PassError(f"quantize.int8: calibration supports single-input models; this one has {len(art.inputs)}")
+    integer_inputs = [s.name for s in art.inputs if not np.issubdtype(np.dtype(s.dtype), np.floating)]
+    static_batch = fixed_batch(src)
+    notes: list[str] = []
     name = art.inputs[0].name
-    batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES)
-    reader = _Reader(name, batches)
+    batches: list[np.ndarray] = []
+    if ctx.data is None and integer_inputs and cfg.max_accuracy_drop is None and not cfg.smoothquant:
+        # Token ids and masks have a known valid range: calibrate on synthetic ones rather than refuse.
+        data = None
+        feeds, where = guard_feeds(art, None, n=cfg.samples, batch=1 if static_batch else 8)
+        reader = _Reader(name, [], feeds)
+        notes.append(f"calibrated on {where}: valid token ids and all-ones masks; give data for a calibration "
+                     "that matches real inputs")
+    elif ctx.data is not None and ctx.data.input_names and cfg.max_accuracy_drop is None and not cfg.smoothquant:
+        data = ctx.data  # one named array per input (token ids, masks): calibrate on them as they are
+        if len(data.calib) < MIN_CALIB_SAMPLES:
+            raise InputError(f"quantize.int8: the calibration split has {len(data.calib)} samples, fewer than the "
+                             f"minimum {MIN_CALIB_SAMPLES}; raise data.calib_fraction or supply more data")
+        reader = _Reader(name, [], data.feed_batches(data.calib, 1 if static_batch else 16, cfg.samples))
+        notes.append(f"calibrated on {min(cfg.samples, len(data.calib))} samples of {data.name} "
+                     f"({', '.join(data.input_names)})")
+    else:
+        data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
+        if len(art.inputs) != 1:
+            raise PassError(f"quantize.int8: calibration from data supports single-input models; this one has "
+                            f"{len(art.inputs)} inputs ({', '.join(s.name for s in art.inputs)}); run without data "
+                            "to calibrate on synthetic token ids, or use quantize.dynamic")
+        # A model exported with a fixed batch (dynamic_batch=false) takes one sample per call.
+        batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES, batch=1 if static_batch else 16)
+        reader = _Reader(name, batches)
     scheme, why = choose_scheme(cfg.scheme)
-    notes = [f"INT8 scheme: {why}"]
+    notes.insert(0, f"INT8 scheme: {why}")
 
     work = ctx.new_dir("q8work")
     pre = work / "pre.onnx"
@@ -311,20 +355,33 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         if info["smoothquant"]["smoothed_matmuls"] == 0:
             notes.append("smoothquant: no MatMul fed only by a LayerNormalization was found; nothing smoothed")
         pre = sq
-    nodes = weighted_nodes(onnx.load(str(pre)))
-    keep = _resolve_keep(cfg.keep_float, nodes)
+    pre_model = onnx.load(str(pre))
+    nodes = weighted_nodes(pre_model)
+    keep = _resolve_keep(cfg.keep_float, nodes, [n.name for n in pre_model.graph.node])
+    groups = transformer_float_nodes(pre_model) if cfg.transformer_preset is not False else None
+    only: list[str] | None = None
+    if groups is not None:
+        # Weighted layers only: what must stay float (groups) stays float, and so does whatever ORT would
+        # otherwise quantize between them (Add, Where, Gather ...).
+        only = [n for n in nodes if n not in groups["attention_matmul"]]
+        info["transformer_preset"] = {k: len(v) for k, v in groups.items()}
+        notes.append("transformer blocks recognised: only weighted MatMul/Gemm/Conv are quantized; Softmax, "
+                     "LayerNorm, attention-mask arithmetic and attention MatMuls stay float")
+    elif cfg.transformer_preset:
+        notes.append("transformer_preset = true but no attention (Softmax with LayerNorm or q @ k^T) was found")
 
     out_dir = ctx.new_dir("onnx")
     out = out_dir / "model.onnx"
     if cfg.max_accuracy_drop is not None:
-        qpath, keep, ac = _accuracy_control(pre, work, cfg, scheme, reader, keep, nodes, data, cfg.max_accuracy_drop)
+        qpath, keep, ac = _accuracy_control(pre, work, cfg, scheme, reader, keep, nodes, data, cfg.max_accuracy_drop,
+                                            only)
         shutil.move(str(qpath), out)
         info["accuracy_control"] = ac
         if ac["kept_by_control"]:
             notes.append(f"accuracy control kept {len(ac['kept_by_control'])} node(s) in float to hold the top-1 "
                          f"drop within {cfg.max_accuracy_drop * 100:.2f} points: {', '.join(ac['kept_by_control'])}")
     else:
-        _quantize(pre, out, cfg, scheme, reader, keep)
+        _quantize(pre, out, cfg, scheme, reader, keep, only)
     qmodel = onnx.load(str(out))
     try:
         onnx.checker.check_model(qmodel)
@@ -333,8 +390,19 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     n_q = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
         raise PassError("quantize.int8: ONNX Runtime quantized nothing (every quantizable node was excluded?)")
-    info.update(kept_float=keep, quantized_nodes=len(nodes) - len(keep), quantizable_nodes=len(nodes),
-                quantize_linear_nodes=n_q)
+    float_groups = {"keep_float": [k for k in keep]}
+    if groups is not None:
+        float_groups.update(groups)
+    float_groups = {k: [n for n in v if n] for k, v in float_groups.items()}
+    n_float_weighted = len([n for n in nodes if n in keep or (only is not None and n not in only)])
+    info.update(kept_float=keep, float_nodes=float_groups, quantized_nodes=len(nodes) - n_float_weighted,
+                quantizable_nodes=len(nodes), quantize_linear_nodes=n_q)
+    if float_nodes_note(float_groups):
+        notes.append(float_nodes_note(float_groups))
+    # Without labels nothing else would notice a wrecked model: compare to the input model, per sample.
+    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.int8")
+    if info["fidelity_guard"].get("unchecked"):
+        notes.append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
     shutil.rmtree(work, ignore_errors=True)
 
     # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split,
@@ -346,15 +414,29 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
 
 def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -> dict[str, Any]:
     """Deployed (ONNX Runtime's fused integer kernels) vs simulated, and deployed vs the float input; a breach fails
-    the pass (``cfg.kind`` names it)."""
-    name = art.inputs[0].name
-    xs, y = split_inputs(data, "val", cfg.parity_samples, parity_batch(art, 64))
-    sim = run_batches(session_infer(ort_session(qpath, optimize=False)), name, xs)
-    dep = run_batches(session_infer(ort_session(qpath, optimize=True)), name, xs)
-    fp = run_batches(session_infer(ort_session(art.path / "model.onnx", optimize=True)), name, xs)
+    the pass (``cfg.kind`` names it). Models with several named inputs are fed the run's named arrays (or valid
+    synthetic inputs)."""
+    batch = parity_batch(art, 64)
+    if data is None or bool(getattr(data, "input_names", None)):  # no data, or several named inputs
+        feeds, inputs = guard_feeds(art, data, n=min(cfg.parity_samples, 64), batch=batch)
+        y = None
+
+        def run(sess: Any) -> np.ndarray:
+            return np.concatenate([np.asarray(sess.run(None, f)[0], dtype=np.float32) for f in feeds])
+    else:
+        name = art.inputs[0].name
+        xs, y = split_inputs(data, "val", cfg.parity_samples, batch)
+        inputs = "validation split"
+
+        def run(sess: Any) -> np.ndarray:
+            return run_batches(session_infer(sess), name, xs)
+
+    sim = run(ort_session(qpath, optimize=False))
+    dep = run(ort_session(qpath, optimize=True))
+    fp = run(ort_session(art.path / "model.onnx", optimize=True))
     tol = LOWERING["int8"].override(min_cosine=cfg.deployed_min_cosine, min_agreement=cfg.deployed_min_agreement)
     out = check(sim, dep, tol, precision="int8", reference="the simulated Q/DQ model (ONNX Runtime reference kernels)",
-                inputs="validation split", real_data=y is not None)
+                inputs=inputs, real_data=y is not None)
     out["target"] = "onnxruntime"
     out["flagged"] = not out["ok"]
     if not out["ok"]:
@@ -362,7 +444,7 @@ def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -
                         f"{out['reason']}. On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); lower "
                         "deployed_min_agreement/deployed_min_cosine only if this backend is not your deployment")
     vs = check(fp, dep, cfg.tolerance("int8"), precision="int8", reference="its float input model (ONNX Runtime)",
-               inputs="validation split", real_data=y is not None)
+               inputs=inputs, real_data=y is not None)
     if not vs["ok"]:
         raise PassError(f"{cfg.kind}: the output differs from its input model beyond the tolerance: {vs['reason']}; "
                         "keep sensitive layers in float (keep_float, max_accuracy_drop), or loosen min_cosine/"

@@ -406,3 +406,22 @@ def test_qat_then_distill_through_the_manager(cache: Cache, teacher: Artifact, d
     x = torch.from_numpy(np.ascontiguousarray(digits.val.x[:8]))
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), load_torch(out)(x), atol=1e-5)
+
+
+def test_embedding_model_is_distilled_by_cosine_not_kd(cache: Cache, digits: DataBundle) -> None:
+    """An embedding output is matched by cosine and judged by cosine; no argmax agreement is reported."""
+    from compress.api import module_artifact
+    from passes.prune_channels import ChannelPrune
+    from tests.user_models import embedder
+
+    root = module_artifact(embedder(), (1, 1, 8, 8), cache)
+    data = _subset(digits, 320, 120, labelled=True)
+    ctx = _ctx(cache, data, root)
+    _, recs = PassManager([ChannelPrune(ratio=0.5), Distill(output_loss="cosine", epochs=4, patience=0)]).run(
+        root, ctx)
+    info = recs[1].info
+    assert info["output_loss"] == "cosine" and info["metric"] == "teacher_cosine" and not info["labels_used"]
+    assert "teacher_agreement_after" not in info
+    assert info["teacher_cosine_after"] > info["teacher_cosine_before"]
+    assert any("matched by cosine" in n for n in info["notes"])
+    assert not any("top-1 agreement" in n for n in info["notes"])

@@ -165,3 +165,28 @@ def test_registering_a_config_without_its_kind_is_refused() -> None:
 
     with pytest.raises(TypeError, match="NoKind must set kind"):
         register_pass(NoKind, consumes="torch", produces="torch")
+
+
+def test_export_cause_picks_the_construct_not_the_banner() -> None:
+    from passes.export_onnx import export_cause
+
+    inner = RuntimeError("Constraints violated (batch)! For more information, run with TORCH_LOGS=\"+dynamic\".\n"
+                         "  - Not all values of batch in the specified range satisfy the guard size()[0] <= 2\n"
+                         "Suggested fixes:\n  batch = Dim('batch', max=1)")
+    try:
+        try:
+            raise inner
+        except RuntimeError as e:
+            raise ValueError("Failed to export the model with torch.export. This is step 1/3 of exporting\n"
+                             "- Modify the model code for `torch.export.export` to succeed.") from e
+    except ValueError as outer:
+        cause = export_cause(outer)
+    assert "Constraints violated (batch)!" in cause and "size()[0] <= 2" in cause and "\n" not in cause
+    assert "Failed to export" not in cause
+    try:
+        try:
+            raise RuntimeError("running_mean should contain 320 elements not 2560")
+        except RuntimeError as e:
+            raise ValueError("Failed to export the model with torch.export. banner") from e
+    except ValueError as outer:
+        assert export_cause(outer) == "RuntimeError: running_mean should contain 320 elements not 2560"

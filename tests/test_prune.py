@@ -484,3 +484,48 @@ def test_sparsity_passes_on_zoo_models(cache: Cache, name: str) -> None:
     assert meta["eligible"]
     _, _, meta = _prune_export_run(root, MagnitudePrune(sparsity=0.5), cache)
     assert meta["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_channels_hf_style_attention_prunes_whole_heads_by_default(cache: Cache) -> None:
+    from tests.user_models import hf_style_encoder
+
+    root = _live(hf_style_encoder(), (1, 6, 16), cache)
+    module, out, meta = _prune_export_run(root, ChannelPrune(ratio=0.5), cache)
+    # num_attention_heads is recognised; heads go whole (the block reshapes with attention_head_size)
+    assert meta["heads_after"] == {"layers.0.attention": 2, "layers.1.attention": 2}
+    for layer in module.layers:
+        att = layer.attention
+        assert att.num_attention_heads == 2 and att.attention_head_size == 8 and att.all_head_size == 16
+        assert att.query.out_features == att.key.out_features == att.value.out_features == 16
+        assert layer.intermediate.out_features == 32  # MLP width pruned with the heads
+    # the output is hidden states made by a LayerNorm: their width (the embedding size) is kept
+    assert module(torch.randn(2, 6, 16)).shape == (2, 6, 32)
+    # attention products counted apart: 2 layers x (q @ k^T + att @ v) x heads x 6 x 6 x head size 8
+    assert meta["attention_macs_before"] == 2 * 2 * 4 * 6 * 6 * 8
+    assert meta["attention_macs_after"] == 2 * 2 * 2 * 6 * 6 * 8
+    assert any("counted separately" in n for n in meta["notes"])
+    assert out.metadata["export.onnx"]["cosine"] > 0.9999
+
+
+def test_channels_head_widths_on_fixed_head_size_say_what_to_set(cache: Cache) -> None:
+    from tests.user_models import hf_style_encoder
+
+    root = _live(hf_style_encoder(), (1, 6, 16), cache)
+    with pytest.raises(PassError) as e:
+        _run(root, [ChannelPrune(ratio=0.5, prune_heads=False)], cache)
+    msg = str(e.value)
+    assert "\n" not in msg and "'layers.0.attention'" in msg and "prune_heads = true" in msg
+
+
+def test_channels_per_head_state_is_refused_with_a_keep_list_that_works(cache: Cache) -> None:
+    from tests.user_models import biased_encoder
+
+    root = _live(biased_encoder(), (1, 6, 16), cache)
+    with pytest.raises(PassError) as e:
+        _run(root, [ChannelPrune(ratio=0.5)], cache)
+    msg = str(e.value)
+    assert "\n" not in msg and "per-head state (head_bias [4])" in msg
+    keep = ["layers.0.attention", "layers.1.attention"]
+    assert f"keep = {keep!r}" in msg
+    _, _, meta = _prune_export_run(root, ChannelPrune(ratio=0.5, keep=keep), cache)
+    assert meta["widths_after"]["layers.0.intermediate"][1] == 32  # the MLP around the kept blocks is pruned

@@ -19,7 +19,7 @@ from compress.api import module_artifact
 from compress.artifact import Artifact
 from compress.cache import Cache
 from compress.data import DataBundle, Split, load_data
-from compress.errors import CompressError, InputError, PassError, RecipeError
+from compress.errors import AccuracyError, CompressError, InputError, PassError, RecipeError
 from compress.manager import PassContext, PassManager, VerifyInstrument
 from compress.recipe import DataSpec
 from compress.torch_io import load_torch
@@ -190,11 +190,15 @@ def test_accuracy_control_keeps_sensitive_layers_in_float(cnn: nn.Module, digits
     model = _Outlier(copy.deepcopy(cnn)).eval()
     assert top1(model, digits, digits.val) == pytest.approx(top1(cnn, digits, digits.val), abs=0.01)
     onnx_art = _run(model, [ExportOnnx()], None, cache)[0]
-    # Plain PTQ breaks the model, and the parity check against the float input says so by default ...
-    with pytest.raises(PassError, match=r"differs from its input model beyond the tolerance: cosine 0\.\d+ < 0\.98"):
+    # Plain PTQ breaks the model: without labels the fidelity guard (per-sample cosine) refuses it first ...
+    with pytest.raises(AccuracyError, match=r"per-sample cosine .* mean"):
         _quantize(onnx_art, QuantizeInt8(samples=32), digits, cache)
-    # ... unless the bound is lowered on purpose (here: to show what accuracy control recovers).
-    plain = _quantize(onnx_art, QuantizeInt8(samples=32, min_cosine=0.0, min_agreement=0.0), digits, cache)
+    # ... and with the guard off, the parity check against the float input still does ...
+    with pytest.raises(PassError, match=r"differs from its input model beyond the tolerance: cosine 0\.\d+ < 0\.98"):
+        _quantize(onnx_art, QuantizeInt8(samples=32, min_sample_cosine=None), digits, cache)
+    # ... unless both are lowered on purpose (here: to show what accuracy control recovers).
+    plain = _quantize(onnx_art, QuantizeInt8(samples=32, min_sample_cosine=None, min_cosine=0.0, min_agreement=0.0),
+                      digits, cache)
     fp = _ort_top1(onnx_art, digits)
     assert fp - _ort_top1(plain, digits) > 0.05, "the outlier should break plain PTQ"
     ctl = _quantize(onnx_art, QuantizeInt8(samples=32, max_accuracy_drop=0.01), digits, cache)

@@ -1,0 +1,160 @@
+"""Hugging Face models as pipeline modules: a model directory (config + safetensors) loaded offline.
+
+``transformers`` is an optional extra (``pip install 'compress-pipeline[hf]'``), imported only here.
+The task head is the user's choice; each task wraps the model in a module with explicit tensor
+arguments and one tensor output, which is what export, pruning and every target expect:
+
+- ``embedding``: text encoder, mask-aware mean of the last hidden states (a sentence embedding)
+- ``hidden-states``: text encoder, the last hidden states (batch, seq, hidden)
+- ``sequence-classification``: text classifier logits
+- ``image-classification``: image classifier logits
+- ``image-features``: vision backbone, pooled features (batch, channels)
+
+Weights are read from ``.safetensors`` only (no pickle), with ``local_files_only`` (no network).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifact import InputSpec
+from .errors import InputError, RecipeError
+
+TEXT_TASKS = ("embedding", "hidden-states", "sequence-classification")
+VISION_TASKS = ("image-classification", "image-features")
+TASKS = TEXT_TASKS + VISION_TASKS
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise InputError("a Hugging Face model needs transformers: pip install 'compress-pipeline[hf]'") from e
+    transformers.logging.set_verbosity_error()  # load reports and progress bars would drown the run's output
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def _first(out: Any, *names: str) -> torch.Tensor:
+    for n in names:
+        v = getattr(out, n, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[no-any-return]
+
+
+class TextModel(nn.Module):
+    """(input_ids, attention_mask) -> one tensor, per ``task``."""
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.task == "sequence-classification":
+            return _first(out, "logits")
+        h = _first(out, "last_hidden_state")
+        if self.task == "hidden-states":
+            return h
+        m = attention_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class VisionModel(nn.Module):
+    """pixel_values -> logits or pooled features."""
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values)
+        if self.task == "image-classification":
+            return _first(out, "logits")
+        pooled = getattr(out, "pooler_output", None)
+        if isinstance(pooled, torch.Tensor):
+            return pooled.flatten(1)
+        h = _first(out, "last_hidden_state")
+        return h.mean(1) if h.dim() == 3 else h.mean(dim=(2, 3))
+
+
+def task_output_kind(task: str) -> str:
+    """What a task's output is, for fidelity (compress.fidelity): class logits or an embedding."""
+    return "logits" if task.endswith("classification") else "embedding"
+
+
+def check_task(task: str | None, where: str) -> str:
+    if task is None:
+        raise RecipeError(f"{where}: a Hugging Face model needs model.task, one of {', '.join(TASKS)}")
+    if task not in TASKS:
+        raise RecipeError(f"{where}: task {task!r} not understood; use one of {', '.join(TASKS)}")
+    return task
+
+
+def from_config(config: Any, task: str, seed: int = 0) -> nn.Module:
+    """A wrapped model with random weights built from a ``transformers`` config (tests, the benchmark)."""
+    tf = _transformers()
+    torch.manual_seed(seed)
+    cls = {"sequence-classification": tf.AutoModelForSequenceClassification,
+           "image-classification": tf.AutoModelForImageClassification}.get(task, tf.AutoModel)
+    # Eager attention: the exported graph then holds plain MatMul/Softmax that every target runs.
+    config._attn_implementation = "eager"
+    model = cls.from_config(config, attn_implementation="eager")
+    return wrap(model.eval(), task)
+
+
+def wrap(model: nn.Module, task: str) -> nn.Module:
+    return (TextModel(model, task) if task in TEXT_TASKS else VisionModel(model, task)).eval()
+
+
+def load_dir(path: Path, task: str) -> nn.Module:
+    """Load a model directory offline: config.json + *.safetensors (pickled weights are refused)."""
+    tf = _transformers()
+    if not (path / "config.json").exists():
+        raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise InputError(f"{path}: no .safetensors weights; pickled weights (pytorch_model.bin) are not loaded "
+                         "for safety; convert them with safetensors first")
+    cls = {"sequence-classification": tf.AutoModelForSequenceClassification,
+           "image-classification": tf.AutoModelForImageClassification}.get(task, tf.AutoModel)
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                    attn_implementation="eager")
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for a bad directory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: transformers could not load it as {task} ({first[:300]})") from e
+    return wrap(model.eval(), task)
+
+
+def input_specs(config: Any, task: str, shape: tuple[int, ...] | None) -> tuple[InputSpec, ...]:
+    """Named inputs for a task: token ids within the vocabulary and a 0/1 mask, or pixel values."""
+    if task in TEXT_TASKS:
+        seq = int(shape[1]) if shape and len(shape) >= 2 else 128
+        batch = int(shape[0]) if shape else 1
+        vocab = int(getattr(config, "vocab_size", 0) or 0)
+        if vocab <= 0:
+            raise InputError(f"{type(config).__name__} has no vocab_size; is it a text model? (task {task!r})")
+        dyn = ((1, "seq"),)
+        return (InputSpec("input_ids", (batch, seq), "int64", high=vocab, dynamic_axes=dyn),
+                InputSpec("attention_mask", (batch, seq), "int64", high=2, dynamic_axes=dyn))
+    if shape and len(shape) == 4:
+        return (InputSpec("pixel_values", tuple(int(s) for s in shape)),)
+    size = getattr(config, "image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    ch = int(getattr(config, "num_channels", 3))
+    return (InputSpec("pixel_values", (1, ch, int(size), int(size))),)
+
+
+def read_config(path: Path) -> Any:
+    tf = _transformers()
+    try:
+        return tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # a missing or malformed config.json
+        raise InputError(f"{path}: cannot read its config.json ({str(e).splitlines()[0][:200]})") from e
