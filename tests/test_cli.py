@@ -251,3 +251,20 @@ def test_torch_cell_of_an_onnx_only_variant_is_skipped_not_measured_twice(tmp_pa
     # Its PyTorch model is the baseline's: a "speed-up" there could only be noise.
     assert same["status"] == "skipped" and "same PyTorch model" in same["reason"] and not same["latency"]
     assert cells[("i8", "onnxruntime")]["status"] == "ok" and cells[("baseline", "torch")]["status"] == "ok"
+
+
+def test_output_piped_into_a_closed_reader_stops_quietly(capsys, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    class Closed:
+        def write(self, _: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return (tmp_path / "sink").open("w").fileno()
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert main(["passes"]) == 141  # like a Unix tool killed by SIGPIPE, with no "unexpected" error
+    assert "error" not in capsys.readouterr().err
