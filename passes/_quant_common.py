@@ -385,7 +385,7 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
     got = np.concatenate([np.asarray(qs.run(None, f)[0], dtype=np.float32) for f in feeds])
     c = compare_outputs(ref, got, "embedding")  # per-sample cosine fits logits and embeddings alike
     out: dict[str, Any] = {"cosine_mean": c["cosine_mean"], "cosine_worst": c["cosine_worst"],
-                           "min_cosine": min_cosine, "on": where}
+                           "min_sample_cosine": min_cosine, "on": where}
     why = degenerate(ref)
     if why is not None:
         out["unchecked"] = why
@@ -393,6 +393,6 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
     if min_cosine is not None and c["cosine_mean"] < min_cosine:
         raise AccuracyError(
             f"{kind}: the quantized model's output is far from the input model's: per-sample cosine "
-            f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_cosine {min_cosine}) on {where}; "
-            "keep more nodes in float (keep_float), use per_channel = true, or lower min_cosine")
+            f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_sample_cosine {min_cosine}) on "
+            f"{where}; keep more nodes in float (keep_float), use per_channel = true, or lower min_sample_cosine")
     return out
