@@ -187,13 +187,19 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
     if spec.weights:
         _load_weights(model, spec.weights)
     set_eval(model)
+    # The source is referenced by digest so a changed weights file is a different model.
+    return _store_loaded(cache, model, source, (InputSpec("input", shape),), f"load {src}", {"source": src},
+                         {"source": source})
+
+
+def _store_loaded(cache: Cache, model: Any, source: dict[str, Any], inputs: tuple[InputSpec, ...], producer: str,
+                  metadata: dict[str, Any], key_facts: dict[str, Any]) -> Artifact:
+    """A loaded torch model as a cache root: the cached entry when one exists, else this one put in."""
     dst = cache.new_dir("model")
     try:
         digest = write_torch(dst, model, source, [])
-        # The source is referenced by digest so a changed weights file is a different model.
-        art = Artifact("torch", dst, digest, (InputSpec("input", shape),), producer=f"load {src}",
-                       metadata={"source": src})
-        key = Cache.key(digest, "load", 1, {"source": source})
+        art = Artifact("torch", dst, digest, inputs, producer=producer, metadata=metadata)
+        key = Cache.key(digest, "load", 1, key_facts)
         hit = cache.get(key)
     except BaseException:  # no half-written work folder left behind (a damaged entry, a full disk, Ctrl-C)
         shutil.rmtree(dst, ignore_errors=True)
@@ -220,18 +226,9 @@ def _load_hf(spec: Any, cache: Cache) -> Artifact:
     if spec.weights:
         _load_weights(model, spec.weights)
     set_eval(model)
-    dst = cache.new_dir("model")
-    digest = write_torch(dst, model, source, [])
-    art = Artifact("torch", dst, digest, inputs, producer=f"load {spec.source}",
-                   metadata={"source": spec.source, "task": task})
-    key = Cache.key(digest, "load", 1, {"source": source, "inputs": [s.to_json() for s in inputs]})
-    hit = cache.get(key)
-    if hit is not None:
-        shutil.rmtree(dst, ignore_errors=True)
-        hit.obj = model
-        return hit
-    art.obj = model
-    return cache.put(key, art)
+    return _store_loaded(cache, model, source, tuple(inputs), f"load {spec.source}",
+                         {"source": spec.source, "task": task},
+                         {"source": source, "inputs": [s.to_json() for s in inputs]})
 
 
 def _pt2_shape(path: Path) -> tuple[int, ...]:
