@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,12 @@ from compress.config import PassConfig, TargetConfig
 from compress.manager import PassContext
 from compress.registry import register_pass, register_target
 from compress.torch_io import clone_module, torch_artifact
+
+# The repository root on the path: tests and recipes name test factories as ``tests.user_models:...``,
+# whichever test file pytest happens to collect first.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 # One intra-op thread: the suite's models are tiny, and on a shared 2-core runner torch's
 # thread pool spends more time spinning against other processes than computing.
