@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from compress.cli import main as cli  # noqa: E402
 from compress.fingerprint import cpu_info  # noqa: E402
-from compress.stats import bootstrap_ratio  # noqa: E402
+from compress.stats import RatioCI, ratio_ci, ratio_verdict  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "digits-cnn": {"shape": "1,1,8,8", "epochs": 15},
@@ -38,10 +38,8 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def fmt_ratio(t: tuple[float, ...]) -> str:
-    m, lo, hi = t
-    verdict = "no measurable difference" if lo <= 1 <= hi else ("faster" if m < 1 else "slower")
-    return f"{m:.2f}x [{lo:.2f}, {hi:.2f}] {verdict}"
+def fmt_ratio(r: RatioCI) -> str:
+    return f"{r.ratio:.2f}x [{r.low:.2f}, {r.high:.2f}] {ratio_verdict(r)}"
 
 
 def main() -> None:
@@ -83,11 +81,11 @@ def main() -> None:
                 for t in ("onnxruntime", "openvino"):
                     if ("int8", t) in cells and ("int8-nncf", t) in cells:
                         lines.append(f"- b{b}, {t}: NNCF INT8 / ORT-engine INT8 = "
-                                     f"{fmt_ratio(bootstrap_ratio(s('int8-nncf', t), s('int8', t), 'p50'))}")
+                                     f"{fmt_ratio(ratio_ci(s('int8-nncf', t), s('int8', t), 'p50'))}")
                 for v in ("baseline", "int8", "int8-nncf"):
                     if (v, "openvino") in cells and (v, "onnxruntime") in cells:
                         lines.append(f"- b{b}, {'fp32' if v == 'baseline' else v}: OpenVINO / ONNX Runtime = "
-                                     f"{fmt_ratio(bootstrap_ratio(s(v, 'openvino'), s(v, 'onnxruntime'), 'p50'))}")
+                                     f"{fmt_ratio(ratio_ci(s(v, 'openvino'), s(v, 'onnxruntime'), 'p50'))}")
             lines.append("")
             print("\n".join(lines[-12:]), flush=True)
     text = "\n".join(lines) + "\n"

@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import re
 import shutil
-import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .artifact import sha256_json
 from .errors import InputError, RecipeError
+from .recipe import read_toml
 from .stats import bootstrap_stat, ratio_ci, verdict, widen
 
 # Exit codes of `compress check`, documented in the CLI help and README.
@@ -109,13 +109,7 @@ def parse_limit(text: str, metric: str, where: str) -> Limit:
 
 def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
     """Read and validate a budgets file; return it and the resolved recipe path of each model."""
-    p = Path(path)
-    if not p.exists():
-        raise RecipeError(f"{p}: budgets file not found")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{p}: not valid TOML: {e}") from None
+    p, raw = read_toml(path, "budgets")
     try:
         bf = BudgetsFile.model_validate(raw)
     except ValidationError as e:

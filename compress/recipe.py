@@ -169,20 +169,25 @@ def recipe_from_dict(d: dict[str, Any], where: str = "recipe") -> Recipe:
     return Recipe(name=name, model=model, data=data, measure=measure, passes=passes, targets=targets, seed=seed)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_toml(path: str | Path, what: str) -> tuple[Path, dict[str, Any]]:
+    """A TOML file the user named (a recipe, a budgets file, a search space) as a dict, or one clear line."""
     p = Path(path)
     if not p.exists():
-        raise RecipeError(f"{p}: recipe file not found")
+        raise RecipeError(f"{p}: {what} file not found")
     if not p.is_file():
-        raise RecipeError(f"{p}: is not a file; give a recipe .toml file")
+        raise RecipeError(f"{p}: is not a file; give a {what} .toml file")
     try:
-        d = tomllib.loads(p.read_text(encoding="utf-8"))
+        return p, tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{p}: not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
-        raise RecipeError(f"{p}: not a text file (byte {e.start} is not UTF-8); a recipe is TOML text") from None
+        raise RecipeError(f"{p}: not a text file (byte {e.start} is not UTF-8); a {what} is TOML text") from None
     except OSError as e:
-        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror or e})") from None
+        raise RecipeError(f"{p}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p, d = read_toml(path, "recipe")
     rec = recipe_from_dict(d, where=str(p))
     # Relative file paths in a recipe are relative to the recipe's folder.
     return _resolve_paths(rec, p.parent)

@@ -27,16 +27,15 @@ import logging
 import math
 import re
 import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import CompressError, RecipeError
-from .recipe import Recipe, _resolve_paths, recipe_from_dict, recipe_to_toml
+from .recipe import Recipe, _resolve_paths, read_toml, recipe_from_dict, recipe_to_toml
 
 # Metrics a trial yields; all are minimized (accuracy as a drop, fidelity as a loss).
 METRICS: dict[str, str] = {
@@ -113,7 +112,6 @@ class Space:
     params: list[Param]
     search: SearchSpec
     source: str
-    optional: set[tuple[str, int]] = field(default_factory=set)
     folder: Path = Path(".")  # file paths in the space are relative to it, as in a recipe
 
     def first_point(self) -> dict[str, Any]:
@@ -127,8 +125,8 @@ class Space:
         for p in self.params:
             if p.key is not None and p.name in values:
                 d[p.section][p.index][p.key] = values[p.name]
-        keep = [i for i in range(len(d.get("passes", [])))
-                if ("passes", i) not in self.optional or values.get(f"passes[{i + 1}].enabled", True)]
+        # An optional pass runs unless the point switches it off (its "enabled" parameter).
+        keep = [i for i in range(len(d.get("passes", []))) if values.get(f"passes[{i + 1}].enabled", True)]
         d["passes"] = [d["passes"][i] for i in keep]
         return _resolve_paths(recipe_from_dict(d, where=self.source), self.folder)
 
@@ -173,13 +171,7 @@ def load_space(path: str | Path) -> Space:
     """Read and validate a search space; every value it can produce is checked before any trial."""
     from .registry import get_pass, get_target_config
 
-    p = Path(path)
-    if not p.exists():
-        raise RecipeError(f"{p}: search space file not found")
-    try:
-        d = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{p}: not valid TOML: {e}") from None
+    p, d = read_toml(path, "search space")
     raw_search = d.pop("search", {})
     try:
         search = SearchSpec.model_validate(raw_search)
@@ -187,7 +179,6 @@ def load_space(path: str | Path) -> Space:
         msgs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'search'}: {x['msg']}" for x in e.errors())
         raise RecipeError(f"{p}: [search]: {msgs}") from None
     params: list[Param] = []
-    optional: set[tuple[str, int]] = set()
     for section in ("passes", "targets"):
         tables = d.get(section, [])
         if not isinstance(tables, list):
@@ -204,7 +195,6 @@ def load_space(path: str | Path) -> Space:
             if t.pop("optional", False) is True:
                 if section == "targets":
                     raise RecipeError(f"{where}: 'optional' applies to passes; list the targets to measure")
-                optional.add((section, i))
                 params.append(Param(f"{section}[{i + 1}].enabled", section, i, None, "optional"))
             for key, v in list(t.items()):
                 spec = _open_value(f"{where} ({t['kind']})", cls, key, v)
@@ -215,7 +205,7 @@ def load_space(path: str | Path) -> Space:
                                     spec.get("low", 0.0), spec.get("high", 0.0), spec.get("log", False),
                                     spec.get("choices", ())))
             _check_values(where, cls, t, [q for q in params if q.section == section and q.index == i])
-    space = Space(d, params, search, str(p), optional, p.parent)
+    space = Space(d, params, search, str(p), p.parent)
     rec = space.recipe(space.first_point())  # the fixed part of the recipe, validated as a recipe
     _check_search_against_recipe(p, search, rec)
     if not params:
@@ -439,7 +429,7 @@ def _tell(study: Any, trial: Any, res: dict[str, Any], secs: float, spec: Search
         trial.set_user_attr("constraint", [m[c] - lim for c, lim in limits.items()])
     study.tell(trial, [float(m[o]) for o in spec.objectives])
     feasible = all(m[c] <= lim for c, lim in limits.items())
-    best = _best(study, spec, limits)
+    best = _best(study)
     left = clock["deadline"] - time.monotonic()
     say(f"trial {trial.number} ({clock['told']}/{clock['budget']}): "
         + ", ".join(f"{o}={m[o]:.4g}" for o in spec.objectives)
@@ -584,24 +574,26 @@ class _RayPool:
             self.ray.shutdown()
 
 
-def _best(study: Any, spec: SearchSpec, limits: dict[str, float]) -> Any:
+def _feasible(study: Any) -> list[Any]:
+    """Finished trials that meet every constraint."""
+    return [t for t in study.trials if t.state.name == "COMPLETE"
+            and all(v <= 0 for v in t.user_attrs.get("constraint", []))]
+
+
+def _best(study: Any) -> Any:
     """The feasible trial best on the first objective (ties broken by the others)."""
-    ok = [t for t in study.trials if t.state.name == "COMPLETE"
-          and all(v <= 0 for v in t.user_attrs.get("constraint", []))]
-    return min(ok, key=lambda t: tuple(t.values), default=None)
+    return min(_feasible(study), key=lambda t: tuple(t.values), default=None)
 
 
 def _front(study: Any) -> list[Any]:
     """Pareto-optimal feasible trials."""
-    ok = [t for t in study.trials if t.state.name == "COMPLETE"
-          and all(v <= 0 for v in t.user_attrs.get("constraint", []))]
+    ok = _feasible(study)
     return [t for t in ok if not any(all(a <= b for a, b in zip(o.values, t.values, strict=True))
                                      and o.values != t.values for o in ok)]
 
 
 def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, Any]:
     spec = sp.search
-    limits = spec.limits()
     trials = []
     for t in study.trials:
         trials.append({"number": t.number, "state": t.state.name, "params": t.params,
@@ -609,7 +601,7 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
                        "metrics": {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error")},
                        "values": t.values})
     front = sorted(_front(study), key=lambda t: tuple(t.values))
-    best = _best(study, spec, limits)
+    best = _best(study)
     result = {"schema": "compress.search/v1", "space": sp.source, "target": target, "batch": spec.batch,
               "objectives": spec.objectives, "constraints": spec.constraints, "sampler": spec.sampler,
               "trials": trials, "front": [t.number for t in front],

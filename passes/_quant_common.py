@@ -13,14 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
 from compress.artifact import Artifact
 from compress.errors import InputError, PassError
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def _power_of_two(v: int) -> int:
+    if v & (v - 1):
+        raise ValueError(f"group_size must be a power of two (16, 32, 64, 128, ...), got {v}")
+    return v
+
+
+# Weights per quantization group of the weight-only passes: what the block quantizers accept.
+GroupSize = Annotated[int, Field(ge=16, le=4096), AfterValidator(_power_of_two)]
 # Integer dot-product instructions that accumulate u8 x s8 in 32 bits (no 16-bit saturation).
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
 

@@ -270,8 +270,8 @@ def _with_accuracy_control(model: Any, src: Path, calib: Any, data: Any, name: s
         qmodel = nncf.quantize_with_accuracy_control(model, calib, val, fn, max_drop=limit,
                                                      advanced_quantization_parameters=adv, **common)
         q_metric = fn(qmodel, items)[0]
-    before = _weight_dequantized(model)  # empty: the input is float
-    reverted = sorted(set(weighted_nodes(model)) - _weight_dequantized(qmodel) - before - set(cfg.keep_float))
+    # The input is float (refuse_quantized), so every weighted node without a weight DequantizeLinear is float.
+    reverted = sorted(set(weighted_nodes(model)) - _weight_dequantized(qmodel) - set(cfg.keep_float))
     info = {"metric": metric, "float": float_metric, "int8": q_metric, "limit": limit, "reverted_to_float": reverted,
             "why": f"NNCF ranked layers by their effect on {metric} and reverted the most harmful to float until the "
                    f"drop was within {limit * 100:.2f} points" if reverted else "no layer needed reverting"}

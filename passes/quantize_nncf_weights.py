@@ -22,7 +22,7 @@ from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
 
-from ._quant_common import calibration_batches, name_nodes, pass_parity, refuse_quantized, weighted_nodes
+from ._quant_common import GroupSize, calibration_batches, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_nncf import quiet_nncf
 
 
@@ -31,7 +31,7 @@ class QuantizeNncfWeights(ParityOptions):
 
     kind: Literal["quantize.nncf_weights"] = "quantize.nncf_weights"
     mode: Literal["int8_sym", "int8_asym", "int4_sym"] = "int8_asym"
-    group_size: int = Field(32, ge=16, le=4096, description="INT4: weights per quantization group (power of two)")
+    group_size: GroupSize = Field(32, description="INT4: weights per quantization group (power of two)")
     ratio: float = Field(1.0, gt=0, le=1, description="INT4: fraction of layers in INT4, the rest INT8")
     awq: bool = Field(False, description="INT4: activation-aware scaling (needs data)")
     scale_estimation: bool = Field(False, description="INT4: data-aware scale search (needs data)")
@@ -48,8 +48,6 @@ class QuantizeNncfWeights(ParityOptions):
                 ["ratio"] if self.ratio != 1.0 else [])
             if extra:
                 raise ValueError(f"{', '.join(extra)} apply to INT4 modes only; set mode = 'int4_sym' or drop them")
-        if self.group_size & (self.group_size - 1):
-            raise ValueError(f"group_size must be a power of two (16, 32, 64, 128, ...), got {self.group_size}")
         return self
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
@@ -17,7 +17,7 @@ from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
 
-from ._quant_common import name_nodes, pass_parity, refuse_quantized, weighted_nodes
+from ._quant_common import GroupSize, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_int8 import _quiet
 
 
@@ -26,7 +26,7 @@ class QuantizeWeightOnly(ParityOptions):
 
     kind: Literal["quantize.weight_only"] = "quantize.weight_only"
     bits: Literal[4, 8] = 4
-    group_size: int = Field(32, ge=16, le=4096, description="weights per quantization block (power of two)")
+    group_size: GroupSize = Field(32, description="weights per quantization block (power of two)")
     symmetric: bool = True
     format: Literal["matmulnbits", "qdq"] = "matmulnbits"
     keep_float: tuple[str, ...] = ()
@@ -37,13 +37,6 @@ class QuantizeWeightOnly(ParityOptions):
             raise ValueError("bits=8 needs format='matmulnbits' (ONNX Runtime's quantizer writes 8-bit blocks only "
                              "as MatMulNBits); use bits=4 for format='qdq'")
         return self
-
-    @field_validator("group_size")
-    @classmethod
-    def _pow2(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"group_size must be a power of two (16, 32, 64, 128, ...), got {v}")
-        return v
 
 
 @register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx")

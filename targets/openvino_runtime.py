@@ -13,6 +13,7 @@ the report says which precision ran.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -58,7 +59,9 @@ class OvRunner:
         self.compiled = None
 
 
+@lru_cache(maxsize=1)
 def _core() -> Any:
+    """One OpenVINO Core per process: creating one enumerates devices and loads plugins."""
     import openvino as ov
 
     return ov.Core()
