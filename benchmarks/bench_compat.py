@@ -105,7 +105,7 @@ def _step(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
 
 def _feeds(art: Artifact, data: Any, n: int = 16) -> list[dict[str, np.ndarray]]:
     """Held-out inputs: the validation split (images) or synthetic token ids and masks (text)."""
-    from passes._quant_common import guard_feeds
+    from compress.passes._quant_common import guard_feeds
 
     feeds, _ = guard_feeds(art, data, n=n, batch=1)
     return feeds
@@ -113,7 +113,7 @@ def _feeds(art: Artifact, data: Any, n: int = 16) -> list[dict[str, np.ndarray]]
 
 def _ort(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, float]:
     """First output over ``feeds`` and the median latency (ms) of one call, 1 thread."""
-    from passes._quant_common import ort_session
+    from compress.passes._quant_common import ort_session
 
     sess = ort_session(path)
     outs, times = [], []
@@ -127,12 +127,12 @@ def _ort(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, fl
 def run_model(name: str, cache_dir: Path) -> dict[str, Any]:
     """Push one architecture through the steps; a dict of per-step results (ok figure or refusal)."""
     import torch
+    from compress.passes.export_onnx import ExportOnnx
+    from compress.passes.prune_channels import ChannelPrune
+    from compress.passes.quantize_dynamic import QuantizeDynamic
+    from compress.passes.quantize_int8 import QuantizeInt8
 
     from compress.hf import from_config, input_specs
-    from passes.export_onnx import ExportOnnx
-    from passes.prune_channels import ChannelPrune
-    from passes.quantize_dynamic import QuantizeDynamic
-    from passes.quantize_int8 import QuantizeInt8
 
     make_cfg, task, shape = _configs()[name]
     rec: dict[str, Any] = {"model": name, "task": task, "input": list(shape)}
@@ -214,12 +214,12 @@ def bert_latency(seq: int = 128, n_sent: int = 32, threads: int = 0, cache_dir: 
 
     import torch
     import transformers as T
+    from compress.passes.export_onnx import ExportOnnx
+    from compress.passes.prune_channels import ChannelPrune
+    from compress.passes.quantize_dynamic import QuantizeDynamic
 
     from compress.hf import from_config, input_specs
     from compress.measure import measure_interleaved
-    from passes.export_onnx import ExportOnnx
-    from passes.prune_channels import ChannelPrune
-    from passes.quantize_dynamic import QuantizeDynamic
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -237,7 +237,7 @@ def bert_latency(seq: int = 128, n_sent: int = 32, threads: int = 0, cache_dir: 
         arts["ORT dynamic INT8 per-tensor"] = _step(arts["ORT FP32"], QuantizeDynamic(per_channel=False), ctx)
         pruned = _step(root, ChannelPrune(ratio=0.5), ctx)
         arts["prune heads 0.5 + ORT dynamic INT8"] = _step(_step(pruned, ExportOnnx(), ctx), QuantizeDynamic(), ctx)
-        from passes._quant_common import ort_session
+        from compress.passes._quant_common import ort_session
 
         g = np.random.default_rng(0)
         sents = []

@@ -37,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compress.passes.distill import Distill  # noqa: E402
+
 from compress.api import module_artifact  # noqa: E402
 from compress.cache import Cache  # noqa: E402
 from compress.data import DataBundle, Split, load_data  # noqa: E402
@@ -47,7 +49,6 @@ from compress.recipe import DataSpec, ModelSpec  # noqa: E402
 from compress.registry import passes  # noqa: E402
 from compress.torch_io import clone_module, load_torch, torch_artifact  # noqa: E402
 from compress.training import fit, predict  # noqa: E402
-from passes.distill import Distill  # noqa: E402
 
 SHAPE = (1, 1, 8, 8)
 

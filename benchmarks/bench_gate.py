@@ -53,9 +53,9 @@ LIMIT = 1.05
 def export_digits(work: Path, cache: Path) -> Path:
     """The digits CNN exported to ONNX by the product itself (random-init weights: latency only)."""
     import torch
+    from compress.passes.export_onnx import ExportOnnx
 
     from compress.manager import PassContext, PassManager
-    from passes.export_onnx import ExportOnnx
 
     torch.set_num_threads(1)
     c = Cache(cache)
@@ -92,8 +92,9 @@ def variant(src: Path, dst: Path, redundant: int, tag: str) -> Path:
 
 def runners(paths: list[Path], cache: Path) -> list[Any]:
     """The product's own ONNX Runtime runners (compiled as a check compiles them, 1 thread)."""
+    from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+
     from compress.manager import PassContext
-    from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
 
     c = Cache(cache)
     ctx = PassContext(cache=c, progress=False)

@@ -23,6 +23,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compress.passes._quant_common import ort_session, run_batches, session_infer, split_inputs  # noqa: E402
+from compress.passes.export_onnx import ExportOnnx  # noqa: E402
+from compress.passes.quantize_dynamic import QuantizeDynamic  # noqa: E402
+from compress.passes.quantize_fp16 import QuantizeFp16  # noqa: E402
+from compress.passes.quantize_int8 import QuantizeInt8  # noqa: E402
+from compress.passes.quantize_weight_only import QuantizeWeightOnly  # noqa: E402
+from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget  # noqa: E402
+from compress.targets.tvm_compiler import TvmConfig, TvmTarget  # noqa: E402
+
 from compress import zoo  # noqa: E402
 from compress.api import module_artifact  # noqa: E402
 from compress.artifact import Artifact  # noqa: E402
@@ -32,14 +41,6 @@ from compress.manager import PassContext, PassManager  # noqa: E402
 from compress.parity import LOWERING, QUANTIZATION, breach, compare_outputs, model_precision  # noqa: E402
 from compress.recipe import DataSpec  # noqa: E402
 from compress.training import fit  # noqa: E402
-from passes._quant_common import ort_session, run_batches, session_infer, split_inputs  # noqa: E402
-from passes.export_onnx import ExportOnnx  # noqa: E402
-from passes.quantize_dynamic import QuantizeDynamic  # noqa: E402
-from passes.quantize_fp16 import QuantizeFp16  # noqa: E402
-from passes.quantize_int8 import QuantizeInt8  # noqa: E402
-from passes.quantize_weight_only import QuantizeWeightOnly  # noqa: E402
-from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget  # noqa: E402
-from targets.tvm_compiler import TvmConfig, TvmTarget  # noqa: E402
 
 SHAPE = (1, 1, 8, 8)
 

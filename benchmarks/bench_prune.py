@@ -27,6 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compress.passes.export_onnx import ExportOnnx  # noqa: E402
+from compress.passes.prune_2to4 import TwoFourPrune  # noqa: E402
+from compress.passes.prune_channels import ChannelPrune  # noqa: E402
+from compress.passes.prune_magnitude import MagnitudePrune  # noqa: E402
+
 from compress.api import module_artifact  # noqa: E402
 from compress.cache import Cache  # noqa: E402
 from compress.data import load_data  # noqa: E402
@@ -36,10 +41,6 @@ from compress.models import load_model  # noqa: E402
 from compress.recipe import DataSpec, ModelSpec  # noqa: E402
 from compress.torch_io import load_torch  # noqa: E402
 from compress.training import fit, top1  # noqa: E402
-from passes.export_onnx import ExportOnnx  # noqa: E402
-from passes.prune_2to4 import TwoFourPrune  # noqa: E402
-from passes.prune_channels import ChannelPrune  # noqa: E402
-from passes.prune_magnitude import MagnitudePrune  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -30,6 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compress.passes._quant_common import compare, ort_session, session_infer, simulated_agreement  # noqa: E402
+from compress.passes.export_onnx import ExportOnnx  # noqa: E402
+from compress.passes.quantize_dynamic import QuantizeDynamic  # noqa: E402
+from compress.passes.quantize_fp16 import QuantizeFp16  # noqa: E402
+from compress.passes.quantize_int8 import QuantizeInt8, _quiet  # noqa: E402
+from compress.passes.quantize_qat import QuantizeQat  # noqa: E402
+
 from compress import zoo  # noqa: E402
 from compress.api import module_artifact  # noqa: E402
 from compress.artifact import Artifact  # noqa: E402
@@ -39,12 +46,6 @@ from compress.fingerprint import machine_fingerprint  # noqa: E402
 from compress.manager import PassContext, PassManager  # noqa: E402
 from compress.recipe import DataSpec  # noqa: E402
 from compress.training import fit  # noqa: E402
-from passes._quant_common import compare, ort_session, session_infer, simulated_agreement  # noqa: E402
-from passes.export_onnx import ExportOnnx  # noqa: E402
-from passes.quantize_dynamic import QuantizeDynamic  # noqa: E402
-from passes.quantize_fp16 import QuantizeFp16  # noqa: E402
-from passes.quantize_int8 import QuantizeInt8, _quiet  # noqa: E402
-from passes.quantize_qat import QuantizeQat  # noqa: E402
 
 
 def log(msg: str) -> None:

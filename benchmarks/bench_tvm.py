@@ -28,14 +28,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from compress.passes.export_onnx import ExportOnnx  # noqa: E402
+from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget  # noqa: E402
+from compress.targets.tvm_compiler import TvmConfig, TvmTarget  # noqa: E402
+
 from compress import zoo  # noqa: E402
 from compress.api import apply  # noqa: E402
 from compress.cache import Cache  # noqa: E402
 from compress.fingerprint import machine_fingerprint  # noqa: E402
 from compress.manager import PassContext  # noqa: E402
-from passes.export_onnx import ExportOnnx  # noqa: E402
-from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget  # noqa: E402
-from targets.tvm_compiler import TvmConfig, TvmTarget  # noqa: E402
 
 THREADS = 2
 

@@ -33,12 +33,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compress.targets.tensorrt_engine import TensorRTConfig, TensorRTTarget  # noqa: E402
+
 from compress.artifact import Artifact, InputSpec, sha256_files  # noqa: E402
 from compress.cache import Cache  # noqa: E402
 from compress.errors import BuildError, InputError  # noqa: E402
 from compress.fingerprint import machine_fingerprint  # noqa: E402
 from compress.manager import PassContext  # noqa: E402
-from targets.tensorrt_engine import TensorRTConfig, TensorRTTarget  # noqa: E402
 
 LINES: list[str] = []
 
@@ -49,8 +50,9 @@ def say(msg: str) -> None:
 
 
 def export(name: str, shape: tuple[int, ...], cache_dir: Path) -> Artifact:
+    from compress.passes.export_onnx import ExportOnnx
+
     from compress import api, zoo
-    from passes.export_onnx import ExportOnnx
 
     return api.apply(zoo.build(name, shape), ExportOnnx(), shape, cache_dir=cache_dir)
 

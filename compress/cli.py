@@ -323,7 +323,7 @@ def _print_fields(fields: list[list[str]]) -> None:
 
 
 def _cmd_targets() -> int:
-    from passes._quant_common import choose_scheme
+    from compress.passes._quant_common import choose_scheme
 
     from .fingerprint import ARCH_ENV, ISA_ENV, cpu_info
     from .registry import describe_fields, make_target, targets
@@ -377,7 +377,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
 
 
 def _cmd_tvm_runtime(a: argparse.Namespace) -> int:
-    from targets._tvm_emulate import default_runtime_dir, fetch_runtime
+    from compress.targets._tvm_emulate import default_runtime_dir, fetch_runtime
 
     from .cache import Cache
 

@@ -242,7 +242,7 @@ def _pt2_shape(path: Path) -> tuple[int, ...]:
 def _load_onnx(path: Path, cache: Cache) -> Artifact:
     import onnx
 
-    from passes.export_onnx import check_external_data, onnx_input_specs
+    from compress.passes.export_onnx import check_external_data, onnx_input_specs
 
     if not path.exists():
         raise InputError(f"{path}: ONNX file not found")

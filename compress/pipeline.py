@@ -81,7 +81,7 @@ def _resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
 
 def _with_export(passes: list[PassConfig], need_onnx: bool) -> tuple[list[PassConfig], bool]:
     """Insert export.onnx where the chain switches from torch to onnx (or at the end)."""
-    from passes.export_onnx import ExportOnnx
+    from compress.passes.export_onnx import ExportOnnx
 
     if any(p.kind == "export.onnx" for p in passes):
         return passes, False
@@ -192,7 +192,7 @@ def run(
         chains[name] = PassManager(passes, [TimingInstrument(), VerifyInstrument()])
         chains[name].validate(root.kind)
     if export_cfg is None and need_onnx:
-        from passes.export_onnx import ExportOnnx
+        from compress.passes.export_onnx import ExportOnnx
 
         export_cfg, auto_export = ExportOnnx(), True
     base_pm = PassManager([export_cfg] if (export_cfg and root.kind == "torch") else [])

@@ -31,6 +31,8 @@ class PassInfo:
     summary: str
 
 
+# The plugin folders (`passes/`, `targets/` in the source tree), imported as subpackages of compress.
+_PLUGIN_PACKAGES = ("compress.passes", "compress.targets")
 _PASSES: dict[str, PassInfo] = {}
 _TARGETS: dict[str, tuple[type[TargetConfig], Callable[[TargetConfig], Any]]] = {}
 _loaded = False
@@ -74,7 +76,7 @@ def _load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    for pkg_name in ("passes", "targets"):
+    for pkg_name in _PLUGIN_PACKAGES:
         pkg = importlib.import_module(pkg_name)
         for mod in pkgutil.iter_modules(pkg.__path__):
             if not mod.name.startswith("_"):
@@ -129,7 +131,6 @@ def get_target_config(kind: str) -> type[TargetConfig]:
 # __pycache__, keyed by a hash of the plugin sources, and rebuilt whenever one of them changes.
 
 _MANIFEST_FORMAT = 1
-_PLUGIN_PACKAGES = ("passes", "targets")
 
 
 def type_text(ann: object) -> str:
@@ -167,7 +168,7 @@ def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], A
 
 
 def _is_plugin(module: str) -> bool:
-    return module.split(".")[0] in _PLUGIN_PACKAGES
+    return module.rsplit(".", 1)[0] in _PLUGIN_PACKAGES
 
 
 def _manifest_path() -> Path | None:

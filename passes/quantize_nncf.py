@@ -242,7 +242,7 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
 
 
 def _nncf_version() -> str:
-    from targets.base import module_version
+    from compress.targets.base import module_version
 
     return module_version("nncf")
 

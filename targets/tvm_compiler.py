@@ -594,7 +594,7 @@ def run_in_fresh_process(folder: Path, inputs: dict[str, np.ndarray], python: st
 
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "in.npz", **inputs)  # type: ignore[arg-type]  # numpy stubs type **kwds as bool
-        code = ("import sys, numpy as np; from targets.tvm_compiler import load_exported; "
+        code = ("import sys, numpy as np; from compress.targets.tvm_compiler import load_exported; "
                 "r = load_exported(sys.argv[1]); x = dict(np.load(sys.argv[2])); "
                 "np.savez(sys.argv[3], *r.infer(x))")
         proc = subprocess.run([python or sys.executable, "-c", code, str(folder), str(Path(tmp) / "in.npz"),

@@ -111,7 +111,7 @@ class DeviceClockTarget:
     DEVICE_MS = 0.25  # every call "takes" this long on the device
 
     def __init__(self, config: DeviceClockConfig) -> None:
-        from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+        from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
 
         self.config = config
         self._ort = OnnxRuntimeTarget(OnnxRuntimeConfig())
@@ -171,8 +171,9 @@ def host_int8_kernels_exact(scheme: str) -> bool:
     forcing u8s8 on an AVX2-only CPU checks the simulated model, and the deployed kernels only where
     they can be right. 7-bit weights (reduce-range) are exact everywhere.
     """
+    from compress.passes._quant_common import VNNI_FLAGS
+
     from compress.fingerprint import detected_cpu
-    from passes._quant_common import VNNI_FLAGS
 
     if scheme != "u8s8" or platform.machine().lower() not in ("x86_64", "amd64"):
         return True

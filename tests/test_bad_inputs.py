@@ -713,7 +713,7 @@ def test_full_disk_during_export_says_so(tmp_path: Path, monkeypatch: pytest.Mon
     """ENOSPC while writing the ONNX file names the disk, not the exporter (no "try dynamo=false")."""
     import errno
 
-    import passes.export_onnx as export_onnx
+    import compress.passes.export_onnx as export_onnx
 
     def full(*a: Any, **k: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -323,7 +323,7 @@ class BrokenTarget:
     consumes = "onnx"
 
     def __init__(self, config: BrokenBuild) -> None:
-        from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+        from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
 
         self.config = config
         self._ort = OnnxRuntimeTarget(OnnxRuntimeConfig())

@@ -6,13 +6,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import compress.passes.distill as distill_mod
 import numpy as np
 import pytest
 import torch
+from compress.passes.distill import Distill, _projection
 from pydantic import ValidationError
 from torch import nn
 
-import passes.distill as distill_mod
 from compress import zoo
 from compress.artifact import Artifact
 from compress.cache import Cache
@@ -24,7 +25,6 @@ from compress.recipe import DataSpec, ModelSpec, format_step, parse_pipeline
 from compress.registry import passes
 from compress.torch_io import load_torch, register_structure_hook, torch_artifact, torch_meta
 from compress.training import fit
-from passes.distill import Distill, _projection
 
 SHAPE = (1, 1, 8, 8)
 
@@ -399,7 +399,7 @@ def test_qat_then_distill_through_the_manager(cache: Cache, teacher: Artifact, d
     assert info["teacher_digest"] == teacher.digest and info["epochs_run"] == 2
     assert [s["hook"] for s in torch_meta(out)[1]] == ["quantize.qat"]  # QAT's structure, nothing added
     rebuilt = _reload(out)
-    wrapped = [type(m).__name__ for m in rebuilt.modules() if type(m).__module__ == "passes.quantize_qat"]
+    wrapped = [type(m).__name__ for m in rebuilt.modules() if type(m).__module__ == "compress.passes.quantize_qat"]
     assert wrapped, "the fake-quant modules did not survive distillation"
     assert _same_weights(rebuilt, load_torch(out))
     assert info["best_epoch"] == 0 or not _same_weights(rebuilt, load_torch(qat))
@@ -410,8 +410,9 @@ def test_qat_then_distill_through_the_manager(cache: Cache, teacher: Artifact, d
 
 def test_embedding_model_is_distilled_by_cosine_not_kd(cache: Cache, digits: DataBundle) -> None:
     """An embedding output is matched by cosine and judged by cosine; no argmax agreement is reported."""
+    from compress.passes.prune_channels import ChannelPrune
+
     from compress.api import module_artifact
-    from passes.prune_channels import ChannelPrune
     from tests.user_models import embedder
 
     root = module_artifact(embedder(), (1, 1, 8, 8), cache)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compress.passes.export_onnx import ExportOnnx
 
 from compress.api import module_artifact
 from compress.cache import Cache
@@ -12,7 +13,6 @@ from compress.errors import ExportError, PassError, RecipeError
 from compress.manager import PassContext, PassManager, TimingInstrument, VerifyInstrument
 from compress.registry import get_pass
 from compress.torch_io import load_torch
-from passes.export_onnx import ExportOnnx
 
 
 def scale(factor: float = 1.0, fail: bool = False) -> PassConfig:
@@ -168,7 +168,7 @@ def test_registering_a_config_without_its_kind_is_refused() -> None:
 
 
 def test_export_cause_picks_the_construct_not_the_banner() -> None:
-    from passes.export_onnx import export_cause
+    from compress.passes.export_onnx import export_cause
 
     inner = RuntimeError("Constraints violated (batch)! For more information, run with TORCH_LOGS=\"+dynamic\".\n"
                          "  - Not all values of batch in the specified range satisfy the guard size()[0] <= 2\n"

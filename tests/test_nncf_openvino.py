@@ -16,6 +16,11 @@ from torch import nn
 
 pytest.importorskip("nncf")
 
+from compress.passes._quant_common import onnx_top1, ort_session
+from compress.passes.export_onnx import ExportOnnx
+from compress.passes.quantize_nncf import QuantizeNncf
+from compress.passes.quantize_nncf_weights import QuantizeNncfWeights
+
 from compress import zoo
 from compress.api import module_artifact
 from compress.artifact import Artifact
@@ -25,10 +30,6 @@ from compress.errors import InputError, PassError, RecipeError
 from compress.manager import PassContext, PassManager, VerifyInstrument
 from compress.recipe import DataSpec
 from compress.training import fit
-from passes._quant_common import onnx_top1, ort_session
-from passes.export_onnx import ExportOnnx
-from passes.quantize_nncf import QuantizeNncf
-from passes.quantize_nncf_weights import QuantizeNncfWeights
 
 SHAPE = (1, 1, 8, 8)
 
@@ -161,7 +162,7 @@ def _conv_only(cache: Cache) -> Artifact:
 
 ov = pytest.importorskip("openvino")
 
-from targets.openvino_runtime import OpenVinoConfig, OpenVinoTarget  # noqa: E402
+from compress.targets.openvino_runtime import OpenVinoConfig, OpenVinoTarget  # noqa: E402
 
 
 def _ort(art: Artifact, x: np.ndarray) -> np.ndarray:
@@ -181,7 +182,7 @@ def test_openvino_fp32_matches_onnxruntime_at_any_batch(cnn_onnx: Artifact, cach
 
 def test_openvino_runs_qdq_int8_close_to_its_simulation(cnn_onnx: Artifact, digits: DataBundle,
                                                         cache: Cache) -> None:
-    from passes._quant_common import simulated_agreement
+    from compress.passes._quant_common import simulated_agreement
 
     q = _apply(cnn_onnx, QuantizeNncf(samples=32), digits, cache)
     target = OpenVinoTarget(OpenVinoConfig())

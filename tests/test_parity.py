@@ -12,6 +12,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from compress.passes.export_onnx import ExportOnnx
+from compress.passes.quantize_dynamic import QuantizeDynamic
+from compress.passes.quantize_fp16 import QuantizeFp16
+from compress.passes.quantize_int8 import QuantizeInt8
+from compress.passes.quantize_weight_only import QuantizeWeightOnly
 from onnx import numpy_helper
 
 from compress import zoo
@@ -25,11 +30,6 @@ from compress.parity import LOWERING, QUANTIZATION, Tolerance, check, compare_ou
 from compress.pipeline import run
 from compress.recipe import DataSpec
 from compress.training import fit
-from passes.export_onnx import ExportOnnx
-from passes.quantize_dynamic import QuantizeDynamic
-from passes.quantize_fp16 import QuantizeFp16
-from passes.quantize_int8 import QuantizeInt8
-from passes.quantize_weight_only import QuantizeWeightOnly
 
 SHAPE = (1, 1, 8, 8)
 
@@ -186,7 +186,7 @@ def test_int8_deployed_vs_simulated_is_a_failing_check(cnn_onnx: Artifact, digit
 
     # Integer kernels that go wrong on this CPU (as u8 x s8 saturation does without VNNI): the fused,
     # optimized session of the quantized model computes another class ranking than its simulation.
-    import passes.quantize_int8 as q8
+    import compress.passes.quantize_int8 as q8
 
     real = q8.ort_session
 
@@ -250,7 +250,7 @@ def test_onnxruntime_target_parity_passes_and_a_corrupted_build_fails_its_cell(t
     assert "## Parity (each target vs its input model)" in md and "| baseline | onnxruntime | fp32 |" in md
 
     # A build whose weights come out wrong: ONNX Runtime's compiled (optimized) model is corrupted.
-    from targets.onnx_runtime import OnnxRuntimeTarget
+    from compress.targets.onnx_runtime import OnnxRuntimeTarget
 
     real = OnnxRuntimeTarget.compile
 
@@ -279,7 +279,7 @@ def test_onnxruntime_target_parity_passes_and_a_corrupted_build_fails_its_cell(t
 def test_int8_deployed_vs_simulated_fails_the_target_cell_and_is_settable(tmp_path: Path, monkeypatch) -> None:
     """A target whose integer kernels drift from the simulation: the cell fails (not a warning); the bound
     set lower in the target config lets it through."""
-    from targets.onnx_runtime import OnnxRuntimeTarget
+    from compress.targets.onnx_runtime import OnnxRuntimeTarget
 
     real = OnnxRuntimeTarget.runner
 
@@ -307,14 +307,14 @@ def test_int8_deployed_vs_simulated_fails_the_target_cell_and_is_settable(tmp_pa
 
 
 def test_parity_bounds_do_not_change_the_build_cache_key() -> None:
-    from targets.onnx_runtime import OnnxRuntimeConfig
+    from compress.targets.onnx_runtime import OnnxRuntimeConfig
 
     assert OnnxRuntimeConfig(parity_min_cosine=0.5).canonical() == OnnxRuntimeConfig().canonical()
     assert OnnxRuntimeConfig(parity_min_cosine=0.5).options() == {"parity_min_cosine": 0.5}
 
 
 def test_tvm_target_parity_fails_a_build_with_wrong_weights(tmp_path: Path, monkeypatch) -> None:
-    from targets.tvm_compiler import TvmConfig, TvmTarget
+    from compress.targets.tvm_compiler import TvmConfig, TvmTarget
 
     reason = TvmTarget(TvmConfig(tuning_trials=0)).unavailable_reason()
     if reason:

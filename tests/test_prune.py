@@ -9,6 +9,11 @@ import onnx
 import pydantic
 import pytest
 import torch
+from compress.passes._prune_common import layer_widths
+from compress.passes.export_onnx import ExportOnnx
+from compress.passes.prune_2to4 import TwoFourPrune, check_2to4, violations_2to4
+from compress.passes.prune_channels import ChannelPrune
+from compress.passes.prune_magnitude import MagnitudePrune
 from onnx import numpy_helper
 from torch import nn
 
@@ -20,11 +25,6 @@ from compress.manager import PassContext, PassManager
 from compress.models import load_model
 from compress.recipe import DataSpec, ModelSpec
 from compress.torch_io import load_torch, safe_torch_load, sample_inputs
-from passes._prune_common import layer_widths
-from passes.export_onnx import ExportOnnx
-from passes.prune_2to4 import TwoFourPrune, check_2to4, violations_2to4
-from passes.prune_channels import ChannelPrune
-from passes.prune_magnitude import MagnitudePrune
 
 # --- user models -----------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ def _run(art: Artifact, steps: list, cache: Cache, data=None) -> tuple[Artifact,
 
 
 def _ort_outputs(onnx_art: Artifact, x: torch.Tensor) -> np.ndarray:
-    from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+    from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
 
     target = OnnxRuntimeTarget(OnnxRuntimeConfig(threads=1))
     ctx = PassContext(cache=Cache(onnx_art.path.parent.parent / "ort"), progress=False)

@@ -10,6 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from compress.passes._quant_common import ort_session, session_infer, simulated_agreement
+from compress.passes.export_onnx import ExportOnnx
+from compress.passes.quantize_dynamic import QuantizeDynamic
+from compress.passes.quantize_fp16 import QuantizeFp16
+from compress.passes.quantize_int8 import QuantizeInt8
+from compress.passes.quantize_qat import QuantizeQat, QuantWrap
+from compress.passes.quantize_weight_only import QuantizeWeightOnly
 from conftest import SCHEME_FOR_ISA, host_int8_kernels_exact, weight_ints
 from pydantic import ValidationError
 from torch import nn
@@ -24,13 +31,6 @@ from compress.manager import PassContext, PassManager, VerifyInstrument
 from compress.recipe import DataSpec
 from compress.torch_io import load_torch
 from compress.training import fit, top1
-from passes._quant_common import ort_session, session_infer, simulated_agreement
-from passes.export_onnx import ExportOnnx
-from passes.quantize_dynamic import QuantizeDynamic
-from passes.quantize_fp16 import QuantizeFp16
-from passes.quantize_int8 import QuantizeInt8
-from passes.quantize_qat import QuantizeQat, QuantWrap
-from passes.quantize_weight_only import QuantizeWeightOnly
 
 SHAPE = (1, 1, 8, 8)
 # A fake-quantized model exported to ONNX differs from torch by up to one quantization step
@@ -107,7 +107,7 @@ def test_int8_ptq_is_qdq_runs_on_ort_and_keeps_accuracy_per_isa(forced_isa: str,
 
 
 def test_scheme_follows_the_forced_isa(monkeypatch: pytest.MonkeyPatch) -> None:
-    from passes._quant_common import choose_scheme
+    from compress.passes._quant_common import choose_scheme
 
     monkeypatch.setenv("COMPRESS_ARCH", "x86_64")
     monkeypatch.setenv("COMPRESS_ISA", "avx2,fma")
@@ -255,7 +255,7 @@ def test_refuses_model_without_quantizable_layers(digits: DataBundle, cache: Cac
 
 
 def test_simulated_agreement_with_a_target_runner(cnn_onnx: Artifact, digits: DataBundle, cache: Cache) -> None:
-    from targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
+    from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
 
     q = _quantize(cnn_onnx, QuantizeInt8(samples=64), digits, cache)
     target = OnnxRuntimeTarget(OnnxRuntimeConfig())
@@ -391,7 +391,7 @@ def test_qat_eval_weight_tracks_training_steps() -> None:
 
 def test_qat_with_distillation_before_and_after_per_isa(forced_isa: str, cnn: nn.Module, digits: DataBundle,
                                                          cache: Cache) -> None:
-    from passes.distill import Distill
+    from compress.passes.distill import Distill
 
     out, recs = _run(cnn, [QuantizeQat(epochs=0), Distill(epochs=1, patience=0), QAT_EXPORT], digits, cache)
     student = recs[1].artifact

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from compress.passes.export_onnx import ExportOnnx
 
 from compress.data import load_data
 from compress.errors import InputError, RecipeError
@@ -16,7 +17,6 @@ from compress.models import load_model
 from compress.recipe import DataSpec, ModelSpec
 from compress.torch_io import load_torch
 from compress.zoo import ZOO
-from passes.export_onnx import ExportOnnx
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from compress.targets import _trt_cache as tc
+from compress.targets import tensorrt_engine as te
+from compress.targets.tensorrt_engine import TensorRTConfig, TensorRTTarget
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
@@ -27,9 +30,6 @@ from compress.errors import BuildError, InputError, RecipeError, TargetUnavailab
 from compress.manager import PassContext
 from compress.recipe import parse_pipeline, recipe_from_dict
 from compress.registry import make_target, targets
-from targets import _trt_cache as tc
-from targets import tensorrt_engine as te
-from targets.tensorrt_engine import TensorRTConfig, TensorRTTarget
 
 ENV = {"tensorrt_version": "10.13.0.35", "gpu": "NVIDIA H200", "compute_capability": "9.0", "cuda_driver": 12080}
 
@@ -122,7 +122,7 @@ def no_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.mark.skipif(_REAL_TRT, reason="TensorRT is installed here; this checks a machine with only the stubs")
 def test_module_imports_without_tensorrt_and_stubs_are_not_a_runtime() -> None:
     # The stubs package leaves an importable namespace package named tensorrt: it must not count.
-    mod = importlib.import_module("targets.tensorrt_engine")
+    mod = importlib.import_module("compress.targets.tensorrt_engine")
     assert hasattr(mod, "TensorRTTarget")
     trt_mod, reason = te.import_tensorrt()
     assert trt_mod is None
@@ -291,8 +291,9 @@ def test_settings_sparse_weights_follow_prune_2to4(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_settings_from_exported_zoo_model(tmp_path: Path) -> None:
+    from compress.passes.export_onnx import ExportOnnx
+
     from compress import api, zoo
-    from passes.export_onnx import ExportOnnx
 
     art = api.apply(zoo.build("digits-cnn", (1, 1, 8, 8)), ExportOnnx(), (1, 1, 8, 8), cache_dir=tmp_path)
     s, _ = TensorRTTarget(TensorRTConfig(max_batch=64)).settings_for(art)

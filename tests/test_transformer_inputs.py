@@ -9,6 +9,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from compress.passes._quant_common import ort_session, transformer_float_nodes
+from compress.passes.export_onnx import ExportOnnx
+from compress.passes.prune_channels import ChannelPrune
+from compress.passes.quantize_dynamic import QuantizeDynamic
+from compress.passes.quantize_int8 import QuantizeInt8
 
 from compress.api import module_artifact
 from compress.artifact import Artifact, InputSpec
@@ -16,11 +21,6 @@ from compress.cache import Cache
 from compress.fidelity import compare_outputs
 from compress.manager import PassContext, PassManager
 from compress.torch_io import sample_inputs
-from passes._quant_common import ort_session, transformer_float_nodes
-from passes.export_onnx import ExportOnnx
-from passes.prune_channels import ChannelPrune
-from passes.quantize_dynamic import QuantizeDynamic
-from passes.quantize_int8 import QuantizeInt8
 from tests.user_models import masked_encoder
 
 SPECS = (InputSpec("input_ids", (1, 12), "int64", high=100, dynamic_axes=((1, "seq"),)),

@@ -13,14 +13,8 @@ import pytest
 pytest.importorskip("tvm")
 pytest.importorskip("onnxruntime")
 
-from pydantic import ValidationError
-
-from compress.artifact import Artifact, InputSpec, sha256_files
-from compress.cache import Cache
-from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
-from compress.manager import PassContext
-from targets._tvm_tuning import TuningDatabase, TvmDatabaseWarning
-from targets.tvm_compiler import (
+from compress.targets._tvm_tuning import TuningDatabase, TvmDatabaseWarning
+from compress.targets.tvm_compiler import (
     TvmConfig,
     TvmTarget,
     check_library_elf,
@@ -28,6 +22,12 @@ from targets.tvm_compiler import (
     make_target,
     run_in_fresh_process,
 )
+from pydantic import ValidationError
+
+from compress.artifact import Artifact, InputSpec, sha256_files
+from compress.cache import Cache
+from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
+from compress.manager import PassContext
 
 SHAPE = (1, 1, 8, 8)
 
@@ -42,10 +42,10 @@ def _onnx_artifact(cache: Cache, model_path: Path) -> Artifact:
 def digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The zoo digits CNN (random weights, fixed seed) exported to ONNX once for the module."""
     import torch
+    from compress.passes.export_onnx import ExportOnnx
 
     from compress import zoo
     from compress.api import apply
-    from passes.export_onnx import ExportOnnx
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("digits")
@@ -100,7 +100,7 @@ def test_untuned_matches_onnxruntime_and_is_labelled_untuned(digits_onnx: Path, 
 
 
 def test_host_target_follows_the_forced_isa(monkeypatch: pytest.MonkeyPatch) -> None:
-    from targets.tvm_compiler import mcpu_for_isa
+    from compress.targets.tvm_compiler import mcpu_for_isa
 
     assert mcpu_for_isa(["avx", "avx2", "fma"], "x86_64") == "haswell"
     assert mcpu_for_isa(["avx2", "avx512_vnni", "avx512f", "fma"], "x86_64") == "cascadelake"
@@ -320,7 +320,7 @@ def _aarch64_runtime() -> Path | None:
     """The aarch64 TVM runtime fetched by `compress tvm-runtime aarch64` (make test does it), if any."""
     import os
 
-    from targets._tvm_emulate import check_runtime
+    from compress.targets._tvm_emulate import check_runtime
 
     p = os.environ.get("COMPRESS_TVM_CROSS_RUNTIME")
     return Path(p) if p and check_runtime(Path(p), "aarch64") is None else None
@@ -374,7 +374,7 @@ def test_emulated_check_refuses_a_missing_or_tampered_runtime(digits_onnx: Path,
             _onnx_artifact(ctx.cache, digits_onnx), ctx)
     runtime = _aarch64_runtime()
     if runtime is not None:  # a library changed after it was fetched is refused, never run
-        from targets._tvm_emulate import check_runtime
+        from compress.targets._tvm_emulate import check_runtime
 
         copy = tmp_path / "rt"
         shutil.copytree(runtime, copy)
@@ -417,7 +417,7 @@ def test_a_scheme_tvm_cannot_run_fails_that_cell_and_the_run_goes_on(tmp_path: P
 def test_stall_watch_says_once_when_one_candidate_hangs_and_nothing_otherwise() -> None:
     import threading
 
-    from targets._tvm_tuning import StallWatch
+    from compress.targets._tvm_tuning import StallWatch
 
     said: list[str] = []
     heard = threading.Event()
