@@ -39,11 +39,11 @@ from compress.api import module_artifact  # noqa: E402
 from compress.cache import Cache  # noqa: E402
 from compress.data import load_data  # noqa: E402
 from compress.evaluate import top1  # noqa: E402
+from compress.execute import train_root as _train_root  # noqa: E402
 from compress.fingerprint import machine_fingerprint  # noqa: E402
 from compress.manager import PassContext, PassManager  # noqa: E402
 from compress.measure import measure_interleaved, summarize  # noqa: E402
 from compress.models import load_model  # noqa: E402
-from compress.pipeline import _train_root  # noqa: E402
 from compress.recipe import DataSpec, ModelSpec, format_pipeline, parse_pipeline  # noqa: E402
 from compress.torch_io import load_torch  # noqa: E402
 

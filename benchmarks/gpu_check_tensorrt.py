@@ -147,7 +147,7 @@ def main() -> int:
             for r in rs.values():
                 for _ in range(20):
                     r.infer({r.input_names[0]: x})
-                r.gpu_ms.clear()
+                r.device_ms.clear()
                 r.host_ms.clear()
             for _ in range(a.runs):  # interleaved rounds
                 for r in rs.values():

@@ -14,7 +14,8 @@ from .config import PassConfig
 from .data import DataBundle, load_data
 from .manager import PassContext, PassManager
 from .recipe import DataSpec
-from .torch_io import LIVE_MODULES, load_torch, set_eval, torch_digest, write_torch
+from .sources import LIVE_MODULES
+from .torch_io import load_torch, set_eval, torch_digest, write_torch
 
 
 def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cache,
@@ -35,7 +36,7 @@ def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cach
     dst = cache.new_dir("module")
     digest = write_torch(dst, module, source, [])
     specs = inputs or (InputSpec("input", tuple(input_shape)),)
-    art = Artifact("torch", dst, digest, specs, metadata={"source": "live module"})
+    art = Artifact("pytorch", dst, digest, specs, metadata={"source": "live module"})
     art.obj = LIVE_MODULES[key]
     facts: dict[str, Any] = {"shape": list(input_shape)}
     if inputs:
@@ -67,4 +68,4 @@ def apply(
     root = module_artifact(module, input_shape, cache)
     ctx = PassContext(cache=cache, data=data, seed=seed, progress=False, original=root)
     out, _ = PassManager(steps).run(root, ctx)
-    return load_torch(out) if out.kind == "torch" else out
+    return load_torch(out) if out.kind == "pytorch" else out

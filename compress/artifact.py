@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ArtifactKind = Literal["torch", "onnx", "compiled"]
-KINDS: tuple[str, ...] = ("torch", "onnx", "compiled")
+from .capabilities import Facts
+
+ArtifactKind = Literal["pytorch", "onnx", "compiled"]
+PYTORCH: Literal["pytorch"] = "pytorch"
+ONNX: Literal["onnx"] = "onnx"
+COMPILED: Literal["compiled"] = "compiled"
+KINDS: tuple[str, ...] = (PYTORCH, ONNX, COMPILED)
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,10 @@ class Artifact:
 
     ``path`` is a directory owned by the artifact (inside the cache once
     finished). ``metadata`` is JSON-serialisable; passes add to it under their
-    own key. ``obj`` optionally holds the live in-memory object (an
-    ``nn.Module`` for torch artifacts) so chained passes avoid a reload; it is
-    never part of the digest.
+    own key (free-form notes for the report); ``facts`` is the typed record consumers must honour
+    (None when a pass leaves them as its input's: the manager then copies them). ``obj``
+    optionally holds the live in-memory object (an ``nn.Module`` for PyTorch artifacts) so
+    chained passes avoid a reload; it is never part of the digest.
     """
 
     kind: ArtifactKind
@@ -64,6 +70,7 @@ class Artifact:
     parent: str | None = None
     producer: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    facts: Facts | None = None
     obj: Any = field(default=None, repr=False, compare=False)
 
     def file(self, name: str) -> Path:
@@ -73,9 +80,14 @@ class Artifact:
         """Bytes on disk of the artifact's model files (metadata excluded)."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != META_FILE)
 
+    def known_facts(self) -> Facts:
+        """The artifact's facts (the defaults for one made outside the pass manager)."""
+        return self.facts if self.facts is not None else Facts()
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "facts": self.known_facts().to_json(),
             "digest": self.digest,
             "inputs": [s.to_json() for s in self.inputs],
             "parent": self.parent,
@@ -97,6 +109,7 @@ class Artifact:
             parent=d.get("parent"),
             producer=d.get("producer"),
             metadata=d.get("metadata", {}),
+            facts=Facts.model_validate(d.get("facts") or {}),
         )
 
 

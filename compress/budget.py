@@ -61,7 +61,8 @@ class _Strict(BaseModel):
 
 class BudgetSpec(_Strict):
     model: str
-    target: str = "onnxruntime"
+    # Empty: the first target measured by default that is not the reference (TargetCaps), set on loading.
+    target: str = ""
     metric: Literal["p50", "p90", "p99", "mean", "accuracy_drop", "size", "peak_memory"]
     max: str
     batch: int = Field(1, ge=1)
@@ -124,6 +125,10 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
     from .registry import targets
 
     known_targets = targets()
+    default_target = next((k for k, (_, cls) in known_targets.items() if cls.caps.default and not cls.caps.reference),
+                          "")
+    bf = bf.model_copy(update={"budget": [b if b.target else b.model_copy(update={"target": default_target})
+                                          for b in bf.budget]})
     recipes = {}
     for name, rp in bf.models.items():
         q = Path(rp) if Path(rp).is_absolute() else p.parent / rp
@@ -475,10 +480,10 @@ class CheckResult:
 
 def _recipe_for(rec: Any, budgets: list[BudgetSpec], rounds: int | None) -> Any:
     """The model's recipe with every target and batch size the budgets need."""
-    from .registry import get_target_config
+    from .registry import default_targets, get_target_config
 
-    have = {t.kind for t in rec.targets} or {"torch", "onnxruntime"}
-    targets = list(rec.targets) or [get_target_config(k)() for k in ("torch", "onnxruntime")]
+    targets = list(rec.targets) or default_targets()
+    have = {t.kind for t in targets}
     for b in budgets:
         lim = parse_limit(b.max, b.metric, b.title())
         for k in (b.target, lim.ratio_to):

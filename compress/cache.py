@@ -22,34 +22,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from functools import lru_cache
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 from .artifact import Artifact, sha256_files, sha256_json
 from .errors import CacheError
+from .versions import library_versions
 
 MARKER = "COMPLETE"
 MARKER_FORMAT = 2  # the marker is JSON with the content digest (format 1 held only the artifact digest)
-# Libraries whose version can change what a pass produces; all are part of every key.
-_KEY_LIBS = (
-    "compress-pipeline", "torch", "onnx", "onnxruntime", "onnxscript", "numpy",
-    "torch-pruning", "nncf", "apache-tvm", "apache-tvm-ffi", "tensorrt", "scikit-learn",
-)
-
-
-@lru_cache(maxsize=1)
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in _KEY_LIBS:
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE", ".compress-cache"))
 

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
+    r.add_argument("--dump-ir", metavar="DIR", help="debugging: write what every pass produced into DIR (the ONNX "
+                   "graph as text and .onnx, the PyTorch module tree, each artifact's facts), per variant")
 
     c = sub.add_parser("check", help="check latency/accuracy/size budgets (a CI gate)", epilog=CHECK_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,7 +199,13 @@ def _cmd_run(a: argparse.Namespace) -> int:
     quiet = a.quiet or a.json
     log = (lambda m: None) if quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     out = Path(a.out) if a.out else Path("runs") / rec.name
-    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log)
+    instruments = []
+    if a.dump_ir:
+        from .manager import DumpInstrument
+
+        instruments.append(DumpInstrument(Path(a.dump_ir)))
+    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log,
+                 instruments=instruments)
     if a.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -234,14 +242,9 @@ def _cmd_check(a: argparse.Namespace) -> int:
     return res.exit_code
 
 
-PRECISIONS = {"fp32": [], "int8": ["quantize.int8"], "int8-nncf": ["quantize.nncf"],
-              "int8-dynamic": ["quantize.dynamic"], "int8-weights-nncf": ["quantize.nncf_weights"],
-              "fp16": ["quantize.fp16"]}
-
-
 def _cmd_compare(a: argparse.Namespace) -> int:
     from .recipe import load_recipe, parse_pipeline, recipe_from_dict, revalidate
-    from .registry import get_pass, get_target_config, targets
+    from .registry import compare_precisions, get_target_config, targets
 
     src, more = a.model[0], a.model[1:]
     if more and not all(x.endswith(".onnx") for x in a.model):
@@ -264,11 +267,12 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     else:
         tcfgs = [get_target_config(k)() for k in targets()]
     variants: dict[str, list[Any]] = {}
+    offered = compare_precisions()  # the passes that offer a precision under a name (PassCaps.compare_precision)
     for prec in [p.strip() for p in a.precision.split(",") if p.strip()]:
-        if prec not in PRECISIONS:
-            raise RecipeError(f"--precision {prec!r}: choose from {', '.join(PRECISIONS)}")
+        if prec != "fp32" and prec not in offered:
+            raise RecipeError(f"--precision {prec!r}: choose from {', '.join(['fp32', *offered])}")
         if prec != "fp32":
-            variants[prec] = [get_pass(k).config_cls() for k in PRECISIONS[prec]]
+            variants[prec] = [offered[prec].config_cls()]
     measure = revalidate(rec.measure, {"batch_sizes": _batches(a.batch), "min_runs": a.rounds,
                                        "min_time_s": a.min_time}, "command line",
                          {"batch_sizes": "--batch", "min_runs": "--rounds", "min_time_s": "--min-time"})

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import RecipeError
+
 
 class PassConfig(BaseModel):
     """Base of every pass config. Subclasses set ``kind`` as a ``Literal``."""
@@ -64,3 +66,39 @@ class TargetConfig(PassConfig):
     def canonical(self) -> dict[str, Any]:
         """Every setting that changes the build (the parity bounds do not)."""
         return {k: v for k, v in super().canonical().items() if not k.startswith("parity_")}
+
+
+# ---------------------------------------------------------------- text form
+# ``kind{key=value,...}``: how a step is shown in logs and reports and written on the command line
+# (``compress.recipe.parse_pipeline`` reads it back).
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
+    if v is None:
+        raise RecipeError("None cannot be written in the text form")
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}={_fmt_value(x)}" for k, x in v.items()) + "}"
+    raise RecipeError(f"cannot write {v!r} in the text form")
+
+
+def format_step(cfg: PassConfig) -> str:
+    opts = {k: v for k, v in cfg.options().items() if v is not None}
+    if not opts:
+        return cfg.kind
+    return cfg.kind + "{" + ",".join(f"{k}={_fmt_value(v)}" for k, v in opts.items()) + "}"
+
+
+def format_pipeline(passes: list[PassConfig], targets: list[TargetConfig]) -> str:
+    left = ",".join(format_step(p) for p in passes)
+    right = ",".join(format_step(t) for t in targets)
+    if not right:
+        return left
+    return f"{left} -> {right}" if left else f"-> {right}"

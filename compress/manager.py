@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .artifact import Artifact
+from .artifact import COMPILED, ONNX, PYTORCH, Artifact
 from .cache import Cache
-from .config import PassConfig
+from .config import PassConfig, format_step
 from .errors import CompressError, PassError, RecipeError
-from .registry import PassInfo, get_pass
+from .registry import PassInfo, get_pass, passes
 
 PassResult = Artifact
 
@@ -73,17 +73,62 @@ class Instrument(Protocol):
 
 
 class TimingInstrument:
-    """Collects wall time per pass (cache hits included, shown as hits)."""
+    """Collects wall time per pass (cache hits included, shown as hits), as the manager measured it
+    once for the step record: there is one clock per pass, not one per instrument."""
 
     def __init__(self) -> None:
         self.times: list[tuple[str, float, bool]] = []
-        self._t0 = 0.0
 
     def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None:
-        self._t0 = time.perf_counter()
+        pass
 
     def after(self, step: int, cfg: PassConfig, out: Artifact, record: StepRecord, ctx: PassContext) -> None:
-        self.times.append((record.text, time.perf_counter() - self._t0, record.cache_hit))
+        self.times.append((record.text, record.seconds, record.cache_hit))
+
+
+class DumpInstrument:
+    """Writes what each pass produced into a folder, for debugging a chain (``compress run --dump-ir``):
+    ``NN-kind.onnx.txt`` (the ONNX graph in ONNX's text syntax) and ``NN-kind.onnx`` for ONNX models,
+    ``NN-kind.txt`` (the module tree with parameter counts) for PyTorch ones, and ``NN-kind.json``
+    (the artifact's facts, digest and the pass's metadata)."""
+
+    def __init__(self, folder: Path, prefix: str = "") -> None:
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.written: list[Path] = []
+
+    def for_chain(self, name: str) -> DumpInstrument:
+        """The instrument for one named chain of a run: its own subfolder, so variants never collide."""
+        return DumpInstrument(self.folder / name, self.prefix)
+
+    def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None:
+        pass
+
+    def after(self, step: int, cfg: PassConfig, out: Artifact, record: StepRecord, ctx: PassContext) -> None:
+        import json
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = self.folder / f"{self.prefix}{step + 1:02d}-{cfg.kind}"
+        info = {"step": record.text, "digest": out.digest, "kind": out.kind, "cache_hit": record.cache_hit,
+                "facts": out.known_facts().to_json(), "metadata": out.metadata.get(cfg.kind)}
+        files = {stem.with_name(stem.name + ".json"): json.dumps(info, indent=2, default=str)}
+        model = out.path / "model.onnx"
+        if out.kind == ONNX and model.is_file():
+            import onnx
+
+            proto = onnx.load(str(model), load_external_data=False)
+            files[stem.with_name(stem.name + ".onnx.txt")] = onnx.printer.to_text(proto.graph)
+            shutil.copy2(model, stem.with_name(stem.name + ".onnx"))
+            self.written.append(stem.with_name(stem.name + ".onnx"))
+        elif out.kind == PYTORCH:
+            from .torch_io import load_torch
+
+            module = out.obj if out.obj is not None else load_torch(out)
+            n = sum(p.numel() for p in module.parameters())
+            files[stem.with_name(stem.name + ".txt")] = f"# {n:,} parameters\n{module}\n"
+        for path, text in files.items():
+            path.write_text(text)
+            self.written.append(path)
 
 
 class VerifyInstrument:
@@ -99,9 +144,10 @@ class VerifyInstrument:
 
 
 def pass_text(cfg: PassConfig) -> str:
-    from .recipe import format_step
-
     return format_step(cfg)
+
+
+_A_MODEL = {PYTORCH: "a PyTorch model", ONNX: "an ONNX model", COMPILED: "a compiled model"}
 
 
 class PassManager:
@@ -119,13 +165,14 @@ class PassManager:
             if info.consumes != kind:
                 before = ", ".join(s.kind for s in self.steps[:i]) or "nothing"
                 hint = ""
-                if info.consumes == "torch" and kind == "onnx":
-                    hint = (f"; '{cfg.kind}' runs on PyTorch models, so put it before export.onnx "
+                lowering = next((p.kind for p in passes().values() if p.caps.lowers_to_onnx), "an ONNX export")
+                if info.consumes == PYTORCH and kind == ONNX:
+                    hint = (f"; '{cfg.kind}' runs on PyTorch models, so put it before {lowering} "
                             "(or start from a PyTorch model, not an .onnx file)")
-                elif info.consumes == "onnx" and kind == "torch":
-                    hint = "; add export.onnx before it"
+                elif info.consumes == ONNX and kind == PYTORCH:
+                    hint = f"; add {lowering} before it"
                 raise RecipeError(
-                    f"pass #{i + 1} '{cfg.kind}' consumes a {info.consumes} model but gets a {kind} model "
+                    f"pass #{i + 1} '{cfg.kind}' consumes {_A_MODEL[info.consumes]} but gets {_A_MODEL[kind]} "
                     f"(after: {before}){hint}"
                 )
             kind = info.produces
@@ -137,10 +184,13 @@ class PassManager:
         for i, (cfg, info) in enumerate(zip(self.steps, self.infos, strict=True)):
             text = pass_text(cfg)
             # Seed, data and the original model change what training/calibrating passes produce.
+            # The pass's code identity: editing a pass (or a helper of its package it imports)
+            # invalidates exactly its entries.
             extra = {"seed": ctx.seed,
                      "data": getattr(ctx.data, "digest", None),
                      "original": ctx.original.digest if ctx.original is not None else None,
-                     "env": cfg.cache_env()}
+                     "env": cfg.cache_env(),
+                     "code": info.identity}
             key = Cache.key(art.digest, cfg.kind, info.version, cfg.canonical(), extra)
             for ins in self.instruments:
                 ins.before(i, cfg, art, ctx)
@@ -162,6 +212,8 @@ class PassManager:
                     merged.update(out.metadata)
                     merged["history"] = [*art.metadata.get("history", []), text]
                     out.metadata = merged
+                    if out.facts is None:  # the pass left the facts as they were
+                        out.facts = art.known_facts()
                     out = ctx.cache.put(key, out)
                 except KeyboardInterrupt:
                     ctx.discard_dirs()

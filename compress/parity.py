@@ -184,21 +184,10 @@ def check(ref: np.ndarray | Sequence[np.ndarray], got: np.ndarray | Sequence[np.
 
 
 def model_precision(art: Artifact) -> str:
-    """The lowest precision an ONNX artifact computes in: int8 (Q/DQ or integer ops), fp16, or fp32."""
-    meta = art.metadata
-    if any(k in meta for k in ("quantize.int8", "quantize.qat", "quantize.dynamic")):
-        return "int8"
-    if meta.get("precision") == "fp16":
-        return "fp16"
-    path = art.path / "model.onnx"
-    if art.kind == "onnx" and path.exists():
-        import onnx
-
-        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-        if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
-                  "ConvInteger", "DynamicQuantizeLinear"}:
-            return "int8"
-    return "fp32"
+    """The tolerance class a lowering of ``art`` is judged at: the lowest precision its facts say it
+    computes in (int8, fp16 or fp32; int4 weights dequantize to the same integer grid as int8)."""
+    precision = art.known_facts().precision
+    return "int8" if precision == "int4" else precision
 
 
 Feeds = list[dict[str, np.ndarray]]

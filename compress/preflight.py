@@ -49,7 +49,7 @@ def model_classes(root: Any, data: Any) -> int | None:
     pass on one data sample; None when the output is not (batch, classes) or cannot be known cheaply."""
     if data is not None and len(data.val) == 0:
         return None
-    if root.kind == "torch":
+    if root.kind == "pytorch":
         import torch
 
         from .torch_io import load_torch, sample_inputs

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import PassConfig, TargetConfig
+from .config import PassConfig, TargetConfig, _fmt_value, format_pipeline
 from .errors import RecipeError
 from .registry import get_pass, get_target_config
 
@@ -202,12 +202,16 @@ def _resolve_paths(rec: Recipe, base: Path) -> Recipe:
     data = rec.data.model_copy(update={"source": _fix_source(rec.data.source, base)})
     passes = []
     for p in rec.passes:
-        # Pass options that name files (a distillation teacher's weights) are relative to the recipe too.
+        # Pass settings that name files or model sources (a distillation teacher) are relative to the
+        # recipe too: each pass declares which they are (PassCaps.path_fields / source_fields).
+        caps = get_pass(p.kind).caps
         update: dict[str, Any] = {}
-        if isinstance(getattr(p, "teacher_weights", None), str):
-            update["teacher_weights"] = fix(p.teacher_weights)  # type: ignore[attr-defined]
-        if isinstance(getattr(p, "teacher", None), str):
-            update["teacher"] = _fix_source(p.teacher, base)  # type: ignore[attr-defined]
+        for name in caps.path_fields:
+            if isinstance(getattr(p, name, None), str):
+                update[name] = fix(getattr(p, name))
+        for name in caps.source_fields:
+            if isinstance(getattr(p, name, None), str):
+                update[name] = _fix_source(getattr(p, name), base)
         passes.append(p.model_copy(update=update) if update else p)
     return rec.model_copy(update={"model": model, "data": data, "passes": passes})
 
@@ -224,37 +228,6 @@ def _fix_source(src: str, base: Path) -> str:
 
 
 # ---------------------------------------------------------------- text form
-
-
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
-    if v is None:
-        raise RecipeError("None cannot be written in the text form")
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}={_fmt_value(x)}" for k, x in v.items()) + "}"
-    raise RecipeError(f"cannot write {v!r} in the text form")
-
-
-def format_step(cfg: PassConfig) -> str:
-    opts = {k: v for k, v in cfg.options().items() if v is not None}
-    if not opts:
-        return cfg.kind
-    return cfg.kind + "{" + ",".join(f"{k}={_fmt_value(v)}" for k, v in opts.items()) + "}"
-
-
-def format_pipeline(passes: list[PassConfig], targets: list[TargetConfig]) -> str:
-    left = ",".join(format_step(p) for p in passes)
-    right = ",".join(format_step(t) for t in targets)
-    if not right:
-        return left
-    return f"{left} -> {right}" if left else f"-> {right}"
 
 
 def _split_top(s: str, sep: str) -> list[str]:

@@ -1,40 +1,73 @@
 """Registries of passes and targets.
 
 A pass is any callable ``run(artifact, config, ctx) -> PassResult`` registered with
-the config class it takes and the artifact kinds it consumes and produces. There
-is no base class to inherit (LLVM's lesson).
+the config class it takes and its capabilities (``compress.capabilities.PassCaps``: the
+artifact kinds it consumes and produces, and what the core may ask of it). There is no base
+class to inherit (LLVM's lesson). A target is a class with a ``caps`` (``TargetCaps``).
+
+Plugins are the modules of ``compress.passes`` and ``compress.targets`` plus any module named
+by a ``compress.plugins`` entry point of an installed distribution (as pytest finds its
+plugins), e.g. in the plugin's pyproject.toml::
+
+    [project.entry-points."compress.plugins"]
+    my_quantizer = "my_package.compress_plugin"
+
+Every plugin is identified in cache keys by a digest of its source and of the modules of its
+own package it imports (``code_identity``), so editing a pass invalidates exactly its entries.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from .capabilities import PassCaps, TargetCaps
 from .config import PassConfig, TargetConfig
 from .errors import RecipeError
+
+ENTRY_POINT_GROUP = "compress.plugins"
 
 
 @dataclass(frozen=True)
 class PassInfo:
     kind: str
     config_cls: type[PassConfig]
-    consumes: str
-    produces: str
+    caps: PassCaps
     version: int
     fn: Callable[..., Any]
     summary: str
+
+    @property
+    def consumes(self) -> str:
+        return self.caps.consumes
+
+    @property
+    def produces(self) -> str:
+        return self.caps.produces
+
+    @property
+    def identity(self) -> str:
+        """A digest of the pass's code (its module and the modules of its package it imports)."""
+        return code_identity(self.fn.__module__)
 
 
 # The plugin folders (`passes/`, `targets/` in the source tree), imported as subpackages of compress.
 _PLUGIN_PACKAGES = ("compress.passes", "compress.targets")
 _PASSES: dict[str, PassInfo] = {}
-_TARGETS: dict[str, tuple[type[TargetConfig], Callable[[TargetConfig], Any]]] = {}
+_TARGETS: dict[str, tuple[type[TargetConfig], Any]] = {}  # kind -> (config class, target class)
 _loaded = False
 
 
@@ -46,24 +79,30 @@ def _kind_of(config_cls: type[PassConfig]) -> str:
 
 
 def register_pass(
-    config_cls: type[PassConfig], *, consumes: str, produces: str, version: int = 1
+    config_cls: type[PassConfig], *, consumes: str, produces: str, version: int = 1, **caps: Any
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a pass function. Bump ``version`` when its output changes: it is in the cache key."""
+    """Register a pass function with its capabilities (``PassCaps`` fields as keywords).
+
+    Its code is part of its cache key (``code_identity``); bump ``version`` only when its output
+    changes for a reason outside its own package (a library it calls behaves differently)."""
     kind = _kind_of(config_cls)
+    pcaps = PassCaps(consumes=consumes, produces=produces, **caps)
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         doc = (fn.__doc__ or "").strip().splitlines()
-        _PASSES[kind] = PassInfo(kind, config_cls, consumes, produces, version, fn, doc[0] if doc else "")
+        _PASSES[kind] = PassInfo(kind, config_cls, pcaps, version, fn, doc[0] if doc else "")
         return fn
 
     return deco
 
 
 def register_target(config_cls: type[TargetConfig]) -> Callable[[Any], Any]:
-    """Register a target class (constructed with its config)."""
+    """Register a target class (constructed with its config); it declares ``caps: TargetCaps``."""
     kind = _kind_of(config_cls)
 
     def deco(cls: Any) -> Any:
+        if not isinstance(getattr(cls, "caps", None), TargetCaps):
+            raise TypeError(f"target {cls.__name__} must declare caps = TargetCaps(...)")
         _TARGETS[kind] = (config_cls, cls)
         return cls
 
@@ -71,7 +110,7 @@ def register_target(config_cls: type[TargetConfig]) -> Callable[[Any], Any]:
 
 
 def _load_plugins() -> None:
-    """Import every module of the ``passes`` and ``targets`` packages so they register."""
+    """Import every module of the plugin packages, then every ``compress.plugins`` entry point."""
     global _loaded
     if _loaded:
         return
@@ -81,6 +120,77 @@ def _load_plugins() -> None:
         for mod in pkgutil.iter_modules(pkg.__path__):
             if not mod.name.startswith("_"):
                 importlib.import_module(f"{pkg_name}.{mod.name}")
+    for ep in entry_points():
+        try:
+            importlib.import_module(ep.value.split(":")[0])
+        except Exception as e:  # a broken third-party plugin must not take the built-in ones down
+            warnings.warn(f"compress: plugin '{ep.name}' ({ep.value}) failed to load: {e}", stacklevel=2)
+
+
+def entry_points() -> list[importlib_metadata.EntryPoint]:
+    """The ``compress.plugins`` entry points of the installed distributions, by name."""
+    return sorted(importlib_metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+
+
+def _module_file(name: str) -> Path | None:
+    mod = sys.modules.get(name)
+    f = getattr(mod, "__file__", None) if mod is not None else None
+    if f is None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        f = spec.origin if spec is not None else None
+    return Path(f) if f and f.endswith(".py") else None
+
+
+def _scope(module: str) -> tuple[str, ...]:
+    """The packages whose modules count as a plugin's own code: the two built-in plugin packages for
+    a built-in plugin, else the plugin's top-level package."""
+    if module.rsplit(".", 1)[0] in _PLUGIN_PACKAGES:
+        return _PLUGIN_PACKAGES
+    return (module.split(".")[0],)
+
+
+def _imports(module: str, source: str, is_pkg: bool) -> set[str]:
+    """Module names ``source`` imports (relative ones resolved), function-local imports included."""
+    base = module if is_pkg else module.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = base.split(".")
+            root = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
+            name = ".".join(x for x in (root, node.module or "") if x)
+            out.add(name)
+            out.update(f"{name}.{a.name}" for a in node.names)  # `from . import helper` names a module
+    return out
+
+
+@cache
+def code_identity(module: str) -> str:
+    """SHA-256 over the source of ``module`` and of every module of its own package it imports,
+    transitively (so a shared helper's edit reaches every plugin using it, and no other)."""
+    scope = _scope(module)
+    seen: dict[str, bytes] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        src = path.read_bytes()
+        seen[name] = src
+        for dep in _imports(name, src.decode("utf-8", "replace"), path.name == "__init__.py"):
+            if dep not in seen and any(dep == p or dep.startswith(p + ".") for p in scope):
+                todo.append(dep)
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(name.encode() + b"\0" + seen[name] + b"\0")
+    return h.hexdigest()[:24]
 
 
 def passes() -> dict[str, PassInfo]:
@@ -88,7 +198,7 @@ def passes() -> dict[str, PassInfo]:
     return dict(sorted(_PASSES.items()))
 
 
-def targets() -> dict[str, tuple[type[TargetConfig], Callable[[TargetConfig], Any]]]:
+def targets() -> dict[str, tuple[type[TargetConfig], Any]]:
     _load_plugins()
     return dict(sorted(_TARGETS.items()))
 
@@ -160,7 +270,7 @@ def describe_fields(cfg_cls: type[PassConfig]) -> list[list[str]]:
 def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], Any]]) -> dict[str, Any]:
     return {
         "format": _MANIFEST_FORMAT,
-        "passes": {k: {"consumes": i.consumes, "produces": i.produces,
+        "passes": {k: {"consumes": i.caps.consumes, "produces": i.caps.produces,
                        "doc": ((i.config_cls.__doc__ or "").strip().splitlines() or [""])[0],
                        "fields": describe_fields(i.config_cls)} for k, i in sorted(ps.items())},
         "targets": {k: {"fields": describe_fields(cfg)} for k, (cfg, _) in sorted(ts.items())},
@@ -168,7 +278,8 @@ def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], A
 
 
 def _is_plugin(module: str) -> bool:
-    return module.rsplit(".", 1)[0] in _PLUGIN_PACKAGES
+    """A built-in plugin or one named by an entry point (both are listed by the manifest)."""
+    return module.rsplit(".", 1)[0] in _PLUGIN_PACKAGES or module in {e.value.split(":")[0] for e in entry_points()}
 
 
 def _manifest_path() -> Path | None:
@@ -186,6 +297,11 @@ def _manifest_path() -> Path | None:
         spec = importlib.util.find_spec(pkg)  # finds the package without importing its modules
         for loc in (spec.submodule_search_locations or []) if spec else []:
             files += sorted(Path(loc).glob("*.py"))
+    for ep in entry_points():  # third-party plugins: a new, removed or edited one renews the manifest
+        h.update(f"{ep.name}={ep.value}".encode())
+        f = _module_file(ep.value.split(":")[0])
+        if f is not None:
+            files.append(f)
     try:
         for f in files:
             h.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -232,3 +348,21 @@ def manifest() -> dict[str, Any]:
 
 def make_target(cfg: TargetConfig) -> Any:
     return targets()[cfg.kind][1](cfg)
+
+
+def lowering_pass() -> PassInfo:
+    """The pass that lowers a PyTorch model to ONNX (inserted where a chain needs ONNX)."""
+    found = [i for i in passes().values() if i.caps.lowers_to_onnx]
+    if len(found) != 1:
+        raise RecipeError(f"expected exactly one pass that lowers to ONNX, found {[i.kind for i in found]}")
+    return found[0]
+
+
+def default_targets() -> list[TargetConfig]:
+    """The targets measured when a recipe names none: those that declare ``caps.default``."""
+    return [cfg() for cfg, cls in targets().values() if cls.caps.default]
+
+
+def compare_precisions() -> dict[str, PassInfo]:
+    """``compress compare --precision NAME``: the passes that offer a precision, by that name."""
+    return {i.caps.compare_precision: i for i in passes().values() if i.caps.compare_precision}

@@ -100,8 +100,6 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
                      "output is not class scores; set measure.output_kind to override)")
     if auto_export:
         notes.append("export.onnx was inserted automatically where the pipeline needed an ONNX model")
-    if any(c.target == "onnxruntime" for c in cells):
-        notes.append("ONNX Runtime measured with intra-op thread spinning off unless the target config says otherwise")
     vjson = {}
     for v in variants:
         last = v.onnx_art or v.torch_art

@@ -450,11 +450,13 @@ def measure_resource() -> str:
 
 def build_trial(rec: Recipe, cache_dir: str | Path | None) -> str | None:
     """Run a trial's passes into the (shared) cache without measuring; the error line when one fails."""
+    from .artifact import ONNX
     from .cache import Cache
     from .data import load_data
+    from .execute import train_root
     from .manager import PassContext, PassManager
     from .models import load_model
-    from .pipeline import _train_root, _with_export
+    from .plan import with_lowering
     from .registry import make_target
 
     try:
@@ -463,10 +465,10 @@ def build_trial(rec: Recipe, cache_dir: str | Path | None) -> str | None:
         data = load_data(rec.data, root.inputs[0].shape)
         ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False)
         if rec.model.train_epochs and data is not None:
-            root = _train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
+            root = train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
         ctx.original = root
-        need_onnx = any(make_target(t).consumes == "onnx" for t in rec.targets)
-        passes, _ = _with_export(list(rec.passes), need_onnx)
+        need_onnx = any(make_target(t).caps.consumes == ONNX for t in rec.targets)
+        passes, _ = with_lowering(list(rec.passes), need_onnx)
         PassManager(passes).run(root, ctx)
     except CompressError as e:
         return str(e).splitlines()[0][:500]

@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifact import Artifact, InputSpec, canonical_json
+from .artifact import PYTORCH, Artifact, InputSpec, canonical_json
+from .capabilities import Facts
 from .errors import CacheError, InputError
+from .sources import build_from_source
 
 # Live modules given through the Python API, by content key (see compress.api.module_artifact).
-LIVE_MODULES: dict[str, nn.Module] = {}
 
 StructureHook = Callable[[nn.Module, Any], nn.Module]
 _STRUCTURE_HOOKS: dict[str, StructureHook] = {}
@@ -89,9 +90,7 @@ def write_torch(
 
 def build_base(source: dict[str, Any]) -> nn.Module:
     """Instantiate the base module named by a source spec (no weights loaded)."""
-    from . import models
-
-    return models.build_from_source(source)
+    return build_from_source(source)
 
 
 def load_torch(art: Artifact) -> nn.Module:
@@ -193,8 +192,11 @@ def torch_artifact(
     ctx: Any,
     structure_step: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    facts: Facts | None = None,
 ) -> Artifact:
     """Package a pass's output module as a torch artifact derived from ``parent``.
+
+    ``facts`` are the new artifact's facts when the pass changed them (None: the parent's).
 
     ``structure_step`` (``{"hook": name, "data": ...}``) is appended to the parent's
     structure list when the pass changed the module's shape; its hook must be
@@ -206,9 +208,9 @@ def torch_artifact(
             raise ValueError(f"structure hook {structure_step.get('hook')!r} is not registered")
         structure.append(structure_step)
     set_eval(module)
-    dst = ctx.new_dir("torch")
+    dst = ctx.new_dir(PYTORCH)
     digest = write_torch(dst, module, source, structure)
-    art = Artifact("torch", dst, digest, parent.inputs, metadata=metadata or {})
+    art = Artifact(PYTORCH, dst, digest, parent.inputs, metadata=metadata or {}, facts=facts)
     art.obj = module
     return art
 

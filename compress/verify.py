@@ -11,7 +11,7 @@ from .torch_io import load_torch, sample_inputs
 
 
 def verify_artifact(art: Artifact) -> None:
-    if art.kind == "torch":
+    if art.kind == "pytorch":
         module = load_torch(art)
         with torch.inference_mode():
             out = module(*sample_inputs(art.inputs))

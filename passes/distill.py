@@ -99,7 +99,7 @@ def _load_teacher(art: Artifact, cfg: Distill, ctx: PassContext) -> tuple[nn.Mod
         if orig is None:
             raise PassError("distill: no teacher: the pipeline's original model is unknown (ctx.original is None); "
                             "name one with teacher = \"zoo:NAME\" and teacher_weights = PATH")
-        if orig.kind != "torch":
+        if orig.kind != "pytorch":
             raise PassError(f"distill: the original model is a {orig.kind} model; the teacher must be a PyTorch model "
                             "(name one with teacher = ... and teacher_weights = ...)")
         # A copy, so switching to eval mode never touches a module the caller still holds.
@@ -261,7 +261,8 @@ class _State:
 # ---------------------------------------------------------------- the pass
 
 
-@register_pass(Distill, consumes="torch", produces="torch", version=VERSION)
+@register_pass(Distill, consumes="pytorch", produces="pytorch", version=VERSION,
+               path_fields=("teacher_weights",), source_fields=("teacher",))
 def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
     """Knowledge distillation from the original (or a named) teacher into the current model."""
     data: DataBundle | None = ctx.data
@@ -517,7 +518,7 @@ def _fail_nan(art: Artifact, cfg: Distill, ctx: PassContext, student: nn.Module,
     dst = resume_dir / LAST_GOOD
     shutil.rmtree(dst, ignore_errors=True)
     digest = write_torch(dst, student, source, structure)
-    kept = Artifact("torch", dst, digest, art.inputs, parent=art.digest, producer="distill (last good, NaN stop)",
+    kept = Artifact("pytorch", dst, digest, art.inputs, parent=art.digest, producer="distill (last good, NaN stop)",
                     metadata={**art.metadata, "distill": {"last_good_epoch": last_good_epoch, "failed_epoch": epoch}})
     kept.save_meta()
     when = f"the student after epoch {last_good_epoch}" if last_good_epoch else "the input model (no epoch finished)"

@@ -16,8 +16,9 @@ from pydantic import Field
 
 from compress.artifact import Artifact, InputSpec, sha256_files
 from compress.config import PassConfig
-from compress.errors import ExportError, InputError
+from compress.errors import ExportError
 from compress.manager import PassContext
+from compress.onnx_io import check_external_data, onnx_input_specs  # noqa: F401  (re-exported)
 from compress.parity import Tolerance, check, compare_outputs
 from compress.registry import register_pass
 from compress.torch_io import load_torch, sample_inputs, set_eval
@@ -33,39 +34,6 @@ class ExportOnnx(PassConfig):
     atol: float = Field(1e-4, gt=0)
     min_cosine: float = Field(0.9999, gt=0, le=1)
     parity_samples: int = Field(4, ge=1, le=256)
-
-
-def onnx_input_specs(model: Any) -> tuple[InputSpec, ...]:
-    """Input specs of an ONNX graph (symbolic dims become 1), initializers excluded."""
-    import onnx
-
-    inits = {i.name for i in model.graph.initializer}
-    specs = []
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-        specs.append(InputSpec(inp.name, shape, dtype))
-    return tuple(specs)
-
-
-def check_external_data(model: Any, folder: Path) -> None:
-    """Refuse external-data references that point outside the model's folder."""
-    root = folder.resolve()
-    for t in model.graph.initializer:
-        for e in t.external_data:
-            if e.key != "location":
-                continue
-            target = (folder / e.value).resolve()
-            if root not in target.parents and target != root:
-                raise InputError(
-                    f"{folder}: tensor {t.name!r} points to external data {e.value!r} outside the model's folder; "
-                    "refused"
-                )
-            if not target.exists():
-                raise InputError(f"{folder}: external data file {e.value!r} for tensor {t.name!r} is missing")
 
 
 def parity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
@@ -173,7 +141,7 @@ def _working_fallback(module: torch.nn.Module, args: tuple[torch.Tensor, ...], o
     return None
 
 
-@register_pass(ExportOnnx, consumes="torch", produces="onnx")
+@register_pass(ExportOnnx, consumes="pytorch", produces="onnx", lowers_to_onnx=True)
 def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     """Export to ONNX; check the graph; compare outputs with PyTorch."""
     import onnx
@@ -215,10 +183,10 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     atol = cfg.atol
-    qat = art.metadata.get("quantize.qat")
-    if "atol" not in cfg.model_fields_set and isinstance(qat, dict) and "export_atol" in qat:
-        # A fake-quantized model: ONNX may round a tie the other way, one quantization step off.
-        atol = max(atol, float(qat["export_atol"]))
+    guaranteed = art.known_facts().lowering_atol
+    if "atol" not in cfg.model_fields_set and guaranteed is not None:
+        # E.g. a fake-quantized model: ONNX may round a tie the other way, one quantization step off.
+        atol = max(atol, guaranteed)
     tol = Tolerance(atol=atol, min_cosine=cfg.min_cosine)
     worst: dict[str, Any] = {}
     for b in batches:
@@ -238,4 +206,5 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
                        "inputs": f"random inputs, batches {batches}", "samples": sum(batches)}
     meta = {"export.onnx": {**worst, "atol": atol, "opset": cfg.opset, "nodes": len(model.graph.node),
                             "dynamic_batch": cfg.dynamic_batch}}
-    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta)
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta,
+                    facts=art.known_facts().evolve(dynamic_batch=cfg.dynamic_batch))

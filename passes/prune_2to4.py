@@ -90,7 +90,7 @@ def mask_2to4(weight: torch.Tensor) -> torch.Tensor:
     return keep.reshape(moved.shape).movedim(-1, 1)
 
 
-@register_pass(TwoFourPrune, consumes="torch", produces="torch")
+@register_pass(TwoFourPrune, consumes="pytorch", produces="pytorch")
 def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
     """2:4 semi-structured sparsity (speed-up only on TensorRT sparse tensor cores, Ampere+)."""
     if cfg.finetune_epochs:
@@ -131,4 +131,4 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
         "notes": [NOTE] + ([f"{len(skipped)} layer(s) left dense (see skipped)"] if skipped else []),
     })
     ctx.log(f"{PASS}: {len(eligible)} layers 2:4-sparse, {len(skipped)} skipped")
-    return torch_artifact(model, art, ctx, metadata={PASS: meta})
+    return torch_artifact(model, art, ctx, metadata={PASS: meta}, facts=art.known_facts().evolve(sparsity="2:4"))

@@ -88,7 +88,7 @@ def magnitude_masks(layers: list[tuple[str, WeightLayer]], sparsity: float, scop
     return masks
 
 
-@register_pass(MagnitudePrune, consumes="torch", produces="torch")
+@register_pass(MagnitudePrune, consumes="pytorch", produces="pytorch")
 def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Artifact:
     """Unstructured magnitude sparsity, folded into the weights (real zeros in ONNX; no speed-up)."""
     if cfg.finetune_epochs:
@@ -126,4 +126,7 @@ def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Art
     except ImportError:
         pass  # MACs come from torch-pruning's counter; without it the figure is left out
     ctx.log(f"{PASS}: {meta['sparsity']:.1%} of Conv/Linear weights are zero")
-    return torch_artifact(model, art, ctx, metadata={PASS: meta})
+    facts = art.known_facts()
+    if facts.sparsity is None:  # a 2:4 pattern stays 2:4 (magnitude pruning on top only adds zeros)
+        facts = facts.evolve(sparsity="unstructured")
+    return torch_artifact(model, art, ctx, metadata={PASS: meta}, facts=facts)

@@ -47,7 +47,7 @@ class QuantizeDynamic(ParityOptions):
         return auto_scheme_env(self.scheme)
 
 
-@register_pass(QuantizeDynamic, consumes="onnx", produces="onnx")
+@register_pass(QuantizeDynamic, consumes="onnx", produces="onnx", compare_precision="int8-dynamic")
 def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> Artifact:
     """Dynamic INT8 of MatMul/Gemm weights (ONNX Runtime); activations quantized at run time."""
     import onnx
@@ -111,4 +111,5 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     if info["fidelity_guard"].get("unchecked"):
         info["notes"].append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
     shutil.rmtree(work, ignore_errors=True)
-    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.dynamic": info})
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.dynamic": info},
+                    facts=art.known_facts().lower_precision("int8").evolve(quantization="dynamic"))

@@ -28,7 +28,7 @@ class QuantizeFp16(ParityOptions):
     keep_ops: tuple[str, ...] = Field((), description="op types kept in float32 (e.g. LayerNormalization)")
 
 
-@register_pass(QuantizeFp16, consumes="onnx", produces="onnx")
+@register_pass(QuantizeFp16, consumes="onnx", produces="onnx", compare_precision="fp16")
 def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifact:
     """Float16 weights/compute with float32 I/O; checked against FP32 on ONNX Runtime."""
     import onnx
@@ -83,7 +83,7 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
                     "keep the overflowing ops in float32 with keep_ops, or loosen min_cosine/atol")
     notes = [
         "precision fp16: float16 weights and compute, float32 inputs/outputs; targets without float16 "
-        "support must refuse this artifact (metadata precision=fp16)",
+        "support must refuse this artifact (its facts say precision fp16)",
         f"ONNX Runtime's CPU provider here keeps {n16_ort} of {n16} float16 weight tensors in float16 after its "
         "optimizations; the others are cast to float32 at load because their ops lack float16 CPU kernels, so "
         "compute runs mostly in float32: expect no speed-up on CPU (see benchmarks/results/quantize.md), only "
@@ -92,4 +92,5 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
     info: dict[str, Any] = {"precision": "fp16", "fp16_initializers": n16, "keep_io_types": cfg.keep_io_types,
                             "ort_cpu_fp16_initializers": n16_ort, "parity": p, "notes": notes}
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs,
-                    metadata={"quantize.fp16": info, "precision": "fp16"})
+                    metadata={"quantize.fp16": info},
+                    facts=art.known_facts().lower_precision("fp16"))

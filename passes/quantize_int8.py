@@ -300,7 +300,7 @@ def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, rea
         f"{(fp_top1 - acc) * 100:.2f} points (limit {limit * 100:.2f}); raise max_accuracy_drop or use quantize.qat")
 
 
-@register_pass(QuantizeInt8, consumes="onnx", produces="onnx")
+@register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8")
 def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifact:
     """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
     import onnx
@@ -409,7 +409,8 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     # and deployed vs the float input model: either out of tolerance fails the pass.
     info["parity"] = _self_parity(out, art, data, cfg)
     info["notes"] = notes
-    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info})
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info},
+                    facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
 
 
 def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -> dict[str, Any]:

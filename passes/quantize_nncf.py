@@ -167,7 +167,7 @@ def _validation_fn(input_name: str, float_outputs: list[np.ndarray] | None, labe
     return fn
 
 
-@register_pass(QuantizeNncf, consumes="onnx", produces="onnx")
+@register_pass(QuantizeNncf, consumes="onnx", produces="onnx", compare_precision="int8-nncf")
 def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifact:
     """Static INT8 (QDQ) with NNCF's post-training quantization; optional NNCF accuracy control."""
     import nncf
@@ -238,7 +238,8 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
     # Deployed vs simulated, and deployed vs the float input model: either out of tolerance fails the pass.
     info["parity"] = _self_parity(out, art, data, cfg)
     info["notes"] = notes
-    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf": info})
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf": info},
+                    facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
 
 
 def _nncf_version() -> str:

@@ -51,7 +51,7 @@ class QuantizeNncfWeights(ParityOptions):
         return self
 
 
-@register_pass(QuantizeNncfWeights, consumes="onnx", produces="onnx")
+@register_pass(QuantizeNncfWeights, consumes="onnx", produces="onnx", compare_precision="int8-weights-nncf")
 def quantize_nncf_weights(art: Artifact, cfg: QuantizeNncfWeights, ctx: PassContext) -> Artifact:
     """NNCF weight compression of MatMul/Gemm layers; activations stay float."""
     import nncf
@@ -116,4 +116,5 @@ def quantize_nncf_weights(art: Artifact, cfg: QuantizeNncfWeights, ctx: PassCont
                   + (f"; Conv layers left float ({', '.join(convs)}: NNCF's ONNX weight compression of "
                      "convolutions does not run on ONNX Runtime)" if convs else ""),
                   f"output cosine vs its input model: {parity['cosine']:.4f}"]}
-    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf_weights": info})
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf_weights": info},
+                    facts=art.known_facts().lower_precision(precision).evolve(quantization="weight_only"))

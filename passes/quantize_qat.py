@@ -240,7 +240,7 @@ def quant_wraps(model: nn.Module) -> list[QuantWrap]:
 
 
 # version 2: weights stored as offline-quantized INT8 (w_int) so every scheme exports as standard QDQ.
-@register_pass(QuantizeQat, consumes="torch", produces="torch", version=2)
+@register_pass(QuantizeQat, consumes="pytorch", produces="pytorch", version=2)
 def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
     """Fold BN, insert fake quantization (QDQ on export), calibrate, then fine-tune on labelled data."""
     from compress.training import fit, top1
@@ -302,4 +302,5 @@ def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
                       "export.onnx turns them into QuantizeLinear/DequantizeLinear"]}
     step = {"hook": HOOK, "data": {"modules": names, "folded_bn": pairs, "wq_min": wq_min, "wq_max": wq_max,
                                    "momentum": cfg.momentum}}
-    return torch_artifact(model, art, ctx, structure_step=step, metadata={"quantize.qat": info})
+    facts = art.known_facts().lower_precision("int8").evolve(quantization="qdq", lowering_atol=export_atol)
+    return torch_artifact(model, art, ctx, structure_step=step, metadata={"quantize.qat": info}, facts=facts)

@@ -87,7 +87,8 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
                             "compressed_layers": packed, "matmul_layers": len(nodes), "parity": p,
                             "notes": notes}
     meta: dict[str, Any] = {"quantize.weight_only": info}
+    facts = art.known_facts().lower_precision(precision).evolve(quantization="weight_only")
     if cfg.format == "matmulnbits":
-        # Targets that do not implement ONNX Runtime's contrib ops can refuse on this key.
-        meta["requires_ops"] = ["com.microsoft:MatMulNBits"]
-    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta)
+        # Targets that do not implement ONNX Runtime's contrib ops refuse the model on this fact.
+        facts = facts.evolve(required_ops=(*facts.required_ops, "com.microsoft:MatMulNBits"))
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata=meta, facts=facts)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from compress.artifact import Artifact
+from compress.capabilities import TargetCaps
 from compress.config import TargetConfig
 
 
@@ -21,12 +22,15 @@ class Runner(Protocol):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
+    # Targets whose caps say device_timing: the device time of every call, in ms (kept per call).
+    # device_ms: list[float]
+
     def close(self) -> None: ...
 
 
 class Target(Protocol):
     name: str
-    consumes: str  # "onnx" for compilers, "torch" for the eager reference
+    caps: TargetCaps  # what it consumes and runs (compress.capabilities)
     config: TargetConfig
 
     def unavailable_reason(self) -> str | None: ...

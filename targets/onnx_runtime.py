@@ -7,7 +7,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifact import Artifact, sha256_files
+from compress.artifact import ONNX, Artifact, sha256_files
+from compress.capabilities import TargetCaps
 from compress.config import TargetConfig
 from compress.errors import BuildError
 from compress.fingerprint import cpu_info
@@ -45,7 +46,9 @@ class OrtRunner:
 @register_target(OnnxRuntimeConfig)
 class OnnxRuntimeTarget:
     name = "onnxruntime"
-    consumes = "onnx"
+    caps = TargetCaps(consumes=ONNX, default=True, op_domains=frozenset({"com.microsoft"}),
+                      report_notes=("ONNX Runtime measured with intra-op thread spinning off unless the target "
+                                    "config says otherwise",))
 
     def __init__(self, config: OnnxRuntimeConfig) -> None:
         self.config = config

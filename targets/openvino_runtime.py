@@ -19,7 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifact import Artifact, sha256_files
+from compress.artifact import ONNX, Artifact, sha256_files
+from compress.capabilities import TargetCaps
 from compress.config import TargetConfig
 from compress.errors import BuildError, InputError, RecipeError
 from compress.fingerprint import cpu_info
@@ -70,7 +71,7 @@ def _core() -> Any:
 @register_target(OpenVinoConfig)
 class OpenVinoTarget:
     name = "openvino"
-    consumes = "onnx"
+    caps = TargetCaps(consumes=ONNX)
 
     def __init__(self, config: OpenVinoConfig) -> None:
         self.config = config

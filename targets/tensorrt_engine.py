@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from compress.artifact import Artifact, sha256_files
+from compress.artifact import ONNX, Artifact, sha256_files
+from compress.capabilities import TargetCaps
 from compress.config import TargetConfig
 from compress.errors import BuildError, InputError, TargetUnavailable
 from compress.registry import register_target
@@ -70,7 +71,7 @@ class TensorRTConfig(TargetConfig):
     strongly_typed: bool | None = Field(
         None, description="strongly typed network (precision from the ONNX types); None = on for int8, off otherwise")
     sparse_weights: bool | None = Field(
-        None, description="2:4 sparse kernels (SPARSE_WEIGHTS); None = on when prune.2to4 ran on the model")
+        None, description="2:4 sparse kernels (SPARSE_WEIGHTS); None = on when the model is 2:4 sparse (prune.2to4)")
     tf32: bool = Field(True, description="allow TF32 for FP32 matmul/conv (TensorRT's default)")
     workspace_mb: int | None = Field(None, gt=0, description="workspace memory pool limit; None = TensorRT default")
     optimization_level: int = Field(3, ge=0, le=5, description="builder optimization level (TensorRT default 3)")
@@ -417,7 +418,7 @@ class TrtRunner:
 
     ``infer`` copies inputs in, runs ``execute_async_v3`` and copies outputs out. Each call records
     host time (the whole call, copies included) in ``host_ms`` and GPU time of the engine alone,
-    between two CUDA events around ``execute_async_v3``, in ``gpu_ms``.
+    between two CUDA events around ``execute_async_v3``, in ``device_ms``.
     """
 
     def __init__(self, engine_path: Path, sidecar: dict[str, Any], device: int = 0) -> None:
@@ -445,7 +446,7 @@ class TrtRunner:
                         for n in self.input_names + self.output_names}
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
         self.host_ms: list[float] = []
-        self.gpu_ms: list[float] = []
+        self.device_ms: list[float] = []
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, cap = self._buffers.get(name, (0, 0))
@@ -495,7 +496,7 @@ class TrtRunner:
         for name, out in zip(self.output_names, outs, strict=True):
             self.cuda.d2h(out, self._buffers[name][0], self.stream)
         self.cuda.synchronize(self.stream)
-        self.gpu_ms.append(self.cuda.elapsed_ms(self._start, self._end))
+        self.device_ms.append(self.cuda.elapsed_ms(self._start, self._end))
         self.host_ms.append((time.perf_counter() - t0) * 1e3)
         del hosts
         return outs
@@ -528,7 +529,7 @@ _TRUSTED_ROOTS: set[Path] = set()
 @register_target(TensorRTConfig)
 class TensorRTTarget:
     name = "tensorrt"
-    consumes = "onnx"
+    caps = TargetCaps(consumes=ONNX, device_timing=True, sparse_kernels=frozenset({"2:4"}))
 
     def __init__(self, config: TensorRTConfig) -> None:
         self.config = config
@@ -577,7 +578,7 @@ class TensorRTTarget:
         settings, notes = resolve_settings(
             precision=c.precision, strongly_typed=c.strongly_typed, sparse_weights=c.sparse_weights, tf32=c.tf32,
             workspace_mb=c.workspace_mb, optimization_level=c.optimization_level, profiles=profiles,
-            qdq_nodes=qdq, pruned_2to4="prune.2to4" in art.metadata, dynamic=dynamic)
+            qdq_nodes=qdq, pruned_2to4=art.known_facts().sparsity == "2:4", dynamic=dynamic)
         return settings, notes
 
     def parity_precision(self, art: Artifact, model_precision: str) -> str:
@@ -638,7 +639,7 @@ class TensorRTTarget:
             "tensorrt": {"settings": sidecar["settings"], "tensorrt_version": trt_version, "compute_capability": cc,
                          "gpu": env["gpu"], "engine_cache_hit": hit, "external": bool(sidecar.get("external"))},
             "target_notes": notes,
-        })
+        }, facts=art.known_facts().evolve(dynamic_batch=batch_dynamic))
 
     def _import_external(self, src: Path, out: Path, art: Artifact, settings: dict[str, Any],
                          env: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from compress.artifact import Artifact
+from compress.artifact import PYTORCH, Artifact
+from compress.capabilities import TargetCaps
 from compress.config import TargetConfig
 from compress.fingerprint import cpu_info
 from compress.registry import register_target
@@ -45,7 +46,8 @@ class TorchRunner:
 @register_target(TorchConfig)
 class TorchTarget:
     name = "torch"
-    consumes = "torch"
+    # The eager model is the reference: any batch, measured by default, nothing to check it against.
+    caps = TargetCaps(consumes=PYTORCH, reference=True, any_batch=True, default=True)
 
     def __init__(self, config: TorchConfig) -> None:
         self.config = config
@@ -63,5 +65,5 @@ class TorchTarget:
         return Artifact("compiled", out, art.digest, art.inputs, metadata={"target": "torch", "format": "torch"})
 
     def runner(self, compiled: Artifact, threads: int = 0) -> TorchRunner:
-        tmp = Artifact("torch", compiled.path, compiled.digest, compiled.inputs)
+        tmp = Artifact(PYTORCH, compiled.path, compiled.digest, compiled.inputs)
         return TorchRunner(load_torch(tmp), [s.name for s in compiled.inputs], self.config.threads or threads)

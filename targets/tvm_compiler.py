@@ -27,7 +27,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from compress.artifact import Artifact, InputSpec, sha256_file, sha256_files
+from compress.artifact import ONNX, Artifact, InputSpec, sha256_file, sha256_files
+from compress.capabilities import TargetCaps
 from compress.config import TargetConfig
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
 from compress.fingerprint import cpu_info
@@ -244,7 +245,7 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
 @register_target(TvmConfig)
 class TvmTarget:
     name = "tvm"
-    consumes = "onnx"
+    caps = TargetCaps(consumes=ONNX)
 
     def __init__(self, config: TvmConfig) -> None:
         self.config = config
@@ -353,7 +354,7 @@ class TvmTarget:
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         # TVM builds the static shapes of art.inputs (tuning needs them), so the ONNX model's dynamic
-        # batch does not carry over; the pipeline reads these two top-level keys.
+        # batch does not carry over: the compiled artifact's facts say so (the metadata keeps a copy).
         meta: dict[str, Any] = {"target": "tvm", "dynamic_batch": False, "target_notes": list(notes), "tvm": {
             "target": manifest["target"], "tuned": tuning.get("status") != "untuned",
             "label": "untuned" if tuning.get("status") == "untuned" else "tuned",
@@ -364,7 +365,8 @@ class TvmTarget:
             "emulated_check": emulated,
             "notes": notes,
         }}
-        return Artifact("compiled", out, sha256_files(out), art.inputs, metadata=meta)
+        return Artifact("compiled", out, sha256_files(out), art.inputs, metadata=meta,
+                        facts=art.known_facts().evolve(dynamic_batch=False))
 
     def _import(self, model: Any, art: Artifact) -> tuple[Any, dict[Any, Any]]:
         from tvm.relax.frontend import detach_params

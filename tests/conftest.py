@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from compress.cache import Cache
+from compress.capabilities import TargetCaps
 from compress.config import PassConfig, TargetConfig
 from compress.manager import PassContext
 from compress.registry import register_pass, register_target
@@ -37,7 +38,7 @@ class ScaleWeights(PassConfig):
     fail: bool = False
 
 
-@register_pass(ScaleWeights, consumes="torch", produces="torch")
+@register_pass(ScaleWeights, consumes="pytorch", produces="pytorch")
 def _scale(art, cfg: ScaleWeights, ctx):  # type: ignore[no-untyped-def]
     if cfg.fail:
         raise RuntimeError("boom on purpose")
@@ -86,7 +87,7 @@ class MissingConfig(TargetConfig):
 @register_target(MissingConfig)
 class MissingTarget:
     name = "test.missing"
-    consumes = "onnx"
+    caps = TargetCaps(consumes="onnx")
 
     def __init__(self, config: MissingConfig) -> None:
         self.config = config
@@ -107,7 +108,7 @@ class DeviceClockConfig(TargetConfig):
 @register_target(DeviceClockConfig)
 class DeviceClockTarget:
     name = "test.devclock"
-    consumes = "onnx"
+    caps = TargetCaps(consumes="onnx", device_timing=True)
     DEVICE_MS = 0.25  # every call "takes" this long on the device
 
     def __init__(self, config: DeviceClockConfig) -> None:
@@ -131,10 +132,10 @@ class DeviceClockTarget:
         class Clocked:
             def __init__(self) -> None:
                 self.input_names = inner.input_names
-                self.gpu_ms: list[float] = []
+                self.device_ms: list[float] = []
 
             def infer(self, feeds):  # type: ignore[no-untyped-def]
-                self.gpu_ms.append(DeviceClockTarget.DEVICE_MS)
+                self.device_ms.append(DeviceClockTarget.DEVICE_MS)
                 return inner.infer(feeds)
 
             def close(self) -> None:

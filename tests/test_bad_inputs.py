@@ -610,7 +610,7 @@ def test_onnx_external_data_in_subfolder_loads(tmp_path: Path, monkeypatch: pyte
 def test_out_folder_checked_before_any_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capfd: pytest.CaptureFixture[str]) -> None:
     """A bad --out fails before the model is even loaded (so no figures are measured and lost)."""
-    import compress.pipeline as pipeline
+    import compress.plan as pipeline  # the plan stage loads the model
 
     env = Env(tmp_path, monkeypatch)
     loaded: list[Any] = []
@@ -687,7 +687,7 @@ def test_out_folder_on_read_only_mount(tmp_path: Path, monkeypatch: pytest.Monke
     import errno
     import tempfile
 
-    import compress.pipeline as pipeline
+    import compress.plan as pipeline  # the plan stage loads the model
 
     env = Env(tmp_path, monkeypatch)
     ro = tmp_path / "mnt"

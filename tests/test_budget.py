@@ -28,6 +28,7 @@ from compress.budget import (
     overall_exit,
     parse_limit,
 )
+from compress.capabilities import TargetCaps
 from compress.cli import main
 from compress.config import TargetConfig
 from compress.errors import InputError, RecipeError
@@ -195,7 +196,7 @@ def _fake_measure(centers: dict[str, float]):
 
 @pytest.mark.parametrize(("limit", "code"), [("0.5x torch", EXIT_PASS), ("0.1x torch", EXIT_FAIL)])
 def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatch, capsys, limit, code) -> None:
-    import compress.pipeline as pipeline
+    import compress.measurement as pipeline  # the measure stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, f'[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "{limit}"\n'
@@ -215,7 +216,7 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
 
 
 def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.pipeline as pipeline
+    import compress.measurement as pipeline  # the measure stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1.1x recorded"\n')
@@ -259,7 +260,7 @@ def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, caps
 
 
 def test_pytest_friendly_api(tmp_path: Path, monkeypatch) -> None:
-    import compress.pipeline as pipeline
+    import compress.measurement as pipeline  # the measure stage times the candidates
     from compress.budget import assert_budgets
     from compress.errors import BudgetExceeded
 
@@ -270,7 +271,7 @@ def test_pytest_friendly_api(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_peak_memory_is_measured_in_a_fresh_process(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.pipeline as pipeline
+    import compress.measurement as pipeline  # the measure stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "peak_memory"\nmax = "2 GB"\n'
@@ -320,7 +321,7 @@ class BrokenBuild(TargetConfig):
 @register_target(BrokenBuild)
 class BrokenTarget:
     name = "test.broken"
-    consumes = "onnx"
+    caps = TargetCaps(consumes="onnx")
 
     def __init__(self, config: BrokenBuild) -> None:
         from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget

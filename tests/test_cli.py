@@ -140,7 +140,7 @@ def test_targets_and_passes_listing(capsys) -> None:
     assert code == 0
     assert "onnxruntime  available" in out and "torch        available" in out
     code, out, _ = run_cli(capsys, "passes")
-    assert code == 0 and "export.onnx  (torch -> onnx)" in out and "opset: int, default 20" in out
+    assert code == 0 and "export.onnx  (pytorch -> onnx)" in out and "opset: int, default 20" in out
 
 
 def test_targets_shows_the_isa_and_its_int8_scheme_per_isa(forced_isa: str, capsys,

@@ -68,7 +68,7 @@ def test_passes_listing_from_the_manifest_imports_no_torch(tmp_path: Path) -> No
     first = _python(probe, tmp_path)
     second = _python(probe, tmp_path)
     assert first["code"] == second["code"] == 0
-    assert second["out"] == first["out"] and "export.onnx  (torch -> onnx)" in str(second["out"])
+    assert second["out"] == first["out"] and "export.onnx  (pytorch -> onnx)" in str(second["out"])
     if second["heavy"]:
         pytest.fail(f"`compress passes` imported {second['heavy']} although its manifest was written "
                     "(is compress/__pycache__ writable?)")

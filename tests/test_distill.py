@@ -17,11 +17,12 @@ from torch import nn
 from compress import zoo
 from compress.artifact import Artifact
 from compress.cache import Cache
+from compress.config import format_step
 from compress.data import DataBundle, Split, load_data
 from compress.errors import InputError, PassError
 from compress.manager import PassContext, PassManager
 from compress.models import load_model
-from compress.recipe import DataSpec, ModelSpec, format_step, parse_pipeline
+from compress.recipe import DataSpec, ModelSpec, parse_pipeline
 from compress.registry import passes
 from compress.torch_io import load_torch, register_structure_hook, torch_artifact, torch_meta
 from compress.training import fit
@@ -312,7 +313,7 @@ def test_nan_loss_stops_and_keeps_the_input_when_no_epoch_finished(cache: Cache,
     with pytest.raises(PassError, match=r"loss became nan at epoch 1.*input model.*kept at (\S+) .*lr=100000") as e:
         _run(Distill(epochs=2, lr=1e6, optimizer="sgd"), student, _ctx(cache, digits, teacher))
     kept = Path(str(e.value).split("kept at ")[1].split(" ")[0])
-    assert _same_weights(_reload(Artifact("torch", kept, "", student.inputs)), load_torch(student))
+    assert _same_weights(_reload(Artifact("pytorch", kept, "", student.inputs)), load_torch(student))
 
 
 def test_nan_loss_keeps_the_last_finished_epoch(cache: Cache, teacher: Artifact, digits: DataBundle,
@@ -329,7 +330,7 @@ def test_nan_loss_keeps_the_last_finished_epoch(cache: Cache, teacher: Artifact,
     with pytest.raises(PassError, match=r"loss became nan at epoch 2.*student after epoch 1.*kept at") as e:
         _run(Distill(epochs=3), student, _ctx(cache, digits, teacher))
     kept = Path(str(e.value).split("kept at ")[1].split(" ")[0])
-    got = _reload(Artifact("torch", kept, "", student.inputs)).state_dict()
+    got = _reload(Artifact("pytorch", kept, "", student.inputs)).state_dict()
     assert all(torch.equal(got[k], snap["epoch1"][k]) for k in got)
     assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
 

@@ -25,7 +25,7 @@ def test_chain_validation_rejects_torch_pass_after_export_before_running(tiny, c
     with pytest.raises(RecipeError) as e:
         pm.run(root, PassContext(cache=cache, progress=False))
     msg = str(e.value)
-    assert "pass #3 'test.scale' consumes a torch model but gets a onnx model" in msg
+    assert "pass #3 'test.scale' consumes a PyTorch model but gets an ONNX model" in msg
     assert "put it before export.onnx" in msg
     assert len(list(cache.objects.iterdir())) == 1, "validation must fail before any pass runs (only the root)"
 
@@ -164,7 +164,7 @@ def test_registering_a_config_without_its_kind_is_refused() -> None:
         factor: float = 1.0
 
     with pytest.raises(TypeError, match="NoKind must set kind"):
-        register_pass(NoKind, consumes="torch", produces="torch")
+        register_pass(NoKind, consumes="pytorch", produces="pytorch")
 
 
 def test_export_cause_picks_the_construct_not_the_banner() -> None:

@@ -155,7 +155,7 @@ def test_split_half_aa_holds_one_for_a_steady_candidate() -> None:
 
 
 def test_ratios_at_every_batch_flag_a_variant_slower_anywhere() -> None:
-    from compress.pipeline import Cell, _ratios
+    from compress.measurement import Cell, _ratios
 
     rng = np.random.default_rng(0)
 

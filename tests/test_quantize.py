@@ -308,7 +308,7 @@ def test_fp16_keeps_float32_io_and_says_precision(cnn_onnx: Artifact, digits: Da
     assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert g.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.initializer)
-    assert q.metadata["precision"] == "fp16" and q.metadata["quantize.fp16"]["precision"] == "fp16"
+    assert q.known_facts().precision == "fp16" and q.metadata["quantize.fp16"]["precision"] == "fp16"
     assert any("ONNX Runtime's CPU provider" in n for n in q.metadata["quantize.fp16"]["notes"])
     assert 0 <= q.metadata["quantize.fp16"]["ort_cpu_fp16_initializers"] <= q.metadata["quantize.fp16"][
         "fp16_initializers"]
@@ -320,7 +320,8 @@ def test_weight_only_int4_and_int8(transformer_onnx: Artifact, digits: DataBundl
     x = digits.adapt(digits.val.x[:16]).numpy()
     q4 = _quantize(transformer_onnx, QuantizeWeightOnly(bits=4, group_size=32), None, cache)
     assert _ops(q4).count("MatMulNBits") == 12
-    assert q4.metadata["requires_ops"] == ["com.microsoft:MatMulNBits"]
+    assert q4.known_facts().required_ops == ("com.microsoft:MatMulNBits",)
+    assert q4.known_facts().precision == "int4" and q4.known_facts().quantization == "weight_only"
     q8 = _quantize(transformer_onnx, QuantizeWeightOnly(bits=8, group_size=16), None, cache)
     assert _ops(q8).count("MatMulNBits") == 12
     assert _cos_vs(transformer_onnx, q8, x) > _cos_vs(transformer_onnx, q4, x) > 0.95

@@ -1,0 +1,294 @@
+"""The core knows no pass or target by name: it asks what they declare (compress.capabilities).
+
+A plugin installed from outside the package (a ``compress.plugins`` entry point) with a second
+PyTorch-based target and a second Q/DQ-producing pass gets the same treatment as the built-in ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compress import registry
+from compress.capabilities import Facts, TargetCaps, refusal
+from compress.parity import LOWERING
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _string_constants(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Every string constant but docstrings (documentation may name passes and targets)."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_the_core_names_no_pass_kind_and_no_target() -> None:
+    names = set(registry.passes()) | set(registry.targets())
+    names = {n for n in names if not n.startswith("test.")}
+    assert {"export.onnx", "quantize.int8", "torch", "onnxruntime"} <= names  # the check has something to find
+    found = []
+    for path in sorted((ROOT / "compress").glob("*.py")):
+        for line, value in _string_constants(ast.parse(path.read_text())):
+            if value in names:
+                found.append(f"{path.name}:{line}: {value!r}")
+    assert found == [], "the core compares plugin names instead of asking their capabilities:\n" + "\n".join(found)
+
+
+def test_the_string_scan_would_see_a_name() -> None:
+    """The scan above cannot pass vacuously: a literal in code is found, a docstring is not."""
+    src = 'def f():\n    "quantize.int8 in a docstring"\n    return x == "onnxruntime"\n'
+    assert [v for _, v in _string_constants(ast.parse(src))] == ["onnxruntime"]
+
+
+def test_no_top_level_passes_or_targets_package_is_imported() -> None:
+    """The plugin folders import as compress.passes / compress.targets only (a generic top-level name would
+    collide with other packages, and a second name would load every plugin twice)."""
+    bad = []
+    for folder in ("compress", "passes", "targets", "tests", "benchmarks"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                bad += [f"{folder}/{path.name}: {m}" for m in mods if m.split(".")[0] in ("passes", "targets")]
+    assert bad == []
+    import compress.passes
+    import compress.targets
+
+    assert Path(compress.passes.__file__).parent == ROOT / "passes"
+    assert Path(compress.targets.__file__).parent == ROOT / "targets"
+    assert "passes" not in sys.modules and "targets" not in sys.modules
+
+
+def test_targets_refuse_what_they_cannot_run() -> None:
+    caps = TargetCaps(consumes="onnx", precisions=frozenset({"fp32", "int8"}))
+    assert refusal(caps, Facts(), "x") is None
+    assert "does not run fp16 models" in (refusal(caps, Facts(precision="fp16"), "x") or "")
+    needs = Facts(required_ops=("com.microsoft:MatMulNBits",))
+    assert "com.microsoft:MatMulNBits" in (refusal(caps, needs, "x") or "")
+    assert refusal(TargetCaps(consumes="onnx", op_domains=frozenset({"com.microsoft"})), needs, "x") is None
+    # Facts only get lower in precision as passes stack up.
+    assert Facts(precision="int8").lower_precision("fp16").precision == "int8"
+    assert Facts().lower_precision("fp16").precision == "fp16"
+
+
+# ---------------------------------------------------------------- a plugin from outside the package
+
+PLUGIN = '''
+"""A third-party plugin: a second eager PyTorch target and a second Q/DQ-producing pass."""
+import shutil
+from typing import Any, Literal
+
+from compress.artifact import PYTORCH, Artifact, sha256_files
+from compress.capabilities import TargetCaps
+from compress.config import PassConfig, TargetConfig
+from compress.passes.quantize_int8 import QuantizeInt8, quantize_int8
+from compress.registry import register_pass, register_target
+from compress.torch_io import load_torch
+
+CALLS = []
+
+
+class ExtQdq(PassConfig):
+    """Static INT8 by another route (here: the built-in quantizer, under another name)."""
+
+    kind: Literal["ext.qdq"] = "ext.qdq"
+    samples: int = 32
+
+    def data_needed(self) -> str | None:
+        return "any"
+
+
+@register_pass(ExtQdq, consumes="onnx", produces="onnx", compare_precision="int8-ext")
+def ext_qdq(art: Artifact, cfg: ExtQdq, ctx: Any) -> Artifact:
+    CALLS.append(cfg.kind)
+    made = quantize_int8(art, QuantizeInt8(samples=cfg.samples), ctx)
+    return Artifact("onnx", made.path, made.digest, art.inputs, metadata={"ext.qdq": {"notes": ["ext"]}},
+                    facts=made.facts)
+
+
+class ExtEagerConfig(TargetConfig):
+    kind: Literal["ext.eager"] = "ext.eager"
+
+
+class _Runner:
+    def __init__(self, module: Any, names: list[str]) -> None:
+        self.module, self.input_names = module, names
+
+    def infer(self, feeds: dict) -> list:
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        return [out.numpy()]
+
+    def close(self) -> None:
+        pass
+
+
+@register_target(ExtEagerConfig)
+class ExtEager:
+    name = "ext.eager"
+    caps = TargetCaps(consumes=PYTORCH, any_batch=True)
+
+    def __init__(self, config: ExtEagerConfig) -> None:
+        self.config = config
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def fingerprint(self) -> dict:
+        return {}
+
+    def compile(self, art: Artifact, ctx: Any) -> Artifact:
+        out = ctx.new_dir("ext")
+        for name in ("source.json", "model.pt"):
+            shutil.copy2(art.path / name, out / name)
+        return Artifact("compiled", out, sha256_files(out), art.inputs)
+
+    def runner(self, compiled: Artifact, threads: int = 0) -> _Runner:
+        tmp = Artifact(PYTORCH, compiled.path, compiled.digest, compiled.inputs)
+        return _Runner(load_torch(tmp), [s.name for s in compiled.inputs])
+'''
+
+
+@pytest.fixture
+def ext_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``extplug`` installed as a distribution with a ``compress.plugins`` entry point (on sys.path, the way
+    pip lays out site-packages), then discovered by the registry like any installed plugin."""
+    site = tmp_path / "site"
+    (site / "extplug").mkdir(parents=True)
+    (site / "extplug" / "__init__.py").write_text("")
+    (site / "extplug" / "plugin.py").write_text(textwrap.dedent(PLUGIN))
+    dist = site / "extplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: extplug\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[compress.plugins]\nextplug = extplug.plugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    before_p, before_t = dict(registry._PASSES), dict(registry._TARGETS)
+    monkeypatch.setattr(registry, "_loaded", False)
+    registry.passes()  # loads the built-ins, then the entry point
+    yield importlib.import_module("extplug.plugin")
+    registry._PASSES.clear()
+    registry._PASSES.update(before_p)
+    registry._TARGETS.clear()
+    registry._TARGETS.update(before_t)
+    for m in [m for m in sys.modules if m.startswith("extplug")]:
+        del sys.modules[m]
+
+
+def test_an_entry_point_plugin_is_listed_and_offered(ext_plugin: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from compress.cli import main
+
+    assert "ext.qdq" in registry.passes() and "ext.eager" in registry.targets()
+    assert registry.compare_precisions()["int8-ext"].kind == "ext.qdq"
+    assert main(["passes"]) == 0
+    assert "ext.qdq  (onnx -> onnx)" in capsys.readouterr().out
+
+
+def test_an_entry_point_plugin_gets_the_right_treatment_everywhere(ext_plugin: Any, tmp_path: Path) -> None:
+    from compress.pipeline import run
+
+    recipe = tmp_path / "ext.toml"
+    recipe.write_text(textwrap.dedent("""
+        name = "ext"
+        model = { source = "zoo:digits-cnn" }
+        data = { source = "builtin:digits" }
+        measure = { batch_sizes = [1, 4], warmup = 1, min_runs = 3, min_time_s = 0.0, max_time_s = 5.0 }
+        [[passes]]
+        kind = "ext.qdq"
+        [[targets]]
+        kind = "ext.eager"
+        [[targets]]
+        kind = "onnxruntime"
+    """))
+    rep = run(recipe, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert ext_plugin.CALLS == ["ext.qdq"]
+    cells = {(c["variant"], c["target"]): c for c in rep["results"]}
+    eager = cells[("baseline", "ext.eager")]
+    # A second PyTorch target: any batch size (not "fixed batch size of 1"), no parity row of its own ...
+    assert eager["status"] == "ok" and set(eager["latency"]) == {"1", "4"}
+    assert not any("fixed batch size" in n for n in eager["notes"])
+    assert eager["parity"] is None and eager["quant_parity"] is None
+    # ... and the pass that acts on ONNX only leaves its PyTorch model as the baseline's: not raced against itself.
+    assert cells[("ext", "ext.eager")]["status"] == "skipped"
+    # A second Q/DQ pass: its facts say int8 Q/DQ, so the target is judged against the simulated model at
+    # the INT8 lowering tolerance, as for the built-in quantizer.
+    q = cells[("ext", "onnxruntime")]
+    assert q["status"] == "ok", q["reason"]
+    assert q["parity"]["precision"] == "int8" and "simulated" in q["parity"]["reference"]
+    assert q["parity"]["tolerance"] == LOWERING["int8"].to_json()
+    assert cells[("baseline", "onnxruntime")]["parity"]["precision"] == "fp32"
+    assert rep["variants"]["ext"]["passes"]["ext.qdq"]["notes"] == ["ext"]
+    # The lowering pass was inserted before the ONNX pass without being named anywhere in the core.
+    assert [s["pass"] for s in rep["variants"]["ext"]["steps"]] == ["export.onnx", "ext.qdq"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(rep["results"], default=str))
+
+
+# ---------------------------------------------------------------- code identity in cache keys
+
+
+def test_editing_a_plugin_changes_exactly_its_code_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "idpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_shared.py").write_text("K = 1\n")
+    (pkg / "a.py").write_text("from ._shared import K\n")
+    (pkg / "b.py").write_text("X = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    registry.code_identity.cache_clear()
+    a0, b0 = registry.code_identity("idpkg.a"), registry.code_identity("idpkg.b")
+    (pkg / "_shared.py").write_text("K = 2\n")  # a helper of a, not of b
+    registry.code_identity.cache_clear()
+    a1, b1 = registry.code_identity("idpkg.a"), registry.code_identity("idpkg.b")
+    assert a1 != a0 and b1 == b0
+    registry.code_identity.cache_clear()
+
+
+def test_a_pass_code_identity_is_in_its_cache_key(tiny: Any, cache: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compress.api import module_artifact
+    from compress.manager import PassContext, PassManager
+
+    info = registry.get_pass("test.scale")  # the suite's own pass (conftest)
+    root = module_artifact(tiny, (1, 1, 8, 8), cache)
+    steps = [info.config_cls(factor=2.0)]
+    _, (r1,) = PassManager(steps).run(root, PassContext(cache=cache, progress=False))
+    _, (again,) = PassManager(steps).run(root, PassContext(cache=cache, progress=False))
+    assert again.cache_hit and again.key == r1.key  # same code: the entry is reused
+    monkeypatch.setattr(registry, "code_identity", lambda module: "edited")  # as if the pass's source changed
+    _, (r2,) = PassManager(steps).run(root, PassContext(cache=cache, progress=False))
+    assert r1.key != r2.key and not r2.cache_hit
+
+
+def test_dump_ir_writes_every_step(tmp_path: Path) -> None:
+    from compress.cli import main
+
+    out = tmp_path / "ir"
+    code = main(["run", "--model", "zoo:digits-cnn", "--data", "random", "--pipeline",
+                 "prune.magnitude{sparsity=0.5} -> onnxruntime", "--dump-ir", str(out), "--out",
+                 str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "-q"])
+    assert code == 0
+    chain = sorted(p.name for p in (out / "digits-cnn").iterdir())
+    assert chain == ["01-prune.magnitude.json", "01-prune.magnitude.txt", "02-export.onnx.json",
+                     "02-export.onnx.onnx", "02-export.onnx.onnx.txt"]
+    facts = json.loads((out / "digits-cnn" / "01-prune.magnitude.json").read_text())["facts"]
+    assert facts["sparsity"] == "unstructured"
+    assert "Conv" in (out / "digits-cnn" / "02-export.onnx.onnx.txt").read_text()
+    assert sorted(p.name for p in (out / "baseline").iterdir())[0] == "01-export.onnx.json"
