@@ -316,7 +316,9 @@ def _cmd_passes() -> int:
 
     # From the plugin manifest when it is current: listing needs no torch import (see registry).
     for kind, info in manifest()["passes"].items():
-        print(f"{kind}  ({info['consumes']} -> {info['produces']})  {info['doc']}")
+        precision = info.get("compare_precision")
+        offered = f"  [compress compare --precision {precision}]" if precision else ""
+        print(f"{kind}  ({info['consumes']} -> {info['produces']})  {info['doc']}{offered}")
         _print_fields(info["fields"])
     return 0
 

@@ -197,7 +197,7 @@ def parity_inputs(art: Artifact, data: Any, samples: int, batch: int, seed: int 
     """Batches of feeds for ``art``: the validation split when there is data for a single-input model, else
     seeded random inputs. Returns (feeds, a description, labels or None)."""
     if data is not None and len(art.inputs) == 1 and len(data.val) > 0:
-        from compress.passes._quant_common import split_inputs
+        from .ort import split_inputs
 
         xs, y = split_inputs(data, "val", samples, batch)
         name = art.inputs[0].name
@@ -235,7 +235,7 @@ def parity_batch(art: Artifact, want: int = 32) -> int:
 
 def reference_infer(onnx_path: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
     """ONNX Runtime with graph optimizations off: reference kernels, and for Q/DQ the simulated model."""
-    from compress.passes._quant_common import ort_session, session_infer
+    from .ort import ort_session, session_infer
 
     return session_infer(ort_session(onnx_path, optimize=False))
 

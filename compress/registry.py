@@ -240,7 +240,7 @@ def get_target_config(kind: str) -> type[TargetConfig]:
 # torch (seconds). The listing is therefore kept as a manifest beside the package's bytecode, in
 # __pycache__, keyed by a hash of the plugin sources, and rebuilt whenever one of them changes.
 
-_MANIFEST_FORMAT = 1
+_MANIFEST_FORMAT = 2
 
 
 def type_text(ann: object) -> str:
@@ -271,6 +271,7 @@ def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], A
     return {
         "format": _MANIFEST_FORMAT,
         "passes": {k: {"consumes": i.caps.consumes, "produces": i.caps.produces,
+                       "compare_precision": i.caps.compare_precision,
                        "doc": ((i.config_cls.__doc__ or "").strip().splitlines() or [""])[0],
                        "fields": describe_fields(i.config_cls)} for k, i in sorted(ps.items())},
         "targets": {k: {"fields": describe_fields(cfg)} for k, (cfg, _) in sorted(ts.items())},

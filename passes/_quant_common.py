@@ -20,6 +20,7 @@ from pydantic import AfterValidator, Field
 
 from compress.artifact import Artifact
 from compress.errors import InputError, PassError
+from compress.ort import ort_session, session_infer, split_inputs
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -114,37 +115,9 @@ def name_nodes(model: Any) -> Any:
     return model
 
 
-def ort_session(path: Path | str, optimize: bool = True, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        raise PassError(f"onnxruntime could not load {path}: {str(e).splitlines()[0][:300]}") from e
-
-
-def split_inputs(data: Any, split_name: str, max_samples: int | None, batch: int) -> tuple[list[np.ndarray], Any]:
-    split = getattr(data, split_name)
-    n = len(split) if max_samples is None else min(len(split), max_samples)
-    xs = [data.adapt(split.x[i:min(n, i + batch)]).numpy() for i in range(0, n, batch)]
-    y = None if split.y is None else split.y[:n]
-    return xs, y
-
-
 def run_batches(infer: Callable[[dict[str, np.ndarray]], list[np.ndarray]], input_name: str,
                 xs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(infer({input_name: x})[0], dtype=np.float32) for x in xs])
-
-
-def session_infer(sess: Any) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    return lambda feeds: sess.run(None, feeds)
 
 
 def compare(ref: np.ndarray, got: np.ndarray, kind: str | None = None) -> dict[str, Any]:
