@@ -31,6 +31,7 @@ from .measure import measure_interleaved, summarize
 from .models import load_model
 from .recipe import Recipe, format_pipeline, load_recipe
 from .registry import get_pass, make_target
+from .report_schema import Report
 from .stats import bootstrap_stat, describe_ratio, ratio_ci, ratio_verdict, split_half_aa, widen
 from .torch_io import load_torch, torch_artifact
 
@@ -143,8 +144,9 @@ def run(
     extra_models: dict[str, Artifact] | None = None,
     baseline_label: str | None = None,
     aa_session: bool = True,
-) -> dict[str, Any]:
-    """Run a recipe end to end; write report.json, report.md and pareto.png; return the report.
+) -> Report:
+    """Run a recipe end to end; write report.json, report.md and pareto.png; return the typed report
+    (``compress.report_schema.Report``; ``.to_json()`` is the dict written to report.json).
 
     ``variants`` replaces the recipe's single pass chain with several named chains
     (``compress compare`` uses it for precisions); all are measured in one session.
@@ -265,19 +267,14 @@ def run(
     contention = probe.report()
     for w in contention["warnings"]:
         say(f"WARNING {w}")
-    report = build_report(rec, measured, cells, data, threads, auto_export, machine_fingerprint(),
-                          time.perf_counter() - t_start, cache, contention)
     base_acc = next((c.accuracy for c in cells if c.variant == "baseline" and c.accuracy is not None), None)
     trained = bool(rec.model.train_epochs or rec.model.weights)
     note = preflight.chance_note(base_acc, n_classes, rec.model.source, trained)
     if note:
-        report["notes"].append(note)
         say(f"note: {note}")
-    if baseline_label:
-        report["baseline_label"] = baseline_label
-    report["measurement"]["threads_setting"] = rec.measure.threads
-    if threads_note:
-        report["notes"].append(threads_note)
+    report = build_report(rec, measured, cells, data, threads, auto_export, machine_fingerprint(),
+                          time.perf_counter() - t_start, cache, contention, baseline_label=baseline_label,
+                          extra_notes=[n for n in (note, threads_note) if n])
     if write:
         write_report(report, out)
     if not any(c.status == "ok" for c in cells):
