@@ -403,9 +403,23 @@ def load_report(path: str | Path) -> Report:
     return parse_report(data, str(p))
 
 
+def _closed_key_patterns(node: Any) -> None:
+    """pydantic renders a dict with a key pattern as ``patternProperties`` alone, which lets any other key
+    through; pydantic itself refuses them, so the published schema does too."""
+    if isinstance(node, dict):
+        if "patternProperties" in node and "properties" not in node:
+            node.setdefault("additionalProperties", False)
+        for v in node.values():
+            _closed_key_patterns(v)
+    elif isinstance(node, list):
+        for v in node:
+            _closed_key_patterns(v)
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON schema of report.json, as published in docs/report.schema.json."""
     schema = Report.model_json_schema(by_alias=True)
+    _closed_key_patterns(schema)
     # "$schema" first, as readers of the file expect it.
     return {"$schema": schema.pop("$schema"), **schema}
 
