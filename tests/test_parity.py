@@ -344,4 +344,5 @@ def test_tvm_target_parity_fails_a_build_with_wrong_weights(tmp_path: Path, monk
     monkeypatch.setattr(TvmTarget, "fingerprint", lambda self: {"wrong": True})
     cells = _cells(_run(tmp_path, body, "tvm_bad", epochs=0))
     bad = cells[("baseline", "tvm")]
-    assert bad.status == "failed" and (bad.reason or "").startswith("parity: ") and "fp32 tolerance" in (bad.reason or "")
+    reason = bad.reason or ""
+    assert bad.status == "failed" and reason.startswith("parity: ") and "fp32 tolerance" in reason
