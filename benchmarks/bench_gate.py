@@ -153,7 +153,7 @@ def one_check(work: Path, budgets: Path, cache: Path) -> dict[str, Any]:
     res = check(budgets, out_dir=work / "out", cache_dir=cache)
     secs = time.perf_counter() - t0
     v = res.verdicts[0]
-    rep = next(iter(res.reports.values()))
+    rep = next(iter(res.reports.values())).to_json()
     lat = next(r for r in rep["results"] if r["variant"] == "baseline")["latency"]["1"]
     cont = rep.get("contention") or {}
     during = list(cont.get("during", {}).values())

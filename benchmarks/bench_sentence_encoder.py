@@ -90,7 +90,7 @@ def main() -> None:
             refused["static-int8"] = str(e).splitlines()[0]
             variants = {"dynamic-int8": [get_pass("quantize.dynamic").config_cls()]}
         rep = run(rec, out_dir=Path(tmp) / "out", cache_dir=Path(tmp) / "cache", progress=False,
-                  log=lambda m: print(m, flush=True), variants=variants)
+                  log=lambda m: print(m, flush=True), variants=variants).to_json()
     cells = {(r["variant"], r["target"]): r for r in rep["results"]}
     torch_base = cells[("baseline", "torch")]
     n_val = round(len(sents) * 0.7)

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .artifact import sha256_json
 from .errors import InputError, RecipeError
 from .recipe import read_toml
+from .report_schema import Report, ResultCell
 from .stats import bootstrap_stat, ratio_ci, verdict, widen
 
 # Exit codes of `compress check`, documented in the CLI help and README.
@@ -279,49 +280,47 @@ class Verdict:
         return f"{self.status.upper():12s} {self.budget}: {got} (limit {self.limit}){detail}"
 
 
-def _cell(report: dict[str, Any], variant: str, target: str) -> dict[str, Any] | None:
-    return next((r for r in report["results"] if r["variant"] == variant and r["target"] == target), None)
-
-
-def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, store: BaselineStore | None,
-                    fp: str, memory: Callable[[dict[str, Any], int], int] | None = None) -> Verdict:
+def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: BaselineStore | None,
+                    fp: str, memory: Callable[[ResultCell, int], int] | None = None) -> Verdict:
     """Decide one budget from a run's report (raw latency samples included)."""
-    variants = [v for v in report["variants"] if v not in ("baseline", "recorded")]
+    variants = [v for v in report.variants if v not in ("baseline", "recorded")]
     variant = b.variant or (variants[0] if variants else "baseline")
     lim = parse_limit(b.max, b.metric, b.title())
     kind = _KIND[b.metric]
     title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}"
     v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
-    cell = _cell(report, variant, b.target)
+    cell = report.cell(variant, b.target)
     if cell is None:
         v.status = "fail"
-        v.detail = f"variant {variant!r} on {b.target!r} was not measured (variants: {', '.join(report['variants'])})"
+        v.detail = f"variant {variant!r} on {b.target!r} was not measured (variants: {', '.join(report.variants)})"
         return v
-    if cell["status"] == "unavailable":
+    if cell.status == "unavailable":
         # The only honest skip: this machine cannot run the target (library missing, no device).
-        v.detail = f"{b.target} unavailable here: {cell['reason']}"
+        v.detail = f"{b.target} unavailable here: {cell.reason}"
         return v
-    if cell["status"] == "skipped":
-        v.detail = f"{b.target} not measured: {cell['reason']}"
+    if cell.status == "skipped":
+        v.detail = f"{b.target} not measured: {cell.reason}"
         return v
-    if cell["status"] != "ok":
+    if cell.status != "ok":
         # A failed build, a failed inference or a parity breach of the model under budget is a
         # failure: a gate that skips it goes green on a model that does not even compile.
         v.status = "fail"
-        v.detail = f"{b.target} {cell['status']}: {cell['reason']}"
+        v.detail = f"{b.target} {cell.status}: {cell.reason}"
         return v
-    qp = cell.get("quant_parity")
-    if isinstance(qp, dict) and qp.get("flagged"):
+    qp = cell.quant_parity
+    if qp is not None and qp.flagged:
+        tol = qp.tolerance.model_dump() if qp.tolerance is not None else None
         v.status = "fail"
         v.detail = (f"deployed model on {b.target} disagrees with its simulation (agreement "
-                    f"{100 * qp.get('agreement', 0):.1f}%, tolerance {qp.get('tolerance')})")
+                    f"{100 * (qp.agreement or 0):.1f}%, tolerance {tol})")
         return v
     conf, n = bf.confidence, bf.resamples
     if kind == "latency":
-        lat = cell["latency"].get(str(b.batch))
+        lat = cell.latency.get(str(b.batch))
         notes: list[str] = []
-        base_cell = _cell(report, "baseline", b.target)
-        aa = ((base_cell or {}).get("latency", {}).get(str(b.batch)) or {}).get("aa_session")
+        base_cell = report.cell("baseline", b.target)
+        base_lat = base_cell.latency.get(str(b.batch)) if base_cell is not None else None
+        aa = base_lat.aa_session.model_dump() if base_lat is not None and base_lat.aa_session else None
 
         def paired(num: list[float], den: list[float]) -> Any:
             r = widen(ratio_ci(num, den, b.metric, conf, n), aa, conf)
@@ -334,32 +333,32 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
             v.detail = (f"batch {b.batch} was not measured on {b.target}; the budget cannot be verified "
                         "(add it to the recipe's measure.batch_sizes, or export with a dynamic batch)")
             return v
-        samples = lat["samples_ms"]
-        if lat.get("capped"):
-            notes.append(f"fewer rounds: {lat['capped']}")
+        samples = lat.samples_ms
+        if lat.capped:
+            notes.append(f"fewer rounds: {lat.capped}")
         if lim.ratio_to is None:
             v.value, v.low, v.high = bootstrap_stat(samples, b.metric, conf, n)
         elif lim.ratio_to == "recorded":
-            ref = _cell(report, "recorded", b.target)
+            ref = report.cell("recorded", b.target)
             rec = store.get(BaselineStore.key(b.model, variant, b.target, b.batch, fp)) if store else None
-            if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref["compiled_digest"]):
+            if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref.compiled_digest):
                 # One stored artifact is re-timed per target; this one is another budget's baseline.
                 if rec is not None:
                     rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
                                                        "another variant's budget")
                 ref = None
-            if ref is not None and ref["status"] == "ok" and str(b.batch) in ref["latency"]:
-                if ref.get("compiled_digest") == cell["compiled_digest"] or cell.get("identical_to") == \
-                        f"recorded/{b.target}" or ref.get("identical_to") == f"{variant}/{b.target}":
+            if ref is not None and ref.status == "ok" and str(b.batch) in ref.latency:
+                if ref.compiled_digest == cell.compiled_digest or cell.identical_to == \
+                        f"recorded/{b.target}" or ref.identical_to == f"{variant}/{b.target}":
                     v.value = v.low = v.high = 1.0
                     v.unit = "x recorded"
                     v.status = "pass" if lim.value >= 1.0 else "fail"
                     v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
                     return v
-                r = paired(samples, ref["latency"][str(b.batch)]["samples_ms"])
+                r = paired(samples, ref.latency[str(b.batch)].samples_ms)
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded"
-                notes.append(f"baseline artifact {str(ref['compiled_digest'])[:12]} re-timed in this run, "
+                notes.append(f"baseline artifact {str(ref.compiled_digest)[:12]} re-timed in this run, "
                              f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
             else:
                 if store is None:
@@ -372,28 +371,28 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
                 r = ratio_ci(samples, rec["samples_ms"], b.metric, conf, n, paired=False)
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded (numbers only)"
-                why = (ref["reason"] if ref is not None and ref["status"] != "ok"
+                why = (ref.reason if ref is not None and ref.status != "ok"
                        else rec.get("artifact_missing") or "the baseline artifact is gone")
                 notes.append(f"WEAKER comparison: against numbers recorded {rec.get('recorded', '?')}, unpaired, "
                              f"because {why}; run --update-baseline to store the artifact")
-                if rec.get("digest") != cell["compiled_digest"]:
+                if rec.get("digest") != cell.compiled_digest:
                     notes.append("baseline was recorded for a different build of this model")
         else:
-            other = _cell(report, variant if lim.ratio_to != "original" else "baseline",
-                          b.target if lim.ratio_to == "original" else lim.ratio_to)
-            if other is None or other["status"] != "ok" or str(b.batch) not in other["latency"]:
-                why = other["reason"] if other else "not measured"
+            other = report.cell(variant if lim.ratio_to != "original" else "baseline",
+                                b.target if lim.ratio_to == "original" else lim.ratio_to)
+            if other is None or other.status != "ok" or str(b.batch) not in other.latency:
+                why = other.reason if other else "not measured"
                 v.detail = f"reference {lim.ratio_to} unavailable: {why}"
-                if other is not None and other["status"] == "failed":
+                if other is not None and other.status == "failed":
                     v.status = "fail"  # the reference failing to build/run is a broken build, not a skip
                 return v
-            if other.get("compiled_digest") == cell["compiled_digest"] and other is not cell:
+            if other.compiled_digest == cell.compiled_digest and other is not cell:
                 v.value = v.low = v.high = 1.0
                 v.unit = f"x {lim.ratio_to}"
                 v.status = "pass" if lim.value >= 1.0 else "fail"
                 v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
                 return v
-            r = paired(samples, other["latency"][str(b.batch)]["samples_ms"])
+            r = paired(samples, other.latency[str(b.batch)].samples_ms)
             v.value, v.low, v.high = r.ratio, r.low, r.high
             v.unit = f"x {lim.ratio_to}"
             notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
@@ -404,13 +403,16 @@ def evaluate_budget(b: BudgetSpec, report: dict[str, Any], bf: BudgetsFile, stor
         v.detail = "; ".join(notes)
         return v
     if b.metric == "accuracy_drop":
-        base = _cell(report, "baseline", b.target)
-        if cell["accuracy_top1"] is None or base is None or base["accuracy_top1"] is None:
+        base = report.cell("baseline", b.target)
+        if cell.accuracy_top1 is None or base is None or base.accuracy_top1 is None:
             v.detail = "accuracy not measured (the recipe has no labelled data)"
             return v
-        v.value = 100 * (base["accuracy_top1"] - cell["accuracy_top1"])
+        v.value = 100 * (base.accuracy_top1 - cell.accuracy_top1)
     elif b.metric == "size":
-        v.value = float(cell["size_bytes"])
+        if cell.size_bytes is None:
+            v.detail = "size not measured"
+            return v
+        v.value = float(cell.size_bytes)
     else:
         if memory is None:
             v.detail = "peak memory not measured"
@@ -457,7 +459,7 @@ def junit_xml(verdicts: list[Verdict], seconds: float) -> str:
 class CheckResult:
     verdicts: list[Verdict]
     exit_code: int
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reports: dict[str, Report] = field(default_factory=dict)
     noise: list[str] = field(default_factory=list)  # per target/batch: A/A spread, smallest detectable difference
     warnings: list[str] = field(default_factory=list)  # machine load seen while measuring
 
@@ -522,7 +524,7 @@ def check(
     out = Path(out_dir) if out_dir else Path("runs") / "check"
     say = log or (lambda m: None)
     verdicts: list[Verdict] = []
-    reports: dict[str, dict[str, Any]] = {}
+    reports: dict[str, Report] = {}
     for model, rpath in recipes.items():
         mine = [b for b in bf.budget if b.model == model]
         if not mine:
@@ -533,34 +535,35 @@ def check(
         say(f"measuring {model} ({rpath})")
         report = run(rec, out_dir=out / model, cache_dir=cache_dir, progress=progress, log=log, references=refs)
         reports[model] = report
-        fp = fingerprint_key(report["machine"], report["measurement"].get("threads_setting") or "auto")
+        fp = fingerprint_key(report.machine.model_dump(), report.measurement.threads_setting or "auto")
 
-        def memory(cell: dict[str, Any], batch: int, report: dict[str, Any] = report) -> int:
-            cfg = get_target_config(cell["target"]).model_validate(cell["target_config"])
+        def memory(cell: ResultCell, batch: int, report: Report = report) -> int:
+            cfg = get_target_config(cell.target).model_validate(cell.target_config)
             from .artifact import Artifact
 
-            probe = measure_peak_memory(cfg, Artifact.load(Path(cell["compiled_path"])), batch,
-                                        report["measurement"]["threads"])
+            assert cell.compiled_path is not None  # an "ok" cell has a compiled artifact
+            probe = measure_peak_memory(cfg, Artifact.load(Path(cell.compiled_path)), batch,
+                                        report.measurement.threads)
             return probe["model_peak_bytes"]
 
         for b in mine:
             verdicts.append(evaluate_budget(b, report, bf, store, fp, memory))
         if update_baseline:
-            for r in report["results"]:
-                if r.get("reference") or r["status"] != "ok":
+            for r in report.results:
+                if r.reference or r.status != "ok":
                     continue
-                art = store.keep_artifact(Path(r["compiled_path"])) if r.get("compiled_path") else None
-                for batch, lat in r["latency"].items():
-                    store.put(BaselineStore.key(model, r["variant"], r["target"], int(batch), fp), {
-                        "digest": r["compiled_digest"], "samples_ms": lat["samples_ms"], "p50_ms": lat["p50_ms"],
-                        "recorded": report["created"], "machine": report["machine"]["cpu"]["model"],
+                art = store.keep_artifact(Path(r.compiled_path)) if r.compiled_path else None
+                for batch, lat in r.latency.items():
+                    store.put(BaselineStore.key(model, r.variant, r.target, int(batch), fp), {
+                        "digest": r.compiled_digest, "samples_ms": lat.samples_ms, "p50_ms": lat.p50_ms,
+                        "recorded": report.created, "machine": report.machine.cpu.model,
                         "artifact": art})
     if update_baseline:
         store.save()
     foa = bf.fail_on_unavailable if fail_on_unavailable is None else fail_on_unavailable
     res = CheckResult(verdicts, overall_exit(verdicts, foa), reports)
     res.noise = [line for rep in reports.values() for line in noise_lines(rep)]
-    res.warnings = [w for rep in reports.values() for w in (rep.get("contention") or {}).get("warnings", [])]
+    res.warnings = [w for rep in reports.values() for w in (rep.contention.warnings if rep.contention else [])]
     out.mkdir(parents=True, exist_ok=True)
     (out / "check.json").write_text(json.dumps(res.to_json(), indent=2))
     (out / "junit.xml").write_text(junit_xml(verdicts, time.perf_counter() - t0))

@@ -207,7 +207,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log,
                  instruments=instruments)
     if a.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report.to_json(), indent=2, default=str))
     else:
         print(render_text(report))
         print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")

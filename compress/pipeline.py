@@ -16,7 +16,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from . import preflight
 from .artifact import Artifact
@@ -26,10 +25,10 @@ from .execute import Variant, execute
 from .fingerprint import machine_fingerprint
 from .manager import Instrument
 from .measurement import AA, Cell, Measurement, measure
-from .plan import REFERENCE, Plan, make_plan
+from .plan import BASELINE, REFERENCE, Plan, make_plan
 from .recipe import Recipe
-
-REPORT_SCHEMA = "compress.report/v1"
+from .report_schema import SCHEMA as REPORT_SCHEMA
+from .report_schema import Report
 
 __all__ = ["AA", "REFERENCE", "REPORT_SCHEMA", "Cell", "Measurement", "Plan", "Variant", "run"]
 
@@ -47,8 +46,9 @@ def run(
     baseline_label: str | None = None,
     aa_session: bool = True,
     instruments: Sequence[Instrument] = (),
-) -> dict[str, Any]:
-    """Run a recipe end to end; write report.json, report.md and pareto.png; return the report.
+) -> Report:
+    """Run a recipe end to end; write report.json, report.md and pareto.png; return the typed report
+    (``compress.report_schema.Report``; ``.to_json()`` is exactly what report.json holds).
 
     ``variants`` replaces the recipe's single pass chain with several named chains
     (``compress compare`` uses it for precisions); all are measured in one session.
@@ -67,28 +67,24 @@ def run(
 
 
 def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
-           baseline_label: str | None = None) -> dict[str, Any]:
-    """Stage 4: build the report, write it (unless the plan says not to) and give the run's verdict."""
+           baseline_label: str | None = None) -> Report:
+    """Stage 4: build the typed report, write it (unless the plan says not to) and give the run's verdict."""
     from .report import build_report, write_report
 
     rec, say, cells = plan.recipe, plan.say, m.cells
-    rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
-                       seconds, plan.cache, m.contention)
+    notes: list[str] = []
     measured_targets = {c.target for c in cells if c.status == "ok"}
     for t in plan.targets:  # how each measured target was configured to be fair, as it declares
         if t.name in measured_targets:
-            rep["notes"] += [n for n in t.caps.report_notes if n not in rep["notes"]]
-    base_acc = next((c.accuracy for c in cells if c.variant == "baseline" and c.accuracy is not None), None)
+            notes += [n for n in t.caps.report_notes if n not in notes]
+    base_acc = next((c.accuracy for c in cells if c.variant == BASELINE and c.accuracy is not None), None)
     trained = bool(rec.model.train_epochs or rec.model.weights)
     note = preflight.chance_note(base_acc, plan.n_classes, rec.model.source, trained)
     if note:
-        rep["notes"].append(note)
         say(f"note: {note}")
-    if baseline_label:
-        rep["baseline_label"] = baseline_label
-    rep["measurement"]["threads_setting"] = rec.measure.threads
-    if m.threads_note:
-        rep["notes"].append(m.threads_note)
+    notes += [n for n in (note, m.threads_note) if n]
+    rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
+                       seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes)
     if plan.write:
         write_report(rep, plan.out)
     if not any(c.status == "ok" for c in cells):

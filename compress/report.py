@@ -11,8 +11,21 @@ from typing import Any
 
 from .fidelity import headline as fidelity_headline
 from .recipe import Recipe, recipe_to_toml
-
-SCHEMA = "compress.report/v1"
+from .report_schema import (
+    SCHEMA,
+    Contention,
+    DataInfo,
+    Machine,
+    MeasuredRatio,
+    Measurement,
+    ModelSummary,
+    NoiseEntry,
+    RecipeInfo,
+    Report,
+    ResultCell,
+    StepInfo,
+    VariantInfo,
+)
 
 
 def _fmt_size(n: int | None) -> str:
@@ -33,7 +46,7 @@ def _pass_notes(metadata: dict[str, Any]) -> list[str]:
     return notes
 
 
-def model_summary(passes: dict[str, Any]) -> dict[str, Any]:
+def model_summary(passes: dict[str, Any]) -> ModelSummary:
     """Params, MACs and sparsity of a variant, from what its pruning passes recorded (latest wins)."""
     out: dict[str, Any] = {}
     for meta in passes.values():
@@ -46,44 +59,48 @@ def model_summary(passes: dict[str, Any]) -> dict[str, Any]:
                 out[dst] = meta[src]
         if "macs_before" in meta and "macs_before" not in out:
             out["macs_before"] = meta["macs_before"]
-    return out
+    return ModelSummary.model_validate(out)
 
 
-def noise_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def noise_summary(results: list[ResultCell]) -> list[NoiseEntry]:
     """Per target and batch: the baseline's A/A spread (a second session of it timed alongside, or
     else its odd vs even rounds) and the smallest latency difference the run's paired ratios could
     have detected (80% power, 95% interval)."""
     out = []
     for r in results:
-        if r["variant"] != "baseline":
+        if r.variant != "baseline":
             continue
-        for batch, lat in r["latency"].items():
-            mdes = [x["mde"] for o in results if o["target"] == r["target"] and o["variant"] != "baseline"
-                    for b, x in o.get("ratio_to_baseline", {}).items() if b == batch and "mde" in x]
-            aa = lat.get("aa_session") or lat.get("aa")
+        for batch, lat in r.latency.items():
+            mdes = [x.mde for o in results if o.target == r.target and o.variant != "baseline"
+                    for b, x in o.ratio_to_baseline.items() if b == batch and isinstance(x, MeasuredRatio)]
+            aa = lat.aa_session or lat.aa
             if aa is None and not mdes:
                 continue
-            out.append({"target": r["target"], "batch": int(batch), "aa": aa,
-                        "aa_kind": "second session" if lat.get("aa_session") else "odd vs even rounds",
-                        "detectable": max(mdes) if mdes else (aa or {}).get("mde")})
+            out.append(NoiseEntry(target=r.target, batch=int(batch), aa=aa,
+                                  aa_kind="second session" if lat.aa_session else "odd vs even rounds",
+                                  detectable=max(mdes) if mdes else (aa.mde if aa else None)))
     return out
 
 
-def noise_lines(report: dict[str, Any]) -> list[str]:
+def noise_lines(report: Report) -> list[str]:
     lines = []
-    for n in report.get("noise", []):
-        aa = n["aa"]
-        aa_txt = (f"A/A (baseline, {n.get('aa_kind', 'odd vs even rounds')}) x{aa['ratio']:.3f} "
-                  f"[{aa['low']:.3f}, {aa['high']:.3f}]" if aa else "A/A not measured (too few rounds)")
-        det = n["detectable"]
+    for n in report.noise:
+        aa = n.aa
+        aa_txt = (f"A/A (baseline, {n.aa_kind}) x{aa.ratio:.3f} [{aa.low:.3f}, {aa.high:.3f}]" if aa
+                  else "A/A not measured (too few rounds)")
+        det = n.detectable
         det_txt = f"; smallest detectable difference ~{100 * det:.0f}%" if det is not None else ""
-        lines.append(f"noise {n['target']} b{n['batch']}: {aa_txt}{det_txt}")
+        lines.append(f"noise {n.target} b{n.batch}: {aa_txt}{det_txt}")
     return lines
 
 
 def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, threads: int, auto_export: bool,
                  fingerprint: dict[str, Any], seconds: float, cache: Any,
-                 contention: dict[str, Any] | None = None) -> dict[str, Any]:
+                 contention: dict[str, Any] | None = None, baseline_label: str | None = None,
+                 extra_notes: list[str] | None = None) -> Report:
+    """The run's typed report (validated: a record that does not fit the schema fails here).
+
+    ``extra_notes`` go after the notes gathered here; ``baseline_label`` names the baseline in tables."""
     notes: list[str] = []
     if contention:
         notes += [f"WARNING {w}" for w in contention.get("warnings", [])]
@@ -105,22 +122,23 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
         last = v.onnx_art or v.torch_art
         meta = last.metadata if last is not None else {}
         passes_meta = {k: val for k, val in meta.items() if isinstance(val, dict)}
-        vjson[v.name] = {
-            "torch_digest": v.torch_art.digest if v.torch_art else None,
-            "onnx_digest": v.onnx_art.digest if v.onnx_art else None,
-            "steps": [s.to_json() for s in v.steps],
-            "passes": passes_meta,
-            "model": model_summary(passes_meta),
-        }
+        vjson[v.name] = VariantInfo(
+            torch_digest=v.torch_art.digest if v.torch_art else None,
+            onnx_digest=v.onnx_art.digest if v.onnx_art else None,
+            steps=[StepInfo.model_validate(s.to_json()) for s in v.steps],
+            passes=passes_meta,
+            model=model_summary(passes_meta),
+        )
         notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
     notes += list(getattr(cache, "notes", []))  # entries that failed verification and were rebuilt
     if any(c.parity for c in cells):
         from .parity import tolerance_note
 
         notes.append(tolerance_note())
+    notes += extra_notes or []
     results = []
     for c in cells:
-        results.append({
+        results.append(ResultCell.model_validate({
             "variant": c.variant, "target": c.target, "status": c.status, "reason": c.reason,
             "compiled_digest": c.compiled.digest if c.compiled else None,
             "compiled_path": str(c.compiled.path) if c.compiled else None, "target_config": c.config,
@@ -131,34 +149,38 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             else None,
             "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
             "ratio_to_baseline": c.ratios, "reference": c.reference,
-        })
-    return {
-        "schema": SCHEMA,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "recipe": {"name": rec.name, "pipeline": rec.pipeline_text(), "toml": recipe_to_toml(rec)},
-        "machine": fingerprint,
-        "measurement": {**rec.measure.model_dump(mode="json"), "threads": threads},
-        "data": None if data is None else {
-            "source": data.name, "labelled": data.labelled, "train": len(data.train), "calib": len(data.calib),
-            "val": len(data.val), "digest": data.digest, "note": data.note},
-        "variants": vjson,
-        "results": results,
-        "notes": notes,
-        "contention": contention,
-        "noise": noise_summary(results),
-        "seconds": round(seconds, 2),
-        "cache": str(cache.root),
-    }
+        }))
+    extra: dict[str, Any] = {"baseline_label": baseline_label} if baseline_label else {}
+    return Report(
+        schema_id=SCHEMA,
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        recipe=RecipeInfo(name=rec.name, pipeline=rec.pipeline_text(), toml=recipe_to_toml(rec)),
+        machine=Machine.model_validate(fingerprint),
+        measurement=Measurement.model_validate({**rec.measure.model_dump(mode="json"), "threads": threads,
+                                                "threads_setting": rec.measure.threads}),
+        data=None if data is None else DataInfo(
+            source=data.name, labelled=data.labelled, train=len(data.train), calib=len(data.calib),
+            val=len(data.val), digest=data.digest, note=data.note),
+        variants=vjson,
+        results=results,
+        notes=notes,
+        contention=None if contention is None else Contention.model_validate(contention),
+        noise=noise_summary(results),
+        seconds=round(seconds, 2),
+        cache=str(cache.root),
+        **extra,
+    )
 
 
-def _lat(r: dict[str, Any], batch: str, key: str) -> float | None:
-    v = r["latency"].get(batch, {}).get(key)
+def _lat(r: ResultCell, batch: str, key: str) -> float | None:
+    lat = r.latency.get(batch)
+    v = getattr(lat, key) if lat is not None else None
     return float(v) if v is not None else None
 
 
-def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str], list[list[str]]]:
+def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[list[str]]]:
     """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32."""
-    batches = [str(b) for b in report["measurement"]["batch_sizes"]]
+    batches = report.batches
     b0 = batches[0]
     head = ["variant", "target", "top-1", "fidelity", f"p50 ms (b{b0})", "p90", "p99", "cv",
             *[f"vs base (b{b})" for b in batches], "size"]
@@ -168,21 +190,21 @@ def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str]
         head += [f"items/s (b{batches[-1]})", "build s"]
     head.append("status")
     rows = []
-    for r in report["results"]:
+    for r in report.results:
         p50 = _lat(r, b0, "p50_ms")
-        ratios = [(r.get("ratio_to_baseline") or {}).get(b, {}).get("text", "-") for b in batches]
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        ratios = [x.text if (x := r.ratio_to_baseline.get(b)) is not None else "-" for b in batches]
+        status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         cv = _lat(r, b0, "cv")
         row = [
-            (report.get("baseline_label") or ("fp32" if compare else "baseline")) if r["variant"] == "baseline"
-            else r["variant"], r["target"],
-            f"{100 * r['accuracy_top1']:.2f}%" if r["accuracy_top1"] is not None else "not measured",
-            fidelity_headline(r["fidelity"]),
+            (report.baseline_label or ("fp32" if compare else "baseline")) if r.variant == "baseline"
+            else r.variant, r.target,
+            f"{100 * r.accuracy_top1:.2f}%" if r.accuracy_top1 is not None else "not measured",
+            fidelity_headline(r.fidelity.model_dump(exclude_none=True) if r.fidelity else None),
             f"{p50:.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p90_ms'):.3f}" if p50 is not None else "-",
             f"{_lat(r, b0, 'p99_ms'):.3f}" if p50 is not None else "-",
             f"{100 * cv:.1f}%" if cv is not None else "-",
-            *ratios, _fmt_size(r["size_bytes"]),
+            *ratios, _fmt_size(r.size_bytes),
         ]
         if len(batches) > 1:
             pl = _lat(r, batches[-1], "p50_ms")
@@ -190,13 +212,13 @@ def table_rows(report: dict[str, Any], compare: bool = False) -> tuple[list[str]
         if compare:
             tp = _lat(r, batches[-1], "throughput")
             row += [f"{tp:.1f}" if tp is not None else "-",
-                    f"{r['build_s']:.2f}" if r["build_s"] is not None else "-"]
+                    f"{r.build_s:.2f}" if r.build_s is not None else "-"]
         row.append(status)
         rows.append(row)
     return head, rows
 
 
-def render_text(report: dict[str, Any], compare: bool = False) -> str:
+def render_text(report: Report, compare: bool = False) -> str:
     head, rows = table_rows(report, compare)
     if compare:  # unavailable targets go below the table, once each, with the reason
         gone = {r[1]: r[-1] for r in rows if r[-1].startswith("unavailable")}
@@ -208,38 +230,38 @@ def render_text(report: dict[str, Any], compare: bool = False) -> str:
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if compare and gone:
         out += ["", *[f"{t}: {why}" for t, why in gone.items()]]
-    if report["notes"]:
-        out += ["", *[f"note: {n}" for n in report["notes"]]]
-    cell_notes = [f"note: {r['variant']}/{r['target']}: {n}" for r in report["results"] for n in r.get("notes", [])]
+    if report.notes:
+        out += ["", *[f"note: {n}" for n in report.notes]]
+    cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes]
     if cell_notes:
-        out += ([] if report["notes"] else [""]) + cell_notes
+        out += ([] if report.notes else [""]) + cell_notes
     noise = noise_lines(report)
     if noise:
         out += ["", *noise]
     return "\n".join(out)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: Report) -> str:
     head, rows = table_rows(report)
-    m = report["machine"]
+    m = report.machine
     lines = [
-        f"# {report['recipe']['name']}",
+        f"# {report.recipe.name}",
         "",
-        f"Pipeline: `{report['recipe']['pipeline']}`  ",
-        f"Created {report['created']} in {report['seconds']} s on {m['cpu']['model']} "
-        f"({m['cpu']['cores']} cores, {', '.join(m['cpu']['isa'])}), {report['measurement']['threads']} threads.",
+        f"Pipeline: `{report.recipe.pipeline}`  ",
+        f"Created {report.created} in {report.seconds} s on {m.cpu.model} "
+        f"({m.cpu.cores} cores, {', '.join(m.cpu.isa)}), {report.measurement.threads} threads.",
         "",
     ]
-    if m["cpu"].get("isa_forced"):
+    if m.cpu.isa_forced:
         lines[-1:-1] = [f"ISA forced by COMPRESS_ISA/COMPRESS_ARCH (this CPU has: "
-                        f"{', '.join(m['cpu'].get('isa_detected', [])) or 'none'}); ISA-dependent choices follow the "
+                        f"{', '.join(m.cpu.isa_detected) or 'none'}); ISA-dependent choices follow the "
                         "forced ISA.  "]
-    for target in dict.fromkeys(r["target"] for r in report["results"]):
+    for target in dict.fromkeys(r.target for r in report.results):
         sub = [row for row in rows if row[1] == target]
         lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sub]
         lines.append("")
-    models = {name: v.get("model") for name, v in report["variants"].items() if v.get("model")}
+    models = {name: v.model for name, v in report.variants.items() if v.model.model_fields_set}
     if models:
         # What the passes did to the model, beside what it bought on each target (p50 vs baseline).
         lines += ["## Model changes vs latency", "",
@@ -247,68 +269,69 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|"]
         for name, s in models.items():
             ups = []
-            for r in report["results"]:
-                if r["variant"] == name:
-                    ups += [f"{r['target']} b{b}: {x['text']}" for b, x in (r.get("ratio_to_baseline") or {}).items()]
-            macs = (f"{s['macs']:,}" + (f" ({s['macs'] / s['macs_before']:.2f}x)" if s.get("macs_before") else "")
-                    if "macs" in s else "-")
-            sp = f"{100 * s['weight_sparsity']:.1f}%" if "weight_sparsity" in s else "-"
-            params = f"{s['params']:,}" if isinstance(s.get("params"), int) else "-"
+            for r in report.results:
+                if r.variant == name:
+                    ups += [f"{r.target} b{b}: {x.text}" for b, x in r.ratio_to_baseline.items()]
+            macs = (f"{s.macs:,}" + (f" ({s.macs / s.macs_before:.2f}x)" if s.macs_before else "")
+                    if s.macs is not None else "-")
+            sp = f"{100 * s.weight_sparsity:.1f}%" if s.weight_sparsity is not None else "-"
+            params = f"{s.params:,}" if isinstance(s.params, int) else "-"
             lines.append(f"| {name} | {params} | {macs} | {sp} | {', '.join(ups) or '-'} |")
         lines.append("")
-    cell_notes = [(r, n) for r in report["results"] for n in r.get("notes", [])]
-    parity = [r for r in report["results"] if r.get("quant_parity")]
+    cell_notes = [(r, n) for r in report.results for n in r.notes]
+    parity = [r for r in report.results if r.quant_parity]
     if parity:
         lines += ["## Quantized: deployed vs simulated", "",
                   "| variant | target | agreement | cosine | top-1 simulated | top-1 deployed | flagged |",
                   "|---|---|---|---|---|---|---|"]
         for r in parity:
-            q = r["quant_parity"]
-            t1s, t1d = q.get("top1_simulated"), q.get("top1_deployed")
-            agr = "-" if q.get("agreement") is None else f"{100 * q['agreement']:.1f}%"
-            lines.append(f"| {r['variant']} | {r['target']} | {agr} | {q['cosine']:.4f} | "
+            q = r.quant_parity
+            assert q is not None and q.cosine is not None  # quant_parity is only written for checked INT8 cells
+            t1s, t1d = q.top1_simulated, q.top1_deployed
+            agr = "-" if q.agreement is None else f"{100 * q.agreement:.1f}%"
+            lines.append(f"| {r.variant} | {r.target} | {agr} | {q.cosine:.4f} | "
                          f"{'-' if t1s is None else f'{100 * t1s:.2f}%'} | "
-                         f"{'-' if t1d is None else f'{100 * t1d:.2f}%'} | {'**yes**' if q['flagged'] else 'no'} |")
+                         f"{'-' if t1d is None else f'{100 * t1d:.2f}%'} | {'**yes**' if q.flagged else 'no'} |")
         lines.append("")
-    checked = [r for r in report["results"] if r.get("parity")]
+    checked = [r for r in report.results if r.parity]
     if checked:
         # Every compiled target against its input model, with the bound it was held to.
         lines += ["## Parity (each target vs its input model)", "",
                   "| variant | target | precision | max abs diff | cosine | top-1 agreement | inputs | result |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in checked:
-            q = r["parity"]
-            ok = q.get("ok")
-            res = "ok" if ok else ("not checked" if ok is None else "**FAILED**")
-            fig = (f"{q['max_abs_diff']:.3g} | {q['cosine']:.6f} | {100 * q['agreement']:.1f}%"
-                   if "cosine" in q else "- | - | -")
-            lines.append(f"| {r['variant']} | {r['target']} | {q.get('precision', '-')} | {fig} | "
-                         f"{q.get('samples', '-')} {q.get('inputs', '')} | {res} |")
+            q = r.parity
+            assert q is not None
+            res = "ok" if q.ok else ("not checked" if q.ok is None else "**FAILED**")
+            fig = (f"{q.max_abs_diff:.3g} | {q.cosine:.6f} | {100 * (q.agreement or 0.0):.1f}%"
+                   if q.cosine is not None and q.max_abs_diff is not None else "- | - | -")
+            lines.append(f"| {r.variant} | {r.target} | {q.precision} | {fig} | "
+                         f"{'-' if q.samples is None else q.samples} {q.inputs} | {res} |")
         lines.append("")
     if cell_notes:
-        lines += ["## Per-target notes", "", *[f"- {r['variant']} / {r['target']}: {n}" for r, n in cell_notes], ""]
+        lines += ["## Per-target notes", "", *[f"- {r.variant} / {r.target}: {n}" for r, n in cell_notes], ""]
     noise = noise_lines(report)
-    cont = report.get("contention") or {}
+    cont = report.contention
     if noise or cont:
         lines += ["## Measurement noise and machine load", ""]
         lines += [f"- {n}" for n in noise]
-        if "before" in cont:
-            b = cont["before"]
-            lines.append(f"- before measuring: other processes used {b['others_cores']} of {b['cpus']} cores, "
-                         f"steal {b['steal_pct']}%")
-        for label, d in cont.get("during", {}).items():
-            lines.append(f"- while measuring {label}: others {d['others_cores']} cores, this process "
-                         f"{d['own_cores']}, steal {d['steal_pct']}%")
-        lines += [f"- **{w}**" for w in cont.get("warnings", [])]
+        if cont is not None and cont.before is not None:
+            b = cont.before
+            lines.append(f"- before measuring: other processes used {b.others_cores} of {b.cpus} cores, "
+                         f"steal {b.steal_pct}%")
+        for label, d in ((cont.during or {}) if cont is not None else {}).items():
+            lines.append(f"- while measuring {label}: others {d.others_cores} cores, this process "
+                         f"{d.own_cores}, steal {d.steal_pct}%")
+        lines += [f"- **{w}**" for w in (cont.warnings if cont is not None else [])]
         lines.append("")
     lines += ["## Passes", ""]
-    for name, v in report["variants"].items():
-        for s in v["steps"]:
-            took = "(cache hit)" if s["cache_hit"] else f"{s['seconds']:.2f} s"
-            lines.append(f"- {name}: `{s['text']}` {took}")
-    if report["notes"]:
-        lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
-    lines += ["", "## Machine", "", "```json", json.dumps(m, indent=2), "```", ""]
+    for name, v in report.variants.items():
+        for step in v.steps:
+            took = "(cache hit)" if step.cache_hit else f"{step.seconds:.2f} s"
+            lines.append(f"- {name}: `{step.text}` {took}")
+    if report.notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
+    lines += ["", "## Machine", "", "```json", json.dumps(m.model_dump(mode="json"), indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -351,7 +374,7 @@ def _place_labels(fig: Any, ax: Any, pts: list[tuple[float, float, str]]) -> lis
     return boxes
 
 
-def plot_pareto(report: dict[str, Any], path: Path) -> list[tuple[float, float, float, float]]:
+def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
     """Accuracy against p50 latency (first batch size) with the p50's 95% interval as error bars;
     returns the label boxes (tests check that none overlap)."""
     import matplotlib
@@ -359,17 +382,18 @@ def plot_pareto(report: dict[str, Any], path: Path) -> list[tuple[float, float, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    b0 = str(report["measurement"]["batch_sizes"][0])
-    use_acc = any(r["accuracy_top1"] is not None for r in report["results"])
+    b0 = report.batches[0]
+    use_acc = any(r.accuracy_top1 is not None for r in report.results)
     pts = []
-    for r in report["results"]:
+    for r in report.results:
         p50 = _lat(r, b0, "p50_ms")
-        fid = r["fidelity"] or {}
-        y = r["accuracy_top1"] if use_acc else fid.get("agreement", fid.get("cosine_mean"))
+        fid = r.fidelity
+        y = r.accuracy_top1 if use_acc else (None if fid is None else fid.cosine_mean if fid.agreement is None
+                                             else fid.agreement)
         if p50 is None or y is None:
             continue
-        ci = r["latency"].get(b0, {}).get("p50_ci") or [p50, p50]
-        pts.append((p50, 100 * y, r["variant"], r["target"], ci[0], ci[1]))
+        ci = r.latency[b0].p50_ci or (p50, p50)
+        pts.append((p50, 100 * y, r.variant, r.target, ci[0], ci[1]))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(p[3] for p in pts))}  # type: ignore[attr-defined]
     for p50, y, v, t, lo, hi in pts:
@@ -389,7 +413,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> list[tuple[float, float, 
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel(f"p50 latency, batch {b0} (ms; bars: 95% interval)")
     ax.set_ylabel("top-1 accuracy (%)" if use_acc else "fidelity to original (%: agreement, or 100 x cosine)")
-    ax.set_title(f"{report['recipe']['name']}: accuracy vs latency (squares: baseline)")
+    ax.set_title(f"{report.recipe.name}: accuracy vs latency (squares: baseline)")
     ax.grid(alpha=0.3)
     lo, hi = ax.get_ylim()
     if hi > 100.5:  # a percentage: no ticks above 100 %
@@ -414,9 +438,11 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    """Write the three report files; each appears whole or not at all. json goes last: it marks completion."""
+def write_report(report: Report, out: Path) -> None:
+    """Write the three report files; each appears whole or not at all. json goes last: it marks completion.
+
+    report.json is ``report.to_json()``: the schema in docs/report.schema.json (``compress.report_schema``)."""
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(report)))
     _atomic_write(out / "pareto.png", lambda p: plot_pareto(report, p))
-    _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2, default=str)))
+    _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report.to_json(), indent=2, default=str)))

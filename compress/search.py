@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import CompressError, RecipeError
 from .recipe import Recipe, _resolve_paths, read_toml, recipe_from_dict, recipe_to_toml
+from .report_schema import NoRatio, Report
 
 # Metrics a trial yields; all are minimized (accuracy as a drop, fidelity as a loss).
 METRICS: dict[str, str] = {
@@ -257,36 +258,32 @@ def _check_search_against_recipe(p: Path, search: SearchSpec, rec: Recipe) -> No
 # ------------------------------------------------------------------------------------------- trials
 
 
-def trial_metrics(report: dict[str, Any], variant: str, target: str, batch: int) -> dict[str, Any]:
+def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict[str, Any]:
     """Objectives of one trial from its run report (the trial's variant against the baseline)."""
     from .stats import bootstrap_ratio
 
-    cells = {(r["variant"], r["target"]): r for r in report["results"]}
-    base, cell = cells.get(("baseline", target)), cells.get((variant, target))
-    if cell is None and variant not in report.get("variants", {}) and base is not None:
+    base, cell = report.cell("baseline", target), report.cell(variant, target)
+    if cell is None and variant not in report.variants and base is not None:
         cell = base  # a point with every optional pass off is the original model itself
-    if cell is None or cell["status"] != "ok":
-        reason = "not measured" if cell is None else f"{cell['status']}: {cell.get('reason')}"
+    if cell is None or cell.status != "ok":
+        reason = "not measured" if cell is None else f"{cell.status}: {cell.reason}"
         raise CompressError(f"the trial's model on {target}: {reason}")
     b = str(batch)
-    out: dict[str, Any] = {"p50_ms": cell["latency"][b]["p50_ms"], "size_mb": (cell["size_bytes"] or 0) / 1e6}
-    if base is not None and base["status"] == "ok":
+    out: dict[str, Any] = {"p50_ms": cell.latency[b].p50_ms, "size_mb": (cell.size_bytes or 0) / 1e6}
+    if base is not None and base.status == "ok":
         # The run's own paired ratio (block bootstrap, widened by the baseline's A/A spread); a plain paired
         # bootstrap only when the run gave none (the trial is the original model itself).
-        r = (cell.get("ratio_to_baseline") or {})
-        r = r.get(b, r.get(batch)) if cell is not base else None
-        if r and "ratio" in r:
-            out.update(latency_ratio=r["ratio"], latency_ratio_ci=[r["low"], r["high"]])
+        r = cell.ratio_to_baseline.get(b) if cell is not base else None
+        if r is not None and not isinstance(r, NoRatio):
+            out.update(latency_ratio=r.ratio, latency_ratio_ci=[r.low, r.high])
         else:
-            ratio, lo, hi = bootstrap_ratio(cell["latency"][b]["samples_ms"], base["latency"][b]["samples_ms"],
-                                            "p50")
+            ratio, lo, hi = bootstrap_ratio(cell.latency[b].samples_ms, base.latency[b].samples_ms, "p50")
             out.update(latency_ratio=ratio, latency_ratio_ci=[lo, hi])
-        if base.get("accuracy_top1") is not None and cell.get("accuracy_top1") is not None:
-            out["accuracy_drop"] = (base["accuracy_top1"] - cell["accuracy_top1"]) * 100
-            out["top1"] = cell["accuracy_top1"]
-    fid = cell.get("fidelity") or {}
-    if "agreement" in fid:
-        out["fidelity_loss"] = 1.0 - float(fid["agreement"])
+        if base.accuracy_top1 is not None and cell.accuracy_top1 is not None:
+            out["accuracy_drop"] = (base.accuracy_top1 - cell.accuracy_top1) * 100
+            out["top1"] = cell.accuracy_top1
+    if cell.fidelity is not None and cell.fidelity.agreement is not None:
+        out["fidelity_loss"] = 1.0 - float(cell.fidelity.agreement)
     return out
 
 

@@ -217,7 +217,7 @@ def test_an_entry_point_plugin_gets_the_right_treatment_everywhere(ext_plugin: A
         [[targets]]
         kind = "onnxruntime"
     """))
-    rep = run(recipe, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    rep = run(recipe, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).to_json()
     assert ext_plugin.CALLS == ["ext.qdq"]
     cells = {(c["variant"], c["target"]): c for c in rep["results"]}
     eager = cells[("baseline", "ext.eager")]

@@ -33,21 +33,21 @@ from compress.cli import main
 from compress.config import TargetConfig
 from compress.errors import InputError, RecipeError
 from compress.registry import register_target
+from compress.report_schema import Report
+from tests.reports import cell as rcell
+from tests.reports import latency, make_report
 
 
 def samples(center: float, spread: float, n: int = 60, seed: int = 0) -> list[float]:
     return list(np.random.default_rng(seed).normal(center, spread, n).clip(min=1e-3))
 
 
-def report(cells: dict[tuple[str, str], dict]) -> dict:
-    results = []
-    for (variant, target), c in cells.items():
-        results.append({"variant": variant, "target": target, "status": c.get("status", "ok"),
-                        "reason": c.get("reason"), "compiled_digest": c.get("digest", f"{variant}/{target}"),
-                        "size_bytes": c.get("size", 1000),
-                        "accuracy_top1": c.get("acc"),
-                        "latency": {"1": {"samples_ms": c["s"]}} if "s" in c else {}})
-    return {"variants": {v: {} for v, _ in cells}, "results": results}
+def report(cells: dict[tuple[str, str], dict]) -> Report:
+    return make_report([
+        rcell(variant, target, status=c.get("status", "ok"), reason=c.get("reason"), digest=c.get("digest"),
+              size=c.get("size", 1000), acc=c.get("acc"), lat={"1": latency(c["s"])} if "s" in c else None,
+              quant_parity=c.get("parity"))
+        for (variant, target), c in cells.items()])
 
 
 BF = BudgetsFile(models={"m": "r.toml"}, budget=[], confidence=0.95, resamples=500)
@@ -190,7 +190,9 @@ def _fake_measure(centers: dict[str, float]):
             c = centers.get(name, centers.get(name.split("/")[1]))  # "variant/target" wins over "target"
             assert c is not None
             out[name] = samples(c, 0.01 * c, n=min_runs, seed=i)
-        return Timing(out, {"method": "fake"}, dict.fromkeys(fns, 0))
+        # The order record a real measurement keeps (report.json's schema requires it).
+        return Timing(out, {"method": "fake", "seed": 0, "candidates": list(fns),
+                            "rounds": [list(range(len(fns)))] * min_runs}, dict.fromkeys(fns, 0))
     return fake
 
 
@@ -289,14 +291,16 @@ def test_peak_memory_is_measured_in_a_fresh_process(tmp_path: Path, monkeypatch,
 @pytest.mark.parametrize(("cell", "status", "needle"), [
     ({"status": "failed", "reason": "build failed: tvm crashed"}, "fail", "build failed"),
     ({"status": "failed", "reason": "inference on the validation data failed: bad shape"}, "fail", "inference"),
-    ({"status": "ok", "s": samples(1.0, 0.01), "parity": {"flagged": True, "agreement": 0.7, "tolerance": 0.98}},
+    ({"status": "ok", "s": samples(1.0, 0.01),
+      "parity": {"ok": False, "flagged": True, "precision": "int8", "reference": "the simulated model",
+                 "inputs": "validation split", "reason": "top-1 agreement 0.7 < 0.98", "cosine": 0.99,
+                 "agreement": 0.7, "tolerance": {"atol": None, "rtol": 0.0, "min_cosine": 0.995,
+                                                 "min_agreement": 0.98}}},
      "fail", "disagrees with its simulation"),
     ({"status": "unavailable", "reason": "no CUDA device"}, "skipped", "unavailable here"),
 ])
 def test_broken_model_under_budget_fails_only_unavailable_skips(cell: dict, status: str, needle: str) -> None:
     rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01)}, ("v", "onnxruntime"): cell})
-    if "parity" in cell:
-        rep["results"][1]["quant_parity"] = cell["parity"]
     v = evaluate_budget(budget(max="2 ms"), rep, BF, None, "fp")
     assert v.variant == "v" and v.status == status and needle in v.detail
     assert overall_exit([v], fail_on_unavailable=False) == (EXIT_FAIL if status == "fail" else EXIT_PASS)

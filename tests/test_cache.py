@@ -115,12 +115,12 @@ def test_corrupted_onnx_and_compiled_entries_are_rebuilt_in_a_run(tmp_path: Path
                  '[[passes]]\nkind = "test.scale"\nfactor = 0.5\n[[targets]]\nkind = "onnxruntime"\n')
     cache_dir = tmp_path / "cache"
     rep1 = run(r, out_dir=tmp_path / "o1", cache_dir=cache_dir, progress=False, write=False)
-    acc1 = {c["variant"]: c["accuracy_top1"] for c in rep1["results"]}
+    acc1 = {c.variant: c.accuracy_top1 for c in rep1.results}
     assert all(a is not None for a in acc1.values()), acc1
 
     entries = [(json.loads((e / "artifact.json").read_text()).get("producer") or "", e)
                for e in (cache_dir / "objects").iterdir()]
-    onnx_digest = rep1["variants"]["c"]["onnx_digest"]
+    onnx_digest = rep1.variants["c"].onnx_digest
     exported = next(e for e in (cache_dir / "objects").iterdir()
                     if json.loads((e / "artifact.json").read_text())["digest"] == onnx_digest)
     compiled = next(e for p, e in entries if p.startswith("compile onnxruntime")
@@ -132,13 +132,13 @@ def test_corrupted_onnx_and_compiled_entries_are_rebuilt_in_a_run(tmp_path: Path
 
     notes: list[str] = []
     rep2 = run(r, out_dir=tmp_path / "o2", cache_dir=cache_dir, progress=False, write=False, log=notes.append)
-    acc2 = {c["variant"]: c["accuracy_top1"] for c in rep2["results"]}
+    acc2 = {c.variant: c.accuracy_top1 for c in rep2.results}
     assert acc2 == acc1  # the rebuilt models compute what the originals did
-    assert rep2["variants"]["c"]["onnx_digest"] == onnx_digest
-    export_step = next(s for s in rep2["variants"]["c"]["steps"] if s["pass"] == "export.onnx")
-    assert not export_step["cache_hit"]
-    base_ort = next(c for c in rep2["results"] if c["variant"] == "baseline" and c["target"] == "onnxruntime")
-    assert not base_ort["build_cache_hit"] and base_ort["status"] == "ok"
-    bad = [n for n in rep2["notes"] if "was not used" in n]
+    assert rep2.variants["c"].onnx_digest == onnx_digest
+    export_step = next(s for s in rep2.variants["c"].steps if s.pass_ == "export.onnx")
+    assert not export_step.cache_hit
+    base_ort = rep2.cell("baseline", "onnxruntime")
+    assert base_ort is not None and not base_ort.build_cache_hit and base_ort.status == "ok"
+    bad = [n for n in rep2.notes if "was not used" in n]
     assert len(bad) == 2 and any(exported.name[:16] in n for n in bad) and any(compiled.name[:16] in n for n in bad)
     assert sum("WARNING cache entry" in m for m in notes) == 2

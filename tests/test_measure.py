@@ -174,15 +174,15 @@ def test_ratios_at_every_batch_flag_a_variant_slower_anywhere() -> None:
 
 def test_pareto_labels_do_not_overlap(tmp_path: Path) -> None:
     from compress.report import plot_pareto
+    from tests.reports import cell as rcell
+    from tests.reports import latency, make_report
 
     def cell(v: str, t: str, p50: float, acc: float) -> dict:
-        return {"variant": v, "target": t, "accuracy_top1": acc, "fidelity": None,
-                "latency": {"1": {"p50_ms": p50, "p50_ci": [0.9 * p50, 1.1 * p50]}}}
+        return rcell(v, t, acc=acc, lat={"1": latency([p50] * 3, p50_ci=[0.9 * p50, 1.1 * p50])})
 
     # Four points within a hair of each other: the labels used to print on top of each other.
-    rep = {"measurement": {"batch_sizes": [1]}, "recipe": {"name": "t"},
-           "results": [cell("baseline", "torch", 1.0, 0.98), cell("baseline", "onnxruntime", 1.001, 0.98),
-                       cell("q", "onnxruntime", 1.002, 0.979), cell("q", "torch", 1.0, 0.9801)]}
+    rep = make_report([cell("baseline", "torch", 1.0, 0.98), cell("baseline", "onnxruntime", 1.001, 0.98),
+                       cell("q", "onnxruntime", 1.002, 0.979), cell("q", "torch", 1.0, 0.9801)])
     boxes = plot_pareto(rep, tmp_path / "p.png")
     assert len(boxes) == 4 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     for i, a in enumerate(boxes):

@@ -29,6 +29,7 @@ from compress.manager import PassContext, PassManager
 from compress.parity import LOWERING, QUANTIZATION, Tolerance, check, compare_outputs
 from compress.pipeline import run
 from compress.recipe import DataSpec
+from compress.report_schema import Report, ResultCell
 from compress.training import fit
 
 SHAPE = (1, 1, 8, 8)
@@ -221,14 +222,14 @@ RECIPE = ('name = "p"\nmodel = {{ source = "zoo:digits-cnn", train_epochs = {epo
           'measure = {{ batch_sizes = [1], warmup = 1, min_runs = 3, min_time_s = 0.0 }}\n{body}')
 
 
-def _run(tmp_path: Path, body: str, name: str = "o", epochs: int = 2) -> dict[str, Any]:
+def _run(tmp_path: Path, body: str, name: str = "o", epochs: int = 2) -> Report:
     r = tmp_path / f"{name}.toml"
     r.write_text(RECIPE.format(body=body, epochs=epochs))
     return run(r, out_dir=tmp_path / name, cache_dir=tmp_path / "cache", progress=False)
 
 
-def _cells(rep: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(c["variant"], c["target"]): c for c in rep["results"]}
+def _cells(rep: Report) -> dict[tuple[str, str], ResultCell]:
+    return {(c.variant, c.target): c for c in rep.results}
 
 
 def test_onnxruntime_target_parity_passes_and_a_corrupted_build_fails_its_cell(tmp_path: Path, monkeypatch) -> None:
@@ -237,15 +238,18 @@ def test_onnxruntime_target_parity_passes_and_a_corrupted_build_fails_its_cell(t
     rep = _run(tmp_path, body, "ok")
     cells = _cells(rep)
     base, q = cells[("baseline", "onnxruntime")], cells[("p", "onnxruntime")]
-    assert base["status"] == "ok" and base["parity"]["ok"] and base["parity"]["precision"] == "fp32"
-    assert base["parity"]["tolerance"] == LOWERING["fp32"].to_json() and base["parity"]["samples"] == 128
-    assert q["status"] == "ok" and q["parity"]["precision"] == "int8" and "simulated" in q["parity"]["reference"]
-    assert q["quant_parity"] is q["parity"] or q["quant_parity"] == q["parity"]
-    assert cells[("baseline", "torch")]["parity"] is None  # the eager reference has nothing to check against
-    assert any(n.startswith("parity tolerances") for n in rep["notes"])
-    saved = _cells(json.loads((tmp_path / "ok" / "report.json").read_text()))[("baseline", "onnxruntime")]["parity"]
-    assert saved == base["parity"]
-    assert {"max_abs_diff", "cosine", "agreement", "tolerance", "precision", "reference", "inputs", "ok"} <= set(saved)
+    assert base.status == "ok" and base.parity is not None and base.parity.ok and base.parity.precision == "fp32"
+    assert base.parity.tolerance is not None and base.parity.tolerance.model_dump() == LOWERING["fp32"].to_json()
+    assert base.parity.samples == 128
+    assert q.status == "ok" and q.parity is not None and q.parity.precision == "int8"
+    assert "simulated" in q.parity.reference and q.quant_parity == q.parity
+    assert cells[("baseline", "torch")].parity is None  # the eager reference has nothing to check against
+    assert any(n.startswith("parity tolerances") for n in rep.notes)
+    saved_json = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert saved_json == rep.to_json()  # the file is exactly the returned report
+    saved = next(c for c in saved_json["results"] if (c["variant"], c["target"]) == ("baseline", "onnxruntime"))
+    assert {"max_abs_diff", "cosine", "agreement", "tolerance", "precision", "reference", "inputs", "ok"} <= \
+        set(saved["parity"])
     md = (tmp_path / "ok" / "report.md").read_text()
     assert "## Parity (each target vs its input model)" in md and "| baseline | onnxruntime | fp32 |" in md
 
@@ -269,10 +273,11 @@ def test_onnxruntime_target_parity_passes_and_a_corrupted_build_fails_its_cell(t
     rep = _run(tmp_path, body, "bad")
     cells = _cells(rep)
     bad = cells[("baseline", "onnxruntime")]
-    assert bad["status"] == "failed" and bad["reason"].startswith("parity: ") and "\n" not in bad["reason"]
-    assert "its input ONNX model" in bad["reason"] and "fp32 tolerance" in bad["reason"]
-    assert not bad["parity"]["ok"] and bad["latency"] == {}  # a failed cell is not measured
-    assert cells[("baseline", "torch")]["status"] == "ok"  # the run goes on with the other targets
+    reason = bad.reason or ""
+    assert bad.status == "failed" and reason.startswith("parity: ") and "\n" not in reason
+    assert "its input ONNX model" in reason and "fp32 tolerance" in reason
+    assert bad.parity is not None and not bad.parity.ok and bad.latency == {}  # a failed cell is not measured
+    assert cells[("baseline", "torch")].status == "ok"  # the run goes on with the other targets
     assert "**FAILED**" in (tmp_path / "bad" / "report.md").read_text()
 
 
@@ -295,15 +300,16 @@ def test_int8_deployed_vs_simulated_fails_the_target_cell_and_is_settable(tmp_pa
     monkeypatch.setattr(OnnxRuntimeTarget, "runner", drifting)
     body = '[[passes]]\nkind = "quantize.int8"\nsamples = 32\n[[targets]]\nkind = "onnxruntime"\n'
     cells = _cells(_run(tmp_path, body, "drift"))
-    assert cells[("baseline", "onnxruntime")]["status"] == "ok", cells[("baseline", "onnxruntime")]["reason"]
+    assert cells[("baseline", "onnxruntime")].status == "ok", cells[("baseline", "onnxruntime")].reason
     bad = cells[("p", "onnxruntime")]
-    assert bad["status"] == "failed" and "int8 tolerance" in bad["reason"] and "simulated" in bad["reason"]
-    assert bad["quant_parity"]["flagged"] is True
+    assert bad.status == "failed" and "int8 tolerance" in (bad.reason or "") and "simulated" in (bad.reason or "")
+    assert bad.quant_parity is not None and bad.quant_parity.flagged is True
     loose = body.replace('kind = "onnxruntime"\n', 'kind = "onnxruntime"\nparity_min_cosine = -1.0\n'
                                                    'parity_min_agreement = 0.0\n')
     cells = _cells(_run(tmp_path, loose, "loose"))
-    assert cells[("p", "onnxruntime")]["status"] == "ok"
-    assert cells[("p", "onnxruntime")]["parity"]["tolerance"]["min_cosine"] == -1.0
+    loosened = cells[("p", "onnxruntime")]
+    assert loosened.status == "ok" and loosened.parity is not None and loosened.parity.tolerance is not None
+    assert loosened.parity.tolerance.min_cosine == -1.0
 
 
 def test_parity_bounds_do_not_change_the_build_cache_key() -> None:
@@ -322,7 +328,7 @@ def test_tvm_target_parity_fails_a_build_with_wrong_weights(tmp_path: Path, monk
     body = '[[targets]]\nkind = "tvm"\ntuning_trials = 0\n[[targets]]\nkind = "onnxruntime"\n'
     cells = _cells(_run(tmp_path, body, "tvm", epochs=0))
     good = cells[("baseline", "tvm")]
-    assert good["status"] == "ok" and good["parity"]["ok"] and good["parity"]["precision"] == "fp32"
+    assert good.status == "ok" and good.parity is not None and good.parity.ok and good.parity.precision == "fp32"
 
     real = TvmTarget._import
 
@@ -338,4 +344,5 @@ def test_tvm_target_parity_fails_a_build_with_wrong_weights(tmp_path: Path, monk
     monkeypatch.setattr(TvmTarget, "fingerprint", lambda self: {"wrong": True})
     cells = _cells(_run(tmp_path, body, "tvm_bad", epochs=0))
     bad = cells[("baseline", "tvm")]
-    assert bad["status"] == "failed" and bad["reason"].startswith("parity: ") and "fp32 tolerance" in bad["reason"]
+    reason = bad.reason or ""
+    assert bad.status == "failed" and reason.startswith("parity: ") and "fp32 tolerance" in reason

@@ -518,13 +518,14 @@ def test_pipeline_checks_tensorrt_parity(tmp_path: Path, fake_gpu: dict[str, Any
                             "measure": {"batch_sizes": [1], "warmup": 0, "min_runs": 2, "min_time_s": 0.0},
                             "targets": [{"kind": "tensorrt"}, {"kind": "onnxruntime"}]})
     rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
-    cell = next(c for c in rep["results"] if c["target"] == "tensorrt")
-    assert cell["parity"]["precision"] == "fp16" and cell["parity"]["inputs"] == "random inputs"
+    cell = next(c for c in rep.results if c.target == "tensorrt")
+    assert cell.parity is not None
+    assert cell.parity.precision == "fp16" and cell.parity.inputs == "random inputs"
     if error == 0.0:
-        assert cell["status"] == "ok" and cell["parity"]["ok"] and cell["parity"]["max_abs_diff"] < 1e-5
+        assert cell.status == "ok" and cell.parity.ok and (cell.parity.max_abs_diff or 0.0) < 1e-5
     else:
-        assert cell["status"] == "failed" and cell["reason"].startswith("parity: max abs diff")
-        assert "fp16 tolerance" in cell["reason"]
+        assert cell.status == "failed" and (cell.reason or "").startswith("parity: max abs diff")
+        assert "fp16 tolerance" in (cell.reason or "")
 
 
 # -- parser rejections -----------------------------------------------------------------------------------

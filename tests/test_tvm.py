@@ -407,11 +407,11 @@ def test_a_scheme_tvm_cannot_run_fails_that_cell_and_the_run_goes_on(tmp_path: P
         '[[passes]]\nkind = "quantize.weight_only"\nbits = 4\n'
         '[[targets]]\nkind = "onnxruntime"\n[[targets]]\nkind = "tvm"\ntuning_trials = 0\n'))
     rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
-    cells = {(c["variant"], c["target"]): c for c in rep["results"]}
-    assert cells[("wo", "onnxruntime")]["status"] == "ok"
-    assert cells[("baseline", "tvm")]["status"] == "ok"
+    cells = {(c.variant, c.target): c for c in rep.results}
+    assert cells[("wo", "onnxruntime")].status == "ok"
+    assert cells[("baseline", "tvm")].status == "ok"
     bad = cells[("wo", "tvm")]
-    assert bad["status"] == "failed" and "MatMulNBits" in bad["reason"] and "onnxruntime" in bad["reason"]
+    assert bad.status == "failed" and "MatMulNBits" in (bad.reason or "") and "onnxruntime" in (bad.reason or "")
 
 
 def test_stall_watch_says_once_when_one_candidate_hangs_and_nothing_otherwise() -> None:
