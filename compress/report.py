@@ -116,7 +116,9 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
         notes.append(f"fidelity compared as {', '.join(sorted(k for k in kinds if k))} (no argmax agreement: the "
                      "output is not class scores; set measure.output_kind to override)")
     if auto_export:
-        notes.append("export.onnx was inserted automatically where the pipeline needed an ONNX model")
+        from .registry import lowering_pass
+
+        notes.append(f"{lowering_pass().kind} was inserted automatically where the pipeline needed an ONNX model")
     vjson = {}
     for v in variants:
         last = v.onnx_art or v.torch_art
@@ -128,6 +130,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             steps=[StepInfo.model_validate(s.to_json()) for s in v.steps],
             passes=passes_meta,
             model=model_summary(passes_meta),
+            facts=last.known_facts() if last is not None else None,
         )
         notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
     notes += list(getattr(cache, "notes", []))  # entries that failed verification and were rebuilt

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .capabilities import Facts
 from .errors import InputError
 from .recipe import MeasureSpec
 
@@ -253,6 +254,8 @@ class VariantInfo(_Record):
     steps: list[StepInfo]
     passes: dict[str, dict[str, Any]] = Field(description="what each pass recorded (free-form, per pass)")
     model: ModelSummary
+    facts: Facts | None = Field(None, description="what every consumer of the variant's final model must honour "
+                                "(precision, quantization, sparsity, required operators, dynamic batch)")
 
 
 # ---------------------------------------------------------------------------------- the run's facts

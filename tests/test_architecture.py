@@ -235,6 +235,11 @@ def test_an_entry_point_plugin_gets_the_right_treatment_everywhere(ext_plugin: A
     assert q["parity"]["tolerance"] == LOWERING["int8"].to_json()
     assert cells[("baseline", "onnxruntime")]["parity"]["precision"] == "fp32"
     assert rep["variants"]["ext"]["passes"]["ext.qdq"]["notes"] == ["ext"]
+    # The report shows each variant's facts (report.json, schema v1).
+    assert rep["variants"]["ext"]["facts"]["precision"] == "int8"
+    assert rep["variants"]["ext"]["facts"]["quantization"] == "qdq"
+    assert rep["variants"]["baseline"]["facts"] == {**rep["variants"]["ext"]["facts"], "precision": "fp32",
+                                                  "quantization": None}
     # The lowering pass was inserted before the ONNX pass without being named anywhere in the core.
     assert [s["pass"] for s in rep["variants"]["ext"]["steps"]] == ["export.onnx", "ext.qdq"]
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
