@@ -153,8 +153,19 @@ def run(
     ``extra_models`` adds ready ONNX models as variants, measured as they are (``compress compare
     a.onnx b.onnx``). ``aa_session`` times a second session of each baseline beside it: the
     between-session noise, added to every ratio's interval.
+    A recipe's hardware ``profile`` (compress.profiles) fills in its defaults and forces its ISA for the run.
     """
-    rec = _resolve_recipe(recipe)
+    from .profiles import profile_scope
+
+    with profile_scope(_resolve_recipe(recipe)) as (rec, _profile):
+        return _run(rec, out_dir, cache_dir, progress, log, variants, write, references, extra_models,
+                    baseline_label, aa_session)
+
+
+def _run(rec: Recipe, out_dir: str | Path | None, cache_dir: str | Path | None, progress: bool,
+         log: Callable[[str], None] | None, variants: dict[str, list[PassConfig]] | None, write: bool,
+         references: dict[str, Artifact] | None, extra_models: dict[str, Artifact] | None,
+         baseline_label: str | None, aa_session: bool) -> dict[str, Any]:
     say = log or (lambda m: None)
     out = Path(out_dir) if out_dir else Path("runs") / rec.name
     cache = Cache(Path(cache_dir) if cache_dir else None, log=say)

@@ -49,8 +49,8 @@ class TvmConfig(TargetConfig):
 
     kind: Literal["tvm"] = "tvm"
     target: dict[str, Any] | None = Field(
-        None, description="TVM target JSON, e.g. {kind='llvm', mcpu='znver3', num-cores=2}; "
-        "None = this host (CPU model -> mcpu, cores)")
+        None, description="TVM target JSON, e.g. {kind='llvm', mcpu='znver3', num-cores=2}, or a TVM tag with "
+        "overrides, e.g. {tag='raspberry-pi/4b-aarch64'}; None = the recipe's profile's target, else this host")
     tuning_trials: int = Field(
         256, ge=0, description="MetaSchedule trials in total over all tasks; 0 = untuned (not representative)")
     tuning_time_s: float | None = Field(None, gt=0, description="wall-clock budget for tuning; None = trials only")
@@ -70,8 +70,9 @@ class TvmConfig(TargetConfig):
     @field_validator("target")
     @classmethod
     def _target_has_kind(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and not isinstance(v.get("kind"), str):
-            raise ValueError("a TVM target JSON needs a 'kind' string, e.g. {kind = 'llvm', mcpu = 'znver3'}")
+        if v is not None and not isinstance(v.get("kind"), str) and not isinstance(v.get("tag"), str):
+            raise ValueError("a TVM target JSON needs a 'kind' string, e.g. {kind = 'llvm', mcpu = 'znver3'}, or a "
+                             "TVM target 'tag', e.g. {tag = 'raspberry-pi/4b-aarch64'}")
         return v
 
 
