@@ -468,6 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.cmd:
         p.print_help()
         return 2
+    if a.debug:
+        import logging
+
+        # Read by parts that keep a library's own console output out of the way unless asked (TVM tuning).
+        logging.getLogger("compress").setLevel(logging.DEBUG)
     try:
         if a.cmd == "run":
             return _cmd_run(a)

@@ -13,8 +13,8 @@ tuned by another TVM version or for another target are never applied (see ``_tvm
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -54,6 +54,9 @@ class TvmConfig(TargetConfig):
     tuning_trials: int = Field(
         256, ge=0, description="MetaSchedule trials in total over all tasks; 0 = untuned (not representative)")
     tuning_time_s: float | None = Field(None, gt=0, description="wall-clock budget for tuning; None = trials only")
+    candidate_timeout_s: float = Field(
+        60.0, gt=0, description="hard limit on building and timing one tuning candidate; past it the worker process "
+        "is killed and replaced (a candidate stuck in LLVM once ran >10 min here)")
     database: str | None = Field(None, description="tuning database root; None = <cache>/tvm-db")
     weight_prepack: bool = Field(
         True, description="CPU: let tuning choose a blocked weight layout per kernel, repacked once at build time")
@@ -400,7 +403,6 @@ class TvmTarget:
         from tvm.s_tir import meta_schedule as ms
 
         from ._tvm_tuning import (
-            StallWatch,
             TuneStats,
             TuningDatabase,
             compile_tuned,
@@ -408,9 +410,9 @@ class TvmTarget:
             make_tuner_parts,
             model_key,
             prepare_passes,
-            quiet_metaschedule_logging,
-            remove_tree,
+            tvm_logs_to,
         )
+        from ._tvm_worker import shared_worker
 
         cfg = self.config
         prepack = cfg.weight_prepack and target.kind.name == "llvm"
@@ -434,6 +436,7 @@ class TvmTarget:
             left_time = None if cfg.tuning_time_s is None else cfg.tuning_time_s - float(spent["seconds"])
             stats = TuneStats()
             tune_s = 0.0
+            worker_info: dict[str, Any] = {}
             if left_trials <= 0 or (left_time is not None and left_time <= 0):
                 log(f"tvm: {len(tasks)} tasks; the tuning database already holds {spent['trials']} trials "
                     f"({spent['seconds']:.0f} s) for this model and target: no tuning needed")
@@ -443,32 +446,41 @@ class TvmTarget:
                     + (f" or {left_time:.0f} s" if left_time is not None else "")
                     + (f" (continuing: {spent['trials']} trials already in the database)" if spent["trials"] else ""))
                 deadline = None if left_time is None else time.perf_counter() + left_time
-                watch = StallWatch(log)
-                builder, runner, callback, scheduler = make_tuner_parts(stats, tasks, deadline, log, _EVALUATOR,
-                                                                       left_trials, watch)
-                work = ctx.new_dir("tvm-tune")
-                # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
-                # worker process per task (import tvm each time), which cost ~5 s per task here.
+                logs = db.path / "logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{key[:12]}"
+                debug = logging.getLogger("compress").isEnabledFor(logging.DEBUG)
+                log(f"tvm: each candidate is built and timed in a worker process, killed after "
+                    f"{cfg.candidate_timeout_s:g} s; TVM's log: {logs}")
                 t_tune = time.perf_counter()
-                with quiet_metaschedule_logging(), contextlib.closing(watch):
+                worker = shared_worker(cfg.threads, db.path / "tuning-worker.log")
+                starts_before, kills_before = worker.starts, worker.kills
+                worker.prestart()  # its imports overlap the first search step
+                builder, runner, callback, scheduler = make_tuner_parts(
+                    stats, tasks, deadline, log, _EVALUATOR, left_trials, worker, cfg.candidate_timeout_s)
+                with tvm_logs_to(logs / "console.log", debug):
+                    # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
+                    # worker process per task (import tvm each time), which cost ~5 s per task here.
                     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                        tasks, str(work), strategy=_strategy(left_trials, len(tasks)), seed=getattr(ctx, "seed", 0),
+                        tasks, str(logs), strategy=_strategy(left_trials, len(tasks)), seed=getattr(ctx, "seed", 0),
                         num_threads=_search_threads(target))
                     ms.tune_tasks(
-                        tasks=contexts, task_weights=weights, work_dir=str(work),
+                        tasks=contexts, task_weights=weights, work_dir=str(logs),
                         max_trials_global=left_trials, num_trials_per_iter=_per_iter(left_trials, len(tasks)),
                         builder=builder, runner=runner, database=db.ms_database(),
                         measure_callbacks=[ms.measure_callback.AddToDatabase(),
                                            ms.measure_callback.UpdateCostModel(), callback],
                         task_scheduler=scheduler,
                     )
+                worker_info = {"worker_starts": worker.starts - starts_before,
+                               "worker_kills": worker.kills - kills_before,
+                               "worker_start_s": [round(x, 2) for x in worker.start_s[starts_before:]],
+                               "log_dir": str(logs)}
                 tune_s = time.perf_counter() - t_tune
-                remove_tree(work)
                 db.record_spent(key, stats.trials, tune_s, len(tasks))
                 status = "tuned"
-                if stats.trials and stats.build_errors + stats.run_errors >= stats.trials:
-                    raise BuildError(f"target 'tvm': every one of {stats.trials} tuning candidates failed to build "
-                                     "or run; see the MetaSchedule logs or set tuning_trials = 0")
+                failed = stats.build_errors + stats.run_errors + stats.timeouts + stats.crashes
+                if stats.candidates and failed >= stats.candidates:
+                    raise BuildError(f"target 'tvm': every one of {stats.candidates} tuning candidates failed to "
+                                     f"build or run; see the logs in {logs} or set tuning_trials = 0")
             covered = sum(1 for t in tasks if _has_record(db.ms_database(), t.dispatched[0]))
             ex, prepacked = compile_tuned(db.ms_database(), self._bound(mod, params), target, prepack)
         total = db.spent(key)
@@ -480,7 +492,12 @@ class TvmTarget:
             "trials_this_run": stats.trials, "trials_in_database": int(total["trials"]),
             "tuning_s_this_run": round(tune_s, 2), "build_errors": stats.build_errors, "run_errors": stats.run_errors,
             "builder_s": round(stats.build_s, 2), "runner_s": round(stats.run_s, 2),
-            "search_s": round(max(0.0, tune_s - stats.build_s - stats.run_s), 2),
+            "worker_s": round(stats.worker_s, 2),
+            "search_s": round(max(0.0, tune_s - stats.worker_s - sum(worker_info.get("worker_start_s", []))), 2),
+            "candidates_measured": stats.candidates, "candidates_skipped": stats.skipped,
+            "candidate_timeouts": stats.timeouts, "worker_crashes": stats.crashes,
+            "candidate_timeout_s": cfg.candidate_timeout_s, "slowest_candidate_s": round(stats.slowest_candidate_s, 2),
+            **worker_info,
             "stopped_by_time": stats.stopped_by_time, "model_key": key,
             "weight_prepack": prepack, "prepacked_kernels": prepacked,
             "best_kernels_ms": round(sum(tasks[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
