@@ -25,6 +25,7 @@ EPILOG = """examples:
   compress passes            list passes and their settings
   compress targets           list targets and whether they run here
   compress profiles          list hardware profiles (compress run --profile rpi5 ...)
+  compress export runs/NAME --target onnxruntime --out bundle   a folder to copy to the device
 
 exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun to resume)
 """
@@ -123,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     s.add_argument("-q", "--quiet", action="store_true")
 
+    e = sub.add_parser("export", help="write one folder that runs a run's compiled model on the device: the model, "
+                       "manifest.json, run.py (needs only the target's runtime) and the report")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="folder a compress run wrote (its --out)")
+    e.add_argument("--target", required=True, help="onnxruntime or tvm")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--variant", help="which model of the run (default: the compressed one)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     pr = sub.add_parser("profiles", help="list hardware profiles (built-in, this host, yours from "
                         "$COMPRESS_PROFILE_PATH)")
     pr.add_argument("--check", action="store_true", help="also let TVM judge each profile's target (imports TVM)")
@@ -356,6 +364,17 @@ def _cmd_targets() -> int:
     return 0
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    out = export_bundle(a.run_dir, a.target, a.out, variant=a.variant, force=a.force)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"wrote {out}: {manifest['variant']} on {a.target} ({manifest['precision']}, {manifest['model']}); on the "
+          f"device: pip install '{manifest['runtime']['package']}=={manifest['runtime']['version']}' numpy, then "
+          f"python {out}/run.py")
+    return 0
+
+
 def _cmd_profiles(a: argparse.Namespace) -> int:
     from .profiles import all_profiles
 
@@ -478,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(a)
         if a.cmd == "passes":
             return _cmd_passes()
+        if a.cmd == "export":
+            return _cmd_export(a)
         if a.cmd == "profiles":
             return _cmd_profiles(a)
         if a.cmd == "check":
