@@ -496,7 +496,10 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
                 gpu = getattr(c.runner, "gpu_ms", None)
                 if isinstance(gpu, list) and gpu:
                     # Device time from CUDA events, beside the host wall time above (warm-up calls included).
-                    c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
+                    c.latency[str(batch)]["device"] = {
+                        **summarize(list(gpu), batch).to_json(),
+                        # Which device's clock: a remote device through RPC names itself; else this machine's GPU.
+                        "measured_on": getattr(c.runner, "device_name", "this machine's GPU (CUDA events)")}
 
 
 def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:

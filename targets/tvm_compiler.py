@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -34,6 +34,9 @@ from compress.fingerprint import cpu_info
 from compress.registry import register_target
 
 from .base import module_version
+
+if TYPE_CHECKING:
+    from ._tvm_rpc import RpcTvmRunner
 
 LIBRARY = "model.so"
 MANIFEST = "tvm.json"
@@ -69,6 +72,23 @@ class TvmConfig(TargetConfig):
     cross_runtime: str | None = Field(
         None, description="folder with the target architecture's TVM runtime (compress tvm-runtime ARCH); "
         "None = $COMPRESS_TVM_CROSS_RUNTIME or <cache>/tvm-runtime/ARCH-tvmVERSION")
+
+    rpc: str | None = Field(
+        None, description="run and time the build on the device through TVM RPC: 'HOST:PORT' of `python -m "
+        "tvm.exec.rpc_server` there, or 'tracker:HOST:PORT/KEY'; the report's device figures then come from it")
+
+    @field_validator("rpc")
+    @classmethod
+    def _rpc_form(cls, v: str | None) -> str | None:
+        if v is not None:
+            from ._tvm_rpc import parse_rpc
+
+            parse_rpc(v)
+        return v
+
+    def canonical(self) -> dict[str, Any]:
+        """Where the build is timed does not change it: ``rpc`` stays out of the cache key."""
+        return {k: v for k, v in super().canonical().items() if k != "rpc"}
 
     @field_validator("target")
     @classmethod
@@ -220,12 +240,8 @@ def _flatten(out: Any) -> list[Any]:
     return flat
 
 
-def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
-    """Load a library this target exported (``folder`` holds ``model.so`` and ``tvm.json``).
-
-    The library's SHA-256 must match the one recorded when it was built: loading a shared library
-    runs its code, so a swapped or foreign ``.so`` is refused rather than executed.
-    """
+def verified_library(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The library in ``folder`` and its manifest, after checking its SHA-256 against the manifest."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
@@ -236,6 +252,16 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
     if not lib.exists() or sha256_file(lib) != manifest["library_sha256"]:
         raise InputError(f"{lib} does not match the SHA-256 recorded in {manifest_path} when it was built; "
                          "refusing to load it (rebuild with the tvm target)")
+    return lib, manifest
+
+
+def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
+    """Load a library this target exported (``folder`` holds ``model.so`` and ``tvm.json``).
+
+    The library's SHA-256 must match the one recorded when it was built: loading a shared library
+    runs its code, so a swapped or foreign ``.so`` is refused rather than executed.
+    """
+    lib, manifest = verified_library(folder)
     if manifest.get("foreign"):
         # Its outputs may have been checked under qemu at build time; latency under emulation means nothing.
         built_for = manifest["target"].get("mtriple") or manifest["target"].get("kind")
@@ -270,14 +296,26 @@ class TvmTarget:
         return None
 
     def check_config(self) -> None:
-        """Let TVM judge a given target JSON before any pass runs (raises RecipeError naming it)."""
-        if self.config.target is None:
+        """Before any pass runs: let TVM judge a given target JSON (RecipeError naming it), and with ``rpc``
+        check that the device answers and runs a library this TVM builds (TargetUnavailable, one line)."""
+        if self.config.target is None and self.config.rpc is None:
             return
         try:
             import tvm  # noqa: F401
         except ImportError:  # unavailable_reason says why; nothing to check the JSON against
             return
-        make_target(dict(self.config.target))
+        target = make_target(dict(self.config.target or host_target_json()))
+        if self.config.rpc is not None:
+            import tempfile
+
+            from ._tvm_rpc import check_device, parse_rpc
+
+            if self.config.tuning_trials > 0 and is_foreign(target):
+                raise RecipeError("target 'tvm': tuning through rpc is not supported yet (candidates are timed on "
+                                  "this machine); set tuning_trials = 0, or tune on a machine of the device's kind")
+            with tempfile.TemporaryDirectory() as tmp:
+                check_device(parse_rpc(self.config.rpc), target,
+                             lambda ex, path: self._export(ex, path, target, is_foreign(target)), Path(tmp))
 
     def fingerprint(self) -> dict[str, Any]:
         info = cpu_info()
@@ -317,6 +355,11 @@ class TvmTarget:
                               "(candidates must run where they are measured); set tuning_trials = 0 for a cross "
                               "build, or build on the device")
         notes: list[str] = []
+        if cfg.rpc is not None:
+            from ._tvm_rpc import parse_rpc
+
+            notes.append(f"timed on the device through the {parse_rpc(cfg.rpc).describe()}: the latency 'device' "
+                         "figures are the device's own clock; the host figures include the RPC round trip")
         quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
                         for n in model.graph.node)
 
@@ -557,10 +600,16 @@ class TvmTarget:
 
     # -- run ---------------------------------------------------------------------------------------
 
-    def runner(self, compiled: Artifact, threads: int = 0) -> TvmRunner:
+    def runner(self, compiled: Artifact, threads: int = 0) -> TvmRunner | RpcTvmRunner:
         if compiled.metadata.get("target") != "tvm":
             raise InputError(f"artifact {compiled.path} was not compiled by the tvm target "
                              f"(target={compiled.metadata.get('target')!r}); the tvm runner only loads its own builds")
+        if self.config.rpc is not None:
+            from ._tvm_rpc import RpcTvmRunner, parse_rpc
+
+            lib, manifest = verified_library(compiled.path)
+            return RpcTvmRunner(lib, tuple(InputSpec.from_json(x) for x in manifest["inputs"]),
+                                parse_rpc(self.config.rpc))
         return load_exported(compiled.path, self.config.threads or threads)
 
 
