@@ -205,6 +205,9 @@ def model_key(tasks: list[Any]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 
+SKIPPED = "not measured: the tuning time budget was spent"
+
+
 @dataclass
 class TuneStats:
     trials: int = 0
@@ -257,7 +260,8 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
                      evaluator: dict[str, Any], budget: int, worker: Any,
                      timeout_s: float) -> tuple[Any, Any, Any, Any]:
     """A builder and runner that measure each candidate in ``worker`` (``_tvm_worker``) under a hard
-    timeout, a measure callback that reports progress, and a task scheduler, all sharing ``stats``.
+    timeout, a measure callback that records results in the database and reports progress (it replaces
+    MetaSchedule's AddToDatabase), and a task scheduler, all sharing ``stats``.
 
     The builder only hands each candidate's module through: building and timing happen in one worker
     call in the runner, under one timeout, so no library goes to disk and back. Candidates left when the
@@ -321,7 +325,7 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
                 mod, target = pending.pop(ri.artifact_path)
                 if over_time():
                     stats.skipped += 1
-                    out.append(LocalRunnerFuture(None, "not measured: the tuning time budget was spent"))
+                    out.append(LocalRunnerFuture(None, SKIPPED))
                     continue
                 stats.candidates += 1
                 res = worker.call(build_and_time, (mod, target, [a.as_json() for a in ri.args_info], evaluator,
@@ -354,10 +358,18 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
                 out.append(LocalRunnerFuture(None, msg))
             return out
 
+    add_to_database = ms.measure_callback.AddToDatabase()
+
     @derived_object
-    class Progress(ms.measure_callback.PyMeasureCallback):
+    class RecordAndReport(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, measure_candidates: list[Any],
                   builder_results: list[Any], runner_results: list[Any]) -> None:
+            # Candidates left unmeasured when the time ran out are not recorded: a record (even a failed
+            # one) marks a schedule as measured, and a later run would never try it.
+            keep = [i for i, rr in enumerate(runner_results) if rr.error_msg != SKIPPED]
+            if keep:
+                add_to_database.apply(task_scheduler, task_id, [measure_candidates[i] for i in keep],
+                                      [builder_results[i] for i in keep], [runner_results[i] for i in keep])
             stats.trials += len(measure_candidates)
             for rr in runner_results:
                 if rr.error_msg is None and rr.run_secs:
@@ -366,7 +378,7 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
             progress(progress_line(stats, task_id, names, weights, budget, time.perf_counter() - t_start, deadline))
             stop_if_over_time(task_scheduler)
 
-    return PassThroughBuilder(), WorkerRunner(), Progress(), scheduler
+    return PassThroughBuilder(), WorkerRunner(), RecordAndReport(), scheduler
 
 
 def progress_line(stats: TuneStats, task_id: int, names: list[str], weights: list[float], budget: int,

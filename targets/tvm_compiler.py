@@ -509,8 +509,7 @@ class TvmTarget:
                         tasks=contexts, task_weights=weights, work_dir=str(logs),
                         max_trials_global=left_trials, num_trials_per_iter=_per_iter(left_trials, len(tasks)),
                         builder=builder, runner=runner, database=db.ms_database(),
-                        measure_callbacks=[ms.measure_callback.AddToDatabase(),
-                                           ms.measure_callback.UpdateCostModel(), callback],
+                        measure_callbacks=[callback, ms.measure_callback.UpdateCostModel()],
                         task_scheduler=scheduler,
                     )
                 worker_info = {"worker_starts": worker.starts - starts_before,

@@ -241,6 +241,19 @@ def test_run_with_a_profile_cross_compiles_for_the_device_and_says_so(tmp_path: 
     assert cells["onnxruntime"]["status"] == "ok"
     # Built for the Pi's Cortex-A72; it cannot run here, and the cell says why instead of timing it.
     assert cells["tvm"]["status"] == "unavailable" and "cannot run on this" in cells["tvm"]["reason"]
+    # The bundle for the Pi: an aarch64 library, the profile named in its manifest; its run.py refuses this machine.
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(out), "--target", "tvm", "--out", str(bundle)]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["arch"] == "aarch64" and manifest["profile"]["name"] == "rpi4"
+    assert manifest["tvm"]["cross_compiled"] is True and manifest["tvm"]["target"]["mcpu"] == "cortex-a72"
+    assert (bundle / "model.so").read_bytes()[18:20] == (0xB7).to_bytes(2, "little")  # ELF machine: AArch64
+    if platform.machine() != "aarch64":
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, str(bundle / "run.py")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "built for aarch64" in proc.stderr
     # With --profile the same run needs no profile in the recipe; an unknown one fails before any work.
     r.write_text(r.read_text().replace('profile = "rpi4"\n', ''))
     assert main(["run", str(r), "--profile", "nope", "--out", str(tmp_path / "o2")]) == 2
