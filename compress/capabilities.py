@@ -46,6 +46,9 @@ class Facts(BaseModel):
     # An absolute-difference bound the model's producer guarantees for its lowering (a fake-quantized
     # model may round a tie the other way after export: one quantization step). None: the default.
     lowering_atol: float | None = None
+    # The CPU architecture a compiled artifact runs on ("x86_64", "aarch64"); None: not tied to one
+    # (an ONNX or PyTorch model, or a build any machine of the kind can load).
+    arch: str | None = None
 
     def evolve(self, **changes: Any) -> Facts:
         """These facts with ``changes`` applied (validated)."""
@@ -78,6 +81,17 @@ class PassCaps:
 
 
 @dataclass(frozen=True)
+class BundleSpec:
+    """How a target's build travels as a deployable bundle (``compress export``): the file it is, the
+    runtime package the device needs at exactly the version that built it, and why exactly."""
+
+    model: str
+    runtime: str
+    why_exact: str
+    pinned: tuple[str, ...] = ()  # further packages whose exact version the device must have too
+
+
+@dataclass(frozen=True)
 class TargetCaps:
     """What a target consumes and runs (a class attribute ``caps`` of every target)."""
 
@@ -99,6 +113,8 @@ class TargetCaps:
     sparse_kernels: frozenset[str] = frozenset()
     # Notes a report carries whenever this target was measured (how it was configured to be fair).
     report_notes: tuple[str, ...] = ()
+    # Its builds can be exported as a bundle that runs without this package (None: they cannot).
+    bundle: BundleSpec | None = None
 
 
 def refusal(caps: TargetCaps, facts: Facts, target: str) -> str | None:

@@ -24,6 +24,8 @@ EPILOG = """examples:
       --pipeline "prune.channels{ratio=0.5} -> torch,onnxruntime"
   compress passes            list passes and their settings
   compress targets           list targets and whether they run here
+  compress profiles          list hardware profiles (compress run --profile rpi5 ...)
+  compress export runs/NAME --target onnxruntime --out bundle   a folder to copy to the device
 
 exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun to resume)
 """
@@ -70,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
     r.add_argument("--dump-ir", metavar="DIR", help="debugging: write what every pass produced into DIR (the ONNX "
                    "graph as text and .onnx, the PyTorch module tree, each artifact's facts), per variant")
+    r.add_argument("--profile", help="hardware profile (compress profiles lists them) or a profile .toml file: "
+                   "the device's TVM target, ISA (INT8 scheme) and threads become the recipe's defaults")
 
     c = sub.add_parser("check", help="check latency/accuracy/size budgets (a CI gate)", epilog=CHECK_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +126,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     s.add_argument("-q", "--quiet", action="store_true")
 
+    e = sub.add_parser("export", help="write one folder that runs a run's compiled model on the device: the model, "
+                       "manifest.json, run.py (needs only the target's runtime) and the report")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="folder a compress run wrote (its --out)")
+    e.add_argument("--target", required=True, help="the target whose build to export (one that offers bundles: "
+                   "onnxruntime, tvm)")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--variant", help="which model of the run (default: the compressed one)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    pr = sub.add_parser("profiles", help="list hardware profiles (built-in, this host, yours from "
+                        "$COMPRESS_PROFILE_PATH)")
+    pr.add_argument("--check", action="store_true", help="also let TVM judge each profile's target (imports TVM)")
+    pr.add_argument("--json", action="store_true", help="print the profiles as JSON")
     sub.add_parser("passes", help="list passes and their settings")
     sub.add_parser("targets", help="list targets and whether they can run here")
     t = sub.add_parser("tvm-runtime", help="fetch another CPU's TVM runtime, so cross-compiled libraries are "
@@ -181,6 +197,11 @@ def _build_recipe(a: argparse.Namespace) -> Any:
         upd["model"] = revalidate(rec.model, model_upd, "command line", _MODEL_FLAGS)
     if a.data:
         upd["data"] = revalidate(rec.data, {"source": a.data}, "command line", {"source": "--data"})
+    if a.profile:
+        from .profiles import get_profile
+
+        get_profile(a.profile)  # an unknown profile is a usage error now, before the heavy imports
+        upd["profile"] = a.profile
     if a.pipeline:
         passes, targets = parse_pipeline(a.pipeline)
         upd["passes"], upd["targets"] = passes, targets or list(rec.targets)
@@ -350,6 +371,63 @@ def _cmd_targets() -> int:
     return 0
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    out = export_bundle(a.run_dir, a.target, a.out, variant=a.variant, force=a.force)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"wrote {out}: {manifest['variant']} on {a.target} ({manifest['precision']}, {manifest['model']}); on the "
+          f"device: pip install '{manifest['runtime']['package']}=={manifest['runtime']['version']}' numpy, then "
+          f"python {out}/run.py")
+    return 0
+
+
+def _cmd_profiles(a: argparse.Namespace) -> int:
+    from .profiles import all_profiles
+
+    found, errors = all_profiles()
+    checks: dict[str, str] = {}
+    if a.check:
+        checks = {name: _check_profile_target(p) for name, p in found.items()}
+    if a.json:
+        print(json.dumps({"profiles": {n: {**p.model_dump(mode="json"), **({"tvm_check": checks[n]} if checks else {})}
+                                       for n, p in found.items()}, "errors": errors}, indent=2))
+    else:
+        for name, p in found.items():
+            spec = p.tvm_target_json()
+            print(f"{name}  v{p.version}  ({p.source})  {p.description}")
+            print(f"    arch {p.arch}; ISA {', '.join(p.isa) or 'none'}; cores {p.cores or 'as found'}, threads "
+                  f"{p.threads or 'as found'}; INT8 {p.int8_scheme}; fast {', '.join(p.fast_precisions)}")
+            print(f"    backends {', '.join(p.backends)}; tvm target "
+                  f"{json.dumps(spec) if spec else 'this host (LLVM names its CPU)'}"
+                  + (f"; GPU tag {p.tvm_gpu_tag}" if p.tvm_gpu_tag else "")
+                  + (f"; TVM: {checks[name]}" if checks else ""))
+            for note in p.notes:
+                print(f"    note: {note}")
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
+        return 2
+    return 1 if any(c != "ok" for c in checks.values()) else 0
+
+
+def _check_profile_target(p: Any) -> str:
+    """'ok', or TVM's refusal of the profile's target as one line."""
+    try:
+        from compress.targets.tvm_compiler import host_target_json, make_target
+    except ImportError as e:
+        return f"not checked: {e}"
+    try:
+        make_target(p.tvm_target_json() or host_target_json())
+        for tag in filter(None, [p.tvm_gpu_tag]):
+            make_target({"tag": tag})
+    except ImportError as e:
+        return f"not checked: apache-tvm is not installed ({e})"
+    except CompressError as e:
+        return str(e)
+    return "ok"
+
+
 def _cmd_search(a: argparse.Namespace) -> int:
     from .search import load_space, run_search
 
@@ -416,11 +494,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.cmd:
         p.print_help()
         return 2
+    if a.debug:
+        import logging
+
+        # Read by parts that keep a library's own console output out of the way unless asked (TVM tuning).
+        logging.getLogger("compress").setLevel(logging.DEBUG)
     try:
         if a.cmd == "run":
             return _cmd_run(a)
         if a.cmd == "passes":
             return _cmd_passes()
+        if a.cmd == "export":
+            return _cmd_export(a)
+        if a.cmd == "profiles":
+            return _cmd_profiles(a)
         if a.cmd == "check":
             return _cmd_check(a)
         if a.cmd == "compare":

@@ -67,6 +67,12 @@ class TargetConfig(PassConfig):
         """Every setting that changes the build (the parity bounds do not)."""
         return {k: v for k, v in super().canonical().items() if not k.startswith("parity_")}
 
+    def for_profile(self, profile: Any) -> TargetConfig:
+        """These settings for a hardware profile's device (``compress.profiles``): a target that compiles
+        for a device fills in what the recipe left open from the profile; the default changes nothing.
+        Raises pydantic's ValidationError when the profile's value does not fit."""
+        return self
+
 
 # ---------------------------------------------------------------- text form
 # ``kind{key=value,...}``: how a step is shown in logs and reports and written on the command line

@@ -7,20 +7,29 @@ and optionally ``COMPRESS_ARCH`` (``x86_64``, ``aarch64``) makes the whole produ
 that CPU. The test suite uses this to run each branch on any machine; users use it to prepare a
 model for a CPU other than the build machine's. The override is recorded (``isa_forced``) and the
 detected flags are kept beside it (``isa_detected``), so a report never hides it.
+
+A hardware profile (``compress.profiles``; ``profile = "rpi5"`` in a recipe) forces the ISA through
+the same door while a run lasts (:func:`forced_by_profile`); it wins over the environment, because the
+recipe names the device, and ``isa_forced_by`` says which of the two forced it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from .versions import library_versions
 
+# x86 flags as /proc/cpuinfo spells them, then Arm's: asimddp = dot product (SDOT/UDOT), asimdhp = FP16
+# arithmetic, i8mm = int8 matrix multiply, bf16 = BF16 instructions.
 _ISA = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "neon", "asimd", "sve",
-        "f16c")
+        "f16c", "asimddp", "asimdhp", "i8mm", "bf16")
 ISA_ENV = "COMPRESS_ISA"
 ARCH_ENV = "COMPRESS_ARCH"
 KNOWN_ISA_FLAGS = frozenset(_ISA)
@@ -48,12 +57,52 @@ def isa_override() -> tuple[list[str] | None, str | None]:
     return flags, arch
 
 
+@dataclass(frozen=True)
+class ProfileOverride:
+    """The CPU a hardware profile describes, as :func:`cpu_info` reports it while the profile is active."""
+
+    name: str
+    isa: tuple[str, ...]
+    arch: str
+    int8_scheme: str | None = None
+    version: int = 1
+    source: str = "built-in"
+
+
+_PROFILE: ProfileOverride | None = None
+
+
+@contextlib.contextmanager
+def forced_by_profile(override: ProfileOverride | None) -> Iterator[None]:
+    """Make :func:`cpu_info` describe ``override``'s CPU inside the block (None: no change)."""
+    global _PROFILE
+    previous = _PROFILE
+    if override is not None:
+        _PROFILE = override
+    try:
+        yield
+    finally:
+        _PROFILE = previous
+
+
+def active_profile() -> ProfileOverride | None:
+    """The hardware profile forcing the ISA right now, if any."""
+    return _PROFILE
+
+
 def cpu_info() -> dict[str, Any]:
-    """This CPU as the product sees it: the detected CPU, with ``COMPRESS_ISA``/``COMPRESS_ARCH`` applied."""
+    """This CPU as the product sees it: the detected CPU, with an active profile or ``COMPRESS_ISA``/``COMPRESS_ARCH``
+    applied (the profile wins)."""
     info = dict(detected_cpu())
-    flags, arch = isa_override()
     info["isa_detected"] = info["isa"]
+    if _PROFILE is not None:
+        info["isa"], info["arch"] = sorted(_PROFILE.isa), _PROFILE.arch
+        info["isa_forced"], info["isa_forced_by"] = True, f"profile {_PROFILE.name}"
+        return info
+    flags, arch = isa_override()
     info["isa_forced"] = flags is not None or arch is not None
+    if info["isa_forced"]:
+        info["isa_forced_by"] = f"{ISA_ENV}/{ARCH_ENV}"
     if flags is not None:
         info["isa"] = flags
     if arch is not None:
@@ -86,13 +135,18 @@ def detected_cpu() -> dict[str, Any]:
 
 
 def machine_fingerprint() -> dict[str, Any]:
-    return {
+    out = {
         "cpu": cpu_info(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "libraries": {k: v for k, v in library_versions().items() if v != "absent"},
         "gpu": gpu_info(),
     }
+    if _PROFILE is not None:  # the run prepared the model for this device, not for the machine above
+        out["profile"] = {"name": _PROFILE.name, "version": _PROFILE.version, "source": _PROFILE.source,
+                          "note": "figures measured in this process come from the machine described here, not "
+                                  "from the profile's device"}
+    return out
 
 
 def gpu_info() -> str | None:

@@ -333,8 +333,11 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
                 c.latency[str(batch)] = lat
                 gpu = c.runner.device_ms if c.caps.device_timing else None
                 if gpu:
-                    # Device time from CUDA events, beside the host wall time above (warm-up calls included).
-                    c.latency[str(batch)]["device"] = summarize(list(gpu), batch).to_json()
+                    # Device time (CUDA events, or a remote device's own clock through RPC), beside the host
+                    # wall time above (warm-up calls included); the runner names the device it came from.
+                    c.latency[str(batch)]["device"] = {
+                        **summarize(list(gpu), batch).to_json(),
+                        "measured_on": getattr(c.runner, "device_name", "this machine's GPU (CUDA events)")}
 
 
 def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:

@@ -58,12 +58,17 @@ def run(
     a.onnx b.onnx``). ``aa_session`` times a second session of each baseline beside it: the
     between-session noise, added to every ratio's interval. ``instruments`` are hooked into every
     variant's pass chain (e.g. ``DumpInstrument``, ``compress run --dump-ir``).
+    A recipe's hardware ``profile`` (compress.profiles) fills in its defaults and forces its ISA for the run.
     """
+    from .profiles import profile_scope
+    from .recipe import load_recipe
+
     t_start = time.perf_counter()
-    plan = make_plan(recipe, out_dir, cache_dir, progress, log, variants, write, extra_models, instruments)
-    made = execute(plan)
-    measured = measure(plan, made, references, aa_session)
-    return report(plan, made, measured, time.perf_counter() - t_start, baseline_label)
+    with profile_scope(recipe if isinstance(recipe, Recipe) else load_recipe(recipe)) as (rec, _profile):
+        plan = make_plan(rec, out_dir, cache_dir, progress, log, variants, write, extra_models, instruments)
+        made = execute(plan)
+        measured = measure(plan, made, references, aa_session)
+        return report(plan, made, measured, time.perf_counter() - t_start, baseline_label)
 
 
 def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,

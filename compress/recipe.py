@@ -71,12 +71,14 @@ class Recipe(_Strict):
     targets: list[TargetConfig] = Field(default_factory=list)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     seed: int = 0
+    # A hardware profile's name (compress.profiles) or a profile .toml file: the device's defaults.
+    profile: str | None = None
 
     def pipeline_text(self) -> str:
         return format_pipeline(self.passes, self.targets)
 
 
-_TOP_KEYS = ("name", "model", "data", "passes", "targets", "measure", "seed")
+_TOP_KEYS = ("name", "model", "data", "passes", "targets", "measure", "seed", "profile")
 
 
 def _fmt_validation(where: str, e: ValidationError, cls: type[BaseModel]) -> str:
@@ -160,13 +162,18 @@ def recipe_from_dict(d: dict[str, Any], where: str = "recipe") -> Recipe:
         seed = int(d.get("seed", 0))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: {e}") from None
+    profile = d.get("profile")
+    if profile is not None and (not isinstance(profile, str) or not profile):
+        raise RecipeError(f"{where}: 'profile' must be a profile name (e.g. \"rpi5\") or a profile .toml file, "
+                          f"got {profile!r}")
     # The plain tables first: checking them needs no plugin (nor torch) imported.
     model = _sub(f"{where}: model", ModelSpec, d.get("model"))
     data = _sub(f"{where}: data", DataSpec, d.get("data"))
     measure = _sub(f"{where}: measure", MeasureSpec, d.get("measure"))
     passes = [_validate_step(f"{where}: passes[{i + 1}]", t, target=False) for i, t in enumerate(d.get("passes", []))]
     targets = [_validate_step(f"{where}: targets[{i + 1}]", t, target=True) for i, t in enumerate(d.get("targets", []))]
-    return Recipe(name=name, model=model, data=data, measure=measure, passes=passes, targets=targets, seed=seed)
+    return Recipe(name=name, model=model, data=data, measure=measure, passes=passes, targets=targets, seed=seed,
+                  profile=profile)
 
 
 def read_toml(path: str | Path, what: str) -> tuple[Path, dict[str, Any]]:
@@ -213,7 +220,10 @@ def _resolve_paths(rec: Recipe, base: Path) -> Recipe:
             if isinstance(getattr(p, name, None), str):
                 update[name] = _fix_source(getattr(p, name), base)
         passes.append(p.model_copy(update=update) if update else p)
-    return rec.model_copy(update={"model": model, "data": data, "passes": passes})
+    profile = rec.profile
+    if profile is not None and profile.endswith(".toml"):  # a profile file beside the recipe
+        profile = fix(profile)
+    return rec.model_copy(update={"model": model, "data": data, "passes": passes, "profile": profile})
 
 
 def _fix_source(src: str, base: Path) -> str:
@@ -299,6 +309,8 @@ def parse_pipeline(text: str) -> tuple[list[PassConfig], list[TargetConfig]]:
 def recipe_to_toml(rec: Recipe) -> str:
     """Write a recipe back as TOML (one level of nesting, as users write it)."""
     lines = [f"name = {_fmt_value(rec.name)}", f"seed = {rec.seed}"]
+    if rec.profile is not None:
+        lines.append(f"profile = {_fmt_value(rec.profile)}")
 
     def inline(m: BaseModel) -> str:
         d = {k: v for k, v in m.model_dump(mode="json").items() if v is not None}

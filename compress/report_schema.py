@@ -79,6 +79,12 @@ class LatencyStats(_Record):
     throughput: float = Field(description="samples per second at p50")
 
 
+class DeviceLatency(LatencyStats):
+    """Latency on the device's own clock, and which device that was."""
+
+    measured_on: str | None = Field(None, description="the device the figures came from (a GPU, or an RPC device)")
+
+
 class TimingOrder(_Record):
     method: str
     seed: int
@@ -106,7 +112,8 @@ class BatchLatency(LatencyStats):
     aa_session: RatioCI | None = Field(None, description="baseline only: a second session timed beside it")
     aa: RatioCI | None = Field(None, description="baseline only: its odd rounds against its even rounds")
     capped: str | None = Field(None, description="why this cell got fewer rounds than asked")
-    device: LatencyStats | None = Field(None, description="device time (CUDA events) where the target has it")
+    device: DeviceLatency | None = Field(None, description="time on the device's own clock (CUDA events, or a "
+                                          "remote device through RPC) where the target has it")
     identical_to: str | None = Field(None, description="'variant/target' whose identical build was timed")
 
 
@@ -272,9 +279,19 @@ class CpuInfo(_Record):
     arch: str
     cores: int
     affinity_cores: int | None
-    isa: list[str] = Field(description="ISA flags the product acted on (COMPRESS_ISA applied)")
+    isa: list[str] = Field(description="ISA flags the product acted on (a hardware profile or COMPRESS_ISA applied)")
     isa_detected: list[str]
     isa_forced: bool
+    isa_forced_by: str | None = Field(None, description="what forced the ISA: 'profile NAME' or the environment")
+
+
+class ProfileInfo(_Record):
+    """The hardware profile the run prepared the model for (compress.profiles)."""
+
+    name: str
+    version: int
+    source: str
+    note: str
 
 
 class Machine(_Record):
@@ -283,6 +300,7 @@ class Machine(_Record):
     python: str
     libraries: dict[str, str]
     gpu: str | None
+    profile: ProfileInfo | None = None
 
 
 class Measurement(MeasureSpec):

@@ -211,14 +211,24 @@ def choose_scheme(requested: str) -> tuple[str, str]:
     The ISA is :func:`compress.fingerprint.cpu_info`'s, so ``COMPRESS_ISA`` / ``COMPRESS_ARCH`` force
     either branch on any machine (the tests run both).
     """
-    from compress.fingerprint import cpu_info
+    from compress.fingerprint import active_profile, cpu_info
 
     info = cpu_info()
     isa, arch = info["isa"], str(info["arch"]).lower()
-    forced = f" (forced by COMPRESS_ISA/COMPRESS_ARCH; detected: {', '.join(info['isa_detected']) or 'none'})" \
+    forced = f" (forced by {info.get('isa_forced_by')}; detected: {', '.join(info['isa_detected']) or 'none'})" \
         if info["isa_forced"] else ""
     if requested != "auto":
         return requested, f"scheme {requested} set by the user (CPU ISA: {', '.join(isa) or 'unknown'}{forced})"
+    profile = active_profile()
+    if profile is not None and profile.int8_scheme:
+        # The profile's scheme was checked against its ISA when it was loaded (compress.profiles).
+        return profile.int8_scheme, (f"{profile.int8_scheme}: preferred by hardware profile {profile.name} "
+                                     f"(ISA {', '.join(isa) or 'none'}, {arch})")
+    return scheme_for_isa(isa, arch, forced)
+
+
+def scheme_for_isa(isa: list[str], arch: str, forced: str = "") -> tuple[str, str]:
+    """The INT8 scheme ONNX Runtime's kernels compute exactly and fast on a CPU with ``isa``; (scheme, why)."""
     vnni = [f for f in VNNI_FLAGS if f in isa]
     if arch not in ("x86_64", "amd64"):
         return "u8s8", f"u8s8: {arch} CPU; ONNX Runtime's integer kernels there do not use VPMADDUBSW{forced}"

@@ -1,18 +1,12 @@
-"""MetaSchedule plumbing for the TVM target: the tuning database on disk and a cheap in-process tuner.
+"""MetaSchedule plumbing for the TVM target: the tuning database on disk and a tuner that cannot hang.
 
 Kept apart from ``tvm_compiler.py`` so the target file reads as the user sees it (config, compile,
 run) and this file holds the parts that only matter while tuning. Everything here imports TVM
 lazily: ``targets/`` is imported by the registry on machines without TVM.
 
-Why the builder and runner run inside this process: MetaSchedule's default LocalBuilder and
-LocalRunner start fresh worker processes, and every worker pays ``import tvm`` (about 4 s here)
-before it compiles or times anything; the builder pool is even restarted for every batch. On two
-cores that startup cost dominated tuning (see benchmarks/results/tvm.md for the measurement). A
-candidate is a schedule of an already-verified TIR function, compiled by LLVM and timed with
-``time_evaluator`` exactly as the workers would do it, so doing it here gives the same
-measurements without the process churn. The price: a candidate that crashed natively would take
-this process with it; MetaSchedule's postprocessors verify every candidate before it is built, and
-none crashed in the runs recorded in the results file.
+Candidates are built and timed in one long-lived worker process under a hard timeout
+(``_tvm_worker``: why neither MetaSchedule's LocalBuilder/LocalRunner nor the in-process builder this
+target used before). The search itself (MetaSchedule's evolutionary search and cost model) runs here.
 """
 
 from __future__ import annotations
@@ -22,9 +16,8 @@ import fcntl
 import hashlib
 import json
 import logging
-import shutil
+import os
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -212,61 +205,24 @@ def model_key(tasks: list[Any]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 
+SKIPPED = "not measured: the tuning time budget was spent"
+
+
 @dataclass
 class TuneStats:
     trials: int = 0
+    candidates: int = 0  # sent to the worker
+    skipped: int = 0  # left unmeasured when the time budget ran out
     build_errors: int = 0
     run_errors: int = 0
+    timeouts: int = 0  # killed at the candidate timeout
+    crashes: int = 0  # the worker died under the candidate
     build_s: float = 0.0
     run_s: float = 0.0
+    worker_s: float = 0.0  # round trips to the worker, build and timing included
+    slowest_candidate_s: float = 0.0
     stopped_by_time: bool = False
     best_s: dict[int, float] = field(default_factory=dict)
-
-
-class StallWatch:
-    """Tells the user when one in-process candidate takes far longer than candidates do.
-
-    The in-process builder and runner cannot interrupt TVM's C++ code: LLVM compiling a badly
-    unrolled candidate (the JIT runs when the runner first looks the kernel up) once ran for over
-    ten minutes here. TVM's FFI releases the GIL during such calls, so a thread can at least say
-    what is going on instead of leaving the console silent.
-    """
-
-    def __init__(self, say: Callable[[str], None], after_s: float = 120.0, poll_s: float = 5.0) -> None:
-        self._say, self._after, self._poll = say, after_s, poll_s
-        self._current: tuple[str, float] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @contextlib.contextmanager
-    def phase(self, what: str) -> Iterator[None]:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="tvm-stall-watch", daemon=True)
-            self._thread.start()
-        self._current = (what, time.perf_counter())
-        try:
-            yield
-        finally:
-            self._current = None
-
-    def _loop(self) -> None:
-        warned: tuple[str, float] | None = None
-        while not self._stop.wait(self._poll):
-            cur = self._current
-            if cur is None or cur is warned:
-                continue
-            waited = time.perf_counter() - cur[1]
-            if waited >= self._after:
-                warned = cur
-                self._say(f"tvm tuning: {cur[0]} has taken {waited:.0f} s so far (candidates usually take seconds); "
-                          "TVM cannot interrupt it in-process, so tuning waits for it. If it never ends, stop the "
-                          "run: the tuning database keeps every record measured so far, and a rerun starts its "
-                          "search from them")
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 _GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
@@ -300,57 +256,50 @@ def import_cpu_tensor_intrinsics() -> None:
             del sys.modules[full]
 
 
-@contextlib.contextmanager
-def quiet_metaschedule_logging() -> Iterator[None]:
-    """MetaSchedule prints a table per batch; our progress lines replace it on the console.
-
-    MetaSchedule re-runs ``logging.config.dictConfig`` on every tuning call, listing the handlers
-    already on its logger by name; an unnamed one (pytest's, a user's) makes that call crash on the
-    second tuning in a process. Such handlers are detached for the call and put back afterwards.
-    """
-    logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    unnamed = [h for h in logger.handlers if h.get_name() is None]
-    for h in unnamed:
-        logger.removeHandler(h)
-    level = logger.level
-    # The console handler MetaSchedule creates takes the logger's level at creation.
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level if level != logging.NOTSET else logging.WARNING)
-        for h in unnamed:
-            logger.addHandler(h)
-
-
 def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None, progress: Callable[[str], None],
-                     evaluator: dict[str, Any], budget: int, watch: StallWatch) -> tuple[Any, Any, Any, Any]:
-    """An in-process builder and runner, a measure callback and a task scheduler sharing ``stats``.
+                     evaluator: dict[str, Any], budget: int, worker: Any,
+                     timeout_s: float) -> tuple[Any, Any, Any, Any]:
+    """A builder and runner that measure each candidate in ``worker`` (``_tvm_worker``) under a hard
+    timeout, a measure callback that records results in the database and reports progress (it replaces
+    MetaSchedule's AddToDatabase), and a task scheduler, all sharing ``stats``.
+
+    The builder only hands each candidate's module through: building and timing happen in one worker
+    call in the runner, under one timeout, so no library goes to disk and back. Candidates left when the
+    time budget is spent are not measured (reported as skipped), so a run overshoots its time budget
+    by at most the candidate in flight (its timeout at worst) and one search step.
 
     With a time budget the scheduler is round-robin, not MetaSchedule's default gradient one: the
     gradient scheduler sends its whole first round (one batch per task) before joining any result,
     and refuses to have a task terminated during that round, so its time budget could only be
     checked after every task had been searched once (on ResNet-18 a 180 s budget ran 316 s).
     Round-robin joins each batch right away (our runner is synchronous), so the budget is checked
-    after every batch. Progress is printed by the runner for the same reason.
+    after every batch.
     """
-    import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
+    from tvm.s_tir.meta_schedule.runner import PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
-    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
+
+    from ._tvm_worker import build_and_time, hang_candidates
 
     scheduler = ms.TaskScheduler.create("gradient" if deadline is None else "round-robin")
-    built: dict[str, Any] = {}
+    pending: dict[str, tuple[Any, Any]] = {}
     counter = iter(range(1 << 62))
     t_start = time.perf_counter()
-    measured = [0]
+    hang = hang_candidates()
+    names = [t.task_name for t in tasks]
+    weights = [t.weight for t in tasks]
+
+    def over_time() -> bool:
+        return deadline is not None and time.perf_counter() >= deadline
 
     def stop_if_over_time(task_scheduler: Any) -> None:
-        if deadline is None or stats.stopped_by_time or time.perf_counter() < deadline:
+        if not over_time() or stats.stopped_by_time:
+            return
+        if stats.trials >= budget:
+            # The trial budget is spent too: the scheduler is joining its last batches and terminates the
+            # tasks itself (terminating one here first fails its check that a task ends only once).
             return
         stats.stopped_by_time = True
         progress(f"tvm tuning: time budget reached after {time.perf_counter() - t_start:.0f} s; stopping")
@@ -359,79 +308,163 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
                 task_scheduler.terminate_task(i)
 
     @derived_object
-    class InProcessBuilder(PyBuilder):
+    class PassThroughBuilder(PyBuilder):
         def build(self, build_inputs: list[Any]) -> list[Any]:
             out = []
             for bi in build_inputs:
-                t0 = time.perf_counter()
-                try:
-                    with watch.phase("building one candidate"):
-                        rt_mod = default_build(bi.mod, bi.target, None)
-                except (RuntimeError, ValueError, TypeError) as e:  # how TVM FFI surfaces C++ errors
-                    # A failed candidate is a measured outcome, counted in the stats and the report.
-                    stats.build_errors += 1
-                    out.append(BuilderResult(None, f"in-process build failed: {e}"))
-                    continue
-                finally:
-                    stats.build_s += time.perf_counter() - t0
-                key = f"inproc:{next(counter)}"
-                built[key] = rt_mod
+                key = f"candidate:{next(counter)}"
+                pending[key] = (bi.mod, bi.target)
                 out.append(BuilderResult(key, None))
             return out
 
     @derived_object
-    class InProcessRunner(PyRunner):
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = EvaluatorConfig(**evaluator)
-            self.fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
-
+    class WorkerRunner(PyRunner):
         def run(self, runner_inputs: list[Any]) -> list[Any]:
-            dev = tvm.cpu(0)
             out = []
-            batch_best = None
             for ri in runner_inputs:
-                t0 = time.perf_counter()
-                rt_mod = built.pop(ri.artifact_path)
-                try:
-                    with watch.phase("compiling and timing one candidate"):
-                        args = alloc_argument_common(self.fill, dev, [a.as_json() for a in ri.args_info], 1)
-                        costs = run_evaluator_common(rt_mod, dev, self.config, args)
-                    out.append(LocalRunnerFuture(costs, None))
-                    mean = sum(costs) / len(costs)
-                    batch_best = mean if batch_best is None else min(batch_best, mean)
-                except (RuntimeError, ValueError, TypeError) as e:  # how TVM FFI surfaces C++ errors
-                    stats.run_errors += 1
-                    out.append(LocalRunnerFuture(None, f"in-process run failed: {e}"))
-                finally:
-                    stats.run_s += time.perf_counter() - t0
-            measured[0] += len(runner_inputs)
-            best = "no valid candidate" if batch_best is None else f"best kernel in batch {batch_best * 1e3:.4f} ms"
-            progress(f"tvm tuning: {measured[0]}/{budget} trials measured, {best}; "
-                     f"{time.perf_counter() - t_start:.0f} s elapsed")
+                mod, target = pending.pop(ri.artifact_path)
+                if over_time():
+                    stats.skipped += 1
+                    out.append(LocalRunnerFuture(None, SKIPPED))
+                    continue
+                stats.candidates += 1
+                res = worker.call(build_and_time, (mod, target, [a.as_json() for a in ri.args_info], evaluator,
+                                                   stats.candidates in hang), timeout_s)
+                stats.worker_s += res.seconds
+                stats.slowest_candidate_s = max(stats.slowest_candidate_s, res.seconds)
+                if res.status == "ok" and res.value["ok"]:
+                    v = res.value
+                    stats.build_s += v["build_s"]
+                    stats.run_s += v["run_s"]
+                    out.append(LocalRunnerFuture(v["costs"], None))
+                    continue
+                if res.status == "ok":  # the worker answered: the candidate failed to build or run
+                    v = res.value
+                    stats.build_s += v.get("build_s", 0.0)
+                    stats.run_s += v.get("run_s", 0.0)
+                    if v["phase"] == "build":
+                        stats.build_errors += 1
+                    else:
+                        stats.run_errors += 1
+                    msg = f"{v['phase']} failed: {v['error']}"
+                else:  # timeout or crash: the worker is gone and is replaced for the next candidate
+                    if res.status == "timeout":
+                        stats.timeouts += 1
+                    else:
+                        stats.crashes += 1
+                    msg = f"candidate {stats.candidates}: {res.error}"
+                    progress(f"tvm tuning: {msg} (after {res.seconds:.1f} s); a fresh worker takes the next "
+                             "candidate")
+                out.append(LocalRunnerFuture(None, msg))
             return out
 
-    names = [t.task_name for t in tasks]
-    weights = [t.weight for t in tasks]
+    add_to_database = ms.measure_callback.AddToDatabase()
 
     @derived_object
-    class Progress(ms.measure_callback.PyMeasureCallback):
+    class RecordAndReport(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, measure_candidates: list[Any],
                   builder_results: list[Any], runner_results: list[Any]) -> None:
+            # Candidates left unmeasured when the time ran out are not recorded: a record (even a failed
+            # one) marks a schedule as measured, and a later run would never try it.
+            keep = [i for i, rr in enumerate(runner_results) if rr.error_msg != SKIPPED]
+            if keep:
+                add_to_database.apply(task_scheduler, task_id, [measure_candidates[i] for i in keep],
+                                      [builder_results[i] for i in keep], [runner_results[i] for i in keep])
             stats.trials += len(measure_candidates)
             for rr in runner_results:
                 if rr.error_msg is None and rr.run_secs:
                     lat = sum(float(s) for s in rr.run_secs) / len(rr.run_secs)
                     stats.best_s[task_id] = min(stats.best_s.get(task_id, lat), lat)
-            best = stats.best_s.get(task_id)
-            est = sum(weights[i] * s for i, s in stats.best_s.items())
-            task_best = "no valid candidate yet" if best is None else f"best {best * 1e3:.4f} ms"
-            progress(f"tvm tuning: task {task_id + 1}/{len(names)} {names[task_id]!r} {task_best}; "
-                     f"{len(stats.best_s)}/{len(names)} tasks measured, weighted sum of best kernels "
-                     f"{est * 1e3:.3f} ms")
+            progress(progress_line(stats, task_id, names, weights, budget, time.perf_counter() - t_start, deadline))
             stop_if_over_time(task_scheduler)
 
-    return InProcessBuilder(), InProcessRunner(), Progress(), scheduler
+    return PassThroughBuilder(), WorkerRunner(), RecordAndReport(), scheduler
+
+
+def progress_line(stats: TuneStats, task_id: int, names: list[str], weights: list[float], budget: int,
+                  elapsed: float, deadline: float | None) -> str:
+    """One line a user can watch: trials against the budget, this task's and the model's best, time left."""
+    best = stats.best_s.get(task_id)
+    est = sum(weights[i] * s for i, s in stats.best_s.items())
+    if deadline is not None:
+        left = f"{max(0.0, deadline - time.perf_counter()):.0f} s left of the time budget"
+    elif stats.trials:
+        left = f"~{elapsed / stats.trials * max(0, budget - stats.trials):.0f} s left at this rate"
+    else:
+        left = "time left unknown"
+    failed = stats.build_errors + stats.run_errors + stats.timeouts + stats.crashes
+    return (f"tvm tuning: {stats.trials}/{budget} trials, {elapsed:.0f} s elapsed, {left}; task {task_id + 1}/"
+            f"{len(names)} {names[task_id]!r} best {'-' if best is None else f'{best * 1e3:.4f} ms'}; model "
+            f"{est * 1e3:.3f} ms (weighted best kernels, {len(stats.best_s)}/{len(names)} tasks measured)"
+            + (f"; {failed} failed candidates" if failed else ""))
+
+
+@contextlib.contextmanager
+def _native_stderr_to(f: Any) -> Iterator[None]:
+    """TVM's C++ warnings (written to file descriptor 2) go to ``f``; Python's ``sys.stderr`` keeps the terminal.
+
+    Our progress lines are printed to ``sys.stderr``: when that is descriptor 2 itself it is swapped for a
+    copy of the original descriptor for the block, so only the C++ side is redirected.
+    """
+    sys.stderr.flush()
+    f.flush()
+    saved = os.dup(2)
+    try:
+        real = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # pytest's capture and other stand-ins have no descriptor
+        real = False
+    old_stderr = sys.stderr
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1) if real else None
+    os.dup2(f.fileno(), 2)
+    if terminal is not None:
+        sys.stderr = terminal
+    try:
+        yield
+    finally:
+        if terminal is not None:
+            sys.stderr = old_stderr
+            terminal.close()
+        f.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def tvm_logs_to(log_file: Path, debug: bool) -> Iterator[None]:
+    """MetaSchedule's console lines go to ``log_file`` (beside the tuning database), not the terminal.
+
+    MetaSchedule re-runs ``logging.config.dictConfig`` on every tuning call and gives its console handler
+    the stream ``ext://sys.stdout``, resolved at that moment: while this block runs ``sys.stdout`` is the
+    log file, so that handler writes there. Its per-task DEBUG logs go to ``<work_dir>/logs`` (the caller
+    puts work_dir beside the database too). With ``debug`` the console lines stay on the terminal.
+
+    An unnamed handler already on MetaSchedule's logger (pytest's, a user's) makes that dictConfig call
+    crash on the second tuning in a process, so such handlers are detached for the call and put back.
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        logger.removeHandler(h)
+    level = logger.level
+    # INFO: the log file gets MetaSchedule's per-batch tables (and no "level set to WARNING" warning).
+    logger.setLevel(logging.INFO)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            if not debug:
+                f = stack.enter_context(log_file.open("a"))
+                stack.enter_context(contextlib.redirect_stdout(f))
+                stack.enter_context(_native_stderr_to(f))
+            yield
+    finally:
+        logger.setLevel(level if level != logging.NOTSET else logging.WARNING)
+        for h in unnamed:
+            logger.addHandler(h)
+        # The console handler dictConfig made holds the log file's stream, now closed: drop it.
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                    and getattr(h.stream, "closed", False):
+                logger.removeHandler(h)
 
 
 def prepare_passes(target: Any, prepack: bool) -> list[Any]:
@@ -495,6 +528,3 @@ def compile_tuned(database: Any, mod: Any, target: Any, prepack: bool) -> tuple[
     with target, database, tvm.transform.PassContext(opt_level=3):
         return relax.build(mod, target=target, relax_pipeline=_pipeline), prepacked[0]
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifact import ONNX, Artifact, sha256_files
-from compress.capabilities import TargetCaps
+from compress.capabilities import BundleSpec, TargetCaps
 from compress.config import TargetConfig
 from compress.errors import BuildError
 from compress.fingerprint import cpu_info
@@ -48,7 +48,10 @@ class OnnxRuntimeTarget:
     name = "onnxruntime"
     caps = TargetCaps(consumes=ONNX, default=True, op_domains=frozenset({"com.microsoft"}),
                       report_notes=("ONNX Runtime measured with intra-op thread spinning off unless the target "
-                                    "config says otherwise",))
+                                    "config says otherwise",),
+                      bundle=BundleSpec("model.onnx", "onnxruntime",
+                                        "the model was saved after this ONNX Runtime version's graph optimizations, "
+                                        "which may use its own fused operators"))
 
     def __init__(self, config: OnnxRuntimeConfig) -> None:
         self.config = config

@@ -13,8 +13,8 @@ tuned by another TVM version or for another target are never applied (see ``_tvm
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -22,19 +22,22 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from compress.artifact import ONNX, Artifact, InputSpec, sha256_file, sha256_files
-from compress.capabilities import TargetCaps
+from compress.capabilities import BundleSpec, TargetCaps
 from compress.config import TargetConfig
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
 from compress.fingerprint import cpu_info
 from compress.registry import register_target
 
 from .base import module_version
+
+if TYPE_CHECKING:
+    from ._tvm_rpc import RpcTvmRunner
 
 LIBRARY = "model.so"
 MANIFEST = "tvm.json"
@@ -50,11 +53,14 @@ class TvmConfig(TargetConfig):
 
     kind: Literal["tvm"] = "tvm"
     target: dict[str, Any] | None = Field(
-        None, description="TVM target JSON, e.g. {kind='llvm', mcpu='znver3', num-cores=2}; "
-        "None = this host (CPU model -> mcpu, cores)")
+        None, description="TVM target JSON, e.g. {kind='llvm', mcpu='znver3', num-cores=2}, or a TVM tag with "
+        "overrides, e.g. {tag='raspberry-pi/4b-aarch64'}; None = the recipe's profile's target, else this host")
     tuning_trials: int = Field(
         256, ge=0, description="MetaSchedule trials in total over all tasks; 0 = untuned (not representative)")
     tuning_time_s: float | None = Field(None, gt=0, description="wall-clock budget for tuning; None = trials only")
+    candidate_timeout_s: float = Field(
+        60.0, gt=0, description="hard limit on building and timing one tuning candidate; past it the worker process "
+        "is killed and replaced (a candidate stuck in LLVM once ran >10 min here)")
     database: str | None = Field(None, description="tuning database root; None = <cache>/tvm-db")
     weight_prepack: bool = Field(
         True, description="CPU: let tuning choose a blocked weight layout per kernel, repacked once at build time")
@@ -68,11 +74,36 @@ class TvmConfig(TargetConfig):
         None, description="folder with the target architecture's TVM runtime (compress tvm-runtime ARCH); "
         "None = $COMPRESS_TVM_CROSS_RUNTIME or <cache>/tvm-runtime/ARCH-tvmVERSION")
 
+    rpc: str | None = Field(
+        None, description="run and time the build on the device through TVM RPC: 'HOST:PORT' of `python -m "
+        "tvm.exec.rpc_server` there, or 'tracker:HOST:PORT/KEY'; the report's device figures then come from it")
+
+    @field_validator("rpc")
+    @classmethod
+    def _rpc_form(cls, v: str | None) -> str | None:
+        if v is not None:
+            from ._tvm_rpc import parse_rpc
+
+            parse_rpc(v)
+        return v
+
+    def canonical(self) -> dict[str, Any]:
+        """Where the build is timed does not change it: ``rpc`` stays out of the cache key."""
+        return {k: v for k, v in super().canonical().items() if k != "rpc"}
+
+    def for_profile(self, profile: Any) -> TvmConfig:
+        """Compile for the profile's device (its TVM tag / target JSON) unless the recipe names a target."""
+        spec = profile.tvm_target_json()
+        if self.target is not None or spec is None:
+            return self
+        return type(self).model_validate({**self.model_dump(), "target": spec})
+
     @field_validator("target")
     @classmethod
     def _target_has_kind(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and not isinstance(v.get("kind"), str):
-            raise ValueError("a TVM target JSON needs a 'kind' string, e.g. {kind = 'llvm', mcpu = 'znver3'}")
+        if v is not None and not isinstance(v.get("kind"), str) and not isinstance(v.get("tag"), str):
+            raise ValueError("a TVM target JSON needs a 'kind' string, e.g. {kind = 'llvm', mcpu = 'znver3'}, or a "
+                             "TVM target 'tag', e.g. {tag = 'raspberry-pi/4b-aarch64'}")
         return v
 
 
@@ -96,6 +127,13 @@ def mcpu_for_isa(isa: list[str], arch: str) -> str | None:
         if all(f in isa for f in needs):
             return mcpu
     return "x86-64"
+
+
+def _arch_of(target_json: dict[str, Any]) -> str:
+    """The CPU architecture a build for ``target_json`` runs on (its triple's, else this machine's)."""
+    triple = str(target_json.get("mtriple") or "")
+    arch = triple.split("-")[0] if triple else str(cpu_info()["arch"])
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(arch.lower(), arch.lower())
 
 
 def host_target_json() -> dict[str, Any]:
@@ -185,6 +223,7 @@ class TvmRunner:
             tvm.get_global_func("runtime.config_threadpool")(1, threads)
         self.inputs = inputs
         self.input_names = [s.name for s in inputs]
+        self.device_ms: list[float] = []  # stays empty: a local build is timed by the host only
         self._lib = tvm.runtime.load_module(str(lib_path))
         self._dev = tvm.cpu(0)
         self._vm = relax.VirtualMachine(self._lib, self._dev)
@@ -217,12 +256,8 @@ def _flatten(out: Any) -> list[Any]:
     return flat
 
 
-def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
-    """Load a library this target exported (``folder`` holds ``model.so`` and ``tvm.json``).
-
-    The library's SHA-256 must match the one recorded when it was built: loading a shared library
-    runs its code, so a swapped or foreign ``.so`` is refused rather than executed.
-    """
+def verified_library(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The library in ``folder`` and its manifest, after checking its SHA-256 against the manifest."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
@@ -233,6 +268,16 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
     if not lib.exists() or sha256_file(lib) != manifest["library_sha256"]:
         raise InputError(f"{lib} does not match the SHA-256 recorded in {manifest_path} when it was built; "
                          "refusing to load it (rebuild with the tvm target)")
+    return lib, manifest
+
+
+def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
+    """Load a library this target exported (``folder`` holds ``model.so`` and ``tvm.json``).
+
+    The library's SHA-256 must match the one recorded when it was built: loading a shared library
+    runs its code, so a swapped or foreign ``.so`` is refused rather than executed.
+    """
+    lib, manifest = verified_library(folder)
     if manifest.get("foreign"):
         # Its outputs may have been checked under qemu at build time; latency under emulation means nothing.
         built_for = manifest["target"].get("mtriple") or manifest["target"].get("kind")
@@ -245,7 +290,10 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
 @register_target(TvmConfig)
 class TvmTarget:
     name = "tvm"
-    caps = TargetCaps(consumes=ONNX)
+    # Device timing: a remote device (rpc) reports its own clock per call; a local build reports none.
+    caps = TargetCaps(consumes=ONNX, device_timing=True,
+                      bundle=BundleSpec("model.so", "apache-tvm", "a compiled TVM library is loaded by the runtime "
+                                        "of the TVM version that compiled it", pinned=("apache-tvm-ffi",)))
 
     def __init__(self, config: TvmConfig) -> None:
         self.config = config
@@ -267,14 +315,26 @@ class TvmTarget:
         return None
 
     def check_config(self) -> None:
-        """Let TVM judge a given target JSON before any pass runs (raises RecipeError naming it)."""
-        if self.config.target is None:
+        """Before any pass runs: let TVM judge a given target JSON (RecipeError naming it), and with ``rpc``
+        check that the device answers and runs a library this TVM builds (TargetUnavailable, one line)."""
+        if self.config.target is None and self.config.rpc is None:
             return
         try:
             import tvm  # noqa: F401
         except ImportError:  # unavailable_reason says why; nothing to check the JSON against
             return
-        make_target(dict(self.config.target))
+        target = make_target(dict(self.config.target or host_target_json()))
+        if self.config.rpc is not None:
+            import tempfile
+
+            from ._tvm_rpc import check_device, parse_rpc
+
+            if self.config.tuning_trials > 0 and is_foreign(target):
+                raise RecipeError("target 'tvm': tuning through rpc is not supported yet (candidates are timed on "
+                                  "this machine); set tuning_trials = 0, or tune on a machine of the device's kind")
+            with tempfile.TemporaryDirectory() as tmp:
+                check_device(parse_rpc(self.config.rpc), target,
+                             lambda ex, path: self._export(ex, path, target, is_foreign(target)), Path(tmp))
 
     def fingerprint(self) -> dict[str, Any]:
         info = cpu_info()
@@ -314,6 +374,11 @@ class TvmTarget:
                               "(candidates must run where they are measured); set tuning_trials = 0 for a cross "
                               "build, or build on the device")
         notes: list[str] = []
+        if cfg.rpc is not None:
+            from ._tvm_rpc import parse_rpc
+
+            notes.append(f"timed on the device through the {parse_rpc(cfg.rpc).describe()}: the latency 'device' "
+                         "figures are the device's own clock; the host figures include the RPC round trip")
         quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
                         for n in model.graph.node)
 
@@ -366,7 +431,7 @@ class TvmTarget:
             "notes": notes,
         }}
         return Artifact("compiled", out, sha256_files(out), art.inputs, metadata=meta,
-                        facts=art.known_facts().evolve(dynamic_batch=False))
+                        facts=art.known_facts().evolve(dynamic_batch=False, arch=_arch_of(manifest["target"])))
 
     def _import(self, model: Any, art: Artifact) -> tuple[Any, dict[Any, Any]]:
         from tvm.relax.frontend import detach_params
@@ -401,7 +466,6 @@ class TvmTarget:
         from tvm.s_tir import meta_schedule as ms
 
         from ._tvm_tuning import (
-            StallWatch,
             TuneStats,
             TuningDatabase,
             compile_tuned,
@@ -409,9 +473,9 @@ class TvmTarget:
             make_tuner_parts,
             model_key,
             prepare_passes,
-            quiet_metaschedule_logging,
-            remove_tree,
+            tvm_logs_to,
         )
+        from ._tvm_worker import shared_worker
 
         cfg = self.config
         prepack = cfg.weight_prepack and target.kind.name == "llvm"
@@ -435,6 +499,7 @@ class TvmTarget:
             left_time = None if cfg.tuning_time_s is None else cfg.tuning_time_s - float(spent["seconds"])
             stats = TuneStats()
             tune_s = 0.0
+            worker_info: dict[str, Any] = {}
             if left_trials <= 0 or (left_time is not None and left_time <= 0):
                 log(f"tvm: {len(tasks)} tasks; the tuning database already holds {spent['trials']} trials "
                     f"({spent['seconds']:.0f} s) for this model and target: no tuning needed")
@@ -444,32 +509,40 @@ class TvmTarget:
                     + (f" or {left_time:.0f} s" if left_time is not None else "")
                     + (f" (continuing: {spent['trials']} trials already in the database)" if spent["trials"] else ""))
                 deadline = None if left_time is None else time.perf_counter() + left_time
-                watch = StallWatch(log)
-                builder, runner, callback, scheduler = make_tuner_parts(stats, tasks, deadline, log, _EVALUATOR,
-                                                                       left_trials, watch)
-                work = ctx.new_dir("tvm-tune")
-                # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
-                # worker process per task (import tvm each time), which cost ~5 s per task here.
+                logs = db.path / "logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{key[:12]}"
+                debug = logging.getLogger("compress").isEnabledFor(logging.DEBUG)
+                log(f"tvm: each candidate is built and timed in a worker process, killed after "
+                    f"{cfg.candidate_timeout_s:g} s; TVM's log: {logs}")
                 t_tune = time.perf_counter()
-                with quiet_metaschedule_logging(), contextlib.closing(watch):
+                worker = shared_worker(cfg.threads, db.path / "tuning-worker.log")
+                starts_before, kills_before = worker.starts, worker.kills
+                worker.prestart()  # its imports overlap the first search step
+                builder, runner, callback, scheduler = make_tuner_parts(
+                    stats, tasks, deadline, log, _EVALUATOR, left_trials, worker, cfg.candidate_timeout_s)
+                with tvm_logs_to(logs / "console.log", debug):
+                    # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
+                    # worker process per task (import tvm each time), which cost ~5 s per task here.
                     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                        tasks, str(work), strategy=_strategy(left_trials, len(tasks)), seed=getattr(ctx, "seed", 0),
+                        tasks, str(logs), strategy=_strategy(left_trials, len(tasks)), seed=getattr(ctx, "seed", 0),
                         num_threads=_search_threads(target))
                     ms.tune_tasks(
-                        tasks=contexts, task_weights=weights, work_dir=str(work),
+                        tasks=contexts, task_weights=weights, work_dir=str(logs),
                         max_trials_global=left_trials, num_trials_per_iter=_per_iter(left_trials, len(tasks)),
                         builder=builder, runner=runner, database=db.ms_database(),
-                        measure_callbacks=[ms.measure_callback.AddToDatabase(),
-                                           ms.measure_callback.UpdateCostModel(), callback],
+                        measure_callbacks=[callback, ms.measure_callback.UpdateCostModel()],
                         task_scheduler=scheduler,
                     )
+                worker_info = {"worker_starts": worker.starts - starts_before,
+                               "worker_kills": worker.kills - kills_before,
+                               "worker_start_s": [round(x, 2) for x in worker.start_s[starts_before:]],
+                               "log_dir": str(logs)}
                 tune_s = time.perf_counter() - t_tune
-                remove_tree(work)
                 db.record_spent(key, stats.trials, tune_s, len(tasks))
                 status = "tuned"
-                if stats.trials and stats.build_errors + stats.run_errors >= stats.trials:
-                    raise BuildError(f"target 'tvm': every one of {stats.trials} tuning candidates failed to build "
-                                     "or run; see the MetaSchedule logs or set tuning_trials = 0")
+                failed = stats.build_errors + stats.run_errors + stats.timeouts + stats.crashes
+                if stats.candidates and failed >= stats.candidates:
+                    raise BuildError(f"target 'tvm': every one of {stats.candidates} tuning candidates failed to "
+                                     f"build or run; see the logs in {logs} or set tuning_trials = 0")
             covered = sum(1 for t in tasks if _has_record(db.ms_database(), t.dispatched[0]))
             ex, prepacked = compile_tuned(db.ms_database(), self._bound(mod, params), target, prepack)
         total = db.spent(key)
@@ -481,7 +554,12 @@ class TvmTarget:
             "trials_this_run": stats.trials, "trials_in_database": int(total["trials"]),
             "tuning_s_this_run": round(tune_s, 2), "build_errors": stats.build_errors, "run_errors": stats.run_errors,
             "builder_s": round(stats.build_s, 2), "runner_s": round(stats.run_s, 2),
-            "search_s": round(max(0.0, tune_s - stats.build_s - stats.run_s), 2),
+            "worker_s": round(stats.worker_s, 2),
+            "search_s": round(max(0.0, tune_s - stats.worker_s - sum(worker_info.get("worker_start_s", []))), 2),
+            "candidates_measured": stats.candidates, "candidates_skipped": stats.skipped,
+            "candidate_timeouts": stats.timeouts, "worker_crashes": stats.crashes,
+            "candidate_timeout_s": cfg.candidate_timeout_s, "slowest_candidate_s": round(stats.slowest_candidate_s, 2),
+            **worker_info,
             "stopped_by_time": stats.stopped_by_time, "model_key": key,
             "weight_prepack": prepack, "prepacked_kernels": prepacked,
             "best_kernels_ms": round(sum(tasks[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
@@ -541,10 +619,16 @@ class TvmTarget:
 
     # -- run ---------------------------------------------------------------------------------------
 
-    def runner(self, compiled: Artifact, threads: int = 0) -> TvmRunner:
+    def runner(self, compiled: Artifact, threads: int = 0) -> TvmRunner | RpcTvmRunner:
         if compiled.metadata.get("target") != "tvm":
             raise InputError(f"artifact {compiled.path} was not compiled by the tvm target "
                              f"(target={compiled.metadata.get('target')!r}); the tvm runner only loads its own builds")
+        if self.config.rpc is not None:
+            from ._tvm_rpc import RpcTvmRunner, parse_rpc
+
+            lib, manifest = verified_library(compiled.path)
+            return RpcTvmRunner(lib, tuple(InputSpec.from_json(x) for x in manifest["inputs"]),
+                                parse_rpc(self.config.rpc))
         return load_exported(compiled.path, self.config.threads or threads)
 
 

@@ -1,0 +1,207 @@
+"""Timing a TVM build on the device itself, through TVM's RPC.
+
+On the device: ``python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090`` (a server), optionally
+registered with a tracker (``--tracker HOST:PORT --key rpi5``). The tvm target's ``rpc`` setting names
+it: ``"HOST:PORT"`` for a server, ``"tracker:HOST:PORT/KEY"`` for a tracker. The compiled library is
+uploaded, loaded by the device's TVM runtime and run there; each call's device time comes from the
+device's own clock (``time_evaluator`` on the remote VM), so the report's ``device`` figures are the
+device's, named as such, and the host's wall-clock figures (which include the network round trip)
+are labelled as what they are.
+
+Stock RPC servers have no call that reports their TVM version, so compatibility is checked the way it
+matters: before anything is tuned or built, a one-function library is compiled for the target here,
+uploaded, loaded and run on the device (:func:`check_device`); a device whose runtime cannot load this
+TVM's libraries fails there, in one line.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import InputSpec
+from compress.errors import InputError, TargetUnavailable
+
+_SERVER = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+_TRACKER = re.compile(r"^tracker:(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})/(?P<key>[\w.\-]+)$")
+CONNECT_TIMEOUT_S = 10.0
+SESSION_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class RpcAddress:
+    host: str
+    port: int
+    key: str | None = None  # set: a tracker, which hands out a server registered under this key
+
+    def describe(self) -> str:
+        return (f"TVM RPC server {self.host}:{self.port}" if self.key is None
+                else f"TVM RPC tracker {self.host}:{self.port}, device key '{self.key}'")
+
+
+def parse_rpc(text: str) -> RpcAddress:
+    """``HOST:PORT`` or ``tracker:HOST:PORT/KEY``; ValueError naming the expected forms."""
+    m = _TRACKER.match(text) or _SERVER.match(text)
+    if m is None or not 0 < int(m["port"]) < 65536:
+        raise ValueError(f"rpc = {text!r}: expected 'HOST:PORT' (a TVM RPC server on the device) or "
+                         "'tracker:HOST:PORT/KEY' (a TVM RPC tracker and the device's key)")
+    return RpcAddress(m["host"].strip("[]"), int(m["port"]), m.groupdict().get("key"))
+
+
+_SESSIONS: dict[RpcAddress, Any] = {}
+
+
+def connect(addr: RpcAddress) -> Any:
+    """The RPC session to the device (one per address and process), or TargetUnavailable in one line.
+
+    One session serves every library this process runs there: a plain RPC server serves one session at
+    a time, so a second connection (the baseline's A/A runner, say) would wait for the first to close.
+    """
+    sess = _SESSIONS.get(addr)
+    if sess is not None:
+        try:
+            sess.cpu(0).exist  # noqa: B018  # a round trip: is the session still alive?
+            return sess
+        except Exception:  # the device went away; open a new session below
+            _SESSIONS.pop(addr, None)
+            for key in [k for k in _LOADED if k[0] == addr]:
+                del _LOADED[key]
+    sess = _open(addr)
+    _SESSIONS[addr] = sess
+    return sess
+
+
+def _open(addr: RpcAddress) -> Any:
+    from tvm import rpc
+
+    try:  # TVM's own connect retries for a long time on an address that does not answer
+        socket.create_connection((addr.host, addr.port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise TargetUnavailable(f"target 'tvm': the {addr.describe()} does not answer ({e.strerror or e}); start "
+                                "`python -m tvm.exec.rpc_server` on the device or fix rpc") from None
+    try:
+        if addr.key is None:
+            return rpc.connect(addr.host, addr.port, session_timeout=SESSION_TIMEOUT_S)
+        return rpc.connect_tracker(addr.host, addr.port).request(addr.key, session_timeout=SESSION_TIMEOUT_S)
+    except Exception as e:  # TVM raises InternalError/RuntimeError/TVMError with a C++ trace
+        raise TargetUnavailable(f"target 'tvm': could not open a session with the {addr.describe()}: "
+                                f"{_last_line(e)}") from None
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def check_device(addr: RpcAddress, target: Any, export: Any, work: Path) -> dict[str, Any]:
+    """Compile a one-function library for ``target``, run it on the device, check its answer.
+
+    ``export(executable, path)`` writes the library (with the cross compiler for a foreign target).
+    """
+    import tvm
+    from onnx import TensorProto, helper
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    # Through the ONNX frontend, as every build of this target goes.
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    probe = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                      shape_dict={"x": [4]}, dtype_dict={"x": "float32"})
+
+    t0 = time.perf_counter()
+    lib = work / "rpc-probe.so"
+    export(tvm.compile(probe, target=target), lib)
+    sess = connect(addr)
+    try:
+        dev = sess.cpu(0)
+        vm = relax.VirtualMachine(remote_module(sess, addr, lib), dev)
+        x = np.arange(4, dtype=np.float32)
+        got = vm["main"](tvm.runtime.tensor(x, dev)).numpy()
+    except TargetUnavailable:
+        raise
+    except Exception as e:  # the device's runtime refused the library: another TVM version or architecture
+        raise TargetUnavailable(f"target 'tvm': the device behind the {addr.describe()} cannot run a library "
+                                f"built by TVM {tvm.__version__} for {target.attrs.get('mtriple') or 'this CPU'}: "
+                                f"{_last_line(e)}; install apache-tvm {tvm.__version__} on the device and build "
+                                "for its CPU") from None
+    if not np.array_equal(got, x + x):
+        raise TargetUnavailable(f"target 'tvm': the device behind the {addr.describe()} computed {got} for "
+                                f"{x} + {x}; its TVM runtime is not usable")
+    return {"device": addr.describe(), "probe_s": round(time.perf_counter() - t0, 3)}
+
+
+_LOADED: dict[tuple[RpcAddress, str], Any] = {}
+
+
+def remote_module(sess: Any, addr: RpcAddress, lib_path: Path) -> Any:
+    """``lib_path`` uploaded (named by its SHA-256) and loaded on the device, once per session.
+
+    Uploading over a library the device has already loaded rewrites a mapped file under it, which
+    killed the RPC server (SIGSEGV) here; each library is therefore sent once and its module reused.
+    """
+    from compress.artifact import sha256_file
+
+    digest = sha256_file(lib_path)
+    key = (addr, digest)
+    mod = _LOADED.get(key)
+    if mod is None or _SESSIONS.get(addr) is not sess:
+        name = f"compress-{digest[:32]}.so"
+        sess.upload(str(lib_path), target=name)
+        mod = _LOADED[key] = sess.load_module(name)
+    return mod
+
+
+class RpcTvmRunner:
+    """The exported library, run on the device through RPC. ``device_ms`` holds the device's own time per call
+    (the pipeline reports it as the ``device`` figures, named by ``device_name``)."""
+
+    def __init__(self, lib_path: Path, inputs: tuple[InputSpec, ...], addr: RpcAddress) -> None:
+        from tvm import relax
+
+        self.inputs = inputs
+        self.input_names = [s.name for s in inputs]
+        self.device_name = addr.describe()
+        self.device_ms: list[float] = []
+        self._sess = connect(addr)
+        try:
+            self._dev = self._sess.cpu(0)
+            self._vm = relax.VirtualMachine(remote_module(self._sess, addr, lib_path), self._dev)
+        except Exception as e:  # as in check_device
+            raise TargetUnavailable(f"target 'tvm': the device behind the {addr.describe()} could not load "
+                                    f"{lib_path}: {_last_line(e)}") from None
+        self._timer = self._vm.time_evaluator("main", self._dev, number=1, repeat=1)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        args = []
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise InputError(f"tvm rpc runner: missing input '{spec.name}' (expects {self.input_names})")
+            x = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+            if tuple(x.shape) != tuple(spec.shape):
+                raise InputError(f"tvm rpc runner: input '{spec.name}' has shape {tuple(x.shape)}, but the library "
+                                 f"was compiled for {tuple(spec.shape)}")
+            args.append(tvm.runtime.tensor(x, self._dev))
+        out = self._vm["main"](*args)
+        # A second run, timed by the device's clock: the host's wall time includes the network round trip.
+        self.device_ms.append(float(self._timer(*args).mean) * 1e3)
+        return [np.asarray(o.numpy()) for o in _flatten(out)]
+
+    def close(self) -> None:
+        self._vm = None
+        self._sess = None
+
+
+def _flatten(out: Any) -> list[Any]:
+    if hasattr(out, "numpy"):
+        return [out]
+    return [x for o in out for x in _flatten(o)]
