@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 from .fingerprint import KNOWN_ISA_FLAGS, ProfileOverride, detected_cpu, forced_by_profile
+from .int8_scheme import VNNI_FLAGS, scheme_for_isa
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -41,7 +42,6 @@ HOST = "host"
 SCHEMES = ("u8s8", "u8s8_reduce_range", "u8u8", "s8s8")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_VNNI = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
 
 
 class Profile(BaseModel):
@@ -97,7 +97,7 @@ class Profile(BaseModel):
         triple = str((self.tvm_target or {}).get("mtriple", ""))
         if triple and not triple.startswith(_TRIPLE_PREFIX[self.arch]):
             raise ValueError(f"tvm_target.mtriple {triple!r} is not an {self.arch} triple")
-        if self.arch == "x86_64" and self.int8_scheme == "u8s8" and not any(f in self.isa for f in _VNNI):
+        if self.arch == "x86_64" and self.int8_scheme == "u8s8" and not any(f in self.isa for f in VNNI_FLAGS):
             raise ValueError("int8_scheme 'u8s8' on an x86 CPU without VNNI saturates (VPMADDUBSW sums pairs in 16 "
                              "bits); use 'u8s8_reduce_range', or list the CPU's VNNI flag in isa")
         if self.threads is not None and self.cores is not None and self.threads > self.cores:
@@ -151,7 +151,7 @@ def _builtin_tables() -> list[dict[str, Any]]:
 
 def host_profile() -> Profile:
     """This machine as a profile: the detected CPU (not COMPRESS_ISA), its usable cores, its TVM target."""
-    from compress.passes._quant_common import scheme_for_isa
+
 
     cpu = detected_cpu()
     arch = _norm_arch(str(cpu["arch"]))

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, Field
 
 from compress.artifact import Artifact
 from compress.errors import InputError, PassError
+from compress.int8_scheme import VNNI_FLAGS, choose_scheme, scheme_for_isa  # noqa: F401  (the passes import them here)
 from compress.ort import ort_session, session_infer, split_inputs
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -34,8 +35,6 @@ def _power_of_two(v: int) -> int:
 # Weights per quantization group of the weight-only passes: what the block quantizers accept.
 GroupSize = Annotated[int, Field(ge=16, le=4096), AfterValidator(_power_of_two)]
 # Integer dot-product instructions that accumulate u8 x s8 in 32 bits (no 16-bit saturation).
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
-
 # Agreement of deployed vs simulated below these fails (compress.parity.LOWERING["int8"]; settable per pass/target).
 PARITY_MIN_AGREEMENT = 0.98
 PARITY_MIN_COSINE = 0.995
@@ -203,42 +202,6 @@ def simulated_agreement(
     out["flagged"] = below(out, min_agreement, min_cosine)
     out["tolerance"] = {"min_agreement": min_agreement, "min_cosine": min_cosine}
     return out
-
-
-def choose_scheme(requested: str) -> tuple[str, str]:
-    """Resolve ``scheme="auto"`` from this CPU's ISA; return (scheme, why).
-
-    The ISA is :func:`compress.fingerprint.cpu_info`'s, so ``COMPRESS_ISA`` / ``COMPRESS_ARCH`` force
-    either branch on any machine (the tests run both).
-    """
-    from compress.fingerprint import active_profile, cpu_info
-
-    info = cpu_info()
-    isa, arch = info["isa"], str(info["arch"]).lower()
-    forced = f" (forced by {info.get('isa_forced_by')}; detected: {', '.join(info['isa_detected']) or 'none'})" \
-        if info["isa_forced"] else ""
-    if requested != "auto":
-        return requested, f"scheme {requested} set by the user (CPU ISA: {', '.join(isa) or 'unknown'}{forced})"
-    profile = active_profile()
-    if profile is not None and profile.int8_scheme:
-        # The profile's scheme was checked against its ISA when it was loaded (compress.profiles).
-        return profile.int8_scheme, (f"{profile.int8_scheme}: preferred by hardware profile {profile.name} "
-                                     f"(ISA {', '.join(isa) or 'none'}, {arch})")
-    return scheme_for_isa(isa, arch, forced)
-
-
-def scheme_for_isa(isa: list[str], arch: str, forced: str = "") -> tuple[str, str]:
-    """The INT8 scheme ONNX Runtime's kernels compute exactly and fast on a CPU with ``isa``; (scheme, why)."""
-    vnni = [f for f in VNNI_FLAGS if f in isa]
-    if arch not in ("x86_64", "amd64"):
-        return "u8s8", f"u8s8: {arch} CPU; ONNX Runtime's integer kernels there do not use VPMADDUBSW{forced}"
-    if vnni:
-        return "u8s8", (f"u8s8: this CPU has {', '.join(vnni)}, whose u8 x s8 dot products accumulate in 32 bits "
-                        f"(no saturation), and U8S8 is ONNX Runtime's fast x86 path{forced}")
-    return "u8s8_reduce_range", (
-        "u8s8 with 7-bit weights (reduce_range): this CPU has no VNNI, so ONNX Runtime's u8 x s8 kernels use "
-        "VPMADDUBSW, whose 16-bit pair sums saturate with full 8-bit weights (255*127*2 > 32767); 7-bit weights "
-        f"keep them in range (255*64*2 < 32767) at U8S8 speed. S8S8 was slower than FP32 on such a CPU{forced}")
 
 
 def scheme_types(scheme: str) -> tuple[Any, Any, bool]:

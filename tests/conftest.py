@@ -172,9 +172,8 @@ def host_int8_kernels_exact(scheme: str) -> bool:
     forcing u8s8 on an AVX2-only CPU checks the simulated model, and the deployed kernels only where
     they can be right. 7-bit weights (reduce-range) are exact everywhere.
     """
-    from compress.passes._quant_common import VNNI_FLAGS
-
     from compress.fingerprint import detected_cpu
+    from compress.int8_scheme import VNNI_FLAGS
 
     if scheme != "u8s8" or platform.machine().lower() not in ("x86_64", "amd64"):
         return True

@@ -107,7 +107,7 @@ def test_int8_ptq_is_qdq_runs_on_ort_and_keeps_accuracy_per_isa(forced_isa: str,
 
 
 def test_scheme_follows_the_forced_isa(monkeypatch: pytest.MonkeyPatch) -> None:
-    from compress.passes._quant_common import choose_scheme
+    from compress.int8_scheme import choose_scheme
 
     monkeypatch.setenv("COMPRESS_ARCH", "x86_64")
     monkeypatch.setenv("COMPRESS_ISA", "avx2,fma")
