@@ -44,7 +44,15 @@ METRICS: dict[str, str] = {
     "accuracy_drop": "top-1 of the original minus the trial's, in points (needs labelled data)",
     "fidelity_loss": "1 - agreement of the trial's predictions with the original model's",
     "size_mb": "size of the compiled model in MB",
+    "macs_ratio": "multiply-accumulates of the trial's model / the original's (channel pruning; 1.0 without it)",
+    "params_ratio": "parameters of the trial's model / the original's (channel pruning; 1.0 without it)",
 }
+# Metrics the untrained probe of a trial measures (its structure without its training, see
+# probe_recipe): training changes weights, not shapes, so these are known before it runs.
+PROBE_METRICS = ("latency_ratio", "p50_ms", "size_mb", "macs_ratio", "params_ratio")
+# Passes that only train (the probe leaves them out) and settings that only train (set to 0).
+_TRAINING_PASSES = ("distill",)
+_TRAINING_FIELDS = ("finetune_epochs", "epochs")
 _CONSTRAINT = re.compile(r"^\s*(<=|<)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -61,6 +69,10 @@ class SearchSpec(BaseModel):
     batch: int = Field(1, ge=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
+    early_pruning: bool = Field(True, description="probe each trial's structure untrained first and prune it "
+                                "when it cannot meet a constraint or is dominated (see probe_recipe)")
+    probe_margin: float = Field(0.05, ge=0, le=1, description="a timed probe is trusted to this fraction: it "
+                                "prunes only when its interval is this far beyond the limit")
 
     @field_validator("objectives")
     @classmethod
@@ -287,6 +299,22 @@ def trial_metrics(report: dict[str, Any], variant: str, target: str, batch: int)
     fid = cell.get("fidelity") or {}
     if "agreement" in fid:
         out["fidelity_loss"] = 1.0 - float(fid["agreement"])
+    out.update(_structure_and_conditions(report, variant, cell["latency"][b], b))
+    return out
+
+
+def _structure_and_conditions(report: dict[str, Any], variant: str, lat: dict[str, Any], b: str) -> dict[str, Any]:
+    """MACs/params ratios of the trial's model, and the conditions its latency was timed under
+    (threads, other processes' load): two runs' figures are comparable only under like conditions."""
+    prune = ((report.get("variants", {}).get(variant) or {}).get("passes") or {}).get("prune.channels") or {}
+    out: dict[str, Any] = {"macs_ratio": float(prune.get("macs_ratio", 1.0)),
+                           "params_ratio": float(prune.get("params_ratio", 1.0))}
+    if lat.get("p50_ci"):
+        out["p50_ci"] = list(lat["p50_ci"])
+    out["threads"] = (report.get("measurement") or {}).get("threads")
+    during = ((report.get("contention") or {}).get("during") or {}).get(f"batch {b}") or {}
+    if "others_cores" in during:
+        out["others_cores"] = during["others_cores"]
     return out
 
 
@@ -338,9 +366,10 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     from .preflight import check_out_dir
 
     check_out_dir(out)
+    sp, threads = pin_threads(sp, say)
     spec = sp.search
     target = spec.target or sp.recipe(sp.first_point()).targets[0].kind
-    pool = _RayPool(sp, target, address, workers, cache_dir, say) if executor == "ray" else None
+    pool = _RayPool(sp, target, address, workers, cache_dir, say, threads) if executor == "ray" else None
     out.mkdir(parents=True, exist_ok=True)
     limits = spec.limits()
     directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(spec.objectives)
@@ -357,6 +386,23 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
         say(f"resuming {study_name}: {len(done)} trial(s) already finished in {out / 'search.db'}")
     needed = [*spec.objectives, *limits]
     clock = {"start": time.monotonic(), "told": 0, "budget": budget, "deadline": deadline}
+    # Probe a trial untrained first only when its probe can rule it out: a constraint on a metric
+    # the probe measures, or objectives it all measures (dominance).
+    probing = spec.early_pruning and (any(c in PROBE_METRICS for c in limits)
+                                      or all(o in PROBE_METRICS for o in spec.objectives))
+
+    def probe_for(rec: Recipe) -> Recipe | None:
+        return probe_recipe(rec, spec.batch, target) if probing else None
+
+    def judge(trial: Any, pres: dict[str, Any], secs: float) -> bool:
+        """Tell the study a trial its probe failed or ruled out (True), or let it go on to training."""
+        if pres["ok"]:
+            reason = hopeless(pres["metrics"], spec, limits, _feasible(study))
+            if reason is None:
+                return False
+            pres = {"ok": False, "pruned": reason, "probe": pres["metrics"]}
+        _tell(study, trial, pres, secs, spec, limits, say, clock)
+        return True
 
     def ask() -> tuple[Any, Recipe] | None:
         if time.monotonic() > deadline:
@@ -374,10 +420,14 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
                 started += 1
                 trial, rec = nxt
                 t0 = time.monotonic()
+                prec = probe_for(rec)
+                if prec is not None and judge(trial, probe_trial(prec, out / "trials" / rec.name / "probe", cache_dir,
+                                                                 target, spec.batch), time.monotonic() - t0):
+                    continue
                 res = evaluate_trial(rec, out / "trials" / rec.name, cache_dir, target, spec.batch, needed)
                 _tell(study, trial, res, time.monotonic() - t0, spec, limits, say, clock)
         else:
-            started = pool.run(ask, budget, out, spec, needed,
+            started = pool.run(ask, budget, out, spec, needed, probe_for, judge,
                                lambda trial, res, secs: _tell(study, trial, res, secs, spec, limits, say, clock))
     finally:
         if pool is not None:
@@ -385,6 +435,27 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     if started < budget:
         say(f"time budget reached after {started} new trial(s)")
     return write_results(study, sp, out, target)
+
+
+def pin_threads(sp: Space, say: Callable[[str], None]) -> tuple[Space, int]:
+    """Every trial is timed with the same thread count. With measure.threads = 0 (auto) each run
+    would pick its own from the load of that moment (pipeline.pick_threads), and trials timed at
+    1 and at 2 threads were compared as if alike (the speed-up of a pruned model depends on the
+    thread count); two searches of one space also disagreed for it. Auto becomes 1 thread: the
+    count a shared machine can give every trial, and one that leaves the other cores to builds."""
+    base = json.loads(json.dumps(sp.base))
+    measure = base.setdefault("measure", {})
+    if not isinstance(measure, dict):
+        return sp, 1
+    n = int(measure.get("threads") or 0)
+    if n:
+        return sp, n
+    measure["threads"] = 1
+    say("measure.threads = 0 (auto) would let each trial pick its thread count from the load of the moment; "
+        "every trial is timed with 1 thread (set measure.threads to choose)")
+    from dataclasses import replace
+
+    return replace(sp, base=base), 1
 
 
 def evaluate_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: str, batch: int,
@@ -403,6 +474,73 @@ def evaluate_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target:
     return {"ok": True, "metrics": m, "host": _host()}
 
 
+def probe_recipe(rec: Recipe, batch: int, target: str) -> Recipe | None:
+    """The trial's recipe without its training: training passes (distill) left out, fine-tuning
+    epochs set to 0, and a short latency measurement at the search batch. Training changes weights,
+    not shapes, so the probe's MACs, parameters, compiled size and latency are the trial's (its
+    accuracy is not, and is not used). None when the trial has no training to save."""
+    passes = []
+    for p in rec.passes:
+        if p.kind in _TRAINING_PASSES:
+            continue
+        upd = {f: 0 for f in _TRAINING_FIELDS if getattr(p, f, 0)}
+        passes.append(p.model_copy(update=upd) if upd else p)
+    if passes == list(rec.passes):
+        return None
+    m = rec.measure
+    fast = m.model_copy(update={"batch_sizes": [batch], "warmup": min(m.warmup, 2), "min_runs": min(m.min_runs, 15),
+                                "min_time_s": min(m.min_time_s, 0.2)})
+    return rec.model_copy(update={"passes": passes, "measure": fast,
+                                  "targets": [t for t in rec.targets if t.kind == target]})
+
+
+def probe_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: str, batch: int) -> dict[str, Any]:
+    """Build and time a probe recipe (see :func:`probe_recipe`); its structure metrics, or why it failed."""
+    from .pipeline import run as run_recipe
+
+    try:
+        report = run_recipe(rec, out_dir=out, cache_dir=cache_dir, progress=False, write=False, aa_session=False)
+        m = trial_metrics(report, rec.name, target, batch)
+    except CompressError as e:
+        return {"ok": False, "error": "probe (untrained): " + str(e).splitlines()[0][:480]}
+    keep = (*PROBE_METRICS, "latency_ratio_ci", "p50_ci", "threads")
+    return {"ok": True, "metrics": {k: v for k, v in m.items() if k in keep}}
+
+
+def _optimistic(probe: dict[str, Any], margin: float) -> dict[str, float]:
+    """The best each probe metric could be in the trained trial: interval low ends, less the margin
+    for timings (the probe is a separate, short session), less 1% for the size."""
+    out: dict[str, float] = {k: float(probe[k]) for k in ("macs_ratio", "params_ratio") if k in probe}
+    if "size_mb" in probe:
+        out["size_mb"] = float(probe["size_mb"]) * 0.99
+    for k, ci in (("latency_ratio", "latency_ratio_ci"), ("p50_ms", "p50_ci")):
+        if k in probe:
+            out[k] = float((probe.get(ci) or [probe[k]])[0]) / (1 + margin)
+    return out
+
+
+def hopeless(probe: dict[str, Any], spec: SearchSpec, limits: dict[str, float], feasible: list[Any]) -> str | None:
+    """Why a trial cannot help, judged from its untrained probe; None when it may.
+
+    It cannot meet a constraint when even its optimistic figure is beyond the limit; it cannot
+    join the front when every objective is known from the probe and a feasible finished trial is
+    at least as good on all of them and better on one (with accuracy among the objectives, the
+    probe cannot judge the front: training decides it)."""
+    opt = _optimistic(probe, spec.probe_margin)
+    for c, lim in limits.items():
+        if c in opt and opt[c] > lim:
+            return (f"cannot meet {c} <= {lim:g}: the untrained probe measured {float(probe[c]):.4g} "
+                    f"(at best {opt[c]:.4g}), before any training")
+    if all(o in opt for o in spec.objectives):
+        mine = [opt[o] for o in spec.objectives]
+        for t in feasible:
+            if all(v <= x for v, x in zip(t.values, mine, strict=True)) and list(t.values) != mine:
+                return (f"dominated by trial {t.number} (" + ", ".join(f"{o} {v:.4g} vs at best {x:.4g}" for o, v, x
+                                                                     in zip(spec.objectives, t.values, mine,
+                                                                            strict=True)) + "), before any training")
+    return None
+
+
 def _host() -> str:
     import socket
 
@@ -414,6 +552,19 @@ def _tell(study: Any, trial: Any, res: dict[str, Any], secs: float, spec: Search
     import optuna
 
     clock["told"] += 1
+    if res.get("pruned"):
+        # Optuna's pruned state: the trial stopped early by design, not a failure. Its probe
+        # figures stay with it; constraint values (for the sampler) from the probe where it has them.
+        trial.set_user_attr("pruned", res["pruned"])
+        for key, v in res["probe"].items():
+            trial.set_user_attr(f"probe_{key}", v)
+        trial.set_user_attr("seconds", secs)
+        if limits:
+            trial.set_user_attr("constraint", [float(res["probe"][c]) - lim if c in res["probe"] else 0.0
+                                               for c, lim in limits.items()])
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        say(f"trial {trial.number} ({clock['told']}/{clock['budget']}): pruned: {res['pruned']}")
+        return
     if not res["ok"]:
         trial.set_user_attr("error", res["error"])
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -502,7 +653,7 @@ class _RayPool:
     """Trials on a Ray cluster: builds anywhere, measurements one at a time on matching nodes."""
 
     def __init__(self, sp: Space, target: str, address: str | None, workers: int,
-                 cache_dir: str | Path | None, say: Callable[[str], None]) -> None:
+                 cache_dir: str | Path | None, say: Callable[[str], None], threads: int = 1) -> None:
         try:
             import ray
         except ImportError as e:
@@ -527,7 +678,10 @@ class _RayPool:
                               f"(resource {self.key}); start the measuring node with "
                               f"ray start --resources='{{\"{self.key}\": 1}}'")
         self.build = ray.remote(num_cpus=1)(build_trial)
-        self.measure = ray.remote(num_cpus=1, resources={self.key: 1})(evaluate_trial)
+        # A measurement holds as many CPUs as it times with, so no build trains on the cores it uses.
+        cpus = max(1, min(threads, int(ray.cluster_resources().get("CPU", 1))))
+        self.measure = ray.remote(num_cpus=cpus, resources={self.key: 1})(evaluate_trial)
+        self.probe = ray.remote(num_cpus=cpus, resources={self.key: 1})(probe_trial)
         kinds = sorted({t.kind for t in sp.recipe(sp.first_point()).targets})
         reasons = ray.get(ray.remote(num_cpus=0, resources={self.key: 1})(_probe_targets).remote(kinds))
         if reasons.get(target):
@@ -537,7 +691,9 @@ class _RayPool:
         say(f"ray: {self.parallel} CPU(s), measuring on resource {self.key}")
 
     def run(self, ask: Callable[[], tuple[Any, Recipe] | None], budget: int, out: Path, spec: SearchSpec,
-            needed: list[str], tell: Callable[[Any, dict[str, Any], float], None]) -> int:
+            needed: list[str], probe_for: Callable[[Recipe], Recipe | None],
+            judge: Callable[[Any, dict[str, Any], float], bool],
+            tell: Callable[[Any, dict[str, Any], float], None]) -> int:
         ray = self.ray
         pending: dict[Any, tuple[str, Any, Recipe, float]] = {}
         started = 0
@@ -549,7 +705,13 @@ class _RayPool:
                     break
                 trial, rec = nxt
                 started += 1
-                pending[self.build.remote(rec, self.cache_dir)] = ("build", trial, rec, time.monotonic())
+                prec = probe_for(rec)
+                if prec is not None:  # timed, so on the measuring node like any measurement
+                    ref0 = self.probe.remote(prec, out / "trials" / rec.name / "probe", self.cache_dir, self.target,
+                                             spec.batch)
+                    pending[ref0] = ("probe", trial, rec, time.monotonic())
+                else:
+                    pending[self.build.remote(rec, self.cache_dir)] = ("build", trial, rec, time.monotonic())
             if not pending:
                 return started
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -560,6 +722,10 @@ class _RayPool:
             except ray.exceptions.RayError as e:  # a worker died or a task raised an unexpected error
                 tell(trial, {"ok": False, "error": f"ray task failed: {str(e).splitlines()[0][:300]}"},
                      time.monotonic() - t0)
+                continue
+            if stage == "probe":
+                if not judge(trial, res, time.monotonic() - t0):
+                    pending[self.build.remote(rec, self.cache_dir)] = ("build", trial, rec, t0)
                 continue
             if stage == "build":
                 if res is not None:
@@ -600,7 +766,8 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
     for t in study.trials:
         trials.append({"number": t.number, "state": t.state.name, "params": t.params,
                        "recipe": t.user_attrs.get("recipe"), "error": t.user_attrs.get("error"),
-                       "metrics": {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error")},
+                       "pruned": t.user_attrs.get("pruned"),
+                       "metrics": {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error", "pruned")},
                        "values": t.values})
     front = sorted(_front(study), key=lambda t: tuple(t.values))
     best = _best(study)
@@ -627,6 +794,10 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
         lines.append(f"| {t.number}{' (best)' if best is not None and t.number == best.number else ''} | "
                      + " | ".join(f"{v:.4g}" for v in t.values)
                      + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | `{t.user_attrs.get('recipe')}` |")
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    if pruned:
+        lines += ["", "Pruned trials (ruled out by their untrained probe, never trained):"] + [
+            f"- trial {t['number']}: {t['pruned']}" for t in pruned]
     failed = [t for t in trials if t["state"] == "FAIL"]
     if failed:
         lines += ["", "Failed trials:"] + [f"- trial {t['number']}: {t['error']}" for t in failed]

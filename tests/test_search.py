@@ -108,3 +108,87 @@ def test_ray_address_that_does_not_answer_is_a_usage_error(tmp_path: Path) -> No
     with pytest.raises(RecipeError, match="does not answer"):
         run_search(space(tmp_path, HEAD + PRUNE + TARGET), tmp_path / "out", executor="ray",
                    address="127.0.0.1:1")
+
+
+FINETUNED = '[[passes]]\nkind = "prune.channels"\nratio = [0.1, 0.6]\nround_to = 2\nfinetune_epochs = 1\n'
+
+
+def count_finetunes(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record every fine-tuning run of channel pruning (the training a pruned trial must not reach)."""
+    import compress.passes.prune_channels as pc
+
+    calls: list[float] = []
+    real = pc.finetune
+
+    def counted(model, ctx, epochs, lr, name):  # type: ignore[no-untyped-def]
+        calls.append(epochs)
+        return real(model, ctx, epochs, lr, name)
+
+    monkeypatch.setattr(pc, "finetune", counted)
+    return calls
+
+
+def test_trials_that_cannot_meet_a_macs_constraint_are_pruned_before_training(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    calls = count_finetunes(monkeypatch)
+    body = (HEAD + '[search]\ntrials = 5\nsampler = "random"\nseed = 1\n'
+            'objectives = ["latency_ratio", "accuracy_drop"]\nconstraints = { macs_ratio = "<= 0.5" }\n'
+            + FINETUNED + TARGET)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    res = run_search(space(tmp_path, body), out, cache_dir=tmp_path / "cache", log=lines.append)
+    pruned = [t for t in res["trials"] if t["state"] == "PRUNED"]
+    done = [t for t in res["trials"] if t["state"] == "COMPLETE"]
+    assert pruned and done and len(pruned) + len(done) == 5, [(t["state"], t["params"]) for t in res["trials"]]
+    # Only the trials that went on were fine-tuned: the probe itself never trains.
+    assert len(calls) == len(done)
+    for t in pruned:
+        assert t["metrics"]["probe_macs_ratio"] > 0.5 and "cannot meet macs_ratio <= 0.5" in t["pruned"]
+        assert t["values"] is None and "accuracy_drop" not in t["metrics"]
+    for t in done:
+        assert t["metrics"]["macs_ratio"] <= 0.5 and "accuracy_drop" in t["metrics"]
+    # Pruning is by the structure, which training does not change: the pruned trials are the weaker pruning.
+    assert max(t["params"]["passes[1].ratio"] for t in pruned) < min(t["params"]["passes[1].ratio"] for t in done)
+    assert res["best"] in {t["number"] for t in done}
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{out / 'search.db'}")
+    in_study = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
+    assert in_study == {t["number"] for t in pruned}
+    assert "Pruned trials" in (out / "front.md").read_text()
+    assert sum("pruned: cannot meet" in m for m in lines) == len(pruned)
+
+
+def test_a_trial_dominated_on_every_objective_is_pruned_untrained(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both objectives are known from the structure alone, so a weaker pruning than a finished
+    # trial's can never join the front: its probe rules it out.
+    calls = count_finetunes(monkeypatch)
+    body = (HEAD + '[search]\ntrials = 5\nsampler = "random"\nseed = 1\n'
+            'objectives = ["macs_ratio", "params_ratio"]\n' + FINETUNED + TARGET)
+    res = run_search(space(tmp_path, body), tmp_path / "out", cache_dir=tmp_path / "cache")
+    states = [t["state"] for t in res["trials"]]
+    assert "PRUNED" in states and states[0] == "COMPLETE", states
+    assert len(calls) == states.count("COMPLETE")
+    for i, t in enumerate(res["trials"]):
+        if t["state"] == "PRUNED":
+            assert "dominated by trial" in t["pruned"]
+            earlier = [u["params"]["passes[1].ratio"] for u in res["trials"][:i] if u["state"] == "COMPLETE"]
+            assert t["params"]["passes[1].ratio"] < max(earlier)
+
+
+def test_probe_recipe_leaves_out_training_only() -> None:
+    from compress.recipe import recipe_from_dict
+    from compress.search import probe_recipe
+
+    rec = recipe_from_dict({"name": "r", "model": {"source": "zoo:digits-cnn"}, "data": {"source": "builtin:digits"},
+                            "passes": [{"kind": "prune.channels", "ratio": 0.3, "finetune_epochs": 2},
+                                       {"kind": "distill", "epochs": 3}, {"kind": "quantize.int8"}],
+                            "targets": [{"kind": "torch"}, {"kind": "onnxruntime"}]}, where="test")
+    probe = probe_recipe(rec, 1, "onnxruntime")
+    assert probe is not None
+    assert [p.kind for p in probe.passes] == ["prune.channels", "quantize.int8"]
+    assert probe.passes[0].finetune_epochs == 0 and probe.passes[0].ratio == 0.3  # type: ignore[attr-defined]
+    assert [t.kind for t in probe.targets] == ["onnxruntime"] and probe.measure.batch_sizes == [1]
+    untrained = rec.model_copy(update={"passes": [rec.passes[0].model_copy(update={"finetune_epochs": 0})]})
+    assert probe_recipe(untrained, 1, "onnxruntime") is None  # nothing to save: the trial runs as it is
