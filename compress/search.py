@@ -289,6 +289,9 @@ def trial_metrics(report: dict[str, Any], variant: str, target: str, batch: int)
         r = r.get(b, r.get(batch)) if cell is not base else None
         if r and "ratio" in r:
             out.update(latency_ratio=r["ratio"], latency_ratio_ci=[r["low"], r["high"]])
+            if r.get("session"):  # the run's one-draw A/A offset, and its interval before that widening
+                out.update(aa_offset=r["session"], latency_ratio_ci_paired=_unwiden(r["ratio"], r["low"], r["high"],
+                                                                                   r["session"]))
         else:
             ratio, lo, hi = bootstrap_ratio(cell["latency"][b]["samples_ms"], base["latency"][b]["samples_ms"],
                                             "p50")
@@ -366,10 +369,10 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     from .preflight import check_out_dir
 
     check_out_dir(out)
-    sp, threads = pin_threads(sp, say)
+    sp = pin_threads(sp, say)
     spec = sp.search
     target = spec.target or sp.recipe(sp.first_point()).targets[0].kind
-    pool = _RayPool(sp, target, address, workers, cache_dir, say, threads) if executor == "ray" else None
+    pool = _RayPool(sp, target, address, workers, cache_dir, say) if executor == "ray" else None
     out.mkdir(parents=True, exist_ok=True)
     limits = spec.limits()
     directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(spec.objectives)
@@ -397,7 +400,7 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     def judge(trial: Any, pres: dict[str, Any], secs: float) -> bool:
         """Tell the study a trial its probe failed or ruled out (True), or let it go on to training."""
         if pres["ok"]:
-            reason = hopeless(pres["metrics"], spec, limits, _feasible(study))
+            reason = hopeless(pres["metrics"], spec, limits, _feasible(study), session_spread(study.trials)[0])
             if reason is None:
                 return False
             pres = {"ok": False, "pruned": reason, "probe": pres["metrics"]}
@@ -437,25 +440,22 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     return write_results(study, sp, out, target)
 
 
-def pin_threads(sp: Space, say: Callable[[str], None]) -> tuple[Space, int]:
+def pin_threads(sp: Space, say: Callable[[str], None]) -> Space:
     """Every trial is timed with the same thread count. With measure.threads = 0 (auto) each run
     would pick its own from the load of that moment (pipeline.pick_threads), and trials timed at
     1 and at 2 threads were compared as if alike (the speed-up of a pruned model depends on the
     thread count); two searches of one space also disagreed for it. Auto becomes 1 thread: the
-    count a shared machine can give every trial, and one that leaves the other cores to builds."""
+    count a shared machine can give every trial."""
     base = json.loads(json.dumps(sp.base))
     measure = base.setdefault("measure", {})
-    if not isinstance(measure, dict):
-        return sp, 1
-    n = int(measure.get("threads") or 0)
-    if n:
-        return sp, n
+    if not isinstance(measure, dict) or measure.get("threads"):
+        return sp
     measure["threads"] = 1
     say("measure.threads = 0 (auto) would let each trial pick its thread count from the load of the moment; "
         "every trial is timed with 1 thread (set measure.threads to choose)")
     from dataclasses import replace
 
-    return replace(sp, base=base), 1
+    return replace(sp, base=base)
 
 
 def evaluate_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: str, batch: int,
@@ -507,26 +507,65 @@ def probe_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: st
     return {"ok": True, "metrics": {k: v for k, v in m.items() if k in keep}}
 
 
-def _optimistic(probe: dict[str, Any], margin: float) -> dict[str, float]:
+_Z95 = 1.959964
+
+
+def _unwiden(ratio: float, low: float, high: float, d: float) -> list[float]:
+    """The paired interval before :func:`compress.stats.widen` combined z * d into it (in quadrature)."""
+    zd = _Z95 * d
+    lo = math.sqrt(max(math.log(ratio / low) ** 2 - zd * zd, 0.0))
+    hi = math.sqrt(max(math.log(high / ratio) ** 2 - zd * zd, 0.0))
+    return [ratio * math.exp(-lo), ratio * math.exp(hi)]
+
+
+def session_spread(trials: list[Any]) -> tuple[float, int]:
+    """The between-session spread of latency (log scale) pooled over the search's finished trials.
+
+    Each trial's run times the baseline in a second session beside the first (the A/A offset d);
+    one run's interval is widened by its own single draw of d, which is often far below the
+    spread (|d| of one draw is under a quarter of its standard deviation one time in five), so two
+    runs of one trial disagreed beyond their intervals. A search has many draws: their root mean
+    square estimates the spread with as many degrees of freedom as trials. (0, 0) without any."""
+    ds = [float(t.user_attrs["aa_offset"]) for t in trials
+          if t.state.name == "COMPLETE" and t.user_attrs.get("aa_offset") is not None]
+    if not ds:
+        return 0.0, 0
+    return math.sqrt(sum(d * d for d in ds) / len(ds)), len(ds)
+
+
+def pooled_ci(attrs: dict[str, Any], spread: float) -> list[float] | None:
+    """A trial's latency-ratio interval widened by the pooled session spread instead of its own draw."""
+    raw, r = attrs.get("latency_ratio_ci_paired"), attrs.get("latency_ratio")
+    if not raw or r is None or spread <= 0:
+        return attrs.get("latency_ratio_ci")
+    zd = _Z95 * spread
+    lo = math.hypot(math.log(r / raw[0]), zd)
+    hi = math.hypot(math.log(raw[1] / r), zd)
+    return [r * math.exp(-lo), r * math.exp(hi)]
+
+
+def _optimistic(probe: dict[str, Any], margin: float, spread: float = 0.0) -> dict[str, float]:
     """The best each probe metric could be in the trained trial: interval low ends, less the margin
-    for timings (the probe is a separate, short session), less 1% for the size."""
+    for timings (the probe is a separate, short session; the pooled session spread when that is
+    wider), less 1% for the size."""
     out: dict[str, float] = {k: float(probe[k]) for k in ("macs_ratio", "params_ratio") if k in probe}
     if "size_mb" in probe:
         out["size_mb"] = float(probe["size_mb"]) * 0.99
     for k, ci in (("latency_ratio", "latency_ratio_ci"), ("p50_ms", "p50_ci")):
         if k in probe:
-            out[k] = float((probe.get(ci) or [probe[k]])[0]) / (1 + margin)
+            out[k] = float((probe.get(ci) or [probe[k]])[0]) / max(1 + margin, math.exp(_Z95 * spread))
     return out
 
 
-def hopeless(probe: dict[str, Any], spec: SearchSpec, limits: dict[str, float], feasible: list[Any]) -> str | None:
+def hopeless(probe: dict[str, Any], spec: SearchSpec, limits: dict[str, float], feasible: list[Any],
+             spread: float = 0.0) -> str | None:
     """Why a trial cannot help, judged from its untrained probe; None when it may.
 
     It cannot meet a constraint when even its optimistic figure is beyond the limit; it cannot
     join the front when every objective is known from the probe and a feasible finished trial is
     at least as good on all of them and better on one (with accuracy among the objectives, the
     probe cannot judge the front: training decides it)."""
-    opt = _optimistic(probe, spec.probe_margin)
+    opt = _optimistic(probe, spec.probe_margin, spread)
     for c, lim in limits.items():
         if c in opt and opt[c] > lim:
             return (f"cannot meet {c} <= {lim:g}: the untrained probe measured {float(probe[c]):.4g} "
@@ -653,7 +692,7 @@ class _RayPool:
     """Trials on a Ray cluster: builds anywhere, measurements one at a time on matching nodes."""
 
     def __init__(self, sp: Space, target: str, address: str | None, workers: int,
-                 cache_dir: str | Path | None, say: Callable[[str], None], threads: int = 1) -> None:
+                 cache_dir: str | Path | None, say: Callable[[str], None]) -> None:
         try:
             import ray
         except ImportError as e:
@@ -678,8 +717,12 @@ class _RayPool:
                               f"(resource {self.key}); start the measuring node with "
                               f"ray start --resources='{{\"{self.key}\": 1}}'")
         self.build = ray.remote(num_cpus=1)(build_trial)
-        # A measurement holds as many CPUs as it times with, so no build trains on the cores it uses.
-        cpus = max(1, min(threads, int(ray.cluster_resources().get("CPU", 1))))
+        # A timed task holds every CPU of its node, so no build of this search trains beside it: with
+        # only its own thread's CPU held, a build on the other core moved two-worker timings of one
+        # trial well outside a local run's interval (benchmarks/RESULTS.md, search).
+        node_cpus = [int(n["Resources"].get("CPU", 1)) for n in ray.nodes()
+                     if n.get("Alive") and n["Resources"].get(self.key)]
+        cpus = max(1, min(node_cpus, default=1))
         self.measure = ray.remote(num_cpus=cpus, resources={self.key: 1})(evaluate_trial)
         self.probe = ray.remote(num_cpus=cpus, resources={self.key: 1})(probe_trial)
         kinds = sorted({t.kind for t in sp.recipe(sp.first_point()).targets})
@@ -698,7 +741,10 @@ class _RayPool:
         pending: dict[Any, tuple[str, Any, Recipe, float]] = {}
         started = 0
         while True:
-            while started < budget and len(pending) < self.parallel:
+            # While a timed task waits for its node, no new build starts (it would take the CPUs the
+            # measurement waits for, and a build started later could overtake it for ever).
+            while started < budget and len(pending) < self.parallel and not any(
+                    v[0] in ("probe", "measure") for v in pending.values()):
                 nxt = ask()
                 if nxt is None:
                     budget = started  # the time budget is spent: finish what runs
@@ -762,19 +808,25 @@ def _front(study: Any) -> list[Any]:
 
 def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, Any]:
     spec = sp.search
+    spread, draws = session_spread(study.trials)
     trials = []
     for t in study.trials:
+        metrics = {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error", "pruned")}
+        if "latency_ratio_ci" in metrics:  # the run's own interval stays beside the pooled one
+            metrics["latency_ratio_ci_own"] = metrics["latency_ratio_ci"]
+            metrics["latency_ratio_ci"] = pooled_ci(t.user_attrs, spread)
         trials.append({"number": t.number, "state": t.state.name, "params": t.params,
                        "recipe": t.user_attrs.get("recipe"), "error": t.user_attrs.get("error"),
-                       "pruned": t.user_attrs.get("pruned"),
-                       "metrics": {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error", "pruned")},
-                       "values": t.values})
+                       "pruned": t.user_attrs.get("pruned"), "metrics": metrics, "values": t.values})
     front = sorted(_front(study), key=lambda t: tuple(t.values))
     best = _best(study)
     result = {"schema": "compress.search/v1", "space": sp.source, "target": target, "batch": spec.batch,
               "objectives": spec.objectives, "constraints": spec.constraints, "sampler": spec.sampler,
               "trials": trials, "front": [t.number for t in front],
-              "best": None if best is None else best.number, "storage": str(out / "search.db")}
+              "best": None if best is None else best.number, "storage": str(out / "search.db"),
+              "session_spread": {"log_rms": round(spread, 6), "draws": draws,
+                                 "note": "latency_ratio_ci is widened by this pooled between-session spread "
+                                         "(latency_ratio_ci_own: by the trial's own one-draw A/A offset)"}}
     if best is not None:
         values = {p.name: best.params[p.name] if p.kind != "choice" or p.name in best.params
                   else p.choices[best.params[p.name + "#"]] for p in sp.params
@@ -790,7 +842,7 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
              "| trial | " + " | ".join(spec.objectives) + " | latency ratio 95% CI | recipe |",
              "|---|" + "---|" * len(spec.objectives) + "---|---|"]
     for t in front:
-        ci = t.user_attrs.get("latency_ratio_ci")
+        ci = pooled_ci(t.user_attrs, spread)
         lines.append(f"| {t.number}{' (best)' if best is not None and t.number == best.number else ''} | "
                      + " | ".join(f"{v:.4g}" for v in t.values)
                      + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | `{t.user_attrs.get('recipe')}` |")

@@ -67,6 +67,11 @@ def test_search_finds_a_front_writes_a_runnable_recipe_and_resumes(tmp_path: Pat
     for t in res["trials"]:
         m = t["metrics"]
         assert m["latency_ratio"] > 0 and len(m["latency_ratio_ci"]) == 2 and "accuracy_drop" in m
+        assert m["threads"] == 1  # auto threads are pinned: every trial timed alike
+        # The interval is widened by the spread pooled over all trials, the trial's own draw kept beside it.
+        lo, hi = m["latency_ratio_ci"]
+        assert lo <= m["latency_ratio"] <= hi and len(m["latency_ratio_ci_own"]) == 2
+    assert res["session_spread"]["draws"] == 3
     best = load_recipe(res["best_recipe"])  # a plain recipe that `compress run` takes
     assert best.targets[0].kind == "onnxruntime"
     assert (out / "front.md").read_text().startswith("# Search")
@@ -192,3 +197,24 @@ def test_probe_recipe_leaves_out_training_only() -> None:
     assert [t.kind for t in probe.targets] == ["onnxruntime"] and probe.measure.batch_sizes == [1]
     untrained = rec.model_copy(update={"passes": [rec.passes[0].model_copy(update={"finetune_epochs": 0})]})
     assert probe_recipe(untrained, 1, "onnxruntime") is None  # nothing to save: the trial runs as it is
+
+
+def test_the_pooled_session_spread_replaces_one_trials_own_draw() -> None:
+    import math
+    from types import SimpleNamespace
+
+    from compress.search import _unwiden, pooled_ci, session_spread
+    from compress.stats import RatioCI, widen
+
+    paired = RatioCI(0.6, 0.59, 0.61, rounds=100, block=5, mde=0.01)
+    own = widen(paired, {"ratio": math.exp(0.002)})  # a small draw: the interval hardly widens
+    assert _unwiden(own.ratio, own.low, own.high, own.session) == pytest.approx([0.59, 0.61], rel=1e-9)
+    trials = [SimpleNamespace(state=SimpleNamespace(name="COMPLETE"), user_attrs={"aa_offset": d})
+              for d in (0.002, 0.1, 0.1, 0.1)]
+    trials.append(SimpleNamespace(state=SimpleNamespace(name="PRUNED"), user_attrs={"aa_offset": 5.0}))
+    spread, draws = session_spread(trials)  # type: ignore[arg-type]
+    assert draws == 4 and spread == pytest.approx(math.sqrt((0.002 ** 2 + 3 * 0.01) / 4))
+    attrs = {"latency_ratio": 0.6, "latency_ratio_ci": [own.low, own.high], "latency_ratio_ci_paired": [0.59, 0.61]}
+    lo, hi = pooled_ci(attrs, spread)  # type: ignore[misc]
+    assert lo < own.low and hi > own.high
+    assert lo == pytest.approx(0.6 * math.exp(-math.hypot(math.log(0.6 / 0.59), 1.959964 * spread)))
