@@ -109,8 +109,14 @@ def main() -> None:
             pairs += 1
             for k, t in zip(list(runs)[1:], ts[1:], strict=True):
                 agree[k] += bool(overlap(ts[0], t))
+    ray12 = sum(bool(overlap(t1, t2)) for t1, t2 in zip(trials[1], trials[2], strict=False))
     lines += ["", "Agreement with the local search (95% intervals overlap): "
-              + "; ".join(f"{k}: {n} of {pairs} trials" for k, n in agree.items()) + "."]
+              + "; ".join(f"{k}: {n} of {pairs} trials" for k, n in agree.items())
+              + f". Ray 1 worker vs 2 workers: {ray12} of {min(len(trials[1]), len(trials[2]))} trials.", "",
+              f"Goal (issue 19): two Ray workers {'finish in less' if w2 < w1 else 'do not finish in less'} wall "
+              f"time than one ({w2 / w1:.2f}x); the distributed run's intervals "
+              + ("agree with" if all(n == pairs for n in agree.values()) else "do not all agree with")
+              + " the local run's (" + "; ".join(f"{k}: {n} of {pairs}" for k, n in agree.items()) + ")."]
     text = "\n".join(lines) + "\n"
     (ROOT / "benchmarks" / "results" / "search.md").write_text(text)
     print(text)

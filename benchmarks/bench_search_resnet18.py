@@ -138,7 +138,7 @@ def write_md(a: argparse.Namespace, m_h: dict[str, Any], headline_s: float, res:
         what = t["pruned"] if t["state"] == "PRUNED" else (t["error"] if t["state"] == "FAIL" else f"`{t['recipe']}`")
         mark = " (best)" if t["number"] == res["best"] else (" (front)" if t["number"] in res["front"] else "")
         lines.append(f"| {t['number']}{mark} | {t['state']} | {lat} | {drop} | {what} |")
-    lines += ["", f"Headline recipe alone, before the search: latency ratio {m_h['latency_ratio']:.3f} "
+    lines += ["", f"The headline recipe alone, before the search: latency ratio {m_h['latency_ratio']:.3f} "
               f"[{m_h['latency_ratio_ci'][0]:.3f}, {m_h['latency_ratio_ci'][1]:.3f}], accuracy drop "
               f"{m_h['accuracy_drop']:.2f} points.", ""]
     if final is None:

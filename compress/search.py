@@ -398,13 +398,16 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
         return probe_recipe(rec, spec.batch, target) if probing else None
 
     def judge(trial: Any, pres: dict[str, Any], secs: float) -> bool:
-        """Tell the study a trial its probe failed or ruled out (True), or let it go on to training."""
-        if pres["ok"]:
-            reason = hopeless(pres["metrics"], spec, limits, _feasible(study), session_spread(study.trials)[0])
-            if reason is None:
-                return False
-            pres = {"ok": False, "pruned": reason, "probe": pres["metrics"]}
-        _tell(study, trial, pres, secs, spec, limits, say, clock)
+        """Tell the study a trial its probe ruled out (True), or let it go on to training."""
+        if not pres["ok"]:
+            # An untrained model may fail where the trained one passes (a parity check, say): no verdict.
+            trial.set_user_attr("probe_error", pres["error"])
+            say(f"trial {trial.number}: {pres['error'][:200]}; trained without a probe verdict")
+            return False
+        reason = hopeless(pres["metrics"], spec, limits, _feasible(study), session_spread(study.trials)[0])
+        if reason is None:
+            return False
+        _tell(study, trial, {"ok": False, "pruned": reason, "probe": pres["metrics"]}, secs, spec, limits, say, clock)
         return True
 
     def ask() -> tuple[Any, Recipe] | None:
@@ -479,14 +482,19 @@ def probe_recipe(rec: Recipe, batch: int, target: str) -> Recipe | None:
     epochs set to 0, and a short latency measurement at the search batch. Training changes weights,
     not shapes, so the probe's MACs, parameters, compiled size and latency are the trial's (its
     accuracy is not, and is not used). None when the trial has no training to save."""
+    if any(getattr(p, "max_accuracy_drop", None) is not None for p in rec.passes):
+        return None  # accuracy-controlled quantization picks its float nodes by the trained model's accuracy
     passes = []
     for p in rec.passes:
         if p.kind in _TRAINING_PASSES:
             continue
-        upd = {f: 0 for f in _TRAINING_FIELDS if getattr(p, f, 0)}
+        upd: dict[str, Any] = {f: 0 for f in _TRAINING_FIELDS if getattr(p, f, 0)}
         passes.append(p.model_copy(update=upd) if upd else p)
     if passes == list(rec.passes):
         return None
+    # The fidelity guard judges an untrained model here; it only refuses, it does not shape the model.
+    passes = [p.model_copy(update={"min_sample_cosine": None}) if getattr(p, "min_sample_cosine", None) else p
+              for p in passes]
     m = rec.measure
     fast = m.model_copy(update={"batch_sizes": [batch], "warmup": min(m.warmup, 2), "min_runs": min(m.min_runs, 15),
                                 "min_time_s": min(m.min_time_s, 0.2)})
