@@ -50,9 +50,7 @@ METRICS: dict[str, str] = {
 # Metrics the untrained probe of a trial measures (its structure without its training, see
 # probe_recipe): training changes weights, not shapes, so these are known before it runs.
 PROBE_METRICS = ("latency_ratio", "p50_ms", "size_mb", "macs_ratio", "params_ratio")
-# Passes that only train (the probe leaves them out) and settings that only train (set to 0).
-_TRAINING_PASSES = ("distill",)
-_TRAINING_FIELDS = ("finetune_epochs", "epochs")
+
 _CONSTRAINT = re.compile(r"^\s*(<=|<)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -309,9 +307,10 @@ def trial_metrics(report: dict[str, Any], variant: str, target: str, batch: int)
 def _structure_and_conditions(report: dict[str, Any], variant: str, lat: dict[str, Any], b: str) -> dict[str, Any]:
     """MACs/params ratios of the trial's model, and the conditions its latency was timed under
     (threads, other processes' load): two runs' figures are comparable only under like conditions."""
-    prune = ((report.get("variants", {}).get(variant) or {}).get("passes") or {}).get("prune.channels") or {}
-    out: dict[str, Any] = {"macs_ratio": float(prune.get("macs_ratio", 1.0)),
-                           "params_ratio": float(prune.get("params_ratio", 1.0))}
+    # Whichever passes recorded a MACs/params ratio (structured pruning), multiplied; 1.0 when none did.
+    metas = ((report.get("variants", {}).get(variant) or {}).get("passes") or {}).values()
+    out: dict[str, Any] = {"macs_ratio": math.prod(float(m["macs_ratio"]) for m in metas if "macs_ratio" in m),
+                           "params_ratio": math.prod(float(m["params_ratio"]) for m in metas if "params_ratio" in m)}
     if lat.get("p50_ci"):
         out["p50_ci"] = list(lat["p50_ci"])
     out["threads"] = (report.get("measurement") or {}).get("threads")
@@ -478,17 +477,21 @@ def evaluate_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target:
 
 
 def probe_recipe(rec: Recipe, batch: int, target: str) -> Recipe | None:
-    """The trial's recipe without its training: training passes (distill) left out, fine-tuning
-    epochs set to 0, and a short latency measurement at the search batch. Training changes weights,
+    """The trial's recipe without its training: passes that only train (``PassCaps.trains_only``:
+    distill) left out, their training settings (``PassCaps.training_fields``) set to 0, and a
+    short latency measurement at the search batch on the search target. Training changes weights,
     not shapes, so the probe's MACs, parameters, compiled size and latency are the trial's (its
     accuracy is not, and is not used). None when the trial has no training to save."""
     if any(getattr(p, "max_accuracy_drop", None) is not None for p in rec.passes):
         return None  # accuracy-controlled quantization picks its float nodes by the trained model's accuracy
+    from .registry import get_pass
+
     passes = []
     for p in rec.passes:
-        if p.kind in _TRAINING_PASSES:
+        caps = get_pass(p.kind).caps  # what the pass declares it trains (PassCaps)
+        if caps.trains_only:
             continue
-        upd: dict[str, Any] = {f: 0 for f in _TRAINING_FIELDS if getattr(p, f, 0)}
+        upd: dict[str, Any] = {f: 0 for f in caps.training_fields if getattr(p, f, 0)}
         passes.append(p.model_copy(update=upd) if upd else p)
     if passes == list(rec.passes):
         return None
