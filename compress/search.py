@@ -71,6 +71,8 @@ class SearchSpec(BaseModel):
                                 "when it cannot meet a constraint or is dominated (see probe_recipe)")
     probe_margin: float = Field(0.05, ge=0, le=1, description="a timed probe is trusted to this fraction: it "
                                 "prunes only when its interval is this far beyond the limit")
+    retime_front: bool = Field(True, description="time the feasible front's models again together in one run at "
+                               "the end (interleaved), and pick the best on those figures")
 
     @field_validator("objectives")
     @classmethod
@@ -434,12 +436,64 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
         else:
             started = pool.run(ask, budget, out, spec, needed, probe_for, judge,
                                lambda trial, res, secs: _tell(study, trial, res, secs, spec, limits, say, clock))
+        if started < budget:
+            say(f"time budget reached after {started} new trial(s)")
+        if spec.retime_front:
+            _retime(study, sp, out, cache_dir, target, say, pool)
     finally:
         if pool is not None:
             pool.close()
-    if started < budget:
-        say(f"time budget reached after {started} new trial(s)")
     return write_results(study, sp, out, target)
+
+
+def _retime(study: Any, sp: Space, out: Path, cache_dir: str | Path | None, target: str,
+            say: Callable[[str], None], pool: _RayPool | None) -> None:
+    """Time the feasible front again, every model in one run. Each trial's ratio came from its own
+    run, and a run-wide state of the machine can move a small model's ratio by a quarter with
+    intervals that do not show it (benchmarks/RESULTS.md, search); in one run the front's models
+    share that state, so they can be ranked against each other."""
+    front = _front(study)
+    if len(front) < 2:
+        return
+    if any(p.section == "targets" for p in sp.params):
+        say("front not re-timed together: its trials differ in target settings, and one run times one target "
+            "configuration")
+        return
+    recs = {f"trial{t.number}": sp.recipe(_values(sp, t)) for t in front}
+    args = (recs, out / "front-retimed", cache_dir, target, sp.search.batch)
+    res = retime_trials(*args) if pool is None else pool.timed(retime_trials, *args)
+    if isinstance(res, str):
+        say(f"front not re-timed together: {res}")
+        return
+    study.set_user_attr("retimed", {name[5:]: m for name, m in res.items()})
+    say("front re-timed together in one run: " + ", ".join(
+        f"trial {name[5:]} {m['latency_ratio']:.4g}" for name, m in res.items()))
+
+
+def retime_trials(recs: dict[str, Recipe], out: Path, cache_dir: str | Path | None, target: str,
+                  batch: int) -> dict[str, dict[str, Any]] | str:
+    """Time several trials' models in one run, interleaved with the original (cached builds); each
+    one's latency figures, or the error line."""
+    from .pipeline import run as run_recipe
+
+    first = next(iter(recs.values()))
+    base = first.model_copy(update={"name": "front", "targets": [t for t in first.targets if t.kind == target],
+                                    "measure": first.measure.model_copy(update={"batch_sizes": [batch]})})
+    try:
+        report = run_recipe(base, out_dir=out, cache_dir=cache_dir, progress=False, write=True,
+                            variants={name: list(r.passes) for name, r in recs.items()})
+        metrics = {name: trial_metrics(report, name, target, batch) for name in recs}
+    except CompressError as e:
+        return str(e).splitlines()[0][:300]
+    keep = ("latency_ratio", "latency_ratio_ci", "p50_ms")
+    return {name: {k: m[k] for k in keep if k in m} for name, m in metrics.items()}
+
+
+def _values(sp: Space, t: Any) -> dict[str, Any]:
+    """A finished trial's point of the space (choices stored by index mapped back to their values)."""
+    return {p.name: t.params[p.name] if p.kind != "choice" or p.name in t.params
+            else p.choices[t.params[p.name + "#"]] for p in sp.params
+            if p.name in t.params or p.name + "#" in t.params}
 
 
 def pin_threads(sp: Space, say: Callable[[str], None]) -> Space:
@@ -736,6 +790,7 @@ class _RayPool:
         cpus = max(1, min(node_cpus, default=1))
         self.measure = ray.remote(num_cpus=cpus, resources={self.key: 1})(evaluate_trial)
         self.probe = ray.remote(num_cpus=cpus, resources={self.key: 1})(probe_trial)
+        self.cpus = cpus
         kinds = sorted({t.kind for t in sp.recipe(sp.first_point()).targets})
         reasons = ray.get(ray.remote(num_cpus=0, resources={self.key: 1})(_probe_targets).remote(kinds))
         if reasons.get(target):
@@ -794,6 +849,11 @@ class _RayPool:
             else:
                 tell(trial, res, time.monotonic() - t0)
 
+    def timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one timed task on the measuring node, holding it whole, and wait for it."""
+        ray = self.ray
+        return ray.get(ray.remote(num_cpus=self.cpus, resources={self.key: 1})(fn).remote(*args))
+
     def close(self) -> None:
         if self.ray.is_initialized():
             self.ray.shutdown()
@@ -810,6 +870,15 @@ def _best(study: Any) -> Any:
     return min(_feasible(study), key=lambda t: tuple(t.values), default=None)
 
 
+def _final_best(study: Any, spec: SearchSpec) -> Any:
+    """The best trial; on latency, ranked by the front's re-timing in one run when there is one."""
+    rt = study.user_attrs.get("retimed") or {}
+    front = _front(study)
+    if spec.objectives[0] == "latency_ratio" and front and all(str(t.number) in rt for t in front):
+        return min(front, key=lambda t: (rt[str(t.number)]["latency_ratio"], *t.values[1:]))
+    return _best(study)
+
+
 def _front(study: Any) -> list[Any]:
     """Pareto-optimal feasible trials."""
     ok = _feasible(study)
@@ -820,29 +889,29 @@ def _front(study: Any) -> list[Any]:
 def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, Any]:
     spec = sp.search
     spread, draws = session_spread(study.trials)
+    rt = study.user_attrs.get("retimed") or {}
     trials = []
     for t in study.trials:
         metrics = {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error", "pruned")}
         if "latency_ratio_ci" in metrics:  # the run's own interval stays beside the pooled one
             metrics["latency_ratio_ci_own"] = metrics["latency_ratio_ci"]
             metrics["latency_ratio_ci"] = pooled_ci(t.user_attrs, spread)
+        metrics.update({f"retimed_{k}": v for k, v in rt.get(str(t.number), {}).items()})
         trials.append({"number": t.number, "state": t.state.name, "params": t.params,
                        "recipe": t.user_attrs.get("recipe"), "error": t.user_attrs.get("error"),
                        "pruned": t.user_attrs.get("pruned"), "metrics": metrics, "values": t.values})
     front = sorted(_front(study), key=lambda t: tuple(t.values))
-    best = _best(study)
+    best = _final_best(study, spec)
     result = {"schema": "compress.search/v1", "space": sp.source, "target": target, "batch": spec.batch,
               "objectives": spec.objectives, "constraints": spec.constraints, "sampler": spec.sampler,
               "trials": trials, "front": [t.number for t in front],
               "best": None if best is None else best.number, "storage": str(out / "search.db"),
               "session_spread": {"log_rms": round(spread, 6), "draws": draws,
                                  "note": "latency_ratio_ci is widened by this pooled between-session spread "
-                                         "(latency_ratio_ci_own: by the trial's own one-draw A/A offset)"}}
+                                         "(latency_ratio_ci_own: by the trial's own one-draw A/A offset)"},
+              "retimed": {"trials": sorted(int(n) for n in rt), "run": str(out / "front-retimed")} if rt else None}
     if best is not None:
-        values = {p.name: best.params[p.name] if p.kind != "choice" or p.name in best.params
-                  else p.choices[best.params[p.name + "#"]] for p in sp.params
-                  if p.name in best.params or p.name + "#" in best.params}
-        rec = sp.recipe(values).model_copy(update={"name": f"{Path(sp.source).stem}-best"})
+        rec = sp.recipe(_values(sp, best)).model_copy(update={"name": f"{Path(sp.source).stem}-best"})
         (out / "best.toml").write_text(f"# best feasible trial ({best.number}) of {sp.source}; "
                                        f"objectives {', '.join(spec.objectives)}\n" + recipe_to_toml(rec))
         result["best_recipe"] = str(out / "best.toml")
@@ -850,13 +919,18 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
     lines = [f"# Search: {sp.source}", "", f"Target {target}, batch {spec.batch}; objectives "
              f"{', '.join(spec.objectives)} (minimized); constraints "
              f"{', '.join(f'{k} {v}' for k, v in spec.constraints.items()) or 'none'}.", "",
-             "| trial | " + " | ".join(spec.objectives) + " | latency ratio 95% CI | recipe |",
-             "|---|" + "---|" * len(spec.objectives) + "---|---|"]
+             "| trial | " + " | ".join(spec.objectives)
+             + " | latency ratio 95% CI | re-timed together [95%] | recipe |",
+             "|---|" + "---|" * len(spec.objectives) + "---|---|---|"]
     for t in front:
         ci = pooled_ci(t.user_attrs, spread)
+        again = rt.get(str(t.number)) or {}
+        ci2 = again.get("latency_ratio_ci")
         lines.append(f"| {t.number}{' (best)' if best is not None and t.number == best.number else ''} | "
                      + " | ".join(f"{v:.4g}" for v in t.values)
-                     + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | `{t.user_attrs.get('recipe')}` |")
+                     + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | "
+                     + (f"{again['latency_ratio']:.4g} [{ci2[0]:.3f}, {ci2[1]:.3f}]" if again and ci2 else "-")
+                     + f" | `{t.user_attrs.get('recipe')}` |")
     pruned = [t for t in trials if t["state"] == "PRUNED"]
     if pruned:
         lines += ["", "Pruned trials (ruled out by their untrained probe, never trained):"] + [

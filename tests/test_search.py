@@ -224,3 +224,21 @@ def test_the_pooled_session_spread_replaces_one_trials_own_draw() -> None:
     lo, hi = pooled_ci(attrs, spread)  # type: ignore[misc]
     assert lo < own.low and hi > own.high
     assert lo == pytest.approx(0.6 * math.exp(-math.hypot(math.log(0.6 / 0.59), 1.959964 * spread)))
+
+
+def test_front_trials_are_re_timed_together_in_one_run(tmp_path: Path) -> None:
+    from compress.search import retime_trials
+
+    sp = load_space(space(tmp_path, HEAD + '[search]\ntrials = 2\n' + PRUNE + TARGET))
+    recs = {"trial0": sp.recipe({"passes[1].enabled": True, "passes[1].ratio": 0.2, "passes[1].round_to": 2}),
+            "trial1": sp.recipe({"passes[1].enabled": True, "passes[1].ratio": 0.5, "passes[1].round_to": 2})}
+    res = retime_trials(recs, tmp_path / "front", tmp_path / "cache", "onnxruntime", 1)
+    assert isinstance(res, dict) and set(res) == {"trial0", "trial1"}, res
+    for m in res.values():
+        lo, hi = m["latency_ratio_ci"]
+        assert lo <= m["latency_ratio"] <= hi and m["p50_ms"] > 0
+    # One run: both models were timed in the same interleaved rounds against the same baseline.
+    import json
+
+    report = json.loads((tmp_path / "front" / "report.json").read_text())
+    assert {r["variant"] for r in report["results"]} == {"baseline", "trial0", "trial1"}
