@@ -134,6 +134,8 @@ def write_md(a: argparse.Namespace, m_h: dict[str, Any], headline_s: float, res:
         ci = m.get("latency_ratio_ci")
         lat = (f"{m['latency_ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else
                f"probe {m['probe_latency_ratio']:.3f}" if "probe_latency_ratio" in m else "-")
+        if "retimed_latency_ratio" in m:
+            lat += f"; front re-timed together: {m['retimed_latency_ratio']:.3f}"
         drop = f"{m['accuracy_drop']:.2f}" if "accuracy_drop" in m else "-"
         what = t["pruned"] if t["state"] == "PRUNED" else (t["error"] if t["state"] == "FAIL" else f"`{t['recipe']}`")
         mark = " (best)" if t["number"] == res["best"] else (" (front)" if t["number"] in res["front"] else "")
