@@ -78,6 +78,11 @@ class PassCaps:
     path_fields: tuple[str, ...] = ()
     # Settings that name a model source (zoo:, hf:DIR, a file), resolved like the recipe's model.
     source_fields: tuple[str, ...] = ()
+    # Settings that only train (fine-tuning epochs): at 0 the pass gives the same shapes untrained.
+    # A search's untrained probe of a trial sets them to 0 (compress.search.probe_recipe).
+    training_fields: tuple[str, ...] = ()
+    # The pass only trains: it changes weights, never shapes or precision (the probe leaves it out).
+    trains_only: bool = False
 
 
 @dataclass(frozen=True)

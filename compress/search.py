@@ -45,7 +45,13 @@ METRICS: dict[str, str] = {
     "accuracy_drop": "top-1 of the original minus the trial's, in points (needs labelled data)",
     "fidelity_loss": "1 - agreement of the trial's predictions with the original model's",
     "size_mb": "size of the compiled model in MB",
+    "macs_ratio": "multiply-accumulates of the trial's model / the original's (channel pruning; 1.0 without it)",
+    "params_ratio": "parameters of the trial's model / the original's (channel pruning; 1.0 without it)",
 }
+# Metrics the untrained probe of a trial measures (its structure without its training, see
+# probe_recipe): training changes weights, not shapes, so these are known before it runs.
+PROBE_METRICS = ("latency_ratio", "p50_ms", "size_mb", "macs_ratio", "params_ratio")
+
 _CONSTRAINT = re.compile(r"^\s*(<=|<)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -62,6 +68,12 @@ class SearchSpec(BaseModel):
     batch: int = Field(1, ge=1)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
+    early_pruning: bool = Field(True, description="probe each trial's structure untrained first and prune it "
+                                "when it cannot meet a constraint or is dominated (see probe_recipe)")
+    probe_margin: float = Field(0.05, ge=0, le=1, description="a timed probe is trusted to this fraction: it "
+                                "prunes only when its interval is this far beyond the limit")
+    retime_front: bool = Field(True, description="time the feasible front's models again together in one run at "
+                               "the end (interleaved), and pick the best on those figures")
 
     @field_validator("objectives")
     @classmethod
@@ -274,8 +286,11 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
         # The run's own paired ratio (block bootstrap, widened by the baseline's A/A spread); a plain paired
         # bootstrap only when the run gave none (the trial is the original model itself).
         r = cell.ratio_to_baseline.get(b) if cell is not base else None
-        if r is not None and not isinstance(r, NoRatio):
+        if r is not None and not isinstance(r, NoRatio) and hasattr(r, "low"):
             out.update(latency_ratio=r.ratio, latency_ratio_ci=[r.low, r.high])
+            session = getattr(r, "session", 0.0)
+            if session:  # the run's one-draw A/A offset, and its interval before that widening
+                out.update(aa_offset=session, latency_ratio_ci_paired=_unwiden(r.ratio, r.low, r.high, session))
         else:
             ratio, lo, hi = bootstrap_ratio(cell.latency[b].samples_ms, base.latency[b].samples_ms, "p50")
             out.update(latency_ratio=ratio, latency_ratio_ci=[lo, hi])
@@ -284,6 +299,24 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
             out["top1"] = cell.accuracy_top1
     if cell.fidelity is not None and cell.fidelity.agreement is not None:
         out["fidelity_loss"] = 1.0 - float(cell.fidelity.agreement)
+    out.update(_structure_and_conditions(report, variant, cell.latency[b], b))
+    return out
+
+
+def _structure_and_conditions(report: Report, variant: str, lat: Any, b: str) -> dict[str, Any]:
+    """MACs/params ratios of the trial's model, and the conditions its latency was timed under
+    (threads, other processes' load): two runs' figures are comparable only under like conditions."""
+    # Whichever passes recorded a MACs/params ratio (structured pruning), multiplied; 1.0 when none did.
+    info = report.variants.get(variant)
+    metas = list(info.passes.values()) if info is not None else []
+    out: dict[str, Any] = {"macs_ratio": math.prod(float(m["macs_ratio"]) for m in metas if "macs_ratio" in m),
+                           "params_ratio": math.prod(float(m["params_ratio"]) for m in metas if "params_ratio" in m)}
+    if lat.p50_ci:
+        out["p50_ci"] = list(lat.p50_ci)
+    out["threads"] = report.measurement.threads
+    during = ((report.contention.during or {}) if report.contention is not None else {}).get(f"batch {b}")
+    if during is not None:
+        out["others_cores"] = during.others_cores
     return out
 
 
@@ -335,6 +368,7 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     from .preflight import check_out_dir
 
     check_out_dir(out)
+    sp = pin_threads(sp, say)
     spec = sp.search
     target = spec.target or sp.recipe(sp.first_point()).targets[0].kind
     pool = _RayPool(sp, target, address, workers, cache_dir, say) if executor == "ray" else None
@@ -354,6 +388,26 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
         say(f"resuming {study_name}: {len(done)} trial(s) already finished in {out / 'search.db'}")
     needed = [*spec.objectives, *limits]
     clock = {"start": time.monotonic(), "told": 0, "budget": budget, "deadline": deadline}
+    # Probe a trial untrained first only when its probe can rule it out: a constraint on a metric
+    # the probe measures, or objectives it all measures (dominance).
+    probing = spec.early_pruning and (any(c in PROBE_METRICS for c in limits)
+                                      or all(o in PROBE_METRICS for o in spec.objectives))
+
+    def probe_for(rec: Recipe) -> Recipe | None:
+        return probe_recipe(rec, spec.batch, target) if probing else None
+
+    def judge(trial: Any, pres: dict[str, Any], secs: float) -> bool:
+        """Tell the study a trial its probe ruled out (True), or let it go on to training."""
+        if not pres["ok"]:
+            # An untrained model may fail where the trained one passes (a parity check, say): no verdict.
+            trial.set_user_attr("probe_error", pres["error"])
+            say(f"trial {trial.number}: {pres['error'][:200]}; trained without a probe verdict")
+            return False
+        reason = hopeless(pres["metrics"], spec, limits, _feasible(study), session_spread(study.trials)[0])
+        if reason is None:
+            return False
+        _tell(study, trial, {"ok": False, "pruned": reason, "probe": pres["metrics"]}, secs, spec, limits, say, clock)
+        return True
 
     def ask() -> tuple[Any, Recipe] | None:
         if time.monotonic() > deadline:
@@ -371,17 +425,91 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
                 started += 1
                 trial, rec = nxt
                 t0 = time.monotonic()
+                prec = probe_for(rec)
+                if prec is not None and judge(trial, probe_trial(prec, out / "trials" / rec.name / "probe", cache_dir,
+                                                                 target, spec.batch), time.monotonic() - t0):
+                    continue
                 res = evaluate_trial(rec, out / "trials" / rec.name, cache_dir, target, spec.batch, needed)
                 _tell(study, trial, res, time.monotonic() - t0, spec, limits, say, clock)
         else:
-            started = pool.run(ask, budget, out, spec, needed,
+            started = pool.run(ask, budget, out, spec, needed, probe_for, judge,
                                lambda trial, res, secs: _tell(study, trial, res, secs, spec, limits, say, clock))
+        if started < budget:
+            say(f"time budget reached after {started} new trial(s)")
+        if spec.retime_front:
+            _retime(study, sp, out, cache_dir, target, say, pool)
     finally:
         if pool is not None:
             pool.close()
-    if started < budget:
-        say(f"time budget reached after {started} new trial(s)")
     return write_results(study, sp, out, target)
+
+
+def _retime(study: Any, sp: Space, out: Path, cache_dir: str | Path | None, target: str,
+            say: Callable[[str], None], pool: _RayPool | None) -> None:
+    """Time the feasible front again, every model in one run. Each trial's ratio came from its own
+    run, and a run-wide state of the machine can move a small model's ratio by a quarter with
+    intervals that do not show it (benchmarks/RESULTS.md, search); in one run the front's models
+    share that state, so they can be ranked against each other."""
+    front = _front(study)
+    if len(front) < 2:
+        return
+    if any(p.section == "targets" for p in sp.params):
+        say("front not re-timed together: its trials differ in target settings, and one run times one target "
+            "configuration")
+        return
+    recs = {f"trial{t.number}": sp.recipe(_values(sp, t)) for t in front}
+    args = (recs, out / "front-retimed", cache_dir, target, sp.search.batch)
+    res = retime_trials(*args) if pool is None else pool.timed(retime_trials, *args)
+    if isinstance(res, str):
+        say(f"front not re-timed together: {res}")
+        return
+    study.set_user_attr("retimed", {name[5:]: m for name, m in res.items()})
+    say("front re-timed together in one run: " + ", ".join(
+        f"trial {name[5:]} {m['latency_ratio']:.4g}" for name, m in res.items()))
+
+
+def retime_trials(recs: dict[str, Recipe], out: Path, cache_dir: str | Path | None, target: str,
+                  batch: int) -> dict[str, dict[str, Any]] | str:
+    """Time several trials' models in one run, interleaved with the original (cached builds); each
+    one's latency figures, or the error line."""
+    from .pipeline import run as run_recipe
+
+    first = next(iter(recs.values()))
+    base = first.model_copy(update={"name": "front", "targets": [t for t in first.targets if t.kind == target],
+                                    "measure": first.measure.model_copy(update={"batch_sizes": [batch]})})
+    try:
+        report = run_recipe(base, out_dir=out, cache_dir=cache_dir, progress=False, write=True,
+                            variants={name: list(r.passes) for name, r in recs.items()})
+        metrics = {name: trial_metrics(report, name, target, batch) for name in recs}
+    except CompressError as e:
+        return str(e).splitlines()[0][:300]
+    keep = ("latency_ratio", "latency_ratio_ci", "p50_ms")
+    return {name: {k: m[k] for k in keep if k in m} for name, m in metrics.items()}
+
+
+def _values(sp: Space, t: Any) -> dict[str, Any]:
+    """A finished trial's point of the space (choices stored by index mapped back to their values)."""
+    return {p.name: t.params[p.name] if p.kind != "choice" or p.name in t.params
+            else p.choices[t.params[p.name + "#"]] for p in sp.params
+            if p.name in t.params or p.name + "#" in t.params}
+
+
+def pin_threads(sp: Space, say: Callable[[str], None]) -> Space:
+    """Every trial is timed with the same thread count. With measure.threads = 0 (auto) each run
+    would pick its own from the load of that moment (pipeline.pick_threads), and trials timed at
+    1 and at 2 threads were compared as if alike (the speed-up of a pruned model depends on the
+    thread count); two searches of one space also disagreed for it. Auto becomes 1 thread: the
+    count a shared machine can give every trial."""
+    base = json.loads(json.dumps(sp.base))
+    measure = base.setdefault("measure", {})
+    if not isinstance(measure, dict) or measure.get("threads"):
+        return sp
+    measure["threads"] = 1
+    say("measure.threads = 0 (auto) would let each trial pick its thread count from the load of the moment; "
+        "every trial is timed with 1 thread (set measure.threads to choose)")
+    from dataclasses import replace
+
+    return replace(sp, base=base)
 
 
 def evaluate_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: str, batch: int,
@@ -400,6 +528,121 @@ def evaluate_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target:
     return {"ok": True, "metrics": m, "host": _host()}
 
 
+def probe_recipe(rec: Recipe, batch: int, target: str) -> Recipe | None:
+    """The trial's recipe without its training: passes that only train (``PassCaps.trains_only``:
+    distill) left out, their training settings (``PassCaps.training_fields``) set to 0, and a
+    short latency measurement at the search batch on the search target. Training changes weights,
+    not shapes, so the probe's MACs, parameters, compiled size and latency are the trial's (its
+    accuracy is not, and is not used). None when the trial has no training to save."""
+    if any(getattr(p, "max_accuracy_drop", None) is not None for p in rec.passes):
+        return None  # accuracy-controlled quantization picks its float nodes by the trained model's accuracy
+    from .registry import get_pass
+
+    passes = []
+    for p in rec.passes:
+        caps = get_pass(p.kind).caps  # what the pass declares it trains (PassCaps)
+        if caps.trains_only:
+            continue
+        upd: dict[str, Any] = {f: 0 for f in caps.training_fields if getattr(p, f, 0)}
+        passes.append(p.model_copy(update=upd) if upd else p)
+    if passes == list(rec.passes):
+        return None
+    # The fidelity guard judges an untrained model here; it only refuses, it does not shape the model.
+    passes = [p.model_copy(update={"min_sample_cosine": None}) if getattr(p, "min_sample_cosine", None) else p
+              for p in passes]
+    m = rec.measure
+    fast = m.model_copy(update={"batch_sizes": [batch], "warmup": min(m.warmup, 2), "min_runs": min(m.min_runs, 15),
+                                "min_time_s": min(m.min_time_s, 0.2)})
+    return rec.model_copy(update={"passes": passes, "measure": fast,
+                                  "targets": [t for t in rec.targets if t.kind == target]})
+
+
+def probe_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: str, batch: int) -> dict[str, Any]:
+    """Build and time a probe recipe (see :func:`probe_recipe`); its structure metrics, or why it failed."""
+    from .pipeline import run as run_recipe
+
+    try:
+        report = run_recipe(rec, out_dir=out, cache_dir=cache_dir, progress=False, write=False, aa_session=False)
+        m = trial_metrics(report, rec.name, target, batch)
+    except CompressError as e:
+        return {"ok": False, "error": "probe (untrained): " + str(e).splitlines()[0][:480]}
+    keep = (*PROBE_METRICS, "latency_ratio_ci", "p50_ci", "threads")
+    return {"ok": True, "metrics": {k: v for k, v in m.items() if k in keep}}
+
+
+_Z95 = 1.959964
+
+
+def _unwiden(ratio: float, low: float, high: float, d: float) -> list[float]:
+    """The paired interval before :func:`compress.stats.widen` combined z * d into it (in quadrature)."""
+    zd = _Z95 * d
+    lo = math.sqrt(max(math.log(ratio / low) ** 2 - zd * zd, 0.0))
+    hi = math.sqrt(max(math.log(high / ratio) ** 2 - zd * zd, 0.0))
+    return [ratio * math.exp(-lo), ratio * math.exp(hi)]
+
+
+def session_spread(trials: list[Any]) -> tuple[float, int]:
+    """The between-session spread of latency (log scale) pooled over the search's finished trials.
+
+    Each trial's run times the baseline in a second session beside the first (the A/A offset d);
+    one run's interval is widened by its own single draw of d, which is often far below the
+    spread (|d| of one draw is under a quarter of its standard deviation one time in five), so two
+    runs of one trial disagreed beyond their intervals. A search has many draws: their root mean
+    square estimates the spread with as many degrees of freedom as trials. (0, 0) without any."""
+    ds = [float(t.user_attrs["aa_offset"]) for t in trials
+          if t.state.name == "COMPLETE" and t.user_attrs.get("aa_offset") is not None]
+    if not ds:
+        return 0.0, 0
+    return math.sqrt(sum(d * d for d in ds) / len(ds)), len(ds)
+
+
+def pooled_ci(attrs: dict[str, Any], spread: float) -> list[float] | None:
+    """A trial's latency-ratio interval widened by the pooled session spread instead of its own draw."""
+    raw, r = attrs.get("latency_ratio_ci_paired"), attrs.get("latency_ratio")
+    if not raw or r is None or spread <= 0:
+        return attrs.get("latency_ratio_ci")
+    zd = _Z95 * spread
+    lo = math.hypot(math.log(r / raw[0]), zd)
+    hi = math.hypot(math.log(raw[1] / r), zd)
+    return [r * math.exp(-lo), r * math.exp(hi)]
+
+
+def _optimistic(probe: dict[str, Any], margin: float, spread: float = 0.0) -> dict[str, float]:
+    """The best each probe metric could be in the trained trial: interval low ends, less the margin
+    for timings (the probe is a separate, short session; the pooled session spread when that is
+    wider), less 1% for the size."""
+    out: dict[str, float] = {k: float(probe[k]) for k in ("macs_ratio", "params_ratio") if k in probe}
+    if "size_mb" in probe:
+        out["size_mb"] = float(probe["size_mb"]) * 0.99
+    for k, ci in (("latency_ratio", "latency_ratio_ci"), ("p50_ms", "p50_ci")):
+        if k in probe:
+            out[k] = float((probe.get(ci) or [probe[k]])[0]) / max(1 + margin, math.exp(_Z95 * spread))
+    return out
+
+
+def hopeless(probe: dict[str, Any], spec: SearchSpec, limits: dict[str, float], feasible: list[Any],
+             spread: float = 0.0) -> str | None:
+    """Why a trial cannot help, judged from its untrained probe; None when it may.
+
+    It cannot meet a constraint when even its optimistic figure is beyond the limit; it cannot
+    join the front when every objective is known from the probe and a feasible finished trial is
+    at least as good on all of them and better on one (with accuracy among the objectives, the
+    probe cannot judge the front: training decides it)."""
+    opt = _optimistic(probe, spec.probe_margin, spread)
+    for c, lim in limits.items():
+        if c in opt and opt[c] > lim:
+            return (f"cannot meet {c} <= {lim:g}: the untrained probe measured {float(probe[c]):.4g} "
+                    f"(at best {opt[c]:.4g}), before any training")
+    if all(o in opt for o in spec.objectives):
+        mine = [opt[o] for o in spec.objectives]
+        for t in feasible:
+            if all(v <= x for v, x in zip(t.values, mine, strict=True)) and list(t.values) != mine:
+                return (f"dominated by trial {t.number} (" + ", ".join(f"{o} {v:.4g} vs at best {x:.4g}" for o, v, x
+                                                                     in zip(spec.objectives, t.values, mine,
+                                                                            strict=True)) + "), before any training")
+    return None
+
+
 def _host() -> str:
     import socket
 
@@ -411,6 +654,19 @@ def _tell(study: Any, trial: Any, res: dict[str, Any], secs: float, spec: Search
     import optuna
 
     clock["told"] += 1
+    if res.get("pruned"):
+        # Optuna's pruned state: the trial stopped early by design, not a failure. Its probe
+        # figures stay with it; constraint values (for the sampler) from the probe where it has them.
+        trial.set_user_attr("pruned", res["pruned"])
+        for key, v in res["probe"].items():
+            trial.set_user_attr(f"probe_{key}", v)
+        trial.set_user_attr("seconds", secs)
+        if limits:
+            trial.set_user_attr("constraint", [float(res["probe"][c]) - lim if c in res["probe"] else 0.0
+                                               for c, lim in limits.items()])
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        say(f"trial {trial.number} ({clock['told']}/{clock['budget']}): pruned: {res['pruned']}")
+        return
     if not res["ok"]:
         trial.set_user_attr("error", res["error"])
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -524,7 +780,15 @@ class _RayPool:
                               f"(resource {self.key}); start the measuring node with "
                               f"ray start --resources='{{\"{self.key}\": 1}}'")
         self.build = ray.remote(num_cpus=1)(build_trial)
-        self.measure = ray.remote(num_cpus=1, resources={self.key: 1})(evaluate_trial)
+        # A timed task holds every CPU of its node, so no build of this search trains beside it: with
+        # only its own thread's CPU held, a build on the other core moved two-worker timings of one
+        # trial well outside a local run's interval (benchmarks/RESULTS.md, search).
+        node_cpus = [int(n["Resources"].get("CPU", 1)) for n in ray.nodes()
+                     if n.get("Alive") and n["Resources"].get(self.key)]
+        cpus = max(1, min(node_cpus, default=1))
+        self.measure = ray.remote(num_cpus=cpus, resources={self.key: 1})(evaluate_trial)
+        self.probe = ray.remote(num_cpus=cpus, resources={self.key: 1})(probe_trial)
+        self.cpus = cpus
         kinds = sorted({t.kind for t in sp.recipe(sp.first_point()).targets})
         reasons = ray.get(ray.remote(num_cpus=0, resources={self.key: 1})(_probe_targets).remote(kinds))
         if reasons.get(target):
@@ -534,19 +798,30 @@ class _RayPool:
         say(f"ray: {self.parallel} CPU(s), measuring on resource {self.key}")
 
     def run(self, ask: Callable[[], tuple[Any, Recipe] | None], budget: int, out: Path, spec: SearchSpec,
-            needed: list[str], tell: Callable[[Any, dict[str, Any], float], None]) -> int:
+            needed: list[str], probe_for: Callable[[Recipe], Recipe | None],
+            judge: Callable[[Any, dict[str, Any], float], bool],
+            tell: Callable[[Any, dict[str, Any], float], None]) -> int:
         ray = self.ray
         pending: dict[Any, tuple[str, Any, Recipe, float]] = {}
         started = 0
         while True:
-            while started < budget and len(pending) < self.parallel:
+            # While a timed task waits for its node, no new build starts (it would take the CPUs the
+            # measurement waits for, and a build started later could overtake it for ever).
+            while started < budget and len(pending) < self.parallel and not any(
+                    v[0] in ("probe", "measure") for v in pending.values()):
                 nxt = ask()
                 if nxt is None:
                     budget = started  # the time budget is spent: finish what runs
                     break
                 trial, rec = nxt
                 started += 1
-                pending[self.build.remote(rec, self.cache_dir)] = ("build", trial, rec, time.monotonic())
+                prec = probe_for(rec)
+                if prec is not None:  # timed, so on the measuring node like any measurement
+                    ref0 = self.probe.remote(prec, out / "trials" / rec.name / "probe", self.cache_dir, self.target,
+                                             spec.batch)
+                    pending[ref0] = ("probe", trial, rec, time.monotonic())
+                else:
+                    pending[self.build.remote(rec, self.cache_dir)] = ("build", trial, rec, time.monotonic())
             if not pending:
                 return started
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -558,6 +833,10 @@ class _RayPool:
                 tell(trial, {"ok": False, "error": f"ray task failed: {str(e).splitlines()[0][:300]}"},
                      time.monotonic() - t0)
                 continue
+            if stage == "probe":
+                if not judge(trial, res, time.monotonic() - t0):
+                    pending[self.build.remote(rec, self.cache_dir)] = ("build", trial, rec, t0)
+                continue
             if stage == "build":
                 if res is not None:
                     tell(trial, {"ok": False, "error": res}, time.monotonic() - t0)
@@ -567,6 +846,11 @@ class _RayPool:
                 pending[ref2] = ("measure", trial, rec, t0)
             else:
                 tell(trial, res, time.monotonic() - t0)
+
+    def timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one timed task on the measuring node, holding it whole, and wait for it."""
+        ray = self.ray
+        return ray.get(ray.remote(num_cpus=self.cpus, resources={self.key: 1})(fn).remote(*args))
 
     def close(self) -> None:
         if self.ray.is_initialized():
@@ -584,6 +868,15 @@ def _best(study: Any) -> Any:
     return min(_feasible(study), key=lambda t: tuple(t.values), default=None)
 
 
+def _final_best(study: Any, spec: SearchSpec) -> Any:
+    """The best trial; on latency, ranked by the front's re-timing in one run when there is one."""
+    rt = study.user_attrs.get("retimed") or {}
+    front = _front(study)
+    if spec.objectives[0] == "latency_ratio" and front and all(str(t.number) in rt for t in front):
+        return min(front, key=lambda t: (rt[str(t.number)]["latency_ratio"], *t.values[1:]))
+    return _best(study)
+
+
 def _front(study: Any) -> list[Any]:
     """Pareto-optimal feasible trials."""
     ok = _feasible(study)
@@ -593,23 +886,30 @@ def _front(study: Any) -> list[Any]:
 
 def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, Any]:
     spec = sp.search
+    spread, draws = session_spread(study.trials)
+    rt = study.user_attrs.get("retimed") or {}
     trials = []
     for t in study.trials:
+        metrics = {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error", "pruned")}
+        if "latency_ratio_ci" in metrics:  # the run's own interval stays beside the pooled one
+            metrics["latency_ratio_ci_own"] = metrics["latency_ratio_ci"]
+            metrics["latency_ratio_ci"] = pooled_ci(t.user_attrs, spread)
+        metrics.update({f"retimed_{k}": v for k, v in rt.get(str(t.number), {}).items()})
         trials.append({"number": t.number, "state": t.state.name, "params": t.params,
                        "recipe": t.user_attrs.get("recipe"), "error": t.user_attrs.get("error"),
-                       "metrics": {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error")},
-                       "values": t.values})
+                       "pruned": t.user_attrs.get("pruned"), "metrics": metrics, "values": t.values})
     front = sorted(_front(study), key=lambda t: tuple(t.values))
-    best = _best(study)
+    best = _final_best(study, spec)
     result = {"schema": "compress.search/v1", "space": sp.source, "target": target, "batch": spec.batch,
               "objectives": spec.objectives, "constraints": spec.constraints, "sampler": spec.sampler,
               "trials": trials, "front": [t.number for t in front],
-              "best": None if best is None else best.number, "storage": str(out / "search.db")}
+              "best": None if best is None else best.number, "storage": str(out / "search.db"),
+              "session_spread": {"log_rms": round(spread, 6), "draws": draws,
+                                 "note": "latency_ratio_ci is widened by this pooled between-session spread "
+                                         "(latency_ratio_ci_own: by the trial's own one-draw A/A offset)"},
+              "retimed": {"trials": sorted(int(n) for n in rt), "run": str(out / "front-retimed")} if rt else None}
     if best is not None:
-        values = {p.name: best.params[p.name] if p.kind != "choice" or p.name in best.params
-                  else p.choices[best.params[p.name + "#"]] for p in sp.params
-                  if p.name in best.params or p.name + "#" in best.params}
-        rec = sp.recipe(values).model_copy(update={"name": f"{Path(sp.source).stem}-best"})
+        rec = sp.recipe(_values(sp, best)).model_copy(update={"name": f"{Path(sp.source).stem}-best"})
         (out / "best.toml").write_text(f"# best feasible trial ({best.number}) of {sp.source}; "
                                        f"objectives {', '.join(spec.objectives)}\n" + recipe_to_toml(rec))
         result["best_recipe"] = str(out / "best.toml")
@@ -617,13 +917,22 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
     lines = [f"# Search: {sp.source}", "", f"Target {target}, batch {spec.batch}; objectives "
              f"{', '.join(spec.objectives)} (minimized); constraints "
              f"{', '.join(f'{k} {v}' for k, v in spec.constraints.items()) or 'none'}.", "",
-             "| trial | " + " | ".join(spec.objectives) + " | latency ratio 95% CI | recipe |",
-             "|---|" + "---|" * len(spec.objectives) + "---|---|"]
+             "| trial | " + " | ".join(spec.objectives)
+             + " | latency ratio 95% CI | re-timed together [95%] | recipe |",
+             "|---|" + "---|" * len(spec.objectives) + "---|---|---|"]
     for t in front:
-        ci = t.user_attrs.get("latency_ratio_ci")
+        ci = pooled_ci(t.user_attrs, spread)
+        again = rt.get(str(t.number)) or {}
+        ci2 = again.get("latency_ratio_ci")
         lines.append(f"| {t.number}{' (best)' if best is not None and t.number == best.number else ''} | "
                      + " | ".join(f"{v:.4g}" for v in t.values)
-                     + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | `{t.user_attrs.get('recipe')}` |")
+                     + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | "
+                     + (f"{again['latency_ratio']:.4g} [{ci2[0]:.3f}, {ci2[1]:.3f}]" if again and ci2 else "-")
+                     + f" | `{t.user_attrs.get('recipe')}` |")
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    if pruned:
+        lines += ["", "Pruned trials (ruled out by their untrained probe, never trained):"] + [
+            f"- trial {t['number']}: {t['pruned']}" for t in pruned]
     failed = [t for t in trials if t["state"] == "FAIL"]
     if failed:
         lines += ["", "Failed trials:"] + [f"- trial {t['number']}: {t['error']}" for t in failed]

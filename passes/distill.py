@@ -261,7 +261,7 @@ class _State:
 # ---------------------------------------------------------------- the pass
 
 
-@register_pass(Distill, consumes="pytorch", produces="pytorch", version=VERSION,
+@register_pass(Distill, consumes="pytorch", produces="pytorch", version=VERSION, trains_only=True,
                path_fields=("teacher_weights",), source_fields=("teacher",))
 def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
     """Knowledge distillation from the original (or a named) teacher into the current model."""

@@ -90,7 +90,7 @@ def mask_2to4(weight: torch.Tensor) -> torch.Tensor:
     return keep.reshape(moved.shape).movedim(-1, 1)
 
 
-@register_pass(TwoFourPrune, consumes="pytorch", produces="pytorch")
+@register_pass(TwoFourPrune, consumes="pytorch", produces="pytorch", training_fields=("finetune_epochs",))
 def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
     """2:4 semi-structured sparsity (speed-up only on TensorRT sparse tensor cores, Ampere+)."""
     if cfg.finetune_epochs:

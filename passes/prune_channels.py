@@ -605,7 +605,7 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
     return model, meta
 
 
-@register_pass(ChannelPrune, consumes="pytorch", produces="pytorch")
+@register_pass(ChannelPrune, consumes="pytorch", produces="pytorch", training_fields=("finetune_epochs",))
 def prune_channels(art: Artifact, cfg: ChannelPrune, ctx: PassContext) -> Artifact:
     """Structured channel/head pruning with torch-pruning (fewer MACs on every target)."""
     if cfg.finetune_epochs:

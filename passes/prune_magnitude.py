@@ -88,7 +88,7 @@ def magnitude_masks(layers: list[tuple[str, WeightLayer]], sparsity: float, scop
     return masks
 
 
-@register_pass(MagnitudePrune, consumes="pytorch", produces="pytorch")
+@register_pass(MagnitudePrune, consumes="pytorch", produces="pytorch", training_fields=("finetune_epochs",))
 def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Artifact:
     """Unstructured magnitude sparsity, folded into the weights (real zeros in ONNX; no speed-up)."""
     if cfg.finetune_epochs:

@@ -240,7 +240,7 @@ def quant_wraps(model: nn.Module) -> list[QuantWrap]:
 
 
 # version 2: weights stored as offline-quantized INT8 (w_int) so every scheme exports as standard QDQ.
-@register_pass(QuantizeQat, consumes="pytorch", produces="pytorch", version=2)
+@register_pass(QuantizeQat, consumes="pytorch", produces="pytorch", version=2, training_fields=("epochs",))
 def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
     """Fold BN, insert fake quantization (QDQ on export), calibrate, then fine-tune on labelled data."""
     from compress.training import fit, top1

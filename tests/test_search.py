@@ -67,6 +67,13 @@ def test_search_finds_a_front_writes_a_runnable_recipe_and_resumes(tmp_path: Pat
     for t in res["trials"]:
         m = t["metrics"]
         assert m["latency_ratio"] > 0 and len(m["latency_ratio_ci"]) == 2 and "accuracy_drop" in m
+        assert m["threads"] == 1  # auto threads are pinned: every trial timed alike
+        # The interval is widened by the spread pooled over all trials, the trial's own draw kept beside it.
+        lo, hi = m["latency_ratio_ci"]
+        assert lo <= m["latency_ratio"] <= hi and len(m["latency_ratio_ci_own"]) == 2
+    # Every trial whose run measured an A/A offset counts (a trial with its passes off is the original itself).
+    draws = sum("aa_offset" in t["metrics"] for t in res["trials"])
+    assert draws >= 1 and res["session_spread"]["draws"] == draws
     best = load_recipe(res["best_recipe"])  # a plain recipe that `compress run` takes
     assert best.targets[0].kind == "onnxruntime"
     assert (out / "front.md").read_text().startswith("# Search")
@@ -108,3 +115,130 @@ def test_ray_address_that_does_not_answer_is_a_usage_error(tmp_path: Path) -> No
     with pytest.raises(RecipeError, match="does not answer"):
         run_search(space(tmp_path, HEAD + PRUNE + TARGET), tmp_path / "out", executor="ray",
                    address="127.0.0.1:1")
+
+
+FINETUNED = '[[passes]]\nkind = "prune.channels"\nratio = [0.1, 0.6]\nround_to = 2\nfinetune_epochs = 1\n'
+
+
+def count_finetunes(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record every fine-tuning run of channel pruning (the training a pruned trial must not reach)."""
+    import compress.passes.prune_channels as pc
+
+    calls: list[float] = []
+    real = pc.finetune
+
+    def counted(model, ctx, epochs, lr, name):  # type: ignore[no-untyped-def]
+        calls.append(epochs)
+        return real(model, ctx, epochs, lr, name)
+
+    monkeypatch.setattr(pc, "finetune", counted)
+    return calls
+
+
+def test_trials_that_cannot_meet_a_macs_constraint_are_pruned_before_training(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    calls = count_finetunes(monkeypatch)
+    body = (HEAD + '[search]\ntrials = 5\nsampler = "random"\nseed = 1\n'
+            'objectives = ["latency_ratio", "accuracy_drop"]\nconstraints = { macs_ratio = "<= 0.5" }\n'
+            + FINETUNED + TARGET)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    res = run_search(space(tmp_path, body), out, cache_dir=tmp_path / "cache", log=lines.append)
+    pruned = [t for t in res["trials"] if t["state"] == "PRUNED"]
+    done = [t for t in res["trials"] if t["state"] == "COMPLETE"]
+    assert pruned and done and len(pruned) + len(done) == 5, [(t["state"], t["params"]) for t in res["trials"]]
+    # Only the trials that went on were fine-tuned: the probe itself never trains.
+    assert len(calls) == len(done)
+    for t in pruned:
+        assert t["metrics"]["probe_macs_ratio"] > 0.5 and "cannot meet macs_ratio <= 0.5" in t["pruned"]
+        assert t["values"] is None and "accuracy_drop" not in t["metrics"]
+    for t in done:
+        assert t["metrics"]["macs_ratio"] <= 0.5 and "accuracy_drop" in t["metrics"]
+    # Pruning is by the structure, which training does not change: the pruned trials are the weaker pruning.
+    assert max(t["params"]["passes[1].ratio"] for t in pruned) < min(t["params"]["passes[1].ratio"] for t in done)
+    assert res["best"] in {t["number"] for t in done}
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{out / 'search.db'}")
+    in_study = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
+    assert in_study == {t["number"] for t in pruned}
+    assert "Pruned trials" in (out / "front.md").read_text()
+    assert sum("pruned: cannot meet" in m for m in lines) == len(pruned)
+
+
+def test_a_trial_dominated_on_every_objective_is_pruned_untrained(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both objectives are known from the structure alone, so a weaker pruning than a finished
+    # trial's can never join the front: its probe rules it out.
+    calls = count_finetunes(monkeypatch)
+    body = (HEAD + '[search]\ntrials = 5\nsampler = "random"\nseed = 1\n'
+            'objectives = ["macs_ratio", "params_ratio"]\n' + FINETUNED + TARGET)
+    res = run_search(space(tmp_path, body), tmp_path / "out", cache_dir=tmp_path / "cache")
+    states = [t["state"] for t in res["trials"]]
+    assert "PRUNED" in states and states[0] == "COMPLETE", states
+    assert len(calls) == states.count("COMPLETE")
+    for i, t in enumerate(res["trials"]):
+        if t["state"] == "PRUNED":
+            assert "dominated by trial" in t["pruned"]
+            earlier = [u["params"]["passes[1].ratio"] for u in res["trials"][:i] if u["state"] == "COMPLETE"]
+            assert t["params"]["passes[1].ratio"] < max(earlier)
+
+
+def test_probe_recipe_leaves_out_training_only() -> None:
+    from compress.recipe import recipe_from_dict
+    from compress.search import probe_recipe
+
+    rec = recipe_from_dict({"name": "r", "model": {"source": "zoo:digits-cnn"}, "data": {"source": "builtin:digits"},
+                            "passes": [{"kind": "prune.channels", "ratio": 0.3, "finetune_epochs": 2},
+                                       {"kind": "distill", "epochs": 3}, {"kind": "quantize.int8"}],
+                            "targets": [{"kind": "torch"}, {"kind": "onnxruntime"}]}, where="test")
+    probe = probe_recipe(rec, 1, "onnxruntime")
+    assert probe is not None
+    assert [p.kind for p in probe.passes] == ["prune.channels", "quantize.int8"]
+    assert probe.passes[0].finetune_epochs == 0 and probe.passes[0].ratio == 0.3  # type: ignore[attr-defined]
+    assert [t.kind for t in probe.targets] == ["onnxruntime"] and probe.measure.batch_sizes == [1]
+    untrained = rec.model_copy(update={"passes": [rec.passes[0].model_copy(update={"finetune_epochs": 0})]})
+    assert probe_recipe(untrained, 1, "onnxruntime") is None  # nothing to save: the trial runs as it is
+    assert probe.passes[1].min_sample_cosine is None  # type: ignore[attr-defined]  # the guard would judge noise
+    controlled = rec.model_copy(update={"passes": [*rec.passes[:2], rec.passes[2].model_copy(
+        update={"max_accuracy_drop": 0.01})]})
+    assert probe_recipe(controlled, 1, "onnxruntime") is None  # float nodes chosen by the trained accuracy
+
+
+def test_the_pooled_session_spread_replaces_one_trials_own_draw() -> None:
+    import math
+    from types import SimpleNamespace
+
+    from compress.search import _unwiden, pooled_ci, session_spread
+    from compress.stats import RatioCI, widen
+
+    paired = RatioCI(0.6, 0.59, 0.61, rounds=100, block=5, mde=0.01)
+    own = widen(paired, {"ratio": math.exp(0.002)})  # a small draw: the interval hardly widens
+    assert _unwiden(own.ratio, own.low, own.high, own.session) == pytest.approx([0.59, 0.61], rel=1e-9)
+    trials = [SimpleNamespace(state=SimpleNamespace(name="COMPLETE"), user_attrs={"aa_offset": d})
+              for d in (0.002, 0.1, 0.1, 0.1)]
+    trials.append(SimpleNamespace(state=SimpleNamespace(name="PRUNED"), user_attrs={"aa_offset": 5.0}))
+    spread, draws = session_spread(trials)  # type: ignore[arg-type]
+    assert draws == 4 and spread == pytest.approx(math.sqrt((0.002 ** 2 + 3 * 0.01) / 4))
+    attrs = {"latency_ratio": 0.6, "latency_ratio_ci": [own.low, own.high], "latency_ratio_ci_paired": [0.59, 0.61]}
+    lo, hi = pooled_ci(attrs, spread)  # type: ignore[misc]
+    assert lo < own.low and hi > own.high
+    assert lo == pytest.approx(0.6 * math.exp(-math.hypot(math.log(0.6 / 0.59), 1.959964 * spread)))
+
+
+def test_front_trials_are_re_timed_together_in_one_run(tmp_path: Path) -> None:
+    from compress.search import retime_trials
+
+    sp = load_space(space(tmp_path, HEAD + '[search]\ntrials = 2\n' + PRUNE + TARGET))
+    recs = {"trial0": sp.recipe({"passes[1].enabled": True, "passes[1].ratio": 0.2, "passes[1].round_to": 2}),
+            "trial1": sp.recipe({"passes[1].enabled": True, "passes[1].ratio": 0.5, "passes[1].round_to": 2})}
+    res = retime_trials(recs, tmp_path / "front", tmp_path / "cache", "onnxruntime", 1)
+    assert isinstance(res, dict) and set(res) == {"trial0", "trial1"}, res
+    for m in res.values():
+        lo, hi = m["latency_ratio_ci"]
+        assert lo <= m["latency_ratio"] <= hi and m["p50_ms"] > 0
+    # One run: both models were timed in the same interleaved rounds against the same baseline.
+    import json
+
+    report = json.loads((tmp_path / "front" / "report.json").read_text())
+    assert {r["variant"] for r in report["results"]} == {"baseline", "trial0", "trial1"}
