@@ -103,7 +103,7 @@ class TargetCaps:
     consumes: str
     # Precisions it can run; an artifact in another precision is refused with the reason.
     precisions: frozenset[str] = frozenset(PRECISIONS)
-    # Operator domains beyond the standard ONNX one it implements ("com.microsoft", ...).
+    # Operator domains beyond the standard ONNX one it implements ("com.microsoft", ...), sub-domains included.
     op_domains: frozenset[str] = frozenset()
     # Its outputs are the reference the others are compared with (eager PyTorch): it has no parity
     # of its own to check, and fidelity prefers it as the baseline.
@@ -127,7 +127,9 @@ def refusal(caps: TargetCaps, facts: Facts, target: str) -> str | None:
     if facts.precision not in caps.precisions:
         return (f"target '{target}' does not run {facts.precision} models (it runs "
                 f"{', '.join(p for p in PRECISIONS if p in caps.precisions)})")
-    missing = [op for op in facts.required_ops if op.split(":", 1)[0] not in caps.op_domains]
+    # A domain covers its sub-domains (ONNX Runtime's com.microsoft covers com.microsoft.nchwc).
+    missing = [op for op in facts.required_ops
+               if not any(op.split(":", 1)[0] == d or op.startswith(d + ".") for d in caps.op_domains)]
     if missing:
         return (f"target '{target}' lacks the operator(s) {', '.join(missing)} this model needs "
                 "(made by a pass that targets another runtime)")

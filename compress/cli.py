@@ -140,13 +140,24 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print the profiles as JSON")
     sub.add_parser("passes", help="list passes and their settings")
     sub.add_parser("targets", help="list targets and whether they can run here")
-    t = sub.add_parser("tvm-runtime", help="fetch another CPU's TVM runtime, so cross-compiled libraries are "
-                       "checked under qemu")
-    t.add_argument("arch", help="target CPU architecture, e.g. aarch64")
-    t.add_argument("--dest", help="folder to write (default: $COMPRESS_TVM_CROSS_RUNTIME or "
-                   "<cache>/tvm-runtime/ARCH-tvmVERSION)")
-    t.add_argument("--cache", help="cache folder")
+    _add_plugin_commands(sub)
     return p
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """Commands the plugins register (``compress.registry.register_command``), from the manifest: listing
+    them imports no plugin; running one imports its module."""
+    from .registry import manifest
+
+    for name, c in manifest().get("commands", {}).items():
+        if name in sub.choices:
+            continue  # a plugin cannot replace a built-in command
+        from .registry import argparse_options
+
+        cp = sub.add_parser(name, help=c["help"])
+        for flags, opts in c["arguments"]:
+            cp.add_argument(*flags, **argparse_options(opts))
+        cp.set_defaults(_plugin=(c["module"], c["function"]))
 
 
 def _shape(s: str) -> list[int]:
@@ -476,17 +487,6 @@ def _cmd_search(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tvm_runtime(a: argparse.Namespace) -> int:
-    from compress.targets._tvm_emulate import default_runtime_dir, fetch_runtime
-
-    from .cache import Cache
-
-    dest = Path(a.dest) if a.dest else default_runtime_dir(a.arch, Cache(Path(a.cache) if a.cache else None).root)
-    fetch_runtime(a.arch, dest, log=lambda m: print(m, file=sys.stderr))
-    print(dest)
-    return 0
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -528,8 +528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check(a)
         if a.cmd == "compare":
             return _cmd_compare(a)
-        if a.cmd == "tvm-runtime":
-            return _cmd_tvm_runtime(a)
+        if getattr(a, "_plugin", None):
+            import importlib
+
+            module, function = a._plugin
+            return int(getattr(importlib.import_module(module), function)(a))
         if a.cmd == "search":
             return _cmd_search(a)
         return _cmd_targets()

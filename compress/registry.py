@@ -27,7 +27,7 @@ import os
 import pkgutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata as importlib_metadata
@@ -67,6 +67,7 @@ class PassInfo:
 # The plugin folders (`passes/`, `targets/` in the source tree), imported as subpackages of compress.
 _PLUGIN_PACKAGES = ("compress.passes", "compress.targets")
 _PASSES: dict[str, PassInfo] = {}
+_COMMANDS: dict[str, CommandInfo] = {}
 _TARGETS: dict[str, tuple[type[TargetConfig], Any]] = {}  # kind -> (config class, target class)
 _loaded = False
 
@@ -94,6 +95,47 @@ def register_pass(
         return fn
 
     return deco
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    """A command a plugin adds to the CLI (``compress NAME ...``)."""
+
+    name: str
+    help: str
+    # argparse arguments as (flags, options); options are JSON-able (``type`` by name: "int", "float", "str").
+    arguments: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
+    fn: Callable[[Any], int]
+
+
+_ARG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
+
+
+def register_command(name: str, help: str, arguments: Sequence[tuple[Sequence[str], dict[str, Any]]] = ()
+                     ) -> Callable[[Callable[[Any], int]], Callable[[Any], int]]:
+    """Register a CLI command of a plugin (e.g. a target's tool to fetch its device runtime). The function
+    takes the parsed argparse namespace and returns the exit code; it raises CompressError for one-line
+    errors. The manifest lists it, so ``compress --help`` shows it without importing the plugin."""
+    args = tuple((tuple(flags), dict(opts)) for flags, opts in arguments)
+    for _, opts in args:
+        if "type" in opts and opts["type"] not in _ARG_TYPES:
+            raise TypeError(f"command {name}: argument type {opts['type']!r} must be one of {', '.join(_ARG_TYPES)}")
+
+    def deco(fn: Callable[[Any], int]) -> Callable[[Any], int]:
+        _COMMANDS[name] = CommandInfo(name, help, args, fn)
+        return fn
+
+    return deco
+
+
+def argparse_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """A registered argument's options as argparse takes them (``type`` names resolved)."""
+    return {**opts, "type": _ARG_TYPES[opts["type"]]} if "type" in opts else dict(opts)
+
+
+def commands() -> dict[str, CommandInfo]:
+    _load_plugins()
+    return dict(sorted(_COMMANDS.items()))
 
 
 def register_target(config_cls: type[TargetConfig]) -> Callable[[Any], Any]:
@@ -240,7 +282,7 @@ def get_target_config(kind: str) -> type[TargetConfig]:
 # torch (seconds). The listing is therefore kept as a manifest beside the package's bytecode, in
 # __pycache__, keyed by a hash of the plugin sources, and rebuilt whenever one of them changes.
 
-_MANIFEST_FORMAT = 2
+_MANIFEST_FORMAT = 3
 
 
 def type_text(ann: object) -> str:
@@ -267,8 +309,11 @@ def describe_fields(cfg_cls: type[PassConfig]) -> list[list[str]]:
     return out
 
 
-def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], Any]]) -> dict[str, Any]:
+def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], Any]],
+              cs: dict[str, CommandInfo]) -> dict[str, Any]:
     return {
+        "commands": {k: {"help": c.help, "arguments": [[list(f), o] for f, o in c.arguments],
+                         "module": c.fn.__module__, "function": c.fn.__name__} for k, c in sorted(cs.items())},
         "format": _MANIFEST_FORMAT,
         "passes": {k: {"consumes": i.caps.consumes, "produces": i.caps.produces,
                        "compare_precision": i.caps.compare_precision,
@@ -330,7 +375,8 @@ def manifest() -> dict[str, Any]:
     m = None if _loaded else cached_manifest()
     if m is None:
         m = _describe({k: i for k, i in passes().items() if _is_plugin(i.fn.__module__)},
-                      {k: t for k, t in targets().items() if _is_plugin(t[1].__module__)})
+                      {k: t for k, t in targets().items() if _is_plugin(t[1].__module__)},
+                      {k: c for k, c in commands().items() if _is_plugin(c.fn.__module__)})
         path = _manifest_path()
         if path is not None:
             try:  # best effort, atomically: a read-only install simply lists slowly
@@ -342,9 +388,11 @@ def manifest() -> dict[str, Any]:
                 pass
     # Registered in this process outside the plugin packages (already imported, so cheap to describe).
     extra = _describe({k: i for k, i in _PASSES.items() if k not in m["passes"]},
-                      {k: t for k, t in _TARGETS.items() if k not in m["targets"]})
+                      {k: t for k, t in _TARGETS.items() if k not in m["targets"]},
+                      {k: c for k, c in _COMMANDS.items() if k not in m["commands"]})
     return {**m, "passes": dict(sorted({**m["passes"], **extra["passes"]}.items())),
-            "targets": dict(sorted({**m["targets"], **extra["targets"]}.items()))}
+            "targets": dict(sorted({**m["targets"], **extra["targets"]}.items())),
+            "commands": dict(sorted({**m["commands"], **extra["commands"]}.items()))}
 
 
 def make_target(cfg: TargetConfig) -> Any:

@@ -32,7 +32,7 @@ from compress.capabilities import BundleSpec, TargetCaps
 from compress.config import TargetConfig
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
 from compress.fingerprint import cpu_info
-from compress.registry import register_target
+from compress.registry import register_command, register_target
 
 from .base import module_version
 
@@ -690,3 +690,24 @@ def run_in_fresh_process(folder: Path, inputs: dict[str, np.ndarray], python: st
             raise BuildError(f"exported library {folder} failed in a fresh process: {proc.stderr.strip()[-800:]}")
         with np.load(Path(tmp) / "out.npz") as z:
             return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
+@register_command("tvm-runtime", help="fetch another CPU's TVM runtime, so cross-compiled libraries are checked "
+                  "under qemu", arguments=[
+                      (("arch",), {"help": "target CPU architecture, e.g. aarch64"}),
+                      (("--dest",), {"help": "folder to write (default: $COMPRESS_TVM_CROSS_RUNTIME or "
+                                              "<cache>/tvm-runtime/ARCH-tvmVERSION)"}),
+                      (("--cache",), {"help": "cache folder"})])
+def tvm_runtime_command(a: Any) -> int:
+    """``compress tvm-runtime ARCH``: print the folder holding that CPU's TVM runtime (fetched once)."""
+    import sys
+
+    from compress.cache import Cache
+
+    from ._tvm_emulate import default_runtime_dir, fetch_runtime
+
+    dest = Path(a.dest) if a.dest else default_runtime_dir(a.arch, Cache(Path(a.cache) if a.cache else None).root)
+    fetch_runtime(a.arch, dest, log=lambda m: print(m, file=sys.stderr))
+    print(dest)
+    return 0
+

@@ -80,7 +80,10 @@ def test_targets_refuse_what_they_cannot_run() -> None:
     assert "does not run fp16 models" in (refusal(caps, Facts(precision="fp16"), "x") or "")
     needs = Facts(required_ops=("com.microsoft:MatMulNBits",))
     assert "com.microsoft:MatMulNBits" in (refusal(caps, needs, "x") or "")
-    assert refusal(TargetCaps(consumes="onnx", op_domains=frozenset({"com.microsoft"})), needs, "x") is None
+    ort_like = TargetCaps(consumes="onnx", op_domains=frozenset({"com.microsoft"}))
+    assert refusal(ort_like, needs, "x") is None
+    assert refusal(ort_like, Facts(required_ops=("com.microsoft.nchwc:Conv",)), "x") is None  # a sub-domain
+    assert refusal(ort_like, Facts(required_ops=("com.microsoftx:Op",)), "x") is not None  # not a sub-domain
     # Facts only get lower in precision as passes stack up.
     assert Facts(precision="int8").lower_precision("fp16").precision == "int8"
     assert Facts().lower_precision("fp16").precision == "fp16"
@@ -97,10 +100,17 @@ from compress.artifact import PYTORCH, Artifact, sha256_files
 from compress.capabilities import TargetCaps
 from compress.config import PassConfig, TargetConfig
 from compress.passes.quantize_int8 import QuantizeInt8, quantize_int8
-from compress.registry import register_pass, register_target
+from compress.registry import register_command, register_pass, register_target
 from compress.torch_io import load_torch
 
 CALLS = []
+
+
+@register_command("ext-hello", help="say hello (a plugin's own command)",
+                  arguments=[(("--name",), {"default": "you"}), (("--times",), {"type": "int", "default": 1})])
+def hello(a: Any) -> int:
+    print(("hello " + a.name + chr(10)) * a.times, end="")
+    return 0
 
 
 class ExtQdq(PassConfig):
@@ -199,6 +209,11 @@ def test_an_entry_point_plugin_is_listed_and_offered(ext_plugin: Any, capsys: py
     assert registry.compare_precisions()["int8-ext"].kind == "ext.qdq"
     assert main(["passes"]) == 0
     assert "ext.qdq  (onnx -> onnx)" in capsys.readouterr().out
+    # Its CLI command is listed and runs, with its typed arguments.
+    assert main(["--help"]) == 0 and "ext-hello" in capsys.readouterr().out
+    assert main(["ext-hello", "--name", "plugin", "--times", "2"]) == 0
+    assert capsys.readouterr().out == "hello plugin\nhello plugin\n"
+    assert main(["ext-hello", "--times", "two"]) == 2  # argparse's usage error, exit 2
 
 
 def test_an_entry_point_plugin_gets_the_right_treatment_everywhere(ext_plugin: Any, tmp_path: Path) -> None:

@@ -82,7 +82,8 @@ def test_manifest_matches_the_live_registry() -> None:
     if cached is None:
         pytest.skip("compress/__pycache__ is not writable here: the listing is built live each time")
     live = registry._describe({k: i for k, i in registry.passes().items() if registry._is_plugin(i.fn.__module__)},
-                              {k: t for k, t in registry.targets().items() if registry._is_plugin(t[1].__module__)})
+                              {k: t for k, t in registry.targets().items() if registry._is_plugin(t[1].__module__)},
+                              {k: c for k, c in registry.commands().items() if registry._is_plugin(c.fn.__module__)})
     assert cached == json.loads(json.dumps(live))
     # In-process registrations (conftest's test.scale) are listed too, but never written to disk.
     assert "test.scale" in registry.manifest()["passes"] and "test.scale" not in cached["passes"]
