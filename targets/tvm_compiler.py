@@ -129,6 +129,49 @@ def mcpu_for_isa(isa: list[str], arch: str) -> str | None:
     return "x86-64"
 
 
+def _static_folded(model: Any, shapes: dict[str, list[int]]) -> Any:
+    """The graph with its inputs fixed to ``shapes`` and the shape arithmetic folded away.
+
+    TVM builds static shapes anyway; a graph with symbolic axes (a transformer's batch and sequence)
+    computes its reshapes from Shape/Gather/Concat at run time, and the Relax importer refuses a Reshape
+    whose input shape it cannot infer. ONNX Runtime's basic optimizations (constant folding, redundant
+    node elimination: standard operators only) fold those once the inputs are static. A graph without
+    symbolic input axes is returned as it is.
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits and i.name in shapes]
+    if all(d.HasField("dim_value") and d.dim_value > 0 for i in graph_inputs for d in i.type.tensor_type.shape.dim):
+        return model
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for inp in static.graph.input:
+        if inp.name in shapes and inp.name not in inits:
+            dims = inp.type.tensor_type.shape.dim
+            for d, v in zip(dims, shapes[inp.name], strict=False):
+                d.Clear()
+                d.dim_value = int(v)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "static.onnx", Path(tmp) / "folded.onnx"
+        onnx.save(static, str(src))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(dst)
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        except Exception:  # ORT cannot load it: let the importer judge the graph as it is
+            return static
+        folded = onnx.load(str(dst))
+    if any(n.domain not in ("", "ai.onnx") for n in folded.graph.node):
+        return static  # folding brought in ORT-only operators: TVM could not import those
+    return folded
+
+
 def _arch_of(target_json: dict[str, Any]) -> str:
     """The CPU architecture a build for ``target_json`` runs on (its triple's, else this machine's)."""
     triple = str(target_json.get("mtriple") or "")
@@ -439,6 +482,7 @@ class TvmTarget:
 
         shapes = {s.name: list(s.shape) for s in art.inputs}
         dtypes = {s.name: s.dtype for s in art.inputs}
+        model = _static_folded(model, shapes)
         try:
             mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
         except Exception as e:  # the frontend raises whatever its converters raise
