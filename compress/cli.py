@@ -31,7 +31,8 @@ exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun
 CHECK_EPILOG = """exit codes of compress check:
   0  every budget passed (skipped ones allowed unless --fail-on-unavailable)
   1  at least one budget failed (its whole confidence interval is beyond the limit)
-  2  usage error (bad budgets file, unknown model/target/metric, unit missing, corrupt baseline)
+  2  usage error (bad budgets file, unknown model/target/metric, unit missing, corrupt baseline,
+     a fidelity figure the model's output does not produce)
   3  inconclusive: no failure, but at least one interval straddles its limit (too noisy to decide)
   4  a budget was skipped (target unavailable here) and --fail-on-unavailable was given
 """
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dump-ir", metavar="DIR", help="debugging: write what every pass produced into DIR (the ONNX "
                    "graph as text and .onnx, the PyTorch module tree, each artifact's facts), per variant")
 
-    c = sub.add_parser("check", help="check latency/accuracy/size budgets (a CI gate)", epilog=CHECK_EPILOG,
+    c = sub.add_parser("check", help="check latency/accuracy/size/fidelity budgets (a CI gate)", epilog=CHECK_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("budgets", help="budgets TOML file")
     c.add_argument("--baseline", help="baseline file (default BUDGETS.baseline.json beside the budgets file)")

@@ -93,12 +93,8 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     cells += _reference_cells(references or {}, plan.targets, say)
     try:
         _measure_latency(cells, plan.root, rec, threads, plan.progress, say, probe, aa_session)
-        kind: str = rec.measure.output_kind
-        if kind == "auto" and plan.root.metadata.get("task"):  # a Hugging Face task head says what its output is
-            from .hf import task_output_kind
-
-            kind = task_output_kind(str(plan.root.metadata["task"]))
-        _measure_accuracy(cells, variants, plan.data, plan.root, say, kind, rec.measure.metric)
+        _measure_accuracy(cells, variants, plan.data, plan.root, say, _declared_kind(rec, plan.root),
+                          rec.measure.metric)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -107,6 +103,51 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     for w in contention["warnings"]:
         say(f"WARNING {w}")
     return Measurement(cells, threads, threads_note, contention)
+
+
+def _declared_kind(rec: Recipe, root: Artifact) -> str:
+    """The output kind the recipe settles: measure.output_kind, else a Hugging Face task head's, else "auto"."""
+    kind: str = rec.measure.output_kind
+    if kind == "auto" and root.metadata.get("task"):  # a Hugging Face task head says what its output is
+        from .hf import task_output_kind
+
+        kind = task_output_kind(str(root.metadata["task"]))
+    return kind
+
+
+def planned_output_kind(rec: Recipe, root: Artifact) -> tuple[str, str]:
+    """(kind, why) of the fidelity a run of ``rec`` will measure, found before it runs (``compress check``
+    refuses a budget on a figure the run would not produce): declared, the task head's, else inferred as
+    the measurement does, from the original model's output on synthetic inputs (its shape; for an ONNX
+    model also its name)."""
+    from .fidelity import infer_kind
+
+    kind = _declared_kind(rec, root)
+    if kind != "auto":
+        return kind, ("declared in the recipe (measure.output_kind)" if rec.measure.output_kind != "auto"
+                      else f"the model's task {root.metadata.get('task')!r}")
+    feeds = _feeds(root, 2, rec.seed)
+    name: str | None = None
+    try:
+        if root.kind == PYTORCH:
+            with torch.no_grad():
+                from .torch_io import load_torch
+
+                out: Any = load_torch(root)(*(torch.from_numpy(a) for a in feeds.values()))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            ref = out.detach().cpu().numpy()
+        else:
+            from .ort import ort_session
+
+            sess = ort_session(root.path / "model.onnx")
+            name = sess.get_outputs()[0].name
+            ref = sess.run(None, dict(zip((i.name for i in sess.get_inputs()), feeds.values(), strict=False)))[0]
+    except CompressError:
+        raise
+    except Exception as e:  # the model itself fails: the run would too, with the same message
+        raise CompressError(f"the model failed on synthetic inputs while finding its output kind: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return infer_kind(np.asarray(ref), name, "auto")
 
 
 def _compile(target: Any, art: Artifact, ctx: PassContext) -> tuple[Artifact, bool, float]:
@@ -390,7 +431,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
     Fidelity is measured the way the output calls for (compress.fidelity): argmax agreement for
     logits, per-sample cosine for embeddings, SNR for regression, plus the user's metric if named.
     """
-    from .fidelity import infer_kind, load_metric, run_metric
+    from .fidelity import SYNTHETIC_SAMPLES, infer_kind, load_metric, run_metric
 
     metric_fn = load_metric(metric) if metric else None
     kind: str | None = None
@@ -398,7 +439,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
     xs: np.ndarray | None = None
     if data is None:
         # No data: fidelity on seeded random inputs only; accuracy stays "not measured".
-        all_feeds = _feeds(root, 64, 1234)
+        all_feeds = _feeds(root, SYNTHETIC_SAMPLES, 1234)
         xs = all_feeds[root.inputs[0].name]
     ref_cell = next((c for c in cells if c.variant == BASELINE and c.status == "ok"
                      and c.caps.reference), None) or next(
