@@ -130,7 +130,7 @@ def make_plan(
                        _for_chain(instruments, BASELINE))
     base.validate(root.kind)
 
-    data = load_data(rec.data, root.inputs[0].shape, root.inputs)
+    data = load_data(rec.data, root.inputs[0].shape, root.inputs, model_source=rec.model.source)
     if data is not None and data.note:
         say(f"data: {data.note}")
     n_classes = preflight.model_classes(root, data)
