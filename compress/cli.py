@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model source when no recipe is given (zoo:NAME, pkg.mod:factory, .pt2, .onnx)")
     r.add_argument("--weights", help="state dict for the model (.pt loaded with weights_only=True, or .safetensors)")
     r.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
-    r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, random)")
+    r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, text:FILE, jsonl:FILE, random)")
     r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
     r.add_argument("--allow-unsafe-pt2", action="store_true", default=None,
                    help="load a .pt2 exported program (torch unpickles it: can run code; only files you trust)")
