@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .artifact import sha256_json
 from .errors import InputError, RecipeError
 from .recipe import read_toml
-from .report_schema import Report, ResultCell
+from .report_schema import Report, ResultCell, latency_key
 from .stats import bootstrap_stat, ratio_ci, verdict, widen
 
 # Exit codes of `compress check`, documented in the CLI help and README.
@@ -80,13 +80,20 @@ class BudgetSpec(_Strict):
     max: str | None = None
     fidelity: str | None = None
     batch: int = Field(1, ge=1)
+    # Token models: the sequence length (one of measure.seq_lens, added to it when missing); None: the model's own.
+    seq: int | None = Field(None, ge=1)
     variant: str | None = None  # default: the recipe's compressed model, or the original when it has no passes
     name: str | None = None
 
     def title(self) -> str:
         if self.fidelity is not None:
             return self.name or f"{self.model}/{self.variant or 'model'}/{self.target}/fidelity"
-        return self.name or f"{self.model}/{self.variant or 'model'}/{self.target}/{self.metric}@b{self.batch}"
+        seq = f"s{self.seq}" if self.seq is not None else ""
+        return self.name or f"{self.model}/{self.variant or 'model'}/{self.target}/{self.metric}@b{self.batch}{seq}"
+
+    def latency_key(self, seq_own: int | None = None) -> str:
+        """The key of this budget's shape in a report's latency tables (the model's own length: plain batch)."""
+        return latency_key(self.batch, None if self.seq is None or self.seq == seq_own else self.seq)
 
 
 class BudgetsFile(_Strict):
@@ -215,6 +222,9 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
             raise RecipeError(f"{where}: unknown model {b.model!r}; models in this file: {', '.join(bf.models)}")
         if b.target not in known_targets:
             raise RecipeError(f"{where}: unknown target {b.target!r}; known targets: {', '.join(known_targets)}")
+        if b.seq is not None and b.metric not in LATENCY:
+            raise RecipeError(f"{where}: seq applies to latency metrics ({', '.join(LATENCY)}), not "
+                              f"{b.metric or 'fidelity'}")
         if b.fidelity is not None:
             if b.metric is not None or b.max is not None:
                 raise RecipeError(f"{where}: give either fidelity = \"FIGURE >= VALUE\" or metric and max, not both")
@@ -292,7 +302,8 @@ class BaselineStore:
                                  "Fix it, or move it away and run with --update-baseline") from e
 
     @staticmethod
-    def key(model: str, variant: str, target: str, batch: int, fp: str) -> str:
+    def key(model: str, variant: str, target: str, batch: int | str, fp: str) -> str:
+        # batch: a batch size, or a report's latency key ("1", "1/s128")
         return f"{model}|{variant}|{target}|b{batch}|{fp}"
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -348,7 +359,7 @@ class BaselineStore:
                     parse_limit(b.max, b.metric, b.title()).ratio_to != "recorded":
                 continue
             variant = b.variant or (rec.name if rec.passes else "baseline")
-            entry = self.get(self.key(model, variant, b.target, b.batch, fp))
+            entry = self.get(self.key(model, variant, b.target, b.latency_key(), fp))
             if entry is None:
                 continue
             art, why = self.load_artifact(entry)
@@ -409,7 +420,8 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         bound = None
         lim = parse_limit(b.max, b.metric, b.title())
         kind = _KIND[b.metric]
-        title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}"
+        title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}" + (
+            f"s{b.seq}" if b.seq is not None else "")
         v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
     cell = report.cell(variant, b.target)
     if cell is None:
@@ -440,10 +452,11 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         return _fidelity_verdict(v, bound, cell, report)
     conf, n = bf.confidence, bf.resamples
     if kind == "latency":
-        lat = cell.latency.get(str(b.batch))
+        at = b.latency_key(report.measurement.seq_own)
+        lat = cell.latency.get(at)
         notes: list[str] = []
         base_cell = report.cell("baseline", b.target)
-        base_lat = base_cell.latency.get(str(b.batch)) if base_cell is not None else None
+        base_lat = base_cell.latency.get(at) if base_cell is not None else None
         aa = base_lat.aa_session.model_dump() if base_lat is not None and base_lat.aa_session else None
 
         def paired(num: list[float], den: list[float]) -> Any:
@@ -454,6 +467,11 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
 
         if not lat:
             v.status = "fail"
+            if b.seq is not None and at != str(b.batch):
+                v.status = "fail"
+                v.detail = (f"batch {b.batch} at sequence length {b.seq} was not measured on {b.target} (see the "
+                            "cell's notes: a build fixed to one length runs only that); the budget cannot be verified")
+                return v
             v.detail = (f"batch {b.batch} was not measured on {b.target}; the budget cannot be verified "
                         "(add it to the recipe's measure.batch_sizes, or export with a dynamic batch)")
             return v
@@ -464,14 +482,14 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
             v.value, v.low, v.high = bootstrap_stat(samples, v.metric, conf, n)
         elif lim.ratio_to == "recorded":
             ref = report.cell("recorded", b.target)
-            rec = store.get(BaselineStore.key(b.model, variant, b.target, b.batch, fp)) if store else None
+            rec = store.get(BaselineStore.key(b.model, variant, b.target, at, fp)) if store else None
             if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref.compiled_digest):
                 # One stored artifact is re-timed per target; this one is another budget's baseline.
                 if rec is not None:
                     rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
                                                        "another variant's budget")
                 ref = None
-            if ref is not None and ref.status == "ok" and str(b.batch) in ref.latency:
+            if ref is not None and ref.status == "ok" and at in ref.latency:
                 if ref.compiled_digest == cell.compiled_digest or cell.identical_to == \
                         f"recorded/{b.target}" or ref.identical_to == f"{variant}/{b.target}":
                     v.value = v.low = v.high = 1.0
@@ -479,7 +497,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                     v.status = "pass" if lim.value >= 1.0 else "fail"
                     v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
                     return v
-                r = paired(samples, ref.latency[str(b.batch)].samples_ms)
+                r = paired(samples, ref.latency[at].samples_ms)
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded"
                 notes.append(f"baseline artifact {str(ref.compiled_digest)[:12]} re-timed in this run, "
@@ -504,7 +522,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         else:
             other = report.cell(variant if lim.ratio_to != "original" else "baseline",
                                 b.target if lim.ratio_to == "original" else lim.ratio_to)
-            if other is None or other.status != "ok" or str(b.batch) not in other.latency:
+            if other is None or other.status != "ok" or at not in other.latency:
                 why = other.reason if other else "not measured"
                 v.detail = f"reference {lim.ratio_to} unavailable: {why}"
                 if other is not None and other.status == "failed":
@@ -516,7 +534,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                 v.status = "pass" if lim.value >= 1.0 else "fail"
                 v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
                 return v
-            r = paired(samples, other.latency[str(b.batch)].samples_ms)
+            r = paired(samples, other.latency[at].samples_ms)
             v.value, v.low, v.high = r.ratio, r.low, r.high
             v.unit = f"x {lim.ratio_to}"
             notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
@@ -665,7 +683,9 @@ def _recipe_for(rec: Any, budgets: list[BudgetSpec], rounds: int | None) -> Any:
                 targets.append(get_target_config(k)())
                 have.add(k)
     batches = sorted({*rec.measure.batch_sizes, *(b.batch for b in budgets if b.fidelity is None)})
-    measure = rec.measure.model_copy(update={"batch_sizes": batches, **({"min_runs": rounds} if rounds else {})})
+    seqs = sorted({*(rec.measure.seq_lens or []), *(b.seq for b in budgets if b.seq is not None)})
+    measure = rec.measure.model_copy(update={"batch_sizes": batches, **({"min_runs": rounds} if rounds else {}),
+                                             **({"seq_lens": seqs} if seqs else {})})
     return rec.model_copy(update={"targets": targets, "measure": measure})
 
 
@@ -727,7 +747,7 @@ def check(
                     continue
                 art = store.keep_artifact(Path(r.compiled_path)) if r.compiled_path else None
                 for batch, lat in r.latency.items():
-                    store.put(BaselineStore.key(model, r.variant, r.target, int(batch), fp), {
+                    store.put(BaselineStore.key(model, r.variant, r.target, batch, fp), {
                         "digest": r.compiled_digest, "samples_ms": lat.samples_ms, "p50_ms": lat.p50_ms,
                         "recorded": report.created, "machine": report.machine.cpu.model,
                         "artifact": art})

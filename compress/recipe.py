@@ -55,6 +55,9 @@ class MeasureSpec(_Strict):
     """How latency is measured."""
 
     batch_sizes: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(default_factory=lambda: [1], min_length=1)
+    # Models with a dynamic sequence axis (token inputs): also time these sequence lengths, beside each
+    # batch size. Latency keys: "B" at the model's own input shape, "B/sS" at sequence length S.
+    seq_lens: list[Annotated[int, Field(ge=1, le=1 << 16)]] | None = Field(None, min_length=1)
     warmup: int = Field(5, ge=0)
     min_runs: int = Field(20, ge=1)
     min_time_s: float = Field(1.0, ge=0)

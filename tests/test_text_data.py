@@ -144,3 +144,49 @@ def test_run_and_check_on_text_data_end_to_end(tmp_path: Path, capsys) -> None:
     b.write_text('models = { enc = "r.toml" }\n[[budget]]\nmodel = "enc"\nfidelity = "agreement >= 0.9"\n')
     assert main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o2")]) == 2
     assert "gives embedding output" in capsys.readouterr().err
+
+
+def test_latency_at_several_sequence_lengths(tmp_path: Path, capsys) -> None:
+    """measure.seq_lens: each (batch, sequence length) timed interleaved, keyed "B" at the model's own length
+    and "B/sS" at the others, with a paired ratio to the baseline at the same shape; a budget can name one."""
+    from compress.report_schema import load_report
+
+    d = hf_dir(tmp_path / "bert")
+    (tmp_path / "r.toml").write_text(
+        f'name = "enc"\nmodel = {{ source = "hf:{d}", task = "embedding", input_shape = [1, {SEQ}] }}\n'
+        f'measure = {{ batch_sizes = [1, 2], seq_lens = [4, {SEQ}], warmup = 0, min_runs = 4, min_time_s = 0.0 }}\n'
+        '[[passes]]\nkind = "quantize.dynamic"\n')
+    code = main(["run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "-q"])
+    text = capsys.readouterr()
+    assert code == 0, text.out + text.err
+    rep = load_report(tmp_path / "o" / "report.json")  # the schema accepts the new keys
+    assert rep.measurement.seq_own == SEQ and rep.measurement.seq_lens == [4, SEQ]
+    q = rep.cell("enc", "onnxruntime")
+    assert q is not None and set(q.latency) == {"1", "2", "1/s4", "2/s4"}
+    assert q.latency["1/s4"].runs >= 4 and q.latency["2/s4"].batch == 2
+    assert set(q.ratio_to_baseline) == {"1", "2", "1/s4", "2/s4"}
+    # The rounds of each shape were interleaved across every candidate, as batches are.
+    assert q.latency["1/s4"].timing.order.candidates == q.latency["1"].timing.order.candidates
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "## Latency at other sequence lengths" in md and "enc/onnxruntime b2 seq 4: p50" in md
+    assert any(n.seq == 4 for n in rep.noise)
+    # A budget at a sequence length reads that key; at the model's own length, the plain batch key.
+    from compress.budget import BudgetsFile, BudgetSpec, evaluate_budget
+
+    bf = BudgetsFile(models={"enc": "r.toml"}, budget=[], resamples=200)
+    v4 = evaluate_budget(BudgetSpec(model="enc", target="onnxruntime", metric="p50", max="10 s", seq=4), rep, bf,
+                         None, "fp")
+    own = evaluate_budget(BudgetSpec(model="enc", target="onnxruntime", metric="p50", max="10 s", seq=SEQ), rep, bf,
+                          None, "fp")
+    assert v4.status == own.status == "pass"
+    assert v4.value == pytest.approx(q.latency["1/s4"].p50_ms, rel=0.5) and own.value is not None
+    gone = evaluate_budget(BudgetSpec(model="enc", target="onnxruntime", metric="p50", max="10 s", seq=7), rep, bf,
+                           None, "fp")
+    assert gone.status == "fail" and "sequence length 7 was not measured" in gone.detail
+
+
+def test_seq_lens_on_a_model_without_a_sequence_axis_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "r.toml").write_text('model = { source = "zoo:digits-cnn" }\nmeasure = { seq_lens = [8] }\n')
+    code = main(["run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "measure.seq_lens = [8]: the model has no dynamic sequence axis" in err
