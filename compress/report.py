@@ -25,6 +25,7 @@ from .report_schema import (
     ResultCell,
     StepInfo,
     VariantInfo,
+    parse_latency_key,
 )
 
 
@@ -76,7 +77,8 @@ def noise_summary(results: list[ResultCell]) -> list[NoiseEntry]:
             aa = lat.aa_session or lat.aa
             if aa is None and not mdes:
                 continue
-            out.append(NoiseEntry(target=r.target, batch=int(batch), aa=aa,
+            b, seq = parse_latency_key(batch)
+            out.append(NoiseEntry(target=r.target, batch=b, **({"seq": seq} if seq is not None else {}), aa=aa,
                                   aa_kind="second session" if lat.aa_session else "odd vs even rounds",
                                   detectable=max(mdes) if mdes else (aa.mde if aa else None)))
     return out
@@ -90,14 +92,15 @@ def noise_lines(report: Report) -> list[str]:
                   else "A/A not measured (too few rounds)")
         det = n.detectable
         det_txt = f"; smallest detectable difference ~{100 * det:.0f}%" if det is not None else ""
-        lines.append(f"noise {n.target} b{n.batch}: {aa_txt}{det_txt}")
+        seq = f" s{n.seq}" if n.seq is not None else ""
+        lines.append(f"noise {n.target} b{n.batch}{seq}: {aa_txt}{det_txt}")
     return lines
 
 
 def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, threads: int, auto_export: bool,
                  fingerprint: dict[str, Any], seconds: float, cache: Any,
                  contention: dict[str, Any] | None = None, baseline_label: str | None = None,
-                 extra_notes: list[str] | None = None) -> Report:
+                 extra_notes: list[str] | None = None, seq_own: int | None = None) -> Report:
     """The run's typed report (validated: a record that does not fit the schema fails here).
 
     ``extra_notes`` go after the notes gathered here; ``baseline_label`` names the baseline in tables."""
@@ -160,7 +163,8 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
         recipe=RecipeInfo(name=rec.name, pipeline=rec.pipeline_text(), toml=recipe_to_toml(rec)),
         machine=Machine.model_validate(fingerprint),
         measurement=Measurement.model_validate({**rec.measure.model_dump(mode="json"), "threads": threads,
-                                                "threads_setting": rec.measure.threads}),
+                                                "threads_setting": rec.measure.threads,
+                                                **({"seq_own": seq_own} if seq_own is not None else {})}),
         data=None if data is None else DataInfo(
             source=data.name, labelled=data.labelled, train=len(data.train), calib=len(data.calib),
             val=len(data.val), digest=data.digest, note=data.note),
@@ -221,6 +225,21 @@ def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[l
     return head, rows
 
 
+def seq_lines(report: Report) -> list[str]:
+    """Latency at the sequence lengths of measure.seq_lens other than the model's own (keys "B/sS"):
+    one line per cell and length, with the paired ratio to the baseline at the same shape."""
+    out = []
+    for r in report.results:
+        for key, lat in r.latency.items():
+            b, seq = parse_latency_key(key)
+            if seq is None:
+                continue
+            x = r.ratio_to_baseline.get(key)
+            out.append(f"{r.variant}/{r.target} b{b} seq {seq}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f}"
+                       + (f"; vs base {x.text}" if x is not None else ""))
+    return out
+
+
 def render_text(report: Report, compare: bool = False) -> str:
     head, rows = table_rows(report, compare)
     if compare:  # unavailable targets go below the table, once each, with the reason
@@ -238,6 +257,9 @@ def render_text(report: Report, compare: bool = False) -> str:
     cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes]
     if cell_notes:
         out += ([] if report.notes else [""]) + cell_notes
+    seqs = seq_lines(report)
+    if seqs:
+        out += ["", *[f"latency {x}" for x in seqs]]
     noise = noise_lines(report)
     if noise:
         out += ["", *noise]
@@ -264,6 +286,9 @@ def render_markdown(report: Report) -> str:
         lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sub]
         lines.append("")
+    seqs = seq_lines(report)
+    if seqs:
+        lines += ["## Latency at other sequence lengths", "", *[f"- {x}" for x in seqs], ""]
     models = {name: v.model for name, v in report.variants.items() if v.model.model_fields_set}
     if models:
         # What the passes did to the model, beside what it bought on each target (p50 vs baseline).

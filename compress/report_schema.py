@@ -37,8 +37,20 @@ SCHEMA = "compress.report/v1"
 # Where the published schema lives, relative to the repository root.
 SCHEMA_FILE = Path("docs") / "report.schema.json"
 
-# Latency and ratio tables are keyed by the batch size as a string ("1", "32"): JSON object keys.
-BatchKey = Annotated[str, Field(pattern=r"^[1-9][0-9]*$")]
+# Latency and ratio tables are keyed by the batch size as a string ("1", "32"): JSON object keys; at a
+# sequence length other than the model's own (measure.seq_lens), "B/sS" ("1/s128").
+BatchKey = Annotated[str, Field(pattern=r"^[1-9][0-9]*(/s[1-9][0-9]*)?$")]
+
+
+def latency_key(batch: int, seq: int | None = None) -> str:
+    """The key of one (batch, sequence length) in the latency tables; None: the model's own shape."""
+    return str(batch) if seq is None else f"{batch}/s{seq}"
+
+
+def parse_latency_key(key: str) -> tuple[int, int | None]:
+    """(batch, sequence length or None) of a latency key."""
+    b, _, s = key.partition("/s")
+    return int(b), (int(s) if s else None)
 FidelityKind = Literal["logits", "embedding", "regression"]
 
 
@@ -308,6 +320,8 @@ class Measurement(MeasureSpec):
 
     threads: int = Field(ge=1, description="threads the latency was measured with")
     threads_setting: int = Field(ge=0, description="the recipe's measure.threads (0 = auto)")
+    seq_own: int | None = Field(None, description="models with a dynamic sequence axis: the model's own length, "
+                                "at which the latency keys 'B' were timed (other lengths: 'B/sS')")
 
 
 class DataInfo(_Record):
@@ -342,6 +356,7 @@ class Contention(_Record):
 class NoiseEntry(_Record):
     target: str
     batch: int
+    seq: int | None = Field(None, description="the sequence length (measure.seq_lens), absent at the model's own")
     aa: RatioCI | None
     aa_kind: Literal["second session", "odd vs even rounds"]
     detectable: float | None = Field(description="smallest latency difference the run could detect (fraction)")

@@ -715,7 +715,7 @@ def build_trial(rec: Recipe, cache_dir: str | Path | None) -> str | None:
     try:
         cache = Cache(Path(cache_dir) if cache_dir else None)
         root = load_model(rec.model, cache)
-        data = load_data(rec.data, root.inputs[0].shape)
+        data = load_data(rec.data, root.inputs[0].shape, root.inputs, model_source=rec.model.source)
         ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False)
         if rec.model.train_epochs and data is not None:
             root = train_root(root, data, rec.model.train_epochs, rec.seed, ctx)

@@ -391,3 +391,128 @@ def test_recorded_artifact_is_used_only_for_the_budget_it_belongs_to(tmp_path: P
     store.put(key, {"digest": "old", "samples_ms": samples(1.0, 0.01), "artifact": {"dir": "mine"}})
     v = evaluate_budget(budget(max="1.1x recorded"), rep, BF, store, "fp")
     assert v.unit == "x recorded" and "re-timed in this run, paired" in v.detail and v.status == "pass"
+
+
+# ------------------------------------------------------------------------------ fidelity budgets
+
+
+def test_fidelity_bounds_parse() -> None:
+    from compress.budget import parse_fidelity
+
+    b = parse_fidelity("cosine >= 0.99", "b")  # "cosine" is the per-sample mean the report shows
+    assert (b.figure, b.op, b.value, b.kind) == ("cosine_mean", ">=", 0.99, "embedding")
+    assert parse_fidelity("agreement >= 98.5%", "b").value == pytest.approx(0.985)
+    assert parse_fidelity("snr_db >= 30 dB", "b").value == 30.0
+    assert parse_fidelity("rel_error <= 0.05", "b").holds(0.04)
+    m = parse_fidelity("metric.recall_at_5>=0.8", "b")
+    assert (m.figure, m.kind) == ("metric.recall_at_5", None) and not m.holds(0.79)
+
+
+@pytest.mark.parametrize(("text", "msg"), [
+    ("cosine 0.99", "is not 'FIGURE >= VALUE'"),
+    ("accuracy >= 0.9", "figure 'accuracy' not understood"),
+    ("cosine_worst <= 0.9", "better higher; bound it with >="),
+    ("rel_error >= 0.1", "better lower"),
+    ("agreement >= 99", "write 0.99 or 99%"),
+    ("cosine_mean >= 99%", "'%' applies to agreement"),
+    ("agreement >= 0.9 dB", "'dB' applies to snr_db"),
+])
+def test_bad_fidelity_bounds(text: str, msg: str) -> None:
+    from compress.budget import parse_fidelity
+
+    with pytest.raises(RecipeError, match=msg):
+        parse_fidelity(text, "budget[1]")
+
+
+def _fid(kind: str, **figs: object) -> dict:
+    base = {"kind": kind, "headline": {"logits": "agreement", "embedding": "cosine_mean",
+                                       "regression": "snr_db"}[kind],
+            "cosine": 0.99, "max_abs_diff": 0.1, "mean_abs_diff": 0.01}
+    return {**base, **figs}
+
+
+def _fid_report(fid: dict | None, status: str = "ok", reason: str | None = None) -> Report:
+    return make_report([rcell("baseline", "onnxruntime", fidelity=_fid("embedding", cosine_mean=1.0,
+                                                                       cosine_worst=1.0)),
+                        rcell("small", "onnxruntime", status=status, reason=reason, fidelity=fid)])
+
+
+def test_fidelity_budget_verdicts_are_decided_on_the_value_and_say_what_they_measured() -> None:
+    rep = _fid_report(_fid("embedding", cosine_mean=0.995, cosine_worst=0.96, metric={"recall_at_5": 0.9}))
+    v = evaluate_budget(budget(fidelity="cosine >= 0.99", metric=None), rep, BF, None, "fp")
+    assert (v.status, v.value, v.variant, v.metric) == ("pass", 0.995, "small", "cosine_mean")
+    assert v.low is None and "no interval" in v.detail and "64 synthetic inputs" in v.detail
+    v = evaluate_budget(budget(fidelity="cosine_worst >= 0.97", metric=None), rep, BF, None, "fp")
+    assert v.status == "fail" and v.value == pytest.approx(0.96) and "limit cosine_worst >= 0.97" in v.line()
+    assert evaluate_budget(budget(fidelity="metric.recall_at_5 >= 0.85", metric=None), rep, BF, None,
+                           "fp").status == "pass"
+    assert evaluate_budget(budget(fidelity="metric >= 0.95", metric=None), rep, BF, None, "fp").status == "fail"
+    v = evaluate_budget(budget(fidelity="metric.f1 >= 0.5", metric=None), rep, BF, None, "fp")
+    assert v.status == "fail" and "returned recall_at_5, not 'f1'" in v.detail
+    # A figure the cell's output kind lacks (reached only with a report made elsewhere) fails, naming what it has.
+    v = evaluate_budget(budget(fidelity="agreement >= 0.9", metric=None), rep, BF, None, "fp")
+    assert v.status == "fail" and "has no agreement (it has cosine_mean, cosine_worst)" in v.detail
+
+
+@pytest.mark.parametrize(("fid", "status", "reason", "verdict", "needle"), [
+    (_fid("embedding", cosine_mean=1.0, cosine_worst=1.0, degenerate="the original model's output is all zero"),
+     "ok", None, "fail", "cannot be judged: the original model's output is all zero"),
+    (None, "ok", None, "fail", "fidelity was not measured"),
+    (None, "failed", "build failed: boom", "fail", "build failed"),
+    (None, "unavailable", "no CUDA device", "skipped", "unavailable here"),
+])
+def test_fidelity_budget_failure_paths(fid, status, reason, verdict, needle) -> None:
+    rep = _fid_report(fid, status, reason)
+    v = evaluate_budget(budget(fidelity="cosine >= 0.5", metric=None), rep, BF, None, "fp")
+    assert v.status == verdict and needle in v.detail
+
+
+@pytest.mark.parametrize(("body", "msg"), [
+    ('[[budget]]\nmodel = "m"\nfidelity = "agreement >= 0.9"\nmetric = "p50"\nmax = "1 ms"\n', "not both"),
+    ('[[budget]]\nmodel = "m"\nmetric = "p50"\n', "missing max"),
+    ('[[budget]]\nmodel = "m"\nfidelity = "agreement > 0.9"\n', "is not 'FIGURE >= VALUE'"),
+])
+def test_bad_fidelity_budget_files(tmp_path: Path, body: str, msg: str) -> None:
+    with pytest.raises(RecipeError, match=msg):
+        load_budgets(write_budgets(tmp_path, body))
+
+
+@pytest.mark.parametrize(("bound", "msg"), [
+    # digits-cnn gives class scores (inferred from its output's shape before anything runs)
+    ("cosine_worst >= 0.9", "gives logits output, whose fidelity has no cosine_worst (bound agreement, "
+                            "topK_overlap or metric.NAME); kind from: one score vector per sample"),
+    ("metric.recall >= 0.5", "names none; set measure.metric"),
+])
+def test_fidelity_budget_the_run_cannot_produce_is_a_usage_error_before_the_run(tmp_path: Path, capsys,
+                                                                                 bound: str, msg: str) -> None:
+    b = write_budgets(tmp_path, f'[[budget]]\nmodel = "m"\nfidelity = "{bound}"\n')
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert got == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing ran, nothing written
+
+
+def test_fidelity_budget_with_a_declared_output_kind_is_checked_against_it(tmp_path: Path) -> None:
+    from compress.budget import check_fidelity_budgets
+
+    b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nfidelity = "agreement >= 0.9"\n')
+    (tmp_path / "r.toml").write_text('name = "m"\nmodel = { source = "zoo:digits-cnn" }\n'
+                                     'measure = { output_kind = "embedding", min_runs = 10 }\n')
+    bf, recipes = load_budgets(b)
+    with pytest.raises(RecipeError, match="gives embedding output.*kind from: declared in the recipe"):
+        check_fidelity_budgets(bf, recipes, b, tmp_path / "c")
+
+
+def test_check_decides_a_fidelity_budget_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
+    import compress.measurement as pipeline
+
+    monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
+    b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nfidelity = "agreement >= 99%"\n'
+                                '[[budget]]\nmodel = "m"\nfidelity = "top5_overlap >= 0.99"\n')
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
+    # The original model exported to ONNX Runtime against itself in PyTorch: the same classes.
+    assert got == EXIT_PASS, out
+    assert [v["status"] for v in verdicts] == ["pass", "pass"] and verdicts[0]["value"] >= 0.99
+    assert "logits fidelity to the original model on 64 synthetic inputs" in verdicts[0]["detail"]
