@@ -62,3 +62,17 @@ def test_hf_directory_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert code == 2 and "no .safetensors weights" in text
     code, _, text = _run(tmp_path, capsys, f'source = "hf:{tmp_path / "nope"}", task = "embedding"')
     assert code == 2 and "not found" in text
+
+
+def test_tvm_builds_a_transformer_with_token_and_mask_inputs(tmp_path: Path, capsys) -> None:
+    """Two integer inputs with symbolic batch and sequence axes: TVM builds the static shapes after the shape
+    arithmetic is folded, and the build matches its input model (parity) and the original (fidelity)."""
+    pytest.importorskip("tvm")
+    d = _tiny_bert(tmp_path / "bert")
+    code, rep, text = _run(tmp_path, capsys, f'source = "hf:{d}", task = "embedding", input_shape = [1, 16]',
+                           '[[targets]]\nkind = "tvm"\ntuning_trials = 0\nemulate = "off"\n')
+    assert code == 0, text
+    cell = next(c for c in rep["results"] if c["target"] == "tvm")
+    assert cell["status"] == "ok", cell["reason"]
+    assert cell["parity"]["ok"] and cell["parity"]["cosine"] > 0.9999
+    assert cell["fidelity"]["kind"] == "embedding" and cell["fidelity"]["cosine_worst"] > 0.9999
