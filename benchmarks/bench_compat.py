@@ -124,6 +124,28 @@ def _ort(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, fl
     return np.concatenate(outs), float(np.median(times[1:] or times))
 
 
+def _tvm_untuned(onnx_art: Artifact, feeds: list[dict[str, np.ndarray]], ref: np.ndarray,
+                 ctx: PassContext) -> dict[str, Any]:
+    """The float ONNX model built by TVM untuned (where it builds): cosine to ONNX Runtime FP32, median ms."""
+    from compress.targets.tvm_compiler import TvmConfig, TvmTarget
+
+    t = TvmTarget(TvmConfig(tuning_trials=0, emulate="off"))
+    why = t.unavailable_reason()
+    if why is not None:
+        return {"ok": False, "why": f"not run: {why}"}
+    try:
+        runner = t.runner(t.compile(onnx_art, ctx), threads=1)
+        outs, times = [], []
+        for f in feeds:
+            t0 = time.perf_counter()
+            outs.append(np.asarray(runner.infer(f)[0], dtype=np.float32))
+            times.append(1000 * (time.perf_counter() - t0))
+        c = compare_outputs(ref, np.concatenate(outs), "embedding")
+        return {"ok": True, "cos_worst": c["cosine_worst"], "ms": float(np.median(times[1:] or times))}
+    except Exception as e:  # a refusal or a failed build is the result for this column
+        return {"ok": False, "why": _one_line(e)}
+
+
 def run_model(name: str, cache_dir: Path) -> dict[str, Any]:
     """Push one architecture through the steps; a dict of per-step results (ok figure or refusal)."""
     import torch
@@ -188,6 +210,7 @@ def run_model(name: str, cache_dir: Path) -> dict[str, Any]:
     feeds = _feeds(onnx_art, data)
     ref, ms = _ort(onnx_art.path / "model.onnx", feeds)
     rec["ort_fp32"] = {"ok": True, "ms": ms}
+    rec["tvm"] = _tvm_untuned(onnx_art, feeds, ref, ctx)
     for key, cfg in (("int8", QuantizeInt8(samples=32)), ("dynamic", QuantizeDynamic())):
         try:
             q = _step(onnx_art, cfg, ctx)
@@ -304,11 +327,11 @@ def _cell(r: dict[str, Any] | None, fmt: Callable[[dict[str, Any]], str]) -> str
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| model | task | params | prune.channels (ratio 0.3) | export.onnx | quantize.int8 (cos mean / worst) | "
-           "quantize.dynamic (cos mean / worst) | ORT ms fp32 / int8 / dynamic |",
-           "|---|---|---|---|---|---|---|---|"]
+           "quantize.dynamic (cos mean / worst) | ORT ms fp32 / int8 / dynamic | TVM untuned fp32 (cos worst, ms) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "crash" in r:
-            out.append(f"| {r['model']} | {r.get('task', '-')} | - | **crashed**: {r['crash']} | | | | |")
+            out.append(f"| {r['model']} | {r.get('task', '-')} | - | **crashed**: {r['crash']} | | | | | |")
             continue
         prune = _cell(r.get("prune"), lambda p: f"ok: MACs x{p['macs_ratio']:.2f}"
                       + (f", heads {p['heads']}" if p.get("heads") else ""))
@@ -324,7 +347,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         qd = _cell(r.get("dynamic"), lambda p: f"ok: {p['cos_mean']:.4f} / {p['cos_worst']:.4f}")
         ms = [r.get(k, {}).get("ms") for k in ("ort_fp32", "int8", "dynamic")]
         lat = " / ".join("-" if m is None else f"{m:.2f}" for m in ms)
-        out.append(f"| {r['model']} | {r['task']} | {r['params']:,} | {prune} | {export} | {q8} | {qd} | {lat} |")
+        tvm = _cell(r.get("tvm"), lambda p: f"ok: {p['cos_worst']:.5f}, {p['ms']:.2f} ms")
+        out.append(f"| {r['model']} | {r['task']} | {r['params']:,} | {prune} | {export} | {q8} | {qd} | {lat} "
+                   f"| {tvm} |")
     return out
 
 
@@ -407,7 +432,9 @@ def main() -> int:
         f"its error names) -> INT8 -> ONNX Runtime "
         f"({', '.join(through) or 'none'}); "
         + (f"the matrix says which step refuses the others and why ({', '.join(refused)})." if refused else
-           "none refuses."),
+           "none refuses.")
+        + f" TVM (untuned, float model, cosine to ONNX Runtime FP32) builds "
+        f"{sum(bool(r.get('tvm', {}).get('ok')) for r in rows)} of {len(rows)}.",
         "",
         *lines,
         "",
