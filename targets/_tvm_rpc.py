@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from compress.artifact import InputSpec
-from compress.errors import InputError, TargetUnavailable
+from compress.errors import TargetUnavailable
 
 _SERVER = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
 _TRACKER = re.compile(r"^tracker:(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})/(?P<key>[\w.\-]+)$")
@@ -182,15 +182,9 @@ class RpcTvmRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import tvm
 
-        args = []
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise InputError(f"tvm rpc runner: missing input '{spec.name}' (expects {self.input_names})")
-            x = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
-            if tuple(x.shape) != tuple(spec.shape):
-                raise InputError(f"tvm rpc runner: input '{spec.name}' has shape {tuple(x.shape)}, but the library "
-                                 f"was compiled for {tuple(spec.shape)}")
-            args.append(tvm.runtime.tensor(x, self._dev))
+        from .base import static_feeds
+
+        args = [tvm.runtime.tensor(x, self._dev) for x in static_feeds(self.inputs, feeds, "tvm rpc runner")]
         out = self._vm["main"](*args)
         # A second run, timed by the device's clock: the host's wall time includes the network round trip.
         self.device_ms.append(float(self._timer(*args).mean) * 1e3)

@@ -12,9 +12,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, InputSpec
 from compress.capabilities import TargetCaps
 from compress.config import TargetConfig
+from compress.errors import InputError
 
 
 class Runner(Protocol):
@@ -49,3 +50,19 @@ def module_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+def static_feeds(inputs: tuple[InputSpec, ...], feeds: dict[str, np.ndarray], who: str) -> list[np.ndarray]:
+    """The feeds of a build compiled for fixed shapes, in input order and dtype; a missing input or another
+    shape is refused in one line (``who`` names the runner)."""
+    out = []
+    for spec in inputs:
+        if spec.name not in feeds:
+            raise InputError(f"{who}: missing input '{spec.name}' (expects {[s.name for s in inputs]})")
+        x = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+        if tuple(x.shape) != tuple(spec.shape):
+            raise InputError(f"{who}: input '{spec.name}' has shape {tuple(x.shape)}, but the library was compiled "
+                             f"for {tuple(spec.shape)} (TVM builds static shapes); recompile for it")
+        out.append(x)
+    return out
+

@@ -34,7 +34,7 @@ from compress.errors import BuildError, InputError, RecipeError, TargetUnavailab
 from compress.fingerprint import cpu_info
 from compress.registry import register_command, register_target
 
-from .base import module_version
+from .base import module_version, static_feeds
 
 if TYPE_CHECKING:
     from ._tvm_rpc import RpcTvmRunner
@@ -273,15 +273,7 @@ class TvmRunner:
         self._tensor = tvm.runtime.tensor
 
     def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        args = []
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise InputError(f"tvm runner: missing input '{spec.name}' (expects {self.input_names})")
-            x = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
-            if tuple(x.shape) != tuple(spec.shape):
-                raise InputError(f"tvm runner: input '{spec.name}' has shape {tuple(x.shape)}, but the library was "
-                                 f"compiled for {tuple(spec.shape)} (TVM builds static shapes); recompile for it")
-            args.append(self._tensor(x, self._dev))
+        args = [self._tensor(x, self._dev) for x in static_feeds(self.inputs, feeds, "tvm runner")]
         out = self._vm["main"](*args)
         return [np.asarray(o.numpy()) for o in _flatten(out)]
 
