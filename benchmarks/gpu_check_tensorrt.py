@@ -153,7 +153,7 @@ def main() -> int:
                 for r in rs.values():
                     r.infer({r.input_names[0]: x})
             for p, r in rs.items():
-                g, h = np.array(r.gpu_ms), np.array(r.host_ms)
+                g, h = np.array(r.device_ms), np.array(r.host_ms)
                 say(f"{mname} {p} batch {batch}: GPU median {np.median(g):.4f} ms (p90 {np.percentile(g, 90):.4f}), "
                     f"host median {np.median(h):.4f} ms (p90 {np.percentile(h, 90):.4f}), {a.runs} runs")
 
