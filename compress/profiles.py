@@ -174,24 +174,9 @@ def builtin_profiles() -> dict[str, Profile]:
     return {p["name"]: Profile.model_validate(p) for p in _builtin_tables()}
 
 
-def _fmt_errors(e: ValidationError) -> str:
-    parts = []
-    allowed = ", ".join(k for k in Profile.model_fields if k != "source")
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(profile)"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}'; allowed keys: {allowed}")
-        elif err["type"] == "missing":
-            parts.append(f"missing required key '{loc}'")
-        else:
-            parts.append(f"key '{loc}': {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
-                         if loc != "(profile)" else err["msg"].removeprefix("Value error, "))
-    return "; ".join(parts)
-
-
 def load_profile_file(path: str | Path) -> Profile:
     """A user's profile TOML file, validated; one clear line on any problem."""
-    from .recipe import read_toml
+    from .recipe import _fmt_validation, read_toml
 
     p, d = read_toml(path, "profile")
     if "source" in d:
@@ -199,7 +184,7 @@ def load_profile_file(path: str | Path) -> Profile:
     try:
         prof = Profile.model_validate({**d, "source": str(p)})
     except ValidationError as e:
-        raise RecipeError(f"{p}: profile: {_fmt_errors(e)}") from None
+        raise RecipeError(_fmt_validation(f"{p}: profile", e, Profile, hidden=("source",))) from None
     if prof.name in builtin_profiles() or prof.name == HOST:
         raise RecipeError(f"{p}: profile name '{prof.name}' is a built-in profile's; give yours another name")
     return prof

@@ -88,18 +88,23 @@ class Recipe(_Strict):
 _TOP_KEYS = ("name", "model", "data", "passes", "targets", "measure", "seed", "profile")
 
 
-def _fmt_validation(where: str, e: ValidationError, cls: type[BaseModel]) -> str:
+def _fmt_validation(where: str, e: ValidationError, cls: type[BaseModel], hidden: tuple[str, ...] = ("kind",)) -> str:
+    """pydantic's errors as one line for a TOML table: unknown and missing keys (naming the allowed ones, but
+    not ``hidden`` fields the user does not write), bad values with what was given, and checks of the whole
+    table (a model validator) as their message alone."""
     parts = []
-    allowed = [k for k in cls.model_fields if k != "kind"]
+    allowed = [k for k in cls.model_fields if k not in hidden]
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(table)"
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'; allowed keys: {', '.join(allowed) or 'none'}")
         elif err["type"] == "missing":
             parts.append(f"missing required key '{loc}'")
+        elif not loc:
+            parts.append(msg)
         else:
-            got = err.get("input")
-            parts.append(f"key '{loc}': {err['msg']} (got {got!r})")
+            parts.append(f"key '{loc}': {msg} (got {err.get('input')!r})")
     return f"{where}: " + "; ".join(parts)
 
 
