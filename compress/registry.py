@@ -329,10 +329,7 @@ def _is_plugin(module: str) -> bool:
 
 
 def _manifest_path() -> Path | None:
-    import hashlib
-    import importlib.util
     import platform
-    import sys
 
     import pydantic
 

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, Field
 
 from compress.artifact import Artifact
 from compress.errors import InputError, PassError
-from compress.int8_scheme import VNNI_FLAGS, choose_scheme, scheme_for_isa  # noqa: F401  (the passes import them here)
+from compress.int8_scheme import choose_scheme
 from compress.ort import ort_session, session_infer, split_inputs
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
+from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
@@ -16,7 +17,6 @@ from compress.registry import register_pass
 from ._quant_common import (
     GUARD_MIN_COSINE,
     auto_scheme_env,
-    choose_scheme,
     fidelity_guard,
     float_nodes_note,
     name_nodes,

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import AccuracyError, InputError, PassError, RecipeError
+from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.parity import LOWERING, ParityOptions, check, parity_batch
 from compress.registry import register_pass
@@ -26,7 +27,6 @@ from compress.registry import register_pass
 from ._quant_common import (
     GUARD_MIN_COSINE,
     auto_scheme_env,
-    choose_scheme,
     fidelity_guard,
     fixed_batch,
     float_nodes_note,

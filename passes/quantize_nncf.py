@@ -27,13 +27,13 @@ from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import AccuracyError, PassError, RecipeError
+from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.registry import register_pass
 
 from ._quant_common import (
     auto_scheme_env,
     calibration_batches,
-    choose_scheme,
     name_nodes,
     refuse_quantized,
     require_data,

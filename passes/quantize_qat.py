@@ -26,11 +26,12 @@ from torch import nn
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError
+from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, register_structure_hook, torch_artifact
 
-from ._quant_common import auto_scheme_env, calibration_batches, choose_scheme, require_data
+from ._quant_common import auto_scheme_env, calibration_batches, require_data
 
 HOOK = "quantize.qat"
 
