@@ -20,7 +20,6 @@ ArtifactKind = Literal["pytorch", "onnx", "compiled"]
 PYTORCH: Literal["pytorch"] = "pytorch"
 ONNX: Literal["onnx"] = "onnx"
 COMPILED: Literal["compiled"] = "compiled"
-KINDS: tuple[str, ...] = (PYTORCH, ONNX, COMPILED)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ like with like.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,13 +23,10 @@ from .errors import TargetUnavailable
 from .execute import Variant, execute
 from .fingerprint import machine_fingerprint
 from .manager import Instrument
-from .measurement import AA, Cell, Measurement, measure
-from .plan import BASELINE, REFERENCE, Plan, make_plan
+from .measurement import Measurement, measure
+from .plan import BASELINE, Plan, make_plan
 from .recipe import Recipe
-from .report_schema import SCHEMA as REPORT_SCHEMA
 from .report_schema import Report
-
-__all__ = ["AA", "REFERENCE", "REPORT_SCHEMA", "Cell", "Measurement", "Plan", "Variant", "run"]
 
 
 def run(
@@ -97,8 +93,3 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
         why = "; ".join(f"{c.variant}/{c.target}: {c.reason}" for c in cells)
         raise TargetUnavailable(f"nothing could be measured ({why}); the report in {plan.out} lists the reasons")
     return rep
-
-
-def clean_output(out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
