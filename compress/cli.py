@@ -235,7 +235,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
     instruments = []
     if a.dump_ir:
         from .manager import DumpInstrument
+        from .preflight import check_out_dir
 
+        check_out_dir(Path(a.dump_ir), "--dump-ir")  # now, not after the first pass ran
         instruments.append(DumpInstrument(Path(a.dump_ir)))
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log,
                  instruments=instruments)

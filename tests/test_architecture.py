@@ -312,3 +312,16 @@ def test_dump_ir_writes_every_step(tmp_path: Path) -> None:
     assert facts["sparsity"] == "unstructured"
     assert "Conv" in (out / "digits-cnn" / "02-export.onnx.onnx.txt").read_text()
     assert sorted(p.name for p in (out / "baseline").iterdir())[0] == "01-export.onnx.json"
+
+
+def test_dump_ir_into_a_file_is_a_usage_error_before_any_work(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from compress.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main(["run", "--model", "zoo:digits-cnn", "--data", "random", "--pipeline", "-> onnxruntime",
+                 "--dump-ir", str(blocker), "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --dump-ir ") and "not a folder" in err[0]
+    assert not (tmp_path / "o").exists()
