@@ -62,6 +62,15 @@ class TvmConfig(TargetConfig):
         60.0, gt=0, description="hard limit on building and timing one tuning candidate; past it the worker process "
         "is killed and replaced (a candidate stuck in LLVM once ran >10 min here)")
     database: str | None = Field(None, description="tuning database root; None = <cache>/tvm-db")
+    scheduler: Literal["dominant", "gradient", "round-robin"] = Field(
+        "dominant", description="how tuning trials are shared among kernels: dominant = by each kernel's share of "
+        "the model's time (every kernel visited once, largest first); gradient/round-robin = MetaSchedule's own")
+    reuse_kernels: bool = Field(
+        True, description="a model tuned for the first time skips the kernels the shared tuning database already "
+        "holds enough trials for (same shape, tuned for another model or recipe)")
+    layout: Literal["NCHW", "NHWC"] = Field(
+        "NCHW", description="data layout of convolutions (Relax ConvertLayout; transposes at the model's edges); "
+        "NCHW = as exported")
     weight_prepack: bool = Field(
         True, description="CPU: let tuning choose a blocked weight layout per kernel, repacked once at build time")
     threads: int = Field(0, ge=0, description="TVM runtime threads; 0 = the measurement setting")
@@ -487,9 +496,14 @@ class TvmTarget:
         return mod, weights
 
     def _bound(self, mod: Any, params: dict[Any, Any]) -> Any:
+        import tvm
         from tvm import relax
 
-        return relax.transform.BindParams("main", params)(mod) if params else mod
+        from ._tvm_tuning import layout_passes
+
+        bound = relax.transform.BindParams("main", params)(mod) if params else mod
+        # The same layout for task extraction and for the build, so tuned workloads match.
+        return tvm.transform.Sequential(layout_passes(self.config.layout))(bound)
 
     def _compile_untuned(self, mod: Any, params: dict[Any, Any], target: Any) -> Any:
         import tvm
@@ -536,12 +550,21 @@ class TvmTarget:
             stats = TuneStats()
             tune_s = 0.0
             worker_info: dict[str, Any] = {}
-            if left_trials <= 0 or (left_time is not None and left_time <= 0):
+            reused = _kernels_tuned_elsewhere(db.ms_database(), tasks, left_trials) \
+                if cfg.reuse_kernels and not spent["trials"] else []
+            to_tune = [t for i, t in enumerate(tasks) if i not in reused]
+            if reused:
+                log(f"tvm: {len(reused)} of {len(tasks)} tasks already tuned in the shared database (same kernel "
+                    f"shape, by another model or recipe): not tuned again")
+            if not to_tune:
+                log(f"tvm: all {len(tasks)} tasks already tuned in the shared database: no tuning needed")
+                status = "reused"
+            elif left_trials <= 0 or (left_time is not None and left_time <= 0):
                 log(f"tvm: {len(tasks)} tasks; the tuning database already holds {spent['trials']} trials "
                     f"({spent['seconds']:.0f} s) for this model and target: no tuning needed")
                 status = "reused"
             else:
-                log(f"tvm: tuning {len(tasks)} tasks for {left_trials} trials"
+                log(f"tvm: tuning {len(to_tune)} tasks for {left_trials} trials"
                     + (f" or {left_time:.0f} s" if left_time is not None else "")
                     + (f" (continuing: {spent['trials']} trials already in the database)" if spent["trials"] else ""))
                 deadline = None if left_time is None else time.perf_counter() + left_time
@@ -554,16 +577,17 @@ class TvmTarget:
                 starts_before, kills_before = worker.starts, worker.kills
                 worker.prestart()  # its imports overlap the first search step
                 builder, runner, callback, scheduler = make_tuner_parts(
-                    stats, tasks, deadline, log, _EVALUATOR, left_trials, worker, cfg.candidate_timeout_s)
+                    stats, to_tune, deadline, log, _EVALUATOR, left_trials, worker, cfg.candidate_timeout_s,
+                    cfg.scheduler)
                 with tvm_logs_to(logs / "console.log", debug):
                     # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
                     # worker process per task (import tvm each time), which cost ~5 s per task here.
                     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                        tasks, str(logs), strategy=_strategy(left_trials, len(tasks)), seed=getattr(ctx, "seed", 0),
-                        num_threads=_search_threads(target))
+                        to_tune, str(logs), strategy=_strategy(left_trials, len(to_tune)),
+                        seed=getattr(ctx, "seed", 0), num_threads=_search_threads(target))
                     ms.tune_tasks(
                         tasks=contexts, task_weights=weights, work_dir=str(logs),
-                        max_trials_global=left_trials, num_trials_per_iter=_per_iter(left_trials, len(tasks)),
+                        max_trials_global=left_trials, num_trials_per_iter=_per_iter(left_trials, len(to_tune)),
                         builder=builder, runner=runner, database=db.ms_database(),
                         measure_callbacks=[callback, ms.measure_callback.UpdateCostModel()],
                         task_scheduler=scheduler,
@@ -573,7 +597,7 @@ class TvmTarget:
                                "worker_start_s": [round(x, 2) for x in worker.start_s[starts_before:]],
                                "log_dir": str(logs)}
                 tune_s = time.perf_counter() - t_tune
-                db.record_spent(key, stats.trials, tune_s, len(tasks))
+                db.record_spent(key, stats.trials, tune_s, len(to_tune))
                 status = "tuned"
                 failed = stats.build_errors + stats.run_errors + stats.timeouts + stats.crashes
                 if stats.candidates and failed >= stats.candidates:
@@ -587,6 +611,7 @@ class TvmTarget:
                          "to reach them) and run untuned code; raise tuning_trials")
         tuning.update({
             "status": status, "database": str(db.path), "tasks": len(tasks), "tasks_with_records": covered,
+            "tasks_reused_from_database": len(reused),
             "trials_this_run": stats.trials, "trials_in_database": int(total["trials"]),
             "tuning_s_this_run": round(tune_s, 2), "build_errors": stats.build_errors, "run_errors": stats.run_errors,
             "builder_s": round(stats.build_s, 2), "runner_s": round(stats.run_s, 2),
@@ -596,9 +621,10 @@ class TvmTarget:
             "candidate_timeouts": stats.timeouts, "worker_crashes": stats.crashes,
             "candidate_timeout_s": cfg.candidate_timeout_s, "slowest_candidate_s": round(stats.slowest_candidate_s, 2),
             **worker_info,
-            "stopped_by_time": stats.stopped_by_time, "model_key": key,
-            "weight_prepack": prepack, "prepacked_kernels": prepacked,
-            "best_kernels_ms": round(sum(tasks[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
+            "stopped_by_time": stats.stopped_by_time, "model_key": key, "scheduler": cfg.scheduler,
+            "batches_per_task": {to_tune[i].task_name: stats.visits.count(i) for i in sorted(set(stats.visits))},
+            "weight_prepack": prepack, "prepacked_kernels": prepacked, "layout": cfg.layout,
+            "best_kernels_ms": round(sum(to_tune[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
             "prepare_s": round(time.perf_counter() - t0 - tune_s, 2),
         })
         return ex, tuning
@@ -686,6 +712,22 @@ def _strategy(trials: int, n_tasks: int) -> Any:
     population = min(512, max(128, 16 * _per_iter(trials, n_tasks)))
     return ms.search_strategy.EvolutionarySearch(population_size=population,
                                                  init_min_unmeasured=min(50, population // 2))
+
+
+def _kernels_tuned_elsewhere(database: Any, tasks: list[Any], trials: int) -> list[int]:
+    """Tasks whose kernel the shared database already holds at least this run's per-task share of trials for.
+
+    Asked only for a model the database has not tuned before (no ledger entry): its kernels of the same
+    shape as another model's (ResNet blocks, a recipe's pruned and unpruned layers alike) are tuned once.
+    A model tuned again with a larger budget continues on all its tasks instead.
+    """
+    share = max(1, trials // max(1, len(tasks)))
+    out = []
+    for i, t in enumerate(tasks):
+        mod = t.dispatched[0]
+        if database.has_workload(mod) and len(database.get_top_k(database.commit_workload(mod), share)) >= share:
+            out.append(i)
+    return out
 
 
 def _has_record(database: Any, mod: Any) -> bool:

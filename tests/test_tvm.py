@@ -480,3 +480,80 @@ def test_a_hung_candidate_costs_its_timeout_and_tuning_finishes(digits_onnx: Pat
     x = _x(4)
     np.testing.assert_allclose(TvmTarget(cfg).runner(comp).infer({"input": x})[0], _ort(digits_onnx, x),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_dominant_scheduler_visits_every_task_largest_first_then_follows_the_time_share() -> None:
+    from compress.targets._tvm_tuning import dominant_next
+
+    weights, flops = [1.0, 2.0, 1.0], [1e6, 1e6, 5e6]
+    batches: dict[int, int] = {}
+    best: dict[int, float] = {}
+    order = []
+    for _ in range(3):
+        i = dominant_next([0, 1, 2], batches, weights, flops, best)
+        batches[i] = batches.get(i, 0) + 1
+        order.append(i)
+    # First round: by estimated share weight x FLOPs (5e6, 2e6, 1e6), each task once.
+    assert order == [2, 1, 0]
+    # Then by measured share: task 0 is 80 % of the model's time, so it gets the next batches until its
+    # per-batch share falls below the others'.
+    best.update({0: 8e-3, 1: 0.5e-3, 2: 1e-3})
+    nxt = []
+    for _ in range(10):
+        i = dominant_next([0, 1, 2], batches, weights, flops, best)
+        batches[i] += 1
+        nxt.append(i)
+    # Shares per batch: task 0 8e-3/n, tasks 1 and 2 1e-3 each; at n = 8 task 0 ties them (lower index wins).
+    assert nxt == [0] * 7 + [0, 1, 2]
+    assert dominant_next([1, 2], batches, weights, flops, best) in (1, 2)  # a terminated task is never picked
+
+
+def test_tuned_build_reports_where_the_batches_went(tuned: dict) -> None:
+    t = tuned["first"].metadata["tvm"]["tuning"]
+    assert t["scheduler"] == "dominant"
+    # 8 trials in batches of at least 4: two batches, to the two largest kernels (every task visited once
+    # first, largest first, so no task gets a second batch before all have had one).
+    assert sum(t["batches_per_task"].values()) == 2 and len(t["batches_per_task"]) == 2
+
+
+def test_nhwc_layout_builds_and_matches_onnxruntime(digits_onnx: Path, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0, layout="NHWC"))
+    comp = target.compile(_onnx_artifact(ctx.cache, digits_onnx), ctx)
+    x = _x(3)
+    np.testing.assert_allclose(target.runner(comp).infer({"input": x})[0], _ort(digits_onnx, x), rtol=1e-4,
+                               atol=1e-5)
+    with pytest.raises(ValidationError, match="layout"):
+        TvmConfig(layout="NCHW16c")
+
+
+def test_kernels_tuned_for_one_model_are_not_tuned_again_for_another(tuned: dict, tmp_path: Path) -> None:
+    import torch
+    from compress.passes.export_onnx import ExportOnnx
+
+    from compress import zoo
+    from compress.api import apply
+
+    # The same convolutions with another classifier: a second model that shares most kernels.
+    torch.manual_seed(1)
+    other = apply(zoo.DigitsCNN(num_classes=4).eval(), ExportOnnx(), input_shape=SHAPE, data=None,
+                  cache_dir=tmp_path / "export")
+    path = tmp_path / "other.onnx"
+    shutil.copy(other.path / "model.onnx", path)
+    first = tuned["first"].metadata["tvm"]["tuning"]
+    ctx = PassContext(cache=Cache(tmp_path / "cache"), seed=0)
+    cfg = TvmConfig(tuning_trials=8, database=str(tuned["db"]))
+    comp = TvmTarget(cfg).compile(_onnx_artifact(ctx.cache, path), ctx)
+    t = comp.metadata["tvm"]["tuning"]
+    assert t["model_key"] != first["model_key"]
+    assert t["tasks_reused_from_database"] >= 1
+    # The reused kernels got no batch this run; what was tuned is only what the database lacked.
+    assert len(t["batches_per_task"]) <= t["tasks"] - t["tasks_reused_from_database"]
+    x = _x(4)
+    np.testing.assert_allclose(TvmTarget(cfg).runner(comp).infer({"input": x})[0], _ort(path, x), rtol=1e-4,
+                               atol=1e-5)
+    # Switched off, every task is tuned again.
+    ctx2 = PassContext(cache=Cache(tmp_path / "cache2"), seed=0)
+    off = TvmConfig(tuning_trials=8, database=str(tmp_path / "db2"), reuse_kernels=False)
+    t2 = TvmTarget(off).compile(_onnx_artifact(ctx2.cache, path), ctx2).metadata["tvm"]["tuning"]
+    assert t2["tasks_reused_from_database"] == 0
