@@ -171,6 +171,26 @@ def _compile(target: Any, art: Artifact, ctx: PassContext) -> tuple[Artifact, bo
     return ctx.cache.put(key, out), False, secs
 
 
+def _affinity() -> set[int] | None:
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def restore_affinity(saved: set[int] | None, who: str, say: Callable[[str], None]) -> bool:
+    """Put this thread's CPU mask back if a runtime narrowed it; True when it had to.
+
+    A runtime that pins the calling thread (TVM's pool did, see the tvm target) confines every thread
+    the process starts afterwards, other targets' thread pools included, and the main thread that takes
+    part in their work: every later figure of the run would be measured on fewer cores than it says.
+    """
+    now = _affinity()
+    if saved is None or now is None or now == saved:
+        return False
+    os.sched_setaffinity(0, saved)
+    say(f"warning: {who} narrowed this process's CPU mask to {sorted(now)}; restored to {sorted(saved)} so "
+        "other targets are not timed on fewer cores")
+    return True
+
+
 def _dynamic_batch(art: Artifact | None) -> bool:
     """Whether a compiled model takes any batch size (its facts say so; unknown counts as no)."""
     return art is None or bool(art.known_facts().dynamic_batch)
@@ -179,6 +199,7 @@ def _dynamic_batch(art: Artifact | None) -> bool:
 def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                  say: Callable[[str], None]) -> list[Cell]:
     cells = []
+    mask = _affinity()
     for t in targets:
         reason = t.unavailable_reason()
         for v in variants:
@@ -223,6 +244,9 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                     cell.spawn = (lambda t=t, comp=compiled: t.runner(comp, threads=torch.get_num_threads()))
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
                 _check_target_parity(cell, t, src, compiled, ctx, say)
+                if restore_affinity(mask, f"target {t.name}", say):
+                    cell.notes.append("this target's runtime narrowed the process's CPU mask; restored after its "
+                                      "build")
             except TargetUnavailable as e:
                 cell.status, cell.reason = "unavailable", str(e)
             except CompressError as e:

@@ -39,6 +39,14 @@ from .base import module_version, static_feeds
 if TYPE_CHECKING:
     from ._tvm_rpc import RpcTvmRunner
 
+# TVM's thread pool pins the calling thread to one core the first time it runs parallel code (its
+# threading backend binds threads unless TVM_BIND_THREADS=0), and every thread the process starts later
+# inherits that mask. Measured here: after a TVM build or run in the process, os.sched_getaffinity(0)
+# went from {0, 1} to {0}, so ONNX Runtime's and PyTorch's pools created afterwards, and the main
+# thread that takes part in their work, shared one core: every later figure in the run was wrong.
+# Off unless the user asks for it; set before TVM's runtime first reads it.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
 LIBRARY = "model.so"
 MANIFEST = "tvm.json"
 # apache-tvm-ffi 0.1.15.x segfaults in tvm.ir.save_json, which every tuning record goes through.

@@ -9,6 +9,7 @@ ratio carries an interval).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,20 @@ def test_compare_several_models_refuses_non_onnx(capsys) -> None:
 
     assert main(["compare", "a.onnx", "resnet18"]) == 2
     assert ".onnx files only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a CPU mask of at least 2 cores to narrow")
+def test_a_runtime_that_narrows_the_cpu_mask_is_undone_and_named() -> None:
+    from compress.measurement import restore_affinity
+
+    saved = set(os.sched_getaffinity(0))
+    said: list[str] = []
+    assert restore_affinity(saved, "target x", said.append) is False and said == []
+    os.sched_setaffinity(0, {min(saved)})  # what a pinning runtime does to the calling thread
+    try:
+        assert restore_affinity(saved, "target x", said.append) is True
+        assert os.sched_getaffinity(0) == saved
+        assert len(said) == 1 and "target x narrowed" in said[0] and str(sorted(saved)) in said[0]
+    finally:
+        os.sched_setaffinity(0, saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -557,3 +558,22 @@ def test_kernels_tuned_for_one_model_are_not_tuned_again_for_another(tuned: dict
     off = TvmConfig(tuning_trials=8, database=str(tmp_path / "db2"), reuse_kernels=False)
     t2 = TvmTarget(off).compile(_onnx_artifact(ctx2.cache, path), ctx2).metadata["tvm"]["tuning"]
     assert t2["tasks_reused_from_database"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a CPU mask of at least 2 cores to see it narrowed")
+def test_a_tvm_build_and_run_leave_the_process_cpu_mask_alone(tuned: dict, digits_onnx: Path) -> None:
+    # TVM's pool used to pin the calling thread to one core (TVM_BIND_THREADS), and every thread started
+    # afterwards (another target's pool) inherited it. The tuned build folded constants in-process, and
+    # the run starts TVM's pool: neither may narrow the mask now.
+    before = os.sched_getaffinity(0)
+    target = TvmTarget(tuned["cfg"])
+    target.runner(tuned["first"], threads=2).infer({"input": _x(5)})
+    assert os.sched_getaffinity(0) == before
+    import threading
+
+    seen: list[set[int]] = []
+    th = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+    th.start()
+    th.join()
+    assert seen == [before]
