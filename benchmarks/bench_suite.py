@@ -169,7 +169,7 @@ def run_model(name: str, spec: dict[str, Any], cache: Cache, quick: bool, thread
         with torch.inference_mode():
             samples = measure_interleaved(fns, warmup=3, min_runs=5 if quick else 30,
                                           min_time_s=0.2 if quick else 2.0, max_time_s=60 if quick else 240).samples
-        res["latency"][str(batch)] = {k: summarize(v, batch).to_json() for k, v in samples.items()}
+        res["latency"][str(batch)] = {k: summarize(v, batch).model_dump() for k, v in samples.items()}
     shutil.rmtree(tmp, ignore_errors=True)
     return res
 

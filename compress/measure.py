@@ -23,26 +23,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class LatencyStats:
-    batch: int
-    runs: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    std_ms: float
-    cv: float
-    throughput: float  # samples per second at p50
-
-    def to_json(self) -> dict[str, float | int]:
-        return asdict(self)
+from .report_schema import LatencyStats  # one definition: summarize returns the report's record
 
 
 def summarize(samples_ms: list[float], batch: int) -> LatencyStats:
@@ -52,8 +38,9 @@ def summarize(samples_ms: list[float], batch: int) -> LatencyStats:
     p50, p90, p99 = (float(np.percentile(a, q)) for q in (50, 90, 99))
     mean = float(a.mean())
     std = float(a.std(ddof=1)) if a.size > 1 else 0.0
-    return LatencyStats(batch, int(a.size), p50, p90, p99, mean, std, std / mean if mean > 0 else math.inf,
-                        batch * 1000.0 / p50 if p50 > 0 else math.inf)
+    return LatencyStats(batch=batch, runs=int(a.size), p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=mean, std_ms=std,
+                        cv=std / mean if mean > 0 else math.inf,
+                        throughput=batch * 1000.0 / p50 if p50 > 0 else math.inf)
 
 
 @dataclass

@@ -408,7 +408,7 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
             if samples.get(key):
                 # Raw samples stay in the report: the budget gate bootstraps intervals from them.
                 s = samples[key]
-                lat: dict[str, Any] = {**summarize(s, batch).to_json(), "samples_ms": [round(x, 5) for x in s],
+                lat: dict[str, Any] = {**summarize(s, batch).model_dump(), "samples_ms": [round(x, 5) for x in s],
                                        "timing": meta}
                 if len(s) >= 2:
                     _, lo, hi = bootstrap_stat(s, "p50", 0.95, 1000, seed=rec.seed)
@@ -425,7 +425,7 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
                     # Device time (CUDA events, or a remote device's own clock through RPC), beside the host
                     # wall time above (warm-up calls included); the runner names the device it came from.
                     c.latency[key_]["device"] = {
-                        **summarize(list(gpu), batch).to_json(),
+                        **summarize(list(gpu), batch).model_dump(),
                         "measured_on": getattr(c.runner, "device_name", "this machine's GPU (CUDA events)")}
 
 

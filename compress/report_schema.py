@@ -78,7 +78,7 @@ class RatioCI(_Record):
 
 
 class LatencyStats(_Record):
-    """Summary of one candidate's timed calls at one batch size (``compress.measure.LatencyStats``)."""
+    """Summary of one candidate's timed calls at one batch size (what ``compress.measure.summarize`` returns)."""
 
     batch: int
     runs: int

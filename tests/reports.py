@@ -17,7 +17,7 @@ def latency(samples_ms: list[float], batch: int = 1, **extra: Any) -> dict[str, 
     n = len(samples_ms)
     timing = {"order": {"method": "balanced-shuffle", "seed": batch, "candidates": ["x"], "rounds": [[0]] * n},
               "warmup": {"x": 0}, "capped": {}, "stopped": "test", "seconds": 0.0, "rounds": n}
-    return {**summarize(samples_ms, batch).to_json(), "samples_ms": samples_ms, "timing": timing, **extra}
+    return {**summarize(samples_ms, batch).model_dump(), "samples_ms": samples_ms, "timing": timing, **extra}
 
 
 def cell(variant: str, target: str, *, status: str = "ok", reason: str | None = None, digest: str | None = None,

@@ -228,7 +228,9 @@ def test_quantized_run_reports_parity_with_simulation_and_model_changes(tmp_path
     model = rep["variants"]["q"]["model"]
     assert model["macs"] < model["macs_before"] and model["params"] > 0
     md = (out / "report.md").read_text()
-    assert "## Quantized: deployed vs simulated" in md and "## Model changes vs latency" in md
+    assert "## Quantized: deployed vs simulated" not in md and "## Model changes vs latency" in md
+    # One parity table: the INT8 cell's row carries its top-1 simulated -> deployed.
+    assert md.count("## Parity (each target vs its input model)") == 1 and "% -> " in md
 
 
 def test_device_timings_are_reported_beside_host_latency(tmp_path: Path, capsys) -> None:
