@@ -86,6 +86,19 @@ def models_for(name: str, shape: tuple[int, ...], work: Path, need_int8: bool) -
     return out
 
 
+def ort_kernel_count(model: Path, out: Path) -> int:
+    """Nodes ONNX Runtime runs after its own graph optimizations (all levels; what it fused): the fusion
+    figure TVM's fused kernel count is compared with."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    return len(onnx.load(str(out)).graph.node)
+
+
 def bench_model(name: str, arms: list[str], trials: int, cap: float | None, rounds: int, work: Path,
                 size: int) -> dict:
     shape = (1, zoo.ZOO[name].input_shape[1], size, size)
@@ -95,6 +108,8 @@ def bench_model(name: str, arms: list[str], trials: int, cap: float | None, roun
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     feeds = {onnx["fp32"].inputs[0].name: x}
 
+    fused = {kind: ort_kernel_count(a.path / "model.onnx", work / name / f"ort-{kind}.onnx")
+             for kind, a in onnx.items()}
     ort = OnnxRuntimeTarget(OnnxRuntimeConfig())
     runners: dict[str, Any] = {}
     refs: dict[str, np.ndarray] = {}
@@ -131,7 +146,8 @@ def bench_model(name: str, arms: list[str], trials: int, cap: float | None, roun
     for label, v in lat.items():
         ci = ratio_ci(v, base, "p50")
         ratios[label] = {"ratio": round(ci.ratio, 3), "lo": round(ci.low, 3), "hi": round(ci.high, 3)}
-    return {"model": name, "shape": list(shape), "trials": trials, "time_cap_s": cap, "builds": builds,
+    return {"model": name, "shape": list(shape), "trials": trials, "ort_kernels": fused, "time_cap_s": cap,
+            "builds": builds,
             "median_ms": {k: round(statistics.median(v), 3) for k, v in lat.items()},
             "rounds": rounds, "ratio_vs_ort_fp32": ratios}
 
@@ -144,14 +160,16 @@ def write_md(results: list[dict], cmd: str, total_s: float, out: Path) -> None:
         f"Threads: {THREADS} for every runtime. Batch 1, shapes below, random weights (latency only). Every arm "
         "tunes from an empty database with the same trial budget. Latency: all builds timed interleaved "
         "round by round; ratio = p50 / ONNX Runtime FP32's p50 with a paired block-bootstrap 95 % interval. "
-        "The machine has 2 cores and may have been shared; the ratios, not the milliseconds, are the result.",
+        "The machine has 2 cores and may have been shared; the ratios, not the milliseconds, are the result. "
+        "Kernels per call: nodes ONNX Runtime runs after its graph optimizations; for TVM, calls of fused "
+        "tunable kernels (layout transforms and reshapes outside them are not counted).",
         "",
     ]
     for r in results:
         lines += [f"## {r['model']} {tuple(r['shape'])} ({r['trials']} trials per arm"
                   + (f", time cap {r['time_cap_s']:g} s" if r["time_cap_s"] else "") + f", {r['rounds']} rounds)",
-                  "", "| build | p50 ms | ratio vs ORT FP32 [95 %] | tuning s | tasks with records | "
-                  "max abs diff vs ORT (same model) |", "|---|---|---|---|---|---|"]
+                  "", "| build | p50 ms | ratio vs ORT FP32 [95 %] | tuning s | tasks with records | kernels per call "
+                  "| max abs diff vs ORT (same model) |", "|---|---|---|---|---|---|---|"]
         for label, ms in r["median_ms"].items():
             q = r["ratio_vs_ort_fp32"][label]
             arm = label.removeprefix("tvm ")
@@ -160,6 +178,8 @@ def write_md(results: list[dict], cmd: str, total_s: float, out: Path) -> None:
             lines.append(f"| {label} | {ms} | {q['ratio']} [{q['lo']}, {q['hi']}] | "
                          f"{t.get('tuning_s_this_run', '')} | "
                          + (f"{t['tasks_with_records']}/{t['tasks']}" if b else "") + " | "
+                         + (str(t.get("kernel_calls", "")) if b else str(r["ort_kernels"].get(label.split()[-1], "")))
+                         + " | "
                          + (f"{b['max_abs_diff_vs_ort_same_model']:.2e}" if b else "") + " |")
         lines += ["", "Where each arm's trials went (batches per task, largest first):", ""]
         for arm, b in r["builds"].items():

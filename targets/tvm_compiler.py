@@ -619,6 +619,8 @@ class TvmTarget:
                          "to reach them) and run untuned code; raise tuning_trials")
         tuning.update({
             "status": status, "database": str(db.path), "tasks": len(tasks), "tasks_with_records": covered,
+            # Fused kernels run per inference (a task's weight is how often its kernel is called).
+            "kernel_calls": int(sum(t.weight for t in tasks)),
             "tasks_reused_from_database": len(reused),
             "trials_this_run": stats.trials, "trials_in_database": int(total["trials"]),
             "tuning_s_this_run": round(tune_s, 2), "build_errors": stats.build_errors, "run_errors": stats.run_errors,
