@@ -457,7 +457,9 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         notes: list[str] = []
         base_cell = report.cell("baseline", b.target)
         base_lat = base_cell.latency.get(at) if base_cell is not None else None
-        aa = base_lat.aa_session.model_dump() if base_lat is not None and base_lat.aa_session else None
+        # A remote cell is compared on its device's clock: the baseline's A/A session on that clock too.
+        aa_src = base_lat.device if cell.device is not None and base_lat is not None else base_lat
+        aa = aa_src.aa_session.model_dump() if aa_src is not None and aa_src.aa_session else None
 
         def paired(num: list[float], den: list[float]) -> Any:
             r = widen(ratio_ci(num, den, v.metric, conf, n), aa, conf)
@@ -478,6 +480,15 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         samples = lat.samples_ms
         if lat.capped:
             notes.append(f"fewer rounds: {lat.capped}")
+        if cell.device is not None:
+            if lat.device is None or not lat.device.samples_ms:
+                v.status = "fail"
+                v.detail = (f"{b.target} ran on {cell.device} but the report holds no figures from its clock at "
+                            f"batch {b.batch}; the budget cannot be verified")
+                return v
+            # The host figures of a remote cell include the network round trip: the device's are its latency.
+            samples = lat.device.samples_ms
+            notes.append(f"on {cell.device}'s own clock")
         if lim.ratio_to is None:
             v.value, v.low, v.high = bootstrap_stat(samples, v.metric, conf, n)
         elif lim.ratio_to == "recorded":
@@ -489,6 +500,8 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                     rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
                                                        "another variant's budget")
                 ref = None
+            if ref is not None and ref.status == "ok" and ref.device != cell.device:
+                return _across_devices(v, cell, ref, "the recorded baseline")
             if ref is not None and ref.status == "ok" and at in ref.latency:
                 if ref.compiled_digest == cell.compiled_digest or cell.identical_to == \
                         f"recorded/{b.target}" or ref.identical_to == f"{variant}/{b.target}":
@@ -497,7 +510,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                     v.status = "pass" if lim.value >= 1.0 else "fail"
                     v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
                     return v
-                r = paired(samples, ref.latency[at].samples_ms)
+                r = paired(samples, _clock(ref, at))
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded"
                 notes.append(f"baseline artifact {str(ref.compiled_digest)[:12]} re-timed in this run, "
@@ -509,6 +522,12 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                 if rec is None:
                     v.detail = (f"no recorded baseline for this machine fingerprint ({fp[:12]}); "
                                 "run compress check --update-baseline on this machine first")
+                    return v
+                if rec.get("device") != cell.device:
+                    v.status = "fail"
+                    v.detail = (f"{b.target} ran on {cell.device or 'this machine'}, its baseline was recorded on "
+                                f"{rec.get('device') or 'this machine'}: figures from two devices are not "
+                                "comparable; run compress check --update-baseline against this device")
                     return v
                 r = ratio_ci(samples, rec["samples_ms"], v.metric, conf, n, paired=False)
                 v.value, v.low, v.high = r.ratio, r.low, r.high
@@ -528,13 +547,15 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                 if other is not None and other.status == "failed":
                     v.status = "fail"  # the reference failing to build/run is a broken build, not a skip
                 return v
+            if other.device != cell.device:
+                return _across_devices(v, cell, other, lim.ratio_to)
             if other.compiled_digest == cell.compiled_digest and other is not cell:
                 v.value = v.low = v.high = 1.0
                 v.unit = f"x {lim.ratio_to}"
                 v.status = "pass" if lim.value >= 1.0 else "fail"
                 v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
                 return v
-            r = paired(samples, other.latency[at].samples_ms)
+            r = paired(samples, _clock(other, at))
             v.value, v.low, v.high = r.ratio, r.low, r.high
             v.unit = f"x {lim.ratio_to}"
             notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
@@ -571,6 +592,23 @@ def _fidelity_source(report: Report) -> str:
     if report.data is None:
         return f"{SYNTHETIC_SAMPLES} synthetic inputs (the recipe has no data)"
     return f"the validation split ({report.data.val} samples of {report.data.source})"
+
+
+def _clock(cell: ResultCell, at: str) -> list[float]:
+    """The cell's latency samples at ``at`` on the clock its budgets use: a remote device's own, else the host's."""
+    lat = cell.latency[at]
+    if cell.device is not None and lat.device is not None and lat.device.samples_ms:
+        return lat.device.samples_ms
+    return lat.samples_ms
+
+
+def _across_devices(v: Verdict, cell: ResultCell, other: ResultCell, what: str) -> Verdict:
+    """A latency ratio between cells timed on two devices is refused: it would not be a same-run comparison."""
+    v.status = "fail"
+    v.detail = (f"{cell.variant}/{cell.target} was timed on {cell.device or 'this machine'} and {what} on "
+                f"{other.device or 'this machine'}: a ratio across devices is not a same-run comparison; budget an "
+                "absolute latency (e.g. '5 ms') or a ratio to a cell on the same device ('x original')")
+    return v
 
 
 def _fidelity_verdict(v: Verdict, bound: FidelityBound, cell: ResultCell, report: Report) -> Verdict:
@@ -747,10 +785,12 @@ def check(
                     continue
                 art = store.keep_artifact(Path(r.compiled_path)) if r.compiled_path else None
                 for batch, lat in r.latency.items():
+                    remote = r.device is not None and lat.device is not None and bool(lat.device.samples_ms)
                     store.put(BaselineStore.key(model, r.variant, r.target, batch, fp), {
-                        "digest": r.compiled_digest, "samples_ms": lat.samples_ms, "p50_ms": lat.p50_ms,
+                        "digest": r.compiled_digest, "samples_ms": _clock(r, batch),
+                        "p50_ms": lat.device.p50_ms if remote and lat.device is not None else lat.p50_ms,
                         "recorded": report.created, "machine": report.machine.cpu.model,
-                        "artifact": art})
+                        "artifact": art, **({"device": r.device} if r.device is not None else {})})
     if update_baseline:
         store.save()
     foa = bf.fail_on_unavailable if fail_on_unavailable is None else fail_on_unavailable

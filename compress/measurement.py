@@ -62,6 +62,9 @@ class Cell:
     reference: bool = False  # a stored baseline artifact, timed only (no accuracy)
     spawn: Any = None  # makes a second runner of the same build (the A/A session)
     caps: TargetCaps = field(default_factory=lambda: TargetCaps(consumes=ONNX))  # what the target declares
+    # The remote device the cell ran on (a TVM RPC device, named by its runner); None: this machine. Its latency
+    # is judged on the device's own clock and never divided by a figure from another device.
+    device: str | None = None
 
 
 @dataclass
@@ -346,6 +349,7 @@ def _measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: in
         if c.identical_to is not None:
             rep = by_key[c.identical_to].latency
             c.latency = {b: {**lat, "identical_to": c.identical_to} for b, lat in rep.items()}
+            c.device = by_key[c.identical_to].device
     _ratios(live, rec.seed, say)
 
 
@@ -389,6 +393,8 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
         for c in timed:  # runners that time on the device (TensorRT: CUDA events) keep a list per call
             if c.caps.device_timing:
                 c.runner.device_ms.clear()
+                if c.variant == BASELINE and c.target in shadows and _remote(shadows[c.target]):
+                    shadows[c.target].device_ms.clear()
         if probe is not None:
             probe.start()
         try:
@@ -421,17 +427,49 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
                     c.notes.append(f"{at}: fewer rounds: {timing.capped[key]}")
                 c.latency[key_] = lat
                 gpu = c.runner.device_ms if c.caps.device_timing else None
-                if gpu:
-                    # Device time (CUDA events, or a remote device's own clock through RPC), beside the host
-                    # wall time above (warm-up calls included); the runner names the device it came from.
+                if gpu and _remote(c.runner):
+                    c.latency[key_]["device"] = _remote_device_latency(c, gpu, len(s), batch, twin_runner=(
+                        shadows.get(c.target) if c.variant == BASELINE else None), seed=rec.seed)
+                elif gpu:
+                    # Device time (CUDA events), beside the host wall time above (warm-up calls included); the
+                    # runner names the device it came from.
                     c.latency[key_]["device"] = {
                         **summarize(list(gpu), batch).model_dump(),
                         "measured_on": getattr(c.runner, "device_name", "this machine's GPU (CUDA events)")}
 
 
+def _remote(runner: Any) -> bool:
+    """A runner on a remote device (TVM RPC): its host wall times include the network round trip."""
+    return bool(getattr(runner, "remote", False))
+
+
+def _remote_device_latency(c: Cell, device_ms: list[float], rounds: int, batch: int, twin_runner: Any,
+                           seed: int) -> dict[str, Any]:
+    """A remote cell's latency on the device's own clock: the timed rounds only (the last ``rounds`` calls,
+    one per round, in round order), kept raw so that ratios and budgets pair them round by round with
+    another cell timed on the same device; the baseline's A/A session on the device's clock beside it."""
+    c.device = str(c.runner.device_name)
+    own = [float(x) for x in device_ms[-rounds:]]
+    out: dict[str, Any] = {**summarize(own, batch).to_json(), "measured_on": c.device,
+                           "samples_ms": [round(x, 5) for x in own]}
+    twin = list(twin_runner.device_ms[-rounds:]) if twin_runner is not None and _remote(twin_runner) else []
+    if len(twin) >= 2 and len(own) >= 2:
+        out["aa_session"] = ratio_ci(twin, own, "p50", seed=seed).to_json()
+    note = (f"timed on {c.device}: its latency ratios and budgets use the device's own clock (latency.B.device); "
+            "the host figures (samples_ms, p50 in the table) include the RPC round trip and are never compared "
+            "with figures from another device")
+    for n in [note, *getattr(c.runner, "device_notes", [])]:
+        if n not in c.notes:
+            c.notes.append(n)
+    return out
+
+
 def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
     """Per target and batch: each variant's p50 latency ratio to the baseline, paired over rounds,
-    with its interval; the baseline's split-half A/A (the noise floor). Slower anywhere is flagged."""
+    with its interval; the baseline's split-half A/A (the noise floor). Slower anywhere is flagged.
+
+    A cell timed on a remote device is compared on that device's clock, and only with a baseline timed
+    on the same device: a device figure is never divided by a host figure."""
     base = {c.target: c for c in live if c.variant == BASELINE}
     for c in live:
         b = base.get(c.target)
@@ -440,6 +478,9 @@ def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
                 aa = split_half_aa(lat["samples_ms"], seed=seed)
                 if aa is not None:
                     lat["aa"] = aa.to_json()
+                dev = lat.get("device") or {}
+                if dev.get("samples_ms") and (aa := split_half_aa(dev["samples_ms"], seed=seed)) is not None:
+                    dev["aa"] = aa.to_json()
                 continue
             if b is None or batch not in b.latency:
                 continue
@@ -447,14 +488,22 @@ def _ratios(live: list[Cell], seed: int, say: Callable[[str], None]) -> None:
                 c.ratios[batch] = {"ratio": 1.0, "low": 1.0, "high": 1.0, "identical": True,
                                    "verdict": "identical", "text": describe_ratio(None, identical=True)}
                 continue
+            num, den, aa_s = lat["samples_ms"], b.latency[batch]["samples_ms"], b.latency[batch].get("aa_session")
+            if c.device is not None or b.device is not None:
+                mine, theirs = (lat.get("device") or {}), (b.latency[batch].get("device") or {})
+                if c.device != b.device or not mine.get("samples_ms") or not theirs.get("samples_ms"):
+                    c.ratios[batch] = {"verdict": "not comparable", "text": (
+                        f"no ratio: timed on {c.device or 'this machine'}, the baseline on "
+                        f"{b.device or 'this machine'}; figures from two devices are not a same-run comparison")}
+                    continue
+                num, den, aa_s = mine["samples_ms"], theirs["samples_ms"], theirs.get("aa_session")
             try:
-                r = widen(ratio_ci(lat["samples_ms"], b.latency[batch]["samples_ms"], "p50", seed=seed),
-                          b.latency[batch].get("aa_session"))
+                r = widen(ratio_ci(num, den, "p50", seed=seed), aa_s)
             except ValueError as e:
                 c.ratios[batch] = {"verdict": "not enough rounds", "text": f"no ratio: {e}"}
                 continue
             c.ratios[batch] = {**r.to_json(), "identical": False, "verdict": ratio_verdict(r),
-                               "text": describe_ratio(r)}
+                               "text": describe_ratio(r) + (" (device clock)" if c.device is not None else "")}
             if r.low > 1.0 and c.variant != REFERENCE:
                 msg = (f"SLOWER than the baseline at batch {batch}: latency x{r.ratio:.2f} "
                        f"[{r.low:.2f}, {r.high:.2f}] (p50, 95% interval)")

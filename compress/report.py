@@ -154,7 +154,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "quant_parity": c.parity if c.parity and c.parity.get("precision") == "int8" and "cosine" in c.parity
             else None,
             "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
-            "ratio_to_baseline": c.ratios, "reference": c.reference,
+            "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
         }))
     extra: dict[str, Any] = {"baseline_label": baseline_label} if baseline_label else {}
     return Report(

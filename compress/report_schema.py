@@ -95,6 +95,10 @@ class DeviceLatency(LatencyStats):
     """Latency on the device's own clock, and which device that was."""
 
     measured_on: str | None = Field(None, description="the device the figures came from (a GPU, or an RPC device)")
+    samples_ms: list[float] | None = Field(None, description="a remote (RPC) device: its own time of each timed "
+                                           "round, in round order; ratios and budgets pair these")
+    aa_session: RatioCI | None = Field(None, description="remote baseline: its second session on the device's clock")
+    aa: RatioCI | None = Field(None, description="remote baseline: odd rounds against even ones, device clock")
 
 
 class TimingOrder(_Record):
@@ -149,9 +153,9 @@ class IdenticalRatio(_Record):
 
 
 class NoRatio(_Record):
-    """Too few common rounds for a ratio."""
+    """No ratio: too few common rounds, or the cell and the baseline were timed on different devices."""
 
-    verdict: Literal["not enough rounds"]
+    verdict: Literal["not enough rounds", "not comparable"]
     text: str
 
 
@@ -240,6 +244,9 @@ class ResultCell(_Record):
     identical_to: str | None
     ratio_to_baseline: dict[BatchKey, LatencyRatio]
     reference: bool = Field(description="a stored baseline artifact re-timed in this run (variant 'recorded')")
+    device: str | None = Field(None, description="the remote device the cell was timed on (TVM RPC); null: this "
+                               "machine. Its ratios and budgets use that device's clock (latency.B.device) and "
+                               "are never computed against a figure from another device")
 
 
 # -------------------------------------------------------------------------------------- variants

@@ -8,14 +8,18 @@ device's own clock (``time_evaluator`` on the remote VM), so the report's ``devi
 device's, named as such, and the host's wall-clock figures (which include the network round trip)
 are labelled as what they are.
 
-Stock RPC servers have no call that reports their TVM version, so compatibility is checked the way it
-matters: before anything is tuned or built, a one-function library is compiled for the target here,
-uploaded, loaded and run on the device (:func:`check_device`); a device whose runtime cannot load this
-TVM's libraries fails there, in one line.
+Before anything is tuned or built (:func:`check_device`), the device is checked twice, each failure one
+line: (1) its TVM runtime version, when its server reports one: stock TVM 0.27 servers have no call for
+that, so ``compress/templates/tvm_rpc_server.py`` (TVM's server plus the global function
+``compress.rpc.runtime_versions``, added through TVM's ``server_init_callback``) is what a device should
+run; a device whose TVM or TVM FFI version differs from this build's is refused; (2) a one-function
+library compiled for the target here is uploaded, loaded and run there, so a device whose runtime cannot
+load this TVM's libraries (another architecture or ABI) fails even when its server reports no version.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -32,6 +36,8 @@ _SERVER = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d
 _TRACKER = re.compile(r"^tracker:(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})/(?P<key>[\w.\-]+)$")
 CONNECT_TIMEOUT_S = 10.0
 SESSION_TIMEOUT_S = 600
+# Registered on the device by compress/templates/tvm_rpc_server.py (which compress never imports).
+VERSION_FUNCTION = "compress.rpc.runtime_versions"
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,50 @@ def _last_line(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:300]
 
 
+def build_versions() -> dict[str, str]:
+    """The TVM and TVM FFI versions that build here: a device must run the same ones."""
+    import tvm
+    import tvm_ffi
+
+    return {"tvm": str(tvm.__version__), "tvm_ffi": str(tvm_ffi.__version__)}
+
+
+def device_versions(sess: Any) -> dict[str, str] | None:
+    """The device's TVM versions as its server reports them (``VERSION_FUNCTION``); None from a stock
+    server, which has no such call."""
+    try:
+        report = sess.get_function(VERSION_FUNCTION)
+    except AttributeError:  # what TVM raises for a function the remote does not have
+        return None
+    raw = report()
+    try:
+        got = json.loads(str(raw))
+        return {"tvm": str(got["tvm"]), "tvm_ffi": str(got["tvm_ffi"])}
+    except (ValueError, KeyError, TypeError):
+        raise TargetUnavailable(f"target 'tvm': the device's {VERSION_FUNCTION} answered {str(raw)[:80]!r}, not "
+                                "its TVM versions; run compress/templates/tvm_rpc_server.py there") from None
+
+
+def check_versions(addr: RpcAddress, sess: Any) -> str:
+    """One line for the report on the device's runtime version; TargetUnavailable when it differs from the
+    build's (a library built by one TVM version is loaded by the same version's runtime only)."""
+    here = build_versions()
+    there = device_versions(sess)
+    if there is None:
+        return (f"the {addr.describe()} reports no TVM version (a stock server); only the probe library checked "
+                "its runtime: run compress/templates/tvm_rpc_server.py there to have the version checked too")
+    if there != here:
+        raise TargetUnavailable(
+            f"target 'tvm': the device behind the {addr.describe()} runs TVM {there['tvm']} (TVM FFI "
+            f"{there['tvm_ffi']}), this build uses TVM {here['tvm']} (TVM FFI {here['tvm_ffi']}); install "
+            f"apache-tvm=={here['tvm']} apache-tvm-ffi=={here['tvm_ffi']} on the device, or build with its versions")
+    return f"the {addr.describe()} runs TVM {there['tvm']} (TVM FFI {there['tvm_ffi']}), the build's versions"
+
+
 def check_device(addr: RpcAddress, target: Any, export: Any, work: Path) -> dict[str, Any]:
-    """Compile a one-function library for ``target``, run it on the device, check its answer.
+    """Check the device's runtime version, then compile a one-function library for ``target``, run it on the
+    device and check its answer. The session is opened first: a device that does not answer fails before
+    anything is compiled.
 
     ``export(executable, path)`` writes the library (with the cross compiler for a foreign target).
     """
@@ -108,6 +156,9 @@ def check_device(addr: RpcAddress, target: Any, export: Any, work: Path) -> dict
     from onnx import TensorProto, helper
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
+
+    sess = connect(addr)
+    version_note = check_versions(addr, sess)
 
     # Through the ONNX frontend, as every build of this target goes.
     graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe",
@@ -119,7 +170,6 @@ def check_device(addr: RpcAddress, target: Any, export: Any, work: Path) -> dict
     t0 = time.perf_counter()
     lib = work / "rpc-probe.so"
     export(tvm.compile(probe, target=target), lib)
-    sess = connect(addr)
     try:
         dev = sess.cpu(0)
         vm = relax.VirtualMachine(remote_module(sess, addr, lib), dev)
@@ -135,7 +185,7 @@ def check_device(addr: RpcAddress, target: Any, export: Any, work: Path) -> dict
     if not np.array_equal(got, x + x):
         raise TargetUnavailable(f"target 'tvm': the device behind the {addr.describe()} computed {got} for "
                                 f"{x} + {x}; its TVM runtime is not usable")
-    return {"device": addr.describe(), "probe_s": round(time.perf_counter() - t0, 3)}
+    return {"device": addr.describe(), "versions": version_note, "probe_s": round(time.perf_counter() - t0, 3)}
 
 
 _LOADED: dict[tuple[RpcAddress, str], Any] = {}
@@ -169,8 +219,12 @@ class RpcTvmRunner:
         self.inputs = inputs
         self.input_names = [s.name for s in inputs]
         self.device_name = addr.describe()
+        self.remote = True  # the measurement judges this runner on device_ms: host times include the network
         self.device_ms: list[float] = []
         self._sess = connect(addr)
+        # Checked again here (one call): the report says which runtime the device ran, and a device swapped
+        # since check_config is refused too.
+        self.device_notes = [check_versions(addr, self._sess)]
         try:
             self._dev = self._sess.cpu(0)
             self._vm = relax.VirtualMachine(remote_module(self._sess, addr, lib_path), self._dev)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tvm")
@@ -22,14 +26,32 @@ from compress.pipeline import run
 from compress.recipe import recipe_from_dict
 
 FAST = {"batch_sizes": [1], "warmup": 1, "min_runs": 3, "min_time_s": 0.0}
+DEVICE_SERVER = Path(__file__).resolve().parent.parent / "compress" / "templates" / "tvm_rpc_server.py"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
-    """A TVM RPC server in its own process on the loopback address (what runs on the device)."""
+    """The device-side server this project ships (TVM's, plus its version report), run as a program on the
+    loopback address, as on a device."""
+    proc = subprocess.Popen([sys.executable, str(DEVICE_SERVER), "--host", "127.0.0.1", "--port", "9190",
+                             "--port-end", "9390", "--silent"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once the server listens
+        m = re.search(r"TVM RPC server on 127\.0\.0\.1:(\d+)$", line.strip())
+        assert m is not None, f"the device server did not start: {line!r}"
+        yield int(m[1])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def stock_server() -> Iterator[int]:
+    """A stock TVM RPC server (``tvm.rpc.Server``): it reports no TVM version."""
     from tvm import rpc
 
-    srv = rpc.Server(host="127.0.0.1", port=9190, port_end=9390)
+    srv = rpc.Server(host="127.0.0.1", port=9710, port_end=9790)
     try:
         yield int(srv.port)
     finally:
@@ -45,7 +67,7 @@ def tracker_key(server: int) -> Iterator[str]:
     from tvm.rpc.tracker import Tracker
 
     tracker = Tracker(host="127.0.0.1", port=9400, port_end=9500, silent=True)
-    srv = rpc.Server(host="127.0.0.1", port=9510, port_end=9700, key="loopback-dev",
+    srv = rpc.Server(host="127.0.0.1", port=9510, port_end=9700, key="loopback-dev",  # a stock server
                      tracker_addr=("127.0.0.1", tracker.port))
     try:
         yield f"tracker:127.0.0.1:{tracker.port}/loopback-dev"
@@ -87,6 +109,12 @@ def test_latency_comes_from_the_device_and_the_report_names_it(via: str, server:
     device = tvm["latency"]["1"]["device"]
     assert device["measured_on"] == parse_rpc(addr).describe() and device["runs"] >= 3 and device["p50_ms"] > 0
     assert any("timed on the device through the TVM RPC" in n for n in tvm["notes"])
+    assert tvm["device"] == parse_rpc(addr).describe() and cells[("baseline", "onnxruntime")]["device"] is None
+    # The device's clock, one figure per timed round (what ratios and budgets pair).
+    assert len(device["samples_ms"]) == tvm["latency"]["1"]["runs"]
+    # Its runtime version: checked where the server reports it (the shipped server), said so where not (stock).
+    versions = [n for n in tvm["notes"] if "TVM" in n and ("runs TVM" in n or "reports no TVM version" in n)]
+    assert versions and ("runs TVM" in versions[0]) == (via == "server"), tvm["notes"]
     assert "device" not in cells[("baseline", "onnxruntime")]["latency"]["1"]  # timed here, not on the device
     # The outputs came back from the device: the same predictions as the reference.
     assert tvm["fidelity"]["agreement"] == 1.0
@@ -96,9 +124,59 @@ def test_latency_comes_from_the_device_and_the_report_names_it(via: str, server:
 
 def test_a_device_that_does_not_answer_fails_before_any_work(tmp_path: Path) -> None:
     port = _free_port()
-    with pytest.raises(TargetUnavailable, match=f"TVM RPC server 127.0.0.1:{port} does not answer"):
+    with pytest.raises(TargetUnavailable, match=f"TVM RPC server 127.0.0.1:{port} does not answer") as e:
         run(_recipe(f"127.0.0.1:{port}"), out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "cache" / "objects").exists() or not any((tmp_path / "cache" / "objects").iterdir())
+
+
+def test_a_device_that_does_not_answer_is_one_line_from_the_cli(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from compress.cli import main
+
+    port = _free_port()
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "dev"\nmodel = { source = "zoo:digits-cnn" }\n'
+                      'measure = { batch_sizes = [1], warmup = 1, min_runs = 3, min_time_s = 0.0 }\n'
+                      f'[[targets]]\nkind = "tvm"\ntuning_trials = 0\nrpc = "127.0.0.1:{port}"\n')
+    code = main(["run", str(recipe), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 1 and len(err) == 1 and f"127.0.0.1:{port} does not answer" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_device_reports_its_runtime_version_and_another_version_is_refused_before_any_work(
+        server: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tvm
+    import tvm_ffi
+    from compress.targets import _tvm_rpc
+
+    addr = parse_rpc(f"127.0.0.1:{server}")
+    # The real query: the device's own answer, through RPC.
+    assert _tvm_rpc.device_versions(_tvm_rpc.connect(addr)) == {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__}
+    # A build machine on another TVM than the device (simulated here by changing what this side reports):
+    monkeypatch.setattr(_tvm_rpc, "build_versions", lambda: {"tvm": "0.26.0", "tvm_ffi": "0.1.9"})
+    with pytest.raises(TargetUnavailable) as e:
+        run(_recipe(f"127.0.0.1:{server}"), out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and f"runs TVM {tvm.__version__}" in msg and "this build uses TVM 0.26.0" in msg
+    assert "apache-tvm==0.26.0" in msg
+    assert not (tmp_path / "cache" / "objects").exists() or not any((tmp_path / "cache" / "objects").iterdir())
+
+
+def test_a_stock_server_reports_no_version_and_is_checked_by_the_probe_only(stock_server: int) -> None:
+    from compress.targets import _tvm_rpc
+
+    addr = parse_rpc(f"127.0.0.1:{stock_server}")
+    assert _tvm_rpc.device_versions(_tvm_rpc.connect(addr)) is None
+    assert "reports no TVM version" in _tvm_rpc.check_versions(addr, _tvm_rpc.connect(addr))
+    TvmTarget(TvmConfig(tuning_trials=0, rpc=f"127.0.0.1:{stock_server}")).check_config()  # the probe passes
+
+
+def test_the_device_server_and_the_build_side_agree_on_the_version_function() -> None:
+    from compress.targets._tvm_rpc import VERSION_FUNCTION
+
+    assert f'VERSION_FUNCTION = "{VERSION_FUNCTION}"' in DEVICE_SERVER.read_text()
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
@@ -118,3 +196,62 @@ def test_tuning_a_foreign_target_through_rpc_is_refused_in_one_line(server: int)
                     target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     with pytest.raises(RecipeError, match="tuning through rpc is not supported yet"):
         TvmTarget(cfg).check_config()
+
+
+@pytest.fixture(scope="module")
+def device_report(server: int, tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Baseline and a pruned variant on ONNX Runtime (this machine) and on the RPC device."""
+    rec = recipe_from_dict({"name": "dev", "model": {"source": "zoo:digits-cnn"},
+                            "measure": {**FAST, "min_runs": 6},
+                            "passes": [{"kind": "prune.magnitude", "sparsity": 0.5}],
+                            "targets": [{"kind": "onnxruntime"},
+                                        {"kind": "tvm", "tuning_trials": 0, "rpc": f"127.0.0.1:{server}"}]})
+    tmp = tmp_path_factory.mktemp("device-report")
+    return run(rec, out_dir=tmp / "out", cache_dir=tmp / "cache", progress=False)
+
+
+def test_ratios_on_the_device_pair_the_devices_own_clock(device_report: object, server: int) -> None:
+    from compress.report_schema import Report
+    from compress.stats import ratio_ci
+
+    assert isinstance(device_report, Report)
+    cells = {(c.variant, c.target): c for c in device_report.results}
+    base, pruned = cells[("baseline", "tvm")], cells[("dev", "tvm")]
+    assert pruned.status == "ok" and pruned.device == base.device == f"TVM RPC server 127.0.0.1:{server}"
+    r = pruned.ratio_to_baseline["1"]
+    assert r.verdict != "not comparable" and r.text.endswith("(device clock)")
+    # The ratio is the device's clock against the baseline's on the same device, not the host's wall times.
+    dev, bdev = pruned.latency["1"].device, base.latency["1"].device
+    assert dev is not None and bdev is not None and dev.samples_ms and bdev.samples_ms
+    expect = ratio_ci(dev.samples_ms, bdev.samples_ms, "p50")
+    assert r.ratio == pytest.approx(expect.ratio)  # type: ignore[union-attr]
+    host = ratio_ci(pruned.latency["1"].samples_ms, base.latency["1"].samples_ms, "p50")
+    assert host.ratio != pytest.approx(expect.ratio)
+    assert any("never compared with figures from another device" in n for n in pruned.notes)
+    # ONNX Runtime on this machine keeps its host ratios.
+    assert cells[("dev", "onnxruntime")].device is None
+
+
+def test_budgets_never_divide_a_device_figure_by_a_host_figure(device_report: object) -> None:
+    from compress.budget import BudgetsFile, BudgetSpec, evaluate_budget
+    from compress.report_schema import Report
+
+    assert isinstance(device_report, Report)
+    bf = BudgetsFile(models={"m": "r.toml"}, budget=[], confidence=0.95, resamples=500)
+
+    def verdict(target: str, limit: str) -> object:
+        return evaluate_budget(BudgetSpec(model="m", target=target, metric="p50", max=limit), device_report, bf,
+                               None, "fp")
+
+    for target, limit in (("tvm", "100x onnxruntime"), ("onnxruntime", "100x tvm")):
+        v = verdict(target, limit)
+        assert v.status == "fail" and "not a same-run comparison" in v.detail, v  # type: ignore[attr-defined]
+        assert "\n" not in v.line()  # type: ignore[attr-defined]
+    # Same device: decided, on the device's clock.
+    same = verdict("tvm", "100x original")
+    assert same.status == "pass" and "own clock" in same.detail  # type: ignore[attr-defined]
+    absolute = verdict("tvm", "10000 ms")
+    assert absolute.status == "pass" and "own clock" in absolute.detail  # type: ignore[attr-defined]
+    dev = device_report.cell("dev", "tvm").latency["1"].device  # type: ignore[union-attr]
+    assert dev is not None and dev.samples_ms
+    assert absolute.value == pytest.approx(float(np.median(dev.samples_ms)), rel=1e-3)  # type: ignore[attr-defined]
