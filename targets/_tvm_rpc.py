@@ -84,6 +84,12 @@ def connect(addr: RpcAddress) -> Any:
 
 
 def _open(addr: RpcAddress) -> Any:
+    return open_session(addr, SESSION_TIMEOUT_S)
+
+
+def open_session(addr: RpcAddress, session_timeout: float) -> Any:
+    """A new RPC session (not shared: see :func:`connect`), or TargetUnavailable in one line. A server kills
+    a session older than ``session_timeout`` seconds (0: never)."""
     from tvm import rpc
 
     try:  # TVM's own connect retries for a long time on an address that does not answer
@@ -93,11 +99,22 @@ def _open(addr: RpcAddress) -> Any:
                                 "`python -m tvm.exec.rpc_server` on the device or fix rpc") from None
     try:
         if addr.key is None:
-            return rpc.connect(addr.host, addr.port, session_timeout=SESSION_TIMEOUT_S)
-        return rpc.connect_tracker(addr.host, addr.port).request(addr.key, session_timeout=SESSION_TIMEOUT_S)
+            return rpc.connect(addr.host, addr.port, session_timeout=session_timeout)
+        return rpc.connect_tracker(addr.host, addr.port).request(addr.key, session_timeout=session_timeout)
     except Exception as e:  # TVM raises InternalError/RuntimeError/TVMError with a C++ trace
         raise TargetUnavailable(f"target 'tvm': could not open a session with the {addr.describe()}: "
                                 f"{_last_line(e)}") from None
+
+
+def release(addr: RpcAddress) -> None:
+    """Close this process's session with ``addr`` (and the modules loaded through it), so that another process
+    (the tuning worker) can open one: a plain RPC server serves one session at a time."""
+    import gc
+
+    _SESSIONS.pop(addr, None)
+    for key in [k for k in _LOADED if k[0] == addr]:
+        del _LOADED[key]
+    gc.collect()  # the session's socket closes with its last reference
 
 
 def _last_line(e: BaseException) -> str:

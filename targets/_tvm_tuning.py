@@ -221,6 +221,7 @@ class TuneStats:
     run_s: float = 0.0
     worker_s: float = 0.0  # round trips to the worker, build and timing included
     slowest_candidate_s: float = 0.0
+    remote_timed: int = 0  # candidates timed on the RPC device (the target's rpc), not here
     stopped_by_time: bool = False
     best_s: dict[int, float] = field(default_factory=dict)
     visits: list[int] = field(default_factory=list)  # task ids in the order batches went to them (dominant)
@@ -259,7 +260,8 @@ def import_cpu_tensor_intrinsics() -> None:
 
 def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None, progress: Callable[[str], None],
                      evaluator: dict[str, Any], budget: int, worker: Any,
-                     timeout_s: float, scheduler_kind: str = "dominant") -> tuple[Any, Any, Any, Any]:
+                     timeout_s: float, scheduler_kind: str = "dominant",
+                     remote: dict[str, Any] | None = None) -> tuple[Any, Any, Any, Any]:
     """A builder and runner that measure each candidate in ``worker`` (``_tvm_worker``) under a hard
     timeout, a measure callback that records results in the database and reports progress (it replaces
     MetaSchedule's AddToDatabase), and a task scheduler, all sharing ``stats``.
@@ -276,6 +278,9 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
     checked after every task had been searched once (on ResNet-18 a 180 s budget ran 316 s).
     Round-robin joins each batch right away (our runner is synchronous), so the budget is checked
     after every batch.
+
+    ``remote`` ({"rpc": address, "cc": compiler or None}): candidates are timed on that device
+    (``_tvm_worker.build_and_time``), under the same timeout.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -336,13 +341,14 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
                     continue
                 stats.candidates += 1
                 res = worker.call(build_and_time, (mod, target, [a.as_json() for a in ri.args_info], evaluator,
-                                                   stats.candidates in hang), timeout_s)
+                                                   stats.candidates in hang, remote), timeout_s)
                 stats.worker_s += res.seconds
                 stats.slowest_candidate_s = max(stats.slowest_candidate_s, res.seconds)
                 if res.status == "ok" and res.value["ok"]:
                     v = res.value
                     stats.build_s += v["build_s"]
                     stats.run_s += v["run_s"]
+                    stats.remote_timed += bool(v.get("remote"))
                     out.append(LocalRunnerFuture(v["costs"], None))
                     continue
                 if res.status == "ok":  # the worker answered: the candidate failed to build or run

@@ -20,6 +20,12 @@ Python process), started once with TVM and the CPU tensor intrinsics imported (s
 (and its children) and start a fresh one for the next candidate. One bad candidate costs its
 timeout plus one worker start; a good one costs one pipe round trip (build and timing happen in the
 same call, so no library is exported to disk and loaded back).
+
+Tuning for a device (the target's ``rpc``): the same call builds the candidate for the device's target,
+exports it (with the cross compiler for a foreign CPU), uploads it through the worker's RPC session and
+times it with the device's own ``time_evaluator``, all under the same hard timeout. The session is opened
+once per worker process (at its first candidate) and closed when the tuning run ends
+(:func:`close_remote_sessions`): a plain TVM RPC server serves one session at a time.
 """
 
 from __future__ import annotations
@@ -65,8 +71,9 @@ def _init_worker(threads: int) -> int:
 
 
 def build_and_time(mod: Any, target: Any, args_info: list[Any], evaluator: dict[str, Any],
-                   hang: bool = False) -> dict[str, Any]:
-    """In the worker: compile one candidate (MetaSchedule's default_build) and time it (its runner's way)."""
+                   hang: bool = False, remote: dict[str, Any] | None = None) -> dict[str, Any]:
+    """In the worker: compile one candidate (MetaSchedule's default_build) and time it (its runner's way),
+    here or, with ``remote`` ({"rpc": address, "cc": compiler or None}), on the device through RPC."""
     if hang:
         os.kill(os.getpid(), signal.SIGSTOP)
     import tvm
@@ -80,6 +87,8 @@ def build_and_time(mod: Any, target: Any, args_info: list[Any], evaluator: dict[
     except Exception as e:  # how TVM FFI surfaces C++ errors: RuntimeError, ValueError, TVMError subclasses
         return {"ok": False, "phase": "build", "error": _last_line(e), "build_s": time.perf_counter() - t0}
     build_s = time.perf_counter() - t0
+    if remote is not None:
+        return _time_on_device(rt_mod, args_info, evaluator, remote, build_s)
     t1 = time.perf_counter()
     try:
         dev = tvm.cpu(0)
@@ -90,6 +99,75 @@ def build_and_time(mod: Any, target: Any, args_info: list[Any], evaluator: dict[
         return {"ok": False, "phase": "run", "error": _last_line(e), "build_s": build_s,
                 "run_s": time.perf_counter() - t1}
     return {"ok": True, "costs": [float(c) for c in costs], "build_s": build_s, "run_s": time.perf_counter() - t1}
+
+
+# This worker process's RPC sessions, by address: opened at the first remote candidate, reused by the next ones.
+_REMOTE_SESSIONS: dict[str, Any] = {}
+_REMOTE_COUNT = iter(range(1 << 62))
+
+
+def _remote_session(rpc: str) -> Any:
+    sess = _REMOTE_SESSIONS.get(rpc)
+    if sess is None:
+        from compress.targets._tvm_rpc import open_session, parse_rpc
+
+        # No session timeout: the tuning run's length is bounded by its budgets, each candidate by the
+        # worker's hard timeout (killing the worker closes the session).
+        sess = _REMOTE_SESSIONS[rpc] = open_session(parse_rpc(rpc), session_timeout=0)
+    return sess
+
+
+def close_remote_sessions() -> int:
+    """In the worker, when a tuning run ends: close its RPC sessions, so the device serves the next one
+    (the measurement's, in the parent). Returns how many were open."""
+    import gc
+
+    n = len(_REMOTE_SESSIONS)
+    _REMOTE_SESSIONS.clear()
+    gc.collect()  # the session's socket closes with its last reference
+    return n
+
+
+def _time_on_device(rt_mod: Any, args_info: list[Any], evaluator: dict[str, Any], remote: dict[str, Any],
+                    build_s: float) -> dict[str, Any]:
+    """Export the built candidate, upload it through this worker's session and time it on the device."""
+    import tempfile
+
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="compress-candidate-") as tmp:
+        local = Path(tmp) / "candidate.so"
+        try:
+            if remote.get("cc"):
+                from tvm.support import cc as tvm_cc
+
+                rt_mod.export_library(str(local), fcompile=tvm_cc.cross_compiler(remote["cc"]))
+            else:
+                rt_mod.export_library(str(local))
+        except Exception as e:  # the compiler driver raises RuntimeError with its stderr
+            return {"ok": False, "phase": "build", "error": f"export: {_last_line(e)}",
+                    "build_s": build_s + time.perf_counter() - t0}
+        build_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        # A fresh name per candidate: uploading over a library the device has loaded can kill its server.
+        name = f"compress-candidate-{os.getpid()}-{next(_REMOTE_COUNT)}.so"
+        try:
+            sess = _remote_session(remote["rpc"])
+            sess.upload(str(local), target=name)
+            rmod = sess.load_module(name)
+            dev = sess.cpu(0)
+            fill = sess.get_function("tvm.contrib.random.random_fill_for_measure")
+            args = alloc_argument_common(fill, dev, args_info, 1)
+            costs = run_evaluator_common(rmod, dev, EvaluatorConfig(**evaluator), args)
+            sess.remove(name)
+        except Exception as e:  # a candidate failing on the device, or the device gone: a fresh session next time
+            _REMOTE_SESSIONS.pop(remote["rpc"], None)
+            return {"ok": False, "phase": "run", "error": f"on the device: {_last_line(e)}", "build_s": build_s,
+                    "run_s": time.perf_counter() - t1}
+    return {"ok": True, "costs": [float(c) for c in costs], "build_s": build_s, "run_s": time.perf_counter() - t1,
+            "remote": True}
 
 
 def _last_line(e: BaseException) -> str:

@@ -13,6 +13,7 @@ tuned by another TVM version or for another target are never applied (see ``_tvm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -381,9 +383,6 @@ class TvmTarget:
 
             from ._tvm_rpc import check_device, parse_rpc
 
-            if self.config.tuning_trials > 0 and is_foreign(target):
-                raise RecipeError("target 'tvm': tuning through rpc is not supported yet (candidates are timed on "
-                                  "this machine); set tuning_trials = 0, or tune on a machine of the device's kind")
             with tempfile.TemporaryDirectory() as tmp:
                 check_device(parse_rpc(self.config.rpc), target,
                              lambda ex, path: self._export(ex, path, target, is_foreign(target)), Path(tmp))
@@ -421,10 +420,10 @@ class TvmTarget:
         spec = cfg.target or host_target_json()
         target = make_target(spec)
         foreign = is_foreign(target)
-        if foreign and cfg.tuning_trials > 0:
+        if foreign and cfg.tuning_trials > 0 and cfg.rpc is None:
             raise RecipeError(f"target 'tvm': cannot tune for {json.dumps(spec)} on this {platform.machine()} machine "
-                              "(candidates must run where they are measured); set tuning_trials = 0 for a cross "
-                              "build, or build on the device")
+                              "(candidates must run where they are measured); set rpc to the device's TVM RPC server "
+                              "to tune there, set tuning_trials = 0 for a cross build, or build on the device")
         notes: list[str] = []
         if cfg.rpc is not None:
             from ._tvm_rpc import parse_rpc
@@ -580,14 +579,15 @@ class TvmTarget:
                 debug = logging.getLogger("compress").isEnabledFor(logging.DEBUG)
                 log(f"tvm: each candidate is built and timed in a worker process, killed after "
                     f"{cfg.candidate_timeout_s:g} s; TVM's log: {logs}")
+                remote = self._remote_tuning(target, log)
                 t_tune = time.perf_counter()
                 worker = shared_worker(cfg.threads, db.path / "tuning-worker.log")
                 starts_before, kills_before = worker.starts, worker.kills
                 worker.prestart()  # its imports overlap the first search step
                 builder, runner, callback, scheduler = make_tuner_parts(
                     stats, to_tune, deadline, log, _EVALUATOR, left_trials, worker, cfg.candidate_timeout_s,
-                    cfg.scheduler)
-                with tvm_logs_to(logs / "console.log", debug):
+                    cfg.scheduler, remote)
+                with tvm_logs_to(logs / "console.log", debug), self._remote_sessions_closed(worker, remote):
                     # An int, not MetaSchedule's default "physical": that probes the CPU count in a fresh
                     # worker process per task (import tvm each time), which cost ~5 s per task here.
                     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -630,6 +630,8 @@ class TvmTarget:
             "candidates_measured": stats.candidates, "candidates_skipped": stats.skipped,
             "candidate_timeouts": stats.timeouts, "worker_crashes": stats.crashes,
             "candidate_timeout_s": cfg.candidate_timeout_s, "slowest_candidate_s": round(stats.slowest_candidate_s, 2),
+            "candidates_timed_on": _timed_on(cfg.rpc) if stats.candidates else None,
+            "candidates_timed_remotely": stats.remote_timed,
             **worker_info,
             "stopped_by_time": stats.stopped_by_time, "model_key": key, "scheduler": cfg.scheduler,
             "batches_per_task": {to_tune[i].task_name: stats.visits.count(i) for i in sorted(set(stats.visits))},
@@ -638,6 +640,30 @@ class TvmTarget:
             "prepare_s": round(time.perf_counter() - t0 - tune_s, 2),
         })
         return ex, tuning
+
+    def _remote_tuning(self, target: Any, log: Any) -> dict[str, Any] | None:
+        """With ``rpc``: what the tuning worker needs to time candidates on the device (None: time them here).
+        This process's own session with the device is closed first: a plain RPC server serves one at a time."""
+        if self.config.rpc is None:
+            return None
+        from ._tvm_rpc import parse_rpc, release
+
+        addr = parse_rpc(self.config.rpc)
+        release(addr)
+        log(f"tvm: tuning candidates are timed on the device, the {addr.describe()}")
+        return {"rpc": self.config.rpc, "cc": self._cross_cc(target) if is_foreign(target) else self.config.cc}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _remote_sessions_closed(worker: Any, remote: dict[str, Any] | None) -> Iterator[None]:
+        """After tuning, the worker closes its device session, so the measurement can open one."""
+        try:
+            yield
+        finally:
+            if remote is not None:
+                from ._tvm_worker import close_remote_sessions
+
+                worker.call(close_remote_sessions, (), 60.0)  # past it, the worker is killed: closed too
 
     def _cross_cc(self, target: Any) -> str:
         if self.config.cc is not None:
@@ -702,6 +728,14 @@ class TvmTarget:
             return RpcTvmRunner(lib, tuple(InputSpec.from_json(x) for x in manifest["inputs"]),
                                 parse_rpc(self.config.rpc))
         return load_exported(compiled.path, self.config.threads or threads)
+
+
+def _timed_on(rpc: str | None) -> str:
+    if rpc is None:
+        return "this machine"
+    from ._tvm_rpc import parse_rpc
+
+    return parse_rpc(rpc).describe()
 
 
 def _search_threads(target: Any) -> int:

@@ -189,13 +189,54 @@ def test_a_device_whose_runtime_cannot_load_the_build_is_refused_before_any_work
         TvmTarget(cfg).check_config()
 
 
-def test_tuning_a_foreign_target_through_rpc_is_refused_in_one_line(server: int) -> None:
-    from compress.errors import RecipeError
+def _start_device_server(log: Path, port: int) -> tuple[subprocess.Popen[str], int]:
+    """The shipped device server on the loopback address, logging what it serves (uploads, loads) to ``log``."""
+    proc = subprocess.Popen([sys.executable, str(DEVICE_SERVER), "--host", "127.0.0.1", "--port", str(port),
+                             "--port-end", str(port + 100)], stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r":(\d+)$", line.strip())
+    if m is None:
+        proc.terminate()
+        pytest.fail(f"the device server did not start: {line!r}")
+    return proc, int(m[1])
 
-    cfg = TvmConfig(tuning_trials=8, rpc=f"127.0.0.1:{server}",
-                    target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
-    with pytest.raises(RecipeError, match="tuning through rpc is not supported yet"):
-        TvmTarget(cfg).check_config()
+
+@pytest.mark.slow
+def test_tuning_through_rpc_times_every_candidate_on_the_device(tmp_path: Path) -> None:
+    pytest.importorskip("xgboost")
+    log = tmp_path / "device-server.log"
+    proc, port = _start_device_server(log, 9800)
+    try:
+        rec = _recipe(f"127.0.0.1:{port}", tuning_trials=8, candidate_timeout_s=120)
+        rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).to_json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    cells = {(c["variant"], c["target"]): c for c in rep["results"]}
+    tvm = cells[("baseline", "tvm")]
+    assert tvm["status"] == "ok", tvm["reason"]
+    from compress.artifact import Artifact
+
+    meta = Artifact.load(Path(tvm["compiled_path"])).metadata["tvm"]["tuning"]
+    assert meta["status"] == "tuned" and meta["candidates_timed_on"] == f"TVM RPC server 127.0.0.1:{port}"
+    timed = meta["candidates_measured"] - meta["build_errors"] - meta["run_errors"] - meta["candidate_timeouts"] \
+        - meta["worker_crashes"]
+    assert timed >= 1 and meta["candidates_timed_remotely"] == timed
+    # The device's own log: one upload loaded per candidate timed there (and the measurement's model after).
+    loads = re.findall(r"load_module \S*compress-candidate-\S+\.so", log.read_text())
+    assert len(loads) == timed, log.read_text()[-2000:]
+    assert tvm["latency"]["1"]["device"]["runs"] >= 3  # the measurement's session opened after the tuning's closed
+
+
+def test_tuning_a_foreign_target_without_a_device_is_refused_in_one_line(tmp_path: Path) -> None:
+    rec = recipe_from_dict({"name": "dev", "model": {"source": "zoo:digits-cnn"}, "measure": FAST,
+                            "targets": [{"kind": "onnxruntime"}, {"kind": "tvm", "tuning_trials": 8, "target": {
+                                "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}}]})
+    rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    cell = next(c for c in rep.results if c.target == "tvm")
+    assert cell.status == "failed" and "set rpc to the device's TVM RPC server" in (cell.reason or "")
+    assert "\n" not in (cell.reason or "")
 
 
 @pytest.fixture(scope="module")
