@@ -157,3 +157,60 @@ def test_the_bundle_refuses_a_changed_model_and_another_runtime_version(run_dir:
         f.write(b"\0")
     proc = run_isolated(out, "--allow-version-mismatch", cwd=tmp_path)
     assert proc.returncode == 2 and "differs from the SHA-256 in manifest.json" in proc.stderr
+
+
+def _aarch64_emulation_missing() -> str | None:
+    """Why an aarch64 bundle cannot be run under qemu here (the precise missing piece), or None."""
+    import os
+    import shutil
+
+    if not _has_tvm():
+        return "apache-tvm is not installed"
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        return "needs Debian's g++-aarch64-linux-gnu (apt-get install g++-aarch64-linux-gnu) to cross-compile"
+    if shutil.which("qemu-aarch64") is None:
+        return "needs qemu-user (apt-get install qemu-user) to run aarch64 code"
+    from compress.targets._tvm_emulate import check_runtime
+
+    rt = os.environ.get("COMPRESS_TVM_CROSS_RUNTIME")
+    if not rt:
+        return ("no aarch64 TVM runtime: set COMPRESS_TVM_CROSS_RUNTIME to a folder fetched with "
+                "`compress tvm-runtime aarch64` (make test does this)")
+    return check_runtime(Path(rt), "aarch64")
+
+
+def test_an_aarch64_bundle_runs_under_qemu_and_matches_the_run(tmp_path: Path) -> None:
+    """The deployable folder for an aarch64 device: its library, as exported, run by the aarch64 TVM runtime under
+    qemu (the emulated build check's driver) on a seeded input, against the run's own ONNX model here."""
+    import os
+
+    why = _aarch64_emulation_missing()
+    if why is not None:
+        pytest.skip(why)
+    from compress.targets._tvm_emulate import emulated_check
+
+    from compress.artifact import InputSpec, sha256_file
+
+    recipe = tmp_path / "r.toml"
+    # emulate = off: the build's own qemu check is skipped, so only this test runs the library under qemu.
+    recipe.write_text(RECIPE + '[[targets]]\nkind = "tvm"\ntuning_trials = 0\nemulate = "off"\n'
+                      'target = { kind = "llvm", mtriple = "aarch64-linux-gnu", mattr = ["+neon"] }\n')
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "-q"]) == 0
+    out = tmp_path / "bundle"
+    assert main(["export", str(tmp_path / "run"), "--target", "tvm", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["arch"] == "aarch64" and manifest["tvm"]["cross_compiled"] is True
+    assert sha256_file(out / "model.so") == manifest["files"]["model.so"]
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    ort_cell = next(c for c in rep["results"] if c["variant"] == manifest["variant"] and c["target"] == "onnxruntime")
+    res = emulated_check(out / "model.so", Path(ort_cell["compiled_path"]) / "model.onnx",
+                         [InputSpec.from_json(s) for s in manifest["inputs"]], "aarch64-linux-gnu",
+                         "aarch64-linux-gnu-g++", Path(os.environ["COMPRESS_TVM_CROSS_RUNTIME"]), seed=7)
+    assert res["status"] == "ok", res
+    assert res["emulator"] == "qemu-aarch64" and res["cosine"] >= 0.9999
+    # The same comparison against the other variant's model (the baseline, not scaled) does fail: it can.
+    base = next(c for c in rep["results"] if c["variant"] == "baseline" and c["target"] == "onnxruntime")
+    other = emulated_check(out / "model.so", Path(base["compiled_path"]) / "model.onnx",
+                           [InputSpec.from_json(s) for s in manifest["inputs"]], "aarch64-linux-gnu",
+                           "aarch64-linux-gnu-g++", Path(os.environ["COMPRESS_TVM_CROSS_RUNTIME"]), seed=7)
+    assert other["status"] == "mismatch", other
