@@ -455,9 +455,9 @@ def _remote_device_latency(c: Cell, device_ms: list[float], rounds: int, batch: 
     twin = list(twin_runner.device_ms[-rounds:]) if twin_runner is not None and _remote(twin_runner) else []
     if len(twin) >= 2 and len(own) >= 2:
         out["aa_session"] = ratio_ci(twin, own, "p50", seed=seed).to_json()
-    note = (f"timed on {c.device}: its latency ratios and budgets use the device's own clock (latency.B.device); "
-            "the host figures (samples_ms, p50 in the table) include the RPC round trip and are never compared "
-            "with figures from another device")
+    note = (f"timed on the device through the {c.device}: its latency ratios and budgets use the device's own "
+            "clock (latency.B.device); the host figures (samples_ms, p50 in the table) include the RPC round trip "
+            "and are never compared with figures from another device")
     for n in [note, *getattr(c.runner, "device_notes", [])]:
         if n not in c.notes:
             c.notes.append(n)

@@ -424,12 +424,8 @@ class TvmTarget:
             raise RecipeError(f"target 'tvm': cannot tune for {json.dumps(spec)} on this {platform.machine()} machine "
                               "(candidates must run where they are measured); set rpc to the device's TVM RPC server "
                               "to tune there, set tuning_trials = 0 for a cross build, or build on the device")
+        # Where the build is timed is said by the measurement (rpc is not part of this build's cache key).
         notes: list[str] = []
-        if cfg.rpc is not None:
-            from ._tvm_rpc import parse_rpc
-
-            notes.append(f"timed on the device through the {parse_rpc(cfg.rpc).describe()}: the latency 'device' "
-                         "figures are the device's own clock; the host figures include the RPC round trip")
         quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
                         for n in model.graph.node)
 
