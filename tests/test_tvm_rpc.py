@@ -296,3 +296,25 @@ def test_budgets_never_divide_a_device_figure_by_a_host_figure(device_report: ob
     dev = device_report.cell("dev", "tvm").latency["1"].device  # type: ignore[union-attr]
     assert dev is not None and dev.samples_ms
     assert absolute.value == pytest.approx(float(np.median(dev.samples_ms)), rel=1e-3)  # type: ignore[attr-defined]
+
+
+def test_a_recorded_baseline_from_another_device_is_not_compared(device_report: object, server: int,
+                                                                 tmp_path: Path) -> None:
+    from compress.budget import BaselineStore, BudgetsFile, BudgetSpec, evaluate_budget
+    from compress.report_schema import Report
+
+    assert isinstance(device_report, Report)
+    bf = BudgetsFile(models={"m": "r.toml"}, budget=[], confidence=0.95, resamples=500)
+    spec = BudgetSpec(model="m", target="tvm", metric="p50", max="2x recorded")
+    dev = device_report.cell("dev", "tvm").latency["1"].device  # type: ignore[union-attr]
+    assert dev is not None and dev.samples_ms
+    store = BaselineStore(tmp_path / "b.json")
+    key = BaselineStore.key("m", "dev", "tvm", "1", "fp")
+    # Numbers recorded for this target on the host (no device): refused, one line.
+    store.put(key, {"digest": "d", "samples_ms": list(dev.samples_ms)})
+    v = evaluate_budget(spec, device_report, bf, store, "fp")
+    assert v.status == "fail" and "two devices are not comparable" in v.detail and "\n" not in v.line()
+    # Numbers recorded on this device: compared (on its clock).
+    store.put(key, {"digest": "d", "samples_ms": list(dev.samples_ms), "device": f"TVM RPC server 127.0.0.1:{server}"})
+    v = evaluate_budget(spec, device_report, bf, store, "fp")
+    assert v.status == "pass" and v.value == pytest.approx(1.0, rel=0.01), v
