@@ -23,6 +23,7 @@ import json
 import re
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,9 @@ def release(addr: RpcAddress) -> None:
     _SESSIONS.pop(addr, None)
     for key in [k for k in _LOADED if k[0] == addr]:
         del _LOADED[key]
+    for runner in list(_RUNNERS):  # runners built for earlier variants hold the session too
+        if runner._addr == addr:
+            runner._let_go()
     gc.collect()  # the session's socket closes with its last reference
 
 
@@ -228,26 +232,37 @@ def remote_module(sess: Any, addr: RpcAddress, lib_path: Path) -> Any:
 
 class RpcTvmRunner:
     """The exported library, run on the device through RPC. ``device_ms`` holds the device's own time per call
-    (the pipeline reports it as the ``device`` figures, named by ``device_name``)."""
+    (the pipeline reports it as the ``device`` figures, named by ``device_name``).
+
+    A runner lets go of its session when :func:`release` is called for its device (a tuning worker needs the
+    device while this runner waits for its turn to be timed) and reconnects at its next call."""
 
     def __init__(self, lib_path: Path, inputs: tuple[InputSpec, ...], addr: RpcAddress) -> None:
-        from tvm import relax
-
         self.inputs = inputs
         self.input_names = [s.name for s in inputs]
         self.device_name = addr.describe()
         self.remote = True  # the measurement judges this runner on device_ms: host times include the network
         self.device_ms: list[float] = []
-        self._sess = connect(addr)
+        self._addr, self._lib = addr, lib_path
+        self._sess: Any = None
+        self._vm: Any = None
+        self.device_notes: list[str] = []
+        self._open()
+        _RUNNERS.add(self)
+
+    def _open(self) -> None:
+        from tvm import relax
+
+        self._sess = connect(self._addr)
         # Checked again here (one call): the report says which runtime the device ran, and a device swapped
         # since check_config is refused too.
-        self.device_notes = [check_versions(addr, self._sess)]
+        self.device_notes = [check_versions(self._addr, self._sess)]
         try:
             self._dev = self._sess.cpu(0)
-            self._vm = relax.VirtualMachine(remote_module(self._sess, addr, lib_path), self._dev)
+            self._vm = relax.VirtualMachine(remote_module(self._sess, self._addr, self._lib), self._dev)
         except Exception as e:  # as in check_device
-            raise TargetUnavailable(f"target 'tvm': the device behind the {addr.describe()} could not load "
-                                    f"{lib_path}: {_last_line(e)}") from None
+            raise TargetUnavailable(f"target 'tvm': the device behind the {self._addr.describe()} could not load "
+                                    f"{self._lib}: {_last_line(e)}") from None
         self._timer = self._vm.time_evaluator("main", self._dev, number=1, repeat=1)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -255,15 +270,23 @@ class RpcTvmRunner:
 
         from .base import static_feeds
 
+        if self._vm is None:
+            self._open()
         args = [tvm.runtime.tensor(x, self._dev) for x in static_feeds(self.inputs, feeds, "tvm rpc runner")]
         out = self._vm["main"](*args)
         # A second run, timed by the device's clock: the host's wall time includes the network round trip.
         self.device_ms.append(float(self._timer(*args).mean) * 1e3)
         return [np.asarray(o.numpy()) for o in _flatten(out)]
 
+    def _let_go(self) -> None:
+        self._vm = self._timer = self._dev = self._sess = None
+
     def close(self) -> None:
-        self._vm = None
-        self._sess = None
+        self._let_go()
+        _RUNNERS.discard(self)
+
+
+_RUNNERS: weakref.WeakSet[RpcTvmRunner] = weakref.WeakSet()
 
 
 def _flatten(out: Any) -> list[Any]:

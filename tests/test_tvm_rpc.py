@@ -318,3 +318,27 @@ def test_a_recorded_baseline_from_another_device_is_not_compared(device_report: 
     store.put(key, {"digest": "d", "samples_ms": list(dev.samples_ms), "device": f"TVM RPC server 127.0.0.1:{server}"})
     v = evaluate_budget(spec, device_report, bf, store, "fp")
     assert v.status == "pass" and v.value == pytest.approx(1.0, rel=0.01), v
+
+
+def test_release_frees_the_device_for_another_process_and_runners_reconnect(server: int, tmp_path: Path) -> None:
+    """A plain RPC server serves one session at a time: while variant 1's runner waits to be timed, the tuning
+    worker of variant 2 (another process) must get the device, and the runner must work again after."""
+    from compress.targets import _tvm_rpc
+
+    from compress.artifact import Artifact
+
+    addr = parse_rpc(f"127.0.0.1:{server}")
+    rec = recipe_from_dict({"name": "dev", "model": {"source": "zoo:digits-cnn"}, "measure": FAST,
+                            "targets": [{"kind": "tvm", "tuning_trials": 0}]})
+    rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    compiled = Artifact.load(Path(rep.results[0].compiled_path))  # type: ignore[arg-type]
+    runner = TvmTarget(TvmConfig(tuning_trials=0, rpc=f"127.0.0.1:{server}")).runner(compiled)
+    x = {"input": np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    before = runner.infer(x)[0]
+    _tvm_rpc.release(addr)
+    other = subprocess.run([sys.executable, "-c", "import sys; from tvm import rpc; "
+                            "print(rpc.connect('127.0.0.1', int(sys.argv[1])).cpu(0).exist)", str(server)],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0 and other.stdout.strip() == "True", other.stderr[-500:]
+    np.testing.assert_array_equal(runner.infer(x)[0], before)  # reconnected by itself
+    runner.close()
