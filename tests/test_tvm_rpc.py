@@ -203,12 +203,18 @@ def _start_device_server(log: Path, port: int) -> tuple[subprocess.Popen[str], i
 
 
 @pytest.mark.slow
-def test_tuning_through_rpc_times_every_candidate_on_the_device(tmp_path: Path) -> None:
+def test_tuning_through_rpc_times_every_candidate_on_the_device(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("xgboost")
+    from compress.targets._tvm_worker import HANG_ENV
+
+    # The 3rd candidate freezes its worker (SIGSTOP) while the worker holds the device's session: it is killed at
+    # the candidate timeout, and the next worker opens a session of its own.
+    monkeypatch.setenv(HANG_ENV, "3")
     log = tmp_path / "device-server.log"
     proc, port = _start_device_server(log, 9800)
     try:
-        rec = _recipe(f"127.0.0.1:{port}", tuning_trials=8, candidate_timeout_s=120)
+        rec = _recipe(f"127.0.0.1:{port}", tuning_trials=8, candidate_timeout_s=20)
         rep = run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).to_json()
     finally:
         proc.terminate()
@@ -222,7 +228,8 @@ def test_tuning_through_rpc_times_every_candidate_on_the_device(tmp_path: Path) 
     assert meta["status"] == "tuned" and meta["candidates_timed_on"] == f"TVM RPC server 127.0.0.1:{port}"
     timed = meta["candidates_measured"] - meta["build_errors"] - meta["run_errors"] - meta["candidate_timeouts"] \
         - meta["worker_crashes"]
-    assert timed >= 1 and meta["candidates_timed_remotely"] == timed
+    assert meta["candidate_timeouts"] == 1 and meta["worker_kills"] == 1
+    assert timed >= 2 and meta["candidates_timed_remotely"] == timed
     # The device's own log: one upload loaded per candidate timed there (and the measurement's model after).
     loads = re.findall(r"load_module \S*compress-candidate-\S+\.so", log.read_text())
     assert len(loads) == timed, log.read_text()[-2000:]
