@@ -180,7 +180,11 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
 
 
 def _lat(r: ResultCell, batch: str, key: str) -> float | None:
-    lat = r.latency.get(batch)
+    """A latency figure of the cell: a remote (RPC) cell's from its device's clock (its host figures include the
+    network round trip); the table marks such a cell's target with "(device)"."""
+    lat: Any = r.latency.get(batch)
+    if r.device is not None and lat is not None and lat.device is not None:
+        lat = lat.device
     v = getattr(lat, key) if lat is not None else None
     return float(v) if v is not None else None
 
@@ -204,7 +208,7 @@ def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[l
         cv = _lat(r, b0, "cv")
         row = [
             (report.baseline_label or ("fp32" if compare else "baseline")) if r.variant == "baseline"
-            else r.variant, r.target,
+            else r.variant, r.target + (" (device)" if r.device is not None else ""),
             f"{100 * r.accuracy_top1:.2f}%" if r.accuracy_top1 is not None else "not measured",
             fidelity_headline(r.fidelity.model_dump(exclude_none=True) if r.fidelity else None),
             f"{p50:.3f}" if p50 is not None else "-",

@@ -278,6 +278,14 @@ def test_ratios_on_the_device_pair_the_devices_own_clock(device_report: object, 
     assert any("never compared with figures from another device" in n for n in pruned.notes)
     # ONNX Runtime on this machine keeps its host ratios.
     assert cells[("dev", "onnxruntime")].device is None
+    # The results table shows the device's own figures for a device cell, and says so.
+    from compress.report import table_rows
+
+    _, rows = table_rows(device_report)
+    row = next(r for r in rows if r[0] == "dev" and r[1].startswith("tvm"))
+    assert row[1] == "tvm (device)" and row[4] == f"{dev.p50_ms:.3f}"
+    ort_row = next(r for r in rows if r[0] == "dev" and r[1] == "onnxruntime")
+    assert ort_row[4] == f"{cells[('dev', 'onnxruntime')].latency['1'].p50_ms:.3f}"
 
 
 def test_budgets_never_divide_a_device_figure_by_a_host_figure(device_report: object) -> None:
