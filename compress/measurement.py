@@ -450,7 +450,7 @@ def _remote_device_latency(c: Cell, device_ms: list[float], rounds: int, batch: 
     another cell timed on the same device; the baseline's A/A session on the device's clock beside it."""
     c.device = str(c.runner.device_name)
     own = [float(x) for x in device_ms[-rounds:]]
-    out: dict[str, Any] = {**summarize(own, batch).to_json(), "measured_on": c.device,
+    out: dict[str, Any] = {**summarize(own, batch).model_dump(), "measured_on": c.device,
                            "samples_ms": [round(x, 5) for x in own]}
     twin = list(twin_runner.device_ms[-rounds:]) if twin_runner is not None and _remote(twin_runner) else []
     if len(twin) >= 2 and len(own) >= 2:
