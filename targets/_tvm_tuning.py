@@ -43,18 +43,23 @@ def canonical_target(target: Any) -> dict[str, Any]:
     return json.loads(str(target))
 
 
-def database_identity(target: Any) -> dict[str, Any]:
-    """What a tuning record depends on besides the workload: TVM (and its FFI) version and the target."""
+def database_identity(target: Any, timed_on: str = "local") -> dict[str, Any]:
+    """What a tuning record depends on besides the workload: TVM (and its FFI) version, the target, and
+    where its candidates were timed ("local", or the RPC device: records timed on this machine must not
+    stand for a device's, even when the target JSON is the same)."""
     import tvm
 
     from .base import module_version
 
-    return {
+    out = {
         "format": DB_FORMAT,
         "tvm": tvm.__version__,
         "tvm_ffi": module_version("apache-tvm-ffi"),
         "target": canonical_target(target),
     }
+    if timed_on != "local":  # kept out of local identities, so existing local databases keep their key
+        out["timed_on"] = timed_on
+    return out
 
 
 def _identity_key(identity: dict[str, Any]) -> str:
@@ -63,7 +68,9 @@ def _identity_key(identity: dict[str, Any]) -> str:
 
 def _describe(identity: dict[str, Any]) -> str:
     t = identity.get("target", {})
-    return f"TVM {identity.get('tvm', '?')}, target kind={t.get('kind', '?')} mcpu={t.get('mcpu', '-')}"
+    where = identity.get("timed_on")
+    return (f"TVM {identity.get('tvm', '?')}, target kind={t.get('kind', '?')} mcpu={t.get('mcpu', '-')}"
+            + (f", timed on {where}" if where else ""))
 
 
 @dataclass
@@ -84,11 +91,12 @@ class TuningDatabase:
     _db: Any = None
 
     @classmethod
-    def open(cls, root: Path, target: Any, log: Callable[[str], None]) -> TuningDatabase:
-        identity = database_identity(target)
+    def open(cls, root: Path, target: Any, log: Callable[[str], None], timed_on: str = "local") -> TuningDatabase:
+        identity = database_identity(target, timed_on)
         key = _identity_key(identity)
         t = identity["target"]
-        name = f"{t.get('kind', 'target')}-{t.get('mcpu', 'generic')}-tvm{identity['tvm']}-{key[:16]}"
+        name = (f"{t.get('kind', 'target')}-{t.get('mcpu', 'generic')}-tvm{identity['tvm']}"
+                + ("" if timed_on == "local" else "-rpc") + f"-{key[:16]}")
         root.mkdir(parents=True, exist_ok=True)
         db = cls(root=root, path=root / name, identity=identity)
         db._check_foreign(log)
@@ -126,7 +134,7 @@ class TuningDatabase:
                 others.append(f"{d.name} ({_describe(other)})")
         if others:
             self._warn(f"no tuning records for {_describe(self.identity)} in {self.root}; records there for "
-                       f"another TVM version or target are ignored, never used: {', '.join(others[:3])}"
+                       f"another TVM version, target or timing device are ignored, never used: {', '.join(others[:3])}"
                        + (f" and {len(others) - 3} more" if len(others) > 3 else ""), log)
 
     def _own_dir_problem(self) -> str | None:

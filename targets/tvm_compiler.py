@@ -541,7 +541,14 @@ class TvmTarget:
         tasks = ms.relax_integration.extract_tasks(prepared, target)
         if not tasks:
             raise BuildError("target 'tvm': MetaSchedule found no tunable task in this model")
-        db = TuningDatabase.open(root, target, log)
+        # Records timed on a device are another database than records timed here (same target JSON or not).
+        timed_on = "local"
+        if cfg.rpc is not None:
+            from ._tvm_rpc import parse_rpc
+
+            a = parse_rpc(cfg.rpc)
+            timed_on = f"rpc:{a.key}" if a.key is not None else f"rpc:{a.host}:{a.port}"
+        db = TuningDatabase.open(root, target, log, timed_on)
         notes.extend(db.notes)
         key = model_key(tasks)
         with db.locked():

@@ -192,7 +192,7 @@ def test_database_identity_checks_without_tuning(tmp_path: Path) -> None:
     logs: list[str] = []
     # Records for another target sit beside ours: never opened, reported.
     TuningDatabase.open(tmp_path, other, logs.append)
-    with pytest.warns(TvmDatabaseWarning, match="another TVM version or target"):
+    with pytest.warns(TvmDatabaseWarning, match="another TVM version, target or timing device"):
         db = TuningDatabase.open(tmp_path, target, logs.append)
     assert db.path.name.startswith("llvm-") and json.loads((db.path / "meta.json").read_text())["target"]["kind"]
     # A bare MetaSchedule work_dir says nothing about where it came from.
@@ -203,7 +203,13 @@ def test_database_identity_checks_without_tuning(tmp_path: Path) -> None:
     (tmp_path / "database_workload.json").unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        TuningDatabase.open(tmp_path, target, logs.append)
+        assert TuningDatabase.open(tmp_path, target, logs.append).path == db.path
+    # The same target timed on an RPC device is another database: this machine's records never stand for
+    # the device's.
+    with pytest.warns(TvmDatabaseWarning, match="timed on rpc:127.0.0.1:9190 in"):
+        dev = TuningDatabase.open(tmp_path, target, logs.append, timed_on="rpc:127.0.0.1:9190")
+    assert dev.path != db.path and "-rpc-" in dev.path.name
+    assert json.loads((dev.path / "meta.json").read_text())["timed_on"] == "rpc:127.0.0.1:9190"
 
 
 def test_bad_budgets_are_rejected() -> None:
