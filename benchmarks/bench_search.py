@@ -123,8 +123,9 @@ def training(res: dict, workers: int, wall: float) -> tuple[float, float, str]:
     workers' time it was, and the thread counts the trials trained with."""
     secs = float((res.get("root_train") or {}).get("train_s") or 0.0)
     secs += sum(float(t["metrics"].get("train_s") or 0.0) for t in res["trials"])
-    threads = sorted({t["metrics"].get("train_threads") for t in res["trials"]} - {None})
-    return secs, secs / (wall * workers), "/".join(map(str, threads)) or "?"
+    threads = [t["metrics"].get("train_threads") for t in res["trials"] if t["metrics"].get("train_threads")]
+    counts = ", ".join(f"{n} thr x {threads.count(n)}" for n in sorted(set(threads)))
+    return secs, secs / (wall * workers), counts or "?"
 
 
 def fmt(t: dict) -> str:
@@ -146,8 +147,12 @@ def overlap(a: dict, b: dict) -> bool | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--abba", action="store_true", help="run the Ray searches with 1, 2, 2, 1 workers (the "
+                    "machine's load drifts; the ratio is then of the summed wall times)")
     a = ap.parse_args()
     runs = {"local": ("local", 1), "ray, 1 worker": ("ray", 1), "ray, 2 workers": ("ray", 2)}
+    if a.abba:
+        runs.update({"ray, 2 workers (2nd)": ("ray", 2), "ray, 1 worker (2nd)": ("ray", 1)})
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         space = Path(tmp) / "space.toml"
@@ -159,7 +164,8 @@ def main() -> None:
                                  workers=workers, log=lambda m, t0=t0: print(
                                      f"[{time.perf_counter() - t0:5.0f} s] {m}", flush=True))
             rows[label] = (time.perf_counter() - t0, res, workers, load.mean())
-    w1, w2 = rows["ray, 1 worker"][0], rows["ray, 2 workers"][0]
+    w1 = sum(r[0] for k, r in rows.items() if runs[k] == ("ray", 1))
+    w2 = sum(r[0] for k, r in rows.items() if runs[k] == ("ray", 2))
     cpu = cpu_info()
     lines = [f"# compress search: Ray one worker vs two, and agreement with a local search ({dt.date.today()})",
              "",
@@ -173,7 +179,8 @@ def main() -> None:
              "(`compress.search.task_threads`), i.e. two cores for two workers. The root's training holds "
              "the whole node in both. Every trial is timed with 1 thread (`compress.search.pin_threads`), "
              "one measurement at a time holding the node.",
-             f"Command: `.venv/bin/python benchmarks/bench_search.py --trials {a.trials}`", "",
+             f"Command: `.venv/bin/python benchmarks/bench_search.py --trials {a.trials}{' --abba' * a.abba}` "
+             "(runs in the order of the table).", "",
              "| run | wall time (s) | trials complete | training (s, summed over workers) | training threads "
              "per build | training / (wall x workers) | other processes' load (cores, mean) |",
              "|---|---|---|---|---|---|---|"]
@@ -181,7 +188,10 @@ def main() -> None:
         tr, frac, thr = training(res, workers, secs)
         lines.append(f"| {label} | {secs:.0f} | {sum(t['state'] == 'COMPLETE' for t in res['trials'])} | "
                      f"{tr:.0f} | {thr} | {frac:.0%} | {others:.2f} |")
-    lines += ["", f"Two Ray workers / one, wall time: **{w2 / w1:.2f}x**.", "",
+    lines += ["", f"Two Ray workers / one, wall time{' (summed over both runs of each)' * a.abba}: **{w2 / w1:.2f}x**"
+              + (f" (first pair {rows['ray, 2 workers'][0] / rows['ray, 1 worker'][0]:.2f}x, second pair "
+                 f"{rows['ray, 2 workers (2nd)'][0] / rows['ray, 1 worker (2nd)'][0]:.2f}x)" if a.abba else "")
+              + ".", "",
               "| trial | recipe | " + " | ".join(f"latency ratio, {k}" for k in runs) + " |",
               "|---|---|" + "---|" * len(runs)]
     trials = [r[1]["trials"] for r in rows.values()]
@@ -194,6 +204,12 @@ def main() -> None:
             for k, t in zip(list(runs)[1:], ts[1:], strict=True):
                 agree[k] += bool(overlap(ts[0], t))
     ray12 = sum(bool(overlap(t1, t2)) for t1, t2 in zip(trials[1], trials[2], strict=False))
+    lines += ["", "Each trial's training (s, the threads it trained with) and its time from start to told (s):", "",
+              "| trial | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for ts in zip(*trials, strict=False):
+        lines.append(f"| {ts[0]['number']} | " + " | ".join(
+            f"{t['metrics'].get('train_s', 0):.0f} ({t['metrics'].get('train_threads', '?')} thr), "
+            f"{t['metrics'].get('seconds', 0):.0f}" for t in ts) + " |")
     lines += ["", "Agreement with the local search (95% intervals overlap): "
               + "; ".join(f"{k}: {n} of {pairs} trials" for k, n in agree.items())
               + f". Ray 1 worker vs 2 workers: {ray12} of {min(len(trials[1]), len(trials[2]))} trials.", "",
