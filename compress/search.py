@@ -783,11 +783,15 @@ def _root(rec: Recipe, cache: Any) -> tuple[Any, Any, float]:
 
     root = load_model(rec.model, cache)
     data = load_data(rec.data, root.inputs[0].shape, root.inputs, model_source=rec.model.source)
-    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False)
+    said: list[str] = []
+    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False, log=said.append)
     t0 = time.perf_counter()
     if rec.model.train_epochs and data is not None:
         root = train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
-    return root, ctx, time.perf_counter() - t0
+    # Training seconds only when it trained here; train_root says "cache hit" when it did not.
+    secs = 0.0 if any(m.endswith("cache hit") for m in said) else time.perf_counter() - t0
+    ctx.log = lambda m: None
+    return root, ctx, secs
 
 
 def prepare_root(rec: Recipe, cache_dir: str | Path | None, ray_task: bool = False) -> dict[str, Any]:
