@@ -175,7 +175,8 @@ def main() -> None:
              "digits CNN 10 epochs once before the trials of each run, then in every trial a channel pruning "
              "(ratio 0.2-0.6, no fine-tuning) and 60-90 epochs of distillation from the unpruned model on the "
              "digits train split. The Ray clusters are local, on this machine's cores: with one worker its "
-             "builds train with every core; with two, each build trains with one thread per worker "
+             "builds train with every core that other processes leave free when the build starts "
+             "(`compress.search.training_threads`); with two, each build trains with one thread "
              "(`compress.search.task_threads`), i.e. two cores for two workers. The root's training holds "
              "the whole node in both. Every trial is timed with 1 thread (`compress.search.pin_threads`), "
              "one measurement at a time holding the node.",
