@@ -752,8 +752,9 @@ def task_threads(task_cpus: float, node_cpus: float, cores: int) -> int:
 def training_threads(share: int) -> int:
     """The threads a build trains with: its share of the cores, less the cores other processes hold
     right now (a short look, as ``measure.threads = 0`` does: contention.pick_threads). A thread pool
-    larger than the free cores waits on the busy one every step: on this 2-core machine, with another
-    process on one core, a digits-CNN distillation at 2 threads took 100 s where one thread took 15."""
+    larger than the free cores waits on the busy one every step: on a 2-core machine with another
+    process on one core, a 76-epoch digits-CNN distillation at 2 threads took about 100 s, where an
+    82-epoch one at 2 threads on a quiet moment took 16 s (benchmarks/results/search.md)."""
     from .contention import ContentionProbe, pick_threads
 
     n, _ = pick_threads(0, share, ContentionProbe(share).before(0.3)) if share > 1 else (1, None)
@@ -979,7 +980,10 @@ class _RayPool:
     def prepare(self, rec: Recipe) -> dict[str, Any]:
         """Train the root into the shared cache in one task that holds a whole node (see prepare_root)."""
         ray = self.ray
-        return ray.get(ray.remote(num_cpus=self.prepare_cpus)(prepare_root).remote(rec, self.cache_dir, True))
+        try:
+            return dict(ray.get(ray.remote(num_cpus=self.prepare_cpus)(prepare_root).remote(rec, self.cache_dir, True)))
+        except ray.exceptions.RayError as e:  # a worker died or the task raised an unexpected error
+            return {"error": f"ray task failed: {str(e).splitlines()[0][:300]}", "train_s": 0.0, "threads": None}
 
     def timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one timed task on the measuring node, holding it whole, and wait for it."""
