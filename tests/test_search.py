@@ -72,6 +72,7 @@ def test_search_finds_a_front_writes_a_runnable_recipe_and_resumes(tmp_path: Pat
         lo, hi = m["latency_ratio_ci"]
         assert lo <= m["latency_ratio"] <= hi and len(m["latency_ratio_ci_own"]) == 2
     # Every trial whose run measured an A/A offset counts (a trial with its passes off is the original itself).
+    assert all(t["metrics"]["train_threads"] >= 1 and t["metrics"]["build_s"] > 0 for t in res["trials"])
     draws = sum("aa_offset" in t["metrics"] for t in res["trials"])
     assert draws >= 1 and res["session_spread"]["draws"] == draws
     best = load_recipe(res["best_recipe"])  # a plain recipe that `compress run` takes
@@ -108,6 +109,17 @@ def test_ray_executor_builds_in_parallel_and_measures_on_the_measuring_node(tmp_
     assert [t["state"] for t in res["trials"]] == ["COMPLETE", "COMPLETE"], res["trials"]
     assert all(t["metrics"].get("measured_on") for t in res["trials"])
     assert any(m.startswith("ray: 2 CPU(s), measuring on resource measure-") for m in lines)
+    # The model was trained once, before the trials (two builds on a cold cache each trained it).
+    assert res["root_train"]["error"] is None and res["root_train"]["train_s"] > 0
+    assert sum(m.startswith("model trained 1 epochs before the trials") for m in lines) == 1
+    from compress.fingerprint import cpu_info
+
+    share = max(1, int(cpu_info()["affinity_cores"] or 1) // 2)  # two workers: half the cores each
+    for t in res["trials"]:
+        m = t["metrics"]
+        # Each build pinned torch to its task's share (fewer while other processes hold cores), and no
+        # trial trained the root again: these trials have no training pass, so nothing was trained.
+        assert 1 <= m["train_threads"] <= share and m["train_s"] == 0 and m["build_s"] > 0
 
 
 def test_ray_address_that_does_not_answer_is_a_usage_error(tmp_path: Path) -> None:
@@ -242,3 +254,47 @@ def test_front_trials_are_re_timed_together_in_one_run(tmp_path: Path) -> None:
 
     report = json.loads((tmp_path / "front" / "report.json").read_text())
     assert {r["variant"] for r in report["results"]} == {"baseline", "trial0", "trial1"}
+
+
+def test_a_ray_build_trains_with_its_share_of_the_node_s_cores() -> None:
+    from compress.search import task_threads
+
+    assert task_threads(1, 1, 2) == 2  # one worker on a 2-core machine trains on both cores
+    assert task_threads(1, 2, 2) == 1  # two workers: one core each, never 2 + 2 threads on 2 cores
+    assert task_threads(2, 2, 2) == 2  # a task holding the whole node
+    assert task_threads(1, 8, 8) == 1 and task_threads(3, 8, 8) == 3  # a cluster whose CPUs are its cores
+    assert task_threads(1, 4, 2) == 1  # more Ray CPUs than cores: still one thread, never 0
+    assert task_threads(4, 1, 2) == 2  # never more than the cores
+
+
+@pytest.mark.parametrize("others, share, expected", [(0.0, 2, 2), (1.0, 2, 1), (1.0, 4, 3), (None, 2, 2)])
+def test_training_leaves_the_cores_other_processes_hold(monkeypatch: pytest.MonkeyPatch, others: float | None,
+                                                         share: int, expected: int) -> None:
+    import compress.contention as contention
+    from compress.search import training_threads
+
+    looks: list[float] = []
+
+    def before(self, seconds: float = 0.3):  # type: ignore[no-untyped-def]
+        looks.append(seconds)
+        return None if others is None else {"others_cores": others}
+
+    monkeypatch.setattr(contention.ContentionProbe, "before", before)
+    assert training_threads(share) == expected and len(looks) == 1
+    assert training_threads(1) == 1 and len(looks) == 1  # one thread needs no look
+
+
+def test_training_seconds_count_only_passes_that_train() -> None:
+    from compress.recipe import recipe_from_dict
+    from compress.search import training_kinds, training_seconds
+
+    rec = recipe_from_dict({"name": "r", "model": {"source": "zoo:digits-cnn"}, "data": {"source": "builtin:digits"},
+                            "passes": [{"kind": "prune.channels", "ratio": 0.3},
+                                       {"kind": "distill", "epochs": 3}],
+                            "targets": [{"kind": "onnxruntime"}]}, where="test")
+    assert training_kinds(rec) == {"distill"}  # pruning without fine-tuning does not train
+    steps = [("prune.channels", 1.0, False), ("distill", 5.0, False), ("export.onnx", 2.0, False)]
+    assert training_seconds(rec, steps) == 5.0
+    assert training_seconds(rec, [("distill", 5.0, True)]) == 0.0  # a cache hit trained nothing here
+    tuned = rec.model_copy(update={"passes": [rec.passes[0].model_copy(update={"finetune_epochs": 1})]})
+    assert training_kinds(tuned) == {"prune.channels"}
