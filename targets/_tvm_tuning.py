@@ -561,13 +561,53 @@ CONV_LAYOUTS = {"NHWC": ["NHWC", "OHWI"]}
 
 
 def layout_passes(layout: str) -> list[Any]:
-    """Convolutions in ``layout`` (NCHW = as imported). Run before ``prepare_passes``, on the Relax ops."""
+    """Convolutions in ``layout`` (NCHW = as imported). Run before ``prepare_passes``, on the Relax ops.
+
+    ONNX Clip (MobileNet's ReLU6) arrives from the frontend as already-lowered ``call_tir(maximum/minimum)``
+    with a scalar bound, which ConvertLayout cannot see through: every ReLU6 ended up between two
+    transposes (71 kernels per MobileNetV2 call instead of 43, benchmarks/results/tvm-levers.md). Those
+    calls are turned back into Relax ``maximum``/``minimum`` ops first, which ConvertLayout carries along.
+    """
     if layout == "NCHW":
         return []
     from tvm import relax
 
-    return [relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]}),
+    return [relax.transform.FoldConstant(), _scalar_minmax_as_ops(),
+            relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]}),
             relax.transform.Normalize(), relax.transform.FoldConstant()]
+
+
+def _scalar_minmax_as_ops() -> Any:
+    """A module pass: ``call_tir(maximum|minimum, (x, scalar constant))`` in ``main`` -> the Relax op."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class ScalarMinMax(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+                return call
+            name = str(getattr(call.args[0], "name_hint", "")).rstrip("0123456789_")
+            fields = list(getattr(call.args[1], "fields", []))
+            if name not in ("maximum", "minimum") or len(fields) != 2:
+                return call
+            bound = fields[1]
+            if isinstance(bound, relax.Var):
+                bound = self.lookup_binding(bound)
+            if not isinstance(bound, tvm.ir.expr.Constant) or len(bound.value.shape) != 0:
+                return call
+            return (relax.op.maximum if name == "maximum" else relax.op.minimum)(fields[0], bound)
+
+    @tvm.transform.module_pass(opt_level=0, name="ScalarMinMaxAsOps")
+    def rewrite(mod: Any, _ctx: Any) -> Any:
+        if "main" not in [g.name_hint for g in mod.functions]:
+            return mod
+        gv = mod.get_global_var("main")
+        mod.update_func(gv, ScalarMinMax(mod).visit_expr(mod[gv]))
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return rewrite
 
 
 def prepare_passes(target: Any, prepack: bool) -> list[Any]:

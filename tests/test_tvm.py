@@ -583,3 +583,38 @@ def test_a_tvm_build_and_run_leave_the_process_cpu_mask_alone(tuned: dict, digit
     th.start()
     th.join()
     assert seen == [before]
+
+
+def test_nhwc_carries_relu6_along_without_transposes(tmp_path: Path) -> None:
+    import onnx
+    import torch
+    import tvm
+    from compress.passes.export_onnx import ExportOnnx
+    from compress.targets._tvm_tuning import layout_passes
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from compress.api import apply
+
+    class ConvReLU6(torch.nn.Module):  # MobileNet's block shape: conv -> ReLU6 -> conv
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.nn.functional.relu6(self.a(x)))
+
+    torch.manual_seed(0)
+    art = apply(ConvReLU6().eval(), ExportOnnx(), input_shape=SHAPE, data=None, cache_dir=tmp_path / "c")
+    model = onnx.load(str(art.path / "model.onnx"))
+    mod = from_onnx(model, shape_dict={"input": list(SHAPE)}, keep_params_in_input=False)
+    text = tvm.transform.Sequential(layout_passes("NHWC"))(mod)["main"].script()
+    # One transpose in (NCHW -> NHWC), one out; none around the ReLU6 between the convolutions.
+    assert text.count("R.permute_dims") == 2 and "R.maximum" in text and "R.minimum" in text
+    # And the whole build still computes what ONNX Runtime computes (ReLU6 saturates at 6: inputs x 10).
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0, layout="NHWC"))
+    path = tmp_path / "relu6.onnx"
+    shutil.copy(art.path / "model.onnx", path)
+    x = _x(6) * 10
+    comp = target.compile(_onnx_artifact(ctx.cache, path), ctx)
+    np.testing.assert_allclose(target.runner(comp).infer({"input": x})[0], _ort(path, x), rtol=1e-4, atol=1e-4)
