@@ -79,8 +79,9 @@ class TvmConfig(TargetConfig):
         True, description="a model tuned for the first time skips the kernels the shared tuning database already "
         "holds enough trials for (same shape, tuned for another model or recipe)")
     layout: Literal["NCHW", "NHWC"] = Field(
-        "NCHW", description="data layout of convolutions (Relax ConvertLayout; transposes at the model's edges); "
-        "NCHW = as exported")
+        "NHWC", description="data layout of convolutions (Relax ConvertLayout; transposes at the model's edges); "
+        "NHWC won the same-run A/B on MobileNetV2 (benchmarks/results/tvm-levers-nhwc.md); NCHW = as exported. "
+        "A graph ConvertLayout cannot handle is built in NCHW, with a note")
     weight_prepack: bool = Field(
         True, description="CPU: let tuning choose a blocked weight layout per kernel, repacked once at build time")
     threads: int = Field(0, ge=0, description="TVM runtime threads; 0 = the measurement setting")
@@ -351,6 +352,8 @@ class TvmTarget:
 
     def __init__(self, config: TvmConfig) -> None:
         self.config = config
+        self.layout_used: str = config.layout  # NCHW when ConvertLayout fails on this graph (see _bound)
+        self.layout_notes: list[str] = []
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -430,6 +433,7 @@ class TvmTarget:
                         for n in model.graph.node)
 
         mod, params = self._import(model, art)
+        self.layout_used, self.layout_notes = cfg.layout, []
         tuning: dict[str, Any] = {"trials_requested": cfg.tuning_trials, "time_budget_s": cfg.tuning_time_s}
         try:
             if cfg.tuning_trials == 0:
@@ -450,6 +454,7 @@ class TvmTarget:
             raise BuildError(f"target 'tvm': TVM failed to compile this {what} for {json.dumps(spec)}: "
                              f"{type(e).__name__}: {_first_line(e)}{hint}") from e
 
+        notes.extend(self.layout_notes)
         out = ctx.new_dir("tvm")
         t0 = time.perf_counter()
         self._export(ex, out / LIBRARY, target, foreign)
@@ -468,7 +473,7 @@ class TvmTarget:
         # TVM builds the static shapes of art.inputs (tuning needs them), so the ONNX model's dynamic
         # batch does not carry over: the compiled artifact's facts say so (the metadata keeps a copy).
         meta: dict[str, Any] = {"target": "tvm", "dynamic_batch": False, "target_notes": list(notes), "tvm": {
-            "target": manifest["target"], "tuned": tuning.get("status") != "untuned",
+            "target": manifest["target"], "tuned": tuning.get("status") != "untuned", "layout": self.layout_used,
             "label": "untuned" if tuning.get("status") == "untuned" else "tuned",
             "tuning": tuning, "library_sha256": manifest["library_sha256"],
             "quantized": quantized, "cross_compiled": foreign, "export_s": round(export_s, 3),
@@ -506,7 +511,15 @@ class TvmTarget:
 
         bound = relax.transform.BindParams("main", params)(mod) if params else mod
         # The same layout for task extraction and for the build, so tuned workloads match.
-        return tvm.transform.Sequential(layout_passes(self.config.layout))(bound)
+        if self.layout_used == "NCHW":
+            return bound
+        try:
+            return tvm.transform.Sequential(layout_passes(self.layout_used))(bound)
+        except Exception as e:  # TVM's ConvertLayout fails on some graphs (e.g. ONNX Min/Max over a stack)
+            self.layout_notes.append(f"layout {self.layout_used} could not be applied ({_first_line(e)}); built in "
+                                     "NCHW, as exported")
+            self.layout_used = "NCHW"
+            return bound
 
     def _compile_untuned(self, mod: Any, params: dict[Any, Any], target: Any) -> Any:
         import tvm
@@ -638,7 +651,7 @@ class TvmTarget:
             **worker_info,
             "stopped_by_time": stats.stopped_by_time, "model_key": key, "scheduler": cfg.scheduler,
             "batches_per_task": {to_tune[i].task_name: stats.visits.count(i) for i in sorted(set(stats.visits))},
-            "weight_prepack": prepack, "prepacked_kernels": prepacked, "layout": cfg.layout,
+            "weight_prepack": prepack, "prepacked_kernels": prepacked, "layout": self.layout_used,
             "best_kernels_ms": round(sum(to_tune[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
             "prepare_s": round(time.perf_counter() - t0 - tune_s, 2),
         })

@@ -618,3 +618,30 @@ def test_nhwc_carries_relu6_along_without_transposes(tmp_path: Path) -> None:
     x = _x(6) * 10
     comp = target.compile(_onnx_artifact(ctx.cache, path), ctx)
     np.testing.assert_allclose(target.runner(comp).infer({"input": x})[0], _ort(path, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_convertlayout_cannot_handle_is_built_in_nchw_with_a_note(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # conv -> ONNX Min against a constant -> conv: TVM's frontend imports Min as a stack + reduction,
+    # which its ConvertLayout rejects (InternalError "Invalid SLayout").
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.full((1, 1, 1, 1), 0.5, np.float32), "cap"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Min", ["a", "cap"], ["b"]),
+             helper.make_node("Conv", ["b", "w2"], ["output"])]
+    graph = helper.make_graph(nodes, "min", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(SHAPE))],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "min.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    ctx = _ctx(tmp_path)
+    target = TvmTarget(TvmConfig(tuning_trials=0))  # NHWC, the default
+    comp = target.compile(_onnx_artifact(ctx.cache, path), ctx)
+    info = comp.metadata["tvm"]
+    assert info["layout"] == "NCHW"
+    assert any("layout NHWC could not be applied" in n and "built in NCHW" in n for n in info["notes"])
+    x = _x(7)
+    np.testing.assert_allclose(target.runner(comp).infer({"input": x})[0], _ort(path, x), rtol=1e-4, atol=1e-5)
