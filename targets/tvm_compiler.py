@@ -352,8 +352,6 @@ class TvmTarget:
 
     def __init__(self, config: TvmConfig) -> None:
         self.config = config
-        self.layout_used: str = config.layout  # NCHW when ConvertLayout fails on this graph (see _bound)
-        self.layout_notes: list[str] = []
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -433,18 +431,23 @@ class TvmTarget:
                         for n in model.graph.node)
 
         mod, params = self._import(model, art)
-        self.layout_used, self.layout_notes = cfg.layout, []
         tuning: dict[str, Any] = {"trials_requested": cfg.tuning_trials, "time_budget_s": cfg.tuning_time_s}
+        layout: str = cfg.layout
         try:
+            # Bound and laid out once: task extraction and the build must see the same module.
+            bound, layout = self._bound(mod, params, notes)
             if cfg.tuning_trials == 0:
                 notes.append("UNTUNED: compiled without MetaSchedule tuning; TVM's untuned CPU code is far "
                              "slower than a tuned build (ResNet-18: ~1,700 ms vs ~24 ms ONNX Runtime) and its "
                              "latency is not representative of TVM. Set tuning_trials > 0")
                 log("tvm: tuning_trials = 0: untuned build (not representative)")
-                ex = self._compile_untuned(mod, params, target)
+                import tvm
+
+                ex = tvm.compile(bound, target=target)
                 tuning["status"] = "untuned"
             else:
-                ex, tuning = self._compile_tuned(mod, params, target, ctx, log, notes, tuning)
+                ex, tuning = self._compile_tuned(bound, target, ctx, log, notes, tuning)
+                tuning["layout"] = layout
         except (RecipeError, BuildError, TargetUnavailable):
             raise
         except Exception as e:  # TVM surfaces C++ failures as RuntimeError, ValueError, InternalError, ...
@@ -454,7 +457,6 @@ class TvmTarget:
             raise BuildError(f"target 'tvm': TVM failed to compile this {what} for {json.dumps(spec)}: "
                              f"{type(e).__name__}: {_first_line(e)}{hint}") from e
 
-        notes.extend(self.layout_notes)
         out = ctx.new_dir("tvm")
         t0 = time.perf_counter()
         self._export(ex, out / LIBRARY, target, foreign)
@@ -473,7 +475,7 @@ class TvmTarget:
         # TVM builds the static shapes of art.inputs (tuning needs them), so the ONNX model's dynamic
         # batch does not carry over: the compiled artifact's facts say so (the metadata keeps a copy).
         meta: dict[str, Any] = {"target": "tvm", "dynamic_batch": False, "target_notes": list(notes), "tvm": {
-            "target": manifest["target"], "tuned": tuning.get("status") != "untuned", "layout": self.layout_used,
+            "target": manifest["target"], "tuned": tuning.get("status") != "untuned", "layout": layout,
             "label": "untuned" if tuning.get("status") == "untuned" else "tuned",
             "tuning": tuning, "library_sha256": manifest["library_sha256"],
             "quantized": quantized, "cross_compiled": foreign, "export_s": round(export_s, 3),
@@ -503,30 +505,25 @@ class TvmTarget:
         weights = dict(zip(mod["main"].params[n_in:], detached.get("main", []), strict=True))
         return mod, weights
 
-    def _bound(self, mod: Any, params: dict[Any, Any]) -> Any:
+    def _bound(self, mod: Any, params: dict[Any, Any], notes: list[str]) -> tuple[Any, str]:
+        """The weights bound as constants and convolutions in the configured layout, and the layout used:
+        NCHW, with a note, when ConvertLayout fails on this graph."""
         import tvm
         from tvm import relax
 
         from ._tvm_tuning import layout_passes
 
         bound = relax.transform.BindParams("main", params)(mod) if params else mod
-        # The same layout for task extraction and for the build, so tuned workloads match.
-        if self.layout_used == "NCHW":
-            return bound
+        layout = self.config.layout
+        if layout == "NCHW":
+            return bound, layout
         try:
-            return tvm.transform.Sequential(layout_passes(self.layout_used))(bound)
+            return tvm.transform.Sequential(layout_passes(layout))(bound), layout
         except Exception as e:  # TVM's ConvertLayout fails on some graphs (e.g. ONNX Min/Max over a stack)
-            self.layout_notes.append(f"layout {self.layout_used} could not be applied ({_first_line(e)}); built in "
-                                     "NCHW, as exported")
-            self.layout_used = "NCHW"
-            return bound
+            notes.append(f"layout {layout} could not be applied ({_first_line(e)}); built in NCHW, as exported")
+            return bound, "NCHW"
 
-    def _compile_untuned(self, mod: Any, params: dict[Any, Any], target: Any) -> Any:
-        import tvm
-
-        return tvm.compile(self._bound(mod, params), target=target)
-
-    def _compile_tuned(self, mod: Any, params: dict[Any, Any], target: Any, ctx: Any, log: Any,
+    def _compile_tuned(self, bound: Any, target: Any, ctx: Any, log: Any,
                        notes: list[str], tuning: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         import tvm
         from tvm.s_tir import meta_schedule as ms
@@ -550,7 +547,7 @@ class TvmTarget:
         root = Path(cfg.database) if cfg.database else Path(ctx.cache.root) / "tvm-db"
         t0 = time.perf_counter()
         with target:
-            prepared = tvm.transform.Sequential(prepare_passes(target, prepack))(self._bound(mod, params))
+            prepared = tvm.transform.Sequential(prepare_passes(target, prepack))(bound)
         tasks = ms.relax_integration.extract_tasks(prepared, target)
         if not tasks:
             raise BuildError("target 'tvm': MetaSchedule found no tunable task in this model")
@@ -628,7 +625,7 @@ class TvmTarget:
                     raise BuildError(f"target 'tvm': every one of {stats.candidates} tuning candidates failed to "
                                      f"build or run; see the logs in {logs} or set tuning_trials = 0")
             covered = sum(1 for t in tasks if _has_record(db.ms_database(), t.dispatched[0]))
-            ex, prepacked = compile_tuned(db.ms_database(), self._bound(mod, params), target, prepack)
+            ex, prepacked = compile_tuned(db.ms_database(), bound, target, prepack)
         total = db.spent(key)
         if covered < len(tasks):
             notes.append(f"{len(tasks) - covered} of {len(tasks)} TVM tasks have no tuning record (budget too small "
@@ -651,7 +648,7 @@ class TvmTarget:
             **worker_info,
             "stopped_by_time": stats.stopped_by_time, "model_key": key, "scheduler": cfg.scheduler,
             "batches_per_task": {to_tune[i].task_name: stats.visits.count(i) for i in sorted(set(stats.visits))},
-            "weight_prepack": prepack, "prepacked_kernels": prepacked, "layout": self.layout_used,
+            "weight_prepack": prepack, "prepacked_kernels": prepacked,
             "best_kernels_ms": round(sum(to_tune[i].weight * s for i, s in stats.best_s.items()) * 1e3, 4),
             "prepare_s": round(time.perf_counter() - t0 - tune_s, 2),
         })
@@ -782,16 +779,13 @@ def _kernels_tuned_elsewhere(database: Any, tasks: list[Any], trials: int) -> li
     A model tuned again with a larger budget continues on all its tasks instead.
     """
     share = max(1, trials // max(1, len(tasks)))
-    out = []
-    for i, t in enumerate(tasks):
-        mod = t.dispatched[0]
-        if database.has_workload(mod) and len(database.get_top_k(database.commit_workload(mod), share)) >= share:
-            out.append(i)
-    return out
+    return [i for i, t in enumerate(tasks) if _has_record(database, t.dispatched[0], share)]
 
 
-def _has_record(database: Any, mod: Any) -> bool:
-    return bool(database.has_workload(mod) and database.get_top_k(database.commit_workload(mod), 1))
+def _has_record(database: Any, mod: Any, at_least: int = 1) -> bool:
+    """Whether the database holds at least ``at_least`` valid records for ``mod``'s workload."""
+    return bool(database.has_workload(mod)
+                and len(database.get_top_k(database.commit_workload(mod), at_least)) >= at_least)
 
 
 def _first_line(e: BaseException) -> str:
