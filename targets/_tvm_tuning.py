@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -443,7 +444,6 @@ def dominant_first_scheduler(stats: TuneStats) -> Any:
     class DominantFirst(PyTaskScheduler):
         def __init__(self) -> None:
             super().__init__()
-            self.batches: dict[int, int] = {}
             self.last: int | None = None
 
         def next_task_id(self) -> int:
@@ -458,10 +458,9 @@ def dominant_first_scheduler(stats: TuneStats) -> Any:
             alive = [i for i, t in enumerate(tasks) if not t.is_terminated]
             if not alive:
                 return -1
-            pick = dominant_next(alive, self.batches, [float(t.task_weight) for t in tasks],
+            pick = dominant_next(alive, Counter(stats.visits), [float(t.task_weight) for t in tasks],
                                  [float(t.flop) for t in tasks], stats.best_s)
-            self.batches[pick] = self.batches.get(pick, 0) + 1
-            stats.visits.append(pick)
+            stats.visits.append(pick)  # batches per task are counted from it
             self.last = pick
             return pick
 
