@@ -82,6 +82,10 @@ class TvmConfig(TargetConfig):
         "NHWC", description="data layout of convolutions (Relax ConvertLayout; transposes at the model's edges); "
         "NHWC won the same-run A/B on MobileNetV2 (benchmarks/results/tvm-levers-nhwc.md); NCHW = as exported. "
         "A graph ConvertLayout cannot handle is built in NCHW, with a note")
+    int8_arith: Literal["integer", "float"] = Field(
+        "integer", description="Q/DQ (INT8) models: integer = convolutions on the 8-bit values with int32 sums, "
+        "exactly ONNX Runtime's QLinearConv arithmetic (targets/_tvm_int8.py); float = as TVM's ONNX frontend "
+        "imports them: dequantized weights and float convolutions, no integer arithmetic")
     weight_prepack: bool = Field(
         True, description="CPU: let tuning choose a blocked weight layout per kernel, repacked once at build time")
     threads: int = Field(0, ge=0, description="TVM runtime threads; 0 = the measurement setting")
@@ -435,7 +439,7 @@ class TvmTarget:
         layout: str = cfg.layout
         try:
             # Bound and laid out once: task extraction and the build must see the same module.
-            bound, layout = self._bound(mod, params, notes)
+            bound, layout, int8 = self._bound(mod, params, notes, quantized)
             if cfg.tuning_trials == 0:
                 notes.append("UNTUNED: compiled without MetaSchedule tuning; TVM's untuned CPU code is far "
                              "slower than a tuned build (ResNet-18: ~1,700 ms vs ~24 ms ONNX Runtime) and its "
@@ -478,7 +482,7 @@ class TvmTarget:
             "target": manifest["target"], "tuned": tuning.get("status") != "untuned", "layout": layout,
             "label": "untuned" if tuning.get("status") == "untuned" else "tuned",
             "tuning": tuning, "library_sha256": manifest["library_sha256"],
-            "quantized": quantized, "cross_compiled": foreign, "export_s": round(export_s, 3),
+            "quantized": quantized, "int8": int8, "cross_compiled": foreign, "export_s": round(export_s, 3),
             "compile_s": round(time.perf_counter() - t_all, 3),
             "static_input_shapes": [list(s.shape) for s in art.inputs],
             "emulated_check": emulated,
@@ -505,23 +509,37 @@ class TvmTarget:
         weights = dict(zip(mod["main"].params[n_in:], detached.get("main", []), strict=True))
         return mod, weights
 
-    def _bound(self, mod: Any, params: dict[Any, Any], notes: list[str]) -> tuple[Any, str]:
-        """The weights bound as constants and convolutions in the configured layout, and the layout used:
-        NCHW, with a note, when ConvertLayout fails on this graph."""
+    def _bound(self, mod: Any, params: dict[Any, Any], notes: list[str],
+               quantized: bool) -> tuple[Any, str, dict[str, Any] | None]:
+        """The weights bound as constants, a Q/DQ model's convolutions on integers (``int8_arith``) and
+        convolutions in the configured layout. Also returns the layout used (NCHW, with a note, when
+        ConvertLayout fails on this graph) and, for a Q/DQ model, what ran on integers."""
         import tvm
         from tvm import relax
 
+        from ._tvm_int8 import integer_convolutions, scalar_qdq_as_ops
         from ._tvm_tuning import layout_passes
 
         bound = relax.transform.BindParams("main", params)(mod) if params else mod
+        int8: dict[str, Any] | None = None
+        if quantized:
+            int8 = {"arith": self.config.int8_arith}
+            if self.config.int8_arith == "integer":
+                bound, counts = integer_convolutions(bound)
+                bound = scalar_qdq_as_ops(bound)
+                int8["integer_convolutions"] = counts.pop("integer", 0)
+                int8["float_convolutions"] = counts
+                if counts:
+                    notes.append(f"INT8: {sum(counts.values())} dequantized convolution(s) left in float: "
+                                 + ", ".join(f"{why} ({n})" for why, n in sorted(counts.items())))
         layout = self.config.layout
         if layout == "NCHW":
-            return bound, layout
+            return bound, layout, int8
         try:
-            return tvm.transform.Sequential(layout_passes(layout))(bound), layout
+            return tvm.transform.Sequential(layout_passes(layout))(bound), layout, int8
         except Exception as e:  # TVM's ConvertLayout fails on some graphs (e.g. ONNX Min/Max over a stack)
             notes.append(f"layout {layout} could not be applied ({_first_line(e)}); built in NCHW, as exported")
-            return bound, "NCHW"
+            return bound, "NCHW", int8
 
     def _compile_tuned(self, bound: Any, target: Any, ctx: Any, log: Any,
                        notes: list[str], tuning: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

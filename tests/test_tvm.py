@@ -293,7 +293,7 @@ def test_runner_rejects_a_shape_the_library_was_not_built_for(digits_onnx: Path,
         runner.infer({"input": np.zeros((2, 1, 8, 8), np.float32)})
 
 
-def test_quantized_qdq_model_compiles_and_matches_onnxruntime(digits_onnx: Path, tmp_path: Path) -> None:
+def _qdq(digits_onnx: Path, tmp_path: Path, weights: str = "int8") -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Calib(CalibrationDataReader):
@@ -303,18 +303,73 @@ def test_quantized_qdq_model_compiles_and_matches_onnxruntime(digits_onnx: Path,
         def get_next(self) -> dict | None:
             return next(self.it, None)
 
-    qpath = tmp_path / "qdq.onnx"
+    qpath = tmp_path / f"qdq-{weights}.onnx"
     quantize_static(str(digits_onnx), str(qpath), Calib(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8 if weights == "int8" else QuantType.QUInt8)
+    return qpath
+
+
+def _output_step(qpath: Path) -> float:
+    """The scale of the model's last DequantizeLinear: one step of the quantized output."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(qpath))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return float(inits[model.graph.node[-1].input[1]])
+
+
+@pytest.mark.parametrize("arith", ["integer", "float"])
+def test_quantized_qdq_model_compiles_and_matches_onnxruntime(arith: str, digits_onnx: Path, tmp_path: Path) -> None:
+    qpath = _qdq(digits_onnx, tmp_path)
     ctx = _ctx(tmp_path)
-    target = TvmTarget(TvmConfig(tuning_trials=0))
+    target = TvmTarget(TvmConfig(tuning_trials=0, int8_arith=arith))
     comp = target.compile(_onnx_artifact(ctx.cache, qpath), ctx)
-    assert comp.metadata["tvm"]["quantized"] is True
+    meta = comp.metadata["tvm"]
+    assert meta["quantized"] is True and meta["int8"]["arith"] == arith
     x = _x(3)
     ref = _ort(qpath, x)
     got = target.runner(comp).infer({"input": x})[0]
-    # Rounding of requantized activations may differ by one step between the two runtimes.
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max() + 1e-6
+    if arith == "integer":
+        # Every convolution runs ONNX Runtime's integer arithmetic: the same int32 sums times the same
+        # scales, so the outputs agree to within one step of the quantized output (a rounding tie).
+        assert meta["int8"]["integer_convolutions"] == 3 and meta["int8"]["float_convolutions"] == {}
+        assert np.abs(got - ref).max() <= _output_step(qpath) * 1.001
+    else:
+        assert "integer_convolutions" not in meta["int8"]
+        # Rounding of requantized activations may differ by one step between the two runtimes.
+        assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max() + 1e-6
+
+
+def test_integer_convolutions_carry_through_nhwc_and_asymmetric_weights_stay_float(digits_onnx: Path,
+                                                                                   tmp_path: Path) -> None:
+    import onnx
+    import tvm
+    from compress.targets._tvm_int8 import integer_convolutions, scalar_qdq_as_ops
+    from compress.targets._tvm_tuning import layout_passes
+    from tvm.relax.frontend.onnx import from_onnx
+
+    def imported(path: Path) -> object:
+        return from_onnx(onnx.load(str(path)), shape_dict={"input": list(SHAPE)}, keep_params_in_input=False)
+
+    mod, counts = integer_convolutions(imported(_qdq(digits_onnx, tmp_path)))
+    assert counts == {"integer": 3}
+    text = tvm.transform.Sequential(layout_passes("NHWC"))(scalar_qdq_as_ops(mod))["main"].script()
+    # int32 sums in NHWC, and no transpose around any quantize/dequantize: one in at the input, one out
+    # before the classifier's flatten.
+    assert text.count('out_dtype="int32"') == 3 and text.count('data_layout="NHWC"') == 3
+    assert text.count("R.permute_dims") == 2 and "R.quantize" not in text and "R.dequantize" not in text
+    # u8 weights with zero points (scheme u8u8) are not what the rewrite computes: left in float, said why.
+    ctx = _ctx(tmp_path)
+    qpath = _qdq(digits_onnx, tmp_path, weights="uint8")
+    target = TvmTarget(TvmConfig(tuning_trials=0))
+    comp = target.compile(_onnx_artifact(ctx.cache, qpath), ctx)
+    assert comp.metadata["tvm"]["int8"]["float_convolutions"] == {"weights not symmetric int8": 3}
+    assert any("left in float" in n for n in comp.metadata["tvm"]["notes"])
+    x = _x(4)
+    ref = _ort(qpath, x)
+    assert np.abs(target.runner(comp).infer({"input": x})[0] - ref).max() <= 0.05 * np.abs(ref).max() + 1e-6
 
 
 AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
