@@ -1,7 +1,8 @@
 """TVM performance levers, one at a time, against ONNX Runtime FP32 in the same run (issue 20).
 
     .venv/bin/python benchmarks/bench_tvm_levers.py [--models mobilenetv2] [--trials 192]
-        [--arms gradient,dominant,nhwc,no-prepack,int8] [--time-cap S] [--rounds 40] [--out FILE]
+        [--arms gradient,dominant,nhwc,no-prepack,int8-float,int8,int8-nchw] [--time-cap S]
+        [--rounds 40] [--out FILE]
 
 For each zoo model (224x224, batch 1, random weights: latency only) every arm is compiled by the
 tvm target with the same trial budget and its own fresh tuning database (no arm profits from
@@ -15,8 +16,12 @@ Arms (each changes one thing against the arm before it in this list, except wher
     dominant    the dominant-first scheduler (targets/_tvm_tuning.py; the default now), NCHW
     nhwc        dominant + convolutions converted to NHWC (TvmConfig.layout; the default since 2026-11-29)
     no-prepack  dominant without blocked weight layouts (TvmConfig.weight_prepack = False)
-    int8        dominant on the static INT8 Q/DQ model from quantize.int8 (TVM's ONNX frontend
-                imports QuantizeLinear/DequantizeLinear as Relax quantize/dequantize ops)
+    int8-float  nhwc on the static INT8 Q/DQ model from quantize.int8, as TVM's ONNX frontend imports
+                it: quantize/dequantize ops around float convolutions (TvmConfig.int8_arith = "float");
+                since 2026-11-29 per-tensor Q/DQ ops are plain ops in NHWC (no transposes around them)
+    int8        int8-float with integer convolutions (int8_arith = "integer", the default since
+                2026-11-29: int32 sums on the 8-bit values, targets/_tvm_int8.py)
+    int8-nchw   int8 in NCHW (before 2026-11-29 the "int8" arm was this layout with float arithmetic)
 Writes benchmarks/results/tvm-levers.md (or --out).
 """
 
@@ -59,7 +64,9 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "dominant": ("fp32", {"scheduler": "dominant", "layout": "NCHW"}),
     "nhwc": ("fp32", {"scheduler": "dominant", "layout": "NHWC"}),
     "no-prepack": ("fp32", {"scheduler": "dominant", "layout": "NCHW", "weight_prepack": False}),
-    "int8": ("int8", {"scheduler": "dominant", "layout": "NCHW"}),
+    "int8-float": ("int8", {"scheduler": "dominant", "layout": "NHWC", "int8_arith": "float"}),
+    "int8": ("int8", {"scheduler": "dominant", "layout": "NHWC", "int8_arith": "integer"}),
+    "int8-nchw": ("int8", {"scheduler": "dominant", "layout": "NCHW", "int8_arith": "integer"}),
 }
 
 

@@ -107,12 +107,12 @@ def integer_convolutions(mod: Any) -> tuple[Any, dict[str, int]]:
     return rewrite(mod), dict(counts)
 
 
-def scalar_qdq_as_ops(mod: Any) -> Any:
-    """Per-tensor ``quantize``/``dequantize`` (scalar scale and zero point) -> the same arithmetic in plain
-    Relax ops, which ConvertLayout carries through: it does not know the Q/DQ ops (they name a channel
-    axis), so in NHWC every one of them sat between two transposes. The arithmetic is the legalization's
-    own (``relax/transform/legalize_ops/qdq.py``): ``clip(round(x / s) + z)`` cast to the 8-bit type, and
-    ``(int32(q) - z) * s``."""
+def scalar_qdq_as_ops() -> Any:
+    """A module pass: per-tensor ``quantize``/``dequantize`` (scalar scale and zero point) -> the same
+    arithmetic in plain Relax ops, which ConvertLayout carries through. It does not know the Q/DQ ops
+    (they name a channel axis), so in NHWC every one of them sat between two transposes. The arithmetic
+    is the legalization's own (``relax/transform/legalize_ops/qdq.py``): ``clip(round(x / s) + z)`` cast
+    to the 8-bit type, and ``(int32(q) - z) * s``."""
     import tvm
     from tvm import relax
 
@@ -149,4 +149,4 @@ def scalar_qdq_as_ops(mod: Any) -> Any:
         mod.update_func(gv, ScalarQdq(mod).visit_expr(mod[gv]))
         return mod
 
-    return rewrite(mod)
+    return rewrite

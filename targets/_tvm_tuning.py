@@ -566,12 +566,16 @@ def layout_passes(layout: str) -> list[Any]:
     with a scalar bound, which ConvertLayout cannot see through: every ReLU6 ended up between two
     transposes (71 kernels per MobileNetV2 call instead of 43, benchmarks/results/tvm-levers.md). Those
     calls are turned back into Relax ``maximum``/``minimum`` ops first, which ConvertLayout carries along.
+    A Q/DQ model's per-tensor quantize/dequantize ops are unknown to ConvertLayout too (91 kernels per
+    call instead of 44, benchmarks/results/tvm-int8.md): they become the same arithmetic in plain ops.
     """
     if layout == "NCHW":
         return []
     from tvm import relax
 
-    return [relax.transform.FoldConstant(), _scalar_minmax_as_ops(),
+    from ._tvm_int8 import scalar_qdq_as_ops
+
+    return [relax.transform.FoldConstant(), _scalar_minmax_as_ops(), scalar_qdq_as_ops(),
             relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]}),
             relax.transform.Normalize(), relax.transform.FoldConstant()]
 

@@ -517,7 +517,7 @@ class TvmTarget:
         import tvm
         from tvm import relax
 
-        from ._tvm_int8 import integer_convolutions, scalar_qdq_as_ops
+        from ._tvm_int8 import integer_convolutions
         from ._tvm_tuning import layout_passes
 
         bound = relax.transform.BindParams("main", params)(mod) if params else mod
@@ -526,7 +526,6 @@ class TvmTarget:
             int8 = {"arith": self.config.int8_arith}
             if self.config.int8_arith == "integer":
                 bound, counts = integer_convolutions(bound)
-                bound = scalar_qdq_as_ops(bound)
                 int8["integer_convolutions"] = counts.pop("integer", 0)
                 int8["float_convolutions"] = counts
                 if counts:

@@ -346,20 +346,23 @@ def test_integer_convolutions_carry_through_nhwc_and_asymmetric_weights_stay_flo
                                                                                    tmp_path: Path) -> None:
     import onnx
     import tvm
-    from compress.targets._tvm_int8 import integer_convolutions, scalar_qdq_as_ops
+    from compress.targets._tvm_int8 import integer_convolutions
     from compress.targets._tvm_tuning import layout_passes
     from tvm.relax.frontend.onnx import from_onnx
 
     def imported(path: Path) -> object:
         return from_onnx(onnx.load(str(path)), shape_dict={"input": list(SHAPE)}, keep_params_in_input=False)
 
-    mod, counts = integer_convolutions(imported(_qdq(digits_onnx, tmp_path)))
+    qdq = imported(_qdq(digits_onnx, tmp_path))
+    mod, counts = integer_convolutions(qdq)
     assert counts == {"integer": 3}
-    text = tvm.transform.Sequential(layout_passes("NHWC"))(scalar_qdq_as_ops(mod))["main"].script()
+    nhwc = tvm.transform.Sequential(layout_passes("NHWC"))
+    text = nhwc(mod)["main"].script()
     # int32 sums in NHWC, and no transpose around any quantize/dequantize: one in at the input, one out
-    # before the classifier's flatten.
+    # before the classifier's flatten. The same for the float convolutions of the model as imported.
     assert text.count('out_dtype="int32"') == 3 and text.count('data_layout="NHWC"') == 3
-    assert text.count("R.permute_dims") == 2 and "R.quantize" not in text and "R.dequantize" not in text
+    for t in (text, nhwc(qdq)["main"].script()):
+        assert t.count("R.permute_dims") == 2 and "R.quantize" not in t and "R.dequantize" not in t
     # u8 weights with zero points (scheme u8u8) are not what the rewrite computes: left in float, said why.
     ctx = _ctx(tmp_path)
     qpath = _qdq(digits_onnx, tmp_path, weights="uint8")
