@@ -82,10 +82,11 @@ class TvmConfig(TargetConfig):
         "NHWC", description="data layout of convolutions (Relax ConvertLayout; transposes at the model's edges); "
         "NHWC won the same-run A/B on MobileNetV2 (benchmarks/results/tvm-levers-nhwc.md); NCHW = as exported. "
         "A graph ConvertLayout cannot handle is built in NCHW, with a note")
-    int8_arith: Literal["integer", "float"] = Field(
-        "integer", description="Q/DQ (INT8) models: integer = convolutions on the 8-bit values with int32 sums, "
-        "exactly ONNX Runtime's QLinearConv arithmetic (targets/_tvm_int8.py); float = as TVM's ONNX frontend "
-        "imports them: dequantized weights and float convolutions, no integer arithmetic")
+    int8_arith: Literal["float", "integer"] = Field(
+        "float", description="Q/DQ (INT8) models: float = as TVM's ONNX frontend imports them (dequantized "
+        "weights, float convolutions; the faster here); integer = convolutions on the 8-bit values with int32 "
+        "sums, exactly ONNX Runtime's QLinearConv arithmetic (targets/_tvm_int8.py), 1.7x slower than float on "
+        "MobileNetV2 at 192 trials in a same-run A/B (benchmarks/results/tvm-int8-ops.md)")
     weight_prepack: bool = Field(
         True, description="CPU: let tuning choose a blocked weight layout per kernel, repacked once at build time")
     threads: int = Field(0, ge=0, description="TVM runtime threads; 0 = the measurement setting")

@@ -366,7 +366,7 @@ def test_integer_convolutions_carry_through_nhwc_and_asymmetric_weights_stay_flo
     # u8 weights with zero points (scheme u8u8) are not what the rewrite computes: left in float, said why.
     ctx = _ctx(tmp_path)
     qpath = _qdq(digits_onnx, tmp_path, weights="uint8")
-    target = TvmTarget(TvmConfig(tuning_trials=0))
+    target = TvmTarget(TvmConfig(tuning_trials=0, int8_arith="integer"))
     comp = target.compile(_onnx_artifact(ctx.cache, qpath), ctx)
     assert comp.metadata["tvm"]["int8"]["float_convolutions"] == {"weights not symmetric int8": 3}
     assert any("left in float" in n for n in comp.metadata["tvm"]["notes"])
