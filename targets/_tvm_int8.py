@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from ._tvm_tuning import main_rewrite_pass
+
 
 def _const(expr: Any) -> np.ndarray | None:
     import tvm
@@ -83,6 +85,8 @@ def integer_convolutions(mod: Any) -> tuple[Any, dict[str, int]]:
                 return None, "per-channel activation quantization"
             if w.dtype != np.int8 or np.any(zw != 0):
                 return None, "weights not symmetric int8"
+            if sw.size != 1 and (sw.size != w.shape[0] or int(dw.attrs.axis) not in (0, -4)):
+                return None, "weight scales not per output channel"
             x_q = dx.args[0]
             if x_q.ty.dtype not in ("uint8", "int8"):
                 return None, "activation not 8-bit"
@@ -103,15 +107,7 @@ def integer_convolutions(mod: Any) -> tuple[Any, dict[str, int]]:
             y = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.reshape(1, oc, 1, 1)))
             return (y if out_dtype == "float32" else relax.op.astype(y, out_dtype)), ""
 
-    @tvm.transform.module_pass(opt_level=0, name="IntegerConvolutions")
-    def rewrite(mod: Any, _ctx: Any) -> Any:
-        if "main" not in [g.name_hint for g in mod.functions]:
-            return mod
-        gv = mod.get_global_var("main")
-        mod.update_func(gv, IntegerConv(mod).visit_expr(mod[gv]))
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return rewrite(mod), dict(counts)
+    return main_rewrite_pass("IntegerConvolutions", IntegerConv)(mod), dict(counts)
 
 
 def scalar_qdq_as_ops() -> Any:
@@ -148,12 +144,4 @@ def scalar_qdq_as_ops() -> Any:
             shifted = relax.op.subtract(relax.op.astype(x, "int32"), relax.const(int(z.reshape(())), "int32"))
             return relax.op.multiply(relax.op.astype(shifted, "float32"), scale)
 
-    @tvm.transform.module_pass(opt_level=0, name="ScalarQdqAsOps")
-    def rewrite(mod: Any, _ctx: Any) -> Any:
-        if "main" not in [g.name_hint for g in mod.functions]:
-            return mod
-        gv = mod.get_global_var("main")
-        mod.update_func(gv, ScalarQdq(mod).visit_expr(mod[gv]))
-        return mod
-
-    return rewrite
+    return main_rewrite_pass("ScalarQdqAsOps", ScalarQdq)

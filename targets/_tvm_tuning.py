@@ -602,12 +602,21 @@ def _scalar_minmax_as_ops() -> Any:
                 return call
             return (relax.op.maximum if name == "maximum" else relax.op.minimum)(fields[0], bound)
 
-    @tvm.transform.module_pass(opt_level=0, name="ScalarMinMaxAsOps")
+    return main_rewrite_pass("ScalarMinMaxAsOps", ScalarMinMax)
+
+
+def main_rewrite_pass(name: str, mutator: Any) -> Any:
+    """A module pass that runs ``mutator`` (a ``relax.PyExprMutator`` class) over the module's ``main``
+    and then drops the bindings it left unused; a module without ``main`` passes through."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def rewrite(mod: Any, _ctx: Any) -> Any:
         if "main" not in [g.name_hint for g in mod.functions]:
             return mod
         gv = mod.get_global_var("main")
-        mod.update_func(gv, ScalarMinMax(mod).visit_expr(mod[gv]))
+        mod.update_func(gv, mutator(mod).visit_expr(mod[gv]))
         return relax.transform.DeadCodeElimination()(mod)
 
     return rewrite
