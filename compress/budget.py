@@ -510,7 +510,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                     v.status = "pass" if lim.value >= 1.0 else "fail"
                     v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
                     return v
-                r = paired(samples, _clock(ref, at))
+                r = paired(samples, _clock(ref, at)[0])
                 v.value, v.low, v.high = r.ratio, r.low, r.high
                 v.unit = "x recorded"
                 notes.append(f"baseline artifact {str(ref.compiled_digest)[:12]} re-timed in this run, "
@@ -555,7 +555,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
                 v.status = "pass" if lim.value >= 1.0 else "fail"
                 v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
                 return v
-            r = paired(samples, _clock(other, at))
+            r = paired(samples, _clock(other, at)[0])
             v.value, v.low, v.high = r.ratio, r.low, r.high
             v.unit = f"x {lim.ratio_to}"
             notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
@@ -594,12 +594,14 @@ def _fidelity_source(report: Report) -> str:
     return f"the validation split ({report.data.val} samples of {report.data.source})"
 
 
-def _clock(cell: ResultCell, at: str) -> list[float]:
-    """The cell's latency samples at ``at`` on the clock its budgets use: a remote device's own, else the host's."""
+def _clock(cell: ResultCell, at: str) -> tuple[list[float], float]:
+    """The cell's latency samples at ``at`` and their p50 on the clock its budgets use: a remote device's own,
+    else the host's."""
     lat = cell.latency[at]
-    if cell.device is not None and lat.device is not None and lat.device.samples_ms:
-        return lat.device.samples_ms
-    return lat.samples_ms
+    dev = lat.device
+    if cell.device is not None and dev is not None and dev.samples_ms:
+        return dev.samples_ms, dev.p50_ms
+    return lat.samples_ms, lat.p50_ms
 
 
 def _across_devices(v: Verdict, cell: ResultCell, other: ResultCell, what: str) -> Verdict:
@@ -784,11 +786,10 @@ def check(
                 if r.reference or r.status != "ok":
                     continue
                 art = store.keep_artifact(Path(r.compiled_path)) if r.compiled_path else None
-                for batch, lat in r.latency.items():
-                    remote = r.device is not None and lat.device is not None and bool(lat.device.samples_ms)
+                for batch in r.latency:
+                    samples, p50 = _clock(r, batch)
                     store.put(BaselineStore.key(model, r.variant, r.target, batch, fp), {
-                        "digest": r.compiled_digest, "samples_ms": _clock(r, batch),
-                        "p50_ms": lat.device.p50_ms if remote and lat.device is not None else lat.p50_ms,
+                        "digest": r.compiled_digest, "samples_ms": samples, "p50_ms": p50,
                         "recorded": report.created, "machine": report.machine.cpu.model,
                         "artifact": art, **({"device": r.device} if r.device is not None else {})})
     if update_baseline:
