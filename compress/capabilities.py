@@ -25,6 +25,27 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 _ORDER = {p: i for i, p in enumerate(reversed(PRECISIONS))}
 
 
+class DecoderFacts(BaseModel):
+    """An ONNX decoder that carries its KV cache between calls (a causal LM lowered for generation).
+
+    Written by the lowering of a causal LM, kept by weight compression, read by every consumer: a
+    target that cannot generate refuses it, the generation runner reads the cache layout from it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    # The cache's layout: (batch, kv_heads, past_sequence, head_dim); the past length is axis 2.
+    cache_layout: Literal["bhsd"] = "bhsd"
+    past_axis: int = 2
+    # SHA-256 of the tokenizer's vocabulary (compress.causal_lm.tokenizer_digest): two models that
+    # share it can draft for each other and be compared token by token.
+    tokenizer_digest: str = ""
+    exporter: str = ""
+
+
 class Facts(BaseModel):
     """What every consumer of an artifact must honour. Frozen: a pass derives new facts with ``evolve``."""
 
@@ -49,6 +70,8 @@ class Facts(BaseModel):
     # The CPU architecture a compiled artifact runs on ("x86_64", "aarch64"); None: not tied to one
     # (an ONNX or PyTorch model, or a build any machine of the kind can load).
     arch: str | None = None
+    # A decoder language model lowered with its KV cache (None: any other model).
+    decoder: DecoderFacts | None = None
 
     def evolve(self, **changes: Any) -> Facts:
         """These facts with ``changes`` applied (validated)."""
@@ -118,6 +141,9 @@ class TargetCaps:
     sparse_kernels: frozenset[str] = frozenset()
     # Notes a report carries whenever this target was measured (how it was configured to be fair).
     report_notes: tuple[str, ...] = ()
+    # Has a generate loop for decoder language models (``target.lm_runner``): runs artifacts whose facts
+    # name a decoder with its KV cache.
+    generates: bool = False
     # Its builds can be exported as a bundle that runs without this package (None: they cannot).
     bundle: BundleSpec | None = None
 
@@ -133,4 +159,6 @@ def refusal(caps: TargetCaps, facts: Facts, target: str) -> str | None:
     if missing:
         return (f"target '{target}' lacks the operator(s) {', '.join(missing)} this model needs "
                 "(made by a pass that targets another runtime)")
+    if facts.decoder is not None and not caps.generates:
+        return f"target '{target}' has no generate loop for a decoder language model with its KV cache"
     return None

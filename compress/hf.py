@@ -9,6 +9,8 @@ arguments and one tensor output, which is what export, pruning and every target 
 - ``sequence-classification``: text classifier logits
 - ``image-classification``: image classifier logits
 - ``image-features``: vision backbone, pooled features (batch, channels)
+- ``causal-lm``: decoder language model, next-token logits (batch, seq, vocab); exported with its KV
+  cache and judged by generation and perplexity (``compress.causal_lm``)
 
 Weights are read from ``.safetensors`` only (no pickle), with ``local_files_only`` (no network).
 """
@@ -25,7 +27,7 @@ from torch import nn
 from .artifact import InputSpec
 from .errors import InputError, RecipeError
 
-TEXT_TASKS = ("embedding", "hidden-states", "sequence-classification")
+TEXT_TASKS = ("embedding", "hidden-states", "sequence-classification", "causal-lm")
 VISION_TASKS = ("image-classification", "image-features")
 TASKS = TEXT_TASKS + VISION_TASKS
 
@@ -88,7 +90,13 @@ class VisionModel(nn.Module):
 
 def task_output_kind(task: str) -> str:
     """What a task's output is, for fidelity (compress.fidelity): class logits or an embedding."""
-    return "logits" if task.endswith("classification") else "embedding"
+    return "logits" if task.endswith("classification") or task == "causal-lm" else "embedding"
+
+
+def _auto_class(tf: Any, task: str) -> Any:
+    return {"sequence-classification": tf.AutoModelForSequenceClassification,
+            "image-classification": tf.AutoModelForImageClassification,
+            "causal-lm": tf.AutoModelForCausalLM}.get(task, tf.AutoModel)
 
 
 def check_task(task: str | None, where: str) -> str:
@@ -103,8 +111,7 @@ def from_config(config: Any, task: str, seed: int = 0) -> nn.Module:
     """A wrapped model with random weights built from a ``transformers`` config (tests, the benchmark)."""
     tf = _transformers()
     torch.manual_seed(seed)
-    cls = {"sequence-classification": tf.AutoModelForSequenceClassification,
-           "image-classification": tf.AutoModelForImageClassification}.get(task, tf.AutoModel)
+    cls = _auto_class(tf, task)
     # Eager attention: the exported graph then holds plain MatMul/Softmax that every target runs.
     config._attn_implementation = "eager"
     model = cls.from_config(config, attn_implementation="eager")
@@ -112,6 +119,10 @@ def from_config(config: Any, task: str, seed: int = 0) -> nn.Module:
 
 
 def wrap(model: nn.Module, task: str) -> nn.Module:
+    if task == "causal-lm":
+        from .causal_lm import CausalLMModel
+
+        return CausalLMModel(model).eval()
     return (TextModel(model, task) if task in TEXT_TASKS else VisionModel(model, task)).eval()
 
 
@@ -123,8 +134,7 @@ def load_dir(path: Path, task: str) -> nn.Module:
     if not any(path.glob("*.safetensors")):
         raise InputError(f"{path}: no .safetensors weights; pickled weights (pytorch_model.bin) are not loaded "
                          "for safety; convert them with safetensors first")
-    cls = {"sequence-classification": tf.AutoModelForSequenceClassification,
-           "image-classification": tf.AutoModelForImageClassification}.get(task, tf.AutoModel)
+    cls = _auto_class(tf, task)
     try:
         model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                     attn_implementation="eager")

@@ -35,6 +35,7 @@ class PassContext:
     progress: bool = True
     log: Callable[[str], None] = field(default=lambda msg: None)
     original: Artifact | None = None  # the model as it entered the pipeline (teacher, fidelity)
+    text: Any = None  # compress.causal_lm.LMText: token windows of real text, for a causal LM
     history: list[str] = field(default_factory=list)  # text of the passes run so far
     _dirs: list[Path] = field(default_factory=list, repr=False)
 

@@ -65,6 +65,9 @@ class Cell:
     # The remote device the cell ran on (a TVM RPC device, named by its runner); None: this machine. Its latency
     # is judged on the device's own clock and never divided by a figure from another device.
     device: str | None = None
+    # A causal LM's figures (compress.measure_lm): perplexity, KL, agreement, time to first token, decode
+    # tokens/s and their paired ratios to the reference cell. None for any other model.
+    generation: dict[str, Any] | None = None
 
 
 @dataclass
@@ -95,6 +98,11 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     if threads_note:
         say(threads_note)
     torch.set_num_threads(threads)
+    if plan.ctx.text is not None:  # a causal LM: generation timed and scored on held-out text
+        from .measure_lm import measure_generation
+
+        cells = measure_generation(plan, variants, threads, say)
+        return Measurement(cells, threads, threads_note, probe.report(), None)
     cells = _build_cells(variants, plan.targets, plan.ctx, say)
     cells += _reference_cells(references or {}, plan.targets, say)
     try:

@@ -50,6 +50,8 @@ def load_model(spec: Any, cache: Cache) -> Artifact:
         return _load_onnx(_path_of(src), cache)
     if kind == "hf":
         return _load_hf(spec, cache)
+    if kind == "gguf":
+        return _load_gguf(spec, cache)
     if kind == "zoo":
         name = src[4:]
         if name not in zoo.ZOO:
@@ -104,6 +106,29 @@ def _store_loaded(cache: Cache, model: Any, source: dict[str, Any], inputs: tupl
     return cache.put(key, art)
 
 
+def _load_gguf(spec: Any, cache: Cache) -> Artifact:
+    """A GGUF file: a causal LM, dequantized to float through transformers' loader into a Hugging Face folder
+    kept in the cache (once per file content), then loaded like ``hf:DIR``; the report names the GGUF."""
+    from .causal_lm import CAUSAL_LM, gguf_to_dir
+
+    if spec.task not in (None, CAUSAL_LM):
+        raise RecipeError(f"model {spec.source!r}: a GGUF file is a causal language model; set task = \"causal-lm\" "
+                          f"(not {spec.task!r}) or leave it out")
+    path = Path(spec.source[5:] if spec.source.startswith("gguf:") else spec.source).expanduser()
+    folder = gguf_to_dir(path, cache.root, say=cache.log)
+    art = _load_hf(spec.model_copy(update={"source": f"hf:{folder}", "task": CAUSAL_LM}), cache)
+    art.metadata = {**art.metadata, "source": spec.source, "gguf": str(path),
+                    "note": "weights dequantized from GGUF to float32 by transformers"}
+    return art
+
+
+def hf_dir(root: Artifact) -> Path | None:
+    """The Hugging Face folder a root model was loaded from (GGUF files: the folder made from them)."""
+    src = root.metadata.get("source", "")
+    folder = root.metadata.get("hf_dir")
+    return Path(folder) if folder else (Path(src[3:]).expanduser() if src.startswith("hf:") else None)
+
+
 def _load_hf(spec: Any, cache: Cache) -> Artifact:
     """A Hugging Face model directory with the user's task head; inputs named and typed from its config."""
     from .hf import check_task, input_specs, read_config
@@ -119,7 +144,7 @@ def _load_hf(spec: Any, cache: Cache) -> Artifact:
         _load_weights(model, spec.weights)
     set_eval(model)
     return _store_loaded(cache, model, source, tuple(inputs), f"load {spec.source}",
-                         {"source": spec.source, "task": task},
+                         {"source": spec.source, "task": task, "hf_dir": str(path.resolve())},
                          {"source": source, "inputs": [s.to_json() for s in inputs]})
 
 

@@ -58,6 +58,23 @@ def _resolve_recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
+def _lm_text(rec: Recipe, root: Artifact, say: Callable[[str], None]) -> Any:
+    """A causal LM's text (held-out and calibration windows), or None for any other model."""
+    from .causal_lm import BUILTIN_TEXT, CAUSAL_LM, lm_text
+    from .models import hf_dir
+
+    if root.metadata.get("task") != CAUSAL_LM:
+        return None
+    folder = hf_dir(root)
+    if folder is None:
+        raise RecipeError("a causal LM needs its Hugging Face folder (hf:DIR or a .gguf file) for its tokenizer")
+    src = rec.data.source if rec.data.source not in ("random", "builtin:digits") else BUILTIN_TEXT
+    m = rec.measure
+    text = lm_text(folder, src, m.lm_window, m.lm_eval_tokens, m.lm_calib_tokens)
+    say(f"data: {text.note}")
+    return text
+
+
 def with_lowering(passes: list[PassConfig], need_onnx: bool) -> tuple[list[PassConfig], bool]:
     """Insert the lowering pass (PyTorch -> ONNX) where the chain switches to ONNX, or at the end when a
     target needs ONNX; returns the chain and whether a pass was inserted."""
@@ -134,12 +151,14 @@ def make_plan(
                        _for_chain(instruments, BASELINE))
     base.validate(root.kind)
 
-    data = load_data(rec.data, root.inputs[0].shape, root.inputs, model_source=rec.model.source)
+    text = _lm_text(rec, root, say)
+    data = None if text is not None else load_data(rec.data, root.inputs[0].shape, root.inputs,
+                                                   model_source=rec.model.source)
     if data is not None and data.note:
         say(f"data: {data.note}")
-    n_classes = preflight.model_classes(root, data)
+    n_classes = preflight.model_classes(root, data) if text is None else None
     preflight.check_labels(data, n_classes)
-    for pm in chains.values():
+    for pm in chains.values() if text is None else ():
         preflight.check_data_needed(pm.steps, data, synthetic_ok=any(
             not np.issubdtype(np.dtype(s.dtype), np.floating) for s in root.inputs))
     if rec.model.train_epochs:
@@ -147,6 +166,6 @@ def make_plan(
             raise RecipeError("model.train_epochs needs a PyTorch model, not an ONNX file")
         if data is None or not data.labelled:
             raise RecipeError("model.train_epochs needs labelled data (e.g. data = { source = \"builtin:digits\" })")
-    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say)
+    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say, text=text)
     return Plan(rec, out, write, cache, say, progress, target_cfgs, targets, chains, base, auto_export, root, data,
                 n_classes, ctx, dict(extra_models or {}), threads)

@@ -68,6 +68,15 @@ class MeasureSpec(_Strict):
     # optional task metric ``package.module:function`` called as fn(ref, got, labels).
     output_kind: Literal["auto", "logits", "embedding", "regression"] = "auto"
     metric: str | None = None
+    # Causal language models (model.task = "causal-lm"): generation is timed with a prompt of lm_prompt
+    # tokens and lm_new_tokens greedy tokens, lm_rounds interleaved rounds; perplexity over the text's
+    # last lm_eval_tokens tokens (held out) in windows of lm_window; calibration from the text's start.
+    lm_prompt: int = Field(128, ge=1, le=1 << 16)
+    lm_new_tokens: int = Field(32, ge=2, le=1 << 16)
+    lm_rounds: int = Field(5, ge=2, le=1000)
+    lm_window: int = Field(512, ge=2, le=1 << 16)
+    lm_eval_tokens: int = Field(4096, ge=2)
+    lm_calib_tokens: int = Field(4096, ge=2)
 
 
 class Recipe(_Strict):

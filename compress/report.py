@@ -107,7 +107,9 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
     notes: list[str] = []
     if contention:
         notes += [f"WARNING {w}" for w in contention.get("warnings", [])]
-    if data is None:
+    if any(getattr(c, "generation", None) for c in cells):
+        pass  # a causal LM: judged by perplexity and agreement on held-out text (its generation table)
+    elif data is None:
         notes.append("accuracy not measured: no data given (data.source = \"random\"); fidelity is on random inputs")
     elif not data.labelled:
         notes.append("accuracy not measured: the data has no labels; fidelity to the original model is reported")
@@ -155,6 +157,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             else None,
             "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
             "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
+            **({"generation": c.generation} if c.generation else {}),
         }))
     extra: dict[str, Any] = {"baseline_label": baseline_label} if baseline_label else {}
     return Report(
@@ -229,6 +232,36 @@ def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[l
     return head, rows
 
 
+def generation_lines(report: Report) -> list[str]:
+    """A causal LM's table: perplexity and agreement against the reference, time to first token and decode
+    speed with their paired ratios (empty for other models)."""
+    rows = [r for r in report.results if r.generation is not None and r.generation.perplexity is not None]
+    if not rows:
+        return []
+    g0 = rows[0].generation
+    assert g0 is not None
+    head = ["variant", "target", "perplexity", "rise", "KL", "top-1 agr", "greedy agr", "TTFT ms", "vs ref",
+            "decode tok/s", "vs ref", "size"]
+    out_rows = []
+    for r in rows:
+        g = r.generation
+        assert g is not None
+        tr, ds = g.ttft_ratio, g.decode_speedup
+        out_rows.append([
+            r.variant, r.target, f"{g.perplexity:.3f}", f"{100 * (g.perplexity_rise or 0):+.1f}%",
+            f"{g.kl or 0:.4f}", f"{100 * (g.top1_agreement or 0):.1f}%", f"{100 * (g.greedy_agreement or 0):.0f}%",
+            f"{g.ttft_ms:.1f}" if g.ttft_ms is not None else "-",
+            f"{tr.ratio:.2f}x [{tr.low:.2f}, {tr.high:.2f}]" if tr else "ref",
+            f"{g.decode_tokens_per_s:.1f}" if g.decode_tokens_per_s is not None else "-",
+            f"{ds.ratio:.2f}x [{ds.low:.2f}, {ds.high:.2f}]" if ds else "ref", _fmt_size(r.size_bytes)])
+    widths = [max(len(h), *(len(x[i]) for x in out_rows)) for i, h in enumerate(head)]
+    lines = [f"generation: prompt {g0.prompt_tokens} tokens, {g0.new_tokens} new greedy tokens, batch {g0.batch}, "
+             f"{g0.rounds} interleaved rounds; perplexity over {g0.eval_tokens} held-out tokens",
+             "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in out_rows]
+    return lines
+
+
 def seq_lines(report: Report) -> list[str]:
     """Latency at the sequence lengths of measure.seq_lens other than the model's own (keys "B/sS"):
     one line per cell and length, with the paired ratio to the baseline at the same shape."""
@@ -245,6 +278,11 @@ def seq_lines(report: Report) -> list[str]:
 
 
 def render_text(report: Report, compare: bool = False) -> str:
+    gen = generation_lines(report)
+    if gen:  # a causal LM: its own table (the classifier table's columns are all empty for it)
+        return "\n".join([*gen, *([""] + [f"note: {n}" for n in report.notes] if report.notes else []),
+                          *[f"note: {r.variant}/{r.target}: {r.status}: {r.reason}" for r in report.results
+                            if r.status != "ok"]])
     head, rows = table_rows(report, compare)
     if compare:  # unavailable targets go below the table, once each, with the reason
         gone = {r[1]: r[-1] for r in rows if r[-1].startswith("unavailable")}
@@ -285,7 +323,11 @@ def render_markdown(report: Report) -> str:
         lines[-1:-1] = [f"ISA forced by COMPRESS_ISA/COMPRESS_ARCH (this CPU has: "
                         f"{', '.join(m.cpu.isa_detected) or 'none'}); ISA-dependent choices follow the "
                         "forced ISA.  "]
-    for target in dict.fromkeys(r.target for r in report.results):
+    gen = generation_lines(report)
+    if gen:  # a causal LM: one table of quality and generation speed
+        lines += ["## Generation", "", gen[0], ""]
+        lines += ["```", *gen[1:], "```", ""]
+    for target in dict.fromkeys(r.target for r in report.results if not gen):
         sub = [row for row in rows if row[1] == target]
         lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sub]

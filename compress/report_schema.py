@@ -222,6 +222,33 @@ class Parity(_Record):
     top1_simulated: float | None = None
 
 
+class Generation(_Record):
+    """A causal language model's figures (``compress.measure_lm``): quality on held-out text against the
+    reference cell (the original model on the reference target), and generation speed from interleaved
+    rounds with paired ratios to that cell."""
+
+    perplexity: float | None = Field(None, description="exp(mean negative log-likelihood) over held-out windows")
+    perplexity_rise: float | None = Field(None, description="perplexity / the reference's - 1")
+    eval_tokens: int | None = None
+    kl: float | None = Field(None, description="mean per-token KL(reference || this), nats")
+    top1_agreement: float | None = Field(None, description="next-token argmax agreement with the reference")
+    greedy_agreement: float | None = Field(None, description="greedy tokens equal to the reference's, up to "
+                                           "the first divergence, as a fraction of the generated tokens")
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+    batch: int | None = None
+    rounds: int | None = None
+    ttft_ms: float | None = Field(None, description="time to first token, median over rounds")
+    ttft_ms_low: float | None = None
+    ttft_ms_high: float | None = None
+    decode_tokens_per_s: float | None = Field(None, description="tokens/s after the first, from the median "
+                                              "time per token")
+    decode_tokens_per_s_low: float | None = None
+    decode_tokens_per_s_high: float | None = None
+    ttft_ratio: RatioCI | None = Field(None, description="time to first token / the reference's (paired)")
+    decode_speedup: RatioCI | None = Field(None, description="decode tokens/s / the reference's (paired)")
+
+
 class ResultCell(_Record):
     """One (variant, target) pair and everything measured on it."""
 
@@ -247,6 +274,8 @@ class ResultCell(_Record):
     device: str | None = Field(None, description="the remote device the cell was timed on (TVM RPC); null: this "
                                "machine. Its ratios and budgets use that device's clock (latency.B.device) and "
                                "are never computed against a figure from another device")
+    generation: Generation | None = Field(None, description="causal language models: perplexity, agreement and "
+                                          "generation speed")
 
 
 # -------------------------------------------------------------------------------------- variants

@@ -27,6 +27,8 @@ def classify_source(src: str) -> str:
         return "zoo"
     if src.startswith("hf:"):
         return "hf"
+    if src.startswith("gguf:") or src.endswith(".gguf"):
+        return "gguf"
     if src.startswith("onnx:") or src.endswith(".onnx"):
         return "onnx"
     if src.startswith("pt2:") or src.endswith(".pt2"):
@@ -35,7 +37,8 @@ def classify_source(src: str) -> str:
         return "factory"
     raise RecipeError(
         f"model source {src!r} not understood; use zoo:NAME ({', '.join(zoo.ZOO)}), "
-        "package.module:factory, a .pt2 exported program, an .onnx file or hf:DIR (a Hugging Face model directory)"
+        "package.module:factory, a .pt2 exported program, an .onnx file, hf:DIR (a Hugging Face model directory) "
+        "or a .gguf file (a causal LM, dequantized to float)"
     )
 
 

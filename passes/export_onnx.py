@@ -148,6 +148,12 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     import onnxruntime as ort
 
     module = set_eval(load_torch(art))
+    from compress.causal_lm import is_causal_lm
+
+    if is_causal_lm(module):  # a decoder LM is lowered with its KV cache, by the exporter made for it
+        from .export_decoder import export_decoder
+
+        return export_decoder(art, module, ctx)
     names = [s.name for s in art.inputs]
     args = sample_inputs(art.inputs, seed=ctx.seed)
     out_dir = ctx.new_dir("onnx")

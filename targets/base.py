@@ -43,6 +43,12 @@ class Target(Protocol):
     def runner(self, compiled: Artifact, threads: int = 0) -> Runner: ...
 
 
+class GeneratingTarget(Target, Protocol):
+    """A target whose ``caps.generates`` is true: it runs a decoder language model's generate loop."""
+
+    def lm_runner(self, art: Artifact, threads: int) -> Any: ...  # compress.generation.LMRunner
+
+
 def module_version(name: str) -> str:
     from importlib import metadata
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from typing import Any, Literal
 
 import numpy as np
@@ -46,7 +49,7 @@ class OrtRunner:
 @register_target(OnnxRuntimeConfig)
 class OnnxRuntimeTarget:
     name = "onnxruntime"
-    caps = TargetCaps(consumes=ONNX, default=True, op_domains=frozenset({"com.microsoft"}),
+    caps = TargetCaps(consumes=ONNX, default=True, op_domains=frozenset({"com.microsoft"}), generates=True,
                       report_notes=("ONNX Runtime measured with intra-op thread spinning off unless the target "
                                     "config says otherwise",),
                       bundle=BundleSpec("model.onnx", "onnxruntime",
@@ -81,6 +84,8 @@ class OnnxRuntimeTarget:
         import onnxruntime as ort
 
         out = ctx.new_dir("ort")
+        if art.known_facts().decoder is not None:
+            return self._compile_decoder(art, out)
         so = self._options(1, _LEVELS[self.config.optimization])
         so.optimized_model_filepath = str(out / "model.onnx")
         try:
@@ -90,6 +95,33 @@ class OnnxRuntimeTarget:
         return Artifact("compiled", out, sha256_files(out), art.inputs,
                         metadata={"target": "onnxruntime", "optimization": self.config.optimization,
                                   "allow_spinning": self.config.allow_spinning})
+
+    def _compile_decoder(self, art: Artifact, out: Any) -> Artifact:
+        """A decoder with its KV cache is built as it is: its exporter already fused attention and norms, and
+        saving an optimized copy would write its weights (hundreds of MB) a second time. Its files are
+        linked into the build, and the session is opened once here so a model ONNX Runtime refuses fails
+        at build time, not while timing."""
+        import onnxruntime as ort
+
+        for f in art.path.iterdir():
+            if f.is_file() and f.name != "artifact.json":
+                try:
+                    os.link(f, out / f.name)
+                except OSError:  # another file system: copy
+                    shutil.copy2(f, out / f.name)
+        try:
+            ort.InferenceSession(str(out / "model.onnx"), self._options(1, "ORT_DISABLE_ALL"),
+                                 providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise BuildError(f"onnxruntime could not load the decoder: {str(e).splitlines()[0][:300]}") from e
+        return Artifact("compiled", out, sha256_files(out), art.inputs,
+                        metadata={"target": "onnxruntime", "decoder": True, "allow_spinning": False})
+
+    def lm_runner(self, compiled: Artifact, threads: int) -> Any:
+        """The decoder's generate loop with the KV cache kept in ONNX Runtime values."""
+        from compress.generation import OrtLMRunner
+
+        return OrtLMRunner(compiled.path, self.config.threads or threads)
 
     def runner(self, compiled: Artifact, threads: int = 0) -> OrtRunner:
         import onnxruntime as ort

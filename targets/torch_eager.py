@@ -47,7 +47,7 @@ class TorchRunner:
 class TorchTarget:
     name = "torch"
     # The eager model is the reference: any batch, measured by default, nothing to check it against.
-    caps = TargetCaps(consumes=PYTORCH, reference=True, any_batch=True, default=True)
+    caps = TargetCaps(consumes=PYTORCH, reference=True, any_batch=True, default=True, generates=True)
 
     def __init__(self, config: TorchConfig) -> None:
         self.config = config
@@ -63,6 +63,13 @@ class TorchTarget:
         for name in ("source.json", "model.pt"):
             shutil.copy2(art.path / name, out / name)
         return Artifact("compiled", out, art.digest, art.inputs, metadata={"target": "torch", "format": "torch"})
+
+    def lm_runner(self, compiled: Artifact, threads: int) -> Any:
+        """Greedy generation with the model's own KV cache (the reference for decoder language models)."""
+        from compress.generation import TorchLMRunner
+
+        tmp = Artifact(PYTORCH, compiled.path, compiled.digest, compiled.inputs)
+        return TorchLMRunner(load_torch(tmp), self.config.threads or threads)
 
     def runner(self, compiled: Artifact, threads: int = 0) -> TorchRunner:
         tmp = Artifact(PYTORCH, compiled.path, compiled.digest, compiled.inputs)

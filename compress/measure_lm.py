@@ -1,0 +1,157 @@
+"""Stage 3 for a causal language model: generation timed, quality scored.
+
+Each (variant, target) cell gets a generation runner from its target (``target.lm_runner``, declared by
+``TargetCaps.generates``). Then:
+
+* quality: every cell's logits over the held-out windows give its perplexity, and against the
+  reference cell (the original model on the reference target) the per-token KL divergence and top-1
+  next-token agreement; a greedy generation from the first held-out window gives greedy-token
+  agreement;
+* speed: every cell generates ``lm_new_tokens`` tokens after an ``lm_prompt``-token prompt once per
+  round, in an order that changes every round (``compress.measure.round_orders``); time to first token
+  and decode tokens/s are compared with the reference cell's as paired ratios with bootstrap intervals
+  (``compress.stats.ratio_ci``), as every latency of the product is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .artifact import PYTORCH
+from .capabilities import refusal
+from .errors import CompressError, TargetUnavailable
+from .measure import round_orders
+from .stats import bootstrap_stat, ratio_ci
+
+
+def _cells(plan: Any, variants: list[Any], threads: int, say: Callable[[str], None]) -> list[Any]:
+    from .measurement import Cell, _compile
+
+    cells = []
+    for t in plan.targets:
+        reason = t.unavailable_reason()
+        for v in variants:
+            cell = Cell(v.name, t.name, config=t.config.canonical(), caps=t.caps)
+            cells.append(cell)
+            src = v.torch_art if t.caps.consumes == PYTORCH else v.onnx_art
+            if reason is not None:
+                cell.status, cell.reason = "unavailable", reason
+                continue
+            if src is None:
+                cell.status, cell.reason = "unavailable", "the pipeline produced no model this target consumes"
+                continue
+            if t.caps.consumes == PYTORCH and v is not variants[0] and src.digest == variants[0].torch_art.digest:
+                cell.status, cell.reason = "skipped", "same PyTorch model as the baseline (its passes act on ONNX)"
+                continue
+            refused = refusal(t.caps, src.known_facts(), t.name)
+            if refused is None and not t.caps.generates:
+                refused = f"target '{t.name}' has no generate loop for a causal language model"
+            if refused is not None:
+                cell.status, cell.reason = "failed", f"refused: {refused}"
+                continue
+            try:
+                compiled, hit, secs = _compile(t, src, plan.ctx)
+                cell.compiled, cell.cache_hit, cell.build_s = compiled, hit, secs
+                cell.size_bytes = src.size_bytes()
+                cell.runner = t.lm_runner(compiled, threads)
+                say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
+            except TargetUnavailable as e:
+                cell.status, cell.reason = "unavailable", str(e)
+            except CompressError as e:
+                cell.status, cell.reason = "failed", str(e)
+                say(f"compile {v.name} for {t.name}: failed: {e}")
+    return cells
+
+
+def _reference(cells: list[Any], baseline: str) -> Any:
+    live = [c for c in cells if c.status == "ok"]
+    return next((c for c in live if c.variant == baseline and c.caps.reference),
+                next((c for c in live if c.variant == baseline), live[0] if live else None))
+
+
+def _quality(cells: list[Any], ref: Any, text: Any, prompt: int, new: int, say: Callable[[str], None]) -> None:
+    from .causal_lm import WindowScores
+
+    live = [c for c in cells if c.status == "ok"]
+    scores = {id(c): WindowScores() for c in live}
+    for i, w in enumerate(text.eval):
+        ref_logits = ref.runner.logits(w)
+        for c in live:
+            got = ref_logits if c is ref else c.runner.logits(w)
+            scores[id(c)].add(got, w, None if c is ref else ref_logits)
+        say(f"perplexity: window {i + 1}/{len(text.eval)}")
+    p = text.eval[0][: min(prompt, text.window)][None]
+    ref_toks = ref.runner.generate(p, new).tokens[0]
+    base_ppl = scores[id(ref)].figures()["perplexity"]
+    for c in live:
+        f = scores[id(c)].figures()
+        toks = ref_toks if c is ref else c.runner.generate(p, new).tokens[0]
+        c.generation.update({
+            "perplexity": f["perplexity"], "eval_tokens": int(f["tokens"]),
+            "perplexity_rise": f["perplexity"] / base_ppl - 1.0,
+            "kl": f.get("kl", 0.0), "top1_agreement": f.get("top1_agreement", 1.0),
+            # Greedy tokens agree up to the first divergence; after it the contexts differ.
+            "greedy_agreement": float(np.cumprod(toks == ref_toks).sum() / len(ref_toks)),
+        })
+
+
+def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rounds: int, seed: int,
+           say: Callable[[str], None]) -> None:
+    live = [c for c in cells if c.status == "ok"]
+    ids = np.concatenate(list(text.eval) + list(text.calib))
+    if len(ids) < prompt_len:
+        raise CompressError(f"measure.lm_prompt = {prompt_len}: the text has only {len(ids)} tokens")
+    prompt = ids[:prompt_len][None]
+    for c in live:  # one untimed warm-up each: first calls allocate and page in weights
+        c.runner.generate(prompt, min(new, 4))
+    ttft: dict[int, list[float]] = {id(c): [] for c in live}
+    tpot: dict[int, list[float]] = {id(c): [] for c in live}
+    for r, order in enumerate(round_orders(len(live), rounds, seed)):
+        for k in order:
+            c = live[k]
+            g = c.runner.generate(prompt, new)
+            ttft[id(c)].append(g.ttft_s * 1e3)
+            tpot[id(c)].append(g.decode_s * 1e3 / max(new - 1, 1))
+        say(f"generation: round {r + 1}/{rounds}")
+    for c in live:
+        t50, tlo, thi = bootstrap_stat(ttft[id(c)], "p50", seed=seed)
+        d50, dlo, dhi = bootstrap_stat(tpot[id(c)], "p50", seed=seed)
+        g: dict[str, Any] = {
+            "prompt_tokens": prompt_len, "new_tokens": new, "batch": 1, "rounds": rounds,
+            "ttft_ms": t50, "ttft_ms_low": tlo, "ttft_ms_high": thi,
+            "decode_tokens_per_s": 1e3 / d50, "decode_tokens_per_s_low": 1e3 / dhi,
+            "decode_tokens_per_s_high": 1e3 / dlo,
+        }
+        if c is not ref:
+            # Ratios from paired rounds: time to first token candidate/reference (lower is better), decode
+            # speed-up reference time per token / candidate's (higher is better).
+            g["ttft_ratio"] = ratio_ci(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).to_json()
+            g["decode_speedup"] = ratio_ci(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).to_json()
+        c.generation.update(g)
+
+
+def measure_generation(plan: Any, variants: list[Any], threads: int, say: Callable[[str], None]) -> list[Any]:
+    """Cells of a causal-LM run: built, scored on held-out text and timed generating."""
+    from .plan import BASELINE
+
+    rec, text = plan.recipe, plan.ctx.text
+    cells = _cells(plan, variants, threads, say)
+    for c in cells:
+        c.generation = {}
+    ref = _reference(cells, BASELINE)
+    try:
+        if ref is not None:
+            m = rec.measure
+            _quality(cells, ref, text, m.lm_prompt, m.lm_new_tokens, say)
+            _speed(cells, ref, text, m.lm_prompt, m.lm_new_tokens, m.lm_rounds, rec.seed, say)
+            for c in cells:
+                if c.status == "ok" and c is not ref:
+                    c.notes.append(f"generation compared with {ref.variant}/{ref.target} (paired rounds)")
+    finally:
+        for c in cells:
+            if c.runner is not None:
+                c.runner.close()
+    return cells
