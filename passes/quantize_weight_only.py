@@ -30,9 +30,19 @@ class QuantizeWeightOnly(ParityOptions):
     symmetric: bool = True
     format: Literal["matmulnbits", "qdq"] = "matmulnbits"
     keep_float: tuple[str, ...] = ()
+    # How block scales are chosen: round-to-nearest; HQQ (half-quadratic optimisation of scale and zero
+    # point, no data); GPTQ (second-order error compensation on calibration text; decoders only here).
+    algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
+    # MatMulNBits' compute: None = float activations; 4 = INT8 activations (ONNX Runtime's fastest CPU
+    # path for 4-bit weights, the genai builder's CPU default).
+    accuracy_level: Literal[1, 2, 3, 4] | None = None
+    # Decoders: the LM head (the largest and most output-sensitive MatMul) at 8 bits; None = as the rest.
+    head_bits: Literal[4, 8] | None = None
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:
+        if self.algorithm != "rtn" and self.format != "matmulnbits":
+            raise ValueError(f"algorithm={self.algorithm!r} needs format='matmulnbits'")
         if self.bits == 8 and self.format == "qdq":
             raise ValueError("bits=8 needs format='matmulnbits' (ONNX Runtime's quantizer writes 8-bit blocks only "
                              "as MatMulNBits); use bits=4 for format='qdq'")
@@ -47,6 +57,13 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     src = art.path / "model.onnx"
+    if art.known_facts().decoder is not None:
+        from .quantize_decoder import quantize_decoder_weights
+
+        return quantize_decoder_weights(art, cfg, ctx)
+    if cfg.algorithm != "rtn" or cfg.head_bits is not None:
+        raise PassError(f"quantize.weight_only: algorithm={cfg.algorithm!r} and head_bits apply to decoder language "
+                        "models (model.task = \"causal-lm\"); use the defaults for this model")
     model = name_nodes(onnx.load(str(src)))
     refuse_quantized(model, "quantize.weight_only")
     nodes = weighted_nodes(model, ("MatMul",))

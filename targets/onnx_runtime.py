@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 from typing import Any, Literal
@@ -98,17 +97,14 @@ class OnnxRuntimeTarget:
 
     def _compile_decoder(self, art: Artifact, out: Any) -> Artifact:
         """A decoder with its KV cache is built as it is: its exporter already fused attention and norms, and
-        saving an optimized copy would write its weights (hundreds of MB) a second time. Its files are
-        linked into the build, and the session is opened once here so a model ONNX Runtime refuses fails
+        saving an optimized copy would serialize its weights (hundreds of MB) into one protobuf. Its files are
+        copied into the build, and the session is opened once here so a model ONNX Runtime refuses fails
         at build time, not while timing."""
         import onnxruntime as ort
 
         for f in art.path.iterdir():
             if f.is_file() and f.name != "artifact.json":
-                try:
-                    os.link(f, out / f.name)
-                except OSError:  # another file system: copy
-                    shutil.copy2(f, out / f.name)
+                shutil.copy2(f, out / f.name)  # a copy: a hard link would tie the build to the cache entry
         try:
             ort.InferenceSession(str(out / "model.onnx"), self._options(1, "ORT_DISABLE_ALL"),
                                  providers=["CPUExecutionProvider"])

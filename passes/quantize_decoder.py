@@ -1,0 +1,154 @@
+"""Weight-only INT4/INT8 of a decoder language model's MatMuls (``quantize.weight_only`` on a model whose
+facts name a decoder with its KV cache), with ONNX Runtime's MatMulNBits quantizer.
+
+What differs from the plain pass, and why:
+* the tied embedding's ``Gather`` is never touched: only MatMul weights are packed (NNCF's ONNX backend
+  packed the embedding into a MatMulNBits fed by int64 ids, which ONNX Runtime refuses: issue 29);
+* GPTQ is calibrated on the run's own calibration windows (never the held-out ones), fed with an empty
+  KV cache, so the activations it sees are the prefill's;
+* the LM head may stay at 8 bits (``head_bits``): it is the largest and most output-sensitive MatMul;
+* the result is saved with its weights in an external data file: a model over 2 GB cannot be one
+  protobuf;
+* parity is judged as a decoder is used: next-token agreement and KL against the input model on
+  calibration windows, recorded in the artifact (the run's fidelity on held-out text is the verdict).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from compress.artifact import Artifact, sha256_files
+from compress.errors import PassError
+from compress.manager import PassContext
+
+
+class _Windows:
+    """GPTQ's calibration reader: the run's calibration windows as prefill feeds with an empty cache."""
+
+    def __init__(self, windows: np.ndarray, decoder: Any, kv_dtype: Any) -> None:
+        self.items = []
+        for w in windows:
+            f: dict[str, np.ndarray] = {"input_ids": w[None].astype(np.int64),
+                                        "attention_mask": np.ones((1, len(w)), np.int64)}
+            z = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), kv_dtype)
+            for i in range(decoder.layers):
+                f[f"past_key_values.{i}.key"] = z
+                f[f"past_key_values.{i}.value"] = z
+            self.items.append(f)
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.items):
+            return None
+        self.i += 1
+        return self.items[self.i - 1]
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __iter__(self) -> Any:
+        return iter(self.items)
+
+
+def _algo(cfg: Any, ctx: PassContext, decoder: Any, head: str | None) -> Any:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    custom = {head: {"bits": cfg.head_bits}} if head and cfg.head_bits else None
+    if cfg.algorithm == "hqq":
+        return mq.HQQWeightOnlyQuantConfig(block_size=cfg.group_size, bits=cfg.bits, quant_format=QuantFormat.QOperator,
+                                           op_types_to_quantize=("MatMul",))
+    if cfg.algorithm == "gptq":
+        text = ctx.text
+        if text is None:
+            raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
+                            "\"builtin:pydoc-topics\" or text:FILE)")
+        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(text.calib[:8], decoder, np.float32),
+                                            block_size=cfg.group_size, quant_format=QuantFormat.QOperator,
+                                            op_types_to_quantize=("MatMul",))
+    return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits,
+                                           accuracy_level=cfg.accuracy_level, quant_format=QuantFormat.QOperator,
+                                           op_types_to_quantize=("MatMul",), customized_weight_config=custom) \
+        if custom else mq.DefaultWeightOnlyQuantConfig(
+            block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits, accuracy_level=cfg.accuracy_level,
+            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+
+
+def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
+    import shutil
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from .quantize_int8 import _quiet
+
+    decoder = art.known_facts().decoder
+    assert decoder is not None
+    if cfg.format != "matmulnbits":
+        raise PassError("quantize.weight_only on a decoder needs format='matmulnbits' (ONNX Runtime's packed kernel "
+                        "is what makes decoding faster)")
+    model = onnx.load(str(art.path / "model.onnx"))
+    mats = [n for n in model.graph.node if n.op_type == "MatMul"]
+    inits = {i.name: i for i in model.graph.initializer}
+    widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
+    bad = sorted({w for w in widths.values() if w % cfg.group_size})
+    if bad:
+        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} does not divide the MatMul input "
+                        f"width(s) {bad}; choose a group size that divides {min(widths.values())}")
+    head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
+    ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
+            f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
+    try:
+        with _quiet():
+            q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
+                                     accuracy_level=cfg.accuracy_level, nodes_to_exclude=list(cfg.keep_float),
+                                     algo_config=_algo(cfg, ctx, decoder, head))
+            q.process()
+    except PassError:
+        raise
+    except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
+        raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed ({cfg.algorithm}): "
+                        f"{str(e).splitlines()[0][:300]}") from e
+    out_dir = ctx.new_dir("onnx")
+    q.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
+    for f in art.path.iterdir():  # the decoder's I/O contract and tokenizer travel with it
+        if f.is_file() and f.suffix not in (".onnx", ".data") and f.name != "artifact.json":
+            shutil.copy2(f, out_dir / f.name)
+    ops = [n.op_type for n in onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph.node]
+    packed = ops.count("MatMulNBits")
+    if packed == 0:
+        raise PassError("quantize.weight_only: no MatMul of the decoder was compressed")
+    parity = _agreement(art, out_dir, ctx)
+    precision = "int4" if cfg.bits == 4 else "int8"
+    notes = [f"weight-only INT{cfg.bits} ({cfg.algorithm}, group {cfg.group_size}"
+             + (", symmetric" if cfg.symmetric and cfg.algorithm == "rtn" else "")
+             + (f", LM head INT{cfg.head_bits}" if cfg.head_bits else "")
+             + (f", accuracy_level {cfg.accuracy_level}" if cfg.accuracy_level else "")
+             + f") on {packed} of {len(mats)} MatMul layer(s); the embedding Gather stays float"]
+    info = {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
+            "head_bits": cfg.head_bits, "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,
+            "matmul_layers": len(mats), "parity": parity, "notes": notes}
+    facts = art.known_facts().lower_precision(precision).evolve(
+        quantization="weight_only", required_ops=tuple(sorted({*art.known_facts().required_ops,
+                                                               "com.microsoft:MatMulNBits"})))
+    return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.weight_only": info},
+                    facts=facts)
+
+
+def _agreement(art: Artifact, out_dir: Any, ctx: PassContext) -> dict[str, Any]:
+    """Next-token agreement and KL of the compressed decoder against its input on calibration windows."""
+    from compress.causal_lm import WindowScores
+    from compress.generation import OrtLMRunner
+
+    text = ctx.text
+    if text is None:
+        return {"checked": False, "reason": "no text data to check on"}
+    ref, got = OrtLMRunner(art.path, 1), OrtLMRunner(out_dir, 1)
+    sc = WindowScores()
+    for w in text.calib[:2]:
+        sc.add(got.logits(w), w, ref.logits(w))
+    f = sc.figures()
+    return {"checked": True, "inputs": f"{min(2, len(text.calib))} calibration window(s) of {text.window} tokens",
+            "top1_agreement": f["top1_agreement"], "kl": f["kl"]}
