@@ -112,9 +112,9 @@ def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rou
     for r, order in enumerate(round_orders(len(live), rounds, seed)):
         for k in order:
             c = live[k]
-            g = c.runner.generate(prompt, new)
-            ttft[id(c)].append(g.ttft_s * 1e3)
-            tpot[id(c)].append(g.decode_s * 1e3 / max(new - 1, 1))
+            run = c.runner.generate(prompt, new)
+            ttft[id(c)].append(run.ttft_s * 1e3)
+            tpot[id(c)].append(run.decode_s * 1e3 / max(new - 1, 1))
         say(f"generation: round {r + 1}/{rounds}")
     for c in live:
         t50, tlo, thi = bootstrap_stat(ttft[id(c)], "p50", seed=seed)

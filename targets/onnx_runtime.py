@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-
 from typing import Any, Literal
 
 import numpy as np

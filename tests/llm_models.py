@@ -12,6 +12,7 @@ from typing import Any
 def tiny_tokenizer(vocab_size: int) -> Any:
     """A word-level fast tokenizer whose vocabulary is the most common words of pydoc_data.topics."""
     from pydoc_data.topics import topics
+
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

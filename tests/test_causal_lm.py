@@ -1,0 +1,189 @@
+"""Decoder language models end to end: a causal LM in (hf:DIR), lowered with its KV cache, weight-compressed,
+generated with on PyTorch and ONNX Runtime, judged in perplexity, agreement and paired generation speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime_genai")
+
+from compress.capabilities import DecoderFacts, Facts, TargetCaps, refusal
+from compress.causal_lm import WindowScores
+from compress.errors import CompressError, InputError, PassError, RecipeError
+from compress.pipeline import run
+from compress.recipe import recipe_from_dict
+from compress.report_schema import load_report
+from tests.llm_models import tiny_llama
+
+MEASURE = {"lm_prompt": 16, "lm_new_tokens": 6, "lm_rounds": 2, "lm_window": 48, "lm_eval_tokens": 96,
+           "lm_calib_tokens": 96, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("lm") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _recipe(lm_dir: Path, passes: list[dict] | None = None, **measure: object) -> object:
+    return recipe_from_dict({"name": "lm", "model": {"source": f"hf:{lm_dir}", "task": "causal-lm"},
+                             "data": {"source": "builtin:pydoc-topics"}, "measure": {**MEASURE, **measure},
+                             "passes": passes or [], "targets": [{"kind": "torch"}, {"kind": "onnxruntime"}]})
+
+
+@pytest.fixture(scope="module")
+def int4_report(lm_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    rep = run(_recipe(lm_dir, [{"kind": "quantize.weight_only", "bits": 4, "group_size": 32}]), out_dir=out,
+              cache_dir=cache_dir, progress=False)
+    return rep, out
+
+
+def _cell(rep: object, variant: str, target: str) -> object:
+    return next(r for r in rep.results if r.variant == variant and r.target == target)  # type: ignore[attr-defined]
+
+
+def test_fp32_decoder_matches_pytorch_token_for_token(int4_report: tuple[object, Path]) -> None:
+    rep, _ = int4_report
+    torch_cell, ort_cell = _cell(rep, "baseline", "torch"), _cell(rep, "baseline", "onnxruntime")
+    assert torch_cell.status == ort_cell.status == "ok"
+    g_ref, g = torch_cell.generation, ort_cell.generation
+    # Same model, two runtimes: the same perplexity, every next token and every greedy token agree.
+    assert g.perplexity == pytest.approx(g_ref.perplexity, rel=1e-4)
+    assert g.top1_agreement == 1.0 and g.greedy_agreement == 1.0
+    assert g.kl < 1e-6
+    # The export's own per-step parity is recorded in the variant's passes.
+    parity = rep.variants["lm"].passes["quantize.weight_only"]["parity"]
+    assert parity["checked"] and 0 < parity["top1_agreement"] <= 1
+
+
+def test_generation_speed_is_a_paired_ratio_against_the_reference(int4_report: tuple[object, Path]) -> None:
+    rep, out = int4_report
+    for variant in ("baseline", "lm"):
+        g = _cell(rep, variant, "onnxruntime").generation
+        assert g.rounds == MEASURE["lm_rounds"] and g.prompt_tokens == MEASURE["lm_prompt"]
+        assert g.ttft_ratio.low <= g.ttft_ratio.ratio <= g.ttft_ratio.high
+        assert g.decode_speedup.low <= g.decode_speedup.ratio <= g.decode_speedup.high
+        assert g.decode_tokens_per_s > 0 and g.ttft_ms > 0
+    ref = _cell(rep, "baseline", "torch").generation
+    assert ref.ttft_ratio is None and ref.decode_speedup is None  # the reference is not compared with itself
+    # report.json validates against the published schema and keeps the figures.
+    again = load_report(out / "report.json")
+    ppl = _cell(rep, "lm", "onnxruntime").generation.perplexity
+    assert _cell(again, "lm", "onnxruntime").generation.perplexity == ppl
+    md = (out / "report.md").read_text()
+    assert "## Generation" in md and "decode tok/s" in md
+
+
+def test_int4_decoder_packs_matmuls_keeps_embedding_and_facts(int4_report: tuple[object, Path]) -> None:
+    import onnx
+
+    rep, _ = int4_report
+    v = rep.variants["lm"]
+    assert v.facts.precision == "int4" and v.facts.decoder is not None
+    cell = _cell(rep, "lm", "onnxruntime")
+    folder = Path(cell.compiled_path)
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 2 * 5 + 1  # 2 layers x (fused qkv, o, gate, up, down) and the LM head
+    gathers = [n for n in m.graph.node if n.op_type == "Gather" and "embed" in n.name]
+    assert gathers, "the embedding stays a float Gather (int64 ids cannot feed MatMulNBits)"
+    assert any(f.suffix == ".data" for f in folder.iterdir()), "weights in an external data file"
+    assert cell.size_bytes < _cell(rep, "baseline", "onnxruntime").size_bytes
+    g = cell.generation
+    assert np.isfinite(g.perplexity) and g.perplexity_rise is not None and 0 < g.top1_agreement <= 1
+
+
+def test_text_report_shows_the_generation_table(int4_report: tuple[object, Path]) -> None:
+    from compress.report import render_text
+
+    rep, _ = int4_report
+    text = render_text(rep)
+    assert text.splitlines()[1].split()[:4] == ["variant", "target", "perplexity", "rise"]
+    assert "lm        onnxruntime" in text or "lm onnxruntime" in " ".join(text.split())
+
+
+def test_window_scores_are_the_textbook_figures() -> None:
+    v = 8
+    ids = np.array([1, 2, 3, 4])
+    s = WindowScores()
+    s.add(np.zeros((4, v)), ids, np.zeros((4, v)))
+    f = s.figures()
+    assert f["perplexity"] == pytest.approx(v)  # uniform logits: perplexity = vocabulary size
+    assert f["kl"] == pytest.approx(0.0) and f["top1_agreement"] == 1.0
+    sharp = np.full((4, v), -20.0)
+    sharp[np.arange(3), ids[1:]] = 20.0
+    s2 = WindowScores()
+    s2.add(sharp, ids)
+    assert s2.figures()["perplexity"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_target_without_a_generate_loop_refuses_a_decoder() -> None:
+    facts = Facts(decoder=DecoderFacts(layers=1, kv_heads=1, head_dim=8, vocab=16))
+    assert refusal(TargetCaps(consumes="onnx", generates=True), facts, "onnxruntime") is None
+    why = refusal(TargetCaps(consumes="onnx"), facts, "tvm")
+    assert why is not None and "generate loop" in why
+
+
+def test_group_size_that_does_not_divide_the_layer_is_one_line(lm_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PassError, match=r"group_size=256 does not divide .*\[64, 128\]"):
+        run(_recipe(lm_dir, [{"kind": "quantize.weight_only", "bits": 4, "group_size": 256}]), out_dir=tmp_path / "o",
+            cache_dir=cache_dir, progress=False)
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_text_shorter_than_the_windows_is_refused_before_any_export(lm_dir: Path, cache_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): return 1\n" * 5)
+    rec = recipe_from_dict({"model": {"source": f"hf:{lm_dir}", "task": "causal-lm"},
+                            "data": {"source": f"text:{short}"}, "measure": MEASURE})
+    with pytest.raises(InputError, match=r"fewer than one calibration window"):
+        run(rec, out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False)
+
+
+def test_image_data_cannot_feed_a_causal_lm(lm_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    rec = recipe_from_dict({"model": {"source": f"hf:{lm_dir}", "task": "causal-lm"},
+                            "data": {"source": "npz:x.npz"}, "measure": MEASURE})
+    with pytest.raises(RecipeError, match="cannot feed a causal LM"):
+        run(rec, out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False)
+
+
+def test_a_model_without_a_tokenizer_is_refused(lm_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(lm_dir, bare)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / f).unlink()
+    rec = recipe_from_dict({"model": {"source": f"hf:{bare}", "task": "causal-lm"},
+                            "data": {"source": "builtin:pydoc-topics"}, "measure": MEASURE})
+    with pytest.raises(InputError, match="no tokenizer"):
+        run(rec, out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False)
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    rec = recipe_from_dict({"model": {"source": str(fake)}, "data": {"source": "builtin:pydoc-topics"}})
+    with pytest.raises(CompressError, match="not a GGUF file"):
+        run(rec, out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False)
+
+
+@pytest.mark.slow
+def test_a_qwen2_decoder_exports_and_generates_like_pytorch(tmp_path: Path, cache_dir: Path) -> None:
+    folder = tiny_llama(tmp_path / "qwen", kind="qwen2")
+    rep = run(_recipe(folder), out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False)
+    g = _cell(rep, "baseline", "onnxruntime").generation
+    assert g.greedy_agreement == 1.0 and g.top1_agreement == 1.0
+    meta = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert meta["results"][0]["generation"]["perplexity"] > 1
