@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
     r.add_argument("--allow-unsafe-pt2", action="store_true", default=None,
                    help="load a .pt2 exported program (torch unpickles it: can run code; only files you trust)")
-    r.add_argument("--out", help="output folder for report.json/report.md/pareto.png (default runs/NAME)")
+    r.add_argument("--out", help="output folder for report.json/report.md/report.html/pareto.png (default runs/NAME)")
     r.add_argument("--cache", help="cache folder (default $COMPRESS_CACHE or .compress-cache)")
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -245,7 +245,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
         print(render_text(report))
-        print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
+        print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
     return 0
 
 
@@ -321,7 +321,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,
                  variants=variants, extra_models=extra, baseline_label=Path(src).stem if more else None)
     print(render_text(report, compare=True))
-    print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
+    print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
     return 0
 
 
