@@ -97,7 +97,7 @@ def section_summary(report: Report, v: View) -> str | None:
         items.append(f'<li><span class="verdict">{_e(s.sentence())}</span>{extra}</li>')
     src = v.constraints.source
     warn = [n for n in report.notes if n.startswith("WARNING")]
-    w = "".join(f'<p class="slower">{_e(n)}</p>' for n in warn)
+    w = ('<ul class="warn">' + "".join(f"<li>{_e(n)}</li>" for n in warn) + "</ul>") if warn else ""
     return (f'<ul class="summary">{"".join(items)}</ul><p class="muted">Constraint: '
             f"{_e(v.constraints.text(v.quality))} ({_e(src)}). Intervals are 95%; ratios are paired over the "
             f"run's interleaved rounds.</p>{w}")
@@ -354,7 +354,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; padding: 0 1em; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
 .muted { color: #666; font-size: 0.92em; } .slower { color: #c62828; font-weight: 600; }
-.summary li { margin: 0.4em 0; } .verdict { font-size: 1.08em; }
+.summary li { margin: 0.4em 0; } .warn { color: #c62828; font-size: 0.85em; } .verdict { font-size: 1.08em; }
 table { border-collapse: collapse; font-size: 0.88em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } code { font-size: 0.95em; } pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; }
