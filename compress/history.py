@@ -447,6 +447,14 @@ def apply_drift(res: Any, records: Sequence[dict[str, Any]], n: int, drift_max: 
 _BARS = "▁▂▃▄▅▆▇█"
 
 
+def _value(v: float, unit: str) -> str:
+    if unit == "B":
+        from .report import _fmt_size
+
+        return _fmt_size(int(v))
+    return f"{v:.4g}"
+
+
 def sparkline(values: Sequence[float], marks: Sequence[int] = ()) -> str:
     lo, hi = min(values), max(values)
     out = []
@@ -472,11 +480,13 @@ def render_text(all_series: Sequence[Series], last: int = 40) -> str:
             move = f" ({100 * (cur / first - 1):+.1f}%)" if first else ""
             better = "lower is better" if s.better == "lower" else "higher is better"
             lines.append(f"  {s.recipe}: {s.name} [{s.unit}, {better}]  {len(pts)} point(s)")
-            lines.append(f"    {sparkline(vals, cps)}  {first:.4g} -> {cur:.4g}{move}")
+            lines.append(f"    {sparkline(vals, cps)}  {_value(first, s.unit)} -> {_value(cur, s.unit)}{move}  "
+                         f"({pts[0].tick} .. {pts[-1].tick})")
             for i in cps:
                 a = sum(vals[max(0, i - 3):i]) / len(vals[max(0, i - 3):i])
                 b = sum(vals[i:i + 3]) / len(vals[i:i + 3])
-                lines.append(f"    CHANGE at {pts[i].tick} (after {pts[i - 1].tick}): {a:.4g} -> {b:.4g} "
+                lines.append(f"    CHANGE at {pts[i].tick} (after {pts[i - 1].tick}): {_value(a, s.unit)} -> "
+                             f"{_value(b, s.unit)} "
                              f"({100 * (b / a - 1):+.1f}%)")
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -493,7 +503,7 @@ def render_html(all_series: Sequence[Series], last: int = 40) -> str:
         pts = s.points[-last:]
         cps = change_points(pts)
         svg = sp.trend(sp.Series(s.name, [p.value for p in pts], [p.low for p in pts], [p.high for p in pts],
-                                 [p.tick for p in pts], cps), f"{s.name} ({s.unit})",
+                                 [p.tick for p in pts], cps), s.unit,
                        f"{s.recipe}: {s.name} on {s.machine}")
         parts.append(f"<section><h2>{escape(s.recipe)}: {escape(s.name)}</h2><p>{escape(s.machine_desc)}; "
                      f"{len(cps)} change point(s)</p>{svg}</section>")

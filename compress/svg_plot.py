@@ -73,8 +73,18 @@ class Axis:
         first = math.ceil(self.lo / step) * step
         return [first + i * step for i in range(int((self.hi - first) / step + 1e-9) + 1)]
 
-    def tick_text(self, v: float) -> str:
-        return _size(v) if self.bytes else _fmt(v)
+    def tick_labels(self) -> list[tuple[float, str]]:
+        """Ticks with labels that tell them apart (as few decimals as that takes)."""
+        ts = self.ticks()
+        if self.bytes:
+            return [(t, _size(t)) for t in ts]
+        if self.log or max((abs(t) for t in ts), default=0) >= 1000:
+            return [(t, _fmt(t)) for t in ts]
+        for n in range(7):
+            labels = [f"{t:.{n}f}" for t in ts]
+            if len(set(labels)) == len(labels):
+                return list(zip(ts, labels, strict=True))
+        return [(t, _fmt(t)) for t in ts]
 
 
 def padded(lo: float, hi: float, log: bool, pad: float = 0.08) -> tuple[float, float]:
@@ -122,17 +132,17 @@ class _Canvas:
     def axes(self, ax: Axis | None, ay: Axis | None) -> None:
         p = self.parts
         if ax is not None:
-            for t in ax.ticks():
+            for t, text in ax.tick_labels():
                 x = self.px(ax, t)
                 p.append(f'<line x1="{x:.1f}" y1="{self.y1}" x2="{x:.1f}" y2="{self.y0}" stroke="#e4e4e4"/>')
-                p.append(f'<text x="{x:.1f}" y="{self.y0 + 14}" text-anchor="middle">{_e(ax.tick_text(t))}</text>')
+                p.append(f'<text x="{x:.1f}" y="{self.y0 + 14}" text-anchor="middle">{_e(text)}</text>')
             p.append(f'<text x="{(self.x0 + self.x1) / 2:.0f}" y="{self.h - 8}" text-anchor="middle">'
                      f'{_e(ax.label)}{" (log scale)" if ax.log else ""}</text>')
         if ay is not None:
-            for t in ay.ticks():
+            for t, text in ay.tick_labels():
                 y = self.py(ay, t)
                 p.append(f'<line x1="{self.x0}" y1="{y:.1f}" x2="{self.x1}" y2="{y:.1f}" stroke="#e4e4e4"/>')
-                p.append(f'<text x="{self.x0 - 4}" y="{y + 4:.1f}" text-anchor="end">{_e(ay.tick_text(t))}</text>')
+                p.append(f'<text x="{self.x0 - 4}" y="{y + 4:.1f}" text-anchor="end">{_e(text)}</text>')
             p.append(f'<text transform="translate(13 {(self.y0 + self.y1) / 2:.0f}) rotate(-90)" '
                      f'text-anchor="middle">{_e(ay.label)}</text>')
 
