@@ -95,6 +95,9 @@ def section_summary(report: Report, v: View) -> str | None:
         if s.excluded:
             extra += '<div class="muted">Ruled out by the constraint: ' + _e("; ".join(s.excluded)) + "</div>"
         items.append(f'<li><span class="verdict">{_e(s.sentence())}</span>{extra}</li>')
+    if not v.keys:
+        why = "; ".join(f"{r.variant} / {r.target}: {r.status}: {r.reason}" for r in report.results if r.status != "ok")
+        items.append(f'<li><span class="verdict slower">Nothing was measured.</span> {_e(why)}</li>')
     src = v.constraints.source
     warn = [n for n in report.notes if n.startswith("WARNING")]
     w = ('<ul class="warn">' + "".join(f"<li>{_e(n)}</li>" for n in warn) + "</ul>") if warn else ""

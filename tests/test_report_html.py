@@ -145,6 +145,17 @@ def test_html_escapes_names_from_the_recipe() -> None:
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt; &amp; y" in html
 
 
+def test_a_run_where_nothing_ran_still_renders_and_says_why(tmp_path: Path) -> None:
+    from compress.report import plot_pareto
+
+    rep = make_report([cell("baseline", "onnxruntime", status="failed", reason="boom"),
+                       cell("q", "tvm", status="unavailable", reason="no tvm here")])
+    html = render_html(rep)
+    _check_page(html)
+    assert "Nothing was measured." in html and "q / tvm: unavailable: no tvm here" in html
+    plot_pareto(rep, tmp_path / "p.png")
+
+
 def test_axis_limits_never_collapse() -> None:
     lo, hi = fit_limits([99.44, 99.44, 99.44], percent=True)
     assert hi - lo >= 1.0 and lo < 99.44 < hi <= 100.5
