@@ -256,7 +256,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
                  instruments=instruments)
     from .history import record_run
 
-    record_run(report, out)
+    kept = record_run(report, out)
+    if kept is not None:
+        log(f"figures appended to {kept} (compress history shows the trend)")
     if a.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
@@ -296,6 +298,10 @@ def _cmd_check(a: argparse.Namespace) -> int:
         if store is None:
             raise RecipeError(f"--drift needs the history, and ${history.ENV} turns it off")
         history.apply_drift(res, history.read(store)[0], a.drift, drift_max)
+        out = Path(a.out) if a.out else Path("runs") / "check"  # check() wrote these before drift was judged
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "check.json").write_text(json.dumps(res.to_json(), indent=2))
+        (out / "junit.xml").write_text(junit_xml(res.verdicts, 0.0))
     history.record_check(res, store)
     print(res.summary())
     if a.junit:

@@ -165,6 +165,8 @@ def test_check_drift_fails_the_gate_and_every_check_appends(tmp_path: Path, caps
     assert codes == [0, 0, 0, 0, 1, 1], out
     assert "FAIL         digits/q/onnxruntime/p50@b1 (drift over 5 commits): 1.159" in out and "against c0" in out
     assert "each step judged alone passed" in out
+    saved = json.loads((tmp_path / "o" / "check.json").read_text())
+    assert saved["exit_code"] == 1 and saved["verdicts"][-1]["metric"] == "drift"
     records, _ = history.read(store)
     assert [r["commit"] for r in records] == [f"c{k}" for k in range(6)]
     fig = next(f for f in records[-1]["figures"] if f["name"].startswith("budget "))
