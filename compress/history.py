@@ -183,7 +183,7 @@ def record_run(report: Report, out_dir: Path | str | None) -> Path | None:
 def budget_figures(res: Any, model: str) -> list[dict[str, Any]]:
     """Each budget of ``model``: its verdict's figure and limit, and the absolute statistic behind a latency
     budget (the cell's p50/p90/... at the budget's batch, with its interval), which ``--drift`` compares."""
-    from .budget import LATENCY, _clock
+    from .budget import FIDELITY_FIGURES, LATENCY, _clock
     from .stats import bootstrap_stat
 
     rep = res.reports.get(model)
@@ -198,10 +198,10 @@ def budget_figures(res: Any, model: str) -> list[dict[str, Any]]:
             extra["abs"] = {"value": a, "low": lo, "high": hi, "unit": "ms"}
         elif v.metric == "size" and v.value is not None:
             extra["abs"] = {"value": v.value, "unit": "B"}
-        f = _fig(f"budget {v.budget}", v.value, v.low, v.high, v.unit, **extra)
-        if f is None and v.status in ("fail", "inconclusive", "pass", "skipped"):
-            f = {"name": f"budget {v.budget}", "value": None, "unit": v.unit, "better": "lower", **extra}
-        out.append(f)
+        better = "higher" if FIDELITY_FIGURES.get(v.metric, ("", "<="))[1] == ">=" else "lower"
+        # A verdict without a figure (skipped, or failed before measuring) is kept: its status is history too.
+        out.append(_fig(f"budget {v.budget}", v.value, v.low, v.high, v.unit, better, **extra)
+                   or {"name": f"budget {v.budget}", "value": None, "unit": v.unit, "better": better, **extra})
     return [f for f in out if f is not None]
 
 
