@@ -45,6 +45,8 @@ ENV = "COMPRESS_HISTORY"
 COMMIT_ENV = "COMPRESS_COMMIT"
 FILENAME = "history.jsonl"
 _Z = 1.959964
+# Earlier runs a drift judgement needs before it can fail: fewer cannot show the machine's run-to-run noise.
+MIN_HISTORY = 3
 
 
 # ------------------------------------------------------------------------------------------- the store
@@ -193,7 +195,13 @@ def budget_figures(res: Any, model: str) -> list[dict[str, Any]]:
             continue
         extra: dict[str, Any] = {"limit": v.limit, "status": v.status, "metric": v.metric}
         cell = rep.cell(v.variant, v.target) if rep is not None else None
-        if v.metric in LATENCY and v.at and cell is not None and cell.status == "ok" and v.at in cell.latency:
+        same_run = v.metric in LATENCY and v.value is not None and v.unit.startswith("x ") and \
+            not v.unit.startswith("x recorded")
+        if same_run:
+            # A ratio to a cell timed in the same run ("0.5x torch", "x original") cancels the machine's load; an
+            # absolute latency does not (two checks of one build minutes apart moved 5% here), so drift reads it.
+            extra["abs"] = {"value": v.value, "low": v.low, "high": v.high, "unit": v.unit}
+        elif v.metric in LATENCY and v.at and cell is not None and cell.status == "ok" and v.at in cell.latency:
             a, lo, hi = bootstrap_stat(_clock(cell, v.at)[0], v.metric)
             extra["abs"] = {"value": a, "low": lo, "high": hi, "unit": "ms"}
         elif v.metric == "size" and v.value is not None:
@@ -416,9 +424,16 @@ def drift(past: Sequence[dict[str, Any]], now: Sequence[dict[str, Any]], n: int,
             # A drift whose interval only reaches the limit warns: the window's own noise is no regression, and
             # blocking on it would make the long-horizon gate cry wolf (the step budget already decides each run).
             st = {"inconclusive": "warn"}.get(verdict(lo, hi, limit), verdict(lo, hi, limit))
+            few = len(pts) < MIN_HISTORY
+            if few and st == "fail":
+                # Under MIN_HISTORY earlier runs the run-to-run scatter is unknown, and the records' own intervals
+                # miss it (a busy machine moves absolute figures between runs): warn, do not fail.
+                st = "warn"
             short = len(window) < n
             out.append(Drift(name, st, r, lo, hi, limit, then.commit or then.time, len(window),
-                             (f"only {len(window)} earlier commit(s) on this machine; " if short else "")
+                             (f"only {len(pts)} earlier run(s) on this machine: the run-to-run noise is not known "
+                              f"yet, so this can only warn; " if few else "")
+                             + (f"only {len(window)} earlier commit(s) on this machine; " if short else "")
                              + f"against {then.tick}; each step judged alone "
                              + ("passed" if all(p.status in (None, "pass") for p in window) else "did not all pass")))
     return out

@@ -189,3 +189,18 @@ def test_run_appends_a_record_beside_the_run_folders(tmp_path: Path, capsys, mon
     p50 = names["baseline/onnxruntime/p50@1"]
     assert p50["unit"] == "ms" and p50["low"] <= p50["value"] <= p50["high"]
     assert json.loads(json.dumps(rec)) == rec
+
+
+def test_same_run_ratio_budgets_drift_on_the_ratio_and_short_history_only_warns() -> None:
+    from compress.budget import Verdict
+
+    res = _check_result(1.0)
+    res.verdicts = [Verdict("r", "digits", "q", "onnxruntime", "p50", "0.5x torch", "pass", 0.3, 0.29, 0.31,
+                            "x torch", at="1")]
+    [fig] = history.budget_figures(res, "digits")
+    # The ratio measured in the run is what drifts (the machine's load cancels in it), not the absolute p50.
+    assert fig["abs"] == {"value": 0.3, "low": 0.29, "high": 0.31, "unit": "x torch"}
+    # Two earlier runs cannot show the run-to-run noise: a large move warns instead of failing.
+    recs = [budget_record(f"c{k}", 1.2**k) for k in range(3)]
+    [d] = history.drift(recs[:-1], recs[-1:], 5)
+    assert d.status == "warn" and "only 2 earlier run(s)" in d.detail
