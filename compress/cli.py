@@ -297,7 +297,9 @@ def _cmd_check(a: argparse.Namespace) -> int:
     if a.drift is not None:
         if store is None:
             raise RecipeError(f"--drift needs the history, and ${history.ENV} turns it off")
-        history.apply_drift(res, history.read(store)[0], a.drift, drift_max)
+        if not history.apply_drift(res, history.read(store)[0], a.drift, drift_max):
+            print("drift: no budget to follow: --drift judges 'K x recorded' latency budgets, and every latency and "
+                  "size budget with --drift-max PCT", file=sys.stderr)
         out = Path(a.out) if a.out else Path("runs") / "check"  # check() wrote these before drift was judged
         out.mkdir(parents=True, exist_ok=True)
         (out / "check.json").write_text(json.dumps(res.to_json(), indent=2))
