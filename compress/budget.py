@@ -393,6 +393,7 @@ class Verdict:
     high: float | None = None
     unit: str = ""
     detail: str = ""
+    at: str | None = None  # latency budgets: the report's latency key (batch) read; compress.history tracks it
 
     def line(self) -> str:
         if self.value is None:
@@ -452,7 +453,7 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
         return _fidelity_verdict(v, bound, cell, report)
     conf, n = bf.confidence, bf.resamples
     if kind == "latency":
-        at = b.latency_key(report.measurement.seq_own)
+        at = v.at = b.latency_key(report.measurement.seq_own)
         lat = cell.latency.get(at)
         notes: list[str] = []
         base_cell = report.cell("baseline", b.target)

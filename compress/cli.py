@@ -26,6 +26,7 @@ EPILOG = """examples:
   compress targets           list targets and whether they run here
   compress profiles          list hardware profiles (compress run --profile rpi5 ...)
   compress export runs/NAME --target onnxruntime --out bundle   a folder to copy to the device
+  compress history           the trend of each figure across commits (runs/history.jsonl)
 
 exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun to resume)
 """
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
     r.add_argument("--allow-unsafe-pt2", action="store_true", default=None,
                    help="load a .pt2 exported program (torch unpickles it: can run code; only files you trust)")
-    r.add_argument("--out", help="output folder for report.json/report.md/pareto.png (default runs/NAME)")
+    r.add_argument("--out", help="output folder for report.json/report.md/report.html/pareto.png (default runs/NAME)")
     r.add_argument("--cache", help="cache folder (default $COMPRESS_CACHE or .compress-cache)")
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -89,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cache", help="cache folder")
     c.add_argument("--fail-on-unavailable", action="store_true", default=None,
                    help="a budget skipped because its target cannot run here fails the check (exit 4)")
+    c.add_argument("--drift", type=int, metavar="N", help="also fail when the last N commits together moved a "
+                   "budget's figure past its limit though each step passed (needs the history: docs/history.md)")
+    c.add_argument("--drift-max", metavar="PCT", help="with --drift: the movement allowed over N commits for every "
+                   "latency and size budget, e.g. 10%% (default: K-1 of 'K x recorded' budgets only)")
+
+    h = sub.add_parser("history", help="the trend of each figure per machine across commits, change points marked "
+                       "(every run and check appends to runs/history.jsonl; docs/history.md)")
+    h.add_argument("store", nargs="?", help="history file (default $COMPRESS_HISTORY or runs/history.jsonl)")
+    h.add_argument("--figure", help="only figures whose name contains this, e.g. p50@1 or onnxruntime")
+    h.add_argument("--machine", help="only this machine (a prefix of its fingerprint)")
+    h.add_argument("--last", type=int, default=40, help="points per figure (default 40)")
+    h.add_argument("--html", metavar="PATH", help="also draw the trends into a self-contained HTML page")
 
     m = sub.add_parser("compare", help="every available target on one model, or several ONNX files on one "
                        "target, in one interleaved run")
@@ -241,11 +254,16 @@ def _cmd_run(a: argparse.Namespace) -> int:
         instruments.append(DumpInstrument(Path(a.dump_ir)))
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log,
                  instruments=instruments)
+    from .history import record_run
+
+    kept = record_run(report, out)
+    if kept is not None:
+        log(f"figures appended to {kept} (compress history shows the trend)")
     if a.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
         print(render_text(report))
-        print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
+        print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
     return 0
 
 
@@ -263,18 +281,72 @@ def _cmd_check(a: argparse.Namespace) -> int:
     for path, flag in ((a.junit, "--junit"), (a.json, "--json")):
         if path:
             _writable_file(path, flag)
+    from . import history
     from .budget import check, junit_xml
 
+    drift_max = _percent(a.drift_max, "--drift-max") if a.drift_max is not None else None
+    if a.drift is not None and a.drift < 1:
+        raise RecipeError(f"--drift {a.drift}: give a number of commits, at least 1")
+    if drift_max is not None and a.drift is None:
+        raise RecipeError("--drift-max needs --drift N")
+    store = history.store_path(Path(a.out) if a.out else Path("runs") / "check")
     log = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731
     res = check(a.budgets, baseline=a.baseline, update_baseline=a.update_baseline, out_dir=a.out,
                 cache_dir=a.cache, fail_on_unavailable=a.fail_on_unavailable, log=log,
                 progress=sys.stderr.isatty())
+    if a.drift is not None:
+        if store is None:
+            raise RecipeError(f"--drift needs the history, and ${history.ENV} turns it off")
+        if not history.apply_drift(res, history.read(store)[0], a.drift, drift_max):
+            print("drift: no budget to follow: --drift judges 'K x recorded' latency budgets, and every latency and "
+                  "size budget with --drift-max PCT", file=sys.stderr)
+        out = Path(a.out) if a.out else Path("runs") / "check"  # check() wrote these before drift was judged
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "check.json").write_text(json.dumps(res.to_json(), indent=2))
+        (out / "junit.xml").write_text(junit_xml(res.verdicts, 0.0))
+    history.record_check(res, store)
     print(res.summary())
     if a.junit:
         Path(a.junit).write_text(junit_xml(res.verdicts, 0.0))
     if a.json:
         Path(a.json).write_text(json.dumps(res.to_json(), indent=2))
     return res.exit_code
+
+
+def _percent(text: str, flag: str) -> float:
+    """"10%" or "0.1" as a fraction."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise RecipeError(f"{flag} {text!r}: give a percentage like 10% (or a fraction like 0.1)") from None
+    if not 0 < v < 10:
+        raise RecipeError(f"{flag} {text!r}: give a positive percentage like 10%")
+    return v
+
+
+def _cmd_history(a: argparse.Namespace) -> int:
+    from . import history
+
+    path = Path(a.store) if a.store else history.store_path()
+    if path is None:
+        raise RecipeError(f"${history.ENV} turns the history off; give the file: compress history PATH")
+    if not path.exists():
+        raise RecipeError(f"{path}: no history yet; every compress run and check appends to it")
+    if a.last < 2:
+        raise RecipeError(f"--last {a.last}: give at least 2")
+    records, skipped = history.read(path)
+    ss = history.series(records, figure=a.figure, machine=a.machine)
+    print(f"history: {path} ({len(records)} records, {len({s.machine for s in ss})} machine(s))"
+          + (f"; {skipped} unreadable line(s) skipped" if skipped else ""))
+    if not ss:
+        print("no figure matches" if a.figure or a.machine else "no figures recorded")
+        return 0
+    print(history.render_text(ss, a.last))
+    if a.html:
+        Path(a.html).write_text(history.render_html(ss, a.last), encoding="utf-8")
+        print(f"wrote {a.html}")
+    return 0
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
@@ -321,7 +393,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,
                  variants=variants, extra_models=extra, baseline_label=Path(src).stem if more else None)
     print(render_text(report, compare=True))
-    print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
+    print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
     return 0
 
 
@@ -531,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check(a)
         if a.cmd == "compare":
             return _cmd_compare(a)
+        if a.cmd == "history":
+            return _cmd_history(a)
         if getattr(a, "_plugin", None):
             import importlib
 

@@ -1,4 +1,5 @@
-"""Reports: report.json (versioned schema), report.md, pareto.png, and the terminal table."""
+"""Reports: report.json (versioned schema), report.md, pareto.png, report.html (compress.report_html) and the
+terminal table."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from .fidelity import headline as fidelity_headline
 from .recipe import Recipe, recipe_to_toml
+from .report_html import render_html
 from .report_schema import (
     SCHEMA,
     Contention,
@@ -410,12 +412,15 @@ def _place_labels(fig: Any, ax: Any, pts: list[tuple[float, float, str]]) -> lis
                (7, 41), (-7, -49), (7, -61), (-7, 53)]
     placed: list[Any] = []
     markers = [ax.transData.transform((x, y)) for x, y, _ in pts]
+    frame = ax.get_window_extent(renderer)
     boxes = []
 
     def hits(bb: Any) -> float:
         over = sum(max(0.0, min(bb.x1, o.x1) - max(bb.x0, o.x0)) * max(0.0, min(bb.y1, o.y1) - max(bb.y0, o.y0))
                    for o in placed)
         over += sum(1.0 for mx, my in markers if bb.x0 - 3 <= mx <= bb.x1 + 3 and bb.y0 - 3 <= my <= bb.y1 + 3)
+        # A label cut off by the axes' edge (a point near the right end) is as bad as one on another label.
+        over += 1e4 * (bb.x0 < frame.x0 or bb.x1 > frame.x1 or bb.y0 < frame.y0 or bb.y1 > frame.y1)
         return over
 
     for x, y, text in pts:
@@ -442,53 +447,63 @@ def _place_labels(fig: Any, ax: Any, pts: list[tuple[float, float, str]]) -> lis
 
 
 def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
-    """Accuracy against p50 latency (first batch size) with the p50's 95% interval as error bars;
-    returns the label boxes (tests check that none overlap)."""
+    """Quality (top-1, or the fidelity headline) against p50 latency at the first batch size, with the p50's 95%
+    interval as bars drawn over the markers, axes fitted to the points (a log latency axis when they span more
+    than 8x; a quality axis that never collapses onto one line) and cells slower than their original ringed in
+    red and labelled. The points, axes and verdicts come from ``compress.report_view``, as report.html's do.
+    Returns the label boxes (tests check that none overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report_view import cell_points, fit_limits, pareto_front, quality_axis, use_log
+
     b0 = report.batches[0]
-    use_acc = any(r.accuracy_top1 is not None for r in report.results)
-    pts = []
-    for r in report.results:
-        p50 = _lat(r, b0, "p50_ms")
-        fid = r.fidelity
-        y = r.accuracy_top1 if use_acc else (None if fid is None else fid.cosine_mean if fid.agreement is None
-                                             else fid.agreement)
-        if p50 is None or y is None:
-            continue
-        ci = r.latency[b0].p50_ci or (p50, p50)
-        pts.append((p50, 100 * y, r.variant, r.target, ci[0], ci[1]))
+    q = quality_axis(report)
+    pts = [p for p in cell_points(report, b0, q) if p.quality is not None]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(p[3] for p in pts))}  # type: ignore[attr-defined]
-    for p50, y, v, t, lo, hi in pts:
-        base = v == "baseline"
-        ax.errorbar(p50, y, xerr=[[max(0.0, p50 - lo)], [max(0.0, hi - p50)]], fmt="none", ecolor=colors[t],
-                    elinewidth=1.2, capsize=3, zorder=2)
-        ax.scatter(p50, y, marker="s" if base else "o", s=80, edgecolors="black", color=colors[t], zorder=3,
-                   alpha=0.6 if base else 1.0)
-    ax.margins(x=0.3, y=0.2)
-    front: list[tuple[Any, ...]] = []
-    for p in sorted(pts):
-        if not front or p[1] > front[-1][1]:
-            front.append(p)
+    colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(p.target for p in pts))}  # type: ignore[attr-defined]
+    for p in pts:
+        assert p.quality is not None
+        ax.scatter(p.p50, p.quality, marker="s" if p.baseline else "o", s=55, edgecolors="black",
+                   color=colors[p.target], zorder=2, alpha=0.55 if p.baseline else 0.9)
+        # Over the marker, black, with caps: a narrow interval still shows beside the marker's edge.
+        ax.errorbar(p.p50, p.quality, xerr=[[p.p50 - p.low], [p.high - p.p50]], fmt="none", ecolor="black",
+                    elinewidth=1.4, capsize=5, capthick=1.4, zorder=3)
+        if p.slower:
+            ax.scatter(p.p50, p.quality, marker="o", s=260, facecolors="none", edgecolors="tab:red", linewidths=2,
+                       zorder=4)
+    xs = [x for p in pts for x in (p.low, p.high)]
+    if use_log(xs):
+        ax.set_xscale("log")
+        lo, hi = min(xs), max(xs)
+        f = (hi / lo) ** 0.1
+        ax.set_xlim(lo / f, hi * f)
+    elif xs:
+        lo, hi = min(xs), max(xs)
+        pad = 0.12 * ((hi - lo) or hi or 1.0)
+        ax.set_xlim(max(0.0, lo - pad), hi + pad)
+    if pts:
+        ax.set_ylim(*fit_limits([p.quality for p in pts if p.quality is not None], q.percent, pad=0.15))
+    front = [pts[i] for i in pareto_front([(p.p50, p.quality or 0.0) for p in pts])]
     if len(front) > 1:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:orange", zorder=1,
+        ax.plot([p.p50 for p in front], [p.quality or 0.0 for p in front], "--", color="tab:orange", zorder=1,
                 label="Pareto front")
+    if any(p.slower for p in pts):
+        ax.scatter([], [], marker="o", s=120, facecolors="none", edgecolors="tab:red", linewidths=2,
+                   label="slower than the original (paired 95% interval)")
+    if len(front) > 1 or any(p.slower for p in pts):
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel(f"p50 latency, batch {b0} (ms; bars: 95% interval)")
-    ax.set_ylabel("top-1 accuracy (%)" if use_acc else "fidelity to original (%: agreement, or 100 x cosine)")
-    ax.set_title(f"{report.recipe.name}: accuracy vs latency (squares: baseline)")
-    ax.grid(alpha=0.3)
-    lo, hi = ax.get_ylim()
-    if hi > 100.5:  # a percentage: no ticks above 100 %
-        ax.set_ylim(lo - (hi - 100.5), 100.5)
+    ax.set_xlabel(f"p50 latency, batch {b0} (ms; bars: 95% interval{'; log scale' if use_log(xs) else ''})")
+    ax.set_ylabel(q.label)
+    ax.set_title(f"{report.recipe.name}: {q.kind} vs latency (squares: original model)")
+    ax.grid(alpha=0.3, which="both")
     if not pts:
         ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    boxes = _place_labels(fig, ax, [(p[0], p[1], f"{p[2]} / {p[3]}") for p in pts])
+    boxes = _place_labels(fig, ax, [(p.p50, p.quality or 0.0, p.label + (f" ({p.flag})" if p.flag else ""))
+                                    for p in pts])
     fig.savefig(path, format="png")
     plt.close(fig)
     return boxes
@@ -506,10 +521,12 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def write_report(report: Report, out: Path) -> None:
-    """Write the three report files; each appears whole or not at all. json goes last: it marks completion.
+    """Write the report files (report.md, pareto.png, report.html, report.json); each appears whole or not at
+    all. json goes last: it marks completion.
 
     report.json is ``report.to_json()``: the schema in docs/report.schema.json (``compress.report_schema``)."""
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(report)))
     _atomic_write(out / "pareto.png", lambda p: plot_pareto(report, p))
+    _atomic_write(out / "report.html", lambda p: p.write_text(render_html(report), encoding="utf-8"))
     _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report.to_json(), indent=2, default=str)))
