@@ -52,11 +52,10 @@ class _Windows:
         return iter(self.items)
 
 
-def _algo(cfg: Any, ctx: PassContext, decoder: Any, head: str | None) -> Any:
+def _algo(cfg: Any, ctx: PassContext, decoder: Any, bits: int) -> Any:
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
-    custom = {head: {"bits": cfg.head_bits}} if head and cfg.head_bits else None
     if cfg.algorithm == "hqq":
         return mq.HQQWeightOnlyQuantConfig(block_size=cfg.group_size, bits=cfg.bits, quant_format=QuantFormat.QOperator,
                                            op_types_to_quantize=("MatMul",))
@@ -68,12 +67,9 @@ def _algo(cfg: Any, ctx: PassContext, decoder: Any, head: str | None) -> Any:
         return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(text.calib[:8], decoder, np.float32),
                                             block_size=cfg.group_size, quant_format=QuantFormat.QOperator,
                                             op_types_to_quantize=("MatMul",))
-    return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits,
+    return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=bits,
                                            accuracy_level=cfg.accuracy_level, quant_format=QuantFormat.QOperator,
-                                           op_types_to_quantize=("MatMul",), customized_weight_config=custom) \
-        if custom else mq.DefaultWeightOnlyQuantConfig(
-            block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits, accuracy_level=cfg.accuracy_level,
-            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+                                           op_types_to_quantize=("MatMul",))
 
 
 def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
@@ -102,10 +98,18 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
     try:
         with _quiet():
+            # The LM head at head_bits: left out of the main pass, packed by a second one of its own.
+            skip = [*cfg.keep_float, *([head] if cfg.head_bits and head else [])]
             q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
-                                     accuracy_level=cfg.accuracy_level, nodes_to_exclude=list(cfg.keep_float),
-                                     algo_config=_algo(cfg, ctx, decoder, head))
+                                     accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
+                                     algo_config=_algo(cfg, ctx, decoder, cfg.bits))
             q.process()
+            if cfg.head_bits and head:
+                hq = cfg.model_copy(update={"algorithm": "rtn"})
+                q = MatMulNBitsQuantizer(q.model.model, bits=cfg.head_bits, block_size=cfg.group_size,
+                                         is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
+                                         nodes_to_include=[head], algo_config=_algo(hq, ctx, decoder, cfg.head_bits))
+                q.process()
     except PassError:
         raise
     except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
