@@ -89,10 +89,12 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     mats = [n for n in model.graph.node if n.op_type == "MatMul"]
     inits = {i.name: i for i in model.graph.initializer}
     widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
-    bad = sorted({w for w in widths.values() if w % cfg.group_size})
+    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
+    # does not); a group wider than the layer is one block of padding, which no one means.
+    bad = sorted({w for w in widths.values() if w < cfg.group_size})
     if bad:
-        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} does not divide the MatMul input "
-                        f"width(s) {bad}; choose a group size that divides {min(widths.values())}")
+        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
+                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
     head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))

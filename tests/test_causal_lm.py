@@ -134,8 +134,8 @@ def test_a_target_without_a_generate_loop_refuses_a_decoder() -> None:
     assert why is not None and "generate loop" in why
 
 
-def test_group_size_that_does_not_divide_the_layer_is_one_line(lm_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(PassError, match=r"group_size=256 does not divide .*\[64, 128\]"):
+def test_group_size_wider_than_the_layer_is_one_line(lm_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PassError, match=r"group_size=256 is wider than the MatMul input width\(s\) \[64, 128\]"):
         run(_recipe(lm_dir, [{"kind": "quantize.weight_only", "bits": 4, "group_size": 256}]), out_dir=tmp_path / "o",
             cache_dir=cache_dir, progress=False)
     assert not (tmp_path / "o" / "report.json").exists()
@@ -187,3 +187,36 @@ def test_a_qwen2_decoder_exports_and_generates_like_pytorch(tmp_path: Path, cach
     assert g.greedy_agreement == 1.0 and g.top1_agreement == 1.0
     meta = json.loads((tmp_path / "o" / "report.json").read_text())
     assert meta["results"][0]["generation"]["perplexity"] > 1
+
+
+def test_budgets_bound_perplexity_agreement_and_decode_speed(int4_report: tuple[object, Path]) -> None:
+    from compress.budget import BudgetsFile, BudgetSpec, evaluate_budget
+
+    rep, _ = int4_report
+    bf = BudgetsFile(models={"lm": "lm.toml"}, budget=[])
+
+    def verdict(bound: str) -> object:
+        return evaluate_budget(BudgetSpec(model="lm", target="onnxruntime", fidelity=bound), rep, bf, None, "fp")
+
+    g = _cell(rep, "lm", "onnxruntime").generation
+    assert verdict(f"perplexity_rise <= {100 * g.perplexity_rise + 1:.3f}%").status == "pass"
+    assert verdict(f"perplexity <= {g.perplexity * 0.5:.3f}").status == "fail"
+    assert verdict("top1_agreement >= 0%").status == "pass"
+    fast = verdict("decode_speedup >= 1000x")  # no interval of a tiny model reaches 1000x PyTorch
+    assert fast.status == "fail" and fast.low is not None and fast.low <= fast.value <= fast.high
+    assert verdict(f"decode_speedup >= {g.decode_speedup.low * 0.5:.4f}x").status == "pass"
+
+
+def test_a_language_model_figure_on_another_model_is_a_usage_error(tmp_path: Path) -> None:
+    from compress.budget import check_fidelity_budgets, load_budgets
+
+    (tmp_path / "digits.toml").write_text('model = { source = "zoo:digits-cnn" }\n')
+    (tmp_path / "b.toml").write_text('models = { d = "digits.toml" }\n[[budget]]\nmodel = "d"\ntarget = "onnxruntime"\n'
+                                     'fidelity = "perplexity_rise <= 5%"\n')
+    bf, recipes = load_budgets(tmp_path / "b.toml")
+    with pytest.raises(RecipeError, match="perplexity_rise"):
+        check_fidelity_budgets(bf, recipes, tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text('models = { d = "digits.toml" }\n[[budget]]\nmodel = "d"\ntarget = "onnxruntime"\n'
+                                     'fidelity = "agreement >= 2x"\n')
+    with pytest.raises(RecipeError, match="'x' applies to decode_speedup"):
+        load_budgets(tmp_path / "c.toml")
