@@ -446,6 +446,37 @@ def _place_labels(fig: Any, ax: Any, pts: list[tuple[float, float, str]]) -> lis
     return boxes
 
 
+def _plot_generation(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
+    """A causal LM: perplexity on held-out text against decode tokens/s, with the speed's interval as bars."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.results if r.generation is not None and r.generation.perplexity is not None]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(r.target for r in rows))}  # type: ignore[attr-defined]
+    pts = []
+    for r in rows:
+        g = r.generation
+        assert g is not None and g.perplexity is not None
+        x = g.decode_tokens_per_s or 0.0
+        lo, hi = g.decode_tokens_per_s_low or x, g.decode_tokens_per_s_high or x
+        ax.scatter(x, g.perplexity, marker="s" if r.variant == "baseline" else "o", s=55, edgecolors="black",
+                   color=colors[r.target], zorder=2)
+        ax.errorbar(x, g.perplexity, xerr=[[x - lo], [hi - x]], fmt="none", ecolor="black", capsize=5, zorder=3)
+        pts.append((x, g.perplexity, f"{r.variant}/{r.target}"))
+    ys = [p[1] for p in pts]
+    span = max(ys) - min(ys)
+    ax.set_ylim(min(ys) - max(span * 0.15, 0.01 * max(ys)), max(ys) + max(span * 0.15, 0.01 * max(ys)))
+    ax.set_xlabel("decode tokens/s, batch 1 (bars: 95% interval; higher is better)")
+    ax.set_ylabel("perplexity on held-out text (lower is better)")
+    ax.set_title(f"{report.recipe.name}: perplexity vs decode speed (squares: original model)")
+    ax.grid(alpha=0.3)
+    boxes = _place_labels(fig, ax, pts)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return boxes
+
+
 def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
     """Quality (top-1, or the fidelity headline) against p50 latency at the first batch size, with the p50's 95%
     interval as bars drawn over the markers, axes fitted to the points (a log latency axis when they span more
@@ -457,6 +488,8 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if any(r.generation is not None and r.generation.perplexity is not None for r in report.results):
+        return _plot_generation(report, path)
     from .report_view import cell_points, fit_limits, pareto_front, quality_axis, use_log
 
     b0 = report.batches[0]
