@@ -220,3 +220,28 @@ def test_a_language_model_figure_on_another_model_is_a_usage_error(tmp_path: Pat
                                      'fidelity = "agreement >= 2x"\n')
     with pytest.raises(RecipeError, match="'x' applies to decode_speedup"):
         load_budgets(tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
+    from types import SimpleNamespace
+
+    from compress.generation import Generated
+    from compress.measure_lm import choose_threads
+
+    class Runner:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def generate(self, prompt: np.ndarray, new: int) -> Generated:
+            return Generated(np.zeros((1, new), np.int64), 0.01, 0.01 if self.n == faster else 0.03)
+
+        def close(self) -> None:
+            pass
+
+    cell = SimpleNamespace(status="ok", variant="lm", target="onnxruntime", caps=TargetCaps(consumes="onnx"),
+                           spawn=Runner)
+    text = SimpleNamespace(calib=[np.arange(64)])
+    n, note = choose_threads([cell], text, [1, 2], 0, lambda m: None)
+    assert n == faster
+    assert f"threads: {faster}, chosen by measurement on lm/onnxruntime" in note
