@@ -133,6 +133,26 @@ def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rou
         c.generation.update(g)
 
 
+def _peak_memory(cells: list[Any], targets: list[Any], threads: int, say: Callable[[str], None]) -> None:
+    """Peak RSS of each cell while generating, each in a fresh process (one process cannot attribute its
+    peak to one of several models it holds)."""
+    from .memprobe import measure_peak_memory
+
+    by_name = {t.name: t for t in targets}
+    for c in cells:
+        if c.status != "ok" or c.compiled is None:
+            continue
+        try:
+            got = measure_peak_memory(by_name[c.target].config, c.compiled, 1, threads, runs=2)
+        except (RuntimeError, OSError, ValueError) as e:  # the child failed or timed out: say so, keep the rest
+            c.notes.append(f"peak memory not measured: {e}")
+            continue
+        # What loading and generating added to the process: every probe imports the same libraries first.
+        c.generation["peak_rss_bytes"] = got["model_peak_bytes"]
+        say(f"peak memory {c.variant}/{c.target}: +{got['model_peak_bytes'] / 2**20:.0f} MiB while generating "
+            f"(process total {got['peak_rss_bytes'] / 2**20:.0f} MiB)")
+
+
 def choose_threads(cells: list[Any], text: Any, options: list[int], seed: int,
                    say: Callable[[str], None]) -> tuple[int, str]:
     """The thread count that decodes fastest here, measured: the first compiled cell that is not the reference
@@ -193,6 +213,8 @@ def measure_generation(plan: Any, variants: list[Any], threads: int,
             m = rec.measure
             _quality(cells, ref, text, m.lm_prompt, m.lm_new_tokens, say)
             _speed(cells, ref, text, m.lm_prompt, m.lm_new_tokens, m.lm_rounds, rec.seed, say)
+            if m.lm_peak_memory:
+                _peak_memory(cells, plan.targets, threads, say)
             for c in cells:
                 if c.status == "ok" and c is not ref:
                     c.notes.append(f"generation compared with {ref.variant}/{ref.target} (paired rounds)")

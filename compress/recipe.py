@@ -77,6 +77,8 @@ class MeasureSpec(_Strict):
     lm_window: int = Field(512, ge=2, le=1 << 16)
     lm_eval_tokens: int = Field(4096, ge=2)
     lm_calib_tokens: int = Field(4096, ge=2)
+    # Peak resident memory while generating, per cell, each in a fresh process (compress.memprobe).
+    lm_peak_memory: bool = True
 
 
 class Recipe(_Strict):

@@ -243,7 +243,7 @@ def generation_lines(report: Report) -> list[str]:
     g0 = rows[0].generation
     assert g0 is not None
     head = ["variant", "target", "perplexity", "rise", "KL", "top-1 agr", "greedy agr", "TTFT ms", "vs ref",
-            "decode tok/s", "vs ref", "size"]
+            "decode tok/s", "vs ref", "peak mem", "size"]
     out_rows = []
     for r in rows:
         g = r.generation
@@ -255,10 +255,12 @@ def generation_lines(report: Report) -> list[str]:
             f"{g.ttft_ms:.1f}" if g.ttft_ms is not None else "-",
             f"{tr.ratio:.2f}x [{tr.low:.2f}, {tr.high:.2f}]" if tr else "ref",
             f"{g.decode_tokens_per_s:.1f}" if g.decode_tokens_per_s is not None else "-",
-            f"{ds.ratio:.2f}x [{ds.low:.2f}, {ds.high:.2f}]" if ds else "ref", _fmt_size(r.size_bytes)])
+            f"{ds.ratio:.2f}x [{ds.low:.2f}, {ds.high:.2f}]" if ds else "ref",
+            _fmt_size(g.peak_rss_bytes) if g.peak_rss_bytes else "-", _fmt_size(r.size_bytes)])
     widths = [max(len(h), *(len(x[i]) for x in out_rows)) for i, h in enumerate(head)]
     lines = [f"generation: prompt {g0.prompt_tokens} tokens, {g0.new_tokens} new greedy tokens, batch {g0.batch}, "
-             f"{g0.rounds} interleaved rounds; perplexity over {g0.eval_tokens} held-out tokens",
+             f"{g0.rounds} interleaved rounds; perplexity over {g0.eval_tokens} held-out tokens; peak mem: "
+             "resident memory a fresh process added loading the model and generating",
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in out_rows]
     return lines

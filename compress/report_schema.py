@@ -247,6 +247,9 @@ class Generation(_Record):
     decode_tokens_per_s_high: float | None = None
     ttft_ratio: RatioCI | None = Field(None, description="time to first token / the reference's (paired)")
     decode_speedup: RatioCI | None = Field(None, description="decode tokens/s / the reference's (paired)")
+    peak_rss_bytes: int | None = Field(None, description="peak resident memory a fresh process added by loading "
+                                       "this cell and generating (128-token prompt, 32 new tokens), above the "
+                                       "libraries every probe imports first")
 
 
 class ResultCell(_Record):

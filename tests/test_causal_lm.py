@@ -245,3 +245,10 @@ def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
     n, note = choose_threads([cell], text, [1, 2], 0, lambda m: None)
     assert n == faster
     assert f"threads: {faster}, chosen by measurement on lm/onnxruntime" in note
+
+
+def test_peak_memory_while_generating_is_measured_per_cell(int4_report: tuple[object, Path]) -> None:
+    rep, _ = int4_report
+    for variant, target in (("baseline", "torch"), ("baseline", "onnxruntime"), ("lm", "onnxruntime")):
+        g = _cell(rep, variant, target).generation
+        assert g.peak_rss_bytes is not None and g.peak_rss_bytes > 0
