@@ -252,3 +252,19 @@ def test_peak_memory_while_generating_is_measured_per_cell(int4_report: tuple[ob
     for variant, target in (("baseline", "torch"), ("baseline", "onnxruntime"), ("lm", "onnxruntime")):
         g = _cell(rep, variant, target).generation
         assert g.peak_rss_bytes is not None and g.peak_rss_bytes > 0
+
+
+def test_dynamic_int8_on_a_decoder_packs_int8_weights_with_int8_activations(lm_dir: Path, cache_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    import onnx
+
+    rep = run(_recipe(lm_dir, [{"kind": "quantize.dynamic"}], lm_peak_memory=False), out_dir=tmp_path / "o",
+              cache_dir=cache_dir, progress=False)
+    v = rep.variants["lm"]
+    assert v.facts.quantization == "dynamic" and v.facts.precision == "int8" and v.facts.decoder is not None
+    cell = _cell(rep, "lm", "onnxruntime")
+    m = onnx.load(str(Path(cell.compiled_path) / "model.onnx"), load_external_data=False)
+    packed = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in packed[0].attribute}
+    assert len(packed) == 11 and attrs["bits"] == 8 and attrs["accuracy_level"] == 4
+    assert cell.generation.top1_agreement > 0.9
