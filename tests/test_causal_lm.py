@@ -268,3 +268,19 @@ def test_dynamic_int8_on_a_decoder_packs_int8_weights_with_int8_activations(lm_d
     attrs = {a.name: a.i for a in packed[0].attribute}
     assert len(packed) == 11 and attrs["bits"] == 8 and attrs["accuracy_level"] == 4
     assert cell.generation.top1_agreement > 0.9
+
+
+def test_an_architecture_the_builder_lacks_is_one_line_naming_it(tmp_path: Path, cache_dir: Path) -> None:
+    import transformers as tf
+
+    from compress.errors import ExportError
+    from tests.llm_models import tiny_tokenizer
+
+    cfg = tf.GPT2Config(vocab_size=512, n_embd=64, n_layer=1, n_head=4, n_positions=256, bos_token_id=1,
+                        eos_token_id=2)
+    tf.GPT2LMHeadModel(cfg).save_pretrained(str(tmp_path / "gpt2"))
+    tiny_tokenizer(512).save_pretrained(str(tmp_path / "gpt2"))
+    with pytest.raises(ExportError, match=r"GPT2LMHeadModel is not an architecture it supports") as e:
+        run(_recipe(tmp_path / "gpt2", lm_peak_memory=False), out_dir=tmp_path / "o", cache_dir=cache_dir,
+            progress=False)
+    assert "\n" not in str(e.value)
