@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--pipeline", help='one-line pipeline, e.g. "prune.channels{ratio=0.5} -> onnxruntime"; '
                    "replaces the recipe's passes and targets")
     r.add_argument("--model", help="model source when no recipe is given (zoo:NAME, pkg.mod:factory, .pt2, .onnx)")
+    r.add_argument("--task", help="what a Hugging Face model (hf:DIR) does: causal-lm, embedding, hidden-states, "
+                   "sequence-classification, image-classification, image-features")
     r.add_argument("--weights", help="state dict for the model (.pt loaded with weights_only=True, or .safetensors)")
     r.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
     r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, text:FILE, jsonl:FILE, random)")
@@ -154,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print the profiles as JSON")
     sub.add_parser("passes", help="list passes and their settings")
     sub.add_parser("targets", help="list targets and whether they can run here")
+    from .generate_cmd import add_parser as add_generate
+
+    add_generate(sub)
     _add_plugin_commands(sub)
     return p
 
@@ -182,7 +187,7 @@ def _shape(s: str) -> list[int]:
 
 
 # Which command-line option sets which recipe key, so a refused value is reported as typed.
-_MODEL_FLAGS = {"source": "--model", "weights": "--weights", "input_shape": "--input-shape",
+_MODEL_FLAGS = {"source": "--model", "task": "--task", "weights": "--weights", "input_shape": "--input-shape",
                 "train_epochs": "--train-epochs", "allow_unsafe_pt2": "--allow-unsafe-pt2"}
 
 
@@ -209,6 +214,8 @@ def _build_recipe(a: argparse.Namespace) -> Any:
     model_upd: dict[str, Any] = {}
     if a.model and a.recipe:
         model_upd["source"] = a.model
+    if a.task:
+        model_upd["task"] = a.task
     if a.weights:
         model_upd["weights"] = a.weights
     if a.input_shape:
@@ -597,6 +604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_passes()
         if a.cmd == "export":
             return _cmd_export(a)
+        if a.cmd == "generate":
+            from .generate_cmd import run as generate
+
+            return generate(a)
         if a.cmd == "profiles":
             return _cmd_profiles(a)
         if a.cmd == "check":

@@ -284,3 +284,23 @@ def test_an_architecture_the_builder_lacks_is_one_line_naming_it(tmp_path: Path,
         run(_recipe(tmp_path / "gpt2", lm_peak_memory=False), out_dir=tmp_path / "o", cache_dir=cache_dir,
             progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_compress_generate_runs_a_source_and_an_exported_decoder_alike(lm_dir: Path,
+                                                                       int4_report: tuple[object, Path]) -> None:
+    import subprocess
+    import sys
+
+    rep, _ = int4_report
+    folder = _cell(rep, "baseline", "onnxruntime").compiled_path
+    outs = []
+    for model in (f"hf:{lm_dir}", folder):
+        r = subprocess.run([sys.executable, "-m", "compress", "generate", model, "--prompt", "The assert statement",
+                            "--tokens", "8"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "time to first token" in r.stderr and "tokens/s decoding" in r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] and outs[0].strip()  # FP32 ONNX decoder: the same greedy text as PyTorch
+    r = subprocess.run([sys.executable, "-m", "compress", "generate", folder, "--prompt", "x " * 1100],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "exceeds the model's context of 1024 tokens" in r.stderr
