@@ -81,6 +81,9 @@ class Case:
     code: int
     match: str  # a substring the single error line must contain
     check: Callable[[Env], None] | None = None  # e.g. "the evil payload did not run"
+    prefix: str = "error: "  # how the one line starts ("warning: " where the command carries on)
+    keeps_out: bool = False  # --out held an earlier run's report: the check says what must be left there
+    stdout_ok: bool = False  # the command carries on and prints its own output
 
 
 # ------------------------------------------------------------------ file builders
@@ -498,6 +501,96 @@ def _image_folder(env: Env, classes: list[str], corrupt: bool = False) -> Path:
     return root
 
 
+# ------------------------------------------------------------------ round 3 (issue 32)
+# Faults while writing, bundles that run only what they verified, SIGTERM, resumable search, bounded input,
+# profiles, plugins, cache entries that are not plain files, and usage errors knowable up front.
+
+FAST_ORT = 'model = { source = "zoo:digits-cnn" }\n' + FAST + '[[targets]]\nkind = "onnxruntime"\n'
+OLD_REPORT = {"report.md": "old md\n", "report.json": '{"old": true}\n'}
+
+
+def _report_fault(exc: BaseException) -> Callable[[Env], list[str]]:
+    """An earlier run's report in --out, and a fault while the new plot is written (the last step)."""
+    def build(env: Env) -> list[str]:
+        import compress.report as report
+
+        env.out.mkdir(parents=True)
+        for n, t in OLD_REPORT.items():
+            (env.out / n).write_text(t)
+        env.state["real_plot"] = report.plot_pareto
+
+        def boom(*a: Any, **k: Any) -> None:
+            raise exc
+
+        env.monkeypatch.setattr(report, "plot_pareto", boom)
+        env.state["args"] = env.run(env.recipe(FAST_ORT))
+        return env.state["args"]
+    return build
+
+
+def _old_report_untouched(env: Env) -> None:
+    assert sorted(p.name for p in env.out.iterdir()) == sorted(OLD_REPORT), list(env.out.iterdir())
+    for n, t in OLD_REPORT.items():
+        assert (env.out / n).read_text() == t, f"{n} was replaced by a half-written report"
+    assert [p.name for p in env.tmp.iterdir() if p.name.startswith(".out")] == [], "staging folder left"
+
+
+def _old_report_untouched_and_rerun_only_renders(env: Env) -> None:
+    """The figures measured before the failure are kept; the same command again writes them, measuring nothing."""
+    import compress.pipeline as pipeline
+    import compress.report as report
+
+    _old_report_untouched(env)
+    assert len(list((env.cache / "reports").glob("*.json"))) == 1
+    env.monkeypatch.setattr(report, "plot_pareto", env.state["real_plot"])
+
+    def no_measuring(*a: Any, **k: Any) -> None:
+        raise AssertionError("measured again")
+
+    env.monkeypatch.setattr(pipeline, "execute", no_measuring)
+    assert main(env.state["args"]) == 0
+    assert sorted(p.name for p in env.out.iterdir()) == ["pareto.png", "report.json", "report.md"]
+    assert json.loads((env.out / "report.json").read_text())["results"][0]["status"] == "ok"
+    assert list((env.cache / "reports").glob("*.json")) == []
+
+
+def _nearly_full_disk(env: Env) -> list[str]:
+    """500 KiB free where --out lives: known to be too little for a report before anything is measured."""
+    import shutil
+
+    import compress.plan as plan
+
+    real = shutil.disk_usage
+
+    def disk_usage(path: Any) -> Any:
+        u = real(path)
+        return type(u)(u.total, u.total, 500 * 1024) if str(Path(path).absolute()).startswith(str(env.tmp)) else u
+
+    env.monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    env.state["loaded"] = []
+    env.monkeypatch.setattr(plan, "load_model", lambda *a, **k: env.state["loaded"].append(a))
+    return env.run(env.recipe(FAST_ORT))
+
+
+ROUND3: list[Case] = [
+    # --- the report is written as a set -----------------------------------------------------
+    Case("report-disk-full-while-writing", _report_fault(OSError(28, "No space left on device")), 1,
+         "No space left on device", _old_report_untouched_and_rerun_only_renders, keeps_out=True),
+    Case("report-interrupted-while-writing", _report_fault(KeyboardInterrupt()), 130, "finished steps are cached",
+         _old_report_untouched, prefix="interrupted: ", keeps_out=True),
+    Case("report-disk-nearly-full-up-front", _nearly_full_disk, 2, "KiB free on its disk",
+         lambda e: _no_model_loaded(e)),
+]
+
+
+def _no_model_loaded(env: Env) -> None:
+    assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
+
+
+CASES += ROUND3
+
+
+
 TVM_CASES = [
     Case("target-tvm-bad-kind", lambda e: e.run(*DIGITS_RUN, "--pipeline",
                                                 '-> tvm{tuning_trials=0,target={kind="nosuchkind"}}'), 2,
@@ -508,8 +601,8 @@ TVM_CASES = [
 ]
 
 
-def _assert_clean(env: Env) -> None:
-    if env.out.exists():
+def _assert_clean(env: Env, keeps_out: bool = False) -> None:
+    if env.out.exists() and not keeps_out:
         left = sorted(str(p.relative_to(env.out)) for p in env.out.rglob("*"))
         assert not left, f"half-written output left in --out: {left}"
     tmp = env.cache / "tmp"
@@ -531,13 +624,13 @@ def _run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
     assert code == case.code, f"exit {code}, stderr: {err}"
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
     line = lines[0]
-    assert line.startswith("error: ") and "unexpected" not in line, line
+    assert line.startswith(case.prefix) and "unexpected" not in line, line
     assert "Traceback" not in err and "\x1b[" not in err, err
     assert case.match in line, f"{case.match!r} not in: {line}"
-    assert out == "", f"nothing belongs on stdout for a refused input: {out!r}"
+    assert case.stdout_ok or out == "", f"nothing belongs on stdout for a refused input: {out!r}"
     user_warnings = [w for w in caught if issubclass(w.category, UserWarning)]
     assert not user_warnings, f"library warnings leaked: {[str(w.message) for w in user_warnings]}"
-    _assert_clean(env)
+    _assert_clean(env, keeps_out=case.keeps_out)
     if case.check is not None:
         case.check(env)
 
