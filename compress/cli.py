@@ -388,10 +388,14 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .bundle import export_bundle
 
     out = export_bundle(a.run_dir, a.target, a.out, variant=a.variant, force=a.force)
-    manifest = json.loads((out / "manifest.json").read_text())
+    import hashlib
+
+    raw = (out / "manifest.json").read_bytes()
+    manifest = json.loads(raw)
     print(f"wrote {out}: {manifest['variant']} on {a.target} ({manifest['precision']}, {manifest['model']}); on the "
           f"device: pip install '{manifest['runtime']['package']}=={manifest['runtime']['version']}' numpy, then "
-          f"python {out}/run.py")
+          f"python {out}/run.py --expect-manifest-sha256 {hashlib.sha256(raw).hexdigest()} (the manifest's digest: "
+          "keep it where the bundle's copy cannot change it)")
     return 0
 
 

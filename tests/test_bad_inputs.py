@@ -580,7 +580,70 @@ ROUND3: list[Case] = [
          _old_report_untouched, prefix="interrupted: ", keeps_out=True),
     Case("report-disk-nearly-full-up-front", _nearly_full_disk, 2, "KiB free on its disk",
          lambda e: _no_model_loaded(e)),
+    # --- a bundle's run.py loads only what it verified ----------------------------------------
+    Case("bundle-model-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx"), 2,
+         "outside the bundle folder"),
+    Case("bundle-files-entry-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx",
+                                                                    files=_with_evil_file), 2,
+         "outside the bundle folder"),
+    Case("bundle-model-not-in-files", lambda e: _bundle(e, files=lambda f: {"run.py": f["run.py"]}), 2,
+         "is not listed in its 'files'"),
+    Case("bundle-manifest-without-files", lambda e: _bundle(e, files=None), 2, "no 'files' table"),
+    Case("bundle-manifest-not-an-object", lambda e: _bundle(e, whole=[1, 2]), 2, "not a JSON object"),
+    Case("bundle-manifest-digest-pinned-differs", lambda e: [*_bundle(e), "--expect-manifest-sha256", "0" * 64], 2,
+         "--expect-manifest-sha256"),
+    Case("bundle-input-wrong-shape-dynamic-batch", lambda e: _bundle_input(e, (1, 1, 4, 4)), 2,
+         "this model takes [N, 1, 8, 8]"),
+    Case("bundle-input-runtime-refuses", lambda e: _bundle_input(e, (2, 1, 8, 8)), 2, "the runtime refused the input"),
 ]
+
+
+def _bundle(env: Env, dynamic: bool = False, **change: Any) -> list[str]:
+    """An ONNX bundle as compress export writes it (run.py, model.onnx, manifest.json), changed as given; the
+    case runs its run.py in-process. An outside model sits in evil/ beside it."""
+    import hashlib
+    import importlib.util
+    import shutil
+    from importlib import metadata
+
+    from compress.bundle import RUNNER
+
+    b = env.tmp / "bundle"
+    b.mkdir()
+    shutil.copy(onnx_model(env), b / "model.onnx")
+    (env.tmp / "evil").mkdir()
+    shutil.copy(onnx_model(env), env.tmp / "evil" / "model.onnx")
+    shutil.copy(RUNNER, b / "run.py")
+    files = {n: hashlib.sha256((b / n).read_bytes()).hexdigest() for n in ("model.onnx", "run.py")}
+    manifest: Any = {"format": "compress.bundle/v1", "model": "model.onnx", "files": files, "static_shapes": not dynamic,
+                     "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+                     "runtime": {"package": "onnxruntime", "version": metadata.version("onnxruntime"),
+                                 "why_exact": "test"}, "arch": None}
+    for k, v in change.items():
+        if v is None:
+            manifest.pop(k)
+        else:
+            manifest[k] = v(manifest[k]) if callable(v) else v
+    if "whole" in change:
+        manifest = change["whole"]
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    spec = importlib.util.spec_from_file_location("bundle_run_under_test", b / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env.state["main"] = mod.main
+    return []
+
+
+def _bundle_input(env: Env, shape: tuple[int, ...], dynamic: bool = True) -> list[str]:
+    _bundle(env, dynamic=dynamic)
+    return ["--input", env.npz("x.npz", input=np.zeros(shape, np.float32))]
+
+
+def _with_evil_file(files: dict[str, str]) -> dict[str, str]:
+    import hashlib
+
+    return {**files, "../evil/model.onnx": hashlib.sha256(b"").hexdigest()}
 
 
 def _no_model_loaded(env: Env) -> None:
@@ -618,7 +681,7 @@ def _run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main(args)
+        code = env.state.get("main", main)(args)  # a case may run another program's main (a bundle's run.py)
     out, err = capfd.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == case.code, f"exit {code}, stderr: {err}"
@@ -840,3 +903,19 @@ def test_truncated_cached_model_is_rebuilt_with_a_note(tmp_path: Path, monkeypat
     assert code == 0, capfd.readouterr().err
     notes = json.loads((env.out / "report.json").read_text())["notes"]
     assert any(f"cache entry {trained[0].parent.name[:16]}" in n and "discarded and rebuilt" in n for n in notes), notes
+
+
+def test_bundle_runs_with_its_pinned_manifest_digest_and_says_what_digests_protect(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The refusals above are not all a bundle does: pinned to the right digest it runs, and --help says what the
+    digests do and do not protect against."""
+    import hashlib
+
+    env = Env(tmp_path, monkeypatch)
+    _bundle(env)
+    digest = hashlib.sha256((tmp_path / "bundle" / "manifest.json").read_bytes()).hexdigest()
+    assert env.state["main"](["--expect-manifest-sha256", digest]) == 0
+    assert json.loads(capfd.readouterr().out)["outputs"] == [[1, 10]]
+    assert env.state["main"](["--help"]) == 0
+    help_text = " ".join(capfd.readouterr().out.split())
+    assert "manifest.json is not a signature" in help_text and "--expect-manifest-sha256" in help_text
