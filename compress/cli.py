@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 a failure while running (export, build, pass error);
 2 a usage error (bad recipe, unknown pass/target, missing or unsafe input file);
-130 interrupted (finished steps are cached; run again to resume).
+130 interrupted (finished steps are cached; run again to resume); 143 terminated by SIGTERM (the same).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ EPILOG = """examples:
   compress profiles          list hardware profiles (compress run --profile rpi5 ...)
   compress export runs/NAME --target onnxruntime --out bundle   a folder to copy to the device
 
-exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun to resume)
+exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted, 143 SIGTERM (rerun to resume)
 """
 
 CHECK_EPILOG = """exit codes of compress check:
@@ -508,6 +508,29 @@ def _one_line(msg: str, debug: bool) -> str:
     return f"{lines[0]} (more with --debug)"
 
 
+def _dispatch(a: argparse.Namespace) -> int:
+    if a.cmd == "run":
+        return _cmd_run(a)
+    if a.cmd == "passes":
+        return _cmd_passes()
+    if a.cmd == "export":
+        return _cmd_export(a)
+    if a.cmd == "profiles":
+        return _cmd_profiles(a)
+    if a.cmd == "check":
+        return _cmd_check(a)
+    if a.cmd == "compare":
+        return _cmd_compare(a)
+    if getattr(a, "_plugin", None):
+        import importlib
+
+        module, function = a._plugin
+        return int(getattr(importlib.import_module(module), function)(a))
+    if a.cmd == "search":
+        return _cmd_search(a)
+    return _cmd_targets()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     try:
@@ -522,33 +545,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Read by parts that keep a library's own console output out of the way unless asked (TVM tuning).
         logging.getLogger("compress").setLevel(logging.DEBUG)
-    try:
-        if a.cmd == "run":
-            return _cmd_run(a)
-        if a.cmd == "passes":
-            return _cmd_passes()
-        if a.cmd == "export":
-            return _cmd_export(a)
-        if a.cmd == "profiles":
-            return _cmd_profiles(a)
-        if a.cmd == "check":
-            return _cmd_check(a)
-        if a.cmd == "compare":
-            return _cmd_compare(a)
-        if getattr(a, "_plugin", None):
-            import importlib
+    from .interrupts import EXIT_SIGTERM, Terminated, sigterm_as_interrupt
 
-            module, function = a._plugin
-            return int(getattr(importlib.import_module(module), function)(a))
-        if a.cmd == "search":
-            return _cmd_search(a)
-        return _cmd_targets()
+    try:
+        with sigterm_as_interrupt():
+            return _dispatch(a)
     except CompressError as e:
         if a.debug:
             traceback.print_exc()
         print(f"error: {_one_line(str(e), a.debug)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print("terminated (SIGTERM): finished steps are cached; run the same command again to resume",
+                  file=sys.stderr)
+            return EXIT_SIGTERM
         print("interrupted: finished steps are cached; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do

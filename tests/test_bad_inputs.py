@@ -572,30 +572,6 @@ def _nearly_full_disk(env: Env) -> list[str]:
     return env.run(env.recipe(FAST_ORT))
 
 
-ROUND3: list[Case] = [
-    # --- the report is written as a set -----------------------------------------------------
-    Case("report-disk-full-while-writing", _report_fault(OSError(28, "No space left on device")), 1,
-         "No space left on device", _old_report_untouched_and_rerun_only_renders, keeps_out=True),
-    Case("report-interrupted-while-writing", _report_fault(KeyboardInterrupt()), 130, "finished steps are cached",
-         _old_report_untouched, prefix="interrupted: ", keeps_out=True),
-    Case("report-disk-nearly-full-up-front", _nearly_full_disk, 2, "KiB free on its disk",
-         lambda e: _no_model_loaded(e)),
-    # --- a bundle's run.py loads only what it verified ----------------------------------------
-    Case("bundle-model-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx"), 2,
-         "outside the bundle folder"),
-    Case("bundle-files-entry-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx",
-                                                                    files=_with_evil_file), 2,
-         "outside the bundle folder"),
-    Case("bundle-model-not-in-files", lambda e: _bundle(e, files=lambda f: {"run.py": f["run.py"]}), 2,
-         "is not listed in its 'files'"),
-    Case("bundle-manifest-without-files", lambda e: _bundle(e, files=None), 2, "no 'files' table"),
-    Case("bundle-manifest-not-an-object", lambda e: _bundle(e, whole=[1, 2]), 2, "not a JSON object"),
-    Case("bundle-manifest-digest-pinned-differs", lambda e: [*_bundle(e), "--expect-manifest-sha256", "0" * 64], 2,
-         "--expect-manifest-sha256"),
-    Case("bundle-input-wrong-shape-dynamic-batch", lambda e: _bundle_input(e, (1, 1, 4, 4)), 2,
-         "this model takes [N, 1, 8, 8]"),
-    Case("bundle-input-runtime-refuses", lambda e: _bundle_input(e, (2, 1, 8, 8)), 2, "the runtime refused the input"),
-]
 
 
 def _bundle(env: Env, dynamic: bool = False, **change: Any) -> list[str]:
@@ -615,7 +591,8 @@ def _bundle(env: Env, dynamic: bool = False, **change: Any) -> list[str]:
     shutil.copy(onnx_model(env), env.tmp / "evil" / "model.onnx")
     shutil.copy(RUNNER, b / "run.py")
     files = {n: hashlib.sha256((b / n).read_bytes()).hexdigest() for n in ("model.onnx", "run.py")}
-    manifest: Any = {"format": "compress.bundle/v1", "model": "model.onnx", "files": files, "static_shapes": not dynamic,
+    manifest: Any = {"format": "compress.bundle/v1", "model": "model.onnx", "files": files,
+                     "static_shapes": not dynamic,
                      "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}],
                      "runtime": {"package": "onnxruntime", "version": metadata.version("onnxruntime"),
                                  "why_exact": "test"}, "arch": None}
@@ -646,12 +623,86 @@ def _with_evil_file(files: dict[str, str]) -> dict[str, str]:
     return {**files, "../evil/model.onnx": hashlib.sha256(b"").hexdigest()}
 
 
+class _SigtermNotHandled(Exception):
+    """Installed before the case runs, so code that leaves SIGTERM to Python's default does not kill pytest."""
+
+
+def _sigterm_during_export(env: Env) -> list[str]:
+    """SIGTERM (CI cancelling, docker stop, timeout) arrives while the ONNX export writes into its work folder."""
+    import signal
+    import time
+
+    import compress.passes.export_onnx as export_onnx
+
+    def unhandled(signum: int, frame: Any) -> None:
+        raise _SigtermNotHandled("SIGTERM reached the default handler")
+
+    env.state["prev_sigterm"] = signal.signal(signal.SIGTERM, unhandled)
+    env.state["real_export"] = export_onnx._export_quiet
+
+    calls: list[int] = []
+
+    def killed(*a: Any, **k: Any) -> None:
+        env.state["real_export"](*a, **k)  # the work folder now holds a model.onnx
+        calls.append(1)
+        if len(calls) == 2:  # the pruned model's export (the baseline's came first)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+
+    env.monkeypatch.setattr(export_onnx, "_export_quiet", killed)
+    env.state["args"] = env.run(env.recipe(FAST_ORT + '[[passes]]\nkind = "prune.magnitude"\nsparsity = 0.5\n'))
+    return env.state["args"]
+
+
+def _terminated_run_resumes(env: Env) -> None:
+    import signal
+
+    import compress.passes.export_onnx as export_onnx
+
+    signal.signal(signal.SIGTERM, env.state["prev_sigterm"])
+    pruned = [p for p in (env.cache / "objects").glob("*/artifact.json") if "prune.magnitude" in p.read_text()]
+    assert len(pruned) == 1, "the pass finished before SIGTERM is not in the cache"
+    env.monkeypatch.setattr(export_onnx, "_export_quiet", env.state["real_export"])
+    assert main(env.state["args"]) == 0
+    assert (env.out / "report.json").exists()
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
 
-CASES += ROUND3
 
+
+
+ROUND3: list[Case] = [
+    # --- the report is written as a set -----------------------------------------------------
+    Case("report-disk-full-while-writing", _report_fault(OSError(28, "No space left on device")), 1,
+         "No space left on device", _old_report_untouched_and_rerun_only_renders, keeps_out=True),
+    Case("report-interrupted-while-writing", _report_fault(KeyboardInterrupt()), 130, "finished steps are cached",
+         _old_report_untouched, prefix="interrupted: ", keeps_out=True),
+    Case("report-disk-nearly-full-up-front", _nearly_full_disk, 2, "KiB free on its disk",
+         lambda e: _no_model_loaded(e)),
+    # --- a bundle's run.py loads only what it verified ----------------------------------------
+    Case("bundle-model-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx"), 2,
+         "outside the bundle folder"),
+    Case("bundle-files-entry-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx",
+                                                                    files=_with_evil_file), 2,
+         "outside the bundle folder"),
+    Case("bundle-model-not-in-files", lambda e: _bundle(e, files=lambda f: {"run.py": f["run.py"]}), 2,
+         "is not listed in its 'files'"),
+    Case("bundle-manifest-without-files", lambda e: _bundle(e, files=None), 2, "no 'files' table"),
+    Case("bundle-manifest-not-an-object", lambda e: _bundle(e, whole=[1, 2]), 2, "not a JSON object"),
+    Case("bundle-manifest-digest-pinned-differs", lambda e: [*_bundle(e), "--expect-manifest-sha256", "0" * 64], 2,
+         "--expect-manifest-sha256"),
+    Case("bundle-input-wrong-shape-dynamic-batch", lambda e: _bundle_input(e, (1, 1, 4, 4)), 2,
+         "this model takes [N, 1, 8, 8]"),
+    Case("bundle-input-runtime-refuses", lambda e: _bundle_input(e, (2, 1, 8, 8)), 2, "the runtime refused the input"),
+    # --- SIGTERM is an interrupt ----------------------------------------------------------------
+    Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
+         _terminated_run_resumes, prefix="terminated (SIGTERM): "),
+]
+
+CASES += ROUND3
 
 
 TVM_CASES = [
