@@ -485,7 +485,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
     if a.address and a.executor != "ray":
         raise RecipeError("--address needs --executor ray")
     res = run_search(space, out, cache_dir=a.cache, trials=a.trials, timeout_s=a.timeout, log=log,
-                     executor=a.executor, address=a.address, workers=a.workers)
+                     executor=a.executor, address=a.address, workers=a.workers,
+                     warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     print((out / "front.md").read_text())
     if res["best"] is None:
         print("no trial met every constraint; see search.json for each trial's figures", file=sys.stderr)

@@ -81,7 +81,7 @@ class Case:
     code: int
     match: str  # a substring the single error line must contain
     check: Callable[[Env], None] | None = None  # e.g. "the evil payload did not run"
-    prefix: str = "error: "  # how the one line starts ("warning: " where the command carries on)
+    prefix: str | None = "error: "  # how the one line starts ("warning: " where the command carries on); None: no line
     keeps_out: bool = False  # --out held an earlier run's report: the check says what must be left there
     stdout_ok: bool = False  # the command carries on and prints its own output
 
@@ -667,6 +667,117 @@ def _terminated_run_resumes(env: Env) -> None:
     assert (env.out / "report.json").exists()
 
 
+SPACE = ('name = "s"\nmodel = { source = "zoo:digits-cnn" }\ndata = { source = "builtin:digits" }\n' + FAST +
+         '[search]\ntrials = 1\nsampler = "random"\n[[passes]]\nkind = "prune.channels"\nratio = [0.2, 0.5]\n'
+         '[[targets]]\nkind = "onnxruntime"\n')
+
+
+def _search(env: Env, db: bytes | None = None, *more: str) -> list[str]:
+    """``compress search`` of a one-trial space into --out, whose search.db holds ``db`` (when given)."""
+    space = env.file("space.toml", SPACE)
+    if db is not None:
+        env.out.mkdir()
+        (env.out / "search.db").write_bytes(db)
+        env.state["db"] = db
+    env.state["args"] = ["search", str(space), "--out", str(env.out), "--cache", str(env.cache), "-q", *more]
+    return env.state["args"]
+
+
+def _truncated_sqlite(env: Env) -> bytes:
+    import sqlite3
+
+    p = env.tmp / "full.db"
+    con = sqlite3.connect(p)
+    con.execute("create table t(a blob)")
+    con.executemany("insert into t values (?)", [(bytes(500),)] * 400)
+    con.commit()
+    con.close()
+    data = p.read_bytes()
+    return data[: len(data) * 4 // 10]
+
+
+def _db_untouched(env: Env) -> None:
+    assert (env.out / "search.db").read_bytes() == env.state["db"]
+
+
+def _study(env: Env) -> Any:
+    import optuna
+
+    return optuna.load_study(study_name="space", storage=f"sqlite:///{env.out / 'search.db'}")
+
+
+def _search_left_running(env: Env) -> list[str]:
+    """What kill -9 leaves: the study holds trial 0 RUNNING, its point drawn."""
+    import optuna
+
+    from compress.search import _suggest, load_space
+
+    args = _search(env)
+    env.out.mkdir()
+    sp = load_space(env.tmp / "space.toml")
+    study = optuna.create_study(study_name="space", storage=f"sqlite:///{env.out / 'search.db'}",
+                                directions=["minimize", "minimize"])
+    trial = study.ask()
+    env.state["params"] = {p.name: _suggest(trial, p) for p in sp.params}
+    return args
+
+
+def _interrupted_trial_closed_and_retried(env: Env) -> None:
+    res = json.loads((env.out / "search.json").read_text())
+    states = [(t["number"], t["state"], t["retry_of"]) for t in res["trials"]]
+    assert states == [(0, "INTERRUPTED", None), (1, "COMPLETE", 0)], states
+    assert res["trials"][1]["params"] == res["trials"][0]["params"]
+    if "params" in env.state:
+        assert res["trials"][0]["params"] == env.state["params"]
+
+
+def _search_ctrl_c(env: Env) -> list[str]:
+    import compress.search as search
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    env.state["real_evaluate"] = search.evaluate_trial
+    env.monkeypatch.setattr(search, "evaluate_trial", interrupted)
+    return _search(env)
+
+
+def _ctrl_c_trial_closed_then_retried_on_resume(env: Env) -> None:
+    import optuna
+
+    import compress.search as search
+
+    trials = _study(env).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    env.monkeypatch.setattr(search, "evaluate_trial", env.state["real_evaluate"])
+    assert main(env.state["args"]) == 0
+    _interrupted_trial_closed_and_retried(env)
+
+
+def _search_after_one_finished_trial(env: Env) -> list[str]:
+    """The study holds trial 0, finished, at the point a seeded sampler draws first."""
+    import optuna
+
+    from compress.search import _suggest, load_space
+
+    args = _search(env, None, "--trials", "2")
+    env.out.mkdir()
+    sp = load_space(env.tmp / "space.toml")
+    study = optuna.create_study(study_name="space", storage=f"sqlite:///{env.out / 'search.db'}",
+                                directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    for p in sp.params:
+        _suggest(trial, p)
+    study.tell(trial, [1.0, 0.0])
+    return args
+
+
+def _resumed_search_drew_a_new_point(env: Env) -> None:
+    res = json.loads((env.out / "search.json").read_text())
+    assert [t["state"] for t in res["trials"]] == ["COMPLETE", "COMPLETE"]
+    assert res["trials"][1]["params"] != res["trials"][0]["params"], "the resumed search re-drew trial 0's point"
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
@@ -697,6 +808,17 @@ ROUND3: list[Case] = [
     Case("bundle-input-wrong-shape-dynamic-batch", lambda e: _bundle_input(e, (1, 1, 4, 4)), 2,
          "this model takes [N, 1, 8, 8]"),
     Case("bundle-input-runtime-refuses", lambda e: _bundle_input(e, (2, 1, 8, 8)), 2, "the runtime refused the input"),
+    # --- search: a stopped trial is closed and retried; a damaged study file is named ---------------
+    Case("search-db-not-sqlite", lambda e: _search(e, b"not a database at all" * 50), 2,
+         "search.db: the search's study file is damaged", _db_untouched, keeps_out=True),
+    Case("search-db-truncated", lambda e: _search(e, _truncated_sqlite(e)), 2, "database disk image is malformed",
+         _db_untouched, keeps_out=True),
+    Case("search-trial-left-running-by-kill-9", _search_left_running, 0, "trial 0 was interrupted",
+         _interrupted_trial_closed_and_retried, prefix="warning: ", keeps_out=True, stdout_ok=True),
+    Case("search-ctrl-c-during-a-trial", _search_ctrl_c, 130, "run the same command again to resume",
+         _ctrl_c_trial_closed_then_retried_on_resume, prefix="interrupted: ", keeps_out=True),
+    Case("search-resumed-draws-a-new-point", _search_after_one_finished_trial, 0, "", _resumed_search_drew_a_new_point,
+         prefix=None, keeps_out=True, stdout_ok=True),
     # --- SIGTERM is an interrupt ----------------------------------------------------------------
     Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
          _terminated_run_resumes, prefix="terminated (SIGTERM): "),
@@ -736,9 +858,9 @@ def _run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
     out, err = capfd.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == case.code, f"exit {code}, stderr: {err}"
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    line = lines[0]
-    assert line.startswith(case.prefix) and "unexpected" not in line, line
+    assert len(lines) == (case.prefix is not None), f"expected {case.prefix is not None:d} line on stderr:\n{err}"
+    line = lines[0] if lines else ""
+    assert line.startswith(case.prefix or "") and "unexpected" not in line, line
     assert "Traceback" not in err and "\x1b[" not in err, err
     assert case.match in line, f"{case.match!r} not in: {line}"
     assert case.stdout_ok or out == "", f"nothing belongs on stdout for a refused input: {out!r}"
