@@ -182,7 +182,8 @@ def tokenize(path: Path, texts: list[str], inputs: tuple[InputSpec, ...]) -> tup
     seq = int(inputs[0].shape[1]) if len(inputs[0].shape) >= 2 else 128
     try:
         enc = tok(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
-        full = tok(texts, truncation=False)["input_ids"]
+        # Which texts were cut: tokenized to one token more than kept, never whole (a long line costs no more).
+        longer = tok(texts, truncation=True, max_length=seq + 1)["input_ids"]
     except (ValueError, TypeError) as e:  # e.g. a tokenizer without a padding token
         raise InputError(f"{path}: its tokenizer cannot pad/truncate to {seq} tokens "
                          f"({str(e).splitlines()[0][:200]})") from e
@@ -196,7 +197,7 @@ def tokenize(path: Path, texts: list[str], inputs: tuple[InputSpec, ...]) -> tup
             raise InputError(f"{path}: the tokenizer gives {spec.name} values up to {int(a.max())}, outside the "
                              f"model's range 0..{spec.high - 1}; is it the model's own tokenizer?")
         out[spec.name] = a
-    cut = sum(len(ids) > seq for ids in full)
+    cut = sum(len(ids) > seq for ids in longer)
     note = (f"{len(texts)} texts tokenized with the model's tokenizer to {seq} tokens"
             + (f" ({cut} truncated)" if cut else ""))
     return out, note

@@ -45,6 +45,9 @@ class DataSpec(_Strict):
     # jsonl:FILE: the field holding each sample's text, and the one holding its label (optional).
     text_field: str = Field("text", min_length=1)
     label_field: str | None = Field(None, min_length=1)
+    # text:/jsonl: data is read line by line; a longer line is refused (a file without newlines, say) instead
+    # of being read whole and tokenized (the tokenizer keeps only the model's sequence length anyway).
+    max_line_bytes: int = Field(1 << 20, ge=16, le=1 << 30)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     calib_fraction: float = Field(0.1, gt=0, lt=1)
     max_val_samples: int | None = Field(None, ge=1)

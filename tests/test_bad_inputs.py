@@ -778,6 +778,24 @@ def _resumed_search_drew_a_new_point(env: Env) -> None:
     assert res["trials"][1]["params"] != res["trials"][0]["params"], "the resumed search re-drew trial 0's point"
 
 
+def _text_run(env: Env, kind: str, body: str | bytes, extra: str = "") -> list[str]:
+    """``compress run`` of a tiny BERT directory (test_text_data's) on ``kind:FILE`` data holding ``body``."""
+    pytest.importorskip("transformers")
+    from test_text_data import SEQ, hf_dir, sentences
+
+    d = hf_dir(env.tmp / "bert")
+    data = env.file(f"d.{kind}", body if body else "\n".join(sentences(20)) + "\n")
+    return env.run(env.recipe(f'model = {{ source = "hf:{d}", task = "embedding", input_shape = [1, {SEQ}] }}\n'
+                              f'data = {{ source = "{kind}:{data}"{extra} }}\n' + FAST))
+
+
+def _sentences_and(line: str) -> str:
+    from test_text_data import sentences
+
+    ss = sentences(20)
+    return "\n".join([*ss[:3], line, *ss[3:]]) + "\n"
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
@@ -819,6 +837,16 @@ ROUND3: list[Case] = [
          _ctrl_c_trial_closed_then_retried_on_resume, prefix="interrupted: ", keeps_out=True),
     Case("search-resumed-draws-a-new-point", _search_after_one_finished_trial, 0, "", _resumed_search_drew_a_new_point,
          prefix=None, keeps_out=True, stdout_ok=True),
+    # --- bounded input: text and JSONL are read line by line, lines and nesting are limited -----------
+    Case("data-text-line-over-the-set-limit", lambda e: _text_run(e, "text", _sentences_and("the cat " * 200),
+                                                                  ", max_line_bytes = 1000"), 2,
+         "line 4 is longer than data.max_line_bytes (1000 bytes)"),
+    Case("data-text-line-over-the-default-limit", lambda e: _text_run(e, "text", _sentences_and("a" * ((1 << 20) + 1))),
+         2, "line 4 is longer than data.max_line_bytes (1048576 bytes)"),
+    Case("data-jsonl-nested-200000-deep", lambda e: _text_run(e, "jsonl", '{"text": "the cat"}\n' + "[" * 200_000),
+         2, "line 2: JSON nested deeper than 64 levels"),
+    Case("data-max-line-bytes-too-small", lambda e: _text_run(e, "text", "", ", max_line_bytes = 0"), 2,
+         "greater than or equal to 16"),
     # --- SIGTERM is an interrupt ----------------------------------------------------------------
     Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
          _terminated_run_resumes, prefix="terminated (SIGTERM): "),
@@ -1092,3 +1120,25 @@ def test_bundle_runs_with_its_pinned_manifest_digest_and_says_what_digests_prote
     assert env.state["main"](["--help"]) == 0
     help_text = " ".join(capfd.readouterr().out.split())
     assert "manifest.json is not a signature" in help_text and "--expect-manifest-sha256" in help_text
+
+
+def test_text_is_only_ever_tokenized_truncated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting the texts the model's sequence length cuts used to tokenize every text whole (a 6.4 MB line: 328 s,
+    1.6 GB); each call now stops one token past what is kept, and the count still comes out."""
+    pytest.importorskip("transformers")
+    from test_text_data import SEQ, _inputs, hf_dir
+
+    from compress import hf
+
+    d = hf_dir(tmp_path / "bert")
+    real = hf.load_tokenizer(d)
+    calls: list[dict[str, Any]] = []
+
+    def tok(texts: list[str], **kw: Any) -> Any:
+        calls.append(kw)
+        return real(texts, **kw)
+
+    monkeypatch.setattr(hf, "load_tokenizer", lambda p: tok)
+    _, note = hf.tokenize(d, ["the cat sat on the mat " * 50, "a dog"], _inputs(d))
+    assert calls and all(kw.get("truncation") is True and kw.get("max_length", 1 << 30) <= SEQ + 1 for kw in calls)
+    assert "2 texts tokenized" in note and "(1 truncated)" in note
