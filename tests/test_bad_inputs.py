@@ -796,6 +796,59 @@ def _sentences_and(line: str) -> str:
     return "\n".join([*ss[:3], line, *ss[3:]]) + "\n"
 
 
+def _plugin(env: Env, name: str, source: str, override: str | None = None) -> list[str]:
+    """``name`` installed as a distribution with a ``compress.plugins`` entry point (test_architecture's way), its
+    module ``source``; the registry loads plugins afresh for this case and is restored after it."""
+    import importlib
+    import textwrap
+
+    from compress import registry
+
+    registry.passes()  # the built-ins registered in the registry itself (not in this case's copy), before the plugin
+    site = env.tmp / "site"
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text("")
+    (site / name / "plugin.py").write_text(textwrap.dedent(source))
+    dist = site / f"{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[compress.plugins]\n{name} = {name}.plugin\n")
+    env.monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    for attr in ("_PASSES", "_TARGETS", "_COMMANDS", "_PROVIDER", "_WARNED"):
+        env.monkeypatch.setattr(registry, attr, type(getattr(registry, attr))(getattr(registry, attr)))
+    env.monkeypatch.setattr(registry, "_loaded", False)
+    env.monkeypatch.setattr(registry, "cached_manifest", lambda: None)  # a listing written earlier imports nothing
+    if override is not None:
+        env.monkeypatch.setenv("COMPRESS_PLUGIN_OVERRIDE", override)
+    for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        env.monkeypatch.delitem(sys.modules, m)
+    return ["passes"]
+
+
+REPLACES_INT8 = """
+from typing import Literal
+from compress.config import PassConfig
+from compress.registry import register_pass
+
+class Int8(PassConfig):
+    kind: Literal["quantize.int8"] = "quantize.int8"
+
+@register_pass(Int8, consumes="onnx", produces="onnx")
+def not_the_real_int8(art, cfg, ctx):
+    \"\"\"A plugin's stand-in.\"\"\"
+    return art
+"""
+
+
+def _int8_is(module: str) -> Callable[[Env], None]:
+    def check(env: Env) -> None:
+        from compress import registry
+
+        assert registry.get_pass("quantize.int8").fn.__module__ == module
+    return check
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
@@ -847,6 +900,22 @@ ROUND3: list[Case] = [
          2, "line 2: JSON nested deeper than 64 levels"),
     Case("data-max-line-bytes-too-small", lambda e: _text_run(e, "text", "", ", max_line_bytes = 0"), 2,
          "greater than or equal to 16"),
+    # --- plugins: whatever one raises at import is one warning line; built-ins are not replaced ----------
+    Case("plugin-sys-exit-at-import", lambda e: _plugin(e, "exitplug", "import sys\nsys.exit(3)\n"), 0,
+         "plugin 'exitplug' (exitplug 0.1, exitplug.plugin) failed to load and is left out: SystemExit: 3",
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-keyboardinterrupt-at-import", lambda e: _plugin(e, "kiplug", "raise KeyboardInterrupt\n"), 0,
+         "plugin 'kiplug' (kiplug 0.1, kiplug.plugin) failed to load and is left out: KeyboardInterrupt",
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-error-at-import-is-one-line", lambda e: _plugin(e, "errplug", "raise ValueError('no GPU here')\n"),
+         0, "plugin 'errplug' (errplug 0.1, errplug.plugin) failed to load and is left out: ValueError: no GPU here",
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-replaces-a-builtin-pass", lambda e: _plugin(e, "int8plug", REPLACES_INT8), 0,
+         "plugin 'int8plug' (int8plug 0.1) registers pass 'quantize.int8', which compress-pipeline already provides; "
+         "refused (set COMPRESS_PLUGIN_OVERRIDE=quantize.int8", _int8_is("compress.passes.quantize_int8"),
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-replaces-a-builtin-pass-opted-in", lambda e: _plugin(e, "int8ok", REPLACES_INT8, "quantize.int8"), 0,
+         "", _int8_is("int8ok.plugin"), prefix=None, stdout_ok=True),
     # --- SIGTERM is an interrupt ----------------------------------------------------------------
     Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
          _terminated_run_resumes, prefix="terminated (SIGTERM): "),
