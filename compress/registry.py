@@ -79,14 +79,13 @@ _TARGETS: dict[str, tuple[type[TargetConfig], Any]] = {}  # kind -> (config clas
 _loaded = False
 _IMPORTING: list[tuple[str, str]] = []  # (entry point, its distribution) while its module is imported
 _PROVIDER: dict[tuple[str, str], str] = {}  # ("pass" | "target", kind) -> the plugin distribution that registered it
-_WARNED: set[str] = set()
 
 
 def plugin_warning(message: str) -> None:
-    """A plugin problem as one line on stderr, once per process (the CLI's one-line format, not a Python warning)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+    """A plugin problem as one line on stderr, once per process (``compress.notices``)."""
+    from .notices import warn_once
+
+    warn_once(message)
 
 
 def _overridable() -> set[str]:

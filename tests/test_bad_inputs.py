@@ -796,6 +796,13 @@ def _sentences_and(line: str) -> str:
     return "\n".join([*ss[:3], line, *ss[3:]]) + "\n"
 
 
+def _fresh_warnings(env: Env) -> None:
+    """Warnings are said once per process; each case is a process of its own."""
+    from compress import notices
+
+    env.monkeypatch.setattr(notices, "_WARNED", set())
+
+
 def _plugin(env: Env, name: str, source: str, override: str | None = None) -> list[str]:
     """``name`` installed as a distribution with a ``compress.plugins`` entry point (test_architecture's way), its
     module ``source``; the registry loads plugins afresh for this case and is restored after it."""
@@ -815,8 +822,9 @@ def _plugin(env: Env, name: str, source: str, override: str | None = None) -> li
     (dist / "entry_points.txt").write_text(f"[compress.plugins]\n{name} = {name}.plugin\n")
     env.monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
-    for attr in ("_PASSES", "_TARGETS", "_COMMANDS", "_PROVIDER", "_WARNED"):
+    for attr in ("_PASSES", "_TARGETS", "_COMMANDS", "_PROVIDER"):
         env.monkeypatch.setattr(registry, attr, type(getattr(registry, attr))(getattr(registry, attr)))
+    _fresh_warnings(env)
     env.monkeypatch.setattr(registry, "_loaded", False)
     env.monkeypatch.setattr(registry, "cached_manifest", lambda: None)  # a listing written earlier imports nothing
     if override is not None:
@@ -847,6 +855,21 @@ def _int8_is(module: str) -> Callable[[Env], None]:
 
         assert registry.get_pass("quantize.int8").fn.__module__ == module
     return check
+
+
+BOARD = 'name = "board"\narch = "aarch64"\nint8_scheme = "u8s8"\nbackends = ["onnxruntime"]\n'
+
+
+def _profile_path(env: Env, *files: tuple[str, str]) -> None:
+    for name, text in files:
+        env.file(f"profiles/{name}", text)
+    env.monkeypatch.setenv("COMPRESS_PROFILE_PATH", str(env.tmp / "profiles"))
+    _fresh_warnings(env)
+
+
+def _profile_run(env: Env, profile: str, *files: tuple[str, str]) -> list[str]:
+    _profile_path(env, *files)
+    return env.run(*DIGITS_RUN, "--profile", profile, "--print-recipe")
 
 
 def _no_model_loaded(env: Env) -> None:
@@ -916,6 +939,16 @@ ROUND3: list[Case] = [
          prefix="warning: ", stdout_ok=True),
     Case("plugin-replaces-a-builtin-pass-opted-in", lambda e: _plugin(e, "int8ok", REPLACES_INT8, "quantize.int8"), 0,
          "", _int8_is("int8ok.plugin"), prefix=None, stdout_ok=True),
+    # --- profiles: one broken file does not hide the others; backends are registered targets -----------
+    Case("profile-broken-file-sorts-before-the-one-asked-for",
+         lambda e: _profile_run(e, "board", ("a-broken.toml", "name = ["), ("b-board.toml", BOARD)), 0,
+         "a-broken.toml: not valid TOML", prefix="warning: ", stdout_ok=True),
+    Case("profile-unknown-with-a-broken-file-on-the-path",
+         lambda e: _profile_run(e, "nosuch", ("a-broken.toml", "name = ["), ("b-board.toml", BOARD)), 2,
+         "on $COMPRESS_PROFILE_PATH could not be read, the first: "),
+    Case("profile-backend-not-a-target", lambda e: _profile_run(
+        e, str(e.file("p.toml", BOARD.replace('["onnxruntime"]', '["onnxruntime", "coreml"]'))), ), 2,
+         "unknown target(s) 'coreml'"),
     # --- SIGTERM is an interrupt ----------------------------------------------------------------
     Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
          _terminated_run_resumes, prefix="terminated (SIGTERM): "),
