@@ -872,6 +872,41 @@ def _profile_run(env: Env, profile: str, *files: tuple[str, str]) -> list[str]:
     return env.run(*DIGITS_RUN, "--profile", profile, "--print-recipe")
 
 
+def _cache_with_a_link(how: str) -> Callable[[Env], list[str]]:
+    """A finished run, then its exported model's cache entry changed so that its digest still matches: the model
+    file a link to an identical copy outside, a link to /etc beside it, or the whole entry a link to a copy."""
+    def build(env: Env) -> list[str]:
+        import shutil
+
+        args = env.run(env.recipe(FAST_ORT))
+        assert main(args) == 0
+        entry = next(p.parent for p in (env.cache / "objects").glob("*/model.onnx"))
+        outside = env.tmp / "outside"
+        shutil.copytree(entry, outside)
+        if how == "file":
+            (entry / "model.onnx").unlink()
+            (entry / "model.onnx").symlink_to(outside / "model.onnx")
+        elif how == "etc":
+            (entry / "etc").symlink_to("/etc")
+        else:
+            shutil.rmtree(entry)
+            entry.symlink_to(outside)
+        env.state["entry"], env.state["outside"] = entry, outside
+        shutil.rmtree(env.out)
+        return args
+    return build
+
+
+def _link_discarded_and_rebuilt(env: Env) -> None:
+    notes = json.loads((env.out / "report.json").read_text())["notes"]
+    entry = env.state["entry"]
+    assert any(f"cache entry {entry.name[:16]}" in n and "symbolic link" in n and "discarded and rebuilt" in n
+               for n in notes), notes
+    assert not entry.is_symlink() and not (entry / "model.onnx").is_symlink() and not (entry / "etc").exists()
+    assert (env.state["outside"] / "model.onnx").is_file(), "the link's target was deleted with the entry"
+    assert Path("/etc/hostname").exists() or Path("/etc/passwd").exists()
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
@@ -949,6 +984,13 @@ ROUND3: list[Case] = [
     Case("profile-backend-not-a-target", lambda e: _profile_run(
         e, str(e.file("p.toml", BOARD.replace('["onnxruntime"]', '["onnxruntime", "coreml"]'))), ), 2,
          "unknown target(s) 'coreml'"),
+    # --- cache entries hold folders and regular files only ------------------------------------------
+    Case("cache-entry-file-is-a-link-to-an-identical-copy", _cache_with_a_link("file"), 0, "",
+         _link_discarded_and_rebuilt, prefix=None, stdout_ok=True, keeps_out=True),
+    Case("cache-entry-holds-a-link-to-etc", _cache_with_a_link("etc"), 0, "", _link_discarded_and_rebuilt,
+         prefix=None, stdout_ok=True, keeps_out=True),
+    Case("cache-entry-is-a-link-to-a-copy", _cache_with_a_link("entry"), 0, "", _link_discarded_and_rebuilt,
+         prefix=None, stdout_ok=True, keeps_out=True),
     # --- SIGTERM is an interrupt ----------------------------------------------------------------
     Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
          _terminated_run_resumes, prefix="terminated (SIGTERM): "),
