@@ -129,6 +129,29 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
+def _check_integer_inputs(src: str, inputs: tuple[Any, ...], arrays: dict[str, np.ndarray]) -> None:
+    """Inputs the model takes as integers (token ids, masks) must be integers within their range: said here naming
+    the input and the rule, not as an embedding's IndexError or a dtype error from inside the model."""
+    for s in inputs:
+        a = arrays.get(s.name)
+        if a is None or np.issubdtype(np.dtype(s.dtype), np.floating):
+            continue
+        rule = "integers" if s.high is None else f"integers in 0..{s.high - 1}" + (
+            " (the model's vocabulary)" if s.name == "input_ids" else "")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"data source {src!r}: input {s.name!r} holds floating-point values; it takes {rule}; "
+                             f"save it as an integer array")
+        if s.high is None or not a.size:
+            continue
+        bad = (a < 0) | (a >= s.high)
+        if bad.any():
+            i = int(np.argwhere(bad.reshape(len(a), -1).any(axis=1))[0][0])
+            value = int(a[i][bad[i]].flat[0])
+            what = "token id" if s.name == "input_ids" else "value"
+            raise InputError(f"data source {src!r}: input {s.name!r} holds {what} {value} (sample {i}), outside "
+                             f"{rule}")
+
+
 def _npz_named(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None] | None:
     """One array per named model input (integer arrays as int64, others float32), or None if the names are absent."""
     if not path.exists():
@@ -339,6 +362,7 @@ def load_data(spec: object, input_shape: tuple[int, ...], inputs: tuple[Any, ...
                              "give the .npz one array per input name (not 'x')")
     if named is not None:
         arrays, y = named
+        _check_integer_inputs(src, inputs or (), arrays)
         names = tuple(arrays)
         x = arrays[names[0]]
         extra = {n: arrays[n] for n in names[1:]}

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import PassConfig, TargetConfig, _fmt_value, format_pipeline
 from .errors import RecipeError
-from .registry import get_pass, get_target_config
+from .registry import get_pass, get_target_config, settings_without_loading
 
 
 class _Strict(BaseModel):
@@ -123,6 +123,11 @@ def _validate_step(where: str, table: Any, target: bool) -> PassConfig:
     kind = table.get("kind")
     if not isinstance(kind, str):
         raise RecipeError(f"{where}: missing 'kind'")
+    allowed = settings_without_loading("targets" if target else "passes", kind)
+    unknown = [k for k in table if allowed is not None and k not in allowed]
+    if allowed is not None and unknown:  # a typo needs no plugin imported (a pass imports torch: seconds)
+        raise RecipeError(f"{where} ({kind}): unknown key '{unknown[0]}'; allowed keys: "
+                          f"{', '.join(k for k in allowed if k != 'kind')}")
     try:
         cls: type[PassConfig] = get_target_config(kind) if target else get_pass(kind).config_cls
     except RecipeError as e:

@@ -302,6 +302,19 @@ def _known_without_loading(section: str, kind: str, registered: dict[str, Any]) 
     return sorted(set(m[section]) | set(registered))
 
 
+def settings_without_loading(section: str, kind: str) -> list[str] | None:
+    """The setting names of pass or target ``kind`` ("passes" / "targets") from a current manifest, when its plugins
+    are not imported yet (so a misspelt setting is refused without importing them, and torch with them); None when
+    only loading can tell."""
+    registered = _PASSES if section == "passes" else _TARGETS
+    if _loaded or kind in registered:
+        return None
+    m = cached_manifest()
+    if m is None or kind not in m[section]:
+        return None
+    return ["kind", *(f[0] for f in m[section][kind]["fields"])]
+
+
 def get_pass(kind: str) -> PassInfo:
     known = _known_without_loading("passes", kind, _PASSES)
     if known is not None:

@@ -907,6 +907,37 @@ def _link_discarded_and_rebuilt(env: Env) -> None:
     assert Path("/etc/hostname").exists() or Path("/etc/passwd").exists()
 
 
+def _token_npz_run(env: Env, ids: np.ndarray) -> list[str]:
+    """A tiny BERT (test_text_data's, vocabulary 64, sequence 12) on an .npz of its inputs."""
+    pytest.importorskip("transformers")
+    from test_text_data import SEQ, hf_dir
+
+    d = hf_dir(env.tmp / "bert")
+    data = env.npz("t.npz", input_ids=ids, attention_mask=np.ones(ids.shape, np.int64))
+    return env.run(env.recipe(f'model = {{ source = "hf:{d}", task = "embedding", input_shape = [1, {SEQ}] }}\n'
+                              f'data = {{ source = "npz:{data}" }}\n' + FAST))
+
+
+def _plugins_not_loaded(env: Env) -> list[str]:
+    """The listing of passes is current; loading the plugins (which import torch) is recorded."""
+    from compress import registry
+
+    registry.manifest()
+    if registry.cached_manifest() is None:
+        pytest.skip("compress/__pycache__ is not writable here: settings are only known by importing the plugins")
+    env.state["loads"] = []
+    env.monkeypatch.setattr(registry, "_loaded", False)  # as in a fresh process: nothing imported, nothing registered
+    env.monkeypatch.setattr(registry, "_PASSES", {})
+    env.monkeypatch.setattr(registry, "_TARGETS", {})
+    env.monkeypatch.setattr(registry, "_load_plugins", lambda: env.state["loads"].append(1))
+    return env.run(env.recipe('model = { source = "zoo:digits-cnn" }\n[[passes]]\nkind = "prune.channels"\n'
+                              'raito = 0.5\n'))
+
+
+def _no_plugin_loaded(env: Env) -> None:
+    assert env.state["loads"] == [], "the plugins (and torch with them) were imported to refuse a misspelt setting"
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
@@ -991,6 +1022,21 @@ ROUND3: list[Case] = [
          prefix=None, stdout_ok=True, keeps_out=True),
     Case("cache-entry-is-a-link-to-a-copy", _cache_with_a_link("entry"), 0, "", _link_discarded_and_rebuilt,
          prefix=None, stdout_ok=True, keeps_out=True),
+    # --- usage errors knowable before anything runs -------------------------------------------------
+    Case("budgets-ratio-to-its-own-target", lambda e: budgets_env(e, BUDGET_HEAD + '[[budget]]\nmodel = "digits"\n'
+                                                                  'target = "onnxruntime"\nmetric = "p50"\n'
+                                                                  'max = "0.5x onnxruntime"\n'), 2,
+         "compares target onnxruntime with itself"),
+    Case("budgets-original-ratio-to-the-original", lambda e: budgets_env(
+        e, BUDGET_HEAD + '[[budget]]\nmodel = "digits"\nvariant = "baseline"\nmetric = "p50"\n'
+        'max = "0.9x original"\n'), 2, "compares the original model with itself"),
+    Case("data-token-id-outside-the-vocabulary", lambda e: _token_npz_run(e, np.full((20, 12), 100, np.int64)), 2,
+         "input 'input_ids' holds token id 100 (sample 0), outside integers in 0..63 (the model's vocabulary)"),
+    Case("data-token-ids-as-floats", lambda e: _token_npz_run(e, np.full((20, 12), 7.0)), 2,
+         "input 'input_ids' holds floating-point values; it takes integers in 0..63"),
+    Case("recipe-pass-setting-typo-imports-no-plugin", _plugins_not_loaded, 2,
+         "passes[1] (prune.channels): unknown key 'raito'; allowed keys: ratio,",
+         lambda e: _no_plugin_loaded(e)),
     # --- SIGTERM is an interrupt ----------------------------------------------------------------
     Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
          _terminated_run_resumes, prefix="terminated (SIGTERM): "),
