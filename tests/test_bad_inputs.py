@@ -938,6 +938,30 @@ def _no_plugin_loaded(env: Env) -> None:
     assert env.state["loads"] == [], "the plugins (and torch with them) were imported to refuse a misspelt setting"
 
 
+def _int8_run(env: Env, n: int) -> list[str]:
+    """prune.magnitude, then quantize.int8 (default samples = 128) on ``n`` digits-shaped samples; running a pass
+    is recorded."""
+    import compress.pipeline as pipeline
+
+    env.state["executed"] = []
+    real = pipeline.execute
+    env.monkeypatch.setattr(pipeline, "execute", lambda plan: env.state["executed"].append(1) or real(plan))
+    x, y = digits(n)
+    body = FAST + '[[passes]]\nkind = "prune.magnitude"\nsparsity = 0.5\n[[passes]]\nkind = "quantize.int8"\n' \
+        '[[targets]]\nkind = "onnxruntime"\n'
+    data = f'data = {{ source = "npz:{env.npz(x=x, y=y)}" }}\n'
+    return env.run(env.recipe('model = { source = "zoo:digits-cnn" }\n' + data + body))
+
+
+def _nothing_executed(env: Env) -> None:
+    assert env.state["executed"] == [], "passes ran before a refusal the plan could make"
+
+
+def _calibrated_on_what_there_was(env: Env) -> None:
+    assert env.state["executed"] == [1]
+    assert "calibrated on 20 samples of npz:" in (env.out / "report.json").read_text()
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
@@ -1037,6 +1061,10 @@ ROUND3: list[Case] = [
     Case("recipe-pass-setting-typo-imports-no-plugin", _plugins_not_loaded, 2,
          "passes[1] (prune.channels): unknown key 'raito'; allowed keys: ratio,",
          lambda e: _no_plugin_loaded(e)),
+    Case("pass-int8-calibration-split-under-the-minimum", lambda e: _int8_run(e, 48), 2,
+         "quantize.int8: the calibration split of npz:", _nothing_executed),
+    Case("pass-int8-default-samples-on-a-small-image-set", lambda e: _int8_run(e, 200), 0, "",
+         _calibrated_on_what_there_was, prefix=None, stdout_ok=True, keeps_out=True),
     # --- SIGTERM is an interrupt ----------------------------------------------------------------
     Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
          _terminated_run_resumes, prefix="terminated (SIGTERM): "),
