@@ -962,6 +962,24 @@ def _calibrated_on_what_there_was(env: Env) -> None:
     assert "calibrated on 20 samples of npz:" in (env.out / "report.json").read_text()
 
 
+EVIL_SO = ('#include <stdio.h>\n__attribute__((constructor)) static void pwn(void) '
+           '{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+
+
+def _bundle_loading_an_outside_library(env: Env) -> list[str]:
+    """A TVM bundle whose manifest names a native library outside it, whose constructor would run on dlopen."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the outside library")
+    env.state["marker"] = env.tmp / "PWNED"
+    src = env.file("evilso/evil.c", EVIL_SO.format(marker=env.state["marker"]))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(src.with_suffix(".so")), str(src)], check=True)
+    _bundle(env, model="../evilso/evil.so", runtime=lambda r: {**r, "package": "apache-tvm"})
+    return ["--allow-version-mismatch"]  # so that, where TVM is installed, nothing but the check stands in the way
+
+
 def _no_model_loaded(env: Env) -> None:
     assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
 
@@ -980,6 +998,8 @@ ROUND3: list[Case] = [
     # --- a bundle's run.py loads only what it verified ----------------------------------------
     Case("bundle-model-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx"), 2,
          "outside the bundle folder"),
+    Case("bundle-tvm-library-outside-the-folder", _bundle_loading_an_outside_library, 2,
+         "'../evilso/evil.so' is outside the bundle folder", no_marker),
     Case("bundle-files-entry-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx",
                                                                     files=_with_evil_file), 2,
          "outside the bundle folder"),
