@@ -1371,12 +1371,22 @@ def test_text_is_only_ever_tokenized_truncated(tmp_path: Path, monkeypatch: pyte
     d = hf_dir(tmp_path / "bert")
     real = hf.load_tokenizer(d)
     calls: list[dict[str, Any]] = []
+    calls_texts: list[Any] = []
 
-    def tok(texts: list[str], **kw: Any) -> Any:
+    def tok(texts: Any, **kw: Any) -> Any:
         calls.append(kw)
+        calls_texts.append(texts)
         return real(texts, **kw)
 
+    def texts_seen(seen: list[Any]) -> list[str]:
+        return [t for x in seen for t in ([x] if isinstance(x, str) else x)]
+
     monkeypatch.setattr(hf, "load_tokenizer", lambda p: tok)
-    _, note = hf.tokenize(d, ["the cat sat on the mat " * 50, "a dog"], _inputs(d))
+    long = "the cat sat on the mat " * 5_000
+    got, note = hf.tokenize(d, [long, "a dog"], _inputs(d))
     assert calls and all(kw.get("truncation") is True and kw.get("max_length", 1 << 30) <= SEQ + 1 for kw in calls)
     assert "2 texts tokenized" in note and "(1 truncated)" in note
+    # Only a head of the long text is tokenized, and it gives what the whole text would.
+    assert max(len(t) for t in texts_seen(calls_texts)) < 10_000
+    whole = real([long, "a dog"], padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
+    assert np.array_equal(got["input_ids"], whole["input_ids"])
