@@ -505,23 +505,18 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
                 started += 1
                 trial, rec = nxt
                 t0 = time.monotonic()
-                try:
-                    prec = probe_for(rec)
-                    if prec is not None and judge(trial, probe_trial(prec, out / "trials" / rec.name / "probe",
-                                                                     cache_dir, target, spec.batch),
-                                                  time.monotonic() - t0):
-                        continue
-                    # Built first with every core (training), then measured from the cache with the pinned threads.
-                    built = build_trial(rec, cache_dir)
-                    if built["error"] is not None:
-                        res = {"ok": False, "error": built["error"]}
-                    else:
-                        res = evaluate_trial(rec, out / "trials" / rec.name, cache_dir, target, spec.batch, needed)
-                        res["timing"] = {"train_s": built["train_s"], "build_s": built["build_s"],
-                                         "train_threads": built["threads"]}
-                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is closed now, and retried first on resume
-                    close_interrupted(study, say, [trial.number])
-                    raise
+                prec = probe_for(rec)
+                if prec is not None and judge(trial, probe_trial(prec, out / "trials" / rec.name / "probe", cache_dir,
+                                                                 target, spec.batch), time.monotonic() - t0):
+                    continue
+                # Built first with every core (training), then measured from the cache with the pinned threads.
+                built = build_trial(rec, cache_dir)
+                if built["error"] is not None:
+                    res = {"ok": False, "error": built["error"]}
+                else:
+                    res = evaluate_trial(rec, out / "trials" / rec.name, cache_dir, target, spec.batch, needed)
+                    res["timing"] = {"train_s": built["train_s"], "build_s": built["build_s"],
+                                     "train_threads": built["threads"]}
                 _tell(study, trial, res, time.monotonic() - t0, spec, limits, say, clock)
         else:
             started = pool.run(ask, budget, out, spec, needed, probe_for, judge,
@@ -530,6 +525,9 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
             say(f"time budget reached after {started} new trial(s)")
         if spec.retime_front:
             _retime(study, sp, out, cache_dir, target, say, pool)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trials under way are closed now, and retried first on resume
+        close_interrupted(study, say)
+        raise
     finally:
         if pool is not None:
             pool.close()
