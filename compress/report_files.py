@@ -9,8 +9,8 @@ a rename); only when every file is complete is the staging folder renamed into p
   folder takes its name, and the old one is deleted; interrupted between the two renames, the old
   folder is put back;
 * ``--out`` also holds files this tool did not write there (a search's trial folder keeps its probe
-  runs beside the report; a user may point ``--out`` at a folder of their own): nothing of theirs is
-  moved. The finished files are renamed in one by one (each rename is atomic and needs no free space)
+  runs beside the report; a user may point ``--out`` at a folder of their own), or is the current
+  folder: nothing of theirs is moved. The finished files are renamed in one by one (each rename is atomic and needs no free space)
   with report.json last, as the mark of completion, and report files the new set lacks are removed.
 
 What goes wrong while writing (a full disk, Ctrl-C, SIGTERM) removes the staging folder and leaves
@@ -92,7 +92,10 @@ def _install(stage: Path, out: Path, names: list[str]) -> None:
     if not out.exists() and not out.is_symlink():
         os.replace(stage, out)
         return
-    ours = out.is_dir() and not out.is_symlink() and all(p.name in REPORT_FILES for p in out.iterdir())
+    here = Path.cwd()
+    inside = out.resolve() == here or out.resolve() in here.parents  # renaming it would strand the shell in it
+    ours = (out.is_dir() and not out.is_symlink() and not inside
+            and all(p.name in REPORT_FILES for p in out.iterdir()))
     if not ours:  # somebody else's files are in there too: move ours in, report.json last
         for name in sorted(names, key=lambda n: n == "report.json"):
             os.replace(stage / name, out / name)

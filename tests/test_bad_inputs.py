@@ -1390,3 +1390,29 @@ def test_text_is_only_ever_tokenized_truncated(tmp_path: Path, monkeypatch: pyte
     assert max(len(t) for t in texts_seen(calls_texts)) < 10_000
     whole = real([long, "a dog"], padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
     assert np.array_equal(got["input_ids"], whole["input_ids"])
+
+
+def test_report_set_keeps_files_it_did_not_write(tmp_path: Path) -> None:
+    """--out holding someone else's files too (a search trial's probe folder, the user's notes): a failed write
+    leaves everything as it was, a finished one replaces the report files alone and drops a stale one."""
+    from compress.errors import CompressError
+    from compress.report_files import write_report_set
+
+    out = tmp_path / "out"
+    (out / "probe").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text("old json")
+    (out / "report.html").write_text("old html")
+
+    def full(p: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CompressError, match="No space left on device; the folder was left as it was"):
+        write_report_set(out, [("report.md", lambda p: p.write_text("new md")), ("pareto.png", full)])
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "probe", "report.html", "report.json"]
+    assert (out / "report.json").read_text() == "old json"
+    write_report_set(out, [("report.md", lambda p: p.write_text("new md")),
+                           ("report.json", lambda p: p.write_text("new json"))])
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "probe", "report.json", "report.md"]
+    assert (out / "report.json").read_text() == "new json" and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
