@@ -10,8 +10,9 @@ a rename); only when every file is complete is the staging folder renamed into p
   folder is put back;
 * ``--out`` also holds files this tool did not write there (a search's trial folder keeps its probe
   runs beside the report; a user may point ``--out`` at a folder of their own), or is the current
-  folder: nothing of theirs is moved. The finished files are renamed in one by one (each rename is atomic and needs no free space)
-  with report.json last, as the mark of completion, and report files the new set lacks are removed.
+  folder: nothing of theirs is moved. The finished files are renamed in one by one (each rename is
+  atomic and needs no free space) with report.json last, as the mark of completion, and report files
+  the new set lacks are removed.
 
 What goes wrong while writing (a full disk, Ctrl-C, SIGTERM) removes the staging folder and leaves
 ``--out`` untouched. The measured figures are kept by the caller before any of this
