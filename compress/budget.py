@@ -247,6 +247,10 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
         if lim.ratio_to not in (None, "original", "recorded") and lim.ratio_to not in known_targets:
             raise RecipeError(f"{where}: {b.max!r} refers to {lim.ratio_to!r}, which is neither a target "
                               f"({', '.join(known_targets)}) nor 'original' or 'recorded'")
+        if lim.ratio_to == b.target or (lim.ratio_to == "original" and b.variant == "baseline"):
+            what = f"target {b.target}" if lim.ratio_to == b.target else "the original model"
+            raise RecipeError(f"{where}: max = {b.max!r} compares {what} with itself (the same cell: the ratio is 1 "
+                              "by construction); name another target, 'original' or 'recorded'")
     return bf, recipes
 
 

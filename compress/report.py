@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -544,24 +542,17 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
     return boxes
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Report, out: Path) -> None:
-    """Write the report files (report.md, pareto.png, report.html, report.json); each appears whole or not at
-    all. json goes last: it marks completion.
+    """Write the report files as one set (``compress.report_files``): ``out`` ends up holding the whole new
+    report (report.md, pareto.png, report.html, report.json), or stays as it was. json goes last where files
+    are moved in one by one: it marks completion.
 
     report.json is ``report.to_json()``: the schema in docs/report.schema.json (``compress.report_schema``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(report)))
-    _atomic_write(out / "pareto.png", lambda p: plot_pareto(report, p))
-    _atomic_write(out / "report.html", lambda p: p.write_text(render_html(report), encoding="utf-8"))
-    _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report.to_json(), indent=2, default=str)))
+    from .report_files import write_report_set
+
+    md = render_markdown(report)
+    js = json.dumps(report.to_json(), indent=2, default=str)
+    html = render_html(report)
+    write_report_set(out, [("report.md", lambda p: p.write_text(md)), ("pareto.png", lambda p: plot_pareto(report, p)),
+                           ("report.html", lambda p: p.write_text(html, encoding="utf-8")),
+                           ("report.json", lambda p: p.write_text(js))], known_bytes=len(md) + len(js) + len(html))
