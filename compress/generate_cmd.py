@@ -51,7 +51,7 @@ def _runner(model: str, threads: int, cache: str | None) -> tuple[Any, Path, lis
         raise InputError(f"{model}: not a causal language model")
     d = hf_dir(root)
     assert d is not None
-    cfg: Any = module.model.config
+    cfg: Any = module.model.config  # type: ignore[union-attr]
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
     return TorchLMRunner(module, threads), d, [e for e in eos if e is not None], int(
         getattr(cfg, "max_position_embeddings", 0) or 0)
