@@ -49,7 +49,7 @@ class QuantizeWeightOnly(ParityOptions):
         return self
 
 
-@register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx")
+@register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx", compare_precision="int4-weights")
 def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContext) -> Artifact:
     """INT8/INT4 block-wise weight compression of MatMul layers (ONNX Runtime MatMulNBits or blocked QDQ)."""
     import onnx
