@@ -64,7 +64,7 @@ def _algo(cfg: Any, ctx: PassContext, decoder: Any, bits: int) -> Any:
         if text is None:
             raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
                             "\"builtin:pydoc-topics\" or text:FILE)")
-        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(text.calib[:8], decoder, np.float32),
+        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(text.calib[:cfg.calib_windows], decoder, np.float32),
                                             block_size=cfg.group_size, quant_format=QuantFormat.QOperator,
                                             op_types_to_quantize=("MatMul",))
     return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=bits,
@@ -132,6 +132,8 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
              + (", symmetric" if cfg.symmetric and cfg.algorithm == "rtn" else "")
              + (f", LM head INT{cfg.head_bits}" if cfg.head_bits else "")
              + (f", accuracy_level {cfg.accuracy_level}" if cfg.accuracy_level else "")
+             + (f", calibrated on {min(cfg.calib_windows, len(ctx.text.calib))} window(s) of {ctx.text.window} "
+                "tokens" if cfg.algorithm == "gptq" and ctx.text is not None else "")
              + f") on {packed} of {len(mats)} MatMul layer(s); the embedding Gather stays float"]
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
             "head_bits": cfg.head_bits, "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,
