@@ -64,7 +64,8 @@ def _algo(cfg: Any, ctx: PassContext, decoder: Any, bits: int) -> Any:
         if text is None:
             raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
                             "\"builtin:pydoc-topics\" or text:FILE)")
-        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(text.calib[:cfg.calib_windows], decoder, np.float32),
+        reader = _Windows(text.calib[:cfg.calib_windows], decoder, np.float32)
+        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader,
                                             block_size=cfg.group_size, quant_format=QuantFormat.QOperator,
                                             op_types_to_quantize=("MatMul",))
     return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=bits,
