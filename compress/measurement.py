@@ -65,6 +65,7 @@ class Cell:
     # The remote device the cell ran on (a TVM RPC device, named by its runner); None: this machine. Its latency
     # is judged on the device's own clock and never divided by a figure from another device.
     device: str | None = None
+    guard: dict[str, Any] | None = None  # the accuracy guard's breach (compress.accuracy_guard), None: within bound
 
 
 @dataclass

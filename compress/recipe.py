@@ -68,6 +68,9 @@ class MeasureSpec(_Strict):
     # optional task metric ``package.module:function`` called as fn(ref, got, labels).
     output_kind: Literal["auto", "logits", "embedding", "regression"] = "auto"
     metric: str | None = None
+    # The accuracy guard (compress.accuracy_guard): a variant more than this many points of top-1 (or of
+    # agreement / cosine x 100 without labels) below the original is marked ACCURACY, not ok.
+    max_accuracy_drop: float = Field(1.0, ge=0)
 
 
 class Recipe(_Strict):

@@ -155,6 +155,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             else None,
             "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
             "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
+            "accuracy_guard": getattr(c, "guard", None),
         }))
     extra: dict[str, Any] = {"baseline_label": baseline_label} if baseline_label else {}
     return Report(
@@ -205,6 +206,8 @@ def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[l
         p50 = _lat(r, b0, "p50_ms")
         ratios = [x.text if (x := r.ratio_to_baseline.get(b)) is not None else "-" for b in batches]
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
+        if r.status == "ok" and r.accuracy_guard is not None:
+            status = r.accuracy_guard.text
         cv = _lat(r, b0, "cv")
         row = [
             (report.baseline_label or ("fp32" if compare else "baseline")) if r.variant == "baseline"
@@ -418,18 +421,21 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
         if p50 is None or y is None:
             continue
         ci = r.latency[b0].p50_ci or (p50, p50)
-        pts.append((p50, 100 * y, r.variant, r.target, ci[0], ci[1]))
+        pts.append((p50, 100 * y, r.variant, r.target, ci[0], ci[1], r.accuracy_guard))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(p[3] for p in pts))}  # type: ignore[attr-defined]
-    for p50, y, v, t, lo, hi in pts:
+    for p50, y, v, t, lo, hi, guard in pts:
         base = v == "baseline"
         ax.errorbar(p50, y, xerr=[[max(0.0, p50 - lo)], [max(0.0, hi - p50)]], fmt="none", ecolor=colors[t],
                     elinewidth=1.2, capsize=3, zorder=2)
-        ax.scatter(p50, y, marker="s" if base else "o", s=80, edgecolors="black", color=colors[t], zorder=3,
-                   alpha=0.6 if base else 1.0)
+        if guard is not None:  # lost more accuracy than the guard allows: drawn apart, never on the front
+            ax.scatter(p50, y, marker="X", s=110, color="tab:red", edgecolors="black", zorder=3)
+        else:
+            ax.scatter(p50, y, marker="s" if base else "o", s=80, edgecolors="black", color=colors[t], zorder=3,
+                       alpha=0.6 if base else 1.0)
     ax.margins(x=0.3, y=0.2)
     front: list[tuple[Any, ...]] = []
-    for p in sorted(pts):
+    for p in sorted(p for p in pts if p[6] is None):
         if not front or p[1] > front[-1][1]:
             front.append(p)
     if len(front) > 1:
@@ -438,7 +444,8 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel(f"p50 latency, batch {b0} (ms; bars: 95% interval)")
     ax.set_ylabel("top-1 accuracy (%)" if use_acc else "fidelity to original (%: agreement, or 100 x cosine)")
-    ax.set_title(f"{report.recipe.name}: accuracy vs latency (squares: baseline)")
+    ax.set_title(f"{report.recipe.name}: accuracy vs latency (squares: baseline"
+                 + ("; red X: failed the accuracy guard)" if any(p[6] is not None for p in pts) else ")"))
     ax.grid(alpha=0.3)
     lo, hi = ax.get_ylim()
     if hi > 100.5:  # a percentage: no ticks above 100 %
@@ -446,10 +453,17 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
     if not pts:
         ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    boxes = _place_labels(fig, ax, [(p[0], p[1], f"{p[2]} / {p[3]}") for p in pts])
+    boxes = _place_labels(fig, ax, [(p[0], p[1], f"{p[2]} / {p[3]}" + (f" ({p[6].text})" if p[6] else ""))
+                                    for p in pts])
     fig.savefig(path, format="png")
     plt.close(fig)
     return boxes
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -457,6 +471,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's umask decides, as for any file they write
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

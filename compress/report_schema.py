@@ -222,6 +222,17 @@ class Parity(_Record):
     top1_simulated: float | None = None
 
 
+class AccuracyGuard(_Record):
+    """A variant that fell more than the bound below the original (``compress.accuracy_guard``)."""
+
+    figure: Literal["top-1", "agreement", "cosine"]
+    original: float = Field(description="the original model's figure on the same target, in points (percent)")
+    value: float
+    drop_pt: float
+    bound_pt: float = Field(description="measure.max_accuracy_drop")
+    text: str = Field(description="what the table's status column shows, e.g. 'ACCURACY -43.7 pt'")
+
+
 class ResultCell(_Record):
     """One (variant, target) pair and everything measured on it."""
 
@@ -247,6 +258,8 @@ class ResultCell(_Record):
     device: str | None = Field(None, description="the remote device the cell was timed on (TVM RPC); null: this "
                                "machine. Its ratios and budgets use that device's clock (latency.B.device) and "
                                "are never computed against a figure from another device")
+    accuracy_guard: AccuracyGuard | None = Field(None, description="set when the accuracy guard marked the cell: "
+                                                 "measured (status ok), but it lost more than the bound")
 
 
 # -------------------------------------------------------------------------------------- variants
