@@ -10,11 +10,11 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from compress.passes.export_onnx import ExportOnnx
 
 from compress.cli import main
 from compress.manager import PassContext, PassManager
 from compress.models import load_model
-from compress.passes.export_onnx import ExportOnnx
 from compress.plan import with_lowering
 from compress.recipe import ModelSpec
 from compress.registry import get_pass
@@ -58,7 +58,7 @@ def test_recipe_and_command_line_quantize_an_onnx_model(tmp_path: Path, capsys, 
     r.write_text(f'name = "q"\nmodel = {{ source = "{onnx_file.name}" }}\ndata = {{ source = "builtin:digits" }}\n'
                  + FAST + '[[passes]]\nkind = "quantize.int8"\n[[targets]]\nkind = "onnxruntime"\n')
     out = tmp_path / "o"
-    code, stdout, err = _run(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
+    code, _, err = _run(capsys, "run", str(r), "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     steps = [s["pass"] for s in rep["variants"]["q"]["steps"]]
@@ -66,7 +66,7 @@ def test_recipe_and_command_line_quantize_an_onnx_model(tmp_path: Path, capsys, 
     assert {c["status"] for c in rep["results"]} == {"ok"}
     assert rep["variants"]["q"]["facts"]["precision"] == "int8"
     # The same model and pass from the command line, with FP16 through --pipeline over the recipe.
-    code, stdout, err = _run(capsys, "run", str(r), "--model", str(onnx_file), "--pipeline",
+    code, _stdout, err = _run(capsys, "run", str(r), "--model", str(onnx_file), "--pipeline",
                              "quantize.fp16 -> onnxruntime", "--out", str(tmp_path / "o2"),
                              "--cache", str(tmp_path / "c"), "-q")
     assert code == 0, err
@@ -88,7 +88,7 @@ def test_torch_pass_on_an_onnx_source_is_refused_with_why(tmp_path: Path, capsys
 
 def test_compare_precisions_of_an_onnx_file(tmp_path: Path, capsys, onnx_file: Path) -> None:
     out = tmp_path / "cmp"
-    code, stdout, err = _run(capsys, "compare", str(onnx_file), "--precision", "fp32,int8", "--targets",
+    code, _stdout, err = _run(capsys, "compare", str(onnx_file), "--precision", "fp32,int8", "--targets",
                              "onnxruntime", "--data", "builtin:digits", "--rounds", "3", "--min-time", "0",
                              "--out", str(out), "--cache", str(tmp_path / "c"), "-q")
     assert code == 0, err
