@@ -31,12 +31,13 @@ exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun
 """
 
 CHECK_EPILOG = """exit codes of compress check:
-  0  every budget passed (skipped ones allowed unless --fail-on-unavailable)
+  0  every budget passed (or was skipped where skipping is allowed: --allow-skip, allow_skip = true)
   1  at least one budget failed (its whole confidence interval is beyond the limit)
   2  usage error (bad budgets file, unknown model/target/metric, unit missing, corrupt baseline,
      a fidelity figure the model's output does not produce)
   3  inconclusive: no failure, but at least one interval straddles its limit (too noisy to decide)
-  4  a budget was skipped (target unavailable here) and --fail-on-unavailable was given
+  4  failed closed: a budget could not be judged here (no recorded baseline for this machine, a reference
+     or target unavailable) and skipping it was not allowed
 """
 
 
@@ -84,11 +85,16 @@ def _parser() -> argparse.ArgumentParser:
                    "machine fingerprint: its numbers and its compiled artifacts (BUDGETS.baseline.artifacts/, "
                    "commit it), which later checks re-time beside the candidate")
     c.add_argument("--junit", help="also write JUnit XML here")
-    c.add_argument("--json", help="also write the verdicts as JSON here")
+    c.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="print the verdicts as JSON to stdout (or write them to FILE)")
     c.add_argument("--out", help="folder for the per-model reports (default runs/check)")
     c.add_argument("--cache", help="cache folder")
+    c.add_argument("--allow-skip", action="store_true", default=None,
+                   help="let budgets that cannot be judged here (no recorded baseline, reference or target "
+                   "unavailable) pass as SKIPPED instead of failing the check with exit 4")
     c.add_argument("--fail-on-unavailable", action="store_true", default=None,
-                   help="a budget skipped because its target cannot run here fails the check (exit 4)")
+                   help="the default (kept for older scripts): a budget that cannot be judged fails (exit 4), "
+                   "even where the budgets file allows skipping")
 
     m = sub.add_parser("compare", help="every available target on one model, or several ONNX files on one "
                        "target, in one interleaved run")
@@ -261,18 +267,21 @@ def _writable_file(path: str, flag: str) -> None:
 
 def _cmd_check(a: argparse.Namespace) -> int:
     for path, flag in ((a.junit, "--junit"), (a.json, "--json")):
-        if path:
+        if path and path != "-":
             _writable_file(path, flag)
     from .budget import check, junit_xml
 
     log = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731
     res = check(a.budgets, baseline=a.baseline, update_baseline=a.update_baseline, out_dir=a.out,
                 cache_dir=a.cache, fail_on_unavailable=a.fail_on_unavailable, log=log,
-                progress=sys.stderr.isatty())
-    print(res.summary())
+                progress=sys.stderr.isatty(), allow_skip=a.allow_skip)
+    if a.json == "-":
+        print(json.dumps(res.to_json(), indent=2))
+    else:
+        print(res.summary())
     if a.junit:
-        Path(a.junit).write_text(junit_xml(res.verdicts, 0.0))
-    if a.json:
+        Path(a.junit).write_text(junit_xml(res.verdicts, res.seconds))
+    if a.json and a.json != "-":
         Path(a.json).write_text(json.dumps(res.to_json(), indent=2))
     return res.exit_code
 
