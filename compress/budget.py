@@ -209,11 +209,10 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
             raise RecipeError(f"{p}: {loc}: unknown metric {err.get('input')!r}; "
                               f"allowed: {', '.join(METRICS)}") from None
         raise RecipeError(f"{p}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
-    from .registry import targets
+    from .registry import manifest
 
-    known_targets = targets()
-    default_target = next((k for k, (_, cls) in known_targets.items() if cls.caps.default and not cls.caps.reference),
-                          "")
+    known_targets = manifest()["targets"]  # from the plugin manifest: a bad budgets file imports no plugin
+    default_target = next((k for k, info in known_targets.items() if info["default"] and not info["reference"]), "")
     bf = bf.model_copy(update={"budget": [b if b.target else b.model_copy(update={"target": default_target})
                                           for b in bf.budget]})
     recipes = {}
@@ -776,16 +775,19 @@ def check(
     """Measure every model named in a budgets file and decide each budget."""
     import time
 
+    t0 = time.perf_counter()
+    bf, recipes = load_budgets(path)  # a bad budgets file is answered before torch is imported
+    from .recipe import load_recipe
+
+    for rpath in recipes.values():
+        load_recipe(rpath)  # and so is a bad recipe it names (pass settings included)
+    check_fidelity_budgets(bf, recipes, Path(path), cache_dir)
+
     from .fingerprint import machine_fingerprint
     from .memprobe import measure_peak_memory
     from .pipeline import run
-    from .recipe import load_recipe
     from .registry import get_target_config
     from .report import noise_lines
-
-    t0 = time.perf_counter()
-    bf, recipes = load_budgets(path)
-    check_fidelity_budgets(bf, recipes, Path(path), cache_dir)
     base_path = Path(baseline) if baseline else Path(path).with_suffix(".baseline.json")
     store = BaselineStore(base_path)  # refuses a corrupt file before anything runs
     out = Path(out_dir) if out_dir else Path("runs") / "check"

@@ -146,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--check", action="store_true", help="also let TVM judge each profile's target (imports TVM)")
     pr.add_argument("--json", action="store_true", help="print the profiles as JSON")
     sub.add_parser("passes", help="list passes and their settings")
-    sub.add_parser("targets", help="list targets and whether they can run here")
+    t = sub.add_parser("targets", help="list targets and whether they can run here")
+    t.add_argument("--check", action="store_true", help="import each runtime and ask for its devices (slower)")
+    t.add_argument("--json", action="store_true", help="print the targets as JSON")
     _add_plugin_commands(sub)
     return p
 
@@ -372,24 +374,62 @@ def _print_fields(fields: list[list[str]]) -> None:
         print(f"    {name}: {ann}, {default}{'  ' + desc if desc else ''}")
 
 
-def _cmd_targets() -> int:
+def _module_missing(name: str) -> bool:
+    """Whether an import name is absent, found without importing it. A folder with no module (type stubs
+    alone install a 'tensorrt' folder of .pyi files) is absent too."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return True
+    return spec is None or spec.origin in (None, "namespace")
+
+
+def quick_unavailable(info: dict[str, Any]) -> str | None:
+    """Why a target cannot run here, as far as its declared modules tell (``TargetCaps.requires``), without
+    importing its runtime; None when they are installed (``unavailable_reason()`` is the full check)."""
+    missing = [m for m in info.get("requires", []) if _module_missing(m)]
+    if missing:
+        return f"{', '.join(missing)} not installed; {info.get('install') or 'install it'}"
+    return None
+
+
+def _cmd_targets(a: argparse.Namespace) -> int:
     from .fingerprint import ARCH_ENV, ISA_ENV, cpu_info
     from .int8_scheme import choose_scheme
-    from .registry import describe_fields, make_target, targets
+    from .registry import manifest
 
     cpu = cpu_info()
+    listed = manifest()["targets"]  # settings and required modules, without importing any runtime
+    states: dict[str, dict[str, Any]] = {}
+    for kind, info in listed.items():
+        reason = quick_unavailable(info)
+        if reason is None and a.check:  # the full check: imports the runtime, asks for its devices
+            from .registry import get_target_config, make_target
+
+            reason = make_target(get_target_config(kind)()).unavailable_reason()
+        states[kind] = {"available": reason is None, "reason": reason, "checked": "full" if a.check else "modules",
+                        "settings": [dict(zip(("name", "type", "default", "help"), f, strict=True))
+                                     for f in info["fields"]]}
+    if a.json:
+        print(json.dumps({"host": {"cpu": cpu["model"], "arch": cpu["arch"], "cores": cpu["affinity_cores"],
+                                   "isa": cpu["isa"], "isa_forced": cpu["isa_forced"]},
+                          "int8": choose_scheme("auto")[1], "targets": states}, indent=2))
+        return 0
     forced = (f" (forced by {ISA_ENV}/{ARCH_ENV}; detected: {', '.join(cpu['isa_detected']) or 'none'})"
               if cpu["isa_forced"] else "")
     print(f"host: {cpu['model']} ({cpu['arch']}, {cpu['affinity_cores']} cores usable)")
     print(f"ISA:  {', '.join(cpu['isa']) or 'no optional extensions'}{forced}")
     print(f"INT8: {choose_scheme('auto')[1]}")
     print()
-    for kind, (cfg_cls, _) in targets().items():
-        t = make_target(cfg_cls())
-        reason = t.unavailable_reason()
-        state = "available" if reason is None else f"unavailable: {reason}"
+    for kind, st in states.items():
+        state = ("available" if a.check else "installed") if st["available"] else f"unavailable: {st['reason']}"
         print(f"{kind:12s} {state}")
-        _print_fields(describe_fields(cfg_cls))
+        _print_fields(listed[kind]["fields"])
+    if not a.check:
+        print("\n(installed: its modules are present; compress targets --check imports each runtime and asks "
+              "for its devices)")
     return 0
 
 
@@ -547,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(getattr(importlib.import_module(module), function)(a))
         if a.cmd == "search":
             return _cmd_search(a)
-        return _cmd_targets()
+        return _cmd_targets(a)
     except CompressError as e:
         if a.debug:
             traceback.print_exc()
