@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                                 "target and measure accuracy against latency.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"compress {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe (or a one-line pipeline) and write a report",
@@ -70,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder for report.json/report.md/pareto.png (default runs/NAME)")
     r.add_argument("--cache", help="cache folder (default $COMPRESS_CACHE or .compress-cache)")
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     r.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
     r.add_argument("--dump-ir", metavar="DIR", help="debugging: write what every pass produced into DIR (the ONNX "
                    "graph as text and .onnx, the PyTorch module tree, each artifact's facts), per variant")
@@ -114,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--train-epochs", type=int, default=0, help="train a zoo model on the data first (cached)")
     m.add_argument("--out", help="output folder (default runs/compare-NAME)")
     m.add_argument("--cache", help="cache folder")
-    m.add_argument("-q", "--quiet", action="store_true")
+    m.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
     s = sub.add_parser("search", help="search a space of recipes for the fastest model that keeps its accuracy "
                        "(Optuna; resumable)")
@@ -131,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                    "measured one trial at a time on nodes of this machine's kind")
     s.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     s.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
     e = sub.add_parser("export", help="write one folder that runs a run's compiled model on the device: the model, "
                        "manifest.json, run.py (needs only the target's runtime) and the report")
@@ -145,12 +149,27 @@ def _parser() -> argparse.ArgumentParser:
                         "$COMPRESS_PROFILE_PATH)")
     pr.add_argument("--check", action="store_true", help="also let TVM judge each profile's target (imports TVM)")
     pr.add_argument("--json", action="store_true", help="print the profiles as JSON")
-    sub.add_parser("passes", help="list passes and their settings")
     t = sub.add_parser("targets", help="list targets and whether they can run here")
     t.add_argument("--check", action="store_true", help="import each runtime and ask for its devices (slower)")
     t.add_argument("--json", action="store_true", help="print the targets as JSON")
+    pa = sub.add_parser("passes", help="list passes and their settings")
+    pa.add_argument("--json", action="store_true", help="print the passes as JSON")
+    m.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    e.add_argument("--json", action="store_true", help="print the bundle's manifest as JSON")
     _add_plugin_commands(sub)
+    for sp in sub.choices.values():
+        _global_flags(sp)
     return p
+
+
+def _global_flags(sp: argparse.ArgumentParser) -> None:
+    """--debug and -q work after the subcommand too (``compress check b.toml --debug``); SUPPRESS keeps a
+    value given before the subcommand when the flag is not repeated after it."""
+    have = sp._option_string_actions
+    if "--debug" not in have:
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    if "-q" not in have:
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
 
 def _add_plugin_commands(sub: Any) -> None:
@@ -273,7 +292,7 @@ def _cmd_check(a: argparse.Namespace) -> int:
             _writable_file(path, flag)
     from .budget import check, junit_xml
 
-    log = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     res = check(a.budgets, baseline=a.baseline, update_baseline=a.update_baseline, out_dir=a.out,
                 cache_dir=a.cache, fail_on_unavailable=a.fail_on_unavailable, log=log,
                 progress=sys.stderr.isatty(), allow_skip=a.allow_skip)
@@ -327,10 +346,14 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from .report import render_text
 
     out = Path(a.out) if a.out else Path("runs") / rec.name
-    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    quiet = a.quiet or a.json
+    log = (lambda m: None) if quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     extra = _extra_onnx(src, more, a.cache) if more else None
-    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,
+    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log,
                  variants=variants, extra_models=extra, baseline_label=Path(src).stem if more else None)
+    if a.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+        return 0
     print(render_text(report, compare=True))
     print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
     return 0
@@ -357,11 +380,19 @@ def _extra_onnx(first: str, files: list[str], cache_dir: str | None) -> dict[str
     return out
 
 
-def _cmd_passes() -> int:
+def _cmd_passes(a: argparse.Namespace) -> int:
     from .registry import manifest
 
     # From the plugin manifest when it is current: listing needs no torch import (see registry).
-    for kind, info in manifest()["passes"].items():
+    listed = manifest()["passes"]
+    if a.json:
+        print(json.dumps({"passes": {k: {"consumes": i["consumes"], "produces": i["produces"], "doc": i["doc"],
+                                         "compare_precision": i.get("compare_precision"),
+                                         "settings": [dict(zip(("name", "type", "default", "help"), f, strict=True))
+                                                      for f in i["fields"]]}
+                                     for k, i in listed.items()}}, indent=2))
+        return 0
+    for kind, info in listed.items():
         precision = info.get("compare_precision")
         offered = f"  [compress compare --precision {precision}]" if precision else ""
         print(f"{kind}  ({info['consumes']} -> {info['produces']})  {info['doc']}{offered}")
@@ -438,6 +469,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     out = export_bundle(a.run_dir, a.target, a.out, variant=a.variant, force=a.force)
     manifest = json.loads((out / "manifest.json").read_text())
+    if a.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
     print(f"wrote {out}: {manifest['variant']} on {a.target} ({manifest['precision']}, {manifest['model']}); on the "
           f"device: pip install '{manifest['runtime']['package']}=={manifest['runtime']['version']}' numpy, then "
           f"python {out}/run.py")
@@ -571,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "run":
             return _cmd_run(a)
         if a.cmd == "passes":
-            return _cmd_passes()
+            return _cmd_passes(a)
         if a.cmd == "export":
             return _cmd_export(a)
         if a.cmd == "profiles":
