@@ -285,9 +285,13 @@ def render_markdown(report: Report) -> str:
         "",
     ]
     if m.cpu.isa_forced:
-        lines[-1:-1] = [f"ISA forced by COMPRESS_ISA/COMPRESS_ARCH (this CPU has: "
+        lines[-1:-1] = [f"ISA forced by {m.cpu.isa_forced_by or 'COMPRESS_ISA/COMPRESS_ARCH'} (this CPU has: "
                         f"{', '.join(m.cpu.isa_detected) or 'none'}); ISA-dependent choices follow the "
                         "forced ISA.  "]
+    if m.profile is not None:
+        lines[-1:-1] = [f"Built for hardware profile `{m.profile.name}` ({m.profile.arch or '?'}, "
+                        f"{', '.join(m.profile.isa or []) or 'no optional ISA extensions'}): the passes and builds "
+                        "followed it; every figure here was measured on the machine above, not on that device.  "]
     for target in dict.fromkeys(r.target for r in report.results):
         sub = [row for row in rows if row[1] == target]
         lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -311,7 +311,8 @@ class CpuInfo(_Record):
     arch: str
     cores: int
     affinity_cores: int | None
-    isa: list[str] = Field(description="ISA flags the product acted on (a hardware profile or COMPRESS_ISA applied)")
+    isa: list[str] = Field(description="this machine's ISA flags (COMPRESS_ISA applied when set); a hardware "
+                           "profile's are under machine.profile, never here")
     isa_detected: list[str]
     isa_forced: bool
     isa_forced_by: str | None = Field(None, description="what forced the ISA: 'profile NAME' or the environment")
@@ -324,6 +325,9 @@ class ProfileInfo(_Record):
     version: int
     source: str
     note: str
+    arch: str | None = Field(None, description="the device's architecture (what the model was built for)")
+    isa: list[str] | None = Field(None, description="the device's ISA flags, which the passes acted on")
+    int8_scheme: str | None = None
 
 
 class Machine(_Record):
