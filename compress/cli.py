@@ -257,7 +257,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     from .pipeline import run
     from .report import render_text
     quiet = a.quiet or a.json
-    log = (lambda m: None) if quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    log, said = _logger(quiet)
     out = Path(a.out) if a.out else Path("runs") / rec.name
     instruments = []
     if a.dump_ir:
@@ -271,9 +271,24 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
-        print(render_text(report))
+        print(render_text(report, said=said))
         print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
     return 0
+
+
+def _logger(quiet: bool) -> tuple[Any, set[str]]:
+    """The progress log (stderr, one line per message, each message once) and the set of what it said, so the
+    summary does not repeat a warning the user already saw."""
+    said: set[str] = set()
+
+    def log(m: str) -> None:
+        if m in said:
+            return
+        said.add(m)
+        if not quiet:
+            print(f"· {m}", file=sys.stderr, flush=True)
+
+    return log, (said if not quiet else set())
 
 
 def _writable_file(path: str, flag: str) -> None:
@@ -347,14 +362,14 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
     out = Path(a.out) if a.out else Path("runs") / rec.name
     quiet = a.quiet or a.json
-    log = (lambda m: None) if quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    log, said = _logger(quiet)
     extra = _extra_onnx(src, more, a.cache) if more else None
     report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log,
                  variants=variants, extra_models=extra, baseline_label=Path(src).stem if more else None)
     if a.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
         return 0
-    print(render_text(report, compare=True))
+    print(render_text(report, compare=True, said=said))
     print(f"\nwrote {out}/report.json, {out}/report.md, {out}/pareto.png")
     return 0
 

@@ -190,8 +190,21 @@ def _lat(r: ResultCell, batch: str, key: str) -> float | None:
     return float(v) if v is not None else None
 
 
-def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32."""
+_BRIEF_DROP = ("p90", "p99", "cv")  # the terminal table leaves these to report.md, so it fits 120 columns
+WIDTH = 120
+
+
+def table_rows(report: Report, compare: bool = False, brief: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32;
+    ``brief`` (the terminal) leaves out p90, p99 and cv, which report.md keeps."""
+    head, rows = _table_rows(report, compare)
+    if brief:
+        keep = [i for i, h in enumerate(head) if h not in _BRIEF_DROP]
+        head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
+    return head, rows
+
+
+def _table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[list[str]]]:
     batches = report.batches
     b0 = batches[0]
     head = ["variant", "target", "top-1", "fidelity", f"p50 ms (b{b0})", "p90", "p99", "cv",
@@ -247,23 +260,42 @@ def seq_lines(report: Report) -> list[str]:
     return out
 
 
-def render_text(report: Report, compare: bool = False) -> str:
-    head, rows = table_rows(report, compare)
+def _said_key(line: str) -> str:
+    return line.removeprefix("note: ").removeprefix("WARNING ").strip()
+
+
+def render_text(report: Report, compare: bool = False, said: set[str] | None = None) -> str:
+    """The terminal's summary: a table that fits 120 columns (a long status is cut there and given whole
+    below it), then the notes. ``said``: lines already printed while the run went (its log), so a warning
+    the user saw live is not repeated here."""
+    head, rows = table_rows(report, compare, brief=True)
+    gone: dict[str, str] = {}
     if compare:  # unavailable targets go below the table, once each, with the reason
         gone = {r[1]: r[-1] for r in rows if r[-1].startswith("unavailable")}
         gone.update({f"{r[0]}/{r[1]}": r[-1] for r in rows if r[-1].startswith("skipped")})
         rows = [r for r in rows if not r[-1].startswith(("unavailable", "skipped"))]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    room = WIDTH - (sum(widths[:-1]) + 2 * (len(widths) - 1))
+    if widths[-1] > room:  # the status column: cut, and the whole reason below the table
+        cut = max(room, len("status"), 12)
+        for r in rows:
+            if len(r[-1]) > cut:
+                gone[f"{r[0]}/{r[1]}"] = r[-1]
+                r[-1] = r[-1][:cut - 3] + "..."
+        widths[-1] = max(len(head[-1]), *(len(r[-1]) for r in rows)) if rows else len(head[-1])
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    if compare and gone:
+    if gone:
         out += ["", *[f"{t}: {why}" for t, why in gone.items()]]
-    if report.notes:
-        out += ["", *[f"note: {n}" for n in report.notes]]
-    cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes]
+    heard = {_said_key(x) for x in (said or set())}
+    notes = [n for n in dict.fromkeys(report.notes) if _said_key(n) not in heard]
+    if notes:
+        out += ["", *[f"note: {n}" for n in notes]]
+    cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes
+                  if _said_key(f"{r.variant}/{r.target}: {n}") not in heard]
     if cell_notes:
-        out += ([] if report.notes else [""]) + cell_notes
+        out += ([] if notes else [""]) + cell_notes
     seqs = seq_lines(report)
     if seqs:
         out += ["", *[f"latency {x}" for x in seqs]]
