@@ -66,6 +66,7 @@ class Cell:
     # is judged on the device's own clock and never divided by a figure from another device.
     device: str | None = None
     guard: dict[str, Any] | None = None  # the accuracy guard's breach (compress.accuracy_guard), None: within bound
+    artifact_dir: str | None = None  # the compiled model's folder in the run folder (compress.run_artifacts)
 
 
 @dataclass

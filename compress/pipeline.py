@@ -90,6 +90,10 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
                       plan.data is not None, {k: pm.steps for k, pm in plan.chains.items()}):
         say(f"WARNING accuracy: {line}")
         notes.append(f"WARNING accuracy: {line}")
+    if plan.write:
+        from .run_artifacts import link_artifacts
+
+        link_artifacts(cells, plan.out)
     rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
                        seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes,
                        seq_own=m.seq_own)

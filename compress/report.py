@@ -155,7 +155,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             else None,
             "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
             "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
-            "accuracy_guard": getattr(c, "guard", None),
+            "accuracy_guard": getattr(c, "guard", None), "artifact_dir": getattr(c, "artifact_dir", None),
         }))
     extra: dict[str, Any] = {"baseline_label": baseline_label} if baseline_label else {}
     return Report(

@@ -258,6 +258,8 @@ class ResultCell(_Record):
     device: str | None = Field(None, description="the remote device the cell was timed on (TVM RPC); null: this "
                                "machine. Its ratios and budgets use that device's clock (latency.B.device) and "
                                "are never computed against a figure from another device")
+    artifact_dir: str | None = Field(None, description="the compiled model's folder, relative to the run folder "
+                                     "(artifacts/VARIANT/TARGET: a link into the cache, or a copy)")
     accuracy_guard: AccuracyGuard | None = Field(None, description="set when the accuracy guard marked the cell: "
                                                  "measured (status ok), but it lost more than the bound")
 

@@ -5,6 +5,7 @@ an ONNX consumer; a PyTorch pass on an ONNX source is refused with the reason.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import onnx
@@ -65,6 +66,15 @@ def test_recipe_and_command_line_quantize_an_onnx_model(tmp_path: Path, capsys, 
     assert steps == ["quantize.int8"]  # no export.onnx the user never named
     assert {c["status"] for c in rep["results"]} == {"ok"}
     assert rep["variants"]["q"]["facts"]["precision"] == "int8"
+    # The produced model files are reachable from the run folder, and report.json names where.
+    for c in rep["results"]:
+        assert c["artifact_dir"] == f"artifacts/{c['variant']}/{c['target']}"
+        assert (out / c["artifact_dir"] / "model.onnx").is_file()
+    built = onnx.load(str(out / "artifacts" / "q" / "onnxruntime" / "model.onnx"))
+    assert any(n.op_type in ("QuantizeLinear", "QLinearConv", "DynamicQuantizeLinear", "ConvInteger")
+               for n in built.graph.node)
+    # Written with the user's umask (mkstemp alone would make them 0600).
+    assert (out / "report.json").stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
     # The same model and pass from the command line, with FP16 through --pipeline over the recipe.
     code, _stdout, err = _run(capsys, "run", str(r), "--model", str(onnx_file), "--pipeline",
                              "quantize.fp16 -> onnxruntime", "--out", str(tmp_path / "o2"),
