@@ -199,8 +199,11 @@ def table_rows(report: Report, compare: bool = False, brief: bool = False) -> tu
     ``brief`` (the terminal) leaves out p90, p99 and cv, which report.md keeps."""
     head, rows = _table_rows(report, compare)
     if brief:
-        keep = [i for i, h in enumerate(head) if h not in _BRIEF_DROP]
+        # compare: the ranking below the table gives every cell's ratio to the fastest, so the per-baseline
+        # ratios stay in report.md.
+        keep = [i for i, h in enumerate(head) if h not in _BRIEF_DROP and not (compare and h.startswith("vs base"))]
         head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
+        rows = [[c.replace("no measurable difference", "~1x") for c in r] for r in rows]
     return head, rows
 
 
@@ -286,6 +289,12 @@ def render_text(report: Report, compare: bool = False, said: set[str] | None = N
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if compare:  # which backend (and precision) is fastest here, per batch size: right below the table
+        from .ranking import ranking_lines
+
+        ranked = ranking_lines(report, report.baseline_label or "fp32")
+        if ranked:
+            out += ["", *ranked]
     if gone:
         out += ["", *[f"{t}: {why}" for t, why in gone.items()]]
     heard = {_said_key(x) for x in (said or set())}
@@ -324,10 +333,23 @@ def render_markdown(report: Report) -> str:
         lines[-1:-1] = [f"Built for hardware profile `{m.profile.name}` ({m.profile.arch or '?'}, "
                         f"{', '.join(m.profile.isa or []) or 'no optional ISA extensions'}): the passes and builds "
                         "followed it; every figure here was measured on the machine above, not on that device.  "]
-    for target in dict.fromkeys(r.target for r in report.results):
-        sub = [row for row in rows if row[1] == target]
-        lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sub]
+    # One table for every variant on every target, so backends are read side by side.
+    lines += ["## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    lines.append("")
+    from .ranking import ranking
+
+    for b in report.batches:
+        ranked = ranking(report, b)
+        if len(ranked) < 2:
+            continue
+        lines += [f"## Ranking at batch {b}", "", "p50 latency, fastest first; the ratio to the fastest and its 95% "
+                  "interval come from the same interleaved rounds, paired round by round.", "",
+                  "| # | variant | target | p50 ms | vs fastest | 95% interval |", "|---|---|---|---|---|---|"]
+        for i, r in enumerate(ranked, 1):
+            lines.append(f"| {i} | {r.variant} | {r.target} | {r.p50_ms:.3f} | "
+                         f"{'fastest' if i == 1 else f'{r.ratio:.2f}x'} | "
+                         f"{'-' if i == 1 else f'[{r.low:.2f}x, {r.high:.2f}x]'} |")
         lines.append("")
     seqs = seq_lines(report)
     if seqs:
@@ -496,6 +518,38 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
     return boxes
 
 
+def plot_latency(report: Report, path: Path) -> None:
+    """p50 latency per backend (and variant) at each batch size, fastest first, with the p50's 95% interval
+    as error bars: which backend is fastest here, and how sure the run is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .ranking import ranking
+
+    per_batch = {b: ranking(report, b) for b in report.batches}
+    per_batch = {b: r for b, r in per_batch.items() if r}
+    fig, axes = plt.subplots(1, max(1, len(per_batch)), figsize=(5 + 3 * max(0, len(per_batch) - 1), 4.5), dpi=110,
+                             squeeze=False)
+    for ax, (b, rows) in zip(axes[0], per_batch.items(), strict=False):
+        names = [f"{r.variant}/{r.target}" for r in rows]
+        p50 = [r.p50_ms for r in rows]
+        lo = [max(0.0, r.p50_ms - (r.p50_ci or (r.p50_ms, r.p50_ms))[0]) for r in rows]
+        hi = [max(0.0, (r.p50_ci or (r.p50_ms, r.p50_ms))[1] - r.p50_ms) for r in rows]
+        ax.barh(range(len(rows)), p50, xerr=[lo, hi], capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()  # fastest on top
+        ax.set_xlabel(f"p50 latency, batch {b} (ms; bars: 95% interval)")
+        ax.grid(axis="x", alpha=0.3)
+    if not per_batch:
+        axes[0][0].text(0.5, 0.5, "nothing measured", ha="center", transform=axes[0][0].transAxes)
+    fig.suptitle(f"{report.recipe.name}: latency per backend, fastest first")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -521,4 +575,5 @@ def write_report(report: Report, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(report)))
     _atomic_write(out / "pareto.png", lambda p: plot_pareto(report, p))
+    _atomic_write(out / "latency.png", lambda p: plot_latency(report, p))
     _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report.to_json(), indent=2, default=str)))
