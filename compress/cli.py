@@ -21,7 +21,8 @@ from .errors import CompressError, RecipeError
 EPILOG = """examples:
   compress run examples/digits.toml
   compress run --model zoo:digits-cnn --data builtin:digits --train-epochs 15 \\
-      --pipeline "prune.channels{ratio=0.5} -> torch,onnxruntime"
+      --pipeline "prune.channels{ratio=0.5},distill{epochs=8} -> torch,onnxruntime"
+  compress run --model fp32.onnx --data builtin:digits --pipeline "quantize.int8 -> onnxruntime"
   compress passes            list passes and their settings
   compress targets           list targets and whether they run here
   compress profiles          list hardware profiles (compress run --profile rpi5 ...)

@@ -61,7 +61,19 @@ def _commands() -> list[tuple[str, dict[str, str], list[str]]]:
     return out
 
 
-COMMANDS = _commands()
+def _help_examples() -> list[tuple[str, dict[str, str], list[str]]]:
+    """The examples of `compress --help` (the CLI's epilog), as commands."""
+    from compress.cli import EPILOG
+
+    out = []
+    for line in re.sub(r"\\\n\s*", " ", EPILOG).splitlines():
+        tokens = shlex.split(re.split(r"\s{3,}", line.strip())[0])  # the epilog's description follows 3 spaces
+        if tokens[:1] == ["compress"] and len(tokens) > 1 and tokens[1] in ("run", "export", "compare", "check"):
+            out.append(("compress --help", {}, tokens[1:]))
+    return out
+
+
+COMMANDS = _commands() + _help_examples()
 
 
 def _key(argv: list[str]) -> str:
@@ -94,6 +106,10 @@ RUN_SLOW: dict[str, tuple[list[str], set[int]]] = {
                                                        {0, 1, 3}),
     "check examples/budgets.toml --json": (["check", "examples/budgets.toml", "--json"], {0, 1, 3}),
     "targets --check": (["targets", "--check"], {0}),
+    "run --model zoo:digits-cnn --data builtin:digits --train-epochs 15 --pipeline prune.channels{ratio=0.5},"
+    "distill{epochs=8} -> torch,onnxruntime":
+        (["run", "--model", "zoo:digits-cnn", "--data", "builtin:digits", "--train-epochs", "15", "--pipeline",
+          "prune.channels{ratio=0.5},distill{epochs=8} -> torch,onnxruntime"], {0}),
     "compare a.onnx b.onnx c.onnx --targets onnxruntime --data builtin:digits --batch 1,32":
         (["compare", "a.onnx", "b.onnx", "c.onnx", "--targets", "onnxruntime", "--data", "builtin:digits", "--batch",
           "1,32", "--rounds", "5", "--min-time", "0.2"], {0}),
@@ -114,6 +130,8 @@ NOT_RUN = {
                                                       "smaller spaces)",
     "search space.toml --dry-run": "a placeholder for the reader's search space",
     "run recipe.toml": "a placeholder for the reader's recipe",
+    "export runs/NAME --target onnxruntime --out bundle": "a placeholder for a finished run (the bundle tests "
+                                                          "export real runs)",
 }
 
 
