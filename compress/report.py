@@ -339,17 +339,17 @@ def render_markdown(report: Report) -> str:
     lines.append("")
     from .ranking import ranking
 
-    for b in report.batches:
-        ranked = ranking(report, b)
+    for bkey in report.batches:
+        ranked = ranking(report, bkey)
         if len(ranked) < 2:
             continue
-        lines += [f"## Ranking at batch {b}", "", "p50 latency, fastest first; the ratio to the fastest and its 95% "
+        lines += [f"## Ranking at batch {bkey}", "", "p50 latency, fastest first; the ratio to the fastest and its 95% "
                   "interval come from the same interleaved rounds, paired round by round.", "",
                   "| # | variant | target | p50 ms | vs fastest | 95% interval |", "|---|---|---|---|---|---|"]
-        for i, r in enumerate(ranked, 1):
-            lines.append(f"| {i} | {r.variant} | {r.target} | {r.p50_ms:.3f} | "
-                         f"{'fastest' if i == 1 else f'{r.ratio:.2f}x'} | "
-                         f"{'-' if i == 1 else f'[{r.low:.2f}x, {r.high:.2f}x]'} |")
+        for i, rk in enumerate(ranked, 1):
+            lines.append(f"| {i} | {rk.variant} | {rk.target} | {rk.p50_ms:.3f} | "
+                         f"{'fastest' if i == 1 else f'{rk.ratio:.2f}x'} | "
+                         f"{'-' if i == 1 else f'[{rk.low:.2f}x, {rk.high:.2f}x]'} |")
         lines.append("")
     seqs = seq_lines(report)
     if seqs:
