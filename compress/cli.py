@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     s.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
     s.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    s.add_argument("--json", action="store_true", help="print search.json (or, with --dry-run, the space) to stdout")
 
     e = sub.add_parser("export", help="write one folder that runs a run's compiled model on the device: the model, "
                        "manifest.json, run.py (needs only the target's runtime) and the report")
@@ -565,6 +566,12 @@ def _cmd_search(a: argparse.Namespace) -> int:
         raise RecipeError(f"--trials {a.trials}: give at least 1")
     if a.timeout is not None and a.timeout <= 0:
         raise RecipeError(f"--timeout {a.timeout}: give a positive number of seconds")
+    if a.dry_run and a.json:
+        print(json.dumps({"space": str(a.space), "objectives": list(space.search.objectives),
+                          "params": [{"name": p.name, "kind": p.kind, "choices": list(p.choices or []) or None,
+                                      "low": p.low, "high": p.high, "log": p.log} for p in space.params]},
+                         indent=2, default=str))
+        return 0
     if a.dry_run:
         print(f"{a.space}: {len(space.params)} open value(s); objectives {', '.join(space.search.objectives)}")
         for p in space.params:
@@ -574,14 +581,17 @@ def _cmd_search(a: argparse.Namespace) -> int:
             print(f"  {p.name}: {what}")
         return 0
     out = Path(a.out) if a.out else Path("runs") / f"search-{Path(a.space).stem}"
-    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    log = (lambda m: None) if (a.quiet or a.json) else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     if a.workers < 1:
         raise RecipeError(f"--workers {a.workers}: give at least 1")
     if a.address and a.executor != "ray":
         raise RecipeError("--address needs --executor ray")
     res = run_search(space, out, cache_dir=a.cache, trials=a.trials, timeout_s=a.timeout, log=log,
                      executor=a.executor, address=a.address, workers=a.workers)
-    print((out / "front.md").read_text())
+    if a.json:
+        print((out / "search.json").read_text())
+    else:
+        print((out / "front.md").read_text())
     if res["best"] is None:
         print("no trial met every constraint; see search.json for each trial's figures", file=sys.stderr)
         return 1
