@@ -93,7 +93,7 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
     if plan.write:
         from .run_artifacts import link_artifacts
 
-        link_artifacts(cells, plan.out)
+        link_artifacts(cells, plan.out, variants)
     rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
                        seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes,
                        seq_own=m.seq_own)

@@ -136,6 +136,14 @@ def make_plan(
         lowering_cfg = lowering_cfg or next((p for p in passes if get_pass(p.kind).caps.lowers_to_onnx), None)
         chains[name] = PassManager(passes, [VerifyInstrument(), *_for_chain(instruments, name)])
         chains[name].validate(root.kind)
+    if root.kind == ONNX and any(pm.steps for pm in chains.values()):
+        # A runtime's saved build (ONNX Runtime's NCHWc layout operators) is not a model passes can rewrite.
+        layout = [op for op in root.known_facts().required_ops if op.split(":")[0].endswith(".nchwc")]
+        if layout:
+            raise RecipeError(f"model {rec.model.source}: saved after a runtime's layout optimizations "
+                              f"({', '.join(layout[:3])}), which passes cannot rewrite; give the portable "
+                              "model instead (artifacts/VARIANT/onnx/model.onnx in a run folder, or the ONNX "
+                              "export you started from)")
     if lowering_cfg is None and need_onnx and root.kind == PYTORCH:
         lowering_cfg, auto_export = lowering_pass().config_cls(), True
     base = PassManager([lowering_cfg] if (lowering_cfg and root.kind == PYTORCH) else [],

@@ -73,6 +73,17 @@ def test_recipe_and_command_line_quantize_an_onnx_model(tmp_path: Path, capsys, 
     built = onnx.load(str(out / "artifacts" / "q" / "onnxruntime" / "model.onnx"))
     assert any(n.op_type in ("QuantizeLinear", "QLinearConv", "DynamicQuantizeLinear", "ConvInteger")
                for n in built.graph.node)
+    # The portable ONNX of each variant is there too, and is a source the ONNX passes take as it is; a runtime's
+    # saved build with layout-specific operators (ONNX Runtime's NCHWc on x86) is refused with where to look.
+    assert (out / "artifacts" / "q" / "onnx" / "model.onnx").is_file()
+    built_fp32 = out / "artifacts" / "baseline" / "onnxruntime" / "model.onnx"
+    layout = any(n.domain.endswith(".nchwc") for n in onnx.load(str(built_fp32)).graph.node)
+    for src, want in ((out / "artifacts" / "baseline" / "onnx" / "model.onnx", 0), (built_fp32, 2 if layout else 0)):
+        code, _, err = _run(capsys, "run", str(r), "--model", str(src), "--out", str(tmp_path / "o3"),
+                            "--cache", str(tmp_path / "c"), "-q")
+        assert code == want, err
+        if want == 2:
+            assert "artifacts/VARIANT/onnx/model.onnx" in err
     # Written with the user's umask (mkstemp alone would make them 0600).
     assert (out / "report.json").stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
     # The same model and pass from the command line, with FP16 through --pipeline over the recipe.
