@@ -221,6 +221,11 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
     assert ET.parse(junit).getroot().find("testsuite").get("tests") == "2"  # type: ignore[union-attr]
     verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
     assert verdicts[0]["status"] == ("pass" if code == EXIT_PASS else "fail")
+    capsys.readouterr()
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--allow-skip",
+                "--json", "-q"])
+    printed = json.loads(capsys.readouterr().out)  # --json: the verdicts on stdout, nothing else
+    assert printed["exit_code"] == got == code and len(printed["verdicts"]) == 2
     got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
     assert got == (EXIT_SKIPPED if code == EXIT_PASS else EXIT_FAIL)  # fails closed by default
     if code == EXIT_PASS:
