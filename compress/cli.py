@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
     r.add_argument("--allow-unsafe-pt2", action="store_true", default=None,
                    help="load a .pt2 exported program (torch unpickles it: can run code; only files you trust)")
-    r.add_argument("--out", help="output folder for report.json/report.md/pareto.png (default runs/NAME)")
+    r.add_argument("--out", help="output folder for report.json/report.md/pareto.png (default runs/NAME); a "
+                   "previous run's folder is updated, a folder holding other files needs --force")
+    r.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a previous run's")
     r.add_argument("--cache", help="cache folder (default $COMPRESS_CACHE or .compress-cache)")
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     r.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
@@ -117,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--min-time", type=float, default=1.0, help="minimum seconds of timed runs per candidate")
     m.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
     m.add_argument("--train-epochs", type=int, default=0, help="train a zoo model on the data first (cached)")
-    m.add_argument("--out", help="output folder (default runs/compare-NAME)")
+    m.add_argument("--out", help="output folder (default runs/compare-NAME); as for run, a folder holding other "
+                   "files needs --force")
+    m.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a previous run's")
     m.add_argument("--cache", help="cache folder")
     m.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
@@ -261,6 +265,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     quiet = a.quiet or a.json
     log, said = _logger(quiet)
     out = Path(a.out) if a.out else Path("runs") / rec.name
+    _own_out(out, a.force)
     instruments = []
     if a.dump_ir:
         from .manager import DumpInstrument
@@ -291,6 +296,17 @@ def _logger(quiet: bool) -> tuple[Any, set[str]]:
             print(f"· {m}", file=sys.stderr, flush=True)
 
     return log, (said if not quiet else set())
+
+
+def _own_out(out: Path, force: bool) -> None:
+    """--out has the same meaning for every command that writes a folder: a new or empty folder, or this
+    command's own earlier output, is (re)written; a folder holding anything else needs --force (as export's)."""
+    from .errors import InputError
+
+    if force or not out.is_dir() or (out / "report.json").exists() or not any(out.iterdir()):
+        return
+    raise InputError(f"--out {out}: holds files that are not a compress run's (no report.json); choose a new or "
+                     "empty folder, or pass --force to write into it")
 
 
 def _writable_file(path: str, flag: str) -> None:
@@ -363,6 +379,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from .report import render_text
 
     out = Path(a.out) if a.out else Path("runs") / rec.name
+    _own_out(out, a.force)
     quiet = a.quiet or a.json
     log, said = _logger(quiet)
     extra = _extra_onnx(src, more, a.cache) if more else None
@@ -439,7 +456,8 @@ def quick_unavailable(info: dict[str, Any]) -> str | None:
     importing its runtime; None when they are installed (``unavailable_reason()`` is the full check)."""
     missing = [m for m in info.get("requires", []) if _module_missing(m)]
     if missing:
-        return f"{', '.join(missing)} not installed; {info.get('install') or 'install it'}"
+        nor = f" (nor {', '.join(missing[1:])})" if missing[1:] else ""
+        return f"{missing[0]} is not installed{nor}; {info.get('install') or 'install it'}"
     return None
 
 

@@ -177,3 +177,27 @@ def test_version_and_global_flags_after_the_subcommand(capsys) -> None:
     assert a.debug and a.quiet  # before the subcommand still works
     assert main(["passes", "--json"]) == 0
     assert "export.onnx" in json.loads(capsys.readouterr().out)["passes"]
+
+
+def test_out_means_the_same_for_every_command(tmp_path: Path, capsys) -> None:
+    """run/compare --out: a new or empty folder, or the command's own earlier output, is written; a folder
+    holding other files needs --force, as export's does."""
+    from compress.cli import _own_out, main
+    from compress.errors import InputError
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    (tmp_path / "r.toml").write_text('model = { source = "zoo:digits-cnn" }\n')
+    assert main(["run", str(tmp_path / "r.toml"), "--out", str(mine)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["compare", "digits-cnn", "--out", str(mine)]) == 2
+    assert (mine / "thesis.tex").read_text() == "precious"
+    _own_out(mine, force=True)
+    earlier = tmp_path / "run"
+    earlier.mkdir()
+    (earlier / "report.json").write_text("{}")
+    _own_out(earlier, force=False)  # a previous run's folder is updated in place
+    _own_out(tmp_path / "new", force=False)
+    with pytest.raises(InputError, match="not a compress run's"):
+        _own_out(mine, force=False)
