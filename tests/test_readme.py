@@ -114,6 +114,13 @@ RUN_SLOW: dict[str, tuple[list[str], set[int]]] = {
         (["compare", "a.onnx", "b.onnx", "c.onnx", "--targets", "onnxruntime", "--data", "builtin:digits", "--batch",
           "1,32", "--rounds", "5", "--min-time", "0.2"], {0}),
 }
+# Language models: the pages name the reader's model folder (models/smollm2); the slow suite puts a small
+# random Llama with its tokenizer there (tests/llm_models.py) and runs the command as written.
+LM_RUN = ("run --model hf:models/smollm2 --task causal-lm --data builtin:pydoc-topics --pipeline "
+          'quantize.weight_only{bits=4,group_size=128,algorithm="gptq"} -> torch,onnxruntime')
+LM_GENERATE = "generate hf:models/smollm2 --prompt def fibonacci(n): --tokens 32"
+RUN_SLOW[LM_RUN] = (shlex.split(LM_RUN), {0})
+RUN_SLOW[LM_GENERATE] = (shlex.split(LM_GENERATE), {0})
 # Parsed and validated, not run, and why.
 NOT_RUN = {
     "run RECIPE.toml": "a placeholder for the reader's recipe",
@@ -231,6 +238,11 @@ def test_commands_that_train_or_measure_run_as_documented(where: str, env: dict[
                                                           tmp_path: Path) -> None:
     cwd = _workdir(tmp_path)
     scaled, codes = RUN_SLOW[_key(argv)]
+    if any("models/smollm2" in x for x in scaled):
+        from tests.llm_models import tiny_llama
+
+        (cwd / "models").mkdir(exist_ok=True)
+        tiny_llama(cwd / "models" / "smollm2", layers=2, vocab=512)
     if any(x.endswith(".onnx") for x in scaled):
         _onnx_files(cwd)
     if scaled[0] == "check":  # the budgets' model trains for 15 epochs and distills for 8: fewer, same recipe
