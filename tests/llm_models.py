@@ -25,13 +25,14 @@ def tiny_tokenizer(vocab_size: int) -> Any:
                                    pad_token="</s>")
 
 
-def tiny_llama(folder: Path, layers: int = 2, vocab: int = 512, seed: int = 0, kind: str = "llama") -> Path:
+def tiny_llama(folder: Path, layers: int = 2, vocab: int = 512, seed: int = 0, kind: str = "llama",
+               hidden: int = 64) -> Path:
     """A small random causal LM (Llama or Qwen2 layout, grouped-query attention) with its tokenizer."""
     import torch
     import transformers as tf
 
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
-    cfg = cls[0](vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    cfg = cls[0](vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(seed)
