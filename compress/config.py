@@ -41,6 +41,11 @@ class PassConfig(BaseModel):
         starts, so a missing ``data`` is a usage error in a second, not after the passes before it)."""
         return None
 
+    def preflight(self, root: Any, text: Any) -> None:
+        """Refuse settings that cannot work on this model before any pass runs (raise RecipeError in one
+        line): ``root`` is the model as it entered the pipeline, ``text`` a causal LM's ``LMText`` or None.
+        Nothing by default; the pass checks its actual input again when it runs."""
+
     def cache_env(self) -> dict[str, Any]:
         """Facts outside the config that change this pass's output (e.g. the CPU's ISA for a
         quantization scheme); hashed into the cache key. None by default."""

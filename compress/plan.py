@@ -158,6 +158,9 @@ def make_plan(
         say(f"data: {data.note}")
     n_classes = preflight.model_classes(root, data) if text is None else None
     preflight.check_labels(data, n_classes)
+    for pm in chains.values():  # settings a pass can judge on the root model alone: refused before any work
+        for step in pm.steps:
+            step.preflight(root, text)
     for pm in chains.values() if text is None else ():
         preflight.check_data_needed(pm.steps, data, synthetic_ok=any(
             not np.issubdtype(np.dtype(s.dtype), np.floating) for s in root.inputs))
