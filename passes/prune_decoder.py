@@ -48,7 +48,7 @@ WIDTH = "prune.width"
 # ------------------------------------------------------------------------------------ decoder anatomy
 
 
-def hf_lm(module: nn.Module) -> nn.Module:
+def hf_lm(module: nn.Module) -> Any:
     """The ``*ForCausalLM`` inside the pipeline's wrapper (``compress.causal_lm.CausalLMModel``)."""
     from compress.causal_lm import CausalLMModel
 
@@ -74,7 +74,7 @@ def decoder_macs(module: nn.Module) -> dict[str, int]:
     return {"blocks": int(blocks), "lm_head": int(head.weight.numel()) if head is not None else 0}
 
 
-def _mlp(layer: nn.Module, where: str) -> nn.Module:
+def _mlp(layer: nn.Module, where: str) -> Any:
     mlp = getattr(layer, "mlp", None)
     if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj",
                                                                                      "down_proj")):
@@ -83,7 +83,7 @@ def _mlp(layer: nn.Module, where: str) -> nn.Module:
     return mlp
 
 
-def _attn(layer: nn.Module, where: str) -> nn.Module:
+def _attn(layer: nn.Module, where: str) -> Any:
     attn = getattr(layer, "self_attn", None)
     if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj",
                                                                                        "o_proj")):
@@ -161,7 +161,7 @@ def remove_blocks(module: nn.Module, removed: list[int]) -> nn.Module:
     for new_i, lay in enumerate(keep):
         for m in lay.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
-                m.layer_idx = new_i
+                setattr(m, "layer_idx", new_i)  # noqa: B010  (indexes the KV cache)
     cfg = hf_lm(module).config
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, list) and len(types) == len(layers):
