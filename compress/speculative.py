@@ -213,3 +213,19 @@ class SpeculativeRunner:
     def close(self) -> None:
         self.verifier.close()
         self.draft.close()
+
+
+def from_artifacts(verifier: Any, draft: Any, k: int = 4, threads: int = 1) -> SpeculativeRunner:
+    """A speculative runner over two ONNX decoders (``compress.artifact.Artifact`` exported with their KV cache,
+    e.g. a run's baseline and a pruned, INT4 variant): refused in one line unless they share the tokenizer."""
+    facts = [a.known_facts().decoder for a in (verifier, draft)]
+    for a, f in zip((verifier, draft), facts, strict=True):
+        if f is None:
+            raise InputError(f"speculative decoding: {a.path} is not an ONNX decoder with its KV cache (export.onnx "
+                             "of a causal-lm model)")
+    check_same_tokenizer(facts[1].tokenizer_digest, facts[0].tokenizer_digest, str(draft.path), str(verifier.path))
+    if facts[0].vocab != facts[1].vocab:
+        raise InputError(f"speculative decoding: the draft's vocabulary has {facts[1].vocab} entries, the verifier's "
+                         f"{facts[0].vocab}; they must be the same")
+    return SpeculativeRunner(OrtLMRunner(verifier.path, threads, "verifier"), OrtLMRunner(draft.path, threads, "draft"),
+                             k=k, name="speculative")

@@ -240,19 +240,27 @@ def test_a_draft_identical_to_the_verifier_is_always_accepted(ctx: PassContext) 
     assert spec.stats.acceptance == 1.0 and spec.stats.verifier_calls == 4  # 20 tokens after the first, 5 per pass
 
 
-def test_a_draft_with_another_tokenizer_is_refused() -> None:
-    from compress.speculative import check_same_tokenizer
+def test_a_draft_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    from compress.capabilities import DecoderFacts, Facts
+    from compress.speculative import from_artifacts
 
-    with pytest.raises(InputError, match=r"the draft 'small' has another tokenizer than the verifier 'big'"):
-        check_same_tokenizer("a" * 64, "b" * 64, "small", "big")
-    check_same_tokenizer("a" * 64, "a" * 64, "small", "big")
+    def decoder(name: str, digest: str) -> Artifact:
+        facts = Facts(decoder=DecoderFacts(layers=2, kv_heads=2, head_dim=16, vocab=512, tokenizer_digest=digest))
+        return Artifact("onnx", tmp_path / name, name * 8, (), facts=facts)
+
+    with pytest.raises(InputError, match=r"the draft '.*small' has another tokenizer than the verifier '.*big'"):
+        from_artifacts(decoder("big", "a" * 64), decoder("small", "b" * 64))
+    with pytest.raises(InputError, match=r"records no tokenizer digest"):
+        from_artifacts(decoder("big", "a" * 64), decoder("small", ""))
 
 
 @pytest.mark.slow
 def test_pruned_decoders_export_and_onnx_speculative_decoding_matches(lm_dir: Path, cache_dir: Path,
                                                                       tmp_path: Path) -> None:
+    from compress.execute import execute
     from compress.generation import OrtLMRunner
-    from compress.speculative import SpeculativeRunner
+    from compress.plan import make_plan
+    from compress.speculative import from_artifacts
 
     rec = recipe_from_dict({"name": "lm", "model": {"source": f"hf:{lm_dir}", "task": "causal-lm"},
                             "data": {"source": "builtin:pydoc-topics"}, "measure": MEASURE,
@@ -270,8 +278,9 @@ def test_pruned_decoders_export_and_onnx_speculative_decoding_matches(lm_dir: Pa
     assert {(r.variant, r.target): r.generation.perplexity for r in again.results} == \
         {k: r.generation.perplexity for k, r in cells.items()}
     big = OrtLMRunner(Path(cells[("baseline", "onnxruntime")].compiled_path), 1)
-    spec = SpeculativeRunner(OrtLMRunner(Path(cells[("baseline", "onnxruntime")].compiled_path), 1),
-                             OrtLMRunner(Path(cells[("depth", "onnxruntime")].compiled_path), 1), k=3)
+    onnx_of = {v.name: v.onnx_art for v in execute(make_plan(rec, tmp_path / "o3", cache_dir, False, None, variants,
+                                                              write=False))}
+    spec = from_artifacts(onnx_of["baseline"], onnx_of["depth"], k=3)
     for p in _greedy_prompts(3):
         assert np.array_equal(spec.generate(p, 15).tokens, big.generate(p, 15).tokens)
     assert spec.stats.verifier_calls > 0
