@@ -284,3 +284,27 @@ def test_pruned_decoders_export_and_onnx_speculative_decoding_matches(lm_dir: Pa
     for p in _greedy_prompts(3):
         assert np.array_equal(spec.generate(p, 15).tokens, big.generate(p, 15).tokens)
     assert spec.stats.verifier_calls > 0
+    # As a target setting: every other variant on onnxruntime generates with the depth-pruned draft.
+    spec_rec = recipe_from_dict({"name": "lm", "model": {"source": f"hf:{lm_dir}", "task": "causal-lm"},
+                                 "data": {"source": "builtin:pydoc-topics"}, "measure": MEASURE,
+                                 "targets": [{"kind": "torch"},
+                                             {"kind": "onnxruntime", "draft": "depth", "draft_k": 3}]})
+    rep3 = run(spec_rec, out_dir=tmp_path / "o4", cache_dir=cache_dir, progress=False, variants=variants)
+    c3 = {(r.variant, r.target): r for r in rep3.results}
+    base = c3[("baseline", "onnxruntime")]
+    assert base.generation.greedy_agreement == 1.0 and 0 <= base.generation.draft_acceptance <= 1
+    assert base.generation.tokens_per_verifier_pass >= 1
+    assert any("speculative decoding" in n for n in base.notes)
+    assert c3[("depth", "onnxruntime")].generation.draft_acceptance is None  # the draft itself runs plain
+
+
+def test_a_draft_that_names_no_variant_is_refused_before_any_work(lm_dir: Path, cache_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    rec = recipe_from_dict({"name": "lm", "model": {"source": f"hf:{lm_dir}", "task": "causal-lm"},
+                            "data": {"source": "builtin:pydoc-topics"}, "measure": MEASURE,
+                            "passes": [{"kind": "prune.depth", "blocks": 2}],
+                            "targets": [{"kind": "onnxruntime", "draft": "smal"}]})
+    said: list[str] = []
+    with pytest.raises(RecipeError, match=r"draft = 'smal' names no variant of this run \(variants: lm\)"):
+        run(rec, out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False, log=said.append)
+    assert not any("running" in s for s in said)
