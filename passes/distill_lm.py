@@ -117,7 +117,7 @@ def _step_hook(step: int, info: dict[str, Any]) -> None:
     """Called after each checkpoint is written (tests replace it to simulate a kill)."""
 
 
-@register_pass(DistillLM, consumes="pytorch", produces="pytorch", trains_only=True, training_fields=("tokens",))
+@register_pass(DistillLM, consumes="pytorch", produces="pytorch", trains_only=True)
 def distill_lm(art: Artifact, cfg: DistillLM, ctx: PassContext) -> Artifact:
     """Logit distillation of a causal LM from the original model on calibration text, for a token budget."""
     from compress.causal_lm import is_causal_lm
