@@ -162,7 +162,7 @@ def test_distillation_brings_the_pruned_model_closer_to_the_original(ctx: PassCo
 
 
 def test_distillation_resumes_to_the_same_weights(ctx: PassContext, monkeypatch: pytest.MonkeyPatch) -> None:
-    import passes.distill_lm as dl
+    import compress.passes.distill_lm as dl
 
     cfg = dl.DistillLM(tokens=960, batch=2, lr=1e-3, checkpoint_every=4)
     fresh = Cache(ctx.cache.root.parent / "resume-a")
