@@ -12,7 +12,7 @@ CROSS_RT := $(VENV)/tvm-runtime/aarch64
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[prune,quant,tvm,openvino,search,ray,hf,dev]'
+	$(BIN)/pip install -q -e '.[prune,quant,tvm,openvino,search,ray,hf,llm,dev]'
 	# Type stubs for TensorRT; --no-deps because their metadata pulls the multi-GB runtime.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)

@@ -65,6 +65,7 @@ _UNITS: dict[str, dict[str, float]] = {
 }
 _KIND = {**dict.fromkeys(LATENCY, "latency"), "size": "bytes", "peak_memory": "bytes", "accuracy_drop": "points"}
 _SHOW = {"latency": "ms", "bytes": "B", "points": "points"}
+GENERATION = "causal-lm"  # the "output kind" of the figures of a causal LM's generation record
 
 
 class _Strict(BaseModel):
@@ -137,9 +138,16 @@ FIDELITY_FIGURES: dict[str, tuple[str, str]] = {
     "agreement": ("logits", ">="), "cosine_mean": ("embedding", ">="), "cosine_worst": ("embedding", ">="),
     "snr_db": ("regression", ">="), "rel_error": ("regression", "<="),
     **{f"top{k}_overlap": ("logits", ">=") for k in range(2, 6)},
+    # Causal language models (compress.measure_lm), the cell's generation record: quality on held-out text
+    # is deterministic; the two speed ratios are decided on their paired interval like latency limits.
+    **{f: (GENERATION, op) for f, op in (("perplexity", "<="), ("perplexity_rise", "<="), ("kl", "<="),
+                                          ("top1_agreement", ">="), ("greedy_agreement", ">="),
+                                          ("decode_speedup", ">="), ("ttft_ratio", "<="))},
 }
 _FIGURE_ALIASES = {"cosine": "cosine_mean"}  # the per-sample cosine the report shows, not the global one
-_FRACTIONS = ("agreement", "top2_overlap", "top3_overlap", "top4_overlap", "top5_overlap")
+_FRACTIONS = ("agreement", "top2_overlap", "top3_overlap", "top4_overlap", "top5_overlap", "top1_agreement",
+              "greedy_agreement", "perplexity_rise")
+_RATIOS = ("decode_speedup", "ttft_ratio")
 
 
 @dataclass(frozen=True)
@@ -161,7 +169,7 @@ class FidelityBound:
 def parse_fidelity(text: str, where: str) -> FidelityBound:
     """``"cosine_worst >= 0.97"``, ``"agreement >= 99%"``, ``"snr_db >= 30 dB"``, ``"metric.recall_at_5 >= 0.8"``."""
     s = text.strip()
-    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_.\-]*)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%|dB)?", s)
+    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_.\-]*)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%|dB|x)?", s)
     figures = [*FIDELITY_FIGURES, "metric", "metric.NAME"]
     if not m:
         raise RecipeError(f"{where}: fidelity = {s!r} is not 'FIGURE >= VALUE' (e.g. \"cosine_worst >= 0.97\"); "
@@ -174,6 +182,8 @@ def parse_fidelity(text: str, where: str) -> FidelityBound:
         better = "higher" if FIDELITY_FIGURES[fig][1] == ">=" else "lower"
         raise RecipeError(f"{where}: {fig} is better {better}; bound it with {FIDELITY_FIGURES[fig][1]} "
                           f"(fidelity = \"{fig} {FIDELITY_FIGURES[fig][1]} {m.group(3)}\")")
+    if unit == "x" and fig not in _RATIOS:
+        raise RecipeError(f"{where}: 'x' applies to {' and '.join(_RATIOS)}, not {fig}")
     if unit == "%":
         if fig not in _FRACTIONS:
             raise RecipeError(f"{where}: '%' applies to agreement and top-k overlap, not {fig}")
@@ -237,6 +247,10 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
         if lim.ratio_to not in (None, "original", "recorded") and lim.ratio_to not in known_targets:
             raise RecipeError(f"{where}: {b.max!r} refers to {lim.ratio_to!r}, which is neither a target "
                               f"({', '.join(known_targets)}) nor 'original' or 'recorded'")
+        if lim.ratio_to == b.target or (lim.ratio_to == "original" and b.variant == "baseline"):
+            what = f"target {b.target}" if lim.ratio_to == b.target else "the original model"
+            raise RecipeError(f"{where}: max = {b.max!r} compares {what} with itself (the same cell: the ratio is 1 "
+                              "by construction); name another target, 'original' or 'recorded'")
     return bf, recipes
 
 
@@ -262,8 +276,14 @@ def check_fidelity_budgets(bf: BudgetsFile, recipes: dict[str, Path], where: str
                                   "set measure.metric = \"package.module:function\"")
         if all(bd.kind is None for _, bd in bounds):
             continue
-        root = load_model(rec.model, Cache(Path(cache_dir) if cache_dir else None))
-        kind, why = planned_output_kind(rec, root)
+        src = rec.model.source
+        if rec.model.task == GENERATION or src.endswith(".gguf") or src.startswith("gguf:"):
+            kind, why = GENERATION, "the model's task (a causal language model)"
+        elif all(bd.kind == GENERATION for _, bd in bounds):
+            kind, why = "not a causal LM", f"the model's task ({rec.model.task or 'none'})"
+        else:
+            root = load_model(rec.model, Cache(Path(cache_dir) if cache_dir else None))
+            kind, why = planned_output_kind(rec, root)
         for w, bd in bounds:
             if bd.kind is not None and bd.kind != kind:
                 figs = dict.fromkeys("topK_overlap" if k.endswith("_overlap") else k
@@ -614,8 +634,35 @@ def _across_devices(v: Verdict, cell: ResultCell, other: ResultCell, what: str) 
     return v
 
 
+def _generation_verdict(v: Verdict, bound: FidelityBound, cell: ResultCell) -> Verdict:
+    """A causal LM's figure: quality decided on the value; a speed ratio on its paired interval (pass when all
+    of it holds the bound, fail when none of it does, inconclusive otherwise)."""
+    g = cell.generation
+    v.status = "fail"
+    if g is None:
+        v.detail = "this cell has no generation figures (it was not measured as a causal language model)"
+        return v
+    got = getattr(g, bound.figure, None)
+    if got is None:
+        v.detail = (f"this cell has no {bound.figure} (the reference cell is not compared with itself)"
+                    if bound.figure in _RATIOS else f"this cell has no {bound.figure}")
+        return v
+    if bound.figure in _RATIOS:
+        v.value, v.low, v.high = float(got.ratio), float(got.low), float(got.high)
+        lo_ok, hi_ok = bound.holds(v.low), bound.holds(v.high)
+        v.status = "pass" if lo_ok and hi_ok else "fail" if not lo_ok and not hi_ok else "inconclusive"
+        v.detail = f"paired ratio to the reference cell over {got.rounds} interleaved generation rounds"
+        return v
+    v.value = float(got)
+    v.status = "pass" if bound.holds(v.value) else "fail"
+    v.detail = f"on {g.eval_tokens} held-out tokens against the reference cell; deterministic: decided on the value"
+    return v
+
+
 def _fidelity_verdict(v: Verdict, bound: FidelityBound, cell: ResultCell, report: Report) -> Verdict:
     """Decide a fidelity bound on the value itself: the same data gives the same outputs (no interval)."""
+    if bound.kind == GENERATION:
+        return _generation_verdict(v, bound, cell)
     fid = cell.fidelity
     v.status = "fail"
     if fid is None:

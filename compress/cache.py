@@ -10,7 +10,8 @@ none, and the next run resumes from the last finished step.
 
 Every entry is verified before it is served: the ``COMPLETE`` marker records a
 SHA-256 over the entry's files (metadata included), and ``get`` recomputes it
-(one streaming pass). An entry whose bytes changed on disk is never used: it is
+(one streaming pass). An entry whose bytes changed on disk, or that holds anything
+but folders and regular files (a symbolic link, a FIFO), is never used: it is
 discarded, a note says so, and the caller rebuilds it.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +41,24 @@ def content_digest(entry: Path) -> str:
     """SHA-256 over an entry's file names and bytes, the marker excluded (metadata included: an edited
     ``artifact.json`` changes what a hit would report, so it counts as corruption too)."""
     return sha256_files(entry, exclude=(MARKER,))
+
+
+def not_plain(entry: Path) -> str | None:
+    """Why an entry is not what this cache writes (folders and regular files only), or None. A symbolic link is
+    never written here: one found (to a file outside, to /etc) would make a hit serve bytes the recorded digest
+    does not cover, or that change after the check; a FIFO or device would hang or leak a read."""
+    if entry.is_symlink():
+        return f"it is a symbolic link (to {os.readlink(entry)}), not a folder this cache wrote"
+    for root, dirs, files in os.walk(entry):  # does not descend into linked folders
+        for name in [*dirs, *files]:
+            p = Path(root) / name
+            mode = p.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                return (f"it holds a symbolic link ({p.relative_to(entry)} -> {os.readlink(p)}), which this cache "
+                        "never writes")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                return f"it holds {p.relative_to(entry)}, which is not a regular file"
+    return None
 
 
 class Cache:
@@ -86,6 +106,9 @@ class Cache:
 
     def verify_entry(self, entry: Path) -> str | None:
         """Why a finished entry cannot be trusted, or None when its content matches its recorded digest."""
+        odd = not_plain(entry)
+        if odd is not None:
+            return odd
         try:
             marker = json.loads((entry / MARKER).read_text())
         except (OSError, ValueError):
@@ -149,7 +172,10 @@ class Cache:
                 out = Artifact.load(dest)
                 out.obj = art.obj
                 return out
-            shutil.rmtree(dest)
+            if dest.is_symlink():
+                dest.unlink()
+            else:
+                shutil.rmtree(dest)
         os.replace(art.path, dest)
         art.path = dest
         return art

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 a failure while running (export, build, pass error);
 2 a usage error (bad recipe, unknown pass/target, missing or unsafe input file);
-130 interrupted (finished steps are cached; run again to resume).
+130 interrupted (finished steps are cached; run again to resume); 143 terminated by SIGTERM (the same).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ EPILOG = """examples:
   compress export runs/NAME --target onnxruntime --out bundle   a folder to copy to the device
   compress history           the trend of each figure across commits (runs/history.jsonl)
 
-exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted (rerun to resume)
+exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted, 143 SIGTERM (rerun to resume)
 """
 
 CHECK_EPILOG = """exit codes of compress check:
@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--pipeline", help='one-line pipeline, e.g. "prune.channels{ratio=0.5} -> onnxruntime"; '
                    "replaces the recipe's passes and targets")
     r.add_argument("--model", help="model source when no recipe is given (zoo:NAME, pkg.mod:factory, .pt2, .onnx)")
+    r.add_argument("--task", help="what a Hugging Face model (hf:DIR) does: causal-lm, embedding, hidden-states, "
+                   "sequence-classification, image-classification, image-features")
     r.add_argument("--weights", help="state dict for the model (.pt loaded with weights_only=True, or .safetensors)")
     r.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
     r.add_argument("--data", help="data source (builtin:digits, folder:PATH, npz:PATH, text:FILE, jsonl:FILE, random)")
@@ -154,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print the profiles as JSON")
     sub.add_parser("passes", help="list passes and their settings")
     sub.add_parser("targets", help="list targets and whether they can run here")
+    from .generate_cmd import add_parser as add_generate
+
+    add_generate(sub)
     _add_plugin_commands(sub)
     return p
 
@@ -182,7 +187,7 @@ def _shape(s: str) -> list[int]:
 
 
 # Which command-line option sets which recipe key, so a refused value is reported as typed.
-_MODEL_FLAGS = {"source": "--model", "weights": "--weights", "input_shape": "--input-shape",
+_MODEL_FLAGS = {"source": "--model", "task": "--task", "weights": "--weights", "input_shape": "--input-shape",
                 "train_epochs": "--train-epochs", "allow_unsafe_pt2": "--allow-unsafe-pt2"}
 
 
@@ -209,6 +214,8 @@ def _build_recipe(a: argparse.Namespace) -> Any:
     model_upd: dict[str, Any] = {}
     if a.model and a.recipe:
         model_upd["source"] = a.model
+    if a.task:
+        model_upd["task"] = a.task
     if a.weights:
         model_upd["weights"] = a.weights
     if a.input_shape:
@@ -460,10 +467,14 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .bundle import export_bundle
 
     out = export_bundle(a.run_dir, a.target, a.out, variant=a.variant, force=a.force)
-    manifest = json.loads((out / "manifest.json").read_text())
+    import hashlib
+
+    raw = (out / "manifest.json").read_bytes()
+    manifest = json.loads(raw)
     print(f"wrote {out}: {manifest['variant']} on {a.target} ({manifest['precision']}, {manifest['model']}); on the "
           f"device: pip install '{manifest['runtime']['package']}=={manifest['runtime']['version']}' numpy, then "
-          f"python {out}/run.py")
+          f"python {out}/run.py --expect-manifest-sha256 {hashlib.sha256(raw).hexdigest()} (the manifest's digest: "
+          "keep it where the bundle's copy cannot change it)")
     return 0
 
 
@@ -553,7 +564,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
     if a.address and a.executor != "ray":
         raise RecipeError("--address needs --executor ray")
     res = run_search(space, out, cache_dir=a.cache, trials=a.trials, timeout_s=a.timeout, log=log,
-                     executor=a.executor, address=a.address, workers=a.workers)
+                     executor=a.executor, address=a.address, workers=a.workers,
+                     warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     print((out / "front.md").read_text())
     if res["best"] is None:
         print("no trial met every constraint; see search.json for each trial's figures", file=sys.stderr)
@@ -576,6 +588,35 @@ def _one_line(msg: str, debug: bool) -> str:
     return f"{lines[0]} (more with --debug)"
 
 
+def _dispatch(a: argparse.Namespace) -> int:
+    if a.cmd == "run":
+        return _cmd_run(a)
+    if a.cmd == "passes":
+        return _cmd_passes()
+    if a.cmd == "export":
+        return _cmd_export(a)
+    if a.cmd == "profiles":
+        return _cmd_profiles(a)
+    if a.cmd == "check":
+        return _cmd_check(a)
+    if a.cmd == "compare":
+        return _cmd_compare(a)
+    if a.cmd == "history":
+        return _cmd_history(a)
+    if a.cmd == "generate":
+        from .generate_cmd import run as generate
+
+        return generate(a)
+    if getattr(a, "_plugin", None):
+        import importlib
+
+        module, function = a._plugin
+        return int(getattr(importlib.import_module(module), function)(a))
+    if a.cmd == "search":
+        return _cmd_search(a)
+    return _cmd_targets()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     try:
@@ -590,35 +631,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Read by parts that keep a library's own console output out of the way unless asked (TVM tuning).
         logging.getLogger("compress").setLevel(logging.DEBUG)
-    try:
-        if a.cmd == "run":
-            return _cmd_run(a)
-        if a.cmd == "passes":
-            return _cmd_passes()
-        if a.cmd == "export":
-            return _cmd_export(a)
-        if a.cmd == "profiles":
-            return _cmd_profiles(a)
-        if a.cmd == "check":
-            return _cmd_check(a)
-        if a.cmd == "compare":
-            return _cmd_compare(a)
-        if a.cmd == "history":
-            return _cmd_history(a)
-        if getattr(a, "_plugin", None):
-            import importlib
+    from .interrupts import EXIT_SIGTERM, Terminated, sigterm_as_interrupt
 
-            module, function = a._plugin
-            return int(getattr(importlib.import_module(module), function)(a))
-        if a.cmd == "search":
-            return _cmd_search(a)
-        return _cmd_targets()
+    try:
+        with sigterm_as_interrupt():
+            return _dispatch(a)
     except CompressError as e:
         if a.debug:
             traceback.print_exc()
         print(f"error: {_one_line(str(e), a.debug)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print("terminated (SIGTERM): finished steps are cached; run the same command again to resume",
+                  file=sys.stderr)
+            return EXIT_SIGTERM
         print("interrupted: finished steps are cached; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do

@@ -46,6 +46,11 @@ class PassConfig(BaseModel):
         line): ``root`` is the model as it entered the pipeline, ``text`` a causal LM's ``LMText`` or None.
         Nothing by default; the pass checks its actual input again when it runs."""
 
+    def check_data(self, data: Any) -> None:
+        """Refuse, in the plan, data this pass could not use (too few calibration samples, say), raising a one-line
+        usage error, so the passes before it do not run first. ``data``: the run's DataBundle or None."""
+        return None
+
     def cache_env(self) -> dict[str, Any]:
         """Facts outside the config that change this pass's output (e.g. the CPU's ISA for a
         quantization scheme); hashed into the cache key. None by default."""

@@ -129,6 +129,29 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
+def _check_integer_inputs(src: str, inputs: tuple[Any, ...], arrays: dict[str, np.ndarray]) -> None:
+    """Inputs the model takes as integers (token ids, masks) must be integers within their range: said here naming
+    the input and the rule, not as an embedding's IndexError or a dtype error from inside the model."""
+    for s in inputs:
+        a = arrays.get(s.name)
+        if a is None or np.issubdtype(np.dtype(s.dtype), np.floating):
+            continue
+        rule = "integers" if s.high is None else f"integers in 0..{s.high - 1}" + (
+            " (the model's vocabulary)" if s.name == "input_ids" else "")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"data source {src!r}: input {s.name!r} holds floating-point values; it takes {rule}; "
+                             f"save it as an integer array")
+        if s.high is None or not a.size:
+            continue
+        bad = (a < 0) | (a >= s.high)
+        if bad.any():
+            i = int(np.argwhere(bad.reshape(len(a), -1).any(axis=1))[0][0])
+            value = int(a[i][bad[i]].flat[0])
+            what = "token id" if s.name == "input_ids" else "value"
+            raise InputError(f"data source {src!r}: input {s.name!r} holds {what} {value} (sample {i}), outside "
+                             f"{rule}")
+
+
 def _npz_named(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None] | None:
     """One array per named model input (integer arrays as int64, others float32), or None if the names are absent."""
     if not path.exists():
@@ -152,29 +175,51 @@ def _npz_named(path: Path, names: list[str]) -> tuple[dict[str, np.ndarray], np.
     return arrays, y
 
 
-def _text_file(path: Path, what: str) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, or one clear line saying why not."""
+MAX_JSON_DEPTH = 64  # a JSONL sample is a flat object; Python's JSON reader recurses per level
+
+
+def _text_file(path: Path, what: str, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, read line by line; a line longer than ``max_line_bytes`` or
+    bytes that are not UTF-8 are one clear line saying where."""
     if not path.is_file():
         raise InputError(f"{path}: {what} data file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        with path.open("rb") as f:
+            for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
+                if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                    raise InputError(f"{path}: line {n} is longer than data.max_line_bytes ({max_line_bytes} "
+                                     "bytes); split it into samples one per line, or raise data.max_line_bytes")
+                try:
+                    yield n, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}: line {n}: not UTF-8 text (byte {e.start} of the line); save it as "
+                                     "UTF-8") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
-    return text.splitlines()
 
 
-def _text(path: Path) -> list[str]:
+def _text(path: Path, max_line_bytes: int) -> list[str]:
     """``text:FILE``: one sample per line; blank lines are skipped."""
-    texts = [t.strip() for t in _text_file(path, "text") if t.strip()]
+    texts = [t.strip() for _, t in _text_file(path, "text", max_line_bytes) if t.strip()]
     if not texts:
         raise InputError(f"{path}: no text in it (empty, or only blank lines); write one sentence per line")
     return texts
 
 
-def _jsonl(path: Path, text_field: str, label_field: str | None,
-           label_ids: Callable[[], dict[str, int]]) -> tuple[list[str], np.ndarray | None]:
+def _json_depth(line: str) -> int:
+    """How deep a JSON text nests (brackets inside strings not counted); cheap when it barely nests."""
+    if line.count("[") + line.count("{") <= MAX_JSON_DEPTH:
+        return 0
+    import re
+
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", line).encode()
+    b = np.frombuffer(bare, dtype=np.uint8)
+    step = np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _jsonl(path: Path, text_field: str, label_field: str | None, label_ids: Callable[[], dict[str, int]],
+           max_line_bytes: int) -> tuple[list[str], np.ndarray | None]:
     """``jsonl:FILE``: one JSON object per line, text in ``text_field``, an optional label in ``label_field``
     (a class index, or a class name the model's config knows)."""
     import json
@@ -182,9 +227,12 @@ def _jsonl(path: Path, text_field: str, label_field: str | None,
     texts: list[str] = []
     labels: list[int] = []
     names: dict[str, int] | None = None
-    for n, line in enumerate(_text_file(path, "JSONL"), 1):
+    for n, line in _text_file(path, "JSONL", max_line_bytes):
         if not line.strip():
             continue
+        if _json_depth(line) > MAX_JSON_DEPTH:
+            raise InputError(f"{path}: line {n}: JSON nested deeper than {MAX_JSON_DEPTH} levels; a sample is one "
+                             f"flat object like {{\"{text_field}\": \"...\"}}")
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
@@ -233,9 +281,9 @@ def _tokenized(src: str, spec: Any, inputs: tuple[Any, ...] | None,
     model_dir = Path(model_source[3:]).expanduser()
     path = Path(rest)
     if kind == "text":
-        texts, y = _text(path), None
+        texts, y = _text(path, spec.max_line_bytes), None
     else:
-        texts, y = _jsonl(path, spec.text_field, spec.label_field, lambda: hf.label_ids(model_dir))
+        texts, y = _jsonl(path, spec.text_field, spec.label_field, lambda: hf.label_ids(model_dir), spec.max_line_bytes)
     arrays, note = hf.tokenize(model_dir, texts, tuple(inputs))
     return arrays, y, note
 
@@ -314,6 +362,7 @@ def load_data(spec: object, input_shape: tuple[int, ...], inputs: tuple[Any, ...
                              "give the .npz one array per input name (not 'x')")
     if named is not None:
         arrays, y = named
+        _check_integer_inputs(src, inputs or (), arrays)
         names = tuple(arrays)
         x = arrays[names[0]]
         extra = {n: arrays[n] for n in names[1:]}

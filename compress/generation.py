@@ -52,7 +52,7 @@ class LMRunner(Protocol):
 class TorchLMRunner:
     """PyTorch eager with the model's own KV cache (``past_key_values``): the reference."""
 
-    def __init__(self, module: torch.nn.Module, threads: int, name: str = "torch") -> None:
+    def __init__(self, module: torch.nn.Module, threads: int, name: str = "pytorch-eager") -> None:
         from .causal_lm import CausalLMModel
 
         # The pipeline's wrapper holds the *ForCausalLM (whose own ``.model`` is the bare decoder).
@@ -121,7 +121,7 @@ class DecoderIO:
 class OrtLMRunner:
     """An ONNX decoder with its KV cache in ONNX Runtime; the cache stays in ONNX Runtime values."""
 
-    def __init__(self, folder: Path, threads: int, name: str = "onnxruntime") -> None:
+    def __init__(self, folder: Path, threads: int, name: str = "onnx-runtime") -> None:
         import onnxruntime as ort
 
         self.name = name

@@ -56,7 +56,7 @@ def _cells(plan: Any, variants: list[Any], threads: int, say: Callable[[str], No
                 compiled, hit, secs = _compile(t, src, plan.ctx)
                 cell.compiled, cell.cache_hit, cell.build_s = compiled, hit, secs
                 cell.size_bytes = src.size_bytes()
-                cell.runner = t.lm_runner(compiled, threads)
+                cell.spawn = (lambda n, t=t, comp=compiled: t.lm_runner(comp, n))
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
             except TargetUnavailable as e:
                 cell.status, cell.reason = "unavailable", str(e)
@@ -135,23 +135,91 @@ def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rou
         c.generation.update(g, **speculative_figures(c.runner))
 
 
-def measure_generation(plan: Any, variants: list[Any], threads: int, say: Callable[[str], None]) -> list[Any]:
-    """Cells of a causal-LM run: built, scored on held-out text and timed generating."""
+def _peak_memory(cells: list[Any], targets: list[Any], threads: int, say: Callable[[str], None]) -> None:
+    """Peak RSS of each cell while generating, each in a fresh process (one process cannot attribute its
+    peak to one of several models it holds)."""
+    from .memprobe import measure_peak_memory
+
+    by_name = {t.name: t for t in targets}
+    for c in cells:
+        if c.status != "ok" or c.compiled is None:
+            continue
+        try:
+            got = measure_peak_memory(by_name[c.target].config, c.compiled, 1, threads, runs=2)
+        except (RuntimeError, OSError, ValueError) as e:  # the child failed or timed out: say so, keep the rest
+            c.notes.append(f"peak memory not measured: {e}")
+            continue
+        # What loading and generating added to the process: every probe imports the same libraries first.
+        c.generation["peak_rss_bytes"] = got["model_peak_bytes"]
+        say(f"peak memory {c.variant}/{c.target}: +{got['model_peak_bytes'] / 2**20:.0f} MiB while generating "
+            f"(process total {got['peak_rss_bytes'] / 2**20:.0f} MiB)")
+
+
+def choose_threads(cells: list[Any], text: Any, options: list[int], seed: int,
+                   say: Callable[[str], None]) -> tuple[int, str]:
+    """The thread count that decodes fastest here, measured: the first compiled cell that is not the reference
+    (the model being deployed) generates a short continuation at each count, alternating, three times each;
+    the lowest median time per token wins. On a shared 2-core machine one thread has been faster than two
+    for every engine (OpenMP threads wait on each other), so this is measured, not assumed."""
+    live = [c for c in cells if c.status == "ok"]
+    probe = next((c for c in live if not c.caps.reference and c.variant != "baseline"),
+                 next((c for c in live if not c.caps.reference), live[0] if live else None))
+    if probe is None or len(options) < 2:
+        n = options[0] if options else 1
+        return n, f"threads: {n} (nothing to choose between)"
+    prompt = np.concatenate(list(text.calib))[:32][None]
+    runners = {n: probe.spawn(n) for n in options}
+    times: dict[int, list[float]] = {n: [] for n in options}
+    try:
+        for r in range(4):
+            for n in options if r % 2 == 0 else reversed(options):
+                g = runners[n].generate(prompt, 9)
+                if r:  # the first round warms up
+                    times[n].append(g.decode_s / 8)
+    finally:
+        for rn in runners.values():
+            rn.close()
+    med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
+    best = min(med, key=lambda n: med[n])
+    note = (f"threads: {best}, chosen by measurement on {probe.variant}/{probe.target} ("
+            + ", ".join(f"{n} thread{'s' if n > 1 else ''}: {m:.2f} ms/token" for n, m in med.items()) + ")")
+    say(note)
+    return best, note
+
+
+def measure_generation(plan: Any, variants: list[Any], threads: int,
+                       say: Callable[[str], None]) -> tuple[list[Any], int, str]:
+    """Cells of a causal-LM run: built, scored on held-out text and timed generating; returns them with the
+    thread count used and how it was chosen. With measure.threads = 0 (auto) the count is chosen by
+    measurement (:func:`choose_threads`) and every cell notes it."""
+    import os
+
     from .plan import BASELINE
     from .speculative import attach_draft
 
     rec, text = plan.recipe, plan.ctx.text
     cells = _cells(plan, variants, threads, say)
-    for t in plan.targets:  # a target's ``draft`` setting: speculative decoding (compress.speculative)
-        attach_draft(t, cells, variants, threads)
+    note = f"threads: {threads} (measure.threads)"
+    if rec.measure.threads == 0:
+        options = sorted({1, threads, os.cpu_count() or 1})
+        threads, note = choose_threads(cells, text, options, rec.seed, say)
     for c in cells:
         c.generation = {}
+        if c.status == "ok":
+            try:
+                c.runner = c.spawn(threads)
+            except CompressError as e:
+                c.status, c.reason = "failed", str(e)
+    for t in plan.targets:  # a target's ``draft`` setting: speculative decoding (compress.speculative)
+        attach_draft(t, cells, variants, threads)
     ref = _reference(cells, BASELINE)
     try:
         if ref is not None:
             m = rec.measure
             _quality(cells, ref, text, m.lm_prompt, m.lm_new_tokens, say)
             _speed(cells, ref, text, m.lm_prompt, m.lm_new_tokens, m.lm_rounds, rec.seed, say)
+            if m.lm_peak_memory:
+                _peak_memory(cells, plan.targets, threads, say)
             for c in cells:
                 if c.status == "ok" and c is not ref:
                     c.notes.append(f"generation compared with {ref.variant}/{ref.target} (paired rounds)")
@@ -159,4 +227,5 @@ def measure_generation(plan: Any, variants: list[Any], threads: int, say: Callab
         for c in cells:
             if c.runner is not None:
                 c.runner.close()
-    return cells
+            c.spawn = None  # a cell is data once measured
+    return cells, threads, note

@@ -101,8 +101,8 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     if plan.ctx.text is not None:  # a causal LM: generation timed and scored on held-out text
         from .measure_lm import measure_generation
 
-        cells = measure_generation(plan, variants, threads, say)
-        return Measurement(cells, threads, threads_note, probe.report(), None)
+        cells, threads, how = measure_generation(plan, variants, threads, say)
+        return Measurement(cells, threads, how, probe.report(), None)
     cells = _build_cells(variants, plan.targets, plan.ctx, say)
     cells += _reference_cells(references or {}, plan.targets, say)
     try:

@@ -26,6 +26,24 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak() -> bool:
+    """Reset this process's peak resident set (Linux: ``5`` to /proc/self/clear_refs); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def probe(cfg_json: str, compiled_dir: str, batch: int, threads: int, runs: int) -> dict[str, int]:
     from .artifact import Artifact
     from .registry import get_target_config, make_target
@@ -34,6 +52,26 @@ def probe(cfg_json: str, compiled_dir: str, batch: int, threads: int, runs: int)
     target = make_target(get_target_config(cfg_d["kind"]).model_validate(cfg_d))
     art = Artifact.load(Path(compiled_dir))
     before = _rss_bytes()
+    if target.caps.generates and (art.known_facts().decoder is not None or art.metadata.get("task") == "causal-lm"):
+        # A causal LM: peak while generating (prompt of 128 tokens, 32 new, KV cache kept), its deployed use.
+        # The runtimes are imported before the baseline reading, so the figure is the model's, not the imports'.
+        import importlib
+
+        # compress.generation brings PyTorch; the target's availability check imports its own runtime.
+        for lib in ("transformers", "compress.generation"):
+            try:
+                importlib.import_module(lib)
+            except ImportError:
+                pass
+        target.unavailable_reason()
+        hwm = _reset_peak()  # imports peak transiently above what stays resident: start the peak afresh
+        before = _rss_bytes()
+        lm = target.lm_runner(art, threads)
+        prompt = np.ones((batch, 128), np.int64)
+        for _ in range(runs):
+            lm.generate(prompt, 32)
+        peak = _hwm_bytes() if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_rss_bytes": peak, "rss_before_load_bytes": before, "model_peak_bytes": max(0, peak - before)}
     runner = target.runner(art, threads=threads)
     g = np.random.default_rng(0)
     feeds = {n: g.standard_normal((batch, *s.shape[1:])).astype(s.dtype)

@@ -5,6 +5,10 @@
 * ``compress.measurement``: compile for every target, check parity, time interleaved, score;
 * here: the report (report.json, report.md, pareto.png) and the run's verdict.
 
+The measured figures are kept in the cache (``reports/<key>.json``) before the report files are
+rendered and written, and dropped once they are: when writing fails (a full disk, Ctrl-C), the same
+command run again renders the kept figures instead of measuring again.
+
 Both the original model (the baseline) and the compressed ones go through every target in the
 same process, and their latencies are measured interleaved, so the ratios in the report compare
 like with like.
@@ -19,7 +23,7 @@ from pathlib import Path
 from . import preflight
 from .artifact import Artifact
 from .config import PassConfig
-from .errors import TargetUnavailable
+from .errors import CompressError, TargetUnavailable
 from .execute import Variant, execute
 from .fingerprint import machine_fingerprint
 from .manager import Instrument
@@ -62,15 +66,80 @@ def run(
     t_start = time.perf_counter()
     with profile_scope(recipe if isinstance(recipe, Recipe) else load_recipe(recipe)) as (rec, _profile):
         plan = make_plan(rec, out_dir, cache_dir, progress, log, variants, write, extra_models, instruments)
+        kept = _kept_figures(plan, variants, references, aa_session)
+        if kept is not None and kept.exists():
+            from .report_schema import load_report
+
+            rep = load_report(kept)
+            plan.say(f"report: writing the figures measured in an earlier run of this command, whose report could "
+                     f"not be written (kept in {kept}; delete that file to measure again)")
+            _write(plan, rep, kept)
+            return _verdict(plan, rep)
         made = execute(plan)
         measured = measure(plan, made, references, aa_session)
-        return report(plan, made, measured, time.perf_counter() - t_start, baseline_label)
+        return report(plan, made, measured, time.perf_counter() - t_start, baseline_label, kept)
+
+
+def _kept_figures(plan: Plan, variants: dict[str, list[PassConfig]] | None, references: dict[str, Artifact] | None,
+                  aa_session: bool) -> Path | None:
+    """Where this command's measured figures are kept until its report is written (None: nothing written).
+    The key is everything that decides what is measured and where it goes; the machine's fingerprint is in it
+    too, so figures are never carried to another machine."""
+    if not plan.write:
+        return None
+    from .artifact import sha256_json
+
+    key = sha256_json({
+        "recipe": plan.recipe.model_dump(mode="json"), "out": str(plan.out.absolute()),
+        "variants": {k: [c.model_dump(mode="json") for c in v] for k, v in (variants or {}).items()},
+        "references": {k: a.digest for k, a in (references or {}).items()},
+        "extra": {k: a.digest for k, a in plan.extra_models.items()}, "aa": aa_session,
+        "machine": machine_fingerprint(),
+    })
+    return plan.cache.root / "reports" / f"{key}.json"
+
+
+def _write(plan: Plan, rep: Report, kept: Path | None) -> None:
+    """Keep the figures first (a failure while rendering or writing loses none), then write the report set."""
+    from .report import write_report
+
+    if kept is not None and not kept.exists():
+        import json
+
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(rep.to_json(), default=str))
+            tmp.replace(kept)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # the disk is full: the report write below fails and says so
+            kept = None
+    try:
+        write_report(rep, plan.out)
+    except (CompressError, KeyboardInterrupt) as e:
+        if kept is None or not kept.exists():
+            raise
+        where = f"the measured figures are kept in {kept}: the same command run again writes the report without " \
+                "measuring again"
+        if isinstance(e, KeyboardInterrupt):
+            plan.say(f"interrupted while writing the report; {where}")
+            raise
+        raise type(e)(f"{e}; {where}") from e
+    if kept is not None:
+        kept.unlink(missing_ok=True)
+
+
+def _verdict(plan: Plan, rep: Report) -> Report:
+    if not any(c.status == "ok" for c in rep.results):
+        why = "; ".join(f"{c.variant}/{c.target}: {c.reason}" for c in rep.results)
+        raise TargetUnavailable(f"nothing could be measured ({why}); the report in {plan.out} lists the reasons")
+    return rep
 
 
 def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
-           baseline_label: str | None = None) -> Report:
+           baseline_label: str | None = None, kept: Path | None = None) -> Report:
     """Stage 4: build the typed report, write it (unless the plan says not to) and give the run's verdict."""
-    from .report import build_report, write_report
+    from .report import build_report
 
     rec, say, cells = plan.recipe, plan.say, m.cells
     notes: list[str] = []
@@ -88,8 +157,5 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
                        seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes,
                        seq_own=m.seq_own)
     if plan.write:
-        write_report(rep, plan.out)
-    if not any(c.status == "ok" for c in cells):
-        why = "; ".join(f"{c.variant}/{c.target}: {c.reason}" for c in cells)
-        raise TargetUnavailable(f"nothing could be measured ({why}); the report in {plan.out} lists the reasons")
-    return rep
+        _write(plan, rep, kept)
+    return _verdict(plan, rep)

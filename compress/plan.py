@@ -115,7 +115,10 @@ def make_plan(
     torch.manual_seed(rec.seed)
 
     if write:
+        from .report_files import check_free_space
+
         preflight.check_out_dir(out)
+        check_free_space(out)  # the report set's size is roughly known: refuse now, not after measuring
     target_cfgs: list[TargetConfig] = list(rec.targets) or default_targets()
     targets = [make_target(c) for c in target_cfgs]
     for t in targets:

@@ -119,6 +119,8 @@ def check_data_needed(steps: list[Any], data: Any, synthetic_ok: bool = False) -
     exist, so a pass that needs "any" data (INT8 calibration) runs on those and says so."""
     for cfg in steps:
         need = cfg.data_needed()
+        if need is not None and data is not None:
+            cfg.check_data(data)  # what the pass would refuse of the data only after the passes before it ran
         if need is None or (need == "any" and data is None and synthetic_ok):
             continue
         if data is None:

@@ -83,6 +83,17 @@ class Profile(BaseModel):
             raise ValueError(f"unknown ISA flag(s) {', '.join(bad)}; known: {', '.join(sorted(KNOWN_ISA_FLAGS))}")
         return sorted(set(v))
 
+    @field_validator("backends")
+    @classmethod
+    def _backends_known(cls, v: list[str]) -> list[str]:
+        from .registry import manifest  # the registered targets, read without importing them when listed before
+
+        known = manifest()["targets"]
+        bad = [b for b in v if b not in known]
+        if bad:
+            raise ValueError(f"unknown target(s) {', '.join(map(repr, bad))}; registered targets: {', '.join(known)}")
+        return v
+
     @field_validator("tvm_target")
     @classmethod
     def _target_kind(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -230,13 +241,24 @@ def get_profile(name: str, base: Path | None = None) -> Profile:
     builtin = builtin_profiles()
     if name in builtin:
         return builtin[name]
+    unreadable: list[str] = []
     for f in user_profile_files():
-        prof = load_profile_file(f)  # an invalid file on the path is reported when it is the one asked for
+        try:
+            prof = load_profile_file(f)
+        except RecipeError as e:  # one broken file must not hide the profiles after it
+            unreadable.append(str(e))
+            continue
         if prof.name == name:
+            from .notices import warn_once
+
+            for why in unreadable:
+                warn_once(f"{why} (skipped: profile file on ${PATH_ENV})")
             return prof
     known = [*builtin, HOST]
+    skipped = (f"; {len(unreadable)} file(s) on ${PATH_ENV} could not be read, the first: {unreadable[0]}"
+               if unreadable else "")
     raise RecipeError(f"unknown profile '{name}'; known: {', '.join(known)} (compress profiles lists them, with "
-                      f"yours from ${PATH_ENV}), or give a profile .toml file")
+                      f"yours from ${PATH_ENV}), or give a profile .toml file{skipped}")
 
 
 def apply_profile(rec: Recipe, prof: Profile) -> Recipe:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import PassConfig, TargetConfig, _fmt_value, format_pipeline
 from .errors import RecipeError
-from .registry import get_pass, get_target_config
+from .registry import get_pass, get_target_config, settings_without_loading
 
 
 class _Strict(BaseModel):
@@ -45,6 +45,9 @@ class DataSpec(_Strict):
     # jsonl:FILE: the field holding each sample's text, and the one holding its label (optional).
     text_field: str = Field("text", min_length=1)
     label_field: str | None = Field(None, min_length=1)
+    # text:/jsonl: data is read line by line; a longer line is refused (a file without newlines, say) instead
+    # of being read whole and tokenized (the tokenizer keeps only the model's sequence length anyway).
+    max_line_bytes: int = Field(1 << 20, ge=16, le=1 << 30)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     calib_fraction: float = Field(0.1, gt=0, lt=1)
     max_val_samples: int | None = Field(None, ge=1)
@@ -77,6 +80,8 @@ class MeasureSpec(_Strict):
     lm_window: int = Field(512, ge=2, le=1 << 16)
     lm_eval_tokens: int = Field(4096, ge=2)
     lm_calib_tokens: int = Field(4096, ge=2)
+    # Peak resident memory while generating, per cell, each in a fresh process (compress.memprobe).
+    lm_peak_memory: bool = True
 
 
 class Recipe(_Strict):
@@ -129,6 +134,11 @@ def _validate_step(where: str, table: Any, target: bool) -> PassConfig:
     kind = table.get("kind")
     if not isinstance(kind, str):
         raise RecipeError(f"{where}: missing 'kind'")
+    allowed = settings_without_loading("targets" if target else "passes", kind)
+    unknown = [k for k in table if allowed is not None and k not in allowed]
+    if allowed is not None and unknown:  # a typo needs no plugin imported (a pass imports torch: seconds)
+        raise RecipeError(f"{where} ({kind}): unknown key '{unknown[0]}'; allowed keys: "
+                          f"{', '.join(k for k in allowed if k != 'kind')}")
     try:
         cls: type[PassConfig] = get_target_config(kind) if target else get_pass(kind).config_cls
     except RecipeError as e:

@@ -14,6 +14,12 @@ plugins), e.g. in the plugin's pyproject.toml::
 
 Every plugin is identified in cache keys by a digest of its source and of the modules of its
 own package it imports (``code_identity``), so editing a pass invalidates exactly its entries.
+
+A plugin that fails to import (any exception, ``SystemExit`` and ``KeyboardInterrupt`` included) is
+one warning line naming it; the built-ins and the other plugins load as before. A plugin cannot take
+a pass or target kind another distribution already provides (the built-ins first of all): that
+registration is refused with a warning naming both, unless the user lists the kind in
+``$COMPRESS_PLUGIN_OVERRIDE`` (comma-separated).
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import json
 import os
 import pkgutil
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -39,6 +44,8 @@ from .config import PassConfig, TargetConfig
 from .errors import RecipeError
 
 ENTRY_POINT_GROUP = "compress.plugins"
+OVERRIDE_ENV = "COMPRESS_PLUGIN_OVERRIDE"  # kinds a plugin may take from their provider, e.g. "quantize.int8"
+BUILTIN_DIST = "compress-pipeline"
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,35 @@ _PASSES: dict[str, PassInfo] = {}
 _COMMANDS: dict[str, CommandInfo] = {}
 _TARGETS: dict[str, tuple[type[TargetConfig], Any]] = {}  # kind -> (config class, target class)
 _loaded = False
+_IMPORTING: list[tuple[str, str]] = []  # (entry point, its distribution) while its module is imported
+_PROVIDER: dict[tuple[str, str], str] = {}  # ("pass" | "target", kind) -> the plugin distribution that registered it
+
+
+def plugin_warning(message: str) -> None:
+    """A plugin problem as one line on stderr, once per process (``compress.notices``)."""
+    from .notices import warn_once
+
+    warn_once(message)
+
+
+def _overridable() -> set[str]:
+    return {k.strip() for k in os.environ.get(OVERRIDE_ENV, "").split(",") if k.strip()}
+
+
+def _claim(section: str, kind: str, registered: dict[str, Any]) -> bool:
+    """Whether the registration being made may provide ``kind``: a plugin cannot take a kind another distribution
+    registered (the built-ins, or an earlier plugin), unless the user lets it ($COMPRESS_PLUGIN_OVERRIDE)."""
+    if not _IMPORTING:  # this package's own plugin folders, or code of this process: theirs to (re)register
+        _PROVIDER.pop((section, kind), None)
+        return True
+    ep, dist = _IMPORTING[-1]
+    prev = _PROVIDER.get((section, kind), BUILTIN_DIST)
+    if kind in registered and prev != dist and kind not in _overridable():
+        plugin_warning(f"plugin '{ep}' ({dist}) registers {section} '{kind}', which {prev} already provides; "
+                       f"refused (set {OVERRIDE_ENV}={kind} to let it replace that one)")
+        return False
+    _PROVIDER[(section, kind)] = dist
+    return True
 
 
 def _kind_of(config_cls: type[PassConfig]) -> str:
@@ -91,7 +127,8 @@ def register_pass(
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         doc = (fn.__doc__ or "").strip().splitlines()
-        _PASSES[kind] = PassInfo(kind, config_cls, pcaps, version, fn, doc[0] if doc else "")
+        if _claim("pass", kind, _PASSES):
+            _PASSES[kind] = PassInfo(kind, config_cls, pcaps, version, fn, doc[0] if doc else "")
         return fn
 
     return deco
@@ -145,7 +182,8 @@ def register_target(config_cls: type[TargetConfig]) -> Callable[[Any], Any]:
     def deco(cls: Any) -> Any:
         if not isinstance(getattr(cls, "caps", None), TargetCaps):
             raise TypeError(f"target {cls.__name__} must declare caps = TargetCaps(...)")
-        _TARGETS[kind] = (config_cls, cls)
+        if _claim("target", kind, _TARGETS):
+            _TARGETS[kind] = (config_cls, cls)
         return cls
 
     return deco
@@ -163,10 +201,18 @@ def _load_plugins() -> None:
             if not mod.name.startswith("_"):
                 importlib.import_module(f"{pkg_name}.{mod.name}")
     for ep in entry_points():
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "distribution unknown"
+        _IMPORTING.append((ep.name, dist))
         try:
             importlib.import_module(ep.value.split(":")[0])
-        except Exception as e:  # a broken third-party plugin must not take the built-in ones down
-            warnings.warn(f"compress: plugin '{ep.name}' ({ep.value}) failed to load: {e}", stacklevel=2)
+        # A broken third-party plugin must not take the built-ins down, nor end the command: not even by
+        # sys.exit() or a KeyboardInterrupt raised at import (exit 3 means "inconclusive" to compress check).
+        except BaseException as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            plugin_warning(f"plugin '{ep.name}' ({dist}, {ep.value}) failed to load and is left out: "
+                           f"{type(e).__name__}{': ' + first if first else ''}")
+        finally:
+            _IMPORTING.pop()
 
 
 def entry_points() -> list[importlib_metadata.EntryPoint]:
@@ -256,6 +302,19 @@ def _known_without_loading(section: str, kind: str, registered: dict[str, Any]) 
     return sorted(set(m[section]) | set(registered))
 
 
+def settings_without_loading(section: str, kind: str) -> list[str] | None:
+    """The setting names of pass or target ``kind`` ("passes" / "targets") from a current manifest, when its plugins
+    are not imported yet (so a misspelt setting is refused without importing them, and torch with them); None when
+    only loading can tell."""
+    registered = _PASSES if section == "passes" else _TARGETS
+    if _loaded or kind in registered:
+        return None
+    m = cached_manifest()
+    if m is None or kind not in m[section]:
+        return None
+    return ["kind", *(f[0] for f in m[section][kind]["fields"])]
+
+
 def get_pass(kind: str) -> PassInfo:
     known = _known_without_loading("passes", kind, _PASSES)
     if known is not None:
@@ -340,6 +399,7 @@ def _manifest_path() -> Path | None:
         spec = importlib.util.find_spec(pkg)  # finds the package without importing its modules
         for loc in (spec.submodule_search_locations or []) if spec else []:
             files += sorted(Path(loc).glob("*.py"))
+    h.update(f"{OVERRIDE_ENV}={sorted(_overridable())}".encode())  # which plugin provides a kind depends on it
     for ep in entry_points():  # third-party plugins: a new, removed or edited one renews the manifest
         h.update(f"{ep.name}={ep.value}".encode())
         f = _module_file(ep.value.split(":")[0])

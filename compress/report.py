@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +241,7 @@ def generation_lines(report: Report) -> list[str]:
     g0 = rows[0].generation
     assert g0 is not None
     head = ["variant", "target", "perplexity", "rise", "KL", "top-1 agr", "greedy agr", "TTFT ms", "vs ref",
-            "decode tok/s", "vs ref", "size"]
+            "decode tok/s", "vs ref", "peak mem", "size"]
     out_rows = []
     for r in rows:
         g = r.generation
@@ -255,10 +253,12 @@ def generation_lines(report: Report) -> list[str]:
             f"{g.ttft_ms:.1f}" if g.ttft_ms is not None else "-",
             f"{tr.ratio:.2f}x [{tr.low:.2f}, {tr.high:.2f}]" if tr else "ref",
             f"{g.decode_tokens_per_s:.1f}" if g.decode_tokens_per_s is not None else "-",
-            f"{ds.ratio:.2f}x [{ds.low:.2f}, {ds.high:.2f}]" if ds else "ref", _fmt_size(r.size_bytes)])
+            f"{ds.ratio:.2f}x [{ds.low:.2f}, {ds.high:.2f}]" if ds else "ref",
+            _fmt_size(g.peak_rss_bytes) if g.peak_rss_bytes else "-", _fmt_size(r.size_bytes)])
     widths = [max(len(h), *(len(x[i]) for x in out_rows)) for i, h in enumerate(head)]
     lines = [f"generation: prompt {g0.prompt_tokens} tokens, {g0.new_tokens} new greedy tokens, batch {g0.batch}, "
-             f"{g0.rounds} interleaved rounds; perplexity over {g0.eval_tokens} held-out tokens",
+             f"{g0.rounds} interleaved rounds; perplexity over {g0.eval_tokens} held-out tokens; peak mem: "
+             "resident memory a fresh process added loading the model and generating",
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in out_rows]
     return lines
@@ -446,6 +446,37 @@ def _place_labels(fig: Any, ax: Any, pts: list[tuple[float, float, str]]) -> lis
     return boxes
 
 
+def _plot_generation(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
+    """A causal LM: perplexity on held-out text against decode tokens/s, with the speed's interval as bars."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.results if r.generation is not None and r.generation.perplexity is not None]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(r.target for r in rows))}  # type: ignore[attr-defined]
+    pts = []
+    for r in rows:
+        g = r.generation
+        assert g is not None and g.perplexity is not None
+        x = g.decode_tokens_per_s or 0.0
+        lo, hi = g.decode_tokens_per_s_low or x, g.decode_tokens_per_s_high or x
+        ax.scatter(x, g.perplexity, marker="s" if r.variant == "baseline" else "o", s=55, edgecolors="black",
+                   color=colors[r.target], zorder=2)
+        ax.errorbar(x, g.perplexity, xerr=[[x - lo], [hi - x]], fmt="none", ecolor="black", capsize=5, zorder=3)
+        pts.append((x, g.perplexity, f"{r.variant}/{r.target}"))
+    ys = [p[1] for p in pts]
+    span = max(ys) - min(ys)
+    ax.set_ylim(min(ys) - max(span * 0.15, 0.01 * max(ys)), max(ys) + max(span * 0.15, 0.01 * max(ys)))
+    ax.set_xlabel("decode tokens/s, batch 1 (bars: 95% interval; higher is better)")
+    ax.set_ylabel("perplexity on held-out text (lower is better)")
+    ax.set_title(f"{report.recipe.name}: perplexity vs decode speed (squares: original model)")
+    ax.grid(alpha=0.3)
+    boxes = _place_labels(fig, ax, pts)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return boxes
+
+
 def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
     """Quality (top-1, or the fidelity headline) against p50 latency at the first batch size, with the p50's 95%
     interval as bars drawn over the markers, axes fitted to the points (a log latency axis when they span more
@@ -457,6 +488,8 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if any(r.generation is not None and r.generation.perplexity is not None for r in report.results):
+        return _plot_generation(report, path)
     from .report_view import cell_points, fit_limits, pareto_front, quality_axis, use_log
 
     b0 = report.batches[0]
@@ -509,24 +542,17 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
     return boxes
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Report, out: Path) -> None:
-    """Write the report files (report.md, pareto.png, report.html, report.json); each appears whole or not at
-    all. json goes last: it marks completion.
+    """Write the report files as one set (``compress.report_files``): ``out`` ends up holding the whole new
+    report (report.md, pareto.png, report.html, report.json), or stays as it was. json goes last where files
+    are moved in one by one: it marks completion.
 
     report.json is ``report.to_json()``: the schema in docs/report.schema.json (``compress.report_schema``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(report)))
-    _atomic_write(out / "pareto.png", lambda p: plot_pareto(report, p))
-    _atomic_write(out / "report.html", lambda p: p.write_text(render_html(report), encoding="utf-8"))
-    _atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report.to_json(), indent=2, default=str)))
+    from .report_files import write_report_set
+
+    md = render_markdown(report)
+    js = json.dumps(report.to_json(), indent=2, default=str)
+    html = render_html(report)
+    write_report_set(out, [("report.md", lambda p: p.write_text(md)), ("pareto.png", lambda p: plot_pareto(report, p)),
+                           ("report.html", lambda p: p.write_text(html, encoding="utf-8")),
+                           ("report.json", lambda p: p.write_text(js))], known_bytes=len(md) + len(js) + len(html))

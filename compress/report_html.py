@@ -340,7 +340,35 @@ def section_machine(report: Report, v: View) -> str | None:
 
 
 # (anchor, heading, renderer); another figure kind is one more entry (e.g. decode tokens/s against perplexity).
+def section_generation(report: Report, v: View) -> str | None:
+    """A causal LM: perplexity on held-out text against decode tokens/s (interval bars), and its table."""
+    from .report import generation_lines
+
+    rows = [r for r in report.results if r.generation is not None and r.generation.perplexity is not None]
+    if not rows:
+        return None
+    pts = []
+    for r in rows:
+        g = r.generation
+        assert g is not None and g.perplexity is not None
+        x = g.decode_tokens_per_s or 0.0
+        pts.append(sp.Point(x, g.perplexity, g.decode_tokens_per_s_low, g.decode_tokens_per_s_high,
+                            f"{r.variant}/{r.target}", r.target, r.variant == "baseline", None,
+                            f"{r.variant}/{r.target}: perplexity {g.perplexity:.4g}; {x:.4g} tokens/s"))
+    xs = [x for p in pts for x in (p.x, p.x_low or p.x, p.x_high or p.x)]
+    log = use_log(xs)
+    xlo, xhi = sp.padded(min(xs), max(xs), log)
+    ylo, yhi = fit_limits([p.y for p in pts])
+    front = pareto_front([(-p.x, p.y) for p in pts])  # faster and lower perplexity is better
+    svg = sp.scatter(pts, sp.Axis(xlo if log else max(0.0, xlo), xhi, log, "decode tokens/s (higher is better)"),
+                     sp.Axis(ylo, yhi, False, "perplexity on held-out text (lower is better)"),
+                     "perplexity against decode speed", front)
+    table = "\n".join(generation_lines(report))
+    return f"{svg}<pre>{_e(table)}</pre>"
+
+
 SECTIONS: list[tuple[str, str, Callable[[Report, View], str | None]]] = [
+    ("generation", "Language model: perplexity against decode speed", section_generation),
     ("summary", "Summary", section_summary),
     ("pareto", "Quality against latency and size", section_pareto),
     ("figures", "Other figures against latency", section_figures),

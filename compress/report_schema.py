@@ -251,6 +251,9 @@ class Generation(_Record):
                                            "drafted tokens the model accepted / drafted tokens")
     tokens_per_verifier_pass: float | None = Field(None, description="speculative decoding: tokens emitted per "
                                                    "forward pass of the model")
+    peak_rss_bytes: int | None = Field(None, description="peak resident memory a fresh process added by loading "
+                                       "this cell and generating (128-token prompt, 32 new tokens), above the "
+                                       "libraries every probe imports first")
 
 
 class ResultCell(_Record):

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import CompressError, RecipeError
+from .errors import CompressError, InputError, RecipeError
 from .recipe import Recipe, _resolve_paths, read_toml, recipe_from_dict, recipe_to_toml
 from .report_schema import NoRatio, Report
 
@@ -333,14 +333,17 @@ def _suggest(trial: Any, p: Param) -> Any:
     return trial.suggest_float(p.name, float(p.low), float(p.high), log=p.log)
 
 
-def _sampler(spec: SearchSpec, constraints: Callable[[Any], list[float]] | None) -> Any:
+def _sampler(spec: SearchSpec, constraints: Callable[[Any], list[float]] | None, drawn: int = 0) -> Any:
+    """The study's sampler. ``drawn``: trials the study already holds; a resumed search seeds its sampler past
+    them (seeded alike, it would draw the first trials' exact points again)."""
     import optuna
 
+    seed = spec.seed + drawn
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed, constraints_func=constraints)
-    return optuna.samplers.TPESampler(seed=spec.seed, constraints_func=constraints,
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
+    return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints,
                                       multivariate=True, n_startup_trials=min(10, max(2, spec.trials // 3)))
 
 
@@ -348,10 +351,79 @@ def _constraint_values(frozen: Any) -> list[float]:
     return list(frozen.user_attrs.get("constraint", []))
 
 
+INTERRUPTED = "interrupted"  # user attribute of a trial stopped mid-way (Ctrl-C, SIGTERM, kill -9)
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _open_study(db: Path, name: str, directions: list[Literal["minimize", "maximize"]],
+                sampler: Callable[[int], Any]) -> Any:
+    """Create or load the study in ``db``, checked first: a damaged file is one line naming it (exit 2), not a
+    database library's traceback. A loaded study gets a sampler seeded past the trials it holds."""
+    import optuna
+
+    problem = _damaged(db)
+    if problem is None:
+        try:
+            study = optuna.create_study(study_name=name, storage=f"sqlite:///{db.resolve()}", directions=directions,
+                                        sampler=sampler(0), load_if_exists=True)
+        except Exception as e:  # sqlalchemy's and optuna's own errors about the file (schema, version, locking)
+            problem = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    if problem is not None:
+        raise InputError(f"{db}: the search's study file is damaged or unreadable ({problem}); move it aside to "
+                         "start the search afresh (the finished trials' figures are also in search.json)")
+    if study.trials:
+        study.sampler = sampler(len(study.trials))
+    return study
+
+
+def _damaged(db: Path) -> str | None:
+    """Why an existing study file cannot be opened as SQLite (a header check and SQLite's quick_check), or None."""
+    import sqlite3
+
+    if not db.exists():
+        return None
+    try:
+        with db.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as e:
+        return e.strerror or str(e)
+    if head != SQLITE_HEADER:
+        return "not an SQLite database" if head else "empty file"
+    try:
+        con = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)
+        try:
+            row = con.execute("PRAGMA quick_check").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        return str(e)
+    return None if row and row[0] == "ok" else f"SQLite quick_check: {row[0] if row else 'no answer'}"
+
+
+def close_interrupted(study: Any, say: Callable[[str], None], numbers: list[int] | None = None) -> None:
+    """Close trials left running (``numbers``, or every RUNNING one of an earlier process that was stopped) as
+    interrupted failures, and queue their points so the next trial retries them first."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if numbers is not None and t.number not in numbers:
+            continue
+        # A finished trial's attributes cannot be set, and a FrozenTrial has no setter: through the storage.
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (the search was stopped during this "
+                                           "trial); its point is retried first")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        say(f"trial {t.number} was interrupted (the search stopped during it); closed as such, and its point is "
+            "retried first")
+
+
 def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | Path | None = None,
                trials: int | None = None, timeout_s: float | None = None,
                log: Callable[[str], None] | None = None, executor: Literal["local", "ray"] = "local",
-               address: str | None = None, workers: int = 2) -> dict[str, Any]:
+               address: str | None = None, workers: int = 2,
+               warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a search; write ``search.db``, ``search.json``, ``front.md``, ``front.png``, ``best.toml``.
 
     ``executor="ray"`` runs trials on a Ray cluster (``address``; None starts a local one with
@@ -376,12 +448,11 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
     limits = spec.limits()
     directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(spec.objectives)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{(out / 'search.db').resolve()}"
     study_name = Path(sp.source).stem
-    study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                sampler=_sampler(spec, _constraint_values if limits else None),
-                                load_if_exists=True)
-    done = [t for t in study.trials if t.state.is_finished()]
+    study = _open_study(out / "search.db", study_name, directions,
+                        lambda drawn: _sampler(spec, _constraint_values if limits else None, drawn))
+    close_interrupted(study, warn or say)  # what an earlier, stopped process left running: said even when quiet
+    done = [t for t in study.trials if t.state.is_finished() and INTERRUPTED not in t.user_attrs]
     budget = max(0, (trials or spec.trials) - len(done))
     deadline = time.monotonic() + (timeout_s or spec.timeout_s or math.inf)
     if done:
@@ -454,6 +525,9 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
             say(f"time budget reached after {started} new trial(s)")
         if spec.retime_front:
             _retime(study, sp, out, cache_dir, target, say, pool)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trials under way are closed now, and retried first on resume
+        close_interrupted(study, say)
+        raise
     finally:
         if pool is not None:
             pool.close()
@@ -1028,12 +1102,14 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
     rt = study.user_attrs.get("retimed") or {}
     trials = []
     for t in study.trials:
-        metrics = {k: v for k, v in t.user_attrs.items() if k not in ("recipe", "error", "pruned")}
+        metrics = {k: v for k, v in t.user_attrs.items()
+                   if k not in ("recipe", "error", "pruned", INTERRUPTED, "retry_of")}
         if "latency_ratio_ci" in metrics:  # the run's own interval stays beside the pooled one
             metrics["latency_ratio_ci_own"] = metrics["latency_ratio_ci"]
             metrics["latency_ratio_ci"] = pooled_ci(t.user_attrs, spread)
         metrics.update({f"retimed_{k}": v for k, v in rt.get(str(t.number), {}).items()})
-        trials.append({"number": t.number, "state": t.state.name, "params": t.params,
+        trials.append({"number": t.number, "state": "INTERRUPTED" if INTERRUPTED in t.user_attrs else t.state.name,
+                       "retry_of": t.user_attrs.get("retry_of"), "params": t.params,
                        "recipe": t.user_attrs.get("recipe"), "error": t.user_attrs.get("error"),
                        "pruned": t.user_attrs.get("pruned"), "metrics": metrics, "values": t.values})
     front = sorted(_front(study), key=lambda t: tuple(t.values))
@@ -1071,7 +1147,7 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
     if pruned:
         lines += ["", "Pruned trials (ruled out by their untrained probe, never trained):"] + [
             f"- trial {t['number']}: {t['pruned']}" for t in pruned]
-    failed = [t for t in trials if t["state"] == "FAIL"]
+    failed = [t for t in trials if t["state"] in ("FAIL", "INTERRUPTED")]
     if failed:
         lines += ["", "Failed trials:"] + [f"- trial {t['number']}: {t['error']}" for t in failed]
     (out / "front.md").write_text("\n".join(lines) + "\n")

@@ -62,15 +62,19 @@ def check_finite(x: np.ndarray, where: str, kind: str, offset: int = 0) -> None:
         raise InputError(f"{kind}: {where} sample {bad} contains NaN or Inf; remove or fix it before calibrating")
 
 
-def calibration_batches(data: Any, samples: int, kind: str, minimum: int, batch: int = 16) -> list[np.ndarray]:
-    """``samples`` calibration samples from ``data.calib``, adapted to the model input, in batches."""
+def check_calibration_size(data: Any, kind: str, minimum: int) -> None:
+    """At least ``minimum`` calibration samples (called in the plan, ``PassConfig.check_data``, and again here)."""
     n = len(data.calib)
     if n < minimum:
-        raise InputError(f"{kind}: the calibration split has {n} samples, fewer than the minimum {minimum}; "
-                         "raise data.calib_fraction or supply more data")
-    if n < samples:
-        raise InputError(f"{kind}: samples={samples} but the calibration split has only {n}; "
-                         f"set samples<={n} or raise data.calib_fraction")
+        raise InputError(f"{kind}: the calibration split of {data.name} has {n} samples, fewer than the minimum "
+                         f"{minimum}; raise data.calib_fraction or supply more data")
+
+
+def calibration_batches(data: Any, samples: int, kind: str, minimum: int, batch: int = 16) -> list[np.ndarray]:
+    """Up to ``samples`` calibration samples from ``data.calib``, adapted to the model input, in batches. A smaller
+    split is used whole (as for token data), so the default ``samples`` fits any data set over the minimum."""
+    check_calibration_size(data, kind, minimum)
+    samples = min(samples, len(data.calib))
     x = data.calib.x[:samples]
     check_finite(x, "calibration", kind)
     out = []

@@ -70,7 +70,9 @@ def _build(src: Path, out: Path, work: Path) -> str:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
         if "is not currently supported" in cause or "NotImplementedError" in cause:
-            cause += " (the builder supports Llama, Mistral, Qwen, Phi, Gemma and similar decoders)"
+            arch = ", ".join(json.loads((src / "config.json").read_text()).get("architectures") or ["this model"])
+            cause = (f"{arch} is not an architecture it supports (it supports Llama, Mistral, Qwen, Phi, Gemma and "
+                     "similar decoders); no ONNX decoder with a KV cache can be made for it here")
         raise ExportError(f"export.onnx: onnxruntime-genai's model builder failed on this causal LM: {cause[:300]}")
     return version
 

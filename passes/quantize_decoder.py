@@ -64,7 +64,8 @@ def _algo(cfg: Any, ctx: PassContext, decoder: Any, bits: int) -> Any:
         if text is None:
             raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
                             "\"builtin:pydoc-topics\" or text:FILE)")
-        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(text.calib[:8], decoder, np.float32),
+        reader = _Windows(text.calib[:cfg.calib_windows], decoder, np.float32)
+        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader,
                                             block_size=cfg.group_size, quant_format=QuantFormat.QOperator,
                                             op_types_to_quantize=("MatMul",))
     return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=bits,
@@ -89,10 +90,12 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     mats = [n for n in model.graph.node if n.op_type == "MatMul"]
     inits = {i.name: i for i in model.graph.initializer}
     widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
-    bad = sorted({w for w in widths.values() if w % cfg.group_size})
+    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
+    # does not); a group wider than the layer is one block of padding, which no one means.
+    bad = sorted({w for w in widths.values() if w < cfg.group_size})
     if bad:
-        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} does not divide the MatMul input "
-                        f"width(s) {bad}; choose a group size that divides {min(widths.values())}")
+        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
+                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
     head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
@@ -130,6 +133,8 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
              + (", symmetric" if cfg.symmetric and cfg.algorithm == "rtn" else "")
              + (f", LM head INT{cfg.head_bits}" if cfg.head_bits else "")
              + (f", accuracy_level {cfg.accuracy_level}" if cfg.accuracy_level else "")
+             + (f", calibrated on {min(cfg.calib_windows, len(ctx.text.calib))} window(s) of {ctx.text.window} "
+                "tokens" if cfg.algorithm == "gptq" and ctx.text is not None else "")
              + f") on {packed} of {len(mats)} MatMul layer(s); the embedding Gather stays float"]
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
             "head_bits": cfg.head_bits, "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,

@@ -55,6 +55,8 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     src = art.path / "model.onnx"
+    if art.known_facts().decoder is not None:
+        return _decoder(art, cfg, ctx)
     model = name_nodes(onnx.load(str(src)))
     refuse_quantized(model, "quantize.dynamic")
     nodes = weighted_nodes(model, cfg.ops)
@@ -113,3 +115,20 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     shutil.rmtree(work, ignore_errors=True)
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.dynamic": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="dynamic"))
+
+
+def _decoder(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> Artifact:
+    """A decoder with its KV cache: INT8 weights in ONNX Runtime's MatMulNBits (blocks of 32) computing with INT8
+    activations quantized at run time (accuracy_level 4): dynamic INT8 in the kernel decoders are fast with.
+    ``quantize_dynamic``'s MatMulInteger rewrite would run beside the graph's fused attention, not inside it."""
+    from .quantize_decoder import quantize_decoder_weights
+    from .quantize_weight_only import QuantizeWeightOnly
+
+    wo = QuantizeWeightOnly(bits=8, group_size=32, accuracy_level=4, keep_float=cfg.keep_float)
+    out = quantize_decoder_weights(art, wo, ctx)
+    info = out.metadata.pop("quantize.weight_only")
+    info["notes"] = [*info["notes"], "quantize.dynamic on a decoder: INT8 weights with INT8 activations quantized at "
+                     "run time inside MatMulNBits (accuracy_level 4)"]
+    out.metadata["quantize.dynamic"] = info
+    out.facts = (out.facts or art.known_facts()).evolve(quantization="dynamic")
+    return out

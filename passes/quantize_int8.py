@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
-from compress.errors import AccuracyError, InputError, PassError, RecipeError
+from compress.errors import AccuracyError, PassError, RecipeError
 from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.parity import LOWERING, ParityOptions, check, parity_batch
@@ -27,6 +27,7 @@ from compress.registry import register_pass
 from ._quant_common import (
     GUARD_MIN_COSINE,
     auto_scheme_env,
+    check_calibration_size,
     fidelity_guard,
     fixed_batch,
     float_nodes_note,
@@ -87,6 +88,9 @@ class QuantizeInt8(QdqParityOptions):
 
     def data_needed(self) -> str | None:
         return "labelled" if self.max_accuracy_drop is not None else "any"  # calibration samples
+
+    def check_data(self, data: Any) -> None:
+        check_calibration_size(data, "quantize.int8", MIN_CALIB_SAMPLES)
 
 
 class _Reader:
@@ -326,9 +330,7 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
                      "that matches real inputs")
     elif ctx.data is not None and ctx.data.input_names and cfg.max_accuracy_drop is None and not cfg.smoothquant:
         data = ctx.data  # one named array per input (token ids, masks): calibrate on them as they are
-        if len(data.calib) < MIN_CALIB_SAMPLES:
-            raise InputError(f"quantize.int8: the calibration split has {len(data.calib)} samples, fewer than the "
-                             f"minimum {MIN_CALIB_SAMPLES}; raise data.calib_fraction or supply more data")
+        check_calibration_size(data, "quantize.int8", MIN_CALIB_SAMPLES)
         reader = _Reader(name, [], data.feed_batches(data.calib, 1 if static_batch else 16, cfg.samples))
         notes.append(f"calibrated on {min(cfg.samples, len(data.calib))} samples of {data.name} "
                      f"({', '.join(data.input_names)})")
@@ -341,6 +343,7 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         # A model exported with a fixed batch (dynamic_batch=false) takes one sample per call.
         batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES, batch=1 if static_batch else 16)
         reader = _Reader(name, batches)
+        notes.append(f"calibrated on {min(cfg.samples, len(data.calib))} samples of {data.name}")
     scheme, why = choose_scheme(cfg.scheme)
     notes.insert(0, f"INT8 scheme: {why}")
 

@@ -38,6 +38,9 @@ class QuantizeWeightOnly(ParityOptions):
     accuracy_level: Literal[1, 2, 3, 4] | None = None
     # Decoders: the LM head (the largest and most output-sensitive MatMul) at 8 bits; None = as the rest.
     head_bits: Literal[4, 8] | None = None
+    # GPTQ: calibration windows (ONNX Runtime's GPTQ runs the model once per layer per window, so its cost is
+    # layers x windows forward passes: 151 x 8 windows of 512 tokens took over an hour on SmolLM2 here).
+    calib_windows: int = Field(2, ge=1, le=256)
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:
@@ -49,7 +52,7 @@ class QuantizeWeightOnly(ParityOptions):
         return self
 
 
-@register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx")
+@register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx", compare_precision="int4-weights")
 def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContext) -> Artifact:
     """INT8/INT4 block-wise weight compression of MatMul layers (ONNX Runtime MatMulNBits or blocked QDQ)."""
     import onnx

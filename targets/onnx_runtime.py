@@ -120,7 +120,7 @@ class OnnxRuntimeTarget:
         """The decoder's generate loop with the KV cache kept in ONNX Runtime values."""
         from compress.generation import OrtLMRunner
 
-        return OrtLMRunner(compiled.path, self.config.threads or threads)
+        return OrtLMRunner(compiled.path, self.config.threads or threads, name=self.name)
 
     def runner(self, compiled: Artifact, threads: int = 0) -> OrtRunner:
         import onnxruntime as ort

@@ -69,7 +69,7 @@ class TorchTarget:
         from compress.generation import TorchLMRunner
 
         tmp = Artifact(PYTORCH, compiled.path, compiled.digest, compiled.inputs)
-        return TorchLMRunner(load_torch(tmp), self.config.threads or threads)
+        return TorchLMRunner(load_torch(tmp), self.config.threads or threads, name=self.name)
 
     def runner(self, compiled: Artifact, threads: int = 0) -> TorchRunner:
         tmp = Artifact(PYTORCH, compiled.path, compiled.digest, compiled.inputs)

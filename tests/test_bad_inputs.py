@@ -81,6 +81,9 @@ class Case:
     code: int
     match: str  # a substring the single error line must contain
     check: Callable[[Env], None] | None = None  # e.g. "the evil payload did not run"
+    prefix: str | None = "error: "  # how the one line starts ("warning: " where the command carries on); None: no line
+    keeps_out: bool = False  # --out held an earlier run's report: the check says what must be left there
+    stdout_ok: bool = False  # the command carries on and prints its own output
 
 
 # ------------------------------------------------------------------ file builders
@@ -498,6 +501,598 @@ def _image_folder(env: Env, classes: list[str], corrupt: bool = False) -> Path:
     return root
 
 
+# ------------------------------------------------------------------ round 3 (issue 32)
+# Faults while writing, bundles that run only what they verified, SIGTERM, resumable search, bounded input,
+# profiles, plugins, cache entries that are not plain files, and usage errors knowable up front.
+
+FAST_ORT = 'model = { source = "zoo:digits-cnn" }\n' + FAST + '[[targets]]\nkind = "onnxruntime"\n'
+OLD_REPORT = {"report.md": "old md\n", "report.json": '{"old": true}\n'}
+
+
+def _report_fault(exc: BaseException) -> Callable[[Env], list[str]]:
+    """An earlier run's report in --out, and a fault while the new plot is written (the last step)."""
+    def build(env: Env) -> list[str]:
+        import compress.report as report
+
+        env.out.mkdir(parents=True)
+        for n, t in OLD_REPORT.items():
+            (env.out / n).write_text(t)
+        env.state["real_plot"] = report.plot_pareto
+
+        def boom(*a: Any, **k: Any) -> None:
+            raise exc
+
+        env.monkeypatch.setattr(report, "plot_pareto", boom)
+        env.state["args"] = env.run(env.recipe(FAST_ORT))
+        return env.state["args"]
+    return build
+
+
+def _old_report_untouched(env: Env) -> None:
+    assert sorted(p.name for p in env.out.iterdir()) == sorted(OLD_REPORT), list(env.out.iterdir())
+    for n, t in OLD_REPORT.items():
+        assert (env.out / n).read_text() == t, f"{n} was replaced by a half-written report"
+    assert [p.name for p in env.tmp.iterdir() if p.name.startswith(".out")] == [], "staging folder left"
+
+
+def _old_report_untouched_and_rerun_only_renders(env: Env) -> None:
+    """The figures measured before the failure are kept; the same command again writes them, measuring nothing."""
+    import compress.pipeline as pipeline
+    import compress.report as report
+
+    _old_report_untouched(env)
+    assert len(list((env.cache / "reports").glob("*.json"))) == 1
+    env.monkeypatch.setattr(report, "plot_pareto", env.state["real_plot"])
+
+    def no_measuring(*a: Any, **k: Any) -> None:
+        raise AssertionError("measured again")
+
+    env.monkeypatch.setattr(pipeline, "execute", no_measuring)
+    assert main(env.state["args"]) == 0
+    assert sorted(p.name for p in env.out.iterdir()) == ["pareto.png", "report.json", "report.md"]
+    assert json.loads((env.out / "report.json").read_text())["results"][0]["status"] == "ok"
+    assert list((env.cache / "reports").glob("*.json")) == []
+
+
+def _nearly_full_disk(env: Env) -> list[str]:
+    """500 KiB free where --out lives: known to be too little for a report before anything is measured."""
+    import shutil
+
+    import compress.plan as plan
+
+    real = shutil.disk_usage
+
+    def disk_usage(path: Any) -> Any:
+        u = real(path)
+        return type(u)(u.total, u.total, 500 * 1024) if str(Path(path).absolute()).startswith(str(env.tmp)) else u
+
+    env.monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    env.state["loaded"] = []
+    env.monkeypatch.setattr(plan, "load_model", lambda *a, **k: env.state["loaded"].append(a))
+    return env.run(env.recipe(FAST_ORT))
+
+
+
+
+def _bundle(env: Env, dynamic: bool = False, **change: Any) -> list[str]:
+    """An ONNX bundle as compress export writes it (run.py, model.onnx, manifest.json), changed as given; the
+    case runs its run.py in-process. An outside model sits in evil/ beside it."""
+    import hashlib
+    import importlib.util
+    import shutil
+    from importlib import metadata
+
+    from compress.bundle import RUNNER
+
+    b = env.tmp / "bundle"
+    b.mkdir()
+    shutil.copy(onnx_model(env), b / "model.onnx")
+    (env.tmp / "evil").mkdir()
+    shutil.copy(onnx_model(env), env.tmp / "evil" / "model.onnx")
+    shutil.copy(RUNNER, b / "run.py")
+    files = {n: hashlib.sha256((b / n).read_bytes()).hexdigest() for n in ("model.onnx", "run.py")}
+    manifest: Any = {"format": "compress.bundle/v1", "model": "model.onnx", "files": files,
+                     "static_shapes": not dynamic,
+                     "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+                     "runtime": {"package": "onnxruntime", "version": metadata.version("onnxruntime"),
+                                 "why_exact": "test"}, "arch": None}
+    for k, v in change.items():
+        if v is None:
+            manifest.pop(k)
+        else:
+            manifest[k] = v(manifest[k]) if callable(v) else v
+    if "whole" in change:
+        manifest = change["whole"]
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    spec = importlib.util.spec_from_file_location("bundle_run_under_test", b / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env.state["main"] = mod.main
+    return []
+
+
+def _bundle_input(env: Env, shape: tuple[int, ...], dynamic: bool = True) -> list[str]:
+    _bundle(env, dynamic=dynamic)
+    return ["--input", env.npz("x.npz", input=np.zeros(shape, np.float32))]
+
+
+def _with_evil_file(files: dict[str, str]) -> dict[str, str]:
+    import hashlib
+
+    return {**files, "../evil/model.onnx": hashlib.sha256(b"").hexdigest()}
+
+
+class _SigtermNotHandled(Exception):
+    """Installed before the case runs, so code that leaves SIGTERM to Python's default does not kill pytest."""
+
+
+def _sigterm_during_export(env: Env) -> list[str]:
+    """SIGTERM (CI cancelling, docker stop, timeout) arrives while the ONNX export writes into its work folder."""
+    import signal
+    import time
+
+    import compress.passes.export_onnx as export_onnx
+
+    def unhandled(signum: int, frame: Any) -> None:
+        raise _SigtermNotHandled("SIGTERM reached the default handler")
+
+    env.state["prev_sigterm"] = signal.signal(signal.SIGTERM, unhandled)
+    env.state["real_export"] = export_onnx._export_quiet
+
+    calls: list[int] = []
+
+    def killed(*a: Any, **k: Any) -> None:
+        env.state["real_export"](*a, **k)  # the work folder now holds a model.onnx
+        calls.append(1)
+        if len(calls) == 2:  # the pruned model's export (the baseline's came first)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+
+    env.monkeypatch.setattr(export_onnx, "_export_quiet", killed)
+    env.state["args"] = env.run(env.recipe(FAST_ORT + '[[passes]]\nkind = "prune.magnitude"\nsparsity = 0.5\n'))
+    return env.state["args"]
+
+
+def _terminated_run_resumes(env: Env) -> None:
+    import signal
+
+    import compress.passes.export_onnx as export_onnx
+
+    signal.signal(signal.SIGTERM, env.state["prev_sigterm"])
+    pruned = [p for p in (env.cache / "objects").glob("*/artifact.json") if "prune.magnitude" in p.read_text()]
+    assert len(pruned) == 1, "the pass finished before SIGTERM is not in the cache"
+    env.monkeypatch.setattr(export_onnx, "_export_quiet", env.state["real_export"])
+    assert main(env.state["args"]) == 0
+    assert (env.out / "report.json").exists()
+
+
+SPACE = ('name = "s"\nmodel = { source = "zoo:digits-cnn" }\ndata = { source = "builtin:digits" }\n' + FAST +
+         '[search]\ntrials = 1\nsampler = "random"\n[[passes]]\nkind = "prune.channels"\nratio = [0.2, 0.5]\n'
+         '[[targets]]\nkind = "onnxruntime"\n')
+
+
+def _search(env: Env, db: bytes | None = None, *more: str) -> list[str]:
+    """``compress search`` of a one-trial space into --out, whose search.db holds ``db`` (when given)."""
+    space = env.file("space.toml", SPACE)
+    if db is not None:
+        env.out.mkdir()
+        (env.out / "search.db").write_bytes(db)
+        env.state["db"] = db
+    env.state["args"] = ["search", str(space), "--out", str(env.out), "--cache", str(env.cache), "-q", *more]
+    return env.state["args"]
+
+
+def _truncated_sqlite(env: Env) -> bytes:
+    import sqlite3
+
+    p = env.tmp / "full.db"
+    con = sqlite3.connect(p)
+    con.execute("create table t(a blob)")
+    con.executemany("insert into t values (?)", [(bytes(500),)] * 400)
+    con.commit()
+    con.close()
+    data = p.read_bytes()
+    return data[: len(data) * 4 // 10]
+
+
+def _db_untouched(env: Env) -> None:
+    assert (env.out / "search.db").read_bytes() == env.state["db"]
+
+
+def _study(env: Env) -> Any:
+    import optuna
+
+    return optuna.load_study(study_name="space", storage=f"sqlite:///{env.out / 'search.db'}")
+
+
+def _search_left_running(env: Env) -> list[str]:
+    """What kill -9 leaves: the study holds trial 0 RUNNING, its point drawn."""
+    import optuna
+
+    from compress.search import _suggest, load_space
+
+    args = _search(env)
+    env.out.mkdir()
+    sp = load_space(env.tmp / "space.toml")
+    study = optuna.create_study(study_name="space", storage=f"sqlite:///{env.out / 'search.db'}",
+                                directions=["minimize", "minimize"])
+    trial = study.ask()
+    env.state["params"] = {p.name: _suggest(trial, p) for p in sp.params}
+    return args
+
+
+def _interrupted_trial_closed_and_retried(env: Env) -> None:
+    res = json.loads((env.out / "search.json").read_text())
+    states = [(t["number"], t["state"], t["retry_of"]) for t in res["trials"]]
+    assert states == [(0, "INTERRUPTED", None), (1, "COMPLETE", 0)], states
+    assert res["trials"][1]["params"] == res["trials"][0]["params"]
+    if "params" in env.state:
+        assert res["trials"][0]["params"] == env.state["params"]
+
+
+def _search_ctrl_c(env: Env) -> list[str]:
+    import compress.search as search
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    env.state["real_evaluate"] = search.evaluate_trial
+    env.monkeypatch.setattr(search, "evaluate_trial", interrupted)
+    return _search(env)
+
+
+def _ctrl_c_trial_closed_then_retried_on_resume(env: Env) -> None:
+    import optuna
+
+    import compress.search as search
+
+    trials = _study(env).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    env.monkeypatch.setattr(search, "evaluate_trial", env.state["real_evaluate"])
+    assert main(env.state["args"]) == 0
+    _interrupted_trial_closed_and_retried(env)
+
+
+def _search_after_one_finished_trial(env: Env) -> list[str]:
+    """The study holds trial 0, finished, at the point a seeded sampler draws first."""
+    import optuna
+
+    from compress.search import _suggest, load_space
+
+    args = _search(env, None, "--trials", "2")
+    env.out.mkdir()
+    sp = load_space(env.tmp / "space.toml")
+    study = optuna.create_study(study_name="space", storage=f"sqlite:///{env.out / 'search.db'}",
+                                directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    for p in sp.params:
+        _suggest(trial, p)
+    study.tell(trial, [1.0, 0.0])
+    return args
+
+
+def _resumed_search_drew_a_new_point(env: Env) -> None:
+    res = json.loads((env.out / "search.json").read_text())
+    assert [t["state"] for t in res["trials"]] == ["COMPLETE", "COMPLETE"]
+    assert res["trials"][1]["params"] != res["trials"][0]["params"], "the resumed search re-drew trial 0's point"
+
+
+def _text_run(env: Env, kind: str, body: str | bytes, extra: str = "") -> list[str]:
+    """``compress run`` of a tiny BERT directory (test_text_data's) on ``kind:FILE`` data holding ``body``."""
+    pytest.importorskip("transformers")
+    from test_text_data import SEQ, hf_dir, sentences
+
+    d = hf_dir(env.tmp / "bert")
+    data = env.file(f"d.{kind}", body if body else "\n".join(sentences(20)) + "\n")
+    return env.run(env.recipe(f'model = {{ source = "hf:{d}", task = "embedding", input_shape = [1, {SEQ}] }}\n'
+                              f'data = {{ source = "{kind}:{data}"{extra} }}\n' + FAST))
+
+
+def _sentences_and(line: str) -> str:
+    from test_text_data import sentences
+
+    ss = sentences(20)
+    return "\n".join([*ss[:3], line, *ss[3:]]) + "\n"
+
+
+def _fresh_warnings(env: Env) -> None:
+    """Warnings are said once per process; each case is a process of its own."""
+    from compress import notices
+
+    env.monkeypatch.setattr(notices, "_WARNED", set())
+
+
+def _plugin(env: Env, name: str, source: str, override: str | None = None) -> list[str]:
+    """``name`` installed as a distribution with a ``compress.plugins`` entry point (test_architecture's way), its
+    module ``source``; the registry loads plugins afresh for this case and is restored after it."""
+    import importlib
+    import textwrap
+
+    from compress import registry
+
+    registry.passes()  # the built-ins registered in the registry itself (not in this case's copy), before the plugin
+    site = env.tmp / "site"
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text("")
+    (site / name / "plugin.py").write_text(textwrap.dedent(source))
+    dist = site / f"{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[compress.plugins]\n{name} = {name}.plugin\n")
+    env.monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    for attr in ("_PASSES", "_TARGETS", "_COMMANDS", "_PROVIDER"):
+        env.monkeypatch.setattr(registry, attr, type(getattr(registry, attr))(getattr(registry, attr)))
+    _fresh_warnings(env)
+    env.monkeypatch.setattr(registry, "_loaded", False)
+    env.monkeypatch.setattr(registry, "cached_manifest", lambda: None)  # a listing written earlier imports nothing
+    if override is not None:
+        env.monkeypatch.setenv("COMPRESS_PLUGIN_OVERRIDE", override)
+    for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        env.monkeypatch.delitem(sys.modules, m)
+    return ["passes"]
+
+
+REPLACES_INT8 = """
+from typing import Literal
+from compress.config import PassConfig
+from compress.registry import register_pass
+
+class Int8(PassConfig):
+    kind: Literal["quantize.int8"] = "quantize.int8"
+
+@register_pass(Int8, consumes="onnx", produces="onnx")
+def not_the_real_int8(art, cfg, ctx):
+    \"\"\"A plugin's stand-in.\"\"\"
+    return art
+"""
+
+
+def _int8_is(module: str) -> Callable[[Env], None]:
+    def check(env: Env) -> None:
+        from compress import registry
+
+        assert registry.get_pass("quantize.int8").fn.__module__ == module
+    return check
+
+
+BOARD = 'name = "board"\narch = "aarch64"\nint8_scheme = "u8s8"\nbackends = ["onnxruntime"]\n'
+
+
+def _profile_path(env: Env, *files: tuple[str, str]) -> None:
+    for name, text in files:
+        env.file(f"profiles/{name}", text)
+    env.monkeypatch.setenv("COMPRESS_PROFILE_PATH", str(env.tmp / "profiles"))
+    _fresh_warnings(env)
+
+
+def _profile_run(env: Env, profile: str, *files: tuple[str, str]) -> list[str]:
+    _profile_path(env, *files)
+    return env.run(*DIGITS_RUN, "--profile", profile, "--print-recipe")
+
+
+def _cache_with_a_link(how: str) -> Callable[[Env], list[str]]:
+    """A finished run, then its exported model's cache entry changed so that its digest still matches: the model
+    file a link to an identical copy outside, a link to /etc beside it, or the whole entry a link to a copy."""
+    def build(env: Env) -> list[str]:
+        import shutil
+
+        args = env.run(env.recipe(FAST_ORT))
+        assert main(args) == 0
+        entry = next(p.parent for p in (env.cache / "objects").glob("*/model.onnx"))
+        outside = env.tmp / "outside"
+        shutil.copytree(entry, outside)
+        if how == "file":
+            (entry / "model.onnx").unlink()
+            (entry / "model.onnx").symlink_to(outside / "model.onnx")
+        elif how == "etc":
+            (entry / "etc").symlink_to("/etc")
+        else:
+            shutil.rmtree(entry)
+            entry.symlink_to(outside)
+        env.state["entry"], env.state["outside"] = entry, outside
+        shutil.rmtree(env.out)
+        return args
+    return build
+
+
+def _link_discarded_and_rebuilt(env: Env) -> None:
+    notes = json.loads((env.out / "report.json").read_text())["notes"]
+    entry = env.state["entry"]
+    assert any(f"cache entry {entry.name[:16]}" in n and "symbolic link" in n and "discarded and rebuilt" in n
+               for n in notes), notes
+    assert not entry.is_symlink() and not (entry / "model.onnx").is_symlink() and not (entry / "etc").exists()
+    assert (env.state["outside"] / "model.onnx").is_file(), "the link's target was deleted with the entry"
+    assert Path("/etc/hostname").exists() or Path("/etc/passwd").exists()
+
+
+def _token_npz_run(env: Env, ids: np.ndarray) -> list[str]:
+    """A tiny BERT (test_text_data's, vocabulary 64, sequence 12) on an .npz of its inputs."""
+    pytest.importorskip("transformers")
+    from test_text_data import SEQ, hf_dir
+
+    d = hf_dir(env.tmp / "bert")
+    data = env.npz("t.npz", input_ids=ids, attention_mask=np.ones(ids.shape, np.int64))
+    return env.run(env.recipe(f'model = {{ source = "hf:{d}", task = "embedding", input_shape = [1, {SEQ}] }}\n'
+                              f'data = {{ source = "npz:{data}" }}\n' + FAST))
+
+
+def _plugins_not_loaded(env: Env) -> list[str]:
+    """The listing of passes is current; loading the plugins (which import torch) is recorded."""
+    from compress import registry
+
+    registry.manifest()
+    if registry.cached_manifest() is None:
+        pytest.skip("compress/__pycache__ is not writable here: settings are only known by importing the plugins")
+    env.state["loads"] = []
+    env.monkeypatch.setattr(registry, "_loaded", False)  # as in a fresh process: nothing imported, nothing registered
+    env.monkeypatch.setattr(registry, "_PASSES", {})
+    env.monkeypatch.setattr(registry, "_TARGETS", {})
+    env.monkeypatch.setattr(registry, "_load_plugins", lambda: env.state["loads"].append(1))
+    return env.run(env.recipe('model = { source = "zoo:digits-cnn" }\n[[passes]]\nkind = "prune.channels"\n'
+                              'raito = 0.5\n'))
+
+
+def _no_plugin_loaded(env: Env) -> None:
+    assert env.state["loads"] == [], "the plugins (and torch with them) were imported to refuse a misspelt setting"
+
+
+def _int8_run(env: Env, n: int) -> list[str]:
+    """prune.magnitude, then quantize.int8 (default samples = 128) on ``n`` digits-shaped samples; running a pass
+    is recorded."""
+    import compress.pipeline as pipeline
+
+    env.state["executed"] = []
+    real = pipeline.execute
+    env.monkeypatch.setattr(pipeline, "execute", lambda plan: env.state["executed"].append(1) or real(plan))
+    x, y = digits(n)
+    body = FAST + '[[passes]]\nkind = "prune.magnitude"\nsparsity = 0.5\n[[passes]]\nkind = "quantize.int8"\n' \
+        '[[targets]]\nkind = "onnxruntime"\n'
+    data = f'data = {{ source = "npz:{env.npz(x=x, y=y)}" }}\n'
+    return env.run(env.recipe('model = { source = "zoo:digits-cnn" }\n' + data + body))
+
+
+def _nothing_executed(env: Env) -> None:
+    assert env.state["executed"] == [], "passes ran before a refusal the plan could make"
+
+
+def _calibrated_on_what_there_was(env: Env) -> None:
+    assert env.state["executed"] == [1]
+    assert "calibrated on 20 samples of npz:" in (env.out / "report.json").read_text()
+
+
+EVIL_SO = ('#include <stdio.h>\n__attribute__((constructor)) static void pwn(void) '
+           '{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+
+
+def _bundle_loading_an_outside_library(env: Env) -> list[str]:
+    """A TVM bundle whose manifest names a native library outside it, whose constructor would run on dlopen."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the outside library")
+    env.state["marker"] = env.tmp / "PWNED"
+    src = env.file("evilso/evil.c", EVIL_SO.format(marker=env.state["marker"]))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(src.with_suffix(".so")), str(src)], check=True)
+    _bundle(env, model="../evilso/evil.so", runtime=lambda r: {**r, "package": "apache-tvm"})
+    return ["--allow-version-mismatch"]  # so that, where TVM is installed, nothing but the check stands in the way
+
+
+def _no_model_loaded(env: Env) -> None:
+    assert env.state["loaded"] == [], "the model was loaded before a refusal knowable up front"
+
+
+
+
+
+ROUND3: list[Case] = [
+    # --- the report is written as a set -----------------------------------------------------
+    Case("report-disk-full-while-writing", _report_fault(OSError(28, "No space left on device")), 1,
+         "No space left on device", _old_report_untouched_and_rerun_only_renders, keeps_out=True),
+    Case("report-interrupted-while-writing", _report_fault(KeyboardInterrupt()), 130, "finished steps are cached",
+         _old_report_untouched, prefix="interrupted: ", keeps_out=True),
+    Case("report-disk-nearly-full-up-front", _nearly_full_disk, 2, "KiB free on its disk",
+         lambda e: _no_model_loaded(e)),
+    # --- a bundle's run.py loads only what it verified ----------------------------------------
+    Case("bundle-model-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx"), 2,
+         "outside the bundle folder"),
+    Case("bundle-tvm-library-outside-the-folder", _bundle_loading_an_outside_library, 2,
+         "'../evilso/evil.so' is outside the bundle folder", no_marker),
+    Case("bundle-files-entry-outside-the-folder", lambda e: _bundle(e, model="../evil/model.onnx",
+                                                                    files=_with_evil_file), 2,
+         "outside the bundle folder"),
+    Case("bundle-model-not-in-files", lambda e: _bundle(e, files=lambda f: {"run.py": f["run.py"]}), 2,
+         "is not listed in its 'files'"),
+    Case("bundle-manifest-without-files", lambda e: _bundle(e, files=None), 2, "no 'files' table"),
+    Case("bundle-manifest-not-an-object", lambda e: _bundle(e, whole=[1, 2]), 2, "not a JSON object"),
+    Case("bundle-manifest-digest-pinned-differs", lambda e: [*_bundle(e), "--expect-manifest-sha256", "0" * 64], 2,
+         "--expect-manifest-sha256"),
+    Case("bundle-input-wrong-shape-dynamic-batch", lambda e: _bundle_input(e, (1, 1, 4, 4)), 2,
+         "this model takes [N, 1, 8, 8]"),
+    Case("bundle-input-runtime-refuses", lambda e: _bundle_input(e, (2, 1, 8, 8)), 2, "the runtime refused the input"),
+    # --- search: a stopped trial is closed and retried; a damaged study file is named ---------------
+    Case("search-db-not-sqlite", lambda e: _search(e, b"not a database at all" * 50), 2,
+         "search.db: the search's study file is damaged", _db_untouched, keeps_out=True),
+    Case("search-db-truncated", lambda e: _search(e, _truncated_sqlite(e)), 2, "database disk image is malformed",
+         _db_untouched, keeps_out=True),
+    Case("search-trial-left-running-by-kill-9", _search_left_running, 0, "trial 0 was interrupted",
+         _interrupted_trial_closed_and_retried, prefix="warning: ", keeps_out=True, stdout_ok=True),
+    Case("search-ctrl-c-during-a-trial", _search_ctrl_c, 130, "run the same command again to resume",
+         _ctrl_c_trial_closed_then_retried_on_resume, prefix="interrupted: ", keeps_out=True),
+    Case("search-resumed-draws-a-new-point", _search_after_one_finished_trial, 0, "", _resumed_search_drew_a_new_point,
+         prefix=None, keeps_out=True, stdout_ok=True),
+    # --- bounded input: text and JSONL are read line by line, lines and nesting are limited -----------
+    Case("data-text-line-over-the-set-limit", lambda e: _text_run(e, "text", _sentences_and("the cat " * 200),
+                                                                  ", max_line_bytes = 1000"), 2,
+         "line 4 is longer than data.max_line_bytes (1000 bytes)"),
+    Case("data-text-line-over-the-default-limit", lambda e: _text_run(e, "text", _sentences_and("a" * ((1 << 20) + 1))),
+         2, "line 4 is longer than data.max_line_bytes (1048576 bytes)"),
+    Case("data-jsonl-nested-200000-deep", lambda e: _text_run(e, "jsonl", '{"text": "the cat"}\n' + "[" * 200_000),
+         2, "line 2: JSON nested deeper than 64 levels"),
+    Case("data-max-line-bytes-too-small", lambda e: _text_run(e, "text", "", ", max_line_bytes = 0"), 2,
+         "greater than or equal to 16"),
+    # --- plugins: whatever one raises at import is one warning line; built-ins are not replaced ----------
+    Case("plugin-sys-exit-at-import", lambda e: _plugin(e, "exitplug", "import sys\nsys.exit(3)\n"), 0,
+         "plugin 'exitplug' (exitplug 0.1, exitplug.plugin) failed to load and is left out: SystemExit: 3",
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-keyboardinterrupt-at-import", lambda e: _plugin(e, "kiplug", "raise KeyboardInterrupt\n"), 0,
+         "plugin 'kiplug' (kiplug 0.1, kiplug.plugin) failed to load and is left out: KeyboardInterrupt",
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-error-at-import-is-one-line", lambda e: _plugin(e, "errplug", "raise ValueError('no GPU here')\n"),
+         0, "plugin 'errplug' (errplug 0.1, errplug.plugin) failed to load and is left out: ValueError: no GPU here",
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-replaces-a-builtin-pass", lambda e: _plugin(e, "int8plug", REPLACES_INT8), 0,
+         "plugin 'int8plug' (int8plug 0.1) registers pass 'quantize.int8', which compress-pipeline already provides; "
+         "refused (set COMPRESS_PLUGIN_OVERRIDE=quantize.int8", _int8_is("compress.passes.quantize_int8"),
+         prefix="warning: ", stdout_ok=True),
+    Case("plugin-replaces-a-builtin-pass-opted-in", lambda e: _plugin(e, "int8ok", REPLACES_INT8, "quantize.int8"), 0,
+         "", _int8_is("int8ok.plugin"), prefix=None, stdout_ok=True),
+    # --- profiles: one broken file does not hide the others; backends are registered targets -----------
+    Case("profile-broken-file-sorts-before-the-one-asked-for",
+         lambda e: _profile_run(e, "board", ("a-broken.toml", "name = ["), ("b-board.toml", BOARD)), 0,
+         "a-broken.toml: not valid TOML", prefix="warning: ", stdout_ok=True),
+    Case("profile-unknown-with-a-broken-file-on-the-path",
+         lambda e: _profile_run(e, "nosuch", ("a-broken.toml", "name = ["), ("b-board.toml", BOARD)), 2,
+         "on $COMPRESS_PROFILE_PATH could not be read, the first: "),
+    Case("profile-backend-not-a-target", lambda e: _profile_run(
+        e, str(e.file("p.toml", BOARD.replace('["onnxruntime"]', '["onnxruntime", "coreml"]'))), ), 2,
+         "unknown target(s) 'coreml'"),
+    # --- cache entries hold folders and regular files only ------------------------------------------
+    Case("cache-entry-file-is-a-link-to-an-identical-copy", _cache_with_a_link("file"), 0, "",
+         _link_discarded_and_rebuilt, prefix=None, stdout_ok=True, keeps_out=True),
+    Case("cache-entry-holds-a-link-to-etc", _cache_with_a_link("etc"), 0, "", _link_discarded_and_rebuilt,
+         prefix=None, stdout_ok=True, keeps_out=True),
+    Case("cache-entry-is-a-link-to-a-copy", _cache_with_a_link("entry"), 0, "", _link_discarded_and_rebuilt,
+         prefix=None, stdout_ok=True, keeps_out=True),
+    # --- usage errors knowable before anything runs -------------------------------------------------
+    Case("budgets-ratio-to-its-own-target", lambda e: budgets_env(e, BUDGET_HEAD + '[[budget]]\nmodel = "digits"\n'
+                                                                  'target = "onnxruntime"\nmetric = "p50"\n'
+                                                                  'max = "0.5x onnxruntime"\n'), 2,
+         "compares target onnxruntime with itself"),
+    Case("budgets-original-ratio-to-the-original", lambda e: budgets_env(
+        e, BUDGET_HEAD + '[[budget]]\nmodel = "digits"\nvariant = "baseline"\nmetric = "p50"\n'
+        'max = "0.9x original"\n'), 2, "compares the original model with itself"),
+    Case("data-token-id-outside-the-vocabulary", lambda e: _token_npz_run(e, np.full((20, 12), 100, np.int64)), 2,
+         "input 'input_ids' holds token id 100 (sample 0), outside integers in 0..63 (the model's vocabulary)"),
+    Case("data-token-ids-as-floats", lambda e: _token_npz_run(e, np.full((20, 12), 7.0)), 2,
+         "input 'input_ids' holds floating-point values; it takes integers in 0..63"),
+    Case("recipe-pass-setting-typo-imports-no-plugin", _plugins_not_loaded, 2,
+         "passes[1] (prune.channels): unknown key 'raito'; allowed keys: ratio,",
+         lambda e: _no_plugin_loaded(e)),
+    Case("pass-int8-calibration-split-under-the-minimum", lambda e: _int8_run(e, 48), 2,
+         "quantize.int8: the calibration split of npz:", _nothing_executed),
+    Case("pass-int8-default-samples-on-a-small-image-set", lambda e: _int8_run(e, 200), 0, "",
+         _calibrated_on_what_there_was, prefix=None, stdout_ok=True, keeps_out=True),
+    # --- SIGTERM is an interrupt ----------------------------------------------------------------
+    Case("sigterm-during-a-pass", _sigterm_during_export, 143, "run the same command again to resume",
+         _terminated_run_resumes, prefix="terminated (SIGTERM): "),
+]
+
+CASES += ROUND3
+
+
 TVM_CASES = [
     Case("target-tvm-bad-kind", lambda e: e.run(*DIGITS_RUN, "--pipeline",
                                                 '-> tvm{tuning_trials=0,target={kind="nosuchkind"}}'), 2,
@@ -508,8 +1103,8 @@ TVM_CASES = [
 ]
 
 
-def _assert_clean(env: Env) -> None:
-    if env.out.exists():
+def _assert_clean(env: Env, keeps_out: bool = False) -> None:
+    if env.out.exists() and not keeps_out:
         left = sorted(str(p.relative_to(env.out)) for p in env.out.rglob("*"))
         assert not left, f"half-written output left in --out: {left}"
     tmp = env.cache / "tmp"
@@ -525,19 +1120,19 @@ def _run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main(args)
+        code = env.state.get("main", main)(args)  # a case may run another program's main (a bundle's run.py)
     out, err = capfd.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == case.code, f"exit {code}, stderr: {err}"
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    line = lines[0]
-    assert line.startswith("error: ") and "unexpected" not in line, line
+    assert len(lines) == (case.prefix is not None), f"expected {case.prefix is not None:d} line on stderr:\n{err}"
+    line = lines[0] if lines else ""
+    assert line.startswith(case.prefix or "") and "unexpected" not in line, line
     assert "Traceback" not in err and "\x1b[" not in err, err
     assert case.match in line, f"{case.match!r} not in: {line}"
-    assert out == "", f"nothing belongs on stdout for a refused input: {out!r}"
+    assert case.stdout_ok or out == "", f"nothing belongs on stdout for a refused input: {out!r}"
     user_warnings = [w for w in caught if issubclass(w.category, UserWarning)]
     assert not user_warnings, f"library warnings leaked: {[str(w.message) for w in user_warnings]}"
-    _assert_clean(env)
+    _assert_clean(env, keeps_out=case.keeps_out)
     if case.check is not None:
         case.check(env)
 
@@ -747,3 +1342,77 @@ def test_truncated_cached_model_is_rebuilt_with_a_note(tmp_path: Path, monkeypat
     assert code == 0, capfd.readouterr().err
     notes = json.loads((env.out / "report.json").read_text())["notes"]
     assert any(f"cache entry {trained[0].parent.name[:16]}" in n and "discarded and rebuilt" in n for n in notes), notes
+
+
+def test_bundle_runs_with_its_pinned_manifest_digest_and_says_what_digests_protect(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The refusals above are not all a bundle does: pinned to the right digest it runs, and --help says what the
+    digests do and do not protect against."""
+    import hashlib
+
+    env = Env(tmp_path, monkeypatch)
+    _bundle(env)
+    digest = hashlib.sha256((tmp_path / "bundle" / "manifest.json").read_bytes()).hexdigest()
+    assert env.state["main"](["--expect-manifest-sha256", digest]) == 0
+    assert json.loads(capfd.readouterr().out)["outputs"] == [[1, 10]]
+    assert env.state["main"](["--help"]) == 0
+    help_text = " ".join(capfd.readouterr().out.split())
+    assert "manifest.json is not a signature" in help_text and "--expect-manifest-sha256" in help_text
+
+
+def test_text_is_only_ever_tokenized_truncated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting the texts the model's sequence length cuts used to tokenize every text whole (a 6.4 MB line: 328 s,
+    1.6 GB); each call now stops one token past what is kept, and the count still comes out."""
+    pytest.importorskip("transformers")
+    from test_text_data import SEQ, _inputs, hf_dir
+
+    from compress import hf
+
+    d = hf_dir(tmp_path / "bert")
+    real = hf.load_tokenizer(d)
+    calls: list[dict[str, Any]] = []
+    calls_texts: list[Any] = []
+
+    def tok(texts: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        calls_texts.append(texts)
+        return real(texts, **kw)
+
+    def texts_seen(seen: list[Any]) -> list[str]:
+        return [t for x in seen for t in ([x] if isinstance(x, str) else x)]
+
+    monkeypatch.setattr(hf, "load_tokenizer", lambda p: tok)
+    long = "the cat sat on the mat " * 5_000
+    got, note = hf.tokenize(d, [long, "a dog"], _inputs(d))
+    assert calls and all(kw.get("truncation") is True and kw.get("max_length", 1 << 30) <= SEQ + 1 for kw in calls)
+    assert "2 texts tokenized" in note and "(1 truncated)" in note
+    # Only a head of the long text is tokenized, and it gives what the whole text would.
+    assert max(len(t) for t in texts_seen(calls_texts)) < 10_000
+    whole = real([long, "a dog"], padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
+    assert np.array_equal(got["input_ids"], whole["input_ids"])
+
+
+def test_report_set_keeps_files_it_did_not_write(tmp_path: Path) -> None:
+    """--out holding someone else's files too (a search trial's probe folder, the user's notes): a failed write
+    leaves everything as it was, a finished one replaces the report files alone and drops a stale one."""
+    from compress.errors import CompressError
+    from compress.report_files import write_report_set
+
+    out = tmp_path / "out"
+    (out / "probe").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text("old json")
+    (out / "report.html").write_text("old html")
+
+    def full(p: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CompressError, match="No space left on device; the folder was left as it was"):
+        write_report_set(out, [("report.md", lambda p: p.write_text("new md")), ("pareto.png", full)])
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "probe", "report.html", "report.json"]
+    assert (out / "report.json").read_text() == "old json"
+    write_report_set(out, [("report.md", lambda p: p.write_text("new md")),
+                           ("report.json", lambda p: p.write_text("new json"))])
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "probe", "report.json", "report.md"]
+    assert (out / "report.json").read_text() == "new json" and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
