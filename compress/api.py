@@ -47,25 +47,35 @@ def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cach
 
 
 def apply(
-    module: nn.Module,
+    module: nn.Module | str | Path,
     config: PassConfig | list[PassConfig],
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     data: DataBundle | str | None = None,
     cache_dir: str | Path | None = None,
     seed: int = 0,
 ) -> Any:
-    """Apply one pass (or a chain) to an ``nn.Module`` in one call.
+    """Apply one pass (or a chain) to an ``nn.Module``, or to an ``.onnx`` file, in one call.
 
     Returns the new ``nn.Module`` when the chain ends on a torch model, else the
     output :class:`Artifact` (e.g. an ONNX file under ``artifact.path``). ``data``
     is a :class:`DataBundle` or a data source string such as ``"builtin:digits"``.
-    The input module is never modified.
+    The lowering to ONNX is inserted where a PyTorch model meets an ONNX pass (never for an ``.onnx``
+    file, which ONNX passes take as it is). The input module is never modified.
     """
+    from .models import load_model
+    from .plan import with_lowering
+    from .recipe import ModelSpec
+
     cache = Cache(Path(cache_dir) if cache_dir else None)
+    if isinstance(module, nn.Module):
+        if input_shape is None:
+            raise TypeError("compress.apply(module, ...) needs input_shape, e.g. input_shape=(1, 3, 224, 224)")
+        root = module_artifact(module, input_shape, cache)
+    else:
+        root = load_model(ModelSpec(source=str(module)), cache)
     if isinstance(data, str):
-        data = load_data(DataSpec(source=data), tuple(input_shape))
-    steps = config if isinstance(config, list) else [config]
-    root = module_artifact(module, input_shape, cache)
+        data = load_data(DataSpec(source=data), tuple(input_shape or root.inputs[0].shape), root.inputs)
+    steps, _ = with_lowering(config if isinstance(config, list) else [config], False, root.kind)
     ctx = PassContext(cache=cache, data=data, seed=seed, progress=False, original=root)
     out, _ = PassManager(steps).run(root, ctx)
     return load_torch(out) if out.kind == "pytorch" else out

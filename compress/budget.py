@@ -85,6 +85,9 @@ class BudgetSpec(_Strict):
     seq: int | None = Field(None, ge=1)
     variant: str | None = None  # default: the recipe's compressed model, or the original when it has no passes
     name: str | None = None
+    # A budget that cannot be judged here (no recorded baseline, reference or target unavailable) fails the
+    # check (exit 4) unless skipping is allowed: for this budget, the whole file, or --allow-skip.
+    allow_skip: bool = False
 
     def title(self) -> str:
         if self.fidelity is not None:
@@ -103,6 +106,9 @@ class BudgetsFile(_Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     resamples: int = Field(2000, ge=100, le=100000)
     rounds: int | None = Field(None, ge=5, description="interleaved timing rounds (overrides the recipes)")
+    # The gate fails closed: a budget it cannot judge fails (exit 4) unless skipping is allowed (here, per
+    # budget, or --allow-skip). ``fail_on_unavailable`` is the older name of the default, kept for old files.
+    allow_skip: bool = False
     fail_on_unavailable: bool = False
 
 
@@ -213,11 +219,10 @@ def load_budgets(path: str | Path) -> tuple[BudgetsFile, dict[str, Path]]:
             raise RecipeError(f"{p}: {loc}: unknown metric {err.get('input')!r}; "
                               f"allowed: {', '.join(METRICS)}") from None
         raise RecipeError(f"{p}: {loc}: {err['msg']} (got {err.get('input')!r})") from None
-    from .registry import targets
+    from .registry import manifest
 
-    known_targets = targets()
-    default_target = next((k for k, (_, cls) in known_targets.items() if cls.caps.default and not cls.caps.reference),
-                          "")
+    known_targets = manifest()["targets"]  # from the plugin manifest: a bad budgets file imports no plugin
+    default_target = next((k for k, info in known_targets.items() if info["default"] and not info["reference"]), "")
     bf = bf.model_copy(update={"budget": [b if b.target else b.model_copy(update={"target": default_target})
                                           for b in bf.budget]})
     recipes = {}
@@ -414,6 +419,8 @@ class Verdict:
     unit: str = ""
     detail: str = ""
     at: str | None = None  # latency budgets: the report's latency key (batch) read; compress.history tracks it
+    allow_skip: bool = False  # a skip of this budget does not fail the check
+    seconds: float = 0.0  # this budget's share of its model's measuring time (JUnit's per-case time)
 
     def line(self) -> str:
         if self.value is None:
@@ -700,15 +707,30 @@ def _fidelity_verdict(v: Verdict, bound: FidelityBound, cell: ResultCell, report
     return v
 
 
-def overall_exit(verdicts: list[Verdict], fail_on_unavailable: bool) -> int:
+def overall_exit(verdicts: list[Verdict], allow_skip: bool = False) -> int:
+    """The check's exit code. It fails closed: a budget that could not be judged (skipped: no recorded
+    baseline, a reference or target unavailable here) is exit 4 unless skipping is allowed for it."""
     st = {v.status for v in verdicts}
     if "fail" in st:
         return EXIT_FAIL
-    if "skipped" in st and fail_on_unavailable:
+    if any(v.status == "skipped" and not (allow_skip or v.allow_skip) for v in verdicts):
         return EXIT_SKIPPED
     if "inconclusive" in st:
         return EXIT_INCONCLUSIVE
     return EXIT_PASS
+
+
+def _unique_names(verdicts: list[Verdict]) -> list[str]:
+    """JUnit test case names, one per budget: two budgets on the same figure (``2 ms`` and ``0.5x torch``)
+    are told apart by their limit, and by their position if even that is the same (CI views key on names)."""
+    names = [v.budget for v in verdicts]
+    names = [f"{n} [max {v.limit}]" if names.count(n) > 1 else n for n, v in zip(names, verdicts, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if names.count(n) == 1 else f"{n} #{seen[n]}")
+    return out
 
 
 def junit_xml(verdicts: list[Verdict], seconds: float) -> str:
@@ -717,8 +739,9 @@ def junit_xml(verdicts: list[Verdict], seconds: float) -> str:
                        errors=str(sum(v.status == "inconclusive" for v in verdicts)),
                        skipped=str(sum(v.status == "skipped" for v in verdicts)), time=f"{seconds:.3f}",
                        timestamp=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    for v in verdicts:
-        tc = ET.SubElement(suite, "testcase", classname=f"compress.{v.model}.{v.target}", name=v.budget)
+    for v, name in zip(verdicts, _unique_names(verdicts), strict=True):
+        tc = ET.SubElement(suite, "testcase", classname=f"compress.{v.model}.{v.target}", name=name,
+                           time=f"{v.seconds:.3f}")
         msg = v.line()
         if v.status == "fail":
             ET.SubElement(tc, "failure", message=msg, type="BudgetExceeded").text = msg
@@ -740,22 +763,31 @@ class CheckResult:
     reports: dict[str, Report] = field(default_factory=dict)
     noise: list[str] = field(default_factory=list)  # per target/batch: A/A spread, smallest detectable difference
     warnings: list[str] = field(default_factory=list)  # machine load seen while measuring
+    recorded: list[str] = field(default_factory=list)  # --update-baseline: what was recorded, for which machine, where
+    seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
         return self.exit_code == EXIT_PASS
 
     def summary(self) -> str:
-        counts = {s: sum(v.status == s for v in self.verdicts) for s in ("pass", "fail", "inconclusive", "skipped")}
+        counts = {s: sum(v.status == s for v in self.verdicts)
+                  for s in ("pass", "fail", "inconclusive", "skipped", "recorded")}
         lines = [v.line() for v in self.verdicts]
-        lines += [f"WARNING {w}" for w in self.warnings]
+        lines += [f"WARNING {w}" for w in dict.fromkeys(self.warnings)]
         lines += self.noise
-        lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+        lines += self.recorded
+        lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "recorded"))
+        if self.exit_code == EXIT_SKIPPED:
+            lines.append("FAILED CLOSED: a budget could not be judged here (see SKIPPED above); record a baseline "
+                         "with --update-baseline, make the target available, or allow it with --allow-skip "
+                         "(or allow_skip = true in the budgets file or the budget)")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": "compress.check/v1", "exit_code": self.exit_code,
-                "verdicts": [asdict(v) for v in self.verdicts], "noise": self.noise, "warnings": self.warnings}
+                "verdicts": [asdict(v) for v in self.verdicts], "noise": self.noise, "warnings": self.warnings,
+                "recorded": self.recorded}
 
 
 def _recipe_for(rec: Any, budgets: list[BudgetSpec], rounds: int | None) -> Any:
@@ -786,26 +818,31 @@ def check(
     fail_on_unavailable: bool | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    allow_skip: bool | None = None,
 ) -> CheckResult:
     """Measure every model named in a budgets file and decide each budget."""
     import time
 
+    t0 = time.perf_counter()
+    bf, recipes = load_budgets(path)  # a bad budgets file is answered before torch is imported
+    from .recipe import load_recipe
+
+    for rpath in recipes.values():
+        load_recipe(rpath)  # and so is a bad recipe it names (pass settings included)
+    check_fidelity_budgets(bf, recipes, Path(path), cache_dir)
+
     from .fingerprint import machine_fingerprint
     from .memprobe import measure_peak_memory
     from .pipeline import run
-    from .recipe import load_recipe
     from .registry import get_target_config
     from .report import noise_lines
-
-    t0 = time.perf_counter()
-    bf, recipes = load_budgets(path)
-    check_fidelity_budgets(bf, recipes, Path(path), cache_dir)
     base_path = Path(baseline) if baseline else Path(path).with_suffix(".baseline.json")
     store = BaselineStore(base_path)  # refuses a corrupt file before anything runs
     out = Path(out_dir) if out_dir else Path("runs") / "check"
     say = log or (lambda m: None)
     verdicts: list[Verdict] = []
     reports: dict[str, Report] = {}
+    recorded_lines: list[str] = []
     for model, rpath in recipes.items():
         mine = [b for b in bf.budget if b.model == model]
         if not mine:
@@ -814,6 +851,7 @@ def check(
         fp0 = fingerprint_key(machine_fingerprint(), rec.measure.threads or "auto")
         refs = store.references(model, rec, mine, fp0, say)
         say(f"measuring {model} ({rpath})")
+        t_model = time.perf_counter()
         report = run(rec, out_dir=out / model, cache_dir=cache_dir, progress=progress, log=log, references=refs)
         reports[model] = report
         fp = fingerprint_key(report.machine.model_dump(), report.measurement.threads_setting or "auto")
@@ -827,9 +865,13 @@ def check(
                                         report.measurement.threads)
             return probe["model_peak_bytes"]
 
-        for b in mine:
-            verdicts.append(evaluate_budget(b, report, bf, store, fp, memory))
+        mine_v = [evaluate_budget(b, report, bf, store, fp, memory) for b in mine]
+        share = (time.perf_counter() - t_model) / len(mine_v)
+        for b, v in zip(mine, mine_v, strict=True):
+            v.allow_skip, v.seconds = b.allow_skip, share
+        verdicts += mine_v
         if update_baseline:
+            cells = []
             for r in report.results:
                 if r.reference or r.status != "ok":
                     continue
@@ -840,10 +882,22 @@ def check(
                         "digest": r.compiled_digest, "samples_ms": samples, "p50_ms": p50,
                         "recorded": report.created, "machine": report.machine.cpu.model,
                         "artifact": art, **({"device": r.device} if r.device is not None else {})})
+                    cells.append(f"{r.variant}/{r.target}@b{batch} p50 {p50:.4g} ms")
+            where = f"{store.path} (artifacts in {store.artifact_dir}/)"
+            recorded_lines.append(f"RECORDED baseline of {model}: {len(cells)} cells ({'; '.join(cells)}) for "
+                                  f"machine fingerprint {fp[:12]} ({report.machine.cpu.model}, threads "
+                                  f"{report.measurement.threads_setting or 'auto'}) in {where}")
+            for v in mine_v:  # a budget against the baseline just recorded: nothing to compare yet, not a skip
+                if v.status == "skipped" and v.limit.replace(" ", "").endswith("xrecorded"):
+                    v.status = "recorded"
+                    v.detail = f"baseline recorded now for fingerprint {fp[:12]} in {store.path}; later checks compare"
     if update_baseline:
         store.save()
-    foa = bf.fail_on_unavailable if fail_on_unavailable is None else fail_on_unavailable
-    res = CheckResult(verdicts, overall_exit(verdicts, foa), reports)
+    skip_ok = bool(bf.allow_skip if allow_skip is None else allow_skip)
+    if fail_on_unavailable:
+        skip_ok = False
+    res = CheckResult(verdicts, overall_exit(verdicts, skip_ok), reports, recorded=recorded_lines,
+                      seconds=time.perf_counter() - t0)
     res.noise = [line for rep in reports.values() for line in noise_lines(rep)]
     res.warnings = [w for rep in reports.values() for w in (rep.contention.warnings if rep.contention else [])]
     out.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,11 @@ class TargetCaps:
     generates: bool = False
     # Its builds can be exported as a bundle that runs without this package (None: they cannot).
     bundle: BundleSpec | None = None
+    # The Python modules (import names) its runtime needs, and how to install them: ``compress targets``
+    # probes them with importlib.util.find_spec, without importing the runtime (TVM alone takes seconds);
+    # ``unavailable_reason()`` remains the full check, run by ``compress targets --check`` and every run.
+    requires: tuple[str, ...] = ()
+    install: str = ""
 
 
 def refusal(caps: TargetCaps, facts: Facts, target: str) -> str | None:

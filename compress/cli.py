@@ -21,7 +21,8 @@ from .errors import CompressError, RecipeError
 EPILOG = """examples:
   compress run examples/digits.toml
   compress run --model zoo:digits-cnn --data builtin:digits --train-epochs 15 \\
-      --pipeline "prune.channels{ratio=0.5} -> torch,onnxruntime"
+      --pipeline "prune.channels{ratio=0.5},distill{epochs=8} -> torch,onnxruntime"
+  compress run --model fp32.onnx --data builtin:digits --pipeline "quantize.int8 -> onnxruntime"
   compress passes            list passes and their settings
   compress targets           list targets and whether they run here
   compress profiles          list hardware profiles (compress run --profile rpi5 ...)
@@ -32,12 +33,13 @@ exit codes: 0 ok, 1 failure while running, 2 usage error, 130 interrupted, 143 S
 """
 
 CHECK_EPILOG = """exit codes of compress check:
-  0  every budget passed (skipped ones allowed unless --fail-on-unavailable)
+  0  every budget passed (or was skipped where skipping is allowed: --allow-skip, allow_skip = true)
   1  at least one budget failed (its whole confidence interval is beyond the limit)
   2  usage error (bad budgets file, unknown model/target/metric, unit missing, corrupt baseline,
      a fidelity figure the model's output does not produce)
   3  inconclusive: no failure, but at least one interval straddles its limit (too noisy to decide)
-  4  a budget was skipped (target unavailable here) and --fail-on-unavailable was given
+  4  failed closed: a budget could not be judged here (no recorded baseline for this machine, a reference
+     or target unavailable) and skipping it was not allowed
 """
 
 
@@ -53,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                                 "target and measure accuracy against latency.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"compress {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe (or a one-line pipeline) and write a report",
@@ -69,10 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--train-epochs", type=int, help="train the model first (cached)")
     r.add_argument("--allow-unsafe-pt2", action="store_true", default=None,
                    help="load a .pt2 exported program (torch unpickles it: can run code; only files you trust)")
-    r.add_argument("--out", help="output folder for report.json/report.md/report.html/pareto.png (default runs/NAME)")
+    r.add_argument("--out", help="output folder for report.json/.md/.html and the plots (default runs/NAME); a "
+                   "previous run's folder is updated, a folder holding other files needs --force")
+    r.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a previous run's")
     r.add_argument("--cache", help="cache folder (default $COMPRESS_CACHE or .compress-cache)")
     r.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     r.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
     r.add_argument("--dump-ir", metavar="DIR", help="debugging: write what every pass produced into DIR (the ONNX "
                    "graph as text and .onnx, the PyTorch module tree, each artifact's facts), per variant")
@@ -87,11 +95,16 @@ def _parser() -> argparse.ArgumentParser:
                    "machine fingerprint: its numbers and its compiled artifacts (BUDGETS.baseline.artifacts/, "
                    "commit it), which later checks re-time beside the candidate")
     c.add_argument("--junit", help="also write JUnit XML here")
-    c.add_argument("--json", help="also write the verdicts as JSON here")
+    c.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="print the verdicts as JSON to stdout (or write them to FILE)")
     c.add_argument("--out", help="folder for the per-model reports (default runs/check)")
     c.add_argument("--cache", help="cache folder")
+    c.add_argument("--allow-skip", action="store_true", default=None,
+                   help="let budgets that cannot be judged here (no recorded baseline, reference or target "
+                   "unavailable) pass as SKIPPED instead of failing the check with exit 4")
     c.add_argument("--fail-on-unavailable", action="store_true", default=None,
-                   help="a budget skipped because its target cannot run here fails the check (exit 4)")
+                   help="the default (kept for older scripts): a budget that cannot be judged fails (exit 4), "
+                   "even where the budgets file allows skipping")
     c.add_argument("--drift", type=int, metavar="N", help="also fail when the last N commits together moved a "
                    "budget's figure past its limit though each step passed (needs the history: docs/history.md)")
     c.add_argument("--drift-max", metavar="PCT", help="with --drift: the movement allowed over N commits for every "
@@ -121,9 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--min-time", type=float, default=1.0, help="minimum seconds of timed runs per candidate")
     m.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
     m.add_argument("--train-epochs", type=int, default=0, help="train a zoo model on the data first (cached)")
-    m.add_argument("--out", help="output folder (default runs/compare-NAME)")
+    m.add_argument("--out", help="output folder (default runs/compare-NAME); as for run, a folder holding other "
+                   "files needs --force")
+    m.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a previous run's")
     m.add_argument("--cache", help="cache folder")
-    m.add_argument("-q", "--quiet", action="store_true")
+    m.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
     s = sub.add_parser("search", help="search a space of recipes for the fastest model that keeps its accuracy "
                        "(Optuna; resumable)")
@@ -140,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
                    "measured one trial at a time on nodes of this machine's kind")
     s.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     s.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster (default 2)")
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    s.add_argument("--json", action="store_true", help="print search.json (or, with --dry-run, the space) to stdout")
 
     e = sub.add_parser("export", help="write one folder that runs a run's compiled model on the device: the model, "
                        "manifest.json, run.py (needs only the target's runtime) and the report")
@@ -154,13 +170,30 @@ def _parser() -> argparse.ArgumentParser:
                         "$COMPRESS_PROFILE_PATH)")
     pr.add_argument("--check", action="store_true", help="also let TVM judge each profile's target (imports TVM)")
     pr.add_argument("--json", action="store_true", help="print the profiles as JSON")
-    sub.add_parser("passes", help="list passes and their settings")
-    sub.add_parser("targets", help="list targets and whether they can run here")
+    t = sub.add_parser("targets", help="list targets and whether they can run here")
+    t.add_argument("--check", action="store_true", help="import each runtime and ask for its devices (slower)")
+    t.add_argument("--json", action="store_true", help="print the targets as JSON")
+    pa = sub.add_parser("passes", help="list passes and their settings")
+    pa.add_argument("--json", action="store_true", help="print the passes as JSON")
+    m.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    e.add_argument("--json", action="store_true", help="print the bundle's manifest as JSON")
     from .generate_cmd import add_parser as add_generate
 
     add_generate(sub)
     _add_plugin_commands(sub)
+    for sp in sub.choices.values():
+        _global_flags(sp)
     return p
+
+
+def _global_flags(sp: argparse.ArgumentParser) -> None:
+    """--debug and -q work after the subcommand too (``compress check b.toml --debug``); SUPPRESS keeps a
+    value given before the subcommand when the flag is not repeated after it."""
+    have = sp._option_string_actions
+    if "--debug" not in have:
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    if "-q" not in have:
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
 
 def _add_plugin_commands(sub: Any) -> None:
@@ -250,8 +283,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
     from .pipeline import run
     from .report import render_text
     quiet = a.quiet or a.json
-    log = (lambda m: None) if quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    log, said = _logger(quiet)
     out = Path(a.out) if a.out else Path("runs") / rec.name
+    _own_out(out, a.force)
     instruments = []
     if a.dump_ir:
         from .manager import DumpInstrument
@@ -269,9 +303,35 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
-        print(render_text(report))
+        print(render_text(report, said=said))
         print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
     return 0
+
+
+def _logger(quiet: bool) -> tuple[Any, set[str]]:
+    """The progress log (stderr, one line per message, each message once) and the set of what it said, so the
+    summary does not repeat a warning the user already saw."""
+    said: set[str] = set()
+
+    def log(m: str) -> None:
+        if m in said:
+            return
+        said.add(m)
+        if not quiet:
+            print(f"· {m}", file=sys.stderr, flush=True)
+
+    return log, (said if not quiet else set())
+
+
+def _own_out(out: Path, force: bool) -> None:
+    """--out has the same meaning for every command that writes a folder: a new or empty folder, or this
+    command's own earlier output, is (re)written; a folder holding anything else needs --force (as export's)."""
+    from .errors import InputError
+
+    if force or not out.is_dir() or (out / "report.json").exists() or not any(out.iterdir()):
+        return
+    raise InputError(f"--out {out}: holds files that are not a compress run's (no report.json); choose a new or "
+                     "empty folder, or pass --force to write into it")
 
 
 def _writable_file(path: str, flag: str) -> None:
@@ -286,7 +346,7 @@ def _writable_file(path: str, flag: str) -> None:
 
 def _cmd_check(a: argparse.Namespace) -> int:
     for path, flag in ((a.junit, "--junit"), (a.json, "--json")):
-        if path:
+        if path and path != "-":
             _writable_file(path, flag)
     from . import history
     from .budget import check, junit_xml
@@ -297,10 +357,10 @@ def _cmd_check(a: argparse.Namespace) -> int:
     if drift_max is not None and a.drift is None:
         raise RecipeError("--drift-max needs --drift N")
     store = history.store_path(Path(a.out) if a.out else Path("runs") / "check")
-    log = lambda m: print(f"· {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     res = check(a.budgets, baseline=a.baseline, update_baseline=a.update_baseline, out_dir=a.out,
                 cache_dir=a.cache, fail_on_unavailable=a.fail_on_unavailable, log=log,
-                progress=sys.stderr.isatty())
+                progress=sys.stderr.isatty(), allow_skip=a.allow_skip)
     if a.drift is not None:
         if store is None:
             raise RecipeError(f"--drift needs the history, and ${history.ENV} turns it off")
@@ -312,10 +372,13 @@ def _cmd_check(a: argparse.Namespace) -> int:
         (out / "check.json").write_text(json.dumps(res.to_json(), indent=2))
         (out / "junit.xml").write_text(junit_xml(res.verdicts, 0.0))
     history.record_check(res, store)
-    print(res.summary())
+    if a.json == "-":
+        print(json.dumps(res.to_json(), indent=2))
+    else:
+        print(res.summary())
     if a.junit:
-        Path(a.junit).write_text(junit_xml(res.verdicts, 0.0))
-    if a.json:
+        Path(a.junit).write_text(junit_xml(res.verdicts, res.seconds))
+    if a.json and a.json != "-":
         Path(a.json).write_text(json.dumps(res.to_json(), indent=2))
     return res.exit_code
 
@@ -395,11 +458,16 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from .report import render_text
 
     out = Path(a.out) if a.out else Path("runs") / rec.name
-    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    _own_out(out, a.force)
+    quiet = a.quiet or a.json
+    log, said = _logger(quiet)
     extra = _extra_onnx(src, more, a.cache) if more else None
-    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not a.quiet and sys.stderr.isatty(), log=log,
+    report = run(rec, out_dir=out, cache_dir=a.cache, progress=not quiet and sys.stderr.isatty(), log=log,
                  variants=variants, extra_models=extra, baseline_label=Path(src).stem if more else None)
-    print(render_text(report, compare=True))
+    if a.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+        return 0
+    print(render_text(report, compare=True, said=said))
     print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
     return 0
 
@@ -425,11 +493,19 @@ def _extra_onnx(first: str, files: list[str], cache_dir: str | None) -> dict[str
     return out
 
 
-def _cmd_passes() -> int:
+def _cmd_passes(a: argparse.Namespace) -> int:
     from .registry import manifest
 
     # From the plugin manifest when it is current: listing needs no torch import (see registry).
-    for kind, info in manifest()["passes"].items():
+    listed = manifest()["passes"]
+    if a.json:
+        print(json.dumps({"passes": {k: {"consumes": i["consumes"], "produces": i["produces"], "doc": i["doc"],
+                                         "compare_precision": i.get("compare_precision"),
+                                         "settings": [dict(zip(("name", "type", "default", "help"), f, strict=True))
+                                                      for f in i["fields"]]}
+                                     for k, i in listed.items()}}, indent=2))
+        return 0
+    for kind, info in listed.items():
         precision = info.get("compare_precision")
         offered = f"  [compress compare --precision {precision}]" if precision else ""
         print(f"{kind}  ({info['consumes']} -> {info['produces']})  {info['doc']}{offered}")
@@ -442,24 +518,63 @@ def _print_fields(fields: list[list[str]]) -> None:
         print(f"    {name}: {ann}, {default}{'  ' + desc if desc else ''}")
 
 
-def _cmd_targets() -> int:
+def _module_missing(name: str) -> bool:
+    """Whether an import name is absent, found without importing it. A folder with no module (type stubs
+    alone install a 'tensorrt' folder of .pyi files) is absent too."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return True
+    return spec is None or spec.origin in (None, "namespace")
+
+
+def quick_unavailable(info: dict[str, Any]) -> str | None:
+    """Why a target cannot run here, as far as its declared modules tell (``TargetCaps.requires``), without
+    importing its runtime; None when they are installed (``unavailable_reason()`` is the full check)."""
+    missing = [m for m in info.get("requires", []) if _module_missing(m)]
+    if missing:
+        nor = f" (nor {', '.join(missing[1:])})" if missing[1:] else ""
+        return f"{missing[0]} is not installed{nor}; {info.get('install') or 'install it'}"
+    return None
+
+
+def _cmd_targets(a: argparse.Namespace) -> int:
     from .fingerprint import ARCH_ENV, ISA_ENV, cpu_info
     from .int8_scheme import choose_scheme
-    from .registry import describe_fields, make_target, targets
+    from .registry import manifest
 
     cpu = cpu_info()
+    listed = manifest()["targets"]  # settings and required modules, without importing any runtime
+    states: dict[str, dict[str, Any]] = {}
+    for kind, info in listed.items():
+        reason = quick_unavailable(info)
+        if reason is None and a.check:  # the full check: imports the runtime, asks for its devices
+            from .registry import get_target_config, make_target
+
+            reason = make_target(get_target_config(kind)()).unavailable_reason()
+        states[kind] = {"available": reason is None, "reason": reason, "checked": "full" if a.check else "modules",
+                        "settings": [dict(zip(("name", "type", "default", "help"), f, strict=True))
+                                     for f in info["fields"]]}
+    if a.json:
+        print(json.dumps({"host": {"cpu": cpu["model"], "arch": cpu["arch"], "cores": cpu["affinity_cores"],
+                                   "isa": cpu["isa"], "isa_forced": cpu["isa_forced"]},
+                          "int8": choose_scheme("auto")[1], "targets": states}, indent=2))
+        return 0
     forced = (f" (forced by {ISA_ENV}/{ARCH_ENV}; detected: {', '.join(cpu['isa_detected']) or 'none'})"
               if cpu["isa_forced"] else "")
     print(f"host: {cpu['model']} ({cpu['arch']}, {cpu['affinity_cores']} cores usable)")
     print(f"ISA:  {', '.join(cpu['isa']) or 'no optional extensions'}{forced}")
     print(f"INT8: {choose_scheme('auto')[1]}")
     print()
-    for kind, (cfg_cls, _) in targets().items():
-        t = make_target(cfg_cls())
-        reason = t.unavailable_reason()
-        state = "available" if reason is None else f"unavailable: {reason}"
+    for kind, st in states.items():
+        state = ("available" if a.check else "installed") if st["available"] else f"unavailable: {st['reason']}"
         print(f"{kind:12s} {state}")
-        _print_fields(describe_fields(cfg_cls))
+        _print_fields(listed[kind]["fields"])
+    if not a.check:
+        print("\n(installed: its modules are present; compress targets --check imports each runtime and asks "
+              "for its devices)")
     return 0
 
 
@@ -471,6 +586,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     raw = (out / "manifest.json").read_bytes()
     manifest = json.loads(raw)
+    if a.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
     print(f"wrote {out}: {manifest['variant']} on {a.target} ({manifest['precision']}, {manifest['model']}); on the "
           f"device: pip install '{manifest['runtime']['package']}=={manifest['runtime']['version']}' numpy, then "
           f"python {out}/run.py --expect-manifest-sha256 {hashlib.sha256(raw).hexdigest()} (the manifest's digest: "
@@ -549,6 +667,12 @@ def _cmd_search(a: argparse.Namespace) -> int:
         raise RecipeError(f"--trials {a.trials}: give at least 1")
     if a.timeout is not None and a.timeout <= 0:
         raise RecipeError(f"--timeout {a.timeout}: give a positive number of seconds")
+    if a.dry_run and a.json:
+        print(json.dumps({"space": str(a.space), "objectives": list(space.search.objectives),
+                          "params": [{"name": p.name, "kind": p.kind, "choices": list(p.choices or []) or None,
+                                      "low": p.low, "high": p.high, "log": p.log} for p in space.params]},
+                         indent=2, default=str))
+        return 0
     if a.dry_run:
         print(f"{a.space}: {len(space.params)} open value(s); objectives {', '.join(space.search.objectives)}")
         for p in space.params:
@@ -558,7 +682,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
             print(f"  {p.name}: {what}")
         return 0
     out = Path(a.out) if a.out else Path("runs") / f"search-{Path(a.space).stem}"
-    log = (lambda m: None) if a.quiet else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
+    log = (lambda m: None) if (a.quiet or a.json) else (lambda m: print(f"· {m}", file=sys.stderr, flush=True))
     if a.workers < 1:
         raise RecipeError(f"--workers {a.workers}: give at least 1")
     if a.address and a.executor != "ray":
@@ -566,7 +690,10 @@ def _cmd_search(a: argparse.Namespace) -> int:
     res = run_search(space, out, cache_dir=a.cache, trials=a.trials, timeout_s=a.timeout, log=log,
                      executor=a.executor, address=a.address, workers=a.workers,
                      warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
-    print((out / "front.md").read_text())
+    if a.json:
+        print((out / "search.json").read_text())
+    else:
+        print((out / "front.md").read_text())
     if res["best"] is None:
         print("no trial met every constraint; see search.json for each trial's figures", file=sys.stderr)
         return 1
@@ -592,7 +719,7 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "run":
         return _cmd_run(a)
     if a.cmd == "passes":
-        return _cmd_passes()
+        return _cmd_passes(a)
     if a.cmd == "export":
         return _cmd_export(a)
     if a.cmd == "profiles":
@@ -614,7 +741,7 @@ def _dispatch(a: argparse.Namespace) -> int:
         return int(getattr(importlib.import_module(module), function)(a))
     if a.cmd == "search":
         return _cmd_search(a)
-    return _cmd_targets()
+    return _cmd_targets(a)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

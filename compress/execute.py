@@ -36,7 +36,7 @@ def train_root(root: Artifact, data: DataBundle, epochs: int, seed: int, ctx: Pa
         return hit
     ctx.log(f"train {epochs} epochs on {data.name} (once; cached afterwards)")
     model = copy.deepcopy(load_torch(root))
-    curve = fit(model, data, epochs, lr=3e-3, seed=seed, progress=ctx.progress, desc="train")
+    curve = fit(model, data, epochs, lr=3e-3, seed=seed, progress=ctx.progress, desc="train", heartbeat=ctx.log)
     art = torch_artifact(model, root, ctx, metadata={"train": {"epochs": epochs, "val_top1_curve": curve}})
     art.parent, art.producer = root.digest, f"train{{epochs={epochs}}}"
     return ctx.cache.put(key, art)

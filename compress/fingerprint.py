@@ -90,12 +90,12 @@ def active_profile() -> ProfileOverride | None:
     return _PROFILE
 
 
-def cpu_info() -> dict[str, Any]:
+def cpu_info(with_profile: bool = True) -> dict[str, Any]:
     """This CPU as the product sees it: the detected CPU, with an active profile or ``COMPRESS_ISA``/``COMPRESS_ARCH``
-    applied (the profile wins)."""
+    applied (the profile wins). ``with_profile=False``: the machine itself (what a report records as the host)."""
     info = dict(detected_cpu())
     info["isa_detected"] = info["isa"]
-    if _PROFILE is not None:
+    if _PROFILE is not None and with_profile:
         info["isa"], info["arch"] = sorted(_PROFILE.isa), _PROFILE.arch
         info["isa_forced"], info["isa_forced_by"] = True, f"profile {_PROFILE.name}"
         return info
@@ -135,8 +135,10 @@ def detected_cpu() -> dict[str, Any]:
 
 
 def machine_fingerprint() -> dict[str, Any]:
+    """The machine that built and measured: a hardware profile changes what is built and for which device,
+    never what is recorded about this machine (the profile is recorded beside it, with the CPU it describes)."""
     out = {
-        "cpu": cpu_info(),
+        "cpu": cpu_info(with_profile=False),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "libraries": {k: v for k, v in library_versions().items() if v != "absent"},
@@ -144,6 +146,7 @@ def machine_fingerprint() -> dict[str, Any]:
     }
     if _PROFILE is not None:  # the run prepared the model for this device, not for the machine above
         out["profile"] = {"name": _PROFILE.name, "version": _PROFILE.version, "source": _PROFILE.source,
+                          "arch": _PROFILE.arch, "isa": sorted(_PROFILE.isa), "int8_scheme": _PROFILE.int8_scheme,
                           "note": "figures measured in this process come from the machine described here, not "
                                   "from the profile's device"}
     return out

@@ -167,7 +167,14 @@ class PassManager:
                 before = ", ".join(s.kind for s in self.steps[:i]) or "nothing"
                 hint = ""
                 lowering = next((p.kind for p in passes().values() if p.caps.lowers_to_onnx), "an ONNX export")
-                if info.consumes == PYTORCH and kind == ONNX:
+                if info.consumes == PYTORCH and kind == ONNX and start_kind == ONNX and not any(
+                        p.caps.lowers_to_onnx for p in self.infos[:i]):
+                    onnx_passes = ", ".join(sorted(k for k, p in passes().items()
+                                                   if p.consumes == ONNX and not p.caps.lowers_to_onnx))
+                    hint = (f"; '{cfg.kind}' runs on PyTorch models and the model is an ONNX file, which cannot "
+                            f"be turned back into PyTorch: start from the PyTorch model (zoo:NAME, "
+                            f"package.module:factory or .pt2) or use ONNX passes only ({onnx_passes})")
+                elif info.consumes == PYTORCH and kind == ONNX:
                     hint = (f"; '{cfg.kind}' runs on PyTorch models, so put it before {lowering} "
                             "(or start from a PyTorch model, not an .onnx file)")
                 elif info.consumes == ONNX and kind == PYTORCH:

@@ -68,6 +68,8 @@ class Cell:
     # A causal LM's figures (compress.measure_lm): perplexity, KL, agreement, time to first token, decode
     # tokens/s and their paired ratios to the reference cell. None for any other model.
     generation: dict[str, Any] | None = None
+    guard: dict[str, Any] | None = None  # the accuracy guard's breach (compress.accuracy_guard), None: within bound
+    artifact_dir: str | None = None  # the compiled model's folder in the run folder (compress.run_artifacts)
 
 
 @dataclass

@@ -153,6 +153,16 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
     if note:
         say(f"note: {note}")
     notes += [n for n in (note, m.threads_note) if n]
+    from .accuracy_guard import judge
+
+    for line in judge(cells, rec.measure.max_accuracy_drop, bool(plan.data and plan.data.labelled),
+                      plan.data is not None, {k: pm.steps for k, pm in plan.chains.items()}):
+        say(f"WARNING accuracy: {line}")
+        notes.append(f"WARNING accuracy: {line}")
+    if plan.write:
+        from .run_artifacts import link_artifacts
+
+        link_artifacts(cells, plan.out, variants)
     rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
                        seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes,
                        seq_own=m.seq_own)

@@ -75,16 +75,24 @@ def _lm_text(rec: Recipe, root: Artifact, say: Callable[[str], None]) -> Any:
     return text
 
 
-def with_lowering(passes: list[PassConfig], need_onnx: bool) -> tuple[list[PassConfig], bool]:
-    """Insert the lowering pass (PyTorch -> ONNX) where the chain switches to ONNX, or at the end when a
-    target needs ONNX; returns the chain and whether a pass was inserted."""
+def with_lowering(passes: list[PassConfig], need_onnx: bool,
+                  start_kind: str = PYTORCH) -> tuple[list[PassConfig], bool]:
+    """Insert the lowering pass (PyTorch -> ONNX) only where a PyTorch artifact meets an ONNX consumer: before
+    the first pass that consumes ONNX, or at the end when a target needs ONNX. A chain that starts from an
+    ONNX model (``start_kind``) gets none. Returns the chain and whether a pass was inserted; a chain that
+    cannot be satisfied is left for ``PassManager.validate`` to refuse with its reason."""
     lowering = lowering_pass()
     if any(get_pass(p.kind).caps.lowers_to_onnx for p in passes):
         return passes, False
+    kind = start_kind
     for i, p in enumerate(passes):
-        if get_pass(p.kind).consumes == ONNX:
+        info = get_pass(p.kind)
+        if info.consumes == ONNX and kind == PYTORCH:
             return [*passes[:i], lowering.config_cls(), *passes[i:]], True
-    return ([*passes, lowering.config_cls()], True) if need_onnx else (passes, False)
+        if info.consumes != kind:
+            return passes, False  # PassManager.validate says why
+        kind = info.produces
+    return ([*passes, lowering.config_cls()], True) if (need_onnx and kind == PYTORCH) else (passes, False)
 
 
 def _for_chain(instruments: Sequence[Instrument], name: str) -> list[Instrument]:
@@ -143,12 +151,20 @@ def make_plan(
     auto_export = False
     lowering_cfg: PassConfig | None = None
     for name, chain in chains_in.items():
-        passes, auto = with_lowering(list(chain), need_onnx)
+        passes, auto = with_lowering(list(chain), need_onnx, root.kind)
         auto_export |= auto
         lowering_cfg = lowering_cfg or next((p for p in passes if get_pass(p.kind).caps.lowers_to_onnx), None)
         chains[name] = PassManager(passes, [VerifyInstrument(), *_for_chain(instruments, name)])
         chains[name].validate(root.kind)
-    if lowering_cfg is None and need_onnx:
+    if root.kind == ONNX and any(pm.steps for pm in chains.values()):
+        # A runtime's saved build (ONNX Runtime's NCHWc layout operators) is not a model passes can rewrite.
+        layout = [op for op in root.known_facts().required_ops if op.split(":")[0].endswith(".nchwc")]
+        if layout:
+            raise RecipeError(f"model {rec.model.source}: saved after a runtime's layout optimizations "
+                              f"({', '.join(layout[:3])}), which passes cannot rewrite; give the portable "
+                              "model instead (artifacts/VARIANT/onnx/model.onnx in a run folder, or the ONNX "
+                              "export you started from)")
+    if lowering_cfg is None and need_onnx and root.kind == PYTORCH:
         lowering_cfg, auto_export = lowering_pass().config_cls(), True
     base = PassManager([lowering_cfg] if (lowering_cfg and root.kind == PYTORCH) else [],
                        _for_chain(instruments, BASELINE))

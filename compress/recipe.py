@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import PassConfig, TargetConfig, _fmt_value, format_pipeline
 from .errors import RecipeError
-from .registry import get_pass, get_target_config, settings_without_loading
+from .registry import fast_entry, get_pass, get_target_config
 
 
 class _Strict(BaseModel):
@@ -82,6 +82,9 @@ class MeasureSpec(_Strict):
     lm_calib_tokens: int = Field(4096, ge=2)
     # Peak resident memory while generating, per cell, each in a fresh process (compress.memprobe).
     lm_peak_memory: bool = True
+    # The accuracy guard (compress.accuracy_guard): a variant more than this many points of top-1 (or of
+    # agreement / cosine x 100 without labels) below the original is marked ACCURACY, not ok.
+    max_accuracy_drop: float = Field(1.0, ge=0)
 
 
 class Recipe(_Strict):
@@ -106,9 +109,12 @@ def _fmt_validation(where: str, e: ValidationError, cls: type[BaseModel], hidden
     """pydantic's errors as one line for a TOML table: unknown and missing keys (naming the allowed ones, but
     not ``hidden`` fields the user does not write), bad values with what was given, and checks of the whole
     table (a model validator) as their message alone."""
+    return _fmt_errors(where, e.errors(), [k for k in cls.model_fields if k not in hidden])
+
+
+def _fmt_errors(where: str, errors: Any, allowed: list[str]) -> str:
     parts = []
-    allowed = [k for k in cls.model_fields if k not in hidden]
-    for err in e.errors():
+    for err in errors:
         loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -134,11 +140,14 @@ def _validate_step(where: str, table: Any, target: bool) -> PassConfig:
     kind = table.get("kind")
     if not isinstance(kind, str):
         raise RecipeError(f"{where}: missing 'kind'")
-    allowed = settings_without_loading("targets" if target else "passes", kind)
-    unknown = [k for k in table if allowed is not None and k not in allowed]
-    if allowed is not None and unknown:  # a typo needs no plugin imported (a pass imports torch: seconds)
-        raise RecipeError(f"{where} ({kind}): unknown key '{unknown[0]}'; allowed keys: "
-                          f"{', '.join(k for k in allowed if k != 'kind')}")
+    entry = fast_entry("targets" if target else "passes", kind)
+    if entry is not None and entry.get("schema"):
+        from .schema_check import table_errors
+
+        errors = table_errors(entry["schema"], table)
+        if errors:  # answered from the manifest: no plugin (and no torch) imported for a typo
+            allowed = [f[0] for f in entry.get("fields", []) if f[0] != "kind"]  # in the class's own order
+            raise RecipeError(_fmt_errors(f"{where} ({kind})", errors, allowed))
     try:
         cls: type[PassConfig] = get_target_config(kind) if target else get_pass(kind).config_cls
     except RecipeError as e:

@@ -302,17 +302,13 @@ def _known_without_loading(section: str, kind: str, registered: dict[str, Any]) 
     return sorted(set(m[section]) | set(registered))
 
 
-def settings_without_loading(section: str, kind: str) -> list[str] | None:
-    """The setting names of pass or target ``kind`` ("passes" / "targets") from a current manifest, when its plugins
-    are not imported yet (so a misspelt setting is refused without importing them, and torch with them); None when
-    only loading can tell."""
-    registered = _PASSES if section == "passes" else _TARGETS
-    if _loaded or kind in registered:
+def fast_entry(section: str, kind: str) -> dict[str, Any] | None:
+    """A kind's manifest entry while the plugins are not imported yet (None once they are, or with no manifest):
+    what compress.schema_check judges settings from without importing them."""
+    if _loaded:
         return None
     m = cached_manifest()
-    if m is None or kind not in m[section]:
-        return None
-    return ["kind", *(f[0] for f in m[section][kind]["fields"])]
+    return None if m is None else m[section].get(kind)
 
 
 def get_pass(kind: str) -> PassInfo:
@@ -341,7 +337,7 @@ def get_target_config(kind: str) -> type[TargetConfig]:
 # torch (seconds). The listing is therefore kept as a manifest beside the package's bytecode, in
 # __pycache__, keyed by a hash of the plugin sources, and rebuilt whenever one of them changes.
 
-_MANIFEST_FORMAT = 3
+_MANIFEST_FORMAT = 4
 
 
 def type_text(ann: object) -> str:
@@ -368,6 +364,15 @@ def describe_fields(cfg_cls: type[PassConfig]) -> list[list[str]]:
     return out
 
 
+def _json_schema(cls: type[PassConfig]) -> dict[str, Any] | None:
+    """A config class's JSON Schema (compress.schema_check answers recipe errors from it without importing the
+    plugin); None when pydantic cannot express the class as one."""
+    try:
+        return cls.model_json_schema()
+    except Exception:  # a field type without a JSON Schema form: the full validation judges it
+        return None
+
+
 def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], Any]],
               cs: dict[str, CommandInfo]) -> dict[str, Any]:
     return {
@@ -377,8 +382,12 @@ def _describe(ps: dict[str, PassInfo], ts: dict[str, tuple[type[TargetConfig], A
         "passes": {k: {"consumes": i.caps.consumes, "produces": i.caps.produces,
                        "compare_precision": i.caps.compare_precision,
                        "doc": ((i.config_cls.__doc__ or "").strip().splitlines() or [""])[0],
-                       "fields": describe_fields(i.config_cls)} for k, i in sorted(ps.items())},
-        "targets": {k: {"fields": describe_fields(cfg)} for k, (cfg, _) in sorted(ts.items())},
+                       "fields": describe_fields(i.config_cls), "schema": _json_schema(i.config_cls)}
+                   for k, i in sorted(ps.items())},
+        "targets": {k: {"fields": describe_fields(cfg), "schema": _json_schema(cfg),
+                        "requires": list(cls.caps.requires),
+                        "default": cls.caps.default, "reference": cls.caps.reference,
+                        "install": cls.caps.install} for k, (cfg, cls) in sorted(ts.items())},
     }
 
 

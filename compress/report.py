@@ -158,6 +158,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
             "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
             **({"generation": c.generation} if c.generation else {}),
+            "accuracy_guard": getattr(c, "guard", None), "artifact_dir": getattr(c, "artifact_dir", None),
         }))
     extra: dict[str, Any] = {"baseline_label": baseline_label} if baseline_label else {}
     return Report(
@@ -192,8 +193,24 @@ def _lat(r: ResultCell, batch: str, key: str) -> float | None:
     return float(v) if v is not None else None
 
 
-def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32."""
+_BRIEF_DROP = ("p90", "p99", "cv")  # the terminal table leaves these to report.md, so it fits 120 columns
+WIDTH = 120
+
+
+def table_rows(report: Report, compare: bool = False, brief: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32;
+    ``brief`` (the terminal) leaves out p90, p99 and cv, which report.md keeps."""
+    head, rows = _table_rows(report, compare)
+    if brief:
+        # compare: the ranking below the table gives every cell's ratio to the fastest, so the per-baseline
+        # ratios stay in report.md.
+        keep = [i for i, h in enumerate(head) if h not in _BRIEF_DROP and not (compare and h.startswith("vs base"))]
+        head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
+        rows = [[c.replace("no measurable difference", "~1x") for c in r] for r in rows]
+    return head, rows
+
+
+def _table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[list[str]]]:
     batches = report.batches
     b0 = batches[0]
     head = ["variant", "target", "top-1", "fidelity", f"p50 ms (b{b0})", "p90", "p99", "cv",
@@ -208,6 +225,8 @@ def table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[l
         p50 = _lat(r, b0, "p50_ms")
         ratios = [x.text if (x := r.ratio_to_baseline.get(b)) is not None else "-" for b in batches]
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
+        if r.status == "ok" and r.accuracy_guard is not None:
+            status = r.accuracy_guard.text
         cv = _lat(r, b0, "cv")
         row = [
             (report.baseline_label or ("fp32" if compare else "baseline")) if r.variant == "baseline"
@@ -279,28 +298,53 @@ def seq_lines(report: Report) -> list[str]:
     return out
 
 
-def render_text(report: Report, compare: bool = False) -> str:
+def _said_key(line: str) -> str:
+    return line.removeprefix("note: ").removeprefix("WARNING ").strip()
+
+
+def render_text(report: Report, compare: bool = False, said: set[str] | None = None) -> str:
+    """The terminal's summary: a table that fits 120 columns (a long status is cut there and given whole
+    below it), then the notes. ``said``: lines already printed while the run went (its log), so a warning
+    the user saw live is not repeated here."""
     gen = generation_lines(report)
     if gen:  # a causal LM: its own table (the classifier table's columns are all empty for it)
         return "\n".join([*gen, *([""] + [f"note: {n}" for n in report.notes] if report.notes else []),
                           *[f"note: {r.variant}/{r.target}: {r.status}: {r.reason}" for r in report.results
                             if r.status != "ok"]])
-    head, rows = table_rows(report, compare)
+    head, rows = table_rows(report, compare, brief=True)
+    gone: dict[str, str] = {}
     if compare:  # unavailable targets go below the table, once each, with the reason
         gone = {r[1]: r[-1] for r in rows if r[-1].startswith("unavailable")}
         gone.update({f"{r[0]}/{r[1]}": r[-1] for r in rows if r[-1].startswith("skipped")})
         rows = [r for r in rows if not r[-1].startswith(("unavailable", "skipped"))]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    room = WIDTH - (sum(widths[:-1]) + 2 * (len(widths) - 1))
+    if widths[-1] > room:  # the status column: cut, and the whole reason below the table
+        cut = max(room, len("status"), 12)
+        for r in rows:
+            if len(r[-1]) > cut:
+                gone[f"{r[0]}/{r[1]}"] = r[-1]
+                r[-1] = r[-1][:cut - 3] + "..."
+        widths[-1] = max(len(head[-1]), *(len(r[-1]) for r in rows)) if rows else len(head[-1])
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    if compare and gone:
+    if compare:  # which backend (and precision) is fastest here, per batch size: right below the table
+        from .ranking import ranking_lines
+
+        ranked = ranking_lines(report, report.baseline_label or "fp32")
+        if ranked:
+            out += ["", *ranked]
+    if gone:
         out += ["", *[f"{t}: {why}" for t, why in gone.items()]]
-    if report.notes:
-        out += ["", *[f"note: {n}" for n in report.notes]]
-    cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes]
+    heard = {_said_key(x) for x in (said or set())}
+    notes = [n for n in dict.fromkeys(report.notes) if _said_key(n) not in heard]
+    if notes:
+        out += ["", *[f"note: {n}" for n in notes]]
+    cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes
+                  if _said_key(f"{r.variant}/{r.target}: {n}") not in heard]
     if cell_notes:
-        out += ([] if report.notes else [""]) + cell_notes
+        out += ([] if notes else [""]) + cell_notes
     seqs = seq_lines(report)
     if seqs:
         out += ["", *[f"latency {x}" for x in seqs]]
@@ -322,17 +366,33 @@ def render_markdown(report: Report) -> str:
         "",
     ]
     if m.cpu.isa_forced:
-        lines[-1:-1] = [f"ISA forced by COMPRESS_ISA/COMPRESS_ARCH (this CPU has: "
+        lines[-1:-1] = [f"ISA forced by {m.cpu.isa_forced_by or 'COMPRESS_ISA/COMPRESS_ARCH'} (this CPU has: "
                         f"{', '.join(m.cpu.isa_detected) or 'none'}); ISA-dependent choices follow the "
                         "forced ISA.  "]
+    if m.profile is not None:
+        lines[-1:-1] = [f"Built for hardware profile `{m.profile.name}` ({m.profile.arch or '?'}, "
+                        f"{', '.join(m.profile.isa or []) or 'no optional ISA extensions'}): the passes and builds "
+                        "followed it; every figure here was measured on the machine above, not on that device.  "]
     gen = generation_lines(report)
-    if gen:  # a causal LM: one table of quality and generation speed
-        lines += ["## Generation", "", gen[0], ""]
-        lines += ["```", *gen[1:], "```", ""]
-    for target in dict.fromkeys(r.target for r in report.results if not gen):
-        sub = [row for row in rows if row[1] == target]
-        lines += [f"## {target}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sub]
+    if gen:  # a causal LM: one table of quality and generation speed (the latency table has no figures)
+        lines += ["## Generation", "", gen[0], "", "```", *gen[1:], "```", ""]
+    else:  # one table for every variant on every target, so backends are read side by side
+        lines += ["## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+        lines.append("")
+    from .ranking import ranking
+
+    for bkey in report.batches if not gen else []:
+        ranked = ranking(report, bkey)
+        if len(ranked) < 2:
+            continue
+        lines += [f"## Ranking at batch {bkey}", "", "p50 latency, fastest first; the ratio to the fastest and its 95% "
+                  "interval come from the same interleaved rounds, paired round by round.", "",
+                  "| # | variant | target | p50 ms | vs fastest | 95% interval |", "|---|---|---|---|---|---|"]
+        for i, rk in enumerate(ranked, 1):
+            lines.append(f"| {i} | {rk.variant} | {rk.target} | {rk.p50_ms:.3f} | "
+                         f"{'fastest' if i == 1 else f'{rk.ratio:.2f}x'} | "
+                         f"{'-' if i == 1 else f'[{rk.low:.2f}x, {rk.high:.2f}x]'} |")
         lines.append("")
     seqs = seq_lines(report)
     if seqs:
@@ -542,6 +602,38 @@ def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, f
     return boxes
 
 
+def plot_latency(report: Report, path: Path) -> None:
+    """p50 latency per backend (and variant) at each batch size, fastest first, with the p50's 95% interval
+    as error bars: which backend is fastest here, and how sure the run is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .ranking import ranking
+
+    per_batch = {b: ranking(report, b) for b in report.batches}
+    per_batch = {b: r for b, r in per_batch.items() if r}
+    fig, axes = plt.subplots(1, max(1, len(per_batch)), figsize=(5 + 3 * max(0, len(per_batch) - 1), 4.5), dpi=110,
+                             squeeze=False)
+    for ax, (b, rows) in zip(axes[0], per_batch.items(), strict=False):
+        names = [f"{r.variant}/{r.target}" for r in rows]
+        p50 = [r.p50_ms for r in rows]
+        lo = [max(0.0, r.p50_ms - (r.p50_ci or (r.p50_ms, r.p50_ms))[0]) for r in rows]
+        hi = [max(0.0, (r.p50_ci or (r.p50_ms, r.p50_ms))[1] - r.p50_ms) for r in rows]
+        ax.barh(range(len(rows)), p50, xerr=[lo, hi], capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()  # fastest on top
+        ax.set_xlabel(f"p50 latency, batch {b} (ms; bars: 95% interval)")
+        ax.grid(axis="x", alpha=0.3)
+    if not per_batch:
+        axes[0][0].text(0.5, 0.5, "nothing measured", ha="center", transform=axes[0][0].transAxes)
+    fig.suptitle(f"{report.recipe.name}: latency per backend, fastest first")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
 def write_report(report: Report, out: Path) -> None:
     """Write the report files as one set (``compress.report_files``): ``out`` ends up holding the whole new
     report (report.md, pareto.png, report.html, report.json), or stays as it was. json goes last where files
@@ -554,5 +646,6 @@ def write_report(report: Report, out: Path) -> None:
     js = json.dumps(report.to_json(), indent=2, default=str)
     html = render_html(report)
     write_report_set(out, [("report.md", lambda p: p.write_text(md)), ("pareto.png", lambda p: plot_pareto(report, p)),
+                           ("latency.png", lambda p: plot_latency(report, p)),
                            ("report.html", lambda p: p.write_text(html, encoding="utf-8")),
                            ("report.json", lambda p: p.write_text(js))], known_bytes=len(md) + len(js) + len(html))

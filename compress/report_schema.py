@@ -254,6 +254,15 @@ class Generation(_Record):
     peak_rss_bytes: int | None = Field(None, description="peak resident memory a fresh process added by loading "
                                        "this cell and generating (128-token prompt, 32 new tokens), above the "
                                        "libraries every probe imports first")
+class AccuracyGuard(_Record):
+    """A variant that fell more than the bound below the original (``compress.accuracy_guard``)."""
+
+    figure: Literal["top-1", "agreement", "cosine"]
+    original: float = Field(description="the original model's figure on the same target, in points (percent)")
+    value: float
+    drop_pt: float
+    bound_pt: float = Field(description="measure.max_accuracy_drop")
+    text: str = Field(description="what the table's status column shows, e.g. 'ACCURACY -43.7 pt'")
 
 
 class ResultCell(_Record):
@@ -283,6 +292,10 @@ class ResultCell(_Record):
                                "are never computed against a figure from another device")
     generation: Generation | None = Field(None, description="causal language models: perplexity, agreement and "
                                           "generation speed")
+    artifact_dir: str | None = Field(None, description="the compiled model's folder, relative to the run folder "
+                                     "(artifacts/VARIANT/TARGET: a link into the cache, or a copy)")
+    accuracy_guard: AccuracyGuard | None = Field(None, description="set when the accuracy guard marked the cell: "
+                                                 "measured (status ok), but it lost more than the bound")
 
 
 # -------------------------------------------------------------------------------------- variants
@@ -334,7 +347,8 @@ class CpuInfo(_Record):
     arch: str
     cores: int
     affinity_cores: int | None
-    isa: list[str] = Field(description="ISA flags the product acted on (a hardware profile or COMPRESS_ISA applied)")
+    isa: list[str] = Field(description="this machine's ISA flags (COMPRESS_ISA applied when set); a hardware "
+                           "profile's are under machine.profile, never here")
     isa_detected: list[str]
     isa_forced: bool
     isa_forced_by: str | None = Field(None, description="what forced the ISA: 'profile NAME' or the environment")
@@ -347,6 +361,9 @@ class ProfileInfo(_Record):
     version: int
     source: str
     note: str
+    arch: str | None = Field(None, description="the device's architecture (what the model was built for)")
+    isa: list[str] | None = Field(None, description="the device's ISA flags, which the passes acted on")
+    int8_scheme: str | None = None
 
 
 class Machine(_Record):

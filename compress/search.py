@@ -913,7 +913,7 @@ def build_trial(rec: Recipe, cache_dir: str | Path | None, ray_task: bool = Fals
         root, ctx, root_s = _root(rec, cache)
         ctx.original = root
         need_onnx = any(make_target(t).caps.consumes == ONNX for t in rec.targets)
-        passes, _ = with_lowering(list(rec.passes), need_onnx)
+        passes, _ = with_lowering(list(rec.passes), need_onnx, root.kind)
         _, records = PassManager(passes).run(root, ctx)
     except CompressError as e:
         return {"error": str(e).splitlines()[0][:500], "build_s": time.perf_counter() - t0, "train_s": 0.0,

@@ -26,8 +26,14 @@ def fit(
     progress: bool = False,
     desc: str = "train",
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    heartbeat: Callable[[str], None] | None = None,
+    every_s: float = 5.0,
 ) -> list[float]:
-    """Train ``model`` in place with Adam + cosine schedule; return validation top-1 per epoch."""
+    """Train ``model`` in place with Adam + cosine schedule; return validation top-1 per epoch.
+
+    Without a progress bar (stderr is not a terminal: a CI log), ``heartbeat`` gets a line after an epoch
+    whenever ``every_s`` seconds passed since the last one, and after the last epoch, so a long training
+    never looks hung."""
     if not data.labelled:
         raise PassError(f"{desc}: training needs labelled data; {data.name} has no labels")
     from tqdm import tqdm
@@ -40,7 +46,10 @@ def fit(
     ce = nn.CrossEntropyLoss()
     curve = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    import time
+
+    t0 = last = time.monotonic()
+    for epoch in bar:
         model.train()
         perm = g.permutation(len(data.train))
         x_all, y_all = data.train.x[perm], data.train.y[perm]  # type: ignore[index]
@@ -58,6 +67,11 @@ def fit(
         acc = top1(model, data, data.val)
         curve.append(acc)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_top1=f"{acc:.3f}")
+        now = time.monotonic()
+        if heartbeat is not None and not progress and (now - last >= every_s or epoch == epochs - 1):
+            heartbeat(f"{desc}: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}, val top-1 {100 * acc:.2f}%, "
+                      f"{now - t0:.0f} s")
+            last = now
     set_eval(model)
     return curve
 

@@ -273,7 +273,8 @@ def finetune(model: nn.Module, ctx: Any, epochs: int, lr: float, pass_name: str)
     from compress.training import fit
 
     require_labels(ctx, f"finetune_epochs={epochs}", pass_name)
-    curve = fit(model, ctx.data, epochs, lr=lr, seed=ctx.seed, progress=ctx.progress, desc=f"{pass_name} fine-tune")
+    curve = fit(model, ctx.data, epochs, lr=lr, seed=ctx.seed, progress=ctx.progress, desc=f"{pass_name} fine-tune",
+                heartbeat=ctx.log)
     return [round(a, 4) for a in curve]
 
 

@@ -284,7 +284,7 @@ def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
         w.act.observe = False
     top1_ptq = top1(model, data, data.val)
     curve = fit(model, data, cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=ctx.seed, progress=ctx.progress,
-                desc="quantize.qat") if cfg.epochs else []
+                desc="quantize.qat", heartbeat=ctx.log) if cfg.epochs else []
     for w in wraps:
         w.refresh()  # the last optimizer step came after the last training forward
     model.eval()

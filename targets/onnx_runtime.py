@@ -52,6 +52,7 @@ class OrtRunner:
 class OnnxRuntimeTarget:
     name = "onnxruntime"
     caps = TargetCaps(consumes=ONNX, default=True, op_domains=frozenset({"com.microsoft"}), generates=True,
+                      requires=("onnxruntime",), install="pip install onnxruntime",
                       report_notes=("ONNX Runtime measured with intra-op thread spinning off unless the target "
                                     "config says otherwise",),
                       bundle=BundleSpec("model.onnx", "onnxruntime",

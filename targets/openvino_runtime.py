@@ -71,7 +71,7 @@ def _core() -> Any:
 @register_target(OpenVinoConfig)
 class OpenVinoTarget:
     name = "openvino"
-    caps = TargetCaps(consumes=ONNX)
+    caps = TargetCaps(consumes=ONNX, requires=("openvino",), install="pip install 'compress-pipeline[openvino]'")
 
     def __init__(self, config: OpenVinoConfig) -> None:
         self.config = config

@@ -529,7 +529,9 @@ _TRUSTED_ROOTS: set[Path] = set()
 @register_target(TensorRTConfig)
 class TensorRTTarget:
     name = "tensorrt"
-    caps = TargetCaps(consumes=ONNX, device_timing=True, sparse_kernels=frozenset({"2:4"}))
+    caps = TargetCaps(consumes=ONNX, device_timing=True, sparse_kernels=frozenset({"2:4"}),
+                      requires=("tensorrt", "cuda"),
+                      install="pip install 'compress-pipeline[tensorrt]' (and an NVIDIA GPU)")
 
     def __init__(self, config: TensorRTConfig) -> None:
         self.config = config

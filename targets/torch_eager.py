@@ -47,7 +47,8 @@ class TorchRunner:
 class TorchTarget:
     name = "torch"
     # The eager model is the reference: any batch, measured by default, nothing to check it against.
-    caps = TargetCaps(consumes=PYTORCH, reference=True, any_batch=True, default=True, generates=True)
+    caps = TargetCaps(consumes=PYTORCH, reference=True, any_batch=True, default=True, generates=True,
+                      requires=("torch",), install="pip install torch")
 
     def __init__(self, config: TorchConfig) -> None:
         self.config = config

@@ -351,7 +351,8 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
 class TvmTarget:
     name = "tvm"
     # Device timing: a remote device (rpc) reports its own clock per call; a local build reports none.
-    caps = TargetCaps(consumes=ONNX, device_timing=True,
+    caps = TargetCaps(consumes=ONNX, device_timing=True, requires=("tvm",),
+                      install="pip install 'compress-pipeline[tvm]'",
                       bundle=BundleSpec("model.so", "apache-tvm", "a compiled TVM library is loaded by the runtime "
                                         "of the TVM version that compiled it", pinned=("apache-tvm-ffi",)))
 

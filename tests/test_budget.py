@@ -105,12 +105,14 @@ def test_accuracy_drop_and_size() -> None:
     assert evaluate_budget(budget(metric="size", max="0.5 KB"), rep, BF, None, "fp").status == "fail"
 
 
-def test_unavailable_target_is_skipped_with_reason_and_can_be_made_a_failure() -> None:
+def test_unavailable_target_fails_closed_unless_skipping_is_allowed() -> None:
     rep = report({("baseline", "tensorrt"): {"status": "unavailable", "reason": "no CUDA device"}})
     v = evaluate_budget(budget(target="tensorrt", max="1 ms"), rep, BF, None, "fp")
     assert v.status == "skipped" and "no CUDA device" in v.detail
-    assert overall_exit([v], fail_on_unavailable=False) == EXIT_PASS
-    assert overall_exit([v], fail_on_unavailable=True) == EXIT_SKIPPED
+    assert overall_exit([v]) == EXIT_SKIPPED  # a gate that cannot judge does not go green
+    assert overall_exit([v], allow_skip=True) == EXIT_PASS
+    v.allow_skip = True  # allow_skip = true on this budget
+    assert overall_exit([v]) == EXIT_PASS
 
 
 def test_exit_code_precedence() -> None:
@@ -158,6 +160,12 @@ def test_junit_has_one_case_per_budget_with_failures(tmp_path: Path) -> None:
     assert cases[2].find("skipped") is not None
     fail = cases[1].find("failure")
     assert fail is not None and "limit 0.5 ms" in (fail.get("message") or "")
+    # Two budgets on the same figure: CI views key on the name, so each case has its own, and its own time.
+    names = [c.get("name") for c in cases]
+    assert len(set(names)) == 3 and "[max 2 ms]" in str(names[0]) and "[max 0.5 ms]" in str(names[1])
+    assert all(c.get("time") is not None for c in cases)
+    vs[0].seconds = 1.25
+    assert ET.fromstring(junit_xml(vs, 1.0)).find("testsuite/testcase").get("time") == "1.250"  # type: ignore[union-attr]
 
 
 def write_budgets(tmp_path: Path, body: str) -> Path:
@@ -204,7 +212,8 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
     b = write_budgets(tmp_path, f'[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "{limit}"\n'
                                 '[[budget]]\nmodel = "m"\ntarget = "test.missing"\nmetric = "p50"\nmax = "1 ms"\n')
     junit = tmp_path / "j.xml"
-    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--junit", str(junit)])
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--junit", str(junit),
+                "--allow-skip"])
     out = capsys.readouterr().out
     assert got == code
     assert "SKIPPED" in out and "test.missing is not installed" in out
@@ -212,9 +221,15 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
     assert ET.parse(junit).getroot().find("testsuite").get("tests") == "2"  # type: ignore[union-attr]
     verdicts = json.loads((tmp_path / "o" / "check.json").read_text())["verdicts"]
     assert verdicts[0]["status"] == ("pass" if code == EXIT_PASS else "fail")
-    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
-                "--fail-on-unavailable"])
-    assert got == (EXIT_SKIPPED if code == EXIT_PASS else EXIT_FAIL)
+    capsys.readouterr()
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--allow-skip",
+                "--json", "-q"])
+    printed = json.loads(capsys.readouterr().out)  # --json: the verdicts on stdout, nothing else
+    assert printed["exit_code"] == got == code and len(printed["verdicts"]) == 2
+    got = main(["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    assert got == (EXIT_SKIPPED if code == EXIT_PASS else EXIT_FAIL)  # fails closed by default
+    if code == EXIT_PASS:
+        assert "FAILED CLOSED" in capsys.readouterr().out
 
 
 def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -223,9 +238,16 @@ def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, caps
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1.1x recorded"\n')
     args = ["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
-    assert main(args) == EXIT_PASS  # no baseline yet: skipped, which passes by default
+    assert main(args) == EXIT_SKIPPED  # no baseline yet: the gate cannot judge, so it fails closed
     assert "no recorded baseline" in capsys.readouterr().out
+    assert main([*args, "--allow-skip"]) == EXIT_PASS
+    capsys.readouterr()
     assert main([*args, "--update-baseline"]) == EXIT_PASS
+    said = capsys.readouterr().out
+    # What was recorded, for which machine, and where.
+    line = next(ln for ln in said.splitlines() if ln.startswith("RECORDED baseline of m"))
+    assert "onnxruntime@b1" in line and "machine fingerprint" in line and "budgets.baseline.json" in line
+    assert "RECORDED" in said and "run compress check --update-baseline" not in said
     assert (tmp_path / "budgets.baseline.json").exists()
     kept = list((tmp_path / "budgets.baseline.artifacts").iterdir())
     assert kept, "the baseline's compiled artifact is kept beside the baseline file"
@@ -303,7 +325,7 @@ def test_broken_model_under_budget_fails_only_unavailable_skips(cell: dict, stat
     rep = report({("baseline", "onnxruntime"): {"s": samples(1.0, 0.01)}, ("v", "onnxruntime"): cell})
     v = evaluate_budget(budget(max="2 ms"), rep, BF, None, "fp")
     assert v.variant == "v" and v.status == status and needle in v.detail
-    assert overall_exit([v], fail_on_unavailable=False) == (EXIT_FAIL if status == "fail" else EXIT_PASS)
+    assert overall_exit([v]) == (EXIT_FAIL if status == "fail" else EXIT_SKIPPED)
 
 
 def test_unmeasured_batch_or_variant_and_a_failed_reference_fail() -> None:

@@ -138,7 +138,7 @@ def test_interrupt_exits_130_and_says_how_to_resume(tmp_path: Path, capsys, monk
 def test_targets_and_passes_listing(capsys) -> None:
     code, out, _ = run_cli(capsys, "targets")
     assert code == 0
-    assert "onnxruntime  available" in out and "torch        available" in out
+    assert "onnxruntime  installed" in out and "torch        installed" in out
     code, out, _ = run_cli(capsys, "passes")
     assert code == 0 and "export.onnx  (pytorch -> onnx)" in out and "opset: int, default 20" in out
 

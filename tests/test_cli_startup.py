@@ -102,3 +102,102 @@ def test_unknown_pass_is_named_without_loading_plugins(monkeypatch: pytest.Monke
         registry.get_pass("prune.everything")
     with pytest.raises(RecipeError, match="unknown target 'npu'"):
         registry.get_target_config("npu")
+
+
+def test_settings_errors_targets_and_version_answer_without_a_heavy_import(tmp_path: Path) -> None:
+    """A typo in a pass's or target's settings (in a recipe or a budgets file), `compress targets` and
+    `--version` are answered from the plugin manifest: no torch, no runtime imported."""
+    subprocess.run([sys.executable, "-m", "compress", "passes"], cwd=tmp_path, capture_output=True, timeout=120,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})  # builds the manifest once if it is stale
+    (tmp_path / "bound.toml").write_text('model = { source = "zoo:digits-cnn" }\n[[passes]]\nkind = "prune.channels"\n'
+                                         'ratio = 5\n')
+    (tmp_path / "choice.toml").write_text('model = { source = "zoo:digits-cnn" }\n[[passes]]\nkind = "quantize.int8"\n'
+                                          'calibration = "foo"\n')
+    (tmp_path / "tkey.toml").write_text('model = { source = "zoo:digits-cnn" }\n[[targets]]\nkind = "onnxruntime"\n'
+                                        'treads = 2\n')
+    (tmp_path / "b.toml").write_text('models = { m = "bound.toml" }\n[[budget]]\nmodel = "m"\nmetric = "p50"\n'
+                                     'max = "1 ms"\n')
+    (tmp_path / "unit.toml").write_text('models = { m = "choice.toml" }\n[[budget]]\nmodel = "m"\nmetric = "p50"\n'
+                                        'max = "1"\n')
+    cases = [
+        ("bound", ["run", "bound.toml"]),
+        ("choice", ["run", "choice.toml"]),
+        ("tkey", ["run", "tkey.toml"]),
+        ("budget-recipe", ["check", "b.toml"]),
+        ("budget-unit", ["check", "unit.toml", "--debug"]),  # a global flag after the subcommand
+        ("targets", ["targets"]),
+        ("targets-json", ["targets", "--json"]),
+        ("passes-json", ["passes", "--json", "-q"]),
+        ("version", ["--version"]),
+    ]
+    got = _python(PROBE.format(cases=cases, heavy=HEAVY), tmp_path)
+    assert got["codes"] == {"bound": 2, "choice": 2, "tkey": 2, "budget-recipe": 2, "budget-unit": 2,
+                            "targets": 0, "targets-json": 0, "passes-json": 0, "version": 0}
+    assert got["heavy"] == []
+
+
+def test_settings_errors_read_the_same_from_the_manifest_and_from_the_plugins(tmp_path: Path) -> None:
+    """The fast answer (from the manifest's JSON Schema) is the message the full validation gives."""
+    from compress import registry
+    from compress.errors import RecipeError
+    from compress.recipe import load_recipe
+
+    registry.manifest()
+    if registry.cached_manifest() is None:
+        pytest.skip("compress/__pycache__ is not writable here")
+    p = tmp_path / "r.toml"
+    p.write_text('model = { source = "zoo:digits-cnn" }\n[[passes]]\nkind = "quantize.int8"\ncalibration = "foo"\n'
+                 'ratoi = 3\n[[passes]]\nkind = "prune.channels"\nratio = 5\n')
+    with pytest.raises(RecipeError) as slow:
+        load_recipe(p)  # plugins are loaded in this process: the full validation
+    saved = registry._loaded
+    try:
+        registry._loaded = False
+        with pytest.raises(RecipeError) as fast:
+            load_recipe(p)
+    finally:
+        registry._loaded = saved
+    assert str(fast.value) == str(slow.value)
+    assert "Input should be 'minmax', 'percentile' or 'entropy'" in str(fast.value) and "unknown key 'ratoi'" in str(
+        fast.value)
+
+
+def test_version_and_global_flags_after_the_subcommand(capsys) -> None:
+    from compress import __version__
+    from compress.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        from compress.cli import _parser
+
+        _parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"compress {__version__}"
+    a = __import__("compress.cli", fromlist=["_parser"])._parser().parse_args(["check", "b.toml", "--debug", "-q"])
+    assert a.debug and a.quiet
+    a = __import__("compress.cli", fromlist=["_parser"])._parser().parse_args(["--debug", "-q", "run", "r.toml"])
+    assert a.debug and a.quiet  # before the subcommand still works
+    assert main(["passes", "--json"]) == 0
+    assert "export.onnx" in json.loads(capsys.readouterr().out)["passes"]
+
+
+def test_out_means_the_same_for_every_command(tmp_path: Path, capsys) -> None:
+    """run/compare --out: a new or empty folder, or the command's own earlier output, is written; a folder
+    holding other files needs --force, as export's does."""
+    from compress.cli import _own_out, main
+    from compress.errors import InputError
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    (tmp_path / "r.toml").write_text('model = { source = "zoo:digits-cnn" }\n')
+    assert main(["run", str(tmp_path / "r.toml"), "--out", str(mine)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["compare", "digits-cnn", "--out", str(mine)]) == 2
+    assert (mine / "thesis.tex").read_text() == "precious"
+    _own_out(mine, force=True)
+    earlier = tmp_path / "run"
+    earlier.mkdir()
+    (earlier / "report.json").write_text("{}")
+    _own_out(earlier, force=False)  # a previous run's folder is updated in place
+    _own_out(tmp_path / "new", force=False)
+    with pytest.raises(InputError, match="not a compress run's"):
+        _own_out(mine, force=False)

@@ -368,7 +368,8 @@ def test_pruning_an_onnx_model_is_refused_clearly(cache: Cache, tmp_path: Path) 
     onnx_art = Artifact("onnx", tmp_path, "0" * 64, (InputSpec("input", (1, 1, 8, 8)),))
     for cfg in (ChannelPrune(ratio=0.5), MagnitudePrune(), TwoFourPrune()):
         with pytest.raises(RecipeError, match=rf"'{cfg.kind}' consumes a PyTorch model but gets an ONNX model.*"
-                                              "runs on PyTorch models, so put it before export.onnx"):
+                                              "runs on PyTorch models and the model is an ONNX file, which cannot "
+                                              "be turned back into PyTorch"):
             _run(onnx_art, [cfg], cache)
 
 
