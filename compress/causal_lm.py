@@ -121,6 +121,14 @@ class LMText:
     note: str
     tokenizer_digest: str
 
+    @property
+    def digest(self) -> str:
+        """The calibration windows' content (what passes read; the held-out windows only judge): passes that
+        calibrate or train on them are cached under it."""
+        h = hashlib.sha256(f"{self.calib.shape}".encode())
+        h.update(np.ascontiguousarray(self.calib).tobytes())
+        return h.hexdigest()
+
 
 def read_text(source: str, base: Path | None = None) -> tuple[str, str]:
     """(text, label) of an LM data source: ``builtin:pydoc-topics`` or ``text:FILE`` (the whole file)."""

@@ -41,6 +41,11 @@ class PassConfig(BaseModel):
         starts, so a missing ``data`` is a usage error in a second, not after the passes before it)."""
         return None
 
+    def preflight(self, root: Any, text: Any) -> None:
+        """Refuse settings that cannot work on this model before any pass runs (raise RecipeError in one
+        line): ``root`` is the model as it entered the pipeline, ``text`` a causal LM's ``LMText`` or None.
+        Nothing by default; the pass checks its actual input again when it runs."""
+
     def check_data(self, data: Any) -> None:
         """Refuse, in the plan, data this pass could not use (too few calibration samples, say), raising a one-line
         usage error, so the passes before it do not run first. ``data``: the run's DataBundle or None."""

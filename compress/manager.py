@@ -199,6 +199,8 @@ class PassManager:
                      "original": ctx.original.digest if ctx.original is not None else None,
                      "env": cfg.cache_env(),
                      "code": info.identity}
+            if ctx.text is not None:  # a causal LM's calibration text (GPTQ, pruning, distillation read it)
+                extra["text"] = ctx.text.digest
             key = Cache.key(art.digest, cfg.kind, info.version, cfg.canonical(), extra)
             for ins in self.instruments:
                 ins.before(i, cfg, art, ctx)

@@ -100,6 +100,8 @@ def _quality(cells: list[Any], ref: Any, text: Any, prompt: int, new: int, say: 
 
 def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rounds: int, seed: int,
            say: Callable[[str], None]) -> None:
+    from .speculative import speculative_figures
+
     live = [c for c in cells if c.status == "ok"]
     ids = np.concatenate(list(text.eval) + list(text.calib))
     if len(ids) < prompt_len:
@@ -130,7 +132,7 @@ def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rou
             # speed-up reference time per token / candidate's (higher is better).
             g["ttft_ratio"] = ratio_ci(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).to_json()
             g["decode_speedup"] = ratio_ci(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).to_json()
-        c.generation.update(g)
+        c.generation.update(g, **speculative_figures(c.runner))
 
 
 def _peak_memory(cells: list[Any], targets: list[Any], threads: int, say: Callable[[str], None]) -> None:
@@ -193,6 +195,7 @@ def measure_generation(plan: Any, variants: list[Any], threads: int,
     import os
 
     from .plan import BASELINE
+    from .speculative import attach_draft
 
     rec, text = plan.recipe, plan.ctx.text
     cells = _cells(plan, variants, threads, say)
@@ -207,6 +210,8 @@ def measure_generation(plan: Any, variants: list[Any], threads: int,
                 c.runner = c.spawn(threads)
             except CompressError as e:
                 c.status, c.reason = "failed", str(e)
+    for t in plan.targets:  # a target's ``draft`` setting: speculative decoding (compress.speculative)
+        attach_draft(t, cells, variants, threads)
     ref = _reference(cells, BASELINE)
     try:
         if ref is not None:

@@ -177,6 +177,14 @@ def make_plan(
         say(f"data: {data.note}")
     n_classes = preflight.model_classes(root, data) if text is None else None
     preflight.check_labels(data, n_classes)
+    for tc in target_cfgs:  # a speculative-decoding draft names a variant of this run
+        draft = getattr(tc, "draft", None)
+        if draft is not None and draft not in chains:
+            raise RecipeError(f"target {tc.kind}: draft = {draft!r} names no variant of this run (variants: "
+                              f"{', '.join(chains) or 'none'}); name the variant whose build drafts")
+    for pm in chains.values():  # settings a pass can judge on the root model alone: refused before any work
+        for step in pm.steps:
+            step.preflight(root, text)
     for pm in chains.values() if text is None else ():
         preflight.check_data_needed(pm.steps, data, synthetic_ok=any(
             not np.issubdtype(np.dtype(s.dtype), np.floating) for s in root.inputs))

@@ -247,6 +247,10 @@ class Generation(_Record):
     decode_tokens_per_s_high: float | None = None
     ttft_ratio: RatioCI | None = Field(None, description="time to first token / the reference's (paired)")
     decode_speedup: RatioCI | None = Field(None, description="decode tokens/s / the reference's (paired)")
+    draft_acceptance: float | None = Field(None, description="speculative decoding (a target's draft setting): "
+                                           "drafted tokens the model accepted / drafted tokens")
+    tokens_per_verifier_pass: float | None = Field(None, description="speculative decoding: tokens emitted per "
+                                                   "forward pass of the model")
     peak_rss_bytes: int | None = Field(None, description="peak resident memory a fresh process added by loading "
                                        "this cell and generating (128-token prompt, 32 new tokens), above the "
                                        "libraries every probe imports first")

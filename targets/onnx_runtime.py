@@ -27,6 +27,10 @@ class OnnxRuntimeConfig(TargetConfig):
     # Spinning threads steal the CPU from the next session when several are timed side by side
     # (PLATFORM.md measured 3x); off by default, and the report says so.
     allow_spinning: bool = False
+    # Causal LMs: generate with speculative decoding, the variant named here (an ONNX decoder of the same run
+    # with the same tokenizer) drafting ``draft_k`` tokens per verifier pass (compress.speculative).
+    draft: str | None = Field(None, description="variant of this run that drafts for speculative decoding")
+    draft_k: int = Field(4, ge=1, le=64, description="tokens the draft proposes per verifier pass")
 
 
 _LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
