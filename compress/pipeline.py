@@ -159,13 +159,13 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
                       plan.data is not None, {k: pm.steps for k, pm in plan.chains.items()}):
         say(f"WARNING accuracy: {line}")
         notes.append(f"WARNING accuracy: {line}")
-    if plan.write:
-        from .run_artifacts import link_artifacts
+    from .run_artifacts import assign_artifact_dirs, link_artifacts
 
-        link_artifacts(cells, plan.out, variants)
+    assign_artifact_dirs(cells)
     rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
                        seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes,
                        seq_own=m.seq_own)
     if plan.write:
         _write(plan, rep, kept)
+        link_artifacts(cells, plan.out, variants)  # after the report: a failed write leaves --out as it was
     return _verdict(plan, rep)

@@ -19,19 +19,27 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in name) or "_"
 
 
+def assign_artifact_dirs(cells: list[Any]) -> None:
+    """Set each measured cell's ``artifact_dir`` (``artifacts/VARIANT/TARGET``, relative to the run folder) for
+    the report; the links are made by :func:`link_artifacts` once the report is in place."""
+    for c in cells:
+        if c.compiled is not None and not getattr(c, "reference", False):
+            c.artifact_dir = str(Path(FOLDER) / _safe(c.variant) / _safe(c.target))
+
+
 def link_artifacts(cells: list[Any], out: Path, variants: Sequence[Any] = ()) -> None:
-    """Link each measured cell's compiled artifact into ``out/artifacts/VARIANT/TARGET`` and set
-    ``cell.artifact_dir`` to that path relative to ``out``; each variant's ONNX model goes to
-    ``out/artifacts/VARIANT/onnx``. A link left by an earlier run is replaced."""
+    """Link each measured cell's compiled artifact into ``out/artifacts/VARIANT/TARGET`` (its ``artifact_dir``);
+    each variant's ONNX model goes to ``out/artifacts/VARIANT/onnx``. A link left by an earlier run is
+    replaced. Called after the report set is written, so a failed report write leaves ``out`` as it was."""
     for v in variants:
         if v.onnx_art is not None:
             _link(Path(v.onnx_art.path), out / FOLDER / _safe(v.name) / "onnx")
     for c in cells:
         if c.compiled is None or getattr(c, "reference", False):
             continue
-        rel = Path(FOLDER) / _safe(c.variant) / _safe(c.target)
-        _link(Path(c.compiled.path), out / rel)
-        c.artifact_dir = str(rel)
+        if not getattr(c, "artifact_dir", None):
+            assign_artifact_dirs([c])
+        _link(Path(c.compiled.path), out / c.artifact_dir)
 
 
 def _link(src: Path, dst: Path) -> None:
