@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from compress.cli import main  # noqa: E402
-from tests.test_text_data import SEQ, WORDS, hf_dir, sentences  # noqa: E402
+from compress.cli import main
+from tests.test_text_data import SEQ, WORDS, hf_dir, sentences
 
 
 def _strong_bert(path: Path) -> Path:
