@@ -345,7 +345,7 @@ def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
             raise PassError(f"distill: the teacher ({t_desc}) outputs shape {list(t_out.shape[1:])} per sample but the "
                             f"student outputs {list(s_out.shape[1:])}; logits are matched one to one, so use a "
                             "teacher with the same classes")
-        out_loss = cfg.output_loss
+        out_loss: str = cfg.output_loss
         if out_loss == "auto":
             out_loss, why = _auto_loss(ctx, art, t_out)
             notes.append(f"output_loss auto: {out_loss} ({why})")
