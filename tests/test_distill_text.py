@@ -130,3 +130,38 @@ def test_single_array_data_for_a_two_input_model_is_refused_in_one_line(tmp_path
     torch.manual_seed(0)
     with pytest.raises(PassError, match=r"takes 2 input\(s\) \(input_ids, attention_mask\) but the data gives 1"):
         PassManager([Distill(epochs=1)]).run(art, PassContext(cache=cache, data=data, original=art))
+
+
+def test_nncf_quantizes_a_text_encoder_on_its_named_inputs(tmp_path: Path, capsys) -> None:
+    """quantize.nncf calibrates a two-input encoder on the tokenized sentences (ids and mask by name), with
+    accuracy control on the same named inputs."""
+    pytest.importorskip("nncf")
+    d = hf_dir(tmp_path / "bert")
+    (tmp_path / "s.txt").write_text("\n".join(sentences(120, seed=5)) + "\n")
+    r = _recipe(tmp_path, d, "embedding", '[[passes]]\nkind = "quantize.nncf"\nsamples = 16\n'
+                'max_accuracy_drop = 0.5\naccuracy_samples = 16\n')
+    code, rep, text = _run(tmp_path, r, capsys)
+    assert code == 0, text
+    info = rep["variants"]["enc"]["passes"]["quantize.nncf"]
+    assert info["quantized_nodes"] > 0 and info["accuracy_control"]["metric"] == "output cosine to the float model"
+    assert any("(input_ids, attention_mask)" in n for n in info["notes"])
+    cell = next(c for c in rep["results"] if c["variant"] == "enc" and c["target"] == "onnxruntime")
+    assert cell["status"] == "ok" and cell["fidelity"]["cosine_mean"] > 0.9
+
+
+def test_single_array_data_for_a_two_input_model_is_refused_at_plan_time(tmp_path: Path) -> None:
+    """Data of one array per sample (built through the API) cannot feed ids and a mask: the plan refuses it for
+    every pass that feeds data, naming both inputs, before any pass (export ...) runs."""
+    import numpy as np
+    from compress.passes.quantize_nncf import QuantizeNncf
+
+    from compress import hf, preflight
+    from compress.data import DataBundle, Split
+    from compress.errors import RecipeError
+
+    specs = hf.input_specs(hf.read_config(hf_dir(tmp_path / "bert")), "embedding", (1, SEQ))
+    sp = Split(np.zeros((40, SEQ), np.float32), None)
+    data = DataBundle("npz:x", sp, sp, sp, False, "d", (SEQ,), (SEQ,))
+    with pytest.raises(RecipeError, match=r"'quantize.nncf' feeds the data to the model's 2 inputs "
+                                          r"\(input_ids, attention_mask\)"):
+        preflight.check_data_needed([QuantizeNncf()], data, synthetic_ok=True, inputs=specs)
