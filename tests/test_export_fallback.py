@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compress.passes.export_onnx import ExportOnnx
 from torch import nn
 
 from compress.api import module_artifact
@@ -16,7 +17,6 @@ from compress.cache import Cache
 from compress.cli import main
 from compress.errors import ExportError
 from compress.manager import PassContext, PassManager
-from compress.passes.export_onnx import ExportOnnx
 
 
 class BatchGuarded(nn.Module):
@@ -60,8 +60,9 @@ def test_explicit_dynamic_batch_is_refused_with_the_setting_that_works(tmp_path:
     cache = Cache(tmp_path / "c")
     art = module_artifact(batch_guarded(), (1, 1, 8, 8), cache)
     ctx = PassContext(cache=cache, seed=0, progress=False, original=art)
-    with pytest.raises(ExportError, match=r"dynamic-batch ONNX export is unusable: the exported graph is right "
-                                        r"at batch 1 but not at batch 4 .*export.onnx\{dynamic_batch=false\} exports it"):
+    with pytest.raises(ExportError, match=r"dynamic-batch ONNX export is unusable: the exported graph is "
+                                          r"right at batch 1 but not at batch 4 .*"
+                                          r"export.onnx\{dynamic_batch=false\} exports it"):
         PassManager([ExportOnnx(dynamic_batch=True)]).run(art, ctx)
 
 
