@@ -114,6 +114,35 @@ def name_nodes(model: Any) -> Any:
     return model
 
 
+def unshare_initializers(model: Any) -> list[str]:
+    """Give each node its own copy of a float initializer that several nodes read; the names that were shared.
+
+    ONNX Runtime's static quantizer refuses a weight read by more than one node ("Quantization parameter
+    shared mode is not supported for weight yet"): exporters share one constant between nodes (PoolFormer's
+    GroupNorm scale, tied embeddings). A copy per node lets each be quantized with its own parameters; the
+    first reader keeps the original."""
+    from onnx import TensorProto
+
+    floats = {i.name: i for i in model.graph.initializer
+              if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)}
+    readers: dict[str, int] = {}
+    shared: list[str] = []
+    for node in model.graph.node:
+        for j, name in enumerate(node.input):
+            if name not in floats:
+                continue
+            readers[name] = readers.get(name, 0) + 1
+            if readers[name] == 1:
+                continue
+            if readers[name] == 2:
+                shared.append(name)
+            copy = model.graph.initializer.add()
+            copy.CopyFrom(floats[name])
+            copy.name = f"{name}__copy{readers[name] - 1}"
+            node.input[j] = copy.name
+    return shared
+
+
 def run_batches(infer: Callable[[dict[str, np.ndarray]], list[np.ndarray]], input_name: str,
                 xs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(infer({input_name: x})[0], dtype=np.float32) for x in xs])

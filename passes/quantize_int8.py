@@ -40,6 +40,7 @@ from ._quant_common import (
     session_infer,
     split_inputs,
     transformer_float_nodes,
+    unshare_initializers,
     weighted_nodes,
 )
 from ._quant_common import calibration_batches as _calib
@@ -124,8 +125,9 @@ def _quiet() -> Any:
         lg.setLevel(old)
 
 
-def preprocess(src: Path, dst: Path) -> None:
-    """ORT's quant_pre_process (shape inference + folding BatchNorm into Conv), then stable node names."""
+def preprocess(src: Path, dst: Path) -> list[str]:
+    """ORT's quant_pre_process (shape inference + folding BatchNorm into Conv), then stable node names and one
+    copy per reader of each shared float initializer; returns the names of those that were shared."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -134,8 +136,10 @@ def preprocess(src: Path, dst: Path) -> None:
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     except Exception as e:  # ORT raises many types from its optimizer / shape inference
         raise PassError(f"onnxruntime quant_pre_process failed on {src}: {str(e).splitlines()[0][:300]}") from e
-    m = onnx.load(str(dst))
-    onnx.save_model(name_nodes(m), str(dst))
+    m = name_nodes(onnx.load(str(dst)))
+    shared = unshare_initializers(m)  # ORT refuses a weight shared between nodes
+    onnx.save_model(m, str(dst))
+    return shared
 
 
 def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray], alpha: float) -> dict[str, Any]:
@@ -346,7 +350,10 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
 
     work = ctx.new_dir("q8work")
     pre = work / "pre.onnx"
-    preprocess(src, pre)
+    shared = preprocess(src, pre)
+    if shared:
+        notes.append(f"{len(shared)} constant(s) read by several nodes were copied per node so each is quantized "
+                     f"on its own: {', '.join(shared[:10])}" + (" ..." if len(shared) > 10 else ""))
     info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "per_channel": cfg.per_channel,
                             "calibration": cfg.calibration, "samples": cfg.samples, "activations": cfg.activations}
     if cfg.smoothquant:
