@@ -11,7 +11,7 @@ without VNNI.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -356,11 +356,12 @@ def guard_feeds(art: Artifact, data: Any, n: int = 64, batch: int = 16) -> tuple
 
 
 def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosine: float | None,
-                   kind: str) -> dict[str, Any]:
+                   kind: str, advice: Sequence[str] = ()) -> dict[str, Any]:
     """Per-sample cosine of the quantized model's first output to the input model's; refuse a broken model.
 
     Needs no labels, so a quantization that wrecks the model (e.g. quantized attention masks) is a
-    failed step rather than an ``ok`` row.
+    failed step rather than an ``ok`` row. ``advice``: settings the caller checked the run does not already
+    have (compress.config.true_advice), offered beside keeping nodes in float.
     """
     from compress.errors import AccuracyError
     from compress.fidelity import compare_outputs, degenerate
@@ -380,5 +381,6 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
         raise AccuracyError(
             f"{kind}: the quantized model's output is far from the input model's: per-sample cosine "
             f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_sample_cosine {min_cosine}) on "
-            f"{where}; keep more nodes in float (keep_float), use per_channel = true, or lower min_sample_cosine")
+            f"{where}; " + ", ".join(["keep more nodes in float (keep_float)", *advice])
+            + ", or lower min_sample_cosine")
     return out

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
+from compress.config import true_advice
 from compress.errors import AccuracyError, InputError, PassError, RecipeError
 from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
@@ -407,20 +408,28 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     if float_nodes_note(float_groups):
         notes.append(float_nodes_note(float_groups))
     # Without labels nothing else would notice a wrecked model: compare to the input model, per sample.
-    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.int8")
+    advice = true_advice({**cfg.model_dump(), "scheme": scheme}, [
+        ("per_channel", True, "per_channel = true"),
+        ("calibration", "percentile", "calibration = \"percentile\""),
+        ("scheme", "u8s8_reduce_range", "scheme = \"u8s8_reduce_range\" (7-bit weights, no VPMADDUBSW saturation)"),
+    ])
+    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.int8",
+                                            [*advice, "max_accuracy_drop (accuracy control)"]
+                                            if cfg.max_accuracy_drop is None else advice)
     if info["fidelity_guard"].get("unchecked"):
         notes.append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
     shutil.rmtree(work, ignore_errors=True)
 
     # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split,
     # and deployed vs the float input model: either out of tolerance fails the pass.
-    info["parity"] = _self_parity(out, art, data, cfg)
+    info["parity"] = _self_parity(out, art, data, cfg, scheme)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
 
 
-def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -> dict[str, Any]:
+def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions, scheme: str | None = None
+                 ) -> dict[str, Any]:
     """Deployed (ONNX Runtime's fused integer kernels) vs simulated, and deployed vs the float input; a breach fails
     the pass (``cfg.kind`` names it). Models with several named inputs are fed the run's named arrays (or valid
     synthetic inputs)."""
@@ -448,8 +457,11 @@ def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -
     out["target"] = "onnxruntime"
     out["flagged"] = not out["ok"]
     if not out["ok"]:
+        # The 7-bit scheme is the fix for saturation on CPUs without VNNI: offered only when not already in use.
+        fix = ("" if scheme == "u8s8_reduce_range" else
+               "On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); ")
         raise PassError(f"{cfg.kind}: deployed INT8 on ONNX Runtime (this CPU) disagrees with the simulated model: "
-                        f"{out['reason']}. On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); lower "
+                        f"{out['reason']}. {fix}lower "
                         "deployed_min_agreement/deployed_min_cosine only if this backend is not your deployment")
     vs = check(fp, dep, cfg.tolerance("int8"), precision="int8", reference="its float input model (ONNX Runtime)",
                inputs=inputs, real_data=y is not None)

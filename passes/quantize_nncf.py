@@ -283,7 +283,7 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
         notes.append(f"{len(kept)} of {len(nodes)} weighted layer(s) kept in float: {', '.join(kept[:20])}"
                      + (" ..." if len(kept) > 20 else ""))
     # Deployed vs simulated, and deployed vs the float input model: either out of tolerance fails the pass.
-    info["parity"] = _self_parity(out, art, data, cfg)
+    info["parity"] = _self_parity(out, art, data, cfg, scheme)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
