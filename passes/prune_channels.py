@@ -332,8 +332,9 @@ class _Refusal(PassError):
     ``problem`` says what went wrong and where; ``advice`` what else to try; ``candidates`` the modules
     to add to ``keep`` (checked by trial pruning before the user is told, see ``_verified_keep``)."""
 
-    def __init__(self, problem: str, advice: str, candidates: Sequence[str] = ()) -> None:
+    def __init__(self, problem: str, advice: str, candidates: Sequence[str] = (), wider: Sequence[str] = ()) -> None:
         self.problem, self.advice, self.candidates = problem, advice, list(dict.fromkeys(candidates))
+        self.wider = list(wider)  # kept next when keeping the candidates changes nothing (the same module fails)
         keep = f"; or list them in keep: keep = {self.candidates!r}" if self.candidates else ""
         super().__init__(f"{problem}; {advice}{keep}")
 
@@ -606,10 +607,12 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         label = repr(where) if where else f"the model's own forward ({cls})"
         # Keeping a module without Conv/Linear weights changes nothing; keeping the layer that feeds it does.
         keep_hint = [feeder] if feeder else ([where] if where else [])
+        # When keeping the feeding layer is not enough, the failing module itself, then the block around it.
+        wider = [where, where.rpartition(".")[0]] if where else []
         raise _Refusal(
             f"{PASS}: after pruning, {label} fails: {err[:300]}. torch-pruning's tracer could not follow this "
             f"module (it holds channel-sized state or hard-coded shapes), so its channels went out of step",
-            "keep the layer that feeds it", [*cfg.keep, *keep_hint])
+            "keep the layer that feeds it", [*cfg.keep, *keep_hint], [w for w in wider if w])
     with torch.no_grad():
         out_now = model(*inputs)
     first_now = out_now[0] if isinstance(out_now, (tuple, list)) else out_now
@@ -647,7 +650,7 @@ def _verified_keep(first: _Refusal, pristine: nn.Module, inputs: Sequence[torch.
             _prune_at(trial, inputs, cfg.model_copy(update={"keep": keep}), ctx, cfg.ratio or 0.0, precheck=True)
         except _Refusal as e:
             err = e
-            more = [c for c in e.candidates if c not in keep]
+            more = [c for c in e.candidates if c not in keep] or [c for c in e.wider if c not in keep][:1]
             if not more or time.monotonic() - t0 > budget:
                 break
             keep = list(dict.fromkeys([*keep, *more]))
@@ -659,6 +662,8 @@ def _verified_keep(first: _Refusal, pristine: nn.Module, inputs: Sequence[torch.
         if layer_widths(trial) == widths0 and heads1 == heads0:
             return PassError(f"{first.problem}; {first.advice}: no keep helps, since keeping what it names "
                              f"(keep = {keep!r}) leaves nothing to prune at this ratio")
+        # A module kept with its block is named once, by the block (keep covers submodules).
+        keep = [k for k in keep if not any(k.startswith(o + ".") for o in keep)]
         return PassError(f"{first.problem}; {first.advice}; or list them in keep: keep = {keep!r} (checked: pruning "
                          "goes through with it)")
     why = str(err).split(": ", 1)[-1][:300]
