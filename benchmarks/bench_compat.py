@@ -145,6 +145,8 @@ ALL_MODELS = MODELS + MODELS_2
 
 
 _FALLBACKS: list[tuple[str, dict[str, Any]]] = [
+    # The fixed batch exports but misses the fp32 parity bound by float rounding: the message says "raise atol".
+    ("with a fixed batch: ONNX output differs from PyTorch", {"dynamic_batch": False, "atol": 1e-2}),
     ("export.onnx{dynamic_batch=false} exports it", {"dynamic_batch": False}),
     ("export.onnx{dynamo=false} (the legacy", {"dynamo": False}),
     ("export.onnx{dynamo=false, dynamic_batch=false} exports it", {"dynamo": False, "dynamic_batch": False}),

@@ -281,14 +281,20 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     except Exception as e:  # the exporter raises many types; name the cause and the user's line it reports
         cause = str(e) if isinstance(e, _BatchOnly) else export_cause(e)
         _clear(out_dir)
+        static_error: Exception | None = None
         if cfg.dynamic_batch and "dynamic_batch" not in cfg.model_fields_set:
             static = cfg.model_copy(update={"dynamic_batch": False})
             try:
                 model, worst, atol = _lower(module, art, static, ctx, out_dir, names)
                 cfg, static_because = static, cause
-            except Exception:  # a fixed batch does not help either: the error below names what might
+            except Exception as e2:  # a fixed batch does not help either: the error below says why
+                static_error = e2
                 _clear(out_dir)
         if static_because is None:
+            if isinstance(e, _BatchOnly) and static_error is not None:
+                why = str(static_error) if isinstance(static_error, ExportError) else export_cause(static_error)
+                raise ExportError(f"{type(module).__name__}: the dynamic-batch ONNX export is unusable: {cause}; "
+                                  f"with a fixed batch: {why}") from e
             if isinstance(e, _BatchOnly):
                 raise ExportError(f"{type(module).__name__}: the dynamic-batch ONNX export is unusable: {cause}; "
                                   "export.onnx{dynamic_batch=false} exports it with a fixed batch") from e
