@@ -47,5 +47,10 @@ def test_second_round_cell_works_or_refuses_with_an_action_that_works(name: str,
         assert "\n" not in p["why"] and "no keep" in p["why"].lower(), p
     ex = r["export"]
     assert ex["ok"] and ex["cosine"] > 0.9999, ex
-    for q in ("int8", "dynamic"):
-        assert r[q]["ok"], (q, r[q])
+    assert r["dynamic"]["ok"], r["dynamic"]
+    if not r["int8"]["ok"]:
+        # Random weights: static INT8's own checks refuse some of them (BiT, MobileNetV1, MobileViTV2, SwiftFormer)
+        # in one line with the figure; naming the layer to keep in float is not done (docs/models-second-round.md).
+        why = r["int8"]["why"]
+        assert "\n" not in why and ("fidelity" in why or "output" in why) and "keep_float" in why, why
+        assert "per_channel = true" not in why  # already the default: never advised
