@@ -503,8 +503,13 @@ def main() -> int:
         f"({', '.join(through) or 'none'}); "
         + (f"the matrix says which step refuses the others and why ({', '.join(refused)})." if refused else
            "none refuses.")
-        + f" TVM (untuned, float model, cosine to ONNX Runtime FP32) builds "
-        f"{sum(bool(r.get('tvm', {}).get('ok')) for r in rows)} of {len(rows)}.",
+        + (f" Dynamic INT8 goes through on {sum(bool(r.get('dynamic', {}).get('ok')) for r in rows)} of {len(rows)}; "
+           f"prune.channels is refused with no keep that helps on "
+           f"{', '.join(r['model'] for r in rows if not r.get('prune', {}).get('ok')) or 'none'} (the rest run "
+           "unpruned).")
+        + (" TVM not run (--no-tvm)." if a.no_tvm else
+           f" TVM (untuned, float model, cosine to ONNX Runtime FP32) builds "
+           f"{sum(bool(r.get('tvm', {}).get('ok')) for r in rows)} of {len(rows)}."),
         "",
         *lines,
         "",
