@@ -239,6 +239,7 @@ def run_model(name: str, cache_dir: Path, tvm: bool = True) -> dict[str, Any]:
             if m is None:
                 raise
             rec["prune_default"] = _one_line(e)
+            rec["prune_keep_checked"] = "(checked: pruning goes through with it)" in str(e)
             pruned = _step(root, ChannelPrune(ratio=PRUNE_RATIO, keep=ast.literal_eval(m.group(1))), ctx)
         meta = pruned.metadata["prune.channels"]
         heads = meta.get("heads_after")

@@ -47,7 +47,7 @@ def test_second_round_cell_works_or_refuses_with_an_action_that_works(name: str,
     p = r["prune"]
     if p["ok"]:
         if r.get("prune_default"):
-            assert "\n" not in r["prune_default"] and "(checked: pruning goes through with it)" in r["prune_default"]
+            assert "\n" not in r["prune_default"] and r["prune_keep_checked"]
     else:
         assert "\n" not in p["why"] and "no keep" in p["why"].lower(), p
     ex = r["export"]
