@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +56,15 @@ class PassConfig(BaseModel):
         """Facts outside the config that change this pass's output (e.g. the CPU's ISA for a
         quantization scheme); hashed into the cache key. None by default."""
         return {}
+
+
+def true_advice(settings: Mapping[str, Any], options: Sequence[tuple[str, Any, str]]) -> list[str]:
+    """The suggestions among ``options`` (setting, suggested value, text) that the run does not already follow.
+
+    ``settings`` are the values in effect (a resolved "auto" included), so a message never tells a user to
+    set what they already have."""
+    missing = object()
+    return [text for key, value, text in options if settings.get(key, missing) != value]
 
 
 class TargetConfig(PassConfig):

@@ -78,6 +78,23 @@ class DataBundle:
             return t.contiguous()
         raise InputError(f"data samples of shape {tuple(t.shape[1:])} do not fit the model input {tuple(want)}")
 
+    def model_inputs(self, split: Split, idx: np.ndarray | slice) -> tuple[torch.Tensor, ...]:
+        """Samples ``idx`` of a split as the model's positional inputs, in the model's input order.
+
+        One stored array is adapted to the model's float input (resize, channel repeat); data with one named
+        array per input (token ids, attention mask, ...) gives every input with its own dtype, so integer
+        ids stay integers for the embedding."""
+        if not self.input_names:
+            return (self.adapt(split.x[idx]),)
+        extra = split.extra or {}
+        return (torch.from_numpy(np.ascontiguousarray(split.x[idx])),
+                *(torch.from_numpy(np.ascontiguousarray(extra[n][idx])) for n in self.input_names[1:]))
+
+    @property
+    def n_inputs(self) -> int:
+        """How many model inputs each sample holds."""
+        return len(self.input_names) or 1
+
     def batches(self, split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray | None]]:
         for i in range(0, len(split), batch_size):
             y = None if split.y is None else split.y[i:i + batch_size]

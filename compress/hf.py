@@ -114,8 +114,22 @@ def from_config(config: Any, task: str, seed: int = 0) -> nn.Module:
     cls = _auto_class(tf, task)
     # Eager attention: the exported graph then holds plain MatMul/Softmax that every target runs.
     config._attn_implementation = "eager"
+    _name_architecture(cls, config)
     model = cls.from_config(config, attn_implementation="eager")
     return wrap(model.eval(), task)
+
+
+def _name_architecture(auto_cls: Any, config: Any) -> None:
+    """Name the task's first class in a fresh config whose task maps to several (LeViT: with and without its
+    distillation head): transformers' auto class then picks by ``config.architectures``, which is None here."""
+    if getattr(config, "architectures", None):
+        return
+    try:
+        found = auto_cls._model_mapping[type(config)]
+    except (KeyError, AttributeError):  # an unknown config: transformers names it in its own error
+        return
+    if isinstance(found, (tuple, list)) and found:
+        config.architectures = [found[0].__name__]
 
 
 def wrap(model: nn.Module, task: str) -> nn.Module:

@@ -187,7 +187,7 @@ def make_plan(
             step.preflight(root, text)
     for pm in chains.values() if text is None else ():
         preflight.check_data_needed(pm.steps, data, synthetic_ok=any(
-            not np.issubdtype(np.dtype(s.dtype), np.floating) for s in root.inputs))
+            not np.issubdtype(np.dtype(s.dtype), np.floating) for s in root.inputs), inputs=root.inputs)
     if rec.model.train_epochs:
         if root.kind != PYTORCH:
             raise RecipeError("model.train_epochs needs a PyTorch model, not an ONNX file")

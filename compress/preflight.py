@@ -112,11 +112,13 @@ def check_labels(data: Any, n_classes: int | None) -> None:
                          "says nothing: give at least two classes")
 
 
-def check_data_needed(steps: list[Any], data: Any, synthetic_ok: bool = False) -> None:
+def check_data_needed(steps: list[Any], data: Any, synthetic_ok: bool = False, inputs: tuple[Any, ...] = ()) -> None:
     """Passes that cannot run without (labelled) data are refused before the run starts.
 
     ``synthetic_ok``: the model's inputs are token ids / masks, for which valid synthetic samples
-    exist, so a pass that needs "any" data (INT8 calibration) runs on those and says so."""
+    exist, so a pass that needs "any" data (INT8 calibration) runs on those and says so.
+    ``inputs``: the model's input specs; a pass that feeds data to a model with several inputs needs one
+    array per input, refused here rather than after the passes before it (export ...) ran."""
     for cfg in steps:
         need = cfg.data_needed()
         if need is not None and data is not None:
@@ -126,6 +128,11 @@ def check_data_needed(steps: list[Any], data: Any, synthetic_ok: bool = False) -
         if data is None:
             raise RecipeError(f"pass '{cfg.kind}' needs data but the run has none (data.source = \"random\"); set "
                               "data = { source = \"builtin:digits\" }, folder:PATH or npz:PATH (--data)")
+        if len(inputs) > 1 and not getattr(data, "input_names", ()):
+            names = ", ".join(s.name for s in inputs)
+            raise RecipeError(f"pass '{cfg.kind}' feeds the data to the model's {len(inputs)} inputs ({names}), but "
+                              f"{data.name} gives one array per sample; give an .npz with one array per input name "
+                              f"({names}), or text:FILE / jsonl:FILE data for a Hugging Face text model")
         if need == "labelled" and not data.labelled:
             raise RecipeError(f"pass '{cfg.kind}' with these settings needs labelled data; {data.name} has no labels "
                               "(add 'y' to the .npz, or use an image folder)")

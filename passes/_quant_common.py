@@ -11,7 +11,7 @@ without VNNI.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -116,6 +116,35 @@ def name_nodes(model: Any) -> Any:
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
     return model
+
+
+def unshare_initializers(model: Any) -> list[str]:
+    """Give each node its own copy of a float initializer that several nodes read; the names that were shared.
+
+    ONNX Runtime's static quantizer refuses a weight read by more than one node ("Quantization parameter
+    shared mode is not supported for weight yet"): exporters share one constant between nodes (PoolFormer's
+    GroupNorm scale, tied embeddings). A copy per node lets each be quantized with its own parameters; the
+    first reader keeps the original."""
+    from onnx import TensorProto
+
+    floats = {i.name: i for i in model.graph.initializer
+              if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)}
+    readers: dict[str, int] = {}
+    shared: list[str] = []
+    for node in model.graph.node:
+        for j, name in enumerate(node.input):
+            if name not in floats:
+                continue
+            readers[name] = readers.get(name, 0) + 1
+            if readers[name] == 1:
+                continue
+            if readers[name] == 2:
+                shared.append(name)
+            copy = model.graph.initializer.add()
+            copy.CopyFrom(floats[name])
+            copy.name = f"{name}__copy{readers[name] - 1}"
+            node.input[j] = copy.name
+    return shared
 
 
 def run_batches(infer: Callable[[dict[str, np.ndarray]], list[np.ndarray]], input_name: str,
@@ -331,11 +360,12 @@ def guard_feeds(art: Artifact, data: Any, n: int = 64, batch: int = 16) -> tuple
 
 
 def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosine: float | None,
-                   kind: str) -> dict[str, Any]:
+                   kind: str, advice: Sequence[str] = ()) -> dict[str, Any]:
     """Per-sample cosine of the quantized model's first output to the input model's; refuse a broken model.
 
     Needs no labels, so a quantization that wrecks the model (e.g. quantized attention masks) is a
-    failed step rather than an ``ok`` row.
+    failed step rather than an ``ok`` row. ``advice``: settings the caller checked the run does not already
+    have (compress.config.true_advice), offered beside keeping nodes in float.
     """
     from compress.errors import AccuracyError
     from compress.fidelity import compare_outputs, degenerate
@@ -355,5 +385,6 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
         raise AccuracyError(
             f"{kind}: the quantized model's output is far from the input model's: per-sample cosine "
             f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_sample_cosine {min_cosine}) on "
-            f"{where}; keep more nodes in float (keep_float), use per_channel = true, or lower min_sample_cosine")
+            f"{where}; " + ", ".join(["keep more nodes in float (keep_float)", *advice])
+            + ", or lower min_sample_cosine")
     return out

@@ -195,7 +195,16 @@ def _split_digest(split: Split) -> str:
     h = hashlib.sha256(np.ascontiguousarray(split.x).tobytes())
     if split.y is not None:
         h.update(np.ascontiguousarray(split.y).tobytes())
+    for name in sorted(split.extra or {}):  # the other inputs (attention masks ...) train too
+        h.update(name.encode() + np.ascontiguousarray((split.extra or {})[name]).tobytes())
     return h.hexdigest()
+
+
+def _mask(data: DataBundle, split: Split, idx: np.ndarray | slice) -> torch.Tensor | None:
+    """The attention mask of samples ``idx`` when the model takes one: padded tokens are not matched."""
+    if "attention_mask" not in data.input_names[1:] or not split.extra:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(split.extra["attention_mask"][idx]))
 
 
 def _batches(n: int, bs: int) -> list[tuple[int, int]]:
@@ -211,24 +220,53 @@ def _clone_state(m: nn.Module) -> dict[str, torch.Tensor]:
 def _val_logits(model: nn.Module, data: DataBundle, split: Split, bs: int = 256) -> torch.Tensor:
     was = model.training
     model.eval()
-    out = torch.cat([_logits(model(x), "model").float() for x, _ in data.batches(split, bs)])
+    out = torch.cat([_logits(model(*data.model_inputs(split, slice(i, i + bs))), "model").float()
+                     for i in range(0, len(split), bs)])
     model.train(was)
     return out
 
 
-def _cosine_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """1 - cosine per sample (per token for hidden states), averaged."""
+def _token_weights(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-token weights (batch, tokens) for hidden states under a mask of the same length, else None."""
+    if mask is None or s.dim() != 3 or tuple(mask.shape) != tuple(s.shape[:2]):
+        return None
+    return mask.to(s.dtype)
+
+
+def _cosine_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - cosine per sample (per real token for hidden states, padding excluded), averaged."""
     if s.dim() >= 3:
-        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        per_token = 1 - F.cosine_similarity(s, t, dim=-1)
+        w = _token_weights(s, mask)
+        return per_token.mean() if w is None else (per_token * w).sum() / w.sum().clamp(min=1.0)
     return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean()
 
 
-def _out_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temp: float) -> torch.Tensor:
+def _out_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temp: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     if kind == "kd":
         return _kd(s, t, temp)
     if kind == "cosine":
-        return _cosine_loss(s, t)
-    return F.mse_loss(s, t)
+        return _cosine_loss(s, t, mask)
+    w = _token_weights(s, mask)
+    if w is None:
+        return F.mse_loss(s, t)
+    return (((s - t) ** 2).mean(-1) * w).sum() / w.sum().clamp(min=1.0)
+
+
+def _auto_loss(ctx: PassContext, art: Artifact, t_out: torch.Tensor) -> tuple[str, str]:
+    """(loss, why) that fits the output: a Hugging Face task head says what its output is, else its shape."""
+    from compress.fidelity import infer_kind
+
+    task = next((a.metadata.get("task") for a in (ctx.original, art) if a is not None and a.metadata.get("task")),
+                None)
+    if task:
+        from compress.hf import task_output_kind
+
+        kind, why = task_output_kind(str(task)), f"the model's task {task!r}"
+    else:
+        kind, why = infer_kind(t_out.numpy())
+    return {"logits": "kd", "embedding": "cosine"}.get(kind, "mse"), why
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -273,6 +311,12 @@ def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
         raise PassError(f"distill: the validation split has {len(data.val)} samples, fewer than min_val_samples="
                         f"{cfg.min_val_samples}; the best epoch cannot be chosen reliably. Use more data or a "
                         "larger data.val_fraction (or lower min_val_samples)")
+    n_in = len(art.inputs)
+    if data.n_inputs != n_in:
+        names = ", ".join(s.name for s in art.inputs)
+        raise PassError(f"distill: the model takes {n_in} input(s) ({names}) but the data gives "
+                        f"{data.n_inputs} per sample; give one array per input (an .npz with arrays named "
+                        f"{names}, or text:FILE / jsonl:FILE data for a Hugging Face text model)")
     batches = _batches(len(data.train), cfg.batch_size)
     if not batches:
         raise PassError(f"distill: the training split has {len(data.train)} samples; at least 2 are needed")
@@ -289,23 +333,22 @@ def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
         notes.append("the teacher is the input model itself (distill ran before any compression): self-distillation")
 
     # One probe batch checks shapes before any training and sizes the projections.
-    x0 = data.adapt(data.train.x[:2])
+    x0 = data.model_inputs(data.train, slice(0, 2))
     t_tap = _Tap(teacher, cfg.features, "teacher")
     s_tap = _Tap(student, cfg.features, "student")
     try:
         student.eval()
         with torch.no_grad():
-            t_out = _logits(teacher(x0), "teacher")
-            s_out = _logits(student(x0), "student")
+            t_out = _logits(teacher(*x0), "teacher")
+            s_out = _logits(student(*x0), "student")
         if t_out.shape != s_out.shape:
             raise PassError(f"distill: the teacher ({t_desc}) outputs shape {list(t_out.shape[1:])} per sample but the "
                             f"student outputs {list(s_out.shape[1:])}; logits are matched one to one, so use a "
                             "teacher with the same classes")
-        out_loss = cfg.output_loss
+        out_loss: str = cfg.output_loss
         if out_loss == "auto":
-            from compress.fidelity import infer_kind
-
-            out_loss = "kd" if infer_kind(t_out.numpy())[0] == "logits" else "cosine"
+            out_loss, why = _auto_loss(ctx, art, t_out)
+            notes.append(f"output_loss auto: {out_loss} ({why})")
         if out_loss != "kd":
             notes[:] = [n for n in notes if "top-1 agreement with the teacher" not in n]
             if use_labels:
@@ -349,6 +392,7 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
     # Frozen teacher: its validation logits are computed once.
     t_val = _val_logits(teacher, data, data.val)
     y_val = data.val.y if use_labels else None
+    m_val = _mask(data, data.val, slice(None))
     metric = "top1" if use_labels else "teacher_agreement" if out_loss == "kd" else "teacher_cosine"
 
     def evaluate() -> tuple[float, float, torch.Tensor]:
@@ -358,8 +402,8 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
         elif out_loss == "kd":
             score = _agreement(s_val, t_val)
         else:
-            score = 1 - float(_cosine_loss(s_val, t_val))
-        return score, float(_out_loss(out_loss, s_val, t_val, cfg.temperature)), s_val
+            score = 1 - float(_cosine_loss(s_val, t_val, m_val))
+        return score, float(_out_loss(out_loss, s_val, t_val, cfg.temperature, m_val)), s_val
 
     st = _State()
     before, before_kd, s_val0 = evaluate()
@@ -402,14 +446,16 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
                 if st.step >= total:
                     break
                 idx = perm[lo:hi]
-                x = data.adapt(data.train.x[idx])
+                xs = data.model_inputs(data.train, idx)
+                mask = _mask(data, data.train, idx)
                 lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * st.step / total))
                 for g in opt.param_groups:
                     g["lr"] = lr
                 with torch.no_grad():
-                    t_log = _logits(teacher(x), "teacher")
-                s_log = _logits(student(x), "student")
-                terms: dict[str, torch.Tensor] = {out_loss: _out_loss(out_loss, s_log, t_log, cfg.temperature)}
+                    t_log = _logits(teacher(*xs), "teacher")
+                s_log = _logits(student(*xs), "student")
+                terms: dict[str, torch.Tensor] = {out_loss: _out_loss(out_loss, s_log, t_log, cfg.temperature,
+                                                                      mask)}
                 if use_labels:
                     y = torch.from_numpy(data.train.y[idx])  # type: ignore[index]
                     terms["ce"] = F.cross_entropy(s_log, y)
@@ -500,8 +546,8 @@ def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teache
         info["teacher_agreement_before"] = _agreement(s_val0, t_val)
         info["teacher_agreement_after"] = _agreement(s_val, t_val)
     else:  # argmax agreement over embedding dimensions means nothing
-        info["teacher_cosine_before"] = 1 - float(_cosine_loss(s_val0, t_val))
-        info["teacher_cosine_after"] = 1 - float(_cosine_loss(s_val, t_val))
+        info["teacher_cosine_before"] = 1 - float(_cosine_loss(s_val0, t_val, m_val))
+        info["teacher_cosine_after"] = 1 - float(_cosine_loss(s_val, t_val, m_val))
     ctx.log(f"distill: val {metric} {before:.4f} -> {after:.4f} (best epoch {st.best_epoch} of {st.epoch})")
     out = torch_artifact(student, art, ctx, metadata={"distill": info})
     # Finished: the output is in the cache now, so the resume state is no longer needed.

@@ -14,6 +14,7 @@ artifact reloads from disk with ``weights_only=True`` and no pickled modules.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -325,35 +326,146 @@ def _prune_heads(pruner: Any, blocks: list[tuple[str, nn.Module, str, list[nn.Li
     return bool(drop)
 
 
-class _WouldEmpty(PassError):
+class _Refusal(PassError):
+    """A refusal that names the modules whose keeping may let the pruning go through.
+
+    ``problem`` says what went wrong and where; ``advice`` what else to try; ``candidates`` the modules
+    to add to ``keep`` (checked by trial pruning before the user is told, see ``_verified_keep``)."""
+
+    def __init__(self, problem: str, advice: str, candidates: Sequence[str] = (), wider: Sequence[str] = ()) -> None:
+        self.problem, self.advice, self.candidates = problem, advice, list(dict.fromkeys(candidates))
+        self.wider = list(wider)  # kept next when keeping the candidates changes nothing (the same module fails)
+        keep = f"; or list them in keep: keep = {self.candidates!r}" if self.candidates else ""
+        super().__init__(f"{problem}; {advice}{keep}")
+
+
+class _WouldEmpty(_Refusal):
     """A ratio that would remove every channel (or head) of some layer."""
 
 
+class _GraphExplodes(_Refusal):
+    """torch-pruning's dependency search from one layer does not end (it loops through the graph)."""
+
+
+# A pruning group larger than this many dependencies per graph node is a search that loops (FocalNet's
+# modulation: the search re-visits the same layers with ever new index sets and runs for hours).
+_GROUP_LIMIT_PER_NODE = 8
+_GROUP_LIMIT_MIN = 2000
+
+
+@contextmanager
+def _bounded_search(names: dict[int, str]) -> Iterator[None]:
+    """Cut off torch-pruning's dependency search when a group grows without bound, naming its root layer."""
+    from torch_pruning.dependency import graph as tp_graph
+    from torch_pruning.dependency import group as tp_group
+
+    state: dict[str, Any] = {"root": None, "limit": _GROUP_LIMIT_MIN}
+    orig_add, orig_get = tp_group.Group.add_dep, tp_graph.DependencyGraph.get_pruning_group
+
+    def add_dep(self: Any, dep: Any, idxs: Any) -> None:
+        orig_add(self, dep, idxs)
+        if len(self._group) > state["limit"]:
+            root = state["root"]
+            label = names.get(id(root), type(root).__name__)
+            # The loop runs through the block around the layer (FocalNet's modulation: every layer of it
+            # explodes in turn), so the block is what to keep.
+            block = label.rpartition(".")[0] if id(root) in names else ""
+            raise _GraphExplodes(
+                f"{PASS}: torch-pruning's search for the layers coupled to {label!r} does not end (over "
+                f"{state['limit']:,} dependencies: the graph loops through its block); stopped",
+                "leave that block out of pruning", [block or label] if id(root) in names else [])
+
+    def get_pruning_group(self: Any, module: nn.Module, *a: Any, **kw: Any) -> Any:
+        state["root"] = module
+        state["limit"] = max(_GROUP_LIMIT_MIN, _GROUP_LIMIT_PER_NODE * len(self.module2node))
+        return orig_get(self, module, *a, **kw)
+
+    tp_group.Group.add_dep = add_dep
+    tp_graph.DependencyGraph.get_pruning_group = get_pruning_group
+    try:
+        yield
+    finally:
+        tp_group.Group.add_dep = orig_add
+        tp_graph.DependencyGraph.get_pruning_group = orig_get
+
+
+def _modules_in_traceback(e: BaseException, names: dict[int, str]) -> list[str]:
+    """The model modules a failing torch-pruning frame was working on, innermost frame first: every weight layer
+    of a pruning group (its root first), else one module or the layer feeding a graph node."""
+    tb = e.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for v in frame.f_locals.values():
+            items = getattr(v, "_group", None)
+            if isinstance(items, list) and items and hasattr(items[0], "dep"):
+                layers = [names.get(id(it.dep.target.module), "") for it in items
+                          if isinstance(it.dep.target.module, (nn.Linear, nn.modules.conv._ConvNd))]
+                if any(layers):
+                    return list(dict.fromkeys(n for n in layers if n))
+        for v in frame.f_locals.values():
+            for cand in (v, getattr(v, "module", None), getattr(getattr(v, "target", None), "module", None)):
+                if isinstance(cand, nn.Module) and id(cand) in names and names[id(cand)]:
+                    return [names[id(cand)]]
+            # A torch-pruning node of an op (a concat, a split) has no module: name the layer feeding it.
+            for inp in getattr(v, "inputs", None) or []:
+                m = getattr(inp, "module", None)
+                if isinstance(m, nn.Module) and id(m) in names and names[id(m)]:
+                    return [names[id(m)]]
+    return []
+
+
 def _check_ratio_leaves_channels(pruner: Any, ratio: float, round_to: int | None, names: dict[int, str],
-                                 prune_heads: bool) -> None:
-    """Refuse a ratio that empties a layer (torch-pruning would silently skip that layer instead)."""
+                                 prune_heads: bool, keep: Sequence[str] = ()) -> None:
+    """Refuse a ratio that empties a layer (torch-pruning would silently skip that layer instead).
+
+    Every layer it would empty is found, not just the first: keeping one layer changes the groups the
+    others fall in, so the search repeats with the found ones kept until nothing more would be emptied,
+    and the refusal names all of them (or says that nothing would be left to prune)."""
     dg = pruner.DG
-    for group in dg.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
-        is_attn, qkv = pruner._is_atten_group(group)
-        root = group[0][0].target.module
-        label = names.get(id(root), type(root).__name__)
-        if is_attn and prune_heads:
-            heads = pruner.num_heads[qkv[0]]
-            if _heads_to_keep(heads, ratio) < 1:
-                raise _WouldEmpty(f"{PASS}: ratio {ratio} would remove every attention head of {label!r} "
-                                  f"({heads} heads); lower the ratio or list the block in keep")
-            continue
-        total = dg.get_out_channels(root)
-        per_group = total // pruner._get_channel_groups(group)
-        n_pruned = per_group - int(per_group * (1 - ratio))
-        if round_to and n_pruned > 0:
-            rounded = total - n_pruned
-            n_pruned = total - (rounded - rounded % round_to)
-        if n_pruned >= per_group:
-            why = f" after rounding to multiples of {round_to}" if round_to else ""
-            raise _WouldEmpty(f"{PASS}: ratio {ratio} would remove every channel of {label!r} "
-                              f"({per_group} channels{why}); lower the ratio"
-                              f"{', lower round_to' if round_to else ''}, or list {label!r} in keep")
+    ignored = list(pruner.ignored_layers)
+    found: list[tuple[str, str]] = []  # (module name, what would happen to it)
+    for _ in range(16):  # each round keeps what the previous one found; it ends long before this
+        new: list[tuple[nn.Module, str, str]] = []
+        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=pruner.root_module_types):
+            is_attn, qkv = pruner._is_atten_group(group)
+            root = group[0][0].target.module
+            label = names.get(id(root), type(root).__name__)
+            if is_attn and prune_heads:
+                heads = pruner.num_heads[qkv[0]]
+                if _heads_to_keep(heads, ratio) < 1:
+                    new.append((root, label, f"every attention head of {label!r} ({heads} heads)"))
+                continue
+            total = dg.get_out_channels(root)
+            groups = pruner._get_channel_groups(group)
+            per_group = total // groups
+            n_pruned = per_group - int(per_group * (1 - ratio))
+            if round_to and n_pruned > 0:
+                rounded = total - n_pruned
+                n_pruned = total - (rounded - rounded % round_to)
+            if n_pruned >= per_group:
+                why = f" after rounding to multiples of {round_to}" if round_to else ""
+                if groups > 1:
+                    why += (f", coupled in {groups} groups of {per_group} that torch-pruning thins evenly (e.g. a "
+                            f"GroupNorm with {groups} groups), so it removes {n_pruned} of every {per_group}")
+                new.append((root, label, f"every channel of {label!r} ({total} channels{why})"))
+        if not new:
+            break
+        found += [(label, what) for _, label, what in new]
+        ignored += [m for m, _, _ in new]
+    if not found:
+        return
+    labels = [label for label, _ in found]
+    more = f" (and of {len(found) - 1} more layer(s))" if len(found) > 1 else ""
+    problem = f"{PASS}: ratio {ratio} would remove {found[0][1]}{more}"
+    advice = f"lower the ratio{', lower round_to' if round_to else ''}"
+    left = any(True for _ in dg.get_all_groups(ignored_layers=ignored, root_module_types=pruner.root_module_types))
+    if not left:
+        raise _WouldEmpty(problem, f"{advice}: no keep helps at this ratio, since keeping these layers leaves "
+                          "nothing to prune")
+    raise _WouldEmpty(problem, advice, [*keep, *labels])
 
 
 @dataclass
@@ -396,9 +508,9 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         # torch-pruning does not know that these tensors are indexed by head: removing heads (or head widths)
         # would leave them out of step. Keeping the blocks still prunes the MLP widths around them.
         blocks = [n for n, _ in per_head]
-        raise PassError(f"{PASS}: attention block {blocks[0]!r} holds per-head state ({per_head[0][1]}), which "
-                        f"heads cannot be removed from consistently; keep the attention blocks to prune the rest: "
-                        f"keep = {blocks!r}")
+        raise _Refusal(f"{PASS}: attention block {blocks[0]!r} holds per-head state ({per_head[0][1]}), which "
+                       "heads cannot be removed from consistently", "keep the attention blocks to prune the rest",
+                       [*cfg.keep, *blocks])
     if not whole_heads:
         kept_set = {id(sub) for m in kept for sub in m.modules()}
         fixed = [(n, blk) for n, blk, _, layers in attn
@@ -406,13 +518,14 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         if fixed:
             n, blk = fixed[0]
             # Narrower heads under a reshape with the old head size would silently regroup (mix) the heads.
-            raise PassError(f"{PASS}: attention block {n!r} ({type(blk).__name__}) reshapes with a fixed head size "
-                            f"({fixed_head_size(blk)}), so its head widths cannot shrink; set prune_heads = true "
-                            f"(remove whole heads) or list {n!r} in keep")
+            raise _Refusal(f"{PASS}: attention block {n!r} ({type(blk).__name__}) reshapes with a fixed head size "
+                           f"({fixed_head_size(blk)}), so its head widths cannot shrink",
+                           "set prune_heads = true (remove whole heads)", [*cfg.keep, n])
     if cfg.importance == "taylor":
         _taylor_grads(model, ctx)
+    ctx.log(f"{PASS}: tracing {type(model).__name__} into torch-pruning's dependency graph")
     try:
-        with _quiet():
+        with _quiet(), _bounded_search(names):
             pruner = tp.pruner.BasePruner(
                 model, tuple(inputs), importance=_importance(cfg, model), global_pruning=cfg.global_pruning,
                 pruning_ratio=ratio, iterative_steps=1, ignored_layers=kept, round_to=cfg.round_to,
@@ -424,14 +537,21 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         raise
     except Exception as e:  # torch-pruning's tracer raises many types on models it cannot follow
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PassError(f"{PASS}: torch-pruning could not trace {type(model).__name__} ({type(e).__name__}: "
-                        f"{first[:300]}); list the module it names in keep, or make its forward traceable") from e
+        found = _modules_in_traceback(e, names)
+        at = f" at {found[0]!r}" if found else ""
+        # The graph is built for the whole model before any layer is kept, so no keep can avoid this.
+        raise _Refusal(f"{PASS}: torch-pruning could not build its dependency graph of {type(model).__name__}{at} "
+                       f"({type(e).__name__}: {first[:300]})",
+                       "no keep avoids this (the graph is built for the whole model before any layer is kept): "
+                       "make that forward traceable, or compress this model without prune.channels "
+                       "(quantize.int8 / quantize.dynamic, or prune.magnitude for sparsity)") from e
+    ctx.log(f"{PASS}: dependency graph of {len(pruner.DG.module2node):,} nodes built; removing channels")
     info = _Pruned(kept_names, untraced=[n for n, m in weight_layers(model) if m not in pruner.DG.module2node])
     for m in _concat_into_grouped(pruner):
         pruner.ignored_layers.extend(m.modules())
         info.unmappable.append(names[id(m)])
     if precheck and not cfg.global_pruning:
-        _check_ratio_leaves_channels(pruner, ratio, cfg.round_to, names, whole_heads)
+        _check_ratio_leaves_channels(pruner, ratio, cfg.round_to, names, whole_heads, cfg.keep)
 
     kept_ids = {id(m) for m in pruner.ignored_layers}
     head_blocks = [a for a in attn if not any(id(layer) in kept_ids for layer in a[3])] if whole_heads else []
@@ -450,32 +570,49 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
         return ok
 
     pruner.DG.check_pruning_group = checked
+    current: list[str] = []  # the group being pruned: its root first, then every weight layer in it
     try:
-        with _quiet():
-            pruner.step()
+        with _quiet(), _bounded_search(names):
+            for group in pruner.step(interactive=True):
+                root = group[0][0].target.module
+                outs = [names.get(id(dep.target.module), "") for dep, _ in group
+                        if isinstance(dep.target.module, (nn.Linear, nn.modules.conv._ConvNd))]
+                current[:] = [names.get(id(root), ""), *outs]
+                group.prune()
+    except PassError:
+        raise
     except Exception as e:  # an op torch-pruning cannot prune consistently
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PassError(f"{PASS}: torch-pruning failed while removing channels ({type(e).__name__}: "
-                        f"{first[:300]}); list the module involved in keep") from e
+        # The failure is in the group being pruned, or (raised inside the generator, e.g. while scoring the next
+        # group) in the group a torch-pruning frame holds. Keeping its root alone may not do: an attention group
+        # is re-rooted at the layer after it (whose inputs it prunes), so every weight layer of it is kept.
+        inside = _modules_in_traceback(e, names)
+        group_layers = inside or [n for n in current if n]
+        where = group_layers[0] if group_layers else None
+        at = f" of the layers coupled to {where!r}" if where else ""
+        coupled = group_layers
+        raise _Refusal(f"{PASS}: torch-pruning failed while removing channels{at} ({type(e).__name__}: "
+                       f"{first[:300]})", "lower the ratio", [*cfg.keep, *coupled]) from e
     model.zero_grad(set_to_none=True)
     if refused:
         why = (" (their importance scores all fall under the global threshold, e.g. ties, as with 'bn_scale' on an "
                "untrained model where every BN scale is 1); use local pruning or another importance, "
-               if cfg.global_pruning else "; ")
+               if cfg.global_pruning else "")
         raise _WouldEmpty(f"{PASS}: {'global ' if cfg.global_pruning else ''}ratio {ratio:.4g} would remove every "
-                          f"channel of {', '.join(repr(r) for r in refused)}{why}lower the ratio"
-                          f"{' or round_to' if cfg.round_to else ''}, or list them in keep")
+                          f"channel of {', '.join(repr(r) for r in refused)}{why.rstrip('; ,')}",
+                          f"lower the ratio{' or round_to' if cfg.round_to else ''}", [*cfg.keep, *refused])
 
     where, cls, feeder, err = _locate_failure(model, inputs)
     if where or cls:
         label = repr(where) if where else f"the model's own forward ({cls})"
         # Keeping a module without Conv/Linear weights changes nothing; keeping the layer that feeds it does.
-        keep_hint = [feeder] if feeder else [where or "<layer feeding it>"]
-        raise PassError(
+        keep_hint = [feeder] if feeder else ([where] if where else [])
+        # When keeping the feeding layer is not enough, the failing module itself, then the block around it.
+        wider = [where, where.rpartition(".")[0]] if where else []
+        raise _Refusal(
             f"{PASS}: after pruning, {label} fails: {err[:300]}. torch-pruning's tracer could not follow this "
-            f"module (it holds channel-sized state or hard-coded shapes), so its channels went out of step; "
-            f"list the layer that feeds it as kept, e.g. keep = {keep_hint!r}"
-        )
+            f"module (it holds channel-sized state or hard-coded shapes), so its channels went out of step",
+            "keep the layer that feeds it", [*cfg.keep, *keep_hint], [w for w in wider if w])
     with torch.no_grad():
         out_now = model(*inputs)
     first_now = out_now[0] if isinstance(out_now, (tuple, list)) else out_now
@@ -486,6 +623,52 @@ def _prune_at(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrun
     if empty:
         raise PassError(f"{PASS}: pruning left no channels in {', '.join(empty)}; lower the ratio or keep them")
     return info
+
+
+_KEEP_TRIES = 12
+
+
+def _verified_keep(first: _Refusal, pristine: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrune,
+                   ctx: PassContext, spent: float) -> PassError:
+    """The refusal to raise, with a ``keep`` that was checked to go through, or saying that none was found.
+
+    The suggested keep is tried on a fresh copy; when that run refuses too, the modules its refusal names are
+    added and it is tried again (a few times, within a few times the first attempt's duration), so the user is
+    never sent round the loop of "keep this" -> "now keep that"."""
+    keep = list(dict.fromkeys([*cfg.keep, *first.candidates]))
+    if not first.candidates or keep == list(cfg.keep):
+        return first
+    budget = max(60.0, 4 * spent)
+    t0 = time.monotonic()
+    err: PassError = first
+    widths0 = layer_widths(pristine)
+    heads0 = {n: int(getattr(b, a)) for n, b, a, _ in attention_blocks(pristine)}
+    for i in range(1, _KEEP_TRIES + 1):
+        ctx.log(f"{PASS}: refused; checking that keep = {keep!r} goes through (try {i} of at most {_KEEP_TRIES})")
+        trial = copy.deepcopy(pristine)
+        try:
+            _prune_at(trial, inputs, cfg.model_copy(update={"keep": keep}), ctx, cfg.ratio or 0.0, precheck=True)
+        except _Refusal as e:
+            err = e
+            more = [c for c in e.candidates if c not in keep] or [c for c in e.wider if c not in keep][:1]
+            if not more or time.monotonic() - t0 > budget:
+                break
+            keep = list(dict.fromkeys([*keep, *more]))
+            continue
+        except PassError as e:
+            err = e
+            break
+        heads1 = {n: int(getattr(b, a)) for n, b, a, _ in attention_blocks(trial)}
+        if layer_widths(trial) == widths0 and heads1 == heads0:
+            return PassError(f"{first.problem}; {first.advice}: no keep helps, since keeping what it names "
+                             f"(keep = {keep!r}) leaves nothing to prune at this ratio")
+        # A module kept with its block is named once, by the block (keep covers submodules).
+        keep = [k for k in keep if not any(k.startswith(o + ".") for o in keep)]
+        return PassError(f"{first.problem}; {first.advice}; or list them in keep: keep = {keep!r} (checked: pruning "
+                         "goes through with it)")
+    why = str(err).split(": ", 1)[-1][:300]
+    return PassError(f"{first.problem}; {first.advice}. No keep that goes through was found: with keep = {keep!r} "
+                     f"it still fails ({why})")
 
 
 def _search_macs(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelPrune, ctx: PassContext,
@@ -548,7 +731,12 @@ def prune_module(model: nn.Module, inputs: Sequence[torch.Tensor], cfg: ChannelP
         att0, att_err = -1, (str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
 
     if cfg.ratio is not None:
-        info = _prune_at(model, inputs, cfg, ctx, cfg.ratio, precheck=True)
+        pristine = copy.deepcopy(model)  # a refusal's keep is checked on a fresh copy
+        t0 = time.monotonic()
+        try:
+            info = _prune_at(model, inputs, cfg, ctx, cfg.ratio, precheck=True)
+        except _Refusal as e:
+            raise _verified_keep(e, pristine, inputs, cfg, ctx, time.monotonic() - t0) from e
         ratio_used, trials = cfg.ratio, 1
     else:
         model, info, ratio_used, trials = _search_macs(model, inputs, cfg, ctx, macs0)

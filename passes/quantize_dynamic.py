@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
+from compress.config import true_advice
 from compress.errors import PassError
 from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
@@ -109,7 +110,9 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
                                       "other runtimes may import them less efficiently than QDQ"]}
     if float_nodes_note(float_groups):
         info["notes"].append(float_nodes_note(float_groups))
-    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.dynamic")
+    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.dynamic",
+                                            true_advice({"per_channel": per_channel},
+                                                        [("per_channel", True, "per_channel = true")]))
     if info["fidelity_guard"].get("unchecked"):
         info["notes"].append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
     shutil.rmtree(work, ignore_errors=True)

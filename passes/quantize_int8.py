@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
-from compress.errors import AccuracyError, PassError, RecipeError
+from compress.config import true_advice
+from compress.errors import AccuracyError, InputError, PassError, RecipeError
 from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.parity import LOWERING, ParityOptions, check, parity_batch
@@ -41,6 +42,7 @@ from ._quant_common import (
     session_infer,
     split_inputs,
     transformer_float_nodes,
+    unshare_initializers,
     weighted_nodes,
 )
 from ._quant_common import calibration_batches as _calib
@@ -128,8 +130,9 @@ def _quiet() -> Any:
         lg.setLevel(old)
 
 
-def preprocess(src: Path, dst: Path) -> None:
-    """ORT's quant_pre_process (shape inference + folding BatchNorm into Conv), then stable node names."""
+def preprocess(src: Path, dst: Path) -> list[str]:
+    """ORT's quant_pre_process (shape inference + folding BatchNorm into Conv), then stable node names and one
+    copy per reader of each shared float initializer; returns the names of those that were shared."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -138,8 +141,10 @@ def preprocess(src: Path, dst: Path) -> None:
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     except Exception as e:  # ORT raises many types from its optimizer / shape inference
         raise PassError(f"onnxruntime quant_pre_process failed on {src}: {str(e).splitlines()[0][:300]}") from e
-    m = onnx.load(str(dst))
-    onnx.save_model(name_nodes(m), str(dst))
+    m = name_nodes(onnx.load(str(dst)))
+    shared = unshare_initializers(m)  # ORT refuses a weight shared between nodes
+    onnx.save_model(m, str(dst))
+    return shared
 
 
 def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray], alpha: float) -> dict[str, Any]:
@@ -349,7 +354,10 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
 
     work = ctx.new_dir("q8work")
     pre = work / "pre.onnx"
-    preprocess(src, pre)
+    shared = preprocess(src, pre)
+    if shared:
+        notes.append(f"{len(shared)} constant(s) read by several nodes were copied per node so each is quantized "
+                     f"on its own: {', '.join(shared[:10])}" + (" ..." if len(shared) > 10 else ""))
     info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "per_channel": cfg.per_channel,
                             "calibration": cfg.calibration, "samples": cfg.samples, "activations": cfg.activations}
     if cfg.smoothquant:
@@ -403,20 +411,28 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     if float_nodes_note(float_groups):
         notes.append(float_nodes_note(float_groups))
     # Without labels nothing else would notice a wrecked model: compare to the input model, per sample.
-    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.int8")
+    advice = true_advice({**cfg.model_dump(), "scheme": scheme}, [
+        ("per_channel", True, "per_channel = true"),
+        ("calibration", "percentile", "calibration = \"percentile\""),
+        ("scheme", "u8s8_reduce_range", "scheme = \"u8s8_reduce_range\" (7-bit weights, no VPMADDUBSW saturation)"),
+    ])
+    info["fidelity_guard"] = fidelity_guard(pre, out, art, ctx.data, cfg.min_sample_cosine, "quantize.int8",
+                                            [*advice, "max_accuracy_drop (accuracy control)"]
+                                            if cfg.max_accuracy_drop is None else advice)
     if info["fidelity_guard"].get("unchecked"):
         notes.append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
     shutil.rmtree(work, ignore_errors=True)
 
     # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split,
     # and deployed vs the float input model: either out of tolerance fails the pass.
-    info["parity"] = _self_parity(out, art, data, cfg)
+    info["parity"] = _self_parity(out, art, data, cfg, scheme)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
 
 
-def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -> dict[str, Any]:
+def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions, scheme: str | None = None
+                 ) -> dict[str, Any]:
     """Deployed (ONNX Runtime's fused integer kernels) vs simulated, and deployed vs the float input; a breach fails
     the pass (``cfg.kind`` names it). Models with several named inputs are fed the run's named arrays (or valid
     synthetic inputs)."""
@@ -444,8 +460,11 @@ def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions) -
     out["target"] = "onnxruntime"
     out["flagged"] = not out["ok"]
     if not out["ok"]:
+        # The 7-bit scheme is the fix for saturation on CPUs without VNNI: offered only when not already in use.
+        fix = ("" if scheme == "u8s8_reduce_range" else
+               "On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); ")
         raise PassError(f"{cfg.kind}: deployed INT8 on ONNX Runtime (this CPU) disagrees with the simulated model: "
-                        f"{out['reason']}. On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); lower "
+                        f"{out['reason']}. {fix}lower "
                         "deployed_min_agreement/deployed_min_cosine only if this backend is not your deployment")
     vs = check(fp, dep, cfg.tolerance("int8"), precision="int8", reference="its float input model (ONNX Runtime)",
                inputs=inputs, real_data=y is not None)

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
-from compress.errors import AccuracyError, PassError, RecipeError
+from compress.errors import AccuracyError, InputError, PassError, RecipeError
 from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.registry import register_pass
@@ -34,6 +34,7 @@ from compress.registry import register_pass
 from ._quant_common import (
     auto_scheme_env,
     calibration_batches,
+    guard_feeds,
     name_nodes,
     refuse_quantized,
     require_data,
@@ -135,7 +136,55 @@ def _weight_dequantized(model: Any) -> set[str]:
             if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in dq_out}
 
 
-def _validation_fn(input_name: str, float_outputs: list[np.ndarray] | None, labels: list[np.ndarray] | None) -> Any:
+Feeds = dict[str, np.ndarray]
+
+
+def _calibration_feeds(art: Artifact, ctx: PassContext, cfg: QuantizeNncf, notes: list[str]) -> tuple[list[Feeds], Any]:
+    """Calibration samples as named model inputs (one dict per batch), and the run's data (None: synthetic).
+
+    NNCF's ONNX backend feeds each item to ONNX Runtime as it is, so a dict of every named input calibrates a
+    model with several inputs (token ids and masks) as well as an image model."""
+    data = ctx.data
+    integer = any(not np.issubdtype(np.dtype(s.dtype), np.floating) for s in art.inputs)
+    if data is None and integer and cfg.max_accuracy_drop is None:
+        # Token ids and masks have a known valid range: calibrate on valid synthetic ones rather than refuse.
+        feeds, where = guard_feeds(art, None, n=cfg.samples, batch=1)
+        notes.append(f"calibrated on {where}: valid token ids and all-ones masks; give data for a calibration that "
+                     "matches real inputs")
+        return feeds, None
+    data = require_data(ctx, "quantize.nncf")
+    if data.input_names:  # one named array per model input, in the model's order
+        n = len(data.calib)
+        if n < MIN_CALIB_SAMPLES:
+            raise InputError(f"quantize.nncf: the calibration split has {n} samples, fewer than the minimum "
+                             f"{MIN_CALIB_SAMPLES}; raise data.calib_fraction or supply more data")
+        feeds = data.feed_batches(data.calib, 1, cfg.samples)
+        notes.append(f"calibrated on {len(feeds)} samples of {data.name} ({', '.join(data.input_names)})")
+        return feeds, data
+    if len(art.inputs) != 1:
+        names = ", ".join(s.name for s in art.inputs)
+        raise InputError(f"quantize.nncf: the model takes {len(art.inputs)} inputs ({names}) but {data.name} gives "
+                         f"one array per sample; give an .npz with one array per input name ({names})")
+    name = art.inputs[0].name
+    batches = calibration_batches(data, cfg.samples, "quantize.nncf", MIN_CALIB_SAMPLES, batch=1)
+    return [{name: x} for x in batches], data
+
+
+def _validation_items(data: Any, art: Artifact, n: int | None, batch: int = 16) -> tuple[list[Feeds],
+                                                                                          list[np.ndarray] | None]:
+    """Validation batches as named inputs, and their labels per batch (None without labels)."""
+    split = data.val
+    if data.input_names:
+        feeds = data.feed_batches(split, batch, n)
+    else:
+        xs, _ = split_inputs(data, "val", n, batch)
+        feeds = [{art.inputs[0].name: x} for x in xs]
+    if split.y is None:
+        return feeds, None
+    return feeds, [split.y[i * batch:i * batch + len(next(iter(f.values())))] for i, f in enumerate(feeds)]
+
+
+def _validation_fn(float_outputs: list[np.ndarray] | None, labels: list[np.ndarray] | None) -> Any:
     """NNCF validation function over batches: top-1 with labels, else output cosine to the float model.
 
     Returns (metric over all samples, one value per batch item): NNCF ranks layers by how they move
@@ -151,8 +200,9 @@ def _validation_fn(input_name: str, float_outputs: list[np.ndarray] | None, labe
         so.log_severity_level = 3
         sess = ort.InferenceSession(compiled.SerializeToString(), so, providers=["CPUExecutionProvider"])
         per_item, scores = [], []
-        for i, x in items:
-            out = np.asarray(sess.run(None, {input_name: x})[0], dtype=np.float64).reshape(len(x), -1)
+        for i, feed in items:
+            out = np.asarray(sess.run(None, feed)[0], dtype=np.float64)
+            out = out.reshape(len(out), -1)
             if labels is not None:
                 s = (out.argmax(1) == labels[i]).astype(float)
             else:
@@ -181,12 +231,9 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
     if not nodes:
         raise PassError("quantize.nncf: the model has no quantizable layers (Conv/MatMul/Gemm with constant "
                         "weights); remove quantize.nncf from the recipe")
-    if len(art.inputs) != 1:
-        raise PassError(f"quantize.nncf: calibration supports single-input models; this one has {len(art.inputs)}")
     scope, matched = _ignored_scope(cfg, model)
-    data = require_data(ctx, "quantize.nncf")
-    name = art.inputs[0].name
-    batches = calibration_batches(data, cfg.samples, "quantize.nncf", MIN_CALIB_SAMPLES, batch=1)
+    calib_notes: list[str] = []
+    feeds, data = _calibration_feeds(art, ctx, cfg, calib_notes)
     scheme, why = choose_scheme(cfg.scheme)
     mtype = _model_type(cfg, model)
     adv = AdvancedQuantizationParameters(
@@ -194,13 +241,13 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
     if cfg.smoothquant_alpha is not None:
         adv.smooth_quant_alpha = cfg.smoothquant_alpha
     common: dict[str, Any] = {
-        "preset": nncf.QuantizationPreset(cfg.preset), "subset_size": cfg.samples,
+        "preset": nncf.QuantizationPreset(cfg.preset), "subset_size": min(cfg.samples, len(feeds)),
         "fast_bias_correction": cfg.fast_bias_correction, "ignored_scope": scope,
         "model_type": nncf.ModelType.TRANSFORMER if mtype == "transformer" else None,
     }
-    calib = nncf.Dataset(batches, lambda x: {name: x})
+    calib = nncf.Dataset(feeds)  # each item is already {input name: array} for every input
     notes = [f"INT8 scheme (NNCF): {why}" + ("; NNCF overflow_fix=enable (7-bit weights)"
-                                             if scheme == "u8s8_reduce_range" else "")]
+                                             if scheme == "u8s8_reduce_range" else ""), *calib_notes]
     info: dict[str, Any] = {"engine": "nncf", "nncf": _nncf_version(), "scheme": scheme, "scheme_reason": why,
                             "preset": cfg.preset, "model_type": mtype, "fast_bias_correction": cfg.fast_bias_correction,
                             "samples": cfg.samples, "keep_float_patterns": matched}
@@ -209,7 +256,7 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
             with quiet_nncf():
                 qmodel = nncf.quantize(model, calib, advanced_parameters=adv, **common)
         else:
-            qmodel, ac = _with_accuracy_control(model, src, calib, data, name, cfg, adv, common)
+            qmodel, ac = _with_accuracy_control(model, src, calib, data, art, cfg, adv, common)
             info["accuracy_control"] = ac
     except (RecipeError, AccuracyError):
         raise
@@ -236,7 +283,7 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
         notes.append(f"{len(kept)} of {len(nodes)} weighted layer(s) kept in float: {', '.join(kept[:20])}"
                      + (" ..." if len(kept) > 20 else ""))
     # Deployed vs simulated, and deployed vs the float input model: either out of tolerance fails the pass.
-    info["parity"] = _self_parity(out, art, data, cfg)
+    info["parity"] = _self_parity(out, art, data, cfg, scheme)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
@@ -248,7 +295,7 @@ def _nncf_version() -> str:
     return module_version("nncf")
 
 
-def _with_accuracy_control(model: Any, src: Path, calib: Any, data: Any, name: str, cfg: QuantizeNncf, adv: Any,
+def _with_accuracy_control(model: Any, src: Path, calib: Any, data: Any, art: Artifact, cfg: QuantizeNncf, adv: Any,
                            common: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``nncf.quantize_with_accuracy_control`` with the run's validation metric; which layers it reverted."""
     import nncf
@@ -256,16 +303,16 @@ def _with_accuracy_control(model: Any, src: Path, calib: Any, data: Any, name: s
     from ._quant_common import ort_session
 
     limit = float(cfg.max_accuracy_drop or 0.0)
-    xs, y = split_inputs(data, "val", cfg.accuracy_samples, 16)
-    labels = None if y is None else [y[i * 16:i * 16 + len(x)] for i, x in enumerate(xs)]
+    xs, labels = _validation_items(data, art, cfg.accuracy_samples, 16)
     float_out = None
-    if y is None:
+    if labels is None:
         sess = ort_session(src)
-        float_out = [np.asarray(sess.run(None, {name: x})[0], dtype=np.float64).reshape(len(x), -1) for x in xs]
-    metric = "top-1" if y is not None else "output cosine to the float model"
+        float_out = [np.asarray(sess.run(None, f)[0], dtype=np.float64) for f in xs]
+        float_out = [o.reshape(len(o), -1) for o in float_out]
+    metric = "top-1" if labels is not None else "output cosine to the float model"
     items = list(enumerate(xs))  # (index, batch): the index finds the batch's labels or float reference
     val = nncf.Dataset(items)
-    fn = _validation_fn(name, float_out, labels)
+    fn = _validation_fn(float_out, labels)
     with quiet_nncf():
         float_metric = fn(model, items)[0]
         qmodel = nncf.quantize_with_accuracy_control(model, calib, val, fn, max_drop=limit,

