@@ -19,7 +19,7 @@ from pydantic import Field
 
 from compress.artifact import Artifact, sha256_files
 from compress.config import true_advice
-from compress.errors import AccuracyError, InputError, PassError, RecipeError
+from compress.errors import AccuracyError, PassError, RecipeError
 from compress.int8_scheme import choose_scheme
 from compress.manager import PassContext
 from compress.parity import LOWERING, ParityOptions, check, parity_batch
