@@ -117,7 +117,7 @@ RUN_SLOW: dict[str, tuple[list[str], set[int]]] = {
 # Language models: the pages name the reader's model folder (models/smollm2); the slow suite puts a small
 # random Llama with its tokenizer there (tests/llm_models.py) and runs the command as written.
 LM_RUN = ["run", "--model", "hf:models/smollm2", "--task", "causal-lm", "--data", "builtin:pydoc-topics",
-          "--pipeline", 'quantize.weight_only{bits=4,group_size=128,algorithm="gptq"} -> torch,onnxruntime']
+          "--pipeline", "quantize.weight_only{bits=4,group_size=32,head_bits=8,accuracy_level=4} -> torch,onnxruntime"]
 LM_GENERATE = ["generate", "hf:models/smollm2", "--prompt", "def fibonacci(n):", "--tokens", "32"]
 RUN_SLOW[_key(LM_RUN)] = (LM_RUN, {0})
 RUN_SLOW[_key(LM_GENERATE)] = (LM_GENERATE, {0})
@@ -242,7 +242,7 @@ def test_commands_that_train_or_measure_run_as_documented(where: str, env: dict[
         from tests.llm_models import tiny_llama
 
         (cwd / "models").mkdir(exist_ok=True)
-        tiny_llama(cwd / "models" / "smollm2", layers=2, vocab=512, hidden=128)  # group_size=128 fits
+        tiny_llama(cwd / "models" / "smollm2", layers=2, vocab=512)
     if any(x.endswith(".onnx") for x in scaled):
         _onnx_files(cwd)
     if scaled[0] == "check":  # the budgets' model trains for 15 epochs and distills for 8: fewer, same recipe
