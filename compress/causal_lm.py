@@ -52,14 +52,6 @@ def is_causal_lm(module: Any) -> bool:
 # ----------------------------------------------------------------------------------------- GGUF files
 
 
-def _gguf_key(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def gguf_to_dir(path: Path, cache_root: Path, say: Any = None) -> Path:
     """A Hugging Face directory (float safetensors, config, tokenizer) made from a GGUF file, once per file
     content: the GGUF's quantized weights are dequantized to float32 by ``transformers``' own loader.
@@ -71,7 +63,9 @@ def gguf_to_dir(path: Path, cache_root: Path, say: Any = None) -> Path:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{path}: not a GGUF file (its first bytes are not 'GGUF')")
-    out = cache_root / "gguf" / _gguf_key(path)
+    from .artifact import sha256_file
+
+    out = cache_root / "gguf" / sha256_file(path)
     if (out / "config.json").is_file() and (out / ".complete").is_file():
         return out
     try:
