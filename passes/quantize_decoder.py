@@ -73,6 +73,28 @@ def _algo(cfg: Any, ctx: PassContext, decoder: Any, bits: int) -> Any:
                                            op_types_to_quantize=("MatMul",))
 
 
+def _untie_embedding(model: Any) -> str | None:
+    """A Gather that reads the transposed LM-head weight (a tied embedding, as the genai builder writes it) gets its
+    own table: ``Transpose(W) -> Gather`` becomes ``Gather(W.T)``. Returns the Gather's name (None: no such Gather).
+    Once the LM head is packed, nothing else reads the float ``W``, so it leaves the file."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for t in [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits]:
+        users = [n for n in model.graph.node if t.output[0] in n.input]
+        if len(users) != 1 or users[0].op_type != "Gather" or users[0].input[0] != t.output[0]:
+            continue
+        table = numpy_helper.to_array(inits[t.input[0]]).T.copy()
+        name = t.input[0] + ".embedding"
+        model.graph.initializer.append(numpy_helper.from_array(table, name))
+        users[0].input[0] = name
+        model.graph.node.remove(t)
+        return str(users[0].name)
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and len(inits[n.input[0]].dims) == 2]
+    return str(gathers[0].name) if gathers else None
+
+
 def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
     import shutil
 
@@ -87,6 +109,7 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
         raise PassError("quantize.weight_only on a decoder needs format='matmulnbits' (ONNX Runtime's packed kernel "
                         "is what makes decoding faster)")
     model = onnx.load(str(art.path / "model.onnx"))
+    embed = _untie_embedding(model) if cfg.embedding_bits else None
     mats = [n for n in model.graph.node if n.op_type == "MatMul"]
     inits = {i.name: i for i in model.graph.initializer}
     widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
@@ -113,6 +136,16 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
                                          is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
                                          nodes_to_include=[head], algo_config=_algo(hq, ctx, decoder, cfg.head_bits))
                 q.process()
+            if embed and cfg.embedding_bits:
+                from onnxruntime.quantization import QuantFormat
+                from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+                eq = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=4,
+                                                  quant_format=QuantFormat.QOperator, op_types_to_quantize=("Gather",),
+                                                  quant_axes=(("Gather", 1),))
+                q = MatMulNBitsQuantizer(q.model.model, bits=4, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
+                                         nodes_to_include=[embed], algo_config=eq)
+                q.process()
     except PassError:
         raise
     except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
@@ -125,6 +158,10 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
             shutil.copy2(f, out_dir / f.name)
     ops = [n.op_type for n in onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph.node]
     packed = ops.count("MatMulNBits")
+    embed_packed = ops.count("GatherBlockQuantized") > 0
+    if cfg.embedding_bits and not embed_packed:
+        raise PassError("quantize.weight_only: embedding_bits = 4 found no token embedding table (a Gather of a "
+                        "constant 2-D weight) to pack; leave embedding_bits unset for this model")
     if packed == 0:
         raise PassError("quantize.weight_only: no MatMul of the decoder was compressed")
     parity = _agreement(art, out_dir, ctx)
@@ -135,13 +172,16 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
              + (f", accuracy_level {cfg.accuracy_level}" if cfg.accuracy_level else "")
              + (f", calibrated on {min(cfg.calib_windows, len(ctx.text.calib))} window(s) of {ctx.text.window} "
                 "tokens" if cfg.algorithm == "gptq" and ctx.text is not None else "")
-             + f") on {packed} of {len(mats)} MatMul layer(s); the embedding Gather stays float"]
+             + f") on {packed} of {len(mats)} MatMul layer(s); "
+             + ("the token embedding packed to INT4 (GatherBlockQuantized)" if embed_packed
+                else "the embedding Gather stays float")]
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
-            "head_bits": cfg.head_bits, "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,
+            "head_bits": cfg.head_bits, "embedding_bits": cfg.embedding_bits if embed_packed else None,
+            "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,
             "matmul_layers": len(mats), "parity": parity, "notes": notes}
+    extra_ops = {"com.microsoft:MatMulNBits", *(["com.microsoft:GatherBlockQuantized"] if embed_packed else [])}
     facts = art.known_facts().lower_precision(precision).evolve(
-        quantization="weight_only", required_ops=tuple(sorted({*art.known_facts().required_ops,
-                                                               "com.microsoft:MatMulNBits"})))
+        quantization="weight_only", required_ops=tuple(sorted({*art.known_facts().required_ops, *extra_ops})))
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.weight_only": info},
                     facts=facts)
 

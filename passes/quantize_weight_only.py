@@ -38,6 +38,10 @@ class QuantizeWeightOnly(ParityOptions):
     accuracy_level: Literal[1, 2, 3, 4] | None = None
     # Decoders: the LM head (the largest and most output-sensitive MatMul) at 8 bits; None = as the rest.
     head_bits: Literal[4, 8] | None = None
+    # Decoders: the token embedding (a Gather) at 4 bits as ONNX Runtime's GatherBlockQuantized; None = float32.
+    # A tied embedding is untied first (its transposed LM-head weight becomes its own table), so the float copy
+    # goes and the file shrinks by the embedding's size (SmolLM2: 113 MB).
+    embedding_bits: Literal[4] | None = None
     # GPTQ: calibration windows (ONNX Runtime's GPTQ runs the model once per layer per window, so its cost is
     # layers x windows forward passes: 151 x 8 windows of 512 tokens took over an hour on SmolLM2 here).
     calib_windows: int = Field(2, ge=1, le=256)
@@ -64,9 +68,9 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
         from .quantize_decoder import quantize_decoder_weights
 
         return quantize_decoder_weights(art, cfg, ctx)
-    if cfg.algorithm != "rtn" or cfg.head_bits is not None:
-        raise PassError(f"quantize.weight_only: algorithm={cfg.algorithm!r} and head_bits apply to decoder language "
-                        "models (model.task = \"causal-lm\"); use the defaults for this model")
+    if cfg.algorithm != "rtn" or cfg.head_bits is not None or cfg.embedding_bits is not None:
+        raise PassError(f"quantize.weight_only: algorithm={cfg.algorithm!r}, head_bits and embedding_bits apply to "
+                        "decoder language models (model.task = \"causal-lm\"); use the defaults for this model")
     model = name_nodes(onnx.load(str(src)))
     refuse_quantized(model, "quantize.weight_only")
     nodes = weighted_nodes(model, ("MatMul",))

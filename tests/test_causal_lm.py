@@ -325,3 +325,34 @@ def test_compare_ranks_precisions_of_a_language_model(lm_dir: Path, tmp_path: Pa
         g = _cell(rep, variant, "onnxruntime").generation
         assert g.decode_speedup is not None and g.perplexity is not None
     assert _cell(rep, "baseline", "tvm").status in ("failed", "unavailable")  # no generate loop: said, not hidden
+
+
+def test_the_tied_embedding_is_untied_and_packed_to_int4(lm_dir: Path, cache_dir: Path, tmp_path: Path,
+                                                         int4_report: tuple[object, Path]) -> None:
+    import onnx
+
+    rep = run(_recipe(lm_dir, [{"kind": "quantize.weight_only", "bits": 4, "group_size": 32, "embedding_bits": 4}],
+                      lm_peak_memory=False), out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False)
+    cell = _cell(rep, "lm", "onnxruntime")
+    m = onnx.load(str(Path(cell.compiled_path) / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert "GatherBlockQuantized" in ops and "Transpose" not in ops  # the tied table is its own, packed
+    assert "com.microsoft:GatherBlockQuantized" in rep.variants["lm"].facts.required_ops
+    float_only = _cell(int4_report[0], "lm", "onnxruntime")  # the same INT4 pass with the embedding in float
+    assert cell.size_bytes < 0.8 * float_only.size_bytes
+    assert cell.generation.top1_agreement > 0.9
+
+
+def test_embedding_bits_on_a_model_that_is_not_a_decoder_is_refused() -> None:
+    from compress.passes.quantize_weight_only import QuantizeWeightOnly, quantize_weight_only
+
+    with pytest.raises(PassError, match="apply to decoder language models"):
+        quantize_weight_only(_FakeOnnx(), QuantizeWeightOnly(embedding_bits=4), None)  # type: ignore[arg-type]
+
+
+class _FakeOnnx:
+    path = Path("/nonexistent")
+
+    @staticmethod
+    def known_facts() -> Facts:
+        return Facts()
