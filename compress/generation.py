@@ -193,12 +193,3 @@ class OrtLMRunner:
 
     def close(self) -> None:
         self.sess = None  # type: ignore[assignment]
-
-
-def generate_text(runner: LMRunner, tokenizer: Any, prompt: str, new: int, eos: list[int] | None = None) -> str:
-    """Greedy continuation of ``prompt`` as text (stops at an end-of-sequence token)."""
-    ids = np.asarray([tokenizer(prompt)["input_ids"]], dtype=np.int64)
-    toks = runner.generate(ids, new).tokens[0].tolist()
-    stop = set(eos or [])
-    cut = next((i for i, t in enumerate(toks) if t in stop), len(toks))
-    return str(tokenizer.decode(toks[:cut], skip_special_tokens=True))

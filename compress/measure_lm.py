@@ -27,7 +27,7 @@ from .measure import round_orders
 from .stats import bootstrap_stat, ratio_ci
 
 
-def _cells(plan: Any, variants: list[Any], threads: int, say: Callable[[str], None]) -> list[Any]:
+def _cells(plan: Any, variants: list[Any], say: Callable[[str], None]) -> list[Any]:
     from .measurement import Cell, _compile
 
     cells = []
@@ -198,7 +198,7 @@ def measure_generation(plan: Any, variants: list[Any], threads: int,
     from .speculative import attach_draft
 
     rec, text = plan.recipe, plan.ctx.text
-    cells = _cells(plan, variants, threads, say)
+    cells = _cells(plan, variants, say)
     note = f"threads: {threads} (measure.threads)"
     if rec.measure.threads == 0:
         options = sorted({1, threads, os.cpu_count() or 1})
