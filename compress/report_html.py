@@ -359,7 +359,7 @@ def section_generation(report: Report, v: View) -> str | None:
     log = use_log(xs)
     xlo, xhi = sp.padded(min(xs), max(xs), log)
     ylo, yhi = fit_limits([p.y for p in pts])
-    front = pareto_front([(-p.x, p.y) for p in pts])  # faster and lower perplexity is better
+    front = pareto_front([(-p.x, -p.y) for p in pts])  # lower x = faster, higher y = lower perplexity
     svg = sp.scatter(pts, sp.Axis(xlo if log else max(0.0, xlo), xhi, log, "decode tokens/s (higher is better)"),
                      sp.Axis(ylo, yhi, False, "perplexity on held-out text (lower is better)"),
                      "perplexity against decode speed", front)
@@ -403,7 +403,11 @@ def render_html(report: Report, constraints: Constraints | None = None) -> str:
     """The whole page as one string (no external resource: scripts, styles, fonts and figures are inline)."""
     v = View(report, quality_axis(report), latency_keys(report), constraints or Constraints.from_report(report))
     body, nav = [], []
+    # A causal LM is judged by its generation section; the latency-at-a-batch views have nothing to show for it.
+    lm = any(r.generation is not None for r in report.results)
     for anchor, heading, render in SECTIONS:
+        if lm and anchor in ("summary", "pareto", "figures", "latency"):
+            continue
         html = render(report, v)
         if html:
             body.append(f'<section id="{anchor}"><h2>{_e(heading)}</h2>{html}</section>')
@@ -425,12 +429,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .report_schema import load_report
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or len(args) > 2:
+    if not args or len(args) > 2 or args[0] in ("-h", "--help"):
         print("usage: python -m compress.report_html REPORT.json [OUT.html]", file=sys.stderr)
         return 2
     src = Path(args[0])
     out = Path(args[1]) if len(args) > 1 else src.with_name("report.html")
-    out.write_text(render_html(load_report(src)), encoding="utf-8")
+    from .errors import CompressError
+
+    try:
+        out.write_text(render_html(load_report(src)), encoding="utf-8")
+    except CompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
