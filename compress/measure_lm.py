@@ -20,37 +20,25 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import PYTORCH
-from .capabilities import refusal
 from .errors import CompressError, TargetUnavailable
 from .measure import round_orders
 from .stats import bootstrap_stat, ratio_ci
 
 
 def _cells(plan: Any, variants: list[Any], say: Callable[[str], None]) -> list[Any]:
-    from .measurement import Cell, _compile
+    from .measurement import _compile, new_cell
 
     cells = []
     for t in plan.targets:
         reason = t.unavailable_reason()
         for v in variants:
-            cell = Cell(v.name, t.name, config=t.config.canonical(), caps=t.caps)
+            cell, src = new_cell(t, v, variants, reason, say)
             cells.append(cell)
-            src = v.torch_art if t.caps.consumes == PYTORCH else v.onnx_art
-            if reason is not None:
-                cell.status, cell.reason = "unavailable", reason
-                continue
             if src is None:
-                cell.status, cell.reason = "unavailable", "the pipeline produced no model this target consumes"
                 continue
-            if t.caps.consumes == PYTORCH and v is not variants[0] and src.digest == variants[0].torch_art.digest:
-                cell.status, cell.reason = "skipped", "same PyTorch model as the baseline (its passes act on ONNX)"
-                continue
-            refused = refusal(t.caps, src.known_facts(), t.name)
-            if refused is None and not t.caps.generates:
-                refused = f"target '{t.name}' has no generate loop for a causal language model"
-            if refused is not None:
-                cell.status, cell.reason = "failed", f"refused: {refused}"
+            if not t.caps.generates:  # a PyTorch target (no decoder facts to refuse) without a generate loop
+                cell.status = "failed"
+                cell.reason = f"refused: target '{t.name}' has no generate loop for a causal language model"
                 continue
             try:
                 compiled, hit, secs = _compile(t, src, plan.ctx)

@@ -209,6 +209,44 @@ def _dynamic_batch(art: Artifact | None) -> bool:
     return art is None or bool(art.known_facts().dynamic_batch)
 
 
+def new_cell(t: Any, v: Variant, variants: list[Variant], unavailable: str | None,
+             say: Callable[[str], None]) -> tuple[Cell, Artifact | None]:
+    """The cell of variant ``v`` on target ``t`` and the model to build it from; None, with the cell's status
+    and reason set, when there is nothing to build: the target cannot run here (``unavailable``), the chain made
+    no model the target consumes, the build would re-measure the baseline's own model, or the target refuses
+    the model's facts. Shared by every stage-3 builder (latency cells here, generation cells in measure_lm)."""
+    cell = Cell(v.name, t.name, config=t.config.canonical(), caps=t.caps)
+    src = v.torch_art if t.caps.consumes == PYTORCH else v.onnx_art
+    if unavailable is not None:
+        cell.status, cell.reason = "unavailable", unavailable
+        return cell, None
+    if src is None:
+        cell.status = "unavailable"
+        cell.reason = ("no PyTorch model (the run started from an ONNX file)" if t.caps.consumes == PYTORCH
+                       else "the pipeline produced no ONNX model")
+        return cell, None
+    if t.caps.consumes == PYTORCH and v.onnx_art is not None and v.steps:
+        onnx_after = [r.kind for r in v.steps if get_pass(r.kind).consumes == ONNX]
+        base_torch = variants[0].torch_art
+        if onnx_after and v is not variants[0] and base_torch is not None and src.digest == base_torch.digest:
+            # Measuring the baseline's own model again would only show noise as a "speed-up".
+            cell.status = "skipped"
+            cell.reason = (f"same PyTorch model as the baseline ({', '.join(onnx_after)} acts on the ONNX "
+                           "model only)")
+            return cell, None
+        if onnx_after:
+            cell.notes.append(f"measures the PyTorch model before the ONNX passes ({', '.join(onnx_after)})")
+    refused = refusal(t.caps, src.known_facts(), t.name)
+    if refused is not None:  # the artifact needs what the target does not have: say so, build nothing
+        able = [k for k, (_, cls) in registered_targets().items()
+                if cls.caps.consumes == t.caps.consumes and refusal(cls.caps, src.known_facts(), k) is None]
+        cell.status, cell.reason = "failed", f"refused: {refused}" + (
+            f"; targets that can run it: {', '.join(able)}" if able else "")
+        say(f"compile {v.name} for {t.name}: {cell.reason}")
+        return cell, None
+    return cell, src
+
+
 def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
                  say: Callable[[str], None]) -> list[Cell]:
     cells = []
@@ -216,35 +254,9 @@ def _build_cells(variants: list[Variant], targets: list[Any], ctx: PassContext,
     for t in targets:
         reason = t.unavailable_reason()
         for v in variants:
-            cell = Cell(v.name, t.name, config=t.config.canonical(), caps=t.caps)
+            cell, src = new_cell(t, v, variants, reason, say)
             cells.append(cell)
-            src = v.torch_art if t.caps.consumes == PYTORCH else v.onnx_art
-            if reason is not None:
-                cell.status, cell.reason = "unavailable", reason
-                continue
             if src is None:
-                cell.status = "unavailable"
-                cell.reason = ("no PyTorch model (the run started from an ONNX file)" if t.caps.consumes == PYTORCH
-                               else "the pipeline produced no ONNX model")
-                continue
-            if t.caps.consumes == PYTORCH and v.onnx_art is not None and v.steps:
-                onnx_after = [r.kind for r in v.steps if get_pass(r.kind).consumes == ONNX]
-                base_torch = variants[0].torch_art
-                if onnx_after and v is not variants[0] and base_torch is not None and src.digest == base_torch.digest:
-                    # Measuring the baseline's own model again would only show noise as a "speed-up".
-                    cell.status = "skipped"
-                    cell.reason = (f"same PyTorch model as the baseline ({', '.join(onnx_after)} acts on the ONNX "
-                                   "model only)")
-                    continue
-                if onnx_after:
-                    cell.notes.append(f"measures the PyTorch model before the ONNX passes ({', '.join(onnx_after)})")
-            refused = refusal(t.caps, src.known_facts(), t.name)
-            if refused is not None:  # the artifact needs what the target does not have: say so, build nothing
-                able = [k for k, (_, cls) in registered_targets().items()
-                        if cls.caps.consumes == t.caps.consumes and refusal(cls.caps, src.known_facts(), k) is None]
-                cell.status, cell.reason = "failed", f"refused: {refused}" + (
-                    f"; targets that can run it: {', '.join(able)}" if able else "")
-                say(f"compile {v.name} for {t.name}: {cell.reason}")
                 continue
             try:
                 compiled, hit, secs = _compile(t, src, ctx)
