@@ -304,7 +304,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
         print(render_text(report, said=said))
-        print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
+        print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png, {out}/latency.png")
     return 0
 
 
@@ -468,7 +468,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2, default=str))
         return 0
     print(render_text(report, compare=True, said=said))
-    print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png")
+    print(f"\nwrote {out}/report.json, {out}/report.md, {out}/report.html, {out}/pareto.png, {out}/latency.png")
     return 0
 
 
