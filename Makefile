@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[prune,quant,tvm,openvino,search,ray,hf,llm,dev]'
 	# Type stubs for TensorRT; --no-deps because their metadata pulls the multi-GB runtime.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
-	# The plugin manifest (compress/__pycache__), so the first `compress targets`, `passes` or recipe error
+	# The plugin manifest (compress/core/__pycache__), so the first `compress targets`, `passes` or recipe error
 	# answers without importing torch; it is rebuilt by itself whenever a plugin changes.
 	$(BIN)/compress passes > /dev/null
 	touch $(STAMP)

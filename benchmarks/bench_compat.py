@@ -4,7 +4,7 @@
     python benchmarks/bench_compat.py --only bert,vit     # some of them (prints the table, writes nothing)
 
 Each model is built from a ``transformers`` config (tiny sizes, random weights, no download) and
-wrapped with its task head (compress.hf). Steps, each recorded as ``ok`` with its figure or as the
+wrapped with its task head (compress.inputs.hf). Steps, each recorded as ``ok`` with its figure or as the
 one-line reason it refused:
 
 1. ``prune.channels{ratio=0.3}`` (defaults: whole heads for attention blocks with a stored head size)
@@ -38,13 +38,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from compress.api import module_artifact  # noqa: E402
-from compress.artifact import Artifact  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.data import load_data  # noqa: E402
+from compress.core.artifact import Artifact  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.manager import PassContext, PassManager  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
-from compress.fidelity import compare_outputs  # noqa: E402
-from compress.manager import PassContext, PassManager  # noqa: E402
-from compress.recipe import DataSpec  # noqa: E402
+from compress.inputs.data import load_data  # noqa: E402
+from compress.quality.fidelity import compare_outputs  # noqa: E402
+from compress.stages.recipe import DataSpec  # noqa: E402
 
 PRUNE_RATIO = 0.3
 
@@ -214,7 +214,7 @@ def run_model(name: str, cache_dir: Path, tvm: bool = True) -> dict[str, Any]:
     from compress.passes.quantize_dynamic import QuantizeDynamic
     from compress.passes.quantize_int8 import QuantizeInt8
 
-    from compress.hf import from_config, input_specs
+    from compress.inputs.hf import from_config, input_specs
 
     make_cfg, task, shape = _configs()[name]
     rec: dict[str, Any] = {"model": name, "task": task, "input": list(shape)}
@@ -305,8 +305,8 @@ def bert_latency(seq: int = 128, n_sent: int = 32, threads: int = 0, cache_dir: 
     from compress.passes.prune_channels import ChannelPrune
     from compress.passes.quantize_dynamic import QuantizeDynamic
 
-    from compress.hf import from_config, input_specs
-    from compress.measure import measure_interleaved
+    from compress.inputs.hf import from_config, input_specs
+    from compress.measuring.measure import measure_interleaved
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -439,7 +439,7 @@ def main() -> int:
         t0 = time.perf_counter()
         lines = bert_latency(threads=a.threads, cache_dir=a.cache)
         print("\n".join(lines))
-        from compress.fingerprint import machine_fingerprint
+        from compress.core.fingerprint import machine_fingerprint
 
         m = machine_fingerprint()
         import os
@@ -479,7 +479,7 @@ def main() -> int:
     print("\n".join(lines))
     if a.only:
         return 0
-    from compress.fingerprint import machine_fingerprint
+    from compress.core.fingerprint import machine_fingerprint
 
     m = machine_fingerprint()
     through = [r["model"] for r in rows if all(r.get(k, {}).get("ok") for k in ("prune", "int8"))

@@ -1,9 +1,9 @@
 """Distillation vs plain fine-tuning after channel pruning, on the digits CNN.
 
 Arms, all measured in this one run:
-  original     digits-cnn trained with compress.training.fit
+  original     digits-cnn trained with compress.inputs.training.fit
   pruned       prune.channels to ~1/4 of the MACs, no recovery
-  fine-tuned   pruned + compress.training.fit for N epochs (cross-entropy, AdamW + cosine)
+  fine-tuned   pruned + compress.inputs.training.fit for N epochs (cross-entropy, AdamW + cosine)
   distilled    pruned + the distill pass for the same N epochs (teacher = original)
 
 Selection and measurement use different samples: the pass picks its best epoch on
@@ -40,15 +40,15 @@ sys.path.insert(0, str(ROOT))
 from compress.passes.distill import Distill  # noqa: E402
 
 from compress.api import module_artifact  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.data import DataBundle, Split, load_data  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.manager import PassContext, PassManager  # noqa: E402
-from compress.models import load_model  # noqa: E402
-from compress.recipe import DataSpec, ModelSpec  # noqa: E402
-from compress.registry import passes  # noqa: E402
-from compress.torch_io import clone_module, load_torch, torch_artifact  # noqa: E402
-from compress.training import fit, predict  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.core.manager import PassContext, PassManager  # noqa: E402
+from compress.core.registry import passes  # noqa: E402
+from compress.inputs.data import DataBundle, Split, load_data  # noqa: E402
+from compress.inputs.models import load_model  # noqa: E402
+from compress.inputs.torch_io import clone_module, load_torch, torch_artifact  # noqa: E402
+from compress.inputs.training import fit, predict  # noqa: E402
+from compress.stages.recipe import DataSpec, ModelSpec  # noqa: E402
 
 SHAPE = (1, 1, 8, 8)
 
@@ -207,11 +207,12 @@ def write_report(path: Path, cmd: str, args: argparse.Namespace, heads: list[dic
         f"was used to pick the recovery lr and is excluded), each train {h0['n_train']}, select {h0['n_select']} "
         f"(distill's best-epoch choice), test {h0['n_test']} (never trained or selected on; 1 image = "
         f"{100 / h0['n_test']:.2f} points).",
-        f"- Original: digits-cnn, compress.training.fit {args.train_epochs} epochs, lr {args.train_lr}, per split.",
+        f"- Original: digits-cnn, compress.inputs.training.fit {args.train_epochs} epochs, lr {args.train_lr}, "
+        "per split.",
         f"- Pruning: {h0['how']}: MACs {h0['macs_before']:,} -> {h0['macs_after']:,} "
         f"({h0['macs_after'] / h0['macs_before']:.3f}x).",
         f"- Recovery budgets N = {', '.join(map(str, args.epochs))} epochs, the same for every arm; lr {args.lr}, "
-        f"AdamW + cosine, batch 64, seeds {', '.join(map(str, args.seeds))}. Fine-tuning: compress.training.fit "
+        f"AdamW + cosine, batch 64, seeds {', '.join(map(str, args.seeds))}. Fine-tuning: compress.inputs.training.fit "
         "(cross-entropy, final epoch kept). Distillation: the distill pass with its defaults (T=4, alpha=0.7 KD + "
         "0.3 CE) and patience 0; it keeps its best epoch on `select`. Label-free: the same pass with "
         "labels=\"ignore\" (teacher signal only; best epoch by agreement with the teacher).",

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compress.cli import main as cli  # noqa: E402
-from compress.fingerprint import cpu_info  # noqa: E402
-from compress.stats import RatioCI, ratio_ci, ratio_verdict  # noqa: E402
+from compress.core.fingerprint import cpu_info  # noqa: E402
+from compress.measuring.stats import RatioCI, ratio_ci, ratio_verdict  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "digits-cnn": {"shape": "1,1,8,8", "epochs": 15},
@@ -51,7 +51,7 @@ def main() -> None:
     lines = [f"# INT8 engines x runtimes ({dt.date.today()})", "",
              f"Machine: {cpu_info()['model']}, ISA {', '.join(cpu_info()['isa'])}. Models trained on the digits "
              "task at the input size given; latency at that size. Ratios: p50 of the first over p50 of the second, "
-             "from interleaved rounds, with a 95% paired bootstrap interval (compress.stats).",
+             "from interleaved rounds, with a 95% paired bootstrap interval (compress.measuring.stats).",
              f"Command: `.venv/bin/python benchmarks/bench_engines.py --rounds {a.rounds} --batch {a.batch}`", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):

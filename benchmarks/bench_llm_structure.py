@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def speculative(verifier: Path, draft: Path, prompts: list[np.ndarray], new: int, k: int) -> dict[str, float]:
-    from compress.generation import OrtLMRunner
-    from compress.speculative import SpeculativeRunner
+    from compress.measuring.generation import OrtLMRunner
+    from compress.measuring.speculative import SpeculativeRunner
 
     plain = OrtLMRunner(verifier, 1)
     spec = SpeculativeRunner(OrtLMRunner(verifier, 1), OrtLMRunner(draft, 1), k=k)
@@ -69,12 +69,12 @@ def main() -> None:
     a = ap.parse_args()
     from bench_llm import gguf_file
 
-    from compress.cache import Cache
-    from compress.causal_lm import gguf_to_dir
-    from compress.pipeline import run
-    from compress.recipe import recipe_from_dict
-    from compress.registry import get_pass
-    from compress.report import generation_lines
+    from compress.core.cache import Cache
+    from compress.core.registry import get_pass
+    from compress.inputs.causal_lm import gguf_to_dir
+    from compress.reporting.report import generation_lines
+    from compress.stages.pipeline import run
+    from compress.stages.recipe import recipe_from_dict
 
     cache = Cache(None)
     hf_dir = Path(a.hf_dir) if a.hf_dir else gguf_to_dir(gguf_file(), cache.root, say=print)
@@ -103,7 +103,7 @@ def main() -> None:
     for n in report.notes:
         print("note:", n)
     cells = {r.variant: Path(r.compiled_path) for r in report.results if r.status == "ok" and r.compiled_path}
-    from compress.causal_lm import lm_text
+    from compress.inputs.causal_lm import lm_text
 
     text = lm_text(hf_dir, "builtin:pydoc-topics", 256, 2048, 8192)
     prompts = [w[:64][None] for w in text.eval][:8] + [w[128:192][None] for w in text.eval][:8] + \

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_sentence_encoder import sentences  # noqa: E402
 
-from compress.fingerprint import cpu_info  # noqa: E402
+from compress.core.fingerprint import cpu_info  # noqa: E402
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -58,13 +58,13 @@ def main() -> int:
     from compress.passes.prune_channels import ChannelPrune
     from compress.passes.quantize_dynamic import QuantizeDynamic
 
-    from compress import hf
-    from compress.cache import Cache
-    from compress.data import load_data
-    from compress.manager import PassContext, PassManager
-    from compress.models import load_model
-    from compress.recipe import DataSpec, ModelSpec
-    from compress.torch_io import load_torch
+    from compress.core.cache import Cache
+    from compress.core.manager import PassContext, PassManager
+    from compress.inputs import hf
+    from compress.inputs.data import load_data
+    from compress.inputs.models import load_model
+    from compress.inputs.torch_io import load_torch
+    from compress.stages.recipe import DataSpec, ModelSpec
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -1,4 +1,4 @@
-"""How far lowered models are from their input models: the figures behind compress/parity.py's defaults.
+"""How far lowered models are from their input models: the figures behind compress/quality/parity.py's defaults.
 
 The digits CNN (trained here, 5 epochs) and the zoo transformer (random weights, fixed seed), each as
 FP32 ONNX and through every ONNX-producing pass; for each, the pass output against its float input
@@ -32,15 +32,15 @@ from compress.passes.quantize_weight_only import QuantizeWeightOnly  # noqa: E40
 from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget  # noqa: E402
 from compress.targets.tvm_compiler import TvmConfig, TvmTarget  # noqa: E402
 
-from compress import zoo  # noqa: E402
 from compress.api import module_artifact  # noqa: E402
-from compress.artifact import Artifact  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.data import load_data  # noqa: E402
-from compress.manager import PassContext, PassManager  # noqa: E402
-from compress.parity import LOWERING, QUANTIZATION, breach, compare_outputs, model_precision  # noqa: E402
-from compress.recipe import DataSpec  # noqa: E402
-from compress.training import fit  # noqa: E402
+from compress.core.artifact import Artifact  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.manager import PassContext, PassManager  # noqa: E402
+from compress.inputs import zoo  # noqa: E402
+from compress.inputs.data import load_data  # noqa: E402
+from compress.inputs.training import fit  # noqa: E402
+from compress.quality.parity import LOWERING, QUANTIZATION, breach, compare_outputs, model_precision  # noqa: E402
+from compress.stages.recipe import DataSpec  # noqa: E402
 
 SHAPE = (1, 1, 8, 8)
 

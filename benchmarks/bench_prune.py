@@ -33,14 +33,14 @@ from compress.passes.prune_channels import ChannelPrune  # noqa: E402
 from compress.passes.prune_magnitude import MagnitudePrune  # noqa: E402
 
 from compress.api import module_artifact  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.data import load_data  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.manager import PassContext, PassManager  # noqa: E402
-from compress.models import load_model  # noqa: E402
-from compress.recipe import DataSpec, ModelSpec  # noqa: E402
-from compress.torch_io import load_torch  # noqa: E402
-from compress.training import fit, top1  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.core.manager import PassContext, PassManager  # noqa: E402
+from compress.inputs.data import load_data  # noqa: E402
+from compress.inputs.models import load_model  # noqa: E402
+from compress.inputs.torch_io import load_torch  # noqa: E402
+from compress.inputs.training import fit, top1  # noqa: E402
+from compress.stages.recipe import DataSpec, ModelSpec  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -119,7 +119,7 @@ def resnet_latency(cache: Cache, rounds: int, thread_counts: list[int]) -> dict[
 
 
 def digits_accuracy(cache: Cache, train_epochs: int, finetune_epochs: int) -> dict[str, Any]:
-    from compress import zoo
+    from compress.inputs import zoo
 
     data = load_data(DataSpec(source="builtin:digits"), (1, 1, 8, 8))
     torch.manual_seed(0)
@@ -216,7 +216,8 @@ def write_md(path: Path, cmd: str, res: dict[str, Any], fp: dict[str, Any], wall
         "",
         f"## Digits CNN top-1 (val, {acc['val_samples']} samples)",
         "",
-        f"Trained here with `compress.training.fit` for {acc['train_epochs']} epochs on builtin:digits (seed 0); "
+        f"Trained here with `compress.inputs.training.fit` for {acc['train_epochs']} epochs "
+        f"on builtin:digits (seed 0); "
         f"each pass run once without and once with a {acc['finetune_epochs']}-epoch fine-tune "
         "(masked fine-tune for the sparsity passes, so their zeros stay zero).",
         "",

@@ -28,12 +28,12 @@ from compress.passes._quant_common import onnx_top1, ort_session, run_batches, s
 from compress.passes.export_onnx import ExportOnnx  # noqa: E402
 from compress.passes.quantize_qat import QuantizeQat  # noqa: E402
 
-from compress import zoo  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.data import load_data  # noqa: E402
-from compress.fingerprint import detected_cpu  # noqa: E402
-from compress.recipe import DataSpec  # noqa: E402
-from compress.training import fit  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import detected_cpu  # noqa: E402
+from compress.inputs import zoo  # noqa: E402
+from compress.inputs.data import load_data  # noqa: E402
+from compress.inputs.training import fit  # noqa: E402
+from compress.stages.recipe import DataSpec  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_quantize import run_chain  # noqa: E402

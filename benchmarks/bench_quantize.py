@@ -37,15 +37,15 @@ from compress.passes.quantize_fp16 import QuantizeFp16  # noqa: E402
 from compress.passes.quantize_int8 import QuantizeInt8, _quiet  # noqa: E402
 from compress.passes.quantize_qat import QuantizeQat  # noqa: E402
 
-from compress import zoo  # noqa: E402
 from compress.api import module_artifact  # noqa: E402
-from compress.artifact import Artifact  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.data import DataBundle, load_data  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.manager import PassContext, PassManager  # noqa: E402
-from compress.recipe import DataSpec  # noqa: E402
-from compress.training import fit  # noqa: E402
+from compress.core.artifact import Artifact  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.core.manager import PassContext, PassManager  # noqa: E402
+from compress.inputs import zoo  # noqa: E402
+from compress.inputs.data import DataBundle, load_data  # noqa: E402
+from compress.inputs.training import fit  # noqa: E402
+from compress.stages.recipe import DataSpec  # noqa: E402
 
 
 def log(msg: str) -> None:

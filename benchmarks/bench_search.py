@@ -6,7 +6,7 @@ for 60-90 epochs in every trial, so training is most of a trial's time), the sam
 sampler and the same number of trials, run locally and with ``--executor ray`` on a local cluster of
 one worker and of two, each from a cold cache. The model is trained 10 epochs once before the trials
 of each run. On this machine's cores a one-worker cluster's build trains with all of them, a
-two-worker cluster's builds with half each (``compress.search.task_threads``). Reported: wall time of
+two-worker cluster's builds with half each (``compress.apps.search.task_threads``). Reported: wall time of
 each run and the Ray runs' ratio; how much of it was training (the root's and the trials' training
 passes, summed over workers, / (wall time x workers)); other processes' CPU use during each run; each
 trial's latency ratio with its interval from every run, the thread count it was timed with and the
@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress.fingerprint import cpu_info  # noqa: E402
-from compress.search import run_search  # noqa: E402
+from compress.apps.search import run_search  # noqa: E402
+from compress.core.fingerprint import cpu_info  # noqa: E402
 
 SPACE = '''name = "bench-search"
 model = {{ source = "zoo:digits-cnn", train_epochs = 10 }}
@@ -176,9 +176,9 @@ def main() -> None:
              "(ratio 0.2-0.6, no fine-tuning) and 60-90 epochs of distillation from the unpruned model on the "
              "digits train split. The Ray clusters are local, on this machine's cores: with one worker its "
              "builds train with every core that other processes leave free when the build starts "
-             "(`compress.search.training_threads`); with two, each build trains with one thread "
-             "(`compress.search.task_threads`), i.e. two cores for two workers. The root's training holds "
-             "the whole node in both. Every trial is timed with 1 thread (`compress.search.pin_threads`), "
+             "(`compress.apps.search.training_threads`); with two, each build trains with one thread "
+             "(`compress.apps.search.task_threads`), i.e. two cores for two workers. The root's training holds "
+             "the whole node in both. Every trial is timed with 1 thread (`compress.apps.search.pin_threads`), "
              "one measurement at a time holding the node.",
              f"Command: `.venv/bin/python benchmarks/bench_search.py --trials {a.trials}{' --abba' * a.abba}` "
              "(runs in the order of the table).", "",

@@ -34,11 +34,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress.fingerprint import cpu_info  # noqa: E402
-from compress.pipeline import run as run_recipe  # noqa: E402
-from compress.recipe import load_recipe  # noqa: E402
-from compress.search import load_space, run_search, trial_metrics  # noqa: E402
-from compress.stats import describe_ratio, ratio_ci  # noqa: E402
+from compress.apps.search import load_space, run_search, trial_metrics  # noqa: E402
+from compress.core.fingerprint import cpu_info  # noqa: E402
+from compress.measuring.stats import describe_ratio, ratio_ci  # noqa: E402
+from compress.stages.pipeline import run as run_recipe  # noqa: E402
+from compress.stages.recipe import load_recipe  # noqa: E402
 
 SPACE = ROOT / "examples" / "search-resnet18.toml"
 HEADLINE = {"passes[1].macs_target": 0.2, "passes[1].round_to": 16, "passes[2].epochs": 8}

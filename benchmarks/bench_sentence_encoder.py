@@ -30,12 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compress.core.fingerprint import cpu_info  # noqa: E402
+from compress.core.registry import get_pass  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
-from compress.fingerprint import cpu_info  # noqa: E402
-from compress.pipeline import run  # noqa: E402
-from compress.recipe import recipe_from_dict  # noqa: E402
-from compress.registry import get_pass  # noqa: E402
-from compress.stats import bootstrap_ratio  # noqa: E402
+from compress.measuring.stats import bootstrap_ratio  # noqa: E402
+from compress.stages.pipeline import run  # noqa: E402
+from compress.stages.recipe import recipe_from_dict  # noqa: E402
 
 SEQ = 128
 

@@ -36,16 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compress.api import module_artifact  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.data import load_data  # noqa: E402
-from compress.evaluate import top1  # noqa: E402
-from compress.execute import train_root as _train_root  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.manager import PassContext, PassManager  # noqa: E402
-from compress.measure import measure_interleaved, summarize  # noqa: E402
-from compress.models import load_model  # noqa: E402
-from compress.recipe import DataSpec, ModelSpec, format_pipeline, parse_pipeline  # noqa: E402
-from compress.torch_io import load_torch  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.core.manager import PassContext, PassManager  # noqa: E402
+from compress.inputs.data import load_data  # noqa: E402
+from compress.inputs.models import load_model  # noqa: E402
+from compress.inputs.torch_io import load_torch  # noqa: E402
+from compress.measuring.measure import measure_interleaved, summarize  # noqa: E402
+from compress.quality.evaluate import top1  # noqa: E402
+from compress.stages.execute import train_root as _train_root  # noqa: E402
+from compress.stages.recipe import DataSpec, ModelSpec, format_pipeline, parse_pipeline  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "resnet18": {"acc_shape": (1, 3, 32, 32), "lat_shape": (1, 3, 224, 224), "epochs": 8,

@@ -32,11 +32,11 @@ from compress.passes.export_onnx import ExportOnnx  # noqa: E402
 from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget  # noqa: E402
 from compress.targets.tvm_compiler import TvmConfig, TvmTarget  # noqa: E402
 
-from compress import zoo  # noqa: E402
 from compress.api import apply  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.manager import PassContext  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.core.manager import PassContext  # noqa: E402
+from compress.inputs import zoo  # noqa: E402
 
 THREADS = 2
 

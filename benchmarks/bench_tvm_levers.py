@@ -49,12 +49,12 @@ from compress.passes.quantize_int8 import QuantizeInt8  # noqa: E402
 from compress.targets.onnx_runtime import OnnxRuntimeConfig, OnnxRuntimeTarget  # noqa: E402
 from compress.targets.tvm_compiler import TvmConfig, TvmTarget  # noqa: E402
 
-from compress import zoo  # noqa: E402
 from compress.api import apply  # noqa: E402
-from compress.cache import Cache  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.manager import PassContext  # noqa: E402
-from compress.stats import ratio_ci  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.core.manager import PassContext  # noqa: E402
+from compress.inputs import zoo  # noqa: E402
+from compress.measuring.stats import ratio_ci  # noqa: E402
 
 THREADS = 2
 # Every arm names its layout: NHWC became the target's default after these runs, and each arm changes

@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 from compress.targets.tensorrt_engine import TensorRTConfig, TensorRTTarget  # noqa: E402
 
-from compress.artifact import Artifact, InputSpec, sha256_files  # noqa: E402
-from compress.cache import Cache  # noqa: E402
+from compress.core.artifact import Artifact, InputSpec, sha256_files  # noqa: E402
+from compress.core.cache import Cache  # noqa: E402
+from compress.core.fingerprint import machine_fingerprint  # noqa: E402
+from compress.core.manager import PassContext  # noqa: E402
 from compress.errors import BuildError, InputError  # noqa: E402
-from compress.fingerprint import machine_fingerprint  # noqa: E402
-from compress.manager import PassContext  # noqa: E402
 
 LINES: list[str] = []
 
@@ -52,7 +52,8 @@ def say(msg: str) -> None:
 def export(name: str, shape: tuple[int, ...], cache_dir: Path) -> Artifact:
     from compress.passes.export_onnx import ExportOnnx
 
-    from compress import api, zoo
+    from compress import api
+    from compress.inputs import zoo
 
     return api.apply(zoo.build(name, shape), ExportOnnx(), shape, cache_dir=cache_dir)
 

@@ -51,7 +51,7 @@ def main() -> int:
 
 def collect() -> None:
     sys.path.insert(0, str(HERE.parent))
-    from compress.fingerprint import machine_fingerprint
+    from compress.core.fingerprint import machine_fingerprint
 
     parts = sorted((HERE / "results").glob("*.md"),
                    key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifact import Artifact, InputSpec
+from .core.artifact import Artifact, InputSpec
 from .errors import (
     AccuracyError,
     BudgetExceeded,
@@ -68,11 +68,11 @@ def __getattr__(name: str) -> Any:
 
         return apply
     if name == "run":
-        from .pipeline import run
+        from .stages.pipeline import run
 
         return run
     if name == "load_recipe":
-        from .recipe import load_recipe
+        from .stages.recipe import load_recipe
 
         return load_recipe
     raise AttributeError(name)

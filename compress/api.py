@@ -8,14 +8,14 @@ from typing import Any
 
 from torch import nn
 
-from .artifact import Artifact, InputSpec
-from .cache import Cache
-from .config import PassConfig
-from .data import DataBundle, load_data
-from .manager import PassContext, PassManager
-from .recipe import DataSpec
-from .sources import LIVE_MODULES
-from .torch_io import load_torch, set_eval, torch_digest, write_torch
+from .core.artifact import Artifact, InputSpec
+from .core.cache import Cache
+from .core.config import PassConfig
+from .core.manager import PassContext, PassManager
+from .inputs.data import DataBundle, load_data
+from .inputs.sources import LIVE_MODULES
+from .inputs.torch_io import load_torch, set_eval, torch_digest, write_torch
+from .stages.recipe import DataSpec
 
 
 def module_artifact(module: nn.Module, input_shape: tuple[int, ...], cache: Cache,
@@ -62,9 +62,9 @@ def apply(
     The lowering to ONNX is inserted where a PyTorch model meets an ONNX pass (never for an ``.onnx``
     file, which ONNX passes take as it is). The input module is never modified.
     """
-    from .models import load_model
-    from .plan import with_lowering
-    from .recipe import ModelSpec
+    from .inputs.models import load_model
+    from .stages.plan import with_lowering
+    from .stages.recipe import ModelSpec
 
     cache = Cache(Path(cache_dir) if cache_dir else None)
     if isinstance(module, nn.Module):

@@ -270,7 +270,7 @@ def require_labels(ctx: Any, what: str, pass_name: str, alternative: str = "") -
 
 def finetune(model: nn.Module, ctx: Any, epochs: int, lr: float, pass_name: str) -> list[float]:
     """Short supervised fine-tune on the pipeline's labelled data."""
-    from compress.training import fit
+    from compress.inputs.training import fit
 
     require_labels(ctx, f"finetune_epochs={epochs}", pass_name)
     curve = fit(model, ctx.data, epochs, lr=lr, seed=ctx.seed, progress=ctx.progress, desc=f"{pass_name} fine-tune",

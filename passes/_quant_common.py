@@ -18,10 +18,10 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import AfterValidator, Field
 
-from compress.artifact import Artifact
+from compress.core.artifact import Artifact
+from compress.core.int8_scheme import choose_scheme
 from compress.errors import InputError, PassError
-from compress.int8_scheme import choose_scheme
-from compress.ort import ort_session, session_infer, split_inputs
+from compress.measuring.ort import ort_session, session_infer, split_inputs
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -35,7 +35,7 @@ def _power_of_two(v: int) -> int:
 # Weights per quantization group of the weight-only passes: what the block quantizers accept.
 GroupSize = Annotated[int, Field(ge=16, le=4096), AfterValidator(_power_of_two)]
 # Integer dot-product instructions that accumulate u8 x s8 in 32 bits (no 16-bit saturation).
-# Agreement of deployed vs simulated below these fails (compress.parity.LOWERING["int8"]; settable per pass/target).
+# Agreement of deployed vs simulated below these fails (quality.parity.LOWERING["int8"]; settable).
 PARITY_MIN_AGREEMENT = 0.98
 PARITY_MIN_COSINE = 0.995
 
@@ -153,12 +153,12 @@ def run_batches(infer: Callable[[dict[str, np.ndarray]], list[np.ndarray]], inpu
 
 
 def compare(ref: np.ndarray, got: np.ndarray, kind: str | None = None) -> dict[str, Any]:
-    """Cosine and max abs diff of two outputs, plus the comparison that fits the output (compress.fidelity).
+    """Cosine and max abs diff of two outputs, plus the comparison that fits the output (compress.quality.fidelity).
 
     ``kind`` None infers it from the shape: argmax agreement only for class logits, per-sample
     cosine (mean and worst) for embeddings / hidden states, SNR for regression.
     """
-    from compress.fidelity import compare_outputs, infer_kind
+    from compress.quality.fidelity import compare_outputs, infer_kind
 
     k = kind or infer_kind(np.asarray(ref))[0]
     out = compare_outputs(ref, got, k)
@@ -176,7 +176,7 @@ def pass_parity(kind: str, art: Artifact, out_path: Path, ctx: Any, tol: Any, pr
     """A quantizing pass's output (``out_path``) against its input model ``art``, both on ONNX Runtime, on the
     validation split (or seeded random inputs without data). Returns the parity record for the metadata;
     raises PassError with one line naming the figure and its bound on a breach (``hint`` says what to do)."""
-    from compress.parity import check, parity_batch, parity_inputs, run_feeds
+    from compress.quality.parity import check, parity_batch, parity_inputs, run_feeds
 
     feeds, inputs, y = parity_inputs(art, getattr(ctx, "data", None), samples, parity_batch(art),
                                      getattr(ctx, "seed", 0))
@@ -220,7 +220,7 @@ def simulated_agreement(
         if data is not None:
             xs, y = split_inputs(data, split, max_samples, batch)
         else:
-            from compress.torch_io import sample_inputs
+            from compress.inputs.torch_io import sample_inputs
 
             n_batches = max(1, max_samples // batch)
             xs = [sample_inputs(onnx_art.inputs, batch=batch, seed=i)[0].numpy() for i in range(n_batches)]
@@ -349,7 +349,7 @@ def guard_feeds(art: Artifact, data: Any, n: int = 64, batch: int = 16) -> tuple
     if data is not None and len(art.inputs) == 1:
         xs, _ = split_inputs(data, "val", n, batch)
         return [{art.inputs[0].name: x} for x in xs], f"{sum(len(x) for x in xs)} validation samples"
-    from compress.torch_io import sample_inputs
+    from compress.inputs.torch_io import sample_inputs
 
     b = batch
     feeds = []
@@ -365,10 +365,10 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
 
     Needs no labels, so a quantization that wrecks the model (e.g. quantized attention masks) is a
     failed step rather than an ``ok`` row. ``advice``: settings the caller checked the run does not already
-    have (compress.config.true_advice), offered beside keeping nodes in float.
+    have (compress.core.config.true_advice), offered beside keeping nodes in float.
     """
     from compress.errors import AccuracyError
-    from compress.fidelity import compare_outputs, degenerate
+    from compress.quality.fidelity import compare_outputs, degenerate
 
     feeds, where = guard_feeds(art, data)
     fs, qs = ort_session(fpath), ort_session(qpath)

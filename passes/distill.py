@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.artifact import Artifact, sha256_json
-from compress.config import PassConfig
-from compress.data import DataBundle, Split
+from compress.core.artifact import Artifact, sha256_json
+from compress.core.config import PassConfig
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import InputError, PassError
-from compress.manager import PassContext
-from compress.registry import register_pass
-from compress.torch_io import clone_module, safe_torch_load, torch_artifact, torch_meta, write_torch
+from compress.inputs.data import DataBundle, Split
+from compress.inputs.torch_io import clone_module, safe_torch_load, torch_artifact, torch_meta, write_torch
 
 VERSION = 1
 CKPT = "checkpoint.pt"
@@ -59,7 +59,7 @@ class Distill(PassConfig):
     feature_weight: float = Field(1.0, ge=0)
     # What the output is matched by: KD on class logits, or cosine / MSE for embeddings and hidden states
     # (softmax over embedding dimensions means nothing). auto: KD unless the teacher's output is not
-    # one score vector per sample (compress.fidelity.infer_kind); set "cosine" for 2-D sentence embeddings.
+    # one score vector per sample (compress.quality.fidelity.infer_kind); set "cosine" for 2-D sentence embeddings.
     output_loss: Literal["auto", "kd", "cosine", "mse"] = "auto"
     epochs: int = Field(10, ge=1, le=100_000)
     steps: int | None = Field(None, ge=1, description="optimizer steps; replaces epochs when set")
@@ -105,9 +105,9 @@ def _load_teacher(art: Artifact, cfg: Distill, ctx: PassContext) -> tuple[nn.Mod
         # A copy, so switching to eval mode never touches a module the caller still holds.
         return clone_module(orig).eval(), orig.digest, "original"
 
-    from compress import zoo
-    from compress.models import classify_source, load_model, unsafe_pt2_message
-    from compress.recipe import ModelSpec
+    from compress.inputs import zoo
+    from compress.inputs.models import classify_source, load_model, unsafe_pt2_message
+    from compress.stages.recipe import ModelSpec
 
     src = f"zoo:{cfg.teacher}" if cfg.teacher in zoo.ZOO else cfg.teacher
     kind = classify_source(src)
@@ -256,12 +256,12 @@ def _out_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temp: float,
 
 def _auto_loss(ctx: PassContext, art: Artifact, t_out: torch.Tensor) -> tuple[str, str]:
     """(loss, why) that fits the output: a Hugging Face task head says what its output is, else its shape."""
-    from compress.fidelity import infer_kind
+    from compress.quality.fidelity import infer_kind
 
     task = next((a.metadata.get("task") for a in (ctx.original, art) if a is not None and a.metadata.get("task")),
                 None)
     if task:
-        from compress.hf import task_output_kind
+        from compress.inputs.hf import task_output_kind
 
         kind, why = task_output_kind(str(task)), f"the model's task {task!r}"
     else:
@@ -571,6 +571,6 @@ def _fail_nan(art: Artifact, cfg: Distill, ctx: PassContext, student: nn.Module,
     raise PassError(
         f"distill: the loss became {value} at epoch {epoch}, step {st.step + 1} with lr={cfg.lr:g}; training stopped. "
         f"The last good student, {when}, is kept at {dst} (load it with "
-        "compress.torch_io.load_torch(compress.artifact.Artifact.load(path))). "
+        "compress.inputs.torch_io.load_torch(compress.core.artifact.Artifact.load(path))). "
         f"Lower the learning rate (e.g. lr={cfg.lr / 10:g}) and run again"
     )

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from compress.artifact import Artifact, sha256_json
-from compress.config import PassConfig
+from compress.core.artifact import Artifact, sha256_json
+from compress.core.config import PassConfig
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import InputError, PassError, RecipeError
-from compress.manager import PassContext
-from compress.registry import register_pass
-from compress.torch_io import clone_module, safe_torch_load, torch_artifact
+from compress.inputs.torch_io import clone_module, safe_torch_load, torch_artifact
 
 PASS = "distill.lm"
 CKPT = "checkpoint.pt"
@@ -120,7 +120,7 @@ def _step_hook(step: int, info: dict[str, Any]) -> None:
 @register_pass(DistillLM, consumes="pytorch", produces="pytorch", trains_only=True)
 def distill_lm(art: Artifact, cfg: DistillLM, ctx: PassContext) -> Artifact:
     """Logit distillation of a causal LM from the original model on calibration text, for a token budget."""
-    from compress.causal_lm import is_causal_lm
+    from compress.inputs.causal_lm import is_causal_lm
 
     text = ctx.text
     if text is None:

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from compress.artifact import Artifact, sha256_files
-from compress.capabilities import DecoderFacts
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.capabilities import DecoderFacts
+from compress.core.manager import PassContext
 from compress.errors import ExportError
-from compress.manager import PassContext
 
 # Tokenizer files the builder copies next to the model (generation and text decoding need them).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -109,10 +109,10 @@ def decoder_parity(ref: Any, got: Any, window: np.ndarray, steps: int, rel: floa
 
 
 def export_decoder(art: Artifact, module: Any, ctx: PassContext, parity_steps: int = 8) -> Artifact:
-    """Lower a causal LM (``compress.causal_lm.CausalLMModel``) to an ONNX decoder with its KV cache."""
-    from compress.causal_lm import tokenizer_digest
-    from compress.generation import OrtLMRunner, TorchLMRunner
-    from compress.hf import load_tokenizer
+    """Lower a causal LM (``compress.inputs.causal_lm.CausalLMModel``) to an ONNX decoder with its KV cache."""
+    from compress.inputs.causal_lm import tokenizer_digest
+    from compress.inputs.hf import load_tokenizer
+    from compress.measuring.generation import OrtLMRunner, TorchLMRunner
 
     t0 = time.perf_counter()
     work = ctx.new_dir("decoder-work")

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from compress.artifact import Artifact, InputSpec, sha256_files
-from compress.config import PassConfig
+from compress.core.artifact import Artifact, InputSpec, sha256_files
+from compress.core.config import PassConfig
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import ExportError
-from compress.manager import PassContext
-from compress.onnx_io import check_external_data, onnx_input_specs  # noqa: F401  (re-exported)
-from compress.parity import Tolerance, check, compare_outputs
-from compress.registry import register_pass
-from compress.torch_io import load_torch, sample_inputs, set_eval
+from compress.inputs.onnx_io import check_external_data, onnx_input_specs  # noqa: F401  (re-exported)
+from compress.inputs.torch_io import load_torch, sample_inputs, set_eval
+from compress.quality.parity import Tolerance, check, compare_outputs
 
 
 class ExportOnnx(PassConfig):
@@ -37,7 +37,7 @@ class ExportOnnx(PassConfig):
 
 
 def parity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
-    """Max/mean abs diff and cosine between two lists of outputs (``compress.parity.compare_outputs``)."""
+    """Max/mean abs diff and cosine between two lists of outputs (``compress.quality.parity.compare_outputs``)."""
     return compare_outputs(ref, got)
 
 
@@ -267,7 +267,7 @@ def export_onnx(art: Artifact, cfg: ExportOnnx, ctx: PassContext) -> Artifact:
     model is exported with a fixed batch instead, which the facts, the metadata and one line of the log say.
     Set ``dynamic_batch = true`` explicitly to refuse that instead."""
     module = set_eval(load_torch(art))
-    from compress.causal_lm import is_causal_lm
+    from compress.inputs.causal_lm import is_causal_lm
 
     if is_causal_lm(module):  # a decoder LM is lowered with its KV cache, by the exporter made for it
         from .export_decoder import export_decoder

@@ -20,7 +20,7 @@ Importance (measured, never weight magnitude alone):
   heads that share each key/value head, so grouped-query attention keeps ``heads / kv_heads`` queries per
   group.
 
-The structure is stored as a replayable step (``{"hook": ..., "data": ...}``, see ``compress.torch_io``),
+The structure is stored as a replayable step (``{"hook": ..., "data": ...}``, see ``compress.inputs.torch_io``),
 so a cached pruned model rebuilds from the source folder and its weights.
 """
 
@@ -34,12 +34,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.artifact import Artifact
-from compress.config import PassConfig
+from compress.core.artifact import Artifact
+from compress.core.config import PassConfig
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import PassError, RecipeError
-from compress.manager import PassContext
-from compress.registry import register_pass
-from compress.torch_io import clone_module, register_structure_hook, torch_artifact
+from compress.inputs.torch_io import clone_module, register_structure_hook, torch_artifact
 
 DEPTH = "prune.depth"
 WIDTH = "prune.width"
@@ -49,8 +49,8 @@ WIDTH = "prune.width"
 
 
 def hf_lm(module: nn.Module) -> Any:
-    """The ``*ForCausalLM`` inside the pipeline's wrapper (``compress.causal_lm.CausalLMModel``)."""
-    from compress.causal_lm import CausalLMModel
+    """The ``*ForCausalLM`` inside the pipeline's wrapper (``compress.inputs.causal_lm.CausalLMModel``)."""
+    from compress.inputs.causal_lm import CausalLMModel
 
     return module.model if isinstance(module, CausalLMModel) else module
 
@@ -139,7 +139,7 @@ def _check_depth(cfg: DepthPrune, n: int) -> int:
 
 def _root_config_value(root: Artifact, name: str) -> int | None:
     """A value of the root model's config, read from its folder (None when the model is not a HF decoder)."""
-    from compress.models import hf_dir
+    from compress.inputs.models import hf_dir
 
     folder = hf_dir(root)
     if folder is None or not (folder / "config.json").is_file():

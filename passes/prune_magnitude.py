@@ -14,12 +14,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.artifact import Artifact
-from compress.config import PassConfig
+from compress.core.artifact import Artifact
+from compress.core.config import PassConfig
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import PassError
-from compress.manager import PassContext
-from compress.registry import register_pass
-from compress.torch_io import clone_module, sample_inputs, torch_artifact
+from compress.inputs.torch_io import clone_module, sample_inputs, torch_artifact
 
 from ._prune_common import (
     WeightLayer,

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from compress.artifact import Artifact, sha256_files
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.manager import PassContext
 from compress.errors import PassError
-from compress.manager import PassContext
 
 
 class _Windows:
@@ -188,8 +188,8 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
 
 def _agreement(art: Artifact, out_dir: Any, ctx: PassContext) -> dict[str, Any]:
     """Next-token agreement and KL of the compressed decoder against its input on calibration windows."""
-    from compress.causal_lm import WindowScores
-    from compress.generation import OrtLMRunner
+    from compress.inputs.causal_lm import WindowScores
+    from compress.measuring.generation import OrtLMRunner
 
     text = ctx.text
     if text is None:

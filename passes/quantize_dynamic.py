@@ -7,13 +7,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from compress.artifact import Artifact, sha256_files
-from compress.config import true_advice
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.config import true_advice
+from compress.core.int8_scheme import choose_scheme
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import PassError
-from compress.int8_scheme import choose_scheme
-from compress.manager import PassContext
-from compress.parity import ParityOptions
-from compress.registry import register_pass
+from compress.quality.parity import ParityOptions
 
 from ._quant_common import (
     GUARD_MIN_COSINE,

@@ -10,11 +10,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from compress.artifact import Artifact, sha256_files
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import PassError
-from compress.manager import PassContext
-from compress.parity import ParityOptions
-from compress.registry import register_pass
+from compress.quality.parity import ParityOptions
 
 from ._quant_common import pass_parity
 from .quantize_int8 import _quiet

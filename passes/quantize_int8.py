@@ -17,13 +17,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifact import Artifact, sha256_files
-from compress.config import true_advice
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.config import true_advice
+from compress.core.int8_scheme import choose_scheme
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import AccuracyError, PassError, RecipeError
-from compress.int8_scheme import choose_scheme
-from compress.manager import PassContext
-from compress.parity import LOWERING, ParityOptions, check, parity_batch
-from compress.registry import register_pass
+from compress.quality.parity import LOWERING, ParityOptions, check, parity_batch
 
 from ._quant_common import (
     GUARD_MIN_COSINE,
@@ -57,7 +57,7 @@ class QdqParityOptions(ParityOptions):
 
     deployed_min_cosine: float | None = Field(
         None, ge=-1, le=1, description="deployed (ONNX Runtime integer kernels) vs simulated Q/DQ: output cosine; "
-        "None = compress.parity.LOWERING['int8']")
+        "None = compress.quality.parity.LOWERING['int8']")
     deployed_min_agreement: float | None = Field(
         None, ge=0, le=1, description="deployed vs simulated: top-1 agreement; None = the INT8 default")
 

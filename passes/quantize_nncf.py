@@ -25,11 +25,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifact import Artifact, sha256_files
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.int8_scheme import choose_scheme
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import AccuracyError, InputError, PassError, RecipeError
-from compress.int8_scheme import choose_scheme
-from compress.manager import PassContext
-from compress.registry import register_pass
 
 from ._quant_common import (
     auto_scheme_env,

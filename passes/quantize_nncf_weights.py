@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from compress.artifact import Artifact, sha256_files
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import PassError
-from compress.manager import PassContext
-from compress.parity import ParityOptions
-from compress.registry import register_pass
+from compress.quality.parity import ParityOptions
 
 from ._quant_common import GroupSize, calibration_batches, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_nncf import quiet_nncf

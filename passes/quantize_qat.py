@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from compress.artifact import Artifact
-from compress.config import PassConfig
+from compress.core.artifact import Artifact
+from compress.core.config import PassConfig
+from compress.core.int8_scheme import choose_scheme
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.errors import PassError
-from compress.int8_scheme import choose_scheme
-from compress.manager import PassContext
-from compress.registry import register_pass
-from compress.torch_io import clone_module, register_structure_hook, torch_artifact
+from compress.inputs.torch_io import clone_module, register_structure_hook, torch_artifact
 
 from ._quant_common import auto_scheme_env, calibration_batches, require_data
 
@@ -244,7 +244,7 @@ def quant_wraps(model: nn.Module) -> list[QuantWrap]:
 @register_pass(QuantizeQat, consumes="pytorch", produces="pytorch", version=2, training_fields=("epochs",))
 def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
     """Fold BN, insert fake quantization (QDQ on export), calibrate, then fine-tune on labelled data."""
-    from compress.training import fit, top1
+    from compress.inputs.training import fit, top1
 
     data = require_data(ctx, "quantize.qat", labelled=True)
     model = clone_module(art)
@@ -289,7 +289,7 @@ def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
         w.refresh()  # the last optimizer step came after the last training forward
     model.eval()
     top1_after = top1(model, data, data.val)
-    from compress.training import predict
+    from compress.inputs.training import predict
 
     # ONNX and torch may round a tie the other way, moving a value by one quantization step; export.onnx's
     # parity check needs this much slack (2% of the largest validation output) on a fake-quantized model.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.artifact import InputSpec, sha256_file, sha256_json
+from compress.core.artifact import InputSpec, sha256_file, sha256_json
 from compress.errors import BuildError, InputError
 
 ENGINE = "model.engine"

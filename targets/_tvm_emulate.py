@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.artifact import sha256_file
+from compress.core.artifact import sha256_file
 from compress.errors import BuildError, InputError
 
 from .base import module_version
@@ -50,7 +50,7 @@ def default_runtime_dir(arch: str, cache_root: Path | None) -> Path:
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
     if cache_root is None:
-        from compress.cache import default_cache_dir
+        from compress.core.cache import default_cache_dir
 
         cache_root = default_cache_dir()
     root = cache_root

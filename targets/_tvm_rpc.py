@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.artifact import InputSpec
+from compress.core.artifact import InputSpec
 from compress.errors import TargetUnavailable
 
 _SERVER = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
@@ -218,7 +218,7 @@ def remote_module(sess: Any, addr: RpcAddress, lib_path: Path) -> Any:
     Uploading over a library the device has already loaded rewrites a mapped file under it, which
     killed the RPC server (SIGSEGV) here; each library is therefore sent once and its module reused.
     """
-    from compress.artifact import sha256_file
+    from compress.core.artifact import sha256_file
 
     digest = sha256_file(lib_path)
     key = (addr, digest)

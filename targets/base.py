@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from compress.artifact import Artifact, InputSpec
-from compress.capabilities import TargetCaps
-from compress.config import TargetConfig
+from compress.core.artifact import Artifact, InputSpec
+from compress.core.capabilities import TargetCaps
+from compress.core.config import TargetConfig
 from compress.errors import InputError
 
 
@@ -31,7 +31,7 @@ class Runner(Protocol):
 
 class Target(Protocol):
     name: str
-    caps: TargetCaps  # what it consumes and runs (compress.capabilities)
+    caps: TargetCaps  # what it consumes and runs (compress.core.capabilities)
     config: TargetConfig
 
     def unavailable_reason(self) -> str | None: ...
@@ -46,7 +46,7 @@ class Target(Protocol):
 class GeneratingTarget(Target, Protocol):
     """A target whose ``caps.generates`` is true: it runs a decoder language model's generate loop."""
 
-    def lm_runner(self, art: Artifact, threads: int) -> Any: ...  # compress.generation.LMRunner
+    def lm_runner(self, art: Artifact, threads: int) -> Any: ...  # compress.measuring.generation.LMRunner
 
 
 def module_version(name: str) -> str:

@@ -8,12 +8,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifact import ONNX, Artifact, sha256_files
-from compress.capabilities import BundleSpec, TargetCaps
-from compress.config import TargetConfig
+from compress.core.artifact import ONNX, Artifact, sha256_files
+from compress.core.capabilities import BundleSpec, TargetCaps
+from compress.core.config import TargetConfig
+from compress.core.fingerprint import cpu_info
+from compress.core.registry import register_target
 from compress.errors import BuildError
-from compress.fingerprint import cpu_info
-from compress.registry import register_target
 
 from .base import module_version
 
@@ -28,7 +28,7 @@ class OnnxRuntimeConfig(TargetConfig):
     # (PLATFORM.md measured 3x); off by default, and the report says so.
     allow_spinning: bool = False
     # Causal LMs: generate with speculative decoding, the variant named here (an ONNX decoder of the same run
-    # with the same tokenizer) drafting ``draft_k`` tokens per verifier pass (compress.speculative).
+    # with the same tokenizer) drafting ``draft_k`` tokens per verifier pass (compress.measuring.speculative).
     draft: str | None = Field(None, description="variant of this run that drafts for speculative decoding")
     draft_k: int = Field(4, ge=1, le=64, description="tokens the draft proposes per verifier pass")
 
@@ -119,7 +119,7 @@ class OnnxRuntimeTarget:
 
     def lm_runner(self, compiled: Artifact, threads: int) -> Any:
         """The decoder's generate loop with the KV cache kept in ONNX Runtime values."""
-        from compress.generation import OrtLMRunner
+        from compress.measuring.generation import OrtLMRunner
 
         return OrtLMRunner(compiled.path, self.config.threads or threads, name=self.name)
 

@@ -19,12 +19,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifact import ONNX, Artifact, sha256_files
-from compress.capabilities import TargetCaps
-from compress.config import TargetConfig
+from compress.core.artifact import ONNX, Artifact, sha256_files
+from compress.core.capabilities import TargetCaps
+from compress.core.config import TargetConfig
+from compress.core.fingerprint import cpu_info
+from compress.core.registry import register_target
 from compress.errors import BuildError, InputError, RecipeError
-from compress.fingerprint import cpu_info
-from compress.registry import register_target
 
 from .base import module_version
 
@@ -108,7 +108,7 @@ class OpenVinoTarget:
                               f"{self.config.device} here (it offers {', '.join(caps)}); use 'f32' or 'auto'")
 
     def parity_precision(self, art: Artifact, model_precision: str) -> str:
-        """The tolerance class a build is judged at (``compress.parity``): bf16/f16 compute (or the device default,
+        """The tolerance class a build is judged at (``quality.parity``): bf16/f16 compute (or the device default,
         which is bf16 on CPUs with AMX/BF16) is judged at FP16 tolerance."""
         if model_precision == "fp32" and self.config.inference_precision != "f32":
             return "fp16"

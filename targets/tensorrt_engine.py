@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from compress.artifact import ONNX, Artifact, sha256_files
-from compress.capabilities import TargetCaps
-from compress.config import TargetConfig
+from compress.core.artifact import ONNX, Artifact, sha256_files
+from compress.core.capabilities import TargetCaps
+from compress.core.config import TargetConfig
+from compress.core.registry import register_target
 from compress.errors import BuildError, InputError, TargetUnavailable
-from compress.registry import register_target
 
 from ._trt_cache import (
     ENGINE,
@@ -584,7 +584,7 @@ class TensorRTTarget:
         return settings, notes
 
     def parity_precision(self, art: Artifact, model_precision: str) -> str:
-        """The tolerance class the build is judged at (``compress.parity``): INT8 for Q/DQ builds; FP16 when FP16
+        """The tolerance class the build is judged at (``quality.parity``): INT8 for Q/DQ builds; FP16 when FP16
         kernels are allowed or TF32 is on (TF32 keeps FP16's 10-bit mantissa in matmul/conv inputs); else FP32."""
         settings, _ = self.settings_for(art)
         if model_precision == "int8" or settings["precision"] == "int8":

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from compress.artifact import PYTORCH, Artifact
-from compress.capabilities import TargetCaps
-from compress.config import TargetConfig
-from compress.fingerprint import cpu_info
-from compress.registry import register_target
-from compress.torch_io import load_torch, set_eval
+from compress.core.artifact import PYTORCH, Artifact
+from compress.core.capabilities import TargetCaps
+from compress.core.config import TargetConfig
+from compress.core.fingerprint import cpu_info
+from compress.core.registry import register_target
+from compress.inputs.torch_io import load_torch, set_eval
 
 from .base import module_version
 
@@ -67,7 +67,7 @@ class TorchTarget:
 
     def lm_runner(self, compiled: Artifact, threads: int) -> Any:
         """Greedy generation with the model's own KV cache (the reference for decoder language models)."""
-        from compress.generation import TorchLMRunner
+        from compress.measuring.generation import TorchLMRunner
 
         tmp = Artifact(PYTORCH, compiled.path, compiled.digest, compiled.inputs)
         return TorchLMRunner(load_torch(tmp), self.config.threads or threads, name=self.name)

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from compress.artifact import ONNX, Artifact, InputSpec, sha256_file, sha256_files
-from compress.capabilities import BundleSpec, TargetCaps
-from compress.config import TargetConfig
+from compress.core.artifact import ONNX, Artifact, InputSpec, sha256_file, sha256_files
+from compress.core.capabilities import BundleSpec, TargetCaps
+from compress.core.config import TargetConfig
+from compress.core.fingerprint import cpu_info
+from compress.core.registry import register_command, register_target
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
-from compress.fingerprint import cpu_info
-from compress.registry import register_command, register_target
 
 from .base import module_version, static_feeds
 
@@ -853,7 +853,7 @@ def tvm_runtime_command(a: Any) -> int:
     """``compress tvm-runtime ARCH``: print the folder holding that CPU's TVM runtime (fetched once)."""
     import sys
 
-    from compress.cache import Cache
+    from compress.core.cache import Cache
 
     from ._tvm_emulate import default_runtime_dir, fetch_runtime
 

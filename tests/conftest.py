@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from compress.cache import Cache
-from compress.capabilities import TargetCaps
-from compress.config import PassConfig, TargetConfig
-from compress.manager import PassContext
-from compress.registry import register_pass, register_target
-from compress.torch_io import clone_module, torch_artifact
+from compress.core.cache import Cache
+from compress.core.capabilities import TargetCaps
+from compress.core.config import PassConfig, TargetConfig
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass, register_target
+from compress.inputs.torch_io import clone_module, torch_artifact
 
 # The repository root on the path: tests and recipes name test factories as ``tests.user_models:...``,
 # whichever test file pytest happens to collect first.
@@ -172,8 +172,8 @@ def host_int8_kernels_exact(scheme: str) -> bool:
     forcing u8s8 on an AVX2-only CPU checks the simulated model, and the deployed kernels only where
     they can be right. 7-bit weights (reduce-range) are exact everywhere.
     """
-    from compress.fingerprint import detected_cpu
-    from compress.int8_scheme import VNNI_FLAGS
+    from compress.core.fingerprint import detected_cpu
+    from compress.core.int8_scheme import VNNI_FLAGS
 
     if scheme != "u8s8" or platform.machine().lower() not in ("x86_64", "amd64"):
         return True

@@ -1,6 +1,6 @@
 """Valid reports built from a few figures, for tests of what reads a report (the budget gate, the plots).
 
-Every record goes through the same schema as a real run's (``compress.report_schema``), so a test
+Every record goes through the same schema as a real run's (``compress.reporting.report_schema``), so a test
 cannot hand a reader a shape the writer would never produce.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.measure import summarize
-from compress.report_schema import SCHEMA, Report
+from compress.measuring.measure import summarize
+from compress.reporting.report_schema import SCHEMA, Report
 
 
 def latency(samples_ms: list[float], batch: int = 1, **extra: Any) -> dict[str, Any]:

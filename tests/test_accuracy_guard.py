@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compress.accuracy_guard import judge
 from compress.cli import main
-from compress.measurement import Cell
+from compress.measuring.measurement import Cell
+from compress.quality.accuracy_guard import judge
 
 FAST = 'measure = { batch_sizes = [1], warmup = 1, min_runs = 3, min_time_s = 0.0, max_time_s = 5.0 '
 

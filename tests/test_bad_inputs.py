@@ -512,7 +512,7 @@ OLD_REPORT = {"report.md": "old md\n", "report.json": '{"old": true}\n'}
 def _report_fault(exc: BaseException) -> Callable[[Env], list[str]]:
     """An earlier run's report in --out, and a fault while the new plot is written (the last step)."""
     def build(env: Env) -> list[str]:
-        import compress.report as report
+        import compress.reporting.report as report
 
         env.out.mkdir(parents=True)
         for n, t in OLD_REPORT.items():
@@ -537,8 +537,8 @@ def _old_report_untouched(env: Env) -> None:
 
 def _old_report_untouched_and_rerun_only_renders(env: Env) -> None:
     """The figures measured before the failure are kept; the same command again writes them, measuring nothing."""
-    import compress.pipeline as pipeline
-    import compress.report as report
+    import compress.reporting.report as report
+    import compress.stages.pipeline as pipeline
 
     _old_report_untouched(env)
     assert len(list((env.cache / "reports").glob("*.json"))) == 1
@@ -559,7 +559,7 @@ def _nearly_full_disk(env: Env) -> list[str]:
     """500 KiB free where --out lives: known to be too little for a report before anything is measured."""
     import shutil
 
-    import compress.plan as plan
+    import compress.stages.plan as plan
 
     real = shutil.disk_usage
 
@@ -583,7 +583,7 @@ def _bundle(env: Env, dynamic: bool = False, **change: Any) -> list[str]:
     import shutil
     from importlib import metadata
 
-    from compress.bundle import RUNNER
+    from compress.apps.bundle import RUNNER
 
     b = env.tmp / "bundle"
     b.mkdir()
@@ -711,7 +711,7 @@ def _search_left_running(env: Env) -> list[str]:
     """What kill -9 leaves: the study holds trial 0 RUNNING, its point drawn."""
     import optuna
 
-    from compress.search import _suggest, load_space
+    from compress.apps.search import _suggest, load_space
 
     args = _search(env)
     env.out.mkdir()
@@ -733,7 +733,7 @@ def _interrupted_trial_closed_and_retried(env: Env) -> None:
 
 
 def _search_ctrl_c(env: Env) -> list[str]:
-    import compress.search as search
+    import compress.apps.search as search
 
     def interrupted(*a: Any, **k: Any) -> None:
         raise KeyboardInterrupt
@@ -746,7 +746,7 @@ def _search_ctrl_c(env: Env) -> list[str]:
 def _ctrl_c_trial_closed_then_retried_on_resume(env: Env) -> None:
     import optuna
 
-    import compress.search as search
+    import compress.apps.search as search
 
     trials = _study(env).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
@@ -759,7 +759,7 @@ def _search_after_one_finished_trial(env: Env) -> list[str]:
     """The study holds trial 0, finished, at the point a seeded sampler draws first."""
     import optuna
 
-    from compress.search import _suggest, load_space
+    from compress.apps.search import _suggest, load_space
 
     args = _search(env, None, "--trials", "2")
     env.out.mkdir()
@@ -799,7 +799,7 @@ def _sentences_and(line: str) -> str:
 
 def _fresh_warnings(env: Env) -> None:
     """Warnings are said once per process; each case is a process of its own."""
-    from compress import notices
+    from compress.core import notices
 
     env.monkeypatch.setattr(notices, "_WARNED", set())
 
@@ -810,7 +810,7 @@ def _plugin(env: Env, name: str, source: str, override: str | None = None) -> li
     import importlib
     import textwrap
 
-    from compress import registry
+    from compress.core import registry
 
     registry.passes()  # the built-ins registered in the registry itself (not in this case's copy), before the plugin
     site = env.tmp / "site"
@@ -837,8 +837,8 @@ def _plugin(env: Env, name: str, source: str, override: str | None = None) -> li
 
 REPLACES_INT8 = """
 from typing import Literal
-from compress.config import PassConfig
-from compress.registry import register_pass
+from compress.core.config import PassConfig
+from compress.core.registry import register_pass
 
 class Int8(PassConfig):
     kind: Literal["quantize.int8"] = "quantize.int8"
@@ -852,7 +852,7 @@ def not_the_real_int8(art, cfg, ctx):
 
 def _int8_is(module: str) -> Callable[[Env], None]:
     def check(env: Env) -> None:
-        from compress import registry
+        from compress.core import registry
 
         assert registry.get_pass("quantize.int8").fn.__module__ == module
     return check
@@ -921,7 +921,7 @@ def _token_npz_run(env: Env, ids: np.ndarray) -> list[str]:
 
 def _plugins_not_loaded(env: Env) -> list[str]:
     """The listing of passes is current; loading the plugins (which import torch) is recorded."""
-    from compress import registry
+    from compress.core import registry
 
     registry.manifest()
     if registry.cached_manifest() is None:
@@ -942,7 +942,7 @@ def _no_plugin_loaded(env: Env) -> None:
 def _int8_run(env: Env, n: int) -> list[str]:
     """prune.magnitude, then quantize.int8 (default samples = 128) on ``n`` digits-shaped samples; running a pass
     is recorded."""
-    import compress.pipeline as pipeline
+    import compress.stages.pipeline as pipeline
 
     env.state["executed"] = []
     real = pipeline.execute
@@ -1206,7 +1206,7 @@ def test_onnx_external_data_in_subfolder_loads(tmp_path: Path, monkeypatch: pyte
 def test_out_folder_checked_before_any_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capfd: pytest.CaptureFixture[str]) -> None:
     """A bad --out fails before the model is even loaded (so no figures are measured and lost)."""
-    import compress.plan as pipeline  # the plan stage loads the model
+    import compress.stages.plan as pipeline  # the plan stage loads the model
 
     env = Env(tmp_path, monkeypatch)
     loaded: list[Any] = []
@@ -1268,7 +1268,7 @@ def test_untrained_zoo_model_gets_a_chance_level_note(tmp_path: Path, monkeypatc
 
 
 def test_trained_model_gets_no_chance_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from compress.preflight import chance_note
+    from compress.stages.preflight import chance_note
 
     assert chance_note(0.95, 10, "zoo:digits-cnn", trained=True) is None
     assert chance_note(0.09, 10, "zoo:digits-cnn", trained=False) is not None
@@ -1283,7 +1283,7 @@ def test_out_folder_on_read_only_mount(tmp_path: Path, monkeypatch: pytest.Monke
     import errno
     import tempfile
 
-    import compress.plan as pipeline  # the plan stage loads the model
+    import compress.stages.plan as pipeline  # the plan stage loads the model
 
     env = Env(tmp_path, monkeypatch)
     ro = tmp_path / "mnt"
@@ -1367,7 +1367,7 @@ def test_text_is_only_ever_tokenized_truncated(tmp_path: Path, monkeypatch: pyte
     pytest.importorskip("transformers")
     from test_text_data import SEQ, _inputs, hf_dir
 
-    from compress import hf
+    from compress.inputs import hf
 
     d = hf_dir(tmp_path / "bert")
     real = hf.load_tokenizer(d)
@@ -1397,7 +1397,7 @@ def test_report_set_keeps_files_it_did_not_write(tmp_path: Path) -> None:
     """--out holding someone else's files too (a search trial's probe folder, the user's notes): a failed write
     leaves everything as it was, a finished one replaces the report files alone and drops a stale one."""
     from compress.errors import CompressError
-    from compress.report_files import write_report_set
+    from compress.reporting.report_files import write_report_set
 
     out = tmp_path / "out"
     (out / "probe").mkdir(parents=True)

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from compress.budget import (
+from compress.apps.budget import (
     EXIT_FAIL,
     EXIT_INCONCLUSIVE,
     EXIT_PASS,
@@ -28,12 +28,12 @@ from compress.budget import (
     overall_exit,
     parse_limit,
 )
-from compress.capabilities import TargetCaps
 from compress.cli import main
-from compress.config import TargetConfig
+from compress.core.capabilities import TargetCaps
+from compress.core.config import TargetConfig
+from compress.core.registry import register_target
 from compress.errors import InputError, RecipeError
-from compress.registry import register_target
-from compress.report_schema import Report
+from compress.reporting.report_schema import Report
 from tests.reports import cell as rcell
 from tests.reports import latency, make_report
 
@@ -189,7 +189,7 @@ def test_bad_budget_files(tmp_path: Path, body: str, msg: str) -> None:
 
 
 def _fake_measure(centers: dict[str, float]):
-    from compress.measure import Timing
+    from compress.measuring.measure import Timing
 
     def fake(fns, warmup=0, min_runs=10, *a, **k):
         out = {}
@@ -206,7 +206,7 @@ def _fake_measure(centers: dict[str, float]):
 
 @pytest.mark.parametrize(("limit", "code"), [("0.5x torch", EXIT_PASS), ("0.1x torch", EXIT_FAIL)])
 def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatch, capsys, limit, code) -> None:
-    import compress.measurement as pipeline  # the measure stage times the candidates
+    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, f'[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "{limit}"\n'
@@ -233,7 +233,7 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
 
 
 def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.measurement as pipeline  # the measure stage times the candidates
+    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1.1x recorded"\n')
@@ -284,8 +284,8 @@ def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, caps
 
 
 def test_pytest_friendly_api(tmp_path: Path, monkeypatch) -> None:
-    import compress.measurement as pipeline  # the measure stage times the candidates
-    from compress.budget import assert_budgets
+    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
+    from compress.apps.budget import assert_budgets
     from compress.errors import BudgetExceeded
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
@@ -295,7 +295,7 @@ def test_pytest_friendly_api(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_peak_memory_is_measured_in_a_fresh_process(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.measurement as pipeline  # the measure stage times the candidates
+    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "peak_memory"\nmax = "2 GB"\n'
@@ -419,7 +419,7 @@ def test_recorded_artifact_is_used_only_for_the_budget_it_belongs_to(tmp_path: P
 
 
 def test_fidelity_bounds_parse() -> None:
-    from compress.budget import parse_fidelity
+    from compress.apps.budget import parse_fidelity
 
     b = parse_fidelity("cosine >= 0.99", "b")  # "cosine" is the per-sample mean the report shows
     assert (b.figure, b.op, b.value, b.kind) == ("cosine_mean", ">=", 0.99, "embedding")
@@ -440,7 +440,7 @@ def test_fidelity_bounds_parse() -> None:
     ("agreement >= 0.9 dB", "'dB' applies to snr_db"),
 ])
 def test_bad_fidelity_bounds(text: str, msg: str) -> None:
-    from compress.budget import parse_fidelity
+    from compress.apps.budget import parse_fidelity
 
     with pytest.raises(RecipeError, match=msg):
         parse_fidelity(text, "budget[1]")
@@ -515,7 +515,7 @@ def test_fidelity_budget_the_run_cannot_produce_is_a_usage_error_before_the_run(
 
 
 def test_fidelity_budget_with_a_declared_output_kind_is_checked_against_it(tmp_path: Path) -> None:
-    from compress.budget import check_fidelity_budgets
+    from compress.apps.budget import check_fidelity_budgets
 
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nfidelity = "agreement >= 0.9"\n')
     (tmp_path / "r.toml").write_text('name = "m"\nmodel = { source = "zoo:digits-cnn" }\n'
@@ -526,7 +526,7 @@ def test_fidelity_budget_with_a_declared_output_kind_is_checked_against_it(tmp_p
 
 
 def test_check_decides_a_fidelity_budget_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.measurement as pipeline
+    import compress.measuring.measurement as pipeline
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nfidelity = "agreement >= 99%"\n'

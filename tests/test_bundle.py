@@ -115,7 +115,7 @@ def test_export_refuses_a_non_empty_folder_and_replaces_it_with_force(run_dir: P
 
 def test_a_failure_while_writing_leaves_no_half_written_bundle(run_dir: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import compress.bundle as bundle
+    import compress.apps.bundle as bundle
 
     def boom(*_a: object, **_k: object) -> dict:
         raise OSError("disk full (simulated)")
@@ -189,7 +189,7 @@ def test_an_aarch64_bundle_runs_under_qemu_and_matches_the_run(tmp_path: Path) -
         pytest.skip(why)
     from compress.targets._tvm_emulate import emulated_check
 
-    from compress.artifact import InputSpec, sha256_file
+    from compress.core.artifact import InputSpec, sha256_file
 
     recipe = tmp_path / "r.toml"
     # emulate = off: the build's own qemu check is skipped, so only this test runs the library under qemu.

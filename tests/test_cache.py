@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from compress.api import module_artifact
-from compress.cache import MARKER
-from compress.config import PassConfig
+from compress.core.cache import MARKER
+from compress.core.config import PassConfig
+from compress.core.manager import PassContext, PassManager
+from compress.core.registry import get_pass
 from compress.errors import CacheError
-from compress.manager import PassContext, PassManager
-from compress.pipeline import run
-from compress.registry import get_pass
-from compress.torch_io import load_torch
+from compress.inputs.torch_io import load_torch
+from compress.stages.pipeline import run
 
 
 def ScaleWeights(factor: float) -> PassConfig:

@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime_genai")
 
-from compress.capabilities import DecoderFacts, Facts, TargetCaps, refusal
-from compress.causal_lm import WindowScores
+from compress.core.capabilities import DecoderFacts, Facts, TargetCaps, refusal
 from compress.errors import CompressError, InputError, PassError, RecipeError
-from compress.pipeline import run
-from compress.recipe import recipe_from_dict
-from compress.report_schema import load_report
+from compress.inputs.causal_lm import WindowScores
+from compress.reporting.report_schema import load_report
+from compress.stages.pipeline import run
+from compress.stages.recipe import recipe_from_dict
 from tests.llm_models import tiny_llama
 
 MEASURE = {"lm_prompt": 16, "lm_new_tokens": 6, "lm_rounds": 2, "lm_window": 48, "lm_eval_tokens": 96,
@@ -104,7 +104,7 @@ def test_int4_decoder_packs_matmuls_keeps_embedding_and_facts(int4_report: tuple
 
 
 def test_text_report_shows_the_generation_table(int4_report: tuple[object, Path]) -> None:
-    from compress.report import render_text
+    from compress.reporting.report import render_text
 
     rep, _ = int4_report
     text = render_text(rep)
@@ -190,7 +190,7 @@ def test_a_qwen2_decoder_exports_and_generates_like_pytorch(tmp_path: Path, cach
 
 
 def test_budgets_bound_perplexity_agreement_and_decode_speed(int4_report: tuple[object, Path]) -> None:
-    from compress.budget import BudgetsFile, BudgetSpec, evaluate_budget
+    from compress.apps.budget import BudgetsFile, BudgetSpec, evaluate_budget
 
     rep, _ = int4_report
     bf = BudgetsFile(models={"lm": "lm.toml"}, budget=[])
@@ -208,7 +208,7 @@ def test_budgets_bound_perplexity_agreement_and_decode_speed(int4_report: tuple[
 
 
 def test_a_language_model_figure_on_another_model_is_a_usage_error(tmp_path: Path) -> None:
-    from compress.budget import check_fidelity_budgets, load_budgets
+    from compress.apps.budget import check_fidelity_budgets, load_budgets
 
     (tmp_path / "digits.toml").write_text('model = { source = "zoo:digits-cnn" }\n')
     (tmp_path / "b.toml").write_text('models = { d = "digits.toml" }\n[[budget]]\nmodel = "d"\ntarget = "onnxruntime"\n'
@@ -226,8 +226,8 @@ def test_a_language_model_figure_on_another_model_is_a_usage_error(tmp_path: Pat
 def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
     from types import SimpleNamespace
 
-    from compress.generation import Generated
-    from compress.measure_lm import choose_threads
+    from compress.measuring.generation import Generated
+    from compress.measuring.measure_lm import choose_threads
 
     class Runner:
         def __init__(self, n: int) -> None:

@@ -114,7 +114,7 @@ def test_debug_shows_traceback(tmp_path: Path, capsys) -> None:
 
 
 def test_pickled_checkpoint_is_refused_with_how_to_proceed(tmp_path: Path, capsys) -> None:
-    from compress.zoo import DigitsCNN
+    from compress.inputs.zoo import DigitsCNN
 
     bad = tmp_path / "whole_model.pt"
     torch.save(DigitsCNN(), bad)  # a pickled module, not a state dict
@@ -125,7 +125,7 @@ def test_pickled_checkpoint_is_refused_with_how_to_proceed(tmp_path: Path, capsy
 
 
 def test_interrupt_exits_130_and_says_how_to_resume(tmp_path: Path, capsys, monkeypatch) -> None:
-    import compress.pipeline as pipeline
+    import compress.stages.pipeline as pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -186,7 +186,7 @@ def test_compare_from_an_onnx_file(tmp_path: Path, capsys) -> None:
     assert code == 0, err
     onnx_path = json.loads((tmp_path / "o1" / "report.json").read_text())["variants"]["baseline"]["onnx_digest"]
     assert onnx_path
-    from compress.artifact import Artifact
+    from compress.core.artifact import Artifact
 
     # The exported model itself (the cache also holds the target's compiled, runtime-specific build).
     src = next(p for p in (tmp_path / "c" / "objects").rglob("model.onnx")

@@ -75,7 +75,7 @@ def test_passes_listing_from_the_manifest_imports_no_torch(tmp_path: Path) -> No
 
 
 def test_manifest_matches_the_live_registry() -> None:
-    from compress import registry
+    from compress.core import registry
 
     registry.manifest()  # writes it when missing
     cached = registry.cached_manifest()
@@ -90,7 +90,7 @@ def test_manifest_matches_the_live_registry() -> None:
 
 
 def test_unknown_pass_is_named_without_loading_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    from compress import registry
+    from compress.core import registry
     from compress.errors import RecipeError
 
     registry.manifest()
@@ -138,9 +138,9 @@ def test_settings_errors_targets_and_version_answer_without_a_heavy_import(tmp_p
 
 def test_settings_errors_read_the_same_from_the_manifest_and_from_the_plugins(tmp_path: Path) -> None:
     """The fast answer (from the manifest's JSON Schema) is the message the full validation gives."""
-    from compress import registry
+    from compress.core import registry
     from compress.errors import RecipeError
-    from compress.recipe import load_recipe
+    from compress.stages.recipe import load_recipe
 
     registry.manifest()
     if registry.cached_manifest() is None:
@@ -167,13 +167,13 @@ def test_version_and_global_flags_after_the_subcommand(capsys) -> None:
     from compress.cli import main
 
     with pytest.raises(SystemExit) as e:
-        from compress.cli import _parser
+        from compress.commands.parser import build_parser as _parser
 
         _parser().parse_args(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"compress {__version__}"
-    a = __import__("compress.cli", fromlist=["_parser"])._parser().parse_args(["check", "b.toml", "--debug", "-q"])
+    a = _parser().parse_args(["check", "b.toml", "--debug", "-q"])
     assert a.debug and a.quiet
-    a = __import__("compress.cli", fromlist=["_parser"])._parser().parse_args(["--debug", "-q", "run", "r.toml"])
+    a = _parser().parse_args(["--debug", "-q", "run", "r.toml"])
     assert a.debug and a.quiet  # before the subcommand still works
     assert main(["passes", "--json"]) == 0
     assert "export.onnx" in json.loads(capsys.readouterr().out)["passes"]
@@ -182,7 +182,8 @@ def test_version_and_global_flags_after_the_subcommand(capsys) -> None:
 def test_out_means_the_same_for_every_command(tmp_path: Path, capsys) -> None:
     """run/compare --out: a new or empty folder, or the command's own earlier output, is written; a folder
     holding other files needs --force, as export's does."""
-    from compress.cli import _own_out, main
+    from compress.cli import main
+    from compress.commands.run_cmd import own_out as _own_out
     from compress.errors import InputError
 
     mine = tmp_path / "notes"

@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 from compress.cli import main
-from compress.ranking import ranking
-from compress.report_schema import load_report
+from compress.reporting.ranking import ranking
+from compress.reporting.report_schema import load_report
 
 
 def test_compare_ranks_backends_with_ratios_to_the_fastest(tmp_path: Path, capsys) -> None:

@@ -14,18 +14,18 @@ from compress.passes.distill import Distill, _projection
 from pydantic import ValidationError
 from torch import nn
 
-from compress import zoo
-from compress.artifact import Artifact
-from compress.cache import Cache
-from compress.config import format_step
-from compress.data import DataBundle, Split, load_data
+from compress.core.artifact import Artifact
+from compress.core.cache import Cache
+from compress.core.config import format_step
+from compress.core.manager import PassContext, PassManager
+from compress.core.registry import passes
 from compress.errors import InputError, PassError
-from compress.manager import PassContext, PassManager
-from compress.models import load_model
-from compress.recipe import DataSpec, ModelSpec, parse_pipeline
-from compress.registry import passes
-from compress.torch_io import load_torch, register_structure_hook, torch_artifact, torch_meta
-from compress.training import fit
+from compress.inputs import zoo
+from compress.inputs.data import DataBundle, Split, load_data
+from compress.inputs.models import load_model
+from compress.inputs.torch_io import load_torch, register_structure_hook, torch_artifact, torch_meta
+from compress.inputs.training import fit
+from compress.stages.recipe import DataSpec, ModelSpec, parse_pipeline
 
 SHAPE = (1, 1, 8, 8)
 
@@ -375,7 +375,7 @@ def test_prune_then_distill_through_the_python_api(tmp_path: Path, teacher: Arti
 
 
 def test_recipe_with_distill_validates(tmp_path: Path) -> None:
-    from compress.recipe import load_recipe
+    from compress.stages.recipe import load_recipe
 
     r = tmp_path / "r.toml"
     r.write_text('model = { source = "zoo:digits-cnn" }\ndata = { source = "builtin:digits" }\n\n'

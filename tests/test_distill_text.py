@@ -70,12 +70,12 @@ def test_sequence_classifier_distils_with_kd_and_labels(tmp_path: Path) -> None:
     """A text classifier's logits are matched by KD, with its JSONL labels as cross-entropy."""
     from compress.passes.distill import Distill
 
-    from compress import hf
     from compress.api import module_artifact
-    from compress.cache import Cache
-    from compress.data import load_data
-    from compress.manager import PassContext, PassManager
-    from compress.recipe import DataSpec
+    from compress.core.cache import Cache
+    from compress.core.manager import PassContext, PassManager
+    from compress.inputs import hf
+    from compress.inputs.data import load_data
+    from compress.stages.recipe import DataSpec
 
     d = hf_dir(tmp_path / "cls", labels=2)
     lines = [json.dumps({"text": s, "label": i % 2}) for i, s in enumerate(sentences(120, seed=4))]
@@ -113,12 +113,12 @@ def test_single_array_data_for_a_two_input_model_is_refused_in_one_line(tmp_path
     import torch
     from compress.passes.distill import Distill
 
-    from compress import hf
     from compress.api import module_artifact
-    from compress.cache import Cache
-    from compress.data import DataBundle, Split
+    from compress.core.cache import Cache
+    from compress.core.manager import PassContext, PassManager
     from compress.errors import PassError
-    from compress.manager import PassContext, PassManager
+    from compress.inputs import hf
+    from compress.inputs.data import DataBundle, Split
 
     m = hf.load_dir(hf_dir(tmp_path / "bert"), "embedding")
     specs = hf.input_specs(hf.read_config(tmp_path / "bert"), "embedding", (1, SEQ))
@@ -155,9 +155,10 @@ def test_single_array_data_for_a_two_input_model_is_refused_at_plan_time(tmp_pat
     import numpy as np
     from compress.passes.quantize_nncf import QuantizeNncf
 
-    from compress import hf, preflight
-    from compress.data import DataBundle, Split
     from compress.errors import RecipeError
+    from compress.inputs import hf
+    from compress.inputs.data import DataBundle, Split
+    from compress.stages import preflight
 
     specs = hf.input_specs(hf.read_config(hf_dir(tmp_path / "bert")), "embedding", (1, SEQ))
     sp = Split(np.zeros((40, SEQ), np.float32), None)

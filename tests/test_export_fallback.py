@@ -13,10 +13,10 @@ from compress.passes.export_onnx import ExportOnnx
 from torch import nn
 
 from compress.api import module_artifact
-from compress.cache import Cache
 from compress.cli import main
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager
 from compress.errors import ExportError
-from compress.manager import PassContext, PassManager
 
 
 class BatchGuarded(nn.Module):
@@ -87,7 +87,7 @@ def test_torch_exporter_logs_stay_off_the_terminal(tmp_path: Path, capfd) -> Non
     """ConvNeXtV2's dynamic batch fails inside torch.export, which logs guard tracebacks at ERROR level through
     its own stderr handler: they go to the debug log, and the export falls back to a fixed batch."""
     transformers = pytest.importorskip("transformers")
-    from compress.hf import from_config, input_specs
+    from compress.inputs.hf import from_config, input_specs
 
     cfg = transformers.ConvNextV2Config(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)
     cache = Cache(tmp_path / "c")

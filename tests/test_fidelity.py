@@ -11,7 +11,7 @@ from compress.passes._quant_common import below, compare
 
 from compress.cli import main
 from compress.errors import InputError, RecipeError
-from compress.fidelity import compare_outputs, degenerate, headline, infer_kind, load_metric, run_metric
+from compress.quality.fidelity import compare_outputs, degenerate, headline, infer_kind, load_metric, run_metric
 
 FAST = 'measure = { batch_sizes = [1], warmup = 1, min_runs = 3, min_time_s = 0.0'
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from compress.data import load_data
-from compress.recipe import DataSpec
-from compress.training import fit
-from compress.zoo import build
+from compress.inputs.data import load_data
+from compress.inputs.training import fit
+from compress.inputs.zoo import build
+from compress.stages.recipe import DataSpec
 
 
 def test_training_without_a_progress_bar_prints_a_heartbeat_per_epoch() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from compress import history
+from compress.apps import history
 from compress.cli import main
 from tests.reports import cell, latency, make_report
 
@@ -136,7 +136,7 @@ def test_history_command_prints_trends_and_marks_change_points(tmp_path: Path, c
 
 
 def _check_result(p50: float) -> Any:
-    from compress.budget import CheckResult, Verdict
+    from compress.apps.budget import CheckResult, Verdict
 
     rng = np.random.default_rng(int(p50 * 1000))
     lat = latency(list(rng.normal(p50, 0.005 * p50, 40)), 1)
@@ -148,14 +148,14 @@ def _check_result(p50: float) -> Any:
 
 
 def test_check_drift_fails_the_gate_and_every_check_appends(tmp_path: Path, capsys, monkeypatch) -> None:
-    import compress.budget
+    import compress.apps.budget
 
     store = tmp_path / "hist.jsonl"
     monkeypatch.setenv(history.ENV, str(store))
     budgets = tmp_path / "b.toml"
     budgets.write_text("")  # check itself is replaced below; only the gate's handling of drift is under test
     p50 = iter([1.03**k for k in range(6)])
-    monkeypatch.setattr(compress.budget, "check", lambda *a, **k: _check_result(next(p50)))
+    monkeypatch.setattr(compress.apps.budget, "check", lambda *a, **k: _check_result(next(p50)))
     codes = []
     for k in range(6):
         monkeypatch.setenv(history.COMMIT_ENV, f"c{k}")
@@ -192,7 +192,7 @@ def test_run_appends_a_record_beside_the_run_folders(tmp_path: Path, capsys, mon
 
 
 def test_same_run_ratio_budgets_drift_on_the_ratio_and_short_history_only_warns() -> None:
-    from compress.budget import Verdict
+    from compress.apps.budget import Verdict
 
     res = _check_result(1.0)
     res.verdicts = [Verdict("r", "digits", "q", "onnxruntime", "p50", "0.5x torch", "pass", 0.3, 0.29, 0.31,

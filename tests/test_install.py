@@ -85,7 +85,7 @@ def test_the_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> 
     with zipfile.ZipFile(wheel) as z:  # install = unpack into site-packages (pip is not in an empty venv)
         names = z.namelist()
         z.extractall(site)
-    assert "compress/profiles.toml" in names and any(n.startswith("compress/passes/") for n in names)
+    assert "compress/stages/profiles.toml" in names and any(n.startswith("compress/passes/") for n in names)
     assert any(n.startswith("compress/targets/") for n in names) and "compress/templates/bundle_run.py" in names
     work = tmp_path / "work"
     work.mkdir()

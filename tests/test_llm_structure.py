@@ -13,16 +13,16 @@ import torch
 
 pytest.importorskip("transformers")
 
-from compress.artifact import Artifact
-from compress.cache import Cache
-from compress.causal_lm import BUILTIN_TEXT, lm_text
+from compress.core.artifact import Artifact
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager
+from compress.core.registry import get_pass
 from compress.errors import InputError, PassError, RecipeError
-from compress.manager import PassContext, PassManager
-from compress.models import load_model
-from compress.pipeline import run
-from compress.recipe import ModelSpec, recipe_from_dict
-from compress.registry import get_pass
-from compress.torch_io import load_torch
+from compress.inputs.causal_lm import BUILTIN_TEXT, lm_text
+from compress.inputs.models import load_model
+from compress.inputs.torch_io import load_torch
+from compress.stages.pipeline import run
+from compress.stages.recipe import ModelSpec, recipe_from_dict
 from tests.llm_models import tiny_llama
 
 MEASURE = {"lm_prompt": 16, "lm_new_tokens": 6, "lm_rounds": 2, "lm_window": 48, "lm_eval_tokens": 96,
@@ -216,8 +216,8 @@ def _greedy_prompts(n: int, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_speculative_decoding_gives_the_verifiers_greedy_output(ctx: PassContext, k: int) -> None:
-    from compress.generation import TorchLMRunner
-    from compress.speculative import SpeculativeRunner
+    from compress.measuring.generation import TorchLMRunner
+    from compress.measuring.speculative import SpeculativeRunner
 
     out, _, _ = _run(ctx, {"kind": "prune.depth", "blocks": 2})
     verifier = TorchLMRunner(load_torch(ctx.original), threads=1)
@@ -231,8 +231,8 @@ def test_speculative_decoding_gives_the_verifiers_greedy_output(ctx: PassContext
 
 
 def test_a_draft_identical_to_the_verifier_is_always_accepted(ctx: PassContext) -> None:
-    from compress.generation import TorchLMRunner
-    from compress.speculative import SpeculativeRunner
+    from compress.measuring.generation import TorchLMRunner
+    from compress.measuring.speculative import SpeculativeRunner
 
     m = load_torch(ctx.original)
     spec = SpeculativeRunner(TorchLMRunner(m, 1), TorchLMRunner(m, 1), k=4)
@@ -241,8 +241,8 @@ def test_a_draft_identical_to_the_verifier_is_always_accepted(ctx: PassContext) 
 
 
 def test_a_draft_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
-    from compress.capabilities import DecoderFacts, Facts
-    from compress.speculative import from_artifacts
+    from compress.core.capabilities import DecoderFacts, Facts
+    from compress.measuring.speculative import from_artifacts
 
     def decoder(name: str, digest: str) -> Artifact:
         facts = Facts(decoder=DecoderFacts(layers=2, kv_heads=2, head_dim=16, vocab=512, tokenizer_digest=digest))
@@ -257,10 +257,10 @@ def test_a_draft_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pruned_decoders_export_and_onnx_speculative_decoding_matches(lm_dir: Path, cache_dir: Path,
                                                                       tmp_path: Path) -> None:
-    from compress.execute import execute
-    from compress.generation import OrtLMRunner
-    from compress.plan import make_plan
-    from compress.speculative import from_artifacts
+    from compress.measuring.generation import OrtLMRunner
+    from compress.measuring.speculative import from_artifacts
+    from compress.stages.execute import execute
+    from compress.stages.plan import make_plan
 
     rec = recipe_from_dict({"name": "lm", "model": {"source": f"hf:{lm_dir}", "task": "causal-lm"},
                             "data": {"source": "builtin:pydoc-topics"}, "measure": MEASURE,

@@ -7,12 +7,12 @@ import torch
 from compress.passes.export_onnx import ExportOnnx
 
 from compress.api import module_artifact
-from compress.cache import Cache
-from compress.config import PassConfig
+from compress.core.cache import Cache
+from compress.core.config import PassConfig
+from compress.core.manager import PassContext, PassManager, TimingInstrument, VerifyInstrument
+from compress.core.registry import get_pass
 from compress.errors import ExportError, PassError, RecipeError
-from compress.manager import PassContext, PassManager, TimingInstrument, VerifyInstrument
-from compress.registry import get_pass
-from compress.torch_io import load_torch
+from compress.inputs.torch_io import load_torch
 
 
 def scale(factor: float = 1.0, fail: bool = False) -> PassConfig:
@@ -69,7 +69,7 @@ def test_cache_keys_are_full_sha256_and_change_with_each_ingredient() -> None:
 
 
 def test_library_versions_are_in_the_key(monkeypatch) -> None:
-    from compress import cache as cache_mod
+    from compress.core import cache as cache_mod
 
     before = Cache.key("a" * 64, "p", 1, {})
     monkeypatch.setattr(cache_mod, "library_versions", lambda: {"torch": "0.0.1"})
@@ -96,7 +96,7 @@ def test_changed_early_pass_invalidates_only_what_follows(tiny, cache) -> None:
 def test_interrupted_run_resumes_from_last_finished_pass(tiny, cache, monkeypatch) -> None:
     root = module_artifact(tiny, (1, 1, 8, 8), cache)
     chain = [scale(2.0), scale(0.5), ExportOnnx()]
-    from compress import registry
+    from compress.core import registry
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -127,11 +127,11 @@ def test_entry_without_completion_marker_does_not_exist(tiny, cache) -> None:
 
 
 def test_cached_torch_artifact_reloads_from_disk_without_pickle(tiny, cache) -> None:
-    from compress.artifact import Artifact
+    from compress.core.artifact import Artifact
 
     # A model from a zoo/factory source can be rebuilt from disk; weights load with weights_only=True.
-    from compress.models import load_model
-    from compress.recipe import ModelSpec
+    from compress.inputs.models import load_model
+    from compress.stages.recipe import ModelSpec
 
     root = load_model(ModelSpec(source="zoo:digits-cnn"), cache)
     out, _ = PassManager([scale(2.0)]).run(root, PassContext(cache=cache, progress=False))
@@ -158,7 +158,7 @@ def test_model_that_does_not_export_gives_export_error(cache) -> None:
 
 
 def test_registering_a_config_without_its_kind_is_refused() -> None:
-    from compress.registry import register_pass
+    from compress.core.registry import register_pass
 
     class NoKind(PassConfig):  # forgot `kind: Literal["..."] = "..."`
         factor: float = 1.0

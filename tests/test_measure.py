@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.measure import measure_interleaved, round_orders
-from compress.stats import block_length, describe_ratio, ratio_ci, split_half_aa
+from compress.measuring.measure import measure_interleaved, round_orders
+from compress.measuring.stats import block_length, describe_ratio, ratio_ci, split_half_aa
 
 
 class FakeClock:
@@ -134,7 +134,7 @@ def test_block_bootstrap_is_less_overconfident_than_iid_on_dependent_rounds() ->
 
 
 def test_between_session_offset_widens_the_interval() -> None:
-    from compress.stats import widen
+    from compress.measuring.stats import widen
 
     # Two sessions of one model, one 1% slower for the whole run (memory placement): rounds alone
     # cannot see that; the baseline's own second session, off by a similar amount, does.
@@ -156,7 +156,7 @@ def test_split_half_aa_holds_one_for_a_steady_candidate() -> None:
 
 
 def test_ratios_at_every_batch_flag_a_variant_slower_anywhere() -> None:
-    from compress.measurement import Cell, _ratios
+    from compress.measuring.measurement import Cell, _ratios
 
     rng = np.random.default_rng(0)
 
@@ -174,7 +174,7 @@ def test_ratios_at_every_batch_flag_a_variant_slower_anywhere() -> None:
 
 
 def test_pareto_labels_do_not_overlap(tmp_path: Path) -> None:
-    from compress.report import plot_pareto
+    from compress.reporting.report import plot_pareto
     from tests.reports import cell as rcell
     from tests.reports import latency, make_report
 
@@ -193,7 +193,7 @@ def test_pareto_labels_do_not_overlap(tmp_path: Path) -> None:
 
 
 def test_contention_probe_reads_proc_and_warns_on_load() -> None:
-    from compress.contention import ContentionProbe, warnings
+    from compress.measuring.contention import ContentionProbe, warnings
 
     quiet = {"cpus": 2, "threads": 1, "others_cores": 0.1, "steal_pct": 0.0}
     assert warnings(quiet, "now") == []
@@ -271,7 +271,7 @@ def test_compare_several_onnx_files_interleaved_with_accuracy(tmp_path: Path, ca
     capsys.readouterr()
     rep0 = json.loads((tmp_path / "o0" / "report.json").read_text())
     src = Path(rep0["cache"]) / "objects"
-    from compress.artifact import Artifact
+    from compress.core.artifact import Artifact
 
     # The exported model itself (the cache also holds onnxruntime's compiled, runtime-specific build).
     a = next(p for p in src.rglob("model.onnx")
@@ -307,7 +307,7 @@ def test_compare_several_models_refuses_non_onnx(capsys) -> None:
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs a CPU mask of at least 2 cores to narrow")
 def test_a_runtime_that_narrows_the_cpu_mask_is_undone_and_named() -> None:
-    from compress.measurement import restore_affinity
+    from compress.measuring.measurement import restore_affinity
 
     saved = set(os.sched_getaffinity(0))
     said: list[str] = []

@@ -21,15 +21,15 @@ from compress.passes.export_onnx import ExportOnnx
 from compress.passes.quantize_nncf import QuantizeNncf
 from compress.passes.quantize_nncf_weights import QuantizeNncfWeights
 
-from compress import zoo
 from compress.api import module_artifact
-from compress.artifact import Artifact
-from compress.cache import Cache
-from compress.data import DataBundle, load_data
+from compress.core.artifact import Artifact
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager, VerifyInstrument
 from compress.errors import InputError, PassError, RecipeError
-from compress.manager import PassContext, PassManager, VerifyInstrument
-from compress.recipe import DataSpec
-from compress.training import fit
+from compress.inputs import zoo
+from compress.inputs.data import DataBundle, load_data
+from compress.inputs.training import fit
+from compress.stages.recipe import DataSpec
 
 SHAPE = (1, 1, 8, 8)
 

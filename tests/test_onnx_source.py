@@ -14,11 +14,11 @@ import torch
 from compress.passes.export_onnx import ExportOnnx
 
 from compress.cli import main
-from compress.manager import PassContext, PassManager
-from compress.models import load_model
-from compress.plan import with_lowering
-from compress.recipe import ModelSpec
-from compress.registry import get_pass
+from compress.core.manager import PassContext, PassManager
+from compress.core.registry import get_pass
+from compress.inputs.models import load_model
+from compress.stages.plan import with_lowering
+from compress.stages.recipe import ModelSpec
 
 FAST = 'measure = { batch_sizes = [1], warmup = 1, min_runs = 3, min_time_s = 0.0, max_time_s = 5.0 }\n'
 

@@ -19,18 +19,18 @@ from compress.passes.quantize_int8 import QuantizeInt8
 from compress.passes.quantize_weight_only import QuantizeWeightOnly
 from onnx import numpy_helper
 
-from compress import zoo
 from compress.api import module_artifact
-from compress.artifact import Artifact
-from compress.cache import Cache
-from compress.data import DataBundle, load_data
+from compress.core.artifact import Artifact
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager
 from compress.errors import PassError
-from compress.manager import PassContext, PassManager
-from compress.parity import LOWERING, QUANTIZATION, Tolerance, check, compare_outputs
-from compress.pipeline import run
-from compress.recipe import DataSpec
-from compress.report_schema import Report, ResultCell
-from compress.training import fit
+from compress.inputs import zoo
+from compress.inputs.data import DataBundle, load_data
+from compress.inputs.training import fit
+from compress.quality.parity import LOWERING, QUANTIZATION, Tolerance, check, compare_outputs
+from compress.reporting.report_schema import Report, ResultCell
+from compress.stages.pipeline import run
+from compress.stages.recipe import DataSpec
 
 SHAPE = (1, 1, 8, 8)
 
@@ -268,7 +268,7 @@ def test_onnxruntime_target_parity_passes_and_a_corrupted_build_fails_its_cell(t
         m = onnx.load(str(out.path / "model.onnx"))
         _negate_largest(m, (onnx.TensorProto.FLOAT,))
         onnx.save(m, str(out.path / "model.onnx"))
-        from compress.artifact import sha256_files
+        from compress.core.artifact import sha256_files
 
         out.digest = sha256_files(out.path)
         return out

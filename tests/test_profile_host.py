@@ -9,8 +9,8 @@ import platform
 from pathlib import Path
 
 from compress.cli import main
-from compress.fingerprint import cpu_info, detected_cpu, forced_by_profile, machine_fingerprint
-from compress.profiles import get_profile
+from compress.core.fingerprint import cpu_info, detected_cpu, forced_by_profile, machine_fingerprint
+from compress.stages.profiles import get_profile
 
 
 def test_fingerprint_names_the_host_and_the_profile_apart(monkeypatch) -> None:

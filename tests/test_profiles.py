@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from compress.cli import main
+from compress.core.fingerprint import cpu_info
 from compress.errors import RecipeError
-from compress.fingerprint import cpu_info
-from compress.profiles import (
+from compress.stages.profiles import (
     PATH_ENV,
     Profile,
     all_profiles,
@@ -23,7 +23,7 @@ from compress.profiles import (
     load_profile_file,
     profile_scope,
 )
-from compress.recipe import load_recipe, recipe_from_dict
+from compress.stages.recipe import load_recipe, recipe_from_dict
 
 BUILTIN = ("x86-avx2", "x86-avx512-vnni", "rpi4", "rpi5", "jetson-orin-nano", "graviton3")
 
@@ -53,7 +53,7 @@ def _write(folder: Path, name: str, text: str) -> Path:
 
 
 def test_every_builtin_profile_is_there_and_its_int8_scheme_fits_its_isa() -> None:
-    from compress.int8_scheme import scheme_for_isa
+    from compress.core.int8_scheme import scheme_for_isa
 
     profiles = builtin_profiles()
     assert set(BUILTIN) <= set(profiles)
@@ -86,7 +86,7 @@ def test_profile_targets_are_tvm_tags_where_tvm_has_one_and_tvm_accepts_every_on
 
 
 def test_host_profile_is_the_detected_cpu_and_forces_nothing() -> None:
-    from compress.fingerprint import detected_cpu
+    from compress.core.fingerprint import detected_cpu
 
     host = host_profile()
     assert host.name == "host" and host.source == "detected"
@@ -102,7 +102,7 @@ def test_host_profile_is_the_detected_cpu_and_forces_nothing() -> None:
     ("rpi5", "u8s8", "aarch64"),
 ])
 def test_a_profile_forces_the_isa_and_int8_scheme_while_it_is_active(name: str, scheme: str, arch: str) -> None:
-    from compress.int8_scheme import choose_scheme
+    from compress.core.int8_scheme import choose_scheme
 
     before = cpu_info()
     rec = recipe_from_dict({"model": {"source": "zoo:digits-cnn"}, "profile": name})

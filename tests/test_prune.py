@@ -17,14 +17,14 @@ from compress.passes.prune_magnitude import MagnitudePrune
 from onnx import numpy_helper
 from torch import nn
 
-from compress.artifact import Artifact
-from compress.cache import Cache
-from compress.data import load_data
+from compress.core.artifact import Artifact
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager
 from compress.errors import PassError, RecipeError
-from compress.manager import PassContext, PassManager
-from compress.models import load_model
-from compress.recipe import DataSpec, ModelSpec
-from compress.torch_io import load_torch, safe_torch_load, sample_inputs
+from compress.inputs.data import load_data
+from compress.inputs.models import load_model
+from compress.inputs.torch_io import load_torch, safe_torch_load, sample_inputs
+from compress.stages.recipe import DataSpec, ModelSpec
 
 # --- user models -----------------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ def test_exactly_one_of_ratio_or_macs_target() -> None:
 
 
 def test_recipe_and_text_form_round_trip() -> None:
-    from compress.recipe import format_pipeline, parse_pipeline, recipe_from_dict
+    from compress.stages.recipe import format_pipeline, parse_pipeline, recipe_from_dict
 
     text = ('prune.channels{macs_target=0.5,round_to=16,keep=["fc"]},prune.magnitude{sparsity=0.3,scope="layer"},'
             "prune.2to4,export.onnx -> onnxruntime")
@@ -298,8 +298,8 @@ def test_channels_taylor_and_finetune_use_labelled_data(cache: Cache, digits: ob
 
 
 def test_channels_bn_recalibration_recovers_accuracy(cache: Cache, digits: object) -> None:
-    from compress.training import fit, top1
-    from compress.zoo import DigitsCNN
+    from compress.inputs.training import fit, top1
+    from compress.inputs.zoo import DigitsCNN
 
     torch.manual_seed(0)
     net = DigitsCNN()
@@ -318,7 +318,7 @@ def test_channels_bn_recalibration_recovers_accuracy(cache: Cache, digits: objec
 
 
 def test_channels_bn_scale_global(cache: Cache) -> None:
-    from compress.zoo import DigitsCNN
+    from compress.inputs.zoo import DigitsCNN
 
     torch.manual_seed(0)
     net = DigitsCNN()
@@ -364,7 +364,7 @@ def test_channels_untraceable_module_is_named_with_keep_hint(cache: Cache) -> No
 
 
 def test_pruning_an_onnx_model_is_refused_clearly(cache: Cache, tmp_path: Path) -> None:
-    from compress.artifact import InputSpec
+    from compress.core.artifact import InputSpec
 
     # The chain is validated before anything runs, so the ONNX file's content is never read.
     onnx_art = Artifact("onnx", tmp_path, "0" * 64, (InputSpec("input", (1, 1, 8, 8)),))

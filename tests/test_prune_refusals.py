@@ -14,10 +14,10 @@ from compress.passes.prune_channels import ChannelPrune
 from torch import nn
 
 from compress.api import module_artifact
-from compress.artifact import Artifact
-from compress.cache import Cache
+from compress.core.artifact import Artifact
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager
 from compress.errors import PassError
-from compress.manager import PassContext, PassManager
 
 pytest.importorskip("torch_pruning")
 
@@ -75,7 +75,7 @@ def test_levit_step_failure_names_its_attention_layers_with_a_keep_that_works(tm
     """LeViT's fused queries_keys_values layer fails inside torch-pruning (an IndexError with no module named
     before): the refusal names the layers of the failing group, and the checked keep goes through."""
     transformers = pytest.importorskip("transformers")
-    from compress.hf import from_config, input_specs
+    from compress.inputs.hf import from_config, input_specs
 
     cfg = transformers.LevitConfig(image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 2, 2],
                                    depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=10)
@@ -96,7 +96,7 @@ def test_focalnet_search_explosion_is_cut_off_naming_the_block(tmp_path: Path) -
     """FocalNet's modulation made torch-pruning's dependency search run for 11+ minutes: now it stops at a bound,
     names the block, and the checked keep (the modulation blocks) goes through."""
     transformers = pytest.importorskip("transformers")
-    from compress.hf import from_config, input_specs
+    from compress.inputs.hf import from_config, input_specs
 
     cfg = transformers.FocalNetConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_labels=10)
     shape = (1, 3, 64, 64)
@@ -116,7 +116,7 @@ def test_focalnet_search_explosion_is_cut_off_naming_the_block(tmp_path: Path) -
 @pytest.mark.slow
 def test_cvt_graph_failure_names_a_module_and_says_no_keep_helps(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from compress.hf import from_config, input_specs
+    from compress.inputs.hf import from_config, input_specs
 
     cfg = transformers.CvtConfig(embed_dim=[16, 32, 48], num_heads=[1, 2, 2], depth=[1, 2, 3], num_labels=10)
     shape = (1, 3, 64, 64)

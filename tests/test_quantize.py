@@ -21,16 +21,16 @@ from conftest import SCHEME_FOR_ISA, host_int8_kernels_exact, weight_ints
 from pydantic import ValidationError
 from torch import nn
 
-from compress import zoo
 from compress.api import module_artifact
-from compress.artifact import Artifact
-from compress.cache import Cache
-from compress.data import DataBundle, Split, load_data
+from compress.core.artifact import Artifact
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager, VerifyInstrument
 from compress.errors import AccuracyError, CompressError, InputError, PassError, RecipeError
-from compress.manager import PassContext, PassManager, VerifyInstrument
-from compress.recipe import DataSpec
-from compress.torch_io import load_torch
-from compress.training import fit, top1
+from compress.inputs import zoo
+from compress.inputs.data import DataBundle, Split, load_data
+from compress.inputs.torch_io import load_torch
+from compress.inputs.training import fit, top1
+from compress.stages.recipe import DataSpec
 
 SHAPE = (1, 1, 8, 8)
 # A fake-quantized model exported to ONNX differs from torch by up to one quantization step
@@ -107,7 +107,7 @@ def test_int8_ptq_is_qdq_runs_on_ort_and_keeps_accuracy_per_isa(forced_isa: str,
 
 
 def test_scheme_follows_the_forced_isa(monkeypatch: pytest.MonkeyPatch) -> None:
-    from compress.int8_scheme import choose_scheme
+    from compress.core.int8_scheme import choose_scheme
 
     monkeypatch.setenv("COMPRESS_ARCH", "x86_64")
     monkeypatch.setenv("COMPRESS_ISA", "avx2,fma")

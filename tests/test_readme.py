@@ -63,7 +63,7 @@ def _commands() -> list[tuple[str, dict[str, str], list[str]]]:
 
 def _help_examples() -> list[tuple[str, dict[str, str], list[str]]]:
     """The examples of `compress --help` (the CLI's epilog), as commands."""
-    from compress.cli import EPILOG
+    from compress.commands.parser import EPILOG
 
     out = []
     for line in re.sub(r"\\\n\s*", " ", EPILOG).splitlines():
@@ -144,10 +144,11 @@ NOT_RUN = {
 
 def _validate(argv: list[str]) -> None:
     """What `compress` checks before any work, without doing the work."""
-    from compress.budget import load_budgets
-    from compress.cli import _parser, _shape
-    from compress.recipe import load_recipe, parse_pipeline
-    from compress.registry import compare_precisions
+    from compress.apps.budget import load_budgets
+    from compress.commands.parser import build_parser as _parser
+    from compress.commands.run_cmd import parse_shape as _shape
+    from compress.core.registry import compare_precisions
+    from compress.stages.recipe import load_recipe, parse_pipeline
 
     if argv in (["--help"], ["--version"]):
         return
@@ -216,10 +217,10 @@ def _onnx_files(cwd: Path) -> None:
     import onnx
     from compress.passes.export_onnx import ExportOnnx
 
-    from compress.cache import Cache
-    from compress.manager import PassContext, PassManager
-    from compress.models import load_model
-    from compress.recipe import ModelSpec
+    from compress.core.cache import Cache
+    from compress.core.manager import PassContext, PassManager
+    from compress.inputs.models import load_model
+    from compress.stages.recipe import ModelSpec
 
     cache = Cache(cwd / ".export-cache")
     out, _ = PassManager([ExportOnnx()]).run(load_model(ModelSpec(source="zoo:digits-cnn"), cache),
@@ -258,7 +259,7 @@ def test_commands_that_train_or_measure_run_as_documented(where: str, env: dict[
 
 
 def test_toml_recipes_on_the_pages_are_valid() -> None:
-    from compress.recipe import recipe_from_dict
+    from compress.stages.recipe import recipe_from_dict
 
     checked = 0
     for where, text in _blocks("toml"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from compress.errors import RecipeError
-from compress.recipe import format_pipeline, load_recipe, parse_pipeline, recipe_to_toml
+from compress.stages.recipe import format_pipeline, load_recipe, parse_pipeline, recipe_to_toml
 
 GOOD = """
 name = "r"

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from compress.report_html import render_html
-from compress.report_view import Constraints, cell_points, fit_limits, summarize
+from compress.reporting.report_html import render_html
+from compress.reporting.report_view import Constraints, cell_points, fit_limits, summarize
 from tests.reports import cell, latency, make_report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -146,7 +146,7 @@ def test_html_escapes_names_from_the_recipe() -> None:
 
 
 def test_a_run_where_nothing_ran_still_renders_and_says_why(tmp_path: Path) -> None:
-    from compress.report import plot_pareto
+    from compress.reporting.report import plot_pareto
 
     rep = make_report([cell("baseline", "onnxruntime", status="failed", reason="boom"),
                        cell("q", "tvm", status="unavailable", reason="no tvm here")])
@@ -174,7 +174,7 @@ def _red_pixels(png: Path) -> int:
 
 
 def test_pareto_png_marks_slower_cells_and_fits_equal_accuracies(tmp_path: Path) -> None:
-    from compress.report import plot_pareto
+    from compress.reporting.report import plot_pareto
 
     rep = _report()  # every cell at 99% top-1: the y axis used to leave them on one flat line
     boxes = plot_pareto(rep, tmp_path / "p.png")
@@ -186,7 +186,7 @@ def test_pareto_png_marks_slower_cells_and_fits_equal_accuracies(tmp_path: Path)
 
 
 def test_write_report_writes_the_html_page(tmp_path: Path) -> None:
-    from compress.report import write_report
+    from compress.reporting.report import write_report
 
     write_report(_report(), tmp_path)
     assert (tmp_path / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")

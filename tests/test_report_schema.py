@@ -13,9 +13,9 @@ from pydantic import ValidationError
 
 from compress.cli import main
 from compress.errors import InputError
-from compress.report import render_markdown, render_text
-from compress.report_schema import SCHEMA, Report, ResultCell, load_report, schema_text
-from compress.report_schema import main as schema_main
+from compress.reporting.report import render_markdown, render_text
+from compress.reporting.report_schema import SCHEMA, Report, ResultCell, load_report, schema_text
+from compress.reporting.report_schema import main as schema_main
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "docs" / "report.schema.json"
@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_published_schema_is_generated_from_the_models(tmp_path: Path) -> None:
     assert PUBLISHED.read_text(encoding="utf-8") == schema_text(), \
-        "docs/report.schema.json is stale: run python -m compress.report_schema"
+        "docs/report.schema.json is stale: run python -m compress.reporting.report_schema"
     assert schema_main([str(PUBLISHED), "--check"]) == 0
     stale = tmp_path / "s.json"
     stale.write_text(schema_text().replace('"number"', '"string"', 1))

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("optuna")
 
+from compress.apps.search import load_space, run_search
 from compress.cli import main
 from compress.errors import RecipeError
-from compress.recipe import load_recipe
-from compress.search import load_space, run_search
+from compress.stages.recipe import load_recipe
 
 HEAD = ('name = "s"\nmodel = { source = "zoo:digits-cnn", train_epochs = 1 }\ndata = { source = "builtin:digits" }\n'
         'measure = { batch_sizes = [1], warmup = 1, min_runs = 5, min_time_s = 0.0 }\n')
@@ -112,7 +112,7 @@ def test_ray_executor_builds_in_parallel_and_measures_on_the_measuring_node(tmp_
     # The model was trained once, before the trials (two builds on a cold cache each trained it).
     assert res["root_train"]["error"] is None and res["root_train"]["train_s"] > 0
     assert sum(m.startswith("model trained 1 epochs before the trials") for m in lines) == 1
-    from compress.fingerprint import cpu_info
+    from compress.core.fingerprint import cpu_info
 
     share = max(1, int(cpu_info()["affinity_cores"] or 1) // 2)  # two workers: half the cores each
     for t in res["trials"]:
@@ -197,8 +197,8 @@ def test_a_trial_dominated_on_every_objective_is_pruned_untrained(tmp_path: Path
 
 
 def test_probe_recipe_leaves_out_training_only() -> None:
-    from compress.recipe import recipe_from_dict
-    from compress.search import probe_recipe
+    from compress.apps.search import probe_recipe
+    from compress.stages.recipe import recipe_from_dict
 
     rec = recipe_from_dict({"name": "r", "model": {"source": "zoo:digits-cnn"}, "data": {"source": "builtin:digits"},
                             "passes": [{"kind": "prune.channels", "ratio": 0.3, "finetune_epochs": 2},
@@ -221,8 +221,8 @@ def test_the_pooled_session_spread_replaces_one_trials_own_draw() -> None:
     import math
     from types import SimpleNamespace
 
-    from compress.search import _unwiden, pooled_ci, session_spread
-    from compress.stats import RatioCI, widen
+    from compress.apps.search import _unwiden, pooled_ci, session_spread
+    from compress.measuring.stats import RatioCI, widen
 
     paired = RatioCI(0.6, 0.59, 0.61, rounds=100, block=5, mde=0.01)
     own = widen(paired, {"ratio": math.exp(0.002)})  # a small draw: the interval hardly widens
@@ -239,7 +239,7 @@ def test_the_pooled_session_spread_replaces_one_trials_own_draw() -> None:
 
 
 def test_front_trials_are_re_timed_together_in_one_run(tmp_path: Path) -> None:
-    from compress.search import retime_trials
+    from compress.apps.search import retime_trials
 
     sp = load_space(space(tmp_path, HEAD + '[search]\ntrials = 2\n' + PRUNE + TARGET))
     recs = {"trial0": sp.recipe({"passes[1].enabled": True, "passes[1].ratio": 0.2, "passes[1].round_to": 2}),
@@ -257,7 +257,7 @@ def test_front_trials_are_re_timed_together_in_one_run(tmp_path: Path) -> None:
 
 
 def test_a_ray_build_trains_with_its_share_of_the_node_s_cores() -> None:
-    from compress.search import task_threads
+    from compress.apps.search import task_threads
 
     assert task_threads(1, 1, 2) == 2  # one worker on a 2-core machine trains on both cores
     assert task_threads(1, 2, 2) == 1  # two workers: one core each, never 2 + 2 threads on 2 cores
@@ -270,8 +270,8 @@ def test_a_ray_build_trains_with_its_share_of_the_node_s_cores() -> None:
 @pytest.mark.parametrize("others, share, expected", [(0.0, 2, 2), (1.0, 2, 1), (1.0, 4, 3), (None, 2, 2)])
 def test_training_leaves_the_cores_other_processes_hold(monkeypatch: pytest.MonkeyPatch, others: float | None,
                                                          share: int, expected: int) -> None:
-    import compress.contention as contention
-    from compress.search import training_threads
+    import compress.measuring.contention as contention
+    from compress.apps.search import training_threads
 
     looks: list[float] = []
 
@@ -285,8 +285,8 @@ def test_training_leaves_the_cores_other_processes_hold(monkeypatch: pytest.Monk
 
 
 def test_training_seconds_count_only_passes_that_train() -> None:
-    from compress.recipe import recipe_from_dict
-    from compress.search import training_kinds, training_seconds
+    from compress.apps.search import training_kinds, training_seconds
+    from compress.stages.recipe import recipe_from_dict
 
     rec = recipe_from_dict({"name": "r", "model": {"source": "zoo:digits-cnn"}, "data": {"source": "builtin:digits"},
                             "passes": [{"kind": "prune.channels", "ratio": 0.3},

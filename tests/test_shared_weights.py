@@ -13,15 +13,15 @@ from compress.passes.export_onnx import ExportOnnx
 from compress.passes.quantize_int8 import QuantizeInt8
 
 from compress.api import module_artifact
-from compress.cache import Cache
-from compress.data import load_data
-from compress.manager import PassContext, PassManager
-from compress.recipe import DataSpec
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager
+from compress.inputs.data import load_data
+from compress.stages.recipe import DataSpec
 
 
 def test_poolformer_shared_constants_are_copied_per_node_and_quantized(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from compress.hf import from_config, input_specs
+    from compress.inputs.hf import from_config, input_specs
 
     shape = (1, 3, 32, 32)
     cfg = transformers.PoolFormerConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=10)

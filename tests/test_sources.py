@@ -10,13 +10,13 @@ import pytest
 import torch
 from compress.passes.export_onnx import ExportOnnx
 
-from compress.data import load_data
+from compress.core.manager import PassContext, PassManager
 from compress.errors import InputError, RecipeError
-from compress.manager import PassContext, PassManager
-from compress.models import load_model
-from compress.recipe import DataSpec, ModelSpec
-from compress.torch_io import load_torch
-from compress.zoo import ZOO
+from compress.inputs.data import load_data
+from compress.inputs.models import load_model
+from compress.inputs.torch_io import load_torch
+from compress.inputs.zoo import ZOO
+from compress.stages.recipe import DataSpec, ModelSpec
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -79,7 +79,7 @@ def _onnx_file(tmp_path: Path, cache) -> Path:
 
 
 def test_onnx_source_refuses_torch_passes(tmp_path: Path, cache) -> None:
-    from compress.registry import get_pass
+    from compress.core.registry import get_pass
 
     art = load_model(ModelSpec(source=str(_onnx_file(tmp_path, cache))), cache)
     assert art.kind == "onnx" and art.inputs[0].name == "input"

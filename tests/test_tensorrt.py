@@ -24,13 +24,13 @@ from compress.targets.tensorrt_engine import TensorRTConfig, TensorRTTarget
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
-from compress.artifact import Artifact, InputSpec, sha256_files
-from compress.cache import Cache
-from compress.capabilities import Facts
+from compress.core.artifact import Artifact, InputSpec, sha256_files
+from compress.core.cache import Cache
+from compress.core.capabilities import Facts
+from compress.core.manager import PassContext
+from compress.core.registry import make_target, targets
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
-from compress.manager import PassContext
-from compress.recipe import parse_pipeline, recipe_from_dict
-from compress.registry import make_target, targets
+from compress.stages.recipe import parse_pipeline, recipe_from_dict
 
 ENV = {"tensorrt_version": "10.13.0.35", "gpu": "NVIDIA H200", "compute_capability": "9.0", "cuda_driver": 12080}
 
@@ -295,7 +295,8 @@ def test_settings_sparse_weights_follow_prune_2to4(tmp_path: Path) -> None:
 def test_settings_from_exported_zoo_model(tmp_path: Path) -> None:
     from compress.passes.export_onnx import ExportOnnx
 
-    from compress import api, zoo
+    from compress import api
+    from compress.inputs import zoo
 
     art = api.apply(zoo.build("digits-cnn", (1, 1, 8, 8)), ExportOnnx(), (1, 1, 8, 8), cache_dir=tmp_path)
     s, _ = TensorRTTarget(TensorRTConfig(max_batch=64)).settings_for(art)
@@ -508,7 +509,7 @@ class _NumpyEngine:
 def test_pipeline_checks_tensorrt_parity(tmp_path: Path, fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                          error: float) -> None:
     """The tensorrt cell goes through the same parity check as every target (TF32: FP16 tolerance)."""
-    from compress.pipeline import run
+    from compress.stages.pipeline import run
 
     art = onnx_artifact(tmp_path / "m")
     monkeypatch.setattr(TensorRTTarget, "unavailable_reason", lambda self: None)

@@ -16,9 +16,9 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from compress.cli import main  # noqa: E402
-from compress.data import load_data  # noqa: E402
 from compress.errors import InputError, RecipeError  # noqa: E402
-from compress.recipe import DataSpec  # noqa: E402
+from compress.inputs.data import load_data  # noqa: E402
+from compress.stages.recipe import DataSpec  # noqa: E402
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a cat dog sat on mat quick brown fox jumps over "
          "lazy bird sang in tree red blue green".split(), "##s", "##ed"]
@@ -50,7 +50,7 @@ def sentences(n: int = 40, seed: int = 0) -> list[str]:
 
 
 def _inputs(path: Path) -> tuple:  # type: ignore[type-arg]
-    from compress import hf
+    from compress.inputs import hf
 
     return hf.input_specs(hf.read_config(path), "embedding", (1, SEQ))
 
@@ -149,7 +149,7 @@ def test_run_and_check_on_text_data_end_to_end(tmp_path: Path, capsys) -> None:
 def test_latency_at_several_sequence_lengths(tmp_path: Path, capsys) -> None:
     """measure.seq_lens: each (batch, sequence length) timed interleaved, keyed "B" at the model's own length
     and "B/sS" at the others, with a paired ratio to the baseline at the same shape; a budget can name one."""
-    from compress.report_schema import load_report
+    from compress.reporting.report_schema import load_report
 
     d = hf_dir(tmp_path / "bert")
     (tmp_path / "r.toml").write_text(
@@ -171,7 +171,7 @@ def test_latency_at_several_sequence_lengths(tmp_path: Path, capsys) -> None:
     assert "## Latency at other sequence lengths" in md and "enc/onnxruntime b2 seq 4: p50" in md
     assert any(n.seq == 4 for n in rep.noise)
     # A budget at a sequence length reads that key; at the model's own length, the plain batch key.
-    from compress.budget import BudgetsFile, BudgetSpec, evaluate_budget
+    from compress.apps.budget import BudgetsFile, BudgetSpec, evaluate_budget
 
     bf = BudgetsFile(models={"enc": "r.toml"}, budget=[], resamples=200)
     v4 = evaluate_budget(BudgetSpec(model="enc", target="onnxruntime", metric="p50", max="10 s", seq=4), rep, bf,

@@ -16,11 +16,11 @@ from compress.passes.quantize_dynamic import QuantizeDynamic
 from compress.passes.quantize_int8 import QuantizeInt8
 
 from compress.api import module_artifact
-from compress.artifact import Artifact, InputSpec
-from compress.cache import Cache
-from compress.fidelity import compare_outputs
-from compress.manager import PassContext, PassManager
-from compress.torch_io import sample_inputs
+from compress.core.artifact import Artifact, InputSpec
+from compress.core.cache import Cache
+from compress.core.manager import PassContext, PassManager
+from compress.inputs.torch_io import sample_inputs
+from compress.quality.fidelity import compare_outputs
 from tests.user_models import masked_encoder
 
 SPECS = (InputSpec("input_ids", (1, 12), "int64", high=100, dynamic_axes=((1, "seq"),)),
@@ -132,9 +132,9 @@ def test_default_prune_removes_whole_heads_on_a_two_input_model(root: Artifact, 
 
 def test_npz_with_named_arrays_calibrates_and_guards_on_them(onnx_art: Artifact, cache: Cache,
                                                              tmp_path: Path) -> None:
-    from compress.data import load_data
     from compress.errors import InputError
-    from compress.recipe import DataSpec
+    from compress.inputs.data import load_data
+    from compress.stages.recipe import DataSpec
 
     g = np.random.default_rng(0)
     n, seq = 120, 12

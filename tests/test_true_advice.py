@@ -7,13 +7,13 @@ from compress.passes.export_onnx import ExportOnnx
 from compress.passes.quantize_dynamic import QuantizeDynamic
 from compress.passes.quantize_int8 import QuantizeInt8
 
-from compress.cache import Cache
-from compress.config import true_advice
-from compress.data import load_data
+from compress.core.cache import Cache
+from compress.core.config import true_advice
+from compress.core.manager import PassContext, PassManager
 from compress.errors import AccuracyError
-from compress.manager import PassContext, PassManager
-from compress.models import load_model
-from compress.recipe import DataSpec, ModelSpec
+from compress.inputs.data import load_data
+from compress.inputs.models import load_model
+from compress.stages.recipe import DataSpec, ModelSpec
 
 
 def test_true_advice_drops_what_is_already_set() -> None:

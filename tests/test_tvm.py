@@ -25,10 +25,10 @@ from compress.targets.tvm_compiler import (
 )
 from pydantic import ValidationError
 
-from compress.artifact import Artifact, InputSpec, sha256_files
-from compress.cache import Cache
+from compress.core.artifact import Artifact, InputSpec, sha256_files
+from compress.core.cache import Cache
+from compress.core.manager import PassContext
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
-from compress.manager import PassContext
 
 SHAPE = (1, 1, 8, 8)
 
@@ -45,8 +45,8 @@ def digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from compress.passes.export_onnx import ExportOnnx
 
-    from compress import zoo
     from compress.api import apply
+    from compress.inputs import zoo
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("digits")
@@ -120,7 +120,7 @@ def test_host_target_follows_the_forced_isa(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_untuned_build_per_isa_matches_onnxruntime(forced_isa: str, digits_onnx: Path, tmp_path: Path) -> None:
     """The code built for the forced CPU (AVX2-only or AVX-512 VNNI) computes the model's outputs."""
-    from compress.fingerprint import detected_cpu
+    from compress.core.fingerprint import detected_cpu
 
     ctx = _ctx(tmp_path)
     target = TvmTarget(TvmConfig(tuning_trials=0))
@@ -463,8 +463,8 @@ def test_time_budget_stops_tuning_early(digits_onnx: Path, tmp_path: Path) -> No
 def test_a_scheme_tvm_cannot_run_fails_that_cell_and_the_run_goes_on(tmp_path: Path) -> None:
     import tomllib
 
-    from compress.pipeline import run
-    from compress.recipe import recipe_from_dict
+    from compress.stages.pipeline import run
+    from compress.stages.recipe import recipe_from_dict
 
     rec = recipe_from_dict(tomllib.loads(
         'name = "wo"\nmodel = { source = "zoo:transformer" }\ndata = { source = "random" }\n'
@@ -596,8 +596,8 @@ def test_kernels_tuned_for_one_model_are_not_tuned_again_for_another(tuned: dict
     import torch
     from compress.passes.export_onnx import ExportOnnx
 
-    from compress import zoo
     from compress.api import apply
+    from compress.inputs import zoo
 
     # The same convolutions with another classifier: a second model that shares most kernels.
     torch.manual_seed(1)

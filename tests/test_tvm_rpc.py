@@ -22,8 +22,8 @@ from compress.targets.tvm_compiler import TvmConfig, TvmTarget
 from pydantic import ValidationError
 
 from compress.errors import TargetUnavailable
-from compress.pipeline import run
-from compress.recipe import recipe_from_dict
+from compress.stages.pipeline import run
+from compress.stages.recipe import recipe_from_dict
 
 FAST = {"batch_sizes": [1], "warmup": 1, "min_runs": 3, "min_time_s": 0.0}
 DEVICE_SERVER = Path(__file__).resolve().parent.parent / "compress" / "templates" / "tvm_rpc_server.py"
@@ -222,7 +222,7 @@ def test_tuning_through_rpc_times_every_candidate_on_the_device(tmp_path: Path,
     cells = {(c["variant"], c["target"]): c for c in rep["results"]}
     tvm = cells[("baseline", "tvm")]
     assert tvm["status"] == "ok", tvm["reason"]
-    from compress.artifact import Artifact
+    from compress.core.artifact import Artifact
 
     meta = Artifact.load(Path(tvm["compiled_path"])).metadata["tvm"]["tuning"]
     assert meta["status"] == "tuned" and meta["candidates_timed_on"] == f"TVM RPC server 127.0.0.1:{port}"
@@ -259,8 +259,8 @@ def device_report(server: int, tmp_path_factory: pytest.TempPathFactory) -> obje
 
 
 def test_ratios_on_the_device_pair_the_devices_own_clock(device_report: object, server: int) -> None:
-    from compress.report_schema import Report
-    from compress.stats import ratio_ci
+    from compress.measuring.stats import ratio_ci
+    from compress.reporting.report_schema import Report
 
     assert isinstance(device_report, Report)
     cells = {(c.variant, c.target): c for c in device_report.results}
@@ -279,7 +279,7 @@ def test_ratios_on_the_device_pair_the_devices_own_clock(device_report: object, 
     # ONNX Runtime on this machine keeps its host ratios.
     assert cells[("dev", "onnxruntime")].device is None
     # The results table shows the device's own figures for a device cell, and says so.
-    from compress.report import table_rows
+    from compress.reporting.report import table_rows
 
     _, rows = table_rows(device_report)
     row = next(r for r in rows if r[0] == "dev" and r[1].startswith("tvm"))
@@ -289,8 +289,8 @@ def test_ratios_on_the_device_pair_the_devices_own_clock(device_report: object, 
 
 
 def test_budgets_never_divide_a_device_figure_by_a_host_figure(device_report: object) -> None:
-    from compress.budget import BudgetsFile, BudgetSpec, evaluate_budget
-    from compress.report_schema import Report
+    from compress.apps.budget import BudgetsFile, BudgetSpec, evaluate_budget
+    from compress.reporting.report_schema import Report
 
     assert isinstance(device_report, Report)
     bf = BudgetsFile(models={"m": "r.toml"}, budget=[], confidence=0.95, resamples=500)
@@ -315,8 +315,8 @@ def test_budgets_never_divide_a_device_figure_by_a_host_figure(device_report: ob
 
 def test_a_recorded_baseline_from_another_device_is_not_compared(device_report: object, server: int,
                                                                  tmp_path: Path) -> None:
-    from compress.budget import BaselineStore, BudgetsFile, BudgetSpec, evaluate_budget
-    from compress.report_schema import Report
+    from compress.apps.budget import BaselineStore, BudgetsFile, BudgetSpec, evaluate_budget
+    from compress.reporting.report_schema import Report
 
     assert isinstance(device_report, Report)
     bf = BudgetsFile(models={"m": "r.toml"}, budget=[], confidence=0.95, resamples=500)
@@ -340,7 +340,7 @@ def test_release_frees_the_device_for_another_process_and_runners_reconnect(serv
     worker of variant 2 (another process) must get the device, and the runner must work again after."""
     from compress.targets import _tvm_rpc
 
-    from compress.artifact import Artifact
+    from compress.core.artifact import Artifact
 
     addr = parse_rpc(f"127.0.0.1:{server}")
     rec = recipe_from_dict({"name": "dev", "model": {"source": "zoo:digits-cnn"}, "measure": FAST,

@@ -1,0 +1,219 @@
+"""Stage 3 for a causal language model: generation timed, quality scored.
+
+Each (variant, target) cell gets a generation runner from its target (``target.lm_runner``, declared by
+``TargetCaps.generates``). Then:
+
+* quality: every cell's logits over the held-out windows give its perplexity, and against the
+  reference cell (the original model on the reference target) the per-token KL divergence and top-1
+  next-token agreement; a greedy generation from the first held-out window gives greedy-token
+  agreement;
+* speed: every cell generates ``lm_new_tokens`` tokens after an ``lm_prompt``-token prompt once per
+  round, in an order that changes every round (``compress.measuring.measure.round_orders``); time to first token
+  and decode tokens/s are compared with the reference cell's as paired ratios with bootstrap intervals
+  (``compress.measuring.stats.ratio_ci``), as every latency of the product is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import CompressError, TargetUnavailable
+from .measure import round_orders
+from .stats import bootstrap_stat, ratio_ci
+
+
+def _cells(plan: Any, variants: list[Any], say: Callable[[str], None]) -> list[Any]:
+    from .measurement import _compile, new_cell
+
+    cells = []
+    for t in plan.targets:
+        reason = t.unavailable_reason()
+        for v in variants:
+            cell, src = new_cell(t, v, variants, reason, say)
+            cells.append(cell)
+            if src is None:
+                continue
+            if not t.caps.generates:  # a PyTorch target (no decoder facts to refuse) without a generate loop
+                cell.status = "failed"
+                cell.reason = f"refused: target '{t.name}' has no generate loop for a causal language model"
+                continue
+            try:
+                compiled, hit, secs = _compile(t, src, plan.ctx)
+                cell.compiled, cell.cache_hit, cell.build_s = compiled, hit, secs
+                cell.size_bytes = src.size_bytes()
+                cell.spawn = (lambda n, t=t, comp=compiled: t.lm_runner(comp, n))
+                say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
+            except TargetUnavailable as e:
+                cell.status, cell.reason = "unavailable", str(e)
+            except CompressError as e:
+                cell.status, cell.reason = "failed", str(e)
+                say(f"compile {v.name} for {t.name}: failed: {e}")
+    return cells
+
+
+def _reference(cells: list[Any], baseline: str) -> Any:
+    live = [c for c in cells if c.status == "ok"]
+    return next((c for c in live if c.variant == baseline and c.caps.reference),
+                next((c for c in live if c.variant == baseline), live[0] if live else None))
+
+
+def _quality(cells: list[Any], ref: Any, text: Any, prompt: int, new: int, say: Callable[[str], None]) -> None:
+    from ..inputs.causal_lm import WindowScores
+
+    live = [c for c in cells if c.status == "ok"]
+    scores = {id(c): WindowScores() for c in live}
+    for i, w in enumerate(text.eval):
+        ref_logits = ref.runner.logits(w)
+        for c in live:
+            got = ref_logits if c is ref else c.runner.logits(w)
+            scores[id(c)].add(got, w, None if c is ref else ref_logits)
+        say(f"perplexity: window {i + 1}/{len(text.eval)}")
+    p = text.eval[0][: min(prompt, text.window)][None]
+    ref_toks = ref.runner.generate(p, new).tokens[0]
+    base_ppl = scores[id(ref)].figures()["perplexity"]
+    for c in live:
+        f = scores[id(c)].figures()
+        toks = ref_toks if c is ref else c.runner.generate(p, new).tokens[0]
+        c.generation.update({
+            "perplexity": f["perplexity"], "eval_tokens": int(f["tokens"]),
+            "perplexity_rise": f["perplexity"] / base_ppl - 1.0,
+            "kl": f.get("kl", 0.0), "top1_agreement": f.get("top1_agreement", 1.0),
+            # Greedy tokens agree up to the first divergence; after it the contexts differ.
+            "greedy_agreement": float(np.cumprod(toks == ref_toks).sum() / len(ref_toks)),
+        })
+
+
+def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rounds: int, seed: int,
+           say: Callable[[str], None]) -> None:
+    from .speculative import speculative_figures
+
+    live = [c for c in cells if c.status == "ok"]
+    ids = np.concatenate(list(text.eval) + list(text.calib))
+    if len(ids) < prompt_len:
+        raise CompressError(f"measure.lm_prompt = {prompt_len}: the text has only {len(ids)} tokens")
+    prompt = ids[:prompt_len][None]
+    for c in live:  # one untimed warm-up each: first calls allocate and page in weights
+        c.runner.generate(prompt, min(new, 4))
+    ttft: dict[int, list[float]] = {id(c): [] for c in live}
+    tpot: dict[int, list[float]] = {id(c): [] for c in live}
+    for r, order in enumerate(round_orders(len(live), rounds, seed)):
+        for k in order:
+            c = live[k]
+            run = c.runner.generate(prompt, new)
+            ttft[id(c)].append(run.ttft_s * 1e3)
+            tpot[id(c)].append(run.decode_s * 1e3 / max(new - 1, 1))
+        say(f"generation: round {r + 1}/{rounds}")
+    for c in live:
+        t50, tlo, thi = bootstrap_stat(ttft[id(c)], "p50", seed=seed)
+        d50, dlo, dhi = bootstrap_stat(tpot[id(c)], "p50", seed=seed)
+        g: dict[str, Any] = {
+            "prompt_tokens": prompt_len, "new_tokens": new, "batch": 1, "rounds": rounds,
+            "ttft_ms": t50, "ttft_ms_low": tlo, "ttft_ms_high": thi,
+            "decode_tokens_per_s": 1e3 / d50, "decode_tokens_per_s_low": 1e3 / dhi,
+            "decode_tokens_per_s_high": 1e3 / dlo,
+        }
+        if c is not ref:
+            # Ratios from paired rounds: time to first token candidate/reference (lower is better), decode
+            # speed-up reference time per token / candidate's (higher is better).
+            g["ttft_ratio"] = ratio_ci(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).to_json()
+            g["decode_speedup"] = ratio_ci(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).to_json()
+        c.generation.update(g, **speculative_figures(c.runner))
+
+
+def _peak_memory(cells: list[Any], targets: list[Any], threads: int, say: Callable[[str], None]) -> None:
+    """Peak RSS of each cell while generating, each in a fresh process (one process cannot attribute its
+    peak to one of several models it holds)."""
+    from .memprobe import measure_peak_memory
+
+    by_name = {t.name: t for t in targets}
+    for c in cells:
+        if c.status != "ok" or c.compiled is None:
+            continue
+        try:
+            got = measure_peak_memory(by_name[c.target].config, c.compiled, 1, threads, runs=2)
+        except (RuntimeError, OSError, ValueError) as e:  # the child failed or timed out: say so, keep the rest
+            c.notes.append(f"peak memory not measured: {e}")
+            continue
+        # What loading and generating added to the process: every probe imports the same libraries first.
+        c.generation["peak_rss_bytes"] = got["model_peak_bytes"]
+        say(f"peak memory {c.variant}/{c.target}: +{got['model_peak_bytes'] / 2**20:.0f} MiB while generating "
+            f"(process total {got['peak_rss_bytes'] / 2**20:.0f} MiB)")
+
+
+def choose_threads(cells: list[Any], text: Any, options: list[int], seed: int,
+                   say: Callable[[str], None]) -> tuple[int, str]:
+    """The thread count that decodes fastest here, measured: the first compiled cell that is not the reference
+    (the model being deployed) generates a short continuation at each count, alternating, three times each;
+    the lowest median time per token wins. On a shared 2-core machine one thread has been faster than two
+    for every engine (OpenMP threads wait on each other), so this is measured, not assumed."""
+    live = [c for c in cells if c.status == "ok"]
+    probe = next((c for c in live if not c.caps.reference and c.variant != "baseline"),
+                 next((c for c in live if not c.caps.reference), live[0] if live else None))
+    if probe is None or len(options) < 2:
+        n = options[0] if options else 1
+        return n, f"threads: {n} (nothing to choose between)"
+    prompt = np.concatenate(list(text.calib))[:32][None]
+    runners = {n: probe.spawn(n) for n in options}
+    times: dict[int, list[float]] = {n: [] for n in options}
+    try:
+        for r in range(4):
+            for n in options if r % 2 == 0 else reversed(options):
+                g = runners[n].generate(prompt, 9)
+                if r:  # the first round warms up
+                    times[n].append(g.decode_s / 8)
+    finally:
+        for rn in runners.values():
+            rn.close()
+    med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
+    best = min(med, key=lambda n: med[n])
+    note = (f"threads: {best}, chosen by measurement on {probe.variant}/{probe.target} ("
+            + ", ".join(f"{n} thread{'s' if n > 1 else ''}: {m:.2f} ms/token" for n, m in med.items()) + ")")
+    say(note)
+    return best, note
+
+
+def measure_generation(plan: Any, variants: list[Any], threads: int,
+                       say: Callable[[str], None]) -> tuple[list[Any], int, str]:
+    """Cells of a causal-LM run: built, scored on held-out text and timed generating; returns them with the
+    thread count used and how it was chosen. With measure.threads = 0 (auto) the count is chosen by
+    measurement (:func:`choose_threads`) and every cell notes it."""
+    import os
+
+    from ..stages.plan import BASELINE
+    from .speculative import attach_draft
+
+    rec, text = plan.recipe, plan.ctx.text
+    cells = _cells(plan, variants, say)
+    note = f"threads: {threads} (measure.threads)"
+    if rec.measure.threads == 0:
+        options = sorted({1, threads, os.cpu_count() or 1})
+        threads, note = choose_threads(cells, text, options, rec.seed, say)
+    for c in cells:
+        c.generation = {}
+        if c.status == "ok":
+            try:
+                c.runner = c.spawn(threads)
+            except CompressError as e:
+                c.status, c.reason = "failed", str(e)
+    for t in plan.targets:  # a target's ``draft`` setting: speculative decoding (compress.measuring.speculative)
+        attach_draft(t, cells, variants, threads)
+    ref = _reference(cells, BASELINE)
+    try:
+        if ref is not None:
+            m = rec.measure
+            _quality(cells, ref, text, m.lm_prompt, m.lm_new_tokens, say)
+            _speed(cells, ref, text, m.lm_prompt, m.lm_new_tokens, m.lm_rounds, rec.seed, say)
+            if m.lm_peak_memory:
+                _peak_memory(cells, plan.targets, threads, say)
+            for c in cells:
+                if c.status == "ok" and c is not ref:
+                    c.notes.append(f"generation compared with {ref.variant}/{ref.target} (paired rounds)")
+    finally:
+        for c in cells:
+            if c.runner is not None:
+                c.runner.close()
+            c.spawn = None  # a cell is data once measured
+    return cells, threads, note
