@@ -71,6 +71,10 @@ def __getattr__(name: str) -> Any:
         from .stages.pipeline import run
 
         return run
+    if name == "assert_budgets":  # the CI gate from pytest (docs/budgets.md)
+        from .apps.budget import assert_budgets
+
+        return assert_budgets
     if name == "load_recipe":
         from .stages.recipe import load_recipe
 
@@ -80,5 +84,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AccuracyError", "Artifact", "BudgetExceeded", "BuildError", "CacheError", "CompressError", "ExportError",
-    "InputError", "InputSpec", "PassError", "RecipeError", "TargetUnavailable", "apply", "load_recipe", "run",
+    "InputError", "InputSpec", "PassError", "RecipeError", "TargetUnavailable", "apply", "assert_budgets",
+    "load_recipe", "run",
 ]
