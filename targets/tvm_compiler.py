@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.artifact import ONNX, Artifact, InputSpec, sha256_file, sha256_files
 from compress.capabilities import BundleSpec, TargetCaps
@@ -41,6 +41,47 @@ if TYPE_CHECKING:
 _BAD_FFI_PREFIX = "0.1.15"
 # Cross toolchains from Debian's packages (g++-aarch64-linux-gnu etc.), by target triple prefix.
 _CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++", "arm": "arm-linux-gnueabihf-g++", "riscv64": "riscv64-linux-gnu-g++"}
+
+
+class TvmProfileSettings(BaseModel):
+    """What a hardware profile says about the tvm target: a profile file's ``[targets.tvm]`` table (``tag``,
+    ``target``, ``gpu_tag``), or its old top-level keys ``tvm_tag``, ``tvm_target``, ``tvm_gpu_tag``. The build
+    compiles for the tag's attributes, overridden by ``target``'s; neither = this machine's CPU."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tag: str | None = Field(None, description="TVM target tag (tvm.target.list_tags())")
+    target: dict[str, Any] | None = Field(None, description="TVM target JSON, over the tag's attributes")
+    gpu_tag: str | None = Field(None, description="TVM tag of the device's GPU (recorded; the tvm target builds "
+                                "CPU code)")
+
+    @field_validator("target")
+    @classmethod
+    def _no_tag_inside(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and "tag" in v:
+            raise ValueError("give the tag as tag (tvm_tag), not inside the target JSON")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_or_tag(self) -> TvmProfileSettings:
+        if self.target is not None and self.tag is None and not isinstance(self.target.get("kind"), str):
+            raise ValueError("the target JSON needs a 'kind' string (e.g. kind = 'llvm') unless a tag is given")
+        return self
+
+    @classmethod
+    def of(cls, profile: Any) -> TvmProfileSettings:
+        """The settings ``profile`` gives the tvm target (none: this machine's CPU)."""
+        return cls.model_validate(profile.targets.get("tvm") or {})
+
+    def target_json(self, cores: int | None) -> dict[str, Any] | None:
+        """The target JSON a tvm target without ``target`` compiles for (None: this machine's CPU)."""
+        if self.tag is None and self.target is None:
+            return None
+        spec: dict[str, Any] = {"tag": self.tag} if self.tag else {}
+        spec.update(self.target or {})
+        if cores is not None and "num-cores" not in spec:
+            spec["num-cores"] = cores
+        return spec
 
 
 class TvmConfig(TargetConfig):
@@ -103,10 +144,23 @@ class TvmConfig(TargetConfig):
 
     def for_profile(self, profile: Any) -> TvmConfig:
         """Compile for the profile's device (its TVM tag / target JSON) unless the recipe names a target."""
-        spec = profile.tvm_target_json()
+        spec = TvmProfileSettings.of(profile).target_json(profile.cores)
         if self.target is not None or spec is None:
             return self
         return type(self).model_validate({**self.model_dump(), "target": spec})
+
+    @classmethod
+    def check_profile_settings(cls, settings: dict[str, Any], arch: str) -> None:
+        """A profile's ``[targets.tvm]`` (or its old top-level ``tvm_tag`` / ``tvm_target`` / ``tvm_gpu_tag``)."""
+        try:
+            spec = TvmProfileSettings.model_validate(settings)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ValueError(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+        triple = str((spec.target or {}).get("mtriple", ""))
+        if triple and not triple.startswith(arch):
+            raise ValueError(f"target.mtriple {triple!r} is not an {arch} triple")
 
     @field_validator("target")
     @classmethod
