@@ -338,17 +338,19 @@ def test_tvm_target_parity_fails_a_build_with_wrong_weights(tmp_path: Path, monk
     good = cells[("baseline", "tvm")]
     assert good.status == "ok" and good.parity is not None and good.parity.ok and good.parity.precision == "fp32"
 
-    real = TvmTarget._import
+    import compress.targets.tvm_compiler as tvm_compiler
 
-    def wrong_weights(self: Any, model: Any, art: Artifact) -> Any:
-        mod, params = real(self, model, art)
+    real = tvm_compiler.import_onnx
+
+    def wrong_weights(model: Any, inputs: Any) -> Any:
+        mod, params = real(model, inputs)
         k = next(iter(params))
         import tvm
 
         params[k] = tvm.runtime.tensor(-params[k].numpy())
         return mod, params
 
-    monkeypatch.setattr(TvmTarget, "_import", wrong_weights)
+    monkeypatch.setattr(tvm_compiler, "import_onnx", wrong_weights)
     monkeypatch.setattr(TvmTarget, "fingerprint", lambda self: {"wrong": True})
     cells = _cells(_run(tmp_path, body, "tvm_bad", epochs=0))
     bad = cells[("baseline", "tvm")]
