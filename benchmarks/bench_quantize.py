@@ -30,11 +30,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress.passes._quant_common import compare, ort_session, session_infer, simulated_agreement  # noqa: E402
+from compress.passes._quant_common import (  # noqa: E402
+    compare,
+    ort_session,
+    quiet,
+    session_infer,
+    simulated_agreement,
+)
 from compress.passes.export_onnx import ExportOnnx  # noqa: E402
 from compress.passes.quantize_dynamic import QuantizeDynamic  # noqa: E402
 from compress.passes.quantize_fp16 import QuantizeFp16  # noqa: E402
-from compress.passes.quantize_int8 import QuantizeInt8, _quiet  # noqa: E402
+from compress.passes.quantize_int8 import QuantizeInt8  # noqa: E402
 from compress.passes.quantize_qat import QuantizeQat  # noqa: E402
 
 from compress.api import module_artifact  # noqa: E402
@@ -103,7 +109,7 @@ def plain_quantize_static(src: Path, dst: Path, calib: list[np.ndarray]) -> None
             return None if b is None else {"input": b}
 
     pre = dst.with_suffix(".pre.onnx")
-    with _quiet():
+    with quiet():
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ)
 

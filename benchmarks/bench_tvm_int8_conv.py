@@ -44,7 +44,7 @@ def conv_module(dtype: str, kind: str) -> object:
 
 def main() -> None:
     import tvm
-    from compress.targets._tvm_tuning import import_cpu_tensor_intrinsics
+    from compress.targets._tvm_worker import import_cpu_tensor_intrinsics
     from compress.targets.tvm_compiler import host_target_json, make_target
     from tvm.s_tir import meta_schedule as ms
 

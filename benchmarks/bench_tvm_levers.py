@@ -20,7 +20,7 @@ Arms (each changes one thing against the arm before it in this list, except wher
                 it: quantize/dequantize ops around float convolutions (TvmConfig.int8_arith = "float");
                 since 2026-11-29 per-tensor Q/DQ ops are plain ops in NHWC (no transposes around them)
     int8        int8-float with integer convolutions (int8_arith = "integer": int32 sums on the
-                8-bit values, targets/_tvm_int8.py; lost the A/B in tvm-int8-ops.md, so not the default)
+                8-bit values, targets/_tvm_rewrites.py; lost the A/B in tvm-int8-ops.md, so not the default)
     int8-nchw   int8 in NCHW (before 2026-11-29 the "int8" arm was this layout with float arithmetic)
 Writes benchmarks/results/tvm-levers.md (or --out).
 """

@@ -11,7 +11,11 @@ without VNNI.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +26,7 @@ from compress.core.artifact import Artifact
 from compress.core.int8_scheme import choose_scheme
 from compress.errors import InputError, PassError
 from compress.measuring.ort import ort_session, session_infer, split_inputs
+from compress.quality.parity import LOWERING, ParityOptions, check, parity_batch
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -176,7 +181,7 @@ def pass_parity(kind: str, art: Artifact, out_path: Path, ctx: Any, tol: Any, pr
     """A quantizing pass's output (``out_path``) against its input model ``art``, both on ONNX Runtime, on the
     validation split (or seeded random inputs without data). Returns the parity record for the metadata;
     raises PassError with one line naming the figure and its bound on a breach (``hint`` says what to do)."""
-    from compress.quality.parity import check, parity_batch, parity_inputs, run_feeds
+    from compress.quality.parity import parity_inputs, run_feeds
 
     feeds, inputs, y = parity_inputs(art, getattr(ctx, "data", None), samples, parity_batch(art),
                                      getattr(ctx, "seed", 0))
@@ -387,4 +392,120 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
             f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_sample_cosine {min_cosine}) on "
             f"{where}; " + ", ".join(["keep more nodes in float (keep_float)", *advice])
             + ", or lower min_sample_cosine")
+    return out
+
+
+# ---------------------------------------------------------------- running ORT's quantizer
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """ORT's quantizer logs and prints per tensor; keep the run's output readable."""
+    buf = io.StringIO()
+    lg = logging.getLogger()
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lg.setLevel(old)
+
+
+def preprocess(src: Path, dst: Path) -> list[str]:
+    """ORT's quant_pre_process (shape inference + folding BatchNorm into Conv), then stable node names and one
+    copy per reader of each shared float initializer; returns the names of those that were shared."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with quiet():
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception as e:  # ORT raises many types from its optimizer / shape inference
+        raise PassError(f"onnxruntime quant_pre_process failed on {src}: {str(e).splitlines()[0][:300]}") from e
+    m = name_nodes(onnx.load(str(dst)))
+    shared = unshare_initializers(m)  # ORT refuses a weight shared between nodes
+    onnx.save_model(m, str(dst))
+    return shared
+
+
+class CalibrationReader:
+    """ORT CalibrationDataReader over prepared batches."""
+
+    def __init__(self, name: str, batches: list[np.ndarray], feeds: list[dict[str, np.ndarray]] | None = None) -> None:
+        self.name, self.batches, self.i = name, batches, 0
+        self.feeds = feeds  # several named inputs per batch (multi-input models), instead of ``batches``
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        n = len(self.feeds) if self.feeds is not None else len(self.batches)
+        if self.i >= n:
+            return None
+        self.i += 1
+        if self.feeds is not None:
+            return self.feeds[self.i - 1]
+        return {self.name: self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+# ---------------------------------------------------------------- deployed vs simulated Q/DQ
+
+
+class QdqParityOptions(ParityOptions):
+    """Parity settings of a pass that writes Q/DQ: deployed integer kernels vs the simulated graph."""
+
+    deployed_min_cosine: float | None = Field(
+        None, ge=-1, le=1, description="deployed (ONNX Runtime integer kernels) vs simulated Q/DQ: output cosine; "
+        "None = compress.quality.parity.LOWERING['int8']")
+    deployed_min_agreement: float | None = Field(
+        None, ge=0, le=1, description="deployed vs simulated: top-1 agreement; None = the INT8 default")
+
+
+def self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions, scheme: str | None = None
+                 ) -> dict[str, Any]:
+    """Deployed (ONNX Runtime's fused integer kernels) vs simulated, and deployed vs the float input; a breach fails
+    the pass (``cfg.kind`` names it). Models with several named inputs are fed the run's named arrays (or valid
+    synthetic inputs)."""
+    batch = parity_batch(art, 64)
+    if data is None or bool(getattr(data, "input_names", None)):  # no data, or several named inputs
+        feeds, inputs = guard_feeds(art, data, n=min(cfg.parity_samples, 64), batch=batch)
+        y = None
+
+        def run(sess: Any) -> np.ndarray:
+            return np.concatenate([np.asarray(sess.run(None, f)[0], dtype=np.float32) for f in feeds])
+    else:
+        name = art.inputs[0].name
+        xs, y = split_inputs(data, "val", cfg.parity_samples, batch)
+        inputs = "validation split"
+
+        def run(sess: Any) -> np.ndarray:
+            return run_batches(session_infer(sess), name, xs)
+
+    sim = run(ort_session(qpath, optimize=False))
+    dep = run(ort_session(qpath, optimize=True))
+    fp = run(ort_session(art.path / "model.onnx", optimize=True))
+    tol = LOWERING["int8"].override(min_cosine=cfg.deployed_min_cosine, min_agreement=cfg.deployed_min_agreement)
+    out = check(sim, dep, tol, precision="int8", reference="the simulated Q/DQ model (ONNX Runtime reference kernels)",
+                inputs=inputs, real_data=y is not None)
+    out["target"] = "onnxruntime"
+    out["flagged"] = not out["ok"]
+    if not out["ok"]:
+        # The 7-bit scheme is the fix for saturation on CPUs without VNNI: offered only when not already in use.
+        fix = ("" if scheme == "u8s8_reduce_range" else
+               "On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); ")
+        raise PassError(f"{cfg.kind}: deployed INT8 on ONNX Runtime (this CPU) disagrees with the simulated model: "
+                        f"{out['reason']}. {fix}lower "
+                        "deployed_min_agreement/deployed_min_cosine only if this backend is not your deployment")
+    vs = check(fp, dep, cfg.tolerance("int8"), precision="int8", reference="its float input model (ONNX Runtime)",
+               inputs=inputs, real_data=y is not None)
+    if not vs["ok"]:
+        raise PassError(f"{cfg.kind}: the output differs from its input model beyond the tolerance: {vs['reason']}; "
+                        "keep sensitive layers in float (keep_float, max_accuracy_drop), or loosen min_cosine/"
+                        "min_agreement")
+    out["vs_float"] = vs
+    if y is not None and dep.ndim == 2:
+        out.update(top1_float=float((fp.argmax(1) == y).mean()), top1_simulated=float((sim.argmax(1) == y).mean()),
+                   top1_deployed=float((dep.argmax(1) == y).mean()))
     return out

@@ -368,190 +368,212 @@ def distill(art: Artifact, cfg: Distill, ctx: PassContext) -> Artifact:
         s_tap.close()
 
 
+class _Trainer:
+    """One distillation run: the models, the optimizer, the resume checkpoint and the progress state."""
+
+    def __init__(self, art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teacher: nn.Module,
+                 student: nn.Module, projs: nn.ModuleList, t_tap: _Tap, s_tap: _Tap, batches: list[tuple[int, int]],
+                 use_labels: bool, t_digest: str, out_loss: str) -> None:
+        self.art, self.cfg, self.ctx, self.data = art, cfg, ctx, data
+        self.teacher, self.student, self.projs, self.t_tap, self.s_tap = teacher, student, projs, t_tap, s_tap
+        self.batches, self.use_labels, self.out_loss = batches, use_labels, out_loss
+        self.resume_dir = ctx.cache.root / "resume" / sha256_json({
+            "input": art.digest, "config": cfg.canonical(), "teacher": t_digest, "seed": ctx.seed, "version": VERSION,
+            "train": _split_digest(data.train), "val": _split_digest(data.val),
+        })
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.resume_dir / CKPT
+        params = list(student.parameters()) + list(projs.parameters())
+        if cfg.optimizer == "adamw":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        spe = len(batches)
+        self.total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
+        self.n_epochs = math.ceil(self.total / spe)
+        # Frozen teacher: its validation logits are computed once.
+        self.t_val = _val_logits(teacher, data, data.val)
+        self.y_val = data.val.y if use_labels else None
+        self.m_val = _mask(data, data.val, slice(None))
+        self.metric = "top1" if use_labels else "teacher_agreement" if out_loss == "kd" else "teacher_cosine"
+        self.st = _State()
+        self.last_good: dict[str, torch.Tensor] = {}
+        self.last_good_epoch = 0
+
+    def evaluate(self) -> tuple[float, float, torch.Tensor]:
+        """The student's validation score, its output loss to the teacher, and its validation outputs."""
+        s_val = _val_logits(self.student, self.data, self.data.val)
+        if self.y_val is not None:
+            score = _top1(s_val, self.y_val)
+        elif self.out_loss == "kd":
+            score = _agreement(s_val, self.t_val)
+        else:
+            score = 1 - float(_cosine_loss(s_val, self.t_val, self.m_val))
+        return score, float(_out_loss(self.out_loss, s_val, self.t_val, self.cfg.temperature, self.m_val)), s_val
+
+    def resume(self) -> int | None:
+        """Load the checkpoint of an interrupted run with the same key; the epoch it resumes after, or None."""
+        if not self.ckpt_path.exists():
+            return None
+        try:
+            ck = safe_torch_load(self.ckpt_path)
+        except InputError as e:
+            self.ctx.log(f"distill: ignoring unreadable checkpoint {self.ckpt_path} ({e}); starting over")
+            return None
+        self.student.load_state_dict(ck["student"])
+        self.projs.load_state_dict(ck["projections"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.st = _State(epoch=ck["epoch"], step=ck["step"], curve=list(ck["curve"]), val_kd=list(ck["val_kd"]),
+                         train={k: list(v) for k, v in ck["train"].items()}, best_epoch=ck["best_epoch"],
+                         best_score=(float(ck["best_score"][0]), float(ck["best_score"][1])),
+                         best_state=ck["best_state"], bad_epochs=ck["bad_epochs"])
+        self.ctx.log(f"distill: resuming after epoch {self.st.epoch} from {self.ckpt_path}")
+        return self.st.epoch
+
+    def step(self, idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        """One optimizer step on the training samples ``idx``; the loss terms and their weighted total."""
+        cfg, data, st, out_loss = self.cfg, self.data, self.st, self.out_loss
+        xs = data.model_inputs(data.train, idx)
+        mask = _mask(data, data.train, idx)
+        lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * st.step / self.total))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with torch.no_grad():
+            t_log = _logits(self.teacher(*xs), "teacher")
+        s_log = _logits(self.student(*xs), "student")
+        terms: dict[str, torch.Tensor] = {out_loss: _out_loss(out_loss, s_log, t_log, cfg.temperature, mask)}
+        if self.use_labels:
+            y = torch.from_numpy(data.train.y[idx])  # type: ignore[index]
+            terms["ce"] = F.cross_entropy(s_log, y)
+            loss = cfg.alpha * terms[out_loss] + (1 - cfg.alpha) * terms["ce"]
+        else:
+            loss = terms[out_loss]
+        if cfg.features:
+            feat = sum((F.mse_loss(p(self.s_tap.out[n]), self.t_tap.out[n].detach())
+                        for n, p in zip(cfg.features, self.projs, strict=True)), torch.zeros(()))
+            terms["feature"] = feat
+            loss = loss + cfg.feature_weight * feat
+        if not torch.isfinite(loss):
+            self.fail_nan(epoch, float(loss.detach()))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        st.step += 1
+        return {**terms, "total": loss}
+
+    def epoch(self, epoch: int, bar: Any) -> None:
+        """Train one epoch, then score it, keep the best student and write the resume checkpoint."""
+        st = self.st
+        # Seeds derive from (seed, epoch), not from a running generator, so a resumed run shuffles identically.
+        torch.manual_seed(self.ctx.seed * 1_000_003 + epoch)
+        perm = np.random.default_rng([self.ctx.seed, epoch]).permutation(len(self.data.train))
+        self.student.train()
+        self.projs.train()
+        sums: dict[str, float] = {}
+        n_b = 0
+        for lo, hi in self.batches:
+            if st.step >= self.total:
+                break
+            terms = self.step(perm[lo:hi], epoch)
+            n_b += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}",
+                            val=f"{st.curve[-1]:.3f}" if st.curve else "-")
+        if any(not torch.isfinite(p).all() for p in self.student.parameters()):
+            self.fail_nan(epoch, float("nan"))
+        score, vkd, _ = self.evaluate()
+        st.epoch = epoch
+        st.curve.append(score)
+        st.val_kd.append(vkd)
+        for k, total_k in sums.items():
+            st.train.setdefault(k, []).append(total_k / max(1, n_b))
+        if (score, -vkd) > st.best_score:
+            st.best_score, st.best_epoch, st.best_state = (score, -vkd), epoch, _clone_state(self.student)
+            st.bad_epochs = 0
+        else:
+            st.bad_epochs += 1
+        self.last_good, self.last_good_epoch = _clone_state(self.student), epoch
+        _save_atomic({
+            "epoch": st.epoch, "step": st.step, "student": self.last_good, "projections": self.projs.state_dict(),
+            "optimizer": self.opt.state_dict(), "curve": st.curve, "val_kd": st.val_kd, "train": st.train,
+            "best_epoch": st.best_epoch, "best_score": list(st.best_score), "best_state": st.best_state,
+            "bad_epochs": st.bad_epochs,
+        }, self.ckpt_path)
+        bar.set_postfix(loss=f"{st.train['total'][-1]:.3f}" if "total" in st.train else "-", val=f"{score:.3f}")
+        self.ctx.log(f"distill epoch {epoch}/{self.n_epochs}: loss {st.train.get('total', [float('nan')])[-1]:.4f}, "
+                     f"val {self.metric} {score:.4f}")
+        _epoch_end_hook(epoch, {"checkpoint": self.ckpt_path, "score": score, "student": self.student})
+
+    def fail_nan(self, epoch: int, value: float) -> None:
+        _fail_nan(self.art, self.cfg, self.ctx, self.student, self.last_good, self.last_good_epoch, epoch, self.st,
+                  self.resume_dir, value)
+
+    def loss_terms(self) -> dict[str, Any]:
+        cfg, out_loss = self.cfg, self.out_loss
+        return {out_loss: {"weight": cfg.alpha if self.use_labels else 1.0,
+                           **({"temperature": cfg.temperature} if out_loss == "kd" else {})},
+                **({"ce": {"weight": 1 - cfg.alpha}} if self.use_labels else {}),
+                **({"feature": {"weight": cfg.feature_weight, "layers": list(cfg.features),
+                                "projections": [type(p).__name__ for p in self.projs]}} if cfg.features else {})}
+
+    def comparisons(self, s_val0: torch.Tensor, s_val: torch.Tensor) -> dict[str, float]:
+        """The student before and after against the labels and the teacher."""
+        out: dict[str, float] = {}
+        t_val, y = self.t_val, self.data.val.y
+        if y is not None:
+            out.update(teacher_top1=_top1(t_val, y), top1_before=_top1(s_val0, y), top1_after=_top1(s_val, y))
+        if self.out_loss == "kd":
+            out.update(teacher_agreement_before=_agreement(s_val0, t_val),
+                       teacher_agreement_after=_agreement(s_val, t_val))
+        else:  # argmax agreement over embedding dimensions means nothing
+            out.update(teacher_cosine_before=1 - float(_cosine_loss(s_val0, t_val, self.m_val)),
+                       teacher_cosine_after=1 - float(_cosine_loss(s_val, t_val, self.m_val)))
+        return out
+
+
 def _run(art: Artifact, cfg: Distill, ctx: PassContext, data: DataBundle, teacher: nn.Module, student: nn.Module,
          projs: nn.ModuleList, t_tap: _Tap, s_tap: _Tap, batches: list[tuple[int, int]], use_labels: bool,
          t_digest: str, t_desc: str, notes: list[str], out_loss: str = "kd") -> Artifact:
     from tqdm import tqdm
 
-    resume_dir = ctx.cache.root / "resume" / sha256_json({
-        "input": art.digest, "config": cfg.canonical(), "teacher": t_digest, "seed": ctx.seed, "version": VERSION,
-        "train": _split_digest(data.train), "val": _split_digest(data.val),
-    })
-    resume_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resume_dir / CKPT
-
-    params = list(student.parameters()) + list(projs.parameters())
-    if cfg.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    spe = len(batches)
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
-    n_epochs = math.ceil(total / spe)
-
-    # Frozen teacher: its validation logits are computed once.
-    t_val = _val_logits(teacher, data, data.val)
-    y_val = data.val.y if use_labels else None
-    m_val = _mask(data, data.val, slice(None))
-    metric = "top1" if use_labels else "teacher_agreement" if out_loss == "kd" else "teacher_cosine"
-
-    def evaluate() -> tuple[float, float, torch.Tensor]:
-        s_val = _val_logits(student, data, data.val)
-        if y_val is not None:
-            score = _top1(s_val, y_val)
-        elif out_loss == "kd":
-            score = _agreement(s_val, t_val)
-        else:
-            score = 1 - float(_cosine_loss(s_val, t_val, m_val))
-        return score, float(_out_loss(out_loss, s_val, t_val, cfg.temperature, m_val)), s_val
-
-    st = _State()
-    before, before_kd, s_val0 = evaluate()
-    resumed_from: int | None = None
-    if ckpt_path.exists():
-        try:
-            ck = safe_torch_load(ckpt_path)
-        except InputError as e:
-            ctx.log(f"distill: ignoring unreadable checkpoint {ckpt_path} ({e}); starting over")
-            ck = None
-        if ck is not None:
-            student.load_state_dict(ck["student"])
-            projs.load_state_dict(ck["projections"])
-            opt.load_state_dict(ck["optimizer"])
-            st = _State(epoch=ck["epoch"], step=ck["step"], curve=list(ck["curve"]), val_kd=list(ck["val_kd"]),
-                        train={k: list(v) for k, v in ck["train"].items()}, best_epoch=ck["best_epoch"],
-                        best_score=(float(ck["best_score"][0]), float(ck["best_score"][1])),
-                        best_state=ck["best_state"], bad_epochs=ck["bad_epochs"])
-            resumed_from = st.epoch
-            ctx.log(f"distill: resuming after epoch {st.epoch} from {ckpt_path}")
+    tr = _Trainer(art, cfg, ctx, data, teacher, student, projs, t_tap, s_tap, batches, use_labels, t_digest, out_loss)
+    before, before_kd, s_val0 = tr.evaluate()
+    resumed_from = tr.resume()
+    st = tr.st
     if resumed_from is None:
         # The input itself is a candidate: distillation never returns something worse on validation.
         st.best_score, st.best_state = (before, -before_kd), _clone_state(student)
-
-    last_good = _clone_state(student)
-    last_good_epoch = st.epoch
-    bar = tqdm(total=total, initial=st.step, desc="distill", disable=not ctx.progress, leave=False)
+    tr.last_good, tr.last_good_epoch = _clone_state(student), st.epoch
+    bar = tqdm(total=tr.total, initial=st.step, desc="distill", disable=not ctx.progress, leave=False)
     try:
-        for epoch in range(st.epoch + 1, n_epochs + 1):
-            if st.step >= total or (cfg.patience and st.bad_epochs >= cfg.patience):
+        for epoch in range(st.epoch + 1, tr.n_epochs + 1):
+            if st.step >= tr.total or (cfg.patience and st.bad_epochs >= cfg.patience):
                 break
-            # Seeds derive from (seed, epoch), not from a running generator, so a resumed run shuffles identically.
-            torch.manual_seed(ctx.seed * 1_000_003 + epoch)
-            perm = np.random.default_rng([ctx.seed, epoch]).permutation(len(data.train))
-            student.train()
-            projs.train()
-            sums: dict[str, float] = {}
-            n_b = 0
-            for lo, hi in batches:
-                if st.step >= total:
-                    break
-                idx = perm[lo:hi]
-                xs = data.model_inputs(data.train, idx)
-                mask = _mask(data, data.train, idx)
-                lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * st.step / total))
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with torch.no_grad():
-                    t_log = _logits(teacher(*xs), "teacher")
-                s_log = _logits(student(*xs), "student")
-                terms: dict[str, torch.Tensor] = {out_loss: _out_loss(out_loss, s_log, t_log, cfg.temperature,
-                                                                      mask)}
-                if use_labels:
-                    y = torch.from_numpy(data.train.y[idx])  # type: ignore[index]
-                    terms["ce"] = F.cross_entropy(s_log, y)
-                    loss = cfg.alpha * terms[out_loss] + (1 - cfg.alpha) * terms["ce"]
-                else:
-                    loss = terms[out_loss]
-                if cfg.features:
-                    feat = sum((F.mse_loss(p(s_tap.out[n]), t_tap.out[n].detach())
-                                for n, p in zip(cfg.features, projs, strict=True)), torch.zeros(()))
-                    terms["feature"] = feat
-                    loss = loss + cfg.feature_weight * feat
-                if not torch.isfinite(loss):
-                    _fail_nan(art, cfg, ctx, student, last_good, last_good_epoch, epoch, st, resume_dir,
-                              float(loss.detach()))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                st.step += 1
-                n_b += 1
-                for k, v in {**terms, "total": loss}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
-                                val=f"{st.curve[-1]:.3f}" if st.curve else "-")
-            if any(not torch.isfinite(p).all() for p in student.parameters()):
-                _fail_nan(art, cfg, ctx, student, last_good, last_good_epoch, epoch, st, resume_dir, float("nan"))
-            score, vkd, _ = evaluate()
-            st.epoch = epoch
-            st.curve.append(score)
-            st.val_kd.append(vkd)
-            for k, total_k in sums.items():
-                st.train.setdefault(k, []).append(total_k / max(1, n_b))
-            if (score, -vkd) > st.best_score:
-                st.best_score, st.best_epoch, st.best_state = (score, -vkd), epoch, _clone_state(student)
-                st.bad_epochs = 0
-            else:
-                st.bad_epochs += 1
-            last_good, last_good_epoch = _clone_state(student), epoch
-            _save_atomic({
-                "epoch": st.epoch, "step": st.step, "student": last_good, "projections": projs.state_dict(),
-                "optimizer": opt.state_dict(), "curve": st.curve, "val_kd": st.val_kd, "train": st.train,
-                "best_epoch": st.best_epoch, "best_score": list(st.best_score), "best_state": st.best_state,
-                "bad_epochs": st.bad_epochs,
-            }, ckpt_path)
-            bar.set_postfix(loss=f"{st.train['total'][-1]:.3f}" if "total" in st.train else "-", val=f"{score:.3f}")
-            ctx.log(f"distill epoch {epoch}/{n_epochs}: loss {st.train.get('total', [float('nan')])[-1]:.4f}, "
-                    f"val {metric} {score:.4f}")
-            _epoch_end_hook(epoch, {"checkpoint": ckpt_path, "score": score, "student": student})
-        stopped_early = bool(cfg.patience) and st.bad_epochs >= cfg.patience and st.epoch < n_epochs
+            tr.epoch(epoch, bar)
+        stopped_early = bool(cfg.patience) and st.bad_epochs >= cfg.patience and st.epoch < tr.n_epochs
     finally:
         bar.close()
 
     student.load_state_dict(st.best_state)
     student.eval()
-    after, _, s_val = evaluate()
+    after, _, s_val = tr.evaluate()
     if st.best_epoch == 0:
         notes.append("no epoch improved on the input model's validation score; the input weights are returned")
     if stopped_early:
         notes.append(f"stopped early after epoch {st.epoch}: no improvement for {cfg.patience} epochs")
     info: dict[str, Any] = {
-        "teacher": t_desc,
-        "teacher_digest": t_digest,
-        "labels_used": use_labels,
-        "metric": metric,
-        "output_loss": out_loss,
-        "loss_terms": {out_loss: {"weight": cfg.alpha if use_labels else 1.0,
-                                  **({"temperature": cfg.temperature} if out_loss == "kd" else {})},
-                       **({"ce": {"weight": 1 - cfg.alpha}} if use_labels else {}),
-                       **({"feature": {"weight": cfg.feature_weight, "layers": list(cfg.features),
-                                       "projections": [type(p).__name__ for p in projs]}} if cfg.features else {})},
-        "train_loss_curve": st.train,
-        "epochs_run": st.epoch,
-        "steps_run": st.step,
-        "best_epoch": st.best_epoch,
-        "stopped_early": stopped_early,
-        "resumed_from_epoch": resumed_from,
-        "val_curve": st.curve,
-        "val_kd_curve": st.val_kd,
-        "accuracy_before": before,
-        "accuracy_after": after,
-        "notes": notes,
+        "teacher": t_desc, "teacher_digest": t_digest, "labels_used": use_labels, "metric": tr.metric,
+        "output_loss": out_loss, "loss_terms": tr.loss_terms(), "train_loss_curve": st.train,
+        "epochs_run": st.epoch, "steps_run": st.step, "best_epoch": st.best_epoch, "stopped_early": stopped_early,
+        "resumed_from_epoch": resumed_from, "val_curve": st.curve, "val_kd_curve": st.val_kd,
+        "accuracy_before": before, "accuracy_after": after, "notes": notes, **tr.comparisons(s_val0, s_val),
     }
-    if data.val.y is not None:
-        info["teacher_top1"] = _top1(t_val, data.val.y)
-        info["top1_before"] = _top1(s_val0, data.val.y)
-        info["top1_after"] = _top1(s_val, data.val.y)
-    if out_loss == "kd":
-        info["teacher_agreement_before"] = _agreement(s_val0, t_val)
-        info["teacher_agreement_after"] = _agreement(s_val, t_val)
-    else:  # argmax agreement over embedding dimensions means nothing
-        info["teacher_cosine_before"] = 1 - float(_cosine_loss(s_val0, t_val, m_val))
-        info["teacher_cosine_after"] = 1 - float(_cosine_loss(s_val, t_val, m_val))
-    ctx.log(f"distill: val {metric} {before:.4f} -> {after:.4f} (best epoch {st.best_epoch} of {st.epoch})")
+    ctx.log(f"distill: val {tr.metric} {before:.4f} -> {after:.4f} (best epoch {st.best_epoch} of {st.epoch})")
     out = torch_artifact(student, art, ctx, metadata={"distill": info})
     # Finished: the output is in the cache now, so the resume state is no longer needed.
-    shutil.rmtree(resume_dir, ignore_errors=True)
+    shutil.rmtree(tr.resume_dir, ignore_errors=True)
     return out
 
 

@@ -117,19 +117,10 @@ def _step_hook(step: int, info: dict[str, Any]) -> None:
     """Called after each checkpoint is written (tests replace it to simulate a kill)."""
 
 
-@register_pass(DistillLM, consumes="pytorch", produces="pytorch", trains_only=True)
-def distill_lm(art: Artifact, cfg: DistillLM, ctx: PassContext) -> Artifact:
-    """Logit distillation of a causal LM from the original model on calibration text, for a token budget."""
+def _models(art: Artifact, orig: Artifact | None) -> tuple[torch.nn.Module, torch.nn.Module, str]:
+    """The student (a copy of the input), the frozen teacher (the pipeline's original model) and its digest."""
     from compress.inputs.causal_lm import is_causal_lm
 
-    text = ctx.text
-    if text is None:
-        raise PassError(f"{PASS} trains a causal LM on text; it needs model.task = \"causal-lm\" and text data")
-    try:
-        _check_budget(cfg, text.window)
-    except RecipeError as e:
-        raise PassError(str(e)) from e
-    orig = ctx.original
     if orig is None or orig.kind != "pytorch":
         raise PassError(f"{PASS}: the teacher is the pipeline's original PyTorch model, which is not known here")
     student = clone_module(art)
@@ -138,46 +129,79 @@ def distill_lm(art: Artifact, cfg: DistillLM, ctx: PassContext) -> Artifact:
         raise PassError(f"{PASS}: the model is not a causal LM (model.task = \"causal-lm\"); use distill for others")
     for p in teacher.parameters():
         p.requires_grad_(False)
+    return student, teacher, orig.digest
+
+
+def _budget_notes(cfg: DistillLM, total: int, per_step: int, n_train: int) -> list[str]:
+    notes = []
+    passes_over = total * cfg.batch / n_train
+    if passes_over > 1:
+        notes.append(f"the budget of {cfg.tokens:,} tokens visits the {n_train} calibration window(s) "
+                     f"{passes_over:.1f} times; more distinct text (measure.lm_calib_tokens) generalizes better")
+    if cfg.tokens % per_step:
+        notes.append(f"budget rounded down to {total * per_step:,} tokens ({total} steps of {per_step:,})")
+    return notes
+
+
+def _resume(ckpt: Path, student: torch.nn.Module, opt: torch.optim.Optimizer, ctx: PassContext, total: int
+            ) -> tuple[int, list[float], int | None]:
+    """The step, loss curve and resumed-from step of an interrupted run's checkpoint (0, [], None: none)."""
+    if ckpt.exists():
+        try:
+            ck = safe_torch_load(ckpt)
+            student.load_state_dict(ck["student"])
+            opt.load_state_dict(ck["optimizer"])
+            step = int(ck["step"])
+            ctx.log(f"{PASS}: resuming at step {step} of {total} from {ckpt}")
+            return step, [float(x) for x in ck["curve"]], step
+        except (InputError, KeyError, RuntimeError) as e:
+            ctx.log(f"{PASS}: ignoring unreadable checkpoint {ckpt} ({e}); starting over")
+    return 0, [], None
+
+
+def _lr(cfg: DistillLM, step: int, warm: int, total: int) -> float:
+    """Linear warm-up, then constant or cosine decay."""
+    if warm and step < warm:
+        return cfg.lr * min(1.0, (step + 1) / warm)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+@register_pass(DistillLM, consumes="pytorch", produces="pytorch", trains_only=True)
+def distill_lm(art: Artifact, cfg: DistillLM, ctx: PassContext) -> Artifact:
+    """Logit distillation of a causal LM from the original model on calibration text, for a token budget."""
+    text = ctx.text
+    if text is None:
+        raise PassError(f"{PASS} trains a causal LM on text; it needs model.task = \"causal-lm\" and text data")
+    try:
+        _check_budget(cfg, text.window)
+    except RecipeError as e:
+        raise PassError(str(e)) from e
+    student, teacher, t_digest = _models(art, ctx.original)
     n_val = min(cfg.val_windows, max(0, len(text.calib) - cfg.batch))
     train = np.asarray(text.calib[: len(text.calib) - n_val])
     val = np.asarray(text.calib[len(text.calib) - n_val:])
     per_step = cfg.batch * text.window
     total = cfg.tokens // per_step
-    notes = []
-    passes_over = total * cfg.batch / len(train)
-    if passes_over > 1:
-        notes.append(f"the budget of {cfg.tokens:,} tokens visits the {len(train)} calibration window(s) "
-                     f"{passes_over:.1f} times; more distinct text (measure.lm_calib_tokens) generalizes better")
-    if cfg.tokens % per_step:
-        notes.append(f"budget rounded down to {total * per_step:,} tokens ({total} steps of {per_step:,})")
+    notes = _budget_notes(cfg, total, per_step, len(train))
 
     resume_dir = ctx.cache.root / "resume" / sha256_json({
-        "pass": PASS, "input": art.digest, "config": cfg.canonical(), "teacher": orig.digest, "seed": ctx.seed,
+        "pass": PASS, "input": art.digest, "config": cfg.canonical(), "teacher": t_digest, "seed": ctx.seed,
         "text": text.digest})
     resume_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resume_dir / CKPT
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     kl_before = _val_kl(student, teacher, val, cfg.temperature)
-    step, curve, resumed = 0, [], None
-    if ckpt.exists():
-        try:
-            ck = safe_torch_load(ckpt)
-            student.load_state_dict(ck["student"])
-            opt.load_state_dict(ck["optimizer"])
-            step, curve, resumed = int(ck["step"]), [float(x) for x in ck["curve"]], int(ck["step"])
-            ctx.log(f"{PASS}: resuming at step {step} of {total} from {ckpt}")
-        except (InputError, KeyError, RuntimeError) as e:
-            ctx.log(f"{PASS}: ignoring unreadable checkpoint {ckpt} ({e}); starting over")
+    step, curve, resumed = _resume(ckpt, student, opt, ctx, total)
     warm = max(1, int(total * cfg.warmup)) if cfg.warmup else 0
     ctx.log(f"{PASS}: {total} steps of {cfg.batch} x {text.window} tokens ({total * per_step:,} tokens) on "
             f"{len(train)} calibration window(s); teacher: the original model")
     student.train()
     t0, tok0, window_loss = time.perf_counter(), step * per_step, []
     while step < total:
-        lr = cfg.lr * min(1.0, (step + 1) / warm) if warm and step < warm else (
-            cfg.lr if cfg.schedule == "constant" else
-            cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
+        lr = _lr(cfg, step, warm, total)
         for g in opt.param_groups:
             g["lr"] = lr
         torch.manual_seed(ctx.seed * 1_000_003 + step)

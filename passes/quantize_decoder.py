@@ -95,35 +95,15 @@ def _untie_embedding(model: Any) -> str | None:
     return str(gathers[0].name) if gathers else None
 
 
-def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
-    import shutil
-
-    import onnx
+def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, head: str | None, embed: str | None) -> Any:
+    """ORT's MatMulNBits quantizer over the decoder's MatMuls, then the LM head at head_bits and the token
+    embedding at INT4 when asked; the quantizer holding the packed model."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from .quantize_int8 import _quiet
+    from ._quant_common import quiet
 
-    decoder = art.known_facts().decoder
-    assert decoder is not None
-    if cfg.format != "matmulnbits":
-        raise PassError("quantize.weight_only on a decoder needs format='matmulnbits' (ONNX Runtime's packed kernel "
-                        "is what makes decoding faster)")
-    model = onnx.load(str(art.path / "model.onnx"))
-    embed = _untie_embedding(model) if cfg.embedding_bits else None
-    mats = [n for n in model.graph.node if n.op_type == "MatMul"]
-    inits = {i.name: i for i in model.graph.initializer}
-    widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
-    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
-    # does not); a group wider than the layer is one block of padding, which no one means.
-    bad = sorted({w for w in widths.values() if w < cfg.group_size})
-    if bad:
-        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
-                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
-    head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
-    ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
-            f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
     try:
-        with _quiet():
+        with quiet():
             # The LM head at head_bits: left out of the main pass, packed by a second one of its own.
             skip = [*cfg.keep_float, *([head] if cfg.head_bits and head else [])]
             q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
@@ -151,6 +131,47 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
         raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed ({cfg.algorithm}): "
                         f"{str(e).splitlines()[0][:300]}") from e
+    return q
+
+
+def _summary(cfg: Any, ctx: PassContext, packed: int, n_mats: int, embed_packed: bool) -> str:
+    """The note that says what was packed, how, and on what."""
+    return (f"weight-only INT{cfg.bits} ({cfg.algorithm}, group {cfg.group_size}"
+            + (", symmetric" if cfg.symmetric and cfg.algorithm == "rtn" else "")
+            + (f", LM head INT{cfg.head_bits}" if cfg.head_bits else "")
+            + (f", accuracy_level {cfg.accuracy_level}" if cfg.accuracy_level else "")
+            + (f", calibrated on {min(cfg.calib_windows, len(ctx.text.calib))} window(s) of {ctx.text.window} "
+               "tokens" if cfg.algorithm == "gptq" and ctx.text is not None else "")
+            + f") on {packed} of {n_mats} MatMul layer(s); "
+            + ("the token embedding packed to INT4 (GatherBlockQuantized)" if embed_packed
+               else "the embedding Gather stays float"))
+
+
+def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
+    import shutil
+
+    import onnx
+
+    decoder = art.known_facts().decoder
+    assert decoder is not None
+    if cfg.format != "matmulnbits":
+        raise PassError("quantize.weight_only on a decoder needs format='matmulnbits' (ONNX Runtime's packed kernel "
+                        "is what makes decoding faster)")
+    model = onnx.load(str(art.path / "model.onnx"))
+    embed = _untie_embedding(model) if cfg.embedding_bits else None
+    mats = [n for n in model.graph.node if n.op_type == "MatMul"]
+    inits = {i.name: i for i in model.graph.initializer}
+    widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
+    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
+    # does not); a group wider than the layer is one block of padding, which no one means.
+    bad = sorted({w for w in widths.values() if w < cfg.group_size})
+    if bad:
+        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
+                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
+    head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
+    ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
+            f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
+    q = _pack(model, cfg, ctx, decoder, head, embed)
     out_dir = ctx.new_dir("onnx")
     q.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
     for f in art.path.iterdir():  # the decoder's I/O contract and tokenizer travel with it
@@ -166,15 +187,7 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
         raise PassError("quantize.weight_only: no MatMul of the decoder was compressed")
     parity = _agreement(art, out_dir, ctx)
     precision = "int4" if cfg.bits == 4 else "int8"
-    notes = [f"weight-only INT{cfg.bits} ({cfg.algorithm}, group {cfg.group_size}"
-             + (", symmetric" if cfg.symmetric and cfg.algorithm == "rtn" else "")
-             + (f", LM head INT{cfg.head_bits}" if cfg.head_bits else "")
-             + (f", accuracy_level {cfg.accuracy_level}" if cfg.accuracy_level else "")
-             + (f", calibrated on {min(cfg.calib_windows, len(ctx.text.calib))} window(s) of {ctx.text.window} "
-                "tokens" if cfg.algorithm == "gptq" and ctx.text is not None else "")
-             + f") on {packed} of {len(mats)} MatMul layer(s); "
-             + ("the token embedding packed to INT4 (GatherBlockQuantized)" if embed_packed
-                else "the embedding Gather stays float")]
+    notes = [_summary(cfg, ctx, packed, len(mats), embed_packed)]
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
             "head_bits": cfg.head_bits, "embedding_bits": cfg.embedding_bits if embed_packed else None,
             "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,

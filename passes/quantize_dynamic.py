@@ -22,11 +22,12 @@ from ._quant_common import (
     float_nodes_note,
     name_nodes,
     pass_parity,
+    preprocess,
+    quiet,
     refuse_quantized,
     transformer_float_nodes,
     weighted_nodes,
 )
-from .quantize_int8 import _quiet, preprocess
 
 
 class QuantizeDynamic(ParityOptions):
@@ -78,7 +79,7 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     out_dir = ctx.new_dir("onnx")
     out = out_dir / "model.onnx"
     try:
-        with _quiet():
+        with quiet():
             ort_quantize_dynamic(str(pre), str(out), op_types_to_quantize=list(cfg.ops), per_channel=per_channel,
                                  reduce_range=scheme == "u8s8_reduce_range", weight_type=QuantType.QInt8,
                                  nodes_to_exclude=list(cfg.keep_float))

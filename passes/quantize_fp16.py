@@ -16,8 +16,7 @@ from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.quality.parity import ParityOptions
 
-from ._quant_common import pass_parity
-from .quantize_int8 import _quiet
+from ._quant_common import pass_parity, quiet
 
 
 class QuantizeFp16(ParityOptions):
@@ -38,7 +37,7 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
     model = onnx.load(str(src))
     block = list(DEFAULT_OP_BLOCK_LIST) + [o for o in cfg.keep_ops if o not in DEFAULT_OP_BLOCK_LIST]
     try:
-        with _quiet():
+        with quiet():
             m16 = convert_float_to_float16(model, keep_io_types=cfg.keep_io_types, op_block_list=block)
     except Exception as e:  # the converter raises ValueError/RuntimeError on unsupported graphs
         raise PassError(f"quantize.fp16: float16 conversion failed: {str(e).splitlines()[0][:300]}") from e

@@ -6,11 +6,7 @@ ONNX Runtime fuses into integer kernels and TVM/TensorRT import as QDQ.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,43 +19,31 @@ from compress.core.int8_scheme import choose_scheme
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import AccuracyError, PassError, RecipeError
-from compress.quality.parity import LOWERING, ParityOptions, check, parity_batch
 
 from ._quant_common import (
     GUARD_MIN_COSINE,
+    CalibrationReader,
+    QdqParityOptions,
     auto_scheme_env,
     check_calibration_size,
     fidelity_guard,
     fixed_batch,
     float_nodes_note,
     guard_feeds,
-    name_nodes,
     onnx_top1,
     ort_session,
+    preprocess,
+    quiet,
     refuse_quantized,
-    run_batches,
     scheme_types,
-    session_infer,
-    split_inputs,
+    self_parity,
     transformer_float_nodes,
-    unshare_initializers,
     weighted_nodes,
 )
 from ._quant_common import calibration_batches as _calib
 from ._quant_common import require_data as _require_data
-from ._quant_common import simulated_agreement as simulated_agreement  # re-exported for the report
 
 MIN_CALIB_SAMPLES = 8
-
-
-class QdqParityOptions(ParityOptions):
-    """Parity settings of a pass that writes Q/DQ: deployed integer kernels vs the simulated graph."""
-
-    deployed_min_cosine: float | None = Field(
-        None, ge=-1, le=1, description="deployed (ONNX Runtime integer kernels) vs simulated Q/DQ: output cosine; "
-        "None = compress.quality.parity.LOWERING['int8']")
-    deployed_min_agreement: float | None = Field(
-        None, ge=0, le=1, description="deployed vs simulated: top-1 agreement; None = the INT8 default")
 
 
 class QuantizeInt8(QdqParityOptions):
@@ -93,58 +77,6 @@ class QuantizeInt8(QdqParityOptions):
 
     def check_data(self, data: Any) -> None:
         check_calibration_size(data, "quantize.int8", MIN_CALIB_SAMPLES)
-
-
-class _Reader:
-    """ORT CalibrationDataReader over prepared batches."""
-
-    def __init__(self, name: str, batches: list[np.ndarray], feeds: list[dict[str, np.ndarray]] | None = None) -> None:
-        self.name, self.batches, self.i = name, batches, 0
-        self.feeds = feeds  # several named inputs per batch (multi-input models), instead of ``batches``
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        n = len(self.feeds) if self.feeds is not None else len(self.batches)
-        if self.i >= n:
-            return None
-        self.i += 1
-        if self.feeds is not None:
-            return self.feeds[self.i - 1]
-        return {self.name: self.batches[self.i - 1]}
-
-    def rewind(self) -> None:
-        self.i = 0
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """ORT's quantizer logs and prints per tensor; keep the run's output readable."""
-    buf = io.StringIO()
-    lg = logging.getLogger()
-    old = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        lg.setLevel(old)
-
-
-def preprocess(src: Path, dst: Path) -> list[str]:
-    """ORT's quant_pre_process (shape inference + folding BatchNorm into Conv), then stable node names and one
-    copy per reader of each shared float initializer; returns the names of those that were shared."""
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        with _quiet():
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-    except Exception as e:  # ORT raises many types from its optimizer / shape inference
-        raise PassError(f"onnxruntime quant_pre_process failed on {src}: {str(e).splitlines()[0][:300]}") from e
-    m = name_nodes(onnx.load(str(dst)))
-    shared = unshare_initializers(m)  # ORT refuses a weight shared between nodes
-    onnx.save_model(m, str(dst))
-    return shared
 
 
 def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray], alpha: float) -> dict[str, Any]:
@@ -228,7 +160,7 @@ def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray],
     return {"smoothed_layernorms": len(groups), "smoothed_matmuls": n_mm, "alpha": alpha}
 
 
-def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, exclude: list[str],
+def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: CalibrationReader, exclude: list[str],
               only: list[str] | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -240,7 +172,7 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Rea
         extra["CalibPercentile"] = cfg.percentile
     reader.rewind()
     try:
-        with _quiet():
+        with quiet():
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                             reduce_range=reduce_range, activation_type=act, weight_type=wt,
                             nodes_to_exclude=list(exclude), calibrate_method=method, extra_options=extra,
@@ -266,7 +198,7 @@ def _resolve_keep(keep: tuple[str, ...], nodes: list[str], all_nodes: list[str] 
     return list(dict.fromkeys(out))
 
 
-def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, keep: list[str],
+def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, reader: CalibrationReader, keep: list[str],
                       nodes: list[str], data: Any, limit: float,
                       only: list[str] | None = None) -> tuple[Path, list[str], dict[str, Any]]:
     """Keep the most sensitive nodes in float until the top-1 drop is within ``limit``."""
@@ -309,63 +241,68 @@ def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, rea
         f"{(fp_top1 - acc) * 100:.2f} points (limit {limit * 100:.2f}); raise max_accuracy_drop or use quantize.qat")
 
 
-@register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8")
-def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifact:
-    """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
-    import onnx
-
-    src = art.path / "model.onnx"
-    model = onnx.load(str(src))
+def _refuse_unquantizable(model: Any) -> None:
     refuse_quantized(model, "quantize.int8")
     if not weighted_nodes(model):
         ops = sorted({n.op_type for n in model.graph.node})
         raise PassError(f"quantize.int8: the model has no quantizable layers (Conv/MatMul/Gemm with constant "
                         f"weights); its ops are {', '.join(ops)}. Remove quantize.int8 from the recipe")
+
+
+def _calibration(art: Artifact, cfg: QuantizeInt8, ctx: PassContext, static_batch: bool, notes: list[str]
+                 ) -> tuple[Any, CalibrationReader, list[np.ndarray]]:
+    """The data the pass checks against (None: synthetic inputs), the calibration reader, and the single-input
+    batches (for SmoothQuant); ``notes`` gets one line saying what was calibrated on."""
     integer_inputs = [s.name for s in art.inputs if not np.issubdtype(np.dtype(s.dtype), np.floating)]
-    static_batch = fixed_batch(src)
-    notes: list[str] = []
     name = art.inputs[0].name
-    batches: list[np.ndarray] = []
-    if ctx.data is None and integer_inputs and cfg.max_accuracy_drop is None and not cfg.smoothquant:
+    plain = cfg.max_accuracy_drop is None and not cfg.smoothquant
+    if ctx.data is None and integer_inputs and plain:
         # Token ids and masks have a known valid range: calibrate on synthetic ones rather than refuse.
-        data = None
         feeds, where = guard_feeds(art, None, n=cfg.samples, batch=1 if static_batch else 8)
-        reader = _Reader(name, [], feeds)
         notes.append(f"calibrated on {where}: valid token ids and all-ones masks; give data for a calibration "
                      "that matches real inputs")
-    elif ctx.data is not None and ctx.data.input_names and cfg.max_accuracy_drop is None and not cfg.smoothquant:
+        return None, CalibrationReader(name, [], feeds), []
+    if ctx.data is not None and ctx.data.input_names and plain:
         data = ctx.data  # one named array per input (token ids, masks): calibrate on them as they are
         check_calibration_size(data, "quantize.int8", MIN_CALIB_SAMPLES)
-        reader = _Reader(name, [], data.feed_batches(data.calib, 1 if static_batch else 16, cfg.samples))
+        reader = CalibrationReader(name, [], data.feed_batches(data.calib, 1 if static_batch else 16, cfg.samples))
         notes.append(f"calibrated on {min(cfg.samples, len(data.calib))} samples of {data.name} "
                      f"({', '.join(data.input_names)})")
-    else:
-        data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
-        if len(art.inputs) != 1:
-            raise PassError(f"quantize.int8: calibration from data supports single-input models; this one has "
-                            f"{len(art.inputs)} inputs ({', '.join(s.name for s in art.inputs)}); run without data "
-                            "to calibrate on synthetic token ids, or use quantize.dynamic")
-        # A model exported with a fixed batch (dynamic_batch=false) takes one sample per call.
-        batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES, batch=1 if static_batch else 16)
-        reader = _Reader(name, batches)
-        notes.append(f"calibrated on {min(cfg.samples, len(data.calib))} samples of {data.name}")
-    scheme, why = choose_scheme(cfg.scheme)
-    notes.insert(0, f"INT8 scheme: {why}")
+        return data, reader, []
+    data = _require_data(ctx, "quantize.int8", labelled=cfg.max_accuracy_drop is not None)
+    if len(art.inputs) != 1:
+        raise PassError(f"quantize.int8: calibration from data supports single-input models; this one has "
+                        f"{len(art.inputs)} inputs ({', '.join(s.name for s in art.inputs)}); run without data "
+                        "to calibrate on synthetic token ids, or use quantize.dynamic")
+    # A model exported with a fixed batch (dynamic_batch=false) takes one sample per call.
+    batches = _calib(data, cfg.samples, "quantize.int8", MIN_CALIB_SAMPLES, batch=1 if static_batch else 16)
+    notes.append(f"calibrated on {min(cfg.samples, len(data.calib))} samples of {data.name}")
+    return data, CalibrationReader(name, batches), batches
 
-    work = ctx.new_dir("q8work")
+
+def _prepare(src: Path, work: Path, cfg: QuantizeInt8, input_name: str, batches: list[np.ndarray],
+             info: dict[str, Any], notes: list[str]) -> Path:
+    """ORT's pre-processing, then SmoothQuant when asked: the float model the quantizer reads."""
     pre = work / "pre.onnx"
     shared = preprocess(src, pre)
     if shared:
         notes.append(f"{len(shared)} constant(s) read by several nodes were copied per node so each is quantized "
                      f"on its own: {', '.join(shared[:10])}" + (" ..." if len(shared) > 10 else ""))
-    info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "per_channel": cfg.per_channel,
-                            "calibration": cfg.calibration, "samples": cfg.samples, "activations": cfg.activations}
-    if cfg.smoothquant:
-        sq = work / "sq.onnx"
-        info["smoothquant"] = smooth_quant(pre, sq, name, batches, cfg.smoothquant_alpha)
-        if info["smoothquant"]["smoothed_matmuls"] == 0:
-            notes.append("smoothquant: no MatMul fed only by a LayerNormalization was found; nothing smoothed")
-        pre = sq
+    if not cfg.smoothquant:
+        return pre
+    sq = work / "sq.onnx"
+    info["smoothquant"] = smooth_quant(pre, sq, input_name, batches, cfg.smoothquant_alpha)
+    if info["smoothquant"]["smoothed_matmuls"] == 0:
+        notes.append("smoothquant: no MatMul fed only by a LayerNormalization was found; nothing smoothed")
+    return sq
+
+
+def _float_plan(pre: Path, cfg: QuantizeInt8, info: dict[str, Any], notes: list[str]
+                ) -> tuple[list[str], list[str], dict[str, list[str]] | None, list[str] | None]:
+    """The quantizable nodes, those kept in float, the transformer preset's float groups, and the nodes to
+    quantize (None: whatever ORT would)."""
+    import onnx
+
     pre_model = onnx.load(str(pre))
     nodes = weighted_nodes(pre_model)
     keep = _resolve_keep(cfg.keep_float, nodes, [n.name for n in pre_model.graph.node])
@@ -380,19 +317,14 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
                      "LayerNorm, attention-mask arithmetic and attention MatMuls stay float")
     elif cfg.transformer_preset:
         notes.append("transformer_preset = true but no attention (Softmax with LayerNorm or q @ k^T) was found")
+    return nodes, keep, groups, only
 
-    out_dir = ctx.new_dir("onnx")
-    out = out_dir / "model.onnx"
-    if cfg.max_accuracy_drop is not None:
-        qpath, keep, ac = _accuracy_control(pre, work, cfg, scheme, reader, keep, nodes, data, cfg.max_accuracy_drop,
-                                            only)
-        shutil.move(str(qpath), out)
-        info["accuracy_control"] = ac
-        if ac["kept_by_control"]:
-            notes.append(f"accuracy control kept {len(ac['kept_by_control'])} node(s) in float to hold the top-1 "
-                         f"drop within {cfg.max_accuracy_drop * 100:.2f} points: {', '.join(ac['kept_by_control'])}")
-    else:
-        _quantize(pre, out, cfg, scheme, reader, keep, only)
+
+def _record_output(out: Path, nodes: list[str], keep: list[str], groups: dict[str, list[str]] | None,
+                   only: list[str] | None, info: dict[str, Any], notes: list[str]) -> None:
+    """Refuse an invalid or unquantized graph; record which nodes were quantized and which stayed float."""
+    import onnx
+
     qmodel = onnx.load(str(out))
     try:
         onnx.checker.check_model(qmodel)
@@ -410,7 +342,11 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
                 quantizable_nodes=len(nodes), quantize_linear_nodes=n_q)
     if float_nodes_note(float_groups):
         notes.append(float_nodes_note(float_groups))
-    # Without labels nothing else would notice a wrecked model: compare to the input model, per sample.
+
+
+def _guard(pre: Path, out: Path, art: Artifact, ctx: PassContext, cfg: QuantizeInt8, scheme: str,
+           info: dict[str, Any], notes: list[str]) -> None:
+    """Without labels nothing else would notice a wrecked model: compare to the input model, per sample."""
     advice = true_advice({**cfg.model_dump(), "scheme": scheme}, [
         ("per_channel", True, "per_channel = true"),
         ("calibration", "percentile", "calibration = \"percentile\""),
@@ -421,59 +357,45 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
                                             if cfg.max_accuracy_drop is None else advice)
     if info["fidelity_guard"].get("unchecked"):
         notes.append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
+
+
+@register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8")
+def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifact:
+    """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
+    import onnx
+
+    src = art.path / "model.onnx"
+    _refuse_unquantizable(onnx.load(str(src)))
+    notes: list[str] = []
+    data, reader, batches = _calibration(art, cfg, ctx, fixed_batch(src), notes)
+    scheme, why = choose_scheme(cfg.scheme)
+    notes.insert(0, f"INT8 scheme: {why}")
+
+    work = ctx.new_dir("q8work")
+    info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "per_channel": cfg.per_channel,
+                            "calibration": cfg.calibration, "samples": cfg.samples, "activations": cfg.activations}
+    pre = _prepare(src, work, cfg, art.inputs[0].name, batches, info, notes)
+    nodes, keep, groups, only = _float_plan(pre, cfg, info, notes)
+
+    out_dir = ctx.new_dir("onnx")
+    out = out_dir / "model.onnx"
+    if cfg.max_accuracy_drop is not None:
+        qpath, keep, ac = _accuracy_control(pre, work, cfg, scheme, reader, keep, nodes, data, cfg.max_accuracy_drop,
+                                            only)
+        shutil.move(str(qpath), out)
+        info["accuracy_control"] = ac
+        if ac["kept_by_control"]:
+            notes.append(f"accuracy control kept {len(ac['kept_by_control'])} node(s) in float to hold the top-1 "
+                         f"drop within {cfg.max_accuracy_drop * 100:.2f} points: {', '.join(ac['kept_by_control'])}")
+    else:
+        _quantize(pre, out, cfg, scheme, reader, keep, only)
+    _record_output(out, nodes, keep, groups, only, info, notes)
+    _guard(pre, out, art, ctx, cfg, scheme, info, notes)
     shutil.rmtree(work, ignore_errors=True)
 
     # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split,
     # and deployed vs the float input model: either out of tolerance fails the pass.
-    info["parity"] = _self_parity(out, art, data, cfg, scheme)
+    info["parity"] = self_parity(out, art, data, cfg, scheme)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
-
-
-def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions, scheme: str | None = None
-                 ) -> dict[str, Any]:
-    """Deployed (ONNX Runtime's fused integer kernels) vs simulated, and deployed vs the float input; a breach fails
-    the pass (``cfg.kind`` names it). Models with several named inputs are fed the run's named arrays (or valid
-    synthetic inputs)."""
-    batch = parity_batch(art, 64)
-    if data is None or bool(getattr(data, "input_names", None)):  # no data, or several named inputs
-        feeds, inputs = guard_feeds(art, data, n=min(cfg.parity_samples, 64), batch=batch)
-        y = None
-
-        def run(sess: Any) -> np.ndarray:
-            return np.concatenate([np.asarray(sess.run(None, f)[0], dtype=np.float32) for f in feeds])
-    else:
-        name = art.inputs[0].name
-        xs, y = split_inputs(data, "val", cfg.parity_samples, batch)
-        inputs = "validation split"
-
-        def run(sess: Any) -> np.ndarray:
-            return run_batches(session_infer(sess), name, xs)
-
-    sim = run(ort_session(qpath, optimize=False))
-    dep = run(ort_session(qpath, optimize=True))
-    fp = run(ort_session(art.path / "model.onnx", optimize=True))
-    tol = LOWERING["int8"].override(min_cosine=cfg.deployed_min_cosine, min_agreement=cfg.deployed_min_agreement)
-    out = check(sim, dep, tol, precision="int8", reference="the simulated Q/DQ model (ONNX Runtime reference kernels)",
-                inputs=inputs, real_data=y is not None)
-    out["target"] = "onnxruntime"
-    out["flagged"] = not out["ok"]
-    if not out["ok"]:
-        # The 7-bit scheme is the fix for saturation on CPUs without VNNI: offered only when not already in use.
-        fix = ("" if scheme == "u8s8_reduce_range" else
-               "On a CPU without VNNI use scheme='u8s8_reduce_range' (or 'auto'); ")
-        raise PassError(f"{cfg.kind}: deployed INT8 on ONNX Runtime (this CPU) disagrees with the simulated model: "
-                        f"{out['reason']}. {fix}lower "
-                        "deployed_min_agreement/deployed_min_cosine only if this backend is not your deployment")
-    vs = check(fp, dep, cfg.tolerance("int8"), precision="int8", reference="its float input model (ONNX Runtime)",
-               inputs=inputs, real_data=y is not None)
-    if not vs["ok"]:
-        raise PassError(f"{cfg.kind}: the output differs from its input model beyond the tolerance: {vs['reason']}; "
-                        "keep sensitive layers in float (keep_float, max_accuracy_drop), or loosen min_cosine/"
-                        "min_agreement")
-    out["vs_float"] = vs
-    if y is not None and dep.ndim == 2:
-        out.update(top1_float=float((fp.argmax(1) == y).mean()), top1_simulated=float((sim.argmax(1) == y).mean()),
-                   top1_deployed=float((dep.argmax(1) == y).mean()))
-    return out

@@ -32,16 +32,17 @@ from compress.core.registry import register_pass
 from compress.errors import AccuracyError, InputError, PassError, RecipeError
 
 from ._quant_common import (
+    QdqParityOptions,
     auto_scheme_env,
     calibration_batches,
     guard_feeds,
     name_nodes,
     refuse_quantized,
     require_data,
+    self_parity,
     split_inputs,
     weighted_nodes,
 )
-from .quantize_int8 import QdqParityOptions, _self_parity
 
 MIN_CALIB_SAMPLES = 8
 
@@ -283,7 +284,7 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
         notes.append(f"{len(kept)} of {len(nodes)} weighted layer(s) kept in float: {', '.join(kept[:20])}"
                      + (" ..." if len(kept) > 20 else ""))
     # Deployed vs simulated, and deployed vs the float input model: either out of tolerance fails the pass.
-    info["parity"] = _self_parity(out, art, data, cfg, scheme)
+    info["parity"] = self_parity(out, art, data, cfg, scheme)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.nncf": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))

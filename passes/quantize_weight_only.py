@@ -17,8 +17,7 @@ from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.quality.parity import ParityOptions
 
-from ._quant_common import GroupSize, name_nodes, pass_parity, refuse_quantized, weighted_nodes
-from .quantize_int8 import _quiet
+from ._quant_common import GroupSize, name_nodes, pass_parity, quiet, refuse_quantized, weighted_nodes
 
 
 class QuantizeWeightOnly(ParityOptions):
@@ -83,7 +82,7 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
     algo = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits,
                                         quant_format=fmt, op_types_to_quantize=("MatMul",))
     try:
-        with _quiet():
+        with quiet():
             q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
                                      nodes_to_exclude=list(cfg.keep_float), algo_config=algo)
             q.process()

@@ -236,35 +236,101 @@ class TuneStats:
     visits: list[int] = field(default_factory=list)  # task ids in the order batches went to them (dominant)
 
 
-_GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
+class _Tuner:
+    """What the builder, runner and measure callback of ``make_tuner_parts`` share: the candidates in flight,
+    the worker, the budgets and the progress lines. Plain Python; MetaSchedule's classes delegate to it."""
 
+    def __init__(self, stats: TuneStats, tasks: list[Any], deadline: float | None, progress: Callable[[str], None],
+                 evaluator: dict[str, Any], budget: int, worker: Any, timeout_s: float,
+                 remote: dict[str, Any] | None) -> None:
+        from ._tvm_worker import hang_candidates
 
-def import_cpu_tensor_intrinsics() -> None:
-    """Register TVM's tensor intrinsics without parsing the GPU ones.
+        self.stats, self.deadline, self.progress, self.evaluator = stats, deadline, progress, evaluator
+        self.budget, self.worker, self.timeout_s, self.remote = budget, worker, timeout_s, remote
+        self.pending: dict[str, tuple[Any, Any]] = {}
+        self.counter = iter(range(1 << 62))
+        self.t_start = time.perf_counter()
+        self.hang = hang_candidates()
+        self.names = [t.task_name for t in tasks]
+        self.weights = [t.weight for t in tasks]
 
-    MetaSchedule's build step imports ``tvm.s_tir.tensor_intrin``, which parses hundreds of
-    TVMScript intrinsics: 41.5 s here, 30 s of it CUDA's. That import is also why the default
-    LocalBuilder failed every candidate on this machine: each fresh worker pays it and is killed by
-    the builder's 30 s timeout. CPU targets never use the GPU intrinsics, so their modules are
-    held out while the package imports, then released so a later GPU build imports them for real.
-    """
-    import importlib
-    import types
+    def over_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
 
-    pkg = "tvm.s_tir.tensor_intrin"
-    if pkg in sys.modules:
-        return
-    held = []
-    for name in _GPU_INTRINSICS:
-        full = f"{pkg}.{name}"
-        if full not in sys.modules:
-            sys.modules[full] = types.ModuleType(full)
-            held.append(full)
-    try:
-        importlib.import_module(pkg)
-    finally:
-        for full in held:
-            del sys.modules[full]
+    def stop_if_over_time(self, task_scheduler: Any) -> None:
+        stats = self.stats
+        if not self.over_time() or stats.stopped_by_time:
+            return
+        if stats.trials >= self.budget:
+            # The trial budget is spent too: the scheduler is joining its last batches and terminates the
+            # tasks itself (terminating one here first fails its check that a task ends only once).
+            return
+        stats.stopped_by_time = True
+        self.progress(f"tvm tuning: time budget reached after {time.perf_counter() - self.t_start:.0f} s; stopping")
+        for i, rec in enumerate(task_scheduler.tasks_):
+            if not rec.is_terminated:
+                task_scheduler.terminate_task(i)
+
+    def hand_over(self, mod: Any, target: Any) -> str:
+        """The builder's part: keep the candidate's module for the runner; its key stands for the artifact."""
+        key = f"candidate:{next(self.counter)}"
+        self.pending[key] = (mod, target)
+        return key
+
+    def measure(self, key: str, args_info: list[Any]) -> tuple[list[float] | None, str | None]:
+        """The runner's part: build and time one candidate in the worker; its costs, or why there are none."""
+        from ._tvm_worker import build_and_time
+
+        stats = self.stats
+        mod, target = self.pending.pop(key)
+        if self.over_time():
+            stats.skipped += 1
+            return None, SKIPPED
+        stats.candidates += 1
+        res = self.worker.call(build_and_time, (mod, target, [a.as_json() for a in args_info], self.evaluator,
+                                                stats.candidates in self.hang, self.remote), self.timeout_s)
+        stats.worker_s += res.seconds
+        stats.slowest_candidate_s = max(stats.slowest_candidate_s, res.seconds)
+        if res.status == "ok":
+            v = res.value
+            stats.build_s += v.get("build_s", 0.0)
+            stats.run_s += v.get("run_s", 0.0)
+            if v["ok"]:
+                stats.remote_timed += bool(v.get("remote"))
+                return v["costs"], None
+            # The worker answered: the candidate failed to build or run.
+            if v["phase"] == "build":
+                stats.build_errors += 1
+            else:
+                stats.run_errors += 1
+            return None, f"{v['phase']} failed: {v['error']}"
+        # Timeout or crash: the worker is gone and is replaced for the next candidate.
+        if res.status == "timeout":
+            stats.timeouts += 1
+        else:
+            stats.crashes += 1
+        msg = f"candidate {stats.candidates}: {res.error}"
+        self.progress(f"tvm tuning: {msg} (after {res.seconds:.1f} s); a fresh worker takes the next candidate")
+        return None, msg
+
+    def record(self, add_to_database: Any, task_scheduler: Any, task_id: int, measure_candidates: list[Any],
+               builder_results: list[Any], runner_results: list[Any]) -> None:
+        """The measure callback's part: record what was measured, keep each task's best, report, stop on time."""
+        stats = self.stats
+        # Candidates left unmeasured when the time ran out are not recorded: a record (even a failed
+        # one) marks a schedule as measured, and a later run would never try it.
+        keep = [i for i, rr in enumerate(runner_results) if rr.error_msg != SKIPPED]
+        if keep:
+            add_to_database.apply(task_scheduler, task_id, [measure_candidates[i] for i in keep],
+                                  [builder_results[i] for i in keep], [runner_results[i] for i in keep])
+        stats.trials += len(measure_candidates)
+        for rr in runner_results:
+            if rr.error_msg is None and rr.run_secs:
+                lat = sum(float(s) for s in rr.run_secs) / len(rr.run_secs)
+                stats.best_s[task_id] = min(stats.best_s.get(task_id, lat), lat)
+        self.progress(progress_line(stats, task_id, self.names, self.weights, self.budget,
+                                    time.perf_counter() - self.t_start, self.deadline))
+        self.stop_if_over_time(task_scheduler)
 
 
 def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None, progress: Callable[[str], None],
@@ -297,88 +363,23 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
     from tvm.s_tir.meta_schedule.runner import PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
-    from ._tvm_worker import build_and_time, hang_candidates
-
     if scheduler_kind == "dominant":
         scheduler = dominant_first_scheduler(stats)
     elif scheduler_kind == "gradient" and deadline is None:
         scheduler = ms.TaskScheduler.create("gradient")
     else:  # round-robin, or gradient under a time budget (see the docstring)
         scheduler = ms.TaskScheduler.create("round-robin")
-    pending: dict[str, tuple[Any, Any]] = {}
-    counter = iter(range(1 << 62))
-    t_start = time.perf_counter()
-    hang = hang_candidates()
-    names = [t.task_name for t in tasks]
-    weights = [t.weight for t in tasks]
-
-    def over_time() -> bool:
-        return deadline is not None and time.perf_counter() >= deadline
-
-    def stop_if_over_time(task_scheduler: Any) -> None:
-        if not over_time() or stats.stopped_by_time:
-            return
-        if stats.trials >= budget:
-            # The trial budget is spent too: the scheduler is joining its last batches and terminates the
-            # tasks itself (terminating one here first fails its check that a task ends only once).
-            return
-        stats.stopped_by_time = True
-        progress(f"tvm tuning: time budget reached after {time.perf_counter() - t_start:.0f} s; stopping")
-        for i, rec in enumerate(task_scheduler.tasks_):
-            if not rec.is_terminated:
-                task_scheduler.terminate_task(i)
+    tuner = _Tuner(stats, tasks, deadline, progress, evaluator, budget, worker, timeout_s, remote)
 
     @derived_object
     class PassThroughBuilder(PyBuilder):
         def build(self, build_inputs: list[Any]) -> list[Any]:
-            out = []
-            for bi in build_inputs:
-                key = f"candidate:{next(counter)}"
-                pending[key] = (bi.mod, bi.target)
-                out.append(BuilderResult(key, None))
-            return out
+            return [BuilderResult(tuner.hand_over(bi.mod, bi.target), None) for bi in build_inputs]
 
     @derived_object
     class WorkerRunner(PyRunner):
         def run(self, runner_inputs: list[Any]) -> list[Any]:
-            out = []
-            for ri in runner_inputs:
-                mod, target = pending.pop(ri.artifact_path)
-                if over_time():
-                    stats.skipped += 1
-                    out.append(LocalRunnerFuture(None, SKIPPED))
-                    continue
-                stats.candidates += 1
-                res = worker.call(build_and_time, (mod, target, [a.as_json() for a in ri.args_info], evaluator,
-                                                   stats.candidates in hang, remote), timeout_s)
-                stats.worker_s += res.seconds
-                stats.slowest_candidate_s = max(stats.slowest_candidate_s, res.seconds)
-                if res.status == "ok" and res.value["ok"]:
-                    v = res.value
-                    stats.build_s += v["build_s"]
-                    stats.run_s += v["run_s"]
-                    stats.remote_timed += bool(v.get("remote"))
-                    out.append(LocalRunnerFuture(v["costs"], None))
-                    continue
-                if res.status == "ok":  # the worker answered: the candidate failed to build or run
-                    v = res.value
-                    stats.build_s += v.get("build_s", 0.0)
-                    stats.run_s += v.get("run_s", 0.0)
-                    if v["phase"] == "build":
-                        stats.build_errors += 1
-                    else:
-                        stats.run_errors += 1
-                    msg = f"{v['phase']} failed: {v['error']}"
-                else:  # timeout or crash: the worker is gone and is replaced for the next candidate
-                    if res.status == "timeout":
-                        stats.timeouts += 1
-                    else:
-                        stats.crashes += 1
-                    msg = f"candidate {stats.candidates}: {res.error}"
-                    progress(f"tvm tuning: {msg} (after {res.seconds:.1f} s); a fresh worker takes the next "
-                             "candidate")
-                out.append(LocalRunnerFuture(None, msg))
-            return out
+            return [LocalRunnerFuture(*tuner.measure(ri.artifact_path, ri.args_info)) for ri in runner_inputs]
 
     add_to_database = ms.measure_callback.AddToDatabase()
 
@@ -386,19 +387,8 @@ def make_tuner_parts(stats: TuneStats, tasks: list[Any], deadline: float | None,
     class RecordAndReport(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, measure_candidates: list[Any],
                   builder_results: list[Any], runner_results: list[Any]) -> None:
-            # Candidates left unmeasured when the time ran out are not recorded: a record (even a failed
-            # one) marks a schedule as measured, and a later run would never try it.
-            keep = [i for i, rr in enumerate(runner_results) if rr.error_msg != SKIPPED]
-            if keep:
-                add_to_database.apply(task_scheduler, task_id, [measure_candidates[i] for i in keep],
-                                      [builder_results[i] for i in keep], [runner_results[i] for i in keep])
-            stats.trials += len(measure_candidates)
-            for rr in runner_results:
-                if rr.error_msg is None and rr.run_secs:
-                    lat = sum(float(s) for s in rr.run_secs) / len(rr.run_secs)
-                    stats.best_s[task_id] = min(stats.best_s.get(task_id, lat), lat)
-            progress(progress_line(stats, task_id, names, weights, budget, time.perf_counter() - t_start, deadline))
-            stop_if_over_time(task_scheduler)
+            tuner.record(add_to_database, task_scheduler, task_id, measure_candidates, builder_results,
+                         runner_results)
 
     return PassThroughBuilder(), WorkerRunner(), RecordAndReport(), scheduler
 
@@ -551,135 +541,3 @@ def tvm_logs_to(log_file: Path, debug: bool) -> Iterator[None]:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
                     and getattr(h.stream, "closed", False):
                 logger.removeHandler(h)
-
-
-# conv2d layouts the ``layout`` setting may ask for: (data, weight) as Relax's ConvertLayout names them.
-# Blocked activations (NCHW16c) are not offered: TVM 0.27 has no legalization for a conv2d in that layout
-# (VM codegen refuses the call); blocked *weights* are what weight_prepack gives.
-CONV_LAYOUTS = {"NHWC": ["NHWC", "OHWI"]}
-
-
-def layout_passes(layout: str) -> list[Any]:
-    """Convolutions in ``layout`` (NCHW = as imported). Run before ``prepare_passes``, on the Relax ops.
-
-    ONNX Clip (MobileNet's ReLU6) arrives from the frontend as already-lowered ``call_tir(maximum/minimum)``
-    with a scalar bound, which ConvertLayout cannot see through: every ReLU6 ended up between two
-    transposes (71 kernels per MobileNetV2 call instead of 43, benchmarks/results/tvm-levers.md). Those
-    calls are turned back into Relax ``maximum``/``minimum`` ops first, which ConvertLayout carries along.
-    A Q/DQ model's per-tensor quantize/dequantize ops are unknown to ConvertLayout too (91 kernels per
-    call instead of 44, benchmarks/results/tvm-int8.md): they become the same arithmetic in plain ops.
-    """
-    if layout == "NCHW":
-        return []
-    from tvm import relax
-
-    from ._tvm_int8 import scalar_qdq_as_ops
-
-    return [relax.transform.FoldConstant(), _scalar_minmax_as_ops(), scalar_qdq_as_ops(),
-            relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]}),
-            relax.transform.Normalize(), relax.transform.FoldConstant()]
-
-
-def _scalar_minmax_as_ops() -> Any:
-    """A module pass: ``call_tir(maximum|minimum, (x, scalar constant))`` in ``main`` -> the Relax op."""
-    import tvm
-    from tvm import relax
-
-    @relax.expr_functor.mutator
-    class ScalarMinMax(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
-                return call
-            name = str(getattr(call.args[0], "name_hint", "")).rstrip("0123456789_")
-            fields = list(getattr(call.args[1], "fields", []))
-            if name not in ("maximum", "minimum") or len(fields) != 2:
-                return call
-            bound = fields[1]
-            if isinstance(bound, relax.Var):
-                bound = self.lookup_binding(bound)
-            if not isinstance(bound, tvm.ir.expr.Constant) or len(bound.value.shape) != 0:
-                return call
-            return (relax.op.maximum if name == "maximum" else relax.op.minimum)(fields[0], bound)
-
-    return main_rewrite_pass("ScalarMinMaxAsOps", ScalarMinMax)
-
-
-def main_rewrite_pass(name: str, mutator: Any) -> Any:
-    """A module pass that runs ``mutator`` (a ``relax.PyExprMutator`` class) over the module's ``main``
-    and then drops the bindings it left unused; a module without ``main`` passes through."""
-    import tvm
-    from tvm import relax
-
-    @tvm.transform.module_pass(opt_level=0, name=name)
-    def rewrite(mod: Any, _ctx: Any) -> Any:
-        if "main" not in [g.name_hint for g in mod.functions]:
-            return mod
-        gv = mod.get_global_var("main")
-        mod.update_func(gv, mutator(mod).visit_expr(mod[gv]))
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return rewrite
-
-
-def prepare_passes(target: Any, prepack: bool) -> list[Any]:
-    """The passes run before tasks are extracted and, identically, before the database is applied.
-
-    Tasks must be extracted from the same lowered form, or their workloads (structural hashes)
-    would not match what ``compile_tuned`` looks up. With ``prepack`` the weights (bound constants)
-    are marked layout-free, so MetaSchedule's RewriteLayout may choose a blocked weight layout per
-    kernel instead of reading OIHW in place.
-    """
-    from tvm import relax
-    from tvm.relax import pipeline as relax_pipeline
-
-    return [
-        *relax_pipeline.library_dispatch_passes(target),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        *([relax.transform.AttachAttrLayoutFreeBuffers()] if prepack else []),
-    ]
-
-
-def compile_tuned(database: Any, mod: Any, target: Any, prepack: bool) -> tuple[Any, int]:
-    """``meta_schedule.relax_integration.compile_relax`` for CPU targets, plus weight prepacking.
-
-    ``mod`` has its weights bound as constants. With ``prepack`` the layout rewrites chosen while
-    tuning are split out of each kernel (SplitLayoutRewritePreproc) and folded into the constants
-    at compile time, so the deployed library takes the same inputs and does no repacking per call.
-    Returns the executable and how many kernels run on prepacked weights.
-    """
-    import tvm
-    from tvm import relax
-    from tvm.relax import pipeline as relax_pipeline
-
-    # DeadCodeElimination drops the repacking functions once their calls are folded away.
-    after = ([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
-              relax.transform.DeadCodeElimination()] if prepack else [])
-    try:
-        lower = [*relax_pipeline.dataflow_lower_passes(target), *relax_pipeline.finalize_passes(target)]
-    except (ValueError, AttributeError):
-        # TVM 0.27's cpu_generic backend has no such lists; these are compile_relax's own fallback.
-        lower = [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
-                 relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
-                 relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor(),
-                 relax.transform.KillAfterLastUse(), relax.transform.LowerRuntimeBuiltin(),
-                 relax.transform.ComputePrimValue(), relax.transform.VMShapeLower(),
-                 relax.transform.AttachGlobalSymbol()]
-
-    prepacked = [0]
-
-    @tvm.transform.module_pass(opt_level=3)
-    def _pipeline(m: Any, _ctx: Any) -> Any:
-        m = tvm.transform.Sequential(prepare_passes(target, prepack))(m)
-        m = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(m)
-        m = tvm.transform.Sequential(after)(m)
-        prepacked[0] = sum(1 for g in m.functions if g.name_hint.endswith("_prepacked"))
-        return tvm.transform.Sequential(lower)(m)
-
-    with target, database, tvm.transform.PassContext(opt_level=3):
-        return relax.build(mod, target=target, relax_pipeline=_pipeline), prepacked[0]
-

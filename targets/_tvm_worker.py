@@ -15,7 +15,7 @@ process; a CI job would have hung with it.
 
 So: TVM's ``PopenWorker`` (one process, reused for every candidate of every tuning run in this
 Python process), started once with TVM and the CPU tensor intrinsics imported (see
-``_tvm_tuning.import_cpu_tensor_intrinsics``: ~10 s instead of ~41 s), with the timeout enforced in
+``import_cpu_tensor_intrinsics`` below: ~10 s instead of ~41 s), with the timeout enforced in
 *this* process: we wait on the worker's pipe with ``select`` and, past the deadline, kill the worker
 (and its children) and start a fresh one for the next candidate. One bad candidate costs its
 timeout plus one worker start; a good one costs one pipe round trip (build and timing happen in the
@@ -35,6 +35,7 @@ import functools
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -59,10 +60,42 @@ class CallResult:
     seconds: float = 0.0
 
 
+_GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
+
+
+def import_cpu_tensor_intrinsics() -> None:
+    """Register TVM's tensor intrinsics without parsing the GPU ones.
+
+    MetaSchedule's build step imports ``tvm.s_tir.tensor_intrin``, which parses hundreds of
+    TVMScript intrinsics: 41.5 s here, 30 s of it CUDA's. That import is also why the default
+    LocalBuilder failed every candidate on this machine: each fresh worker pays it and is killed by
+    the builder's 30 s timeout. CPU targets never use the GPU intrinsics, so their modules are
+    held out while the package imports, then released so a later GPU build imports them for real.
+    """
+    import importlib
+    import types
+
+    pkg = "tvm.s_tir.tensor_intrin"
+    if pkg in sys.modules:
+        return
+    held = []
+    for name in _GPU_INTRINSICS:
+        full = f"{pkg}.{name}"
+        if full not in sys.modules:
+            sys.modules[full] = types.ModuleType(full)
+            held.append(full)
+    try:
+        importlib.import_module(pkg)
+    finally:
+        for full in held:
+            del sys.modules[full]
+
+
 def _init_worker(threads: int) -> int:
     """Runs once in each fresh worker: the imports every candidate needs, paid once."""
+    # This process is ours: TVM's pool must not pin it to one core (see tvm_compiler.unbound_threads).
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     import tvm
-    from compress.targets._tvm_tuning import import_cpu_tensor_intrinsics
 
     import_cpu_tensor_intrinsics()
     if threads:

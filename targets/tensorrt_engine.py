@@ -12,27 +12,27 @@ TensorRT and CUDA are imported lazily. Without the ``tensorrt`` package or a CUD
 ``unavailable_reason()`` says which, and the rest of a run goes on. Note that installing only the
 ``tensorrt-stubs`` package leaves an importable, empty ``tensorrt`` namespace package; that is
 detected and reported as "not installed" too.
+
+This file is the target as the recipe sees it (settings, availability, compile, runner); the engine
+build is in ``_trt_build``, the runner in ``_trt_runner``, the CUDA calls in ``_trt_cuda``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import time
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from compress.core.artifact import ONNX, Artifact, sha256_files
 from compress.core.capabilities import TargetCaps
 from compress.core.config import TargetConfig
 from compress.core.registry import register_target
-from compress.errors import BuildError, InputError, TargetUnavailable
+from compress.errors import InputError, TargetUnavailable
 
+from ._trt_build import build_engine, major_version
 from ._trt_cache import (
     ENGINE,
     QDQ_OPS,
@@ -42,20 +42,19 @@ from ._trt_cache import (
     check_engine,
     derive_profiles,
     engine_key,
-    format_rejections,
     is_cache_entry,
     is_within,
-    load_bytes,
     onnx_graph_info,
     read_sidecar,
     resolve_settings,
-    save_bytes_atomic,
     write_sidecar,
 )
+from ._trt_cuda import cuda_device
+from ._trt_runner import TrtRunner
 from .base import module_version
 
 if TYPE_CHECKING:
-    import tensorrt as trt
+    pass
 
 MIN_TRT_MAJOR = 10
 INSTALL_HINT = "pip install 'compress-pipeline[tensorrt]' on a machine with an NVIDIA GPU and driver"
@@ -123,392 +122,9 @@ def import_tensorrt() -> tuple[Any, str | None]:
         # empty namespace package.
         return None, f"tensorrt is not installed (only its type stubs are, no runtime module); {INSTALL_HINT}"
     version = str(getattr(tensorrt, "__version__", "0"))
-    if _major(version) < MIN_TRT_MAJOR:
+    if major_version(version) < MIN_TRT_MAJOR:
         return None, f"tensorrt {version} is too old; this target needs TensorRT {MIN_TRT_MAJOR} or newer"
     return tensorrt, None
-
-
-def _major(version: str) -> int:
-    m = re.match(r"\d+", version)
-    return int(m.group(0)) if m else 0
-
-
-class Cuda:
-    """The few CUDA runtime calls the runner needs, through cuda-python (preferred) or PyTorch."""
-
-    def __init__(self, device: int = 0) -> None:
-        self.device = device
-        self.backend = ""
-        self._rt: Any = None
-        self._torch: Any = None
-        self._keep: dict[int, Any] = {}  # torch backend: pointer -> tensor that owns the memory
-        try:
-            try:
-                from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-            except ImportError:
-                from cuda import cudart  # older cuda-python
-            self._rt = cudart
-            self.backend = "cuda-python"
-        except ImportError:
-            import torch
-
-            self._torch = torch
-            self.backend = "torch"
-
-    def _ok(self, result: Any) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            _, name = self._rt.cudaGetErrorName(err)
-            raise BuildError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name} ({int(err)})")
-        return rest[0] if len(rest) == 1 else tuple(rest)
-
-    def device_info(self) -> dict[str, Any]:
-        """Name, compute capability and driver; raises TargetUnavailable without a usable device."""
-        if self._rt is not None:
-            err, count = self._rt.cudaGetDeviceCount()
-            if int(err) != 0 or count == 0:
-                _, name = self._rt.cudaGetErrorName(err)
-                raise TargetUnavailable(f"no CUDA device (cudaGetDeviceCount: {name!s}, {count} devices)")
-            if self.device >= count:
-                raise TargetUnavailable(f"no CUDA device {self.device} (this machine has {count})")
-            prop = self._ok(self._rt.cudaGetDeviceProperties(self.device))
-            driver = self._ok(self._rt.cudaDriverGetVersion())
-            name = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
-            return {"gpu": name, "compute_capability": f"{prop.major}.{prop.minor}", "cuda_driver": int(driver)}
-        torch = self._torch
-        if not torch.cuda.is_available():
-            raise TargetUnavailable(
-                f"no CUDA device (cuda-python is not installed and torch {torch.__version__} sees no GPU; "
-                f"torch CUDA build: {torch.version.cuda or 'none'})")
-        if self.device >= torch.cuda.device_count():
-            raise TargetUnavailable(f"no CUDA device {self.device} (this machine has {torch.cuda.device_count()})")
-        major, minor = torch.cuda.get_device_capability(self.device)
-        return {"gpu": torch.cuda.get_device_name(self.device), "compute_capability": f"{major}.{minor}",
-                "cuda_driver": "unknown (via torch)"}
-
-    # Buffers are raw device pointers (ints) in both backends; torch tensors are kept alive in _keep.
-    def malloc(self, nbytes: int) -> int:
-        if self._rt is not None:
-            return int(self._ok(self._rt.cudaMalloc(max(nbytes, 1))))
-        t = self._torch.empty(max(nbytes, 1), dtype=self._torch.uint8, device=f"cuda:{self.device}")
-        self._keep[int(t.data_ptr())] = t
-        return int(t.data_ptr())
-
-    def free(self, ptr: int) -> None:
-        if self._rt is not None:
-            self._ok(self._rt.cudaFree(ptr))
-        else:
-            self._keep.pop(ptr, None)
-
-    def stream(self) -> Any:
-        if self._rt is not None:
-            return self._ok(self._rt.cudaStreamCreate())
-        return self._torch.cuda.Stream(device=self.device)
-
-    def stream_handle(self, stream: Any) -> int:
-        return int(stream) if self._rt is not None else int(stream.cuda_stream)
-
-    def h2d(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        if self._rt is not None:
-            kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-            self._ok(self._rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream))
-        else:
-            self._view(dst, src.nbytes).copy_(self._torch.from_numpy(src.view(np.uint8).reshape(-1)))
-
-    def d2h(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        if self._rt is not None:
-            kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            self._ok(self._rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream))
-        else:
-            self._torch.from_numpy(dst.view(np.uint8).reshape(-1)).copy_(self._view(src, dst.nbytes))
-
-    def _view(self, ptr: int, nbytes: int) -> Any:
-        return self._keep[ptr][:nbytes]
-
-    def event(self) -> Any:
-        if self._rt is not None:
-            return self._ok(self._rt.cudaEventCreate())
-        return self._torch.cuda.Event(enable_timing=True)
-
-    def record(self, event: Any, stream: Any) -> None:
-        if self._rt is not None:
-            self._ok(self._rt.cudaEventRecord(event, stream))
-        else:
-            event.record(stream)
-
-    def synchronize(self, stream: Any) -> None:
-        if self._rt is not None:
-            self._ok(self._rt.cudaStreamSynchronize(stream))
-        else:
-            stream.synchronize()
-
-    def destroy(self, stream: Any, *events: Any) -> None:
-        if self._rt is not None:
-            for ev in events:
-                self._ok(self._rt.cudaEventDestroy(ev))
-            self._ok(self._rt.cudaStreamDestroy(stream))
-
-    def elapsed_ms(self, start: Any, end: Any) -> float:
-        if self._rt is not None:
-            return float(self._ok(self._rt.cudaEventElapsedTime(start, end)))
-        return float(start.elapsed_time(end))
-
-
-@lru_cache(maxsize=8)
-def _device_info(device: int) -> tuple[dict[str, Any] | None, str | None]:
-    try:
-        return Cuda(device).device_info(), None
-    except ImportError as e:
-        return None, f"no CUDA device (neither cuda-python nor torch is importable: {e})"
-    except TargetUnavailable as e:
-        return None, str(e)
-
-
-# -- the build -----------------------------------------------------------------------------------
-
-
-def _make_logger() -> Any:
-    """A TensorRT logger that keeps warnings and errors so a failed build can say why."""
-    import tensorrt as trt
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            sev = trt.ILogger.Severity
-            if severity in (sev.INTERNAL_ERROR, sev.ERROR, sev.WARNING):
-                self.messages.append(f"[{severity.name}] {msg}")
-
-    return _Logger()
-
-
-def _dims(shape: tuple[int, ...]) -> trt.Dims:
-    import tensorrt as trt
-
-    return trt.Dims(list(shape))
-
-
-def _parse(builder: trt.Builder, flags: int, logger: trt.ILogger,
-           onnx_path: Path) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
-    """Parse the ONNX model, or raise BuildError listing every node the parser rejects.
-
-    The parser is returned too: it owns the weight memory the network refers to, so it must live
-    until the engine is built.
-    """
-    import onnx
-    import tensorrt as trt
-
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if parser.parse_from_file(str(onnx_path)):
-        return network, parser
-    errors = []
-    for i in range(parser.num_errors):
-        err = parser.get_error(i)
-        errors.append({"node": err.node(), "name": err.node_name(), "op": err.node_operator(), "desc": err.desc()})
-    # parse() stops at the first failing node; the whole-graph support check partitions the graph
-    # and goes on, so every unsupported node is listed at once.
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    nodes = list(model.graph.node)
-    probe = trt.OnnxParser(builder.create_network(flags), logger)
-    unsupported: list[tuple[int, str, str]] = []
-    probe.supports_model_v2(onnx_path.read_bytes(), str(onnx_path))
-    for s in range(probe.num_subgraphs):
-        if not probe.is_subgraph_supported(s):
-            for idx in probe.get_subgraph_nodes(s):
-                n = nodes[idx] if 0 <= idx < len(nodes) else None
-                unsupported.append((int(idx), n.name if n else "?", n.op_type if n else "?"))
-    for i in range(probe.num_errors):
-        err = probe.get_error(i)
-        errors.append({"node": err.node(), "name": err.node_name(), "op": err.node_operator(), "desc": err.desc()})
-    unique = list({(e["node"], e["desc"]): e for e in errors}.values())
-    raise BuildError(format_rejections(trt.__version__, onnx_path, unique, unsupported))
-
-
-def build_engine(onnx_path: Path, settings: dict[str, Any], timing_cache_path: Path | None,
-                 out_engine: Path, log: Any = None) -> dict[str, Any]:
-    """Build and serialize an engine with TensorRT; returns what the sidecar records about its IO."""
-    import tensorrt as trt
-
-    logger = _make_logger()
-    builder = trt.Builder(logger)
-    flags = 0
-    if settings["strongly_typed"]:
-        strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        if strong is not None:
-            flags |= 1 << int(strong)
-        elif _major(trt.__version__) < 11:  # TensorRT 11 networks are always strongly typed
-            raise BuildError(f"TensorRT {trt.__version__} has no strongly typed networks; set strongly_typed = false")
-    network, parser = _parse(builder, flags, logger, onnx_path)
-
-    config = builder.create_builder_config()
-    config.builder_optimization_level = int(settings["optimization_level"])
-    if settings["workspace_bytes"]:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_bytes"]))
-    if not settings["tf32"]:
-        config.clear_flag(trt.BuilderFlag.TF32)
-    precision = settings["precision"]
-    if not settings["strongly_typed"]:
-        # Weakly typed: precision comes from builder flags (TensorRT 11 drops them: strongly typed only).
-        wanted = {"fp16": ["FP16", "INT8"] if settings.get("qdq") else ["FP16"], "int8": ["INT8"]}.get(precision, [])
-        for name in wanted:
-            flag = getattr(trt.BuilderFlag, name, None)
-            if flag is None:
-                raise BuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}: its networks are strongly "
-                                 "typed, so precision comes from the ONNX types; export an FP16/Q-DQ model and set "
-                                 "strongly_typed = true")
-            config.set_flag(flag)
-    if settings["sparse_weights"]:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-
-    if settings["dynamic"]:
-        profile = builder.create_optimization_profile()
-        for name, shapes in settings["profiles"].items():
-            p = Profile.from_json(shapes)
-            profile.set_shape(name, _dims(p.min), _dims(p.opt), _dims(p.max))
-        config.add_optimization_profile(profile)
-
-    if timing_cache_path is not None:
-        tc = config.create_timing_cache(load_bytes(timing_cache_path))
-        # ignore_mismatch=False: a cache from another device is refused rather than mis-applied
-        # (the path is per TensorRT version and compute capability already).
-        if not config.set_timing_cache(tc, False):
-            if log is not None:
-                log(f"tensorrt: timing cache {timing_cache_path} was refused by TensorRT; starting a new one")
-            config.set_timing_cache(config.create_timing_cache(b""), False)
-
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        detail = "\n".join(logger.messages[-20:]) or "(TensorRT logged nothing)"
-        raise BuildError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} with "
-                         f"{_settings_text(settings)}:\n{detail}")
-    build_s = time.perf_counter() - t0
-    del parser  # the weights it owned are in the serialized engine now
-    out_engine.write_bytes(memoryview(serialized))
-    if timing_cache_path is not None:
-        save_bytes_atomic(timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-
-    engine = trt.Runtime(logger).deserialize_cuda_engine(memoryview(serialized))
-    io: dict[str, list[dict[str, Any]]] = {"inputs": [], "outputs": []}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        mode = engine.get_tensor_mode(name)
-        shape = engine.get_tensor_shape(name)
-        entry = {"name": name, "dtype": np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name,
-                 "shape": [shape[j] for j in range(len(shape))]}
-        io["inputs" if mode == trt.TensorIOMode.INPUT else "outputs"].append(entry)
-    if log is not None:
-        log(f"tensorrt: built engine in {build_s:.1f}s ({_settings_text(settings)})")
-    return {**io, "build_s": round(build_s, 3), "warnings": logger.messages[-20:]}
-
-
-def _settings_text(settings: dict[str, Any]) -> str:
-    keys = ("precision", "strongly_typed", "sparse_weights", "optimization_level", "workspace_bytes")
-    return ", ".join(f"{k}={settings[k]}" for k in keys)
-
-
-# -- the runner ----------------------------------------------------------------------------------
-
-
-class TrtRunner:
-    """Runs a deserialized engine: device buffers, one execution context, one stream.
-
-    ``infer`` copies inputs in, runs ``execute_async_v3`` and copies outputs out. Each call records
-    host time (the whole call, copies included) in ``host_ms`` and GPU time of the engine alone,
-    between two CUDA events around ``execute_async_v3``, in ``device_ms``.
-    """
-
-    def __init__(self, engine_path: Path, sidecar: dict[str, Any], device: int = 0) -> None:
-        import tensorrt as trt
-
-        self._trt = trt
-        self.cuda = Cuda(device)
-        self._logger = _make_logger()
-        self._runtime = trt.Runtime(self._logger)
-        self.engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise BuildError(f"TensorRT {trt.__version__} could not deserialize {engine_path}: "
-                             f"{'; '.join(self._logger.messages[-5:]) or 'no reason logged'}; rebuild the engine")
-        self.context: trt.IExecutionContext | None = self.engine.create_execution_context()
-        self.stream = self.cuda.stream()
-        self._start, self._end = self.cuda.event(), self.cuda.event()
-        self.profiles = {k: Profile.from_json(v) for k, v in sidecar["settings"]["profiles"].items()}
-        self.input_names: list[str] = []
-        self.output_names: list[str] = []
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            (self.input_names if is_input else self.output_names).append(name)
-        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
-                        for n in self.input_names + self.output_names}
-        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
-        self.host_ms: list[float] = []
-        self.device_ms: list[float] = []
-
-    def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, cap = self._buffers.get(name, (0, 0))
-        if cap < nbytes:  # grow-only: shapes change with the batch, reallocating every call would dominate
-            if ptr:
-                self.cuda.free(ptr)
-            ptr, cap = self.cuda.malloc(nbytes), nbytes
-            self._buffers[name] = (ptr, cap)
-        return ptr
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if self.context is None:
-            raise InputError("tensorrt runner: already closed")
-        t0 = time.perf_counter()
-        ctx = self.context
-        hosts = []
-        for name in self.input_names:
-            if name not in feeds:
-                raise InputError(f"tensorrt runner: missing input '{name}' (expects {self.input_names})")
-            x = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
-            prof = self.profiles.get(name)
-            if prof is not None and not prof.admits(x.shape):
-                raise InputError(f"tensorrt runner: input '{name}' has shape {list(x.shape)}, outside the engine's "
-                                 f"optimization profile min={list(prof.min)} max={list(prof.max)}; rebuild with "
-                                 "min_batch/max_batch or min_shapes/max_shapes covering it")
-            if not ctx.set_input_shape(name, _dims(tuple(x.shape))):
-                raise InputError(f"tensorrt runner: TensorRT refused shape {list(x.shape)} for input '{name}'")
-            ptr = self._buffer(name, x.nbytes)
-            self.cuda.h2d(ptr, x, self.stream)
-            ctx.set_tensor_address(name, ptr)
-            hosts.append(x)  # kept alive until the stream is synchronized
-        outs = []
-        for name in self.output_names:
-            d = ctx.get_tensor_shape(name)
-            shape = tuple(d[i] for i in range(len(d)))
-            if any(s < 0 for s in shape):
-                raise BuildError(f"tensorrt runner: output '{name}' has data-dependent shape {list(shape)}, "
-                                 "which this runner does not support (needs an output allocator)")
-            out = np.empty(shape, dtype=self._dtypes[name])
-            ctx.set_tensor_address(name, self._buffer(name, out.nbytes))
-            outs.append(out)
-        handle = self.cuda.stream_handle(self.stream)
-        self.cuda.record(self._start, self.stream)
-        if not ctx.execute_async_v3(handle):
-            raise BuildError(f"tensorrt runner: execute_async_v3 failed: {'; '.join(self._logger.messages[-5:])}")
-        self.cuda.record(self._end, self.stream)
-        for name, out in zip(self.output_names, outs, strict=True):
-            self.cuda.d2h(out, self._buffers[name][0], self.stream)
-        self.cuda.synchronize(self.stream)
-        self.device_ms.append(self.cuda.elapsed_ms(self._start, self._end))
-        self.host_ms.append((time.perf_counter() - t0) * 1e3)
-        del hosts
-        return outs
-
-    def close(self) -> None:
-        for ptr, _ in self._buffers.values():
-            self.cuda.free(ptr)
-        self._buffers.clear()
-        if self.context is not None:
-            self.cuda.destroy(self.stream, self._start, self._end)
-        self.context = None
-        self.engine = None
 
 
 # -- the target ----------------------------------------------------------------------------------
@@ -540,7 +156,7 @@ class TensorRTTarget:
         _, reason = import_tensorrt()
         if reason is not None:
             return reason
-        _, reason = _device_info(self.config.device)
+        _, reason = cuda_device(self.config.device)
         return reason
 
     def _environment(self) -> dict[str, Any]:
@@ -548,7 +164,7 @@ class TensorRTTarget:
         trt_mod, reason = import_tensorrt()
         if reason is not None:
             raise TargetUnavailable(reason)
-        info, reason = _device_info(self.config.device)
+        info, reason = cuda_device(self.config.device)
         if reason is not None or info is None:
             raise TargetUnavailable(reason or "no CUDA device")
         return {"tensorrt_version": str(trt_mod.__version__), **info}

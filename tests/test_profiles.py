@@ -68,21 +68,23 @@ def test_every_builtin_profile_is_there_and_its_int8_scheme_fits_its_isa() -> No
 def test_profile_targets_are_tvm_tags_where_tvm_has_one_and_tvm_accepts_every_one() -> None:
     pytest.importorskip("tvm")
     import tvm
-    from compress.targets.tvm_compiler import is_foreign, make_target
+    from compress.targets.tvm_compiler import TvmProfileSettings, is_foreign, make_target
 
     tags = set(tvm.target.list_tags())
     for p in builtin_profiles().values():
-        for tag in filter(None, [p.tvm_tag, p.tvm_gpu_tag]):
+        tvm_settings = TvmProfileSettings.of(p)
+        for tag in filter(None, [tvm_settings.tag, tvm_settings.gpu_tag]):
             assert tag in tags, f"{p.name}: {tag} is not a TVM {tvm.__version__} target tag"
-        spec = p.tvm_target_json()
+        spec = tvm_settings.target_json(p.cores)
         assert spec is not None
         target = make_target(spec)
         assert target.kind.name == "llvm"
         assert is_foreign(target) == (p.arch != platform.machine()), p.name
     # rpi4's target is TVM's own tag: its CPU attributes come from TVM, not from this file.
-    rpi4 = json.loads(str(make_target(builtin_profiles()["rpi4"].tvm_target_json() or {})))
-    assert rpi4["mcpu"] == "cortex-a72" and rpi4["mtriple"] == "aarch64-linux-gnu" and rpi4["num-cores"] == 4
-    assert builtin_profiles()["rpi4"].tvm_tag == "raspberry-pi/4b-aarch64"
+    rpi4 = builtin_profiles()["rpi4"]
+    rpi4_json = json.loads(str(make_target(TvmProfileSettings.of(rpi4).target_json(rpi4.cores) or {})))
+    assert rpi4_json["mcpu"] == "cortex-a72" and rpi4_json["mtriple"] == "aarch64-linux-gnu"
+    assert rpi4_json["num-cores"] == 4 and rpi4.targets["tvm"]["tag"] == "raspberry-pi/4b-aarch64"
 
 
 def test_host_profile_is_the_detected_cpu_and_forces_nothing() -> None:
@@ -91,7 +93,7 @@ def test_host_profile_is_the_detected_cpu_and_forces_nothing() -> None:
     host = host_profile()
     assert host.name == "host" and host.source == "detected"
     assert host.isa == sorted(detected_cpu()["isa"])
-    assert host.tvm_target_json() is None  # the tvm target's own host detection (LLVM's CPU name)
+    assert host.targets == {}  # the tvm target's own host detection (LLVM's CPU name)
     assert host.override() is None
     assert get_profile("host").isa == host.isa
 
@@ -149,8 +151,11 @@ def test_user_profile_from_the_path_and_from_a_recipe_file(tmp_path: Path, monke
     monkeypatch.setenv(PATH_ENV, str(folder))
     prof = get_profile("myboard")
     assert prof.version == 2 and prof.source == str(f) and prof.isa == ["asimd", "asimddp", "neon"]
-    assert prof.tvm_target_json() == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55",
-                                      "num-cores": 4}
+    # MYBOARD is written the old way (a top-level [tvm_target] table): it loads, as the tvm target's setting.
+    assert prof.targets == {"tvm": {"target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"}}}
+    rec = apply_profile(recipe_from_dict({"model": {"source": "zoo:digits-cnn"}, "targets": [{"kind": "tvm"}]}), prof)
+    assert rec.targets[0].target == {"kind": "llvm", "mtriple": "aarch64-linux-gnu",  # type: ignore[attr-defined]
+                                     "mcpu": "cortex-a55", "num-cores": 4}
     found, errors = all_profiles()
     assert "myboard" in found and errors == []
     assert main(["profiles"]) == 0
@@ -204,9 +209,29 @@ def test_unknown_profile_and_bad_profile_value_are_usage_errors(tmp_path: Path, 
 
 
 def test_profile_model_rejects_a_tag_inside_the_target_json() -> None:
-    with pytest.raises(ValueError, match="tvm_tag"):
+    with pytest.raises(ValueError, match=r"targets\.tvm: target: give the tag as tag \(tvm_tag\)"):
         Profile(name="x", arch="aarch64", int8_scheme="u8s8", backends=["tvm"],
-                tvm_target={"tag": "raspberry-pi/4b-aarch64"})
+                targets={"tvm": {"target": {"tag": "raspberry-pi/4b-aarch64"}}})
+
+
+def test_target_settings_belong_to_the_target_and_old_profile_keys_still_load(tmp_path: Path) -> None:
+    """The core's profile knows no TVM field: the tvm target's settings sit under targets.tvm, judged by the
+    tvm target; a file in the old form (top-level tvm_tag / tvm_target / tvm_gpu_tag) loads into the same place."""
+    assert not [f for f in Profile.model_fields if f.startswith("tvm")]
+    new = MYBOARD.replace("[tvm_target]", "[targets.tvm.target]").replace('name = "myboard"', 'name = "newboard"')
+
+    def before_table(line: str) -> str:  # a top-level key goes above MYBOARD's [tvm_target] table
+        return MYBOARD.replace("[tvm_target]", line + "\n[tvm_target]")
+
+    a = load_profile_file(_write(tmp_path, "new.toml", new))
+    b = load_profile_file(_write(tmp_path, "old.toml", before_table('tvm_gpu_tag = "nvidia/jetson-orin-nano"')))
+    assert a.targets["tvm"]["target"] == b.targets["tvm"]["target"]
+    assert b.targets["tvm"]["gpu_tag"] == "nvidia/jetson-orin-nano"
+    # A setting a target does not take is refused by that target, in one line naming it.
+    with pytest.raises(RecipeError, match=r"targets\.tvm: .*colour"):
+        load_profile_file(_write(tmp_path, "bad.toml", before_table('tvm_colour = "red"')))
+    with pytest.raises(RecipeError, match=r"targets\.onnxruntime: takes no settings from a profile"):
+        load_profile_file(_write(tmp_path, "bad2.toml", before_table("[targets.onnxruntime]\nx = 1")))
 
 
 def test_profiles_check_lets_tvm_judge_the_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

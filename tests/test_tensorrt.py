@@ -115,9 +115,9 @@ def no_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setitem(sys.modules, "cuda", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    te._device_info.cache_clear()
+    te.cuda_device.cache_clear()
     yield
-    te._device_info.cache_clear()
+    te.cuda_device.cache_clear()
 
 
 @pytest.mark.skipif(_REAL_TRT, reason="TensorRT is installed here; this checks a machine with only the stubs")

@@ -15,20 +15,14 @@ pytest.importorskip("tvm")
 pytest.importorskip("onnxruntime")
 
 from compress.targets._tvm_tuning import TuningDatabase, TvmDatabaseWarning
-from compress.targets.tvm_compiler import (
-    TvmConfig,
-    TvmTarget,
-    check_library_elf,
-    host_target_json,
-    make_target,
-    run_in_fresh_process,
-)
+from compress.targets.tvm_compiler import TvmConfig, TvmTarget, host_target_json, make_target
 from pydantic import ValidationError
 
 from compress.core.artifact import Artifact, InputSpec, sha256_files
 from compress.core.cache import Cache
 from compress.core.manager import PassContext
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
+from tests.tvm_helpers import check_library_elf, run_in_fresh_process
 
 SHAPE = (1, 1, 8, 8)
 
@@ -346,8 +340,7 @@ def test_integer_convolutions_carry_through_nhwc_and_asymmetric_weights_stay_flo
                                                                                    tmp_path: Path) -> None:
     import onnx
     import tvm
-    from compress.targets._tvm_int8 import integer_convolutions
-    from compress.targets._tvm_tuning import layout_passes
+    from compress.targets._tvm_rewrites import integer_convolutions, layout_passes
     from tvm.relax.frontend.onnx import from_onnx
 
     def imported(path: Path) -> object:
@@ -648,7 +641,7 @@ def test_nhwc_carries_relu6_along_without_transposes(tmp_path: Path) -> None:
     import torch
     import tvm
     from compress.passes.export_onnx import ExportOnnx
-    from compress.targets._tvm_tuning import layout_passes
+    from compress.targets._tvm_rewrites import layout_passes
     from tvm.relax.frontend.onnx import from_onnx
 
     from compress.api import apply
@@ -703,3 +696,34 @@ def test_a_graph_convertlayout_cannot_handle_is_built_in_nchw_with_a_note(tmp_pa
     assert any("layout NHWC could not be applied" in n and "built in NCHW" in n for n in info["notes"])
     x = _x(7)
     np.testing.assert_allclose(target.runner(comp).infer({"input": x})[0], _ort(path, x), rtol=1e-4, atol=1e-5)
+
+
+def test_importing_the_tvm_target_leaves_the_environment_alone(tmp_path: Path) -> None:
+    """TVM_BIND_THREADS is set only while TVM may start its thread pool, and put back after (it was set for the
+    whole process at import before)."""
+    import subprocess
+    import sys
+
+    from compress.targets._tvm_runner import BIND_ENV, unbound_threads
+
+    env = {k: v for k, v in os.environ.items() if k != BIND_ENV}
+    code = "import os, compress.targets.tvm_compiler; print(os.environ.get('TVM_BIND_THREADS'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == "None"
+    saved = os.environ.pop(BIND_ENV, None)
+    try:
+        with unbound_threads():
+            with unbound_threads():  # nested (a build that loads a runner): still set
+                assert os.environ[BIND_ENV] == "0"
+            assert os.environ[BIND_ENV] == "0"
+        assert BIND_ENV not in os.environ
+        os.environ[BIND_ENV] = "1"  # the user's own setting stands, and stays
+        with unbound_threads():
+            assert os.environ[BIND_ENV] == "1"
+        assert os.environ[BIND_ENV] == "1"
+    finally:
+        os.environ.pop(BIND_ENV, None)
+        if saved is not None:
+            os.environ[BIND_ENV] = saved

@@ -107,13 +107,12 @@ def cmd_profiles(a: argparse.Namespace) -> int:
                                        for n, p in found.items()}, "errors": errors}, indent=2))
     else:
         for name, p in found.items():
-            spec = p.tvm_target_json()
             print(f"{name}  v{p.version}  ({p.source})  {p.description}")
             print(f"    arch {p.arch}; ISA {', '.join(p.isa) or 'none'}; cores {p.cores or 'as found'}, threads "
                   f"{p.threads or 'as found'}; INT8 {p.int8_scheme}; fast {', '.join(p.fast_precisions)}")
-            print(f"    backends {', '.join(p.backends)}; tvm target "
-                  f"{json.dumps(spec) if spec else 'this host (LLVM names its CPU)'}"
-                  + (f"; GPU tag {p.tvm_gpu_tag}" if p.tvm_gpu_tag else "")
+            # Each target's settings in its own terms (a target with none builds for the machine it runs on).
+            print(f"    backends {', '.join(p.backends)}"
+                  + "".join(f"; {kind} {json.dumps(settings, sort_keys=True)}" for kind, settings in p.targets.items())
                   + "".join(f"; {kind}: {why}" for kind, why in checks.get(name, {}).items()))
             for note in p.notes:
                 print(f"    note: {note}")

@@ -93,6 +93,14 @@ class TargetConfig(PassConfig):
         Raises pydantic's ValidationError when the profile's value does not fit."""
         return self
 
+    @classmethod
+    def check_profile_settings(cls, settings: dict[str, Any], arch: str) -> None:
+        """Judge the settings a hardware profile gives this target (``Profile.targets[kind]``, a profile file's
+        ``[targets.KIND]`` table) for a device of CPU architecture ``arch``; raise ValueError saying what is
+        wrong. A target that reads none (the default) refuses any."""
+        if settings:
+            raise ValueError(f"takes no settings from a profile (got {', '.join(sorted(settings))})")
+
 
 # ---------------------------------------------------------------- text form
 # ``kind{key=value,...}``: how a step is shown in logs and reports and written on the command line

@@ -45,8 +45,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class Profile(BaseModel):
-    """One device. ``tvm_target`` (TVM target JSON) and ``tvm_tag`` (a TVM target tag) say what the tvm target
-    compiles for: the tag's attributes, overridden by ``tvm_target``'s; neither = this machine's CPU."""
+    """One device. What a target needs to know beyond the CPU (the tvm target: which TVM target to compile for)
+    is in ``targets``, by target kind, in that target's own terms: the target judges it
+    (``TargetConfig.check_profile_settings``) and reads it (``TargetConfig.for_profile``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -57,10 +58,9 @@ class Profile(BaseModel):
     isa: list[str] = Field(default_factory=list, description="ISA flags, as compress.core.fingerprint names them")
     cores: int | None = Field(None, ge=1, description="CPU cores; None = those of the machine it runs on")
     threads: int | None = Field(None, ge=1, description="threads for inference; None = cores")
-    tvm_tag: str | None = Field(None, description="TVM target tag (tvm.target.list_tags())")
-    tvm_target: dict[str, Any] | None = Field(None, description="TVM target JSON, over the tag's attributes")
-    tvm_gpu_tag: str | None = Field(None, description="TVM tag of the device's GPU (recorded; the tvm target "
-                                    "builds CPU code)")
+    targets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings for a target on this device, by target kind ([targets.KIND] "
+        "in a file); each target says which it takes")
     int8_scheme: Literal["u8s8", "u8s8_reduce_range", "u8u8", "s8s8"] = Field(
         description="INT8 scheme quantize.* passes use with scheme = 'auto'")
     fast_precisions: list[Precision] = Field(default_factory=lambda: list[Precision](["fp32"]))
@@ -94,36 +94,56 @@ class Profile(BaseModel):
             raise ValueError(f"unknown target(s) {', '.join(map(repr, bad))}; registered targets: {', '.join(known)}")
         return v
 
-    @field_validator("tvm_target")
+    @model_validator(mode="before")
     @classmethod
-    def _target_kind(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and "tag" in v:
-            raise ValueError("give the tag as tvm_tag, not inside tvm_target")
+    def _legacy_target_keys(cls, data: Any) -> Any:
+        """Profiles written before target settings moved under ``targets`` gave them as top-level ``KIND_KEY``
+        keys (``tvm_tag``, ``tvm_target``, ``tvm_gpu_tag``): such a key of a registered target is that target's
+        ``KEY``. A key of the same name under ``targets`` wins."""
+        if not isinstance(data, dict):
+            return data
+        from ..core.registry import manifest
+
+        kinds = sorted(manifest()["targets"], key=len, reverse=True)  # longest first: no kind shadows another
+        moved: dict[str, dict[str, Any]] = {}
+        out = dict(data)
+        for key in [k for k in out if isinstance(k, str) and k not in cls.model_fields]:
+            kind = next((k for k in kinds if key.startswith(k + "_")), None)
+            if kind is not None:
+                moved.setdefault(kind, {})[key[len(kind) + 1:]] = out.pop(key)
+        if moved:
+            given: dict[str, Any] = out["targets"] if isinstance(out.get("targets"), dict) else {}
+            out["targets"] = {**given, **{k: {**v, **(given.get(k) or {})} for k, v in moved.items()}}
+        return out
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_known(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from ..core.registry import manifest
+
+        known = manifest()["targets"]
+        bad = [k for k in v if k not in known]
+        if bad:
+            raise ValueError(f"settings for unknown target(s) {', '.join(map(repr, bad))}; registered targets: "
+                             f"{', '.join(known)}")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
-        if self.tvm_target is not None and self.tvm_tag is None and not isinstance(self.tvm_target.get("kind"), str):
-            raise ValueError("tvm_target needs a 'kind' string (e.g. kind = 'llvm') unless tvm_tag is given")
-        triple = str((self.tvm_target or {}).get("mtriple", ""))
-        if triple and not triple.startswith(_TRIPLE_PREFIX[self.arch]):
-            raise ValueError(f"tvm_target.mtriple {triple!r} is not an {self.arch} triple")
+        if self.targets:
+            from ..core.registry import get_target_config
+
+            for kind, settings in self.targets.items():
+                try:
+                    get_target_config(kind).check_profile_settings(settings, self.arch)
+                except ValueError as e:
+                    raise ValueError(f"targets.{kind}: {e}") from None
         if self.arch == "x86_64" and self.int8_scheme == "u8s8" and not any(f in self.isa for f in VNNI_FLAGS):
             raise ValueError("int8_scheme 'u8s8' on an x86 CPU without VNNI saturates (VPMADDUBSW sums pairs in 16 "
                              "bits); use 'u8s8_reduce_range', or list the CPU's VNNI flag in isa")
         if self.threads is not None and self.cores is not None and self.threads > self.cores:
             raise ValueError(f"threads ({self.threads}) exceeds cores ({self.cores})")
         return self
-
-    def tvm_target_json(self) -> dict[str, Any] | None:
-        """The target JSON a tvm target without ``target`` compiles for (None: this machine's CPU)."""
-        if self.tvm_tag is None and self.tvm_target is None:
-            return None
-        spec: dict[str, Any] = {"tag": self.tvm_tag} if self.tvm_tag else {}
-        spec.update(self.tvm_target or {})
-        if self.cores is not None and "num-cores" not in spec:
-            spec["num-cores"] = self.cores
-        return spec
 
     def runs_here(self) -> bool:
         """Whether code for this profile's CPU runs on this machine (same architecture, every ISA flag present)."""
@@ -140,7 +160,7 @@ class Profile(BaseModel):
         """What a report records about the profile."""
         return {"name": self.name, "version": self.version, "source": self.source, "arch": self.arch,
                 "isa": self.isa, "cores": self.cores, "threads": self.threads, "int8_scheme": self.int8_scheme,
-                "tvm_target": self.tvm_target_json()}
+                "targets": self.targets}
 
 
 _TRIPLE_PREFIX = {"x86_64": "x86_64", "aarch64": "aarch64"}

@@ -1,4 +1,11 @@
-"""Integer convolutions for TVM from the Q/DQ models the quantization passes produce.
+"""Graph rewrites of the TVM target on Relax modules: convolution layouts, and integer convolutions for Q/DQ.
+
+Every rewrite here is a module pass over ``main`` (``main_rewrite_pass``) that the build runs before
+tuning and compiling; nothing here tunes or compiles (``_tvm_tuning``, ``_tvm_build``).
+
+Integer convolutions for TVM from the Q/DQ models the quantization passes produce:
+
+Integer convolutions for TVM from the Q/DQ models the quantization passes produce.
 
 TVM's Relax ONNX frontend imports a Q/DQ model literally: ``dequantize`` ops in front of float
 convolutions, and FoldConstant then turns the int8 weights back into float ones. No integer
@@ -35,8 +42,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-
-from ._tvm_tuning import main_rewrite_pass
 
 
 def _const(expr: Any) -> np.ndarray | None:
@@ -145,3 +150,70 @@ def scalar_qdq_as_ops() -> Any:
             return relax.op.multiply(relax.op.astype(shifted, "float32"), scale)
 
     return main_rewrite_pass("ScalarQdqAsOps", ScalarQdq)
+
+
+# conv2d layouts the ``layout`` setting may ask for: (data, weight) as Relax's ConvertLayout names them.
+# Blocked activations (NCHW16c) are not offered: TVM 0.27 has no legalization for a conv2d in that layout
+# (VM codegen refuses the call); blocked *weights* are what weight_prepack gives.
+CONV_LAYOUTS = {"NHWC": ["NHWC", "OHWI"]}
+
+
+def layout_passes(layout: str) -> list[Any]:
+    """Convolutions in ``layout`` (NCHW = as imported). Run before ``prepare_passes``, on the Relax ops.
+
+    ONNX Clip (MobileNet's ReLU6) arrives from the frontend as already-lowered ``call_tir(maximum/minimum)``
+    with a scalar bound, which ConvertLayout cannot see through: every ReLU6 ended up between two
+    transposes (71 kernels per MobileNetV2 call instead of 43, benchmarks/results/tvm-levers.md). Those
+    calls are turned back into Relax ``maximum``/``minimum`` ops first, which ConvertLayout carries along.
+    A Q/DQ model's per-tensor quantize/dequantize ops are unknown to ConvertLayout too (91 kernels per
+    call instead of 44, benchmarks/results/tvm-int8.md): they become the same arithmetic in plain ops.
+    """
+    if layout == "NCHW":
+        return []
+    from tvm import relax
+
+    return [relax.transform.FoldConstant(), _scalar_minmax_as_ops(), scalar_qdq_as_ops(),
+            relax.transform.ConvertLayout({"relax.nn.conv2d": CONV_LAYOUTS[layout]}),
+            relax.transform.Normalize(), relax.transform.FoldConstant()]
+
+
+def _scalar_minmax_as_ops() -> Any:
+    """A module pass: ``call_tir(maximum|minimum, (x, scalar constant))`` in ``main`` -> the Relax op."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class ScalarMinMax(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+                return call
+            name = str(getattr(call.args[0], "name_hint", "")).rstrip("0123456789_")
+            fields = list(getattr(call.args[1], "fields", []))
+            if name not in ("maximum", "minimum") or len(fields) != 2:
+                return call
+            bound = fields[1]
+            if isinstance(bound, relax.Var):
+                bound = self.lookup_binding(bound)
+            if not isinstance(bound, tvm.ir.expr.Constant) or len(bound.value.shape) != 0:
+                return call
+            return (relax.op.maximum if name == "maximum" else relax.op.minimum)(fields[0], bound)
+
+    return main_rewrite_pass("ScalarMinMaxAsOps", ScalarMinMax)
+
+
+def main_rewrite_pass(name: str, mutator: Any) -> Any:
+    """A module pass that runs ``mutator`` (a ``relax.PyExprMutator`` class) over the module's ``main``
+    and then drops the bindings it left unused; a module without ``main`` passes through."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def rewrite(mod: Any, _ctx: Any) -> Any:
+        if "main" not in [g.name_hint for g in mod.functions]:
+            return mod
+        gv = mod.get_global_var("main")
+        mod.update_func(gv, mutator(mod).visit_expr(mod[gv]))
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return rewrite
