@@ -13,12 +13,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError
+from compress.layers import LayerSelector, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, torch_artifact
@@ -30,7 +31,7 @@ from ._prune_common import (
     nonzero_per_group_of_4,
     overall_sparsity,
     require_labels,
-    resolve_names,
+    skipped_modules,
     weight_layers,
 )
 
@@ -43,7 +44,12 @@ class TwoFourPrune(PassConfig):
     """2:4 semi-structured sparsity on eligible Conv/Linear weights (TensorRT sparse tensor cores)."""
 
     kind: Literal["prune.2to4"] = "prune.2to4"
-    keep: list[str] = Field(default_factory=list)
+    skip: LayerSelector = skip_field("left unpruned (with their submodules)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, PASS, {"keep": ""})
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 
@@ -96,7 +102,7 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
     if cfg.finetune_epochs:
         require_labels(ctx, f"finetune_epochs={cfg.finetune_epochs}", PASS)
     model = clone_module(art).eval()
-    kept = {id(s) for m in resolve_names(model, cfg.keep, "keep", PASS) for s in m.modules()}
+    _, kept = skipped_modules(model, cfg.skip, PASS)
     eligible: list[str] = []
     skipped: dict[str, str] = {}
     for n, m in weight_layers(model):
@@ -113,7 +119,7 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
         for n in eligible:
             w = table[n].weight
             w.mul_(mask_2to4(w).to(w.dtype))
-    meta: dict[str, Any] = {"kept": list(cfg.keep)}
+    meta: dict[str, Any] = {"kept": cfg.skip.to_json()}
     if cfg.finetune_epochs:
         meta["finetune"] = finetune_masked(model, ctx, eligible, cfg.finetune_epochs, cfg.finetune_lr, PASS)
     model.eval()
