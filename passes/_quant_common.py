@@ -317,9 +317,9 @@ def transformer_float_nodes(model: Any) -> dict[str, list[str]] | None:
 
 
 def float_nodes_note(groups: dict[str, list[str]]) -> str:
-    """One note listing every node kept in float, by the names keep_float takes."""
+    """One note listing every node kept in float, by the names skip takes."""
     parts = [f"{k.replace('_', ' ')} ({len(v)}): {', '.join(v)}" for k, v in groups.items() if v]
-    return "kept in float (names as keep_float takes them): " + "; ".join(parts) if parts else ""
+    return "kept in float (names as skip takes them): " + "; ".join(parts) if parts else ""
 
 
 def fixed_batch(path: Path | str) -> bool:
@@ -385,6 +385,6 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
         raise AccuracyError(
             f"{kind}: the quantized model's output is far from the input model's: per-sample cosine "
             f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_sample_cosine {min_cosine}) on "
-            f"{where}; " + ", ".join(["keep more nodes in float (keep_float)", *advice])
+            f"{where}; " + ", ".join(["keep more nodes in float (skip)", *advice])
             + ", or lower min_sample_cosine")
     return out

@@ -21,6 +21,7 @@ import numpy as np
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
+from compress.layers import onnx_layers
 from compress.manager import PassContext
 
 
@@ -119,13 +120,15 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     if bad:
         raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
                         f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
+    skipped = cfg.skip.select(onnx_layers(model), "quantize.weight_only", eligible=[n.name for n in mats],
+                              what="node")
     head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
     try:
         with _quiet():
             # The LM head at head_bits: left out of the main pass, packed by a second one of its own.
-            skip = [*cfg.keep_float, *([head] if cfg.head_bits and head else [])]
+            skip = [*skipped, *([head] if cfg.head_bits and head else [])]
             q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
                                      accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
                                      algo_config=_algo(cfg, ctx, decoder, cfg.bits))

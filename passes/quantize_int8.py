@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.config import true_advice
-from compress.errors import AccuracyError, PassError, RecipeError
+from compress.errors import AccuracyError, PassError
 from compress.int8_scheme import choose_scheme
+from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.parity import LOWERING, ParityOptions, check, parity_batch
 from compress.registry import register_pass
@@ -70,7 +71,7 @@ class QuantizeInt8(QdqParityOptions):
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
     samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
-    keep_float: tuple[str, ...] = Field((), description="node names, or 'first' / 'last' quantizable node")
+    skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last quantizable node)")
     activations: Literal["asymmetric", "symmetric"] = "asymmetric"
     smoothquant: bool = False
     smoothquant_alpha: float = Field(0.5, ge=0, le=1)
@@ -83,6 +84,11 @@ class QuantizeInt8(QdqParityOptions):
     min_sample_cosine: float | None = Field(
         GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
         "input model (needs no labels); None = off")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.int8", {"keep_float": ""})
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -249,23 +255,6 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: _Rea
         raise PassError(f"onnxruntime quantize_static failed: {str(e).splitlines()[0][:300]}") from e
 
 
-def _resolve_keep(keep: tuple[str, ...], nodes: list[str], all_nodes: list[str] | None = None) -> list[str]:
-    """keep_float entries as node names: 'first'/'last' quantizable node, or any node of the graph."""
-    out = []
-    for k in keep:
-        if k == "first":
-            out.append(nodes[0])
-        elif k == "last":
-            out.append(nodes[-1])
-        elif k in nodes or (all_nodes is not None and k in all_nodes):
-            out.append(k)
-        else:
-            raise RecipeError(f"quantize.int8: keep_float names {k!r}, which is not a quantizable node "
-                              "(nor any node of the model); "
-                              f"use 'first', 'last' or one of: {', '.join(nodes[:40])}")
-    return list(dict.fromkeys(out))
-
-
 def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, reader: _Reader, keep: list[str],
                       nodes: list[str], data: Any, limit: float,
                       only: list[str] | None = None) -> tuple[Path, list[str], dict[str, Any]]:
@@ -368,7 +357,7 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
         pre = sq
     pre_model = onnx.load(str(pre))
     nodes = weighted_nodes(pre_model)
-    keep = _resolve_keep(cfg.keep_float, nodes, [n.name for n in pre_model.graph.node])
+    keep = cfg.skip.select(onnx_layers(pre_model), "quantize.int8", eligible=nodes, what="node")
     groups = transformer_float_nodes(pre_model) if cfg.transformer_preset is not False else None
     only: list[str] | None = None
     if groups is not None:
@@ -401,7 +390,7 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     n_q = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
         raise PassError("quantize.int8: ONNX Runtime quantized nothing (every quantizable node was excluded?)")
-    float_groups = {"keep_float": [k for k in keep]}
+    float_groups = {"skip": list(keep)}
     if groups is not None:
         float_groups.update(groups)
     float_groups = {k: [n for n in v if n] for k, v in float_groups.items()}
@@ -470,7 +459,7 @@ def _self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions, s
                inputs=inputs, real_data=y is not None)
     if not vs["ok"]:
         raise PassError(f"{cfg.kind}: the output differs from its input model beyond the tolerance: {vs['reason']}; "
-                        "keep sensitive layers in float (keep_float, max_accuracy_drop), or loosen min_cosine/"
+                        "keep sensitive layers in float (skip, max_accuracy_drop), or loosen min_cosine/"
                         "min_agreement")
     out["vs_float"] = vs
     if y is not None and dep.ndim == 2:

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
+from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
@@ -29,7 +30,7 @@ class QuantizeWeightOnly(ParityOptions):
     group_size: GroupSize = Field(32, description="weights per quantization block (power of two)")
     symmetric: bool = True
     format: Literal["matmulnbits", "qdq"] = "matmulnbits"
-    keep_float: tuple[str, ...] = ()
+    skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last MatMul with weights)")
     # How block scales are chosen: round-to-nearest; HQQ (half-quadratic optimisation of scale and zero
     # point, no data); GPTQ (second-order error compensation on calibration text; decoders only here).
     algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
@@ -45,6 +46,11 @@ class QuantizeWeightOnly(ParityOptions):
     # GPTQ: calibration windows (ONNX Runtime's GPTQ runs the model once per layer per window, so its cost is
     # layers x windows forward passes: 151 x 8 windows of 512 tokens took over an hour on SmolLM2 here).
     calib_windows: int = Field(2, ge=1, le=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.weight_only", {"keep_float": ""})
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:
@@ -79,13 +85,14 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
         hint = (f" (its {len(gemms)} Gemm layer(s) are not handled by weight-only quantization; use quantize.dynamic)"
                 if gemms else "")
         raise PassError(f"quantize.weight_only: the model has no MatMul layers with constant weights{hint}")
+    skipped = cfg.skip.select(onnx_layers(model), "quantize.weight_only", eligible=nodes, what="node")
     fmt = QuantFormat.QOperator if cfg.format == "matmulnbits" else QuantFormat.QDQ
     algo = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits,
                                         quant_format=fmt, op_types_to_quantize=("MatMul",))
     try:
         with _quiet():
             q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
-                                     nodes_to_exclude=list(cfg.keep_float), algo_config=algo)
+                                     nodes_to_exclude=skipped, algo_config=algo)
             q.process()
     except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
         raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed: "
@@ -108,7 +115,8 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
         notes.append("format matmulnbits uses ONNX Runtime's com.microsoft MatMulNBits op: runs on ONNX Runtime only "
                      "(use format='qdq' for blocked DequantizeLinear in standard ONNX)")
     info: dict[str, Any] = {"bits": cfg.bits, "group_size": cfg.group_size, "format": cfg.format,
-                            "compressed_layers": packed, "matmul_layers": len(nodes), "parity": p,
+                            "compressed_layers": packed, "matmul_layers": len(nodes), "kept_float": skipped,
+                            "parity": p,
                             "notes": notes}
     meta: dict[str, Any] = {"quantize.weight_only": info}
     facts = art.known_facts().lower_precision(precision).evolve(quantization="weight_only")
