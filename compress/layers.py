@@ -179,9 +179,9 @@ def _nothing(entry: str, layers: Sequence[Layer], pass_name: str, setting: str, 
                 f"its types: {', '.join(kinds[:30])}")
     probe = entry[3:] if entry.startswith("re:") else entry
     close = difflib.get_close_matches(probe, names, n=3, cutoff=0.5) or names[:3]
+    where = "the ONNX graph's node names" if "node" in what else "names as in model.named_modules()"
     return (f"{pass_name}: {setting} entry {entry!r} selects no {what} of the model; closest names: "
-            f"{', '.join(map(repr, close))} (names as in model.named_modules() or the ONNX node names; "
-            "globs and re: match the whole name)")
+            f"{', '.join(map(repr, close))} ({where}; globs and re: match the whole name)")
 
 
 def expand(selected: Iterable[str], names: Iterable[str]) -> list[str]:
