@@ -113,7 +113,8 @@ def _float32_weights(art: Any) -> set[str]:
     return {t.name for t in m.graph.initializer if t.data_type == TensorProto.FLOAT}
 
 
-@pytest.mark.parametrize("skip", [["last"], ["mm_b"], ["re:mm_[b-z]", "type:Relu"], [lambda node, name: name == "mm_b"]])
+@pytest.mark.parametrize("skip", [["last"], ["mm_b"], ["re:mm_[b-z]", "type:Relu"],
+                                  [lambda node, name: name == "mm_b"]])
 def test_fp16_on_onnx_keeps_what_skip_selects_in_float32(tmp_path: Path, skip: list[Any]) -> None:
     src = _mlp_onnx(tmp_path / "m.onnx")
     out = compress.apply(src, QuantizeFp16(skip=skip), cache_dir=tmp_path / "cache")
