@@ -229,3 +229,16 @@ def skip_field(leaves: str) -> Any:
 def outermost(names: Sequence[str]) -> list[str]:
     """``names`` less those under another of them (a block selected with its submodules is named once)."""
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def old_keys_schema(old: Mapping[str, str]) -> Callable[[dict[str, Any], Any], None]:
+    """``json_schema_extra`` naming a config's deprecated layer keys as (deprecated) properties, so the recipe's
+    fast schema check (``compress.schema_check``) lets them through to ``renamed_keys`` for their warning."""
+
+    def extra(schema: dict[str, Any], cls: Any) -> None:
+        props = schema.setdefault("properties", {})
+        for key in old:
+            props[key] = {"type": "array", "items": {"type": "string"}, "deprecated": True,
+                          "description": "deprecated: write skip (docs/passes.md, Choosing layers)"}
+
+    return extra

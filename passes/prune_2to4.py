@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError
-from compress.layers import LayerSelector, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, torch_artifact
@@ -40,16 +40,21 @@ NOTE = ("2:4 sparsity speeds up only TensorRT on NVIDIA sparse tensor cores (Amp
         "enabled in the builder); ONNX Runtime, TVM and every CPU run it as dense, with no speed-up")
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep": ""}
+
+
 class TwoFourPrune(PassConfig):
     """2:4 semi-structured sparsity on eligible Conv/Linear weights (TensorRT sparse tensor cores)."""
 
     kind: Literal["prune.2to4"] = "prune.2to4"
     skip: LayerSelector = skip_field("left unpruned (with their submodules)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
 
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, PASS, {"keep": ""})
+        return renamed_keys(data, PASS, _OLD_KEYS)
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 

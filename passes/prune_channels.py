@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError
-from compress.layers import LayerSelector, outermost, renamed_keys, skip_field, torch_layers
+from compress.layers import LayerSelector, old_keys_schema, outermost, renamed_keys, skip_field, torch_layers
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, register_structure_hook, sample_inputs, torch_artifact
@@ -63,6 +63,10 @@ _MACS_TOLERANCE = 0.01
 _TAYLOR_BATCHES = 4
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep": ""}
+
+
 class ChannelPrune(PassConfig):
     """Structured pruning: physically remove channels/heads so every target runs fewer MACs.
 
@@ -79,6 +83,7 @@ class ChannelPrune(PassConfig):
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     round_to: int | None = Field(None, ge=2, le=256)
     skip: LayerSelector = skip_field("left unpruned (with their submodules; the classifier head always is)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     # Attention: remove whole heads (True) or shrink every head's width (False). None (auto): whole heads
     # when a block reshapes with a stored head width (Hugging Face attention_head_size), else widths.
     prune_heads: bool | None = None
@@ -89,7 +94,7 @@ class ChannelPrune(PassConfig):
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, PASS, {"keep": ""})
+        return renamed_keys(data, PASS, _OLD_KEYS)
 
     @model_validator(mode="after")
     def _one_target(self) -> ChannelPrune:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError
-from compress.layers import LayerSelector, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, sample_inputs, torch_artifact
@@ -40,6 +40,10 @@ NO_SPEEDUP = ("unstructured sparsity gives no speed-up on ONNX Runtime, TVM or T
               "Use prune.channels for latency")
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep": ""}
+
+
 class MagnitudePrune(PassConfig):
     """Unstructured magnitude pruning: zero the smallest Conv/Linear weights (globally or per layer)."""
 
@@ -47,11 +51,12 @@ class MagnitudePrune(PassConfig):
     sparsity: float = Field(0.5, gt=0, lt=1)
     scope: Literal["global", "layer"] = "global"
     skip: LayerSelector = skip_field("left unpruned (with their submodules)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
 
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, PASS, {"keep": ""})
+        return renamed_keys(data, PASS, _OLD_KEYS)
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.config import true_advice
 from compress.errors import PassError
 from compress.int8_scheme import choose_scheme
-from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
@@ -29,6 +29,9 @@ from ._quant_common import (
 )
 from .quantize_int8 import _quiet, preprocess
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
+
 
 class QuantizeDynamic(ParityOptions):
     """ONNX Runtime dynamic quantization (MatMulInteger / DynamicQuantizeLinear); needs no calibration data."""
@@ -39,6 +42,7 @@ class QuantizeDynamic(ParityOptions):
     # their wide MatMuls), per-tensor otherwise.
     per_channel: bool | None = None
     skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last quantizable node)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     min_sample_cosine: float | None = Field(
         GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
@@ -47,7 +51,7 @@ class QuantizeDynamic(ParityOptions):
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.dynamic", {"keep_float": ""})
+        return renamed_keys(data, "quantize.dynamic", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import ConfigDict, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
-from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
 
 from ._quant_common import name_nodes, pass_parity, weighted_nodes
 from .quantize_int8 import _quiet
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep_ops": "type:"}
 
 
 class QuantizeFp16(ParityOptions):
@@ -28,11 +31,12 @@ class QuantizeFp16(ParityOptions):
     keep_io_types: bool = True
     skip: LayerSelector = skip_field("kept in float32 (e.g. 'type:LayerNormalization'; 'first' / 'last': the first / "
                                      "last weighted node)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
 
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.fp16", {"keep_ops": "type:"})
+        return renamed_keys(data, "quantize.fp16", _OLD_KEYS)
 
 
 @register_pass(QuantizeFp16, consumes="onnx", produces="onnx", compare_precision="fp16")

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.config import true_advice
 from compress.errors import AccuracyError, PassError
 from compress.int8_scheme import choose_scheme
-from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.parity import LOWERING, ParityOptions, check, parity_batch
 from compress.registry import register_pass
@@ -63,6 +63,10 @@ class QdqParityOptions(ParityOptions):
         None, ge=0, le=1, description="deployed vs simulated: top-1 agreement; None = the INT8 default")
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
+
+
 class QuantizeInt8(QdqParityOptions):
     """Static INT8 post-training quantization to QDQ ONNX, calibrated on the calibration split."""
 
@@ -72,6 +76,7 @@ class QuantizeInt8(QdqParityOptions):
     percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
     samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
     skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last quantizable node)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     activations: Literal["asymmetric", "symmetric"] = "asymmetric"
     smoothquant: bool = False
     smoothquant_alpha: float = Field(0.5, ge=0, le=1)
@@ -88,7 +93,7 @@ class QuantizeInt8(QdqParityOptions):
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.int8", {"keep_float": ""})
+        return renamed_keys(data, "quantize.int8", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import AccuracyError, InputError, PassError, RecipeError
 from compress.int8_scheme import choose_scheme
-from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.registry import register_pass
 
@@ -46,6 +46,10 @@ from .quantize_int8 import QdqParityOptions, _self_parity
 MIN_CALIB_SAMPLES = 8
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": "", "keep_float_patterns": "re:", "keep_float_types": "type:"}
+
+
 class QuantizeNncf(QdqParityOptions):
     """Static INT8 (QDQ) with NNCF (presets, fast bias correction, SmoothQuant, ignored scope, accuracy control)."""
 
@@ -61,6 +65,7 @@ class QuantizeNncf(QdqParityOptions):
         "None = NNCF default")
     samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
     skip: LayerSelector = skip_field("kept in float (NNCF's ignored scope; 'first' / 'last': quantizable nodes)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     max_accuracy_drop: float | None = Field(
         None, gt=0, lt=1, description="allowed drop of the validation metric (top-1 with labels, output cosine to "
@@ -70,8 +75,7 @@ class QuantizeNncf(QdqParityOptions):
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.nncf",
-                            {"keep_float": "", "keep_float_patterns": "re:", "keep_float_types": "type:"})
+        return renamed_keys(data, "quantize.nncf", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
-from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
 
 from ._quant_common import GroupSize, calibration_batches, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_nncf import quiet_nncf
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
 
 
 class QuantizeNncfWeights(ParityOptions):
@@ -41,8 +44,9 @@ class QuantizeNncfWeights(ParityOptions):
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.nncf_weights", {"keep_float": ""})
+        return renamed_keys(data, "quantize.nncf_weights", _OLD_KEYS)
     skip: LayerSelector = skip_field("kept in float (MatMul/Gemm nodes with weights; 'first' / 'last' among them)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
 
     def data_needed(self) -> str | None:
         return "any" if self.awq or self.scale_estimation else None

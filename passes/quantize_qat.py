@@ -20,14 +20,14 @@ from typing import Any, Literal
 import torch
 import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed (used in eval)
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError, RecipeError
 from compress.int8_scheme import choose_scheme
-from compress.layers import LayerSelector, expand, renamed_keys, skip_field, torch_layers
+from compress.layers import LayerSelector, expand, old_keys_schema, renamed_keys, skip_field, torch_layers
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, register_structure_hook, torch_artifact
@@ -35,6 +35,10 @@ from compress.torch_io import clone_module, register_structure_hook, torch_artif
 from ._quant_common import auto_scheme_env, calibration_batches, require_data
 
 HOOK = "quantize.qat"
+
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
 
 
 class QuantizeQat(PassConfig):
@@ -48,12 +52,13 @@ class QuantizeQat(PassConfig):
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     skip: LayerSelector = skip_field("left unquantized (Conv2d/Linear modules, with a selected block's; 'first' / "
                                      "'last': the first / last of them)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     momentum: float = Field(0.01, gt=0, le=1, description="moving-average rate of the activation ranges")
 
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.qat", {"keep_float": ""})
+        return renamed_keys(data, "quantize.qat", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.artifact import Artifact, sha256_files
 from compress.errors import PassError
-from compress.layers import LayerSelector, onnx_layers, renamed_keys, skip_field
+from compress.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.parity import ParityOptions
 from compress.registry import register_pass
 
 from ._quant_common import GroupSize, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_int8 import _quiet
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
 
 
 class QuantizeWeightOnly(ParityOptions):
@@ -31,6 +34,7 @@ class QuantizeWeightOnly(ParityOptions):
     symmetric: bool = True
     format: Literal["matmulnbits", "qdq"] = "matmulnbits"
     skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last MatMul with weights)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     # How block scales are chosen: round-to-nearest; HQQ (half-quadratic optimisation of scale and zero
     # point, no data); GPTQ (second-order error compensation on calibration text; decoders only here).
     algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
@@ -50,7 +54,7 @@ class QuantizeWeightOnly(ParityOptions):
     @model_validator(mode="before")
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.weight_only", {"keep_float": ""})
+        return renamed_keys(data, "quantize.weight_only", _OLD_KEYS)
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:

@@ -226,3 +226,26 @@ def test_old_key_in_a_recipe_runs_as_the_new_one(tmp_path: Path, capsys: pytest.
     assert bool((a.fc.weight != 0).all())
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_old_keys_in_a_toml_recipe_pass_the_fast_schema_check(tmp_path: Path) -> None:
+    """A fresh process answers recipe typos from the plugin manifest's JSON Schema before importing any pass: the
+    old keys must get through it to the pass's own validation (and its warning), and a typo still must not."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    rec = tmp_path / "r.toml"
+    rec.write_text('name = "old"\nmodel = { source = "zoo:digits-cnn" }\n\n[[passes]]\nkind = "prune.channels"\n'
+                   'ratio = 0.5\nkeep = ["fc"]\n\n[[passes]]\nkind = "quantize.nncf"\nkeep_float_types = ["Gemm"]\n')
+    code = ("import sys; from compress.recipe import load_recipe; r = load_recipe(sys.argv[1]); "
+            "print([p.skip.entries for p in r.passes])")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", code, str(rec)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[('fc',), ('type:Gemm',)]"
+    assert "prune.channels: 'keep' is deprecated" in r.stderr and "'keep_float_types' is deprecated" in r.stderr
+    rec.write_text(rec.read_text().replace("keep = ", "kep = "))
+    r = subprocess.run([sys.executable, "-c", code, str(rec)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "unknown key 'kep'" in r.stderr
