@@ -69,7 +69,7 @@ def _predicate_identity(fn: Predicate) -> str:
     return f"predicate:{name}@sha256:{h.hexdigest()}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LayerSelector:
     """Entries (names, globs, ``re:``, ``type:``, ``first``/``last``) and an optional predicate; see the module doc."""
 
@@ -100,6 +100,9 @@ class LayerSelector:
     def to_json(self) -> list[str]:
         """The entries, plus the predicate's identity: what reports show and the cache key hashes."""
         return [*self.entries, *([_predicate_identity(self.predicate)] if self.predicate else [])]
+
+    def __repr__(self) -> str:
+        return repr(self.to_json())  # as a recipe writes it (``compress passes`` shows the default this way)
 
     def __bool__(self) -> bool:
         return bool(self.entries) or self.predicate is not None

@@ -96,6 +96,21 @@ def _untie_embedding(model: Any) -> str | None:
     return str(gathers[0].name) if gathers else None
 
 
+def _checked_layers(model: Any, mats: list[Any], cfg: Any) -> tuple[dict[str, int], list[str]]:
+    """The MatMuls' input widths, checked against the group size, and the nodes ``skip`` selects."""
+    inits = {i.name: i for i in model.graph.initializer}
+    widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
+    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
+    # does not); a group wider than the layer is one block of padding, which no one means.
+    bad = sorted({w for w in widths.values() if w < cfg.group_size})
+    if bad:
+        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
+                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
+    skipped = cfg.skip.select(onnx_layers(model), "quantize.weight_only", eligible=[n.name for n in mats],
+                              what="node")
+    return widths, skipped
+
+
 def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
     import shutil
 
@@ -112,16 +127,7 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     model = onnx.load(str(art.path / "model.onnx"))
     embed = _untie_embedding(model) if cfg.embedding_bits else None
     mats = [n for n in model.graph.node if n.op_type == "MatMul"]
-    inits = {i.name: i for i in model.graph.initializer}
-    widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
-    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
-    # does not); a group wider than the layer is one block of padding, which no one means.
-    bad = sorted({w for w in widths.values() if w < cfg.group_size})
-    if bad:
-        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
-                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
-    skipped = cfg.skip.select(onnx_layers(model), "quantize.weight_only", eligible=[n.name for n in mats],
-                              what="node")
+    widths, skipped = _checked_layers(model, mats, cfg)
     head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
