@@ -107,7 +107,7 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
     if cfg.finetune_epochs:
         require_labels(ctx, f"finetune_epochs={cfg.finetune_epochs}", PASS)
     model = clone_module(art).eval()
-    _, kept = skipped_modules(model, cfg.skip, PASS)
+    skip_names, kept = skipped_modules(model, cfg.skip, PASS)
     eligible: list[str] = []
     skipped: dict[str, str] = {}
     for n, m in weight_layers(model):
@@ -124,7 +124,7 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
         for n in eligible:
             w = table[n].weight
             w.mul_(mask_2to4(w).to(w.dtype))
-    meta: dict[str, Any] = {"kept": cfg.skip.to_json()}
+    meta: dict[str, Any] = {"kept": skip_names}
     if cfg.finetune_epochs:
         meta["finetune"] = finetune_masked(model, ctx, eligible, cfg.finetune_epochs, cfg.finetune_lr, PASS)
     model.eval()

@@ -64,13 +64,14 @@ class MagnitudePrune(PassConfig):
         return "labelled" if self.finetune_epochs else None
 
 
-def _targets(model: nn.Module, skip: LayerSelector) -> list[tuple[str, WeightLayer]]:
+def _targets(model: nn.Module, skip: LayerSelector) -> tuple[list[tuple[str, WeightLayer]], list[str]]:
+    """The weight layers to prune, and the (outermost) names of the layers ``skip`` leaves alone."""
     names, kept_sub = skipped_modules(model, skip, PASS)
     layers = [(n, m) for n, m in weight_layers(model) if id(m) not in kept_sub]
     if not layers:
         raise PassError(f"{PASS}: no Conv/Linear layer left to prune in {type(model).__name__} "
                         f"(skipped: {', '.join(names) or 'none'})")
-    return layers
+    return layers, names
 
 
 @torch.no_grad()
@@ -104,7 +105,7 @@ def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Art
     if cfg.finetune_epochs:
         require_labels(ctx, f"finetune_epochs={cfg.finetune_epochs}", PASS)
     model = clone_module(art).eval()
-    layers = _targets(model, cfg.skip)
+    layers, skipped = _targets(model, cfg.skip)
     names = [n for n, _ in layers]
     before = overall_sparsity(model, names)
     masks = magnitude_masks(layers, cfg.sparsity, cfg.scope)
@@ -116,7 +117,7 @@ def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Art
     with torch.no_grad():
         for n, m in layers:
             m.weight.mul_(masks[n].to(m.weight.dtype))
-    meta: dict[str, Any] = {"sparsity_target": cfg.sparsity, "scope": cfg.scope, "kept": cfg.skip.to_json()}
+    meta: dict[str, Any] = {"sparsity_target": cfg.sparsity, "scope": cfg.scope, "kept": skipped}
     if cfg.finetune_epochs:
         meta["finetune"] = finetune_masked(model, ctx, names, cfg.finetune_epochs, cfg.finetune_lr, PASS)
     model.eval()

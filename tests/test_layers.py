@@ -249,3 +249,14 @@ def test_old_keys_in_a_toml_recipe_pass_the_fast_schema_check(tmp_path: Path) ->
     rec.write_text(rec.read_text().replace("keep = ", "kep = "))
     r = subprocess.run([sys.executable, "-c", code, str(rec)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "unknown key 'kep'" in r.stderr
+
+
+def test_the_report_names_the_skipped_layers_as_skip_takes_them(tmp_path: Path) -> None:
+    from compress.passes.export_onnx import ExportOnnx
+
+    out = compress.apply(_Net(), [MagnitudePrune(sparsity=0.5, skip=["type:Linear", "block.*"]), ExportOnnx()],
+                         input_shape=(1, 3, 8, 8), cache_dir=tmp_path)
+    kept = out.metadata["prune.magnitude"]["kept"]
+    assert kept == ["block.0", "block.1", "fc"]
+    again = MagnitudePrune(sparsity=0.5, skip=kept)  # pasted back, it selects the same layers
+    assert again.skip.select(torch_layers(_Net()), "prune.magnitude") == kept
