@@ -54,14 +54,26 @@ def onnx_layers(model: Any) -> list[Layer]:
     return [Layer(n.name, n.op_type, n) for n in model.graph.node if n.name]
 
 
+def _hash_code(h: Any, code: Any) -> None:
+    """Bytecode, names and constants of ``code``, nested functions' code included (by content, since a code
+    object's repr holds its address, which changes from process to process)."""
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):
+            _hash_code(h, c)
+        else:
+            h.update(repr(c).encode())
+
+
 def _predicate_identity(fn: Predicate) -> str:
     """A stable text for a predicate, for the cache key and reports: its name and a SHA-256 of its code,
-    constants, defaults and closure values, so an edited predicate makes a new key."""
+    constants, defaults and closure values, so an edited predicate makes a new key. Globals it reads are not
+    hashed (their names are): a predicate that depends on a global value should take it as a default."""
     code = getattr(fn, "__code__", None)
     h = hashlib.sha256()
     if code is not None:
-        h.update(code.co_code)
-        h.update(repr((code.co_consts, code.co_names)).encode())
+        _hash_code(h, code)
     h.update(repr(getattr(fn, "__defaults__", None)).encode())
     cells = getattr(fn, "__closure__", None) or ()
     h.update(repr([getattr(c, "cell_contents", None) for c in cells]).encode())
@@ -189,8 +201,8 @@ def _nothing(entry: str, layers: Sequence[Layer], pass_name: str, setting: str, 
 
 def expand(selected: Iterable[str], names: Iterable[str]) -> list[str]:
     """Names among ``names`` equal to or under a selected name (a selected block covers its submodules)."""
-    sel = list(selected)
-    return [n for n in names if any(n == s or n.startswith(s + ".") for s in sel)]
+    sel = set(selected)
+    return [n for n in names if any(".".join(n.split(".")[:i]) in sel for i in range(1, n.count(".") + 2))]
 
 
 def renamed_keys(data: Any, pass_name: str, old: Mapping[str, str]) -> Any:
@@ -231,7 +243,9 @@ def skip_field(leaves: str) -> Any:
 
 def outermost(names: Sequence[str]) -> list[str]:
     """``names`` less those under another of them (a block selected with its submodules is named once)."""
-    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    chosen = set(names)
+    # A name is under another when one of its dotted prefixes is chosen too (linear in names x depth).
+    return [n for n in names if not any(".".join(n.split(".")[:i]) in chosen for i in range(1, n.count(".") + 1))]
 
 
 def old_keys_schema(old: Mapping[str, str]) -> Callable[[dict[str, Any], Any], None]:

@@ -260,3 +260,27 @@ def test_the_report_names_the_skipped_layers_as_skip_takes_them(tmp_path: Path) 
     assert kept == ["block.0", "block.1", "fc"]
     again = MagnitudePrune(sparsity=0.5, skip=kept)  # pasted back, it selects the same layers
     assert again.skip.select(torch_layers(_Net()), "prune.magnitude") == kept
+
+
+def test_predicate_identity_is_the_same_in_another_process() -> None:
+    """The key must not hold addresses (a nested function's code object prints one), or every run would miss."""
+    import subprocess
+    import sys
+
+    code = ("from compress.passes.prune_magnitude import MagnitudePrune\n"
+            "def pred(m, name, depth=1):\n"
+            "    inner = lambda n: n.count('.') >= depth\n"
+            "    return inner(name)\n"
+            "print(MagnitudePrune(skip=pred).canonical()['skip'][0])\n")
+    root = Path(__file__).resolve().parents[1]
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and "@sha256:" in runs[0].stdout
+
+
+def test_outermost_and_expand_follow_dotted_names() -> None:
+    from compress.layers import expand, outermost
+
+    assert outermost(["a", "a.b", "a.b.c", "ab", "ab.c", "x.y", "x.y.z"]) == ["a", "ab", "x.y"]
+    assert expand(["a.b", "x"], ["a", "a.b", "a.b.c", "a.bc", "x", "x.1", "xy"]) == ["a.b", "a.b.c", "x", "x.1"]
