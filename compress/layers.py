@@ -259,3 +259,15 @@ def old_keys_schema(old: Mapping[str, str]) -> Callable[[dict[str, Any], Any], N
                           "description": "deprecated: write skip (docs/passes.md, Choosing layers)"}
 
     return extra
+
+
+def check_on_root(selector: LayerSelector, root: Any, pass_name: str) -> None:
+    """In the plan, before any pass runs: a torch pass's ``skip`` checked against the model as it enters the
+    pipeline (the torch passes before it keep module names), so a typo in a pass placed after a long one is
+    refused in a second. ``first`` / ``last`` are left to the pass (they count among the layers it acts on)."""
+    named = LayerSelector(tuple(e for e in selector.entries if e not in ("first", "last")), selector.predicate)
+    if not named or getattr(root, "kind", None) != "pytorch":
+        return
+    from .torch_io import load_torch
+
+    named.select(torch_layers(load_torch(root)), pass_name)

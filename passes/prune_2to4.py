@@ -19,7 +19,7 @@ from torch import nn
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError
-from compress.layers import LayerSelector, old_keys_schema, renamed_keys, skip_field
+from compress.layers import LayerSelector, check_on_root, old_keys_schema, renamed_keys, skip_field
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, torch_artifact
@@ -55,6 +55,9 @@ class TwoFourPrune(PassConfig):
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
         return renamed_keys(data, PASS, _OLD_KEYS)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        check_on_root(self.skip, root, PASS)
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 

@@ -26,7 +26,15 @@ from torch import nn
 from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError
-from compress.layers import LayerSelector, old_keys_schema, outermost, renamed_keys, skip_field, torch_layers
+from compress.layers import (
+    LayerSelector,
+    check_on_root,
+    old_keys_schema,
+    outermost,
+    renamed_keys,
+    skip_field,
+    torch_layers,
+)
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, register_structure_hook, sample_inputs, torch_artifact
@@ -95,6 +103,9 @@ class ChannelPrune(PassConfig):
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
         return renamed_keys(data, PASS, _OLD_KEYS)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        check_on_root(self.skip, root, PASS)
 
     @model_validator(mode="after")
     def _one_target(self) -> ChannelPrune:

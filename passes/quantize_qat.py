@@ -27,7 +27,15 @@ from compress.artifact import Artifact
 from compress.config import PassConfig
 from compress.errors import PassError, RecipeError
 from compress.int8_scheme import choose_scheme
-from compress.layers import LayerSelector, expand, old_keys_schema, renamed_keys, skip_field, torch_layers
+from compress.layers import (
+    LayerSelector,
+    check_on_root,
+    expand,
+    old_keys_schema,
+    renamed_keys,
+    skip_field,
+    torch_layers,
+)
 from compress.manager import PassContext
 from compress.registry import register_pass
 from compress.torch_io import clone_module, register_structure_hook, torch_artifact
@@ -59,6 +67,9 @@ class QuantizeQat(PassConfig):
     @classmethod
     def _old_keys(cls, data: Any) -> Any:
         return renamed_keys(data, "quantize.qat", _OLD_KEYS)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        check_on_root(self.skip, root, "quantize.qat")
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

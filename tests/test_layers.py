@@ -284,3 +284,19 @@ def test_outermost_and_expand_follow_dotted_names() -> None:
 
     assert outermost(["a", "a.b", "a.b.c", "ab", "ab.c", "x.y", "x.y.z"]) == ["a", "ab", "x.y"]
     assert expand(["a.b", "x"], ["a", "a.b", "a.b.c", "a.bc", "x", "x.1", "xy"]) == ["a.b", "a.b.c", "x", "x.1"]
+
+
+def test_a_torch_pass_skip_typo_is_refused_in_the_plan_before_any_pass_runs(tmp_path: Path) -> None:
+    from compress.pipeline import run
+    from compress.recipe import recipe_from_dict
+
+    rec = recipe_from_dict({
+        "name": "typo", "model": {"source": "zoo:digits-cnn"}, "data": {"source": "builtin:digits"},
+        "passes": [{"kind": "distill", "epochs": 1}, {"kind": "prune.magnitude", "skip": ["clasifier"]}],
+        "targets": [{"kind": "onnxruntime"}]})
+    ran: list[str] = []
+    with pytest.raises(RecipeError) as e:
+        run(rec, out_dir=tmp_path / "out", cache_dir=tmp_path / "c", progress=False, log=ran.append)
+    assert str(e.value).startswith("prune.magnitude: skip entry 'clasifier' selects no layer of the model; "
+                                   "closest names: 'classifier'")
+    assert not any("distill" in line for line in ran), ran  # refused before the distillation ran
