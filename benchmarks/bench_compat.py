@@ -234,13 +234,13 @@ def run_model(name: str, cache_dir: Path, tvm: bool = True) -> dict[str, Any]:
         try:
             pruned = _step(root, ChannelPrune(ratio=PRUNE_RATIO), ctx)
         except CompressError as e:
-            # The refusal names a keep list that avoids it: follow it so the rest of the model is still tested.
-            m = re.search(r"keep = (\[[^\]]*\])\s*(\(|$)", " ".join(str(e).split()))  # whole: lists run long
+            # The refusal names a skip list that avoids it: follow it so the rest of the model is still tested.
+            m = re.search(r"skip = (\[[^\]]*\])\s*(\(|$)", " ".join(str(e).split()))  # whole: lists run long
             if m is None:
                 raise
             rec["prune_default"] = _one_line(e)
             rec["prune_keep_checked"] = "(checked: pruning goes through with it)" in str(e)
-            pruned = _step(root, ChannelPrune(ratio=PRUNE_RATIO, keep=ast.literal_eval(m.group(1))), ctx)
+            pruned = _step(root, ChannelPrune(ratio=PRUNE_RATIO, skip=ast.literal_eval(m.group(1))), ctx)
         meta = pruned.metadata["prune.channels"]
         heads = meta.get("heads_after")
         rec["prune"] = {"ok": True, "macs_ratio": meta["macs_ratio"], "params_ratio": meta["params_ratio"],
@@ -505,7 +505,7 @@ def main() -> int:
         + (f"the matrix says which step refuses the others and why ({', '.join(refused)})." if refused else
            "none refuses.")
         + (f" Dynamic INT8 goes through on {sum(bool(r.get('dynamic', {}).get('ok')) for r in rows)} of {len(rows)}; "
-           f"prune.channels is refused with no keep that helps on "
+           f"prune.channels is refused with no skip that helps on "
            f"{', '.join(r['model'] for r in rows if not r.get('prune', {}).get('ok')) or 'none'} (the rest run "
            "unpruned).")
         + (" TVM not run (--no-tvm)." if a.no_tvm else

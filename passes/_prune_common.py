@@ -5,7 +5,6 @@ Private to ``passes/`` (the leading underscore keeps the registry from importing
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from compress.errors import PassError
+from compress.core.layers import LayerSelector, outermost, torch_layers
 
 _CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WeightLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear
@@ -152,18 +152,14 @@ def output_module(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | Non
             h.remove()
 
 
-def resolve_names(model: nn.Module, names: Iterable[str], option: str, pass_name: str) -> list[nn.Module]:
-    """Modules for user-given names, with a clear error (and close matches) for unknown names."""
+def skipped_modules(model: nn.Module, skip: LayerSelector, pass_name: str) -> tuple[list[str], set[int]]:
+    """What ``skip`` selects in ``model``: the outermost names, and the ids of those modules and their submodules.
+
+    ``first`` / ``last`` count among the Conv/Linear weight layers; an entry that selects nothing is refused
+    (``compress.core.layers``)."""
+    names = outermost(skip.select(torch_layers(model), pass_name, eligible=[n for n, _ in weight_layers(model)]))
     table = dict(model.named_modules())
-    out = []
-    for name in names:
-        if name not in table:
-            close = difflib.get_close_matches(name, [n for n in table if n], n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise PassError(f"{pass_name}: {option} names module {name!r}, which {type(model).__name__} does not have"
-                            f"{hint} (names as in model.named_modules())")
-        out.append(table[name])
-    return out
+    return names, {id(s) for n in names for s in table[n].modules()}
 
 
 # --- structural replay ------------------------------------------------------------------------

@@ -322,9 +322,9 @@ def transformer_float_nodes(model: Any) -> dict[str, list[str]] | None:
 
 
 def float_nodes_note(groups: dict[str, list[str]]) -> str:
-    """One note listing every node kept in float, by the names keep_float takes."""
+    """One note listing every node kept in float, by the names skip takes."""
     parts = [f"{k.replace('_', ' ')} ({len(v)}): {', '.join(v)}" for k, v in groups.items() if v]
-    return "kept in float (names as keep_float takes them): " + "; ".join(parts) if parts else ""
+    return "kept in float (names as skip takes them): " + "; ".join(parts) if parts else ""
 
 
 def fixed_batch(path: Path | str) -> bool:
@@ -390,7 +390,7 @@ def fidelity_guard(fpath: Path, qpath: Path, art: Artifact, data: Any, min_cosin
         raise AccuracyError(
             f"{kind}: the quantized model's output is far from the input model's: per-sample cosine "
             f"{c['cosine_mean']:.4f} mean, {c['cosine_worst']:.4f} worst (min_sample_cosine {min_cosine}) on "
-            f"{where}; " + ", ".join(["keep more nodes in float (keep_float)", *advice])
+            f"{where}; " + ", ".join(["keep more nodes in float (skip)", *advice])
             + ", or lower min_sample_cosine")
     return out
 
@@ -502,7 +502,7 @@ def self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions, sc
                inputs=inputs, real_data=y is not None)
     if not vs["ok"]:
         raise PassError(f"{cfg.kind}: the output differs from its input model beyond the tolerance: {vs['reason']}; "
-                        "keep sensitive layers in float (keep_float, max_accuracy_drop), or loosen min_cosine/"
+                        "keep sensitive layers in float (skip, max_accuracy_drop), or loosen min_cosine/"
                         "min_agreement")
     out["vs_float"] = vs
     if y is not None and dep.ndim == 2:

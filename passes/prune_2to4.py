@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.core.artifact import Artifact
@@ -21,6 +21,10 @@ from compress.core.config import PassConfig
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
+from compress.inputs.torch_io import clone_module, torch_artifact
+from compress.core.layers import LayerSelector, check_on_root, old_keys_schema, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.inputs.torch_io import clone_module, torch_artifact
 
 from ._prune_common import (
@@ -30,7 +34,7 @@ from ._prune_common import (
     nonzero_per_group_of_4,
     overall_sparsity,
     require_labels,
-    resolve_names,
+    skipped_modules,
     weight_layers,
 )
 
@@ -39,11 +43,24 @@ NOTE = ("2:4 sparsity speeds up only TensorRT on NVIDIA sparse tensor cores (Amp
         "enabled in the builder); ONNX Runtime, TVM and every CPU run it as dense, with no speed-up")
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep": ""}
+
+
 class TwoFourPrune(PassConfig):
     """2:4 semi-structured sparsity on eligible Conv/Linear weights (TensorRT sparse tensor cores)."""
 
     kind: Literal["prune.2to4"] = "prune.2to4"
-    keep: list[str] = Field(default_factory=list)
+    skip: LayerSelector = skip_field("left unpruned (with their submodules)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, PASS, _OLD_KEYS)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        check_on_root(self.skip, root, PASS)
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 
@@ -96,7 +113,7 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
     if cfg.finetune_epochs:
         require_labels(ctx, f"finetune_epochs={cfg.finetune_epochs}", PASS)
     model = clone_module(art).eval()
-    kept = {id(s) for m in resolve_names(model, cfg.keep, "keep", PASS) for s in m.modules()}
+    skip_names, kept = skipped_modules(model, cfg.skip, PASS)
     eligible: list[str] = []
     skipped: dict[str, str] = {}
     for n, m in weight_layers(model):
@@ -113,7 +130,7 @@ def prune_2to4(art: Artifact, cfg: TwoFourPrune, ctx: PassContext) -> Artifact:
         for n in eligible:
             w = table[n].weight
             w.mul_(mask_2to4(w).to(w.dtype))
-    meta: dict[str, Any] = {"kept": list(cfg.keep)}
+    meta: dict[str, Any] = {"kept": skip_names}
     if cfg.finetune_epochs:
         meta["finetune"] = finetune_masked(model, ctx, eligible, cfg.finetune_epochs, cfg.finetune_lr, PASS)
     model.eval()

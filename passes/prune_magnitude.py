@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.core.artifact import Artifact
@@ -19,6 +19,10 @@ from compress.core.config import PassConfig
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
+from compress.inputs.torch_io import clone_module, sample_inputs, torch_artifact
+from compress.core.layers import LayerSelector, check_on_root, old_keys_schema, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 from compress.inputs.torch_io import clone_module, sample_inputs, torch_artifact
 
 from ._prune_common import (
@@ -29,7 +33,7 @@ from ._prune_common import (
     layer_sparsity,
     overall_sparsity,
     require_labels,
-    resolve_names,
+    skipped_modules,
     weight_layers,
 )
 
@@ -39,13 +43,26 @@ NO_SPEEDUP = ("unstructured sparsity gives no speed-up on ONNX Runtime, TVM or T
               "Use prune.channels for latency")
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep": ""}
+
+
 class MagnitudePrune(PassConfig):
     """Unstructured magnitude pruning: zero the smallest Conv/Linear weights (globally or per layer)."""
 
     kind: Literal["prune.magnitude"] = "prune.magnitude"
     sparsity: float = Field(0.5, gt=0, lt=1)
     scope: Literal["global", "layer"] = "global"
-    keep: list[str] = Field(default_factory=list)
+    skip: LayerSelector = skip_field("left unpruned (with their submodules)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, PASS, _OLD_KEYS)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        check_on_root(self.skip, root, PASS)
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 
@@ -53,14 +70,14 @@ class MagnitudePrune(PassConfig):
         return "labelled" if self.finetune_epochs else None
 
 
-def _targets(model: nn.Module, keep: list[str]) -> list[tuple[str, WeightLayer]]:
-    kept = {id(m) for m in resolve_names(model, keep, "keep", PASS)}
-    kept_sub = {id(s) for m in model.modules() if id(m) in kept for s in m.modules()}
+def _targets(model: nn.Module, skip: LayerSelector) -> tuple[list[tuple[str, WeightLayer]], list[str]]:
+    """The weight layers to prune, and the (outermost) names of the layers ``skip`` leaves alone."""
+    names, kept_sub = skipped_modules(model, skip, PASS)
     layers = [(n, m) for n, m in weight_layers(model) if id(m) not in kept_sub]
     if not layers:
         raise PassError(f"{PASS}: no Conv/Linear layer left to prune in {type(model).__name__} "
-                        f"(kept: {', '.join(keep) or 'none'})")
-    return layers
+                        f"(skipped: {', '.join(names) or 'none'})")
+    return layers, names
 
 
 @torch.no_grad()
@@ -94,7 +111,7 @@ def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Art
     if cfg.finetune_epochs:
         require_labels(ctx, f"finetune_epochs={cfg.finetune_epochs}", PASS)
     model = clone_module(art).eval()
-    layers = _targets(model, cfg.keep)
+    layers, skipped = _targets(model, cfg.skip)
     names = [n for n, _ in layers]
     before = overall_sparsity(model, names)
     masks = magnitude_masks(layers, cfg.sparsity, cfg.scope)
@@ -102,11 +119,11 @@ def prune_magnitude(art: Artifact, cfg: MagnitudePrune, ctx: PassContext) -> Art
     if emptied:
         raise PassError(f"{PASS}: {cfg.scope} sparsity {cfg.sparsity} zeroes every weight of "
                         f"{', '.join(emptied)}, which would cut the network; lower the sparsity, use scope "
-                        f"'layer', or list {'it' if len(emptied) == 1 else 'them'} in keep")
+                        f"'layer', or list {'it' if len(emptied) == 1 else 'them'} in skip")
     with torch.no_grad():
         for n, m in layers:
             m.weight.mul_(masks[n].to(m.weight.dtype))
-    meta: dict[str, Any] = {"sparsity_target": cfg.sparsity, "scope": cfg.scope, "kept": list(cfg.keep)}
+    meta: dict[str, Any] = {"sparsity_target": cfg.sparsity, "scope": cfg.scope, "kept": skipped}
     if cfg.finetune_epochs:
         meta["finetune"] = finetune_masked(model, ctx, names, cfg.finetune_epochs, cfg.finetune_lr, PASS)
     model.eval()

@@ -21,6 +21,7 @@ import numpy as np
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.manager import PassContext
+from compress.core.layers import onnx_layers
 from compress.errors import PassError
 
 
@@ -95,7 +96,23 @@ def _untie_embedding(model: Any) -> str | None:
     return str(gathers[0].name) if gathers else None
 
 
-def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, head: str | None, embed: str | None) -> Any:
+def _checked_layers(model: Any, mats: list[Any], cfg: Any) -> tuple[dict[str, int], list[str]]:
+    """The MatMuls' input widths, checked against the group size, and the nodes ``skip`` selects."""
+    inits = {i.name: i for i in model.graph.initializer}
+    widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
+    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
+    # does not); a group wider than the layer is one block of padding, which no one means.
+    bad = sorted({w for w in widths.values() if w < cfg.group_size})
+    if bad:
+        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
+                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
+    skipped = cfg.skip.select(onnx_layers(model), "quantize.weight_only", eligible=[n.name for n in mats],
+                              what="node")
+    return widths, skipped
+
+
+def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, head: str | None, embed: str | None,
+          skipped: list[str]) -> Any:
     """ORT's MatMulNBits quantizer over the decoder's MatMuls, then the LM head at head_bits and the token
     embedding at INT4 when asked; the quantizer holding the packed model."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -105,7 +122,7 @@ def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, head: str | None
     try:
         with quiet():
             # The LM head at head_bits: left out of the main pass, packed by a second one of its own.
-            skip = [*cfg.keep_float, *([head] if cfg.head_bits and head else [])]
+            skip = [*skipped, *([head] if cfg.head_bits and head else [])]
             q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
                                      accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
                                      algo_config=_algo(cfg, ctx, decoder, cfg.bits))
@@ -160,18 +177,11 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     model = onnx.load(str(art.path / "model.onnx"))
     embed = _untie_embedding(model) if cfg.embedding_bits else None
     mats = [n for n in model.graph.node if n.op_type == "MatMul"]
-    inits = {i.name: i for i in model.graph.initializer}
-    widths = {n.name: int(inits[n.input[1]].dims[0]) for n in mats if n.input[1] in inits}
-    # MatMulNBits pads a layer's last block, so a group size need not divide the width (SmolLM2's 576 at 128
-    # does not); a group wider than the layer is one block of padding, which no one means.
-    bad = sorted({w for w in widths.values() if w < cfg.group_size})
-    if bad:
-        raise PassError(f"quantize.weight_only: group_size={cfg.group_size} is wider than the MatMul input "
-                        f"width(s) {bad}; choose a group size of at most {min(widths.values())}")
+    widths, skipped = _checked_layers(model, mats, cfg)
     head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
-    q = _pack(model, cfg, ctx, decoder, head, embed)
+    q = _pack(model, cfg, ctx, decoder, head, embed, skipped)
     out_dir = ctx.new_dir("onnx")
     q.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
     for f in art.path.iterdir():  # the decoder's I/O contract and tokenizer travel with it

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.config import true_advice
@@ -14,6 +14,11 @@ from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.quality.parity import ParityOptions
+from compress.core.int8_scheme import choose_scheme
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.quality.parity import ParityOptions
+from compress.core.registry import register_pass
 
 from ._quant_common import (
     GUARD_MIN_COSINE,
@@ -29,6 +34,9 @@ from ._quant_common import (
     weighted_nodes,
 )
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
+
 
 class QuantizeDynamic(ParityOptions):
     """ONNX Runtime dynamic quantization (MatMulInteger / DynamicQuantizeLinear); needs no calibration data."""
@@ -38,11 +46,17 @@ class QuantizeDynamic(ParityOptions):
     # None (auto): per-channel weights for transformer graphs (per-tensor 7-bit weights lose too much on
     # their wide MatMuls), per-tensor otherwise.
     per_channel: bool | None = None
-    keep_float: tuple[str, ...] = ()
+    skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last quantizable node)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     min_sample_cosine: float | None = Field(
         GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
         "input model (needs no labels); None = off")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.dynamic", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -65,10 +79,7 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     if not nodes:
         raise PassError(f"quantize.dynamic: the model has no {'/'.join(cfg.ops)} layers with constant weights; "
                         "dynamic quantization has nothing to do (use quantize.int8 for conv nets)")
-    unknown = [k for k in cfg.keep_float if k not in {n.name for n in model.graph.node}]
-    if unknown:
-        raise PassError(f"quantize.dynamic: keep_float names {unknown[0]!r}, which is not a node of the model; "
-                        f"quantizable nodes: {', '.join(nodes[:40])}")
+    skipped = cfg.skip.select(onnx_layers(model), "quantize.dynamic", eligible=nodes, what="node")
     groups = transformer_float_nodes(model)
     per_channel = cfg.per_channel if cfg.per_channel is not None else groups is not None
     # Dynamic activations are always u8, so the u8 x s8 saturation question is the same as for static.
@@ -82,7 +93,7 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
         with quiet():
             ort_quantize_dynamic(str(pre), str(out), op_types_to_quantize=list(cfg.ops), per_channel=per_channel,
                                  reduce_range=scheme == "u8s8_reduce_range", weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=list(cfg.keep_float))
+                                 nodes_to_exclude=skipped)
     except Exception as e:  # ORT raises ValueError/RuntimeError/its own Fail types
         raise PassError(f"onnxruntime quantize_dynamic failed: {str(e).splitlines()[0][:300]}") from e
     q = onnx.load(str(out))
@@ -93,9 +104,9 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     if n_int == 0:
         raise PassError("quantize.dynamic: ONNX Runtime quantized no layer")
     p = pass_parity("quantize.dynamic", art, out, ctx, cfg.tolerance("int8"), "int8", cfg.parity_samples,
-                    "keep the sensitive layers in float with keep_float (or scheme='u8s8_reduce_range' on a CPU "
+                    "keep the sensitive layers in float with skip (or scheme='u8s8_reduce_range' on a CPU "
                     "without VNNI)")
-    float_groups: dict[str, list[str]] = {"keep_float": list(cfg.keep_float)}
+    float_groups: dict[str, list[str]] = {"skip": skipped}
     if groups is not None:  # float anyway (dynamic INT8 only touches weighted layers); listed so users see them
         float_groups.update(groups)
     pc_why = ("set by the user" if cfg.per_channel is not None else
@@ -103,7 +114,7 @@ def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> A
     info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "quantizable_nodes": len(nodes),
                             "integer_nodes": n_int, "parity": p, "per_channel": per_channel,
                             "per_channel_reason": pc_why,
-                            "quantized": [n for n in nodes if n not in cfg.keep_float], "float_nodes": float_groups,
+                            "quantized": [n for n in nodes if n not in skipped], "float_nodes": float_groups,
                             "notes": [f"dynamic INT8 of {n_int} layer(s), "
                                       f"{'per-channel' if per_channel else 'per-tensor'} weights ({pc_why}); "
                                       f"scheme: {why}",
@@ -128,7 +139,7 @@ def _decoder(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> Artifact:
     from .quantize_decoder import quantize_decoder_weights
     from .quantize_weight_only import QuantizeWeightOnly
 
-    wo = QuantizeWeightOnly(bits=8, group_size=32, accuracy_level=4, keep_float=cfg.keep_float)
+    wo = QuantizeWeightOnly(bits=8, group_size=32, accuracy_level=4, skip=cfg.skip)
     out = quantize_decoder_weights(art, wo, ctx)
     info = out.metadata.pop("quantize.weight_only")
     info["notes"] = [*info["notes"], "quantize.dynamic on a decoder: INT8 weights with INT8 activations quantized at "

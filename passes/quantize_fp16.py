@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.manager import PassContext
@@ -17,6 +17,15 @@ from compress.errors import PassError
 from compress.quality.parity import ParityOptions
 
 from ._quant_common import pass_parity, quiet
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.quality.parity import ParityOptions
+from compress.core.registry import register_pass
+
+from ._quant_common import name_nodes, pass_parity, weighted_nodes
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep_ops": "type:"}
 
 
 class QuantizeFp16(ParityOptions):
@@ -24,7 +33,14 @@ class QuantizeFp16(ParityOptions):
 
     kind: Literal["quantize.fp16"] = "quantize.fp16"
     keep_io_types: bool = True
-    keep_ops: tuple[str, ...] = Field((), description="op types kept in float32 (e.g. LayerNormalization)")
+    skip: LayerSelector = skip_field("kept in float32 (e.g. 'type:LayerNormalization'; 'first' / 'last': the first / "
+                                     "last weighted node)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.fp16", _OLD_KEYS)
 
 
 @register_pass(QuantizeFp16, consumes="onnx", produces="onnx", compare_precision="fp16")
@@ -34,11 +50,12 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     src = art.path / "model.onnx"
-    model = onnx.load(str(src))
-    block = list(DEFAULT_OP_BLOCK_LIST) + [o for o in cfg.keep_ops if o not in DEFAULT_OP_BLOCK_LIST]
+    model = name_nodes(onnx.load(str(src)))  # every node named, so skip can name any of them
+    kept = cfg.skip.select(onnx_layers(model), "quantize.fp16", eligible=weighted_nodes(model), what="node")
     try:
         with quiet():
-            m16 = convert_float_to_float16(model, keep_io_types=cfg.keep_io_types, op_block_list=block)
+            m16 = convert_float_to_float16(model, keep_io_types=cfg.keep_io_types,
+                                           op_block_list=list(DEFAULT_OP_BLOCK_LIST), node_block_list=kept)
     except Exception as e:  # the converter raises ValueError/RuntimeError on unsupported graphs
         raise PassError(f"quantize.fp16: float16 conversion failed: {str(e).splitlines()[0][:300]}") from e
     # The converter appends the input Casts at the end of the node list; ONNX needs topological order.
@@ -71,7 +88,8 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
         ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises NotImplemented when an fp16 op has no CPU kernel at all
         raise PassError(f"quantize.fp16: onnxruntime (CPU) cannot load the float16 model: "
-                        f"{str(e).splitlines()[0][:300]}; keep those ops in float32 with keep_ops") from e
+                        f"{str(e).splitlines()[0][:300]}; keep those ops in float32 with skip "
+                        "(e.g. skip = [\"type:<Op>\"])") from e
     og = onnx.load(str(opt))
     opt.unlink()
     # ORT inserts Casts around ops that lack a float16 CPU kernel and then folds the weight Casts, so
@@ -79,7 +97,7 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
     n16_ort = sum(1 for t in og.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
 
     p = pass_parity("quantize.fp16", art, out, ctx, cfg.tolerance("fp16"), "fp16", cfg.parity_samples,
-                    "keep the overflowing ops in float32 with keep_ops, or loosen min_cosine/atol")
+                    "keep the overflowing ops in float32 with skip, or loosen min_cosine/atol")
     notes = [
         "precision fp16: float16 weights and compute, float32 inputs/outputs; targets without float16 "
         "support must refuse this artifact (its facts say precision fp16)",
@@ -89,6 +107,7 @@ def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifac
         "half-size weights on disk",
     ]
     info: dict[str, Any] = {"precision": "fp16", "fp16_initializers": n16, "keep_io_types": cfg.keep_io_types,
+                            "kept_float": kept,
                             "ort_cpu_fp16_initializers": n16_ort, "parity": p, "notes": notes}
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs,
                     metadata={"quantize.fp16": info},

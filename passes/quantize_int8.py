@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.config import true_advice
@@ -19,6 +19,14 @@ from compress.core.int8_scheme import choose_scheme
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import AccuracyError, PassError, RecipeError
+from compress.core.artifact import Artifact, sha256_files
+from compress.core.config import true_advice
+from compress.errors import AccuracyError, PassError
+from compress.core.int8_scheme import choose_scheme
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.quality.parity import LOWERING, ParityOptions, check, parity_batch
+from compress.core.registry import register_pass
 
 from ._quant_common import (
     GUARD_MIN_COSINE,
@@ -46,6 +54,10 @@ from ._quant_common import require_data as _require_data
 MIN_CALIB_SAMPLES = 8
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
+
+
 class QuantizeInt8(QdqParityOptions):
     """Static INT8 post-training quantization to QDQ ONNX, calibrated on the calibration split."""
 
@@ -54,7 +66,8 @@ class QuantizeInt8(QdqParityOptions):
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
     samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
-    keep_float: tuple[str, ...] = Field((), description="node names, or 'first' / 'last' quantizable node")
+    skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last quantizable node)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     activations: Literal["asymmetric", "symmetric"] = "asymmetric"
     smoothquant: bool = False
     smoothquant_alpha: float = Field(0.5, ge=0, le=1)
@@ -67,6 +80,11 @@ class QuantizeInt8(QdqParityOptions):
     min_sample_cosine: float | None = Field(
         GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
         "input model (needs no labels); None = off")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.int8", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -181,23 +199,6 @@ def _quantize(src: Path, dst: Path, cfg: QuantizeInt8, scheme: str, reader: Cali
         raise PassError(f"onnxruntime quantize_static failed: {str(e).splitlines()[0][:300]}") from e
 
 
-def _resolve_keep(keep: tuple[str, ...], nodes: list[str], all_nodes: list[str] | None = None) -> list[str]:
-    """keep_float entries as node names: 'first'/'last' quantizable node, or any node of the graph."""
-    out = []
-    for k in keep:
-        if k == "first":
-            out.append(nodes[0])
-        elif k == "last":
-            out.append(nodes[-1])
-        elif k in nodes or (all_nodes is not None and k in all_nodes):
-            out.append(k)
-        else:
-            raise RecipeError(f"quantize.int8: keep_float names {k!r}, which is not a quantizable node "
-                              "(nor any node of the model); "
-                              f"use 'first', 'last' or one of: {', '.join(nodes[:40])}")
-    return list(dict.fromkeys(out))
-
-
 def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, reader: CalibrationReader, keep: list[str],
                       nodes: list[str], data: Any, limit: float,
                       only: list[str] | None = None) -> tuple[Path, list[str], dict[str, Any]]:
@@ -305,7 +306,7 @@ def _float_plan(pre: Path, cfg: QuantizeInt8, info: dict[str, Any], notes: list[
 
     pre_model = onnx.load(str(pre))
     nodes = weighted_nodes(pre_model)
-    keep = _resolve_keep(cfg.keep_float, nodes, [n.name for n in pre_model.graph.node])
+    keep = cfg.skip.select(onnx_layers(pre_model), "quantize.int8", eligible=nodes, what="node")
     groups = transformer_float_nodes(pre_model) if cfg.transformer_preset is not False else None
     only: list[str] | None = None
     if groups is not None:
@@ -333,7 +334,7 @@ def _record_output(out: Path, nodes: list[str], keep: list[str], groups: dict[st
     n_q = sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
         raise PassError("quantize.int8: ONNX Runtime quantized nothing (every quantizable node was excluded?)")
-    float_groups = {"keep_float": [k for k in keep]}
+    float_groups = {"skip": list(keep)}
     if groups is not None:
         float_groups.update(groups)
     float_groups = {k: [n for n in v if n] for k, v in float_groups.items()}

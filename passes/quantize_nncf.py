@@ -16,20 +16,23 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.int8_scheme import choose_scheme
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import AccuracyError, InputError, PassError, RecipeError
+from compress.core.int8_scheme import choose_scheme
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
 
 from ._quant_common import (
     QdqParityOptions,
@@ -47,6 +50,10 @@ from ._quant_common import (
 MIN_CALIB_SAMPLES = 8
 
 
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": "", "keep_float_patterns": "re:", "keep_float_types": "type:"}
+
+
 class QuantizeNncf(QdqParityOptions):
     """Static INT8 (QDQ) with NNCF (presets, fast bias correction, SmoothQuant, ignored scope, accuracy control)."""
 
@@ -61,14 +68,18 @@ class QuantizeNncf(QdqParityOptions):
         None, ge=-1, le=1, description="SmoothQuant alpha for MatMuls (transformer type); -1 = off; "
         "None = NNCF default")
     samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
-    keep_float: tuple[str, ...] = Field((), description="node names kept in float (NNCF ignored scope by name)")
-    keep_float_patterns: tuple[str, ...] = Field((), description="regular expressions over node names kept in float")
-    keep_float_types: tuple[str, ...] = Field((), description="ONNX op types kept in float, e.g. 'Softmax'")
+    skip: LayerSelector = skip_field("kept in float (NNCF's ignored scope; 'first' / 'last': quantizable nodes)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     max_accuracy_drop: float | None = Field(
         None, gt=0, lt=1, description="allowed drop of the validation metric (top-1 with labels, output cosine to "
         "the float model without), a fraction; NNCF reverts the most sensitive layers to float until it holds")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.nncf", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -97,37 +108,16 @@ def _model_type(cfg: QuantizeNncf, model: Any) -> str:
         "LayerNormalization" in ops or ("ReduceMean" in ops and "Sqrt" in ops)) else "cnn"
 
 
-def _ignored_scope(cfg: QuantizeNncf, model: Any) -> tuple[Any, dict[str, list[str]]]:
-    """NNCF IgnoredScope from the keep_float settings, each entry checked against the graph first.
+def _ignored_scope(cfg: QuantizeNncf, model: Any) -> tuple[Any, list[str]]:
+    """NNCF IgnoredScope of the nodes ``skip`` selects, checked against the graph first.
 
     NNCF would refuse an entry that matches nothing deep inside quantization; here it is refused
-    before any work, naming the entry and what is in the graph.
+    before any work, naming the entry and the closest names in the graph (``compress.core.layers``).
     """
     import nncf
 
-    names = [n.name for n in model.graph.node]
-    types = sorted({n.op_type for n in model.graph.node})
-    for n in cfg.keep_float:
-        if n not in names:
-            raise RecipeError(f"quantize.nncf: keep_float names {n!r}, which is not a node of the model; "
-                              f"quantizable nodes: {', '.join(weighted_nodes(model)[:40])}")
-    matched: dict[str, list[str]] = {}
-    for p in cfg.keep_float_patterns:
-        try:
-            rx = re.compile(p)
-        except re.error as e:
-            raise RecipeError(f"quantize.nncf: keep_float_patterns {p!r} is not a regular expression: {e}") from e
-        matched[p] = [n for n in names if rx.fullmatch(n)]
-        if not matched[p]:
-            raise RecipeError(f"quantize.nncf: keep_float_patterns {p!r} matches no node name (patterns match the "
-                              f"whole name); some names: {', '.join(names[:20])}")
-    for t in cfg.keep_float_types:
-        if t not in types:
-            raise RecipeError(f"quantize.nncf: keep_float_types {t!r} is not an op type of this model; its op types: "
-                              f"{', '.join(types)}")
-    scope = nncf.IgnoredScope(names=list(cfg.keep_float), patterns=list(cfg.keep_float_patterns),
-                              types=list(cfg.keep_float_types), validate=False)
-    return scope, matched
+    names = cfg.skip.select(onnx_layers(model), "quantize.nncf", eligible=weighted_nodes(model), what="node")
+    return nncf.IgnoredScope(names=names, validate=False), names
 
 
 def _weight_dequantized(model: Any) -> set[str]:
@@ -232,7 +222,7 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
     if not nodes:
         raise PassError("quantize.nncf: the model has no quantizable layers (Conv/MatMul/Gemm with constant "
                         "weights); remove quantize.nncf from the recipe")
-    scope, matched = _ignored_scope(cfg, model)
+    scope, skipped = _ignored_scope(cfg, model)
     calib_notes: list[str] = []
     feeds, data = _calibration_feeds(art, ctx, cfg, calib_notes)
     scheme, why = choose_scheme(cfg.scheme)
@@ -251,7 +241,7 @@ def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifac
                                              if scheme == "u8s8_reduce_range" else ""), *calib_notes]
     info: dict[str, Any] = {"engine": "nncf", "nncf": _nncf_version(), "scheme": scheme, "scheme_reason": why,
                             "preset": cfg.preset, "model_type": mtype, "fast_bias_correction": cfg.fast_bias_correction,
-                            "samples": cfg.samples, "keep_float_patterns": matched}
+                            "samples": cfg.samples, "skipped": skipped}
     try:
         if cfg.max_accuracy_drop is None:
             with quiet_nncf():
@@ -320,7 +310,7 @@ def _with_accuracy_control(model: Any, src: Path, calib: Any, data: Any, art: Ar
                                                      advanced_quantization_parameters=adv, **common)
         q_metric = fn(qmodel, items)[0]
     # The input is float (refuse_quantized), so every weighted node without a weight DequantizeLinear is float.
-    reverted = sorted(set(weighted_nodes(model)) - _weight_dequantized(qmodel) - set(cfg.keep_float))
+    reverted = sorted(set(weighted_nodes(model)) - _weight_dequantized(qmodel) - set(common["ignored_scope"].names))
     info = {"metric": metric, "float": float_metric, "int8": q_metric, "limit": limit, "reverted_to_float": reverted,
             "why": f"NNCF ranked layers by their effect on {metric} and reverted the most harmful to float until the "
                    f"drop was within {limit * 100:.2f} points" if reverted else "no layer needed reverting"}

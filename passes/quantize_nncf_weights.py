@@ -14,16 +14,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.quality.parity import ParityOptions
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.quality.parity import ParityOptions
+from compress.core.registry import register_pass
 
 from ._quant_common import GroupSize, calibration_batches, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_nncf import quiet_nncf
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
 
 
 class QuantizeNncfWeights(ParityOptions):
@@ -36,7 +43,13 @@ class QuantizeNncfWeights(ParityOptions):
     awq: bool = Field(False, description="INT4: activation-aware scaling (needs data)")
     scale_estimation: bool = Field(False, description="INT4: data-aware scale search (needs data)")
     samples: int = Field(64, ge=8, le=10_000, description="calibration samples for awq / scale_estimation")
-    keep_float: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.nncf_weights", _OLD_KEYS)
+    skip: LayerSelector = skip_field("kept in float (MatMul/Gemm nodes with weights; 'first' / 'last' among them)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
 
     def data_needed(self) -> str | None:
         return "any" if self.awq or self.scale_estimation else None
@@ -64,10 +77,8 @@ def quantize_nncf_weights(art: Artifact, cfg: QuantizeNncfWeights, ctx: PassCont
     if not nodes:
         raise PassError("quantize.nncf_weights: the model has no MatMul/Gemm layer with constant weights; weight "
                         "compression has nothing to do (use quantize.int8 or quantize.nncf for conv nets)")
-    unknown = [k for k in cfg.keep_float if k not in nodes]
-    if unknown:
-        raise PassError(f"quantize.nncf_weights: keep_float names {', '.join(map(repr, unknown))}, not MatMul/Gemm "
-                        f"nodes; use some of: {', '.join(nodes[:40])}")
+    linear = [ly for ly in onnx_layers(model) if ly.name in set(nodes)]
+    skipped = cfg.skip.select(linear, "quantize.nncf_weights", eligible=nodes, what="MatMul/Gemm node")
     dataset = None
     if cfg.awq or cfg.scale_estimation:
         data = getattr(ctx, "data", None)
@@ -78,7 +89,7 @@ def quantize_nncf_weights(art: Artifact, cfg: QuantizeNncfWeights, ctx: PassCont
         dataset = nncf.Dataset(calibration_batches(data, cfg.samples, "quantize.nncf_weights", 8, batch=1),
                                lambda x: {name: x})
     convs = sorted({n.op_type for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")})
-    scope = nncf.IgnoredScope(names=list(cfg.keep_float), types=convs, validate=False)
+    scope = nncf.IgnoredScope(names=skipped, types=convs, validate=False)
     int4 = cfg.mode.startswith("int4")
     try:
         with quiet_nncf():
@@ -105,12 +116,12 @@ def quantize_nncf_weights(art: Artifact, cfg: QuantizeNncfWeights, ctx: PassCont
         raise PassError("quantize.nncf_weights: NNCF compressed no layer")
     precision = "int4" if int4 else "int8"
     parity = pass_parity(cfg.kind, art, out, ctx, cfg.tolerance(precision), precision, cfg.parity_samples,
-                         "use int8, a smaller group_size, a lower ratio, or keep_float")
+                         "use int8, a smaller group_size, a lower ratio, or skip")
     info: dict[str, Any] = {
         "engine": "nncf", "mode": cfg.mode, "group_size": cfg.group_size if int4 else None,
         "ratio": cfg.ratio if int4 else None, "awq": cfg.awq, "scale_estimation": cfg.scale_estimation,
         "linear_nodes": len(nodes), "compressed_tensors": compressed, "matmulnbits": ops.get("MatMulNBits", 0),
-        "kept_float": list(cfg.keep_float), "parity": parity,
+        "kept_float": skipped, "parity": parity,
         "notes": [f"NNCF {cfg.mode} weights on {compressed} tensor(s) of {len(nodes)} MatMul/Gemm layer(s)"
                   + (f", group {cfg.group_size}, INT4 ratio {cfg.ratio}" if int4 else "")
                   + (f"; Conv layers left float ({', '.join(convs)}: NNCF's ONNX weight compression of "

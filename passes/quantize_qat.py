@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed (used in eval)
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.core.artifact import Artifact
@@ -30,10 +30,30 @@ from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.inputs.torch_io import clone_module, register_structure_hook, torch_artifact
+from compress.core.artifact import Artifact
+from compress.core.config import PassConfig
+from compress.errors import PassError, RecipeError
+from compress.core.int8_scheme import choose_scheme
+from compress.core.layers import (
+    LayerSelector,
+    check_on_root,
+    expand,
+    old_keys_schema,
+    renamed_keys,
+    skip_field,
+    torch_layers,
+)
+from compress.core.manager import PassContext
+from compress.core.registry import register_pass
+from compress.inputs.torch_io import clone_module, register_structure_hook, torch_artifact
 
 from ._quant_common import auto_scheme_env, calibration_batches, require_data
 
 HOOK = "quantize.qat"
+
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
 
 
 class QuantizeQat(PassConfig):
@@ -45,8 +65,18 @@ class QuantizeQat(PassConfig):
     batch_size: int = Field(64, ge=1)
     calib_samples: int = Field(128, ge=8, description="samples that initialise the activation ranges")
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
-    keep_float: tuple[str, ...] = Field((), description="module names left unquantized, or 'first' / 'last'")
+    skip: LayerSelector = skip_field("left unquantized (Conv2d/Linear modules, with a selected block's; 'first' / "
+                                     "'last': the first / last of them)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     momentum: float = Field(0.01, gt=0, le=1, description="moving-average rate of the activation ranges")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.qat", _OLD_KEYS)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        check_on_root(self.skip, root, "quantize.qat")
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
@@ -254,15 +284,12 @@ def quantize_qat(art: Artifact, cfg: QuantizeQat, ctx: PassContext) -> Artifact:
     candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not candidates:
         raise PassError(f"quantize.qat: {type(model).__name__} has no Conv2d or Linear layer to quantize")
-    keep = set()
-    for k in cfg.keep_float:
-        if k in ("first", "last"):
-            keep.add(candidates[0 if k == "first" else -1])
-        elif k in candidates:
-            keep.add(k)
-        else:
-            raise PassError(f"quantize.qat: keep_float names {k!r}, not a Conv2d/Linear module; "
-                            f"use 'first', 'last' or one of: {', '.join(candidates[:40])}")
+    selected = cfg.skip.select(torch_layers(model), "quantize.qat", eligible=candidates)
+    keep = set(expand(selected, candidates))
+    if selected and not keep:
+        raise RecipeError(f"quantize.qat: skip selects {', '.join(selected[:5])}, which hold no Conv2d/Linear "
+                          f"layer (only those are quantized); use 'first', 'last' or some of: "
+                          f"{', '.join(candidates[:40])}")
     names = [n for n in candidates if n not in keep]
     scheme, why = choose_scheme(cfg.scheme)
     wq_min, wq_max = (-64, 63) if scheme == "u8s8_reduce_range" else (-128, 127)

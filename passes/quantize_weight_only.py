@@ -9,15 +9,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.quality.parity import ParityOptions
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.manager import PassContext
+from compress.quality.parity import ParityOptions
+from compress.core.registry import register_pass
 
 from ._quant_common import GroupSize, name_nodes, pass_parity, quiet, refuse_quantized, weighted_nodes
+
+# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
+_OLD_KEYS = {"keep_float": ""}
 
 
 class QuantizeWeightOnly(ParityOptions):
@@ -28,7 +35,8 @@ class QuantizeWeightOnly(ParityOptions):
     group_size: GroupSize = Field(32, description="weights per quantization block (power of two)")
     symmetric: bool = True
     format: Literal["matmulnbits", "qdq"] = "matmulnbits"
-    keep_float: tuple[str, ...] = ()
+    skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last MatMul with weights)")
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     # How block scales are chosen: round-to-nearest; HQQ (half-quadratic optimisation of scale and zero
     # point, no data); GPTQ (second-order error compensation on calibration text; decoders only here).
     algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
@@ -44,6 +52,11 @@ class QuantizeWeightOnly(ParityOptions):
     # GPTQ: calibration windows (ONNX Runtime's GPTQ runs the model once per layer per window, so its cost is
     # layers x windows forward passes: 151 x 8 windows of 512 tokens took over an hour on SmolLM2 here).
     calib_windows: int = Field(2, ge=1, le=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.weight_only", _OLD_KEYS)
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:
@@ -78,13 +91,14 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
         hint = (f" (its {len(gemms)} Gemm layer(s) are not handled by weight-only quantization; use quantize.dynamic)"
                 if gemms else "")
         raise PassError(f"quantize.weight_only: the model has no MatMul layers with constant weights{hint}")
+    skipped = cfg.skip.select(onnx_layers(model), "quantize.weight_only", eligible=nodes, what="node")
     fmt = QuantFormat.QOperator if cfg.format == "matmulnbits" else QuantFormat.QDQ
     algo = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=cfg.bits,
                                         quant_format=fmt, op_types_to_quantize=("MatMul",))
     try:
         with quiet():
             q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
-                                     nodes_to_exclude=list(cfg.keep_float), algo_config=algo)
+                                     nodes_to_exclude=skipped, algo_config=algo)
             q.process()
     except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
         raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed: "
@@ -107,7 +121,8 @@ def quantize_weight_only(art: Artifact, cfg: QuantizeWeightOnly, ctx: PassContex
         notes.append("format matmulnbits uses ONNX Runtime's com.microsoft MatMulNBits op: runs on ONNX Runtime only "
                      "(use format='qdq' for blocked DequantizeLinear in standard ONNX)")
     info: dict[str, Any] = {"bits": cfg.bits, "group_size": cfg.group_size, "format": cfg.format,
-                            "compressed_layers": packed, "matmul_layers": len(nodes), "parity": p,
+                            "compressed_layers": packed, "matmul_layers": len(nodes), "kept_float": skipped,
+                            "parity": p,
                             "notes": notes}
     meta: dict[str, Any] = {"quantize.weight_only": info}
     facts = art.known_facts().lower_precision(precision).evolve(quantization="weight_only")

@@ -82,20 +82,21 @@ def test_nncf_int8_is_standard_qdq_and_keeps_accuracy_per_isa(forced_isa: str, c
         assert not meta["parity"]["flagged"]
 
 
-def test_nncf_keep_float_by_type_and_name_are_reported(cnn_onnx: Artifact, digits: DataBundle, cache: Cache) -> None:
-    q = _apply(cnn_onnx, QuantizeNncf(samples=32, keep_float_types=("Gemm",), preset="mixed"), digits, cache)
+def test_nncf_skip_by_type_and_name_are_reported(cnn_onnx: Artifact, digits: DataBundle, cache: Cache) -> None:
+    q = _apply(cnn_onnx, QuantizeNncf(samples=32, skip=("type:Gemm",), preset="mixed"), digits, cache)
     meta = q.metadata["quantize.nncf"]
     assert meta["quantized_nodes"] == 3 and len(meta["kept_float"]) == 1
-    # The reported name is one the user can paste back into keep_float.
-    again = _apply(cnn_onnx, QuantizeNncf(samples=32, keep_float=tuple(meta["kept_float"])), digits, cache)
+    # The reported name is one the user can paste back into skip.
+    again = _apply(cnn_onnx, QuantizeNncf(samples=32, skip=tuple(meta["kept_float"])), digits, cache)
     assert again.metadata["quantize.nncf"]["kept_float"] == meta["kept_float"]
 
 
 @pytest.mark.parametrize("cfg, match", [
-    (QuantizeNncf(keep_float_patterns=("nothing_.*",)), "matches no node name"),
-    (QuantizeNncf(keep_float_patterns=("([",)), "not a regular expression"),
-    (QuantizeNncf(keep_float_types=("Softmax",)), "not an op type of this model"),
-    (QuantizeNncf(keep_float=("conv99",)), "not a node of the model"),
+    (QuantizeNncf(skip=("re:nothing_.*",)), "skip entry 're:nothing_.*' selects no node"),
+    (QuantizeNncf(skip=("re:([",)), "not a regular expression"),
+    (QuantizeNncf(skip=("type:Softmax",)), "the model has no Softmax; .*its types: "),
+    (QuantizeNncf(skip=("conv99",)), "skip entry 'conv99' selects no node"),
+    (QuantizeNncf(skip=("gemm_*",)), "skip entry 'gemm_\\*' selects no node"),
 ])
 def test_nncf_scope_that_matches_nothing_is_refused_before_quantizing(cfg: QuantizeNncf, match: str,
                                                                        cnn_onnx: Artifact, digits: DataBundle,

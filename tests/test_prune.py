@@ -173,10 +173,10 @@ def test_exactly_one_of_ratio_or_macs_target() -> None:
 def test_recipe_and_text_form_round_trip() -> None:
     from compress.stages.recipe import format_pipeline, parse_pipeline, recipe_from_dict
 
-    text = ('prune.channels{macs_target=0.5,round_to=16,keep=["fc"]},prune.magnitude{sparsity=0.3,scope="layer"},'
+    text = ('prune.channels{macs_target=0.5,round_to=16,skip=["fc"]},prune.magnitude{sparsity=0.3,scope="layer"},'
             "prune.2to4,export.onnx -> onnxruntime")
     passes, targets = parse_pipeline(text)
-    assert passes[0] == ChannelPrune(macs_target=0.5, round_to=16, keep=["fc"])
+    assert passes[0] == ChannelPrune(macs_target=0.5, round_to=16, skip=["fc"])
     assert parse_pipeline(format_pipeline(passes, targets)) == (passes, targets)
     with pytest.raises(RecipeError, match=r"passes\[1\] \(prune.channels\): key 'ratio'.*less than 1"):
         recipe_from_dict({"name": "x", "model": {"source": "zoo:resnet18"},
@@ -347,7 +347,7 @@ def test_channels_ratio_that_empties_a_layer_is_refused(cache: Cache) -> None:
     root = _zoo("digits-cnn", [1, 1, 8, 8], cache)
     # Keeping every layer it would empty leaves nothing to prune: the message says so instead of a keep.
     with pytest.raises(PassError, match=r"ratio 0.99 would remove every channel of 'features\.\d' \(\d+ channels\).*"
-                                        r"no keep helps at this ratio"):
+                                        r"no skip helps at this ratio"):
         _run(root, [ChannelPrune(ratio=0.99)], cache)
     with pytest.raises(PassError, match="after rounding to multiples of 16.*lower round_to"):
         _run(root, [ChannelPrune(ratio=0.7, round_to=16)], cache)
@@ -356,9 +356,9 @@ def test_channels_ratio_that_empties_a_layer_is_refused(cache: Cache) -> None:
 def test_channels_untraceable_module_is_named_with_keep_hint(cache: Cache) -> None:
     torch.manual_seed(0)
     root = _live(UntraceableNet(), (1, 3, 16, 16), cache)
-    with pytest.raises(PassError, match=r"'scale' fails.*tracer could not follow.*keep = \['conv1'\]"):
+    with pytest.raises(PassError, match=r"'scale' fails.*tracer could not follow.*skip = \['conv1'\]"):
         _run(root, [ChannelPrune(ratio=0.5)], cache)
-    _, recs = _run(root, [ChannelPrune(ratio=0.5, keep=["conv1"])], cache)  # the suggested fix works
+    _, recs = _run(root, [ChannelPrune(ratio=0.5, skip=["conv1"])], cache)  # the suggested fix works
     assert recs[0].info["widths_after"]["conv1"] == [3, 16]
     assert recs[0].info["widths_after"]["conv2"] == [16, 8]
 
@@ -381,8 +381,8 @@ def test_channels_options_needing_labels_or_bn_fail_clearly(cache: Cache) -> Non
         _run(root, [ChannelPrune(ratio=0.5, importance="taylor")], cache)
     with pytest.raises(PassError, match="finetune_epochs=1 needs labelled data"):
         _run(root, [ChannelPrune(ratio=0.5, finetune_epochs=1)], cache)
-    with pytest.raises(PassError, match="keep names module 'clasifier'.*did you mean 'classifier'"):
-        _run(root, [ChannelPrune(ratio=0.5, keep=["clasifier"])], cache)
+    with pytest.raises(RecipeError, match="skip entry 'clasifier' selects no layer.*closest names: 'classifier'"):
+        _run(root, [ChannelPrune(ratio=0.5, skip=["clasifier"])], cache)
     tr = _zoo("transformer", [1, 1, 8, 8], cache)
     with pytest.raises(PassError, match="'bn_scale'.*has no BatchNorm"):
         _run(tr, [ChannelPrune(ratio=0.5, importance="bn_scale")], cache)
@@ -410,7 +410,7 @@ def test_magnitude_sparsity_is_folded_into_onnx(cache: Cache, scope: str) -> Non
 
 def test_magnitude_keep_finetune_and_emptied_layer(cache: Cache, digits: object) -> None:
     root = _zoo("digits-cnn", [1, 1, 8, 8], cache)
-    _, recs = _run(root, [MagnitudePrune(sparsity=0.5, keep=["classifier"], finetune_epochs=1)], cache, digits)
+    _, recs = _run(root, [MagnitudePrune(sparsity=0.5, skip=["classifier"], finetune_epochs=1)], cache, digits)
     meta = recs[0].info
     assert "classifier" not in meta["sparsity_per_layer"]
     assert load_torch(recs[0].artifact).classifier.weight.count_nonzero() == 640
@@ -453,7 +453,7 @@ def test_2to4_pattern_on_eligible_layers_and_in_onnx(cache: Cache) -> None:
 def test_2to4_grouped_and_depthwise_and_finetune(cache: Cache, digits: object) -> None:
     torch.manual_seed(0)
     net = CatGroupNet()
-    _, recs = _run(_live(net, (1, 3, 16, 16), cache), [TwoFourPrune(keep=["fc"])], cache)
+    _, recs = _run(_live(net, (1, 3, 16, 16), cache), [TwoFourPrune(skip=["fc"])], cache)
     meta = recs[0].info
     assert "grouped" in meta["eligible"]  # 8 input channels per group
     assert meta["skipped"]["stem"].startswith("3 input channels") and meta["skipped"]["fc"] == "kept"
@@ -529,6 +529,6 @@ def test_channels_per_head_state_is_refused_with_a_keep_list_that_works(cache: C
     msg = str(e.value)
     assert "\n" not in msg and "per-head state (head_bias [4])" in msg
     keep = ["layers.0.attention", "layers.1.attention"]
-    assert f"keep = {keep!r}" in msg
-    _, _, meta = _prune_export_run(root, ChannelPrune(ratio=0.5, keep=keep), cache)
+    assert f"skip = {keep!r}" in msg
+    _, _, meta = _prune_export_run(root, ChannelPrune(ratio=0.5, skip=keep), cache)
     assert meta["widths_after"]["layers.0.intermediate"][1] == 32  # the MLP around the kept blocks is pruned

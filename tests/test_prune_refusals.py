@@ -46,7 +46,7 @@ def _run(art: Artifact, cfg: ChannelPrune, cache: Cache, log: list[str] | None =
 
 
 def _keep(msg: str) -> list[str]:
-    m = re.search(r"keep = (\[[^\]]*\]) \(checked: pruning goes through with it\)", msg)
+    m = re.search(r"skip = (\[[^\]]*\]) \(checked: pruning goes through with it\)", msg)
     assert m is not None, msg
     return list(ast.literal_eval(m.group(1)))
 
@@ -64,8 +64,8 @@ def test_groupnorm_width_is_real_and_the_checked_keep_goes_through(tmp_path: Pat
     keep = _keep(msg)
     assert keep == ["stem"]
     assert any("dependency graph of" in ln and "built" in ln for ln in log)  # progress while it works
-    assert any("checking that keep = ['stem'] goes through" in ln for ln in log)
-    out = _run(art, ChannelPrune(ratio=0.5, keep=keep), cache)  # the action the message names works
+    assert any("checking that skip = ['stem'] goes through" in ln for ln in log)
+    out = _run(art, ChannelPrune(ratio=0.5, skip=keep), cache)  # the action the message names works
     widths = out.metadata["prune.channels"]["widths_after"]
     assert widths["stem"] == [3, 8] and widths["conv"][1] < 16
 
@@ -87,7 +87,7 @@ def test_levit_step_failure_names_its_attention_layers_with_a_keep_that_works(tm
         _run(art, ChannelPrune(ratio=0.5), cache, [])
     msg = str(e.value)
     assert "IndexError" in msg and "queries_keys_values" in msg
-    out = _run(art, ChannelPrune(ratio=0.5, keep=_keep(msg)), cache, [])
+    out = _run(art, ChannelPrune(ratio=0.5, skip=_keep(msg)), cache, [])
     assert out.metadata["prune.channels"]["macs_ratio"] < 1.0
 
 
@@ -109,7 +109,7 @@ def test_focalnet_search_explosion_is_cut_off_naming_the_block(tmp_path: Path) -
     assert "does not end" in msg and ".modulation.projection_context'" in msg
     keep = _keep(msg)
     assert all(k.endswith(".modulation") for k in keep)
-    out = _run(art, ChannelPrune(ratio=0.5, keep=keep), cache, [])
+    out = _run(art, ChannelPrune(ratio=0.5, skip=keep), cache, [])
     assert out.metadata["prune.channels"]["macs_ratio"] < 1.0
 
 
@@ -124,5 +124,5 @@ def test_cvt_graph_failure_names_a_module_and_says_no_keep_helps(tmp_path: Path)
     art = module_artifact(from_config(cfg, "image-classification"), shape, cache,
                           inputs=input_specs(cfg, "image-classification", shape))
     with pytest.raises(PassError, match=r"could not build its dependency graph of VisionModel at 'model\.cvt\..*"
-                                        r"no keep avoids this"):
+                                        r"no skip avoids this"):
         _run(art, ChannelPrune(ratio=0.5), cache, [])

@@ -138,10 +138,10 @@ def test_dynamic_int8_scheme_per_isa(forced_isa: str, transformer_onnx: Artifact
         assert _cos_vs(transformer_onnx, q, digits.adapt(digits.val.x[:32]).numpy()) > 0.99
 
 
-def test_int8_options_and_keep_float(cnn_onnx: Artifact, digits: DataBundle, cache: Cache) -> None:
+def test_int8_options_and_skip(cnn_onnx: Artifact, digits: DataBundle, cache: Cache) -> None:
     full = _quantize(cnn_onnx, QuantizeInt8(samples=32), digits, cache)
     cfg = QuantizeInt8(per_channel=False, calibration="percentile", activations="symmetric", samples=32,
-                       keep_float=("first", "last"), scheme="u8u8")
+                       skip=("first", "last"), scheme="u8u8")
     q = _quantize(cnn_onnx, cfg, digits, cache)
     meta = q.metadata["quantize.int8"]
     assert len(meta["kept_float"]) == 2 and meta["quantized_nodes"] == meta["quantizable_nodes"] - 2
@@ -156,9 +156,9 @@ def test_int8_options_and_keep_float(cnn_onnx: Artifact, digits: DataBundle, cac
     assert "QuantizeLinear" in _ops(e)
 
 
-def test_keep_float_unknown_node_is_refused(cnn_onnx: Artifact, digits: DataBundle, cache: Cache) -> None:
-    with pytest.raises(RecipeError, match="not a quantizable node.*first"):
-        _quantize(cnn_onnx, QuantizeInt8(keep_float=("no_such_conv",), samples=16), digits, cache)
+def test_skip_unknown_node_is_refused(cnn_onnx: Artifact, digits: DataBundle, cache: Cache) -> None:
+    with pytest.raises(RecipeError, match="skip entry 'no_such_conv' selects no node of the model; closest names"):
+        _quantize(cnn_onnx, QuantizeInt8(skip=("no_such_conv",), samples=16), digits, cache)
 
 
 class _Outlier(nn.Module):

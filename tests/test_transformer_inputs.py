@@ -94,10 +94,10 @@ def test_dynamic_is_per_channel_lists_float_nodes_and_guards(onnx_art: Artifact,
     names = {n.name for n in m.graph.node}
     assert all(s in note for s in info["float_nodes"]["softmax"]) and set(info["float_nodes"]["mask"]) <= names
     assert info["fidelity_guard"]["cosine_mean"] >= 0.95 and "synthetic" in info["fidelity_guard"]["on"]
-    # a name from the list goes straight back into keep_float
+    # a name from the list goes straight back into skip
     wmm = info["quantized"][0]
-    out2, _ = _run(onnx_art, [QuantizeDynamic(keep_float=(wmm,))], cache)
-    assert wmm in out2.metadata["quantize.dynamic"]["float_nodes"]["keep_float"]
+    out2, _ = _run(onnx_art, [QuantizeDynamic(skip=(wmm,))], cache)
+    assert wmm in out2.metadata["quantize.dynamic"]["float_nodes"]["skip"]
     assert len(out2.metadata["quantize.dynamic"]["quantized"]) == len(info["quantized"]) - 1
 
 

@@ -47,7 +47,7 @@ def test_guard_refusal_advises_only_settings_not_in_use(onnx_cnn: tuple, cfg, ad
     with pytest.raises(AccuracyError) as e:
         PassManager([cfg]).run(art, ctx)
     msg = str(e.value)
-    assert "keep_float" in msg
+    assert "keep more nodes in float (skip)" in msg
     for a in advised:
         assert a in msg
     for a in not_advised:
