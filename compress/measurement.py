@@ -109,8 +109,9 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     cells += _reference_cells(references or {}, plan.targets, say)
     try:
         _measure_latency(cells, plan.root, rec, threads, plan.progress, say, probe, aa_session)
-        _measure_accuracy(cells, variants, plan.data, plan.root, say, _declared_kind(rec, plan.root),
-                          rec.measure.metric)
+        from .eval_cache import score  # each cell's evaluation read from the cache when an identical one is kept
+
+        score(plan, cells, variants, _declared_kind(rec, plan.root), _measure_accuracy)
     finally:
         for c in cells:
             if c.runner is not None:
@@ -547,11 +548,14 @@ def _output_name(variants: list[Variant]) -> str | None:
 
 
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
-                      say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None) -> None:
+                      say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None,
+                      ref_outputs: np.ndarray | None = None) -> np.ndarray | None:
     """Top-1 on the validation split and fidelity to the original model on the reference target.
 
     Fidelity is measured the way the output calls for (compress.fidelity): argmax agreement for
     logits, per-sample cosine for embeddings, SNR for regression, plus the user's metric if named.
+    ``ref_outputs``: the reference's outputs kept by the evaluation cache (it is not run again).
+    Returns the reference's outputs (None without a reference).
     """
     from .fidelity import SYNTHETIC_SAMPLES, infer_kind, load_metric, run_metric
 
@@ -572,7 +576,9 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             continue
         bs = 64 if (c.caps.any_batch or _dynamic_batch(c.compiled)) else 1
         try:
-            if data is not None and data.input_names:  # one named array per model input
+            if c is ref_cell and ref_outputs is not None:
+                logits = ref_outputs
+            elif data is not None and data.input_names:  # one named array per model input
                 logits = predict_feeds(c.runner, data.feeds(data.val), bs)
             elif data is not None:
                 logits = predict(c.runner, data, data.val, bs)
@@ -599,6 +605,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
                 say(f"WARNING fidelity: {c.fidelity['degenerate']}")
     if ref_cell is not None:
         say(f"fidelity reference: baseline on {ref_cell.target}")
+    return ref
 
 
 def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artifact, ctx: PassContext,

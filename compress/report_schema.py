@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .capabilities import Facts
 from .errors import InputError
+from .lineage import Lineage
 from .recipe import MeasureSpec
 
 SCHEMA = "compress.report/v1"
@@ -442,6 +443,8 @@ class Report(_Record):
     seconds: float
     cache: str
     baseline_label: str | None = Field(None, description="what tables call the baseline (compress compare)")
+    lineage: Lineage | None = Field(None, description="the run's artifacts (parent, step, settings, digest) and "
+                                    "evaluations keyed by artifact digest and settings (compress.lineage)")
 
     def to_json(self) -> dict[str, Any]:
         """Exactly the dict written to report.json."""

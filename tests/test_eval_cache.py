@@ -1,0 +1,141 @@
+"""Evaluations cached by artifact digest and evaluation settings (compress.eval_cache), and the run's lineage
+(compress.lineage): a second identical run, or a search trial whose model another trial made, does not run
+the model over the evaluation data again; a changed evaluation setting does; a damaged record is not trusted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compress.eval_cache import evaluation_key
+from compress.pipeline import run
+
+HEAD = ('name = "c"\nmodel = { source = "zoo:digits-cnn" }\n'
+        'data = { source = "builtin:digits"DATA }\n'
+        'measure = { batch_sizes = [1], warmup = 1, min_runs = 3, min_time_s = 0.0METRIC }\n')
+SCALE = '[[passes]]\nkind = "test.scale"\nfactor = 0.5\n'
+TARGET = '[[targets]]\nkind = "onnxruntime"\n'
+
+
+def _recipe(tmp_path: Path, data: str = "", metric: str = "") -> Path:
+    p = tmp_path / "r.toml"
+    p.write_text(HEAD.replace("DATA", data).replace("METRIC", metric) + SCALE + TARGET)
+    return p
+
+
+@pytest.fixture
+def evaluations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every run of a model over the evaluation data: the scorer's ``predict``, wherever a module of the
+    package bound it (the spy follows it if the scorer moves)."""
+    import compress.evaluate as ev
+
+    calls: list[int] = []
+    original = ev.predict
+
+    def spy(runner: Any, data: Any, split: Any, batch_size: int) -> np.ndarray:
+        calls.append(batch_size)
+        return original(runner, data, split, batch_size)
+
+    for name, mod in list(sys.modules.items()):
+        if (name == "compress" or name.startswith("compress.")) and getattr(mod, "predict", None) is original:
+            monkeypatch.setattr(mod, "predict", spy)
+    return calls
+
+
+def _run(recipe: Path, tmp_path: Path, cache: Path, name: str, log: list[str] | None = None) -> Any:
+    return run(recipe, out_dir=tmp_path / name, cache_dir=cache, progress=False,
+               log=log.append if log is not None else None)
+
+
+def test_a_second_identical_run_does_not_evaluate_again(tmp_path: Path, evaluations: list[int]) -> None:
+    r, cache = _recipe(tmp_path), tmp_path / "cache"
+    rep1 = _run(r, tmp_path, cache, "o1")
+    assert len(evaluations) == 2  # the baseline and the variant
+    assert [e.cached for e in rep1.lineage.evaluations] == [False, False]
+
+    lines: list[str] = []
+    rep2 = _run(r, tmp_path, cache, "o2", lines)
+    assert len(evaluations) == 2  # nothing ran over the evaluation data again
+    assert [e.cached for e in rep2.lineage.evaluations] == [True, True]
+    assert sum("cached evaluation" in m for m in lines) >= 2
+    for a, b in zip(rep1.results, rep2.results, strict=True):  # the same figures, from the records
+        assert (a.accuracy_top1, a.fidelity) == (b.accuracy_top1, b.fidelity)
+    # Written into the run folder and report.json: the graph from the model to each build, and the evaluations.
+    on_disk = json.loads((tmp_path / "o2" / "lineage.json").read_text())
+    assert on_disk == json.loads((tmp_path / "o2" / "report.json").read_text())["lineage"]
+    nodes = {n["digest"]: n for n in on_disk["artifacts"]}
+    build = rep2.cell("c", "onnxruntime").compiled_digest
+    chain = []
+    while build is not None and build in nodes:
+        chain.append(nodes[build]["step"])
+        build = nodes[build]["parent"]
+    assert chain == ["compile onnxruntime", "export.onnx", "test.scale", "source"]
+    assert nodes[rep2.variants["c"].steps[0].digest]["settings"]["factor"] == 0.5
+
+    # A record changed on disk is not trusted: it is discarded with a note, and that model evaluated again.
+    key = next(e.key for e in rep2.lineage.evaluations if e.variant == "c")
+    record = cache / "evaluations" / key[:2] / f"{key}.json"
+    d = json.loads(record.read_text())
+    d["record"]["accuracy_top1"] = 0.999
+    record.write_text(json.dumps(d))
+    lines.clear()
+    rep3 = _run(r, tmp_path, cache, "o3", lines)
+    # The variant again, alone: its fidelity is judged against the reference's kept outputs (not run again).
+    assert len(evaluations) == 3
+    assert [(e.variant, e.cached) for e in rep3.lineage.evaluations] == [("baseline", True), ("c", False)]
+    assert any("cached evaluation" in m and "was not used" in m for m in lines)
+    assert [c.accuracy_top1 for c in rep3.results] == [c.accuracy_top1 for c in rep1.results]
+
+
+def test_a_changed_evaluation_setting_evaluates_again(tmp_path: Path, evaluations: list[int]) -> None:
+    cache = tmp_path / "cache"
+    rep1 = _run(_recipe(tmp_path), tmp_path, cache, "o1")
+    assert len(evaluations) == 2
+    # Other evaluation data: the same models (the same digests) are evaluated again.
+    rep = _run(_recipe(tmp_path, data=", max_val_samples = 50"), tmp_path, cache, "o2")
+    assert len(evaluations) == 4 and not any(e.cached for e in rep.lineage.evaluations)
+    assert [c.compiled_digest for c in rep.results] == [c.compiled_digest for c in rep1.results]
+    # A user metric named: evaluated again (its figures are part of the record).
+    rep = _run(_recipe(tmp_path, metric=', metric = "tests.user_models:recall_at_1"'), tmp_path, cache, "o3")
+    assert len(evaluations) == 6 and rep.cell("c", "onnxruntime").fidelity.metric is not None
+
+
+def test_the_evaluation_key_covers_artifact_settings_and_reference() -> None:
+    setting = {"data": "d1", "batch": 64, "target": {"name": "onnxruntime"}, "code": "x", "libs": {}}
+    key = evaluation_key("a" * 64, "accuracy+fidelity", setting, "r1", {"output_kind": "auto", "metric": None})
+    changed = [evaluation_key("b" * 64, "accuracy+fidelity", setting, "r1", {"output_kind": "auto", "metric": None}),
+               evaluation_key("a" * 64, "accuracy+fidelity", {**setting, "batch": 1}, "r1",
+                              {"output_kind": "auto", "metric": None}),
+               evaluation_key("a" * 64, "accuracy+fidelity", {**setting, "data": "d2"}, "r1",
+                              {"output_kind": "auto", "metric": None}),
+               evaluation_key("a" * 64, "accuracy+fidelity", setting, "r2", {"output_kind": "auto", "metric": None}),
+               evaluation_key("a" * 64, "accuracy+fidelity", setting, "r1", {"output_kind": "embedding",
+                                                                               "metric": None})]
+    assert len({key, *changed}) == 6 and len(key) == 64
+
+
+def test_search_trials_sharing_a_pruning_prefix_evaluate_it_once(tmp_path: Path, evaluations: list[int]) -> None:
+    pytest.importorskip("optuna")
+    from compress.search import run_search
+
+    # Every trial prunes alike; the scaling after it is on or off. Three trials, two possible models: at least
+    # two trials make the same model, and every trial's run evaluates the baseline beside its model.
+    body = (HEAD.replace("DATA", "").replace("METRIC", "")
+            + '[search]\ntrials = 3\nsampler = "random"\nseed = 1\nretime_front = false\n'
+            '[[passes]]\nkind = "prune.channels"\nratio = 0.5\n'
+            '[[passes]]\nkind = "test.scale"\noptional = true\nfactor = 2.0\n' + TARGET)
+    space = tmp_path / "space.toml"
+    space.write_text(body)
+    res = run_search(space, tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert len(res["trials"]) == 3 and all(t["state"] == "COMPLETE" for t in res["trials"])
+    built = set()
+    for t in range(3):
+        rep = json.loads((tmp_path / "out" / "trials" / f"trial{t}" / "report.json").read_text())
+        built |= {c["compiled_digest"] for c in rep["results"]}
+    assert len(built) <= 3 < 6  # the baseline and at most two trial models, among six evaluations before
+    assert len(evaluations) == len(built)  # each model evaluated once, the shared ones read from the cache
