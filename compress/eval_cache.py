@@ -260,3 +260,28 @@ def score(plan: Plan, cells: list[Cell], variants: list[Variant], output_kind: s
         if c.status == "ok":  # a failed inference is not kept: the next run tries it again
             store.put(keys[id(c)], _results(c))
             _note(plan.cache, c, SCORED, keys[id(c)], setting[id(c)], False, _results(c))
+
+
+def parity(cache: Cache, cell: Cell, target: Any, src_digest: str, precision: str, batch: int, data: Any,
+           seed: int, check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A build's parity check against its input model (``compress.parity.target_parity``, run by ``check``), read
+    from the evaluation cache when the same build was checked against the same input model alike: the same
+    precision, batch, calibration data, seed, target (settings, fingerprint, code) and parity code."""
+    from .registry import code_identity
+
+    assert cell.compiled is not None  # a parity check runs on a build
+    setting = {"input": src_digest, "precision": precision, "batch": batch, "seed": seed,
+               "data": getattr(data, "digest", None), "libs": library_versions(), "code": code_identity(__name__),
+               "parity_code": code_identity("compress.parity"),
+               "target": {"name": cell.target, "config": cell.config, **target.fingerprint(),
+                          "code": code_identity(type(target).__module__)}}
+    key = evaluation_key(cell.compiled.digest, PARITY, setting)
+    store = EvalStore(cache)
+    kept = store.get(key)
+    if kept is not None:
+        _note(cache, cell, PARITY, key, setting, True, kept)
+        return kept
+    rec = check()
+    store.put(key, rec)
+    _note(cache, cell, PARITY, key, setting, False, rec)
+    return store.get(key) or rec  # as a later run reads it (JSON figures), so both runs report alike

@@ -46,13 +46,15 @@ class Evaluation(_Rec):
 
     variant: str
     target: str
-    what: str = Field(description="accuracy+fidelity")
+    what: str = Field(description="accuracy+fidelity (on the evaluation data, against the reference), or parity (a "
+                      "build against its input model)")
     artifact: str | None = Field(description="the digest of the compiled model evaluated")
     key: str = Field(description="the evaluation cache key: artifact digest, settings, reference")
     settings: str = Field(description="SHA-256 of the evaluation settings (data digest, batch, target, code, "
                           "library versions)")
     cached: bool = Field(description="true: read from the evaluation cache (a cached evaluation), not run again")
-    results: dict[str, Any] = Field(description="the figures the evaluation gave (accuracy_top1, fidelity)")
+    results: dict[str, Any] = Field(description="the figures the evaluation gave (accuracy_top1 and fidelity, or the "
+                                    "parity record)")
 
 
 class Lineage(_Rec):

@@ -615,6 +615,7 @@ def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artif
     itself the reference, so it has nothing to check."""
     if target.caps.reference or target.caps.consumes != ONNX:
         return
+    from .eval_cache import parity as cached_parity  # a build checked alike before is not checked again
     from .parity import model_precision, target_parity
 
     precision = model_precision(src)
@@ -624,7 +625,8 @@ def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artif
     batch = (min(16, int(getattr(target.config, "max_batch", 16))) if _dynamic_batch(compiled)
              else src.inputs[0].shape[0])
     try:
-        cell.parity = target_parity(src, cell.runner.infer, ctx.data, target.config, precision, batch, ctx.seed)
+        cell.parity = cached_parity(ctx.cache, cell, target, src.digest, precision, batch, ctx.data, ctx.seed, lambda: (
+            target_parity(src, cell.runner.infer, ctx.data, target.config, precision, batch, ctx.seed)))
     except Exception as e:  # the runner raising is a failed inference of this cell, not of the run
         cell.status, cell.reason = "failed", f"inference failed during the parity check: {str(e).splitlines()[0]}"
     else:

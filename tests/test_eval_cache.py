@@ -47,6 +47,10 @@ def evaluations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _scored(rep: Any) -> list[Any]:
+    return [e for e in rep.lineage.evaluations if e.what == "accuracy+fidelity"]
+
+
 def _run(recipe: Path, tmp_path: Path, cache: Path, name: str, log: list[str] | None = None) -> Any:
     return run(recipe, out_dir=tmp_path / name, cache_dir=cache, progress=False,
                log=log.append if log is not None else None)
@@ -56,15 +60,18 @@ def test_a_second_identical_run_does_not_evaluate_again(tmp_path: Path, evaluati
     r, cache = _recipe(tmp_path), tmp_path / "cache"
     rep1 = _run(r, tmp_path, cache, "o1")
     assert len(evaluations) == 2  # the baseline and the variant
-    assert [e.cached for e in rep1.lineage.evaluations] == [False, False]
+    assert [e.cached for e in _scored(rep1)] == [False, False]
 
     lines: list[str] = []
     rep2 = _run(r, tmp_path, cache, "o2", lines)
     assert len(evaluations) == 2  # nothing ran over the evaluation data again
-    assert [e.cached for e in rep2.lineage.evaluations] == [True, True]
+    assert [e.cached for e in _scored(rep2)] == [True, True]
     assert sum("cached evaluation" in m for m in lines) >= 2
+    # The builds' parity checks against their input models too: read from the records, not run again.
+    assert [(e.variant, e.cached) for e in rep2.lineage.evaluations if e.what == "parity"] == [
+        ("baseline", True), ("c", True)]
     for a, b in zip(rep1.results, rep2.results, strict=True):  # the same figures, from the records
-        assert (a.accuracy_top1, a.fidelity) == (b.accuracy_top1, b.fidelity)
+        assert (a.accuracy_top1, a.fidelity, a.parity) == (b.accuracy_top1, b.fidelity, b.parity)
     # Written into the run folder and report.json: the graph from the model to each build, and the evaluations.
     on_disk = json.loads((tmp_path / "o2" / "lineage.json").read_text())
     assert on_disk == json.loads((tmp_path / "o2" / "report.json").read_text())["lineage"]
@@ -78,7 +85,7 @@ def test_a_second_identical_run_does_not_evaluate_again(tmp_path: Path, evaluati
     assert nodes[rep2.variants["c"].steps[0].digest]["settings"]["factor"] == 0.5
 
     # A record changed on disk is not trusted: it is discarded with a note, and that model evaluated again.
-    key = next(e.key for e in rep2.lineage.evaluations if e.variant == "c")
+    key = next(e.key for e in _scored(rep2) if e.variant == "c")
     record = cache / "evaluations" / key[:2] / f"{key}.json"
     d = json.loads(record.read_text())
     d["record"]["accuracy_top1"] = 0.999
@@ -87,7 +94,7 @@ def test_a_second_identical_run_does_not_evaluate_again(tmp_path: Path, evaluati
     rep3 = _run(r, tmp_path, cache, "o3", lines)
     # The variant again, alone: its fidelity is judged against the reference's kept outputs (not run again).
     assert len(evaluations) == 3
-    assert [(e.variant, e.cached) for e in rep3.lineage.evaluations] == [("baseline", True), ("c", False)]
+    assert [(e.variant, e.cached) for e in _scored(rep3)] == [("baseline", True), ("c", False)]
     assert any("cached evaluation" in m and "was not used" in m for m in lines)
     assert [c.accuracy_top1 for c in rep3.results] == [c.accuracy_top1 for c in rep1.results]
 
@@ -98,7 +105,7 @@ def test_a_changed_evaluation_setting_evaluates_again(tmp_path: Path, evaluation
     assert len(evaluations) == 2
     # Other evaluation data: the same models (the same digests) are evaluated again.
     rep = _run(_recipe(tmp_path, data=", max_val_samples = 50"), tmp_path, cache, "o2")
-    assert len(evaluations) == 4 and not any(e.cached for e in rep.lineage.evaluations)
+    assert len(evaluations) == 4 and not any(e.cached for e in _scored(rep))
     assert [c.compiled_digest for c in rep.results] == [c.compiled_digest for c in rep1.results]
     # A user metric named: evaluated again (its figures are part of the record).
     rep = _run(_recipe(tmp_path, metric=', metric = "tests.user_models:recall_at_1"'), tmp_path, cache, "o3")
