@@ -227,7 +227,8 @@ def score(plan: Plan, cells: list[Cell], variants: list[Variant], output_kind: s
     if ref is None or any(c.compiled is None for c in todo):  # no reference, or a model without a digest to key
         compute(cells, variants, plan.data, plan.root, say, output_kind, metric)
         return
-    targets = {t.name: {**t.fingerprint(), "code": code_identity(type(t).__module__)} for t in plan.targets}
+    targets = {t.name: {**t.fingerprint(), "code": code_identity(type(t).__module__),
+                        "settings": t.config.model_dump(mode="json")} for t in plan.targets}
     code = code_identity(getattr(compute, "__module__", __name__))
     scoring = {"output_kind": output_kind, "metric": metric_identity(metric)}
     setting = {id(c): settings(plan, c, targets, code) for c in todo}
@@ -273,7 +274,8 @@ def parity(cache: Cache, cell: Cell, target: Any, src_digest: str, precision: st
     setting = {"input": src_digest, "precision": precision, "batch": batch, "seed": seed,
                "data": getattr(data, "digest", None), "libs": library_versions(), "code": code_identity(__name__),
                "parity_code": code_identity("compress.parity"),
-               "target": {"name": cell.target, "config": cell.config, **target.fingerprint(),
+               # Every setting, the parity bounds included (the build's key leaves them out: they do not change it).
+               "target": {"name": cell.target, "config": target.config.model_dump(mode="json"), **target.fingerprint(),
                           "code": code_identity(type(target).__module__)}}
     key = evaluation_key(cell.compiled.digest, PARITY, setting)
     store = EvalStore(cache)
