@@ -118,3 +118,20 @@ def write_lineage(lineage: Lineage, out: Any) -> None:
     # As report.json writes it (keys given only), so the two files hold the same record.
     data = lineage.model_dump(mode="json", by_alias=True, exclude_unset=True)
     (Path(out) / LINEAGE_FILE).write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def cell_records(lineage: Lineage | None, variant: str, target: str, digest: str | None) -> dict[str, Any] | None:
+    """The lineage records of one measured cell, as ``compress check --update-baseline`` keeps them with a recorded
+    baseline: the artifacts from its build back to the model as it came (each with its step, settings and code),
+    and its evaluations (accuracy and fidelity, parity) by key. None when the run recorded no lineage."""
+    if lineage is None:
+        return None
+    nodes = {n.digest: n for n in lineage.artifacts}
+    path: list[dict[str, Any]] = []
+    while digest is not None and digest in nodes and len(path) < len(nodes):
+        node = nodes[digest]
+        path.append(node.model_dump(mode="json", by_alias=True, exclude={"variants"}))
+        digest = node.parent
+    evals = [e.model_dump(mode="json", by_alias=True) for e in lineage.evaluations
+             if e.variant == variant and e.target == target]
+    return {"artifacts": path, "evaluations": evals}

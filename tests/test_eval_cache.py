@@ -146,3 +146,30 @@ def test_search_trials_sharing_a_pruning_prefix_evaluate_it_once(tmp_path: Path,
         built |= {c["compiled_digest"] for c in rep["results"]}
     assert len(built) <= 3 < 6  # the baseline and at most two trial models, among six evaluations before
     assert len(evaluations) == len(built)  # each model evaluated once, the shared ones read from the cache
+
+
+def test_a_recorded_baseline_keeps_the_runs_lineage_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.measurement as stage3
+    from compress.cli import main
+    from tests.test_budget import _fake_measure, write_budgets
+
+    monkeypatch.setattr(stage3, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
+    b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1.1x recorded"\n')
+    args = ["check", str(b), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--update-baseline"]) == 0
+    stored = json.loads((tmp_path / "budgets.baseline.json").read_text())
+    entry = next(e for k, e in stored["entries"].items() if "|baseline|onnxruntime|" in k)
+    chain = entry["lineage"]["artifacts"]
+    assert chain[0]["digest"] == entry["digest"] and chain[0]["step"] == "compile onnxruntime"
+    assert [n["step"] for n in chain[1:]] == ["export.onnx", "source"]
+    # Its evaluations are the evaluation cache's own records (the same keys), not a second copy of the figures.
+    evals = entry["lineage"]["evaluations"]
+    assert {e["what"] for e in evals} == {"accuracy+fidelity", "parity"}
+    for e in evals:
+        assert e["artifact"] == entry["digest"]
+        assert (tmp_path / "c" / "evaluations" / e["key"][:2] / f"{e['key']}.json").is_file()
+    # A baseline recorded before these records existed still loads and is checked against.
+    for e in stored["entries"].values():
+        e.pop("lineage")
+    (tmp_path / "budgets.baseline.json").write_text(json.dumps(stored))
+    assert main(args) == 0
