@@ -10,6 +10,9 @@ digest, so two runs that made or evaluated the same model show the same node and
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,14 +113,13 @@ def build_lineage(plan: Plan, variants: list[Variant], cells: list[Cell]) -> Lin
     return Lineage(artifacts=list(nodes.values()), evaluations=evals)
 
 
-def write_lineage(lineage: Lineage, out: Any) -> None:
-    """``lineage.json`` in the run folder (the same record as report.json's ``lineage``)."""
-    import json
-    from pathlib import Path
-
-    # As report.json writes it (keys given only), so the two files hold the same record.
-    data = lineage.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    (Path(out) / LINEAGE_FILE).write_text(json.dumps(data, indent=1, default=str) + "\n")
+def lineage_files(lineage: Lineage | None) -> list[tuple[str, Callable[[Path], Any]]]:
+    """``lineage.json`` for the run folder's report set (``compress.report_files``), written as report.json writes
+    its ``lineage`` (keys given only), so the two hold the same record; nothing when the run recorded none."""
+    if lineage is None:
+        return []
+    text = json.dumps(lineage.model_dump(mode="json", by_alias=True, exclude_unset=True), indent=1, default=str)
+    return [(LINEAGE_FILE, lambda p: p.write_text(text + "\n"))]
 
 
 def cell_records(lineage: Lineage | None, variant: str, target: str, digest: str | None) -> dict[str, Any] | None:
