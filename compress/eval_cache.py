@@ -227,8 +227,9 @@ def score(plan: Plan, cells: list[Cell], variants: list[Variant], output_kind: s
     if ref is None or any(c.compiled is None for c in todo):  # no reference, or a model without a digest to key
         compute(cells, variants, plan.data, plan.root, say, output_kind, metric)
         return
+    measured = {c.target for c in todo}  # an unavailable target's fingerprint is not asked for
     targets = {t.name: {**t.fingerprint(), "code": code_identity(type(t).__module__),
-                        "settings": t.config.model_dump(mode="json")} for t in plan.targets}
+                        "settings": t.config.model_dump(mode="json")} for t in plan.targets if t.name in measured}
     code = code_identity(getattr(compute, "__module__", __name__))
     scoring = {"output_kind": output_kind, "metric": metric_identity(metric)}
     setting = {id(c): settings(plan, c, targets, code) for c in todo}

@@ -24,6 +24,8 @@ from .cache import Cache
 from .capabilities import TargetCaps, refusal
 from .data import DataBundle
 from .errors import CompressError, TargetUnavailable
+from .eval_cache import parity as cached_parity  # an evaluation made alike before is read, not made again
+from .eval_cache import score
 from .evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
 from .execute import Variant
 from .manager import PassContext
@@ -109,9 +111,7 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     cells += _reference_cells(references or {}, plan.targets, say)
     try:
         _measure_latency(cells, plan.root, rec, threads, plan.progress, say, probe, aa_session)
-        from .eval_cache import score  # each cell's evaluation read from the cache when an identical one is kept
-
-        score(plan, cells, variants, _declared_kind(rec, plan.root), _measure_accuracy)
+        score(plan, cells, variants, _declared_kind(rec, plan.root), _measure_accuracy)  # through the evaluation cache
     finally:
         for c in cells:
             if c.runner is not None:
@@ -554,8 +554,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
 
     Fidelity is measured the way the output calls for (compress.fidelity): argmax agreement for
     logits, per-sample cosine for embeddings, SNR for regression, plus the user's metric if named.
-    ``ref_outputs``: the reference's outputs kept by the evaluation cache (it is not run again).
-    Returns the reference's outputs (None without a reference).
+    ``ref_outputs``: the reference's outputs the evaluation cache kept (not run again); returns the reference's.
     """
     from .fidelity import SYNTHETIC_SAMPLES, infer_kind, load_metric, run_metric
 
@@ -615,7 +614,6 @@ def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artif
     itself the reference, so it has nothing to check."""
     if target.caps.reference or target.caps.consumes != ONNX:
         return
-    from .eval_cache import parity as cached_parity  # a build checked alike before is not checked again
     from .parity import model_precision, target_parity
 
     precision = model_precision(src)
