@@ -173,3 +173,39 @@ def test_a_recorded_baseline_keeps_the_runs_lineage_records(tmp_path: Path, monk
         e.pop("lineage")
     (tmp_path / "budgets.baseline.json").write_text(json.dumps(stored))
     assert main(args) == 0
+
+
+def test_concurrent_writers_never_leave_a_partial_record(tmp_path: Path) -> None:
+    """Runs of one search write the same evaluation side by side: a reader sees a whole record or none, and
+    a record changed on disk is discarded with a note."""
+    import threading
+
+    from compress.cache import Cache
+    from compress.eval_cache import EvalStore
+
+    cache = Cache(tmp_path / "cache")
+    store = EvalStore(cache)
+    key = "ab" * 32
+    record = {"accuracy_top1": 0.5, "fidelity": {"agreement": 1.0, "values": list(range(2000))}}
+    seen: list[Any] = []
+
+    def write() -> None:
+        for _ in range(40):
+            store.put(key, record)
+
+    def read() -> None:
+        for _ in range(200):
+            seen.append(store.get(key))
+
+    threads = [threading.Thread(target=write) for _ in range(3)] + [threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is None or r == record for r in seen) and store.get(key) == record
+    assert cache.notes == []  # nothing was ever half-written
+    path = tmp_path / "cache" / "evaluations" / key[:2] / f"{key}.json"
+    path.write_text(path.read_text().replace('"accuracy_top1": 0.5', '"accuracy_top1": 0.9'))
+    assert store.get(key) is None and not path.exists()
+    assert "was not used" in cache.notes[0]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]  # no temporary file left behind
