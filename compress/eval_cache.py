@@ -233,9 +233,9 @@ def score(plan: Plan, cells: list[Cell], variants: list[Variant], output_kind: s
     code = code_identity(getattr(compute, "__module__", __name__))
     scoring = {"output_kind": output_kind, "metric": metric_identity(metric)}
     setting = {id(c): settings(plan, c, targets, code) for c in todo}
-    own = {id(c): evaluation_key(c.compiled.digest, "outputs", setting[id(c)]) for c in todo}  # type: ignore[union-attr]
-    keys = {id(c): evaluation_key(c.compiled.digest, SCORED, setting[id(c)], own[id(ref)], scoring)  # type: ignore[union-attr]
-            for c in todo}
+    digest = {id(c): c.compiled.digest for c in todo if c.compiled is not None}  # every one (checked above)
+    own = {id(c): evaluation_key(digest[id(c)], "outputs", setting[id(c)]) for c in todo}
+    keys = {id(c): evaluation_key(digest[id(c)], SCORED, setting[id(c)], own[id(ref)], scoring) for c in todo}
     missed: list[Cell] = []
     for c in todo:
         kept = store.get(keys[id(c)])
@@ -244,8 +244,8 @@ def score(plan: Plan, cells: list[Cell], variants: list[Variant], output_kind: s
             continue
         c.accuracy, c.fidelity = kept.get("accuracy_top1"), kept.get("fidelity")
         _note(plan.cache, c, SCORED, keys[id(c)], setting[id(c)], True, kept)
-        say(f"score {c.variant}/{c.target}: cached evaluation (same model digest "
-            f"{c.compiled.digest[:12]} and evaluation settings)")  # type: ignore[union-attr]
+        say(f"score {c.variant}/{c.target}: cached evaluation (same model digest {digest[id(c)][:12]} and "
+            "evaluation settings)")
     if not missed:
         say(f"fidelity reference: baseline on {ref.target} (cached evaluation)")
         return
@@ -253,6 +253,7 @@ def score(plan: Plan, cells: list[Cell], variants: list[Variant], output_kind: s
     ref_out = store.outputs(own[id(ref)]) if ref_kept else None
     if ref_out is None and ref_kept:
         missed.insert(0, ref)  # its outputs were not kept (too large, or discarded): it runs again
+        plan.cache.evaluations[:] = [e for e in plan.cache.evaluations if e["key"] != keys[id(ref)]]
     run_now = {id(c) for c in missed} | {id(ref)}
     out = compute([c for c in cells if id(c) in run_now], variants, plan.data, plan.root, say, output_kind,
                   metric, ref_out)

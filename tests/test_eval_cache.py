@@ -209,3 +209,23 @@ def test_concurrent_writers_never_leave_a_partial_record(tmp_path: Path) -> None
     assert store.get(key) is None and not path.exists()
     assert "was not used" in cache.notes[0]
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]  # no temporary file left behind
+
+
+def test_a_new_variant_beside_a_known_baseline_runs_only_itself(tmp_path: Path, evaluations: list[int]) -> None:
+    cache = tmp_path / "cache"
+    r = _recipe(tmp_path)
+    _run(r, tmp_path, cache, "o1")
+    assert len(evaluations) == 2
+    r.write_text(r.read_text().replace("factor = 0.5", "factor = 0.25"))
+    rep = _run(r, tmp_path, cache, "o2")
+    # The new model alone: its fidelity is judged against the reference's kept outputs.
+    assert len(evaluations) == 3
+    assert [(e.variant, e.cached) for e in _scored(rep)] == [("baseline", True), ("c", False)]
+    assert rep.cell("c", "onnxruntime").fidelity.agreement is not None
+    # Without the reference's outputs (deleted here; too large to keep, elsewhere) the reference runs again.
+    for npy in (cache / "evaluations").glob("*/*.npy"):
+        npy.unlink()
+    r.write_text(r.read_text().replace("factor = 0.25", "factor = 0.75"))
+    rep = _run(r, tmp_path, cache, "o3")
+    assert len(evaluations) == 5
+    assert sorted((e.variant, e.cached) for e in _scored(rep)) == [("baseline", False), ("c", False)]
