@@ -110,6 +110,9 @@ def test_a_changed_evaluation_setting_evaluates_again(tmp_path: Path, evaluation
     # A user metric named: evaluated again (its figures are part of the record).
     rep = _run(_recipe(tmp_path, metric=', metric = "tests.user_models:recall_at_1"'), tmp_path, cache, "o3")
     assert len(evaluations) == 6 and rep.cell("c", "onnxruntime").fidelity.metric is not None
+    # Another output kind (how fidelity is judged): evaluated again.
+    rep = _run(_recipe(tmp_path, metric=', output_kind = "embedding"'), tmp_path, cache, "o4")
+    assert len(evaluations) == 8 and rep.cell("c", "onnxruntime").fidelity.kind == "embedding"
 
 
 def test_the_evaluation_key_covers_artifact_settings_and_reference() -> None:
