@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.errors import PassError
 from compress.core.layers import LayerSelector, outermost, torch_layers
+from compress.errors import PassError
 
 _CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WeightLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear

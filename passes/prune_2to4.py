@@ -18,13 +18,10 @@ from torch import nn
 
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
-from compress.core.manager import PassContext
-from compress.core.registry import register_pass
-from compress.errors import PassError
-from compress.inputs.torch_io import clone_module, torch_artifact
 from compress.core.layers import LayerSelector, check_on_root, old_keys_schema, renamed_keys, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
+from compress.errors import PassError
 from compress.inputs.torch_io import clone_module, torch_artifact
 
 from ._prune_common import (

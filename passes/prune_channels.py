@@ -25,10 +25,6 @@ from torch import nn
 
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
-from compress.core.manager import PassContext
-from compress.core.registry import register_pass
-from compress.errors import PassError
-from compress.inputs.torch_io import clone_module, register_structure_hook, sample_inputs, torch_artifact
 from compress.core.layers import (
     LayerSelector,
     check_on_root,
@@ -40,6 +36,7 @@ from compress.core.layers import (
 )
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
+from compress.errors import PassError
 from compress.inputs.torch_io import clone_module, register_structure_hook, sample_inputs, torch_artifact
 
 from ._prune_common import (

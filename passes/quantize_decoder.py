@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from compress.core.artifact import Artifact, sha256_files
-from compress.core.manager import PassContext
 from compress.core.layers import onnx_layers
+from compress.core.manager import PassContext
 from compress.errors import PassError
 
 

@@ -11,18 +11,13 @@ from typing import Any, Literal
 from pydantic import ConfigDict, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.quality.parity import ParityOptions
 
-from ._quant_common import pass_parity, quiet
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
-from compress.core.manager import PassContext
-from compress.quality.parity import ParityOptions
-from compress.core.registry import register_pass
-
-from ._quant_common import name_nodes, pass_parity, weighted_nodes
+from ._quant_common import name_nodes, pass_parity, quiet, weighted_nodes
 
 # The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
 _OLD_KEYS = {"keep_ops": "type:"}

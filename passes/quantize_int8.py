@@ -16,17 +16,10 @@ from pydantic import ConfigDict, Field, model_validator
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.config import true_advice
 from compress.core.int8_scheme import choose_scheme
-from compress.core.manager import PassContext
-from compress.core.registry import register_pass
-from compress.errors import AccuracyError, PassError, RecipeError
-from compress.core.artifact import Artifact, sha256_files
-from compress.core.config import true_advice
-from compress.errors import AccuracyError, PassError
-from compress.core.int8_scheme import choose_scheme
 from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.core.manager import PassContext
-from compress.quality.parity import LOWERING, ParityOptions, check, parity_batch
 from compress.core.registry import register_pass
+from compress.errors import AccuracyError, PassError
 
 from ._quant_common import (
     GUARD_MIN_COSINE,

@@ -17,14 +17,11 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.quality.parity import ParityOptions
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
-from compress.core.manager import PassContext
-from compress.quality.parity import ParityOptions
-from compress.core.registry import register_pass
 
 from ._quant_common import GroupSize, calibration_batches, name_nodes, pass_parity, refuse_quantized, weighted_nodes
 from .quantize_nncf import quiet_nncf

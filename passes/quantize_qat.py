@@ -26,14 +26,6 @@ from torch import nn
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
 from compress.core.int8_scheme import choose_scheme
-from compress.core.manager import PassContext
-from compress.core.registry import register_pass
-from compress.errors import PassError
-from compress.inputs.torch_io import clone_module, register_structure_hook, torch_artifact
-from compress.core.artifact import Artifact
-from compress.core.config import PassConfig
-from compress.errors import PassError, RecipeError
-from compress.core.int8_scheme import choose_scheme
 from compress.core.layers import (
     LayerSelector,
     check_on_root,
@@ -45,6 +37,7 @@ from compress.core.layers import (
 )
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
+from compress.errors import PassError, RecipeError
 from compress.inputs.torch_io import clone_module, register_structure_hook, torch_artifact
 
 from ._quant_common import auto_scheme_env, calibration_batches, require_data

@@ -549,8 +549,8 @@ def _old_report_untouched_and_rerun_only_renders(env: Env) -> None:
 
     env.monkeypatch.setattr(pipeline, "execute", no_measuring)
     assert main(env.state["args"]) == 0
-    assert sorted(p.name for p in env.out.iterdir()) == ["latency.png", "pareto.png", "report.html", "report.json",
-                                                         "report.md"]
+    assert sorted(p.name for p in env.out.iterdir()) == ["latency.png", "lineage.json", "pareto.png", "report.html",
+                                                         "report.json", "report.md"]
     assert json.loads((env.out / "report.json").read_text())["results"][0]["status"] == "ok"
     assert list((env.cache / "reports").glob("*.json")) == []
 

@@ -26,8 +26,8 @@ from torch import nn
 import compress
 from compress.core import notices
 from compress.core.config import format_step
-from compress.errors import RecipeError
 from compress.core.layers import LayerSelector, onnx_layers, torch_layers
+from compress.errors import RecipeError
 from compress.stages.recipe import parse_pipeline
 
 

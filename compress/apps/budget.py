@@ -832,6 +832,7 @@ def check(
     check_fidelity_budgets(bf, recipes, Path(path), cache_dir)
 
     from ..core.fingerprint import machine_fingerprint
+    from ..core.lineage import cell_records
     from ..core.registry import get_target_config
     from ..measuring.memprobe import measure_peak_memory
     from ..reporting.report import noise_lines
@@ -881,7 +882,9 @@ def check(
                     store.put(BaselineStore.key(model, r.variant, r.target, batch, fp), {
                         "digest": r.compiled_digest, "samples_ms": samples, "p50_ms": p50,
                         "recorded": report.created, "machine": report.machine.cpu.model,
-                        "artifact": art, **({"device": r.device} if r.device is not None else {})})
+                        "artifact": art, **({"device": r.device} if r.device is not None else {}),
+                        # The run's own lineage records of this build (core.lineage): its chain and evaluations.
+                        "lineage": cell_records(report.lineage, r.variant, r.target, r.compiled_digest)})
                     cells.append(f"{r.variant}/{r.target}@b{batch} p50 {p50:.4g} ms")
             where = f"{store.path} (artifacts in {store.artifact_dir}/)"
             recorded_lines.append(f"RECORDED baseline of {model}: {len(cells)} cells ({'; '.join(cells)}) for "

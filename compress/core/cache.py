@@ -68,6 +68,9 @@ class Cache:
         self.root = Path(root) if root is not None else default_cache_dir()
         # What verification found this session (discarded entries); runs copy them into their report.
         self.notes: list[str] = []
+        # Evaluations this session read from or wrote to <root>/evaluations (compress.quality.eval_cache); a run
+        # records them in its lineage (compress.core.lineage).
+        self.evaluations: list[dict[str, Any]] = []
         self.log = log
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"

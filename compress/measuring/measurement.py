@@ -27,6 +27,8 @@ from ..core.registry import code_identity, get_pass
 from ..core.registry import targets as registered_targets
 from ..errors import CompressError, TargetUnavailable
 from ..inputs.data import DataBundle
+from ..quality.eval_cache import parity as cached_parity  # an evaluation made alike before is read, not made again
+from ..quality.eval_cache import score
 from ..quality.evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
 from ..reporting.report_schema import latency_key
 from ..stages.execute import Variant
@@ -109,8 +111,7 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
     cells += _reference_cells(references or {}, plan.targets, say)
     try:
         _measure_latency(cells, plan.root, rec, threads, plan.progress, say, probe, aa_session)
-        _measure_accuracy(cells, variants, plan.data, plan.root, say, _declared_kind(rec, plan.root),
-                          rec.measure.metric)
+        score(plan, cells, variants, _declared_kind(rec, plan.root), _measure_accuracy)  # through the evaluation cache
     finally:
         for c in cells:
             if c.runner is not None:
@@ -547,11 +548,13 @@ def _output_name(variants: list[Variant]) -> str | None:
 
 
 def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
-                      say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None) -> None:
+                      say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None,
+                      ref_outputs: np.ndarray | None = None) -> np.ndarray | None:
     """Top-1 on the validation split and fidelity to the original model on the reference target.
 
     Fidelity is measured the way the output calls for (compress.quality.fidelity): argmax agreement for
     logits, per-sample cosine for embeddings, SNR for regression, plus the user's metric if named.
+    ``ref_outputs``: the reference's outputs the evaluation cache kept (not run again); returns the reference's.
     """
     from ..quality.fidelity import SYNTHETIC_SAMPLES, infer_kind, load_metric, run_metric
 
@@ -572,7 +575,9 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
             continue
         bs = 64 if (c.caps.any_batch or _dynamic_batch(c.compiled)) else 1
         try:
-            if data is not None and data.input_names:  # one named array per model input
+            if c is ref_cell and ref_outputs is not None:
+                logits = ref_outputs
+            elif data is not None and data.input_names:  # one named array per model input
                 logits = predict_feeds(c.runner, data.feeds(data.val), bs)
             elif data is not None:
                 logits = predict(c.runner, data, data.val, bs)
@@ -599,6 +604,7 @@ def _measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBund
                 say(f"WARNING fidelity: {c.fidelity['degenerate']}")
     if ref_cell is not None:
         say(f"fidelity reference: baseline on {ref_cell.target}")
+    return ref
 
 
 def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artifact, ctx: PassContext,
@@ -617,7 +623,8 @@ def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artif
     batch = (min(16, int(getattr(target.config, "max_batch", 16))) if _dynamic_batch(compiled)
              else src.inputs[0].shape[0])
     try:
-        cell.parity = target_parity(src, cell.runner.infer, ctx.data, target.config, precision, batch, ctx.seed)
+        cell.parity = cached_parity(ctx.cache, cell, target, src.digest, precision, batch, ctx.data, ctx.seed, lambda: (
+            target_parity(src, cell.runner.infer, ctx.data, target.config, precision, batch, ctx.seed)))
     except Exception as e:  # the runner raising is a failed inference of this cell, not of the run
         cell.status, cell.reason = "failed", f"inference failed during the parity check: {str(e).splitlines()[0]}"
     else:

@@ -635,17 +635,18 @@ def plot_latency(report: Report, path: Path) -> None:
 
 
 def write_report(report: Report, out: Path) -> None:
-    """Write the report files as one set (``compress.reporting.report_files``): ``out`` ends up holding the whole new
+    """Write the report files as one set (``reporting.report_files``): ``out`` ends up holding the whole new
     report (report.md, pareto.png, report.html, report.json), or stays as it was. json goes last where files
     are moved in one by one: it marks completion.
 
     report.json is ``report.to_json()``: the schema in docs/report.schema.json (``reporting.report_schema``)."""
+    from ..core.lineage import lineage_files
     from .report_files import write_report_set
 
     md = render_markdown(report)
     js = json.dumps(report.to_json(), indent=2, default=str)
     html = render_html(report)
     write_report_set(out, [("report.md", lambda p: p.write_text(md)), ("pareto.png", lambda p: plot_pareto(report, p)),
-                           ("latency.png", lambda p: plot_latency(report, p)),
+                           ("latency.png", lambda p: plot_latency(report, p)), *lineage_files(report.lineage),
                            ("report.html", lambda p: p.write_text(html, encoding="utf-8")),
                            ("report.json", lambda p: p.write_text(js))], known_bytes=len(md) + len(js) + len(html))

@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import CompressError, InputError
 
 # Every file a run's report set may hold; a folder holding only these is an earlier report, replaced whole.
-REPORT_FILES = frozenset({"report.md", "report.html", "pareto.png", "latency.png", "report.json"})
+REPORT_FILES = frozenset({"report.md", "report.html", "pareto.png", "latency.png", "lineage.json", "report.json"})
 # A report set of a small run is ~0.2 MiB (mostly the plot); refusing below this is knowable before measuring.
 MIN_FREE_BYTES = 2 * 1024 * 1024
 PLOT_BYTES = 1024 * 1024  # room kept for the plot beside the text files' known sizes

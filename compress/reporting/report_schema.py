@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.capabilities import Facts
+from ..core.lineage import Lineage
 from ..errors import InputError
 from ..stages.recipe import MeasureSpec
 
@@ -442,6 +443,8 @@ class Report(_Record):
     seconds: float
     cache: str
     baseline_label: str | None = Field(None, description="what tables call the baseline (compress compare)")
+    lineage: Lineage | None = Field(None, description="the run's artifacts (parent, step, settings, digest) and "
+                                    "evaluations keyed by artifact digest and settings (compress.core.lineage)")
 
     def to_json(self) -> dict[str, Any]:
         """Exactly the dict written to report.json."""

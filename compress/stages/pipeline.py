@@ -165,6 +165,9 @@ def report(plan: Plan, variants: list[Variant], m: Measurement, seconds: float,
     rep = build_report(rec, variants, cells, plan.data, m.threads, plan.auto_export, machine_fingerprint(),
                        seconds, plan.cache, m.contention, baseline_label=baseline_label, extra_notes=notes,
                        seq_own=m.seq_own)
+    from ..core.lineage import build_lineage
+
+    rep.lineage = build_lineage(plan, variants, cells)  # the graph and its evaluations, as data
     if plan.write:
         _write(plan, rep, kept)
         link_artifacts(cells, plan.out, variants)  # after the report: a failed write leaves --out as it was
