@@ -20,16 +20,6 @@ def _modules() -> Iterator[Path]:
                 yield path
 
 
-def _name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = list(rel.parts)
-    if parts[0] in ("passes", "targets"):
-        parts.insert(0, "compress")
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
 def test_no_folder_of_the_core_holds_more_than_15_modules() -> None:
     crowded = {}
     for folder in [ROOT / "compress", *(p for p in (ROOT / "compress").iterdir() if p.is_dir())]:
