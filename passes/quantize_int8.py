@@ -94,6 +94,12 @@ class QuantizeInt8(QdqParityOptions):
     def check_data(self, data: Any) -> None:
         check_calibration_size(data, "quantize.int8", MIN_CALIB_SAMPLES)
 
+    def preflight(self, root: Any, text: Any) -> None:
+        if text is not None:  # a causal LM: W8A8 of its decoder (passes/quantize_w8a8.py)
+            from .quantize_w8a8 import refuse_for_decoder
+
+            refuse_for_decoder(self, RecipeError)
+
 
 class _Reader:
     """ORT CalibrationDataReader over prepared batches."""
@@ -314,6 +320,10 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
     import onnx
 
+    if art.known_facts().decoder is not None:  # a decoder with its KV cache: W8A8 (SmoothQuant optional)
+        from .quantize_w8a8 import quantize_decoder_static
+
+        return quantize_decoder_static(art, cfg, ctx)
     src = art.path / "model.onnx"
     model = onnx.load(str(src))
     refuse_quantized(model, "quantize.int8")

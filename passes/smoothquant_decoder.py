@@ -1,0 +1,150 @@
+"""SmoothQuant on an ONNX decoder (the onnxruntime-genai builder's graph): move activation outliers into the
+weights before static INT8, exactly in float.
+
+A static INT8 activation has one scale per tensor, so a few channels with large values (the outliers every
+LLM has after its norms) take the whole 8-bit range and the rest round to a handful of levels. SmoothQuant
+(Xiao et al., 2023) divides activation channel ``c`` by ``s_c`` and multiplies row ``c`` of the weight that
+reads it by ``s_c``: the product is unchanged, the activation is flatter, the weight (quantized per output
+channel) absorbs it. ``s_c = max|X_c|^alpha / max|W_c|^(1 - alpha)``, ``alpha`` trading one for the other.
+
+The division is folded into the op that produces the activation, so no op is added:
+* a norm (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization: RMSNorm; LayerNormalization /
+  SkipLayerNormalization) whose normalised output feeds only MatMuls: its scale (and bias) divided by ``s``;
+  this covers the attention input (q/k/v, packed or not), the MLP input (gate/up) and the LM head;
+* ``Mul(act(gate), up)`` feeding only MatMuls (the gated MLP's ``down_proj`` input, where the largest
+  outliers are): ``up_proj``'s weight columns divided by ``s``, since the Mul is linear in ``up``.
+Attention's output projection (``o_proj``) is left unsmoothed: its input comes out of the fused attention op,
+and a per-channel scale would have to go into the value projection shared by a group of query heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Norm ops: where their scale (gamma) and bias (beta) inputs are, when present.
+_NORMS = {"SimplifiedLayerNormalization": (1, None), "SkipSimplifiedLayerNormalization": (2, None),
+          "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}
+_SCALE_CLIP = (1e-2, 1e2)
+
+
+def _consumers(model: Any) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            out.setdefault(t, []).append(n)
+    return out
+
+
+def smoothing_groups(model: Any) -> list[dict[str, Any]]:
+    """Where a per-channel scale can be folded in: ``{"kind", "src" (the node folded into), "tensor" (the
+    activation smoothed), "matmuls" (its readers), "up" (the up MatMul, for a gated MLP)}``."""
+    inits = {i.name for i in model.graph.initializer}
+    cons = _consumers(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outs = {o.name for o in model.graph.output}
+
+    def readers(t: str) -> list[Any] | None:
+        users = cons.get(t, [])
+        if t in outs or not users or not all(u.op_type == "MatMul" and u.input[0] == t and u.input[1] in inits
+                                             for u in users):
+            return None
+        return users
+
+    groups: list[dict[str, Any]] = []
+    for n in model.graph.node:
+        if n.op_type in _NORMS:
+            gi, bi = _NORMS[n.op_type]
+            if len(n.input) <= gi or n.input[gi] not in inits:
+                continue
+            if bi is not None and len(n.input) > bi and n.input[bi] and n.input[bi] not in inits:
+                continue
+            users = readers(n.output[0])
+            if users:
+                groups.append({"kind": "norm", "src": n, "tensor": n.output[0], "matmuls": users})
+        elif n.op_type == "Mul":
+            users = readers(n.output[0])
+            if not users:
+                continue
+            for t in n.input:  # the operand that is a MatMul's output read by this Mul only
+                up = producer.get(t)
+                if (up is not None and up.op_type == "MatMul" and up.input[1] in inits and len(cons.get(t, [])) == 1
+                        and t not in outs):
+                    groups.append({"kind": "mlp", "src": n, "tensor": n.output[0], "matmuls": users, "up": up})
+                    break
+    return groups
+
+
+def activation_absmax(model: Any, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of ``tensors`` over the calibration feeds, run in ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]  # only what is measured: not the logits nor the cache
+    for t in tensors:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors must stay as named
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sess.get_inputs()}
+    amax: dict[str, np.ndarray] = {}
+    for f in feeds:
+        for t, v in zip(tensors, sess.run(tensors, {k: x for k, x in f.items() if k in wanted}), strict=True):
+            a = np.abs(np.asarray(v, np.float32)).reshape(-1, v.shape[-1]).max(0)
+            amax[t] = np.maximum(amax[t], a) if t in amax else a
+    return amax
+
+
+def smooth_decoder(model: Any, feeds: list[dict[str, np.ndarray]], alpha: float) -> dict[str, Any]:
+    """Fold SmoothQuant scales into ``model`` (an onnx ModelProto with its weights loaded) in place; returns
+    what was smoothed. The model's function is unchanged in float (up to rounding)."""
+    from onnx import numpy_helper
+
+    groups = smoothing_groups(model)
+    if not groups:
+        return {"alpha": alpha, "smoothed_matmuls": 0, "groups": 0}
+    amax = activation_absmax(model, [g["tensor"] for g in groups], feeds)
+    inits = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            uses[t] = uses.get(t, 0) + 1
+
+    def scaled(node: Any, idx: int, fn: Any) -> None:
+        """Rewrite the node's initializer input ``idx`` as ``fn(array)``, on a private copy when it is shared."""
+        name = node.input[idx]
+        arr = fn(numpy_helper.to_array(inits[name]))
+        if uses.get(name, 0) > 1:
+            uses[name] -= 1
+            name = f"{name}.smoothed.{node.name}"
+            node.input[idx] = name
+            model.graph.initializer.append(numpy_helper.from_array(arr, name))
+            inits[name] = model.graph.initializer[-1]
+            uses[name] = 1
+        else:
+            inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+
+    kinds = {"norm": 0, "mlp": 0}
+    n_mm = 0
+    for g in groups:
+        ws = [numpy_helper.to_array(inits[u.input[1]]) for u in g["matmuls"]]  # (K, N) each
+        wmax = np.max(np.stack([np.abs(w).max(1) for w in ws]), axis=0)
+        s = (np.maximum(amax[g["tensor"]], 1e-5) ** alpha) / (np.maximum(wmax, 1e-5) ** (1 - alpha))
+        s = np.clip(s, *_SCALE_CLIP).astype(np.float32)
+        src = g["src"]
+        if g["kind"] == "norm":
+            gi, bi = _NORMS[src.op_type]
+            for idx in (gi, bi):
+                if idx is not None and len(src.input) > idx and src.input[idx]:
+                    scaled(src, idx, lambda a, s=s: (a / s).astype(a.dtype))
+        else:
+            scaled(g["up"], 1, lambda a, s=s: (a / s[None, :]).astype(a.dtype))  # up's output channels
+        for u in g["matmuls"]:
+            scaled(u, 1, lambda a, s=s: (a * s[:, None]).astype(a.dtype))  # the readers' input rows
+            n_mm += 1
+        kinds[g["kind"]] += 1
+    return {"alpha": alpha, "smoothed_matmuls": n_mm, "groups": len(groups), "norms": kinds["norm"],
+            "gated_mlps": kinds["mlp"]}
