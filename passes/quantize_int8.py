@@ -12,7 +12,7 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -73,7 +73,8 @@ class QuantizeInt8(QdqParityOptions):
     keep_float: tuple[str, ...] = Field((), description="node names, or 'first' / 'last' quantizable node")
     activations: Literal["asymmetric", "symmetric"] = "asymmetric"
     smoothquant: bool = False
-    smoothquant_alpha: float = Field(0.5, ge=0, le=1)
+    # "auto" (decoders): chosen per smoothed activation by its simulated INT8 error (passes/smoothquant_decoder.py).
+    smoothquant_alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.5
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range", "u8u8", "s8s8"] = "auto"
     max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="top-1 drop allowed, a fraction (0.005)")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
@@ -99,6 +100,12 @@ class QuantizeInt8(QdqParityOptions):
             from .quantize_w8a8 import refuse_for_decoder
 
             refuse_for_decoder(self, RecipeError)
+        elif self.smoothquant and self.smoothquant_alpha == "auto":
+            raise RecipeError(_AUTO_ALPHA)
+
+
+_AUTO_ALPHA = ("quantize.int8: smoothquant_alpha = \"auto\" is chosen on a decoder language model's text "
+               "(model.task = \"causal-lm\"); give a number between 0 and 1 (0.5) for this model")
 
 
 class _Reader:
@@ -371,6 +378,8 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     info: dict[str, Any] = {"scheme": scheme, "scheme_reason": why, "per_channel": cfg.per_channel,
                             "calibration": cfg.calibration, "samples": cfg.samples, "activations": cfg.activations}
     if cfg.smoothquant:
+        if cfg.smoothquant_alpha == "auto":
+            raise PassError(_AUTO_ALPHA)
         sq = work / "sq.onnx"
         info["smoothquant"] = smooth_quant(pre, sq, name, batches, cfg.smoothquant_alpha)
         if info["smoothquant"]["smoothed_matmuls"] == 0:

@@ -27,6 +27,7 @@ import numpy as np
 _NORMS = {"SimplifiedLayerNormalization": (1, None), "SkipSimplifiedLayerNormalization": (2, None),
           "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}
 _SCALE_CLIP = (1e-2, 1e2)
+AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def _consumers(model: Any) -> dict[str, list[Any]]:
@@ -78,6 +79,13 @@ def smoothing_groups(model: Any) -> list[dict[str, Any]]:
 
 def activation_absmax(model: Any, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of ``tensors`` over the calibration feeds, run in ONNX Runtime."""
+    return {t: np.maximum(-st["min"], st["max"]) for t, st in _activation_stats(model, tensors, feeds, 0).items()}
+
+
+def _activation_stats(model: Any, tensors: list[str], feeds: list[dict[str, np.ndarray]],
+                      rows: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per-channel min and max of each tensor over the feeds, and ``rows`` of its rows (tokens) spread evenly over
+    the feeds (for choosing alpha by the quantization error they would see)."""
     import onnx
     import onnxruntime as ort
 
@@ -90,23 +98,59 @@ def activation_absmax(model: Any, tensors: list[str], feeds: list[dict[str, np.n
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors must stay as named
     sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in sess.get_inputs()}
-    amax: dict[str, np.ndarray] = {}
+    per_feed = -(-rows // max(len(feeds), 1))
+    stats: dict[str, dict[str, Any]] = {t: {"rows": []} for t in tensors}
     for f in feeds:
         for t, v in zip(tensors, sess.run(tensors, {k: x for k, x in f.items() if k in wanted}), strict=True):
-            a = np.abs(np.asarray(v, np.float32)).reshape(-1, v.shape[-1]).max(0)
-            amax[t] = np.maximum(amax[t], a) if t in amax else a
-    return amax
+            x = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
+            st = stats[t]
+            st["min"] = np.minimum(st["min"], x.min(0)) if "min" in st else x.min(0)
+            st["max"] = np.maximum(st["max"], x.max(0)) if "max" in st else x.max(0)
+            if per_feed:
+                st["rows"].append(x[np.linspace(0, len(x) - 1, min(per_feed, len(x))).astype(int)])
+    for st in stats.values():
+        st["rows"] = np.concatenate(st["rows"]) if st["rows"] else None
+    return stats
 
 
-def smooth_decoder(model: Any, feeds: list[dict[str, np.ndarray]], alpha: float) -> dict[str, Any]:
+def _fake_quant_error(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, ws: list[np.ndarray], s: np.ndarray) -> float:
+    """Relative error of ``x @ w`` for each weight when ``x / s`` is INT8 per tensor (asymmetric, its calibrated
+    range) and ``w * s`` INT8 per output channel (symmetric): what quantize_static will do, simulated."""
+    xs = x / s
+    a, b = min(0.0, float((lo / s).min())), max(0.0, float((hi / s).max()))
+    scale = max(b - a, 1e-8) / 255
+    zp = np.round(-a / scale)
+    xq = (np.clip(np.round(xs / scale) + zp, 0, 255) - zp) * scale
+    num = den = 0.0
+    for w in ws:
+        cols = w[:, :: max(1, w.shape[1] // 2048)]  # an LM head's 49k columns: a strided sample is enough
+        ref = x @ cols
+        ww = cols * s[:, None]
+        sc = np.maximum(np.abs(ww).max(0), 1e-12) / 127
+        num += float(np.square((xq @ (np.round(ww / sc) * sc) - ref).astype(np.float64)).sum())
+        den += float(np.square(ref.astype(np.float64)).sum())
+    return num / max(den, 1e-30)
+
+
+def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    s = (np.maximum(amax, 1e-5) ** alpha) / (np.maximum(wmax, 1e-5) ** (1 - alpha))
+    return np.clip(s, *_SCALE_CLIP).astype(np.float32)
+
+
+def smooth_decoder(model: Any, feeds: list[dict[str, np.ndarray]], alpha: float | None,
+                   rows: int = 512) -> dict[str, Any]:
     """Fold SmoothQuant scales into ``model`` (an onnx ModelProto with its weights loaded) in place; returns
-    what was smoothed. The model's function is unchanged in float (up to rounding)."""
+    what was smoothed. The model's function is unchanged in float (up to rounding).
+
+    ``alpha`` None: chosen per smoothed activation among ``AUTO_ALPHAS`` (and no smoothing at all) by the
+    simulated INT8 error of its MatMuls on ``rows`` calibration tokens (the outliers differ by layer: the gated
+    MLP's down projection has the largest)."""
     from onnx import numpy_helper
 
     groups = smoothing_groups(model)
     if not groups:
-        return {"alpha": alpha, "smoothed_matmuls": 0, "groups": 0}
-    amax = activation_absmax(model, [g["tensor"] for g in groups], feeds)
+        return {"alpha": alpha if alpha is not None else "auto", "smoothed_matmuls": 0, "groups": 0}
+    stats = _activation_stats(model, [g["tensor"] for g in groups], feeds, rows if alpha is None else 0)
     inits = {i.name: i for i in model.graph.initializer}
     uses: dict[str, int] = {}
     for n in model.graph.node:
@@ -129,22 +173,39 @@ def smooth_decoder(model: Any, feeds: list[dict[str, np.ndarray]], alpha: float)
 
     kinds = {"norm": 0, "mlp": 0}
     n_mm = 0
+    chosen: list[float | None] = []
+    error: list[float] = []
     for g in groups:
         ws = [numpy_helper.to_array(inits[u.input[1]]) for u in g["matmuls"]]  # (K, N) each
         wmax = np.max(np.stack([np.abs(w).max(1) for w in ws]), axis=0)
-        s = (np.maximum(amax[g["tensor"]], 1e-5) ** alpha) / (np.maximum(wmax, 1e-5) ** (1 - alpha))
-        s = np.clip(s, *_SCALE_CLIP).astype(np.float32)
+        st = stats[g["tensor"]]
+        amax = np.maximum(-st["min"], st["max"])
+        a: float | None = alpha
+        if alpha is None:  # the alpha (or none) whose simulated INT8 error is lowest for this activation
+            errs = {c: _fake_quant_error(st["rows"], st["min"], st["max"], ws,
+                                         np.ones_like(amax) if c is None else _scales(amax, wmax, c))
+                    for c in (None, *AUTO_ALPHAS)}
+            a = min(errs, key=lambda c: errs[c])
+            error.append(errs[a])
+        chosen.append(a)
+        if a is None:
+            continue
+        s = _scales(amax, wmax, a)
         src = g["src"]
         if g["kind"] == "norm":
             gi, bi = _NORMS[src.op_type]
             for idx in (gi, bi):
                 if idx is not None and len(src.input) > idx and src.input[idx]:
-                    scaled(src, idx, lambda a, s=s: (a / s).astype(a.dtype))
+                    scaled(src, idx, lambda t, s=s: (t / s).astype(t.dtype))
         else:
-            scaled(g["up"], 1, lambda a, s=s: (a / s[None, :]).astype(a.dtype))  # up's output channels
+            scaled(g["up"], 1, lambda t, s=s: (t / s[None, :]).astype(t.dtype))  # up's output channels
         for u in g["matmuls"]:
-            scaled(u, 1, lambda a, s=s: (a * s[:, None]).astype(a.dtype))  # the readers' input rows
+            scaled(u, 1, lambda t, s=s: (t * s[:, None]).astype(t.dtype))  # the readers' input rows
             n_mm += 1
         kinds[g["kind"]] += 1
-    return {"alpha": alpha, "smoothed_matmuls": n_mm, "groups": len(groups), "norms": kinds["norm"],
-            "gated_mlps": kinds["mlp"]}
+    out: dict[str, Any] = {"alpha": alpha if alpha is not None else "auto", "smoothed_matmuls": n_mm,
+                           "groups": len(groups), "norms": kinds["norm"], "gated_mlps": kinds["mlp"]}
+    if alpha is None:  # per smoothed activation: the alpha chosen (None: left as it was) and the simulated error
+        out["alphas"] = {g["tensor"]: c for g, c in zip(groups, chosen, strict=True)}
+        out["simulated_error"] = {g["tensor"]: round(e, 6) for g, e in zip(groups, error, strict=True)}
+    return out

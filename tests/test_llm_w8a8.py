@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime_genai")
 
-from compress.errors import RecipeError
+from compress.errors import CompressError, RecipeError
 from compress.pipeline import run
 from compress.recipe import recipe_from_dict
 from tests.llm_models import tiny_llama
@@ -39,7 +39,7 @@ def _recipe(lm_dir: Path, passes: list[dict]) -> object:
 @pytest.fixture(scope="module")
 def sq_report(lm_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     out = tmp_path_factory.mktemp("run") / "out"
-    rep = run(_recipe(lm_dir, [{"kind": "quantize.int8", "smoothquant": True, "smoothquant_alpha": 0.5}]),
+    rep = run(_recipe(lm_dir, [{"kind": "quantize.int8", "smoothquant": True, "smoothquant_alpha": "auto"}]),
               out_dir=out, cache_dir=cache_dir, progress=False)
     return rep, out
 
@@ -66,18 +66,34 @@ def test_w8a8_quantizes_every_matmul_input_keeps_outputs_float_and_decoder_facts
     gather = next(n for n in m.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
     assert gather.input[0] in {i.name for i in m.graph.initializer}
     info = v.passes["quantize.int8"]
-    assert info["smoothquant"]["smoothed_matmuls"] > 0 and info["parity"]["checked"]
+    sq = info["smoothquant"]
+    assert sq["alpha"] == "auto" and info["parity"]["checked"]
+    # One alpha (or none) per smoothed activation: 2 x (attention input, MLP input, down_proj input) + the head's.
+    assert len(sq["alphas"]) == len(sq["simulated_error"]) == 7
+    # gate and up read the MLP's norm; every other smoothed activation feeds one MatMul (qkv is packed).
+    assert sq["smoothed_matmuls"] == sum({"post_attention_layernorm": 2}.get(k.split("/")[3], 1)
+                                         for k, a in sq["alphas"].items() if a is not None)
+    assert any("alpha chosen per activation" in n for n in info["notes"])
     assert info["calibration_windows"] == 3 and info["window"] == 48
     assert cell.generation.top1_agreement > 0.9 and cell.generation.perplexity_rise < 0.05
 
 
 def test_w8a8_without_smoothquant_runs_and_says_so(lm_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
-    rep = run(_recipe(lm_dir, [{"kind": "quantize.int8", "keep_float": ["last"]}]), out_dir=tmp_path / "o",
-              cache_dir=cache_dir, progress=False)
+    rep = run(_recipe(lm_dir, [{"kind": "quantize.int8", "keep_float": ["*down_proj*", "last"]}]),
+              out_dir=tmp_path / "o", cache_dir=cache_dir, progress=False)
     info = rep.variants["lm"].passes["quantize.int8"]  # type: ignore[attr-defined]
-    assert "smoothquant" not in info and info["kept_float"] == [info["kept_float"][0]]
-    assert info["quantized_matmuls"] == info["matmul_layers"] - 1
+    assert "smoothquant" not in info
+    assert info["kept_float"] == ["/model/layers.0/mlp/down_proj/MatMul", "/model/layers.1/mlp/down_proj/MatMul",
+                                  "/lm_head/MatMul"]
+    assert info["quantized_matmuls"] == info["matmul_layers"] - 3
     assert any("no SmoothQuant" in n for n in info["notes"])
+
+
+def test_a_keep_float_pattern_that_matches_no_matmul_is_one_line(lm_dir: Path, cache_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    with pytest.raises(CompressError, match=r"keep_float pattern '\*gate\*proj\*x' matches no MatMul of the decoder"):
+        run(_recipe(lm_dir, [{"kind": "quantize.int8", "keep_float": ["*gate*proj*x"]}]), out_dir=tmp_path / "o",
+            cache_dir=cache_dir, progress=False)
 
 
 def test_accuracy_control_on_a_decoder_is_one_line_before_any_export(lm_dir: Path, cache_dir: Path,
@@ -87,6 +103,14 @@ def test_accuracy_control_on_a_decoder_is_one_line_before_any_export(lm_dir: Pat
         run(_recipe(lm_dir, [{"kind": "quantize.int8", "max_accuracy_drop": 0.01}]), out_dir=tmp_path / "o",
             cache_dir=cache_dir, progress=False, log=said.append)
     assert "\n" not in str(e.value) and not any("export.onnx" in s for s in said)
+
+
+def test_auto_alpha_on_a_model_that_is_not_a_language_model_is_one_line(tmp_path: Path) -> None:
+    rec = recipe_from_dict({"name": "cnn", "model": {"source": "zoo:digits-cnn"}, "data": {"source": "random"},
+                            "passes": [{"kind": "quantize.int8", "smoothquant": True, "smoothquant_alpha": "auto"}],
+                            "targets": [{"kind": "onnxruntime"}]})
+    with pytest.raises(RecipeError, match=r"smoothquant_alpha = \"auto\" is chosen on a decoder language model"):
+        run(rec, out_dir=tmp_path / "o", progress=False)
 
 
 def _rms_mlp_graph(hidden: int = 8, inner: int = 16) -> object:
@@ -120,7 +144,6 @@ def _rms_mlp_graph(hidden: int = 8, inner: int = 16) -> object:
 
 def test_smoothquant_is_exact_in_float_and_flattens_the_outliers() -> None:
     import onnxruntime as ort
-
     from compress.passes.smoothquant_decoder import activation_absmax, smooth_decoder
 
     model = _rms_mlp_graph()
@@ -143,3 +166,21 @@ def test_smoothquant_is_exact_in_float_and_flattens_the_outliers() -> None:
     for a, b in zip(before, run_model(model), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
     assert spread(model) < 0.6 * spread_before
+
+
+def test_auto_alpha_picks_the_lowest_simulated_int8_error() -> None:
+    from compress.passes.smoothquant_decoder import AUTO_ALPHAS, _activation_stats, _fake_quant_error, smooth_decoder
+
+    model = _rms_mlp_graph()
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (64, 8)).astype(np.float32)
+    x[:, 3] *= 40
+    feeds = [{"x": x, "skip": np.zeros_like(x)}]
+    st = _activation_stats(model, ["n"], feeds, 64)["n"]
+    from onnx import numpy_helper
+
+    w = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}  # type: ignore[attr-defined]
+    plain = _fake_quant_error(st["rows"], st["min"], st["max"], [w["wq"], w["wg"], w["wu"]], np.ones(8, np.float32))
+    info = smooth_decoder(model, feeds, alpha=None, rows=64)
+    assert info["alphas"]["n"] in AUTO_ALPHAS  # the outlier channel: smoothing beats leaving it
+    assert info["simulated_error"]["n"] < plain
