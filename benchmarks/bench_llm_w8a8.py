@@ -6,9 +6,10 @@
 Part 1 (one pipeline run, 1 thread, batch 1): PyTorch FP32 eager (the reference) and, on ONNX Runtime, the FP32
 export, weight-only INT8 (``quantize.weight_only{bits=8, group_size=32, accuracy_level=4}``: MatMulNBits with INT8
 activations inside the kernel; the same quantization as onnxruntime-genai's INT8 build and as
-``quantize.dynamic`` on a decoder), static W8A8 without smoothing (``quantize.int8``) and with SmoothQuant at each
-``--alpha`` (``quantize.int8{smoothquant=true, smoothquant_alpha=A}``). Perplexity over the held-out last
-``lm_eval_tokens`` tokens of pydoc_data.topics in windows of 512 (calibration, 8 windows of 512, from the text's
+``quantize.dynamic`` on a decoder), static W8A8 without smoothing (``quantize.int8``), with SmoothQuant at each
+``--alpha`` (``quantize.int8{smoothquant=true, smoothquant_alpha=A}``), and at the first alpha with every block's
+``down_proj`` kept float (``keep_float = ["*down_proj*"]``). Perplexity over the held-out last
+``lm_eval_tokens`` tokens of pydoc_data.topics in windows of 512 (calibration: ``--calib-tokens`` from the text's
 start); time to first token for a 512-token prompt, decode tokens/s for the next tokens, interleaved rounds.
 
 Part 2 (same process, right after): the goal's ratio measured directly. Each W8A8 build and the weight-only INT8
@@ -56,8 +57,8 @@ def paired(ref: Path, other: Path, prompt: np.ndarray, new: int, rounds: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer held-out tokens and rounds (a smoke run)")
-    ap.add_argument("--alpha", type=float, nargs="+", default=[0.5])
-    ap.add_argument("--keep-float", nargs="*", default=[], help="MatMul node names kept float in the W8A8 builds")
+    ap.add_argument("--alpha", nargs="+", default=["auto"], help="SmoothQuant alphas: 'auto' or numbers in [0, 1]")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="measure.lm_calib_tokens (windows of 512)")
     ap.add_argument("--rounds", type=int, default=10, help="part 2's paired rounds")
     ap.add_argument("--out", default="runs/bench-llm-w8a8")
     ap.add_argument("--hf-dir", help="SmolLM2 as a Hugging Face folder (default: made from the GGUF, cached)")
@@ -73,17 +74,22 @@ def main() -> None:
 
     cache = Cache(None)
     hf_dir = Path(a.hf_dir) if a.hf_dir else gguf_to_dir(gguf_file(), cache.root, say=print)
-    m = {"threads": 1, "lm_window": 512, "lm_prompt": 512, "lm_new_tokens": 16, "lm_calib_tokens": 4096,
+    m = {"threads": 1, "lm_window": 512, "lm_prompt": 512, "lm_new_tokens": 16, "lm_calib_tokens": a.calib_tokens,
          "lm_peak_memory": False, **({"lm_eval_tokens": 1024, "lm_rounds": 3} if a.quick else
-                                     {"lm_eval_tokens": 4096, "lm_rounds": 5})}
+                                     {"lm_eval_tokens": 2048, "lm_rounds": 5})}
     rec = recipe_from_dict({"name": "bench-llm-w8a8", "model": {"source": f"hf:{hf_dir}", "task": "causal-lm"},
                             "data": {"source": "builtin:pydoc-topics"}, "measure": m,
                             "targets": [{"kind": "torch"}, {"kind": "onnxruntime"}]}, "bench_llm_w8a8")
     wo, q8 = get_pass("quantize.weight_only").config_cls, get_pass("quantize.int8").config_cls
-    keep = tuple(a.keep_float)
-    variants = {REF: [wo(bits=8, group_size=32, accuracy_level=4)], "w8a8": [q8(keep_float=keep)]}
+    variants = {REF: [wo(bits=8, group_size=32, accuracy_level=4)], "w8a8": [q8()]}
     for alpha in a.alpha:
-        variants[f"w8a8-sq{alpha:g}"] = [q8(smoothquant=True, smoothquant_alpha=alpha, keep_float=keep)]
+        al = alpha if alpha == "auto" else float(alpha)
+        variants[f"w8a8-sq-{alpha}"] = [q8(smoothquant=True, smoothquant_alpha=al)]
+    # The down projections (the gated MLP's output, the widest activation range) kept float: 25% of each block's
+    # MatMul work stays FP32.
+    variants[f"w8a8-sq-{a.alpha[0]}-down-fp32"] = [q8(smoothquant=True, keep_float=("*down_proj*",),
+                                                      smoothquant_alpha=a.alpha[0] if a.alpha[0] == "auto"
+                                                      else float(a.alpha[0]))]
     t0 = time.perf_counter()
     report = run(rec, out_dir=a.out, variants=variants, log=print)
     print(f"part 1: {time.perf_counter() - t0:.0f}s")
@@ -92,7 +98,7 @@ def main() -> None:
     cells = {r.variant: Path(r.compiled_path) for r in report.results
              if r.target == "onnxruntime" and r.status == "ok" and r.compiled_path}
     gen = {r.variant: r.generation for r in report.results if r.target == "onnxruntime" and r.generation}
-    text = lm_text(hf_dir, "builtin:pydoc-topics", 512, m["lm_eval_tokens"], 4096)
+    text = lm_text(hf_dir, "builtin:pydoc-topics", 512, m["lm_eval_tokens"], a.calib_tokens)
     prompt = text.eval[0][None]
     lines = []
     for v in [v for v in variants if v.startswith("w8a8") and v in cells]:

@@ -164,7 +164,8 @@ def quantize_decoder_static(art: Artifact, cfg: Any, ctx: PassContext) -> Artifa
              f"prefills with an empty KV cache; MatMul outputs stay float; INT8 scheme: {why}"]
     if cfg.smoothquant:
         auto = cfg.smoothquant_alpha == "auto"
-        sq = smooth_decoder(model, reader.items, None if auto else float(cfg.smoothquant_alpha))
+        sq = smooth_decoder(model, reader.items, None if auto else float(cfg.smoothquant_alpha),
+                            skip=frozenset(keep))
         info["smoothquant"] = sq
         how = _alpha_summary(sq.get("alphas", {})) if auto else f"alpha {cfg.smoothquant_alpha}"
         notes.append(f"SmoothQuant ({how}): {sq['smoothed_matmuls']} MatMul(s) smoothed, "

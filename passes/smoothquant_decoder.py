@@ -138,16 +138,17 @@ def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def smooth_decoder(model: Any, feeds: list[dict[str, np.ndarray]], alpha: float | None,
-                   rows: int = 512) -> dict[str, Any]:
+                   rows: int = 512, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Fold SmoothQuant scales into ``model`` (an onnx ModelProto with its weights loaded) in place; returns
     what was smoothed. The model's function is unchanged in float (up to rounding).
 
     ``alpha`` None: chosen per smoothed activation among ``AUTO_ALPHAS`` (and no smoothing at all) by the
     simulated INT8 error of its MatMuls on ``rows`` calibration tokens (the outliers differ by layer: the gated
-    MLP's down projection has the largest)."""
+    MLP's down projection has the largest). An activation read only by MatMuls named in ``skip`` (kept float) is
+    left as it is."""
     from onnx import numpy_helper
 
-    groups = smoothing_groups(model)
+    groups = [g for g in smoothing_groups(model) if not all(u.name in skip for u in g["matmuls"])]
     if not groups:
         return {"alpha": alpha if alpha is not None else "auto", "smoothed_matmuls": 0, "groups": 0}
     stats = _activation_stats(model, [g["tensor"] for g in groups], feeds, rows if alpha is None else 0)

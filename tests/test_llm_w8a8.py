@@ -184,3 +184,12 @@ def test_auto_alpha_picks_the_lowest_simulated_int8_error() -> None:
     info = smooth_decoder(model, feeds, alpha=None, rows=64)
     assert info["alphas"]["n"] in AUTO_ALPHAS  # the outlier channel: smoothing beats leaving it
     assert info["simulated_error"]["n"] < plain
+
+
+def test_an_activation_read_only_by_float_matmuls_is_not_smoothed() -> None:
+    from compress.passes.smoothquant_decoder import smooth_decoder
+
+    model = _rms_mlp_graph()
+    x = np.random.default_rng(1).normal(0, 1, (16, 8)).astype(np.float32)
+    info = smooth_decoder(model, [{"x": x, "skip": np.zeros_like(x)}], alpha=0.5, skip=frozenset({"down_proj"}))
+    assert info["gated_mlps"] == 0 and info["norms"] == 1 and info["smoothed_matmuls"] == 3
