@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import ConfigDict, Field, model_validator
@@ -19,7 +19,7 @@ from compress.core.int8_scheme import choose_scheme
 from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
-from compress.errors import AccuracyError, PassError
+from compress.errors import AccuracyError, PassError, RecipeError
 
 from ._quant_common import (
     GUARD_MIN_COSINE,
@@ -63,7 +63,8 @@ class QuantizeInt8(QdqParityOptions):
     model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
     activations: Literal["asymmetric", "symmetric"] = "asymmetric"
     smoothquant: bool = False
-    smoothquant_alpha: float = Field(0.5, ge=0, le=1)
+    # "auto" (decoders): chosen per smoothed activation by its simulated INT8 error (passes/smoothquant_decoder.py).
+    smoothquant_alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = 0.5
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range", "u8u8", "s8s8"] = "auto"
     max_accuracy_drop: float | None = Field(None, gt=0, lt=1, description="top-1 drop allowed, a fraction (0.005)")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
@@ -88,6 +89,18 @@ class QuantizeInt8(QdqParityOptions):
 
     def check_data(self, data: Any) -> None:
         check_calibration_size(data, "quantize.int8", MIN_CALIB_SAMPLES)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        if text is not None:  # a causal LM: W8A8 of its decoder (passes/quantize_w8a8.py)
+            from .quantize_w8a8 import refuse_for_decoder
+
+            refuse_for_decoder(self, RecipeError)
+        elif self.smoothquant and self.smoothquant_alpha == "auto":
+            raise RecipeError(_AUTO_ALPHA)
+
+
+_AUTO_ALPHA = ("quantize.int8: smoothquant_alpha = \"auto\" is chosen on a decoder language model's text "
+               "(model.task = \"causal-lm\"); give a number between 0 and 1 (0.5) for this model")
 
 
 def smooth_quant(src: Path, dst: Path, input_name: str, calib: list[np.ndarray], alpha: float) -> dict[str, Any]:
@@ -284,6 +297,8 @@ def _prepare(src: Path, work: Path, cfg: QuantizeInt8, input_name: str, batches:
                      f"on its own: {', '.join(shared[:10])}" + (" ..." if len(shared) > 10 else ""))
     if not cfg.smoothquant:
         return pre
+    if cfg.smoothquant_alpha == "auto":
+        raise PassError(_AUTO_ALPHA)
     sq = work / "sq.onnx"
     info["smoothquant"] = smooth_quant(pre, sq, input_name, batches, cfg.smoothquant_alpha)
     if info["smoothquant"]["smoothed_matmuls"] == 0:
@@ -358,6 +373,10 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
     import onnx
 
+    if art.known_facts().decoder is not None:  # a decoder with its KV cache: W8A8 (SmoothQuant optional)
+        from .quantize_w8a8 import quantize_decoder_static
+
+        return quantize_decoder_static(art, cfg, ctx)
     src = art.path / "model.onnx"
     _refuse_unquantizable(onnx.load(str(src)))
     notes: list[str] = []
