@@ -1,7 +1,8 @@
 """Did a refactor change what a run produces? Compare two report.json of the same recipe (before, after).
 
-Deterministic figures must be identical: each cell's status, model digests, size, accuracy, fidelity and parity;
-each variant's ONNX digest. Latency ratios are measurements: their intervals must overlap.
+Deterministic figures must be identical: each cell's status, compiled model digest, size, accuracy, fidelity and
+parity (each variant's exported ONNX digest is shown, not judged: torch.onnx records source paths in it).
+Latency ratios are measurements: their intervals must overlap.
 
 usage: python benchmarks/same_behaviour.py BEFORE/report.json AFTER/report.json [--md OUT.md]
 Exit 0: the same behaviour; 1: a deterministic figure differs or two intervals do not overlap.
@@ -53,10 +54,12 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], b
                 rows.append(f"| {name} | ratio@{batch} | {r['ratio']:.2f}x [{r['low']:.2f}, {r['high']:.2f}] | "
                             f"{s['ratio']:.2f}x [{s['low']:.2f}, {s['high']:.2f}] | "
                             f"{'overlap' if ok else 'NO overlap'} |")
+    # A variant's exported ONNX carries torch.onnx's node metadata (the Python class path of each module and
+    # a stack trace with the source file's path), so moving a module or the checkout changes its digest while
+    # graph and weights stay the same: shown, not judged. The compiled digests above are judged.
     for variant in sorted(set(before.get("variants", {})) & set(after.get("variants", {}))):
         u, v = before["variants"][variant].get("onnx_digest"), after["variants"][variant].get("onnx_digest")
-        same &= u == v
-        rows.append(f"| {variant} | onnx_digest | {u} | {v} | {'yes' if u == v else 'NO'} |")
+        rows.append(f"| {variant} | onnx_digest (info) | {u} | {v} | {'yes' if u == v else 'differs'} |")
     return rows, same
 
 
