@@ -24,6 +24,44 @@ from compress.errors import PassError
 from compress.manager import PassContext
 
 
+def check_settings(cfg: Any, root: Any, text: Any) -> None:
+    """The plan's check (before any export): decoder-only settings on a model that is not a causal LM, a format
+    a decoder cannot use, a group wider than a layer of the model's config (one line, exit 2)."""
+    from compress.causal_lm import CAUSAL_LM
+    from compress.errors import RecipeError
+    from compress.models import hf_dir
+
+    if root.metadata.get("task") != CAUSAL_LM and root.known_facts().decoder is None:
+        if cfg.algorithm != "rtn" or cfg.head_bits is not None or cfg.embedding_bits is not None:
+            raise RecipeError(f"quantize.weight_only: algorithm={cfg.algorithm!r}, head_bits and embedding_bits "
+                              "apply to decoder language models (model.task = \"causal-lm\"); use the defaults "
+                              "for this model")
+        return
+    if cfg.format != "matmulnbits":
+        raise RecipeError("quantize.weight_only on a decoder needs format = \"matmulnbits\" (ONNX Runtime's packed "
+                          "kernel is what makes decoding faster)")
+    if cfg.algorithm == "gptq" and text is None:
+        raise RecipeError("quantize.weight_only{algorithm=\"gptq\"} calibrates on text: set data.source = "
+                          "\"builtin:pydoc-topics\" or text:FILE")
+    folder = hf_dir(root)
+    if folder is None or not (folder / "config.json").is_file():
+        return  # an ONNX decoder as the source: the pass checks its MatMuls when it runs
+    import json
+
+    c = json.loads((folder / "config.json").read_text())
+    c = c.get("text_config", c)
+    hidden, heads = c.get("hidden_size"), c.get("num_attention_heads")
+    widths = {"hidden_size": hidden, "intermediate_size": c.get("intermediate_size"),
+              "attention width (heads x head_dim)": (c.get("head_dim") or (hidden // heads)) * heads
+              if isinstance(hidden, int) and isinstance(heads, int) else None}
+    bad = {k: v for k, v in widths.items() if isinstance(v, int) and v < cfg.group_size}
+    if bad:
+        k, v = min(bad.items(), key=lambda kv: kv[1])
+        raise RecipeError(f"quantize.weight_only: group_size = {cfg.group_size} is wider than the model's {k} "
+                          f"({v}), the input width of its MatMul layers; choose group_size <= {v} (a power of two; "
+                          "one that does not divide a width gets a padded last block)")
+
+
 class _Windows:
     """GPTQ's calibration reader: the run's calibration windows as prefill feeds with an empty cache."""
 
@@ -52,25 +90,28 @@ class _Windows:
         return iter(self.items)
 
 
-def _algo(cfg: Any, ctx: PassContext, decoder: Any, bits: int) -> Any:
+def _algo(cfg: Any, decoder: Any, bits: int) -> Any:
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
     if cfg.algorithm == "hqq":
         return mq.HQQWeightOnlyQuantConfig(block_size=cfg.group_size, bits=cfg.bits, quant_format=QuantFormat.QOperator,
                                            op_types_to_quantize=("MatMul",))
-    if cfg.algorithm == "gptq":
-        text = ctx.text
-        if text is None:
-            raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
-                            "\"builtin:pydoc-topics\" or text:FILE)")
-        reader = _Windows(text.calib[:cfg.calib_windows], decoder, np.float32)
-        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader,
-                                            block_size=cfg.group_size, quant_format=QuantFormat.QOperator,
-                                            op_types_to_quantize=("MatMul",))
     return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=bits,
                                            accuracy_level=cfg.accuracy_level, quant_format=QuantFormat.QOperator,
                                            op_types_to_quantize=("MatMul",))
+
+
+def _gptq(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str]) -> None:
+    """GPTQ of every MatMul but ``skip``, calibrated on the run's first ``calib_windows`` calibration windows."""
+    from .decoder_gptq import gptq_model
+
+    text = ctx.text
+    if text is None:
+        raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
+                        "\"builtin:pydoc-topics\" or text:FILE)")
+    feeds = _Windows(text.calib[:cfg.calib_windows], decoder, np.float32).items
+    gptq_model(model, feeds, cfg.bits, cfg.group_size, cfg.symmetric, cfg.accuracy_level, skip, log=ctx.log)
 
 
 def _untie_embedding(model: Any) -> str | None:
@@ -95,13 +136,53 @@ def _untie_embedding(model: Any) -> str | None:
     return str(gathers[0].name) if gathers else None
 
 
+def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str], head: str | None,
+          embed: str | None) -> Any:
+    """The MatMuls but ``skip`` at cfg.bits by cfg.algorithm; then the LM head (``head``) at head_bits by RTN in a
+    pass of its own; then the embedding Gather (``embed``) at 4 bits when embedding_bits is set."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from .quantize_int8 import _quiet
+
+    try:
+        with _quiet():
+            if cfg.algorithm == "gptq":  # our own (ONNX Runtime's compensates nothing: see decoder_gptq.py)
+                _gptq(model, cfg, ctx, decoder, skip)
+            else:
+                q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
+                                         accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
+                                         algo_config=_algo(cfg, decoder, cfg.bits))
+                q.process()
+                model = q.model.model
+            if head:
+                hq = cfg.model_copy(update={"algorithm": "rtn"})
+                q = MatMulNBitsQuantizer(model, bits=cfg.head_bits, block_size=cfg.group_size,
+                                         is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
+                                         nodes_to_include=[head], algo_config=_algo(hq, decoder, cfg.head_bits))
+                q.process()
+                model = q.model.model
+            if embed and cfg.embedding_bits:
+                eq = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=4,
+                                                  quant_format=QuantFormat.QOperator, op_types_to_quantize=("Gather",),
+                                                  quant_axes=(("Gather", 1),))
+                q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
+                                         nodes_to_include=[embed], algo_config=eq)
+                q.process()
+                model = q.model.model
+    except PassError:
+        raise
+    except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
+        raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed ({cfg.algorithm}): "
+                        f"{str(e).splitlines()[0][:300]}") from e
+    return model
+
+
 def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
     import shutil
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from .quantize_int8 import _quiet
+    from onnxruntime.quantization.onnx_model import ONNXModel
 
     decoder = art.known_facts().decoder
     assert decoder is not None
@@ -122,37 +203,10 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
-    try:
-        with _quiet():
-            # The LM head at head_bits: left out of the main pass, packed by a second one of its own.
-            skip = [*cfg.keep_float, *([head] if cfg.head_bits and head else [])]
-            q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
-                                     accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
-                                     algo_config=_algo(cfg, ctx, decoder, cfg.bits))
-            q.process()
-            if cfg.head_bits and head:
-                hq = cfg.model_copy(update={"algorithm": "rtn"})
-                q = MatMulNBitsQuantizer(q.model.model, bits=cfg.head_bits, block_size=cfg.group_size,
-                                         is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
-                                         nodes_to_include=[head], algo_config=_algo(hq, ctx, decoder, cfg.head_bits))
-                q.process()
-            if embed and cfg.embedding_bits:
-                from onnxruntime.quantization import QuantFormat
-                from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
-
-                eq = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=4,
-                                                  quant_format=QuantFormat.QOperator, op_types_to_quantize=("Gather",),
-                                                  quant_axes=(("Gather", 1),))
-                q = MatMulNBitsQuantizer(q.model.model, bits=4, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
-                                         nodes_to_include=[embed], algo_config=eq)
-                q.process()
-    except PassError:
-        raise
-    except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
-        raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed ({cfg.algorithm}): "
-                        f"{str(e).splitlines()[0][:300]}") from e
+    skip = [*cfg.keep_float, *([head] if cfg.head_bits and head else [])]
+    model = _pack(model, cfg, ctx, decoder, skip, head if cfg.head_bits else None, embed)
     out_dir = ctx.new_dir("onnx")
-    q.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
+    ONNXModel(model).save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
     for f in art.path.iterdir():  # the decoder's I/O contract and tokenizer travel with it
         if f.is_file() and f.suffix not in (".onnx", ".data") and f.name != "artifact.json":
             shutil.copy2(f, out_dir / f.name)

@@ -42,9 +42,9 @@ class QuantizeWeightOnly(ParityOptions):
     # A tied embedding is untied first (its transposed LM-head weight becomes its own table), so the float copy
     # goes and the file shrinks by the embedding's size (SmolLM2: 113 MB).
     embedding_bits: Literal[4] | None = None
-    # GPTQ: calibration windows (ONNX Runtime's GPTQ runs the model once per layer per window, so its cost is
-    # layers x windows forward passes: 151 x 8 windows of 512 tokens took over an hour on SmolLM2 here).
-    calib_windows: int = Field(2, ge=1, le=256)
+    # GPTQ: calibration windows from the run's text (never the held-out ones); one prefill each collects every
+    # MatMul's input statistics (passes/decoder_gptq.py), so the cost is one forward per window plus the solve.
+    calib_windows: int = Field(8, ge=1, le=256)
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:
@@ -54,6 +54,11 @@ class QuantizeWeightOnly(ParityOptions):
             raise ValueError("bits=8 needs format='matmulnbits' (ONNX Runtime's quantizer writes 8-bit blocks only "
                              "as MatMulNBits); use bits=4 for format='qdq'")
         return self
+
+    def preflight(self, root: Any, text: Any) -> None:
+        from .quantize_decoder import check_settings
+
+        check_settings(self, root, text)
 
 
 @register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx", compare_precision="int4-weights")
