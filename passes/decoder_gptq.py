@@ -164,10 +164,25 @@ def matmulnbits_node(node: Any, codes: np.ndarray, scales: np.ndarray, zeros: np
     return new, inits
 
 
+def int4_output_error(w: np.ndarray, h: np.ndarray, group: int, symmetric: bool) -> float:
+    """How much a layer's output moves when its weight is rounded to INT4 (no compensation) on the calibration
+    inputs: tr(E^T H E), E = W - RTN4(W), the squared output error summed over tokens and output channels."""
+    k = w.shape[0]
+    e = np.empty_like(w)
+    for g0 in range(0, k, group):
+        rows = w[g0:g0 + group]
+        s, z = _grid(rows, 4, symmetric, 1.0)
+        e[g0:g0 + group] = rows - (np.clip(np.round(rows / s) + z, 0, 15) - z) * s
+    return float(np.sum(e * (h @ e)))
+
+
 def gptq_model(model: Any, feeds: list[dict[str, np.ndarray]], bits: int, group: int, symmetric: bool,
-               accuracy_level: int | None, exclude: Iterable[str] = (), log: Any = None) -> int:
+               accuracy_level: int | None, exclude: Iterable[str] = (), log: Any = None,
+               int8_fraction: float = 0.0) -> list[str]:
     """GPTQ every MatMul with a constant 2-D weight (but ``exclude``) of ``model`` in place, calibrated on
-    ``feeds``; returns how many were packed. A weight another node also reads stays in the file for it."""
+    ``feeds``. With ``int8_fraction``, that fraction of the layers (by count) whose INT4 output error on the
+    calibration inputs is largest (``int4_output_error``) is packed at 8 bits instead. Returns the names of the
+    layers packed at 8 bits. A weight another node also reads stays in the file for it."""
     import torch
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -178,14 +193,22 @@ def gptq_model(model: Any, feeds: list[dict[str, np.ndarray]], bits: int, group:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # row-by-row small updates: on a shared CPU, more threads made it 25x slower here
     try:
-        return _gptq_all(model, mats, inits, matmul_hessians(model, names, feeds), bits, group, symmetric,
-                         accuracy_level, log)
+        hs = matmul_hessians(model, names, feeds)
+        wide: set[str] = set()
+        if int8_fraction > 0 and bits == 4:
+            from onnx import numpy_helper
+
+            score = {n.name: int4_output_error(numpy_helper.to_array(inits[n.input[1]]).astype(np.float64),
+                                               hs[n.input[0]], group, symmetric) for n in mats}
+            wide = set(sorted(score, key=score.__getitem__, reverse=True)[:round(int8_fraction * len(mats))])
+        _gptq_all(model, mats, inits, hs, bits, group, symmetric, accuracy_level, log, wide)
+        return [n.name for n in mats if n.name in wide]
     finally:
         torch.set_num_threads(threads)
 
 
 def _gptq_all(model: Any, mats: list[Any], inits: dict[str, Any], hs: dict[str, np.ndarray], bits: int, group: int,
-              symmetric: bool, accuracy_level: int | None, log: Any) -> int:
+              symmetric: bool, accuracy_level: int | None, log: Any, wide: set[str]) -> None:
     from onnx import numpy_helper
 
     readers: dict[str, int] = {}
@@ -194,9 +217,9 @@ def _gptq_all(model: Any, mats: list[Any], inits: dict[str, Any], hs: dict[str, 
             readers[i] = readers.get(i, 0) + 1
     for j, nd in enumerate(mats):
         w = numpy_helper.to_array(inits[nd.input[1]]).astype(np.float64)
-        codes, scales, zeros = gptq_weight(w, hs[nd.input[0]].copy(), bits, group, symmetric)
-        new, new_inits = matmulnbits_node(nd, codes, scales, None if symmetric else zeros, bits, group,
-                                          accuracy_level)
+        b = 8 if nd.name in wide else bits
+        codes, scales, zeros = gptq_weight(w, hs[nd.input[0]].copy(), b, group, symmetric)
+        new, new_inits = matmulnbits_node(nd, codes, scales, None if symmetric else zeros, b, group, accuracy_level)
         pos = list(model.graph.node).index(nd)
         model.graph.node.remove(nd)
         model.graph.node.insert(pos, new)
@@ -210,4 +233,3 @@ def _gptq_all(model: Any, mats: list[Any], inits: dict[str, Any], hs: dict[str, 
         import onnx
 
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return len(mats)

@@ -102,8 +102,9 @@ def _algo(cfg: Any, decoder: Any, bits: int) -> Any:
                                            op_types_to_quantize=("MatMul",))
 
 
-def _gptq(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str]) -> None:
-    """GPTQ of every MatMul but ``skip``, calibrated on the run's first ``calib_windows`` calibration windows."""
+def _gptq(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str]) -> list[str]:
+    """GPTQ of every MatMul but ``skip``, calibrated on the run's first ``calib_windows`` calibration windows;
+    returns the layers packed at INT8 (``int8_fraction``)."""
     from .decoder_gptq import gptq_model
 
     text = ctx.text
@@ -111,7 +112,12 @@ def _gptq(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str])
         raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
                         "\"builtin:pydoc-topics\" or text:FILE)")
     feeds = _Windows(text.calib[:cfg.calib_windows], decoder, np.float32).items
-    gptq_model(model, feeds, cfg.bits, cfg.group_size, cfg.symmetric, cfg.accuracy_level, skip, log=ctx.log)
+    wide = gptq_model(model, feeds, cfg.bits, cfg.group_size, cfg.symmetric, cfg.accuracy_level, skip, log=ctx.log,
+                      int8_fraction=cfg.int8_fraction)
+    if wide:
+        ctx.log(f"quantize.weight_only: {len(wide)} layer(s) at INT8 (largest INT4 output error on the calibration "
+                f"text): {', '.join(wide[:8])}{' ...' if len(wide) > 8 else ''}")
+    return wide
 
 
 def _untie_embedding(model: Any) -> str | None:
@@ -137,18 +143,20 @@ def _untie_embedding(model: Any) -> str | None:
 
 
 def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str], head: str | None,
-          embed: str | None) -> Any:
+          embed: str | None) -> tuple[Any, list[str]]:
     """The MatMuls but ``skip`` at cfg.bits by cfg.algorithm; then the LM head (``head``) at head_bits by RTN in a
-    pass of its own; then the embedding Gather (``embed``) at 4 bits when embedding_bits is set."""
+    pass of its own; then the embedding Gather (``embed``) at 4 bits when embedding_bits is set. Returns the model
+    and the layers GPTQ's mixed precision (``int8_fraction``) packed at INT8."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     from .quantize_int8 import _quiet
 
+    wide: list[str] = []
     try:
         with _quiet():
             if cfg.algorithm == "gptq":  # our own (ONNX Runtime's compensates nothing: see decoder_gptq.py)
-                _gptq(model, cfg, ctx, decoder, skip)
+                wide = _gptq(model, cfg, ctx, decoder, skip)
             else:
                 q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
                                          accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
@@ -175,7 +183,7 @@ def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str],
     except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
         raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed ({cfg.algorithm}): "
                         f"{str(e).splitlines()[0][:300]}") from e
-    return model
+    return model, wide
 
 
 def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
@@ -204,7 +212,7 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
     skip = [*cfg.keep_float, *([head] if cfg.head_bits and head else [])]
-    model = _pack(model, cfg, ctx, decoder, skip, head if cfg.head_bits else None, embed)
+    model, wide = _pack(model, cfg, ctx, decoder, skip, head if cfg.head_bits else None, embed)
     out_dir = ctx.new_dir("onnx")
     ONNXModel(model).save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
     for f in art.path.iterdir():  # the decoder's I/O contract and tokenizer travel with it
@@ -227,11 +235,13 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
              + (f", calibrated on {min(cfg.calib_windows, len(ctx.text.calib))} window(s) of {ctx.text.window} "
                 "tokens" if cfg.algorithm == "gptq" and ctx.text is not None else "")
              + f") on {packed} of {len(mats)} MatMul layer(s); "
+             + (f"{len(wide)} of them at INT8 (the largest INT4 output error on the calibration text); " if wide
+                else "")
              + ("the token embedding packed to INT4 (GatherBlockQuantized)" if embed_packed
                 else "the embedding Gather stays float")]
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
             "head_bits": cfg.head_bits, "embedding_bits": cfg.embedding_bits if embed_packed else None,
-            "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,
+            "accuracy_level": cfg.accuracy_level, "compressed_layers": packed, "int8_layers": wide,
             "matmul_layers": len(mats), "parity": parity, "notes": notes}
     extra_ops = {"com.microsoft:MatMulNBits", *(["com.microsoft:GatherBlockQuantized"] if embed_packed else [])}
     facts = art.known_facts().lower_precision(precision).evolve(
