@@ -35,7 +35,7 @@ DATA_AWARE = {
     "int4-gptq-g128-asym": {**G128, "algorithm": "gptq", "symmetric": False},
     "int4-rtn-g32-acc4": {**G32},
     "int4-gptq-g32-asym-acc4": {**G32, "algorithm": "gptq", "symmetric": False},
-    "int4-gptq-g32-asym-head8-acc4": {**G32, "algorithm": "gptq", "symmetric": False, "head_bits": 8},
+    "int4-gptq-g32-asym-mix10-acc4": {**G32, "algorithm": "gptq", "symmetric": False, "int8_fraction": 0.1},
 }
 SETS: dict[str, dict[str, dict[str, object]]] = {
     "all": {

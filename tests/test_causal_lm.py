@@ -435,3 +435,38 @@ def test_gptq_without_a_causal_lm_is_refused_in_the_plan(tmp_path: Path) -> None
 
     with pytest.raises(RecipeError, match="apply to decoder language models"):
         QuantizeWeightOnly(algorithm="gptq").preflight(_FakeOnnx(), None)
+
+
+def test_int8_fraction_packs_the_most_sensitive_layers_at_8_bits() -> None:
+    """Mixed precision: of three MatMuls, the one whose INT4 rounding moves its output most (its input is 30x
+    larger than the first's; the last's is scaled down) is packed at 8 bits, the others at 4; the graph
+    still runs and stays close to the float one."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from passes.decoder_gptq import gptq_model
+
+    rng = np.random.default_rng(0)
+    k = 64
+    ws = [rng.normal(size=(k, k)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("Mul", ["x", "big"], ["xb"], name="scale"),
+             helper.make_node("MatMul", ["x", "w0"], ["h0"], name="mm0"),
+             helper.make_node("MatMul", ["xb", "w1"], ["h1"], name="mm1"),
+             helper.make_node("Add", ["h0", "h1"], ["h"], name="add"),
+             helper.make_node("Mul", ["h", "small"], ["hs"], name="shrink"),
+             helper.make_node("MatMul", ["hs", "w2"], ["y"], name="mm2")]
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
+    inits += [numpy_helper.from_array(np.array(30.0, np.float32), "big"),
+              numpy_helper.from_array(np.array(0.01, np.float32), "small")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["s", k])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(32, k)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    wide = gptq_model(model, [{"x": x}], 4, 32, True, None, int8_fraction=0.34)
+    assert wide == ["mm1"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+            if n.op_type == "MatMulNBits"}
+    assert bits == {"mm0_Q4": 4, "mm1_Q8": 8, "mm2_Q4": 4}
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max()
