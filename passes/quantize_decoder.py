@@ -154,10 +154,10 @@ def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str],
 
     wide: list[str] = []
     try:
+        if cfg.algorithm == "gptq":  # our own (ONNX Runtime's compensates nothing: see decoder_gptq.py); its
+            wide = _gptq(model, cfg, ctx, decoder, skip)  # progress lines are the run's, so not under _quiet
         with _quiet():
-            if cfg.algorithm == "gptq":  # our own (ONNX Runtime's compensates nothing: see decoder_gptq.py)
-                wide = _gptq(model, cfg, ctx, decoder, skip)
-            else:
+            if cfg.algorithm != "gptq":
                 q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
                                          accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
                                          algo_config=_algo(cfg, decoder, cfg.bits))
