@@ -4,8 +4,10 @@ facts name a decoder with its KV cache), with ONNX Runtime's MatMulNBits quantiz
 What differs from the plain pass, and why:
 * the tied embedding's ``Gather`` is never touched: only MatMul weights are packed (NNCF's ONNX backend
   packed the embedding into a MatMulNBits fed by int64 ids, which ONNX Runtime refuses: issue 29);
-* GPTQ is calibrated on the run's own calibration windows (never the held-out ones), fed with an empty
-  KV cache, so the activations it sees are the prefill's;
+* GPTQ (the project's own, ``decoder_gptq.py``; ONNX Runtime's compensates nothing) is calibrated on the run's
+  own calibration windows (never the held-out ones), fed with an empty KV cache, so the activations it sees are
+  the prefill's; ``int8_fraction`` keeps its most sensitive layers at INT8;
+* settings are checked in the plan from the model's config (``check_settings``), before any export;
 * the LM head may stay at 8 bits (``head_bits``): it is the largest and most output-sensitive MatMul;
 * the result is saved with its weights in an external data file: a model over 2 GB cannot be one
   protobuf;
@@ -62,32 +64,25 @@ def check_settings(cfg: Any, root: Any, text: Any) -> None:
                           "one that does not divide a width gets a padded last block)")
 
 
-class _Windows:
-    """GPTQ's calibration reader: the run's calibration windows as prefill feeds with an empty cache."""
+def _prefill_feeds(windows: np.ndarray, decoder: Any, model: Any) -> list[dict[str, np.ndarray]]:
+    """GPTQ's calibration feeds: the run's calibration windows as prefills with an empty KV cache, in the dtype of
+    the model's past inputs, with position ids where the graph takes them."""
+    from onnx import TensorProto
 
-    def __init__(self, windows: np.ndarray, decoder: Any, kv_dtype: Any) -> None:
-        self.items = []
-        for w in windows:
-            f: dict[str, np.ndarray] = {"input_ids": w[None].astype(np.int64),
-                                        "attention_mask": np.ones((1, len(w)), np.int64)}
-            z = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), kv_dtype)
-            for i in range(decoder.layers):
-                f[f"past_key_values.{i}.key"] = z
-                f[f"past_key_values.{i}.value"] = z
-            self.items.append(f)
-        self.i = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.items):
-            return None
-        self.i += 1
-        return self.items[self.i - 1]
-
-    def rewind(self) -> None:
-        self.i = 0
-
-    def __iter__(self) -> Any:
-        return iter(self.items)
+    kinds = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    kv = np.float16 if kinds.get("past_key_values.0.key") == TensorProto.FLOAT16 else np.float32
+    z = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), kv)
+    feeds = []
+    for w in windows:
+        f: dict[str, np.ndarray] = {"input_ids": w[None].astype(np.int64),
+                                    "attention_mask": np.ones((1, len(w)), np.int64)}
+        if "position_ids" in kinds:
+            f["position_ids"] = np.arange(len(w), dtype=np.int64)[None]
+        for i in range(decoder.layers):
+            f[f"past_key_values.{i}.key"] = z
+            f[f"past_key_values.{i}.value"] = z
+        feeds.append(f)
+    return feeds
 
 
 def _algo(cfg: Any, decoder: Any, bits: int) -> Any:
@@ -111,7 +106,7 @@ def _gptq(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str])
     if text is None:
         raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
                         "\"builtin:pydoc-topics\" or text:FILE)")
-    feeds = _Windows(text.calib[:cfg.calib_windows], decoder, np.float32).items
+    feeds = _prefill_feeds(text.calib[:cfg.calib_windows], decoder, model)
     wide = gptq_model(model, feeds, cfg.bits, cfg.group_size, cfg.symmetric, cfg.accuracy_level, skip, log=ctx.log,
                       int8_fraction=cfg.int8_fraction)
     if wide:
