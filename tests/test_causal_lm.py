@@ -427,7 +427,7 @@ def test_gptq_on_a_decoder_calibrates_on_text_and_keeps_the_decoder(lm_dir: Path
     assert [n.op_type for n in m.graph.node].count("MatMulNBits") == 2 * 5 + 1
     assert "MatMul" not in [n.op_type for n in m.graph.node]
     rtn = _cell(int4_report[0], "lm", "onnxruntime").generation  # RTN, same group, same held-out text
-    assert cell.status == "ok" and cell.generation.kl < rtn.kl
+    assert cell.status == "ok" and cell.generation.kl < 0.5 * rtn.kl  # 4.6e-5 against 2.8e-4 here
 
 
 def test_gptq_without_a_causal_lm_is_refused_in_the_plan(tmp_path: Path) -> None:
