@@ -48,10 +48,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .artifact import sha256_json
+from .compare import clock, compare, same_device, statistic, to_numbers
 from .errors import InputError, RecipeError
 from .recipe import read_toml
-from .report_schema import Report, ResultCell, latency_key
-from .stats import bootstrap_stat, ratio_ci, verdict, widen
+from .report_schema import IdenticalRatio, MeasuredRatio, NoRatio, Report, ResultCell, latency_key
+from .stats import verdict
 
 # Exit codes of `compress check`, documented in the CLI help and README.
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INCONCLUSIVE, EXIT_SKIPPED = 0, 1, 2, 3, 4
@@ -438,161 +439,65 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
     """Decide one budget from a run's report (raw latency samples included)."""
     variants = [v for v in report.variants if v not in ("baseline", "recorded")]
     variant = b.variant or (variants[0] if variants else "baseline")
-    if b.fidelity is not None:
-        bound = parse_fidelity(b.fidelity, b.title())
-        title = b.name or f"{b.model}/{variant}/{b.target}/{bound.figure}"
-        v = Verdict(title, b.model, variant, b.target, bound.figure, b.fidelity, "skipped",
-                    unit="dB" if bound.figure == "snr_db" else "")
-    else:
-        assert b.metric is not None and b.max is not None  # load_budgets refuses a budget without them
-        bound = None
-        lim = parse_limit(b.max, b.metric, b.title())
-        kind = _KIND[b.metric]
-        title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}" + (
-            f"s{b.seq}" if b.seq is not None else "")
-        v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[kind])
+    v, bound, lim = _new_verdict(b, variant)
     cell = report.cell(variant, b.target)
     if cell is None:
         v.status = "fail"
         v.detail = f"variant {variant!r} on {b.target!r} was not measured (variants: {', '.join(report.variants)})"
         return v
+    if not _judgeable(v, b, cell):
+        return v
+    if bound is not None:
+        return _fidelity_verdict(v, bound, cell, report)
+    assert lim is not None and b.metric is not None
+    if _KIND[b.metric] == "latency":
+        return _latency_verdict(v, b, lim, cell, report, bf, store, fp)
+    return _value_verdict(v, b, lim, cell, report, memory)
+
+
+def _new_verdict(b: BudgetSpec, variant: str) -> tuple[Verdict, FidelityBound | None, Limit | None]:
+    """The budget's verdict before anything is judged (skipped), with its parsed bound or limit."""
+    if b.fidelity is not None:
+        bound = parse_fidelity(b.fidelity, b.title())
+        title = b.name or f"{b.model}/{variant}/{b.target}/{bound.figure}"
+        return (Verdict(title, b.model, variant, b.target, bound.figure, b.fidelity, "skipped",
+                        unit="dB" if bound.figure == "snr_db" else ""), bound, None)
+    assert b.metric is not None and b.max is not None  # load_budgets refuses a budget without them
+    lim = parse_limit(b.max, b.metric, b.title())
+    title = b.name or f"{b.model}/{variant}/{b.target}/{b.metric}@b{b.batch}" + (
+        f"s{b.seq}" if b.seq is not None else "")
+    v = Verdict(title, b.model, variant, b.target, b.metric, b.max, "skipped", unit=_SHOW[_KIND[b.metric]])
+    return v, None, lim
+
+
+def _judgeable(v: Verdict, b: BudgetSpec, cell: ResultCell) -> bool:
+    """Whether the cell can be judged at all; when not, ``v`` says why (skipped or failed)."""
     if cell.status == "unavailable":
         # The only honest skip: this machine cannot run the target (library missing, no device).
         v.detail = f"{b.target} unavailable here: {cell.reason}"
-        return v
+        return False
     if cell.status == "skipped":
         v.detail = f"{b.target} not measured: {cell.reason}"
-        return v
+        return False
     if cell.status != "ok":
         # A failed build, a failed inference or a parity breach of the model under budget is a
         # failure: a gate that skips it goes green on a model that does not even compile.
         v.status = "fail"
         v.detail = f"{b.target} {cell.status}: {cell.reason}"
-        return v
+        return False
     qp = cell.quant_parity
     if qp is not None and qp.flagged:
         tol = qp.tolerance.model_dump() if qp.tolerance is not None else None
         v.status = "fail"
         v.detail = (f"deployed model on {b.target} disagrees with its simulation (agreement "
                     f"{100 * (qp.agreement or 0):.1f}%, tolerance {tol})")
-        return v
-    if bound is not None:
-        return _fidelity_verdict(v, bound, cell, report)
-    conf, n = bf.confidence, bf.resamples
-    if kind == "latency":
-        at = v.at = b.latency_key(report.measurement.seq_own)
-        lat = cell.latency.get(at)
-        notes: list[str] = []
-        base_cell = report.cell("baseline", b.target)
-        base_lat = base_cell.latency.get(at) if base_cell is not None else None
-        # A remote cell is compared on its device's clock: the baseline's A/A session on that clock too.
-        aa_src = base_lat.device if cell.device is not None and base_lat is not None else base_lat
-        aa = aa_src.aa_session.model_dump() if aa_src is not None and aa_src.aa_session else None
+        return False
+    return True
 
-        def paired(num: list[float], den: list[float]) -> Any:
-            r = widen(ratio_ci(num, den, v.metric, conf, n), aa, conf)
-            if r.session:
-                notes.append(f"interval widened by the between-session A/A offset ({100 * r.session:.1f}%)")
-            return r
 
-        if not lat:
-            v.status = "fail"
-            if b.seq is not None and at != str(b.batch):
-                v.status = "fail"
-                v.detail = (f"batch {b.batch} at sequence length {b.seq} was not measured on {b.target} (see the "
-                            "cell's notes: a build fixed to one length runs only that); the budget cannot be verified")
-                return v
-            v.detail = (f"batch {b.batch} was not measured on {b.target}; the budget cannot be verified "
-                        "(add it to the recipe's measure.batch_sizes, or export with a dynamic batch)")
-            return v
-        samples = lat.samples_ms
-        if lat.capped:
-            notes.append(f"fewer rounds: {lat.capped}")
-        if cell.device is not None:
-            if lat.device is None or not lat.device.samples_ms:
-                v.status = "fail"
-                v.detail = (f"{b.target} ran on {cell.device} but the report holds no figures from its clock at "
-                            f"batch {b.batch}; the budget cannot be verified")
-                return v
-            # The host figures of a remote cell include the network round trip: the device's are its latency.
-            samples = lat.device.samples_ms
-            notes.append(f"on {cell.device}'s own clock")
-        if lim.ratio_to is None:
-            v.value, v.low, v.high = bootstrap_stat(samples, v.metric, conf, n)
-        elif lim.ratio_to == "recorded":
-            ref = report.cell("recorded", b.target)
-            rec = store.get(BaselineStore.key(b.model, variant, b.target, at, fp)) if store else None
-            if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref.compiled_digest):
-                # One stored artifact is re-timed per target; this one is another budget's baseline.
-                if rec is not None:
-                    rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
-                                                       "another variant's budget")
-                ref = None
-            if ref is not None and ref.status == "ok" and ref.device != cell.device:
-                return _across_devices(v, cell, ref, "the recorded baseline")
-            if ref is not None and ref.status == "ok" and at in ref.latency:
-                if ref.compiled_digest == cell.compiled_digest or cell.identical_to == \
-                        f"recorded/{b.target}" or ref.identical_to == f"{variant}/{b.target}":
-                    v.value = v.low = v.high = 1.0
-                    v.unit = "x recorded"
-                    v.status = "pass" if lim.value >= 1.0 else "fail"
-                    v.detail = "identical build to the recorded baseline (same digest): not raced against itself"
-                    return v
-                r = paired(samples, _clock(ref, at)[0])
-                v.value, v.low, v.high = r.ratio, r.low, r.high
-                v.unit = "x recorded"
-                notes.append(f"baseline artifact {str(ref.compiled_digest)[:12]} re-timed in this run, "
-                             f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
-            else:
-                if store is None:
-                    v.detail = "no baseline file given"
-                    return v
-                if rec is None:
-                    v.detail = (f"no recorded baseline for this machine fingerprint ({fp[:12]}); "
-                                "run compress check --update-baseline on this machine first")
-                    return v
-                if rec.get("device") != cell.device:
-                    v.status = "fail"
-                    v.detail = (f"{b.target} ran on {cell.device or 'this machine'}, its baseline was recorded on "
-                                f"{rec.get('device') or 'this machine'}: figures from two devices are not "
-                                "comparable; run compress check --update-baseline against this device")
-                    return v
-                r = ratio_ci(samples, rec["samples_ms"], v.metric, conf, n, paired=False)
-                v.value, v.low, v.high = r.ratio, r.low, r.high
-                v.unit = "x recorded (numbers only)"
-                why = (ref.reason if ref is not None and ref.status != "ok"
-                       else rec.get("artifact_missing") or "the baseline artifact is gone")
-                notes.append(f"WEAKER comparison: against numbers recorded {rec.get('recorded', '?')}, unpaired, "
-                             f"because {why}; run --update-baseline to store the artifact")
-                if rec.get("digest") != cell.compiled_digest:
-                    notes.append("baseline was recorded for a different build of this model")
-        else:
-            other = report.cell(variant if lim.ratio_to != "original" else "baseline",
-                                b.target if lim.ratio_to == "original" else lim.ratio_to)
-            if other is None or other.status != "ok" or at not in other.latency:
-                why = other.reason if other else "not measured"
-                v.detail = f"reference {lim.ratio_to} unavailable: {why}"
-                if other is not None and other.status == "failed":
-                    v.status = "fail"  # the reference failing to build/run is a broken build, not a skip
-                return v
-            if other.device != cell.device:
-                return _across_devices(v, cell, other, lim.ratio_to)
-            if other.compiled_digest == cell.compiled_digest and other is not cell:
-                v.value = v.low = v.high = 1.0
-                v.unit = f"x {lim.ratio_to}"
-                v.status = "pass" if lim.value >= 1.0 else "fail"
-                v.detail = f"identical build to {lim.ratio_to} (same digest): not raced against itself"
-                return v
-            r = paired(samples, _clock(other, at)[0])
-            v.value, v.low, v.high = r.ratio, r.low, r.high
-            v.unit = f"x {lim.ratio_to}"
-            notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
-        v.status = verdict(v.low, v.high, lim.value)
-        if v.status == "inconclusive":
-            notes.insert(0, f"the {int(conf * 100)}% interval straddles the limit; measurement too noisy to "
-                         "decide (raise rounds, quiet the machine)")
-        v.detail = "; ".join(notes)
-        return v
+def _value_verdict(v: Verdict, b: BudgetSpec, lim: Limit, cell: ResultCell, report: Report,
+                   memory: Callable[[ResultCell, int], int] | None) -> Verdict:
+    """Accuracy drop, size or peak memory: decided on the value."""
     if b.metric == "accuracy_drop":
         base = report.cell("baseline", b.target)
         if cell.accuracy_top1 is None or base is None or base.accuracy_top1 is None:
@@ -613,6 +518,140 @@ def evaluate_budget(b: BudgetSpec, report: Report, bf: BudgetsFile, store: Basel
     return v
 
 
+def _latency_verdict(v: Verdict, b: BudgetSpec, lim: Limit, cell: ResultCell, report: Report, bf: BudgetsFile,
+                     store: BaselineStore | None, fp: str) -> Verdict:
+    """A latency budget, decided on its interval: absolute, or a ratio (``compress.compare``) to another cell
+    of the run, to the recorded baseline re-timed in it, or to numbers recorded on another day."""
+    at = v.at = b.latency_key(report.measurement.seq_own)
+    lat = cell.latency.get(at)
+    if lat is None:
+        v.status = "fail"
+        if b.seq is not None and at != str(b.batch):
+            v.detail = (f"batch {b.batch} at sequence length {b.seq} was not measured on {b.target} (see the "
+                        "cell's notes: a build fixed to one length runs only that); the budget cannot be verified")
+            return v
+        v.detail = (f"batch {b.batch} was not measured on {b.target}; the budget cannot be verified "
+                    "(add it to the recipe's measure.batch_sizes, or export with a dynamic batch)")
+        return v
+    notes: list[str] = [f"fewer rounds: {lat.capped}"] if lat.capped else []
+    if cell.device is not None:
+        ck = clock(cell, at)
+        if ck is None or ck.device is None or not ck.samples:
+            v.status = "fail"
+            v.detail = (f"{b.target} ran on {cell.device} but the report holds no figures from its clock at "
+                        f"batch {b.batch}; the budget cannot be verified")
+            return v
+        # The host figures of a remote cell include the network round trip: the device's are its latency.
+        notes.append(f"on {cell.device}'s own clock")
+    if lim.ratio_to is None:
+        v.value, v.low, v.high = statistic(cell, at, v.metric, bf.confidence, bf.resamples)
+    else:
+        decided = (_to_recorded(v, b, lim, cell, report, bf, store, fp, notes) if lim.ratio_to == "recorded"
+                   else _to_other(v, b, lim, cell, report, bf, notes))
+        if decided is not None:
+            return decided
+    assert v.low is not None and v.high is not None  # set by the statistic or the ratio above
+    v.status = verdict(v.low, v.high, lim.value)
+    if v.status == "inconclusive":
+        notes.insert(0, f"the {int(bf.confidence * 100)}% interval straddles the limit; measurement too noisy to "
+                     "decide (raise rounds, quiet the machine)")
+    v.detail = "; ".join(notes)
+    return v
+
+
+def _paired(v: Verdict, lim: Limit, cell: ResultCell, other: ResultCell, report: Report, bf: BudgetsFile,
+            what: str, notes: list[str]) -> Verdict | MeasuredRatio:
+    """The cell's latency over ``other``'s, paired in this run (``compress.compare``), widened by the
+    between-session offset of the baseline on the budget's target: the ratio with its interval (``v``'s figures
+    set), or the verdict when it is decided without one (an identical build) or cannot be computed."""
+    assert v.at is not None
+    r = compare(cell, other, v.at, v.metric, bf.confidence, bf.resamples, widen_by=report.cell("baseline", v.target),
+                what=what)
+    if isinstance(r, IdenticalRatio):
+        v.value = v.low = v.high = 1.0
+        v.status = "pass" if lim.value >= 1.0 else "fail"
+        v.detail = f"identical build to {what} (same digest): not raced against itself"
+        return v
+    if isinstance(r, NoRatio):
+        if not same_device(cell, other):
+            return _across_devices(v, cell, other, what)
+        v.status = "fail" if r.verdict == "not comparable" else "inconclusive"
+        v.detail = f"{r.text}; the budget cannot be verified"
+        return v
+    if r.session:
+        notes.append(f"interval widened by the between-session A/A offset ({100 * r.session:.1f}%)")
+    v.value, v.low, v.high = r.ratio, r.low, r.high
+    return r
+
+
+def _to_other(v: Verdict, b: BudgetSpec, lim: Limit, cell: ResultCell, report: Report, bf: BudgetsFile,
+              notes: list[str]) -> Verdict | None:
+    """A ratio to another cell of the run: the baseline on this target ("x original") or this variant on
+    another target ("x TARGET")."""
+    assert lim.ratio_to is not None and v.at is not None
+    other = report.cell(v.variant if lim.ratio_to != "original" else "baseline",
+                        b.target if lim.ratio_to == "original" else lim.ratio_to)
+    if other is None or other.status != "ok" or v.at not in other.latency:
+        v.detail = f"reference {lim.ratio_to} unavailable: {other.reason if other else 'not measured'}"
+        if other is not None and other.status == "failed":
+            v.status = "fail"  # the reference failing to build/run is a broken build, not a skip
+        return v
+    v.unit = f"x {lim.ratio_to}"
+    r = _paired(v, lim, cell, other, report, bf, lim.ratio_to, notes)
+    if isinstance(r, Verdict):
+        return r
+    notes.append(f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
+    return None
+
+
+def _to_recorded(v: Verdict, b: BudgetSpec, lim: Limit, cell: ResultCell, report: Report, bf: BudgetsFile,
+                 store: BaselineStore | None, fp: str, notes: list[str]) -> Verdict | None:
+    """A ratio to the recorded baseline: its kept artifact re-timed in this run (paired), else the numbers
+    recorded on another day (unpaired: the weaker comparison, said so)."""
+    assert v.at is not None
+    ref = report.cell("recorded", b.target)
+    rec = store.get(BaselineStore.key(b.model, v.variant, b.target, v.at, fp)) if store else None
+    if ref is not None and (rec is None or (rec.get("artifact") or {}).get("dir") != ref.compiled_digest):
+        # One stored artifact is re-timed per target; this one is another budget's baseline.
+        if rec is not None:
+            rec.setdefault("artifact_missing", "this target's re-timed baseline artifact belongs to "
+                                               "another variant's budget")
+        ref = None
+    if ref is not None and ref.status == "ok" and not same_device(ref, cell):
+        return _across_devices(v, cell, ref, "the recorded baseline")
+    if ref is not None and ref.status == "ok" and v.at in ref.latency:
+        v.unit = "x recorded"
+        r = _paired(v, lim, cell, ref, report, bf, "the recorded baseline", notes)
+        if isinstance(r, Verdict):
+            return r
+        notes.append(f"baseline artifact {str(ref.compiled_digest)[:12]} re-timed in this run, "
+                     f"paired over {r.rounds} rounds; smallest detectable difference ~{100 * r.mde:.0f}%")
+        return None
+    if store is None:
+        v.detail = "no baseline file given"
+        return v
+    if rec is None:
+        v.detail = (f"no recorded baseline for this machine fingerprint ({fp[:12]}); "
+                    "run compress check --update-baseline on this machine first")
+        return v
+    got = to_numbers(cell, v.at, rec, v.metric, bf.confidence, bf.resamples)
+    if isinstance(got, NoRatio):
+        v.status = "fail"
+        v.detail = (f"{b.target} ran on {cell.device or 'this machine'}, its baseline was recorded on "
+                    f"{rec.get('device') or 'this machine'}: figures from two devices are not "
+                    "comparable; run compress check --update-baseline against this device")
+        return v
+    v.value, v.low, v.high = got.ratio, got.low, got.high
+    v.unit = "x recorded (numbers only)"
+    why = (ref.reason if ref is not None and ref.status != "ok"
+           else rec.get("artifact_missing") or "the baseline artifact is gone")
+    notes.append(f"WEAKER comparison: against numbers recorded {rec.get('recorded', '?')}, unpaired, "
+                 f"because {why}; run --update-baseline to store the artifact")
+    if rec.get("digest") != cell.compiled_digest:
+        notes.append("baseline was recorded for a different build of this model")
+    return None
+
+
 def _fidelity_source(report: Report) -> str:
     """What a run's fidelity was measured on, for the verdict."""
     from .fidelity import SYNTHETIC_SAMPLES
@@ -620,16 +659,6 @@ def _fidelity_source(report: Report) -> str:
     if report.data is None:
         return f"{SYNTHETIC_SAMPLES} synthetic inputs (the recipe has no data)"
     return f"the validation split ({report.data.val} samples of {report.data.source})"
-
-
-def _clock(cell: ResultCell, at: str) -> tuple[list[float], float]:
-    """The cell's latency samples at ``at`` and their p50 on the clock its budgets use: a remote device's own,
-    else the host's."""
-    lat = cell.latency[at]
-    dev = lat.device
-    if cell.device is not None and dev is not None and dev.samples_ms:
-        return dev.samples_ms, dev.p50_ms
-    return lat.samples_ms, lat.p50_ms
 
 
 def _across_devices(v: Verdict, cell: ResultCell, other: ResultCell, what: str) -> Verdict:
@@ -877,7 +906,9 @@ def check(
                     continue
                 art = store.keep_artifact(Path(r.compiled_path)) if r.compiled_path else None
                 for batch in r.latency:
-                    samples, p50 = _clock(r, batch)
+                    ck = clock(r, batch)
+                    assert ck is not None  # the cell's own latency key
+                    samples, p50 = ck.samples, float(ck.stats.p50_ms)
                     store.put(BaselineStore.key(model, r.variant, r.target, batch, fp), {
                         "digest": r.compiled_digest, "samples_ms": samples, "p50_ms": p50,
                         "recorded": report.created, "machine": report.machine.cpu.model,

@@ -185,8 +185,8 @@ def record_run(report: Report, out_dir: Path | str | None) -> Path | None:
 def budget_figures(res: Any, model: str) -> list[dict[str, Any]]:
     """Each budget of ``model``: its verdict's figure and limit, and the absolute statistic behind a latency
     budget (the cell's p50/p90/... at the budget's batch, with its interval), which ``--drift`` compares."""
-    from .budget import FIDELITY_FIGURES, LATENCY, _clock
-    from .stats import bootstrap_stat
+    from .budget import FIDELITY_FIGURES, LATENCY
+    from .compare import statistic
 
     rep = res.reports.get(model)
     out: list[dict[str, Any] | None] = []
@@ -202,7 +202,7 @@ def budget_figures(res: Any, model: str) -> list[dict[str, Any]]:
             # absolute latency does not (two checks of one build minutes apart moved 5% here), so drift reads it.
             extra["abs"] = {"value": v.value, "low": v.low, "high": v.high, "unit": v.unit}
         elif v.metric in LATENCY and v.at and cell is not None and cell.status == "ok" and v.at in cell.latency:
-            a, lo, hi = bootstrap_stat(_clock(cell, v.at)[0], v.metric)
+            a, lo, hi = statistic(cell, v.at, v.metric)
             extra["abs"] = {"value": a, "low": lo, "high": hi, "unit": "ms"}
         elif v.metric == "size" and v.value is not None:
             extra["abs"] = {"value": v.value, "unit": "B"}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .compare import clock
 from .fidelity import headline as fidelity_headline
 from .recipe import Recipe, recipe_to_toml
 from .report_html import render_html
@@ -155,7 +156,8 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
             # INT8 cells: the same record, under the name older reports used (deployed vs simulated).
             "quant_parity": c.parity if c.parity and c.parity.get("precision") == "int8" and "cosine" in c.parity
             else None,
-            "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
+            "latency": c.latency, "notes": c.notes,
+            "identical_to": str(c.identical_to) if c.identical_to is not None else None,
             "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
             **({"generation": c.generation} if c.generation else {}),
             "accuracy_guard": getattr(c, "guard", None), "artifact_dir": getattr(c, "artifact_dir", None),
@@ -184,13 +186,10 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
 
 
 def _lat(r: ResultCell, batch: str, key: str) -> float | None:
-    """A latency figure of the cell: a remote (RPC) cell's from its device's clock (its host figures include the
-    network round trip); the table marks such a cell's target with "(device)"."""
-    lat: Any = r.latency.get(batch)
-    if r.device is not None and lat is not None and lat.device is not None:
-        lat = lat.device
-    v = getattr(lat, key) if lat is not None else None
-    return float(v) if v is not None else None
+    """A latency figure of the cell on its clock (``compress.compare.clock``: a remote (RPC) cell's device's own,
+    its host figures include the network round trip); the table marks such a cell's target with "(device)"."""
+    ck = clock(r, batch)
+    return ck.figure(key) if ck is not None else None
 
 
 _BRIEF_DROP = ("p90", "p99", "cv")  # the terminal table leaves these to report.md, so it fits 120 columns

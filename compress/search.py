@@ -34,9 +34,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .compare import compare
 from .errors import CompressError, InputError, RecipeError
 from .recipe import Recipe, _resolve_paths, read_toml, recipe_from_dict, recipe_to_toml
-from .report_schema import NoRatio, Report
+from .report_schema import MeasuredRatio, NoRatio, Report
 
 # Metrics a trial yields; all are minimized (accuracy as a drop, fidelity as a loss).
 METRICS: dict[str, str] = {
@@ -272,8 +273,6 @@ def _check_search_against_recipe(p: Path, search: SearchSpec, rec: Recipe) -> No
 
 def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict[str, Any]:
     """Objectives of one trial from its run report (the trial's variant against the baseline)."""
-    from .stats import bootstrap_ratio
-
     base, cell = report.cell("baseline", target), report.cell(variant, target)
     if cell is None and variant not in report.variants and base is not None:
         cell = base  # a point with every optional pass off is the original model itself
@@ -283,17 +282,17 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
     b = str(batch)
     out: dict[str, Any] = {"p50_ms": cell.latency[b].p50_ms, "size_mb": (cell.size_bytes or 0) / 1e6}
     if base is not None and base.status == "ok":
-        # The run's own paired ratio (block bootstrap, widened by the baseline's A/A spread); a plain paired
-        # bootstrap only when the run gave none (the trial is the original model itself).
+        # The run's own paired ratio (block bootstrap, widened by the baseline's A/A spread); where the run gave
+        # none (the trial is the original model itself), compress.compare's.
         r = cell.ratio_to_baseline.get(b) if cell is not base else None
-        if r is not None and not isinstance(r, NoRatio) and hasattr(r, "low"):
-            out.update(latency_ratio=r.ratio, latency_ratio_ci=[r.low, r.high])
-            session = getattr(r, "session", 0.0)
-            if session:  # the run's one-draw A/A offset, and its interval before that widening
-                out.update(aa_offset=session, latency_ratio_ci_paired=_unwiden(r.ratio, r.low, r.high, session))
-        else:
-            ratio, lo, hi = bootstrap_ratio(cell.latency[b].samples_ms, base.latency[b].samples_ms, "p50")
-            out.update(latency_ratio=ratio, latency_ratio_ci=[lo, hi])
+        if r is None or isinstance(r, NoRatio):
+            r = compare(cell, base, b)
+        if isinstance(r, NoRatio):
+            raise CompressError(f"the trial's latency on {target}: {r.text}")
+        out.update(latency_ratio=r.ratio, latency_ratio_ci=[r.low, r.high])
+        if isinstance(r, MeasuredRatio) and r.session:
+            # the run's one-draw A/A offset, and its interval before that widening
+            out.update(aa_offset=r.session, latency_ratio_ci_paired=_unwiden(r.ratio, r.low, r.high, r.session))
         if base.accuracy_top1 is not None and cell.accuracy_top1 is not None:
             out["accuracy_drop"] = (base.accuracy_top1 - cell.accuracy_top1) * 100
             out["top1"] = cell.accuracy_top1
