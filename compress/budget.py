@@ -48,7 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .artifact import sha256_json
-from .compare import clock, compare, same_device, statistic, to_numbers
+from .compare import CellRef, clock, compare, same_device, statistic, to_numbers
 from .errors import InputError, RecipeError
 from .recipe import read_toml
 from .report_schema import IdenticalRatio, MeasuredRatio, NoRatio, Report, ResultCell, latency_key
@@ -664,7 +664,7 @@ def _fidelity_source(report: Report) -> str:
 def _across_devices(v: Verdict, cell: ResultCell, other: ResultCell, what: str) -> Verdict:
     """A latency ratio between cells timed on two devices is refused: it would not be a same-run comparison."""
     v.status = "fail"
-    v.detail = (f"{cell.variant}/{cell.target} was timed on {cell.device or 'this machine'} and {what} on "
+    v.detail = (f"{CellRef.of(cell)} was timed on {cell.device or 'this machine'} and {what} on "
                 f"{other.device or 'this machine'}: a ratio across devices is not a same-run comparison; budget an "
                 "absolute latency (e.g. '5 ms') or a ratio to a cell on the same device ('x original')")
     return v
@@ -913,7 +913,7 @@ def check(
                         "digest": r.compiled_digest, "samples_ms": samples, "p50_ms": p50,
                         "recorded": report.created, "machine": report.machine.cpu.model,
                         "artifact": art, **({"device": r.device} if r.device is not None else {})})
-                    cells.append(f"{r.variant}/{r.target}@b{batch} p50 {p50:.4g} ms")
+                    cells.append(f"{CellRef.of(r)}@b{batch} p50 {p50:.4g} ms")
             where = f"{store.path} (artifacts in {store.artifact_dir}/)"
             recorded_lines.append(f"RECORDED baseline of {model}: {len(cells)} cells ({'; '.join(cells)}) for "
                                   f"machine fingerprint {fp[:12]} ({report.machine.cpu.model}, threads "

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .compare import CellRef
 from .errors import InputError
 from .report_schema import IdenticalRatio, MeasuredRatio, Report
 
@@ -139,7 +140,7 @@ def run_figures(report: Report) -> list[dict[str, Any]]:
     for r in report.results:
         if r.status != "ok" or r.variant in ("recorded", "baseline~aa"):
             continue
-        cell = f"{r.variant}/{r.target}"
+        cell = str(CellRef.of(r))
         for key in r.latency:
             p = p50_with_interval(r, key)
             if p is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import preflight
 from .artifact import Artifact
+from .compare import CellRef
 from .config import PassConfig
 from .errors import CompressError, TargetUnavailable
 from .execute import Variant, execute
@@ -131,7 +132,7 @@ def _write(plan: Plan, rep: Report, kept: Path | None) -> None:
 
 def _verdict(plan: Plan, rep: Report) -> Report:
     if not any(c.status == "ok" for c in rep.results):
-        why = "; ".join(f"{c.variant}/{c.target}: {c.reason}" for c in rep.results)
+        why = "; ".join(f"{CellRef.of(c)}: {c.reason}" for c in rep.results)
         raise TargetUnavailable(f"nothing could be measured ({why}); the report in {plan.out} lists the reasons")
     return rep
 

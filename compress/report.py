@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .compare import clock
+from .compare import CellRef, clock
 from .fidelity import headline as fidelity_headline
 from .recipe import Recipe, recipe_to_toml
 from .report_html import render_html
@@ -292,7 +292,7 @@ def seq_lines(report: Report) -> list[str]:
             if seq is None:
                 continue
             x = r.ratio_to_baseline.get(key)
-            out.append(f"{r.variant}/{r.target} b{b} seq {seq}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f}"
+            out.append(f"{CellRef.of(r)} b{b} seq {seq}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f}"
                        + (f"; vs base {x.text}" if x is not None else ""))
     return out
 
@@ -308,7 +308,7 @@ def render_text(report: Report, compare: bool = False, said: set[str] | None = N
     gen = generation_lines(report)
     if gen:  # a causal LM: its own table (the classifier table's columns are all empty for it)
         return "\n".join([*gen, *([""] + [f"note: {n}" for n in report.notes] if report.notes else []),
-                          *[f"note: {r.variant}/{r.target}: {r.status}: {r.reason}" for r in report.results
+                          *[f"note: {CellRef.of(r)}: {r.status}: {r.reason}" for r in report.results
                             if r.status != "ok"]])
     head, rows = table_rows(report, compare, brief=True)
     gone: dict[str, str] = {}
@@ -340,8 +340,8 @@ def render_text(report: Report, compare: bool = False, said: set[str] | None = N
     notes = [n for n in dict.fromkeys(report.notes) if _said_key(n) not in heard]
     if notes:
         out += ["", *[f"note: {n}" for n in notes]]
-    cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes
-                  if _said_key(f"{r.variant}/{r.target}: {n}") not in heard]
+    cell_notes = [f"note: {CellRef.of(r)}: {n}" for r in report.results for n in r.notes
+                  if _said_key(f"{CellRef.of(r)}: {n}") not in heard]
     if cell_notes:
         out += ([] if notes else [""]) + cell_notes
     seqs = seq_lines(report)
@@ -521,7 +521,7 @@ def _plot_generation(report: Report, path: Path) -> list[tuple[float, float, flo
         ax.scatter(x, g.perplexity, marker="s" if r.variant == "baseline" else "o", s=55, edgecolors="black",
                    color=colors[r.target], zorder=2)
         ax.errorbar(x, g.perplexity, xerr=[[x - lo], [hi - x]], fmt="none", ecolor="black", capsize=5, zorder=3)
-        pts.append((x, g.perplexity, f"{r.variant}/{r.target}"))
+        pts.append((x, g.perplexity, f"{CellRef.of(r)}"))
     ys = [p[1] for p in pts]
     span = max(ys) - min(ys)
     ax.set_ylim(min(ys) - max(span * 0.15, 0.01 * max(ys)), max(ys) + max(span * 0.15, 0.01 * max(ys)))
@@ -616,7 +616,7 @@ def plot_latency(report: Report, path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(per_batch)), figsize=(5 + 3 * max(0, len(per_batch) - 1), 4.5), dpi=110,
                              squeeze=False)
     for ax, (b, rows) in zip(axes[0], per_batch.items(), strict=False):
-        names = [f"{r.variant}/{r.target}" for r in rows]
+        names = [f"{CellRef.of(r)}" for r in rows]
         p50 = [r.p50_ms for r in rows]
         lo = [max(0.0, r.p50_ms - (r.p50_ci or (r.p50_ms, r.p50_ms))[0]) for r in rows]
         hi = [max(0.0, (r.p50_ci or (r.p50_ms, r.p50_ms))[1] - r.p50_ms) for r in rows]
