@@ -72,6 +72,10 @@ class Instrument(Protocol):
     def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None: ...
     def after(self, step: int, cfg: PassConfig, out: Artifact, record: StepRecord, ctx: PassContext) -> None: ...
 
+    def for_chain(self, name: str) -> Instrument:
+        """The instrument for one named chain of a run (its own copy where it keeps per-chain state)."""
+        ...
+
 
 class TimingInstrument:
     """Collects wall time per pass (cache hits included, shown as hits), as the manager measured it
@@ -79,6 +83,9 @@ class TimingInstrument:
 
     def __init__(self) -> None:
         self.times: list[tuple[str, float, bool]] = []
+
+    def for_chain(self, name: str) -> TimingInstrument:
+        return self  # one list of every chain's passes, in the order they ran
 
     def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None:
         pass
@@ -134,6 +141,9 @@ class DumpInstrument:
 
 class VerifyInstrument:
     """After each pass, checks the output is a usable model of its declared kind."""
+
+    def for_chain(self, name: str) -> VerifyInstrument:
+        return self  # keeps no state
 
     def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None:
         pass

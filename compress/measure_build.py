@@ -7,23 +7,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from .artifact import ONNX, PYTORCH, Artifact
 from .cache import Cache
-from .capabilities import refusal
+from .capabilities import dense_note, refusal
 from .cell import Cell
 from .errors import CompressError, TargetUnavailable
 from .execute import Variant
 from .manager import PassContext
 from .plan import REFERENCE
+from .protocols import PARITY_BATCH, Target
 from .registry import code_identity, get_pass
 from .registry import targets as registered_targets
 
 
-def compile_for(target: Any, art: Artifact, ctx: PassContext) -> tuple[Artifact, bool, float]:
+def compile_for(target: Target, art: Artifact, ctx: PassContext) -> tuple[Artifact, bool, float]:
     """``art`` built by ``target`` through the cache: (the build, cache hit, seconds it took)."""
     # The target's code identity is in the key: editing a target rebuilds exactly its entries.
     key = Cache.key(art.digest, f"target:{target.name}", 1, target.config.canonical(),
@@ -67,7 +67,7 @@ def dynamic_batch(art: Artifact | None) -> bool:
     return art is None or bool(art.known_facts().dynamic_batch)
 
 
-def new_cell(t: Any, v: Variant, variants: list[Variant], unavailable: str | None,
+def new_cell(t: Target, v: Variant, variants: list[Variant], unavailable: str | None,
              say: Callable[[str], None]) -> tuple[Cell, Artifact | None]:
     """The cell of variant ``v`` on target ``t`` and the model to build it from; None, with the cell's status
     and reason set, when there is nothing to build: the target cannot run here (``unavailable``), the chain made
@@ -102,10 +102,14 @@ def new_cell(t: Any, v: Variant, variants: list[Variant], unavailable: str | Non
             f"; targets that can run it: {', '.join(able)}" if able else "")
         say(f"compile {v.name} for {t.name}: {cell.reason}")
         return cell, None
+    facts = src.known_facts()
+    kernels = [k for k, (_, cls) in registered_targets().items() if facts.sparsity in cls.caps.sparse_kernels]
+    if (note := dense_note(t.caps, facts, t.name, kernels)) is not None:
+        cell.notes.append(note)
     return cell, src
 
 
-def build_cells(variants: list[Variant], targets: list[Any], unavailable: dict[str, str], ctx: PassContext,
+def build_cells(variants: list[Variant], targets: list[Target], unavailable: dict[str, str], ctx: PassContext,
                 say: Callable[[str], None]) -> list[Cell]:
     """Every variant's cell on every target, built (with a runner) where it can be; ``unavailable`` is the
     plan's answer for each target that cannot run here."""
@@ -131,7 +135,7 @@ def build_cells(variants: list[Variant], targets: list[Any], unavailable: dict[s
     return cells
 
 
-def _build(cell: Cell, t: Any, src: Artifact, baseline: bool, ctx: PassContext, say: Callable[[str], None]) -> None:
+def _build(cell: Cell, t: Target, src: Artifact, baseline: bool, ctx: PassContext, say: Callable[[str], None]) -> None:
     compiled, hit, secs = compile_for(t, src, ctx)
     cell.compiled, cell.cache_hit = compiled, hit
     cell.build_s = compiled.metadata.get("build_s", secs)
@@ -144,7 +148,7 @@ def _build(cell: Cell, t: Any, src: Artifact, baseline: bool, ctx: PassContext, 
     _check_target_parity(cell, t, src, compiled, ctx, say)
 
 
-def reference_cells(references: dict[str, Artifact], targets: list[Any], unavailable: dict[str, str],
+def reference_cells(references: dict[str, Artifact], targets: list[Target], unavailable: dict[str, str],
                     say: Callable[[str], None]) -> list[Cell]:
     """Cells for stored baseline artifacts (already compiled): timed beside the candidates."""
     cells = []
@@ -171,7 +175,7 @@ def reference_cells(references: dict[str, Artifact], targets: list[Any], unavail
     return cells
 
 
-def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artifact, ctx: PassContext,
+def _check_target_parity(cell: Cell, target: Target, src: Artifact, compiled: Artifact, ctx: PassContext,
                          say: Callable[[str], None]) -> None:
     """The compiled model against its input ONNX model on the same inputs (``compress.parity``); a breach, or
     an inference that fails while checking, fails the cell with one line. The eager PyTorch target is
@@ -181,12 +185,9 @@ def _check_target_parity(cell: Cell, target: Any, src: Artifact, compiled: Artif
     from .parity import model_precision, target_parity
 
     # A target may run a precision coarser than the model's (TensorRT building FP32 with TF32 or FP16 kernels).
-    precision = model_precision(src)
-    coarsen = getattr(target, "parity_precision", None)
-    if callable(coarsen):
-        precision = coarsen(src, precision)
-    batch = (min(16, int(getattr(target.config, "max_batch", 16))) if dynamic_batch(compiled)
-             else src.inputs[0].shape[0])
+    # A target may run coarser kernels than the model's precision (TensorRT building FP32 with TF32 or FP16).
+    precision = target.parity_precision(src, model_precision(src))
+    batch = min(PARITY_BATCH, target.parity_batch()) if dynamic_batch(compiled) else src.inputs[0].shape[0]
     try:
         cell.parity = target_parity(src, cell.runner.infer, ctx.data, target.config, precision, batch, ctx.seed)
     except Exception as e:  # the runner raising is a failed inference of this cell, not of the run

@@ -15,6 +15,7 @@ from .feeds import own_seq, synthetic_feeds
 from .measure import Timing, measure_interleaved, summarize
 from .measure_build import dynamic_batch
 from .plan import BASELINE, REFERENCE
+from .protocols import DeviceRunner
 from .recipe import Recipe
 from .report_schema import BatchLatency, DeviceLatency, MeasuredRatio, TimingInfo, latency_key
 from .stats import bootstrap_stat
@@ -180,14 +181,13 @@ def _record(c: Cell, timing: Timing, key: str, at: str, batch: int, shadows: dic
     elif gpu:
         # Device time (CUDA events), beside the host wall time above (warm-up calls included); the runner names
         # the device it came from.
-        lat.device = DeviceLatency(**summarize(list(gpu), batch).model_dump(),
-                                   measured_on=getattr(c.runner, "device_name", "this machine's GPU (CUDA events)"))
+        lat.device = DeviceLatency(**summarize(list(gpu), batch).model_dump(), measured_on=c.runner.device_name)
     c.latency[key] = lat
 
 
-def _remote(runner: Any) -> bool:
+def _remote(runner: DeviceRunner) -> bool:
     """A runner on a remote device (TVM RPC): its host wall times include the network round trip."""
-    return bool(getattr(runner, "remote", False))
+    return bool(runner.remote)
 
 
 def _remote_device_latency(c: Cell, device_ms: list[float], rounds: int, batch: int, twin_runner: Any,
@@ -205,7 +205,7 @@ def _remote_device_latency(c: Cell, device_ms: list[float], rounds: int, batch: 
     note = (f"timed on the device through the {c.device}: its latency ratios and budgets use the device's own "
             "clock (latency.B.device); the host figures (samples_ms, p50 in the table) include the RPC round trip "
             "and are never compared with figures from another device")
-    for n in [note, *getattr(c.runner, "device_notes", [])]:
+    for n in [note, *c.runner.device_notes]:
         if n not in c.notes:
             c.notes.append(n)
     return out

@@ -24,6 +24,7 @@ from .data import DataBundle, load_data
 from .errors import RecipeError
 from .manager import Instrument, PassContext, PassManager, VerifyInstrument
 from .models import load_model
+from .protocols import Target
 from .recipe import Recipe, load_recipe
 from .registry import default_targets, get_pass, lowering_pass, make_target
 
@@ -42,7 +43,7 @@ class Plan:
     say: Callable[[str], None]
     progress: bool
     target_cfgs: list[TargetConfig]
-    targets: list[Any]  # compress.targets.base.Target
+    targets: list[Target]
     unavailable: dict[str, str]  # target name -> why it cannot run here (asked once, here; stage 3 reads it)
     chains: dict[str, PassManager]  # variant name -> its pass chain
     base: PassManager  # the baseline's chain (the lowering alone, when a target needs ONNX)
@@ -98,7 +99,7 @@ def with_lowering(passes: list[PassConfig], need_onnx: bool,
 
 def _for_chain(instruments: Sequence[Instrument], name: str) -> list[Instrument]:
     """Instruments that keep per-chain state (``for_chain``) get their own copy for chain ``name``."""
-    return [getattr(i, "for_chain")(name) if hasattr(i, "for_chain") else i for i in instruments]  # noqa: B009
+    return [i.for_chain(name) for i in instruments]
 
 
 def make_plan(
@@ -158,14 +159,12 @@ def make_plan(
                 root, data, n_classes, ctx, dict(extra_models or {}), threads)
 
 
-def _targets(cfgs: list[TargetConfig]) -> tuple[list[Any], dict[str, str]]:
+def _targets(cfgs: list[TargetConfig]) -> tuple[list[Target], dict[str, str]]:
     """The recipe's targets, their settings checked, and why each that cannot run here cannot; a run none of
     whose targets can run here is refused now, before any pass runs."""
     targets = [make_target(c) for c in cfgs]
     for t in targets:
-        check = getattr(t, "check_config", None)
-        if check is not None:
-            check()  # settings the target's library would reject only at build time
+        t.check_config()  # settings the target's library would reject only at build time
     unavailable = {t.name: reason for t in targets if (reason := t.unavailable_reason()) is not None}
     if targets and len(unavailable) == len(targets):
         why = "; ".join(f"{name}: {reason}" for name, reason in unavailable.items())

@@ -85,22 +85,23 @@ def probe_recipe(rec: Recipe, batch: int, target: str) -> Recipe | None:
     short latency measurement at the search batch on the search target. Training changes weights,
     not shapes, so the probe's MACs, parameters, compiled size and latency are the trial's (its
     accuracy is not, and is not used). None when the trial has no training to save."""
-    if any(getattr(p, "max_accuracy_drop", None) is not None for p in rec.passes):
-        return None  # accuracy-controlled quantization picks its float nodes by the trained model's accuracy
     from .registry import get_pass
 
+    # Each pass's settings read by the names its capabilities declare (PassCaps).
+    if any(getattr(p, f) is not None for p in rec.passes for f in get_pass(p.kind).caps.accuracy_fields):
+        return None  # accuracy-controlled quantization picks its float nodes by the trained model's accuracy
     passes = []
     for p in rec.passes:
-        caps = get_pass(p.kind).caps  # what the pass declares it trains (PassCaps)
+        caps = get_pass(p.kind).caps  # what the pass declares it trains
         if caps.trains_only:
             continue
         upd: dict[str, Any] = {f: 0 for f in caps.training_fields if getattr(p, f, 0)}
         passes.append(p.model_copy(update=upd) if upd else p)
     if passes == list(rec.passes):
         return None
-    # The fidelity guard judges an untrained model here; it only refuses, it does not shape the model.
-    passes = [p.model_copy(update={"min_sample_cosine": None}) if getattr(p, "min_sample_cosine", None) else p
-              for p in passes]
+    # A fidelity guard judges an untrained model here; it only refuses, it does not shape the model.
+    passes = [p.model_copy(update=off) if (off := {f: None for f in get_pass(p.kind).caps.guard_fields
+                                                     if getattr(p, f) is not None}) else p for p in passes]
     m = rec.measure
     fast = m.model_copy(update={"batch_sizes": [batch], "warmup": min(m.warmup, 2), "min_runs": min(m.min_runs, 15),
                                 "min_time_s": min(m.min_time_s, 0.2)})

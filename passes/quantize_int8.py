@@ -309,7 +309,8 @@ def _accuracy_control(pre: Path, work: Path, cfg: QuantizeInt8, scheme: str, rea
         f"{(fp_top1 - acc) * 100:.2f} points (limit {limit * 100:.2f}); raise max_accuracy_drop or use quantize.qat")
 
 
-@register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8")
+@register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8",
+               accuracy_fields=("max_accuracy_drop",), guard_fields=("min_sample_cosine",))
 def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifact:
     """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
     import onnx

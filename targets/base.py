@@ -8,45 +8,15 @@ target reports itself unavailable with the reason.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import numpy as np
 
-from compress.artifact import Artifact, InputSpec
-from compress.capabilities import TargetCaps
-from compress.config import TargetConfig
+from compress.artifact import InputSpec
 from compress.errors import InputError
+from compress.protocols import DeviceClockRunner, DeviceRunner, GeneratingTarget, Runner, Target, TargetBase
 
-
-class Runner(Protocol):
-    input_names: list[str]
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-    # Targets whose caps say device_timing: the device time of every call, in ms (kept per call).
-    # device_ms: list[float]
-
-    def close(self) -> None: ...
-
-
-class Target(Protocol):
-    name: str
-    caps: TargetCaps  # what it consumes and runs (compress.capabilities)
-    config: TargetConfig
-
-    def unavailable_reason(self) -> str | None: ...
-
-    def fingerprint(self) -> dict[str, Any]: ...
-
-    def compile(self, art: Artifact, ctx: Any) -> Artifact: ...
-
-    def runner(self, compiled: Artifact, threads: int = 0) -> Runner: ...
-
-
-class GeneratingTarget(Target, Protocol):
-    """A target whose ``caps.generates`` is true: it runs a decoder language model's generate loop."""
-
-    def lm_runner(self, art: Artifact, threads: int) -> Any: ...  # compress.generation.LMRunner
+# The protocols are the core's (compress.protocols): what it asks of a target and its runners, declared.
+__all__ = ["DeviceClockRunner", "DeviceRunner", "GeneratingTarget", "Runner", "Target", "TargetBase", "module_version",
+           "static_feeds"]
 
 
 def module_version(name: str) -> str:

@@ -52,7 +52,7 @@ from ._trt_cache import (
     save_bytes_atomic,
     write_sidecar,
 )
-from .base import module_version
+from .base import DeviceClockRunner, TargetBase, module_version
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -413,7 +413,7 @@ def _settings_text(settings: dict[str, Any]) -> str:
 # -- the runner ----------------------------------------------------------------------------------
 
 
-class TrtRunner:
+class TrtRunner(DeviceClockRunner):
     """Runs a deserialized engine: device buffers, one execution context, one stream.
 
     ``infer`` copies inputs in, runs ``execute_async_v3`` and copies outputs out. Each call records
@@ -527,7 +527,7 @@ _TRUSTED_ROOTS: set[Path] = set()
 
 
 @register_target(TensorRTConfig)
-class TensorRTTarget:
+class TensorRTTarget(TargetBase):
     name = "tensorrt"
     caps = TargetCaps(consumes=ONNX, device_timing=True, sparse_kernels=frozenset({"2:4"}),
                       requires=("tensorrt", "cuda"),
@@ -582,6 +582,9 @@ class TensorRTTarget:
             workspace_mb=c.workspace_mb, optimization_level=c.optimization_level, profiles=profiles,
             qdq_nodes=qdq, pruned_2to4=art.known_facts().sparsity == "2:4", dynamic=dynamic)
         return settings, notes
+
+    def parity_batch(self) -> int:
+        return self.config.max_batch  # the optimization profile's largest batch
 
     def parity_precision(self, art: Artifact, model_precision: str) -> str:
         """The tolerance class the build is judged at (``compress.parity``): INT8 for Q/DQ builds; FP16 when FP16

@@ -36,7 +36,7 @@ from compress.errors import BuildError, InputError, RecipeError, TargetUnavailab
 from compress.fingerprint import cpu_info
 from compress.registry import register_command, register_target
 
-from .base import module_version, static_feeds
+from .base import DeviceClockRunner, TargetBase, module_version, static_feeds
 
 if TYPE_CHECKING:
     from ._tvm_rpc import RpcTvmRunner
@@ -279,7 +279,7 @@ def unsupported_ops(model: Any) -> list[str]:
     return [f"{op} (domain {dom}, {n}x, first node '{first[(dom, op)]}')" for (dom, op), n in sorted(missing.items())]
 
 
-class TvmRunner:
+class TvmRunner(DeviceClockRunner):
     """Runs an exported TVM library with the Relax VM; NumPy in, NumPy out."""
 
     def __init__(self, lib_path: Path, inputs: tuple[InputSpec, ...], threads: int = 0) -> None:
@@ -348,7 +348,7 @@ def load_exported(folder: Path, threads: int = 0) -> TvmRunner:
 
 
 @register_target(TvmConfig)
-class TvmTarget:
+class TvmTarget(TargetBase):
     name = "tvm"
     # Device timing: a remote device (rpc) reports its own clock per call; a local build reports none.
     caps = TargetCaps(consumes=ONNX, device_timing=True, requires=("tvm",),

@@ -16,6 +16,7 @@ from compress.cache import Cache
 from compress.capabilities import TargetCaps
 from compress.config import PassConfig, TargetConfig
 from compress.manager import PassContext
+from compress.protocols import DeviceClockRunner
 from compress.registry import register_pass, register_target
 from compress.torch_io import clone_module, torch_artifact
 
@@ -129,7 +130,7 @@ class DeviceClockTarget:
     def runner(self, compiled, threads: int = 0):  # type: ignore[no-untyped-def]
         inner = self._ort.runner(compiled, threads)
 
-        class Clocked:
+        class Clocked(DeviceClockRunner):
             def __init__(self) -> None:
                 self.input_names = inner.input_names
                 self.device_ms: list[float] = []

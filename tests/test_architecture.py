@@ -393,3 +393,59 @@ def test_the_compare_scan_would_see_a_second_home() -> None:
     got = sorted(what for _, what in _compare_decisions(ast.parse(src)))
     assert got == sorted(["calls ratio_ci", "calls widen", "imports ratio_ci", "reads ['samples_ms']",
                           "reads .device.p50_ms", "reads .samples_ms"])
+
+
+# ------------------------------------------------------------------ declared, not probed
+
+# What the core asks of a plugin: members of compress.protocols (Target, DeviceRunner, Instrument) and settings
+# named by the capabilities. Probing them with getattr would make an undeclared second contract.
+_DECLARED = {"check_config", "parity_precision", "parity_batch", "max_batch", "device_name", "remote",
+             "device_notes", "device_ms", "for_chain", "max_accuracy_drop", "min_sample_cosine"}
+
+
+def _probes(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in _DECLARED):
+            yield node.lineno, f"{node.func.id}(..., {node.args[1].value!r})"
+
+
+def test_the_core_asks_plugins_only_what_they_declare() -> None:
+    found = [f"{p.relative_to(ROOT)}:{line}: {what}" for p in sorted((ROOT / "compress").rglob("*.py"))
+             for line, what in _probes(ast.parse(p.read_text()))]
+    assert found == [], "probes for a member a protocol declares (call it):\n" + "\n".join(found)
+    assert [w for _, w in _probes(ast.parse("getattr(t, 'check_config', None)\ngetattr(t, 'name')"))] == [
+        "getattr(..., 'check_config')"]  # the scan sees a probe
+
+
+def test_a_plugin_target_gets_the_declared_defaults(ext_plugin: Any) -> None:
+    """A target class that does not derive from TargetBase still answers the whole protocol."""
+    from compress.protocols import OPTIONAL_TARGET_MEMBERS, TargetBase
+
+    cls = registry.targets()["ext.eager"][1]
+    assert not issubclass(cls, TargetBase)
+    t = cls(registry.get_target_config("ext.eager")())
+    assert all(callable(getattr(t, m)) for m in OPTIONAL_TARGET_MEMBERS)
+    assert t.check_config() is None and t.parity_precision(None, "fp16") == "fp16" and t.parity_batch() == 16
+
+
+def test_every_builtin_target_derives_from_the_protocols_defaults() -> None:
+    from compress.protocols import TargetBase
+
+    builtin = {k: cls for k, (_, cls) in registry.targets().items() if cls.__module__.startswith("compress.targets.")}
+    assert {"torch", "onnxruntime"} <= set(builtin)
+    assert [k for k, cls in builtin.items() if not issubclass(cls, TargetBase)] == []
+
+
+def test_a_sparsity_pattern_without_kernels_is_said_to_run_dense() -> None:
+    from compress.capabilities import dense_note
+
+    facts = Facts(sparsity="2:4")
+    with_kernels = TargetCaps(consumes="onnx", sparse_kernels=frozenset({"2:4"}))
+    without = TargetCaps(consumes="onnx")
+    assert dense_note(with_kernels, facts, "gpu", ["gpu"]) is None
+    note = dense_note(without, facts, "cpu", ["gpu"]) or ""
+    assert "2:4 sparsity runs as dense weights on 'cpu'" in note and "gpu" in note
+    assert dense_note(without, Facts(sparsity="unstructured"), "cpu", []) is None  # nobody has kernels: no note
+    assert dense_note(without, Facts(), "cpu", ["gpu"]) is None
