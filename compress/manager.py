@@ -36,7 +36,6 @@ class PassContext:
     log: Callable[[str], None] = field(default=lambda msg: None)
     original: Artifact | None = None  # the model as it entered the pipeline (teacher, fidelity)
     text: Any = None  # compress.causal_lm.LMText: token windows of real text, for a causal LM
-    history: list[str] = field(default_factory=list)  # text of the passes run so far
     _dirs: list[Path] = field(default_factory=list, repr=False)
 
     def new_dir(self, prefix: str = "work") -> Path:
@@ -251,7 +250,6 @@ class PassManager:
             except Exception as e:
                 raise _chain_error(i, cfg, self.steps[:i], e) from e
             records.append(rec)
-            ctx.history.append(text)
             art = out
         return art, records
 
