@@ -21,16 +21,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import CompressError, TargetUnavailable
+from .compare import sample_ratio
 from .measure import round_orders
-from .stats import bootstrap_stat, ratio_ci
+from .stats import bootstrap_stat
 
 
 def _cells(plan: Any, variants: list[Any], say: Callable[[str], None]) -> list[Any]:
-    from .measurement import _compile, new_cell
+    from .measure_build import compile_for, new_cell
 
     cells = []
     for t in plan.targets:
-        reason = t.unavailable_reason()
+        reason = plan.unavailable.get(t.name)
         for v in variants:
             cell, src = new_cell(t, v, variants, reason, say)
             cells.append(cell)
@@ -41,7 +42,7 @@ def _cells(plan: Any, variants: list[Any], say: Callable[[str], None]) -> list[A
                 cell.reason = f"refused: target '{t.name}' has no generate loop for a causal language model"
                 continue
             try:
-                compiled, hit, secs = _compile(t, src, plan.ctx)
+                compiled, hit, secs = compile_for(t, src, plan.ctx)
                 cell.compiled, cell.cache_hit, cell.build_s = compiled, hit, secs
                 cell.size_bytes = src.size_bytes()
                 cell.spawn = (lambda n, t=t, comp=compiled: t.lm_runner(comp, n))
@@ -118,8 +119,8 @@ def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rou
         if c is not ref:
             # Ratios from paired rounds: time to first token candidate/reference (lower is better), decode
             # speed-up reference time per token / candidate's (higher is better).
-            g["ttft_ratio"] = ratio_ci(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).to_json()
-            g["decode_speedup"] = ratio_ci(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).to_json()
+            g["ttft_ratio"] = sample_ratio(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).model_dump()
+            g["decode_speedup"] = sample_ratio(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).model_dump()
         c.generation.update(g, **speculative_figures(c.runner))
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from ..measuring.compare import shown_samples
 from . import svg_plot as sp
 from .report_schema import Fidelity, Report
 from .report_view import (
@@ -218,9 +219,7 @@ def section_latency(report: Report, v: View) -> str | None:
             lat = r.latency.get(key)
             if p is None or lat is None:
                 continue
-            samples = lat.device.samples_ms if r.device is not None and lat.device is not None and \
-                lat.device.samples_ms else lat.samples_ms
-            rows.append(sp.BoxRow(p.label, samples, r.target, p.flag))
+            rows.append(sp.BoxRow(p.label, shown_samples(r, key), r.target, p.flag))
         if not rows:
             return None
         return sp.boxes(rows, f"latency per call, {key_text(key)} (ms)", f"latency distribution, {key_text(key)}")
