@@ -99,7 +99,7 @@ def check(
         load_recipe(rpath)  # and so is a bad recipe it names (pass settings included)
     check_fidelity_budgets(bf, recipes, Path(path), cache_dir)
 
-    from ..reporting.report import noise_lines
+    from ..reporting.report_tables import noise_lines
 
     base_path = Path(baseline) if baseline else Path(path).with_suffix(".baseline.json")
     store = BaselineStore(base_path)  # refuses a corrupt file before anything runs

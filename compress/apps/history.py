@@ -465,9 +465,9 @@ _BARS = "▁▂▃▄▅▆▇█"
 
 def _value(v: float, unit: str) -> str:
     if unit == "B":
-        from ..reporting.report import _fmt_size
+        from ..reporting.report_tables import fmt_size
 
-        return _fmt_size(int(v))
+        return fmt_size(int(v))
     return f"{v:.4g}"
 
 
