@@ -4,8 +4,10 @@ facts name a decoder with its KV cache), with ONNX Runtime's MatMulNBits quantiz
 What differs from the plain pass, and why:
 * the tied embedding's ``Gather`` is never touched: only MatMul weights are packed (NNCF's ONNX backend
   packed the embedding into a MatMulNBits fed by int64 ids, which ONNX Runtime refuses: issue 29);
-* GPTQ is calibrated on the run's own calibration windows (never the held-out ones), fed with an empty
-  KV cache, so the activations it sees are the prefill's;
+* GPTQ (the project's own, ``decoder_gptq.py``; ONNX Runtime's compensates nothing) is calibrated on the run's
+  own calibration windows (never the held-out ones), fed with an empty KV cache, so the activations it sees are
+  the prefill's; ``int8_fraction`` keeps its most sensitive layers at INT8;
+* settings are checked in the plan from the model's config (``check_settings``), before any export;
 * the LM head may stay at 8 bits (``head_bits``): it is the largest and most output-sensitive MatMul;
 * the result is saved with its weights in an external data file: a model over 2 GB cannot be one
   protobuf;
@@ -20,58 +22,98 @@ from typing import Any
 import numpy as np
 
 from compress.core.artifact import Artifact, sha256_files
+from compress.errors import PassError
 from compress.core.layers import onnx_layers
 from compress.core.manager import PassContext
-from compress.errors import PassError
 
 
-class _Windows:
-    """GPTQ's calibration reader: the run's calibration windows as prefill feeds with an empty cache."""
+def check_settings(cfg: Any, root: Any, text: Any) -> None:
+    """The plan's check (before any export): decoder-only settings on a model that is not a causal LM, a format
+    a decoder cannot use, a group wider than a layer of the model's config (one line, exit 2)."""
+    from compress.inputs.causal_lm import CAUSAL_LM
+    from compress.errors import RecipeError
+    from compress.inputs.models import hf_dir
 
-    def __init__(self, windows: np.ndarray, decoder: Any, kv_dtype: Any) -> None:
-        self.items = []
-        for w in windows:
-            f: dict[str, np.ndarray] = {"input_ids": w[None].astype(np.int64),
-                                        "attention_mask": np.ones((1, len(w)), np.int64)}
-            z = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), kv_dtype)
-            for i in range(decoder.layers):
-                f[f"past_key_values.{i}.key"] = z
-                f[f"past_key_values.{i}.value"] = z
-            self.items.append(f)
-        self.i = 0
+    if root.metadata.get("task") != CAUSAL_LM and root.known_facts().decoder is None:
+        if cfg.algorithm != "rtn" or cfg.head_bits is not None or cfg.embedding_bits is not None:
+            raise RecipeError(f"quantize.weight_only: algorithm={cfg.algorithm!r}, head_bits and embedding_bits "
+                              "apply to decoder language models (model.task = \"causal-lm\"); use the defaults "
+                              "for this model")
+        return
+    if cfg.format != "matmulnbits":
+        raise RecipeError("quantize.weight_only on a decoder needs format = \"matmulnbits\" (ONNX Runtime's packed "
+                          "kernel is what makes decoding faster)")
+    if cfg.algorithm == "gptq" and text is None:
+        raise RecipeError("quantize.weight_only{algorithm=\"gptq\"} calibrates on text: set data.source = "
+                          "\"builtin:pydoc-topics\" or text:FILE")
+    folder = hf_dir(root)
+    if folder is None or not (folder / "config.json").is_file():
+        return  # an ONNX decoder as the source: the pass checks its MatMuls when it runs
+    import json
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.items):
-            return None
-        self.i += 1
-        return self.items[self.i - 1]
+    c = json.loads((folder / "config.json").read_text())
+    c = c.get("text_config", c)
+    hidden, heads = c.get("hidden_size"), c.get("num_attention_heads")
+    widths = {"hidden_size": hidden, "intermediate_size": c.get("intermediate_size"),
+              "attention width (heads x head_dim)": (c.get("head_dim") or (hidden // heads)) * heads
+              if isinstance(hidden, int) and isinstance(heads, int) else None}
+    bad = {k: v for k, v in widths.items() if isinstance(v, int) and v < cfg.group_size}
+    if bad:
+        k, v = min(bad.items(), key=lambda kv: kv[1])
+        raise RecipeError(f"quantize.weight_only: group_size = {cfg.group_size} is wider than the model's {k} "
+                          f"({v}), the input width of its MatMul layers; choose group_size <= {v} (a power of two; "
+                          "one that does not divide a width gets a padded last block)")
 
-    def rewind(self) -> None:
-        self.i = 0
 
-    def __iter__(self) -> Any:
-        return iter(self.items)
+def _prefill_feeds(windows: np.ndarray, decoder: Any, model: Any) -> list[dict[str, np.ndarray]]:
+    """GPTQ's calibration feeds: the run's calibration windows as prefills with an empty KV cache, in the dtype of
+    the model's past inputs, with position ids where the graph takes them."""
+    from onnx import TensorProto
+
+    kinds = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    kv = np.float16 if kinds.get("past_key_values.0.key") == TensorProto.FLOAT16 else np.float32
+    z = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), kv)
+    feeds = []
+    for w in windows:
+        f: dict[str, np.ndarray] = {"input_ids": w[None].astype(np.int64),
+                                    "attention_mask": np.ones((1, len(w)), np.int64)}
+        if "position_ids" in kinds:
+            f["position_ids"] = np.arange(len(w), dtype=np.int64)[None]
+        for i in range(decoder.layers):
+            f[f"past_key_values.{i}.key"] = z
+            f[f"past_key_values.{i}.value"] = z
+        feeds.append(f)
+    return feeds
 
 
-def _algo(cfg: Any, ctx: PassContext, decoder: Any, bits: int) -> Any:
+def _algo(cfg: Any, decoder: Any, bits: int) -> Any:
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
     if cfg.algorithm == "hqq":
         return mq.HQQWeightOnlyQuantConfig(block_size=cfg.group_size, bits=cfg.bits, quant_format=QuantFormat.QOperator,
                                            op_types_to_quantize=("MatMul",))
-    if cfg.algorithm == "gptq":
-        text = ctx.text
-        if text is None:
-            raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
-                            "\"builtin:pydoc-topics\" or text:FILE)")
-        reader = _Windows(text.calib[:cfg.calib_windows], decoder, np.float32)
-        return mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader,
-                                            block_size=cfg.group_size, quant_format=QuantFormat.QOperator,
-                                            op_types_to_quantize=("MatMul",))
     return mq.DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=bits,
                                            accuracy_level=cfg.accuracy_level, quant_format=QuantFormat.QOperator,
                                            op_types_to_quantize=("MatMul",))
+
+
+def _gptq(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str]) -> list[str]:
+    """GPTQ of every MatMul but ``skip``, calibrated on the run's first ``calib_windows`` calibration windows;
+    returns the layers packed at INT8 (``int8_fraction``)."""
+    from .decoder_gptq import gptq_model
+
+    text = ctx.text
+    if text is None:
+        raise PassError("quantize.weight_only{algorithm=\"gptq\"} needs calibration text (data.source = "
+                        "\"builtin:pydoc-topics\" or text:FILE)")
+    feeds = _prefill_feeds(text.calib[:cfg.calib_windows], decoder, model)
+    wide = gptq_model(model, feeds, cfg.bits, cfg.group_size, cfg.symmetric, cfg.accuracy_level, skip, log=ctx.log,
+                      int8_fraction=cfg.int8_fraction)
+    if wide:
+        ctx.log(f"quantize.weight_only: {len(wide)} layer(s) at INT8 (largest INT4 output error on the calibration "
+                f"text): {', '.join(wide[:8])}{' ...' if len(wide) > 8 else ''}")
+    return wide
 
 
 def _untie_embedding(model: Any) -> str | None:
@@ -96,6 +138,50 @@ def _untie_embedding(model: Any) -> str | None:
     return str(gathers[0].name) if gathers else None
 
 
+def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, skip: list[str], head: str | None,
+          embed: str | None) -> tuple[Any, list[str]]:
+    """The MatMuls but ``skip`` at cfg.bits by cfg.algorithm; then the LM head (``head``) at head_bits by RTN in a
+    pass of its own; then the embedding Gather (``embed``) at 4 bits when embedding_bits is set. Returns the model
+    and the layers GPTQ's mixed precision (``int8_fraction``) packed at INT8."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from ._quant_common import quiet
+
+    wide: list[str] = []
+    try:
+        if cfg.algorithm == "gptq":  # our own (ONNX Runtime's compensates nothing: see decoder_gptq.py); its
+            wide = _gptq(model, cfg, ctx, decoder, skip)  # progress lines are the run's, so not under quiet
+        with quiet():
+            if cfg.algorithm != "gptq":
+                q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
+                                         accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
+                                         algo_config=_algo(cfg, decoder, cfg.bits))
+                q.process()
+                model = q.model.model
+            if head:
+                hq = cfg.model_copy(update={"algorithm": "rtn"})
+                q = MatMulNBitsQuantizer(model, bits=cfg.head_bits, block_size=cfg.group_size,
+                                         is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
+                                         nodes_to_include=[head], algo_config=_algo(hq, decoder, cfg.head_bits))
+                q.process()
+                model = q.model.model
+            if embed and cfg.embedding_bits:
+                eq = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=4,
+                                                  quant_format=QuantFormat.QOperator, op_types_to_quantize=("Gather",),
+                                                  quant_axes=(("Gather", 1),))
+                q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
+                                         nodes_to_include=[embed], algo_config=eq)
+                q.process()
+                model = q.model.model
+    except PassError:
+        raise
+    except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
+        raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed ({cfg.algorithm}): "
+                        f"{str(e).splitlines()[0][:300]}") from e
+    return model, wide
+
+
 def _checked_layers(model: Any, mats: list[Any], cfg: Any) -> tuple[dict[str, int], list[str]]:
     """The MatMuls' input widths, checked against the group size, and the nodes ``skip`` selects."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -111,47 +197,7 @@ def _checked_layers(model: Any, mats: list[Any], cfg: Any) -> tuple[dict[str, in
     return widths, skipped
 
 
-def _pack(model: Any, cfg: Any, ctx: PassContext, decoder: Any, head: str | None, embed: str | None,
-          skipped: list[str]) -> Any:
-    """ORT's MatMulNBits quantizer over the decoder's MatMuls, then the LM head at head_bits and the token
-    embedding at INT4 when asked; the quantizer holding the packed model."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from ._quant_common import quiet
-
-    try:
-        with quiet():
-            # The LM head at head_bits: left out of the main pass, packed by a second one of its own.
-            skip = [*skipped, *([head] if cfg.head_bits and head else [])]
-            q = MatMulNBitsQuantizer(model, bits=cfg.bits, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
-                                     accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
-                                     algo_config=_algo(cfg, ctx, decoder, cfg.bits))
-            q.process()
-            if cfg.head_bits and head:
-                hq = cfg.model_copy(update={"algorithm": "rtn"})
-                q = MatMulNBitsQuantizer(q.model.model, bits=cfg.head_bits, block_size=cfg.group_size,
-                                         is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
-                                         nodes_to_include=[head], algo_config=_algo(hq, ctx, decoder, cfg.head_bits))
-                q.process()
-            if embed and cfg.embedding_bits:
-                from onnxruntime.quantization import QuantFormat
-                from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
-
-                eq = DefaultWeightOnlyQuantConfig(block_size=cfg.group_size, is_symmetric=cfg.symmetric, bits=4,
-                                                  quant_format=QuantFormat.QOperator, op_types_to_quantize=("Gather",),
-                                                  quant_axes=(("Gather", 1),))
-                q = MatMulNBitsQuantizer(q.model.model, bits=4, block_size=cfg.group_size, is_symmetric=cfg.symmetric,
-                                         nodes_to_include=[embed], algo_config=eq)
-                q.process()
-    except PassError:
-        raise
-    except Exception as e:  # ORT raises ValueError/NotImplementedError/AssertionError here
-        raise PassError(f"quantize.weight_only: onnxruntime's MatMulNBits quantizer failed ({cfg.algorithm}): "
-                        f"{str(e).splitlines()[0][:300]}") from e
-    return q
-
-
-def _summary(cfg: Any, ctx: PassContext, packed: int, n_mats: int, embed_packed: bool) -> str:
+def _summary(cfg: Any, ctx: PassContext, packed: int, n_mats: int, embed_packed: bool, wide: list[str]) -> str:
     """The note that says what was packed, how, and on what."""
     return (f"weight-only INT{cfg.bits} ({cfg.algorithm}, group {cfg.group_size}"
             + (", symmetric" if cfg.symmetric and cfg.algorithm == "rtn" else "")
@@ -160,6 +206,8 @@ def _summary(cfg: Any, ctx: PassContext, packed: int, n_mats: int, embed_packed:
             + (f", calibrated on {min(cfg.calib_windows, len(ctx.text.calib))} window(s) of {ctx.text.window} "
                "tokens" if cfg.algorithm == "gptq" and ctx.text is not None else "")
             + f") on {packed} of {n_mats} MatMul layer(s); "
+            + (f"{len(wide)} of them at INT8 (the largest INT4 output error on the calibration text); " if wide
+               else "")
             + ("the token embedding packed to INT4 (GatherBlockQuantized)" if embed_packed
                else "the embedding Gather stays float"))
 
@@ -168,6 +216,7 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     import shutil
 
     import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
 
     decoder = art.known_facts().decoder
     assert decoder is not None
@@ -181,9 +230,10 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
     head = next((n.name for n in reversed(mats) if "lm_head" in n.name), mats[-1].name if mats else None)
     ctx.log(f"quantize.weight_only: INT{cfg.bits} {cfg.algorithm.upper()} weights, group {cfg.group_size}, "
             f"{len(widths)} MatMul layer(s)" + (f", {head} at INT{cfg.head_bits}" if cfg.head_bits else ""))
-    q = _pack(model, cfg, ctx, decoder, head, embed, skipped)
+    skip = [*skipped, *([head] if cfg.head_bits and head else [])]
+    model, wide = _pack(model, cfg, ctx, decoder, skip, head if cfg.head_bits else None, embed)
     out_dir = ctx.new_dir("onnx")
-    q.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
+    ONNXModel(model).save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
     for f in art.path.iterdir():  # the decoder's I/O contract and tokenizer travel with it
         if f.is_file() and f.suffix not in (".onnx", ".data") and f.name != "artifact.json":
             shutil.copy2(f, out_dir / f.name)
@@ -197,10 +247,10 @@ def quantize_decoder_weights(art: Artifact, cfg: Any, ctx: PassContext) -> Artif
         raise PassError("quantize.weight_only: no MatMul of the decoder was compressed")
     parity = _agreement(art, out_dir, ctx)
     precision = "int4" if cfg.bits == 4 else "int8"
-    notes = [_summary(cfg, ctx, packed, len(mats), embed_packed)]
+    notes = [_summary(cfg, ctx, packed, len(mats), embed_packed, wide)]
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
             "head_bits": cfg.head_bits, "embedding_bits": cfg.embedding_bits if embed_packed else None,
-            "accuracy_level": cfg.accuracy_level, "compressed_layers": packed,
+            "accuracy_level": cfg.accuracy_level, "compressed_layers": packed, "int8_layers": wide,
             "matmul_layers": len(mats), "parity": parity, "notes": notes}
     extra_ops = {"com.microsoft:MatMulNBits", *(["com.microsoft:GatherBlockQuantized"] if embed_packed else [])}
     facts = art.known_facts().lower_precision(precision).evolve(

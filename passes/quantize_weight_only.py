@@ -46,9 +46,12 @@ class QuantizeWeightOnly(ParityOptions):
     # A tied embedding is untied first (its transposed LM-head weight becomes its own table), so the float copy
     # goes and the file shrinks by the embedding's size (SmolLM2: 113 MB).
     embedding_bits: Literal[4] | None = None
-    # GPTQ: calibration windows (ONNX Runtime's GPTQ runs the model once per layer per window, so its cost is
-    # layers x windows forward passes: 151 x 8 windows of 512 tokens took over an hour on SmolLM2 here).
-    calib_windows: int = Field(2, ge=1, le=256)
+    # GPTQ: calibration windows from the run's text (never the held-out ones); one prefill each collects every
+    # MatMul's input statistics (passes/decoder_gptq.py), so the cost is one forward per window plus the solve.
+    calib_windows: int = Field(8, ge=1, le=256)
+    # Decoders, GPTQ at 4 bits: this fraction of the MatMul layers (by count) at INT8 instead, those whose INT4 output
+    # error on the calibration text (tr(E^T H E), E the rounding error, H = X^T X) is largest; mixed precision.
+    int8_fraction: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -59,10 +62,18 @@ class QuantizeWeightOnly(ParityOptions):
     def _fmt(self) -> QuantizeWeightOnly:
         if self.algorithm != "rtn" and self.format != "matmulnbits":
             raise ValueError(f"algorithm={self.algorithm!r} needs format='matmulnbits'")
+        if self.int8_fraction and (self.algorithm != "gptq" or self.bits != 4):
+            raise ValueError("int8_fraction chooses INT8 layers from GPTQ's calibration statistics: it needs "
+                             "algorithm = \"gptq\" and bits = 4")
         if self.bits == 8 and self.format == "qdq":
             raise ValueError("bits=8 needs format='matmulnbits' (ONNX Runtime's quantizer writes 8-bit blocks only "
                              "as MatMulNBits); use bits=4 for format='qdq'")
         return self
+
+    def preflight(self, root: Any, text: Any) -> None:
+        from .quantize_decoder import check_settings
+
+        check_settings(self, root, text)
 
 
 @register_pass(QuantizeWeightOnly, consumes="onnx", produces="onnx", compare_precision="int4-weights")
