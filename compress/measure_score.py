@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .artifact import Artifact
-from .cell import Cell
+from .cell import Cell, Live
 from .data import DataBundle
 from .evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
 from .execute import Variant
@@ -30,7 +30,7 @@ def _output_name(variants: list[Variant]) -> str | None:
         return None
 
 
-def measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
+def measure_accuracy(cells: list[Cell], live: Live, variants: list[Variant], data: DataBundle | None, root: Artifact,
                       say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None) -> None:
     """Top-1 on the validation split and fidelity to the original model on the reference target.
 
@@ -57,14 +57,14 @@ def measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundl
         bs = 64 if (c.caps.any_batch or dynamic_batch(c.compiled)) else 1
         try:
             if data is not None and data.input_names:  # one named array per model input
-                logits = predict_feeds(c.runner, data.feeds(data.val), bs)
+                logits = predict_feeds(live[c], data.feeds(data.val), bs)
             elif data is not None:
-                logits = predict(c.runner, data, data.val, bs)
+                logits = predict(live[c], data, data.val, bs)
             elif len(root.inputs) > 1:  # several named inputs (token ids and a mask): synthetic, valid values
-                logits = predict_feeds(c.runner, all_feeds, bs)
+                logits = predict_feeds(live[c], all_feeds, bs)
             else:
                 assert xs is not None  # set above whenever there is no data
-                logits = predict_arrays(c.runner, xs, bs)
+                logits = predict_arrays(live[c], xs, bs)
         except Exception as e:  # report the failing target instead of aborting the run
             c.status, c.reason = "failed", f"inference on the validation data failed: {str(e).splitlines()[0]}"
             continue

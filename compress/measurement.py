@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .artifact import PYTORCH, Artifact
-from .cell import Cell
+from .cell import Cell, Live
 from .errors import CompressError
 from .execute import Variant
 from .feeds import own_seq, synthetic_feeds
@@ -63,16 +63,15 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
 
         cells, threads, how = measure_generation(plan, variants, threads, say)
         return Measurement(cells, threads, how, probe.report(), None)
-    cells = build_cells(variants, plan.targets, plan.unavailable, plan.ctx, say)
-    cells += reference_cells(references or {}, plan.targets, plan.unavailable, say)
+    live = Live()  # the runners, apart from the cells (which are data)
     try:
-        measure_latency(cells, plan.root, rec, threads, plan.progress, say, probe, aa_session)
-        measure_accuracy(cells, variants, plan.data, plan.root, say, _declared_kind(rec, plan.root),
+        cells = build_cells(variants, plan.targets, plan.unavailable, plan.ctx, say, live)
+        cells += reference_cells(references or {}, plan.targets, plan.unavailable, say, live)
+        measure_latency(cells, live, plan.root, rec, threads, plan.progress, say, probe, aa_session)
+        measure_accuracy(cells, live, variants, plan.data, plan.root, say, _declared_kind(rec, plan.root),
                          rec.measure.metric)
     finally:
-        for c in cells:
-            if c.runner is not None:
-                c.runner.close()
+        live.close_all()
     contention = probe.report()
     for w in contention["warnings"]:
         say(f"WARNING {w}")
