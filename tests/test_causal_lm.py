@@ -232,6 +232,9 @@ def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
 
     from compress.measuring.generation import Generated
     from compress.measuring.measure_lm import choose_threads
+    from compress.measuring.compare import CellRef
+    from compress.measuring.generation import Generated
+    from compress.measuring.measure_lm import choose_threads
 
     class Runner:
         def __init__(self, n: int) -> None:
@@ -243,10 +246,9 @@ def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
         def close(self) -> None:
             pass
 
-    cell = SimpleNamespace(status="ok", variant="lm", target="onnxruntime", caps=TargetCaps(consumes="onnx"),
-                           spawn=Runner)
+    cell = SimpleNamespace(status="ok", variant="lm", target="onnxruntime", caps=TargetCaps(consumes="onnx"))
     text = SimpleNamespace(calib=[np.arange(64)])
-    n, note = choose_threads([cell], text, [1, 2], 0, lambda m: None)
+    n, note = choose_threads([cell], {CellRef("lm", "onnxruntime"): Runner}, text, [1, 2], 0, lambda m: None)
     assert n == faster
     assert f"threads: {faster}, chosen by measurement on lm/onnxruntime" in note
 

@@ -20,7 +20,6 @@ class Cell:
     status: str = "ok"  # ok | unavailable | failed | skipped (nothing new to measure)
     reason: str | None = None
     compiled: Artifact | None = None
-    runner: Any = None
     build_s: float | None = None
     cache_hit: bool = False
     latency: dict[str, BatchLatency] = field(default_factory=dict)  # latency key ("B", "B/sS") -> figures
@@ -33,7 +32,6 @@ class Cell:
     identical_to: CellRef | None = None  # the cell whose compiled artifact has the same digest (timed once)
     ratios: dict[str, LatencyRatio] = field(default_factory=dict)  # latency key -> ratio to the baseline
     reference: bool = False  # a stored baseline artifact, timed only (no accuracy)
-    spawn: Any = None  # makes a second runner of the same build (the A/A session)
     caps: TargetCaps = field(default_factory=lambda: TargetCaps(consumes=ONNX))  # what the target declares
     # The remote device the cell ran on (a TVM RPC device, named by its runner); None: this machine. Its latency
     # is judged on the device's own clock and never divided by a figure from another device (measuring.compare).
@@ -51,3 +49,25 @@ class Cell:
     @property
     def compiled_digest(self) -> str | None:
         return self.compiled.digest if self.compiled is not None else None
+
+
+@dataclass
+class Live:
+    """The processes behind stage 3's cells while it measures, kept apart from the cells (which are data): each
+    built cell's runner, and for a baseline the maker of a second runner of its build (the A/A session)."""
+
+    runners: dict[CellRef, Any] = field(default_factory=dict)
+    spawns: dict[CellRef, Any] = field(default_factory=dict)
+
+    def __getitem__(self, cell: Cell) -> Any:
+        return self.runners[cell.ref]
+
+    def close(self, cell: Cell) -> None:
+        runner = self.runners.pop(cell.ref, None)
+        if runner is not None:
+            runner.close()
+
+    def close_all(self) -> None:
+        for ref in list(self.runners):
+            self.runners.pop(ref).close()
+        self.spawns.clear()

@@ -21,6 +21,17 @@ from ..errors import CompressError, TargetUnavailable
 from ..stages.execute import Variant
 from ..stages.plan import REFERENCE
 from .cell import Cell
+from ..core.artifact import ONNX, PYTORCH, Artifact
+from ..core.cache import Cache
+from ..core.capabilities import dense_note, refusal
+from .cell import Cell, Live
+from ..errors import CompressError, TargetUnavailable
+from ..stages.execute import Variant
+from ..core.manager import PassContext
+from ..stages.plan import REFERENCE
+from ..core.protocols import PARITY_BATCH, Target
+from ..core.registry import code_identity, get_pass
+from ..core.registry import targets as registered_targets
 
 
 def compile_for(target: Target, art: Artifact, ctx: PassContext) -> tuple[Artifact, bool, float]:
@@ -110,7 +121,7 @@ def new_cell(t: Target, v: Variant, variants: list[Variant], unavailable: str | 
 
 
 def build_cells(variants: list[Variant], targets: list[Target], unavailable: dict[str, str], ctx: PassContext,
-                say: Callable[[str], None]) -> list[Cell]:
+                say: Callable[[str], None], live: Live) -> list[Cell]:
     """Every variant's cell on every target, built (with a runner) where it can be; ``unavailable`` is the
     plan's answer for each target that cannot run here."""
     cells = []
@@ -122,7 +133,7 @@ def build_cells(variants: list[Variant], targets: list[Target], unavailable: dic
             if src is None:
                 continue
             try:
-                _build(cell, t, src, v is variants[0], ctx, say)
+                _build(cell, t, src, v is variants[0], ctx, say, live)
                 if restore_affinity(mask, f"target {t.name}", say):
                     cell.notes.append("this target's runtime narrowed the process's CPU mask; restored after its "
                                       "build")
@@ -135,21 +146,22 @@ def build_cells(variants: list[Variant], targets: list[Target], unavailable: dic
     return cells
 
 
-def _build(cell: Cell, t: Target, src: Artifact, baseline: bool, ctx: PassContext, say: Callable[[str], None]) -> None:
+def _build(cell: Cell, t: Target, src: Artifact, baseline: bool, ctx: PassContext, say: Callable[[str], None],
+           live: Live) -> None:
     compiled, hit, secs = compile_for(t, src, ctx)
     cell.compiled, cell.cache_hit = compiled, hit
     cell.build_s = compiled.metadata.get("build_s", secs)
     cell.size_bytes = src.size_bytes() if t.caps.consumes == PYTORCH else compiled.size_bytes()
     cell.notes += list(compiled.metadata.get("target_notes", []))  # kept if it cannot run here
-    cell.runner = t.runner(compiled, threads=torch.get_num_threads())
+    live.runners[cell.ref] = t.runner(compiled, threads=torch.get_num_threads())
     if baseline:
-        cell.spawn = (lambda t=t, comp=compiled: t.runner(comp, threads=torch.get_num_threads()))
+        live.spawns[cell.ref] = (lambda t=t, comp=compiled: t.runner(comp, threads=torch.get_num_threads()))
     say(f"compile {cell.variant} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
-    _check_target_parity(cell, t, src, compiled, ctx, say)
+    _check_target_parity(cell, t, src, compiled, ctx, say, live)
 
 
 def reference_cells(references: dict[str, Artifact], targets: list[Target], unavailable: dict[str, str],
-                    say: Callable[[str], None]) -> list[Cell]:
+                    say: Callable[[str], None], live: Live) -> list[Cell]:
     """Cells for stored baseline artifacts (already compiled): timed beside the candidates."""
     cells = []
     by_name = {t.name: t for t in targets}
@@ -166,7 +178,7 @@ def reference_cells(references: dict[str, Artifact], targets: list[Target], unav
             continue
         try:
             cell.size_bytes = art.size_bytes()
-            cell.runner = t.runner(art, threads=torch.get_num_threads())
+            live.runners[cell.ref] = t.runner(art, threads=torch.get_num_threads())
             say(f"recorded baseline for {tname}: artifact {art.digest[:12]} loaded, timed in this run")
         except TargetUnavailable as e:
             cell.status, cell.reason = "unavailable", str(e)
@@ -176,7 +188,7 @@ def reference_cells(references: dict[str, Artifact], targets: list[Target], unav
 
 
 def _check_target_parity(cell: Cell, target: Target, src: Artifact, compiled: Artifact, ctx: PassContext,
-                         say: Callable[[str], None]) -> None:
+                         say: Callable[[str], None], live: Live) -> None:
     """The compiled model against its input ONNX model on the same inputs (``compress.quality.parity``); a breach, or
     an inference that fails while checking, fails the cell with one line. The eager PyTorch target is
     itself the reference, so it has nothing to check."""
@@ -192,7 +204,7 @@ def _check_target_parity(cell: Cell, target: Target, src: Artifact, compiled: Ar
     try:
         # An evaluation made alike before is read from the evaluation cache, not made again.
         cell.parity = cached_parity(ctx.cache, cell, target, src.digest, precision, batch, ctx.data, ctx.seed, lambda: (
-            target_parity(src, cell.runner.infer, ctx.data, target.config, precision, batch, ctx.seed)))
+            target_parity(src, live[cell].infer, ctx.data, target.config, precision, batch, ctx.seed)))
     except Exception as e:  # the runner raising is a failed inference of this cell, not of the run
         cell.status, cell.reason = "failed", f"inference failed during the parity check: {str(e).splitlines()[0]}"
     else:
@@ -202,5 +214,4 @@ def _check_target_parity(cell: Cell, target: Target, src: Artifact, compiled: Ar
             cell.status, cell.reason = "failed", f"parity: {cell.parity['reason']}"
     if cell.status == "failed":
         say(f"compile {cell.variant} for {cell.target}: failed: {cell.reason}")
-        cell.runner.close()
-        cell.runner = None
+        live.close(cell)

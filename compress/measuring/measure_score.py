@@ -14,6 +14,12 @@ from ..quality.evaluate import fidelity, predict, predict_arrays, predict_feeds,
 from ..stages.execute import Variant
 from ..stages.plan import BASELINE
 from .cell import Cell
+from ..core.artifact import Artifact
+from .cell import Cell, Live
+from ..inputs.data import DataBundle
+from ..quality.evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
+from ..stages.execute import Variant
+from ..inputs.feeds import synthetic_feeds
 from .measure_build import dynamic_batch
 
 
@@ -30,7 +36,7 @@ def _output_name(variants: list[Variant]) -> str | None:
         return None
 
 
-def measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundle | None, root: Artifact,
+def measure_accuracy(cells: list[Cell], live: Live, variants: list[Variant], data: DataBundle | None, root: Artifact,
                      say: Callable[[str], None], output_kind: str = "auto", metric: str | None = None,
                      ref_outputs: np.ndarray | None = None) -> np.ndarray | None:
     """Top-1 on the validation split and fidelity to the original model on the reference target.
@@ -61,14 +67,14 @@ def measure_accuracy(cells: list[Cell], variants: list[Variant], data: DataBundl
             if c is ref_cell and ref_outputs is not None:
                 logits = ref_outputs
             elif data is not None and data.input_names:  # one named array per model input
-                logits = predict_feeds(c.runner, data.feeds(data.val), bs)
+                logits = predict_feeds(live[c], data.feeds(data.val), bs)
             elif data is not None:
-                logits = predict(c.runner, data, data.val, bs)
+                logits = predict(live[c], data, data.val, bs)
             elif len(root.inputs) > 1:  # several named inputs (token ids and a mask): synthetic, valid values
-                logits = predict_feeds(c.runner, all_feeds, bs)
+                logits = predict_feeds(live[c], all_feeds, bs)
             else:
                 assert xs is not None  # set above whenever there is no data
-                logits = predict_arrays(c.runner, xs, bs)
+                logits = predict_arrays(live[c], xs, bs)
         except Exception as e:  # report the failing target instead of aborting the run
             c.status, c.reason = "failed", f"inference on the validation data failed: {str(e).splitlines()[0]}"
             continue

@@ -15,6 +15,8 @@ from ..reporting.report_schema import BatchLatency, DeviceLatency, MeasuredRatio
 from ..stages.plan import BASELINE, REFERENCE
 from ..stages.recipe import Recipe
 from .cell import Cell
+from ..core.artifact import Artifact
+from .cell import Cell, Live
 from .compare import CellRef, compare, device_noise_floor, host_noise_floor, same_build, sample_ratio
 from .measure import Timing, measure_interleaved, summarize
 from .measure_build import dynamic_batch
@@ -23,19 +25,19 @@ from .stats import bootstrap_stat
 AA = "baseline~aa"  # a second session of the baseline, timed beside it: the between-session noise
 
 
-def measure_latency(cells: list[Cell], root: Artifact, rec: Recipe, threads: int, progress: bool,
+def measure_latency(cells: list[Cell], live: Live, root: Artifact, rec: Recipe, threads: int, progress: bool,
                     say: Callable[[str], None], probe: Any = None, aa_session: bool = True) -> None:
     """Time the built cells (identical builds once) and set each one's ratios to the baseline."""
-    live = [c for c in cells if c.status == "ok"]
-    _mark_identical(live)
-    timed = [c for c in live if c.identical_to is None]
-    shadows: dict[str, Any] = _aa_sessions(timed) if aa_session else {}
+    ok = [c for c in cells if c.status == "ok"]
+    _mark_identical(ok)
+    timed = [c for c in ok if c.identical_to is None]
+    shadows: dict[str, Any] = _aa_sessions(timed, live) if aa_session else {}
     try:
-        _time_batches(timed, shadows, root, rec, threads, progress, say, probe)
+        _time_batches(timed, live, shadows, root, rec, threads, progress, say, probe)
     finally:
         for r in shadows.values():
             r.close()
-    ratios(_follow_identical(live), rec.seed, say)
+    ratios(_follow_identical(ok), rec.seed, say)
 
 
 def _mark_identical(live: list[Cell]) -> None:
@@ -52,14 +54,15 @@ def _mark_identical(live: list[Cell]) -> None:
                        "timed once, not raced against itself")
 
 
-def _aa_sessions(timed: list[Cell]) -> dict[str, Any]:
+def _aa_sessions(timed: list[Cell], live: Live) -> dict[str, Any]:
     """A second runner of each baseline build (per target): its A/A session."""
     shadows: dict[str, Any] = {}
     for c in timed:
-        if c.spawn is None:
+        spawn = live.spawns.get(c.ref)
+        if spawn is None:
             continue
         try:
-            shadows[c.target] = c.spawn()
+            shadows[c.target] = spawn()
         except Exception as e:  # the noise estimate is extra; its absence is noted
             c.notes.append(f"A/A session not measured: {str(e).splitlines()[0]}")
     return shadows
@@ -83,7 +86,7 @@ def _follow_identical(live: list[Cell]) -> list[Cell]:
     return live
 
 
-def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, rec: Recipe, threads: int,
+def _time_batches(timed: list[Cell], live: Live, shadows: dict[str, Any], root: Artifact, rec: Recipe, threads: int,
                   progress: bool, say: Callable[[str], None], probe: Any) -> None:
     """Time every candidate at every batch size (and sequence length of measure.seq_lens), interleaved
     (with the baselines' A/A sessions). Each shape is its own interleaved measurement, as each batch is."""
@@ -92,13 +95,13 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
     seqs: list[int | None] = [None, *[s for s in dict.fromkeys(rec.measure.seq_lens or []) if s != own]]
     for batch, seq in ((b, s) for b in rec.measure.batch_sizes for s in seqs):
         at = f"batch {batch}" + (f", sequence {seq}" if seq is not None else "")
-        fns = _calls(timed, shadows, root, rec.seed, batch, seq, at, say)
+        fns = _calls(timed, live, shadows, root, rec.seed, batch, seq, at, say)
         timed = [c for c in timed if c.status == "ok"]
         if not fns:
             continue
         say(f"latency at {at}: {len(fns)} candidates interleaved (order shuffled per round, "
             f"seed {rec.seed + batch}), {threads} thread(s)")
-        _clear_device_clocks(timed, shadows)
+        _clear_device_clocks(timed, live, shadows)
         if probe is not None:
             probe.start()
         try:
@@ -112,11 +115,11 @@ def _time_batches(timed: list[Cell], shadows: dict[str, Any], root: Artifact, re
             if probe is not None:
                 probe.stop(at)
         for c in timed:
-            _record(c, timing, latency_key(batch, seq), at, batch, shadows, rec.seed)
+            _record(c, live[c], timing, latency_key(batch, seq), at, batch, shadows, rec.seed)
 
 
-def _calls(timed: list[Cell], shadows: dict[str, Any], root: Artifact, seed: int, batch: int, seq: int | None,
-           at: str, say: Callable[[str], None]) -> dict[CellRef, Callable[[], Any]]:
+def _calls(timed: list[Cell], live: Live, shadows: dict[str, Any], root: Artifact, seed: int, batch: int,
+           seq: int | None, at: str, say: Callable[[str], None]) -> dict[CellRef, Callable[[], Any]]:
     """One timed call per candidate at this shape, after one untimed call: a candidate that cannot infer
     fails alone, with its reason (at another sequence length than the model's own: that shape is skipped)."""
     fns: dict[CellRef, Callable[[], Any]] = {}
@@ -126,9 +129,9 @@ def _calls(timed: list[Cell], shadows: dict[str, Any], root: Artifact, seed: int
                 c.notes.append(f"batch {batch} skipped: the model has a fixed batch size of 1")
             continue
         feeds = synthetic_feeds(root, batch, seed, seq)
-        renamed = dict(zip(c.runner.input_names, feeds.values(), strict=False))
+        renamed = dict(zip(live[c].input_names, feeds.values(), strict=False))
         try:
-            c.runner.infer(renamed)
+            live[c].infer(renamed)
         except Exception as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if seq is not None:
@@ -138,7 +141,7 @@ def _calls(timed: list[Cell], shadows: dict[str, Any], root: Artifact, seed: int
             c.status, c.reason = "failed", f"inference failed at batch {batch}: {why}"
             say(f"{c.ref}: {c.reason}")
             continue
-        fns[c.ref] = _call(c.runner, renamed)
+        fns[c.ref] = _call(live[c], renamed)
         if c.target in shadows and c.variant == BASELINE:
             fns[CellRef(AA, c.target)] = _call(shadows[c.target], renamed)
     return fns
@@ -148,16 +151,17 @@ def _call(runner: Any, feeds: dict[str, Any]) -> Callable[[], Any]:
     return lambda: runner.infer(feeds)
 
 
-def _clear_device_clocks(timed: list[Cell], shadows: dict[str, Any]) -> None:
+def _clear_device_clocks(timed: list[Cell], live: Live, shadows: dict[str, Any]) -> None:
     """Runners that time on the device (TensorRT: CUDA events) keep a list per call: start each shape empty."""
     for c in timed:
         if c.caps.device_timing:
-            c.runner.device_ms.clear()
+            live[c].device_ms.clear()
             if c.variant == BASELINE and c.target in shadows and _remote(shadows[c.target]):
                 shadows[c.target].device_ms.clear()
 
 
-def _record(c: Cell, timing: Timing, key: str, at: str, batch: int, shadows: dict[str, Any], seed: int) -> None:
+def _record(c: Cell, runner: Any, timing: Timing, key: str, at: str, batch: int, shadows: dict[str, Any],
+            seed: int) -> None:
     """The cell's latency at this shape from the interleaved timing: raw samples kept (the budget gate
     bootstraps intervals from them), the baseline's A/A session beside its own, the device's clock if any."""
     s = timing.samples.get(str(c.ref))
@@ -174,14 +178,14 @@ def _record(c: Cell, timing: Timing, key: str, at: str, batch: int, shadows: dic
     if str(c.ref) in timing.capped:
         lat.capped = timing.capped[str(c.ref)]
         c.notes.append(f"{at}: fewer rounds: {lat.capped}")
-    gpu = c.runner.device_ms if c.caps.device_timing else None
-    if gpu and _remote(c.runner):
-        lat.device = _remote_device_latency(c, gpu, len(s), batch, twin_runner=(
+    gpu = runner.device_ms if c.caps.device_timing else None
+    if gpu and _remote(runner):
+        lat.device = _remote_device_latency(c, runner, len(s), batch, twin_runner=(
             shadows.get(c.target) if c.variant == BASELINE else None), seed=seed)
     elif gpu:
         # Device time (CUDA events), beside the host wall time above (warm-up calls included); the runner names
         # the device it came from.
-        lat.device = DeviceLatency(**summarize(list(gpu), batch).model_dump(), measured_on=c.runner.device_name)
+        lat.device = DeviceLatency(**summarize(list(gpu), batch).model_dump(), measured_on=runner.device_name)
     c.latency[key] = lat
 
 
@@ -190,13 +194,13 @@ def _remote(runner: DeviceRunner) -> bool:
     return bool(runner.remote)
 
 
-def _remote_device_latency(c: Cell, device_ms: list[float], rounds: int, batch: int, twin_runner: Any,
+def _remote_device_latency(c: Cell, runner: DeviceRunner, rounds: int, batch: int, twin_runner: Any,
                            seed: int) -> DeviceLatency:
     """A remote cell's latency on the device's own clock: the timed rounds only (the last ``rounds`` calls,
     one per round, in round order), kept raw so that ratios and budgets pair them round by round with
     another cell timed on the same device; the baseline's A/A session on the device's clock beside it."""
-    c.device = str(c.runner.device_name)
-    own = [float(x) for x in device_ms[-rounds:]]
+    c.device = str(runner.device_name)
+    own = [float(x) for x in runner.device_ms[-rounds:]]
     out = DeviceLatency(**summarize(own, batch).model_dump(), measured_on=c.device,
                         samples_ms=[round(x, 5) for x in own])
     twin = list(twin_runner.device_ms[-rounds:]) if twin_runner is not None and _remote(twin_runner) else []
@@ -205,7 +209,7 @@ def _remote_device_latency(c: Cell, device_ms: list[float], rounds: int, batch: 
     note = (f"timed on the device through the {c.device}: its latency ratios and budgets use the device's own "
             "clock (latency.B.device); the host figures (samples_ms, p50 in the table) include the RPC round trip "
             "and are never compared with figures from another device")
-    for n in [note, *c.runner.device_notes]:
+    for n in [note, *runner.device_notes]:
         if n not in c.notes:
             c.notes.append(n)
     return out

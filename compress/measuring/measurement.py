@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,11 @@ from ..stages.execute import Variant
 from ..stages.plan import Plan
 from ..stages.recipe import Recipe
 from .cell import Cell
+from ..core.artifact import PYTORCH, Artifact
+from .cell import Cell, Live
+from ..errors import CompressError
+from ..stages.execute import Variant
+from ..inputs.feeds import own_seq, synthetic_feeds
 from .measure_build import build_cells, reference_cells
 from .measure_score import measure_accuracy
 from .measure_timing import measure_latency
@@ -64,20 +70,29 @@ def measure(plan: Plan, variants: list[Variant], references: dict[str, Artifact]
 
         cells, threads, how = measure_generation(plan, variants, threads, say)
         return Measurement(cells, threads, how, probe.report(), None)
-    cells = build_cells(variants, plan.targets, plan.unavailable, plan.ctx, say)
-    cells += reference_cells(references or {}, plan.targets, plan.unavailable, say)
+    live = Live()  # the runners, apart from the cells (which are data)
     try:
-        measure_latency(cells, plan.root, rec, threads, plan.progress, say, probe, aa_session)
+        cells = build_cells(variants, plan.targets, plan.unavailable, plan.ctx, say, live)
+        cells += reference_cells(references or {}, plan.targets, plan.unavailable, say, live)
+        measure_latency(cells, live, plan.root, rec, threads, plan.progress, say, probe, aa_session)
         # Through the evaluation cache: a model scored alike before is read, not run again.
-        score(plan, cells, variants, _declared_kind(rec, plan.root), measure_accuracy)
+        score(plan, cells, variants, _declared_kind(rec, plan.root), _scorer(live))
     finally:
-        for c in cells:
-            if c.runner is not None:
-                c.runner.close()
+        live.close_all()
     contention = probe.report()
     for w in contention["warnings"]:
         say(f"WARNING {w}")
     return Measurement(cells, threads, threads_note, contention, own_seq(plan.root))
+
+
+def _scorer(live: Live) -> Callable[..., np.ndarray | None]:
+    """measure_accuracy with this run's runners, in the shape the evaluation cache calls its scorer; named after
+    measure_score, whose code identity keys the cached evaluations."""
+    def compute(cells: list[Cell], *args: Any) -> np.ndarray | None:
+        return measure_accuracy(cells, live, *args)
+
+    compute.__module__ = measure_accuracy.__module__
+    return compute
 
 
 def _declared_kind(rec: Recipe, root: Artifact) -> str:
