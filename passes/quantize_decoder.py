@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 
 from compress.core.artifact import Artifact, sha256_files
-from compress.errors import PassError
 from compress.core.layers import onnx_layers
 from compress.core.manager import PassContext
+from compress.errors import PassError
 
 
 def check_settings(cfg: Any, root: Any, text: Any) -> None:
     """The plan's check (before any export): decoder-only settings on a model that is not a causal LM, a format
     a decoder cannot use, a group wider than a layer of the model's config (one line, exit 2)."""
-    from compress.inputs.causal_lm import CAUSAL_LM
     from compress.errors import RecipeError
+    from compress.inputs.causal_lm import CAUSAL_LM
     from compress.inputs.models import hf_dir
 
     if root.metadata.get("task") != CAUSAL_LM and root.known_facts().decoder is None:

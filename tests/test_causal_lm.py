@@ -230,8 +230,6 @@ def test_a_language_model_figure_on_another_model_is_a_usage_error(tmp_path: Pat
 def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
     from types import SimpleNamespace
 
-    from compress.measuring.generation import Generated
-    from compress.measuring.measure_lm import choose_threads
     from compress.measuring.compare import CellRef
     from compress.measuring.generation import Generated
     from compress.measuring.measure_lm import choose_threads
@@ -374,7 +372,7 @@ def test_gptq_codes_pack_into_matmulnbits_exactly(bits: int, symmetric: bool, k:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from passes.decoder_gptq import gptq_weight, matmulnbits_node
+    from compress.passes.decoder_gptq import gptq_weight, matmulnbits_node
 
     rng = np.random.default_rng(0)
     n = 24
@@ -396,7 +394,7 @@ def test_gptq_codes_pack_into_matmulnbits_exactly(bits: int, symmetric: bool, k:
 def test_gptq_compensates_rounding_error_where_the_inputs_are_correlated() -> None:
     """The point of GPTQ: on correlated inputs, its layer output error ||X (W - Q)|| is well below
     round-to-nearest's on the same grid (ONNX Runtime 1.32's GPTQ compensated nothing: no better than RTN)."""
-    from passes.decoder_gptq import gptq_weight
+    from compress.passes.decoder_gptq import gptq_weight
 
     rng = np.random.default_rng(1)
     k, n = 128, 64
@@ -446,7 +444,7 @@ def test_int8_fraction_packs_the_most_sensitive_layers_at_8_bits() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from passes.decoder_gptq import gptq_model
+    from compress.passes.decoder_gptq import gptq_model
 
     rng = np.random.default_rng(0)
     k = 64

@@ -28,13 +28,10 @@ from compress.core.artifact import Artifact, InputSpec, sha256_files
 from compress.core.cache import Cache
 from compress.core.capabilities import Facts
 from compress.core.manager import PassContext
+from compress.core.protocols import DeviceClockRunner
 from compress.core.registry import make_target, targets
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
 from compress.stages.recipe import parse_pipeline, recipe_from_dict
-from compress.core.manager import PassContext
-from compress.core.protocols import DeviceClockRunner
-from compress.stages.recipe import parse_pipeline, recipe_from_dict
-from compress.core.registry import make_target, targets
 
 ENV = {"tensorrt_version": "10.13.0.35", "gpu": "NVIDIA H200", "compute_capability": "9.0", "cuda_driver": 12080}
 

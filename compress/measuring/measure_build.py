@@ -20,18 +20,7 @@ from ..core.registry import targets as registered_targets
 from ..errors import CompressError, TargetUnavailable
 from ..stages.execute import Variant
 from ..stages.plan import REFERENCE
-from .cell import Cell
-from ..core.artifact import ONNX, PYTORCH, Artifact
-from ..core.cache import Cache
-from ..core.capabilities import dense_note, refusal
 from .cell import Cell, Live
-from ..errors import CompressError, TargetUnavailable
-from ..stages.execute import Variant
-from ..core.manager import PassContext
-from ..stages.plan import REFERENCE
-from ..core.protocols import PARITY_BATCH, Target
-from ..core.registry import code_identity, get_pass
-from ..core.registry import targets as registered_targets
 
 
 def compile_for(target: Target, art: Artifact, ctx: PassContext) -> tuple[Artifact, bool, float]:

@@ -21,10 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CompressError, TargetUnavailable
-from .compare import sample_ratio
 from .cell import Live
 from .compare import CellRef, sample_ratio
-from ..errors import CompressError, TargetUnavailable
 from .measure import round_orders
 from .stats import bootstrap_stat
 

@@ -13,13 +13,7 @@ from ..inputs.feeds import synthetic_feeds
 from ..quality.evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
 from ..stages.execute import Variant
 from ..stages.plan import BASELINE
-from .cell import Cell
-from ..core.artifact import Artifact
 from .cell import Cell, Live
-from ..inputs.data import DataBundle
-from ..quality.evaluate import fidelity, predict, predict_arrays, predict_feeds, top1
-from ..stages.execute import Variant
-from ..inputs.feeds import synthetic_feeds
 from .measure_build import dynamic_batch
 
 

@@ -14,8 +14,6 @@ from ..inputs.feeds import own_seq, synthetic_feeds
 from ..reporting.report_schema import BatchLatency, DeviceLatency, MeasuredRatio, TimingInfo, latency_key
 from ..stages.plan import BASELINE, REFERENCE
 from ..stages.recipe import Recipe
-from .cell import Cell
-from ..core.artifact import Artifact
 from .cell import Cell, Live
 from .compare import CellRef, compare, device_noise_floor, host_noise_floor, same_build, sample_ratio
 from .measure import Timing, measure_interleaved, summarize

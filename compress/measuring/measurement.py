@@ -10,8 +10,8 @@ runs any batch, one that times on its device; never by name.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,12 +24,7 @@ from ..quality.eval_cache import score
 from ..stages.execute import Variant
 from ..stages.plan import Plan
 from ..stages.recipe import Recipe
-from .cell import Cell
-from ..core.artifact import PYTORCH, Artifact
 from .cell import Cell, Live
-from ..errors import CompressError
-from ..stages.execute import Variant
-from ..inputs.feeds import own_seq, synthetic_feeds
 from .measure_build import build_cells, reference_cells
 from .measure_score import measure_accuracy
 from .measure_timing import measure_latency

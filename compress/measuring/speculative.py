@@ -26,7 +26,6 @@ import torch
 
 from ..errors import InputError
 from .cell import Live
-from ..errors import InputError
 from .generation import Generated, OrtLMRunner, TorchLMRunner
 
 
