@@ -129,8 +129,8 @@ def main() -> None:
 def write_results(report_path: str, command: str, which: str = "all") -> None:
     """benchmarks/results/llm.md (or the data-aware set's page): the generation table and each goal of issue 29,
     judged on this run's figures."""
-    from compress.reporting.report import generation_lines
     from compress.reporting.report_schema import load_report
+    from compress.reporting.report_tables import generation_lines
 
     rep = load_report(report_path)
     cells = {(r.variant, r.target): r for r in rep.results if r.generation is not None and r.generation.perplexity}

@@ -18,7 +18,7 @@ def main() -> None:
     from compress.core.cache import Cache
     from compress.core.registry import get_pass
     from compress.inputs.causal_lm import gguf_to_dir
-    from compress.reporting.report import generation_lines
+    from compress.reporting.report_tables import generation_lines
     from compress.stages.pipeline import run
     from compress.stages.recipe import recipe_from_dict
 

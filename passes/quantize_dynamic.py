@@ -59,7 +59,8 @@ class QuantizeDynamic(ParityOptions):
         return auto_scheme_env(self.scheme)
 
 
-@register_pass(QuantizeDynamic, consumes="onnx", produces="onnx", compare_precision="int8-dynamic")
+@register_pass(QuantizeDynamic, consumes="onnx", produces="onnx", compare_precision="int8-dynamic",
+               guard_fields=("min_sample_cosine",))
 def quantize_dynamic(art: Artifact, cfg: QuantizeDynamic, ctx: PassContext) -> Artifact:
     """Dynamic INT8 of MatMul/Gemm weights (ONNX Runtime); activations quantized at run time."""
     import onnx

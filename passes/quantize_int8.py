@@ -368,7 +368,8 @@ def _guard(pre: Path, out: Path, art: Artifact, ctx: PassContext, cfg: QuantizeI
         notes.append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
 
 
-@register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8")
+@register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8",
+               accuracy_fields=("max_accuracy_drop",), guard_fields=("min_sample_cosine",))
 def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifact:
     """Static INT8 (QDQ) calibrated on the calibration split; optional accuracy control."""
     import onnx

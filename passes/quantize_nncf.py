@@ -205,7 +205,8 @@ def _validation_fn(float_outputs: list[np.ndarray] | None, labels: list[np.ndarr
     return fn
 
 
-@register_pass(QuantizeNncf, consumes="onnx", produces="onnx", compare_precision="int8-nncf")
+@register_pass(QuantizeNncf, consumes="onnx", produces="onnx", compare_precision="int8-nncf",
+               accuracy_fields=("max_accuracy_drop",))
 def quantize_nncf(art: Artifact, cfg: QuantizeNncf, ctx: PassContext) -> Artifact:
     """Static INT8 (QDQ) with NNCF's post-training quantization; optional NNCF accuracy control."""
     import nncf

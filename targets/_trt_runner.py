@@ -13,12 +13,13 @@ from compress.errors import BuildError, InputError
 from ._trt_build import dims, make_logger
 from ._trt_cache import Profile
 from ._trt_cuda import Cuda
+from .base import DeviceClockRunner
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 
-class TrtRunner:
+class TrtRunner(DeviceClockRunner):
     """Runs a deserialized engine: device buffers, one execution context, one stream.
 
     ``infer`` copies inputs in, runs ``execute_async_v3`` and copies outputs out. Each call records

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from compress.core.artifact import InputSpec
+from compress.core.protocols import DeviceClockRunner
 from compress.errors import TargetUnavailable
 
 _SERVER = re.compile(r"^(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
@@ -230,7 +231,7 @@ def remote_module(sess: Any, addr: RpcAddress, lib_path: Path) -> Any:
     return mod
 
 
-class RpcTvmRunner:
+class RpcTvmRunner(DeviceClockRunner):
     """The exported library, run on the device through RPC. ``device_ms`` holds the device's own time per call
     (the pipeline reports it as the ``device`` figures, named by ``device_name``).
 

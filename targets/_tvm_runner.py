@@ -25,7 +25,7 @@ import numpy as np
 from compress.core.artifact import InputSpec, sha256_file
 from compress.errors import InputError, TargetUnavailable
 
-from .base import static_feeds
+from .base import DeviceClockRunner, static_feeds
 
 LIBRARY = "model.so"
 MANIFEST = "tvm.json"
@@ -59,7 +59,7 @@ def unbound_threads() -> Iterator[None]:
                 _EnvUse.ours = False
 
 
-class TvmRunner:
+class TvmRunner(DeviceClockRunner):
     """Runs an exported TVM library with the Relax VM; NumPy in, NumPy out."""
 
     def __init__(self, lib_path: Path, inputs: tuple[InputSpec, ...], threads: int = 0) -> None:

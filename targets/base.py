@@ -8,45 +8,15 @@ target reports itself unavailable with the reason.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import numpy as np
 
-from compress.core.artifact import Artifact, InputSpec
-from compress.core.capabilities import TargetCaps
-from compress.core.config import TargetConfig
+from compress.core.artifact import InputSpec
+from compress.core.protocols import DeviceClockRunner, DeviceRunner, GeneratingTarget, Runner, Target, TargetBase
 from compress.errors import InputError
 
-
-class Runner(Protocol):
-    input_names: list[str]
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-    # Targets whose caps say device_timing: the device time of every call, in ms (kept per call).
-    # device_ms: list[float]
-
-    def close(self) -> None: ...
-
-
-class Target(Protocol):
-    name: str
-    caps: TargetCaps  # what it consumes and runs (compress.core.capabilities)
-    config: TargetConfig
-
-    def unavailable_reason(self) -> str | None: ...
-
-    def fingerprint(self) -> dict[str, Any]: ...
-
-    def compile(self, art: Artifact, ctx: Any) -> Artifact: ...
-
-    def runner(self, compiled: Artifact, threads: int = 0) -> Runner: ...
-
-
-class GeneratingTarget(Target, Protocol):
-    """A target whose ``caps.generates`` is true: it runs a decoder language model's generate loop."""
-
-    def lm_runner(self, art: Artifact, threads: int) -> Any: ...  # compress.measuring.generation.LMRunner
+# The protocols are the core's (compress.core.protocols): what it asks of a target and its runners, declared.
+__all__ = ["DeviceClockRunner", "DeviceRunner", "GeneratingTarget", "Runner", "Target", "TargetBase", "module_version",
+           "static_feeds"]
 
 
 def module_version(name: str) -> str:

@@ -15,7 +15,7 @@ from compress.core.fingerprint import cpu_info
 from compress.core.registry import register_target
 from compress.errors import BuildError
 
-from .base import module_version
+from .base import TargetBase, module_version
 
 
 class OnnxRuntimeConfig(TargetConfig):
@@ -49,7 +49,7 @@ class OrtRunner:
 
 
 @register_target(OnnxRuntimeConfig)
-class OnnxRuntimeTarget:
+class OnnxRuntimeTarget(TargetBase):
     name = "onnxruntime"
     caps = TargetCaps(consumes=ONNX, default=True, op_domains=frozenset({"com.microsoft"}), generates=True,
                       requires=("onnxruntime",), install="pip install onnxruntime",

@@ -26,7 +26,7 @@ from compress.core.fingerprint import cpu_info
 from compress.core.registry import register_target
 from compress.errors import BuildError, InputError, RecipeError
 
-from .base import module_version
+from .base import TargetBase, module_version
 
 # The device capability each inference precision needs (OPTIMIZATION_CAPABILITIES).
 _PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
@@ -69,7 +69,7 @@ def _core() -> Any:
 
 
 @register_target(OpenVinoConfig)
-class OpenVinoTarget:
+class OpenVinoTarget(TargetBase):
     name = "openvino"
     caps = TargetCaps(consumes=ONNX, requires=("openvino",), install="pip install 'compress-pipeline[openvino]'")
 

@@ -51,7 +51,7 @@ from ._trt_cache import (
 )
 from ._trt_cuda import cuda_device
 from ._trt_runner import TrtRunner
-from .base import module_version
+from .base import TargetBase, module_version
 
 if TYPE_CHECKING:
     pass
@@ -143,7 +143,7 @@ _TRUSTED_ROOTS: set[Path] = set()
 
 
 @register_target(TensorRTConfig)
-class TensorRTTarget:
+class TensorRTTarget(TargetBase):
     name = "tensorrt"
     caps = TargetCaps(consumes=ONNX, device_timing=True, sparse_kernels=frozenset({"2:4"}),
                       requires=("tensorrt", "cuda"),
@@ -198,6 +198,9 @@ class TensorRTTarget:
             workspace_mb=c.workspace_mb, optimization_level=c.optimization_level, profiles=profiles,
             qdq_nodes=qdq, pruned_2to4=art.known_facts().sparsity == "2:4", dynamic=dynamic)
         return settings, notes
+
+    def parity_batch(self) -> int:
+        return self.config.max_batch  # the optimization profile's largest batch
 
     def parity_precision(self, art: Artifact, model_precision: str) -> str:
         """The tolerance class the build is judged at (``quality.parity``): INT8 for Q/DQ builds; FP16 when FP16

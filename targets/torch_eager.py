@@ -16,7 +16,7 @@ from compress.core.fingerprint import cpu_info
 from compress.core.registry import register_target
 from compress.inputs.torch_io import load_torch, set_eval
 
-from .base import module_version
+from .base import TargetBase, module_version
 
 
 class TorchConfig(TargetConfig):
@@ -44,7 +44,7 @@ class TorchRunner:
 
 
 @register_target(TorchConfig)
-class TorchTarget:
+class TorchTarget(TargetBase):
     name = "torch"
     # The eager model is the reference: any batch, measured by default, nothing to check it against.
     caps = TargetCaps(consumes=PYTORCH, reference=True, any_batch=True, default=True, generates=True,

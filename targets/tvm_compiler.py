@@ -32,7 +32,7 @@ from compress.errors import BuildError, InputError, RecipeError, TargetUnavailab
 
 from ._tvm_frontend import first_line, import_onnx, unsupported_ops
 from ._tvm_runner import LIBRARY, MANIFEST, TvmRunner, load_exported, unbound_threads, verified_library
-from .base import module_version
+from .base import TargetBase, module_version
 
 if TYPE_CHECKING:
     from ._tvm_rpc import RpcTvmRunner
@@ -248,7 +248,7 @@ def is_foreign(target: Any) -> bool:
 
 
 @register_target(TvmConfig)
-class TvmTarget:
+class TvmTarget(TargetBase):
     name = "tvm"
     # Device timing: a remote device (rpc) reports its own clock per call; a local build reports none.
     caps = TargetCaps(consumes=ONNX, device_timing=True, requires=("tvm",),

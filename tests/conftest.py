@@ -16,6 +16,7 @@ from compress.core.cache import Cache
 from compress.core.capabilities import TargetCaps
 from compress.core.config import PassConfig, TargetConfig
 from compress.core.manager import PassContext
+from compress.core.protocols import DeviceClockRunner
 from compress.core.registry import register_pass, register_target
 from compress.inputs.torch_io import clone_module, torch_artifact
 
@@ -129,7 +130,7 @@ class DeviceClockTarget:
     def runner(self, compiled, threads: int = 0):  # type: ignore[no-untyped-def]
         inner = self._ort.runner(compiled, threads)
 
-        class Clocked:
+        class Clocked(DeviceClockRunner):
             def __init__(self) -> None:
                 self.input_names = inner.input_names
                 self.device_ms: list[float] = []

@@ -327,3 +327,127 @@ def test_dump_ir_into_a_file_is_a_usage_error_before_any_work(tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --dump-ir ") and "not a folder" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ one home for "how do two cells compare"
+
+# The statistics of a latency ratio (measuring.stats): only measuring.compare calls them on measured cells.
+_RATIO_FUNCTIONS = {"ratio_ci", "bootstrap_ratio", "widen", "split_half_aa"}
+# What a cell's clock is made of: its raw per-round samples, and the figures of a device's own clock.
+_SAMPLES = "samples_ms"
+
+
+def _compare_decisions(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Where a module decides part of "how do two cells compare" itself: it imports or calls a ratio
+    statistic, reads a cell's raw samples (``.samples_ms``, ``["samples_ms"]``), or picks a device's clock
+    (``lat.device.p50_ms``)."""
+    from compress.reporting.report_schema import DeviceLatency
+
+    device_fields = set(DeviceLatency.model_fields)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                if a.name in _RATIO_FUNCTIONS:
+                    yield node.lineno, f"imports {a.name}"
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if name in _RATIO_FUNCTIONS:
+                yield node.lineno, f"calls {name}"
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            if node.attr == _SAMPLES:
+                yield node.lineno, f"reads .{_SAMPLES}"
+            elif isinstance(node.value, ast.Attribute) and node.value.attr == "device" and node.attr in device_fields:
+                yield node.lineno, f"reads .device.{node.attr}"
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            if isinstance(node.slice, ast.Constant) and node.slice.value == _SAMPLES:
+                yield node.lineno, f"reads [{_SAMPLES!r}]"
+
+
+# compare.py is the home; stats.py defines the statistics (and composes them).
+_COMPARE_HOME = {"compare.py", "stats.py"}
+
+
+def test_only_compare_decides_how_two_cells_compare() -> None:
+    """No module but compress/measuring/compare.py reads a cell's clock samples or computes a latency ratio: which
+    clock, same device or not, same build or not and the ratio itself are decided there once (they had drifted
+    apart in measurement, report, budget and search)."""
+    found = []
+    files = sorted((ROOT / "compress").rglob("*.py"))
+    assert any(p.name == "compare.py" for p in files) and len(files) > 40  # the scan has the tree to look at
+    for path in files:
+        if path.name in _COMPARE_HOME:
+            continue
+        for line, what in _compare_decisions(ast.parse(path.read_text())):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {what}")
+    assert found == [], ("decides how two cells compare outside compress/measuring/compare.py (ask compare.clock / "
+                         "compare.compare instead):\n" + "\n".join(found))
+
+
+def test_the_compare_scan_would_see_a_second_home() -> None:
+    """The scan above cannot pass vacuously: each way of deciding a comparison outside compare.py is seen."""
+    src = textwrap.dedent("""
+        from .stats import ratio_ci
+        def f(cell, base, lat):
+            r = stats.widen(ratio_ci(cell.latency["1"].samples_ms, base["samples_ms"]), None)
+            return lat.device.p50_ms, cell.device
+    """)
+    got = sorted(what for _, what in _compare_decisions(ast.parse(src)))
+    assert got == sorted(["calls ratio_ci", "calls widen", "imports ratio_ci", "reads ['samples_ms']",
+                          "reads .device.p50_ms", "reads .samples_ms"])
+
+
+# ------------------------------------------------------------------ declared, not probed
+
+# What the core asks of a plugin: members of compress.core.protocols (Target, DeviceRunner, Instrument) and settings
+# named by the capabilities. Probing them with getattr would make an undeclared second contract.
+_DECLARED = {"check_config", "parity_precision", "parity_batch", "max_batch", "device_name", "remote",
+             "device_notes", "device_ms", "for_chain", "max_accuracy_drop", "min_sample_cosine"}
+
+
+def _probes(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in _DECLARED):
+            yield node.lineno, f"{node.func.id}(..., {node.args[1].value!r})"
+
+
+def test_the_core_asks_plugins_only_what_they_declare() -> None:
+    found = [f"{p.relative_to(ROOT)}:{line}: {what}" for p in sorted((ROOT / "compress").rglob("*.py"))
+             for line, what in _probes(ast.parse(p.read_text()))]
+    assert found == [], "probes for a member a protocol declares (call it):\n" + "\n".join(found)
+    assert [w for _, w in _probes(ast.parse("getattr(t, 'check_config', None)\ngetattr(t, 'name')"))] == [
+        "getattr(..., 'check_config')"]  # the scan sees a probe
+
+
+def test_a_plugin_target_gets_the_declared_defaults(ext_plugin: Any) -> None:
+    """A target class that does not derive from TargetBase still answers the whole protocol."""
+    from compress.core.protocols import OPTIONAL_TARGET_MEMBERS, TargetBase
+
+    cls = registry.targets()["ext.eager"][1]
+    assert not issubclass(cls, TargetBase)
+    t = cls(registry.get_target_config("ext.eager")())
+    assert all(callable(getattr(t, m)) for m in OPTIONAL_TARGET_MEMBERS)
+    assert t.check_config() is None and t.parity_precision(None, "fp16") == "fp16" and t.parity_batch() == 16
+
+
+def test_every_builtin_target_derives_from_the_protocols_defaults() -> None:
+    from compress.core.protocols import TargetBase
+
+    builtin = {k: cls for k, (_, cls) in registry.targets().items() if cls.__module__.startswith("compress.targets.")}
+    assert {"torch", "onnxruntime"} <= set(builtin)
+    assert [k for k, cls in builtin.items() if not issubclass(cls, TargetBase)] == []
+
+
+def test_a_sparsity_pattern_without_kernels_is_said_to_run_dense() -> None:
+    from compress.core.capabilities import dense_note
+
+    facts = Facts(sparsity="2:4")
+    with_kernels = TargetCaps(consumes="onnx", sparse_kernels=frozenset({"2:4"}))
+    without = TargetCaps(consumes="onnx")
+    assert dense_note(with_kernels, facts, "gpu", ["gpu"]) is None
+    note = dense_note(without, facts, "cpu", ["gpu"]) or ""
+    assert "2:4 sparsity runs as dense weights on 'cpu'" in note and "gpu" in note
+    assert dense_note(without, Facts(sparsity="unstructured"), "cpu", []) is None  # nobody has kernels: no note
+    assert dense_note(without, Facts(), "cpu", ["gpu"]) is None

@@ -206,7 +206,7 @@ def _fake_measure(centers: dict[str, float]):
 
 @pytest.mark.parametrize(("limit", "code"), [("0.5x torch", EXIT_PASS), ("0.1x torch", EXIT_FAIL)])
 def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatch, capsys, limit, code) -> None:
-    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
+    import compress.measuring.measure_timing as pipeline  # the timing stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, f'[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "{limit}"\n'
@@ -233,7 +233,7 @@ def test_check_cli_end_to_end_with_controlled_timings(tmp_path: Path, monkeypatc
 
 
 def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
+    import compress.measuring.measure_timing as pipeline  # the timing stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "p50"\nmax = "1.1x recorded"\n')
@@ -284,7 +284,7 @@ def test_update_baseline_then_check_against_it(tmp_path: Path, monkeypatch, caps
 
 
 def test_pytest_friendly_api(tmp_path: Path, monkeypatch) -> None:
-    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
+    import compress.measuring.measure_timing as pipeline  # the timing stage times the candidates
     from compress import assert_budgets  # the public spelling docs/budgets.md shows
     from compress.errors import BudgetExceeded
 
@@ -295,7 +295,7 @@ def test_pytest_friendly_api(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_peak_memory_is_measured_in_a_fresh_process(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.measuring.measurement as pipeline  # the measure stage times the candidates
+    import compress.measuring.measure_timing as pipeline  # the timing stage times the candidates
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nmetric = "peak_memory"\nmax = "2 GB"\n'
@@ -526,7 +526,7 @@ def test_fidelity_budget_with_a_declared_output_kind_is_checked_against_it(tmp_p
 
 
 def test_check_decides_a_fidelity_budget_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
-    import compress.measuring.measurement as pipeline
+    import compress.measuring.measure_timing as pipeline
 
     monkeypatch.setattr(pipeline, "measure_interleaved", _fake_measure({"torch": 1.0, "onnxruntime": 0.25}))
     b = write_budgets(tmp_path, '[[budget]]\nmodel = "m"\nfidelity = "agreement >= 99%"\n'

@@ -230,6 +230,7 @@ def test_a_language_model_figure_on_another_model_is_a_usage_error(tmp_path: Pat
 def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
     from types import SimpleNamespace
 
+    from compress.measuring.compare import CellRef
     from compress.measuring.generation import Generated
     from compress.measuring.measure_lm import choose_threads
 
@@ -243,10 +244,9 @@ def test_the_thread_count_is_chosen_by_measurement(faster: int) -> None:
         def close(self) -> None:
             pass
 
-    cell = SimpleNamespace(status="ok", variant="lm", target="onnxruntime", caps=TargetCaps(consumes="onnx"),
-                           spawn=Runner)
+    cell = SimpleNamespace(status="ok", variant="lm", target="onnxruntime", caps=TargetCaps(consumes="onnx"))
     text = SimpleNamespace(calib=[np.arange(64)])
-    n, note = choose_threads([cell], text, [1, 2], 0, lambda m: None)
+    n, note = choose_threads([cell], {CellRef("lm", "onnxruntime"): Runner}, text, [1, 2], 0, lambda m: None)
     assert n == faster
     assert f"threads: {faster}, chosen by measurement on lm/onnxruntime" in note
 

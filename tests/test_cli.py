@@ -198,12 +198,20 @@ def test_compare_from_an_onnx_file(tmp_path: Path, capsys) -> None:
     assert "torch: unavailable: no PyTorch model (the run started from an ONNX file)" in out
 
 
-def test_only_unavailable_targets_fails_with_the_reason(tmp_path: Path, capsys) -> None:
+def test_only_unavailable_targets_are_refused_before_any_pass_runs(tmp_path: Path, capsys, monkeypatch) -> None:
+    from compress.core.manager import PassManager
+
+    ran: list[object] = []
+    real = PassManager.run
+    monkeypatch.setattr(PassManager, "run", lambda self, *a, **k: (ran.append(self), real(self, *a, **k))[1])
     r = recipe(tmp_path, 'model = { source = "zoo:digits-cnn" }\n' + FAST)
-    code, _, err = run_cli(capsys, "run", str(r), "--pipeline", "-> test.missing", "--cache", str(tmp_path / "c"),
-                           "--out", str(tmp_path / "o"), "-q")
-    assert code == 1
-    assert "nothing could be measured" in err and "test.missing is not installed" in err
+    code, _, err = run_cli(capsys, "run", str(r), "--pipeline", "test.scale -> test.missing", "--cache",
+                           str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q")
+    assert code == 2, err
+    assert ran == []  # the plan refused it: no chain ran, not even the baseline's
+    said = [line for line in err.splitlines() if line.strip()]
+    assert len(said) == 1 and "no target of the recipe can run on this machine" in said[0]
+    assert "test.missing is not installed" in said[0]
 
 
 def test_quantized_run_reports_parity_with_simulation_and_model_changes(tmp_path: Path, capsys) -> None:

@@ -152,7 +152,7 @@ def test_search_trials_sharing_a_pruning_prefix_evaluate_it_once(tmp_path: Path,
 
 
 def test_a_recorded_baseline_keeps_the_runs_lineage_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import compress.measuring.measurement as stage3
+    import compress.measuring.measure_timing as stage3  # the timing stage times the candidates
     from compress.cli import main
     from tests.test_budget import _fake_measure, write_budgets
 

@@ -190,3 +190,23 @@ def test_export_cause_picks_the_construct_not_the_banner() -> None:
             raise ValueError("Failed to export the model with torch.export. banner") from e
     except ValueError as outer:
         assert export_cause(outer) == "RuntimeError: running_mean should contain 320 elements not 2560"
+
+
+def test_execute_reads_the_plan_and_never_writes_it(tmp_path) -> None:
+    """Stage 2 trains the root and runs the chains in a context of its own: the plan stays as it was made
+    (its root the model as loaded, its context without a pipeline original), and the chains started from the
+    trained model."""
+    from compress.stages.execute import execute
+    from compress.stages.plan import make_plan
+    from compress.stages.recipe import parse_pipeline, recipe_from_dict
+
+    rec = recipe_from_dict({"name": "p", "model": {"source": "zoo:digits-cnn", "train_epochs": 1},
+                            "data": {"source": "builtin:digits"}, "targets": [{"kind": "torch"}],
+                            "passes": [p.model_dump() for p in parse_pipeline("test.scale{factor=0.5}")[0]]})
+    plan = make_plan(rec, tmp_path / "out", tmp_path / "cache", progress=False, write=False)
+    root, ctx = plan.root, plan.ctx
+    variants = execute(plan)
+    assert plan.root is root and plan.ctx is ctx and plan.ctx.original is None
+    trained = variants[0].torch_art
+    assert trained is not None and trained.digest != root.digest  # the baseline is the trained model
+    assert variants[1].steps[0].artifact is not None and variants[1].steps[0].artifact.parent == trained.digest

@@ -156,21 +156,24 @@ def test_split_half_aa_holds_one_for_a_steady_candidate() -> None:
 
 
 def test_ratios_at_every_batch_flag_a_variant_slower_anywhere() -> None:
-    from compress.measuring.measurement import Cell, _ratios
+    from compress.measuring.measure_timing import ratios
+    from compress.measuring.measurement import Cell
+    from compress.reporting.report_schema import BatchLatency
+    from tests.reports import latency
 
     rng = np.random.default_rng(0)
 
-    def lat(center: float) -> dict:
-        return {"samples_ms": list(rng.normal(center, 0.01 * center, 40))}
+    def lat(center: float) -> BatchLatency:
+        return BatchLatency.model_validate(latency(list(rng.normal(center, 0.01 * center, 40))))
 
     base = Cell("baseline", "onnxruntime", latency={"1": lat(1.0), "32": lat(1.0)})
     var = Cell("small", "onnxruntime", latency={"1": lat(0.89), "32": lat(1.7)})
     said: list[str] = []
-    _ratios([base, var], 0, said.append)
-    assert var.ratios["1"]["verdict"] == "faster" and "faster" in var.ratios["1"]["text"]
-    assert var.ratios["32"]["verdict"] == "slower" and "SLOWER" in var.ratios["32"]["text"]
+    ratios([base, var], 0, said.append)
+    assert var.ratios["1"].verdict == "faster" and "faster" in var.ratios["1"].text
+    assert var.ratios["32"].verdict == "slower" and "SLOWER" in var.ratios["32"].text
     assert any("SLOWER than the baseline at batch 32" in n for n in var.notes) and said
-    assert "aa" in base.latency["1"]  # the noise floor is recorded beside the ratios
+    assert base.latency["1"].aa is not None  # the noise floor is recorded beside the ratios
 
 
 def test_pareto_labels_do_not_overlap(tmp_path: Path) -> None:
@@ -307,7 +310,7 @@ def test_compare_several_models_refuses_non_onnx(capsys) -> None:
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs a CPU mask of at least 2 cores to narrow")
 def test_a_runtime_that_narrows_the_cpu_mask_is_undone_and_named() -> None:
-    from compress.measuring.measurement import restore_affinity
+    from compress.measuring.measure_build import restore_affinity
 
     saved = set(os.sched_getaffinity(0))
     said: list[str] = []

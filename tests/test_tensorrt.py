@@ -28,6 +28,7 @@ from compress.core.artifact import Artifact, InputSpec, sha256_files
 from compress.core.cache import Cache
 from compress.core.capabilities import Facts
 from compress.core.manager import PassContext
+from compress.core.protocols import DeviceClockRunner
 from compress.core.registry import make_target, targets
 from compress.errors import BuildError, InputError, RecipeError, TargetUnavailable
 from compress.stages.recipe import parse_pipeline, recipe_from_dict
@@ -487,8 +488,9 @@ def test_corrupted_engine_in_the_engine_cache_is_rebuilt_with_a_note(tmp_path: P
     assert any(entry.name[:16] in n and "rebuilt" in n for n in cache.notes)
 
 
-class _NumpyEngine:
-    """Stands in for TrtRunner: y = x @ W with W read from the ONNX model, optionally built wrong."""
+class _NumpyEngine(DeviceClockRunner):
+    """Stands in for TrtRunner (a device-timing runner, with its declared defaults): y = x @ W with W read from
+    the ONNX model, optionally built wrong."""
 
     def __init__(self, onnx_path: Path, error: float) -> None:
         w = next(numpy_helper.to_array(t) for t in onnx.load(str(onnx_path)).graph.initializer if t.name == "W")

@@ -279,7 +279,7 @@ def test_ratios_on_the_device_pair_the_devices_own_clock(device_report: object, 
     # ONNX Runtime on this machine keeps its host ratios.
     assert cells[("dev", "onnxruntime")].device is None
     # The results table shows the device's own figures for a device cell, and says so.
-    from compress.reporting.report import table_rows
+    from compress.reporting.report_tables import table_rows
 
     _, rows = table_rows(device_report)
     row = next(r for r in rows if r[0] == "dev" and r[1].startswith("tvm"))

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..measuring.compare import CellRef
 from ..reporting.report_schema import IdenticalRatio, MeasuredRatio, Report
 
 SCHEMA = "compress.history/v1"
@@ -139,7 +140,7 @@ def run_figures(report: Report) -> list[dict[str, Any]]:
     for r in report.results:
         if r.status != "ok" or r.variant in ("recorded", "baseline~aa"):
             continue
-        cell = f"{r.variant}/{r.target}"
+        cell = str(CellRef.of(r))
         for key in r.latency:
             p = p50_with_interval(r, key)
             if p is not None:
@@ -185,8 +186,8 @@ def record_run(report: Report, out_dir: Path | str | None) -> Path | None:
 def budget_figures(res: Any, model: str) -> list[dict[str, Any]]:
     """Each budget of ``model``: its verdict's figure and limit, and the absolute statistic behind a latency
     budget (the cell's p50/p90/... at the budget's batch, with its interval), which ``--drift`` compares."""
-    from ..measuring.stats import bootstrap_stat
-    from .budget import FIDELITY_FIGURES, LATENCY, _clock
+    from ..measuring.compare import statistic
+    from .budget import FIDELITY_FIGURES, LATENCY
 
     rep = res.reports.get(model)
     out: list[dict[str, Any] | None] = []
@@ -202,7 +203,7 @@ def budget_figures(res: Any, model: str) -> list[dict[str, Any]]:
             # absolute latency does not (two checks of one build minutes apart moved 5% here), so drift reads it.
             extra["abs"] = {"value": v.value, "low": v.low, "high": v.high, "unit": v.unit}
         elif v.metric in LATENCY and v.at and cell is not None and cell.status == "ok" and v.at in cell.latency:
-            a, lo, hi = bootstrap_stat(_clock(cell, v.at)[0], v.metric)
+            a, lo, hi = statistic(cell, v.at, v.metric)
             extra["abs"] = {"value": a, "low": lo, "high": hi, "unit": "ms"}
         elif v.metric == "size" and v.value is not None:
             extra["abs"] = {"value": v.value, "unit": "B"}
@@ -464,9 +465,9 @@ _BARS = "▁▂▃▄▅▆▇█"
 
 def _value(v: float, unit: str) -> str:
     if unit == "B":
-        from ..reporting.report import _fmt_size
+        from ..reporting.report_tables import fmt_size
 
-        return _fmt_size(int(v))
+        return fmt_size(int(v))
     return f"{v:.4g}"
 
 

@@ -147,9 +147,7 @@ def _check_profile_targets(p: Any) -> dict[str, str]:
             if reason is not None:
                 out[kind] = f"not checked: {reason}"
                 continue
-            check = getattr(t, "check_config", None)
-            if check is not None:
-                check()  # the target's library judges the settings (TVM: the target JSON)
+            t.check_config()  # the target's library judges the settings (TVM: the target JSON)
         except CompressError as e:
             out[kind] = str(e)
         else:

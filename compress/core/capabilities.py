@@ -106,6 +106,12 @@ class PassCaps:
     training_fields: tuple[str, ...] = ()
     # The pass only trains: it changes weights, never shapes or precision (the probe leaves it out).
     trains_only: bool = False
+    # Settings that, when set, make the pass choose by the trained model's accuracy (accuracy-controlled
+    # quantization picks its float nodes so): a search cannot probe such a trial untrained.
+    accuracy_fields: tuple[str, ...] = ()
+    # Settings of a fidelity guard that only refuses, never shapes the model: a search's untrained probe turns
+    # them off (None), since an untrained model is no evidence either way.
+    guard_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,8 @@ class TargetCaps:
     default: bool = False
     # Its runner records time on the device per call (``runner.device_ms``), reported beside wall time.
     device_timing: bool = False
-    # Sparsity patterns it has kernels for.
+    # Sparsity patterns it has kernels for: a model with one of them is said to run dense on a target without
+    # (``dense_note``), since its zeros buy no speed there.
     sparse_kernels: frozenset[str] = frozenset()
     # Notes a report carries whenever this target was measured (how it was configured to be fair).
     report_notes: tuple[str, ...] = ()
@@ -151,6 +158,15 @@ class TargetCaps:
     # ``unavailable_reason()`` remains the full check, run by ``compress targets --check`` and every run.
     requires: tuple[str, ...] = ()
     install: str = ""
+
+
+def dense_note(caps: TargetCaps, facts: Facts, target: str, able: list[str]) -> str | None:
+    """The note of a cell whose model has a sparsity pattern some target has kernels for (``able``) but this one
+    does not: it runs the zeros as dense weights. None when the target has the kernels or no target has."""
+    if facts.sparsity is None or facts.sparsity in caps.sparse_kernels or not able:
+        return None
+    return (f"the model's {facts.sparsity} sparsity runs as dense weights on '{target}' (no {facts.sparsity} "
+            f"kernels; targets with them: {', '.join(able)}): its zeros buy no speed here")
 
 
 def refusal(caps: TargetCaps, facts: Facts, target: str) -> str | None:

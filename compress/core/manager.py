@@ -36,7 +36,6 @@ class PassContext:
     log: Callable[[str], None] = field(default=lambda msg: None)
     original: Artifact | None = None  # the model as it entered the pipeline (teacher, fidelity)
     text: Any = None  # compress.inputs.causal_lm.LMText: token windows of real text, for a causal LM
-    history: list[str] = field(default_factory=list)  # text of the passes run so far
     _dirs: list[Path] = field(default_factory=list, repr=False)
 
     def new_dir(self, prefix: str = "work") -> Path:
@@ -72,6 +71,10 @@ class Instrument(Protocol):
     def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None: ...
     def after(self, step: int, cfg: PassConfig, out: Artifact, record: StepRecord, ctx: PassContext) -> None: ...
 
+    def for_chain(self, name: str) -> Instrument:
+        """The instrument for one named chain of a run (its own copy where it keeps per-chain state)."""
+        ...
+
 
 class TimingInstrument:
     """Collects wall time per pass (cache hits included, shown as hits), as the manager measured it
@@ -79,6 +82,9 @@ class TimingInstrument:
 
     def __init__(self) -> None:
         self.times: list[tuple[str, float, bool]] = []
+
+    def for_chain(self, name: str) -> TimingInstrument:
+        return self  # one list of every chain's passes, in the order they ran
 
     def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None:
         pass
@@ -134,6 +140,9 @@ class DumpInstrument:
 
 class VerifyInstrument:
     """After each pass, checks the output is a usable model of its declared kind."""
+
+    def for_chain(self, name: str) -> VerifyInstrument:
+        return self  # keeps no state
 
     def before(self, step: int, cfg: PassConfig, art: Artifact, ctx: PassContext) -> None:
         pass
@@ -241,7 +250,6 @@ class PassManager:
             except Exception as e:
                 raise _chain_error(i, cfg, self.steps[:i], e) from e
             records.append(rec)
-            ctx.history.append(text)
             art = out
         return art, records
 

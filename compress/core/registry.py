@@ -42,6 +42,7 @@ from typing import Any
 from ..errors import RecipeError
 from .capabilities import PassCaps, TargetCaps
 from .config import PassConfig, TargetConfig
+from .protocols import Target
 
 ENTRY_POINT_GROUP = "compress.plugins"
 OVERRIDE_ENV = "COMPRESS_PLUGIN_OVERRIDE"  # kinds a plugin may take from their provider, e.g. "quantize.int8"
@@ -182,6 +183,11 @@ def register_target(config_cls: type[TargetConfig]) -> Callable[[Any], Any]:
     def deco(cls: Any) -> Any:
         if not isinstance(getattr(cls, "caps", None), TargetCaps):
             raise TypeError(f"target {cls.__name__} must declare caps = TargetCaps(...)")
+        from .protocols import OPTIONAL_TARGET_MEMBERS, TargetBase
+
+        for name in OPTIONAL_TARGET_MEMBERS:  # the declared defaults, for a class not derived from TargetBase
+            if not hasattr(cls, name):
+                setattr(cls, name, getattr(TargetBase, name))
         if _claim("target", kind, _TARGETS):
             _TARGETS[kind] = (config_cls, cls)
         return cls
@@ -461,8 +467,9 @@ def manifest() -> dict[str, Any]:
             "commands": dict(sorted({**m["commands"], **extra["commands"]}.items()))}
 
 
-def make_target(cfg: TargetConfig) -> Any:
-    return targets()[cfg.kind][1](cfg)
+def make_target(cfg: TargetConfig) -> Target:
+    target: Target = targets()[cfg.kind][1](cfg)
+    return target
 
 
 def lowering_pass() -> PassInfo:

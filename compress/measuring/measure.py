@@ -76,6 +76,22 @@ def round_orders(n: int, rounds: int, seed: int) -> list[list[int]]:
     return out
 
 
+def _warm_up(fns: dict[str, Callable[[], object]], warmup: int, clock: Callable[[], float], start: float,
+             cap_s: float) -> dict[str, int]:
+    """Untimed calls, each round in a rotated order, until ``warmup`` rounds or ``cap_s`` has passed; the count
+    each candidate got."""
+    names = list(fns)
+    n = len(names)
+    warm = dict.fromkeys(names, 0)
+    for i in range(warmup):
+        for k in (names[i % n:] + names[:i % n]) if n else []:
+            fns[k]()
+            warm[k] += 1
+        if clock() - start > cap_s:
+            break
+    return warm
+
+
 def measure_interleaved(
     fns: dict[str, Callable[[], object]],
     warmup: int = 5,
@@ -97,14 +113,7 @@ def measure_interleaved(
     names = list(fns)
     n = len(names)
     start = clock()
-    warm = dict.fromkeys(names, 0)
-    warm_cap = 0.25 * max_time_s
-    for i in range(warmup):
-        for k in (names[i % n:] + names[:i % n]) if n else []:
-            fns[k]()
-            warm[k] += 1
-        if clock() - start > warm_cap:
-            break
+    warm = _warm_up(fns, warmup, clock, start, 0.25 * max_time_s)
     samples: dict[str, list[float]] = {k: [] for k in names}
     spent = dict.fromkeys(names, 0.0)
     active = set(names)
@@ -150,11 +159,10 @@ def measure_interleaved(
                                  f"{max_time_s:g} s cap")
             break
         for k in sorted(active):
-            if spent[k] > share and not enough(k):
-                # This one alone would blow the cap: stop timing it, let the others finish.
+            if spent[k] > share and not enough(k):  # this one alone would blow the cap: the others finish
                 capped[k] = (f"{len(samples[k])} rounds (wanted {min_runs}): its share of max_time_s "
                              f"({share:.3g} s of timed calls) was spent")
-                active.discard(k)
+        active -= set(capped)
         if not active:
             stopped = "every candidate spent its share of max_time_s"
     bar.close()

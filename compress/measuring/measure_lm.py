@@ -21,16 +21,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import CompressError, TargetUnavailable
+from .cell import Live
+from .compare import CellRef, sample_ratio
 from .measure import round_orders
-from .stats import bootstrap_stat, ratio_ci
+from .stats import bootstrap_stat
 
 
-def _cells(plan: Any, variants: list[Any], say: Callable[[str], None]) -> list[Any]:
-    from .measurement import _compile, new_cell
+def _cells(plan: Any, variants: list[Any], say: Callable[[str], None], rt: Live) -> list[Any]:
+    from .measure_build import compile_for, new_cell
 
     cells = []
     for t in plan.targets:
-        reason = t.unavailable_reason()
+        reason = plan.unavailable.get(t.name)
         for v in variants:
             cell, src = new_cell(t, v, variants, reason, say)
             cells.append(cell)
@@ -41,10 +43,10 @@ def _cells(plan: Any, variants: list[Any], say: Callable[[str], None]) -> list[A
                 cell.reason = f"refused: target '{t.name}' has no generate loop for a causal language model"
                 continue
             try:
-                compiled, hit, secs = _compile(t, src, plan.ctx)
+                compiled, hit, secs = compile_for(t, src, plan.ctx)
                 cell.compiled, cell.cache_hit, cell.build_s = compiled, hit, secs
                 cell.size_bytes = src.size_bytes()
-                cell.spawn = (lambda n, t=t, comp=compiled: t.lm_runner(comp, n))
+                rt.spawns[cell.ref] = (lambda n, t=t, comp=compiled: t.lm_runner(comp, n))
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
             except TargetUnavailable as e:
                 cell.status, cell.reason = "unavailable", str(e)
@@ -60,23 +62,24 @@ def _reference(cells: list[Any], baseline: str) -> Any:
                 next((c for c in live if c.variant == baseline), live[0] if live else None))
 
 
-def _quality(cells: list[Any], ref: Any, text: Any, prompt: int, new: int, say: Callable[[str], None]) -> None:
+def _quality(cells: list[Any], rt: Live, ref: Any, text: Any, prompt: int, new: int,
+             say: Callable[[str], None]) -> None:
     from ..inputs.causal_lm import WindowScores
 
     live = [c for c in cells if c.status == "ok"]
     scores = {id(c): WindowScores() for c in live}
     for i, w in enumerate(text.eval):
-        ref_logits = ref.runner.logits(w)
+        ref_logits = rt[ref].logits(w)
         for c in live:
-            got = ref_logits if c is ref else c.runner.logits(w)
+            got = ref_logits if c is ref else rt[c].logits(w)
             scores[id(c)].add(got, w, None if c is ref else ref_logits)
         say(f"perplexity: window {i + 1}/{len(text.eval)}")
     p = text.eval[0][: min(prompt, text.window)][None]
-    ref_toks = ref.runner.generate(p, new).tokens[0]
+    ref_toks = rt[ref].generate(p, new).tokens[0]
     base_ppl = scores[id(ref)].figures()["perplexity"]
     for c in live:
         f = scores[id(c)].figures()
-        toks = ref_toks if c is ref else c.runner.generate(p, new).tokens[0]
+        toks = ref_toks if c is ref else rt[c].generate(p, new).tokens[0]
         c.generation.update({
             "perplexity": f["perplexity"], "eval_tokens": int(f["tokens"]),
             "perplexity_rise": f["perplexity"] / base_ppl - 1.0,
@@ -86,7 +89,7 @@ def _quality(cells: list[Any], ref: Any, text: Any, prompt: int, new: int, say: 
         })
 
 
-def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rounds: int, seed: int,
+def _speed(cells: list[Any], rt: Live, ref: Any, text: Any, prompt_len: int, new: int, rounds: int, seed: int,
            say: Callable[[str], None]) -> None:
     from .speculative import speculative_figures
 
@@ -96,13 +99,13 @@ def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rou
         raise CompressError(f"measure.lm_prompt = {prompt_len}: the text has only {len(ids)} tokens")
     prompt = ids[:prompt_len][None]
     for c in live:  # one untimed warm-up each: first calls allocate and page in weights
-        c.runner.generate(prompt, min(new, 4))
+        rt[c].generate(prompt, min(new, 4))
     ttft: dict[int, list[float]] = {id(c): [] for c in live}
     tpot: dict[int, list[float]] = {id(c): [] for c in live}
     for r, order in enumerate(round_orders(len(live), rounds, seed)):
         for k in order:
             c = live[k]
-            run = c.runner.generate(prompt, new)
+            run = rt[c].generate(prompt, new)
             ttft[id(c)].append(run.ttft_s * 1e3)
             tpot[id(c)].append(run.decode_s * 1e3 / max(new - 1, 1))
         say(f"generation: round {r + 1}/{rounds}")
@@ -118,9 +121,9 @@ def _speed(cells: list[Any], ref: Any, text: Any, prompt_len: int, new: int, rou
         if c is not ref:
             # Ratios from paired rounds: time to first token candidate/reference (lower is better), decode
             # speed-up reference time per token / candidate's (higher is better).
-            g["ttft_ratio"] = ratio_ci(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).to_json()
-            g["decode_speedup"] = ratio_ci(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).to_json()
-        c.generation.update(g, **speculative_figures(c.runner))
+            g["ttft_ratio"] = sample_ratio(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).model_dump()
+            g["decode_speedup"] = sample_ratio(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).model_dump()
+        c.generation.update(g, **speculative_figures(rt[c]))
 
 
 def _peak_memory(cells: list[Any], targets: list[Any], threads: int, say: Callable[[str], None]) -> None:
@@ -143,7 +146,7 @@ def _peak_memory(cells: list[Any], targets: list[Any], threads: int, say: Callab
             f"(process total {got['peak_rss_bytes'] / 2**20:.0f} MiB)")
 
 
-def choose_threads(cells: list[Any], text: Any, options: list[int], seed: int,
+def choose_threads(cells: list[Any], spawns: dict[CellRef, Any], text: Any, options: list[int], seed: int,
                    say: Callable[[str], None]) -> tuple[int, str]:
     """The thread count that decodes fastest here, measured: the first compiled cell that is not the reference
     (the model being deployed) generates a short continuation at each count, alternating, three times each;
@@ -156,7 +159,7 @@ def choose_threads(cells: list[Any], text: Any, options: list[int], seed: int,
         n = options[0] if options else 1
         return n, f"threads: {n} (nothing to choose between)"
     prompt = np.concatenate(list(text.calib))[:32][None]
-    runners = {n: probe.spawn(n) for n in options}
+    runners = {n: spawns[CellRef.of(probe)](n) for n in options}
     times: dict[int, list[float]] = {n: [] for n in options}
     try:
         for r in range(4):
@@ -186,34 +189,32 @@ def measure_generation(plan: Any, variants: list[Any], threads: int,
     from .speculative import attach_draft
 
     rec, text = plan.recipe, plan.ctx.text
-    cells = _cells(plan, variants, say)
+    rt = Live()  # the runners, apart from the cells (which are data)
+    cells = _cells(plan, variants, say, rt)
     note = f"threads: {threads} (measure.threads)"
     if rec.measure.threads == 0:
         options = sorted({1, threads, os.cpu_count() or 1})
-        threads, note = choose_threads(cells, text, options, rec.seed, say)
+        threads, note = choose_threads(cells, rt.spawns, text, options, rec.seed, say)
     for c in cells:
         c.generation = {}
         if c.status == "ok":
             try:
-                c.runner = c.spawn(threads)
+                rt.runners[c.ref] = rt.spawns[c.ref](threads)
             except CompressError as e:
                 c.status, c.reason = "failed", str(e)
     for t in plan.targets:  # a target's ``draft`` setting: speculative decoding (compress.measuring.speculative)
-        attach_draft(t, cells, variants, threads)
+        attach_draft(t, cells, rt, variants, threads)
     ref = _reference(cells, BASELINE)
     try:
         if ref is not None:
             m = rec.measure
-            _quality(cells, ref, text, m.lm_prompt, m.lm_new_tokens, say)
-            _speed(cells, ref, text, m.lm_prompt, m.lm_new_tokens, m.lm_rounds, rec.seed, say)
+            _quality(cells, rt, ref, text, m.lm_prompt, m.lm_new_tokens, say)
+            _speed(cells, rt, ref, text, m.lm_prompt, m.lm_new_tokens, m.lm_rounds, rec.seed, say)
             if m.lm_peak_memory:
                 _peak_memory(cells, plan.targets, threads, say)
             for c in cells:
                 if c.status == "ok" and c is not ref:
                     c.notes.append(f"generation compared with {ref.variant}/{ref.target} (paired rounds)")
     finally:
-        for c in cells:
-            if c.runner is not None:
-                c.runner.close()
-            c.spawn = None  # a cell is data once measured
+        rt.close_all()
     return cells, threads, note

@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -46,6 +46,7 @@ def _hwm_bytes() -> int:
 
 def probe(cfg_json: str, compiled_dir: str, batch: int, threads: int, runs: int) -> dict[str, int]:
     from ..core.artifact import Artifact
+    from ..core.protocols import GeneratingTarget
     from ..core.registry import get_target_config, make_target
 
     cfg_d = json.loads(cfg_json)
@@ -66,7 +67,7 @@ def probe(cfg_json: str, compiled_dir: str, batch: int, threads: int, runs: int)
         target.unavailable_reason()
         hwm = _reset_peak()  # imports peak transiently above what stays resident: start the peak afresh
         before = _rss_bytes()
-        lm = target.lm_runner(art, threads)
+        lm = cast(GeneratingTarget, target).lm_runner(art, threads)  # caps.generates: it has the loop
         prompt = np.ones((batch, 128), np.int64)
         for _ in range(runs):
             lm.generate(prompt, 32)

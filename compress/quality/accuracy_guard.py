@@ -53,7 +53,7 @@ def judge(cells: list[Any], bound_pt: float, labelled: bool, real_data: bool,
     base = {c.target: c for c in cells if c.variant == "baseline" and c.status == "ok"}
     worst: dict[str, tuple[float, str, str]] = {}
     for c in cells:
-        if c.variant == "baseline" or c.status != "ok" or getattr(c, "reference", False):
+        if c.variant == "baseline" or c.status != "ok" or c.reference:
             continue
         ref = base.get(c.target) or next(iter(base.values()), None)
         got, want = _figure(c, labelled), _figure(ref, labelled) if ref is not None else None

@@ -2,7 +2,7 @@
 ordered by p50, each with its p50 as a ratio to the fastest's and that ratio's 95% interval.
 
 The ratios come from the same interleaved rounds (every candidate was timed in each round, in a shuffled
-order), paired round by round with a block bootstrap (``compress.measuring.stats.ratio_ci``), so a slow minute
+order), paired round by round with a block bootstrap (``compress.measuring.compare``), so a slow minute
 shared by all candidates cancels out instead of reordering them. Two runs minutes apart can still
 disagree by more than one run's noise; the interval says how sure this run is.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..measuring.stats import ratio_ci
-from .report_schema import Report
+from ..measuring.compare import clock, compare
+from .report_schema import NoRatio, Report
 
 
 @dataclass(frozen=True)
@@ -34,20 +34,18 @@ def ranking(report: Report, batch: str) -> list[Ranked]:
     """The cells timed at ``batch`` on this machine, fastest first (remote-device cells have another clock and
     stored baselines re-timed for the gate are not candidates: both are left out)."""
     cells = [r for r in report.results if r.status == "ok" and not r.reference and r.device is None
-             and batch in r.latency and len(r.latency[batch].samples_ms) >= 2]
+             and (ck := clock(r, batch)) is not None and len(ck.samples) >= 2]
     if not cells:
         return []
     cells.sort(key=lambda r: r.latency[batch].p50_ms)
-    best = cells[0].latency[batch].samples_ms
     out = []
     for r in cells:
-        lat = r.latency[batch]
-        if r is cells[0]:
-            ratio, low, high = 1.0, 1.0, 1.0
-        else:
-            ci = ratio_ci(lat.samples_ms, best, "p50")
-            ratio, low, high = ci.ratio, ci.low, ci.high
-        out.append(Ranked(r.variant, r.target, lat.p50_ms, ratio, low, high, lat.p50_ci))
+        # Against the fastest, paired over the rounds both ran, not widened (compress.measuring.compare decides it).
+        ci = compare(r, cells[0], batch, widen_by=None, what="the fastest")
+        if isinstance(ci, NoRatio):  # fewer than 2 common rounds: nothing to rank on
+            continue
+        out.append(Ranked(r.variant, r.target, r.latency[batch].p50_ms, ci.ratio, ci.low, ci.high,
+                          r.latency[batch].p50_ci))
     return out
 
 

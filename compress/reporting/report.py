@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..quality.fidelity import headline as fidelity_headline
+from ..measuring.cell import Cell
+from ..measuring.compare import CellRef
 from ..stages.recipe import Recipe, recipe_to_toml
 from .report_html import render_html
+from .report_plots import plot_latency, plot_pareto
 from .report_schema import (
     SCHEMA,
     Contention,
@@ -27,16 +29,7 @@ from .report_schema import (
     VariantInfo,
     parse_latency_key,
 )
-
-
-def _fmt_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+from .report_tables import generation_lines, noise_lines, table_rows
 
 
 def _pass_notes(metadata: dict[str, Any]) -> list[str]:
@@ -84,20 +77,7 @@ def noise_summary(results: list[ResultCell]) -> list[NoiseEntry]:
     return out
 
 
-def noise_lines(report: Report) -> list[str]:
-    lines = []
-    for n in report.noise:
-        aa = n.aa
-        aa_txt = (f"A/A (baseline, {n.aa_kind}) x{aa.ratio:.3f} [{aa.low:.3f}, {aa.high:.3f}]" if aa
-                  else "A/A not measured (too few rounds)")
-        det = n.detectable
-        det_txt = f"; smallest detectable difference ~{100 * det:.0f}%" if det is not None else ""
-        seq = f" s{n.seq}" if n.seq is not None else ""
-        lines.append(f"noise {n.target} b{n.batch}{seq}: {aa_txt}{det_txt}")
-    return lines
-
-
-def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, threads: int, auto_export: bool,
+def build_report(rec: Recipe, variants: list[Any], cells: list[Cell], data: Any, threads: int, auto_export: bool,
                  fingerprint: dict[str, Any], seconds: float, cache: Any,
                  contention: dict[str, Any] | None = None, baseline_label: str | None = None,
                  extra_notes: list[str] | None = None, seq_own: int | None = None) -> Report:
@@ -107,7 +87,7 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
     notes: list[str] = []
     if contention:
         notes += [f"WARNING {w}" for w in contention.get("warnings", [])]
-    if any(getattr(c, "generation", None) for c in cells):
+    if any(c.generation for c in cells):
         pass  # a causal LM: judged by perplexity and agreement on held-out text (its generation table)
     elif data is None:
         notes.append("accuracy not measured: no data given (data.source = \"random\"); fidelity is on random inputs")
@@ -124,42 +104,17 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
         from ..core.registry import lowering_pass
 
         notes.append(f"{lowering_pass().kind} was inserted automatically where the pipeline needed an ONNX model")
-    vjson = {}
+    vjson = {v.name: _variant_info(v) for v in variants}
     for v in variants:
         last = v.onnx_art or v.torch_art
-        meta = last.metadata if last is not None else {}
-        passes_meta = {k: val for k, val in meta.items() if isinstance(val, dict)}
-        vjson[v.name] = VariantInfo(
-            torch_digest=v.torch_art.digest if v.torch_art else None,
-            onnx_digest=v.onnx_art.digest if v.onnx_art else None,
-            steps=[StepInfo.model_validate(s.to_json()) for s in v.steps],
-            passes=passes_meta,
-            model=model_summary(passes_meta),
-            facts=last.known_facts() if last is not None else None,
-        )
-        notes += [f"{v.name}: {n}" for n in _pass_notes(meta)]
+        notes += [f"{v.name}: {n}" for n in _pass_notes(last.metadata if last is not None else {})]
     notes += list(getattr(cache, "notes", []))  # entries that failed verification and were rebuilt
     if any(c.parity for c in cells):
         from ..quality.parity import tolerance_note
 
         notes.append(tolerance_note())
     notes += extra_notes or []
-    results = []
-    for c in cells:
-        results.append(ResultCell.model_validate({
-            "variant": c.variant, "target": c.target, "status": c.status, "reason": c.reason,
-            "compiled_digest": c.compiled.digest if c.compiled else None,
-            "compiled_path": str(c.compiled.path) if c.compiled else None, "target_config": c.config,
-            "build_s": c.build_s, "build_cache_hit": c.cache_hit, "size_bytes": c.size_bytes,
-            "accuracy_top1": c.accuracy, "fidelity": c.fidelity, "parity": c.parity,
-            # INT8 cells: the same record, under the name older reports used (deployed vs simulated).
-            "quant_parity": c.parity if c.parity and c.parity.get("precision") == "int8" and "cosine" in c.parity
-            else None,
-            "latency": c.latency, "notes": c.notes, "identical_to": c.identical_to,
-            "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
-            **({"generation": c.generation} if c.generation else {}),
-            "accuracy_guard": getattr(c, "guard", None), "artifact_dir": getattr(c, "artifact_dir", None),
-        }))
+    results = [_result_cell(c) for c in cells]
     extra: dict[str, Any] = {"baseline_label": baseline_label} if baseline_label else {}
     return Report(
         schema_id=SCHEMA,
@@ -183,104 +138,41 @@ def build_report(rec: Recipe, variants: list[Any], cells: list[Any], data: Any, 
     )
 
 
-def _lat(r: ResultCell, batch: str, key: str) -> float | None:
-    """A latency figure of the cell: a remote (RPC) cell's from its device's clock (its host figures include the
-    network round trip); the table marks such a cell's target with "(device)"."""
-    lat: Any = r.latency.get(batch)
-    if r.device is not None and lat is not None and lat.device is not None:
-        lat = lat.device
-    v = getattr(lat, key) if lat is not None else None
-    return float(v) if v is not None else None
+def _variant_info(v: Any) -> VariantInfo:
+    """What the report keeps of a variant: its models' digests, its steps, what its passes recorded."""
+    last = v.onnx_art or v.torch_art
+    meta = last.metadata if last is not None else {}
+    passes_meta = {k: val for k, val in meta.items() if isinstance(val, dict)}
+    return VariantInfo(
+        torch_digest=v.torch_art.digest if v.torch_art else None,
+        onnx_digest=v.onnx_art.digest if v.onnx_art else None,
+        steps=[StepInfo.model_validate(s.to_json()) for s in v.steps],
+        passes=passes_meta,
+        model=model_summary(passes_meta),
+        facts=last.known_facts() if last is not None else None,
+    )
 
 
-_BRIEF_DROP = ("p90", "p99", "cv")  # the terminal table leaves these to report.md, so it fits 120 columns
+def _result_cell(c: Cell) -> ResultCell:
+    """A stage-3 cell as the report's record (validated: a record that does not fit the schema fails here)."""
+    return ResultCell.model_validate({
+        "variant": c.variant, "target": c.target, "status": c.status, "reason": c.reason,
+        "compiled_digest": c.compiled.digest if c.compiled else None,
+        "compiled_path": str(c.compiled.path) if c.compiled else None, "target_config": c.config,
+        "build_s": c.build_s, "build_cache_hit": c.cache_hit, "size_bytes": c.size_bytes,
+        "accuracy_top1": c.accuracy, "fidelity": c.fidelity, "parity": c.parity,
+        # INT8 cells: the same record, under the name older reports used (deployed vs simulated).
+        "quant_parity": c.parity if c.parity and c.parity.get("precision") == "int8" and "cosine" in c.parity
+        else None,
+        "latency": c.latency, "notes": c.notes,
+        "identical_to": str(c.identical_to) if c.identical_to is not None else None,
+        "ratio_to_baseline": c.ratios, "reference": c.reference, "device": c.device,
+        **({"generation": c.generation} if c.generation else {}),
+        "accuracy_guard": c.guard, "artifact_dir": c.artifact_dir,
+    })
+
+
 WIDTH = 120
-
-
-def table_rows(report: Report, compare: bool = False, brief: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Rows of the results table. ``compare`` adds throughput and build time and names the baseline fp32;
-    ``brief`` (the terminal) leaves out p90, p99 and cv, which report.md keeps."""
-    head, rows = _table_rows(report, compare)
-    if brief:
-        # compare: the ranking below the table gives every cell's ratio to the fastest, so the per-baseline
-        # ratios stay in report.md.
-        keep = [i for i, h in enumerate(head) if h not in _BRIEF_DROP and not (compare and h.startswith("vs base"))]
-        head, rows = [head[i] for i in keep], [[r[i] for i in keep] for r in rows]
-        rows = [[c.replace("no measurable difference", "~1x") for c in r] for r in rows]
-    return head, rows
-
-
-def _table_rows(report: Report, compare: bool = False) -> tuple[list[str], list[list[str]]]:
-    batches = report.batches
-    b0 = batches[0]
-    head = ["variant", "target", "top-1", "fidelity", f"p50 ms (b{b0})", "p90", "p99", "cv",
-            *[f"vs base (b{b})" for b in batches], "size"]
-    if len(batches) > 1:
-        head.append(f"p50 ms (b{batches[-1]})")
-    if compare:
-        head += [f"items/s (b{batches[-1]})", "build s"]
-    head.append("status")
-    rows = []
-    for r in report.results:
-        p50 = _lat(r, b0, "p50_ms")
-        ratios = [x.text if (x := r.ratio_to_baseline.get(b)) is not None else "-" for b in batches]
-        status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
-        if r.status == "ok" and r.accuracy_guard is not None:
-            status = r.accuracy_guard.text
-        cv = _lat(r, b0, "cv")
-        row = [
-            (report.baseline_label or ("fp32" if compare else "baseline")) if r.variant == "baseline"
-            else r.variant, r.target + (" (device)" if r.device is not None else ""),
-            f"{100 * r.accuracy_top1:.2f}%" if r.accuracy_top1 is not None else "not measured",
-            fidelity_headline(r.fidelity.model_dump(exclude_none=True) if r.fidelity else None),
-            f"{p50:.3f}" if p50 is not None else "-",
-            f"{_lat(r, b0, 'p90_ms'):.3f}" if p50 is not None else "-",
-            f"{_lat(r, b0, 'p99_ms'):.3f}" if p50 is not None else "-",
-            f"{100 * cv:.1f}%" if cv is not None else "-",
-            *ratios, _fmt_size(r.size_bytes),
-        ]
-        if len(batches) > 1:
-            pl = _lat(r, batches[-1], "p50_ms")
-            row.append(f"{pl:.3f}" if pl is not None else "-")
-        if compare:
-            tp = _lat(r, batches[-1], "throughput")
-            row += [f"{tp:.1f}" if tp is not None else "-",
-                    f"{r.build_s:.2f}" if r.build_s is not None else "-"]
-        row.append(status)
-        rows.append(row)
-    return head, rows
-
-
-def generation_lines(report: Report) -> list[str]:
-    """A causal LM's table: perplexity and agreement against the reference, time to first token and decode
-    speed with their paired ratios (empty for other models)."""
-    rows = [r for r in report.results if r.generation is not None and r.generation.perplexity is not None]
-    if not rows:
-        return []
-    g0 = rows[0].generation
-    assert g0 is not None
-    head = ["variant", "target", "perplexity", "rise", "KL", "top-1 agr", "greedy agr", "TTFT ms", "vs ref",
-            "decode tok/s", "vs ref", "peak mem", "size"]
-    out_rows = []
-    for r in rows:
-        g = r.generation
-        assert g is not None
-        tr, ds = g.ttft_ratio, g.decode_speedup
-        out_rows.append([
-            r.variant, r.target, f"{g.perplexity:.3f}", f"{100 * (g.perplexity_rise or 0):+.1f}%",
-            f"{g.kl or 0:.4f}", f"{100 * (g.top1_agreement or 0):.1f}%", f"{100 * (g.greedy_agreement or 0):.0f}%",
-            f"{g.ttft_ms:.1f}" if g.ttft_ms is not None else "-",
-            f"{tr.ratio:.2f}x [{tr.low:.2f}, {tr.high:.2f}]" if tr else "ref",
-            f"{g.decode_tokens_per_s:.1f}" if g.decode_tokens_per_s is not None else "-",
-            f"{ds.ratio:.2f}x [{ds.low:.2f}, {ds.high:.2f}]" if ds else "ref",
-            _fmt_size(g.peak_rss_bytes) if g.peak_rss_bytes else "-", _fmt_size(r.size_bytes)])
-    widths = [max(len(h), *(len(x[i]) for x in out_rows)) for i, h in enumerate(head)]
-    lines = [f"generation: prompt {g0.prompt_tokens} tokens, {g0.new_tokens} new greedy tokens, batch {g0.batch}, "
-             f"{g0.rounds} interleaved rounds; perplexity over {g0.eval_tokens} held-out tokens; peak mem: "
-             "resident memory a fresh process added loading the model and generating",
-             "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in out_rows]
-    return lines
 
 
 def seq_lines(report: Report) -> list[str]:
@@ -293,7 +185,7 @@ def seq_lines(report: Report) -> list[str]:
             if seq is None:
                 continue
             x = r.ratio_to_baseline.get(key)
-            out.append(f"{r.variant}/{r.target} b{b} seq {seq}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f}"
+            out.append(f"{CellRef.of(r)} b{b} seq {seq}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f}"
                        + (f"; vs base {x.text}" if x is not None else ""))
     return out
 
@@ -309,7 +201,7 @@ def render_text(report: Report, compare: bool = False, said: set[str] | None = N
     gen = generation_lines(report)
     if gen:  # a causal LM: its own table (the classifier table's columns are all empty for it)
         return "\n".join([*gen, *([""] + [f"note: {n}" for n in report.notes] if report.notes else []),
-                          *[f"note: {r.variant}/{r.target}: {r.status}: {r.reason}" for r in report.results
+                          *[f"note: {CellRef.of(r)}: {r.status}: {r.reason}" for r in report.results
                             if r.status != "ok"]])
     head, rows = table_rows(report, compare, brief=True)
     gone: dict[str, str] = {}
@@ -341,8 +233,8 @@ def render_text(report: Report, compare: bool = False, said: set[str] | None = N
     notes = [n for n in dict.fromkeys(report.notes) if _said_key(n) not in heard]
     if notes:
         out += ["", *[f"note: {n}" for n in notes]]
-    cell_notes = [f"note: {r.variant}/{r.target}: {n}" for r in report.results for n in r.notes
-                  if _said_key(f"{r.variant}/{r.target}: {n}") not in heard]
+    cell_notes = [f"note: {CellRef.of(r)}: {n}" for r in report.results for n in r.notes
+                  if _said_key(f"{CellRef.of(r)}: {n}") not in heard]
     if cell_notes:
         out += ([] if notes else [""]) + cell_notes
     seqs = seq_lines(report)
@@ -355,7 +247,18 @@ def render_text(report: Report, compare: bool = False, said: set[str] | None = N
 
 
 def render_markdown(report: Report) -> str:
-    head, rows = table_rows(report)
+    """report.md: the results (or a causal LM's generation table), then one section per thing measured."""
+    lines = [*_md_head(report), *_md_results(report)]
+    for section in (_md_ranking, _md_seq, _md_model_changes, _md_parity, _md_notes, _md_noise, _md_passes):
+        lines += section(report)
+    if report.notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
+    lines += ["", "## Machine", "", "```json", json.dumps(report.machine.model_dump(mode="json"), indent=2), "```",
+              ""]
+    return "\n".join(lines)
+
+
+def _md_head(report: Report) -> list[str]:
     m = report.machine
     lines = [
         f"# {report.recipe.name}",
@@ -373,16 +276,24 @@ def render_markdown(report: Report) -> str:
         lines[-1:-1] = [f"Built for hardware profile `{m.profile.name}` ({m.profile.arch or '?'}, "
                         f"{', '.join(m.profile.isa or []) or 'no optional ISA extensions'}): the passes and builds "
                         "followed it; every figure here was measured on the machine above, not on that device.  "]
+    return lines
+
+
+def _md_results(report: Report) -> list[str]:
     gen = generation_lines(report)
     if gen:  # a causal LM: one table of quality and generation speed (the latency table has no figures)
-        lines += ["## Generation", "", gen[0], "", "```", *gen[1:], "```", ""]
-    else:  # one table for every variant on every target, so backends are read side by side
-        lines += ["## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-        lines.append("")
+        return ["## Generation", "", gen[0], "", "```", *gen[1:], "```", ""]
+    # One table for every variant on every target, so backends are read side by side.
+    head, rows = table_rows(report)
+    return ["## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows], ""]
+
+
+def _md_ranking(report: Report) -> list[str]:
     from .ranking import ranking
 
-    for bkey in report.batches if not gen else []:
+    lines: list[str] = []
+    for bkey in report.batches if not generation_lines(report) else []:
         ranked = ranking(report, bkey)
         if len(ranked) < 2:
             continue
@@ -394,244 +305,90 @@ def render_markdown(report: Report) -> str:
                          f"{'fastest' if i == 1 else f'{rk.ratio:.2f}x'} | "
                          f"{'-' if i == 1 else f'[{rk.low:.2f}x, {rk.high:.2f}x]'} |")
         lines.append("")
+    return lines
+
+
+def _md_seq(report: Report) -> list[str]:
     seqs = seq_lines(report)
-    if seqs:
-        lines += ["## Latency at other sequence lengths", "", *[f"- {x}" for x in seqs], ""]
+    return ["## Latency at other sequence lengths", "", *[f"- {x}" for x in seqs], ""] if seqs else []
+
+
+def _md_model_changes(report: Report) -> list[str]:
+    """What the passes did to the model, beside what it bought on each target (p50 vs baseline)."""
     models = {name: v.model for name, v in report.variants.items() if v.model.model_fields_set}
-    if models:
-        # What the passes did to the model, beside what it bought on each target (p50 vs baseline).
-        lines += ["## Model changes vs latency", "",
-                  "| variant | params | MACs | weight sparsity | vs baseline (p50, 95% interval, every batch) |",
-                  "|---|---|---|---|---|"]
-        for name, s in models.items():
-            ups = []
-            for r in report.results:
-                if r.variant == name:
-                    ups += [f"{r.target} b{b}: {x.text}" for b, x in r.ratio_to_baseline.items()]
-            macs = (f"{s.macs:,}" + (f" ({s.macs / s.macs_before:.2f}x)" if s.macs_before else "")
-                    if s.macs is not None else "-")
-            sp = f"{100 * s.weight_sparsity:.1f}%" if s.weight_sparsity is not None else "-"
-            params = f"{s.params:,}" if isinstance(s.params, int) else "-"
-            lines.append(f"| {name} | {params} | {macs} | {sp} | {', '.join(ups) or '-'} |")
-        lines.append("")
-    cell_notes = [(r, n) for r in report.results for n in r.notes]
+    if not models:
+        return []
+    lines = ["## Model changes vs latency", "",
+             "| variant | params | MACs | weight sparsity | vs baseline (p50, 95% interval, every batch) |",
+             "|---|---|---|---|---|"]
+    for name, s in models.items():
+        ups = [f"{r.target} b{b}: {x.text}" for r in report.results if r.variant == name
+               for b, x in r.ratio_to_baseline.items()]
+        macs = (f"{s.macs:,}" + (f" ({s.macs / s.macs_before:.2f}x)" if s.macs_before else "")
+                if s.macs is not None else "-")
+        sp = f"{100 * s.weight_sparsity:.1f}%" if s.weight_sparsity is not None else "-"
+        params = f"{s.params:,}" if isinstance(s.params, int) else "-"
+        lines.append(f"| {name} | {params} | {macs} | {sp} | {', '.join(ups) or '-'} |")
+    return [*lines, ""]
+
+
+def _md_parity(report: Report) -> list[str]:
+    """Every compiled target against its input model, with the bound it was held to. INT8 cells are held to
+    their simulated (Q/DQ) model; their top-1 on both sides is shown too."""
     checked = [r for r in report.results if r.parity]
-    if checked:
-        # Every compiled target against its input model, with the bound it was held to.
-        # INT8 cells are held to their simulated (Q/DQ) model; their top-1 on both sides is shown too.
-        lines += ["## Parity (each target vs its input model)", "",
-                  "| variant | target | precision | max abs diff | cosine | top-1 agreement | inputs | "
-                  "top-1 simulated -> deployed | result |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in checked:
-            q = r.parity
-            assert q is not None
-            res = "ok" if q.ok else ("not checked" if q.ok is None else "**FAILED**")
-            if q.flagged:
-                res += " (**flagged**)"
-            fig = (f"{q.max_abs_diff:.3g} | {q.cosine:.6f} | {100 * (q.agreement or 0.0):.1f}%"
-                   if q.cosine is not None and q.max_abs_diff is not None else "- | - | -")
-            t1s, t1d = q.top1_simulated, q.top1_deployed
-            top1 = (f"{'-' if t1s is None else f'{100 * t1s:.2f}%'} -> {'-' if t1d is None else f'{100 * t1d:.2f}%'}"
-                    if r.quant_parity is not None else "-")
-            lines.append(f"| {r.variant} | {r.target} | {q.precision} | {fig} | "
-                         f"{'-' if q.samples is None else q.samples} {q.inputs} | {top1} | {res} |")
-        lines.append("")
-    if cell_notes:
-        lines += ["## Per-target notes", "", *[f"- {r.variant} / {r.target}: {n}" for r, n in cell_notes], ""]
+    if not checked:
+        return []
+    lines = ["## Parity (each target vs its input model)", "",
+             "| variant | target | precision | max abs diff | cosine | top-1 agreement | inputs | "
+             "top-1 simulated -> deployed | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in checked:
+        q = r.parity
+        assert q is not None
+        res = "ok" if q.ok else ("not checked" if q.ok is None else "**FAILED**")
+        if q.flagged:
+            res += " (**flagged**)"
+        fig = (f"{q.max_abs_diff:.3g} | {q.cosine:.6f} | {100 * (q.agreement or 0.0):.1f}%"
+               if q.cosine is not None and q.max_abs_diff is not None else "- | - | -")
+        t1s, t1d = q.top1_simulated, q.top1_deployed
+        top1 = (f"{'-' if t1s is None else f'{100 * t1s:.2f}%'} -> {'-' if t1d is None else f'{100 * t1d:.2f}%'}"
+                if r.quant_parity is not None else "-")
+        lines.append(f"| {r.variant} | {r.target} | {q.precision} | {fig} | "
+                     f"{'-' if q.samples is None else q.samples} {q.inputs} | {top1} | {res} |")
+    return [*lines, ""]
+
+
+def _md_notes(report: Report) -> list[str]:
+    cell_notes = [(r, n) for r in report.results for n in r.notes]
+    if not cell_notes:
+        return []
+    return ["## Per-target notes", "", *[f"- {r.variant} / {r.target}: {n}" for r, n in cell_notes], ""]
+
+
+def _md_noise(report: Report) -> list[str]:
     noise = noise_lines(report)
     cont = report.contention
-    if noise or cont:
-        lines += ["## Measurement noise and machine load", ""]
-        lines += [f"- {n}" for n in noise]
-        if cont is not None and cont.before is not None:
-            b = cont.before
-            lines.append(f"- before measuring: other processes used {b.others_cores} of {b.cpus} cores, "
-                         f"steal {b.steal_pct}%")
-        for label, d in ((cont.during or {}) if cont is not None else {}).items():
-            lines.append(f"- while measuring {label}: others {d.others_cores} cores, this process "
-                         f"{d.own_cores}, steal {d.steal_pct}%")
-        lines += [f"- **{w}**" for w in (cont.warnings if cont is not None else [])]
-        lines.append("")
-    lines += ["## Passes", ""]
+    if not noise and not cont:
+        return []
+    lines = ["## Measurement noise and machine load", "", *[f"- {n}" for n in noise]]
+    if cont is not None and cont.before is not None:
+        b = cont.before
+        lines.append(f"- before measuring: other processes used {b.others_cores} of {b.cpus} cores, "
+                     f"steal {b.steal_pct}%")
+    for label, d in ((cont.during or {}) if cont is not None else {}).items():
+        lines.append(f"- while measuring {label}: others {d.others_cores} cores, this process "
+                     f"{d.own_cores}, steal {d.steal_pct}%")
+    lines += [f"- **{w}**" for w in (cont.warnings if cont is not None else [])]
+    return [*lines, ""]
+
+
+def _md_passes(report: Report) -> list[str]:
+    lines = ["## Passes", ""]
     for name, v in report.variants.items():
         for step in v.steps:
             took = "(cache hit)" if step.cache_hit else f"{step.seconds:.2f} s"
             lines.append(f"- {name}: `{step.text}` {took}")
-    if report.notes:
-        lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
-    lines += ["", "## Machine", "", "```json", json.dumps(m.model_dump(mode="json"), indent=2), "```", ""]
-    return "\n".join(lines)
-
-
-def _place_labels(fig: Any, ax: Any, pts: list[tuple[float, float, str]]) -> list[tuple[float, float, float, float]]:
-    """Annotate each point where its label overlaps no other label (nor marker), trying offsets in
-    turn; returns the labels' boxes in display pixels (x0, y0, x1, y1)."""
-    renderer = fig.canvas.get_renderer()
-    offsets = [(7, 5), (7, -13), (-7, 5), (-7, -13), (7, 17), (-7, 17), (7, -25), (-7, -25), (0, 29), (0, -37),
-               (7, 41), (-7, -49), (7, -61), (-7, 53)]
-    placed: list[Any] = []
-    markers = [ax.transData.transform((x, y)) for x, y, _ in pts]
-    frame = ax.get_window_extent(renderer)
-    boxes = []
-
-    def hits(bb: Any) -> float:
-        over = sum(max(0.0, min(bb.x1, o.x1) - max(bb.x0, o.x0)) * max(0.0, min(bb.y1, o.y1) - max(bb.y0, o.y0))
-                   for o in placed)
-        over += sum(1.0 for mx, my in markers if bb.x0 - 3 <= mx <= bb.x1 + 3 and bb.y0 - 3 <= my <= bb.y1 + 3)
-        # A label cut off by the axes' edge (a point near the right end) is as bad as one on another label.
-        over += 1e4 * (bb.x0 < frame.x0 or bb.x1 > frame.x1 or bb.y0 < frame.y0 or bb.y1 > frame.y1)
-        return over
-
-    for x, y, text in pts:
-        best: tuple[float, Any] | None = None
-        for dx, dy in offsets:
-            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                              ha="left" if dx >= 0 else "right",
-                              arrowprops=None if abs(dy) < 20 else {"arrowstyle": "-", "lw": 0.5, "color": "gray"})
-            bb = ann.get_window_extent(renderer)
-            cost = hits(bb)
-            if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, ann)
-            else:
-                ann.remove()
-            if cost == 0:
-                break
-        assert best is not None
-        bb = best[1].get_window_extent(renderer)
-        placed.append(bb)
-        boxes.append((float(bb.x0), float(bb.y0), float(bb.x1), float(bb.y1)))
-    return boxes
-
-
-def _plot_generation(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
-    """A causal LM: perplexity on held-out text against decode tokens/s, with the speed's interval as bars."""
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report.results if r.generation is not None and r.generation.perplexity is not None]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(r.target for r in rows))}  # type: ignore[attr-defined]
-    pts = []
-    for r in rows:
-        g = r.generation
-        assert g is not None and g.perplexity is not None
-        x = g.decode_tokens_per_s or 0.0
-        lo, hi = g.decode_tokens_per_s_low or x, g.decode_tokens_per_s_high or x
-        ax.scatter(x, g.perplexity, marker="s" if r.variant == "baseline" else "o", s=55, edgecolors="black",
-                   color=colors[r.target], zorder=2)
-        ax.errorbar(x, g.perplexity, xerr=[[x - lo], [hi - x]], fmt="none", ecolor="black", capsize=5, zorder=3)
-        pts.append((x, g.perplexity, f"{r.variant}/{r.target}"))
-    ys = [p[1] for p in pts]
-    span = max(ys) - min(ys)
-    ax.set_ylim(min(ys) - max(span * 0.15, 0.01 * max(ys)), max(ys) + max(span * 0.15, 0.01 * max(ys)))
-    ax.set_xlabel("decode tokens/s, batch 1 (bars: 95% interval; higher is better)")
-    ax.set_ylabel("perplexity on held-out text (lower is better)")
-    ax.set_title(f"{report.recipe.name}: perplexity vs decode speed (squares: original model)")
-    ax.grid(alpha=0.3)
-    boxes = _place_labels(fig, ax, pts)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return boxes
-
-
-def plot_pareto(report: Report, path: Path) -> list[tuple[float, float, float, float]]:
-    """Quality (top-1, or the fidelity headline) against p50 latency at the first batch size, with the p50's 95%
-    interval as bars drawn over the markers, axes fitted to the points (a log latency axis when they span more
-    than 8x; a quality axis that never collapses onto one line) and cells slower than their original ringed in
-    red and labelled. The points, axes and verdicts come from ``compress.reporting.report_view``, as report.html's do.
-    Returns the label boxes (tests check that none overlap)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if any(r.generation is not None and r.generation.perplexity is not None for r in report.results):
-        return _plot_generation(report, path)
-    from .report_view import cell_points, fit_limits, pareto_front, quality_axis, use_log
-
-    b0 = report.batches[0]
-    q = quality_axis(report)
-    pts = [p for p in cell_points(report, b0, q) if p.quality is not None]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    colors = {t: plt.cm.tab10(i) for i, t in enumerate(dict.fromkeys(p.target for p in pts))}  # type: ignore[attr-defined]
-    for p in pts:
-        assert p.quality is not None
-        ax.scatter(p.p50, p.quality, marker="s" if p.baseline else "o", s=55, edgecolors="black",
-                   color=colors[p.target], zorder=2, alpha=0.55 if p.baseline else 0.9)
-        # Over the marker, black, with caps: a narrow interval still shows beside the marker's edge.
-        ax.errorbar(p.p50, p.quality, xerr=[[p.p50 - p.low], [p.high - p.p50]], fmt="none", ecolor="black",
-                    elinewidth=1.4, capsize=5, capthick=1.4, zorder=3)
-        if p.slower:
-            ax.scatter(p.p50, p.quality, marker="o", s=260, facecolors="none", edgecolors="tab:red", linewidths=2,
-                       zorder=4)
-    xs = [x for p in pts for x in (p.low, p.high)]
-    if use_log(xs):
-        ax.set_xscale("log")
-        lo, hi = min(xs), max(xs)
-        f = (hi / lo) ** 0.1
-        ax.set_xlim(lo / f, hi * f)
-    elif xs:
-        lo, hi = min(xs), max(xs)
-        pad = 0.12 * ((hi - lo) or hi or 1.0)
-        ax.set_xlim(max(0.0, lo - pad), hi + pad)
-    if pts:
-        ax.set_ylim(*fit_limits([p.quality for p in pts if p.quality is not None], q.percent, pad=0.15))
-    front = [pts[i] for i in pareto_front([(p.p50, p.quality or 0.0) for p in pts])]
-    if len(front) > 1:
-        ax.plot([p.p50 for p in front], [p.quality or 0.0 for p in front], "--", color="tab:orange", zorder=1,
-                label="Pareto front")
-    if any(p.slower for p in pts):
-        ax.scatter([], [], marker="o", s=120, facecolors="none", edgecolors="tab:red", linewidths=2,
-                   label="slower than the original (paired 95% interval)")
-    if len(front) > 1 or any(p.slower for p in pts):
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel(f"p50 latency, batch {b0} (ms; bars: 95% interval{'; log scale' if use_log(xs) else ''})")
-    ax.set_ylabel(q.label)
-    ax.set_title(f"{report.recipe.name}: {q.kind} vs latency (squares: original model)")
-    ax.grid(alpha=0.3, which="both")
-    if not pts:
-        ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    boxes = _place_labels(fig, ax, [(p.p50, p.quality or 0.0, p.label + (f" ({p.flag})" if p.flag else ""))
-                                    for p in pts])
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return boxes
-
-
-def plot_latency(report: Report, path: Path) -> None:
-    """p50 latency per backend (and variant) at each batch size, fastest first, with the p50's 95% interval
-    as error bars: which backend is fastest here, and how sure the run is."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .ranking import ranking
-
-    per_batch = {b: ranking(report, b) for b in report.batches}
-    per_batch = {b: r for b, r in per_batch.items() if r}
-    fig, axes = plt.subplots(1, max(1, len(per_batch)), figsize=(5 + 3 * max(0, len(per_batch) - 1), 4.5), dpi=110,
-                             squeeze=False)
-    for ax, (b, rows) in zip(axes[0], per_batch.items(), strict=False):
-        names = [f"{r.variant}/{r.target}" for r in rows]
-        p50 = [r.p50_ms for r in rows]
-        lo = [max(0.0, r.p50_ms - (r.p50_ci or (r.p50_ms, r.p50_ms))[0]) for r in rows]
-        hi = [max(0.0, (r.p50_ci or (r.p50_ms, r.p50_ms))[1] - r.p50_ms) for r in rows]
-        ax.barh(range(len(rows)), p50, xerr=[lo, hi], capsize=3, color="tab:blue", alpha=0.8)
-        ax.set_yticks(range(len(rows)), names, fontsize=8)
-        ax.invert_yaxis()  # fastest on top
-        ax.set_xlabel(f"p50 latency, batch {b} (ms; bars: 95% interval)")
-        ax.grid(axis="x", alpha=0.3)
-    if not per_batch:
-        axes[0][0].text(0.5, 0.5, "nothing measured", ha="center", transform=axes[0][0].transAxes)
-    fig.suptitle(f"{report.recipe.name}: latency per backend, fastest first")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    return lines
 
 
 def write_report(report: Report, out: Path) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from ..measuring.compare import shown_samples
 from . import svg_plot as sp
 from .report_schema import Fidelity, Report
 from .report_view import (
@@ -218,9 +219,7 @@ def section_latency(report: Report, v: View) -> str | None:
             lat = r.latency.get(key)
             if p is None or lat is None:
                 continue
-            samples = lat.device.samples_ms if r.device is not None and lat.device is not None and \
-                lat.device.samples_ms else lat.samples_ms
-            rows.append(sp.BoxRow(p.label, samples, r.target, p.flag))
+            rows.append(sp.BoxRow(p.label, shown_samples(r, key), r.target, p.flag))
         if not rows:
             return None
         return sp.boxes(rows, f"latency per call, {key_text(key)} (ms)", f"latency distribution, {key_text(key)}")
@@ -233,7 +232,7 @@ def section_latency(report: Report, v: View) -> str | None:
 
 
 def section_results(report: Report, v: View) -> str | None:
-    from .report import table_rows
+    from .report_tables import table_rows
 
     head, rows = table_rows(report)
     html_rows = [[(f'<span class="slower">{_e(c)}</span>' if "SLOWER" in c else _e(c)) for c in row] for row in rows]
@@ -323,7 +322,7 @@ def section_lineage(report: Report, v: View) -> str | None:
 
 
 def section_notes(report: Report, v: View) -> str | None:
-    from .report import noise_lines
+    from .report_tables import noise_lines
 
     items = [*report.notes, *(f"{r.variant} / {r.target}: {n}" for r in report.results for n in r.notes),
              *noise_lines(report)]
@@ -342,7 +341,7 @@ def section_machine(report: Report, v: View) -> str | None:
 # (anchor, heading, renderer); another figure kind is one more entry (e.g. decode tokens/s against perplexity).
 def section_generation(report: Report, v: View) -> str | None:
     """A causal LM: perplexity on held-out text against decode tokens/s (interval bars), and its table."""
-    from .report import generation_lines
+    from .report_tables import generation_lines
 
     rows = [r for r in report.results if r.generation is not None and r.generation.perplexity is not None]
     if not rows:

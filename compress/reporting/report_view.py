@@ -13,7 +13,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 
-from ..measuring.stats import describe_ratio, ratio_ci
+from ..measuring.compare import clock, compare
 from .report_schema import IdenticalRatio, MeasuredRatio, NoRatio, Report, ResultCell, parse_latency_key
 
 # The variant `compress check` re-times from a stored baseline, and the A/A copy of the baseline: neither
@@ -103,14 +103,15 @@ def latency_keys(report: Report) -> list[str]:
 
 def p50_with_interval(cell: ResultCell, key: str) -> tuple[float, float, float] | None:
     """p50 and its 95% interval, on the clock the cell's figures use (a remote device's own clock)."""
-    lat = cell.latency.get(key)
-    if lat is None:
+    ck = clock(cell, key)
+    if ck is None:
         return None
-    if cell.device is not None and lat.device is not None:
-        p = lat.device.p50_ms
+    p = float(ck.stats.p50_ms)
+    if ck.device is not None:
         return p, p, p
-    lo, hi = lat.p50_ci if lat.p50_ci is not None else (lat.p50_ms, lat.p50_ms)
-    return lat.p50_ms, min(lo, lat.p50_ms), max(hi, lat.p50_ms)
+    ci = cell.latency[key].p50_ci
+    lo, hi = ci if ci is not None else (p, p)
+    return p, min(lo, p), max(hi, p)
 
 
 def cell_points(report: Report, key: str, quality: Quality | None = None) -> list[CellPoint]:
@@ -289,11 +290,9 @@ def _paired(report: Report, a: CellPoint, b: CellPoint, key: str) -> str | None:
     ca, cb = report.cell(a.variant, a.target), report.cell(b.variant, b.target)
     if ca is None or cb is None or a.on_device is not None or b.on_device is not None:
         return None
-    la, lb = ca.latency.get(key), cb.latency.get(key)
-    if la is None or lb is None:
+    if key not in ca.latency or key not in cb.latency:
         return None
-    try:
-        r = ratio_ci(la.samples_ms, lb.samples_ms, "p50", seed=0)
-    except ValueError:
+    r = compare(ca, cb, key, widen_by=None, what="the original")
+    if isinstance(r, NoRatio):
         return None
-    return f"against the original on {b.target}: {describe_ratio(r)}"
+    return f"against the original on {b.target}: {r.text}"

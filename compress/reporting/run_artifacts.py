@@ -23,7 +23,7 @@ def assign_artifact_dirs(cells: list[Any]) -> None:
     """Set each measured cell's ``artifact_dir`` (``artifacts/VARIANT/TARGET``, relative to the run folder) for
     the report; the links are made by :func:`link_artifacts` once the report is in place."""
     for c in cells:
-        if c.compiled is not None and not getattr(c, "reference", False):
+        if c.compiled is not None and not c.reference:
             c.artifact_dir = str(Path(FOLDER) / _safe(c.variant) / _safe(c.target))
 
 
@@ -35,9 +35,9 @@ def link_artifacts(cells: list[Any], out: Path, variants: Sequence[Any] = ()) ->
         if v.onnx_art is not None:
             _link(Path(v.onnx_art.path), out / FOLDER / _safe(v.name) / "onnx")
     for c in cells:
-        if c.compiled is None or getattr(c, "reference", False):
+        if c.compiled is None or c.reference:
             continue
-        if not getattr(c, "artifact_dir", None):
+        if not c.artifact_dir:
             assign_artifact_dirs([c])
         _link(Path(c.compiled.path), out / c.artifact_dir)
 

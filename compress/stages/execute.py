@@ -5,6 +5,7 @@ and the ONNX model each target will compile, and the step records of the chain t
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..core.artifact import ONNX, PYTORCH, Artifact
@@ -43,21 +44,21 @@ def train_root(root: Artifact, data: DataBundle, epochs: int, seed: int, ctx: Pa
 
 
 def execute(plan: Plan) -> list[Variant]:
-    """Train the root if the recipe asks, then run the baseline's and every variant's chain."""
+    """Train the root if the recipe asks, then run the baseline's and every variant's chain. The plan is read,
+    never written: the chains run in a context of their own that knows the (trained) model they start from."""
     from ..core.config import format_pipeline
 
-    rec, ctx, root = plan.recipe, plan.ctx, plan.root
+    rec, root = plan.recipe, plan.root
     if rec.model.train_epochs:
         assert plan.data is not None  # the plan refused training without labelled data
-        root = plan.root = train_root(root, plan.data, rec.model.train_epochs, rec.seed, ctx)
-    ctx.original = root
+        root = train_root(root, plan.data, rec.model.train_epochs, rec.seed, plan.ctx)
+    ctx = dataclasses.replace(plan.ctx, original=root, _dirs=[])
     for name, pm in plan.chains.items():
         plan.say(f"pipeline {name}: {format_pipeline(pm.steps, plan.target_cfgs)}")
     base_art, base_steps = plan.base.run(root, ctx)
     variants = [Variant(BASELINE, root if root.kind == PYTORCH else None,
                         base_art if base_art.kind == ONNX else None, base_steps)]
     for name, pm in plan.chains.items():
-        ctx.history = []
         out, steps = pm.run(root, ctx)
         torch_art = root if root.kind == PYTORCH else None
         for r in steps:  # the last PyTorch model of the chain (what a PyTorch target measures)

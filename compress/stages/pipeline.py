@@ -25,6 +25,7 @@ from ..core.config import PassConfig
 from ..core.fingerprint import machine_fingerprint
 from ..core.manager import Instrument
 from ..errors import CompressError, TargetUnavailable
+from ..measuring.compare import CellRef
 from ..measuring.measurement import Measurement, measure
 from ..reporting.report_schema import Report
 from . import preflight
@@ -131,7 +132,7 @@ def _write(plan: Plan, rep: Report, kept: Path | None) -> None:
 
 def _verdict(plan: Plan, rep: Report) -> Report:
     if not any(c.status == "ok" for c in rep.results):
-        why = "; ".join(f"{c.variant}/{c.target}: {c.reason}" for c in rep.results)
+        why = "; ".join(f"{CellRef.of(c)}: {c.reason}" for c in rep.results)
         raise TargetUnavailable(f"nothing could be measured ({why}); the report in {plan.out} lists the reasons")
     return rep
 

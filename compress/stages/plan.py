@@ -20,6 +20,7 @@ from ..core.artifact import ONNX, PYTORCH, Artifact
 from ..core.cache import Cache
 from ..core.config import PassConfig, TargetConfig
 from ..core.manager import Instrument, PassContext, PassManager, VerifyInstrument
+from ..core.protocols import Target
 from ..core.registry import default_targets, get_pass, lowering_pass, make_target
 from ..errors import RecipeError
 from ..inputs.data import DataBundle, load_data
@@ -42,7 +43,8 @@ class Plan:
     say: Callable[[str], None]
     progress: bool
     target_cfgs: list[TargetConfig]
-    targets: list[Any]  # compress.targets.base.Target
+    targets: list[Target]
+    unavailable: dict[str, str]  # target name -> why it cannot run here (asked once, here; stage 3 reads it)
     chains: dict[str, PassManager]  # variant name -> its pass chain
     base: PassManager  # the baseline's chain (the lowering alone, when a target needs ONNX)
     auto_export: bool  # the lowering pass was inserted, not written in the recipe
@@ -97,7 +99,7 @@ def with_lowering(passes: list[PassConfig], need_onnx: bool,
 
 def _for_chain(instruments: Sequence[Instrument], name: str) -> list[Instrument]:
     """Instruments that keep per-chain state (``for_chain``) get their own copy for chain ``name``."""
-    return [getattr(i, "for_chain")(name) if hasattr(i, "for_chain") else i for i in instruments]  # noqa: B009
+    return [i.for_chain(name) for i in instruments]
 
 
 def make_plan(
@@ -128,12 +130,7 @@ def make_plan(
         preflight.check_out_dir(out)
         check_free_space(out)  # the report set's size is roughly known: refuse now, not after measuring
     target_cfgs: list[TargetConfig] = list(rec.targets) or default_targets()
-    targets = [make_target(c) for c in target_cfgs]
-    for t in targets:
-        check = getattr(t, "check_config", None)
-        if check is not None:
-            check()  # settings the target's library would reject only at build time
-    need_onnx = any(t.caps.consumes == ONNX for t in targets)
+    targets, unavailable = _targets(target_cfgs)
     if rec.measure.metric:
         from ..quality.fidelity import load_metric
 
@@ -147,6 +144,39 @@ def make_plan(
         shapes = ", ".join(f"{s.name} {list(s.shape)}" for s in root.inputs)
         raise RecipeError(f"measure.seq_lens = {rec.measure.seq_lens}: the model has no dynamic sequence axis "
                           f"(inputs: {shapes}); sequence lengths apply to token models (e.g. hf:DIR text models)")
+    need_onnx = any(t.caps.consumes == ONNX for t in targets)
+    chains, base, auto_export = _chains(chains_in, root, need_onnx, instruments, rec.model.source)
+    text = _lm_text(rec, root, say)
+    data = None if text is not None else load_data(rec.data, root.inputs[0].shape, root.inputs,
+                                                   model_source=rec.model.source)
+    if data is not None and data.note:
+        say(f"data: {data.note}")
+    n_classes = preflight.model_classes(root, data) if text is None else None
+    preflight.check_labels(data, n_classes)
+    _check_work(rec, target_cfgs, chains, root, data, text)
+    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say, text=text)
+    return Plan(rec, out, write, cache, say, progress, target_cfgs, targets, unavailable, chains, base, auto_export,
+                root, data, n_classes, ctx, dict(extra_models or {}), threads)
+
+
+def _targets(cfgs: list[TargetConfig]) -> tuple[list[Target], dict[str, str]]:
+    """The recipe's targets, their settings checked, and why each that cannot run here cannot; a run none of
+    whose targets can run here is refused now, before any pass runs."""
+    targets = [make_target(c) for c in cfgs]
+    for t in targets:
+        t.check_config()  # settings the target's library would reject only at build time
+    unavailable = {t.name: reason for t in targets if (reason := t.unavailable_reason()) is not None}
+    if targets and len(unavailable) == len(targets):
+        why = "; ".join(f"{name}: {reason}" for name, reason in unavailable.items())
+        raise RecipeError(f"no target of the recipe can run on this machine ({why}); pick a target that can "
+                          "(compress targets lists them)")
+    return targets, unavailable
+
+
+def _chains(chains_in: dict[str, list[PassConfig]], root: Artifact, need_onnx: bool,
+            instruments: Sequence[Instrument], source: str) -> tuple[dict[str, PassManager], PassManager, bool]:
+    """Each variant's pass chain (the lowering inserted where a PyTorch model meets an ONNX consumer) and the
+    baseline's, validated on the root model's kind; and whether a lowering was inserted."""
     chains: dict[str, PassManager] = {}
     auto_export = False
     lowering_cfg: PassConfig | None = None
@@ -160,7 +190,7 @@ def make_plan(
         # A runtime's saved build (ONNX Runtime's NCHWc layout operators) is not a model passes can rewrite.
         layout = [op for op in root.known_facts().required_ops if op.split(":")[0].endswith(".nchwc")]
         if layout:
-            raise RecipeError(f"model {rec.model.source}: saved after a runtime's layout optimizations "
+            raise RecipeError(f"model {source}: saved after a runtime's layout optimizations "
                               f"({', '.join(layout[:3])}), which passes cannot rewrite; give the portable "
                               "model instead (artifacts/VARIANT/onnx/model.onnx in a run folder, or the ONNX "
                               "export you started from)")
@@ -169,14 +199,12 @@ def make_plan(
     base = PassManager([lowering_cfg] if (lowering_cfg and root.kind == PYTORCH) else [],
                        _for_chain(instruments, BASELINE))
     base.validate(root.kind)
+    return chains, base, auto_export
 
-    text = _lm_text(rec, root, say)
-    data = None if text is not None else load_data(rec.data, root.inputs[0].shape, root.inputs,
-                                                   model_source=rec.model.source)
-    if data is not None and data.note:
-        say(f"data: {data.note}")
-    n_classes = preflight.model_classes(root, data) if text is None else None
-    preflight.check_labels(data, n_classes)
+
+def _check_work(rec: Recipe, target_cfgs: list[TargetConfig], chains: dict[str, PassManager], root: Artifact,
+                data: DataBundle | None, text: Any) -> None:
+    """What the passes and targets need of the model and the data, refused before any work."""
     for tc in target_cfgs:  # a speculative-decoding draft names a variant of this run
         draft = getattr(tc, "draft", None)
         if draft is not None and draft not in chains:
@@ -193,6 +221,3 @@ def make_plan(
             raise RecipeError("model.train_epochs needs a PyTorch model, not an ONNX file")
         if data is None or not data.labelled:
             raise RecipeError("model.train_epochs needs labelled data (e.g. data = { source = \"builtin:digits\" })")
-    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=progress, log=say, text=text)
-    return Plan(rec, out, write, cache, say, progress, target_cfgs, targets, chains, base, auto_export, root, data,
-                n_classes, ctx, dict(extra_models or {}), threads)
