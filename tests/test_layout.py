@@ -41,3 +41,14 @@ def test_no_module_is_over_600_lines_and_no_function_over_80() -> None:
                 if n > MAX_FUNCTION:
                     long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
     assert long_files == [] and long_functions == []
+
+
+def test_every_subpackage_of_compress_is_installed() -> None:
+    """A wheel holds exactly the packages pyproject lists: a new subfolder of compress/ left out of the list
+    would work in a checkout and be missing when installed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"compress." + p.parent.relative_to(ROOT / "compress").as_posix().replace("/", ".")
+             for p in (ROOT / "compress").rglob("__init__.py") if p.parent != ROOT / "compress"}
+    assert found - listed == set()
