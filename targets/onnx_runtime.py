@@ -32,6 +32,9 @@ class OnnxRuntimeConfig(TargetConfig):
     draft: str | None = Field(None, description="variant of this run that drafts for speculative decoding")
     draft_k: int = Field(4, ge=1, le=64, description="tokens the draft proposes per verifier pass")
 
+    def speculative_draft(self) -> tuple[str, int] | None:
+        return (self.draft, self.draft_k) if self.draft else None
+
 
 _LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 

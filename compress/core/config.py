@@ -87,6 +87,12 @@ class TargetConfig(PassConfig):
         """Every setting that changes the build (the parity bounds do not)."""
         return {k: v for k, v in super().canonical().items() if not k.startswith("parity_")}
 
+    def speculative_draft(self) -> tuple[str, int] | None:
+        """Causal LMs: the variant of this run that drafts for speculative decoding on this target and how many
+        tokens it proposes per verifier pass (``compress.measuring.speculative``); None (the default): plain
+        generation. A target that offers it declares the settings and returns them here."""
+        return None
+
     def for_profile(self, profile: Any) -> TargetConfig:
         """These settings for a hardware profile's device (``compress.stages.profiles``): a target that compiles
         for a device fills in what the recipe left open from the profile; the default changes nothing.

@@ -206,7 +206,8 @@ def _check_work(rec: Recipe, target_cfgs: list[TargetConfig], chains: dict[str, 
                 data: DataBundle | None, text: Any) -> None:
     """What the passes and targets need of the model and the data, refused before any work."""
     for tc in target_cfgs:  # a speculative-decoding draft names a variant of this run
-        draft = getattr(tc, "draft", None)
+        spec = tc.speculative_draft()
+        draft = spec[0] if spec else None
         if draft is not None and draft not in chains:
             raise RecipeError(f"target {tc.kind}: draft = {draft!r} names no variant of this run (variants: "
                               f"{', '.join(chains) or 'none'}); name the variant whose build drafts")
