@@ -370,9 +370,8 @@ def test_gptq_codes_pack_into_matmulnbits_exactly(bits: int, symmetric: bool, k:
     block padded where the group does not divide K) give x @ dequantized(W)."""
     import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     from compress.passes.decoder_gptq import gptq_weight, matmulnbits_node
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
     n = 24
@@ -442,9 +441,8 @@ def test_int8_fraction_packs_the_most_sensitive_layers_at_8_bits() -> None:
     larger than the first's; the last's is scaled down) is packed at 8 bits, the others at 4; the graph
     still runs and stays close to the float one."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     from compress.passes.decoder_gptq import gptq_model
+    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     k = 64
