@@ -54,9 +54,9 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], b
                 rows.append(f"| {name} | ratio@{batch} | {r['ratio']:.2f}x [{r['low']:.2f}, {r['high']:.2f}] | "
                             f"{s['ratio']:.2f}x [{s['low']:.2f}, {s['high']:.2f}] | "
                             f"{'overlap' if ok else 'NO overlap'} |")
-    # A variant's exported ONNX carries torch.onnx's node metadata (the Python class path of each module and
-    # a stack trace with the source file's path), so moving a module or the checkout changes its digest while
-    # graph and weights stay the same: shown, not judged. The compiled digests above are judged.
+    # A variant's exported ONNX carries torch.onnx's node metadata (the Python class path of each module; up to
+    # c6b946a also a stack trace with the source file's path), so moving a module changes its digest while graph
+    # and weights stay the same: shown, not judged. The compiled digests above are judged.
     for variant in sorted(set(before.get("variants", {})) & set(after.get("variants", {}))):
         u, v = before["variants"][variant].get("onnx_digest"), after["variants"][variant].get("onnx_digest")
         rows.append(f"| {variant} | onnx_digest (info) | {u} | {v} | {'yes' if u == v else 'differs'} |")

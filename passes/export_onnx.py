@@ -189,6 +189,32 @@ def _fixed_batch_inputs(model: Any, names: list[str]) -> list[str]:
     return out
 
 
+# torch.onnx writes a stack trace with each node (absolute paths of the source files): the artifact's digest
+# then depends on where the code is checked out, so two checkouts of one commit would build different
+# models and share no cache entry. The other metadata (module scopes, class paths) stays for debugging.
+_SOURCE_PATH_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})
+
+
+def _without_source_paths(model: Any) -> Any:
+    """``model`` with the node metadata that records source file paths removed (subgraphs included)."""
+    import onnx
+
+    def clean(graph: Any) -> None:
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if p.key not in _SOURCE_PATH_KEYS]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    clean(a.g)
+                for g in a.graphs:
+                    clean(g)
+
+    clean(model.graph)
+    return model
+
+
 def _lower(module: torch.nn.Module, art: Artifact, cfg: ExportOnnx, ctx: PassContext, out_dir: Path,
            names: list[str]) -> tuple[Any, dict[str, Any], float]:
     """Export into ``out_dir``, check the graph, and compare with PyTorch; (model, parity record, atol).
@@ -200,7 +226,7 @@ def _lower(module: torch.nn.Module, art: Artifact, cfg: ExportOnnx, ctx: PassCon
 
     path = out_dir / "model.onnx"
     _export(module, sample_inputs(art.inputs, seed=ctx.seed), path, cfg, names, art.inputs)
-    model = onnx.load(str(path))
+    model = _without_source_paths(onnx.load(str(path)))
     try:
         onnx.checker.check_model(model, full_check=True)
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False)

@@ -98,3 +98,49 @@ def test_torch_exporter_logs_stay_off_the_terminal(tmp_path: Path, capfd) -> Non
     assert "Constraints violated (batch)" in out.metadata["export.onnx"]["static_batch_fallback"]
     cap = capfd.readouterr()
     assert "torch/_guards.py" not in cap.err + cap.out and "Traceback" not in cap.err + cap.out
+
+
+_CHECKOUT_MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+'''
+
+
+def test_the_same_code_in_two_checkouts_exports_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    """torch.onnx records each node's stack trace with absolute source paths; the export leaves those out, so
+    the artifact (and its cache key downstream) does not depend on where the code is checked out."""
+    import importlib
+    import sys
+
+    import onnx
+
+    digests, paths = [], []
+    for folder in ("checkout-a", "checkout-b"):
+        src = tmp_path / folder
+        src.mkdir()
+        (src / "user_net.py").write_text(_CHECKOUT_MODULE)
+        monkeypatch.syspath_prepend(str(src))
+        sys.modules.pop("user_net", None)
+        net = importlib.import_module("user_net").Net().eval()
+        assert str(src) in sys.modules["user_net"].__file__
+        torch.manual_seed(0)
+        net.load_state_dict({k: torch.full_like(v, 0.01) for k, v in net.state_dict().items()})
+        cache = Cache(tmp_path / f"cache-{folder}")
+        art = module_artifact(net, (1, 3, 8, 8), cache)
+        out, _ = PassManager([ExportOnnx()]).run(art, PassContext(cache=cache, seed=0, progress=False, original=art))
+        digests.append(out.digest)
+        paths.append((out.path / "model.onnx").read_bytes())
+        model = onnx.load(str(out.path / "model.onnx"))
+        assert not [p for n in model.graph.node for p in n.metadata_props if "stack_trace" in p.key]
+        assert str(tmp_path) not in str(model.graph)
+    sys.modules.pop("user_net", None)
+    assert digests[0] == digests[1] and paths[0] == paths[1]
