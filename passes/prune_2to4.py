@@ -9,17 +9,16 @@ sparsity with no speed-up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
-from compress.core.layers import LayerSelector, check_on_root, skip_field
+from compress.core.layers import LayerSelector, check_on_root, old_keys_schema, renamed_keys, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -50,7 +49,12 @@ class TwoFourPrune(PassConfig):
 
     kind: Literal["prune.2to4"] = "prune.2to4"
     skip: LayerSelector = skip_field("left unpruned (with their submodules)")
-    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, PASS, _OLD_KEYS)
 
     def preflight(self, root: Any, text: Any) -> None:
         check_on_root(self.skip, root, PASS)

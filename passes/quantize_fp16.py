@@ -6,11 +6,12 @@ the same code as onnxconverter-common's), so no extra package is needed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
+
+from pydantic import ConfigDict, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
-from compress.core.layers import LayerSelector, onnx_layers, skip_field
+from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -29,8 +30,12 @@ class QuantizeFp16(ParityOptions):
     keep_io_types: bool = True
     skip: LayerSelector = skip_field("kept in float32 (e.g. 'type:LayerNormalization'; 'first' / 'last': the first / "
                                      "last weighted node)")
-    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
+    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, "quantize.fp16", _OLD_KEYS)
 
 
 @register_pass(QuantizeFp16, consumes="onnx", produces="onnx", compare_precision="fp16")

@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RecipeError
-
-
-def _renamed_keys_schema(schema: dict[str, Any], cls: Any) -> None:
-    """The deprecated layer keys a config still accepts, as (deprecated) properties of its JSON Schema."""
-    from .layers import old_keys_schema
-
-    old_keys_schema(getattr(cls, "renamed_layer_keys", {}))(schema, cls)
 
 
 class PassConfig(BaseModel):
     """Base of every pass config. Subclasses set ``kind`` as a ``Literal``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_renamed_keys_schema)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     # Every registered subclass narrows this to a Literal with its own name as the default (the
     # registry refuses one that does not), so ``cls()`` is always a complete config.
     kind: str = ""
-    # The "which layers" keys that ``skip`` replaced, accepted for one release: old key -> the prefix its
-    # entries take in ``skip`` ("" names, "type:", "re:"); folded by compress.core.layers.renamed_keys.
-    renamed_layer_keys: ClassVar[Mapping[str, str]] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fold_renamed_layer_keys(cls, data: Any) -> Any:
-        if not cls.renamed_layer_keys:
-            return data
-        from .layers import renamed_keys
-
-        return renamed_keys(data, str(cls.model_fields["kind"].default), cls.renamed_layer_keys)
 
     def options(self) -> dict[str, Any]:
         """Settings that differ from their defaults (for the text form and reports)."""
