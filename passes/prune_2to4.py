@@ -9,16 +9,17 @@ sparsity with no speed-up.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
-from compress.core.layers import LayerSelector, check_on_root, old_keys_schema, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, check_on_root, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -44,17 +45,12 @@ NOTE = ("2:4 sparsity speeds up only TensorRT on NVIDIA sparse tensor cores (Amp
 _OLD_KEYS = {"keep": ""}
 
 
-class TwoFourPrune(PassConfig):
+class TwoFourPrune(LayerSelecting, PassConfig):
     """2:4 semi-structured sparsity on eligible Conv/Linear weights (TensorRT sparse tensor cores)."""
 
     kind: Literal["prune.2to4"] = "prune.2to4"
     skip: LayerSelector = skip_field("left unpruned (with their submodules)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, PASS, _OLD_KEYS)
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
 
     def preflight(self, root: Any, text: Any) -> None:
         check_on_root(self.skip, root, PASS)

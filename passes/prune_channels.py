@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
 from compress.core.layers import (
+    LayerSelecting,
     LayerSelector,
     check_on_root,
-    old_keys_schema,
     outermost,
-    renamed_keys,
     skip_field,
     torch_layers,
 )
@@ -75,7 +74,7 @@ _TAYLOR_BATCHES = 4
 _OLD_KEYS = {"keep": ""}
 
 
-class ChannelPrune(PassConfig):
+class ChannelPrune(LayerSelecting, PassConfig):
     """Structured pruning: physically remove channels/heads so every target runs fewer MACs.
 
     Give exactly one of ``ratio`` (fraction of channels removed per group) or
@@ -91,7 +90,7 @@ class ChannelPrune(PassConfig):
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
     round_to: int | None = Field(None, ge=2, le=256)
     skip: LayerSelector = skip_field("left unpruned (with their submodules; the classifier head always is)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
     # Attention: remove whole heads (True) or shrink every head's width (False). None (auto): whole heads
     # when a block reshapes with a stored head width (Hugging Face attention_head_size), else widths.
     prune_heads: bool | None = None
@@ -99,10 +98,6 @@ class ChannelPrune(PassConfig):
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, PASS, _OLD_KEYS)
 
     def preflight(self, root: Any, text: Any) -> None:
         check_on_root(self.skip, root, PASS)

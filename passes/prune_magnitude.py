@@ -8,15 +8,16 @@ latency, on ONNX Runtime, TVM and TensorRT.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
-from compress.core.layers import LayerSelector, check_on_root, old_keys_schema, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, check_on_root, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -44,19 +45,14 @@ NO_SPEEDUP = ("unstructured sparsity gives no speed-up on ONNX Runtime, TVM or T
 _OLD_KEYS = {"keep": ""}
 
 
-class MagnitudePrune(PassConfig):
+class MagnitudePrune(LayerSelecting, PassConfig):
     """Unstructured magnitude pruning: zero the smallest Conv/Linear weights (globally or per layer)."""
 
     kind: Literal["prune.magnitude"] = "prune.magnitude"
     sparsity: float = Field(0.5, gt=0, lt=1)
     scope: Literal["global", "layer"] = "global"
     skip: LayerSelector = skip_field("left unpruned (with their submodules)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, PASS, _OLD_KEYS)
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
 
     def preflight(self, root: Any, text: Any) -> None:
         check_on_root(self.skip, root, PASS)

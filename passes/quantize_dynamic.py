@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.config import true_advice
 from compress.core.int8_scheme import choose_scheme
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, onnx_layers, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -34,7 +35,7 @@ from ._quant_common import (
 _OLD_KEYS = {"keep_float": ""}
 
 
-class QuantizeDynamic(ParityOptions):
+class QuantizeDynamic(LayerSelecting, ParityOptions):
     """ONNX Runtime dynamic quantization (MatMulInteger / DynamicQuantizeLinear); needs no calibration data."""
 
     kind: Literal["quantize.dynamic"] = "quantize.dynamic"
@@ -43,16 +44,12 @@ class QuantizeDynamic(ParityOptions):
     # their wide MatMuls), per-tensor otherwise.
     per_channel: bool | None = None
     skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last quantizable node)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     min_sample_cosine: float | None = Field(
         GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
         "input model (needs no labels); None = off")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.dynamic", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

@@ -6,12 +6,11 @@ the same code as onnxconverter-common's), so no extra package is needed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import ConfigDict, model_validator
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 from compress.core.artifact import Artifact, sha256_files
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, onnx_layers, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -23,19 +22,15 @@ from ._quant_common import name_nodes, pass_parity, quiet, weighted_nodes
 _OLD_KEYS = {"keep_ops": "type:"}
 
 
-class QuantizeFp16(ParityOptions):
+class QuantizeFp16(LayerSelecting, ParityOptions):
     """Convert weights and compute to float16; graph inputs/outputs stay float32."""
 
     kind: Literal["quantize.fp16"] = "quantize.fp16"
     keep_io_types: bool = True
     skip: LayerSelector = skip_field("kept in float32 (e.g. 'type:LayerNormalization'; 'first' / 'last': the first / "
                                      "last weighted node)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.fp16", _OLD_KEYS)
 
 
 @register_pass(QuantizeFp16, consumes="onnx", produces="onnx", compare_precision="fp16")

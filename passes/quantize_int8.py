@@ -7,16 +7,17 @@ ONNX Runtime fuses into integer kernels and TVM/TensorRT import as QDQ.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.config import true_advice
 from compress.core.int8_scheme import choose_scheme
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, onnx_layers, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import AccuracyError, PassError, RecipeError
@@ -51,7 +52,7 @@ MIN_CALIB_SAMPLES = 8
 _OLD_KEYS = {"keep_float": ""}
 
 
-class QuantizeInt8(QdqParityOptions):
+class QuantizeInt8(LayerSelecting, QdqParityOptions):
     """Static INT8 post-training quantization to QDQ ONNX, calibrated on the calibration split."""
 
     kind: Literal["quantize.int8"] = "quantize.int8"
@@ -60,7 +61,7 @@ class QuantizeInt8(QdqParityOptions):
     percentile: float = Field(99.999, gt=90, le=100, description="for calibration=percentile")
     samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
     skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last quantizable node)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
     activations: Literal["asymmetric", "symmetric"] = "asymmetric"
     smoothquant: bool = False
     # "auto" (decoders): chosen per smoothed activation by its simulated INT8 error (passes/smoothquant_decoder.py).
@@ -75,10 +76,6 @@ class QuantizeInt8(QdqParityOptions):
         GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
         "input model (needs no labels); None = off")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.int8", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

@@ -17,16 +17,16 @@ import contextlib
 import io
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 
 from compress.core.artifact import Artifact, sha256_files
 from compress.core.int8_scheme import choose_scheme
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, onnx_layers, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import AccuracyError, InputError, PassError, RecipeError
@@ -51,7 +51,7 @@ MIN_CALIB_SAMPLES = 8
 _OLD_KEYS = {"keep_float": "", "keep_float_patterns": "re:", "keep_float_types": "type:"}
 
 
-class QuantizeNncf(QdqParityOptions):
+class QuantizeNncf(LayerSelecting, QdqParityOptions):
     """Static INT8 (QDQ) with NNCF (presets, fast bias correction, SmoothQuant, ignored scope, accuracy control)."""
 
     kind: Literal["quantize.nncf"] = "quantize.nncf"
@@ -66,17 +66,13 @@ class QuantizeNncf(QdqParityOptions):
         "None = NNCF default")
     samples: int = Field(128, ge=MIN_CALIB_SAMPLES, le=100_000, description="calibration samples used")
     skip: LayerSelector = skip_field("kept in float (NNCF's ignored scope; 'first' / 'last': quantizable nodes)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     max_accuracy_drop: float | None = Field(
         None, gt=0, lt=1, description="allowed drop of the validation metric (top-1 with labels, output cosine to "
         "the float model without), a fraction; NNCF reverts the most sensitive layers to float until it holds")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.nncf", _OLD_KEYS)
 
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""

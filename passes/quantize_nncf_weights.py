@@ -12,12 +12,13 @@ ONNX backend fail in ONNX Runtime (per-axis scale shape), so only MatMul/Gemm ar
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, onnx_layers, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -30,7 +31,7 @@ from .quantize_nncf import quiet_nncf
 _OLD_KEYS = {"keep_float": ""}
 
 
-class QuantizeNncfWeights(ParityOptions):
+class QuantizeNncfWeights(LayerSelecting, ParityOptions):
     """INT8/INT4 weights of MatMul/Gemm layers with NNCF (ratio, group size, AWQ, scale estimation)."""
 
     kind: Literal["quantize.nncf_weights"] = "quantize.nncf_weights"
@@ -41,12 +42,8 @@ class QuantizeNncfWeights(ParityOptions):
     scale_estimation: bool = Field(False, description="INT4: data-aware scale search (needs data)")
     samples: int = Field(64, ge=8, le=10_000, description="calibration samples for awq / scale_estimation")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.nncf_weights", _OLD_KEYS)
     skip: LayerSelector = skip_field("kept in float (MatMul/Gemm nodes with weights; 'first' / 'last' among them)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
 
     def data_needed(self) -> str | None:
         return "any" if self.awq or self.scale_estimation else None

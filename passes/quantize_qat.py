@@ -15,23 +15,23 @@ from disk.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed (used in eval)
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from compress.core.artifact import Artifact
 from compress.core.config import PassConfig
 from compress.core.int8_scheme import choose_scheme
 from compress.core.layers import (
+    LayerSelecting,
     LayerSelector,
     check_on_root,
     expand,
-    old_keys_schema,
-    renamed_keys,
     skip_field,
     torch_layers,
 )
@@ -49,7 +49,7 @@ HOOK = "quantize.qat"
 _OLD_KEYS = {"keep_float": ""}
 
 
-class QuantizeQat(PassConfig):
+class QuantizeQat(LayerSelecting, PassConfig):
     """Insert fake quantization (INT8, QDQ on export) and fine-tune on the labelled training split."""
 
     kind: Literal["quantize.qat"] = "quantize.qat"
@@ -60,13 +60,9 @@ class QuantizeQat(PassConfig):
     scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = "auto"
     skip: LayerSelector = skip_field("left unquantized (Conv2d/Linear modules, with a selected block's; 'first' / "
                                      "'last': the first / last of them)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
     momentum: float = Field(0.01, gt=0, le=1, description="moving-average rate of the activation ranges")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.qat", _OLD_KEYS)
 
     def preflight(self, root: Any, text: Any) -> None:
         check_on_root(self.skip, root, "quantize.qat")

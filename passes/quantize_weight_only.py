@@ -7,12 +7,13 @@ standard ONNX export form.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from compress.core.artifact import Artifact, sha256_files
-from compress.core.layers import LayerSelector, old_keys_schema, onnx_layers, renamed_keys, skip_field
+from compress.core.layers import LayerSelecting, LayerSelector, onnx_layers, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
@@ -24,7 +25,7 @@ from ._quant_common import GroupSize, name_nodes, pass_parity, quiet, refuse_qua
 _OLD_KEYS = {"keep_float": ""}
 
 
-class QuantizeWeightOnly(ParityOptions):
+class QuantizeWeightOnly(LayerSelecting, ParityOptions):
     """Block-wise INT8/INT4 weights for MatMul layers; activations stay float."""
 
     kind: Literal["quantize.weight_only"] = "quantize.weight_only"
@@ -33,7 +34,7 @@ class QuantizeWeightOnly(ParityOptions):
     symmetric: bool = True
     format: Literal["matmulnbits", "qdq"] = "matmulnbits"
     skip: LayerSelector = skip_field("kept in float ('first' / 'last': the first / last MatMul with weights)")
-    model_config = ConfigDict(json_schema_extra=old_keys_schema(_OLD_KEYS))
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
     # How block scales are chosen: round-to-nearest; HQQ (half-quadratic optimisation of scale and zero
     # point, no data); GPTQ (second-order error compensation on calibration text; decoders only here).
     algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
@@ -53,10 +54,6 @@ class QuantizeWeightOnly(ParityOptions):
     # error on the calibration text (tr(E^T H E), E the rounding error, H = X^T X) is largest; mixed precision.
     int8_fraction: float = Field(0.0, ge=0, lt=1)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        return renamed_keys(data, "quantize.weight_only", _OLD_KEYS)
 
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:

@@ -26,7 +26,9 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, model_validator
 
 from ..errors import RecipeError
 from .notices import warn_once
@@ -248,17 +250,30 @@ def outermost(names: Sequence[str]) -> list[str]:
     return [n for n in names if not any(".".join(n.split(".")[:i]) in chosen for i in range(1, n.count(".") + 1))]
 
 
-def old_keys_schema(old: Mapping[str, str]) -> Callable[[dict[str, Any], Any], None]:
-    """``json_schema_extra`` naming a config's deprecated layer keys as (deprecated) properties, so the recipe's
-    fast schema check (``compress.stages.schema_check``) lets them through to ``renamed_keys`` for their warning."""
+class LayerSelecting(BaseModel):
+    """Base (a mixin before the config's own base) of a pass config that had per-pass "which layers" keys before
+    ``skip``: it sets ``renamed_layer_keys`` (old key -> the prefix its entries take in ``skip``: "" names,
+    "type:" op types, "re:" regular expressions) and the old keys keep working for one release, folded into
+    ``skip`` with one warning each. Lives here, not in ``PassConfig``, so the core config never imports the
+    selector (that made a cycle through ``torch_io`` and the registry)."""
 
-    def extra(schema: dict[str, Any], cls: Any) -> None:
-        props = schema.setdefault("properties", {})
-        for key in old:
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_renamed_layer_keys(cls, data: Any) -> Any:
+        return renamed_keys(data, str(cls.model_fields["kind"].default), cls.renamed_layer_keys)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # The old keys as (deprecated) properties, so the recipe's fast schema check
+        # (compress.stages.schema_check) lets them through to the validator above for their warning.
+        schema = handler(core_schema)
+        props = handler.resolve_ref_schema(schema).setdefault("properties", {})
+        for key in cls.renamed_layer_keys:
             props[key] = {"type": "array", "items": {"type": "string"}, "deprecated": True,
                           "description": "deprecated: write skip (docs/passes.md, Choosing layers)"}
-
-    return extra
+        return dict(schema)
 
 
 def check_on_root(selector: LayerSelector, root: Any, pass_name: str) -> None:
