@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import platform
+import threading
 from pathlib import Path
+
+import pytest
 
 from compress.cli import main
 from compress.core.fingerprint import cpu_info, detected_cpu, forced_by_profile, machine_fingerprint
@@ -24,6 +27,31 @@ def test_fingerprint_names_the_host_and_the_profile_apart(monkeypatch) -> None:
     assert not fp["cpu"]["isa_forced"] or fp["cpu"]["isa_forced_by"] != "profile rpi5"
     assert fp["profile"]["name"] == "rpi5" and fp["profile"]["arch"] == "aarch64"
     assert "asimddp" in fp["profile"]["isa"]
+
+
+def test_a_profile_is_seen_only_by_the_run_that_set_it(monkeypatch) -> None:
+    """Two runs in one process (a search's threads, a test runner): one's profile never leaks into the other's
+    CPU, and a run that fails inside its profile leaves the caller's CPU as it was."""
+    monkeypatch.delenv("COMPRESS_ISA", raising=False)
+    monkeypatch.delenv("COMPRESS_ARCH", raising=False)
+    inside, outside = threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def other_run() -> None:
+        inside.wait(10)
+        seen["arch"] = cpu_info()["arch"]
+        outside.set()
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    with pytest.raises(RuntimeError), forced_by_profile(get_profile("rpi5").override()):
+        inside.set()
+        outside.wait(10)
+        assert cpu_info()["arch"] == "aarch64"
+        raise RuntimeError("the run failed inside its profile")
+    t.join(10)
+    assert seen["arch"] == platform.machine()
+    assert cpu_info()["arch"] == platform.machine() and "profile" not in machine_fingerprint()
 
 
 def test_a_run_with_a_profile_reports_the_real_host(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -16,6 +16,7 @@ recipe names the device, and ``isa_forced_by`` says which of the two forced it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import platform
 from collections.abc import Iterator
@@ -69,25 +70,27 @@ class ProfileOverride:
     source: str = "built-in"
 
 
-_PROFILE: ProfileOverride | None = None
+# A context variable, not a module global: each thread (a search's trial workers, a test runner's) and each
+# asyncio task sees only the profile of the run it belongs to, and a block that fails restores its caller's.
+_PROFILE: contextvars.ContextVar[ProfileOverride | None] = contextvars.ContextVar("compress_profile", default=None)
 
 
 @contextlib.contextmanager
 def forced_by_profile(override: ProfileOverride | None) -> Iterator[None]:
     """Make :func:`cpu_info` describe ``override``'s CPU inside the block (None: no change)."""
-    global _PROFILE
-    previous = _PROFILE
-    if override is not None:
-        _PROFILE = override
+    if override is None:
+        yield
+        return
+    token = _PROFILE.set(override)
     try:
         yield
     finally:
-        _PROFILE = previous
+        _PROFILE.reset(token)
 
 
 def active_profile() -> ProfileOverride | None:
-    """The hardware profile forcing the ISA right now, if any."""
-    return _PROFILE
+    """The hardware profile forcing the ISA right now (in this thread or task), if any."""
+    return _PROFILE.get()
 
 
 def cpu_info(with_profile: bool = True) -> dict[str, Any]:
@@ -95,9 +98,10 @@ def cpu_info(with_profile: bool = True) -> dict[str, Any]:
     applied (the profile wins). ``with_profile=False``: the machine itself (what a report records as the host)."""
     info = dict(detected_cpu())
     info["isa_detected"] = info["isa"]
-    if _PROFILE is not None and with_profile:
-        info["isa"], info["arch"] = sorted(_PROFILE.isa), _PROFILE.arch
-        info["isa_forced"], info["isa_forced_by"] = True, f"profile {_PROFILE.name}"
+    profile = _PROFILE.get()
+    if profile is not None and with_profile:
+        info["isa"], info["arch"] = sorted(profile.isa), profile.arch
+        info["isa_forced"], info["isa_forced_by"] = True, f"profile {profile.name}"
         return info
     flags, arch = isa_override()
     info["isa_forced"] = flags is not None or arch is not None
@@ -144,9 +148,10 @@ def machine_fingerprint() -> dict[str, Any]:
         "libraries": {k: v for k, v in library_versions().items() if v != "absent"},
         "gpu": gpu_info(),
     }
-    if _PROFILE is not None:  # the run prepared the model for this device, not for the machine above
-        out["profile"] = {"name": _PROFILE.name, "version": _PROFILE.version, "source": _PROFILE.source,
-                          "arch": _PROFILE.arch, "isa": sorted(_PROFILE.isa), "int8_scheme": _PROFILE.int8_scheme,
+    profile = _PROFILE.get()
+    if profile is not None:  # the run prepared the model for this device, not for the machine above
+        out["profile"] = {"name": profile.name, "version": profile.version, "source": profile.source,
+                          "arch": profile.arch, "isa": sorted(profile.isa), "int8_scheme": profile.int8_scheme,
                           "note": "figures measured in this process come from the machine described here, not "
                                   "from the profile's device"}
     return out
