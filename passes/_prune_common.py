@@ -5,18 +5,36 @@ Private to ``passes/`` (the leading underscore keeps the registry from importing
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from compress.core.layers import LayerSelector, outermost, torch_layers
+from compress.core.config import PassConfig
+from compress.core.layers import LayerSelecting, LayerSelector, check_on_root, outermost, skip_field, torch_layers
 from compress.errors import PassError
 
 _CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WeightLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear
+
+
+class SparsityConfig(LayerSelecting, PassConfig):
+    """Settings every weight-zeroing pass (prune.magnitude, prune.2to4) shares: the layers left alone (``skip``;
+    ``keep`` before it, accepted for one release) and the optional fine-tuning after the masks are set."""
+
+    skip: LayerSelector = skip_field("left unpruned (with their submodules)")
+    renamed_layer_keys: ClassVar[Mapping[str, str]] = {"keep": ""}
+    finetune_epochs: int = Field(0, ge=0, le=1000)
+    finetune_lr: float = Field(1e-3, gt=0, le=1)
+
+    def preflight(self, root: Any, text: Any) -> None:
+        check_on_root(self.skip, root, self.kind)
+
+    def data_needed(self) -> str | None:
+        return "labelled" if self.finetune_epochs else None
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, WeightLayer]]:

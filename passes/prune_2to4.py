@@ -9,23 +9,20 @@ sparsity with no speed-up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
 from compress.core.artifact import Artifact
-from compress.core.config import PassConfig
-from compress.core.layers import LayerSelecting, LayerSelector, check_on_root, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.inputs.torch_io import clone_module, torch_artifact
 
 from ._prune_common import (
+    SparsityConfig,
     WeightLayer,
     finetune_masked,
     layer_sparsity,
@@ -41,24 +38,10 @@ NOTE = ("2:4 sparsity speeds up only TensorRT on NVIDIA sparse tensor cores (Amp
         "enabled in the builder); ONNX Runtime, TVM and every CPU run it as dense, with no speed-up")
 
 
-# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
-_OLD_KEYS = {"keep": ""}
-
-
-class TwoFourPrune(LayerSelecting, PassConfig):
+class TwoFourPrune(SparsityConfig):
     """2:4 semi-structured sparsity on eligible Conv/Linear weights (TensorRT sparse tensor cores)."""
 
     kind: Literal["prune.2to4"] = "prune.2to4"
-    skip: LayerSelector = skip_field("left unpruned (with their submodules)")
-    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
-
-    def preflight(self, root: Any, text: Any) -> None:
-        check_on_root(self.skip, root, PASS)
-    finetune_epochs: int = Field(0, ge=0, le=1000)
-    finetune_lr: float = Field(1e-3, gt=0, le=1)
-
-    def data_needed(self) -> str | None:
-        return "labelled" if self.finetune_epochs else None
 
 
 def reduction_width(m: WeightLayer) -> int:

@@ -98,7 +98,6 @@ class ChannelPrune(LayerSelecting, PassConfig):
     finetune_epochs: int = Field(0, ge=0, le=1000)
     finetune_lr: float = Field(1e-3, gt=0, le=1)
 
-
     def preflight(self, root: Any, text: Any) -> None:
         check_on_root(self.skip, root, PASS)
 
@@ -125,8 +124,6 @@ def _tp() -> Any:
         raise PassError(f"{PASS} needs torch-pruning: pip install 'compress-pipeline[prune]' "
                         "(torch-pruning==1.6.1)") from e
     return tp
-
-
 
 
 def _importance(cfg: ChannelPrune, model: nn.Module) -> Any:
@@ -157,7 +154,6 @@ def _taylor_grads(model: nn.Module, ctx: PassContext) -> None:
                 break
             ce(model(x), torch.from_numpy(y)).backward()
     model.train(was_training)
-
 
 
 @dataclass

@@ -8,22 +8,21 @@ latency, on ONNX Runtime, TVM and TensorRT.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from compress.core.artifact import Artifact
-from compress.core.config import PassConfig
-from compress.core.layers import LayerSelecting, LayerSelector, check_on_root, skip_field
+from compress.core.layers import LayerSelector
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
 from compress.errors import PassError
 from compress.inputs.torch_io import clone_module, sample_inputs, torch_artifact
 
 from ._prune_common import (
+    SparsityConfig,
     WeightLayer,
     count_macs_params,
     count_params,
@@ -41,26 +40,12 @@ NO_SPEEDUP = ("unstructured sparsity gives no speed-up on ONNX Runtime, TVM or T
               "Use prune.channels for latency")
 
 
-# The per-pass layer keys ``skip`` replaced, accepted for one release (compress.core.layers.renamed_keys).
-_OLD_KEYS = {"keep": ""}
-
-
-class MagnitudePrune(LayerSelecting, PassConfig):
+class MagnitudePrune(SparsityConfig):
     """Unstructured magnitude pruning: zero the smallest Conv/Linear weights (globally or per layer)."""
 
     kind: Literal["prune.magnitude"] = "prune.magnitude"
     sparsity: float = Field(0.5, gt=0, lt=1)
     scope: Literal["global", "layer"] = "global"
-    skip: LayerSelector = skip_field("left unpruned (with their submodules)")
-    renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
-
-    def preflight(self, root: Any, text: Any) -> None:
-        check_on_root(self.skip, root, PASS)
-    finetune_epochs: int = Field(0, ge=0, le=1000)
-    finetune_lr: float = Field(1e-3, gt=0, le=1)
-
-    def data_needed(self) -> str | None:
-        return "labelled" if self.finetune_epochs else None
 
 
 def _targets(model: nn.Module, skip: LayerSelector) -> tuple[list[tuple[str, WeightLayer]], list[str]]:

@@ -50,7 +50,6 @@ class QuantizeDynamic(LayerSelecting, ParityOptions):
         GUARD_MIN_COSINE, gt=0, le=1, description="fidelity guard: fail below this mean per-sample cosine to the "
         "input model (needs no labels); None = off")
 
-
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
         return auto_scheme_env(self.scheme)

@@ -32,7 +32,6 @@ class QuantizeFp16(LayerSelecting, ParityOptions):
     renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
 
 
-
 @register_pass(QuantizeFp16, consumes="onnx", produces="onnx", compare_precision="fp16")
 def quantize_fp16(art: Artifact, cfg: QuantizeFp16, ctx: PassContext) -> Artifact:
     """Float16 weights/compute with float32 I/O; checked against FP32 on ONNX Runtime."""

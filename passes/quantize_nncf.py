@@ -73,7 +73,6 @@ class QuantizeNncf(LayerSelecting, QdqParityOptions):
         "the float model without), a fraction; NNCF reverts the most sensitive layers to float until it holds")
     accuracy_samples: int | None = Field(None, ge=16, description="validation samples for accuracy control")
 
-
     def cache_env(self) -> dict[str, str]:
         """Facts outside the config that change the output (for the cache key)."""
         return auto_scheme_env(self.scheme)

@@ -63,7 +63,6 @@ class QuantizeQat(LayerSelecting, PassConfig):
     renamed_layer_keys: ClassVar[Mapping[str, str]] = _OLD_KEYS
     momentum: float = Field(0.01, gt=0, le=1, description="moving-average rate of the activation ranges")
 
-
     def preflight(self, root: Any, text: Any) -> None:
         check_on_root(self.skip, root, "quantize.qat")
 

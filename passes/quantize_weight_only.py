@@ -54,7 +54,6 @@ class QuantizeWeightOnly(LayerSelecting, ParityOptions):
     # error on the calibration text (tr(E^T H E), E the rounding error, H = X^T X) is largest; mixed precision.
     int8_fraction: float = Field(0.0, ge=0, lt=1)
 
-
     @model_validator(mode="after")
     def _fmt(self) -> QuantizeWeightOnly:
         if self.algorithm != "rtn" and self.format != "matmulnbits":
