@@ -500,6 +500,24 @@ def test_worker_kills_a_frozen_or_dead_candidate_and_serves_the_next() -> None:
         w.close()
 
 
+def test_a_tvm_whose_worker_hides_its_answer_pipe_is_refused_in_one_line() -> None:
+    """The timeout waits on TVM's private answer pipe: the installed TVM has it, and one that renamed it is
+    refused naming the pin, instead of a tuning run that can hang on a frozen candidate."""
+    from compress.targets._tvm_worker import answer_pipe
+    from tvm.support.popen_pool import PopenWorker
+
+    from compress.errors import BuildError
+
+    w = PopenWorker()
+    try:
+        w.send(int, ("1",), None, None)
+        assert answer_pipe(w) is not None and w.recv() == 1
+    finally:
+        w.kill()
+    with pytest.raises(BuildError, match="apache-tvm version pyproject.toml pins"):
+        answer_pipe(object())
+
+
 def test_progress_line_shows_trials_best_and_time_left() -> None:
     import time
 
