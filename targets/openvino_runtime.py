@@ -192,13 +192,17 @@ class OpenVinoTarget(TargetBase):
 
     def lm_runner(self, compiled: Artifact, threads: int) -> Any:
         """The decoder's generate loop (``targets._ov_generation``): batch 1, the cache kept in OpenVINO tensors."""
+        self._check_manifest(compiled)
+        return self.lm_runner_for_folder(compiled.path, threads)
+
+    def lm_runner_for_folder(self, folder: Any, threads: int) -> Any:
+        """The generate loop over any folder holding an ONNX decoder and its decoder.json (``compress generate``)."""
         from ._ov_generation import OvLMRunner
 
-        self._check_manifest(compiled)
         try:
-            return OvLMRunner.load(compiled.path, _core(), self.config.device, self._properties(threads), self.name)
+            return OvLMRunner.load(folder, _core(), self.config.device, self._properties(threads), self.name)
         except RuntimeError as e:  # OpenVINO's own exceptions derive from RuntimeError
-            raise BuildError(f"openvino could not load the decoder {compiled.path}: {_cause(e)}") from e
+            raise BuildError(f"openvino could not load the decoder {folder}: {_cause(e)}") from e
 
     def runner(self, compiled: Artifact, threads: int = 0) -> OvRunner:
         manifest = self._check_manifest(compiled)

@@ -106,6 +106,24 @@ def test_openvino_runner_keeps_its_cache_and_steps_for_speculative_decoding(repo
         runner.generate(np.repeat(prompt, 2, 0), 4)
 
 
+def test_compress_generate_runs_an_exported_decoder_on_openvino(report: object, lm_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    folder = _cell(report, "baseline", "onnxruntime").compiled_path
+    outs = []
+    for extra in ([], ["--target", "openvino"]):
+        r = subprocess.run([sys.executable, "-m", "compress", "generate", folder, "--prompt", "The assert statement",
+                            "--tokens", "8", *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] and outs[0].strip()  # FP32: the same greedy text on both runtimes
+    assert "openvino: prompt" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "compress", "generate", f"hf:{lm_dir}", "--prompt", "x",
+                        "--target", "openvino"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "runs an exported ONNX decoder folder" in r.stderr
+
+
 def test_openvino_refuses_an_operator_it_lacks_by_name(report: object, tmp_path: Path) -> None:
     import onnx
     from compress.targets.openvino_runtime import OpenVinoConfig, OpenVinoTarget
