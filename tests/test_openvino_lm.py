@@ -122,6 +122,10 @@ def test_compress_generate_runs_an_exported_decoder_on_openvino(report: object, 
     r = subprocess.run([sys.executable, "-m", "compress", "generate", f"hf:{lm_dir}", "--prompt", "x",
                         "--target", "openvino"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "runs an exported ONNX decoder folder" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "compress", "generate", folder, "--prompt", "x", "--target", "tvm"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot generate from an exported decoder folder" in r.stderr
+    assert "targets that can: openvino" in r.stderr
 
 
 def test_openvino_refuses_an_operator_it_lacks_by_name(report: object, tmp_path: Path) -> None:

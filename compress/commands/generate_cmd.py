@@ -25,17 +25,22 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--tokens", type=int, default=64, help="new tokens to generate at most (default 64)")
     g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     g.add_argument("--cache", help="cache folder (GGUF files are dequantized into it once)")
-    g.add_argument("--target", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                   help="runtime of an exported ONNX decoder (default onnxruntime)")
+    g.add_argument("--target", metavar="KIND",
+                   help="run an exported ONNX decoder on this target (one that generates from a decoder folder, "
+                        "e.g. openvino); default: ONNX Runtime")
 
 
-def _decoder_runner(folder: Path, threads: int, target: str) -> Any:
+def _decoder_runner(folder: Path, threads: int, target: str | None) -> Any:
     from ..measuring.generation import OrtLMRunner
 
-    if target == "onnxruntime":
+    if target is None:
         return OrtLMRunner(folder, threads)
-    from ..core.registry import get_target_config, make_target
+    from ..core.registry import get_target_config, make_target, targets
 
+    able = sorted(k for k, (_, cls) in targets().items() if hasattr(cls, "lm_runner_for_folder"))
+    if target not in able:
+        raise InputError(f"--target {target}: cannot generate from an exported decoder folder (targets that can: "
+                         f"{', '.join(able) or 'none'}; without --target it runs on ONNX Runtime)")
     t = make_target(get_target_config(target)())
     why = t.unavailable_reason()
     if why:
@@ -44,14 +49,14 @@ def _decoder_runner(folder: Path, threads: int, target: str) -> Any:
 
 
 def _runner(model: str, threads: int, cache: str | None,
-            target: str = "onnxruntime") -> tuple[Any, Path, list[int], int]:
+            target: str | None = None) -> tuple[Any, Path, list[int], int]:
     from ..measuring.generation import DecoderIO
 
     folder = Path(model)
     if folder.is_dir() and (folder / "decoder.json").is_file():
         io = DecoderIO.load(folder)
         return _decoder_runner(folder, threads, target), folder, io.eos, io.context
-    if target != "onnxruntime":
+    if target is not None:
         raise InputError(f"--target {target} runs an exported ONNX decoder folder; {model} runs on PyTorch eager")
     from ..core.cache import Cache
     from ..inputs.causal_lm import CAUSAL_LM, is_causal_lm
