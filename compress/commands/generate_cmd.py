@@ -1,9 +1,9 @@
 """``compress generate``: greedy text from a prompt with a causal language model, with its KV cache.
 
 MODEL is a model source (``hf:DIR``, a ``.gguf`` file: run on PyTorch eager) or a folder holding an ONNX
-decoder exported by a run (``decoder.json`` beside ``model.onnx``: run on ONNX Runtime), e.g. a run's
-compiled model under ``.compress-cache/objects/<digest>`` or a bundle. The text goes to stdout; time to
-first token and decode speed to stderr.
+decoder exported by a run (``decoder.json`` beside ``model.onnx``: run on ONNX Runtime, or on OpenVINO with
+``--target openvino``), e.g. a run's compiled model under ``.compress-cache/objects/<digest>`` or a bundle.
+The text goes to stdout; time to first token and decode speed to stderr.
 """
 
 from __future__ import annotations
@@ -25,15 +25,39 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--tokens", type=int, default=64, help="new tokens to generate at most (default 64)")
     g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     g.add_argument("--cache", help="cache folder (GGUF files are dequantized into it once)")
+    g.add_argument("--target", metavar="KIND",
+                   help="run an exported ONNX decoder on this target (one that generates from a decoder folder, "
+                        "e.g. openvino); default: ONNX Runtime")
 
 
-def _runner(model: str, threads: int, cache: str | None) -> tuple[Any, Path, list[int], int]:
-    from ..measuring.generation import DecoderIO, OrtLMRunner
+def _decoder_runner(folder: Path, threads: int, target: str | None) -> Any:
+    from ..measuring.generation import OrtLMRunner
+
+    if target is None:
+        return OrtLMRunner(folder, threads)
+    from ..core.registry import get_target_config, make_target, targets
+
+    able = sorted(k for k, (_, cls) in targets().items() if hasattr(cls, "lm_runner_for_folder"))
+    if target not in able:
+        raise InputError(f"--target {target}: cannot generate from an exported decoder folder (targets that can: "
+                         f"{', '.join(able) or 'none'}; without --target it runs on ONNX Runtime)")
+    t = make_target(get_target_config(target)())
+    why = t.unavailable_reason()
+    if why:
+        raise InputError(f"--target {target}: unavailable: {why}")
+    return t.lm_runner_for_folder(folder, threads)  # type: ignore[attr-defined]
+
+
+def _runner(model: str, threads: int, cache: str | None,
+            target: str | None = None) -> tuple[Any, Path, list[int], int]:
+    from ..measuring.generation import DecoderIO
 
     folder = Path(model)
     if folder.is_dir() and (folder / "decoder.json").is_file():
         io = DecoderIO.load(folder)
-        return OrtLMRunner(folder, threads), folder, io.eos, io.context
+        return _decoder_runner(folder, threads, target), folder, io.eos, io.context
+    if target is not None:
+        raise InputError(f"--target {target} runs an exported ONNX decoder folder; {model} runs on PyTorch eager")
     from ..core.cache import Cache
     from ..inputs.causal_lm import CAUSAL_LM, is_causal_lm
     from ..inputs.models import hf_dir, load_model
@@ -64,7 +88,7 @@ def run(a: argparse.Namespace) -> int:
 
     if a.tokens < 1:
         raise RecipeError(f"--tokens {a.tokens}: generate at least 1 token")
-    runner, folder, eos, context = _runner(a.model, a.threads, a.cache)
+    runner, folder, eos, context = _runner(a.model, a.threads, a.cache, a.target)
     tok = load_tokenizer(folder)
     ids = np.asarray([tok(a.prompt)["input_ids"]], dtype=np.int64)
     if context and ids.shape[1] + a.tokens > context:

@@ -132,7 +132,8 @@ class TargetCaps:
     consumes: str
     # Precisions it can run; an artifact in another precision is refused with the reason.
     precisions: frozenset[str] = frozenset(PRECISIONS)
-    # Operator domains beyond the standard ONNX one it implements ("com.microsoft", ...), sub-domains included.
+    # Operator domains beyond the standard ONNX one it implements ("com.microsoft", ...), sub-domains included;
+    # an entry "domain:Op" names one operator of a domain it implements only in part.
     op_domains: frozenset[str] = frozenset()
     # Its outputs are the reference the others are compared with (eager PyTorch): it has no parity
     # of its own to check, and fidelity prefers it as the baseline.
@@ -174,9 +175,9 @@ def refusal(caps: TargetCaps, facts: Facts, target: str) -> str | None:
     if facts.precision not in caps.precisions:
         return (f"target '{target}' does not run {facts.precision} models (it runs "
                 f"{', '.join(p for p in PRECISIONS if p in caps.precisions)})")
-    # A domain covers its sub-domains (ONNX Runtime's com.microsoft covers com.microsoft.nchwc).
+    # A domain covers its sub-domains (ONNX Runtime's com.microsoft covers com.microsoft.nchwc); "domain:Op" itself.
     missing = [op for op in facts.required_ops
-               if not any(op.split(":", 1)[0] == d or op.startswith(d + ".") for d in caps.op_domains)]
+               if not any(op == d or op.split(":", 1)[0] == d or op.startswith(d + ".") for d in caps.op_domains)]
     if missing:
         return (f"target '{target}' lacks the operator(s) {', '.join(missing)} this model needs "
                 "(made by a pass that targets another runtime)")

@@ -5,12 +5,13 @@ Each (variant, target) cell gets a generation runner from its target (``target.l
 
 * quality: every cell's logits over the held-out windows give its perplexity, and against the
   reference cell (the original model on the reference target) the per-token KL divergence and top-1
-  next-token agreement; a greedy generation from the first held-out window gives greedy-token
-  agreement;
+  next-token agreement; greedy generations from ``lm_greedy_prompts`` held-out prompts give greedy-token
+  agreement (mean over prompts) and the count of prompts generated identically;
 * speed: every cell generates ``lm_new_tokens`` tokens after an ``lm_prompt``-token prompt once per
   round, in an order that changes every round (``compress.measuring.measure.round_orders``); time to first token
   and decode tokens/s are compared with the reference cell's as paired ratios with bootstrap intervals
-  (``compress.measuring.stats.ratio_ci``), as every latency of the product is.
+  (``compress.measuring.stats.ratio_ci``), as every latency of the product is; with ``lm_batch`` > 1, decode
+  tokens/s at that batch too, timed the same way (``batch_decode``).
 """
 
 from __future__ import annotations
@@ -62,8 +63,15 @@ def _reference(cells: list[Any], baseline: str) -> Any:
                 next((c for c in live if c.variant == baseline), live[0] if live else None))
 
 
-def _quality(cells: list[Any], rt: Live, ref: Any, text: Any, prompt: int, new: int,
-             say: Callable[[str], None]) -> None:
+def greedy_prompts(text: Any, prompt: int, n: int) -> np.ndarray:
+    """``n`` prompts of the same length cut from the held-out text at evenly spaced offsets, (n, length)."""
+    held = np.concatenate(list(text.eval))
+    length = min(prompt, len(held))
+    starts = np.linspace(0, len(held) - length, n).astype(int)
+    return np.stack([held[s:s + length] for s in starts])
+
+
+def _quality(cells: list[Any], rt: Live, ref: Any, text: Any, m: Any, say: Callable[[str], None]) -> None:
     from ..inputs.causal_lm import WindowScores
 
     live = [c for c in cells if c.status == "ok"]
@@ -74,31 +82,29 @@ def _quality(cells: list[Any], rt: Live, ref: Any, text: Any, prompt: int, new: 
             got = ref_logits if c is ref else rt[c].logits(w)
             scores[id(c)].add(got, w, None if c is ref else ref_logits)
         say(f"perplexity: window {i + 1}/{len(text.eval)}")
-    p = text.eval[0][: min(prompt, text.window)][None]
-    ref_toks = rt[ref].generate(p, new).tokens[0]
+    # Greedy tokens agree up to the first divergence (after it the contexts differ); averaged over prompts.
+    prompts = greedy_prompts(text, min(m.lm_prompt, text.window), m.lm_greedy_prompts)
+    ref_toks = [rt[ref].generate(p[None], m.lm_new_tokens).tokens[0] for p in prompts]
     base_ppl = scores[id(ref)].figures()["perplexity"]
     for c in live:
         f = scores[id(c)].figures()
-        toks = ref_toks if c is ref else rt[c].generate(p, new).tokens[0]
+        toks = ref_toks if c is ref else [rt[c].generate(p[None], m.lm_new_tokens).tokens[0] for p in prompts]
+        agree = [float(np.cumprod(t == r).sum() / len(r)) for t, r in zip(toks, ref_toks, strict=True)]
         c.generation.update({
             "perplexity": f["perplexity"], "eval_tokens": int(f["tokens"]),
             "perplexity_rise": f["perplexity"] / base_ppl - 1.0,
             "kl": f.get("kl", 0.0), "top1_agreement": f.get("top1_agreement", 1.0),
-            # Greedy tokens agree up to the first divergence; after it the contexts differ.
-            "greedy_agreement": float(np.cumprod(toks == ref_toks).sum() / len(ref_toks)),
+            "greedy_agreement": float(np.mean(agree)), "greedy_prompts": len(prompts),
+            "greedy_identical_prompts": sum(a == 1.0 for a in agree),
         })
+    say(f"greedy agreement: {len(prompts)} held-out prompt(s) of {prompts.shape[1]} tokens")
 
 
-def _speed(cells: list[Any], rt: Live, ref: Any, text: Any, prompt_len: int, new: int, rounds: int, seed: int,
-           say: Callable[[str], None]) -> None:
-    from .speculative import speculative_figures
-
-    live = [c for c in cells if c.status == "ok"]
-    ids = np.concatenate(list(text.eval) + list(text.calib))
-    if len(ids) < prompt_len:
-        raise CompressError(f"measure.lm_prompt = {prompt_len}: the text has only {len(ids)} tokens")
-    prompt = ids[:prompt_len][None]
-    for c in live:  # one untimed warm-up each: first calls allocate and page in weights
+def _rounds(live: list[Any], rt: Live, prompt: np.ndarray, new: int, rounds: int, seed: int,
+            say: Callable[[str], None]) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+    """Every cell generates once per round, in an order that changes every round: time to first token and time
+    per decode step (ms) per cell, after one untimed warm-up each (first calls allocate and page in weights)."""
+    for c in live:
         rt[c].generate(prompt, min(new, 4))
     ttft: dict[int, list[float]] = {id(c): [] for c in live}
     tpot: dict[int, list[float]] = {id(c): [] for c in live}
@@ -108,7 +114,20 @@ def _speed(cells: list[Any], rt: Live, ref: Any, text: Any, prompt_len: int, new
             run = rt[c].generate(prompt, new)
             ttft[id(c)].append(run.ttft_s * 1e3)
             tpot[id(c)].append(run.decode_s * 1e3 / max(new - 1, 1))
-        say(f"generation: round {r + 1}/{rounds}")
+        say(f"generation{f' at batch {len(prompt)}' if len(prompt) > 1 else ''}: round {r + 1}/{rounds}")
+    return ttft, tpot
+
+
+def _speed(cells: list[Any], rt: Live, ref: Any, text: Any, m: Any, seed: int, say: Callable[[str], None]) -> None:
+    from .speculative import speculative_figures
+
+    live = [c for c in cells if c.status == "ok"]
+    prompt_len, new, rounds = m.lm_prompt, m.lm_new_tokens, m.lm_rounds
+    ids = np.concatenate(list(text.eval) + list(text.calib))
+    if len(ids) < prompt_len * m.lm_batch:
+        raise CompressError(f"measure.lm_prompt = {prompt_len} x measure.lm_batch = {m.lm_batch}: the text has "
+                            f"only {len(ids)} tokens")
+    ttft, tpot = _rounds(live, rt, ids[:prompt_len][None], new, rounds, seed, say)
     for c in live:
         t50, tlo, thi = bootstrap_stat(ttft[id(c)], "p50", seed=seed)
         d50, dlo, dhi = bootstrap_stat(tpot[id(c)], "p50", seed=seed)
@@ -124,6 +143,33 @@ def _speed(cells: list[Any], rt: Live, ref: Any, text: Any, prompt_len: int, new
             g["ttft_ratio"] = sample_ratio(ttft[id(c)], ttft[id(ref)], "p50", seed=seed).model_dump()
             g["decode_speedup"] = sample_ratio(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).model_dump()
         c.generation.update(g, **speculative_figures(rt[c]))
+    if m.lm_batch > 1:
+        _batch_speed(live, rt, ref, ids[: prompt_len * m.lm_batch].reshape(m.lm_batch, prompt_len), m, seed, say)
+
+
+def _batch_speed(live: list[Any], rt: Live, ref: Any, prompts: np.ndarray, m: Any, seed: int,
+                 say: Callable[[str], None]) -> None:
+    """Decode tokens/s at batch ``len(prompts)``: the cells that run it (a runner that cannot says why in one
+    line: OpenVINO's fused attention and speculative decoding run batch 1) timed as at batch 1."""
+    b = len(prompts)
+    able = []
+    for c in live:
+        try:
+            rt[c].generate(prompts, 2)
+            able.append(c)
+        except CompressError as e:
+            c.generation["batch_decode"] = {"batch": b, "unavailable": str(e)}
+            say(f"batch {b} on {c.variant}/{c.target}: not timed: {e}")
+    if not able:
+        return
+    _, tpot = _rounds(able, rt, prompts, m.lm_new_tokens, m.lm_rounds, seed, say)
+    for c in able:
+        d50, dlo, dhi = bootstrap_stat(tpot[id(c)], "p50", seed=seed)
+        bd: dict[str, Any] = {"batch": b, "decode_tokens_per_s": b * 1e3 / d50,
+                              "decode_tokens_per_s_low": b * 1e3 / dhi, "decode_tokens_per_s_high": b * 1e3 / dlo}
+        if c is not ref and ref in able:
+            bd["decode_speedup"] = sample_ratio(tpot[id(ref)], tpot[id(c)], "p50", seed=seed).model_dump()
+        c.generation["batch_decode"] = bd
 
 
 def _peak_memory(cells: list[Any], targets: list[Any], threads: int, say: Callable[[str], None]) -> None:
@@ -208,8 +254,8 @@ def measure_generation(plan: Any, variants: list[Any], threads: int,
     try:
         if ref is not None:
             m = rec.measure
-            _quality(cells, rt, ref, text, m.lm_prompt, m.lm_new_tokens, say)
-            _speed(cells, rt, ref, text, m.lm_prompt, m.lm_new_tokens, m.lm_rounds, rec.seed, say)
+            _quality(cells, rt, ref, text, m, say)
+            _speed(cells, rt, ref, text, m, rec.seed, say)
             if m.lm_peak_memory:
                 _peak_memory(cells, plan.targets, threads, say)
             for c in cells:

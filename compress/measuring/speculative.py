@@ -122,8 +122,10 @@ def stepper(runner: Any) -> Stepper:
         return TorchStepper(runner)
     if isinstance(runner, OrtLMRunner):
         return OrtStepper(runner)
+    if hasattr(runner, "stepper"):  # a target's own runner that brings its stepper (OpenVINO's)
+        return runner.stepper()  # type: ignore[no-any-return]
     raise InputError(f"speculative decoding: runner {getattr(runner, 'name', type(runner).__name__)!r} has no "
-                     "stepping interface (PyTorch and ONNX Runtime decoders have one)")
+                     "stepping interface (PyTorch, ONNX Runtime and OpenVINO decoders have one)")
 
 
 def check_same_tokenizer(draft_digest: str | None, verifier_digest: str | None, draft: str, verifier: str) -> None:

@@ -223,6 +223,19 @@ class Parity(_Record):
     top1_simulated: float | None = None
 
 
+class BatchDecode(_Record):
+    """Decode speed at measure.lm_batch > 1 (same-length prompts, interleaved rounds paired with the reference)."""
+
+    batch: int
+    decode_tokens_per_s: float | None = Field(None, description="tokens/s summed over the batch, from the median "
+                                              "time per decode step")
+    decode_tokens_per_s_low: float | None = None
+    decode_tokens_per_s_high: float | None = None
+    decode_speedup: RatioCI | None = Field(None, description="decode tokens/s / the reference's at this batch "
+                                           "(paired)")
+    unavailable: str | None = Field(None, description="why this cell was not timed at this batch")
+
+
 class Generation(_Record):
     """A causal language model's figures (``compress.measuring.measure_lm``): quality on held-out text against the
     reference cell (the original model on the reference target), and generation speed from interleaved
@@ -235,6 +248,9 @@ class Generation(_Record):
     top1_agreement: float | None = Field(None, description="next-token argmax agreement with the reference")
     greedy_agreement: float | None = Field(None, description="greedy tokens equal to the reference's, up to "
                                            "the first divergence, as a fraction of the generated tokens")
+    greedy_prompts: int | None = Field(None, description="held-out prompts greedy agreement is averaged over")
+    greedy_identical_prompts: int | None = Field(None, description="prompts whose greedy tokens all equal the "
+                                                 "reference's")
     prompt_tokens: int | None = None
     new_tokens: int | None = None
     batch: int | None = None
@@ -252,6 +268,7 @@ class Generation(_Record):
                                            "drafted tokens the model accepted / drafted tokens")
     tokens_per_verifier_pass: float | None = Field(None, description="speculative decoding: tokens emitted per "
                                                    "forward pass of the model")
+    batch_decode: BatchDecode | None = Field(None, description="decode speed at measure.lm_batch (> 1)")
     peak_rss_bytes: int | None = Field(None, description="peak resident memory a fresh process added by loading "
                                        "this cell and generating (128-token prompt, 32 new tokens), above the "
                                        "libraries every probe imports first")

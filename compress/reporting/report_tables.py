@@ -115,7 +115,8 @@ def generation_lines(report: Report) -> list[str]:
         tr, ds = g.ttft_ratio, g.decode_speedup
         out_rows.append([
             r.variant, r.target, f"{g.perplexity:.3f}", f"{100 * (g.perplexity_rise or 0):+.1f}%",
-            f"{g.kl or 0:.4f}", f"{100 * (g.top1_agreement or 0):.1f}%", f"{100 * (g.greedy_agreement or 0):.0f}%",
+            f"{g.kl or 0:.4f}", f"{100 * (g.top1_agreement or 0):.1f}%", f"{100 * (g.greedy_agreement or 0):.0f}%"
+            + (f" ({g.greedy_identical_prompts}/{g.greedy_prompts} same)" if g.greedy_prompts else ""),
             f"{g.ttft_ms:.1f}" if g.ttft_ms is not None else "-",
             f"{tr.ratio:.2f}x [{tr.low:.2f}, {tr.high:.2f}]" if tr else "ref",
             f"{g.decode_tokens_per_s:.1f}" if g.decode_tokens_per_s is not None else "-",
@@ -127,4 +128,21 @@ def generation_lines(report: Report) -> list[str]:
              "resident memory a fresh process added loading the model and generating",
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in out_rows]
-    return lines
+    return lines + _batch_lines(rows)
+
+
+def _batch_lines(rows: list[ResultCell]) -> list[str]:
+    """Decode speed at measure.lm_batch > 1, one line per cell (or why it was not timed)."""
+    out, batch = [], 0
+    for r in rows:
+        bd = r.generation.batch_decode if r.generation is not None else None
+        if bd is None:
+            continue
+        batch = bd.batch
+        if bd.unavailable:
+            out.append(f"  {r.variant}/{r.target}: not timed at batch {bd.batch}: {bd.unavailable}")
+            continue
+        ds = bd.decode_speedup
+        vs = f"{ds.ratio:.2f}x [{ds.low:.2f}, {ds.high:.2f}] vs ref" if ds else "ref"
+        out.append(f"  {r.variant}/{r.target}: {bd.decode_tokens_per_s:.1f} tok/s ({vs})")
+    return [f"decode at batch {batch} (tokens/s summed over the batch, paired rounds):", *out] if out else []

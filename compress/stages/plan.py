@@ -73,6 +73,11 @@ def _lm_text(rec: Recipe, root: Artifact, say: Callable[[str], None]) -> Any:
     src = rec.data.source if rec.data.source not in ("random", "builtin:digits") else BUILTIN_TEXT
     m = rec.measure
     text = lm_text(folder, src, m.lm_window, m.lm_eval_tokens, m.lm_calib_tokens)
+    have = int(text.eval.size + text.calib.size)
+    if have < m.lm_prompt * m.lm_batch:  # the timed prompts are cut from the text: refused before any export
+        raise RecipeError(f"measure.lm_prompt = {m.lm_prompt} x measure.lm_batch = {m.lm_batch} needs "
+                          f"{m.lm_prompt * m.lm_batch} tokens of text; {text.source} gives {have}: lower them or "
+                          "give more text")
     say(f"data: {text.note}")
     return text
 

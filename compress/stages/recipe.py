@@ -82,6 +82,11 @@ class MeasureSpec(_Strict):
     lm_calib_tokens: int = Field(4096, ge=2)
     # Peak resident memory while generating, per cell, each in a fresh process (compress.measuring.memprobe).
     lm_peak_memory: bool = True
+    # A second batch size at which decode tokens/s is also timed (same-length prompts, the same interleaved,
+    # paired rounds), reported as its own figures; 1 = batch 1 only.
+    lm_batch: int = Field(1, ge=1, le=256)
+    # Greedy-token agreement with the reference over this many prompts cut from the held-out text.
+    lm_greedy_prompts: int = Field(10, ge=1, le=1000)
     # The accuracy guard (compress.quality.accuracy_guard): a variant more than this many points of top-1 (or of
     # agreement / cosine x 100 without labels) below the original is marked ACCURACY, not ok.
     max_accuracy_drop: float = Field(1.0, ge=0)
