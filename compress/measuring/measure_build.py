@@ -4,9 +4,10 @@ artifacts (``compress check``'s recorded builds) become cells beside them, alrea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -121,18 +122,26 @@ def build_cells(variants: list[Variant], targets: list[Target], unavailable: dic
             cells.append(cell)
             if src is None:
                 continue
-            try:
+            with cell_build(cell, say):
                 _build(cell, t, src, v is variants[0], ctx, say, live)
                 if restore_affinity(mask, f"target {t.name}", say):
                     cell.notes.append("this target's runtime narrowed the process's CPU mask; restored after its "
                                       "build")
-            except TargetUnavailable as e:
-                cell.status, cell.reason = "unavailable", str(e)
-            except CompressError as e:
-                # One target failing must not stop the others: the report shows why.
-                cell.status, cell.reason = "failed", str(e)
-                say(f"compile {v.name} for {t.name}: failed: {e}")
     return cells
+
+
+@contextlib.contextmanager
+def cell_build(cell: Cell, say: Callable[[str], None]) -> Iterator[None]:
+    """Build one cell: a target that cannot run here marks it unavailable, a build error marks it failed, each
+    with its reason, and the other cells go on (one target failing must not stop the others; the report says
+    why)."""
+    try:
+        yield
+    except TargetUnavailable as e:
+        cell.status, cell.reason = "unavailable", str(e)
+    except CompressError as e:
+        cell.status, cell.reason = "failed", str(e)
+        say(f"compile {cell.variant} for {cell.target}: failed: {e}")
 
 
 def _build(cell: Cell, t: Target, src: Artifact, baseline: bool, ctx: PassContext, say: Callable[[str], None],

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CompressError, TargetUnavailable
+from ..errors import CompressError
 from .cell import Live
 from .compare import CellRef, sample_ratio
 from .measure import round_orders
@@ -29,7 +29,7 @@ from .stats import bootstrap_stat
 
 
 def _cells(plan: Any, variants: list[Any], say: Callable[[str], None], rt: Live) -> list[Any]:
-    from .measure_build import compile_for, new_cell
+    from .measure_build import cell_build, compile_for, new_cell
 
     cells = []
     for t in plan.targets:
@@ -43,17 +43,12 @@ def _cells(plan: Any, variants: list[Any], say: Callable[[str], None], rt: Live)
                 cell.status = "failed"
                 cell.reason = f"refused: target '{t.name}' has no generate loop for a causal language model"
                 continue
-            try:
+            with cell_build(cell, say):
                 compiled, hit, secs = compile_for(t, src, plan.ctx)
                 cell.compiled, cell.cache_hit, cell.build_s = compiled, hit, secs
                 cell.size_bytes = src.size_bytes()
                 rt.spawns[cell.ref] = (lambda n, t=t, comp=compiled: t.lm_runner(comp, n))
                 say(f"compile {v.name} for {t.name}: {'cache hit' if hit else f'{secs:.1f}s'}")
-            except TargetUnavailable as e:
-                cell.status, cell.reason = "unavailable", str(e)
-            except CompressError as e:
-                cell.status, cell.reason = "failed", str(e)
-                say(f"compile {v.name} for {t.name}: failed: {e}")
     return cells
 
 
