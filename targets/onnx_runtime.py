@@ -6,7 +6,7 @@ import shutil
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.core.artifact import ONNX, Artifact, sha256_files
 from compress.core.capabilities import BundleSpec, TargetCaps
@@ -31,6 +31,16 @@ class OnnxRuntimeConfig(TargetConfig):
     # with the same tokenizer) drafting ``draft_k`` tokens per verifier pass (compress.measuring.speculative).
     draft: str | None = Field(None, description="variant of this run that drafts for speculative decoding")
     draft_k: int = Field(4, ge=1, le=64, description="tokens the draft proposes per verifier pass")
+    # Dynamic draft length: the draft also stops after a proposal whose probability is below this (output unchanged).
+    draft_threshold: float | None = Field(None, gt=0, lt=1, description="speculative decoding: the draft stops "
+                                          "after a proposal whose softmax probability is below this")
+
+    @model_validator(mode="after")
+    def _threshold_needs_draft(self) -> OnnxRuntimeConfig:
+        if self.draft_threshold is not None and self.draft is None:
+            raise ValueError("draft_threshold applies to speculative decoding: also name the drafting variant "
+                             "(draft = \"VARIANT\") or remove draft_threshold")
+        return self
 
     def speculative_draft(self) -> tuple[str, int] | None:
         return (self.draft, self.draft_k) if self.draft else None
