@@ -50,9 +50,11 @@ def parse_config(text: str) -> dict[str, Any]:
 
 
 def build(hf_dir: Path, names: set[str], out: str) -> dict[str, Path]:
-    """The FP32 verifier and the named drafts, built by one pipeline run (cached by COMPRESS_CACHE)."""
+    """The FP32 verifier and the named drafts as ONNX decoders: the pipeline's passes, without its measurements
+    (cached by COMPRESS_CACHE). ONNX Runtime applies its graph optimizations when each session loads them."""
     from compress.core.registry import get_pass
-    from compress.stages.pipeline import run
+    from compress.stages.execute import execute
+    from compress.stages.plan import make_plan
     from compress.stages.recipe import recipe_from_dict
 
     m = {"threads": 1, "lm_window": 256, "lm_eval_tokens": 512, "lm_calib_tokens": 8192, "lm_prompt": 16,
@@ -62,8 +64,8 @@ def build(hf_dir: Path, names: set[str], out: str) -> dict[str, Path]:
                             "data": {"source": "builtin:pydoc-topics"}, "measure": m,
                             "targets": [{"kind": "onnxruntime"}]}, "bench_llm_speculative")
     wo = get_pass("quantize.weight_only").config_cls
-    report = run(rec, out_dir=out, variants={n: [wo(**DRAFTS[n])] for n in sorted(names)}, log=print)
-    return {r.variant: Path(r.compiled_path) for r in report.results if r.status == "ok" and r.compiled_path}
+    plan = make_plan(rec, out, None, False, print, {n: [wo(**DRAFTS[n])] for n in sorted(names)}, write=False)
+    return {v.name: v.onnx_art.path for v in execute(plan)}
 
 
 def bootstrap(plain: np.ndarray, spec: np.ndarray, n: int = 2000) -> tuple[float, float]:
@@ -102,7 +104,8 @@ def main() -> None:
         r.generate(prompts[0], 4)
     for s in specs:
         s.stats.proposed = s.stats.accepted = s.stats.verifier_calls = 0
-    times = {n: [] for n, _ in runners}
+    times: dict[str, list[float]] = {n: [] for n, _ in runners}
+    ttft: dict[str, list[float]] = {n: [] for n, _ in runners}
     toks: dict[str, list[np.ndarray]] = {n: [] for n, _ in runners}
     t0, load0 = time.perf_counter(), os.getloadavg()
     for i, p in enumerate(prompts):
@@ -110,21 +113,23 @@ def main() -> None:
         for name, r in order:
             g = r.generate(p, a.new)
             times[name].append(g.decode_s)
+            ttft[name].append(g.ttft_s)
             toks[name].append(g.tokens)
     wall, load1 = time.perf_counter() - t0, os.getloadavg()
     n_tok = (a.new - 1) * len(prompts)
     print(f"{len(prompts)} prompts x {a.new} new tokens, {wall:.0f}s, load average {load0[0]:.2f} -> {load1[0]:.2f}")
     for t in plains:
-        print(f"plain verifier, {t} thread(s): {n_tok / sum(times[f'plain-{t}']):.1f} tok/s")
-    print("| draft | k | threshold | threads (verifier/draft) | identical | tok/s | vs verifier [95% CI] | acceptance "
-          "| tokens / verifier pass | proposals / pass |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        print(f"plain verifier, {t} thread(s): {n_tok / sum(times[f'plain-{t}']):.1f} tok/s, "
+              f"time to first token {1e3 * np.median(ttft[f'plain-{t}']):.0f} ms (median)")
+    print("| draft | k | threshold | threads (verifier/draft) | identical | decode tok/s | vs verifier [95% CI] "
+          "| TTFT vs verifier | TTFT + decode vs verifier | acceptance | tokens / verifier pass | proposals / pass |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, (c, s) in enumerate(zip(configs, specs, strict=True)):
         base = f"plain-{c['threads']}"
         pl, sp = np.asarray(times[base]), np.asarray(times[f"c{i}"])
         same = sum(np.array_equal(x, y) for x, y in zip(toks[base], toks[f"c{i}"], strict=True))
         lo, hi = bootstrap(pl, sp)
-        st = s.stats
+        st, t_pl, t_sp = s.stats, np.asarray(ttft[base]), np.asarray(ttft[f"c{i}"])
         print(f"| {c['draft']} | {c['k']} | {c['threshold'] or '-'} | {c['threads']}/{c['draft_threads']} "
               f"| {same}/{len(prompts)} | {n_tok / sp.sum():.1f} | {pl.sum() / sp.sum():.2f}x [{lo:.2f}, {hi:.2f}] "
               f"| {st.acceptance:.2f} | {(st.accepted + st.verifier_calls) / st.verifier_calls:.2f} "
