@@ -132,6 +132,7 @@ def main() -> None:
         st, t_pl, t_sp = s.stats, np.asarray(ttft[base]), np.asarray(ttft[f"c{i}"])
         print(f"| {c['draft']} | {c['k']} | {c['threshold'] or '-'} | {c['threads']}/{c['draft_threads']} "
               f"| {same}/{len(prompts)} | {n_tok / sp.sum():.1f} | {pl.sum() / sp.sum():.2f}x [{lo:.2f}, {hi:.2f}] "
+              f"| {t_sp.sum() / t_pl.sum():.2f}x | {(pl.sum() + t_pl.sum()) / (sp.sum() + t_sp.sum()):.2f}x "
               f"| {st.acceptance:.2f} | {(st.accepted + st.verifier_calls) / st.verifier_calls:.2f} "
               f"| {st.proposed / st.verifier_calls:.2f} |")
 
