@@ -122,7 +122,7 @@ def main() -> None:
         print(f"plain verifier, {t} thread(s): {n_tok / sum(times[f'plain-{t}']):.1f} tok/s, "
               f"time to first token {1e3 * np.median(ttft[f'plain-{t}']):.0f} ms (median)")
     print("| draft | k | threshold | threads (verifier/draft) | identical | decode tok/s | vs verifier [95% CI] "
-          "| TTFT vs verifier | TTFT + decode vs verifier | acceptance | tokens / verifier pass | proposals / pass |")
+          "| TTFT, speculative / verifier | TTFT + decode speed-up | acceptance | tokens / verifier pass | proposals / pass |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, (c, s) in enumerate(zip(configs, specs, strict=True)):
         base = f"plain-{c['threads']}"
