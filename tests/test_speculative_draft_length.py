@@ -5,8 +5,6 @@ output, and a threshold outside (0, 1) or without a draft is refused in one line
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -76,10 +74,16 @@ def test_the_threshold_shortens_the_draft_only_where_it_is_unsure(models) -> Non
     assert 1 < mid.stats.proposed / mid.stats.verifier_calls < 4
 
 
-@pytest.mark.parametrize("bad", [0.0, 1.0, -0.2, 1.5])
+@pytest.mark.parametrize("bad", [1.0, -0.2, 1.5])
 def test_a_threshold_outside_zero_one_is_refused(models, bad: float) -> None:
-    with pytest.raises(InputError, match=r"draft threshold = .*strictly between 0 and 1"):
+    with pytest.raises(InputError, match=r"draft threshold = .* a number in \[0, 1\) \(0: always k tokens\)"):
         _spec(models, 3, bad)
+
+
+def test_threshold_zero_always_drafts_k(models) -> None:
+    zero = _spec(models, 4, 0.0, same=True)
+    zero.generate(_prompts(4)[3], 21)
+    assert zero.stats.proposed == 4 * zero.stats.verifier_calls == 16
 
 
 def _recipe(target: dict) -> None:
@@ -95,8 +99,11 @@ def test_draft_threshold_is_checked_at_the_recipe_boundary() -> None:
     _recipe({"kind": "onnxruntime", "draft": "small", "draft_k": 6, "draft_threshold": 0.4})
 
 
-def test_the_recipe_threshold_reaches_the_speculative_runner(tmp_path: Path) -> None:
+def test_the_threshold_defaults_to_the_measured_value_and_leaves_plain_builds_keyed_as_before() -> None:
     from targets.onnx_runtime import OnnxRuntimeConfig
 
-    cfg = OnnxRuntimeConfig(draft="small", draft_k=6, draft_threshold=0.4)
-    assert cfg.speculative_draft() == ("small", 6) and cfg.draft_threshold == 0.4
+    cfg = OnnxRuntimeConfig(draft="small", draft_k=6)
+    assert cfg.speculative_draft() == ("small", 6) and cfg.draft_threshold == 0.3
+    assert cfg.canonical()["draft_threshold"] == 0.3
+    # Without a draft the setting does nothing, so it is not part of the build's cache key.
+    assert "draft_threshold" not in OnnxRuntimeConfig().canonical()

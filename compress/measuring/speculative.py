@@ -227,7 +227,7 @@ class SpeculativeRunner:
             nxt = int(row.argmax())
             props.append(nxt)
             # The top token's softmax probability: 1 / sum(exp(logit - max)).
-            if self.threshold is not None and float(np.exp(row - row[nxt]).sum()) * self.threshold > 1.0:
+            if self.threshold and float(np.exp(row - row[nxt]).sum()) * self.threshold > 1.0:
                 break
             x = np.asarray([nxt], np.int64)
         return props
@@ -238,9 +238,9 @@ class SpeculativeRunner:
 
 
 def check_threshold(threshold: float | None) -> None:
-    if threshold is not None and not 0.0 < threshold < 1.0:
+    if threshold is not None and not 0.0 <= threshold < 1.0:
         raise InputError(f"speculative decoding: draft threshold = {threshold}; it is the draft's top-token "
-                         "probability below which it stops proposing, a number strictly between 0 and 1 (or unset)")
+                         "probability below which it stops proposing, a number in [0, 1) (0: always k tokens)")
 
 
 def from_artifacts(verifier: Any, draft: Any, k: int = 4, threads: int = 1, threshold: float | None = None,
