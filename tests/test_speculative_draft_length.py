@@ -5,6 +5,7 @@ output, and a threshold outside (0, 1) or without a draft is refused in one line
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_draft_threshold_is_checked_at_the_recipe_boundary() -> None:
 
 
 def test_the_threshold_defaults_to_the_measured_value_and_leaves_plain_builds_keyed_as_before() -> None:
-    from targets.onnx_runtime import OnnxRuntimeConfig
+    from compress.targets.onnx_runtime import OnnxRuntimeConfig
 
     cfg = OnnxRuntimeConfig(draft="small", draft_k=6)
     assert cfg.speculative_draft() == ("small", 6) and cfg.draft_threshold == 0.3
