@@ -6,7 +6,7 @@ import shutil
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.core.artifact import ONNX, Artifact, sha256_files
 from compress.core.capabilities import BundleSpec, TargetCaps
@@ -31,9 +31,27 @@ class OnnxRuntimeConfig(TargetConfig):
     # with the same tokenizer) drafting ``draft_k`` tokens per verifier pass (compress.measuring.speculative).
     draft: str | None = Field(None, description="variant of this run that drafts for speculative decoding")
     draft_k: int = Field(4, ge=1, le=64, description="tokens the draft proposes per verifier pass")
+    # Dynamic draft length: the draft also stops after a proposal whose probability is below this (output unchanged).
+    # 0.3 measured best of 0.3-0.7 on SmolLM2-135M (benchmarks/results/llm-speculative.md); 0 = always draft_k tokens.
+    draft_threshold: float = Field(0.3, ge=0, lt=1, description="speculative decoding: the draft stops after a "
+                                   "proposal whose softmax probability is below this (0 = always draft_k)")
+
+    @model_validator(mode="after")
+    def _threshold_needs_draft(self) -> OnnxRuntimeConfig:
+        if "draft_threshold" in self.model_fields_set and self.draft is None:
+            raise ValueError("draft_threshold applies to speculative decoding: also name the drafting variant "
+                             "(draft = \"VARIANT\") or remove draft_threshold")
+        return self
 
     def speculative_draft(self) -> tuple[str, int] | None:
         return (self.draft, self.draft_k) if self.draft else None
+
+    def canonical(self) -> dict[str, Any]:
+        # Without a draft the threshold does nothing: left out, so builds keep the cache keys they had before it.
+        out = super().canonical()
+        if self.draft is None:
+            out.pop("draft_threshold", None)
+        return out
 
 
 _LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}

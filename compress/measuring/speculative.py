@@ -7,9 +7,16 @@ verifier's argmax after the last accepted token is emitted too (the correction, 
 proposal was accepted). Both caches are then cut back to the accepted context: PyTorch's ``DynamicCache``
 with ``crop``, an ONNX decoder's ``present`` tensors by slicing the past axis (axis 2).
 
+Timing: the time to the first token holds both prefills (verifier and draft), the decode time everything after.
+
 Greedy output is identical to the verifier's greedy decoding up to floating point: the verifier scores
 ``k + 1`` positions in one pass instead of one at a time, so a next-token choice between two logits equal to
 the last bits could differ. The tests compare token for token with the verifier's plain loop.
+
+Draft length: at most ``k`` proposals per round; with ``threshold`` set, the draft also stops after a proposal
+whose softmax probability (the draft's own confidence) is below it, as Kangaroo (Liu et al., 2024) and other
+dynamic-draft-length methods do: a proposal the draft itself doubts is likely rejected, and every draft step after
+a rejection is wasted. The verifier still checks every proposal, so the output does not depend on the threshold.
 
 Draft and verifier must share the tokenizer (``DecoderFacts.tokenizer_digest``): a draft with another
 vocabulary proposes ids that mean other words, refused in one line.
@@ -154,10 +161,12 @@ class SpecStats:
 class SpeculativeRunner:
     """An ``LMRunner`` whose ``generate`` is speculative (batch 1); ``logits`` are the verifier's own."""
 
-    def __init__(self, verifier: Any, draft: Any, k: int = 4, name: str | None = None) -> None:
+    def __init__(self, verifier: Any, draft: Any, k: int = 4, name: str | None = None,
+                 threshold: float | None = None) -> None:
         if k < 1:
             raise InputError(f"speculative decoding: k = {k}; the draft must propose at least 1 token per round")
-        self.verifier, self.draft, self.k = verifier, draft, k
+        check_threshold(threshold)
+        self.verifier, self.draft, self.k, self.threshold = verifier, draft, k, threshold
         self.name = name or f"{verifier.name}+draft"
         self.v, self.d = stepper(verifier), stepper(draft)
         self.stats = SpecStats()
@@ -174,18 +183,17 @@ class SpeculativeRunner:
         t0 = time.perf_counter()
         last = int(self.v.reset(p)[-1].argmax())
         out = [last]
-        t1 = time.perf_counter()
+        # The draft's prefill is prompt processing too: it counts in the time to the first token, as the
+        # verifier's does (it costs a fraction of the verifier's; decode tokens/s is what speculation changes).
         self.d.reset(p)
+        t1 = time.perf_counter()
         # Invariant: both caches hold the prompt and out[:-1]; ``last`` = out[-1] is in neither yet.
         pending: list[int] = []  # accepted tokens the draft has not been fed (before ``last``)
         while len(out) < new:
             k = min(self.k, new - len(out))
             x = np.asarray([*pending, last], np.int64)
-            props: list[int] = []
-            for _ in range(k):
-                nxt = int(self.d.feed(x)[-1].argmax())
-                props.append(nxt)
-                x = np.asarray([nxt], np.int64)
+            props = self._draft(x, k)
+            k = len(props)
             base = self.v.length
             vlog = self.v.feed(np.asarray([last, *props], np.int64))  # k + 1 positions in one pass
             choice = vlog.argmax(-1)
@@ -213,12 +221,32 @@ class SpeculativeRunner:
         self.stats.verifier_calls += st.verifier_calls
         return Generated(np.asarray([out[:new]], np.int64), t1 - t0, t2 - t1)
 
+    def _draft(self, x: np.ndarray, k: int) -> list[int]:
+        """Up to ``k`` greedy proposals, fed ``x`` first; stops early after one below the confidence threshold."""
+        props: list[int] = []
+        for _ in range(k):
+            row = self.d.feed(x)[-1]
+            nxt = int(row.argmax())
+            props.append(nxt)
+            # The top token's softmax probability: 1 / sum(exp(logit - max)).
+            if self.threshold and float(np.exp(row - row[nxt]).sum()) * self.threshold > 1.0:
+                break
+            x = np.asarray([nxt], np.int64)
+        return props
+
     def close(self) -> None:
         self.verifier.close()
         self.draft.close()
 
 
-def from_artifacts(verifier: Any, draft: Any, k: int = 4, threads: int = 1) -> SpeculativeRunner:
+def check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not 0.0 <= threshold < 1.0:
+        raise InputError(f"speculative decoding: draft threshold = {threshold}; it is the draft's top-token "
+                         "probability below which it stops proposing, a number in [0, 1) (0: always k tokens)")
+
+
+def from_artifacts(verifier: Any, draft: Any, k: int = 4, threads: int = 1, threshold: float | None = None,
+                   draft_threads: int | None = None) -> SpeculativeRunner:
     """A speculative runner over two ONNX decoders (``compress.core.artifact.Artifact`` exported with their KV cache,
     e.g. a run's baseline and a pruned, INT4 variant): refused in one line unless they share the tokenizer."""
     facts = [a.known_facts().decoder for a in (verifier, draft)]
@@ -230,8 +258,9 @@ def from_artifacts(verifier: Any, draft: Any, k: int = 4, threads: int = 1) -> S
     if facts[0].vocab != facts[1].vocab:
         raise InputError(f"speculative decoding: the draft's vocabulary has {facts[1].vocab} entries, the verifier's "
                          f"{facts[0].vocab}; they must be the same")
-    return SpeculativeRunner(OrtLMRunner(verifier.path, threads, "verifier"), OrtLMRunner(draft.path, threads, "draft"),
-                             k=k, name="speculative")
+    return SpeculativeRunner(OrtLMRunner(verifier.path, threads, "verifier"),
+                             OrtLMRunner(draft.path, draft_threads or threads, "draft"), k=k, name="speculative",
+                             threshold=threshold)
 
 
 def attach_draft(target: Any, cells: list[Any], rt: Live, variants: list[Any], threads: int) -> None:
@@ -260,9 +289,10 @@ def attach_draft(target: Any, cells: list[Any], rt: Live, variants: list[Any], t
             cell.status, cell.reason = "failed", f"refused: {e}"
             continue
         spec = rt.runners[cell.ref] = SpeculativeRunner(rt[cell], target.lm_runner(d_cell.compiled, threads),
-                                                        k=k,
-                                                        name=f"{target.name}+{name}")
-        cell.notes.append(f"generated by speculative decoding: variant {name!r} drafts {spec.k} token(s) "
+                                                        k=k, name=f"{target.name}+{name}",
+                                                        threshold=getattr(target.config, "draft_threshold", None))
+        stop = f", fewer once its top token's probability is below {spec.threshold}" if spec.threshold else ""
+        cell.notes.append(f"generated by speculative decoding: variant {name!r} drafts {spec.k} token(s){stop} "
                           "per pass of this model; the output is this model's greedy output up to its kernels' "
                           "rounding on several tokens at once (greedy agreement shows any divergence)")
 
