@@ -37,7 +37,17 @@ from typing import Any, Literal
 from ..errors import CompressError
 from ..stages.recipe import Recipe
 from .search_results import write_results
-from .search_space import METRICS, PROBE_METRICS, Param, SearchSpec, Space, load_space
+from .search_space import (
+    METRICS,
+    PROBE_METRICS,
+    TIMED,
+    Param,
+    SearchSpec,
+    Space,
+    check_points,
+    load_space,
+    search_target,
+)
 from .search_study import (
     INTERRUPTED,
     _constraint_values,
@@ -73,9 +83,10 @@ from .search_workers import (
 )
 
 __all__ = [
-    "INTERRUPTED", "METRICS", "PROBE_METRICS", "Param", "SearchSpec", "Space", "build_trial", "close_interrupted",
+    "INTERRUPTED", "METRICS", "PROBE_METRICS", "Param", "SearchSpec", "Space", "build_trial", "check_points",
+    "close_interrupted",
     "evaluate_trial", "hopeless", "load_space", "measure_resource", "pin_threads", "pooled_ci", "prepare_root",
-    "probe_recipe", "probe_trial", "retime_trials", "run_search", "session_spread", "task_threads",
+    "probe_recipe", "probe_trial", "retime_trials", "run_search", "search_target", "session_spread", "task_threads",
     "training_kinds", "training_seconds", "training_threads", "trial_metrics", "write_results",
 ]
 
@@ -100,7 +111,8 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
 
     check_out_dir(out)
     sp = pin_threads(sp, say)
-    target = sp.search.target or sp.recipe(sp.first_point()).targets[0].kind
+    target = search_target(sp)
+    check_points(sp, cache_dir, say)  # a point the model cannot take (too many blocks removed ...): refused now
     pool = _RayPool(sp, target, address, workers, cache_dir, say) if executor == "ray" else None
     out.mkdir(parents=True, exist_ok=True)
     s = _Search.open(sp, out, cache_dir, target, trials, timeout_s, say, warn or say)
@@ -268,7 +280,8 @@ def _retime(study: Any, sp: Space, out: Path, cache_dir: str | Path | None, targ
         return
     study.set_user_attr("retimed", {name[5:]: m for name, m in res.items()})
     say("front re-timed together in one run: " + ", ".join(
-        f"trial {name[5:]} {m['latency_ratio']:.4g}" for name, m in res.items()))
+        f"trial {name[5:]} " + " ".join(f"{k} {m[k]:.4g}" for k in TIMED if k in m and k != "p50_ms")
+        for name, m in res.items()))
 
 
 def pin_threads(sp: Space, say: Callable[[str], None]) -> Space:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..stages.recipe import recipe_to_toml
-from .search_space import SearchSpec, Space
+from .search_space import TIMED, SearchSpec, Space
 from .search_study import INTERRUPTED, _final_best, _front, _values
 from .search_trials import pooled_ci, session_spread
 
@@ -44,20 +44,21 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
                                        f"objectives {', '.join(spec.objectives)}\n" + recipe_to_toml(rec))
         result["best_recipe"] = str(out / "best.toml")
     (out / "search.json").write_text(json.dumps(result, indent=1, default=str))
+    timed = _timed_objective(spec)
     lines = [f"# Search: {sp.source}", "", f"Target {target}, batch {spec.batch}; objectives "
              f"{', '.join(spec.objectives)} (minimized); constraints "
              f"{', '.join(f'{k} {v}' for k, v in spec.constraints.items()) or 'none'}.", "",
              "| trial | " + " | ".join(spec.objectives)
-             + " | latency ratio 95% CI | re-timed together [95%] | recipe |",
+             + f" | {timed.replace('_', ' ')} 95% CI | re-timed together [95%] | recipe |",
              "|---|" + "---|" * len(spec.objectives) + "---|---|---|"]
     for t in front:
-        ci = pooled_ci(t.user_attrs, spread)
+        ci = _ci(t.user_attrs, timed, spread)
         again = rt.get(str(t.number)) or {}
-        ci2 = again.get("latency_ratio_ci")
+        ci2 = again.get(TIMED[timed])
         lines.append(f"| {t.number}{' (best)' if best is not None and t.number == best.number else ''} | "
                      + " | ".join(f"{v:.4g}" for v in t.values)
                      + f" | {'-' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | "
-                     + (f"{again['latency_ratio']:.4g} [{ci2[0]:.3f}, {ci2[1]:.3f}]" if again and ci2 else "-")
+                     + (f"{again[timed]:.4g} [{ci2[0]:.3f}, {ci2[1]:.3f}]" if timed in again and ci2 else "-")
                      + f" | `{t.user_attrs.get('recipe')}` |")
     pruned = [t for t in trials if t["state"] == "PRUNED"]
     if pruned:
@@ -68,7 +69,43 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
         lines += ["", "Failed trials:"] + [f"- trial {t['number']}: {t['error']}" for t in failed]
     (out / "front.md").write_text("\n".join(lines) + "\n")
     _plot(study, spec, front, out / "front.png")
+    _plot_svg(study, sp, front, spread, out / "front.svg")
     return result
+
+
+def _timed_objective(spec: SearchSpec) -> str:
+    """The timed ratio whose interval the front's table shows: the first timed objective, else latency_ratio."""
+    return next((o for o in spec.objectives if o in TIMED and o != "p50_ms"), "latency_ratio")
+
+
+def _ci(attrs: dict[str, Any], key: str, spread: float) -> list[float] | None:
+    """A trial's 95% interval of a timed metric (latency_ratio's widened by the pooled session spread)."""
+    return pooled_ci(attrs, spread) if key == "latency_ratio" else attrs.get(TIMED[key])
+
+
+def _plot_svg(study: Any, sp: Space, front: list[Any], spread: float, path: Path) -> None:
+    """The front as an SVG (compress.reporting.svg_plot, as report.html draws its plots): the first two objectives,
+    every finished trial a point, a timed objective's 95% interval as bars, the Pareto front joined."""
+    from ..reporting.svg_plot import Axis, Point, padded, scatter
+
+    spec = sp.search
+    if len(spec.objectives) < 2:
+        return
+    (xo, yo), done = spec.objectives[:2], [t for t in study.trials if t.state.name == "COMPLETE"]
+    pts = []
+    for t in sorted(done, key=lambda t: t.values[0]):
+        ci = _ci(t.user_attrs, xo, spread) if xo in TIMED else None
+        pts.append(Point(t.values[0], t.values[1], ci[0] if ci else None, ci[1] if ci else None,
+                         label=f"trial {t.number}", series="front" if t in front else "trials",
+                         title=str(t.user_attrs.get("recipe", ""))))
+    if not pts:
+        return
+    xs = [v for p in pts for v in (p.x, p.x_low, p.x_high) if v is not None]
+    ys = [p.y for p in pts]
+    ax = Axis(*padded(min(xs), max(xs), False), label=f"{xo} (lower is better)")
+    ay = Axis(*padded(min(ys), max(ys), False), label=f"{yo} (lower is better)")
+    idx = [i for i, p in enumerate(pts) if p.series == "front"]
+    path.write_text(scatter(pts, ax, ay, f"{Path(sp.source).stem}: search trials and their Pareto front", idx))
 
 
 def _plot(study: Any, spec: SearchSpec, front: list[Any], path: Path) -> None:

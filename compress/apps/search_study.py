@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InputError
-from .search_space import Param, SearchSpec, Space
+from .search_space import TIMED, Param, SearchSpec, Space
 
 
 def _suggest(trial: Any, p: Param) -> Any:
@@ -179,8 +179,9 @@ def _final_best(study: Any, spec: SearchSpec) -> Any:
     """The best trial; on latency, ranked by the front's re-timing in one run when there is one."""
     rt = study.user_attrs.get("retimed") or {}
     front = _front(study)
-    if spec.objectives[0] == "latency_ratio" and front and all(str(t.number) in rt for t in front):
-        return min(front, key=lambda t: (rt[str(t.number)]["latency_ratio"], *t.values[1:]))
+    first = spec.objectives[0]  # a timed ratio (latency, decode time, time to first token): re-timed figures rank
+    if first in TIMED and front and all(first in rt.get(str(t.number), {}) for t in front):
+        return min(front, key=lambda t: (rt[str(t.number)][first], *t.values[1:]))
     return _best(study)
 
 

@@ -12,7 +12,7 @@ from ..errors import CompressError
 from ..measuring.compare import compare
 from ..reporting.report_schema import MeasuredRatio, NoRatio, Report
 from ..stages.recipe import Recipe
-from .search_space import PROBE_METRICS, SearchSpec
+from .search_space import PROBE_METRICS, TIMED, SearchSpec
 
 
 def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict[str, Any]:
@@ -23,6 +23,8 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
     if cell is None or cell.status != "ok":
         reason = "not measured" if cell is None else f"{cell.status}: {cell.reason}"
         raise CompressError(f"the trial's model on {target}: {reason}")
+    if cell.generation is not None:
+        return _lm_metrics(report, variant, cell, target)
     b = str(batch)
     out: dict[str, Any] = {"p50_ms": cell.latency[b].p50_ms, "size_mb": (cell.size_bytes or 0) / 1e6}
     if base is not None and base.status == "ok":
@@ -46,13 +48,49 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
     return out
 
 
+def _lm_metrics(report: Report, variant: str, cell: Any, target: str) -> dict[str, Any]:
+    """A causal LM trial's figures from its generation record: the paired ratios to the original on the reference
+    target (measure_lm), decode as time per token (1 / decode_speedup, so that every objective is minimized) with
+    its interval turned over alike, and quality on held-out text."""
+    g = cell.generation
+    if g.decode_speedup is None or g.ttft_ratio is None:
+        raise CompressError(f"the trial's model on {target}: no generation speed ratio to the original (a cell on "
+                            "the reference target is the reference itself; search another target)")
+    s, t = g.decode_speedup, g.ttft_ratio
+    out: dict[str, Any] = {"decode_time_ratio": 1 / s.ratio, "decode_time_ratio_ci": [1 / s.high, 1 / s.low],
+                           "decode_speedup": s.ratio, "ttft_ratio": t.ratio, "ttft_ratio_ci": [t.low, t.high],
+                           "decode_tokens_per_s": g.decode_tokens_per_s, "ttft_ms": g.ttft_ms,
+                           "size_mb": (cell.size_bytes or 0) / 1e6}
+    quality = {"perplexity_rise": g.perplexity_rise, "perplexity": g.perplexity, "kl": g.kl,
+               "top1_agreement": g.top1_agreement, "greedy_agreement": g.greedy_agreement}
+    out.update({k: float(v) for k, v in quality.items() if v is not None})
+    info = report.variants.get(variant)
+    out["macs_ratio"] = _macs_ratio(list(info.passes.values()) if info is not None else [])
+    out["threads"] = report.measurement.threads
+    return out
+
+
+def _macs_ratio(metas: list[dict[str, Any]]) -> float:
+    """MACs of the trial's model / the original's: the passes' own ratios (channel pruning), or for a decoder the
+    blocks' MACs per token after / before (prune.depth, prune.width; the LM head left out, as in Minitron's
+    counts), multiplied; 1.0 when no pass changed the structure."""
+    out = 1.0
+    for m in metas:
+        before, after = m.get("macs_per_token_before"), m.get("macs_per_token_after")
+        if "macs_ratio" in m:
+            out *= float(m["macs_ratio"])
+        elif isinstance(before, dict) and isinstance(after, dict) and before.get("blocks"):
+            out *= float(after["blocks"]) / float(before["blocks"])
+    return out
+
+
 def _structure_and_conditions(report: Report, variant: str, lat: Any, b: str) -> dict[str, Any]:
     """MACs/params ratios of the trial's model, and the conditions its latency was timed under
     (threads, other processes' load): two runs' figures are comparable only under like conditions."""
     # Whichever passes recorded a MACs/params ratio (structured pruning), multiplied; 1.0 when none did.
     info = report.variants.get(variant)
     metas = list(info.passes.values()) if info is not None else []
-    out: dict[str, Any] = {"macs_ratio": math.prod(float(m["macs_ratio"]) for m in metas if "macs_ratio" in m),
+    out: dict[str, Any] = {"macs_ratio": _macs_ratio(metas),
                            "params_ratio": math.prod(float(m["params_ratio"]) for m in metas if "params_ratio" in m)}
     if lat.p50_ci:
         out["p50_ci"] = list(lat.p50_ci)
@@ -118,7 +156,7 @@ def probe_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: st
         m = trial_metrics(report, rec.name, target, batch)
     except CompressError as e:
         return {"ok": False, "error": "probe (untrained): " + str(e).splitlines()[0][:480]}
-    keep = (*PROBE_METRICS, "latency_ratio_ci", "p50_ci", "threads")
+    keep = (*PROBE_METRICS, *TIMED.values(), "threads")
     return {"ok": True, "metrics": {k: v for k, v in m.items() if k in keep}}
 
 
@@ -166,7 +204,7 @@ def _optimistic(probe: dict[str, Any], margin: float, spread: float = 0.0) -> di
     out: dict[str, float] = {k: float(probe[k]) for k in ("macs_ratio", "params_ratio") if k in probe}
     if "size_mb" in probe:
         out["size_mb"] = float(probe["size_mb"]) * 0.99
-    for k, ci in (("latency_ratio", "latency_ratio_ci"), ("p50_ms", "p50_ci")):
+    for k, ci in TIMED.items():
         if k in probe:
             out[k] = float((probe.get(ci) or [probe[k]])[0]) / max(1 + margin, math.exp(_Z95 * spread))
     return out
@@ -210,7 +248,7 @@ def retime_trials(recs: dict[str, Recipe], out: Path, cache_dir: str | Path | No
         metrics = {name: trial_metrics(report, name, target, batch) for name in recs}
     except CompressError as e:
         return str(e).splitlines()[0][:300]
-    keep = ("latency_ratio", "latency_ratio_ci", "p50_ms")
+    keep = (*TIMED, *TIMED.values())
     return {name: {k: m[k] for k in keep if k in m} for name, m in metrics.items()}
 
 

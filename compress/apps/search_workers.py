@@ -85,10 +85,15 @@ def _root(rec: Recipe, cache: Any) -> tuple[Any, Any, float]:
     from ..inputs.models import load_model
     from ..stages.execute import train_root
 
+    from ..stages.plan import _lm_text
+
     root = load_model(rec.model, cache)
-    data = load_data(rec.data, root.inputs[0].shape, root.inputs, model_source=rec.model.source)
     said: list[str] = []
-    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False, log=said.append)
+    # A causal LM's passes read token windows of its text (ctx.text), as in a run's plan; other models read data.
+    text = _lm_text(rec, root, said.append)
+    data = None if text is not None else load_data(rec.data, root.inputs[0].shape, root.inputs,
+                                                   model_source=rec.model.source)
+    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False, log=said.append, text=text)
     t0 = time.perf_counter()
     if rec.model.train_epochs and data is not None:
         root = train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
