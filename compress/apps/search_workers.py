@@ -84,7 +84,6 @@ def _root(rec: Recipe, cache: Any) -> tuple[Any, Any, float]:
     from ..inputs.data import load_data
     from ..inputs.models import load_model
     from ..stages.execute import train_root
-
     from ..stages.plan import _lm_text
 
     root = load_model(rec.model, cache)
