@@ -70,7 +70,7 @@ def test_llm_search_writes_a_front_of_decode_speed_and_perplexity(lm_dir: Path, 
     md = (out / "front.md").read_text()
     assert "| trial | decode_time_ratio | perplexity_rise | ttft_ratio | decode time ratio 95% CI" in md
     svg = (out / "front.svg").read_text()
-    assert svg.startswith("<svg") and 'class="front"' in svg or len(res["front"]) == 1
+    assert svg.startswith("<svg") and ('class="front"' in svg or len(res["front"]) == 1)
     assert "decode_time_ratio (lower is better)" in svg and "perplexity_rise (lower is better)" in svg
     assert (out / "front.png").stat().st_size > 0
     best = load_recipe(res["best_recipe"])  # a plain recipe that `compress run` takes
@@ -122,3 +122,39 @@ def test_a_point_the_model_cannot_take_is_refused_before_any_trial(lm_dir: Path,
     assert main(["search", str(path), "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot run" in err[0]
+
+
+def test_a_draft_search_times_the_original_drafted_by_each_trial(lm_dir: Path, tmp_path: Path) -> None:
+    body = (head(lm_dir) + '[search]\ntrials = 2\nsampler = "random"\ndraft = true\n'
+            'objectives = ["decode_time_ratio", "size_mb"]\n'
+            '[[passes]]\nkind = "prune.depth"\nblocks = { choices = [2, 3] }\nwindows = 2\n' + TARGETS
+            + "draft_k = [2, 3]\n")
+    out = tmp_path / "out"
+    res = run_search(space(tmp_path, body), out, cache_dir=tmp_path / "cache")
+    assert all(t["state"] == "COMPLETE" for t in res["trials"]), res["trials"]
+    for t in res["trials"]:
+        m = t["metrics"]
+        # The figures are the original's, generating with the trial's model as its draft: the draft's acceptance
+        # is measured and the output stays the original's; size and MACs are the draft's.
+        assert 0 <= m["draft_acceptance"] <= 1 and m["tokens_per_verifier_pass"] >= 1
+        assert m["greedy_agreement"] == 1.0
+        assert "perplexity_rise" not in m
+        assert m["macs_ratio"] == pytest.approx(1 - t["params"]["passes[1].blocks"] / 4)
+        run_report = json.loads((out / "trials" / f"trial{t['number']}" / "report.json").read_text())
+        base = next(c for c in run_report["results"] if c["variant"] == "baseline" and c["target"] == "onnxruntime")
+        assert base["target_config"]["draft"] == f"trial{t['number']}"
+        assert base["target_config"]["draft_k"] == t["params"]["targets[2].draft_k"]
+    best = load_recipe(res["best_recipe"])
+    ort = next(tc for tc in best.targets if tc.kind == "onnxruntime")
+    assert ort.draft == best.name  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("search, targets, match", [
+    ('draft = true\nobjectives = ["decode_time_ratio", "perplexity_rise"]\n', TARGETS,
+     "perplexity_rise with draft = true: speculative decoding keeps the original's output"),
+    ("draft = true\n", '[[targets]]\nkind = "torch"\n', "none of the targets \\(torch\\) generates speculatively"),
+    ("draft = true\n", TARGETS + 'draft = "other"\n', "target onnxruntime already names one"),
+])
+def test_bad_draft_searches_are_refused(lm_dir: Path, tmp_path: Path, search: str, targets: str, match: str) -> None:
+    with pytest.raises(RecipeError, match=match):
+        load_space(space(tmp_path, head(lm_dir) + "[search]\n" + search + DEPTH + targets))

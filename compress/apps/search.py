@@ -218,7 +218,7 @@ class _Search:
             return None
         trial = self.study.ask()
         values = {p.name: _suggest(trial, p) for p in self.sp.params}
-        rec = self.sp.recipe(values).model_copy(update={"name": f"trial{trial.number}"})
+        rec = self.sp.recipe(values, name=f"trial{trial.number}")
         trial.set_user_attr("recipe", rec.pipeline_text())
         return trial, rec
 
@@ -267,6 +267,9 @@ def _retime(study: Any, sp: Space, out: Path, cache_dir: str | Path | None, targ
     share that state, so they can be ranked against each other."""
     front = _front(study)
     if len(front) < 2:
+        return
+    if sp.search.draft:
+        say("front not re-timed together: each trial drafts for the original, in a run of its own")
         return
     if any(p.section == "targets" for p in sp.params):
         say("front not re-timed together: its trials differ in target settings, and one run times one target "

@@ -39,7 +39,7 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
                                          "(latency_ratio_ci_own: by the trial's own one-draw A/A offset)"},
               "retimed": {"trials": sorted(int(n) for n in rt), "run": str(out / "front-retimed")} if rt else None}
     if best is not None:
-        rec = sp.recipe(_values(sp, best)).model_copy(update={"name": f"{Path(sp.source).stem}-best"})
+        rec = sp.recipe(_values(sp, best), name=f"{Path(sp.source).stem}-best")
         (out / "best.toml").write_text(f"# best feasible trial ({best.number}) of {sp.source}; "
                                        f"objectives {', '.join(spec.objectives)}\n" + recipe_to_toml(rec))
         result["best_recipe"] = str(out / "best.toml")

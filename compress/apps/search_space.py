@@ -65,6 +65,9 @@ class SearchSpec(BaseModel):
                                 "when it cannot meet a constraint or is dominated (see probe_recipe)")
     probe_margin: float = Field(0.05, ge=0, le=1, description="a timed probe is trusted to this fraction: it "
                                 "prunes only when its interval is this far beyond the limit")
+    draft: bool = Field(False, description="causal LM: each trial's model drafts for the original by speculative "
+                        "decoding on the targets that offer it (their draft setting); the objectives are then the "
+                        "original's generation speed with that draft, its output unchanged")
     retime_front: bool = Field(True, description="time the feasible front's models again together in one run at "
                                "the end (interleaved), and pick the best on those figures")
 
@@ -125,8 +128,12 @@ class Space:
         return {p.name: True if p.kind == "optional" else (p.choices[0] if p.kind == "choice" else p.low)
                 for p in self.params}
 
-    def recipe(self, values: dict[str, Any]) -> Recipe:
-        """The plain recipe of one point of the space."""
+    def recipe(self, values: dict[str, Any], name: str | None = None) -> Recipe:
+        """The plain recipe of one point of the space (named ``name``: a trial, the best). With ``[search] draft``
+        the point's model drafts for the original: every target that offers speculative decoding gets
+        ``draft = name`` (a point without passes is the original, generating plainly)."""
+        from ..core.registry import get_target_config
+
         d = json.loads(json.dumps(self.base))
         for p in self.params:
             if p.key is not None and p.name in values:
@@ -134,6 +141,11 @@ class Space:
         # An optional pass runs unless the point switches it off (its "enabled" parameter).
         keep = [i for i in range(len(d.get("passes", []))) if values.get(f"passes[{i + 1}].enabled", True)]
         d["passes"] = [d["passes"][i] for i in keep]
+        if name is not None:
+            d["name"] = name
+            for t in d.get("targets", []) if self.search.draft and d["passes"] else ():
+                if "draft" in get_target_config(t["kind"]).model_fields:
+                    t["draft"] = name
         return _resolve_paths(recipe_from_dict(d, where=self.source), self.folder)
 
 
@@ -270,12 +282,37 @@ def search_target(sp: Space) -> str:
     return targets[0].kind
 
 
+def _check_draft_search(p: Path, search: SearchSpec, rec: Recipe, lm: bool) -> None:
+    """``[search] draft = true`` needs a causal LM and a target that drafts, whose draft the space leaves open."""
+    from ..core.registry import get_target_config
+
+    if not lm:
+        raise RecipeError(f"{p}: [search] draft = true: speculative decoding drafts for a causal language model; "
+                          "this model is not one (set model.task = \"causal-lm\") or drop draft")
+    drafting = [t for t in rec.targets if "draft" in get_target_config(t.kind).model_fields]
+    if not drafting:
+        raise RecipeError(f"{p}: [search] draft = true: none of the targets ({', '.join(t.kind for t in rec.targets)}) "
+                          "generates speculatively; add one that offers a draft setting (onnxruntime)")
+    fixed = [t.kind for t in drafting if t.speculative_draft() is not None]
+    if fixed:
+        raise RecipeError(f"{p}: [search] draft = true makes each trial the draft, and target {fixed[0]} already "
+                          "names one; drop its draft setting (draft_k may stay, or be searched)")
+    bad = [m for m in [*search.objectives, *search.constraints] if m in ("perplexity_rise", "kl")]
+    if bad:
+        raise RecipeError(f"{p}: [search] {', '.join(bad)} with draft = true: speculative decoding keeps the "
+                          "original's output, so its text quality does not change; use decode_time_ratio, "
+                          "ttft_ratio, size_mb or macs_ratio")
+
+
 def _check_search_against_recipe(p: Path, search: SearchSpec, rec: Recipe) -> None:
     kinds = [t.kind for t in rec.targets]
     if not kinds:
         raise RecipeError(f"{p}: list the target to measure on ([[targets]] kind = \"onnxruntime\")")
     lm = _is_causal_lm(rec.model)
     allowed = LM_METRICS if lm else OTHER_METRICS
+    if search.draft:
+        _check_draft_search(p, search, rec, lm)
+        allowed = tuple(m for m in allowed if m not in ("perplexity_rise", "kl"))
     bad = [m for m in dict.fromkeys([*search.objectives, *search.constraints]) if m not in allowed]
     if bad:
         what = ("a causal language model's run (model.task = \"causal-lm\")" if lm
@@ -320,7 +357,7 @@ def check_points(sp: Space, cache_dir: str | Path | None, say: Any = None) -> No
                      log=say or (lambda m: None))
     need_onnx = any(t.caps.consumes == ONNX for t in plan.targets)
     for values in corner_points(sp):
-        rec = sp.recipe(values)
+        rec = sp.recipe(values, name="trial")
         try:
             chains, _, _ = _chains({rec.name: list(rec.passes)}, plan.root, need_onnx, (), rec.model.source)
             _check_work(rec, list(rec.targets), chains, plan.root, plan.data, plan.ctx.text)

@@ -24,7 +24,8 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
         reason = "not measured" if cell is None else f"{cell.status}: {cell.reason}"
         raise CompressError(f"the trial's model on {target}: {reason}")
     if cell.generation is not None:
-        return _lm_metrics(report, variant, cell, target)
+        drafting = base is not None and cell is not base and base.target_config.get("draft") == variant
+        return _lm_metrics(report, variant, cell, target, base if drafting else None)
     b = str(batch)
     out: dict[str, Any] = {"p50_ms": cell.latency[b].p50_ms, "size_mb": (cell.size_bytes or 0) / 1e6}
     if base is not None and base.status == "ok":
@@ -48,12 +49,14 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
     return out
 
 
-def _lm_metrics(report: Report, variant: str, cell: Any, target: str) -> dict[str, Any]:
+def _lm_metrics(report: Report, variant: str, cell: Any, target: str, verifier: Any = None) -> dict[str, Any]:
     """A causal LM trial's figures from its generation record: the paired ratios to the original on the reference
     target (measure_lm), decode as time per token (1 / decode_speedup, so that every objective is minimized) with
-    its interval turned over alike, and quality on held-out text."""
-    g = cell.generation
-    if g.decode_speedup is None or g.ttft_ratio is None:
+    its interval turned over alike, and quality on held-out text. With ``verifier`` (``[search] draft``: the trial's
+    model drafts for the original's cell on the target) the speed and agreement are that cell's, generating
+    speculatively; size and MACs stay the draft's."""
+    g = (verifier or cell).generation
+    if g is None or g.decode_speedup is None or g.ttft_ratio is None:
         raise CompressError(f"the trial's model on {target}: no generation speed ratio to the original (a cell on "
                             "the reference target is the reference itself; search another target)")
     s, t = g.decode_speedup, g.ttft_ratio
@@ -63,6 +66,9 @@ def _lm_metrics(report: Report, variant: str, cell: Any, target: str) -> dict[st
                            "size_mb": (cell.size_bytes or 0) / 1e6}
     quality = {"perplexity_rise": g.perplexity_rise, "perplexity": g.perplexity, "kl": g.kl,
                "top1_agreement": g.top1_agreement, "greedy_agreement": g.greedy_agreement}
+    if verifier is not None:
+        quality = {"greedy_agreement": g.greedy_agreement, "draft_acceptance": g.draft_acceptance,
+                    "tokens_per_verifier_pass": g.tokens_per_verifier_pass}
     out.update({k: float(v) for k, v in quality.items() if v is not None})
     info = report.variants.get(variant)
     out["macs_ratio"] = _macs_ratio(list(info.passes.values()) if info is not None else [])
