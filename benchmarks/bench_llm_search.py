@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -66,21 +67,25 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600, help="stop starting trials after this many seconds")
     ap.add_argument("--out", default="runs/bench-llm-search")
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--reuse", action="store_true", help="compare again from --out's files, measuring nothing")
     a = ap.parse_args()
-    from compress.apps.search import run_search, trial_metrics
+    from compress.apps.search import run_search
     from compress.core.registry import get_pass
+    from compress.reporting.report_schema import load_report
     from compress.reporting.report_tables import generation_lines
     from compress.stages.pipeline import run
-    from compress.stages.recipe import parse_pipeline
+    from compress.stages.recipe import parse_pipeline, recipe_from_dict
 
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    space = out / "space.toml"
-    space.write_text(space_text(Path(a.hf_dir).resolve(), a.trials))
     t0 = time.perf_counter()
-    res = run_search(space, out / "search", cache_dir=a.cache, timeout_s=a.timeout, log=print)
-    search_s = time.perf_counter() - t0
-    print(f"search: {search_s:.0f} s, {len(res['trials'])} trial(s), front {res['front']}")
+    if a.reuse:  # the comparison again from a finished benchmark's files (no new measurement)
+        res = json.loads((out / "search" / "search.json").read_text())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        space = out / "space.toml"
+        space.write_text(space_text(Path(a.hf_dir).resolve(), a.trials))
+        res = run_search(space, out / "search", cache_dir=a.cache, timeout_s=a.timeout, log=print)
+        print(f"search: {time.perf_counter() - t0:.0f} s, {len(res['trials'])} trial(s), front {res['front']}")
     front = {f"trial{t['number']}": t for t in res["trials"] if t["number"] in res["front"]}
 
     wo, depth = get_pass("quantize.weight_only").config_cls, get_pass("prune.depth").config_cls
@@ -88,33 +93,44 @@ def main() -> None:
     hand = {"hand-int4": [int4], "hand-depth8-int4": [depth(blocks=8, windows=4), int4]}
     variants = {name: list(parse_pipeline(t["recipe"])[0]) for name, t in front.items()}
     variants.update(hand)
-    from compress.stages.recipe import recipe_from_dict
-
-    rec = recipe_from_dict({"name": "bench-llm-search", "model": {"source": f"hf:{Path(a.hf_dir).resolve()}",
-                                                                   "task": "causal-lm"},
-                            "data": {"source": "builtin:pydoc-topics"},
-                            "measure": {k.strip(): json.loads(v.strip()) for k, v in
-                                        (kv.split("=") for kv in MEASURE.split(","))},
-                            "targets": [{"kind": "onnxruntime"}]}, "bench_llm_search")
-    t1 = time.perf_counter()
-    report = run(rec, out_dir=out / "together", cache_dir=a.cache, variants=variants, log=print)
-    print(f"together: {time.perf_counter() - t1:.0f} s")
+    if a.reuse:
+        report = load_report(out / "together" / "report.json")
+    else:
+        rec = recipe_from_dict({"name": "bench-llm-search", "data": {"source": "builtin:pydoc-topics"},
+                                "model": {"source": f"hf:{Path(a.hf_dir).resolve()}", "task": "causal-lm"},
+                                "measure": {k.strip(): json.loads(v.strip()) for k, v in
+                                            (kv.split("=") for kv in MEASURE.split(","))},
+                                "targets": [{"kind": "onnxruntime"}]}, "bench_llm_search")
+        t1 = time.perf_counter()
+        report = run(rec, out_dir=out / "together", cache_dir=a.cache, variants=variants, log=print)
+        print(f"together: {time.perf_counter() - t1:.0f} s")
     print("\n".join(generation_lines(report)))
-    m = {name: trial_metrics(report, name, "onnxruntime", 1) for name in variants}
-    print("\n| variant | recipe | decode time ratio [95%] | decode speed-up | perplexity | rise | TTFT ratio |")
-    print("|---|---|---|---|---|---|---|")
+    compare_front(report, front, hand)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+def compare_front(report: Any, front: dict[str, Any], hand: dict[str, Any]) -> None:
+    """The same-run table, and for each hand-written recipe the front points at least as good: the same compiled
+    model (equal digests: only timing noise can tell them apart), or no worse on both figures."""
+    from compress.apps.search import trial_metrics
+
+    m = {name: trial_metrics(report, name, "onnxruntime", 1) for name in [*front, *hand]}
+    digest = {r.variant: (r.compiled_digest or "")[:12] for r in report.results}
+    print("\n| variant | recipe | build digest | decode time ratio [95%] | decode speed-up | perplexity | rise | "
+          "TTFT ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, x in m.items():
         lo, hi = x["decode_time_ratio_ci"]
-        recipe = front[name]["recipe"] if name in front else ",".join(p.kind for p in hand[name])
-        print(f"| {name} | `{recipe}` | {x['decode_time_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
+        recipe = front[name]["recipe"] if name in front else " + ".join(p.kind for p in hand[name])
+        print(f"| {name} | `{recipe}` | {digest[name]} | {x['decode_time_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
               f"{x['decode_speedup']:.2f}x | {x['perplexity']:.2f} | {x['perplexity_rise']:+.1%} | "
               f"{x['ttft_ratio']:.3f} |")
     for h in hand:
-        better = [f for f in front if m[f]["decode_time_ratio"] <= m[h]["decode_time_ratio"]
+        same = [f for f in front if digest[f] == digest[h]]
+        better = [f for f in front if f not in same and m[f]["decode_time_ratio"] <= m[h]["decode_time_ratio"]
                   and m[f]["perplexity_rise"] <= m[h]["perplexity_rise"]]
-        print(f"{h}: front point(s) at least as good on decode time and perplexity rise (same run): "
-              f"{', '.join(better) or 'none'}")
-    print(f"total {time.perf_counter() - t0:.0f} s")
+        print(f"{h}: the same model on the front: {', '.join(same) or 'none'}; other front points at least as good "
+              f"on decode time and perplexity rise (same run): {', '.join(better) or 'none'}")
 
 
 if __name__ == "__main__":

@@ -56,12 +56,15 @@ def _lm_metrics(report: Report, variant: str, cell: Any, target: str, verifier: 
     model drafts for the original's cell on the target) the speed and agreement are that cell's, generating
     speculatively; size and MACs stay the draft's."""
     g = (verifier or cell).generation
-    if g is None or g.decode_speedup is None or g.ttft_ratio is None:
+    s, t = [(r.ratio, r.low, r.high) if r is not None else None for r in (g.decode_speedup, g.ttft_ratio)]
+    if (s is None or t is None) and variant not in report.variants and verifier is None:
+        # Every optional pass off, and this cell is the run's reference: the original against itself.
+        s = t = (1.0, 1.0, 1.0)
+    if s is None or t is None:
         raise CompressError(f"the trial's model on {target}: no generation speed ratio to the original (a cell on "
                             "the reference target is the reference itself; search another target)")
-    s, t = g.decode_speedup, g.ttft_ratio
-    out: dict[str, Any] = {"decode_time_ratio": 1 / s.ratio, "decode_time_ratio_ci": [1 / s.high, 1 / s.low],
-                           "decode_speedup": s.ratio, "ttft_ratio": t.ratio, "ttft_ratio_ci": [t.low, t.high],
+    out: dict[str, Any] = {"decode_time_ratio": 1 / s[0], "decode_time_ratio_ci": [1 / s[2], 1 / s[1]],
+                           "decode_speedup": s[0], "ttft_ratio": t[0], "ttft_ratio_ci": [t[1], t[2]],
                            "decode_tokens_per_s": g.decode_tokens_per_s, "ttft_ms": g.ttft_ms,
                            "size_mb": (cell.size_bytes or 0) / 1e6}
     quality = {"perplexity_rise": g.perplexity_rise, "perplexity": g.perplexity, "kl": g.kl,
