@@ -158,3 +158,23 @@ def test_a_draft_search_times_the_original_drafted_by_each_trial(lm_dir: Path, t
 def test_bad_draft_searches_are_refused(lm_dir: Path, tmp_path: Path, search: str, targets: str, match: str) -> None:
     with pytest.raises(RecipeError, match=match):
         load_space(space(tmp_path, head(lm_dir) + "[search]\n" + search + DEPTH + targets))
+
+
+def test_a_repeated_point_reuses_its_figures_and_the_original_is_a_point(lm_dir: Path, tmp_path: Path) -> None:
+    # Two points (INT4 on or off) and four trials: samplers draw a discrete point again. Only onnxruntime, so the
+    # point with the pass off is the run's reference itself.
+    body = (head(lm_dir) + '[search]\ntrials = 4\nsampler = "random"\nseed = 0\nretime_front = false\n'
+            + INT4.replace("{ choices = [16, 32] }", "32\noptional = true") + '[[targets]]\nkind = "onnxruntime"\n')
+    out = tmp_path / "out"
+    res = run_search(space(tmp_path, body), out, cache_dir=tmp_path / "cache")
+    trials = {t["number"]: t for t in res["trials"]}
+    assert len(trials) == 4 and all(t["state"] == "COMPLETE" for t in trials.values())
+    repeats = [t for t in trials.values() if t["repeat_of"] is not None]
+    firsts = [t for t in trials.values() if t["repeat_of"] is None]
+    assert len(firsts) == 2 and len(repeats) == 2  # both points measured once each
+    for t in repeats:
+        assert t["params"] == trials[t["repeat_of"]]["params"] and t["values"] == trials[t["repeat_of"]]["values"]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == sorted(f"trial{t['number']}" for t in firsts)
+    off = next(t for t in firsts if not t["params"]["passes[1].enabled"])
+    assert off["metrics"]["decode_time_ratio"] == 1.0 and off["metrics"]["perplexity_rise"] == 0.0
+    assert set(res["front"]) <= {t["number"] for t in firsts}  # a repeat never stands on the front twice

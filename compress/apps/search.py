@@ -213,14 +213,25 @@ class _Search:
         self.tell(trial, {"ok": False, "pruned": reason, "probe": pres["metrics"]}, secs)
         return True
 
-    def ask(self) -> tuple[Any, Recipe] | None:
+    def ask(self) -> tuple[Any, Recipe | None] | None:
+        """The next trial and its recipe; None when the time is up. A point a finished trial already measured is
+        told that trial's figures at once and comes back without a recipe (nothing to build or time): samplers
+        draw a discrete point again (TPE's start-up repeated one of four on SmolLM2, a quarter of the budget)."""
         if time.monotonic() > self.deadline:
             return None
         trial = self.study.ask()
         values = {p.name: _suggest(trial, p) for p in self.sp.params}
         rec = self.sp.recipe(values, name=f"trial{trial.number}")
         trial.set_user_attr("recipe", rec.pipeline_text())
-        return trial, rec
+        earlier = next((t for t in self.study.trials if t.state.name == "COMPLETE" and _values(self.sp, t) == values
+                        and "repeat_of" not in t.user_attrs), None)
+        if earlier is None:
+            return trial, rec
+        trial.set_user_attr("repeat_of", earlier.number)
+        self.say(f"trial {trial.number}: the point of trial {earlier.number} again; its figures are reused")
+        skip = ("recipe", "constraint", "seconds", "retry_of", "repeat_of", "measured_on")
+        self.tell(trial, {"ok": True, "metrics": {k: v for k, v in earlier.user_attrs.items() if k not in skip}}, 0.0)
+        return trial, None
 
     def train_root(self, pool: _RayPool | None) -> dict[str, Any]:
         """Once, before any trial: two trials started side by side on a cold cache each trained the model."""
@@ -240,6 +251,8 @@ class _Search:
         while started < self.budget and (nxt := self.ask()) is not None:
             started += 1
             trial, rec = nxt
+            if rec is None:  # a repeated point, told already
+                continue
             t0 = time.monotonic()
             prec = self.probe_for(rec)
             if prec is not None and self.judge(trial, probe_trial(prec, self.out / "trials" / rec.name / "probe",

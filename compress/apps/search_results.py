@@ -19,13 +19,14 @@ def write_results(study: Any, sp: Space, out: Path, target: str) -> dict[str, An
     trials = []
     for t in study.trials:
         metrics = {k: v for k, v in t.user_attrs.items()
-                   if k not in ("recipe", "error", "pruned", INTERRUPTED, "retry_of")}
+                   if k not in ("recipe", "error", "pruned", INTERRUPTED, "retry_of", "repeat_of")}
         if "latency_ratio_ci" in metrics:  # the run's own interval stays beside the pooled one
             metrics["latency_ratio_ci_own"] = metrics["latency_ratio_ci"]
             metrics["latency_ratio_ci"] = pooled_ci(t.user_attrs, spread)
         metrics.update({f"retimed_{k}": v for k, v in rt.get(str(t.number), {}).items()})
         trials.append({"number": t.number, "state": "INTERRUPTED" if INTERRUPTED in t.user_attrs else t.state.name,
-                       "retry_of": t.user_attrs.get("retry_of"), "params": t.params,
+                       "retry_of": t.user_attrs.get("retry_of"), "repeat_of": t.user_attrs.get("repeat_of"),
+                       "params": t.params,
                        "recipe": t.user_attrs.get("recipe"), "error": t.user_attrs.get("error"),
                        "pruned": t.user_attrs.get("pruned"), "metrics": metrics, "values": t.values})
     front = sorted(_front(study), key=lambda t: tuple(t.values))

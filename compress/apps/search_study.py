@@ -186,7 +186,7 @@ def _final_best(study: Any, spec: SearchSpec) -> Any:
 
 
 def _front(study: Any) -> list[Any]:
-    """Pareto-optimal feasible trials."""
-    ok = _feasible(study)
+    """Pareto-optimal feasible trials (a repeated point once: its first trial)."""
+    ok = [t for t in _feasible(study) if "repeat_of" not in t.user_attrs]
     return [t for t in ok if not any(all(a <= b for a, b in zip(o.values, t.values, strict=True))
                                      and o.values != t.values for o in ok)]

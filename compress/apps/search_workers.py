@@ -229,7 +229,7 @@ class _RayPool:
         self.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
         say(f"ray: {self.parallel} CPU(s), measuring on resource {self.key}")
 
-    def run(self, ask: Callable[[], tuple[Any, Recipe] | None], budget: int, out: Path, spec: SearchSpec,
+    def run(self, ask: Callable[[], tuple[Any, Recipe | None] | None], budget: int, out: Path, spec: SearchSpec,
             needed: list[str], probe_for: Callable[[Recipe], Recipe | None],
             judge: Callable[[Any, dict[str, Any], float], bool],
             tell: Callable[[Any, dict[str, Any], float], None]) -> int:
@@ -248,6 +248,8 @@ class _RayPool:
                     break
                 trial, rec = nxt
                 started += 1
+                if rec is None:  # a repeated point, told already (search._Search.ask)
+                    continue
                 prec = probe_for(rec)
                 if prec is not None:  # timed, so on the measuring node like any measurement
                     ref0 = self.probe.remote(prec, out / "trials" / rec.name / "probe", self.cache_dir, self.target,
