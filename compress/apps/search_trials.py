@@ -188,8 +188,9 @@ def session_spread(trials: list[Any]) -> tuple[float, int]:
     spread (|d| of one draw is under a quarter of its standard deviation one time in five), so two
     runs of one trial disagreed beyond their intervals. A search has many draws: their root mean
     square estimates the spread with as many degrees of freedom as trials. (0, 0) without any."""
-    ds = [float(t.user_attrs["aa_offset"]) for t in trials  # a repeated point's figures are its first trial's
-          if t.state.name == "COMPLETE" and t.user_attrs.get("aa_offset") is not None and "repeat_of" not in t.user_attrs]
+    # A repeated point's figures are its first trial's: one draw.
+    ds = [float(t.user_attrs["aa_offset"]) for t in trials if t.state.name == "COMPLETE"
+          and t.user_attrs.get("aa_offset") is not None and "repeat_of" not in t.user_attrs]
     if not ds:
         return 0.0, 0
     return math.sqrt(sum(d * d for d in ds) / len(ds)), len(ds)
