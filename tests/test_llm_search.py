@@ -118,10 +118,11 @@ def test_a_point_the_model_cannot_take_is_refused_before_any_trial(lm_dir: Path,
     with pytest.raises(RecipeError, match=match):
         run_search(path, out, cache_dir=tmp_path / "cache")
     assert not (out / "search.db").exists() and not (out / "trials").exists()  # no trial started
-    # The command line: one line, exit 2.
-    assert main(["search", str(path), "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot run" in err[0]
+    # The command line: one line, exit 2; a dry run checks the same.
+    for extra in (["--out", str(out)], ["--dry-run"]):
+        assert main(["search", str(path), *extra, "--cache", str(tmp_path / "cache"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot run" in err[0]
 
 
 def test_a_draft_search_times_the_original_drafted_by_each_trial(lm_dir: Path, tmp_path: Path) -> None:
