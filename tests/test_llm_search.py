@@ -83,6 +83,9 @@ def test_an_llm_space_defaults_to_decode_speed_and_perplexity(lm_dir: Path, tmp_
     assert search_target(sp) == "onnxruntime"  # not the reference the ratios are taken against
     names = {p.name for p in sp.params}
     assert names == {"passes[1].enabled", "passes[1].blocks", "passes[2].group_size"}
+    # A draft search's text is the original's: it weighs speed against the draft's size.
+    drafts = load_space(space(tmp_path, head(lm_dir) + "[search]\ndraft = true\n" + DEPTH + INT4 + TARGETS))
+    assert drafts.search.objectives == ["decode_time_ratio", "size_mb"]
 
 
 DIGITS = ('name = "s"\nmodel = { source = "zoo:digits-cnn" }\ndata = { source = "builtin:digits" }\n@SEARCH@'

@@ -192,7 +192,9 @@ def load_space(path: str | Path) -> Space:
     p, d = read_toml(path, "search space")
     raw_search = d.pop("search", {})
     if isinstance(raw_search, dict) and "objectives" not in raw_search and _is_causal_lm(d.get("model")):
-        raw_search = {**raw_search, "objectives": LM_DEFAULT_OBJECTIVES}
+        # A draft leaves the original's text as it is: its search weighs speed against the draft's size.
+        raw_search = {**raw_search, "objectives": ["decode_time_ratio", "size_mb"] if raw_search.get("draft") is True
+                      else LM_DEFAULT_OBJECTIVES}
     try:
         search = SearchSpec.model_validate(raw_search)
     except ValidationError as e:
