@@ -60,6 +60,43 @@ kind = "onnxruntime"
 '''
 
 
+def draft_space_text(hf_dir: Path, trials: int) -> str:
+    """``--draft``: each trial's model drafts for the FP32 original (speculative decoding on ONNX Runtime); PyTorch
+    eager is the reference the ratios divide by. The hand-written draft of bench_llm_structure.py (INT4 alone, k = 3)
+    is the point with the depth pass off and draft_k = 3."""
+    return f'''name = "smollm2-draft-search"
+model = {{ source = "hf:{hf_dir}", task = "causal-lm" }}
+data = {{ source = "builtin:pydoc-topics" }}
+measure = {{ {MEASURE} }}
+
+[search]
+trials = {trials}
+sampler = "tpe"
+draft = true
+objectives = ["decode_time_ratio", "size_mb"]
+
+[[passes]]
+kind = "prune.depth"
+optional = true
+blocks = [4, 16]
+windows = 4
+
+[[passes]]
+kind = "quantize.weight_only"
+optional = true               # both passes off: the original generating plainly, the verifier's own speed
+bits = 4
+group_size = 32
+accuracy_level = 4
+
+[[targets]]
+kind = "torch"
+
+[[targets]]
+kind = "onnxruntime"
+draft_k = {{ choices = [3, 5] }}
+'''
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hf-dir", required=True, help="SmolLM2-135M as a Hugging Face folder")
@@ -68,6 +105,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-llm-search")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--reuse", action="store_true", help="compare again from --out's files, measuring nothing")
+    ap.add_argument("--draft", action="store_true", help="search drafts for speculative decoding instead "
+                    "(draft_space_text); the search alone")
     a = ap.parse_args()
     from compress.apps.search import run_search
     from compress.core.registry import get_pass
@@ -83,9 +122,18 @@ def main() -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         space = out / "space.toml"
-        space.write_text(space_text(Path(a.hf_dir).resolve(), a.trials))
+        space.write_text((draft_space_text if a.draft else space_text)(Path(a.hf_dir).resolve(), a.trials))
         res = run_search(space, out / "search", cache_dir=a.cache, timeout_s=a.timeout, log=print)
         print(f"search: {time.perf_counter() - t0:.0f} s, {len(res['trials'])} trial(s), front {res['front']}")
+    if a.draft:
+        keys = ("decode_speedup", "decode_time_ratio_ci", "ttft_ratio", "size_mb", "draft_acceptance",
+                "tokens_per_verifier_pass", "greedy_agreement")
+        for t in res["trials"]:
+            m = t["metrics"]
+            print(f"trial {t['number']} {t['state']} {t['recipe']} draft_k={t['params'].get('targets[2].draft_k')}"
+                  f" repeat_of={t.get('repeat_of')}: " + ", ".join(f"{k}={m.get(k)}" for k in keys))
+        print((out / "search" / "front.md").read_text())
+        return
     front = {f"trial{t['number']}": t for t in res["trials"] if t["number"] in res["front"]}
 
     wo, depth = get_pass("quantize.weight_only").config_cls, get_pass("prune.depth").config_cls
