@@ -165,10 +165,11 @@ def test_bad_draft_searches_are_refused(lm_dir: Path, tmp_path: Path, search: st
 
 
 def test_a_repeated_point_reuses_its_figures_and_the_original_is_a_point(lm_dir: Path, tmp_path: Path) -> None:
-    # Two points (INT4 on or off) and four trials: samplers draw a discrete point again. Only onnxruntime, so the
-    # point with the pass off is the run's reference itself.
+    # Three recipes (INT4 at group 16 or 32, or off, whatever group is drawn) and four trials: samplers draw a discrete
+    # point again, or a point that differs only in a switched-off pass's setting (this seed: off/16, off/32, on/16,
+    # off/32). Only onnxruntime, so the point with the pass off is the run's reference itself.
     body = (head(lm_dir) + '[search]\ntrials = 4\nsampler = "random"\nseed = 0\nretime_front = false\n'
-            + INT4.replace("{ choices = [16, 32] }", "32\noptional = true") + '[[targets]]\nkind = "onnxruntime"\n')
+            + INT4 + 'optional = true\n[[targets]]\nkind = "onnxruntime"\n')
     out = tmp_path / "out"
     res = run_search(space(tmp_path, body), out, cache_dir=tmp_path / "cache")
     trials = {t["number"]: t for t in res["trials"]}
@@ -177,7 +178,7 @@ def test_a_repeated_point_reuses_its_figures_and_the_original_is_a_point(lm_dir:
     firsts = [t for t in trials.values() if t["repeat_of"] is None]
     assert len(firsts) == 2 and len(repeats) == 2  # both points measured once each
     for t in repeats:
-        assert t["params"] == trials[t["repeat_of"]]["params"] and t["values"] == trials[t["repeat_of"]]["values"]
+        assert t["recipe"] == trials[t["repeat_of"]]["recipe"] and t["values"] == trials[t["repeat_of"]]["values"]
     assert sorted(p.name for p in (out / "trials").iterdir()) == sorted(f"trial{t['number']}" for t in firsts)
     off = next(t for t in firsts if not t["params"]["passes[1].enabled"])
     assert off["metrics"]["decode_time_ratio"] == 1.0 and off["metrics"]["perplexity_rise"] == 0.0

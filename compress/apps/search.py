@@ -223,8 +223,10 @@ class _Search:
         values = {p.name: _suggest(trial, p) for p in self.sp.params}
         rec = self.sp.recipe(values, name=f"trial{trial.number}")
         trial.set_user_attr("recipe", rec.pipeline_text())
-        earlier = next((t for t in self.study.trials if t.state.name == "COMPLETE" and _values(self.sp, t) == values
-                        and "repeat_of" not in t.user_attrs), None)
+        # The same recipe, not the same values: a switched-off pass's settings are drawn too, and change nothing.
+        point = self.sp.recipe(values, name="point").pipeline_text()
+        earlier = next((t for t in self.study.trials if t.state.name == "COMPLETE" and "repeat_of" not in t.user_attrs
+                        and self.sp.recipe(_values(self.sp, t), name="point").pipeline_text() == point), None)
         if earlier is None:
             return trial, rec
         trial.set_user_attr("repeat_of", earlier.number)
