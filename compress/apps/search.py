@@ -230,9 +230,9 @@ class _Search:
         if earlier is None:
             return trial, rec
         trial.set_user_attr("repeat_of", earlier.number)
-        self.say(f"trial {trial.number}: the point of trial {earlier.number} again; its figures are reused")
         skip = ("recipe", "constraint", "seconds", "retry_of", "repeat_of", "measured_on", "aa_offset")
-        self.tell(trial, {"ok": True, "metrics": {k: v for k, v in earlier.user_attrs.items() if k not in skip}}, 0.0)
+        self.tell(trial, {"ok": True, "metrics": {k: v for k, v in earlier.user_attrs.items() if k not in skip},
+                          "repeat_of": earlier.number}, 0.0)
         return trial, None
 
     def train_root(self, pool: _RayPool | None) -> dict[str, Any]:

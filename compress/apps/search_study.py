@@ -157,6 +157,7 @@ def _tell(study: Any, trial: Any, res: dict[str, Any], secs: float, spec: Search
     best = _best(study)
     left = clock["deadline"] - time.monotonic()
     say(f"trial {trial.number} ({clock['told']}/{clock['budget']}): "
+        + (f"the recipe of trial {res['repeat_of']} again, its figures reused: " if "repeat_of" in res else "")
         + ", ".join(f"{o}={m[o]:.4g}" for o in spec.objectives)
         + ("" if feasible else " (violates a constraint)")
         + (f"; best so far trial {best.number}" if best is not None else "")
