@@ -136,6 +136,8 @@ NOT_RUN = {
     "search examples/search-digits.toml --trials 12": "12 trained trials: tens of minutes (the search tests run "
                                                       "smaller spaces)",
     "search space.toml --dry-run": "a placeholder for the reader's search space",
+    "search llm-space.toml --trials 8": "a placeholder for the reader's space over their language model (minutes a "
+                                        "trial on SmolLM2; tests/test_llm_search.py searches a tiny Llama)",
     "run recipe.toml": "a placeholder for the reader's recipe",
     "export runs/NAME --target onnxruntime --out bundle": "a placeholder for a finished run (the bundle tests "
                                                           "export real runs)",

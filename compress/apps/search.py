@@ -37,7 +37,17 @@ from typing import Any, Literal
 from ..errors import CompressError
 from ..stages.recipe import Recipe
 from .search_results import write_results
-from .search_space import METRICS, PROBE_METRICS, Param, SearchSpec, Space, load_space
+from .search_space import (
+    METRICS,
+    PROBE_METRICS,
+    TIMED,
+    Param,
+    SearchSpec,
+    Space,
+    check_points,
+    load_space,
+    search_target,
+)
 from .search_study import (
     INTERRUPTED,
     _constraint_values,
@@ -73,9 +83,10 @@ from .search_workers import (
 )
 
 __all__ = [
-    "INTERRUPTED", "METRICS", "PROBE_METRICS", "Param", "SearchSpec", "Space", "build_trial", "close_interrupted",
+    "INTERRUPTED", "METRICS", "PROBE_METRICS", "Param", "SearchSpec", "Space", "build_trial", "check_points",
+    "close_interrupted",
     "evaluate_trial", "hopeless", "load_space", "measure_resource", "pin_threads", "pooled_ci", "prepare_root",
-    "probe_recipe", "probe_trial", "retime_trials", "run_search", "session_spread", "task_threads",
+    "probe_recipe", "probe_trial", "retime_trials", "run_search", "search_target", "session_spread", "task_threads",
     "training_kinds", "training_seconds", "training_threads", "trial_metrics", "write_results",
 ]
 
@@ -100,7 +111,8 @@ def run_search(space: Space | str | Path, out_dir: str | Path, cache_dir: str | 
 
     check_out_dir(out)
     sp = pin_threads(sp, say)
-    target = sp.search.target or sp.recipe(sp.first_point()).targets[0].kind
+    target = search_target(sp)
+    check_points(sp, cache_dir, say)  # a point the model cannot take (too many blocks removed ...): refused now
     pool = _RayPool(sp, target, address, workers, cache_dir, say) if executor == "ray" else None
     out.mkdir(parents=True, exist_ok=True)
     s = _Search.open(sp, out, cache_dir, target, trials, timeout_s, say, warn or say)
@@ -201,14 +213,27 @@ class _Search:
         self.tell(trial, {"ok": False, "pruned": reason, "probe": pres["metrics"]}, secs)
         return True
 
-    def ask(self) -> tuple[Any, Recipe] | None:
+    def ask(self) -> tuple[Any, Recipe | None] | None:
+        """The next trial and its recipe; None when the time is up. A point a finished trial already measured is
+        told that trial's figures at once and comes back without a recipe (nothing to build or time): samplers
+        draw a discrete point again (TPE's start-up repeated one of four on SmolLM2, a quarter of the budget)."""
         if time.monotonic() > self.deadline:
             return None
         trial = self.study.ask()
         values = {p.name: _suggest(trial, p) for p in self.sp.params}
-        rec = self.sp.recipe(values).model_copy(update={"name": f"trial{trial.number}"})
+        rec = self.sp.recipe(values, name=f"trial{trial.number}")
         trial.set_user_attr("recipe", rec.pipeline_text())
-        return trial, rec
+        # The same recipe, not the same values: a switched-off pass's settings are drawn too, and change nothing.
+        point = self.sp.recipe(values, name="point").pipeline_text()
+        earlier = next((t for t in self.study.trials if t.state.name == "COMPLETE" and "repeat_of" not in t.user_attrs
+                        and self.sp.recipe(_values(self.sp, t), name="point").pipeline_text() == point), None)
+        if earlier is None:
+            return trial, rec
+        trial.set_user_attr("repeat_of", earlier.number)
+        skip = ("recipe", "constraint", "seconds", "retry_of", "repeat_of", "measured_on", "aa_offset")
+        self.tell(trial, {"ok": True, "metrics": {k: v for k, v in earlier.user_attrs.items() if k not in skip},
+                          "repeat_of": earlier.number}, 0.0)
+        return trial, None
 
     def train_root(self, pool: _RayPool | None) -> dict[str, Any]:
         """Once, before any trial: two trials started side by side on a cold cache each trained the model."""
@@ -228,6 +253,8 @@ class _Search:
         while started < self.budget and (nxt := self.ask()) is not None:
             started += 1
             trial, rec = nxt
+            if rec is None:  # a repeated point, told already
+                continue
             t0 = time.monotonic()
             prec = self.probe_for(rec)
             if prec is not None and self.judge(trial, probe_trial(prec, self.out / "trials" / rec.name / "probe",
@@ -256,6 +283,9 @@ def _retime(study: Any, sp: Space, out: Path, cache_dir: str | Path | None, targ
     front = _front(study)
     if len(front) < 2:
         return
+    if sp.search.draft:
+        say("front not re-timed together: each trial drafts for the original, in a run of its own")
+        return
     if any(p.section == "targets" for p in sp.params):
         say("front not re-timed together: its trials differ in target settings, and one run times one target "
             "configuration")
@@ -268,7 +298,8 @@ def _retime(study: Any, sp: Space, out: Path, cache_dir: str | Path | None, targ
         return
     study.set_user_attr("retimed", {name[5:]: m for name, m in res.items()})
     say("front re-timed together in one run: " + ", ".join(
-        f"trial {name[5:]} {m['latency_ratio']:.4g}" for name, m in res.items()))
+        f"trial {name[5:]} " + " ".join(f"{k} {m[k]:.4g}" for k in TIMED if k in m and k != "p50_ms")
+        for name, m in res.items()))
 
 
 def pin_threads(sp: Space, say: Callable[[str], None]) -> Space:

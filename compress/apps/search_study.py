@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InputError
-from .search_space import Param, SearchSpec, Space
+from .search_space import TIMED, Param, SearchSpec, Space
 
 
 def _suggest(trial: Any, p: Param) -> Any:
@@ -157,6 +157,7 @@ def _tell(study: Any, trial: Any, res: dict[str, Any], secs: float, spec: Search
     best = _best(study)
     left = clock["deadline"] - time.monotonic()
     say(f"trial {trial.number} ({clock['told']}/{clock['budget']}): "
+        + (f"the recipe of trial {res['repeat_of']} again, its figures reused: " if "repeat_of" in res else "")
         + ", ".join(f"{o}={m[o]:.4g}" for o in spec.objectives)
         + ("" if feasible else " (violates a constraint)")
         + (f"; best so far trial {best.number}" if best is not None else "")
@@ -179,13 +180,14 @@ def _final_best(study: Any, spec: SearchSpec) -> Any:
     """The best trial; on latency, ranked by the front's re-timing in one run when there is one."""
     rt = study.user_attrs.get("retimed") or {}
     front = _front(study)
-    if spec.objectives[0] == "latency_ratio" and front and all(str(t.number) in rt for t in front):
-        return min(front, key=lambda t: (rt[str(t.number)]["latency_ratio"], *t.values[1:]))
+    first = spec.objectives[0]  # a timed ratio (latency, decode time, time to first token): re-timed figures rank
+    if first in TIMED and front and all(first in rt.get(str(t.number), {}) for t in front):
+        return min(front, key=lambda t: (rt[str(t.number)][first], *t.values[1:]))
     return _best(study)
 
 
 def _front(study: Any) -> list[Any]:
-    """Pareto-optimal feasible trials."""
-    ok = _feasible(study)
+    """Pareto-optimal feasible trials (a repeated point once: its first trial)."""
+    ok = [t for t in _feasible(study) if "repeat_of" not in t.user_attrs]
     return [t for t in ok if not any(all(a <= b for a, b in zip(o.values, t.values, strict=True))
                                      and o.values != t.values for o in ok)]

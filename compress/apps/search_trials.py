@@ -12,7 +12,7 @@ from ..errors import CompressError
 from ..measuring.compare import compare
 from ..reporting.report_schema import MeasuredRatio, NoRatio, Report
 from ..stages.recipe import Recipe
-from .search_space import PROBE_METRICS, SearchSpec
+from .search_space import PROBE_METRICS, TIMED, SearchSpec
 
 
 def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict[str, Any]:
@@ -23,6 +23,9 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
     if cell is None or cell.status != "ok":
         reason = "not measured" if cell is None else f"{cell.status}: {cell.reason}"
         raise CompressError(f"the trial's model on {target}: {reason}")
+    if cell.generation is not None:
+        drafting = base is not None and cell is not base and base.target_config.get("draft") == variant
+        return _lm_metrics(report, variant, cell, target, base if drafting else None)
     b = str(batch)
     out: dict[str, Any] = {"p50_ms": cell.latency[b].p50_ms, "size_mb": (cell.size_bytes or 0) / 1e6}
     if base is not None and base.status == "ok":
@@ -46,13 +49,57 @@ def trial_metrics(report: Report, variant: str, target: str, batch: int) -> dict
     return out
 
 
+def _lm_metrics(report: Report, variant: str, cell: Any, target: str, verifier: Any = None) -> dict[str, Any]:
+    """A causal LM trial's figures from its generation record: the paired ratios to the original on the reference
+    target (measure_lm), decode as time per token (1 / decode_speedup, so that every objective is minimized) with
+    its interval turned over alike, and quality on held-out text. With ``verifier`` (``[search] draft``: the trial's
+    model drafts for the original's cell on the target) the speed and agreement are that cell's, generating
+    speculatively; size and MACs stay the draft's."""
+    g = (verifier or cell).generation
+    s, t = [(r.ratio, r.low, r.high) if r is not None else None for r in (g.decode_speedup, g.ttft_ratio)]
+    if (s is None or t is None) and variant not in report.variants and verifier is None:
+        # Every optional pass off, and this cell is the run's reference: the original against itself.
+        s = t = (1.0, 1.0, 1.0)
+    if s is None or t is None:
+        raise CompressError(f"the trial's model on {target}: no generation speed ratio to the original (a cell on "
+                            "the reference target is the reference itself; search another target)")
+    out: dict[str, Any] = {"decode_time_ratio": 1 / s[0], "decode_time_ratio_ci": [1 / s[2], 1 / s[1]],
+                           "decode_speedup": s[0], "ttft_ratio": t[0], "ttft_ratio_ci": [t[1], t[2]],
+                           "decode_tokens_per_s": g.decode_tokens_per_s, "ttft_ms": g.ttft_ms,
+                           "size_mb": (cell.size_bytes or 0) / 1e6}
+    quality = {"perplexity_rise": g.perplexity_rise, "perplexity": g.perplexity, "kl": g.kl,
+               "top1_agreement": g.top1_agreement, "greedy_agreement": g.greedy_agreement}
+    if verifier is not None:
+        quality = {"greedy_agreement": g.greedy_agreement, "draft_acceptance": g.draft_acceptance,
+                    "tokens_per_verifier_pass": g.tokens_per_verifier_pass}
+    out.update({k: float(v) for k, v in quality.items() if v is not None})
+    info = report.variants.get(variant)
+    out["macs_ratio"] = _macs_ratio(list(info.passes.values()) if info is not None else [])
+    out["threads"] = report.measurement.threads
+    return out
+
+
+def _macs_ratio(metas: list[dict[str, Any]]) -> float:
+    """MACs of the trial's model / the original's: the passes' own ratios (channel pruning), or for a decoder the
+    blocks' MACs per token after / before (prune.depth, prune.width; the LM head left out, as in Minitron's
+    counts), multiplied; 1.0 when no pass changed the structure."""
+    out = 1.0
+    for m in metas:
+        before, after = m.get("macs_per_token_before"), m.get("macs_per_token_after")
+        if "macs_ratio" in m:
+            out *= float(m["macs_ratio"])
+        elif isinstance(before, dict) and isinstance(after, dict) and before.get("blocks"):
+            out *= float(after["blocks"]) / float(before["blocks"])
+    return out
+
+
 def _structure_and_conditions(report: Report, variant: str, lat: Any, b: str) -> dict[str, Any]:
     """MACs/params ratios of the trial's model, and the conditions its latency was timed under
     (threads, other processes' load): two runs' figures are comparable only under like conditions."""
     # Whichever passes recorded a MACs/params ratio (structured pruning), multiplied; 1.0 when none did.
     info = report.variants.get(variant)
     metas = list(info.passes.values()) if info is not None else []
-    out: dict[str, Any] = {"macs_ratio": math.prod(float(m["macs_ratio"]) for m in metas if "macs_ratio" in m),
+    out: dict[str, Any] = {"macs_ratio": _macs_ratio(metas),
                            "params_ratio": math.prod(float(m["params_ratio"]) for m in metas if "params_ratio" in m)}
     if lat.p50_ci:
         out["p50_ci"] = list(lat.p50_ci)
@@ -118,7 +165,7 @@ def probe_trial(rec: Recipe, out: Path, cache_dir: str | Path | None, target: st
         m = trial_metrics(report, rec.name, target, batch)
     except CompressError as e:
         return {"ok": False, "error": "probe (untrained): " + str(e).splitlines()[0][:480]}
-    keep = (*PROBE_METRICS, "latency_ratio_ci", "p50_ci", "threads")
+    keep = (*PROBE_METRICS, *TIMED.values(), "threads")
     return {"ok": True, "metrics": {k: v for k, v in m.items() if k in keep}}
 
 
@@ -141,8 +188,9 @@ def session_spread(trials: list[Any]) -> tuple[float, int]:
     spread (|d| of one draw is under a quarter of its standard deviation one time in five), so two
     runs of one trial disagreed beyond their intervals. A search has many draws: their root mean
     square estimates the spread with as many degrees of freedom as trials. (0, 0) without any."""
-    ds = [float(t.user_attrs["aa_offset"]) for t in trials
-          if t.state.name == "COMPLETE" and t.user_attrs.get("aa_offset") is not None]
+    # A repeated point's figures are its first trial's: one draw.
+    ds = [float(t.user_attrs["aa_offset"]) for t in trials if t.state.name == "COMPLETE"
+          and t.user_attrs.get("aa_offset") is not None and "repeat_of" not in t.user_attrs]
     if not ds:
         return 0.0, 0
     return math.sqrt(sum(d * d for d in ds) / len(ds)), len(ds)
@@ -166,7 +214,7 @@ def _optimistic(probe: dict[str, Any], margin: float, spread: float = 0.0) -> di
     out: dict[str, float] = {k: float(probe[k]) for k in ("macs_ratio", "params_ratio") if k in probe}
     if "size_mb" in probe:
         out["size_mb"] = float(probe["size_mb"]) * 0.99
-    for k, ci in (("latency_ratio", "latency_ratio_ci"), ("p50_ms", "p50_ci")):
+    for k, ci in TIMED.items():
         if k in probe:
             out[k] = float((probe.get(ci) or [probe[k]])[0]) / max(1 + margin, math.exp(_Z95 * spread))
     return out
@@ -210,7 +258,7 @@ def retime_trials(recs: dict[str, Recipe], out: Path, cache_dir: str | Path | No
         metrics = {name: trial_metrics(report, name, target, batch) for name in recs}
     except CompressError as e:
         return str(e).splitlines()[0][:300]
-    keep = ("latency_ratio", "latency_ratio_ci", "p50_ms")
+    keep = (*TIMED, *TIMED.values())
     return {name: {k: m[k] for k in keep if k in m} for name, m in metrics.items()}
 
 

@@ -84,11 +84,15 @@ def _root(rec: Recipe, cache: Any) -> tuple[Any, Any, float]:
     from ..inputs.data import load_data
     from ..inputs.models import load_model
     from ..stages.execute import train_root
+    from ..stages.plan import _lm_text
 
     root = load_model(rec.model, cache)
-    data = load_data(rec.data, root.inputs[0].shape, root.inputs, model_source=rec.model.source)
     said: list[str] = []
-    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False, log=said.append)
+    # A causal LM's passes read token windows of its text (ctx.text), as in a run's plan; other models read data.
+    text = _lm_text(rec, root, said.append)
+    data = None if text is not None else load_data(rec.data, root.inputs[0].shape, root.inputs,
+                                                   model_source=rec.model.source)
+    ctx = PassContext(cache=cache, data=data, seed=rec.seed, progress=False, log=said.append, text=text)
     t0 = time.perf_counter()
     if rec.model.train_epochs and data is not None:
         root = train_root(root, data, rec.model.train_epochs, rec.seed, ctx)
@@ -225,7 +229,7 @@ class _RayPool:
         self.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
         say(f"ray: {self.parallel} CPU(s), measuring on resource {self.key}")
 
-    def run(self, ask: Callable[[], tuple[Any, Recipe] | None], budget: int, out: Path, spec: SearchSpec,
+    def run(self, ask: Callable[[], tuple[Any, Recipe | None] | None], budget: int, out: Path, spec: SearchSpec,
             needed: list[str], probe_for: Callable[[Recipe], Recipe | None],
             judge: Callable[[Any, dict[str, Any], float], bool],
             tell: Callable[[Any, dict[str, Any], float], None]) -> int:
@@ -244,6 +248,8 @@ class _RayPool:
                     break
                 trial, rec = nxt
                 started += 1
+                if rec is None:  # a repeated point, told already (search._Search.ask)
+                    continue
                 prec = probe_for(rec)
                 if prec is not None:  # timed, so on the measuring node like any measurement
                     ref0 = self.probe.remote(prec, out / "trials" / rec.name / "probe", self.cache_dir, self.target,

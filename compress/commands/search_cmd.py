@@ -11,9 +11,11 @@ from ..errors import RecipeError
 
 
 def cmd_search(a: argparse.Namespace) -> int:
-    from ..apps.search import load_space, run_search
+    from ..apps.search import check_points, load_space, run_search
 
     space = load_space(a.space)
+    if a.dry_run:  # the space's corner points against the model itself, as the search checks them before a trial
+        check_points(space, a.cache)
     if a.trials is not None and a.trials < 1:
         raise RecipeError(f"--trials {a.trials}: give at least 1")
     if a.timeout is not None and a.timeout <= 0:
