@@ -120,7 +120,7 @@ def module_of(model: Any, node: str) -> str | None:
     start = next((n for n in model.graph.node if n.name == node), None)
     if start is None:
         return None
-    todo, seen = list(start.input[1:2]), set()
+    todo, seen = list(start.input[1:2]), set[str]()
     while todo and len(seen) < 50:
         t = todo.pop(0)
         if t in seen:
@@ -159,10 +159,11 @@ def find_skip(ranked: Sequence[tuple[str, float]], already: Sequence[str],
 
 def skip_advice(fpath: Path, qpath: Path, source: Path, quantized: Sequence[str],
                 feeds: Sequence[dict[str, np.ndarray]], work: Path, already: Sequence[str], user_skip: bool,
-                passes_with: Callable[[list[str]], bool]) -> str:
+                passes_with: Callable[[list[str]], bool], dynamic_passes: Callable[[], bool]) -> str:
     """One clause for a refusal: the nodes the error comes from (with their modules) and a ``skip`` that was
     seen to pass the checks, or that no short one does. ``already``: the nodes the run keeps in float now
-    (never advised again); ``user_skip``: whether the run sets ``skip`` (then the advice is to add to it)."""
+    (never advised again); ``user_skip``: whether the run sets ``skip`` (then the advice is to add to it);
+    ``dynamic_passes``: whether quantize.dynamic passes the same checks (tried only when no skip does)."""
     import onnx
 
     ranked = node_blame(fpath, qpath, quantized, feeds, work)
@@ -178,8 +179,13 @@ def skip_advice(fpath: Path, qpath: Path, source: Path, quantized: Sequence[str]
     found = find_skip(ranked, already, passes_with)
     if found is None:
         tried = min(16, len([n for n, e in ranked if n not in already and e > 0]))
-        return (f"the error builds up over many layers (relative error each adds: {worst}); no skip of up to "
-                f"{tried} of them passes (checked), so use quantize.dynamic (weights only) or lower the bound")
+        head = (f"the error builds up over many layers (relative error each adds: {worst}); no skip of up to "
+                f"{tried} ")
+        if dynamic_passes():
+            return head + ("of them passes (checked), but quantize.dynamic (INT8 weights, float activations) passes "
+                           "the same checks (checked): use it instead")
+        return head + ("of them passes and quantize.dynamic does not either (checked): this model does not survive "
+                       "INT8 rounding; leave it in float (no quantize.int8)")
     lst = "[" + ", ".join(repr(n) for n in found) + "]"
     take = f"add {lst} to skip" if user_skip else f"skip = {lst}"
     return (f"the error comes mostly from {worst} (relative error each adds); {take} passes both checks "

@@ -386,8 +386,18 @@ def _blame(pre: Path, out: Path, art: Artifact, ctx: PassContext, data: Any, cfg
             return False
         return True
 
+    def dynamic_passes() -> bool:
+        from .quantize_dynamic import QuantizeDynamic, quantize_dynamic
+
+        try:
+            quantize_dynamic(art, QuantizeDynamic(), ctx)
+        except CompressError:
+            return False
+        return True
+
     try:
-        return skip_advice(pre, out, art.path / "model.onnx", quantized, feeds, work, keep, bool(cfg.skip), passes_with)
+        return skip_advice(pre, out, art.path / "model.onnx", quantized, feeds, work, keep, bool(cfg.skip),
+                           passes_with, dynamic_passes)
     except CompressError as e:  # the search is advice: its own failure must not hide the refusal
         return f"the nodes responsible could not be found ({str(e).splitlines()[0][:120]})"
 
