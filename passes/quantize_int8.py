@@ -377,6 +377,7 @@ def _blame(pre: Path, out: Path, art: Artifact, ctx: PassContext, data: Any, cfg
     feeds, _ = guard_feeds(art, ctx.data)
 
     def passes_with(skip: list[str]) -> bool:
+        ctx.log(f"quantize.int8: refused; checking whether {len(skip) - len(keep)} more node(s) in float pass")
         trial = work / "blame_trial.onnx"
         _quantize(pre, trial, cfg, scheme, reader, skip, only)
         try:
@@ -389,6 +390,7 @@ def _blame(pre: Path, out: Path, art: Artifact, ctx: PassContext, data: Any, cfg
     def dynamic_passes() -> bool:
         from .quantize_dynamic import QuantizeDynamic, quantize_dynamic
 
+        ctx.log("quantize.int8: refused and no short skip passes; checking quantize.dynamic instead")
         try:
             quantize_dynamic(art, QuantizeDynamic(), ctx)
         except CompressError:
