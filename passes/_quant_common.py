@@ -453,6 +453,11 @@ class CalibrationReader:
 # ---------------------------------------------------------------- deployed vs simulated Q/DQ
 
 
+class FloatBreach(PassError):
+    """The quantized model is too far from its float input model (not a backend mismatch): keeping the nodes
+    responsible in float is the fix the pass can look for (passes/_quant_blame.py)."""
+
+
 class QdqParityOptions(ParityOptions):
     """Parity settings of a pass that writes Q/DQ: deployed integer kernels vs the simulated graph."""
 
@@ -501,9 +506,9 @@ def self_parity(qpath: Path, art: Artifact, data: Any, cfg: QdqParityOptions, sc
     vs = check(fp, dep, cfg.tolerance("int8"), precision="int8", reference="its float input model (ONNX Runtime)",
                inputs=inputs, real_data=y is not None)
     if not vs["ok"]:
-        raise PassError(f"{cfg.kind}: the output differs from its input model beyond the tolerance: {vs['reason']}; "
-                        "keep sensitive layers in float (skip, max_accuracy_drop), or loosen min_cosine/"
-                        "min_agreement")
+        raise FloatBreach(f"{cfg.kind}: the output differs from its input model beyond the tolerance: "
+                          f"{vs['reason']}; keep sensitive layers in float (skip, max_accuracy_drop), or loosen "
+                          "min_cosine/min_agreement")
     out["vs_float"] = vs
     if y is not None and dep.ndim == 2:
         out.update(top1_float=float((fp.argmax(1) == y).mean()), top1_simulated=float((sim.argmax(1) == y).mean()),

@@ -20,11 +20,13 @@ from compress.core.int8_scheme import choose_scheme
 from compress.core.layers import LayerSelecting, LayerSelector, onnx_layers, skip_field
 from compress.core.manager import PassContext
 from compress.core.registry import register_pass
-from compress.errors import AccuracyError, PassError, RecipeError
+from compress.errors import AccuracyError, CompressError, PassError, RecipeError
 
+from ._quant_blame import skip_advice
 from ._quant_common import (
     GUARD_MIN_COSINE,
     CalibrationReader,
+    FloatBreach,
     QdqParityOptions,
     auto_scheme_env,
     check_calibration_size,
@@ -364,6 +366,40 @@ def _guard(pre: Path, out: Path, art: Artifact, ctx: PassContext, cfg: QuantizeI
         notes.append(f"fidelity guard not applied: {info['fidelity_guard']['unchecked']}")
 
 
+def _blame(pre: Path, out: Path, art: Artifact, ctx: PassContext, data: Any, cfg: QuantizeInt8, scheme: str,
+           reader: CalibrationReader, keep: list[str], quantized: list[str], only: list[str] | None,
+           work: Path) -> str:
+    """The refusal's clause naming the nodes responsible and a skip checked to pass both checks."""
+    feeds, _ = guard_feeds(art, ctx.data)
+
+    def passes_with(skip: list[str]) -> bool:
+        ctx.log(f"quantize.int8: refused; checking whether {len(skip) - len(keep)} more node(s) in float pass")
+        trial = work / "blame_trial.onnx"
+        _quantize(pre, trial, cfg, scheme, reader, skip, only)
+        try:
+            fidelity_guard(pre, trial, art, ctx.data, cfg.min_sample_cosine, "quantize.int8")
+            self_parity(trial, art, data, cfg, scheme)
+        except CompressError:
+            return False
+        return True
+
+    def dynamic_passes() -> bool:
+        from .quantize_dynamic import QuantizeDynamic, quantize_dynamic
+
+        ctx.log("quantize.int8: refused and no short skip passes; checking quantize.dynamic instead")
+        try:
+            quantize_dynamic(art, QuantizeDynamic(), ctx)
+        except CompressError:
+            return False
+        return True
+
+    try:
+        return skip_advice(pre, out, art.path / "model.onnx", quantized, feeds, work, keep, bool(cfg.skip),
+                           passes_with, dynamic_passes)
+    except CompressError as e:  # the search is advice: its own failure must not hide the refusal
+        return f"the nodes responsible could not be found ({str(e).splitlines()[0][:120]})"
+
+
 @register_pass(QuantizeInt8, consumes="onnx", produces="onnx", compare_precision="int8",
                accuracy_fields=("max_accuracy_drop",), guard_fields=("min_sample_cosine",))
 def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifact:
@@ -400,12 +436,18 @@ def quantize_int8(art: Artifact, cfg: QuantizeInt8, ctx: PassContext) -> Artifac
     else:
         _quantize(pre, out, cfg, scheme, reader, keep, only)
     _record_output(out, nodes, keep, groups, only, info, notes)
-    _guard(pre, out, art, ctx, cfg, scheme, info, notes)
-    shutil.rmtree(work, ignore_errors=True)
-
-    # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation split,
-    # and deployed vs the float input model: either out of tolerance fails the pass.
-    info["parity"] = self_parity(out, art, data, cfg, scheme)
+    try:
+        _guard(pre, out, art, ctx, cfg, scheme, info, notes)
+        # Deployed (ORT fused integer kernels) vs simulated (reference Q/DQ, float compute) on the validation
+        # split, and deployed vs the float input model: either out of tolerance fails the pass.
+        info["parity"] = self_parity(out, art, data, cfg, scheme)
+    except (AccuracyError, FloatBreach) as e:
+        # Too far from the float model: say which nodes it comes from and a skip seen to fix it.
+        quantized = [n for n in nodes if n not in keep and (only is None or n in only)]
+        advice = _blame(pre, out, art, ctx, data, cfg, scheme, reader, keep, quantized, only, work)
+        raise type(e)(f"{e}; {advice}") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     info["notes"] = notes
     return Artifact("onnx", out_dir, sha256_files(out_dir), art.inputs, metadata={"quantize.int8": info},
                     facts=art.known_facts().lower_precision("int8").evolve(quantization="qdq"))
