@@ -468,3 +468,24 @@ def test_int8_fraction_packs_the_most_sensitive_layers_at_8_bits() -> None:
     assert bits == {"mm0_Q4": 4, "mm1_Q8": 8, "mm2_Q4": 4}
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_compare_takes_a_causal_lm_from_the_command_line(lm_dir: Path, tmp_path: Path, capsys) -> None:
+    """``compress compare hf:DIR --task causal-lm``: every precision on every generating target, judged in
+    perplexity and paired generation speed against PyTorch FP32, with --rounds as the generation rounds."""
+    from compress.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", f"hf:{lm_dir}", "--task", "causal-lm", "--targets", "torch,onnxruntime",
+               "--precision", "fp32,int4-weights", "--rounds", "2", "--out", str(out), "--cache",
+               str(tmp_path / "cache"), "--quiet"])
+    assert rc == 0
+    rep = load_report(out / "report.json")
+    cells = {(r.variant, r.target): r for r in rep.results if r.status == "ok"}
+    assert {("baseline", "torch"), ("baseline", "onnxruntime"), ("int4-weights", "onnxruntime")} <= set(cells)
+    g = cells[("int4-weights", "onnxruntime")].generation
+    assert g.rounds == 2 and g.perplexity > 0 and g.decode_speedup is not None
+    assert "decode tok/s" in capsys.readouterr().out
+    # --task belongs to a model given on the command line; a recipe carries its own.
+    assert main(["compare", str(tmp_path / "r.toml"), "--task", "causal-lm"]) == 2
+    assert "--task goes with a model, not a recipe" in capsys.readouterr().err

@@ -119,7 +119,10 @@ RUN_SLOW: dict[str, tuple[list[str], set[int]]] = {
 LM_RUN = ["run", "--model", "hf:models/smollm2", "--task", "causal-lm", "--data", "builtin:pydoc-topics",
           "--pipeline", "quantize.weight_only{bits=4,group_size=32,head_bits=8,accuracy_level=4} -> torch,onnxruntime"]
 LM_GENERATE = ["generate", "hf:models/smollm2", "--prompt", "def fibonacci(n):", "--tokens", "32"]
+LM_COMPARE = ["compare", "hf:models/smollm2", "--task", "causal-lm", "--targets", "torch,onnxruntime,openvino",
+              "--precision", "fp32,int8,int4-weights"]
 RUN_SLOW[_key(LM_RUN)] = (LM_RUN, {0})
+RUN_SLOW[_key(LM_COMPARE)] = ([*LM_COMPARE, "--rounds", "2"], {0})
 RUN_SLOW[_key(LM_GENERATE)] = (LM_GENERATE, {0})
 # Parsed and validated, not run, and why.
 NOT_RUN = {

@@ -22,12 +22,17 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if more and a.precision.strip() != "fp32":
         raise RecipeError("--precision applies to one model; with several .onnx files each is measured as it is")
     if src.endswith(".toml"):
+        if a.task:
+            raise RecipeError("compare: --task goes with a model, not a recipe (set task in its [model] table)")
         rec = load_recipe(src)
     else:
         if not (src.endswith(".onnx") or ":" in src):
             src = f"zoo:{src}"
-        data = a.data or ("random" if src.endswith(".onnx") else "builtin:digits")
+        lm = a.task == "causal-lm"
+        data = a.data or ("random" if src.endswith(".onnx") else "builtin:pydoc-topics" if lm else "builtin:digits")
         model: dict[str, Any] = {"source": src, "train_epochs": a.train_epochs}
+        if a.task:
+            model["task"] = a.task
         if a.input_shape:
             model["input_shape"] = parse_shape(a.input_shape)
         rec = recipe_from_dict({"name": f"compare-{Path(src.split(':')[-1]).stem}", "model": model,
@@ -43,9 +48,13 @@ def cmd_compare(a: argparse.Namespace) -> int:
             raise RecipeError(f"--precision {prec!r}: choose from {', '.join(['fp32', *offered])}")
         if prec != "fp32":
             variants[prec] = [offered[prec].config_cls()]
-    measure = revalidate(rec.measure, {"batch_sizes": parse_batches(a.batch), "min_runs": a.rounds,
-                                       "min_time_s": a.min_time}, "command line",
-                         {"batch_sizes": "--batch", "min_runs": "--rounds", "min_time_s": "--min-time"})
+    # A causal LM is timed by generation rounds (measure.lm_rounds), not by forward-pass runs.
+    rounds = "lm_rounds" if rec.model.task == "causal-lm" else "min_runs"
+    upd: dict[str, Any] = {"batch_sizes": parse_batches(a.batch), "min_time_s": a.min_time}
+    if a.rounds is not None or rounds == "min_runs":
+        upd[rounds] = 20 if a.rounds is None else a.rounds
+    measure = revalidate(rec.measure, upd, "command line",
+                         {"batch_sizes": "--batch", rounds: "--rounds", "min_time_s": "--min-time"})
     rec = rec.model_copy(update={"targets": tcfgs, "measure": measure})
     from ..reporting.report import render_text
     from ..stages.pipeline import run

@@ -138,11 +138,15 @@ def _add_compare(sub: Any) -> None:
     m.add_argument("--targets", help="targets to compare, text form (default: all), "
                    'e.g. "onnxruntime,tvm{tuning_trials=64}"')
     m.add_argument("--precision", default="fp32",
-                   help="comma list of fp32, int8, int8-nncf, int8-dynamic, int8-weights-nncf, "
+                   help="comma list of fp32, int8, int8-nncf, int8-dynamic, int8-weights-nncf, int4-weights, "
                    "fp16 (default fp32)")
-    m.add_argument("--data", help="data source (default builtin:digits for zoo models, none for .onnx)")
+    m.add_argument("--task", help="what a Hugging Face model (hf:DIR) does, as for run: causal-lm compares "
+                   "generation (perplexity, time to first token, decode tokens/s) on every target that generates")
+    m.add_argument("--data", help="data source (default builtin:digits for zoo models, builtin:pydoc-topics "
+                   "for --task causal-lm, none for .onnx)")
     m.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
-    m.add_argument("--rounds", type=int, default=20, help="minimum interleaved timing rounds (default 20)")
+    m.add_argument("--rounds", type=int, help="minimum interleaved timing rounds (default 20; for --task causal-lm "
+                   "the generation rounds, default 5)")
     m.add_argument("--min-time", type=float, default=1.0, help="minimum seconds of timed runs per candidate")
     m.add_argument("--input-shape", help="model input shape, e.g. 1,3,224,224")
     m.add_argument("--train-epochs", type=int, default=0, help="train a zoo model on the data first (cached)")
