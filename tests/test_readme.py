@@ -263,13 +263,18 @@ def test_commands_that_train_or_measure_run_as_documented(where: str, env: dict[
     assert "ACCURACY -" not in r.stdout, r.stdout
 
 
-def test_toml_recipes_on_the_pages_are_valid() -> None:
+def test_toml_recipes_on_the_pages_are_valid(tmp_path: Path) -> None:
+    from compress.apps.search_space import load_space
     from compress.stages.recipe import recipe_from_dict
 
     checked = 0
-    for where, text in _blocks("toml"):
+    for i, (where, text) in enumerate(_blocks("toml")):
         table = tomllib.loads(text)
-        if "model" in table:  # a recipe (other blocks: budgets, profiles, plugin entry points)
+        if "search" in table:  # a search space: a recipe with open values and a [search] table
+            (tmp_path / f"space{i}.toml").write_text(text)
+            load_space(tmp_path / f"space{i}.toml")
+            checked += 1
+        elif "model" in table:  # a recipe (other blocks: budgets, profiles, plugin entry points)
             recipe_from_dict(table, where=where)
             checked += 1
     assert checked
