@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from compress.core.artifact import ONNX, Artifact, sha256_files
 from compress.core.capabilities import BundleSpec, TargetCaps
-from compress.core.config import TargetConfig
+from compress.core.config import Draft, TargetConfig
 from compress.core.fingerprint import cpu_info
 from compress.core.registry import register_target
 from compress.errors import BuildError
@@ -43,8 +43,8 @@ class OnnxRuntimeConfig(TargetConfig):
                              "(draft = \"VARIANT\") or remove draft_threshold")
         return self
 
-    def speculative_draft(self) -> tuple[str, int] | None:
-        return (self.draft, self.draft_k) if self.draft else None
+    def speculative_draft(self) -> Draft | None:
+        return Draft(self.draft, self.draft_k, self.draft_threshold) if self.draft else None
 
     def canonical(self) -> dict[str, Any]:
         # Without a draft the threshold does nothing: left out, so builds keep the cache keys they had before it.

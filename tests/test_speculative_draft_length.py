@@ -104,7 +104,7 @@ def test_the_threshold_defaults_to_the_measured_value_and_leaves_plain_builds_ke
     from compress.targets.onnx_runtime import OnnxRuntimeConfig
 
     cfg = OnnxRuntimeConfig(draft="small", draft_k=6)
-    assert cfg.speculative_draft() == ("small", 6) and cfg.draft_threshold == 0.3
+    assert cfg.speculative_draft() == ("small", 6, 0.3) and cfg.draft_threshold == 0.3
     assert cfg.canonical()["draft_threshold"] == 0.3
     # Without a draft the setting does nothing, so it is not part of the build's cache key.
     assert "draft_threshold" not in OnnxRuntimeConfig().canonical()

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RecipeError
+
+
+class Draft(NamedTuple):
+    """A target's speculative-decoding settings: the drafting variant, the tokens it proposes per verifier pass,
+    and the top-token probability below which it stops proposing early (0: always ``k``)."""
+
+    variant: str
+    k: int
+    threshold: float = 0.0
 
 
 class PassConfig(BaseModel):
@@ -87,10 +96,11 @@ class TargetConfig(PassConfig):
         """Every setting that changes the build (the parity bounds do not)."""
         return {k: v for k, v in super().canonical().items() if not k.startswith("parity_")}
 
-    def speculative_draft(self) -> tuple[str, int] | None:
-        """Causal LMs: the variant of this run that drafts for speculative decoding on this target and how many
-        tokens it proposes per verifier pass (``compress.measuring.speculative``); None (the default): plain
-        generation. A target that offers it declares the settings and returns them here."""
+    def speculative_draft(self) -> Draft | None:
+        """Causal LMs: the variant of this run that drafts for speculative decoding on this target, how many
+        tokens it proposes per verifier pass and below which confidence it stops early
+        (``compress.measuring.speculative``); None (the default): plain generation. A target that offers it
+        declares the settings and returns them here."""
         return None
 
     def for_profile(self, profile: Any) -> TargetConfig:

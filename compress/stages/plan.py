@@ -212,7 +212,7 @@ def _check_work(rec: Recipe, target_cfgs: list[TargetConfig], chains: dict[str, 
     """What the passes and targets need of the model and the data, refused before any work."""
     for tc in target_cfgs:  # a speculative-decoding draft names a variant of this run
         spec = tc.speculative_draft()
-        draft = spec[0] if spec else None
+        draft = spec.variant if spec else None
         if draft is not None and draft not in chains:
             raise RecipeError(f"target {tc.kind}: draft = {draft!r} names no variant of this run (variants: "
                               f"{', '.join(chains) or 'none'}); name the variant whose build drafts")
