@@ -31,8 +31,9 @@ MEASURE = ("lm_window = 256, lm_eval_tokens = 1024, lm_calib_tokens = 2048, lm_p
            "lm_rounds = 3, lm_peak_memory = false, threads = 1")
 
 
-def space_text(hf_dir: Path, trials: int) -> str:
-    return f'''name = "smollm2-search"
+def _head(name: str, hf_dir: Path, trials: int) -> str:
+    """The part every space here shares: the model, its text, the measurement and the sampler."""
+    return f'''name = "{name}"
 model = {{ source = "hf:{hf_dir}", task = "causal-lm" }}
 data = {{ source = "builtin:pydoc-topics" }}
 measure = {{ {MEASURE} }}
@@ -40,7 +41,11 @@ measure = {{ {MEASURE} }}
 [search]
 trials = {trials}
 sampler = "tpe"
-objectives = ["decode_time_ratio", "perplexity_rise"]
+'''
+
+
+def space_text(hf_dir: Path, trials: int) -> str:
+    return _head("smollm2-search", hf_dir, trials) + '''objectives = ["decode_time_ratio", "perplexity_rise"]
 retime_front = false          # step 2 re-times the front beside the hand-written recipes
 
 [[passes]]
@@ -52,7 +57,7 @@ windows = 4
 [[passes]]
 kind = "quantize.weight_only"
 bits = 4
-group_size = {{ choices = [32, 128] }}
+group_size = { choices = [32, 128] }
 accuracy_level = 4
 
 [[targets]]
@@ -64,15 +69,7 @@ def draft_space_text(hf_dir: Path, trials: int) -> str:
     """``--draft``: each trial's model drafts for the FP32 original (speculative decoding on ONNX Runtime); PyTorch
     eager is the reference the ratios divide by. The hand-written draft of bench_llm_structure.py (INT4 alone, k = 3)
     is the point with the depth pass off and draft_k = 3."""
-    return f'''name = "smollm2-draft-search"
-model = {{ source = "hf:{hf_dir}", task = "causal-lm" }}
-data = {{ source = "builtin:pydoc-topics" }}
-measure = {{ {MEASURE} }}
-
-[search]
-trials = {trials}
-sampler = "tpe"
-draft = true
+    return _head("smollm2-draft-search", hf_dir, trials) + '''draft = true
 objectives = ["decode_time_ratio", "size_mb"]
 
 [[passes]]
@@ -93,7 +90,7 @@ kind = "torch"
 
 [[targets]]
 kind = "onnxruntime"
-draft_k = {{ choices = [3, 5] }}
+draft_k = { choices = [3, 5] }
 '''
 
 
