@@ -489,3 +489,32 @@ def test_compare_takes_a_causal_lm_from_the_command_line(lm_dir: Path, tmp_path:
     # --task belongs to a model given on the command line; a recipe carries its own.
     assert main(["compare", str(tmp_path / "r.toml"), "--task", "causal-lm"]) == 2
     assert "--task goes with a model, not a recipe" in capsys.readouterr().err
+
+
+def test_a_fused_attention_decoder_keeps_its_cache_in_place(int4_report: tuple[object, Path]) -> None:
+    """The exporter's GroupQueryAttention graph decodes with its cache in preallocated buffers (nothing copied
+    per token); the tokens and logits are exactly those of handing the present tensors on, also when a
+    speculative stepper cuts the cache back and outgrows its buffers."""
+    from compress.measuring.generation import KVBuffers, OrtLMRunner
+    from compress.measuring.speculative import stepper
+
+    rep, _ = int4_report
+    runner = OrtLMRunner(Path(_cell(rep, "lm", "onnxruntime").compiled_path), 1)
+    assert runner.shared_cache
+    prompts = np.random.default_rng(0).integers(3, 500, size=(2, 12))
+    in_place = runner.generate(prompts, 8)
+    seen = {}
+    for shared in (True, False):
+        runner.shared_cache = shared
+        if not shared:
+            assert np.array_equal(runner.generate(prompts, 8).tokens, in_place.tokens)
+        st = stepper(runner)
+        if shared:
+            st.kv = KVBuffers(runner, 1, 14)  # smaller than what follows: the cache must grow, keeping its head
+        got = [st.reset(prompts[0]), st.feed(np.array([5, 6, 7, 8]))]
+        st.crop(13)
+        got += [st.feed(np.array([9, 10, 11])), st.reset(prompts[1][:5]), st.feed(np.array([4]))]
+        assert st.length == 6
+        seen[shared] = got
+    for a, b in zip(seen[True], seen[False], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

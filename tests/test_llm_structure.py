@@ -271,7 +271,10 @@ def test_pruned_decoders_export_and_onnx_speculative_decoding_matches(lm_dir: Pa
     cells = {(r.variant, r.target): r for r in rep.results}
     for v in ("depth", "width"):
         a, b = cells[(v, "torch")].generation, cells[(v, "onnxruntime")].generation
-        assert b.perplexity == pytest.approx(a.perplexity, rel=1e-4) and b.greedy_agreement == 1.0
+        # The same pruned model on two runtimes scores the same held-out text alike. (Greedy tokens are not
+        # compared: a random tiny model's top logits tie to 1e-7, so one runtime's rounding can flip a token.)
+        assert b.perplexity == pytest.approx(a.perplexity, rel=1e-4) and b.kl == pytest.approx(a.kl, rel=1e-3)
+        assert b.top1_agreement == a.top1_agreement
     assert any("depth: prune.depth: removed blocks" in n for n in rep.notes)
     # Cached: a second run rebuilds the pruned PyTorch models from their structure steps.
     again = run(rec, out_dir=tmp_path / "o2", cache_dir=cache_dir, progress=False, variants=variants)

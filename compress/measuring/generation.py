@@ -3,8 +3,11 @@
 A runner (``LMRunner``) has two verbs: ``logits(window)`` (one forward over a window of tokens, for
 perplexity and agreement) and ``generate(prompt, new)`` (greedy decoding with the KV cache kept across
 steps). PyTorch eager is the reference; an ONNX decoder exported with its KV cache runs in ONNX
-Runtime with the cache handed from one step to the next as ONNX Runtime values (bound through
-``IOBinding``, so no step copies the cache through numpy).
+Runtime. With fused attention (``GroupQueryAttention``, what the exporter emits) the cache stays in place in
+buffers allocated once per generation, bound as both past and present (``KVBuffers``): a step writes only its
+new positions. Other graphs hand the cache from one step to the next as ONNX Runtime values (bound through
+``IOBinding``, so no step copies it through numpy). Measured on SmolLM2-135M INT4 (1 thread): the in-place cache
+decodes about 1.1x faster than handing the growing ``present`` tensors on, with the same tokens.
 
 Timing follows the rest of the product (``compress.measuring.measure``): every runner generates once per round,
 in an order that changes every round, and ratios come from paired rounds with bootstrap intervals
@@ -136,6 +139,7 @@ class OrtLMRunner:
         self.kv_dtype = np.float16 if "float16" in kinds.get(self.io.past_key % 0, "") else np.float32
         self.inputs = set(kinds)
         self._ort = ort
+        self.shared_cache = shares_cache(folder / "model.onnx", self.io.layers)
 
     def _past(self, b: int) -> dict[str, np.ndarray]:
         z = np.zeros((b, self.io.kv_heads, 0, self.io.head_dim), self.kv_dtype)
@@ -158,6 +162,8 @@ class OrtLMRunner:
         return np.asarray(out[0][0], dtype=np.float32)
 
     def generate(self, prompt: np.ndarray, new: int) -> Generated:
+        if self.shared_cache:
+            return self._generate_in_place(prompt, new)
         b, p = prompt.shape
         names = [o.name for o in self.sess.get_outputs()]
         presents = {n: n.replace("present", "past_key_values") for n in names if n.startswith("present")}
@@ -191,5 +197,93 @@ class OrtLMRunner:
         t2 = time.perf_counter()
         return Generated(np.stack(toks, 1), t1 - t0, t2 - t1)
 
+    def _generate_in_place(self, prompt: np.ndarray, new: int) -> Generated:
+        """Greedy decoding with the cache in place (:class:`KVBuffers`): one binding for the whole generation;
+        each step writes the next token into the bound ``input_ids`` and rebinds the mask to its new length."""
+        b, p = prompt.shape
+        kv = KVBuffers(self, b, p + new)
+        ones = np.ones((b, p + new), np.int64)  # every mask is a prefix of it: bound by pointer, never refilled
+        ids, pos = np.zeros((b, 1), np.int64), np.zeros((b, 1), np.int64)
+        first, step = np.empty((b, p, self.io.vocab), np.float32), np.empty((b, 1, self.io.vocab), np.float32)
+        binding = self.sess.io_binding()
+        kv.bind(binding)
+        t0 = time.perf_counter()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(prompt, np.int64))
+        if "position_ids" in self.inputs:
+            binding.bind_cpu_input("position_ids", np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)).copy())
+        _bind_array(binding, "attention_mask", ones, (b, p), out=False)
+        _bind_array(binding, "logits", first, first.shape, out=True)
+        self.sess.run_with_iobinding(binding)
+        nxt = first[:, -1].argmax(-1)
+        toks = [nxt]
+        t1 = time.perf_counter()
+        _bind_array(binding, "input_ids", ids, ids.shape, out=False)
+        if "position_ids" in self.inputs:
+            _bind_array(binding, "position_ids", pos, pos.shape, out=False)
+        _bind_array(binding, "logits", step, step.shape, out=True)
+        for i in range(1, new):
+            ids[:, 0], pos[:, 0] = nxt, p + i - 1
+            _bind_array(binding, "attention_mask", ones, (b, p + i), out=False)
+            self.sess.run_with_iobinding(binding)
+            nxt = step[:, -1].argmax(-1)
+            toks.append(nxt)
+        t2 = time.perf_counter()
+        return Generated(np.stack(toks, 1), t1 - t0, t2 - t1)
+
     def close(self) -> None:
         self.sess = None  # type: ignore[assignment]
+
+
+def _bind_array(binding: Any, name: str, a: np.ndarray, shape: tuple[int, ...], out: bool) -> None:
+    """Bind ``name`` to the first prod(shape) elements of ``a`` (C-contiguous, kept alive by the caller)."""
+    bind = binding.bind_output if out else binding.bind_input
+    bind(name, "cpu", 0, a.dtype, list(shape), a.ctypes.data)
+
+
+def shares_cache(model: Path, layers: int) -> bool:
+    """Whether every layer's attention is ONNX Runtime's ``GroupQueryAttention`` (the exporter's fused
+    attention), which reads its past and writes its present in one buffer when both are bound to the same
+    memory (``past_present_share_buffer``). Other graphs concatenate past and new positions into a new present."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return sum(n.op_type == "GroupQueryAttention" for n in graph.node) == layers
+
+
+class KVBuffers:
+    """Every layer's key and value cache in one preallocated ONNX Runtime value each, of ``capacity`` positions,
+    bound as both the ``past`` input and the ``present`` output: a step writes only its new positions (at the
+    cached length the attention mask gives), so nothing is copied or allocated per token, and cutting the cache
+    back is only a shorter mask. ``grow`` moves the cache into larger buffers when a stepper outgrows them."""
+
+    def __init__(self, runner: OrtLMRunner, batch: int, capacity: int) -> None:
+        self.r, self.batch, self.capacity = runner, batch, capacity
+        io = runner.io
+        self.pairs = [(io.past_key % i, io.present_key % i) for i in range(io.layers)]
+        self.pairs += [(io.past_value % i, io.present_value % i) for i in range(io.layers)]
+        self.arrays = {past: self._zeros(capacity) for past, _ in self.pairs}
+        self._wrap()
+
+    def _zeros(self, capacity: int) -> np.ndarray:
+        return np.zeros((self.batch, self.r.io.kv_heads, capacity, self.r.io.head_dim), self.r.kv_dtype)
+
+    def _wrap(self) -> None:
+        # ortvalue_from_numpy shares the array's memory: ONNX Runtime writes into the arrays themselves.
+        self.values = {k: self.r._ort.OrtValue.ortvalue_from_numpy(a) for k, a in self.arrays.items()}
+
+    def bind(self, binding: Any) -> None:
+        for past, present in self.pairs:
+            binding.bind_ortvalue_input(past, self.values[past])
+            binding.bind_ortvalue_output(present, self.values[past])
+
+    def grow(self, need: int, length: int) -> None:
+        """Room for ``need`` positions, keeping the first ``length``: doubling, so growth copies O(n) in all."""
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        for k, a in self.arrays.items():
+            bigger = self._zeros(cap)
+            bigger[:, :, :length] = a[:, :, :length]
+            self.arrays[k] = bigger
+        self.capacity = cap
+        self._wrap()

@@ -5,7 +5,8 @@ Each round: the verifier is fed the last emitted token and the ``k`` proposals a
 proposal ``i`` is accepted while it equals the verifier's argmax after the tokens before it, and the
 verifier's argmax after the last accepted token is emitted too (the correction, or one token more when every
 proposal was accepted). Both caches are then cut back to the accepted context: PyTorch's ``DynamicCache``
-with ``crop``, an ONNX decoder's ``present`` tensors by slicing the past axis (axis 2).
+with ``crop``; an ONNX decoder with fused attention by a shorter cached length (its cache stays in place), any
+other ONNX decoder's ``present`` tensors by slicing the past axis (axis 2).
 
 Timing: the time to the first token holds both prefills (verifier and draft), the decode time everything after.
 
@@ -33,7 +34,7 @@ import torch
 
 from ..errors import InputError
 from .cell import Live
-from .generation import Generated, OrtLMRunner, TorchLMRunner
+from .generation import Generated, KVBuffers, OrtLMRunner, TorchLMRunner
 
 
 class Stepper(Protocol):
@@ -81,13 +82,16 @@ class TorchStepper:
 
 
 class OrtStepper:
-    """An ONNX decoder in ONNX Runtime; the cache is its ``present`` outputs, sliced along the past axis to cut."""
+    """An ONNX decoder in ONNX Runtime. A graph with fused attention keeps its cache in place (``KVBuffers``:
+    cutting back is only a shorter length); any other graph's cache is its ``present`` outputs, sliced along the
+    past axis to cut."""
 
     def __init__(self, runner: OrtLMRunner) -> None:
         self.r = runner
         self.names = [o.name for o in runner.sess.get_outputs()]
         self.presents = {n: n.replace("present", "past_key_values") for n in self.names if n.startswith("present")}
         self.past: dict[str, Any] = {}
+        self.kv: KVBuffers | None = None
         self.length = 0
 
     def _run(self, toks: np.ndarray) -> np.ndarray:
@@ -97,6 +101,14 @@ class OrtStepper:
         b = r.sess.io_binding()
         for k, v in r._feeds(ids, total, {}).items():
             b.bind_cpu_input(k, v)
+        if self.kv is not None:
+            self.kv.grow(total, self.length)
+            self.kv.bind(b)
+            logits = np.empty((1, ids.shape[1], r.io.vocab), np.float32)
+            b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            r.sess.run_with_iobinding(b)
+            self.length = total
+            return logits[0]
         for name, value in self.past.items():
             if isinstance(value, np.ndarray):
                 b.bind_cpu_input(name, value)
@@ -111,17 +123,23 @@ class OrtStepper:
         return np.asarray(outs["logits"].numpy()[0], dtype=np.float32)
 
     def reset(self, prompt: np.ndarray) -> np.ndarray:
-        self.past, self.length = self.r._past(1), 0
+        self.length = 0
+        if self.r.shared_cache:  # the buffers outlive a generation: positions past the length are never read
+            self.kv = self.kv or KVBuffers(self.r, 1, len(prompt) + 256)
+        else:
+            self.past = self.r._past(1)
         return self._run(prompt)
 
     def feed(self, toks: np.ndarray) -> np.ndarray:
         return self._run(toks)
 
     def crop(self, length: int) -> None:
-        if length < self.length:
+        if length >= self.length:
+            return
+        if self.kv is None:
             # The present tensors are (batch, kv_heads, length, head_dim): keep the first ``length`` positions.
             self.past = {k: np.ascontiguousarray(v.numpy()[:, :, :length]) for k, v in self.past.items()}
-            self.length = length
+        self.length = length
 
 
 def stepper(runner: Any) -> Stepper:
