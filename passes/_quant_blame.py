@@ -26,16 +26,18 @@ def _rel_err(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def _with_outputs(path: Path, names: Sequence[str], dst: Path) -> list[str]:
-    """A copy of the model at ``path`` that also outputs ``names`` (those it has); the names added."""
+    """A copy of the model at ``path`` that also outputs ``names`` (those it has); the names it outputs (a graph
+    output among ``names`` included: the last layer is blamed too)."""
     import onnx
 
     m = onnx.load(str(path))
-    have = {o for n in m.graph.node for o in n.output} - {o.name for o in m.graph.output}
+    outs = {o.name for o in m.graph.output}
+    have = {o for n in m.graph.node for o in n.output} - outs
     added = [n for n in dict.fromkeys(names) if n in have]
     for n in added:
         m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))  # weighted ops
     onnx.save_model(m, str(dst))
-    return added
+    return added + [n for n in dict.fromkeys(names) if n in outs]
 
 
 def _float_source(tensor: str, producer: dict[str, Any]) -> str:
@@ -79,6 +81,11 @@ def node_blame(fpath: Path, qpath: Path, nodes: Sequence[str], feeds: Sequence[d
         if n.name in wanted and n.output and n.input:
             pairs[n.name] = ((n.input[0], _float_source(n.input[0], producer)),
                              (_dequantized(n.output[0], consumers), n.output[0]))
+    # A node the quantizer replaced (dynamic INT8: MatMulInteger and its rescaling, under new names) keeps its
+    # input and output tensor names, so it is compared there: what it reads to what it writes.
+    for n in onnx.load(str(fpath)).graph.node:
+        if n.name in wanted and n.name not in pairs and n.output and n.input:
+            pairs[n.name] = ((n.input[0], n.input[0]), (n.output[0], n.output[0]))
     qt = sorted({p[0] for io in pairs.values() for p in io})
     ft = sorted({p[1] for io in pairs.values() for p in io})
     fprobe, qprobe = work / "blame_float.onnx", work / "blame_quant.onnx"
@@ -159,11 +166,13 @@ def find_skip(ranked: Sequence[tuple[str, float]], already: Sequence[str],
 
 def skip_advice(fpath: Path, qpath: Path, source: Path, quantized: Sequence[str],
                 feeds: Sequence[dict[str, np.ndarray]], work: Path, already: Sequence[str], user_skip: bool,
-                passes_with: Callable[[list[str]], bool], dynamic_passes: Callable[[], bool]) -> str:
+                passes_with: Callable[[list[str]], bool], dynamic_passes: Callable[[], bool] | None,
+                kind: str = "quantize.int8") -> str:
     """One clause for a refusal: the nodes the error comes from (with their modules) and a ``skip`` that was
     seen to pass the checks, or that no short one does. ``already``: the nodes the run keeps in float now
     (never advised again); ``user_skip``: whether the run sets ``skip`` (then the advice is to add to it);
-    ``dynamic_passes``: whether quantize.dynamic passes the same checks (tried only when no skip does)."""
+    ``dynamic_passes``: whether quantize.dynamic passes the same checks (tried only when no skip does; None
+    when the refused pass is ``kind`` = quantize.dynamic itself)."""
     import onnx
 
     ranked = node_blame(fpath, qpath, quantized, feeds, work)
@@ -181,11 +190,14 @@ def skip_advice(fpath: Path, qpath: Path, source: Path, quantized: Sequence[str]
         tried = min(16, len([n for n, e in ranked if n not in already and e > 0]))
         head = (f"the error builds up over many layers (relative error each adds: {worst}); no skip of up to "
                 f"{tried} ")
+        if dynamic_passes is None:
+            return head + (f"of them passes (checked): this model does not survive INT8 rounding; leave it in float "
+                           f"(no {kind})")
         if dynamic_passes():
             return head + ("of them passes (checked), but quantize.dynamic (INT8 weights, float activations) passes "
                            "the same checks (checked): use it instead")
         return head + ("of them passes and quantize.dynamic does not either (checked): this model does not survive "
-                       "INT8 rounding; leave it in float (no quantize.int8)")
+                       f"INT8 rounding; leave it in float (no {kind})")
     lst = "[" + ", ".join(repr(n) for n in found) + "]"
     take = f"add {lst} to skip" if user_skip else f"skip = {lst}"
     return (f"the error comes mostly from {worst} (relative error each adds); {take} passes both checks "

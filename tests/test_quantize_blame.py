@@ -1,4 +1,5 @@
-"""A refused static INT8 model names the node (and module) its error comes from and a skip that, taken, passes."""
+"""A refused INT8 model (static or dynamic) names the node (and module) its error comes from and a skip that, taken,
+passes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from compress.passes._quant_common import weighted_nodes
 from compress.passes.export_onnx import ExportOnnx
+from compress.passes.quantize_dynamic import QuantizeDynamic
 from compress.passes.quantize_int8 import QuantizeInt8
 from torch import nn
 
@@ -18,7 +20,7 @@ from compress.api import module_artifact
 from compress.core.artifact import Artifact
 from compress.core.cache import Cache
 from compress.core.manager import PassContext, PassManager
-from compress.errors import AccuracyError
+from compress.errors import AccuracyError, CompressError
 from compress.inputs.data import DataBundle, Split
 
 D = 16
@@ -83,3 +85,23 @@ def test_advice_adds_to_the_users_skip_and_never_repeats_it(tmp_path: Path) -> N
     assert first not in added and "skip = [" not in msg  # what the run already keeps in float is not advised
     out, _ = PassManager([QuantizeInt8(samples=32, skip=["first", *added])]).run(art, ctx)
     assert out.metadata["quantize.int8"]["fidelity_guard"]["cosine_mean"] >= 0.95
+
+
+def test_dynamic_refusal_names_the_layer_and_a_skip_that_then_passes(tmp_path: Path) -> None:
+    """quantize.dynamic's refusal blames layers through the same search as quantize.int8's; the skip it prints
+    (a Gemm, which ORT rewrites into NAME_MatMul before quantizing) is kept in float when taken."""
+    art, ctx = _onnx(tmp_path)
+    with pytest.raises(CompressError) as e:
+        PassManager([QuantizeDynamic()]).run(art, ctx)
+    msg = str(e.value)
+    assert "\n" not in msg and "quantize.dynamic" in msg
+    assert "(module mid)" in msg, msg
+    m = re.search(r"skip = (\[[^\]]*\]) passes both checks", msg)
+    assert m is not None, msg
+    skip = eval(m.group(1))
+    out, _ = PassManager([QuantizeDynamic(skip=skip)]).run(art, ctx)  # the advice, taken
+    info = out.metadata["quantize.dynamic"]
+    assert info["fidelity_guard"]["cosine_mean"] >= 0.95 and info["float_nodes"]["skip"] == skip
+    assert not set(skip) & set(info["quantized"])
+    q = onnx.load(str(out.path / "model.onnx"))
+    assert sum(n.op_type == "MatMulInteger" for n in q.graph.node) == 3 - len(skip)  # Spiky has 3 Linear layers
