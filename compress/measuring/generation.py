@@ -201,29 +201,29 @@ class OrtLMRunner:
         """Greedy decoding with the cache in place (:class:`KVBuffers`): one binding for the whole generation;
         each step writes the next token into the bound ``input_ids`` and rebinds the mask to its new length."""
         b, p = prompt.shape
+        t0 = time.perf_counter()  # the cache's allocation counts in the first token, as on the other path
         kv = KVBuffers(self, b, p + new)
         ones = np.ones((b, p + new), np.int64)  # every mask is a prefix of it: bound by pointer, never refilled
         ids, pos = np.zeros((b, 1), np.int64), np.zeros((b, 1), np.int64)
         first, step = np.empty((b, p, self.io.vocab), np.float32), np.empty((b, 1, self.io.vocab), np.float32)
         binding = self.sess.io_binding()
         kv.bind(binding)
-        t0 = time.perf_counter()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(prompt, np.int64))
         if "position_ids" in self.inputs:
             binding.bind_cpu_input("position_ids", np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)).copy())
-        _bind_array(binding, "attention_mask", ones, (b, p), out=False)
-        _bind_array(binding, "logits", first, first.shape, out=True)
+        bind_array(binding, "attention_mask", ones, (b, p), out=False)
+        bind_array(binding, "logits", first, first.shape, out=True)
         self.sess.run_with_iobinding(binding)
         nxt = first[:, -1].argmax(-1)
         toks = [nxt]
         t1 = time.perf_counter()
-        _bind_array(binding, "input_ids", ids, ids.shape, out=False)
+        bind_array(binding, "input_ids", ids, ids.shape, out=False)
         if "position_ids" in self.inputs:
-            _bind_array(binding, "position_ids", pos, pos.shape, out=False)
-        _bind_array(binding, "logits", step, step.shape, out=True)
+            bind_array(binding, "position_ids", pos, pos.shape, out=False)
+        bind_array(binding, "logits", step, step.shape, out=True)
         for i in range(1, new):
             ids[:, 0], pos[:, 0] = nxt, p + i - 1
-            _bind_array(binding, "attention_mask", ones, (b, p + i), out=False)
+            bind_array(binding, "attention_mask", ones, (b, p + i), out=False)
             self.sess.run_with_iobinding(binding)
             nxt = step[:, -1].argmax(-1)
             toks.append(nxt)
@@ -234,7 +234,7 @@ class OrtLMRunner:
         self.sess = None  # type: ignore[assignment]
 
 
-def _bind_array(binding: Any, name: str, a: np.ndarray, shape: tuple[int, ...], out: bool) -> None:
+def bind_array(binding: Any, name: str, a: np.ndarray, shape: tuple[int, ...], out: bool) -> None:
     """Bind ``name`` to the first prod(shape) elements of ``a`` (C-contiguous, kept alive by the caller)."""
     bind = binding.bind_output if out else binding.bind_input
     bind(name, "cpu", 0, a.dtype, list(shape), a.ctypes.data)

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import InputError
 from .cell import Live
-from .generation import Generated, KVBuffers, OrtLMRunner, TorchLMRunner
+from .generation import Generated, KVBuffers, OrtLMRunner, TorchLMRunner, bind_array
 
 
 class Stepper(Protocol):
@@ -105,7 +105,7 @@ class OrtStepper:
             self.kv.grow(total, self.length)
             self.kv.bind(b)
             logits = np.empty((1, ids.shape[1], r.io.vocab), np.float32)
-            b.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            bind_array(b, "logits", logits, logits.shape, out=True)
             r.sess.run_with_iobinding(b)
             self.length = total
             return logits[0]
